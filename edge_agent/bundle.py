@@ -1,0 +1,226 @@
+"""Model bundle: the contract between offline training and the device.
+
+A bundle is a directory (a ``.tar`` of it when shipped) holding ``model.onnx``, ``model.json``
+(the manifest below), optionally ``model.int8.onnx`` / ``model.fp16.onnx``, self-test images and a
+``signature`` (ed25519 over ``model.json``). The agent refuses a bundle whose hashes, schema version
+or shapes do not match, and the error says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "model.json"
+MODEL_NAME = "model.onnx"
+SIGNATURE_NAME = "signature"
+INPUT_NAME = "image"
+ANOMALY_MAP_NAME = "anomaly_map"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message says which file or field is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """The engine's single input: uint8 NHWC at the model size; cast and normalisation are in the graph."""
+
+    name: str = INPUT_NAME
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[3] = 3
+    dtype: Literal["uint8"] = "uint8"
+    layout: Literal["NHWC"] = "NHWC"
+    colour_order: Literal["RGB"] = "RGB"
+
+
+class Normalisation(_Strict):
+    """Per-channel mean/std applied inside the graph after scaling to [0, 1] (recorded for reference)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class ScaleSpec(_Strict):
+    """One flow output scale: the engine output ``name`` is m_s (1 x height x width)."""
+
+    name: str
+    channels: int = Field(gt=0, description="C_s: latent channels at this scale (the NFA's chi^2 dof)")
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    stride: int = Field(gt=0, description="input pixels per map pixel")
+
+
+class NfaSpec(_Strict):
+    """The a-contrario decision shipped with the model."""
+
+    log10_number_of_tests: float
+    log10_epsilon: float = 0.0
+    min_region_area: int = Field(default=0, ge=0, description="in model-input pixels")
+
+
+class QuantizedModel(_Strict):
+    """An extra precision variant of model.onnx (INT8 Q/DQ or FP16)."""
+
+    file: str
+    precision: Literal["int8", "fp16"]
+    settings: dict[str, object] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    """``model.json``."""
+
+    schema_version: int
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    created: datetime
+    files: dict[str, str] = Field(description="relative path -> sha256 hex of every file but model.json")
+    backbone: str
+    input: InputSpec
+    normalisation: Normalisation
+    scales: tuple[ScaleSpec, ...] = Field(min_length=1)
+    nfa: NfaSpec
+    image_score_threshold: float
+    validation_metrics: dict[str, float] = Field(default_factory=dict)
+    training_data: dict[str, object] = Field(default_factory=dict)
+    variants: tuple[QuantizedModel, ...] = ()
+    self_test: tuple[str, ...] = Field(default=(), description="relative paths of good images to run after install")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is not supported (this agent reads {SCHEMA_VERSION})")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _has_model(cls, value: dict[str, str]) -> dict[str, str]:
+        if MODEL_NAME not in value:
+            raise ValueError(f"files must list {MODEL_NAME}")
+        for rel in value:
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise ValueError(f"file path {rel!r} must be relative and stay inside the bundle")
+        return value
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Engine output names in the order the engine returns them."""
+        return (ANOMALY_MAP_NAME, *(s.name for s in self.scales))
+
+    def variant(self, precision: str) -> QuantizedModel | None:
+        """The recorded variant of that precision, if any."""
+        return next((v for v in self.variants if v.precision == precision), None)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    root: Path
+    manifest: Manifest
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / MODEL_NAME
+
+    @property
+    def onnx_sha256(self) -> str:
+        return self.manifest.files[MODEL_NAME]
+
+    def model_path(self, precision: str = "fp32") -> Path:
+        """The ONNX file for a precision; fp32 is model.onnx."""
+        if precision == "fp32":
+            return self.onnx_path
+        variant = self.manifest.variant(precision)
+        if variant is None:
+            raise BundleError(
+                f"bundle {self.root} has no {precision} model; make one with `uflow calibrate {precision}`"
+            )
+        return self.root / variant.file
+
+    def model_sha256(self, precision: str = "fp32") -> str:
+        """The recorded sha256 of the ONNX file for a precision."""
+        path = self.model_path(precision)
+        return self.manifest.files[path.relative_to(self.root).as_posix()]
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Parse and validate model.json without checking the files it lists."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{root} is not a model bundle: {MANIFEST_NAME} is missing")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise BundleError(f"{path} does not match manifest schema {SCHEMA_VERSION}: {problems}") from exc
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Check that every listed file exists with the recorded sha256."""
+    for rel, expected in manifest.files.items():
+        path = Path(root) / rel
+        if not path.is_file():
+            raise BundleError(f"bundle {root}: {rel} is listed in {MANIFEST_NAME} but missing")
+        actual = sha256_of(path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle {root}: {rel} is corrupt or was modified "
+                f"(sha256 {actual[:12]}…, manifest says {expected[:12]}…)"
+            )
+
+
+def load_bundle(root: Path | str) -> Bundle:
+    """Read and verify a bundle directory (hashes and schema; shapes are checked by the engine)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"model bundle {root} does not exist or is not a directory")
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    return Bundle(root=root, manifest=manifest)
+
+
+def file_hashes(root: Path, names: Iterable[str]) -> dict[str, str]:
+    """sha256 of each named file under root, for writing a manifest."""
+    return {name: sha256_of(Path(root) / name) for name in sorted(names)}
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write model.json (pretty, stable key order)."""
+    path = Path(root) / MANIFEST_NAME
+    path.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def utc_now() -> datetime:
+    """Timezone-aware now, for ``created``."""
+    return datetime.now(timezone.utc)

@@ -1,0 +1,232 @@
+"""Agent configuration: a TOML file plus EDGE_AGENT_* environment variables (which win).
+
+Nested keys use ``__`` in the environment: ``EDGE_AGENT_MQTT__HOST=broker``. Unknown keys, in the file
+or the environment, are an error that names the key: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AGENT_"
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """Which bundle to run and on what."""
+
+    bundle: Path | None = Field(default=None, description="bundle directory; default <state_dir>/models/current")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
+
+
+class SourceConfig(_Section):
+    """Where frames come from."""
+
+    uri: str = Field(
+        default="0",
+        description="camera index, video file, image folder, rtsp/http URL, or GStreamer pipeline",
+    )
+    kind: Literal["auto", "camera", "file", "folder", "stream", "gstreamer"] = "auto"
+    loop: bool = Field(default=False, description="restart a file or folder at its end")
+    drop_policy: Literal["auto", "latest", "every"] = Field(
+        default="auto",
+        description="auto: latest frame wins for live sources, every frame for files and folders",
+    )
+    fps_limit: float = Field(default=0.0, ge=0.0, description="0 = as fast as the source delivers")
+    roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h crop in source pixels")
+    rotate: Literal[0, 90, 180, 270] = 0
+    width: int | None = Field(default=None, gt=0, description="requested capture width (cameras)")
+    height: int | None = Field(default=None, gt=0, description="requested capture height (cameras)")
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=5.0, gt=0)
+    stall_timeout_s: float = Field(default=20.0, gt=0, description="no frame for this long -> reopen")
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+
+class NfaConfig(_Section):
+    """The a-contrario decision; unset values come from the bundle."""
+
+    log10_epsilon: float | None = Field(default=None, description="anomalous when a region has log10 NFA below this")
+    min_region_area: int | None = Field(default=None, ge=0, description="ignore smaller regions (source pixels)")
+
+
+class TlsConfig(_Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(default=False, description="skip hostname verification (test rigs only)")
+
+
+class MqttConfig(_Section):
+    """Broker connection and publishing policy."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, lt=65536)
+    prefix: str = "uflow"
+    client_id: str | None = None
+    protocol: Literal["5", "3.1.1", "auto"] = "auto"
+    keepalive_s: int = Field(default=30, gt=0)
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    publish: Literal["all", "anomalous"] = "all"
+    message_expiry_s: int = Field(default=30, ge=0, description="MQTT 5 expiry of inspection messages; 0 = never")
+    stats_interval_s: float = Field(default=10.0, gt=0)
+
+
+class SpoolConfig(_Section):
+    """Store-and-forward of QoS 1 messages until the broker acknowledges them."""
+
+    path: Path | None = Field(default=None, description="SQLite file; default <state_dir>/spool.sqlite")
+    max_messages: int = Field(default=100_000, gt=0, description="beyond this the oldest are dropped and counted")
+
+
+class HttpConfig(_Section):
+    """/metrics, /healthz and the optional live preview."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, lt=65536)
+    preview: bool = False
+
+
+class UpdateConfig(_Section):
+    """Fleet updates."""
+
+    source: str | None = Field(default=None, description="https URL or directory holding latest.json")
+    public_key: Path | None = Field(default=None, description="fleet ed25519 public key (PEM or raw)")
+    group: str = "default"
+    keep_versions: int = Field(default=3, ge=1)
+    health_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    device_id: str = Field(default_factory=lambda: os.uname().nodename)
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    snapshot_dir: Path | None = Field(default=None, description="default <state_dir>/snapshots")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    nfa: NfaConfig = Field(default_factory=NfaConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it (systemd drop-ins, containers).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _fill_state_paths(self) -> AgentSettings:
+        if self.model.bundle is None:
+            self.model.bundle = self.state_dir / "models" / "current"
+        if self.model.engine_cache_dir is None:
+            self.model.engine_cache_dir = self.state_dir / "engines"
+        if self.spool.path is None:
+            self.spool.path = self.state_dir / "spool.sqlite"
+        if self.snapshot_dir is None:
+            self.snapshot_dir = self.state_dir / "snapshots"
+        return self
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; errors name the file and line."""
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from an optional TOML file, the environment and explicit overrides (highest)."""
+    values: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
+    _deep_update(values, overrides)
+    where = f"config {path} or {ENV_PREFIX}* environment" if path is not None else f"{ENV_PREFIX}* environment"
+    try:
+        settings = AgentSettings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_describe(exc)}") from exc
+    _reject_unknown_env(os.environ)
+    return settings
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _reject_unknown_env(environ: dict[str, str] | os._Environ[str]) -> None:
+    """pydantic-settings ignores EDGE_AGENT_* variables that match no field; a typo there must fail too."""
+    known = sorted(AgentSettings.model_fields)
+    for name in environ:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        head, _, tail = rest.partition("__")
+        if head.lower() not in AgentSettings.model_fields:
+            raise ConfigError(f"environment variable {name}: unknown key {head.lower()!r} (known: {known})")
+        section = AgentSettings.model_fields[head.lower()].annotation
+        if tail and isinstance(section, type) and issubclass(section, BaseModel):
+            field = tail.split("__", 1)[0].lower()
+            if field not in section.model_fields:
+                raise ConfigError(
+                    f"environment variable {name}: unknown key {head.lower()}.{field!r} "
+                    f"(known: {sorted(section.model_fields)})"
+                )

@@ -1,0 +1,57 @@
+"""ONNX Runtime backend: the embedded default wherever there is no GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent.bundle import Bundle, BundleError
+from edge_agent.engines.base import (
+    EngineIO,
+    EngineOutput,
+    TensorSpec,
+    check_frame,
+    check_io_matches,
+    split_outputs,
+)
+
+_ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def _spec(arg: object) -> TensorSpec:
+    shape = tuple(int(d) if isinstance(d, int) else -1 for d in arg.shape)  # type: ignore[attr-defined]
+    return TensorSpec(arg.name, shape, _ORT_DTYPES.get(arg.type, arg.type))  # type: ignore[attr-defined]
+
+
+class OnnxRuntimeEngine:
+    """Runs a bundle's ONNX model with ONNX Runtime on the CPU."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = bundle.model_path(precision)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for malformed graphs
+            raise BundleError(f"bundle {bundle.root}: ONNX Runtime cannot load {path.name}: {exc}") from exc
+        self.precision = precision
+        self.io: EngineIO = check_io_matches(
+            bundle,
+            [_spec(a) for a in self._session.get_inputs()],
+            [_spec(a) for a in self._session.get_outputs()],
+        )
+
+    def infer(self, image: np.ndarray) -> EngineOutput:
+        """Run one uint8 HxWx3 RGB image at the model size."""
+        batch = check_frame(self.io, image)
+        arrays = self._session.run(list(self.io.output_names), {self.io.input.name: batch})
+        return split_outputs(self.io, arrays)
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]

@@ -1,0 +1,1 @@
+"""U-Flow training, evaluation and export (needs the `train` extra: torch, timm, FrEIA)."""
