@@ -12,7 +12,14 @@ import sys
 from collections.abc import Sequence
 
 # name -> (module, one-line help). Add a command by adding a line.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("edge_agent.run", "run the agent: camera -> model -> NFA -> MQTT, until stopped"),
+    "segment": ("edge_agent.segment", "score and segment image files offline (JSON, maps, overlays)"),
+    "demo": (
+        "edge_agent.demo",
+        "train a small model, make a conveyor video and run the agent on it with a local broker",
+    ),
+}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -95,6 +95,11 @@ class MqttConfig(_Section):
     publish: Literal["all", "anomalous"] = "all"
     message_expiry_s: int = Field(default=30, ge=0, description="MQTT 5 expiry of inspection messages; 0 = never")
     stats_interval_s: float = Field(default=10.0, gt=0)
+    reconnect_initial_s: int = Field(default=1, gt=0, description="first wait before reconnecting; doubles")
+    reconnect_max_s: int = Field(default=30, gt=0, description="longest wait between reconnect attempts")
+    drain_timeout_s: float = Field(
+        default=10.0, ge=0, description="on a clean stop, wait this long for the broker to acknowledge"
+    )
 
 
 class SpoolConfig(_Section):

@@ -1,5 +1,88 @@
-"""Inference backends behind one protocol (see base.Engine)."""
+"""Inference backends behind one protocol (see base.Engine), and the factory that picks one.
 
+``backend = "auto"`` uses TensorRT where the ``tensorrt`` Python package imports, else ONNX Runtime on
+the CPU (the embedded default). Asking for ``"tensorrt"`` where it is missing is an error that says why.
+The TensorRT backend (``edge_agent/engines/tensorrt.py``) exposes ``TensorRTEngine(bundle, model_config)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+
+from edge_agent.bundle import Bundle
+from edge_agent.config import ModelConfig
 from edge_agent.engines.base import Engine, EngineIO, EngineOutput, TensorSpec
 
-__all__ = ["Engine", "EngineIO", "EngineOutput", "TensorSpec"]
+__all__ = ["Engine", "EngineIO", "EngineOutput", "EngineUnavailable", "TensorSpec", "create_engine"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested backend cannot run on this device; the message says why."""
+
+
+def tensorrt_missing_reason() -> str | None:
+    """Why TensorRT cannot be used here, or None when its Python package and our backend import."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the `tensorrt` Python package is not installed (pip install '.[tensorrt]' or use JetPack's)"
+    try:
+        importlib.import_module("edge_agent.engines.tensorrt")
+    except ImportError as exc:
+        return f"the TensorRT backend does not import: {exc}"
+    return None
+
+
+def create_engine(bundle: Bundle, model_config: ModelConfig | None = None) -> Engine:
+    """An engine for a verified bundle, on the backend the config asks for (logged)."""
+    config = model_config or ModelConfig()
+    backend = config.backend
+    if backend in ("auto", "tensorrt"):
+        reason = tensorrt_missing_reason()
+        if reason is None:
+            backend = "tensorrt"
+        elif backend == "tensorrt":
+            raise EngineUnavailable(f"TensorRT not available on this device: {reason}")
+        else:
+            log.info(
+                "TensorRT not available, using ONNX Runtime on the CPU",
+                extra={"event": "backend_fallback", "reason": reason},
+            )
+            backend = "onnxruntime"
+    engine: Engine | None = None
+    if backend == "tensorrt":
+        engine = _tensorrt_engine(bundle, config, fall_back=config.backend == "auto")
+    if engine is None:
+        from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
+
+        engine = OnnxRuntimeEngine(bundle, precision=config.precision, threads=config.threads)
+    log.info(
+        "engine loaded",
+        extra={
+            "event": "engine_loaded",
+            "backend": engine.backend,
+            "precision": config.precision,
+            "model": bundle.manifest.name,
+            "version": bundle.manifest.version,
+            "onnx_sha256": bundle.model_sha256(config.precision)[:12],
+        },
+    )
+    return engine
+
+
+def _tensorrt_engine(bundle: Bundle, config: ModelConfig, fall_back: bool) -> Engine | None:
+    """The TensorRT engine; with ``fall_back``, None (logged) when the device cannot run it."""
+    from edge_agent.engines.tensorrt import TensorRTEngine
+
+    try:
+        return TensorRTEngine(bundle, config)
+    except EngineUnavailable as exc:
+        if not fall_back:
+            raise
+        log.warning(
+            "TensorRT cannot run here, using ONNX Runtime on the CPU",
+            extra={"event": "backend_fallback", "reason": str(exc)},
+        )
+        return None

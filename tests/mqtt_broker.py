@@ -1,0 +1,167 @@
+"""A real mosquitto broker on a free loopback port, and a subscriber that records what it receives.
+
+Import the fixtures into a test module (``from mqtt_broker import broker, broker_factory``) or use
+``MosquittoBroker`` directly. Tests that need it are skipped with a clear reason when mosquitto is not
+installed (``apt-get install mosquitto``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> bool:
+    """True once something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class MosquittoBroker:
+    """mosquitto on 127.0.0.1:<port> with anonymous access and no persistence; start()/stop() repeatable."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.binary = binary
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = self.workdir / "mosquitto.conf"
+        self.log = self.workdir / "mosquitto.log"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MosquittoBroker:
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=log)
+        if not wait_for_port(self.port):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not listen on port {self.port}: {self.log.read_text()[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+
+@dataclass
+class Received:
+    """One message a Subscriber got."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+    properties: dict[str, object] = field(default_factory=dict)
+
+    def json(self) -> dict[str, object]:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A paho client that subscribes (QoS 1) and keeps every message, as a reject relay would."""
+
+    def __init__(self, broker: MosquittoBroker, topic: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5):
+        self.messages: list[Received] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError(f"could not subscribe to {topic} on port {broker.port}")
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        props = {}
+        if message.properties is not None and hasattr(message.properties, "MessageExpiryInterval"):
+            props["MessageExpiryInterval"] = message.properties.MessageExpiryInterval
+        with self._cond:
+            self.messages.append(Received(message.topic, message.payload, bool(message.retain), message.qos, props))
+            self._cond.notify_all()
+
+    def on(self, suffix: str) -> list[Received]:
+        """Messages whose topic ends with ``suffix``, in arrival order."""
+        with self._cond:
+            return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 20.0) -> bool:
+        """Block until ``predicate(messages)`` holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Make brokers (started) that are all stopped after the test; skips without mosquitto."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    made: list[MosquittoBroker] = []
+
+    def make(port: int | None = None, start: bool = True) -> MosquittoBroker:
+        broker = MosquittoBroker(tmp_path / f"mosquitto{len(made)}", port)
+        made.append(broker)
+        return broker.start() if start else broker
+
+    yield make
+    for broker in made:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
+    """One running mosquitto on a free loopback port."""
+    return broker_factory()
