@@ -124,8 +124,15 @@ class UpdateConfig(_Section):
     source: str | None = Field(default=None, description="https URL or directory holding latest.json")
     public_key: Path | None = Field(default=None, description="fleet ed25519 public key (PEM or raw)")
     group: str = "default"
-    keep_versions: int = Field(default=3, ge=1)
+    keep_versions: int = Field(default=3, ge=1, description="installed versions kept for rollback, current included")
     health_timeout_s: float = Field(default=120.0, gt=0)
+    health_inspections: int = Field(
+        default=3, ge=1, description="inspections with the new model the agent must publish after a reload"
+    )
+    require_self_test: bool = Field(default=True, description="refuse bundles that list no self-test images")
+    timeout_s: float = Field(default=30.0, gt=0, description="network timeout of each fleet request")
+    max_bundle_mb: int = Field(default=2048, gt=0, description="refuse larger downloads and unpacked bundles")
+    ca_file: Path | None = Field(default=None, description="CA bundle for an https fleet source with a private CA")
 
 
 class AgentSettings(BaseSettings):
@@ -190,11 +197,12 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSett
     values: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
     _deep_update(values, overrides)
     where = f"config {path} or {ENV_PREFIX}* environment" if path is not None else f"{ENV_PREFIX}* environment"
+    # First, so that a typo in a variable is reported with the variable's name.
+    _reject_unknown_env(os.environ)
     try:
         settings = AgentSettings(**values)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {_describe(exc)}") from exc
-    _reject_unknown_env(os.environ)
     return settings
 
 
@@ -232,6 +240,6 @@ def _reject_unknown_env(environ: dict[str, str] | os._Environ[str]) -> None:
             field = tail.split("__", 1)[0].lower()
             if field not in section.model_fields:
                 raise ConfigError(
-                    f"environment variable {name}: unknown key {head.lower()}.{field!r} "
+                    f"environment variable {name}: unknown key '{head.lower()}.{field}' "
                     f"(known: {sorted(section.model_fields)})"
                 )

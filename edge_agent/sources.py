@@ -344,7 +344,9 @@ class FrameSource:
     def _slot_due(self, now: float) -> bool:
         """Frame-rate limit: live sources skip early frames (no stale backlog); files wait their turn."""
         if now >= self._next_due:
-            self._next_due = max(self._next_due + self._min_interval, now)
+            # Keep the cadence when a little late; after a longer gap start afresh instead of bursting.
+            base = self._next_due if now - self._next_due < self._min_interval else now
+            self._next_due = base + self._min_interval
             return True
         if self.live:
             return False

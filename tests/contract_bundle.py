@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from edge_agent.bundle import (
@@ -145,3 +146,9 @@ def build_contract_bundle(
     )
     write_manifest(root, manifest)
     return root
+
+
+@pytest.fixture(scope="session")
+def contract_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64x64 contract bundle (strides 4 and 8) in a temporary directory."""
+    return build_contract_bundle(tmp_path_factory.mktemp("contract_bundle"))

@@ -1,0 +1,167 @@
+"""The thread-per-stage pipeline on real parts: image folders, ONNX Runtime, the NFA, mosquitto."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from contract_bundle import contract_bundle, defect_frame, good_frame  # noqa: F401 (fixture)
+from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
+
+from edge_agent.bundle import load_bundle
+from edge_agent.config import ModelConfig, MqttConfig, SourceConfig
+from edge_agent.engines import create_engine
+from edge_agent.messages import ModelRef
+from edge_agent.mqtt import MqttPublisher
+from edge_agent.pipeline import END, FrameJob, Pipeline, StageQueue
+from edge_agent.scoring import FrameScorer
+from edge_agent.sources import FrameSource
+
+DEFECTS = {3, 8}
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 frames of 128x96 (camera pixels), defects in frames 3 and 8."""
+    folder = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(7)
+    for index in range(12):
+        image = defect_frame(rng, 96, 128, (50, 30, 20, 16)) if index in DEFECTS else good_frame(rng, 96, 128)
+        cv2.imwrite(str(folder / f"{index:04d}.png"), image)
+    return folder
+
+
+def make_pipeline(bundle_dir: Path, source_config: SourceConfig, port: int, on_result=None) -> Pipeline:
+    bundle = load_bundle(bundle_dir)
+    engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=1))
+    source = FrameSource(source_config)
+    source.open()
+    publisher = MqttPublisher(MqttConfig(port=port, drain_timeout_s=10), device_id="cam1")
+    publisher.start()
+    ref = ModelRef(name="contract", version="1", sha256=bundle.onnx_sha256, backend=engine.backend, precision="fp32")
+    return Pipeline(source, engine, FrameScorer(bundle.manifest), publisher, "cam1", ref, on_result=on_result)
+
+
+def test_every_frame_of_a_folder_is_published_in_order(
+    contract_bundle: Path,  # noqa: F811
+    frames_dir: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    subscriber = Subscriber(broker, "uflow/cam1/inspection")
+    pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir)), broker.port)
+    pipeline.start()
+    assert pipeline.join(60)
+    assert pipeline.error is None and pipeline.ended
+    assert pipeline.publisher.stop()
+    assert subscriber.wait_for(lambda ms: len(ms) == 12, timeout=10)
+    subscriber.close()
+
+    payloads = [m.json() for m in subscriber.messages]
+    assert [p["sequence"] for p in payloads] == list(range(12))
+    assert {p["sequence"] for p in payloads if p["anomalous"]} == DEFECTS
+    for payload in payloads:
+        assert payload["frame_size"] == [128, 96]
+        latency = payload["latency_ms"]
+        assert latency["infer"] > 0 and latency["nfa"] > 0 and latency["preprocess"] > 0
+        assert latency["total"] >= latency["infer"] + latency["nfa"]
+    for payload in payloads:
+        if payload["anomalous"]:
+            x, y, w, h = payload["regions"][0]["bbox"]
+            assert x <= 50 and y <= 30 and x + w >= 70 and y + h >= 46  # covers the defect, camera pixels
+    assert pipeline.frames_dropped == 0
+    assert pipeline.stats.frames_inspected == 12 and pipeline.stats.anomalous_frames == 2
+
+
+def test_latest_frame_policy_drops_and_counts_under_a_slow_consumer(
+    contract_bundle: Path,  # noqa: F811
+    frames_dir: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    seen: list[int] = []
+
+    def slow_consumer(job: FrameJob) -> None:
+        seen.append(job.frame.sequence)
+        time.sleep(0.05)
+
+    config = SourceConfig(uri=str(frames_dir), loop=True, drop_policy="latest")
+    pipeline = make_pipeline(contract_bundle, config, broker.port, on_result=slow_consumer)
+    pipeline.start()
+    time.sleep(2.0)
+    pipeline.request_stop()
+    assert pipeline.join(30)
+    pipeline.publisher.stop()
+    assert pipeline.error is None
+    assert pipeline.frames_dropped > 0
+    # Every captured frame is either inspected or counted as dropped; nothing vanishes silently.
+    assert pipeline.stats.frames_inspected + pipeline.frames_dropped == pipeline.stats.frames_captured
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+def test_stop_drains_frames_in_flight(
+    contract_bundle: Path,  # noqa: F811
+    frames_dir: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    subscriber = Subscriber(broker, "uflow/cam1/inspection")
+    pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir), loop=True), broker.port)
+    pipeline.start()
+    time.sleep(1.0)
+    pipeline.request_stop()
+    assert pipeline.join(30)
+    assert pipeline.publisher.stop()
+    captured = pipeline.stats.frames_captured
+    assert captured > 12  # it looped
+    assert pipeline.stats.frames_inspected == captured
+    assert subscriber.wait_for(lambda ms: len(ms) == captured, timeout=10)
+    assert [m.json()["sequence"] for m in subscriber.messages] == list(range(captured))
+    subscriber.close()
+
+
+def test_a_failing_stage_stops_every_stage_and_is_reported(
+    contract_bundle: Path,  # noqa: F811
+    frames_dir: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    def explode(job: FrameJob) -> None:
+        if job.frame.sequence == 2:
+            raise RuntimeError("actuator relay unreachable")
+
+    config = SourceConfig(uri=str(frames_dir), loop=True)
+    pipeline = make_pipeline(contract_bundle, config, broker.port, on_result=explode)
+    pipeline.start()
+    assert pipeline.join(30), "threads must end after a stage failure"
+    pipeline.publisher.stop(timeout=2)
+    assert isinstance(pipeline.error, RuntimeError)
+    assert not pipeline.responsive(60.0)
+
+
+def test_stage_queue_drop_oldest_counts_and_keeps_end() -> None:
+    queue: StageQueue[int] = StageQueue(1, drop_oldest=True)
+    assert queue.put(1) and queue.put(2) and queue.put(3)
+    assert queue.dropped == 2 and queue.get() == 3
+    queue.put(4)
+    done = threading.Event()
+
+    def put_end() -> None:
+        while not queue.put(END):
+            pass
+        done.set()
+
+    threading.Thread(target=put_end, daemon=True).start()
+    time.sleep(0.3)
+    assert not done.is_set()  # the end marker waits for room instead of dropping frame 4
+    assert queue.get() == 4
+    assert done.wait(2)
+    assert queue.get() is END and queue.dropped == 2
+
+
+def test_stage_queue_blocks_when_full_without_drop() -> None:
+    queue: StageQueue[int] = StageQueue(2)
+    assert queue.put(1) and queue.put(2)
+    assert queue.put(3, timeout=0.05) is False
+    assert queue.get() == 1 and queue.put(3)
+    assert [queue.get(), queue.get(), queue.get(timeout=0.05)] == [2, 3, None]

@@ -1,0 +1,118 @@
+"""Scoring: image score, NFA decision, regions mapped to source-frame pixels, bundle/config overrides.
+
+Runs a real ONNX Runtime session on the contract bundle (tests/contract_bundle.py), whose statistics
+on "good" frames are known, so the a-contrario decision must be silent on them and fire on a defect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from contract_bundle import contract_bundle, defect_frame, good_frame  # noqa: F401 (fixture)
+
+from edge_agent.bundle import load_bundle
+from edge_agent.config import ModelConfig, NfaConfig
+from edge_agent.engines import create_engine
+from edge_agent.engines.base import EngineOutput
+from edge_agent.nfa import NfaRegion
+from edge_agent.scoring import DecisionRule, FrameScorer, map_region, resize_map
+
+
+@pytest.fixture(scope="module")
+def engine_and_manifest(contract_bundle: Path):  # noqa: F811
+    bundle = load_bundle(contract_bundle)
+    engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=1))
+    yield engine, bundle.manifest
+    engine.close()
+
+
+def test_good_frames_are_not_anomalous(engine_and_manifest) -> None:
+    engine, manifest = engine_and_manifest
+    scorer = FrameScorer(manifest)
+    rng = np.random.default_rng(0)
+    verdicts = [scorer.score(engine.infer(good_frame(rng, 64, 64)), (64, 64)) for _ in range(30)]
+    assert sum(v.anomalous for v in verdicts) <= 1  # epsilon = 1 false region per image at most, on average
+    for verdict in verdicts:
+        assert verdict.image_score == pytest.approx(float(verdict.anomaly_map.max()))
+
+
+def test_defect_found_and_mapped_to_source_pixels_with_roi_offset(engine_and_manifest) -> None:
+    engine, manifest = engine_and_manifest
+    scorer = FrameScorer(manifest)
+    rng = np.random.default_rng(1)
+    output = engine.infer(defect_frame(rng, 64, 64, (20, 24, 12, 8)))
+    # The 64x64 model input came from a 320x256 ROI at (100, 40) of a larger camera frame.
+    verdict = scorer.score(output, (320, 256), roi_offset=(100, 40))
+    assert verdict.anomalous
+    assert len(verdict.regions) == 1
+    x, y, w, h = verdict.regions[0].bbox
+    # The defect is at x 100..160, y 96..128 in ROI pixels, so 200..260, 136..168 in the camera frame.
+    assert x <= 200 and y <= 136 and x + w >= 260 and y + h >= 168
+    assert x >= 100 and y >= 40 and x + w <= 420 and y + h <= 296  # inside the ROI
+    assert verdict.regions[0].log_nfa < -10
+    assert verdict.log_nfa.shape == (64, 64)  # the agent's hot path works at the model size
+
+
+def test_frame_resolution_gives_maps_at_image_size_and_same_decision(engine_and_manifest) -> None:
+    engine, manifest = engine_and_manifest
+    scorer = FrameScorer(manifest)
+    output = engine.infer(defect_frame(np.random.default_rng(2), 64, 64, (40, 8, 10, 10)))
+    coarse = scorer.score(output, (128, 96))
+    fine = scorer.score(output, (128, 96), resolution="frame")
+    assert fine.anomaly_map.shape == (96, 128) and fine.log_nfa.shape == (96, 128)
+    assert fine.anomalous == coarse.anomalous is True
+    assert fine.image_score == pytest.approx(coarse.image_score, abs=1e-6)
+    fx, fy, fw, fh = fine.regions[0].bbox
+    cx, cy, cw, ch = coarse.regions[0].bbox
+    assert abs(fx - cx) <= 2 and abs(fy - cy) <= 2 and abs(fw - cw) <= 4 and abs(fh - ch) <= 4
+
+
+def test_config_epsilon_overrides_bundle_and_can_silence_detection(engine_and_manifest) -> None:
+    engine, manifest = engine_and_manifest
+    output = engine.infer(defect_frame(np.random.default_rng(3), 64, 64, (20, 20, 6, 6), delta=40.0))
+    default = FrameScorer(manifest).score(output, (64, 64))
+    assert default.anomalous and default.log10_epsilon == manifest.nfa.log10_epsilon
+    strict_epsilon = default.regions[0].log_nfa - 1.0
+    strict = FrameScorer(manifest, NfaConfig(log10_epsilon=strict_epsilon)).score(output, (64, 64))
+    assert not strict.anomalous and strict.log10_epsilon == strict_epsilon
+
+
+def test_min_region_area_from_config_in_source_pixels(engine_and_manifest) -> None:
+    engine, manifest = engine_and_manifest
+    output = engine.infer(defect_frame(np.random.default_rng(4), 64, 64, (20, 20, 6, 6)))
+    found = FrameScorer(manifest).score(output, (640, 640))
+    area = found.regions[0].area
+    assert found.anomalous
+    assert FrameScorer(manifest, NfaConfig(min_region_area=area)).score(output, (640, 640)).anomalous
+    assert not FrameScorer(manifest, NfaConfig(min_region_area=area + 1)).score(output, (640, 640)).anomalous
+
+
+def test_bundle_min_area_is_in_model_pixels_and_scales_to_the_frame() -> None:
+    rule = DecisionRule(log10_epsilon=0.0, min_area_source_px=None, min_area_model_px=10)
+    assert rule.min_area(2.0, 3.0) == 60.0
+    assert DecisionRule(0.0, 7, 10).min_area(2.0, 3.0) == 7.0
+
+
+def test_map_region_covers_the_cells_and_clips_to_the_image() -> None:
+    raw = NfaRegion(bbox=(3, 2, 4, 5), area=12, log_nfa=-3.5, max_score=0.9)
+    region = map_region(raw, 2.5, 2.0, (16, 12), offset=(100, 200))
+    # cells x 3..7 -> pixels 7.5..17.5 -> 7..16 (clipped to 16); y 2..7 -> 4..14 -> 4..12 (clipped)
+    assert region.bbox == (107, 204, 9, 8)
+    assert region.area == 60
+    assert region.log_nfa == -3.5 and region.max_score == pytest.approx(0.9)
+
+
+def test_resize_map_is_bilinear_and_float32() -> None:
+    values = np.array([[0.0, 1.0]], dtype=np.float64)
+    resized = resize_map(values, 4, 1)
+    assert resized.dtype == np.float32 and resized.shape == (1, 4)
+    assert resized[0, 0] == 0.0 and resized[0, -1] == 1.0 and 0 < resized[0, 1] < resized[0, 2] < 1
+
+
+def test_scorer_rejects_wrong_number_of_scale_maps(engine_and_manifest) -> None:
+    _, manifest = engine_and_manifest
+    output = EngineOutput(anomaly_map=np.zeros((64, 64), np.float32), scale_maps=(np.ones((16, 16), np.float32),))
+    with pytest.raises(ValueError, match="1 scale maps but 2 channel counts"):
+        FrameScorer(manifest).score(output, (64, 64))
