@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edge_agent.demo",
         "train a small model, make a conveyor video and run the agent on it with a local broker",
     ),
+    "update": ("edge_agent.update", "install the fleet's signed model for this device, with self-test and rollback"),
+    "keygen": ("edge_agent.keygen", "make the fleet's ed25519 signing key pair"),
+    "fleet-publish": ("edge_agent.fleet_publish", "add a signed bundle to a fleet directory and roll it out to groups"),
 }
 
 
