@@ -150,10 +150,15 @@ def _zero_point_problems(node: Any, name: str, constants: dict[str, Any]) -> lis
     zero_point = constants.get(node.input[2])
     if zero_point is None:
         return [OpProblem(name, node.op_type, "zero point is computed at run time; TensorRT needs a constant 0")]
+    from onnx import TensorProto
+
     problems = []
     if zero_point.data_type not in _QUANTIZED_TYPES.values():
-        # The parser rejects UINT8 Q/DQ: quantize activations and weights with QuantType.QInt8.
-        problems.append(OpProblem(name, node.op_type, "zero point is not signed INT8 (use QuantType.QInt8)"))
+        # The parser rejects UINT8 Q/DQ and dequantizes INT8/FP8/INT4 only (not INT32 biases).
+        kind = TensorProto.DataType.Name(zero_point.data_type)
+        problems.append(
+            OpProblem(name, node.op_type, f"quantized type is {kind}, TensorRT takes signed INT8 (QuantType.QInt8)")
+        )
     if numpy_helper.to_array(zero_point).any():
         problems.append(OpProblem(name, node.op_type, "zero point is not 0 (TensorRT quantization is symmetric)"))
     return problems

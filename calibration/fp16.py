@@ -1,0 +1,147 @@
+"""FP16 ONNX for strongly typed TensorRT builds (TensorRT 11 has no FP16 builder flag).
+
+The model's floating-point weights and activations become FP16 while the engine I/O contract is
+kept: ``image`` stays uint8 and the outputs stay float32 (``keep_io_types``). The U-Flow head, where
+m_s = mean of z^2 over channels and exp(-0.5 m_s) are computed, can be kept in FP32 (``--keep-fp32
+head``): it costs nothing (tiny maps) and a sum of squares is where half precision loses most. After
+conversion, ONNX Runtime runs both models on held-out good images and the differences are recorded
+in model.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from calibration.agreement import compare_models
+from calibration.bundle_variants import load_for_variant, record_variant, variant_path
+from calibration.data import model_batches, select_images
+from edge_agent.bundle import Bundle, QuantizedModel
+from edge_agent.engines.trt_ops import describe_problems, unsupported_ops
+
+log = logging.getLogger(__name__)
+
+FP16_GROUPS = ("head",)
+DEFAULT_KEEP_FP32: tuple[str, ...] = ("head",)
+# Agreement beyond these on good images means the conversion changed the model's answers.
+MAX_ANOMALY_MAP_DIFF = 0.02
+
+
+class Fp16Error(RuntimeError):
+    """The FP16 model differs too much from FP32, or TensorRT would not take it."""
+
+
+@dataclass(frozen=True)
+class Fp16Settings:
+    """How to convert (recorded verbatim in model.json)."""
+
+    keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
+    block_ops: tuple[str, ...] = ()
+    images: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.keep_fp32) - set(FP16_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown group(s) {unknown}; groups are {', '.join(FP16_GROUPS)}")
+
+
+def head_nodes(model: Any, scale_outputs: Sequence[str]) -> list[str]:
+    """The U-Flow head: the squares of the latents (z^2) and every node downstream of them.
+
+    From each m_s output, walk back through reshaping ops to the channel ReduceMean; the node feeding
+    it squares z (Pow or Mul). Everything reachable from those squares is the head.
+    """
+    passthrough = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "Flatten"}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    squares = []
+    for output in scale_outputs:
+        node = producer.get(output)
+        while node is not None and node.op_type in passthrough:
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "ReduceMean":
+            raise ValueError(f"output {output!r} is not a mean over channels (found {getattr(node, 'op_type', None)})")
+        square = producer.get(node.input[0])
+        if square is None or square.op_type not in ("Pow", "Mul"):
+            raise ValueError(f"output {output!r} is not the mean of a square")
+        squares.append(square)
+    found: dict[str, Any] = {}
+    stack = squares
+    while stack:
+        node = stack.pop()
+        if node.name in found:
+            continue
+        found[node.name] = node
+        for out in node.output:
+            stack.extend(consumers.get(out, []))
+    return sorted(found)
+
+
+def convert_fp16(source: Path, target: Path, output_names: Sequence[str], settings: Fp16Settings) -> list[str]:
+    """Write the FP16 model; returns the node names kept in FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from calibration.int8 import preprocess_model
+
+    with tempfile.TemporaryDirectory(prefix="uflow-fp16-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        preprocess_model(source, prepared)
+        model = onnx.load(str(prepared))
+    kept = head_nodes(model, output_names[1:]) if "head" in settings.keep_fp32 else []
+    # The converter logs whole node protos at INFO; what it kept is summarised in model.json instead.
+    logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(settings.block_ops),
+        node_block_list=kept,
+    )
+    onnx.save(converted, str(target))
+    return kept
+
+
+def calibrate_bundle(
+    bundle_root: Path | str, data: Path | str, settings: Fp16Settings, split: str = "train"
+) -> QuantizedModel:
+    """``uflow calibrate fp16``: write model.fp16.onnx into the bundle and record it in model.json."""
+    import onnxruntime
+
+    bundle: Bundle = load_for_variant(bundle_root, "fp16")
+    spec = bundle.manifest.input
+    target = variant_path(bundle, "fp16")
+    check = select_images(data, settings.images, split)
+    with tempfile.TemporaryDirectory(prefix="uflow-fp16-", dir=bundle.root) as tmp:
+        staged = Path(tmp) / target.name
+        kept = convert_fp16(bundle.onnx_path, staged, bundle.manifest.output_names, settings)
+        problems = unsupported_ops(staged)
+        if problems:
+            raise Fp16Error(describe_problems(problems, staged))
+        agreement = compare_models(bundle.onnx_path, staged, model_batches(check, spec.height, spec.width), spec.name)
+        if agreement.anomaly_map_max_abs > MAX_ANOMALY_MAP_DIFF:
+            raise Fp16Error(
+                f"FP16 changes the anomaly map by up to {agreement.anomaly_map_max_abs:.4f} on good images "
+                f"(limit {MAX_ANOMALY_MAP_DIFF}); keep more of the model in FP32 (--block-op) or stay with FP32"
+            )
+        staged.replace(target)
+    variant = QuantizedModel(
+        file=target.name,
+        precision="fp16",
+        settings={
+            **asdict(settings),
+            "fp32_nodes": kept,
+            "io_types": "kept: uint8 input, float32 outputs",
+            "agreement_images": check.describe(),
+            "onnxruntime": onnxruntime.__version__,
+        },
+        metrics=agreement.as_metrics(),
+    )
+    record_variant(bundle.root, variant)
+    return variant

@@ -1,0 +1,554 @@
+"""Building TensorRT plans from a bundle: which ONNX and flags per TensorRT version, and the build itself.
+
+TensorRT 10 (JetPack 6, desktops today) is weakly typed by default: FP16 is the ``BuilderFlag.FP16``
+flag on the FP32 ONNX, and INT8 is the bundle's Q/DQ ONNX built with ``BuilderFlag.INT8`` (explicit
+quantization; layers without Q/DQ stay in FP32). Without a Q/DQ model, TensorRT 10 can still calibrate
+the FP32 ONNX itself with ``IInt8EntropyCalibrator2`` (deprecated since 10.1). TensorRT 11 removed
+the precision flags and the calibrators: every network is strongly typed, so the precision comes
+from the ONNX file's own types (``model.fp16.onnx`` from ``uflow calibrate fp16``, the Q/DQ
+``model.int8.onnx``). The version is detected from the module at run time (``hasattr``), never assumed.
+
+Everything here that is not a TensorRT call (recipes, error text, progress bookkeeping) is pure and
+tested without a GPU. The TensorRT calls follow NVIDIA's samples (samples/python/common.py,
+detectron2/build_engine.py, simple_progress_monitor) for the 10.x and 11.x Python API.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from edge_agent.bundle import MODEL_NAME, Bundle, BundleError
+from edge_agent.engine_cache import (
+    DeviceIdentity,
+    EngineCache,
+    EngineKey,
+    atomic_write_bytes,
+    new_metadata,
+)
+from edge_agent.engines.base import TensorSpec
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_WORKSPACE_MB = 1024
+HEARTBEAT_S = 30.0
+
+
+class TensorRTBuildError(RuntimeError):
+    """A plan could not be built; the message says why and what to do."""
+
+
+class RecipeError(TensorRTBuildError):
+    """The bundle lacks what this TensorRT version needs for the precision asked for."""
+
+
+class OnnxParseError(TensorRTBuildError):
+    """TensorRT's ONNX parser rejected the model; the message lists each error with its node."""
+
+
+class BuildCancelled(TensorRTBuildError):
+    """The build was stopped (SIGTERM/SIGINT) before it finished; nothing was written."""
+
+
+@dataclass(frozen=True)
+class TrtFeatures:
+    """What the installed TensorRT Python API offers, detected with hasattr (10.x vs 11.x)."""
+
+    version: str
+    fp16_flag: bool
+    int8_flag: bool
+    strongly_typed_flag: bool
+    calibrators: bool
+    progress_monitor: bool
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def weakly_typed(self) -> bool:
+        """TensorRT 10: precision flags exist and networks are weakly typed unless asked otherwise."""
+        return self.fp16_flag and self.int8_flag
+
+
+def detect_features(trt: ModuleType) -> TrtFeatures:
+    """Inspect the imported ``tensorrt`` module."""
+    builder_flag = getattr(trt, "BuilderFlag", None)
+    creation_flag = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    return TrtFeatures(
+        version=str(trt.__version__),
+        fp16_flag=hasattr(builder_flag, "FP16"),
+        int8_flag=hasattr(builder_flag, "INT8"),
+        strongly_typed_flag=hasattr(creation_flag, "STRONGLY_TYPED"),
+        calibrators=hasattr(trt, "IInt8EntropyCalibrator2"),
+        progress_monitor=hasattr(trt, "IProgressMonitor"),
+    )
+
+
+@dataclass(frozen=True)
+class BuildRecipe:
+    """Which ONNX file to parse and how to configure the builder for one precision."""
+
+    precision: str
+    name: str  # recorded in the cache key: fp32, fp16-flag, fp16-typed, int8-qdq, int8-calibrator
+    onnx_file: str  # relative to the bundle
+    onnx_sha256: str
+    strongly_typed: bool
+    builder_flags: tuple[str, ...] = ()
+    calibrator: bool = False
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "recipe": self.name,
+            "onnx_file": self.onnx_file,
+            "strongly_typed": self.strongly_typed,
+            "builder_flags": list(self.builder_flags),
+            "calibrator": "IInt8EntropyCalibrator2" if self.calibrator else None,
+        }
+
+
+def choose_recipe(bundle: Bundle, precision: str, features: TrtFeatures, calibration_data: bool = False) -> BuildRecipe:
+    """The recipe for a precision on this TensorRT, or a RecipeError that says what to make first."""
+    if precision not in PRECISIONS:
+        raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    where = f"bundle {bundle.root}"
+    weak = features.weakly_typed
+    if precision == "fp32":
+        return BuildRecipe("fp32", "fp32", MODEL_NAME, bundle.onnx_sha256, strongly_typed=not weak)
+    if precision == "fp16":
+        if weak:
+            return BuildRecipe("fp16", "fp16-flag", MODEL_NAME, bundle.onnx_sha256, False, ("FP16",))
+        variant = bundle.manifest.variant("fp16")
+        if variant is None:
+            raise RecipeError(
+                f"{where}: TensorRT {features.version} has no FP16 builder flag (networks are strongly typed), "
+                f"so FP16 needs an FP16 ONNX; make it with `uflow calibrate fp16 --bundle {bundle.root}`"
+            )
+        return BuildRecipe("fp16", "fp16-typed", variant.file, bundle.model_sha256("fp16"), True)
+    variant = bundle.manifest.variant("int8")
+    if variant is not None:
+        if calibration_data:
+            log.info(
+                "the bundle has a Q/DQ INT8 model; calibration images are not needed and are ignored",
+                extra={"event": "calibration_ignored", "file": variant.file},
+            )
+        if weak:  # TensorRT 10: Q/DQ layers are honoured when the INT8 flag is set
+            return BuildRecipe("int8", "int8-qdq", variant.file, bundle.model_sha256("int8"), False, ("INT8",))
+        return BuildRecipe("int8", "int8-qdq", variant.file, bundle.model_sha256("int8"), True)
+    if calibration_data and weak and features.calibrators:
+        return BuildRecipe("int8", "int8-calibrator", MODEL_NAME, bundle.onnx_sha256, False, ("INT8",), True)
+    hint = (
+        " or pass --calibration-data for TensorRT 10's legacy calibrator"
+        if weak and features.calibrators
+        else f" (TensorRT {features.version} has no implicit INT8 calibration)"
+    )
+    raise RecipeError(
+        f"{where} has no INT8 Q/DQ model; make one with `uflow calibrate int8 --bundle {bundle.root} "
+        f"--data GOOD_IMAGES`{hint}"
+    )
+
+
+@dataclass(frozen=True)
+class ParserIssue:
+    """One error reported by TensorRT's ONNX parser."""
+
+    description: str
+    code: str = ""
+    node_index: int = -1
+    node_name: str = ""
+    node_operator: str = ""
+
+
+def describe_parser_errors(onnx_path: Path, issues: list[ParserIssue], version: str) -> str:
+    """A message naming every node TensorRT's parser rejected."""
+    lines = [f"TensorRT {version} cannot parse {onnx_path.name} ({len(issues)} error(s)):"]
+    for issue in issues:
+        where = ""
+        if issue.node_name or issue.node_operator:
+            where = f"{issue.node_operator or 'node'} {issue.node_name!r}".strip()
+            if issue.node_index >= 0:
+                where += f" (node #{issue.node_index})"
+            where += ": "
+        code = f" [{issue.code}]" if issue.code else ""
+        lines.append(f"  - {where}{issue.description}{code}")
+    lines.append("Check the model with `uflow export` (it lists operators TensorRT does not support).")
+    return "\n".join(lines)
+
+
+def _parser_issues(parser: Any) -> list[ParserIssue]:
+    """Read the parser's errors; node_name/node_operator exist from TensorRT 10.0 on."""
+    issues = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        issues.append(
+            ParserIssue(
+                description=str(error.desc()),
+                code=str(error.code()),
+                node_index=int(error.node()),
+                node_name=str(error.node_name()) if hasattr(error, "node_name") else "",
+                node_operator=str(error.node_operator()) if hasattr(error, "node_operator") else "",
+            )
+        )
+    return issues
+
+
+@dataclass
+class BuildProgress:
+    """Build phases and their timing, fed by TensorRT's progress monitor; thread-safe, pure Python.
+
+    ``step`` returns False once ``cancel`` is set, which asks TensorRT to stop the build.
+    """
+
+    started: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    log_every_s: float = 10.0
+    _phases: dict[str, tuple[float, int, str | None]] = field(default_factory=dict)
+    _last_log: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def phase_start(self, name: str, parent: str | None, steps: int) -> None:
+        with self._lock:
+            self._phases[name] = (time.monotonic(), steps, parent)
+        if parent is None:  # nested phases are many and short; the top level is what a person follows
+            log.info(
+                f"TensorRT build phase started: {name}",
+                extra={
+                    "event": "trt_phase_start",
+                    "phase": name,
+                    "steps": steps,
+                    "elapsed_s": round(self.elapsed(), 1),
+                },
+            )
+
+    def step(self, name: str, step: int) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            _, steps, _ = self._phases.get(name, (now, 0, None))
+            due = now - self._last_log >= self.log_every_s
+            if due:
+                self._last_log = now
+        if due:
+            log.info(
+                f"TensorRT build: {name} {step}/{steps}",
+                extra={
+                    "event": "trt_progress",
+                    "phase": name,
+                    "step": step,
+                    "steps": steps,
+                    "elapsed_s": round(self.elapsed(), 1),
+                },
+            )
+        return not self.cancel.is_set()
+
+    def phase_finish(self, name: str) -> None:
+        with self._lock:
+            began, _, parent = self._phases.pop(name, (time.monotonic(), 0, None))
+        if parent is None:
+            log.info(
+                f"TensorRT build phase finished: {name} in {time.monotonic() - began:.1f} s",
+                extra={
+                    "event": "trt_phase_finish",
+                    "phase": name,
+                    "phase_s": round(time.monotonic() - began, 1),
+                    "elapsed_s": round(self.elapsed(), 1),
+                },
+            )
+
+    def active_phases(self) -> list[str]:
+        with self._lock:
+            return list(self._phases)
+
+
+class Heartbeat:
+    """Logs "still building" with the elapsed time every ``period`` seconds until stopped.
+
+    TensorRT's progress monitor can be silent for minutes inside one tactic search; a person
+    watching ``journalctl`` must still see that the build is alive.
+    """
+
+    def __init__(self, progress: BuildProgress, what: str, period: float = HEARTBEAT_S) -> None:
+        self._progress = progress
+        self._what = what
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trt-build-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            log.info(
+                f"still building the TensorRT engine for {self._what}: {self._progress.elapsed():.0f} s elapsed",
+                extra={
+                    "event": "trt_build_heartbeat",
+                    "elapsed_s": round(self._progress.elapsed(), 1),
+                    "phases": self._progress.active_phases(),
+                },
+            )
+
+
+_TRT_LEVELS = {
+    "INTERNAL_ERROR": logging.CRITICAL,
+    "ERROR": logging.ERROR,
+    "WARNING": logging.WARNING,
+    "INFO": logging.DEBUG,
+    "VERBOSE": logging.DEBUG,
+}
+
+
+def make_trt_logger(trt: ModuleType, verbose: bool = False) -> Any:
+    """A ``trt.ILogger`` that forwards TensorRT's messages to Python logging (journald)."""
+    trt_log = logging.getLogger("tensorrt")
+    minimum = trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING
+
+    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # the binding requires the explicit base __init__
+
+        def log(self, severity: Any, msg: str) -> None:
+            if int(severity) > int(minimum):  # lower value = more severe
+                return
+            level = _TRT_LEVELS.get(getattr(severity, "name", str(severity)).split(".")[-1], logging.INFO)
+            trt_log.log(level, msg, extra={"event": "tensorrt_log"})
+
+    return _Logger()
+
+
+def make_progress_monitor(trt: ModuleType, progress: BuildProgress) -> Any:
+    """A ``trt.IProgressMonitor`` (TensorRT >= 10.0) that feeds ``progress``."""
+
+    class _Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return progress.step(phase_name, step)
+
+        def phase_finish(self, phase_name: str) -> None:
+            progress.phase_finish(phase_name)
+
+    return _Monitor()
+
+
+@dataclass(frozen=True)
+class BuiltPlan:
+    """A serialized plan and what went into it."""
+
+    plan: bytes
+    seconds: float
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    settings: dict[str, object]
+
+
+def _tensor_spec(trt: ModuleType, tensor: Any) -> TensorSpec:
+    return TensorSpec(str(tensor.name), tuple(int(d) for d in tensor.shape), np.dtype(trt.nptype(tensor.dtype)).name)
+
+
+def load_timing_cache(config: Any, path: Path) -> Any:
+    """Attach the persistent timing cache (empty when the file is missing or unusable)."""
+    data = b""
+    if path.is_file():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data)
+    if cache is None and data:
+        log.warning(
+            "timing cache unreadable, starting a new one", extra={"event": "timing_cache_reset", "path": str(path)}
+        )
+        cache = config.create_timing_cache(b"")
+    # ignore_mismatch=False: a cache from another GPU or TensorRT must not steer tactic choice.
+    if not config.set_timing_cache(cache, False):
+        log.warning(
+            "timing cache does not match this device, starting a new one",
+            extra={"event": "timing_cache_reset", "path": str(path)},
+        )
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
+def save_timing_cache(config: Any, path: Path) -> None:
+    """Merge this build's timings into the file (another build may have written it meanwhile)."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    if path.is_file():
+        on_disk = config.create_timing_cache(path.read_bytes())
+        if on_disk is not None and not cache.combine(on_disk, False):
+            log.warning(
+                "could not merge the timing cache on disk; keeping this build's",
+                extra={"event": "timing_cache_merge_failed", "path": str(path)},
+            )
+    atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+
+
+def build_serialized(
+    trt: ModuleType,
+    features: TrtFeatures,
+    onnx_path: Path,
+    recipe: BuildRecipe,
+    *,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: Path | None = None,
+    calibrator: Any = None,
+    progress: BuildProgress | None = None,
+    verbose: bool = False,
+) -> BuiltPlan:
+    """Parse ``onnx_path`` and build a serialized plan with ``recipe`` (needs a GPU)."""
+    progress = progress or BuildProgress()
+    logger = make_trt_logger(trt, verbose)
+    builder = trt.Builder(logger)
+    flags = 0
+    if recipe.strongly_typed and features.major < 11:
+        # TensorRT 11 is always strongly typed and has deprecated the flag; 10.x needs it.
+        if not features.strongly_typed_flag:
+            raise TensorRTBuildError(f"TensorRT {features.version} has no strongly typed networks")
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    log.info("parsing ONNX", extra={"event": "trt_parse", "onnx": str(onnx_path), "recipe": recipe.name})
+    if not parser.parse_from_file(str(onnx_path)):
+        raise OnnxParseError(describe_parser_errors(onnx_path, _parser_issues(parser), features.version))
+    inputs = tuple(_tensor_spec(trt, network.get_input(i)) for i in range(network.num_inputs))
+    outputs = tuple(_tensor_spec(trt, network.get_output(i)) for i in range(network.num_outputs))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    for flag in recipe.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if recipe.calibrator:
+        if calibrator is None:
+            raise TensorRTBuildError("the int8-calibrator recipe needs calibration images")
+        config.int8_calibrator = calibrator
+    if timing_cache is not None:
+        load_timing_cache(config, timing_cache)
+    if features.progress_monitor:
+        config.progress_monitor = make_progress_monitor(trt, progress)
+
+    with Heartbeat(progress, f"{onnx_path.name} ({recipe.name})"):
+        serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        if progress.cancel.is_set():
+            raise BuildCancelled(f"TensorRT build of {onnx_path.name} cancelled after {progress.elapsed():.0f} s")
+        raise TensorRTBuildError(
+            f"TensorRT {features.version} could not build {onnx_path.name} ({recipe.name}); "
+            "its errors are in the log above (logger 'tensorrt')"
+        )
+    if timing_cache is not None:
+        save_timing_cache(config, timing_cache)
+    settings = recipe.describe() | {"workspace_mb": int(workspace_mb), "tensorrt": features.version}
+    return BuiltPlan(bytes(memoryview(serialized)), progress.elapsed(), inputs, outputs, settings)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A plan ready to deserialize, and whether it was just built."""
+
+    plan: bytes
+    key: EngineKey
+    path: Path
+    built: bool
+    seconds: float
+
+
+CalibratorFactory = Callable[[BuildRecipe], Any]
+
+
+def ensure_plan(
+    trt: ModuleType,
+    bundle: Bundle,
+    precision: str,
+    device: DeviceIdentity,
+    cache: EngineCache,
+    *,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    force: bool = False,
+    build_if_missing: bool = True,
+    calibrator_factory: CalibratorFactory | None = None,
+    progress: BuildProgress | None = None,
+) -> PlanResult:
+    """The cached plan for this bundle, precision and device, building (and caching) it when needed."""
+    features = detect_features(trt)
+    if features.version != device.tensorrt_version:
+        raise TensorRTBuildError(
+            f"device identity says TensorRT {device.tensorrt_version}, module is {features.version}"
+        )
+    recipe = choose_recipe(bundle, precision, features, calibration_data=calibrator_factory is not None)
+    key = EngineKey.for_device(device, recipe.onnx_sha256, precision, recipe.name)
+    if not force:
+        found = cache.load(key)
+        if found.plan is not None:
+            log.info("using cached TensorRT plan", extra={"event": "trt_plan_cached", "path": str(found.path)})
+            return PlanResult(found.plan, key, found.path, built=False, seconds=0.0)
+        if not build_if_missing:
+            raise TensorRTBuildError(found.reason)
+        log.warning(
+            f"building a TensorRT plan: {found.reason}",
+            extra={"event": "trt_build_needed", "reason": found.reason, "device": device.describe()},
+        )
+    onnx_path = bundle.root / recipe.onnx_file
+    if not onnx_path.is_file():
+        raise BundleError(f"bundle {bundle.root}: {recipe.onnx_file} is missing")
+    log.info(
+        f"building TensorRT {precision} plan for {bundle.manifest.name} {bundle.manifest.version} on "
+        f"{device.describe()} (this can take minutes)",
+        extra={
+            "event": "trt_build_start",
+            "recipe": recipe.name,
+            "onnx": recipe.onnx_file,
+            "workspace_mb": workspace_mb,
+        },
+    )
+    calibrator = calibrator_factory(recipe) if recipe.calibrator and calibrator_factory else None
+    built = build_serialized(
+        trt,
+        features,
+        onnx_path,
+        recipe,
+        workspace_mb=workspace_mb,
+        timing_cache=cache.timing_cache_path(device),
+        calibrator=calibrator,
+        progress=progress,
+    )
+    metadata = new_metadata(
+        key,
+        built.plan,
+        built.seconds,
+        recipe.onnx_file,
+        bundle.manifest.name,
+        bundle.manifest.version,
+        builder=built.settings
+        | {"inputs": [t.describe() for t in built.inputs], "outputs": [t.describe() for t in built.outputs]},
+    )
+    path = cache.store(key, built.plan, metadata)
+    log.info(
+        f"TensorRT plan built in {built.seconds:.1f} s ({len(built.plan) / 1e6:.1f} MB)",
+        extra={
+            "event": "trt_build_done",
+            "path": str(path),
+            "build_s": round(built.seconds, 1),
+            "plan_mb": round(len(built.plan) / 1e6, 2),
+        },
+    )
+    return PlanResult(built.plan, key, path, built=True, seconds=built.seconds)
