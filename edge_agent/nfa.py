@@ -31,7 +31,7 @@ For one scale with map ``m`` (H x W, m = mean over the C channels of z^2) the st
 
    The Numba code computes exactly this fixed point in one bottom-up pass: for each node it decides
    whether its subtree collapses into a single leaf and which node that leaf is (see
-   ``_select_and_paint``); ``tests/nfa_reference.py`` runs the literal iterative procedure instead.
+   ``_select``); ``tests/nfa_reference.py`` runs the literal iterative procedure instead.
 4. **NFA.** ``log10 NFA = log10 N + min over scales of the bilinearly upsampled log10 P maps``
    (half-pixel centres, as torch ``interpolate(mode="bilinear", align_corners=False)``) with
    ``N = sum_s N_s * sum_{r=1..N_s} a b^r / r``, ``N_s = H_s W_s``, ``a = 0.316915``, ``b = 4.062570``.
@@ -134,7 +134,7 @@ def _checked_out_shape(out_shape: object) -> tuple[int, int]:
 
 @njit(nogil=True, cache=True)
 def _find_root(zpar: np.ndarray, p: int) -> int:
-    # Path halving: every visited node skips to its grandparent.
+    # Path halving: every visited entry skips to its grandparent.
     while zpar[p] != p:
         zpar[p] = zpar[zpar[p]]
         p = zpar[p]
@@ -142,161 +142,276 @@ def _find_root(zpar: np.ndarray, p: int) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _max_tree(values: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, parent) of the canonical max-tree of the flat ``values`` (4-connectivity).
+def _sorted_decreasing(keys: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """``items`` sorted by decreasing ``keys[item]``: an LSD radix sort on unsigned keys.
 
-    ``order`` lists the pixels by decreasing value, so every pixel comes before its parent;
-    ``parent[p]`` is the canonical pixel of p's node when p is not canonical, else of the parent
-    node (the root, ``order[-1]``, is its own parent).
+    The keys are the bit patterns of non-negative floats, which order like the floats. Only the
+    span of bits that differ between items is sorted on (after subtracting the smallest key), so
+    maps that came from float32 or span a narrow range take two or three passes.
+    """
+    n = items.size
+    k_min = keys[items[0]]
+    k_max = k_min
+    k_or = k_min
+    k_and = k_min
+    for i in range(n):
+        k = keys[items[i]]
+        k_min = min(k_min, k)
+        k_max = max(k_max, k)
+        k_or |= k
+        k_and &= k
+    order = items.copy()
+    varying = k_or ^ k_and
+    if varying == 0:
+        return order
+    low = 0  # bits below ``low`` are equal in every key
+    while ((varying >> np.uint64(low)) & np.uint64(1)) == 0:
+        low += 1
+    span = (k_max - k_min) >> np.uint64(low)
+    n_bits = 0
+    while span > 0:
+        span >>= np.uint64(1)
+        n_bits += 1
+    max_digit_bits = 8 if n < 1024 else 11  # keep the histogram small next to n
+    n_pass = (n_bits + max_digit_bits - 1) // max_digit_bits
+    digit_bits = (n_bits + n_pass - 1) // n_pass
+    n_buckets = 1 << digit_bits
+    mask = np.uint64(n_buckets - 1)
+    scratch = np.empty(n, dtype=np.int32)
+    start = np.empty(n_buckets, dtype=np.int32)
+    for k in range(n_pass):
+        shift = np.uint64(low + k * digit_bits)
+        start[:] = 0
+        for i in range(n):
+            start[((keys[order[i]] - k_min) >> shift) & mask] += 1
+        total = 0
+        for d in range(n_buckets - 1, -1, -1):  # largest digit first: decreasing order
+            c = start[d]
+            start[d] = total
+            total += c
+        for i in range(n):
+            p = order[i]
+            d = ((keys[p] - k_min) >> shift) & mask
+            scratch[start[d]] = p
+            start[d] += 1
+        order, scratch = scratch, order
+    return order
+
+
+@njit(nogil=True, cache=True)
+def _ranked_pixels(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, rank, level) of the pixels of a flat H x W map, on a grid padded by one pixel.
+
+    ``order[i]`` is the padded index of the pixel of rank i (rank 0 = largest value), ``rank`` maps
+    a padded index to its rank (n on the border, so the border is never "already seen") and
+    ``level[i]`` is the value at rank i. The padding removes every bounds check from the
+    neighbour loop.
     """
     n = values.size
-    order = np.argsort(-values, kind="mergesort").astype(np.int32)
-    parent = np.empty(n, dtype=np.int32)
-    zpar = np.full(n, -1, dtype=np.int32)
+    height = n // width
+    padded_width = width + 2
+    padded = np.zeros((height + 2) * padded_width, dtype=np.float64)
+    items = np.empty(n, dtype=np.int32)
+    for y in range(height):
+        for x in range(width):
+            pp = (y + 1) * padded_width + x + 1
+            padded[pp] = values[y * width + x]
+            items[y * width + x] = pp
+    order = _sorted_decreasing(padded.view(np.uint64), items)
+    rank = np.full(padded.size, n, dtype=np.int32)
+    level = np.empty(n, dtype=np.float64)
     for i in range(n):
-        p = order[i]
-        parent[p] = p
-        zpar[p] = p
-        y = p // width
-        x = p - y * width
-        for k in range(4):
-            if k == 0:
-                if x == 0:
-                    continue
-                q = p - 1
-            elif k == 1:
-                if x == width - 1:
-                    continue
-                q = p + 1
-            elif k == 2:
-                if y == 0:
-                    continue
-                q = p - width
-            else:
-                if y == height - 1:
-                    continue
-                q = p + width
-            if zpar[q] < 0:
-                continue
-            r = _find_root(zpar, q)
-            if r != p:
-                parent[r] = p
-                zpar[r] = p
-    # Canonicalise, root first: a pixel whose parent has the same value as the parent's parent
-    # points to the latter, so each level component is represented by one pixel.
-    for i in range(n - 1, -1, -1):
-        p = order[i]
-        q = parent[p]
-        if values[parent[q]] == values[q]:
-            parent[p] = parent[q]
-    return order, parent
+        rank[order[i]] = i
+        level[i] = padded[order[i]]
+    return order, rank, level
 
 
 @njit(nogil=True, cache=True)
-def _node_areas(order: np.ndarray, parent: np.ndarray) -> np.ndarray:
-    n = order.size
-    area = np.ones(n, dtype=np.int64)
-    for i in range(n - 1):  # the root (last) has no parent to add to
-        p = order[i]
-        area[parent[p]] += area[p]
-    return area
+def _attach(zpar: np.ndarray, parent: np.ndarray, i: int, j: int) -> None:
+    # Pixel i (rank) meets the already seen pixel j: j's component becomes a child of i.
+    r = _find_root(zpar, j)
+    if r != i:
+        parent[r] = i
+        zpar[r] = i
 
 
 @njit(nogil=True, cache=True)
-def _pixel_log_prob(level: float, channels: int) -> float:
-    """log10 of the Chernoff bound of P(chi^2(C) >= C * level) for one pixel; 0 where level <= 1."""
-    if level <= 1.0:
-        return 0.0
-    return -0.5 * channels * (level - 1.0 - math.log(level)) / _LN10
+def _max_tree(order: np.ndarray, rank: np.ndarray, level: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(parent, is_node) of the canonical max-tree (4-connectivity), everything indexed by rank.
 
-
-@njit(nogil=True, cache=True)
-def _select_and_paint(values: np.ndarray, order: np.ndarray, parent: np.ndarray, channels: int) -> np.ndarray:
-    """Per-pixel log10 P of the kept nodes (0 elsewhere), for a canonical max-tree.
-
-    Bottom-up, each node v gets ``collapses[v]`` (its subtree ends as one leaf of the final tree)
-    and ``rep[v]`` (that leaf): a leaf collapses to itself; a node with one child collapses when the
-    child does, to whichever of itself and the child's leaf has the smaller log P (ties to the
-    child's, the node nearer the leaf): this is chain reduction; a node with several children
-    collapses to itself when all children collapse and its log P is <= the smallest of their leaves'
-    (the merge), and otherwise never. The kept nodes are rep[c] for every collapsing c whose parent
-    does not collapse (or that is the root).
+    Union-find over the pixels by decreasing value (Berger et al. 2007). After canonicalisation a
+    pixel either is a node (it represents its level component; ``parent`` is the parent node) or
+    belongs to the node ``parent`` points to (same level). The root has rank n - 1 and is its own
+    parent. Every parent has a higher rank than its children.
     """
     n = order.size
-    root = order[n - 1]
-    area = _node_areas(order, parent)
+    padded_width = width + 2
+    parent = np.empty(n, dtype=np.int32)
+    zpar = np.empty(n, dtype=np.int32)  # union-find forest over ranks seen so far
+    for i in range(n):
+        pp = order[i]
+        parent[i] = i
+        zpar[i] = i
+        j = rank[pp - 1]
+        if j < i:
+            _attach(zpar, parent, i, j)
+        j = rank[pp + 1]
+        if j < i:
+            _attach(zpar, parent, i, j)
+        j = rank[pp - padded_width]
+        if j < i:
+            _attach(zpar, parent, i, j)
+        j = rank[pp + padded_width]
+        if j < i:
+            _attach(zpar, parent, i, j)
+    # Root first: a pixel whose parent is not a node (same level as the parent's parent) points
+    # past it, so each level component ends up represented by one pixel, its last one.
+    root = n - 1
+    is_node = np.empty(n, dtype=np.bool_)
+    is_node[root] = True
+    for i in range(n - 2, -1, -1):
+        q = parent[i]
+        if level[parent[q]] == level[q]:
+            q = parent[q]
+            parent[i] = q
+        is_node[i] = level[q] != level[i]
+    return parent, is_node
+
+
+@njit(nogil=True, cache=True)
+def _select(
+    parent: np.ndarray, is_node: np.ndarray, level: np.ndarray, channels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log_prob, rep, collapses) per node (by rank), bottom-up in one pass.
+
+    The fixed point of the selection in closed form: a node v *collapses* when its whole subtree
+    ends as one leaf of the final tree, and ``rep[v]`` is that leaf. A leaf collapses to itself. A
+    node with one child collapses when the child does, to whichever of itself and the child's leaf
+    has the smaller log P, ties to the child's leaf (chain reduction). A node with several
+    children collapses to itself when all of them collapse and its log P is <= the smallest of
+    their leaves' (the merge); otherwise it never does. Areas are accumulated on the way up.
+    """
+    n = level.size
+    root = n - 1
+    per_unit = -0.5 * channels / _LN10  # log10 P per pixel = per_unit * (L - 1 - ln L) when L > 1
+    # Per node, what its children pushed up, in one cache line: area, number of children, the
+    # smallest log P of their leaves (-inf once one child does not collapse), the only child's leaf.
+    pushed = np.empty((n, 4), dtype=np.float64)
+    for i in range(n):
+        pushed[i, 0] = 1.0
+        pushed[i, 1] = 0.0
+        pushed[i, 2] = np.inf
+        pushed[i, 3] = 0.0
     log_prob = np.zeros(n, dtype=np.float64)
-    n_children = np.zeros(n, dtype=np.int32)
-    children_collapse = np.ones(n, dtype=np.bool_)
-    children_min = np.full(n, np.inf, dtype=np.float64)
-    only_child_rep = np.zeros(n, dtype=np.int32)
+    rep = np.empty(n, dtype=np.int32)
     collapses = np.zeros(n, dtype=np.bool_)
-    rep = np.zeros(n, dtype=np.int32)
     for i in range(n):
-        v = order[i]
-        if v != root and values[parent[v]] == values[v]:
-            continue  # not canonical: a pixel of its node, not a node
-        lp = area[v] * _pixel_log_prob(values[v], channels)
-        log_prob[v] = lp
-        k = n_children[v]
-        if k == 0:
-            c = True
-            r = v
-        elif k == 1:
-            c = children_collapse[v]
-            r = only_child_rep[v]
-            if c and lp < log_prob[r]:
-                r = v
-        else:
-            c = children_collapse[v] and lp <= children_min[v]
-            r = v
-        collapses[v] = c
-        rep[v] = r
-        if v != root:
-            up = parent[v]
-            n_children[up] += 1
-            if c:
-                only_child_rep[up] = r
-                if log_prob[r] < children_min[up]:
-                    children_min[up] = log_prob[r]
-            else:
-                children_collapse[up] = False
-
-    kept = np.zeros(n, dtype=np.bool_)
-    for i in range(n):
-        v = order[i]
-        if v != root and values[parent[v]] == values[v]:
+        up = parent[i]
+        if not is_node[i]:
+            pushed[up, 0] += 1.0  # a pixel of node ``up``
             continue
-        if collapses[v] and (v == root or not collapses[parent[v]]):
-            kept[rep[v]] = True
-
-    # Root first, so a node's value is known before its descendants inherit it.
-    node_value = np.zeros(n, dtype=np.float64)
-    out = np.zeros(n, dtype=np.float64)
-    for i in range(n - 1, -1, -1):
-        p = order[i]
-        if p == root or values[parent[p]] != values[p]:
-            if kept[p]:
-                node_value[p] = log_prob[p]
-            elif p != root:
-                node_value[p] = node_value[parent[p]]
-            out[p] = node_value[p]
+        area = pushed[i, 0]
+        n_children = pushed[i, 1]
+        children_best = pushed[i, 2]
+        lv = level[i]
+        lp = area * per_unit * (lv - 1.0 - math.log(lv)) if lv > 1.0 else 0.0
+        if n_children == 0.0:
+            c = True
+            r = i
+            r_lp = lp
+        elif n_children == 1.0:
+            c = children_best != -np.inf
+            r = int(pushed[i, 3])
+            r_lp = children_best
+            if c and lp < children_best:
+                r = i
+                r_lp = lp
         else:
-            out[p] = node_value[parent[p]]
+            c = lp <= children_best
+            r = i
+            r_lp = lp
+        log_prob[i] = lp
+        rep[i] = r
+        collapses[i] = c
+        if i != root:
+            pushed[up, 0] += area
+            pushed[up, 1] += 1.0
+            if c:
+                pushed[up, 3] = r
+                if r_lp < pushed[up, 2]:
+                    pushed[up, 2] = r_lp
+            else:
+                pushed[up, 2] = -np.inf
+    return log_prob, rep, collapses
+
+
+@njit(nogil=True, cache=True)
+def _paint(
+    parent: np.ndarray,
+    is_node: np.ndarray,
+    log_prob: np.ndarray,
+    rep: np.ndarray,
+    collapses: np.ndarray,
+    order: np.ndarray,
+    width: int,
+) -> np.ndarray:
+    """Flat per-pixel log10 P: the kept leaves' values on their pixels, 0 elsewhere.
+
+    The kept leaves are rep[c] for every collapsing node c whose parent does not collapse (or that
+    is the root). Root first, so a leaf is marked before it is reached and every pixel inherits
+    the value of its node, which inherits its parent's unless it is kept.
+    """
+    n = order.size
+    root = n - 1
+    padded_width = width + 2
+    kept = np.zeros(n, dtype=np.bool_)
+    value = np.empty(n, dtype=np.float64)
+    padded = np.empty(order.size + 2 * (n // width) + 2 * padded_width, dtype=np.float64)
+    for i in range(n - 1, -1, -1):
+        up = parent[i]
+        if is_node[i]:
+            if collapses[i] and (i == root or not collapses[up]):
+                kept[rep[i]] = True
+            if kept[i]:
+                v = log_prob[i]
+            elif i != root:
+                v = value[up]
+            else:
+                v = 0.0
+        else:
+            v = value[up]
+        value[i] = v
+        padded[order[i]] = v
+    out = np.empty(n, dtype=np.float64)
+    height = n // width
+    for y in range(height):
+        for x in range(width):
+            out[y * width + x] = padded[(y + 1) * padded_width + x + 1]
     return out
 
 
 @njit(nogil=True, cache=True)
-def _log_prob_flat(values: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
-    order, parent = _max_tree(values, height, width)
-    return _select_and_paint(values, order, parent, channels)
+def _log_prob_flat(values: np.ndarray, width: int, channels: int) -> np.ndarray:
+    order, rank, level = _ranked_pixels(values, width)
+    parent, is_node = _max_tree(order, rank, level, width)
+    log_prob, rep, collapses = _select(parent, is_node, level, channels)
+    return _paint(parent, is_node, log_prob, rep, collapses, order, width)
 
 
 @njit(nogil=True, cache=True)
-def _tree_nodes(values: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order, parent = _max_tree(values, height, width)
-    area = _node_areas(order, parent)
-    return order, parent, area
+def _tree_nodes(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(flat pixel, parent rank, is_node, area) per rank, for ``component_tree``."""
+    order, rank, level = _ranked_pixels(values, width)
+    parent, is_node = _max_tree(order, rank, level, width)
+    n = order.size
+    area = np.ones(n, dtype=np.int64)
+    for i in range(n - 1):
+        area[parent[i]] += area[i]
+    padded_width = width + 2
+    pixel = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        pixel[i] = (order[i] // padded_width - 1) * width + order[i] % padded_width - 1
+    return pixel, parent.astype(np.int64), is_node, area
 
 
 def log_prob_map(m: np.ndarray, channels: int) -> np.ndarray:
@@ -308,34 +423,32 @@ def log_prob_map(m: np.ndarray, channels: int) -> np.ndarray:
     values = _checked_scale_map(m, "log_prob_map: m")
     c = _checked_channels(channels, "log_prob_map")
     height, width = values.shape
-    return _log_prob_flat(values.ravel(), height, width, c).reshape(height, width)
+    return _log_prob_flat(values.ravel(), width, c).reshape(height, width)
 
 
 @dataclass(frozen=True)
 class ComponentTree:
-    """The canonical max-tree of a map, one entry per node (for inspection and tests)."""
+    """The canonical max-tree of a map, one entry per node, root first (for inspection and tests)."""
 
-    node_pixel: np.ndarray  # flat index of each node's canonical pixel
-    parent_node: np.ndarray  # index into the node arrays; the root is its own parent
-    level: np.ndarray  # float64
-    area: np.ndarray  # int64, descendants included
+    node_pixel: np.ndarray  # flat index of the pixel that represents the node
+    parent_node: np.ndarray  # index into these arrays; the root is its own parent
+    level: np.ndarray  # float64: the node's level, the minimum of the map over its region
+    area: np.ndarray  # int64: pixels in the region, descendants included
 
 
 def component_tree(m: np.ndarray) -> ComponentTree:
     """The canonical max-tree (4-connectivity, equal levels merged) of a non-negative map."""
     values = _checked_scale_map(m, "component_tree: m")
     flat = values.ravel()
-    order, parent, area = _tree_nodes(flat, values.shape[0], values.shape[1])
-    root = order[-1]
-    canonical = (flat[parent] != flat) | (np.arange(flat.size) == root)
-    node_pixel = order[canonical[order]][::-1].copy()  # root first
+    pixel, parent, is_node, area = _tree_nodes(flat, values.shape[1])
+    ranks = np.flatnonzero(is_node)[::-1]  # root (highest rank) first
     index_of = np.full(flat.size, -1, dtype=np.int64)
-    index_of[node_pixel] = np.arange(node_pixel.size)
+    index_of[ranks] = np.arange(ranks.size)
     return ComponentTree(
-        node_pixel=node_pixel.astype(np.int64),
-        parent_node=index_of[parent[node_pixel]],
-        level=flat[node_pixel],
-        area=area[node_pixel],
+        node_pixel=pixel[ranks],
+        parent_node=index_of[parent[ranks]],
+        level=flat[pixel[ranks]],
+        area=area[ranks],
     )
 
 
@@ -430,7 +543,7 @@ def log_nfa_map(scale_maps: Sequence[np.ndarray], channels: Sequence[int], out_s
         values = _checked_scale_map(m, f"log_nfa_map: scale {s}")
         cs = _checked_channels(c, f"log_nfa_map: scale {s}")
         height, width = values.shape
-        log_probs.append(_log_prob_flat(values.ravel(), height, width, cs).reshape(height, width))
+        log_probs.append(_log_prob_flat(values.ravel(), width, cs).reshape(height, width))
     log10_n = log10_number_of_tests([lp.shape for lp in log_probs])
     return combine_log_probs(log_probs, out_shape, log10_n)
 

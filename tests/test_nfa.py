@@ -199,6 +199,18 @@ def test_merge_refused_keeps_children() -> None:
     assert lp[4, 4] == 0
 
 
+def test_extreme_values_sort_and_match_reference() -> None:
+    # Zeros, subnormals, values straddling powers of two and huge values exercise the radix sort.
+    rng = np.random.default_rng(8)
+    pool = np.array(
+        [0.0, 5e-324, 1e-300, 0.25, 0.5, 0.9999999, 1.0, 1.0000001, 2.0, 2.0000000000000004, 7.5, 1e6, 1e300]
+    )
+    m = rng.choice(pool, size=(13, 14))
+    assert_same_log_prob(m, 3)
+    tree = nfa.component_tree(m)
+    assert sorted(np.unique(tree.level).tolist()) == sorted(np.unique(m).tolist())
+
+
 def test_non_square_and_large_quantised_map() -> None:
     rng = np.random.default_rng(5)
     # 256x256 with few distinct levels keeps the plain reference fast enough.
