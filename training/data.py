@@ -13,8 +13,9 @@ Layouts (detected by :func:`open_dataset`):
   ``test_good`` and ``test_defect`` {type: [stems]}; paths are stems relative to the json's
   directory, ``STEM.jpg`` the (grey) image and ``STEM.png`` its mask.
 
-Images of any size and channel count are read as RGB and resized to the model size (INTER_AREA when
-shrinking, INTER_LINEAR when enlarging); masks use nearest neighbour.
+Images of any size and channel count are read as RGB and resized to the model size with the agent's
+own ``edge_agent.preprocess.model_input`` (so training sees exactly what the device feeds the
+engine); masks use nearest neighbour.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from edge_agent.preprocess import model_input
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
@@ -190,32 +193,20 @@ def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Any image file (grey, BGR, BGRA, 16-bit) as uint8 HxWx3 RGB at its own size."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    """Any image file (grey, colour, with alpha, 16-bit) as uint8 HxWx3 RGB at its own size."""
+    return cv2.cvtColor(_read_bgr(path), cv2.COLOR_BGR2RGB)
+
+
+def _read_bgr(path: Path) -> np.ndarray:
+    data = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if data is None:
         raise DatasetError(f"cannot read image {path} (missing, unreadable or not an image)")
-    if data.dtype == np.uint16:
-        data = (data / 257.0).round().astype(np.uint8)
-    elif data.dtype != np.uint8:
-        raise DatasetError(f"image {path} has unsupported pixel type {data.dtype}")
-    if data.ndim == 2:
-        return cv2.cvtColor(data, cv2.COLOR_GRAY2RGB)
-    if data.shape[2] == 4:
-        return cv2.cvtColor(data, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
-
-
-def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize to the model size: INTER_AREA when shrinking (no aliasing), INTER_LINEAR when enlarging."""
-    if image.shape[:2] == (height, width):
-        return image
-    shrinking = image.shape[0] * image.shape[1] > height * width
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return data
 
 
 def load_image(path: Path, height: int, width: int) -> np.ndarray:
-    """uint8 HxWx3 RGB at the model size."""
-    return resize_rgb(read_rgb(path), height, width)
+    """uint8 HxWx3 RGB at the model size, resized exactly as the agent resizes camera frames."""
+    return model_input(_read_bgr(path), height, width)
 
 
 def load_mask(path: Path | None, height: int, width: int) -> np.ndarray:

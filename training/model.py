@@ -18,15 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.backbones import (
-    DEFAULT_BACKBONE,
-    DEFAULT_STRIDES,
-    NORM_KINDS,
-    FeatureExtractor,
-    backbone_info,
-    create_backbone,
-    create_scale_norm,
-)
+from training.backbones import FeatureExtractor, create_backbone, create_scale_norm
+from training.catalog import DEFAULT_BACKBONE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
 from training.flow import LatentShape, build_uflow_graph
 
 

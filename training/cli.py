@@ -1,0 +1,142 @@
+"""``uflow``: the offline command line (train, export; calibrate when calibration/ provides it).
+
+torch is imported only by the command that runs, so ``uflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from training.catalog import BACKBONES, DEFAULT_BACKBONE, NORM_KINDS
+
+    p = sub.add_parser("train", help="train U-Flow on good images", description="Train U-Flow on good images only.")
+    p.add_argument("--data", required=True, type=Path, help="image folder, MVTec AD category dir, or split.json")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
+    p.add_argument("--weights", type=Path, help="backbone ImageNet .pth state dict (default: the weights package)")
+    p.add_argument("--image-size", type=int, default=256, help="square model input size (pixels)")
+    p.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16], help="backbone stages feeding the flow")
+    p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
+    p.add_argument("--flow-steps", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-final-factor", type=float, default=0.1, help="learning rate at the end / at the start")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out good images (folder/MVTec layouts)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="run the backbone every step instead of caching features")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run as a model bundle", description="Export a run as a model bundle.")
+    p.add_argument("--run", required=True, type=Path, help="run directory written by `uflow train`")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--name", help="bundle name (default: uflow-<backbone>-<dataset>)")
+    p.add_argument("--version", help="bundle version (default: creation time)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.model import UFlowConfig
+    from training.train import TrainConfig, train
+
+    model_config = UFlowConfig(
+        backbone=args.backbone,
+        image_height=args.image_size,
+        image_width=args.image_size,
+        strides=tuple(args.strides),
+        norm=args.norm,
+        flow_steps=args.flow_steps,
+        seed=args.seed,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_final_factor=args.lr_final_factor,
+        val_fraction=args.val_fraction,
+        threads=args.threads,
+        cache_features=not args.no_cache,
+    )
+    result = train(args.data, args.out, model_config, train_config, weights=args.weights, progress=not args.quiet)
+    print(
+        f"trained {result.run_dir}: best epoch {result.best_epoch}, val NLL {result.best_val_nll}, "
+        f"{result.seconds:.0f} s ({result.seconds_per_epoch:.2f} s/epoch)"
+    )
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from training.export import export_bundle
+
+    out = export_bundle(args.run, args.out, name=args.name, version=args.version, overwrite=args.overwrite)
+    print(f"bundle written to {out}")
+    return 0
+
+
+def _register_calibrate(sub: argparse._SubParsersAction) -> None:
+    try:
+        module = importlib.import_module("calibration.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "calibration.cli":
+            raise
+        return
+    module.register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``uflow`` parser with every command's arguments."""
+    parser = argparse.ArgumentParser(prog="uflow", description="Train, export and calibrate U-Flow models")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_export(sub)
+    _register_calibrate(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from edge_agent.bundle import BundleError
+    from training.backbones import WeightsError
+    from training.data import DatasetError
+    from training.export import ExportError
+    from training.rundir import RunDirError
+    from training.train import TrainingError
+
+    return (DatasetError, RunDirError, WeightsError, TrainingError, ExportError, BundleError, ValueError)
+
+
+_RUNNERS = {"train": _run_train, "export": _run_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``uflow`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    runner = _RUNNERS.get(args.command) or getattr(args, "func", None)
+    if runner is None:
+        parser.error(f"command {args.command!r} has no runner")
+    try:
+        return int(runner(args) or 0)
+    except _user_errors() as exc:
+        # Bad data, options, weights or run dirs: one line that names the file or option, not a traceback.
+        print(f"uflow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

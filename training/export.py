@@ -1,0 +1,292 @@
+"""Export a training run as a model bundle (DESIGN.md "Model bundle" and "Engine I/O").
+
+Steps: rebuild the best model of the run, trace the engine wrapper to ONNX (opset 17, fixed input
+shape, TorchScript exporter), check ONNX Runtime against torch on the run's self-test images and a
+synthetic defect image (anomaly map max abs difference under 1e-4; m_s under 1e-4 relative to
+max(1, |m_s|) — m_s are unbounded chi^2-like values, so an absolute bound alone would be
+meaningless on strong anomalies), write ``model.json``, then load the result with the agent's own
+``load_bundle`` + ``OnnxRuntimeEngine`` and run the self-test images through it. The bundle is built
+in a temporary sibling directory and renamed into place only when every check passed, so a failed
+export never leaves something that looks like a bundle.
+
+``image_score_threshold``: the maximum image score over the validation good images under the best
+checkpoint (no false alarm on validation). It is secondary: the agent's decision is the NFA test.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_agent import nfa
+from edge_agent.bundle import (
+    MANIFEST_NAME,
+    MODEL_NAME,
+    SCHEMA_VERSION,
+    Bundle,
+    InputSpec,
+    Manifest,
+    NfaSpec,
+    Normalisation,
+    ScaleSpec,
+    file_hashes,
+    load_bundle,
+    utc_now,
+    write_manifest,
+)
+from training.backbones import backbone_info
+from training.data import load_image
+from training.model import ExportWrapper, UFlow
+from training.rundir import RunInfo, load_model
+from training.synthetic import defect_image
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+MAP_TOLERANCE = 1e-4
+SCALE_MAP_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export failed a check; nothing was written at the destination."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest ONNX Runtime vs torch differences over the checked images."""
+
+    anomaly_map_max_abs: float
+    scale_maps_max_scaled: float  # max |a - b| / max(1, |b|) over all m_s
+    images: int
+
+
+def export_onnx(model: UFlow, path: Path) -> list[str]:
+    """Trace the engine wrapper to ONNX at the model's fixed input size; return the output names."""
+    wrapper = ExportWrapper(model).eval()
+    example = torch.zeros(1, model.config.image_height, model.config.image_width, 3, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # The tracer warns about Python ints derived from shapes (FrEIA, timm's same-padding);
+        # the input shape is fixed by contract, so these are constants by design.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=wrapper.output_names,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return wrapper.output_names
+
+
+def _torch_outputs(model: UFlow, image: np.ndarray) -> list[np.ndarray]:
+    with torch.no_grad():
+        outputs = ExportWrapper(model)(torch.from_numpy(image)[None])
+    return [o.numpy()[0] for o in outputs]
+
+
+def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Parity:
+    """Run ONNX Runtime and torch on ``images``; raise ExportError if they differ beyond tolerance."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = ExportWrapper(model).output_names
+    worst_map, worst_scale = 0.0, 0.0
+    for index, image in enumerate(images):
+        got = session.run(names, {"image": image[None]})
+        want = _torch_outputs(model, image)
+        diff_map = float(np.abs(got[0][0] - want[0]).max())
+        diff_scale = max(
+            float((np.abs(g[0] - w) / np.maximum(1.0, np.abs(w))).max()) for g, w in zip(got[1:], want[1:], strict=True)
+        )
+        worst_map, worst_scale = max(worst_map, diff_map), max(worst_scale, diff_scale)
+        if diff_map >= MAP_TOLERANCE or diff_scale >= SCALE_MAP_TOLERANCE:
+            raise ExportError(
+                f"ONNX Runtime and torch disagree on parity image {index}: anomaly_map max abs diff {diff_map:.3g} "
+                f"(limit {MAP_TOLERANCE}), m_s max scaled diff {diff_scale:.3g} (limit {SCALE_MAP_TOLERANCE})"
+            )
+    return Parity(worst_map, worst_scale, len(images))
+
+
+def _parity_images(info: RunInfo) -> list[np.ndarray]:
+    height, width = info.model_config.image_height, info.model_config.image_width
+    images = [load_image(path, height, width) for path in info.selftest_images]
+    images.append(defect_image(seed=12345, height=height, width=width, kind="dark_blob").image)
+    return images
+
+
+def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[float]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    meta = info.checkpoint_meta
+    for key in ("epoch", "val_nll", "train_loss"):
+        if meta.get(key) is not None:
+            metrics["best_epoch" if key == "epoch" else key] = float(meta[key])
+    scores = np.asarray(info.val_scores.get("scores", []), dtype=np.float64)
+    if scores.size:
+        metrics |= {
+            "val_images": float(scores.size),
+            "val_score_mean": float(scores.mean()),
+            "val_score_p99": float(np.percentile(scores, 99)),
+            "val_score_max": float(scores.max()),
+        }
+    flagged = info.val_scores.get("nfa_flagged")
+    if flagged:
+        metrics["val_nfa_false_alarm_rate"] = float(np.mean(flagged))
+        metrics["val_min_log_nfa"] = float(np.min(info.val_scores["min_log_nfa"]))
+    if selftest_scores:
+        metrics["selftest_max_score"] = float(max(selftest_scores))
+    metrics["onnx_parity_anomaly_map_max_abs"] = parity.anomaly_map_max_abs
+    metrics["onnx_parity_scale_maps_max_scaled"] = parity.scale_maps_max_scaled
+    return metrics
+
+
+def _threshold(info: RunInfo) -> float:
+    scores = info.val_scores.get("scores", [])
+    if not scores:
+        raise ExportError(f"run {info.root} has no validation scores (val_scores.json); train again to finish it")
+    return float(max(scores))
+
+
+def _default_name(info: RunInfo) -> str:
+    data = Path(str(info.data_summary.get("root", "data"))).name or "data"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"uflow-{info.model_config.backbone}-{data}")
+
+
+def build_manifest(
+    model: UFlow,
+    info: RunInfo,
+    bundle_dir: Path,
+    name: str,
+    version: str,
+    parity: Parity,
+    selftest: list[str],
+    selftest_scores: list[float],
+) -> Manifest:
+    """The manifest of a bundle whose files are already in ``bundle_dir``."""
+    backbone = backbone_info(model.config.backbone)
+    scales = tuple(
+        ScaleSpec(name=s.name, channels=s.channels, height=s.height, width=s.width, stride=s.stride)
+        for s in model.scales
+    )
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        name=name,
+        version=version,
+        created=utc_now(),
+        files=file_hashes(bundle_dir, [MODEL_NAME, *selftest]),
+        backbone=model.config.backbone,
+        input=InputSpec(height=model.config.image_height, width=model.config.image_width),
+        normalisation=Normalisation(mean=backbone.mean, std=backbone.std),
+        scales=scales,
+        nfa=NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests([(s.height, s.width) for s in scales])),
+        image_score_threshold=_threshold(info),
+        validation_metrics=_validation_metrics(info, parity, selftest_scores),
+        training_data=_training_data(info),
+        self_test=tuple(selftest),
+    )
+
+
+def _training_data(info: RunInfo) -> dict[str, Any]:
+    keys = ("layout", "root", "train", "val", "test", "test_types", "image_height", "image_width")
+    summary: dict[str, Any] = {k: info.data_summary[k] for k in keys if k in info.data_summary}
+    summary["model_config"] = info.model_config.to_dict()
+    summary["epochs"] = info.train_config.get("epochs")
+    summary["best_epoch"] = info.checkpoint_meta.get("epoch")
+    return summary
+
+
+def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
+    """Load the bundle exactly as the device does and compare its outputs on the self-test images."""
+    from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
+
+    bundle = load_bundle(bundle_dir)
+    engine = OnnxRuntimeEngine(bundle)
+    try:
+        height, width = bundle.manifest.input.height, bundle.manifest.input.width
+        for rel in bundle.manifest.self_test:
+            image = load_image(bundle_dir / rel, height, width)
+            output = engine.infer(image)
+            want = _torch_outputs(model, image)[0]
+            diff = float(np.abs(output.anomaly_map - want).max())
+            if diff >= MAP_TOLERANCE:
+                raise ExportError(f"the agent's engine differs from torch on self-test image {rel} by {diff:.3g}")
+    finally:
+        engine.close()
+    return bundle
+
+
+def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    if not (out_dir / MANIFEST_NAME).is_file() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not a model bundle; refusing to replace it")
+
+
+def export_bundle(
+    run_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a verified bundle for the run's best checkpoint to ``out_dir``; return ``out_dir``."""
+    out_dir = Path(out_dir)
+    _prepare_destination(out_dir, overwrite)
+    model, info = load_model(run_dir)
+    if not info.selftest_images:
+        raise ExportError(f"run {info.root} has no self-test images in selftest/; train again to finish it")
+    name = name or _default_name(info)
+    version = version or utc_now().strftime("%Y.%m.%d-%H%M%S")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the agent may run as another user
+    try:
+        export_onnx(model, staging / MODEL_NAME)
+        parity = check_parity(model, staging / MODEL_NAME, _parity_images(info))
+        selftest = []
+        for path in info.selftest_images:
+            rel = f"selftest/{path.name}"
+            (staging / "selftest").mkdir(exist_ok=True)
+            shutil.copyfile(path, staging / rel)
+            selftest.append(rel)
+        height, width = model.config.image_height, model.config.image_width
+        selftest_scores = [
+            float(_torch_outputs(model, load_image(staging / rel, height, width))[0].max()) for rel in selftest
+        ]
+        manifest = build_manifest(model, info, staging, name, version, parity, selftest, selftest_scores)
+        write_manifest(staging, manifest)
+        _verify_with_agent(staging, model)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info(
+        "bundle exported",
+        extra={
+            "event": "export.done",
+            "bundle": str(out_dir),
+            "name": name,
+            "version": version,
+            "parity_max_abs": parity.anomaly_map_max_abs,
+        },
+    )
+    return out_dir

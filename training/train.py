@@ -1,0 +1,296 @@
+"""Training loop: good images only, cached backbone features, best checkpoint by validation NLL.
+
+The backbone is frozen and there is no augmentation, so its features are extracted once and the
+norms + flow train on the cached tensors (``cache_features=False`` runs the backbone every step;
+kept for measuring the difference, see bench/train_epoch.py). Model selection uses the validation
+good images only (never the test split); without a validation split it falls back to the training
+loss and says so in the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from edge_agent import nfa
+from training.data import DatasetSplits, Record, load_images, open_dataset
+from training.model import UFlow, UFlowConfig, anomaly_map, nll_loss, scale_maps
+from training.rundir import (
+    CONFIG_NAME,
+    HISTORY_NAME,
+    SELFTEST_DIR,
+    VAL_SCORES_NAME,
+    save_checkpoint,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged loss, empty data); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (stored in config.json next to the model config)."""
+
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_final_factor: float = 0.1  # exponential decay from lr to lr * this over the epochs
+    weight_decay: float = 1e-5
+    val_fraction: float = 0.1  # folder / MVTec layouts only; split.json defines its own val
+    threads: int = 2
+    cache_features: bool = True
+    selftest_images: int = 3
+    extract_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not (self.lr > 0 and 0 < self.lr_final_factor <= 1):
+            raise ValueError(f"need lr > 0 and 0 < lr_final_factor <= 1, got {self.lr} and {self.lr_final_factor}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run went and how it ended."""
+
+    run_dir: Path
+    best_epoch: int
+    best_val_nll: float | None
+    seconds: float
+    seconds_per_epoch: float
+
+
+def _to_float_nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+
+
+def extract_features(
+    model: UFlow, images: np.ndarray, batch_size: int, progress: bool, label: str
+) -> list[torch.Tensor]:
+    """Backbone features of uint8 NxHxWx3 images, one tensor N x C_s x H_s x W_s per scale."""
+    chunks: list[list[torch.Tensor]] = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=f"features {label}", unit="batch", disable=not progress, leave=False):
+        chunks.append(model.extract(_to_float_nchw(images[start : start + batch_size])))
+    return [torch.cat([chunk[s] for chunk in chunks]) for s in range(len(chunks[0]))]
+
+
+class _Batches:
+    """Feeds the flow either cached features or fresh backbone features of stored images."""
+
+    def __init__(self, model: UFlow, images: np.ndarray, cache: bool, batch_size: int, progress: bool, label: str):
+        self.model = model
+        self.images = images
+        self.count = len(images)
+        self.features = extract_features(model, images, batch_size, progress, label) if cache else None
+
+    def get(self, index: torch.Tensor) -> list[torch.Tensor]:
+        if self.features is not None:
+            return [f[index] for f in self.features]
+        return self.model.extract(_to_float_nchw(self.images[index.numpy()]))
+
+
+def _mean_loss(model: UFlow, batches: _Batches, batch_size: int) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, batches.count, batch_size):
+            index = torch.arange(start, min(start + batch_size, batches.count))
+            total += float(nll_loss(model.encode(batches.get(index)))) * len(index)
+    return total / max(batches.count, 1)
+
+
+def _train_epoch(
+    model: UFlow,
+    batches: _Batches,
+    optimiser: torch.optim.Optimizer,
+    batch_size: int,
+    generator: torch.Generator,
+    epoch: int,
+) -> float:
+    model.train()
+    order = torch.randperm(batches.count, generator=generator)
+    total = 0.0
+    for step, start in enumerate(range(0, batches.count, batch_size)):
+        index = order[start : start + batch_size]
+        loss = nll_loss(model.encode(batches.get(index)))
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {float(loss)} at epoch {epoch} step {step}; lower the learning rate (--lr)"
+            )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.detach().item() * len(index)
+    model.eval()
+    return total / batches.count
+
+
+def predict(model: UFlow, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Anomaly maps (N x H x W) and per-scale m_s maps of uint8 NxHxWx3 images, in eval mode."""
+    model.eval()
+    maps_out: list[list[np.ndarray]] = [[] for _ in model.scales]
+    amaps: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            maps = scale_maps(model(_to_float_nchw(images[start : start + batch_size])).latents)
+            amaps.append(anomaly_map(maps, model.config.image_height, model.config.image_width).numpy())
+            for s, m in enumerate(maps):
+                maps_out[s].append(m.numpy())
+    return np.concatenate(amaps), [np.concatenate(m) for m in maps_out]
+
+
+def _write_selftest(run_dir: Path, records: Sequence[Record], images: np.ndarray, count: int) -> list[str]:
+    folder = run_dir / SELFTEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (record, image) in enumerate(zip(records[:count], images[:count], strict=False)):
+        name = f"{i:02d}_{record.image.stem}.png"
+        cv2.imwrite(str(folder / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        names.append(f"{SELFTEST_DIR}/{name}")
+    return names
+
+
+def _lr_gamma(config: TrainConfig) -> float:
+    return math.exp(math.log(config.lr_final_factor) / max(config.epochs - 1, 1))
+
+
+def train(
+    data: Path | str | DatasetSplits,
+    run_dir: Path | str,
+    model_config: UFlowConfig,
+    train_config: TrainConfig,
+    *,
+    weights: Path | str | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train U-Flow on the good images of ``data`` and write a run directory (see training.rundir)."""
+    started = time.perf_counter()
+    torch.set_num_threads(train_config.threads)
+    torch.manual_seed(model_config.seed)
+    splits = data if isinstance(data, DatasetSplits) else open_dataset(data, train_config.val_fraction)
+    if not splits.train:
+        raise TrainingError(f"dataset {splits.root} has no training images")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    height, width = model_config.image_height, model_config.image_width
+
+    model = UFlow(model_config, weights=weights).eval()
+    write_json(
+        run_dir / CONFIG_NAME,
+        {
+            "model": model_config.to_dict(),
+            "train": asdict(train_config),
+            "data": {**splits.summary(), "image_height": height, "image_width": width},
+            "weights": None if weights is None else str(weights),
+            "versions": _versions(),
+        },
+    )
+    log.info("loading images", extra={"event": "train.load", "train": len(splits.train), "val": len(splits.val)})
+    train_images = load_images(splits.train, height, width)
+    val_images = load_images(splits.val, height, width)
+    cache, ebs = train_config.cache_features, train_config.extract_batch_size
+    train_batches = _Batches(model, train_images, cache, ebs, progress, "train")
+    val_batches = _Batches(model, val_images, cache, ebs, progress, "val") if len(val_images) else None
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=_lr_gamma(train_config))
+    generator = torch.Generator().manual_seed(model_config.seed)
+    dims = sum(s.channels * s.height * s.width for s in model.scales)
+
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int] = (math.inf, -1)
+    epoch_seconds = []
+    bar = tqdm(range(1, train_config.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        tick = time.perf_counter()
+        lr = optimiser.param_groups[0]["lr"]
+        train_loss = _train_epoch(model, train_batches, optimiser, train_config.batch_size, generator, epoch)
+        scheduler.step()
+        val_nll = _mean_loss(model, val_batches, ebs) if val_batches else None
+        epoch_seconds.append(time.perf_counter() - tick)
+        selection = val_nll if val_nll is not None else train_loss
+        improved = selection < best[0]
+        if improved:
+            best = (selection, epoch)
+            save_checkpoint(run_dir, model, {"epoch": epoch, "val_nll": val_nll, "train_loss": train_loss})
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_nll_per_dim": train_loss / dims,
+            "val_nll": val_nll,
+            "val_nll_per_dim": None if val_nll is None else val_nll / dims,
+            "selected_by": "val_nll" if val_nll is not None else "train_loss",
+            "best": improved,
+            "seconds": epoch_seconds[-1],
+        }
+        history.append(row)
+        write_json(run_dir / HISTORY_NAME, history)
+        bar.set_postfix(loss=f"{train_loss / dims:.4f}", val=f"{(val_nll or math.nan) / dims:.4f}", best=best[1])
+        log.info("epoch done", extra={"event": "train.epoch", **row})
+        if on_epoch is not None:
+            on_epoch(row)
+
+    _finish(run_dir, splits, val_images, train_images, train_config)
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        run_dir=run_dir,
+        best_epoch=best[1],
+        best_val_nll=best[0] if val_batches else None,
+        seconds=seconds,
+        seconds_per_epoch=float(np.mean(epoch_seconds)),
+    )
+
+
+def _finish(
+    run_dir: Path, splits: DatasetSplits, val_images: np.ndarray, train_images: np.ndarray, config: TrainConfig
+) -> None:
+    """Score the validation good images with the best checkpoint and keep a few as self-test images.
+
+    Besides the image scores, records what the agent's NFA decision says on each of them (any
+    region with log10 NFA < 0 is a false alarm on a good part), so that the bundle can ship it.
+    """
+    from training.rundir import load_model
+
+    model, _ = load_model(run_dir)
+    source, images = ("val", val_images) if len(val_images) else ("train", train_images)
+    records = splits.val if len(val_images) else splits.train
+    amaps, maps = predict(model, images, config.extract_batch_size)
+    scores = amaps.reshape(len(amaps), -1).max(axis=1)
+    channels = [s.channels for s in model.scales]
+    size = (model.config.image_height, model.config.image_width)
+    min_log_nfa = [float(nfa.log_nfa_map([m[i] for m in maps], channels, size).min()) for i in range(len(images))]
+    write_json(
+        run_dir / VAL_SCORES_NAME,
+        {
+            "source": source,
+            "images": [str(r.image) for r in records],
+            "scores": [float(s) for s in scores],
+            "min_log_nfa": min_log_nfa,
+            "nfa_flagged": [v < 0.0 for v in min_log_nfa],
+        },
+    )
+    _write_selftest(run_dir, records, images, config.selftest_images)
+
+
+def _versions() -> dict[str, str]:
+    import FrEIA
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__, "FrEIA": getattr(FrEIA, "__version__", "?")}
