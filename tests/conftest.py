@@ -1,0 +1,63 @@
+"""Shared session fixtures: synthetic data and a real, tiny U-Flow bundle trained on it.
+
+``tiny_bundle`` is a genuine model: EfficientNet-Lite0 (ImageNet weights) + U-Flow trained on
+synthetic good surfaces at 128x128 and exported through the normal path (ONNX parity checked,
+verified by the agent's loader). It separates the synthetic defects and its NFA decision flags
+them (tests/test_training.py proves both), so agent tests can rely on it. Built once per session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_IMAGE_SIZE = 128
+TINY_EPOCHS = 40
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MVTec-layout synthetic dataset at 128x128: 40 good train images, 8 good + 16 defect test images."""
+    from training.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic_data")
+    write_synthetic_dataset(
+        root,
+        train_good=40,
+        test_good=8,
+        defects_per_kind=4,
+        height=TINY_IMAGE_SIZE,
+        width=TINY_IMAGE_SIZE,
+        seed=TINY_SEED,
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
+    """A finished training run of the tiny model (config.json, checkpoint.pt, history.json, selftest/)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    pytest.importorskip("FrEIA")
+    from training.api import QUICK_STRIDES
+    from training.model import UFlowConfig
+    from training.train import TrainConfig, train
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    config = UFlowConfig(
+        image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, strides=QUICK_STRIDES, seed=TINY_SEED
+    )
+    train(synthetic_data_dir, run_dir, config, TrainConfig(epochs=TINY_EPOCHS, batch_size=8), progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_run_dir: Path) -> Path:
+    """The tiny run exported as a verified model bundle directory (treat as read-only; copy to modify)."""
+    from training.export import export_bundle
+
+    return export_bundle(
+        tiny_run_dir, tmp_path_factory.mktemp("tiny_bundle_parent") / "bundle", name="tiny", version="1"
+    )
