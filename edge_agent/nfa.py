@@ -43,6 +43,7 @@ device, inside the agent's state directory) and call ``warm_up()`` once at start
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +68,19 @@ def _logsumexp(values: np.ndarray) -> float:
 
 def log10_number_of_tests(shapes: Sequence[tuple[int, int]]) -> float:
     """log10 of N = sum_s N_s * sum_{r=1..N_s} a * b^r / r with N_s = H_s * W_s, computed in log space."""
-    shapes = list(shapes)
+    shapes = [tuple(shape) for shape in shapes]
+    if all(len(shape) == 2 and all(_is_positive_int(d) for d in shape) for shape in shapes):
+        return _cached_log10_number_of_tests(tuple((int(h), int(w)) for h, w in shapes))
+    return _log10_number_of_tests(shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_log10_number_of_tests(shapes: tuple[tuple[int, int], ...]) -> float:
+    # The agent asks for the same few shapes on every frame; the sum over 65536 terms costs ~0.1 ms.
+    return _log10_number_of_tests(list(shapes))
+
+
+def _log10_number_of_tests(shapes: list[tuple[int, ...]]) -> float:
     if not shapes:
         raise ValueError("log10_number_of_tests: no scale shapes given")
     log_terms = []
@@ -476,8 +489,12 @@ def _source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 @njit(nogil=True, cache=True)
-def _resize_bilinear_into(src: np.ndarray, out: np.ndarray, take_min: bool) -> None:
-    """out = bilinear(src), or out = min(out, bilinear(src)) when ``take_min``."""
+def _resize_bilinear_into(src: np.ndarray, out: np.ndarray, offset: float, take_min: bool) -> None:
+    """out = offset + bilinear(src), or its minimum with out when ``take_min``; float64 arithmetic.
+
+    With a float32 ``out`` each value is rounded once: rounding is monotonic, so the minimum of
+    rounded values is the rounded minimum.
+    """
     in_h, in_w = src.shape
     out_h, out_w = out.shape
     y0, y1, wy = _source_taps(in_h, out_h)
@@ -489,7 +506,7 @@ def _resize_bilinear_into(src: np.ndarray, out: np.ndarray, take_min: bool) -> N
         for j in range(in_w):
             row[j] = a * src[y0[i], j] + b * src[y1[i], j]
         for j in range(out_w):
-            v = (1.0 - wx[j]) * row[x0[j]] + wx[j] * row[x1[j]]
+            v = offset + ((1.0 - wx[j]) * row[x0[j]] + wx[j] * row[x1[j]])
             if not take_min or v < out[i, j]:
                 out[i, j] = v
 
@@ -503,7 +520,7 @@ def resize_bilinear(image: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray
         raise ValueError(f"resize_bilinear: expected a non-empty 2-D array, got {getattr(image, 'shape', image)!r}")
     out_h, out_w = _checked_out_shape(out_shape)
     out = np.empty((out_h, out_w), dtype=np.float64)
-    _resize_bilinear_into(np.ascontiguousarray(image, dtype=np.float64), out, False)
+    _resize_bilinear_into(np.ascontiguousarray(image, dtype=np.float64), out, 0.0, False)
     return out
 
 
@@ -516,13 +533,12 @@ def combine_log_probs(
         raise ValueError("combine_log_probs: no log P maps given")
     if not math.isfinite(log10_n_tests):
         raise ValueError(f"combine_log_probs: log10_n_tests must be finite, got {log10_n_tests!r}")
-    out = np.empty((out_h, out_w), dtype=np.float64)
+    out = np.empty((out_h, out_w), dtype=np.float32)
     for index, lp in enumerate(log_prob_maps):
         if not isinstance(lp, np.ndarray) or lp.ndim != 2 or lp.size == 0:
             raise ValueError(f"combine_log_probs: log P map {index} is not a non-empty 2-D array")
-        _resize_bilinear_into(np.ascontiguousarray(lp, dtype=np.float64), out, index > 0)
-    out += log10_n_tests
-    return out.astype(np.float32)
+        _resize_bilinear_into(np.ascontiguousarray(lp, dtype=np.float64), out, float(log10_n_tests), index > 0)
+    return out
 
 
 def log_nfa_map(scale_maps: Sequence[np.ndarray], channels: Sequence[int], out_shape: tuple[int, int]) -> np.ndarray:
@@ -570,54 +586,65 @@ def _label_regions(
     """Per region (raster order of first pixel): bbox (x0, y0, x1, y1), area, min log NFA, max score."""
     height, width = log_nfa.shape
     n = height * width
+    flat = log_nfa.ravel()
+    score_flat = score.ravel()
+    first = 0
+    while first < n and not flat[first] < threshold:
+        first += 1
+    if first == n:  # the usual case on good parts: nothing to label, nothing to allocate
+        return (
+            np.empty((0, 4), dtype=np.int64),
+            np.empty(0, dtype=np.int64),
+            np.empty(0, dtype=np.float64),
+            np.empty(0, dtype=np.float64),
+        )
     zpar = np.full(n, -1, dtype=np.int32)
-    for y in range(height):
-        for x in range(width):
-            if not log_nfa[y, x] < threshold:
-                continue
-            p = y * width + x
-            zpar[p] = p
-            if x > 0 and zpar[p - 1] >= 0:
-                zpar[p] = _find_root(zpar, p - 1)
-            if y > 0 and zpar[p - width] >= 0:
-                a = _find_root(zpar, p - width)
-                b = _find_root(zpar, p)
-                if a != b:
-                    # Keep the smaller index as root so labels follow raster order.
-                    if a < b:
-                        zpar[b] = a
-                    else:
-                        zpar[a] = b
-    label = np.full(n, -1, dtype=np.int32)
+    for p in range(first, n):
+        if not flat[p] < threshold:
+            continue
+        zpar[p] = p
+        x = p % width
+        if x > 0 and zpar[p - 1] >= 0:
+            zpar[p] = _find_root(zpar, p - 1)
+        if p >= width and zpar[p - width] >= 0:
+            a = _find_root(zpar, p - width)
+            b = _find_root(zpar, p)
+            # Keep the smaller index as root: a region's root is its first pixel in raster order.
+            if a < b:
+                zpar[b] = a
+            elif b < a:
+                zpar[a] = b
     count = 0
-    for p in range(n):
-        if zpar[p] >= 0:
-            r = _find_root(zpar, p)
-            if r == p:
-                label[p] = count
-                count += 1
+    for p in range(first, n):
+        if zpar[p] == p:
+            count += 1
     boxes = np.empty((count, 4), dtype=np.int64)
-    boxes[:, 0] = width
-    boxes[:, 1] = height
-    boxes[:, 2] = -1
-    boxes[:, 3] = -1
     areas = np.zeros(count, dtype=np.int64)
     mins = np.full(count, np.inf, dtype=np.float64)
     maxs = np.full(count, -np.inf, dtype=np.float64)
-    for y in range(height):
-        for x in range(width):
-            p = y * width + x
-            if zpar[p] < 0:
-                continue
-            k = label[_find_root(zpar, p)]
-            boxes[k, 0] = min(boxes[k, 0], x)
-            boxes[k, 1] = min(boxes[k, 1], y)
-            boxes[k, 2] = max(boxes[k, 2], x)
-            boxes[k, 3] = max(boxes[k, 3], y)
-            areas[k] += 1
-            mins[k] = min(mins[k], log_nfa[y, x])
-            if has_score:
-                maxs[k] = max(maxs[k], score[y, x])
+    label = np.empty(count, dtype=np.int32)  # label of the k-th root, reused via the root's zpar slot
+    k = 0
+    for p in range(first, n):
+        if zpar[p] < 0:
+            continue
+        r = _find_root(zpar, p)
+        y = p // width
+        x = p - y * width
+        if r == p:
+            label[k] = p
+            boxes[k, 0] = x
+            boxes[k, 1] = y
+            boxes[k, 2] = x
+            boxes[k, 3] = y
+            k += 1
+        j = np.searchsorted(label[:k], r)
+        boxes[j, 0] = min(boxes[j, 0], x)
+        boxes[j, 2] = max(boxes[j, 2], x)
+        boxes[j, 3] = y  # rows are visited in order
+        areas[j] += 1
+        mins[j] = min(mins[j], flat[p])
+        if has_score:
+            maxs[j] = max(maxs[j], score_flat[p])
     return boxes, areas, mins, maxs
 
 
@@ -642,16 +669,19 @@ def regions_from_log_nfa(
         raise ValueError(f"regions_from_log_nfa: log10_epsilon must be a finite number, got {log10_epsilon!r}")
     if not isinstance(min_area, (int, np.integer)) or min_area < 0:
         raise ValueError(f"regions_from_log_nfa: min_area must be a non-negative integer, got {min_area!r}")
-    values = np.ascontiguousarray(log_nfa, dtype=np.float64)
+    # float32 (what log_nfa_map returns) is used as is; anything else as float64. The score map
+    # follows the log NFA map's dtype, so only two specialisations are ever compiled.
+    dtype = np.float32 if log_nfa.dtype == np.float32 else np.float64
+    values = np.ascontiguousarray(log_nfa, dtype=dtype)
     if score_map is None:
-        score = np.zeros((1, 1), dtype=np.float64)
+        score = np.zeros((1, 1), dtype=dtype)
     else:
         if not isinstance(score_map, np.ndarray) or score_map.shape != log_nfa.shape:
             raise ValueError(
                 f"regions_from_log_nfa: score_map shape {getattr(score_map, 'shape', None)} "
                 f"differs from the log NFA map's {log_nfa.shape}"
             )
-        score = np.ascontiguousarray(score_map, dtype=np.float64)
+        score = np.ascontiguousarray(score_map, dtype=dtype)
     boxes, areas, mins, maxs = _label_regions(values, float(log10_epsilon), score, score_map is not None)
     regions = [
         NfaRegion(
@@ -677,7 +707,7 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     maps = [rng.chisquare(4, size=(6, 5)) / 4.0, rng.chisquare(8, size=(3, 3)) / 8.0]
     log_nfa = log_nfa_map(maps, [4, 8], (7, 9))
-    regions_from_log_nfa(log_nfa, 1.0, 0, np.zeros((7, 9), dtype=np.float32))
-    regions_from_log_nfa(log_nfa, 1.0)
+    for dtype in (np.float32, np.float64):
+        regions_from_log_nfa(log_nfa.astype(dtype), 1e9, 0, np.zeros((7, 9), dtype=dtype))
     component_tree(maps[0])
     resize_bilinear(maps[1], (4, 4))

@@ -292,12 +292,13 @@ def test_log_nfa_map_is_number_of_tests_plus_min_of_upsampled() -> None:
 # ------------------------------------------------------------------ regions
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("seed", range(4))
-def test_regions_match_flood_fill(seed: int) -> None:
+def test_regions_match_flood_fill(seed: int, dtype) -> None:
     rng = np.random.default_rng(seed)
-    log_nfa = rng.normal(size=(40, 37)).astype(np.float32)
-    score = rng.uniform(size=log_nfa.shape).astype(np.float32)
-    threshold = -0.5
+    log_nfa = rng.normal(size=(40, 37)).astype(dtype)
+    score = rng.uniform(size=log_nfa.shape).astype(dtype)
+    threshold = [-0.5, 0.0, 0.8, -1.5][seed]  # from a few large tangled regions to small specks
     got = nfa.regions_from_log_nfa(log_nfa, threshold, score_map=score)
     expected = ref.regions(log_nfa < threshold)
     assert len(got) == len(expected)
