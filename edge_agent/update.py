@@ -450,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
             "version": result.version,
             "previous": result.previous,
             "step": result.step,
-            "message": result.message,
+            "detail": result.message,
         },
     )
     if result.status == "locked":
