@@ -102,7 +102,8 @@ class MqttPublisher:
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self.counters = PublisherCounters()
         self.protocol = _PROTOCOLS.get(config.protocol, MQTTProtocolVersion.MQTTv5)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # mids and acknowledgements (taken inside paho callbacks)
+        self._client_lock = threading.RLock()  # which client publishes (never taken inside paho's locks)
         self._delivered = threading.Condition(self._lock)
         self._mids: dict[int, str] = {}
         self._early_acks: set[int] = set()
@@ -194,8 +195,7 @@ class MqttPublisher:
             qos=1,
             expires_at=time.time() + expiry if expiry > 0 else None,
         )
-        self.outbox.add(outgoing)
-        self._send(self._client, outgoing)
+        self._enqueue(outgoing)
         self.counters.inspections_published += 1
         return True
 
@@ -211,8 +211,13 @@ class MqttPublisher:
             qos=1,
             retain=True,
         )
-        self.outbox.add(outgoing)
-        self._send(self._client, outgoing)
+        self._enqueue(outgoing)
+
+    def _enqueue(self, message: OutgoingMessage) -> None:
+        """Into the outbox, then to the current client, atomically with respect to a client switch."""
+        with self._client_lock:
+            self.outbox.add(message)
+            self._send(self._client, message)
 
     def _send(self, client: paho.Client, message: OutgoingMessage) -> None:
         properties = None
@@ -319,14 +324,16 @@ class MqttPublisher:
         old.loop_stop()
         old.disconnect()
         new = self._new_client(MQTTProtocolVersion.MQTTv311)
-        with self._lock:
-            self.protocol = MQTTProtocolVersion.MQTTv311
-            self._client = new
-            self._mids.clear()
-            self._early_acks.clear()
+        with self._client_lock:
+            with self._lock:
+                self.protocol = MQTTProtocolVersion.MQTTv311
+                self._client = new
+                self._mids.clear()
+                self._early_acks.clear()
+            # Queued in the new client, oldest first, before it connects: order is kept.
+            for message in self.outbox.pending():
+                self._send(new, message)
         self._start_client(new)
-        for message in self.outbox.pending():
-            self._send(new, message)
 
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
         log.warning(

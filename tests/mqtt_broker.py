@@ -1,18 +1,14 @@
 """A real mosquitto broker on a free loopback port, and a subscriber that records what it receives.
 
 Import the fixtures into a test module (``from mqtt_broker import broker, broker_factory``) or use
-``MosquittoBroker`` directly. Tests that need it are skipped with a clear reason when mosquitto is not
+``MosquittoBroker`` (edge_agent.local_broker.LocalMosquitto) directly. Tests that need it are skipped with a clear reason when mosquitto is not
 installed (``apt-get install mosquitto``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,74 +17,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from edge_agent.local_broker import LocalMosquitto, find_mosquitto, free_port, wait_for_port
 
-def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary, or None."""
-    return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None
-    )
+__all__ = ["MosquittoBroker", "Subscriber", "broker", "broker_factory", "free_port", "wait_for_port"]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> bool:
-    """True once something accepts TCP connections on host:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-class MosquittoBroker:
-    """mosquitto on 127.0.0.1:<port> with anonymous access and no persistence; start()/stop() repeatable."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        binary = find_mosquitto()
-        if binary is None:
-            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-        self.binary = binary
-        self.port = port or free_port()
-        self.host = "127.0.0.1"
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config = self.workdir / "mosquitto.conf"
-        self.log = self.workdir / "mosquitto.log"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
-        )
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> MosquittoBroker:
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=log)
-        if not wait_for_port(self.port):
-            self.stop()
-            raise RuntimeError(f"mosquitto did not listen on port {self.port}: {self.log.read_text()[-2000:]}")
-        return self
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+# The tests use the same broker launcher as `edge-agent demo`.
+MosquittoBroker = LocalMosquitto
 
 
 @dataclass

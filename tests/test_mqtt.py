@@ -230,8 +230,10 @@ def test_auto_protocol_falls_back_to_311_when_v5_is_refused(broker: MosquittoBro
     assert front.refused_v5 >= 1
     assert publisher.protocol_name == "3.1.1"
     assert any(getattr(r, "event", "") == "mqtt_protocol_fallback" for r in caplog.records)
-    assert subscriber.wait_for(lambda ms: any(m.payload == b"stopped" for m in ms))
-    assert [json.loads(m.payload)["sequence"] for m in subscriber.on("/inspection")] == [0, 1]
+    assert subscriber.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/inspection")]) == 2)
+    # Nothing lost. (Message 0 waited in paho's queue while 1 was published right after the connect, so
+    # they may arrive in either order: subscribers order by sequence; strict replay order is the spool's job.)
+    assert sorted(json.loads(m.payload)["sequence"] for m in subscriber.on("/inspection")) == [0, 1]
     subscriber.close()
     front.close()
 

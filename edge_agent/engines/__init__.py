@@ -80,7 +80,7 @@ def _tensorrt_engine(bundle: Bundle, config: ModelConfig, fall_back: bool) -> En
         return TensorRTEngine(bundle, config)
     except EngineUnavailable as exc:
         if not fall_back:
-            raise
+            raise EngineUnavailable(f"TensorRT not available on this device: {exc}") from exc
         log.warning(
             "TensorRT cannot run here, using ONNX Runtime on the CPU",
             extra={"event": "backend_fallback", "reason": str(exc)},
