@@ -29,7 +29,13 @@ from edge_agent.logs import setup_logging
 from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:
+    from edge_agent.bundle import Bundle
+    from edge_agent.engines import Engine
+    from edge_agent.messages import ModelRef
+    from edge_agent.mqtt import MqttPublisher
     from edge_agent.pipeline import FrameJob, Pipeline
+    from edge_agent.scoring import FrameScorer
+    from edge_agent.sources import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +131,15 @@ def run_agent(
         notifier.stopping(f"failed: {exc}")
         return EXIT_FAILURE
     try:
+        # The first start compiles the NFA (seconds on a small CPU): ask systemd for time, don't get killed.
+        notifier.extend_timeout(120, "starting: compiling the NFA and warming up the model")
         scorer = _warm_path(bundle, engine, settings)
+    except Exception as exc:  # an engine that loads but cannot run is a model problem, not a crash
+        log.exception("the model failed its warm-up inference", extra={"event": "model_failed", "error": str(exc)})
+        engine.close()
+        notifier.stopping(f"failed: {exc}")
+        return EXIT_FAILURE
+    try:
         source = FrameSource(settings.source)
         notifier.status(f"starting: opening {source.kind} {settings.source.uri}")
         source.open()
@@ -141,7 +155,17 @@ def run_agent(
         engine.close()
 
 
-def _serve(settings, bundle, engine, scorer, source, on_result, stop, notifier) -> int:  # type: ignore[no-untyped-def]
+def _serve(
+    settings: AgentSettings,
+    bundle: Bundle,
+    engine: Engine,
+    scorer: FrameScorer,
+    source: FrameSource,
+    on_result: Callable[[FrameJob], None] | None,
+    stop: threading.Event,
+    notifier: SystemdNotifier,
+) -> int:
+    """Publisher, pipeline, READY, supervision until the end, then a clean stop; returns the exit status."""
     from edge_agent.messages import ModelRef
     from edge_agent.mqtt import MqttPublisher
     from edge_agent.pipeline import Pipeline
@@ -156,7 +180,7 @@ def _serve(settings, bundle, engine, scorer, source, on_result, stop, notifier) 
         precision=settings.model.precision,
     )
     pipeline = Pipeline(source, engine, scorer, publisher, settings.device_id, model_ref, on_result=on_result)
-    restore = _install_signal_handlers(stop)
+    restore = install_signal_handlers(stop)
     try:
         pipeline.start()
         notifier.ready(_status_line(pipeline, publisher, model_ref))
@@ -182,7 +206,7 @@ def _serve(settings, bundle, engine, scorer, source, on_result, stop, notifier) 
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def _warm_path(bundle, engine, settings):  # type: ignore[no-untyped-def]
+def _warm_path(bundle: Bundle, engine: Engine, settings: AgentSettings) -> FrameScorer:
     """Compile the NFA and run one blank frame through engine and scorer, so frame 1 is not slow."""
     import numpy as np
 
@@ -206,7 +230,14 @@ def _warm_path(bundle, engine, settings):  # type: ignore[no-untyped-def]
     return scorer
 
 
-def _supervise(settings, pipeline: Pipeline, publisher, model_ref, stop: threading.Event, notifier) -> None:  # type: ignore[no-untyped-def]
+def _supervise(
+    settings: AgentSettings,
+    pipeline: Pipeline,
+    publisher: MqttPublisher,
+    model_ref: ModelRef,
+    stop: threading.Event,
+    notifier: SystemdNotifier,
+) -> None:
     """Until the pipeline ends or a stop is asked: watchdog pings, status lines, stats messages."""
     from edge_agent.messages import StatsMessage
 
@@ -245,7 +276,7 @@ def _supervise(settings, pipeline: Pipeline, publisher, model_ref, stop: threadi
         log.info("stop requested", extra={"event": "stop_requested"})
 
 
-def _status_line(pipeline: Pipeline, publisher, model_ref) -> str:  # type: ignore[no-untyped-def]
+def _status_line(pipeline: Pipeline, publisher: MqttPublisher, model_ref: ModelRef) -> str:
     """One line for `systemctl status`: fps, model, source and broker state."""
     stats = pipeline.stats
     broker = "mqtt connected" if publisher.connected else "mqtt DISCONNECTED"
@@ -256,7 +287,7 @@ def _status_line(pipeline: Pipeline, publisher, model_ref) -> str:  # type: igno
     )
 
 
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     """SIGTERM/SIGINT set ``stop``; returns a function restoring the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
