@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -125,3 +126,17 @@ def model_batches(images: ImageSet, height: int, width: int) -> Iterator[np.ndar
                 "calibration images read",
                 extra={"event": "calibration_progress", "done": index, "total": total},
             )
+
+
+def add_data_arguments(parser: Any, default_images: int) -> None:
+    """--data / --images / --split, shared by the calibration commands."""
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="good images: a folder, a .txt list of paths, or a dataset split.json (its --split list)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=default_images, help=f"images to use, picked evenly (default {default_images})"
+    )
+    parser.add_argument("--split", default="train", help="list to read from a split.json (default train)")

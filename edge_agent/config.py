@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -20,7 +21,12 @@ else:  # pragma: no cover - JetPack 6 ships Python 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "EDGE_AGENT_"
+# Programs whose variables share the agent's prefix (the reject relay: edge_agent/relay/config.py).
+OTHER_ENV_PREFIXES = ("EDGE_AGENT_RELAY_",)
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
+
+
+S = TypeVar("S", bound="BaseSettings")
 
 
 class ConfigError(ValueError):
@@ -39,6 +45,7 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
+    tensorrt_workspace_mb: int = Field(default=1024, ge=64, description="TensorRT builder workspace (build-engine)")
 
 
 class SourceConfig(_Section):
@@ -135,7 +142,23 @@ class UpdateConfig(_Section):
     ca_file: Path | None = Field(default=None, description="CA bundle for an https fleet source with a private CA")
 
 
-class AgentSettings(BaseSettings):
+class FileAndEnvSettings(BaseSettings):
+    """Settings read from a TOML file (passed as init kwargs) that the environment overrides."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it (systemd drop-ins, containers).
+        return (env_settings, init_settings)
+
+
+class AgentSettings(FileAndEnvSettings):
     """Everything the agent reads at start-up."""
 
     model_config = SettingsConfigDict(
@@ -155,18 +178,6 @@ class AgentSettings(BaseSettings):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives as init kwargs; the environment overrides it (systemd drop-ins, containers).
-        return (env_settings, init_settings)
 
     @model_validator(mode="after")
     def _fill_state_paths(self) -> AgentSettings:
@@ -194,27 +205,43 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSettings:
     """Settings from an optional TOML file, the environment and explicit overrides (highest)."""
+    return build_settings(AgentSettings, path, overrides, ignore_env_prefixes=OTHER_ENV_PREFIXES)
+
+
+def build_settings(
+    settings_cls: type[S],
+    path: Path | str | None,
+    overrides: dict[str, Any] | None = None,
+    ignore_env_prefixes: tuple[str, ...] = (),
+) -> S:
+    """``settings_cls`` from an optional TOML file, its environment variables and overrides (highest).
+
+    Every problem is a ConfigError naming the key (or the environment variable) and what is wrong.
+    Variables under ``ignore_env_prefixes`` belong to another program sharing the prefix.
+    """
     values: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
-    _deep_update(values, overrides)
-    where = f"config {path} or {ENV_PREFIX}* environment" if path is not None else f"{ENV_PREFIX}* environment"
+    deep_update(values, overrides or {})
+    prefix = str(settings_cls.model_config.get("env_prefix", ""))
+    where = f"config {path} or {prefix}* environment" if path is not None else f"{prefix}* environment"
     # First, so that a typo in a variable is reported with the variable's name.
-    _reject_unknown_env(os.environ)
+    reject_unknown_env(os.environ, settings_cls, ignore_env_prefixes)
     try:
-        settings = AgentSettings(**values)
+        return settings_cls(**values)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_describe(exc)}") from exc
-    return settings
+        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from exc
 
 
-def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
+def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Merge ``extra`` into ``base`` in place, table by table (``extra`` wins)."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
+            deep_update(base[key], value)
         else:
             base[key] = value
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming every bad key: ``unknown key 'mqtt.prot'``, ``mqtt.port: <problem> (got ...)``."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
@@ -225,17 +252,21 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _reject_unknown_env(environ: dict[str, str] | os._Environ[str]) -> None:
-    """pydantic-settings ignores EDGE_AGENT_* variables that match no field; a typo there must fail too."""
-    known = sorted(AgentSettings.model_fields)
+def reject_unknown_env(
+    environ: Mapping[str, str], settings_cls: type[BaseSettings], ignore_prefixes: tuple[str, ...] = ()
+) -> None:
+    """pydantic-settings ignores prefixed variables that match no field; a typo there must fail too."""
+    prefix = str(settings_cls.model_config.get("env_prefix", ""))
+    fields = settings_cls.model_fields
+    known = sorted(fields)
     for name in environ:
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(prefix) or name.startswith(ignore_prefixes):
             continue
-        rest = name[len(ENV_PREFIX) :]
+        rest = name[len(prefix) :]
         head, _, tail = rest.partition("__")
-        if head.lower() not in AgentSettings.model_fields:
+        if head.lower() not in fields:
             raise ConfigError(f"environment variable {name}: unknown key {head.lower()!r} (known: {known})")
-        section = AgentSettings.model_fields[head.lower()].annotation
+        section = fields[head.lower()].annotation
         if tail and isinstance(section, type) and issubclass(section, BaseModel):
             field = tail.split("__", 1)[0].lower()
             if field not in section.model_fields:

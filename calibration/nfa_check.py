@@ -1,0 +1,278 @@
+"""The false-alarm check of the a-contrario promise: run a bundle on good images and count NFA regions.
+
+On good parts the NFA decision should raise on average at most about epsilon false regions per image
+(epsilon = 1 by default: log10 epsilon = 0). This runs the bundle with ONNX Runtime on a set of good
+images, makes the agent's own decision (``edge_agent.scoring.FrameScorer`` at the model size) and
+reports the mean number of regions per image, the fraction of images with any region and the
+distribution of the per-image minimum log10 NFA.
+
+It also measures why the promise may fail. The bound behind the NFA assumes that on good parts
+``C_s * m_s`` is chi^2(C_s) and that pixels are independent. Per scale it reports the mean and
+variance of m_s (chi^2(C)/C has mean 1 and variance 2/C), the empirical tail P(m_s >= t) next to
+the Chernoff bound exp(-(C/2)(t - 1 - ln t)) that the NFA uses (a tail above the bound means the
+latents are not standard normal on these images), and the lag-1 spatial autocorrelation of m_s
+(0 for independent pixels; for Gaussian latents with neighbour correlation rho it is about rho^2).
+It also says which scale's log P gives each image's minimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.data import ImageSet, read_model_input
+from edge_agent import nfa
+from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.config import NfaConfig
+from edge_agent.scoring import FrameScorer
+
+log = logging.getLogger(__name__)
+
+TAIL_LEVELS: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 5.0)
+QUANTILES: tuple[float, ...] = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One good image: its regions and its smallest log10 NFA (overall and per scale)."""
+
+    path: str
+    regions: int
+    region_areas: tuple[int, ...]
+    min_log_nfa: float
+    scale_min_log_nfa: tuple[float, ...]  # log10 N + min log10 P of each scale alone
+
+
+@dataclass
+class ScaleStats:
+    """Running statistics of one scale's m_s over all pixels of all images."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+    pixels: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    tail_counts: list[int] = field(default_factory=lambda: [0] * len(TAIL_LEVELS))
+    autocorr_sum: float = 0.0
+    autocorr_images: int = 0
+
+    def add(self, m: np.ndarray) -> None:
+        values = np.asarray(m, dtype=np.float64)
+        self.pixels += values.size
+        self.total += float(values.sum())
+        self.total_sq += float(np.square(values).sum())
+        for k, level in enumerate(TAIL_LEVELS):
+            self.tail_counts[k] += int(np.count_nonzero(values >= level))
+        rho = lag1_autocorrelation(values)
+        if math.isfinite(rho):
+            self.autocorr_sum += rho
+            self.autocorr_images += 1
+
+    def summary(self) -> dict[str, object]:
+        mean = self.total / self.pixels
+        variance = self.total_sq / self.pixels - mean * mean
+        c = self.channels
+        return {
+            "name": self.name,
+            "channels": c,
+            "shape": [self.height, self.width],
+            "mean_m": mean,
+            "variance_m": variance,
+            "variance_chi2": 2.0 / c,
+            "tail": [
+                {
+                    "level": level,
+                    "empirical": count / self.pixels,
+                    "chernoff_bound": math.exp(-(c / 2) * (level - 1 - math.log(level))),
+                }
+                for level, count in zip(TAIL_LEVELS, self.tail_counts, strict=True)
+            ],
+            "lag1_autocorrelation": self.autocorr_sum / self.autocorr_images if self.autocorr_images else None,
+        }
+
+
+def lag1_autocorrelation(m: np.ndarray) -> float:
+    """Mean of the horizontal and vertical lag-1 Pearson correlations of a map (NaN if undefined)."""
+    pairs = []
+    if m.shape[1] > 1:
+        pairs.append((m[:, :-1].ravel(), m[:, 1:].ravel()))
+    if m.shape[0] > 1:
+        pairs.append((m[:-1, :].ravel(), m[1:, :].ravel()))
+    values = []
+    for a, b in pairs:
+        if a.std() > 0 and b.std() > 0:
+            values.append(float(np.corrcoef(a, b)[0, 1]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class NfaCheckReport:
+    """The outcome of one check: the headline numbers, the diagnostics and every image."""
+
+    bundle: str
+    model: str
+    data: str
+    precision: str
+    log10_epsilon: float
+    min_region_area: int
+    log10_number_of_tests: float
+    images: int
+    mean_regions_per_image: float
+    fraction_with_detection: float
+    min_log_nfa_quantiles: dict[str, float]
+    images_triggered_by_scale: dict[str, int]
+    scales: list[dict[str, object]]
+    per_image: list[ImageResult]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def check_images(
+    bundle: Bundle,
+    images: ImageSet,
+    log10_epsilon: float | None = None,
+    min_region_area: int | None = None,
+    precision: str = "fp32",
+    threads: int = 0,
+) -> NfaCheckReport:
+    """Run ``bundle`` on ``images`` (good parts) and measure the NFA decision's false alarms."""
+    from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
+
+    manifest = bundle.manifest
+    height, width = manifest.input.height, manifest.input.width
+    # The check works at the model size, where source pixels are model pixels.
+    scorer = FrameScorer(manifest, NfaConfig(log10_epsilon=log10_epsilon, min_region_area=min_region_area))
+    min_area = manifest.nfa.min_region_area if min_region_area is None else min_region_area
+    log10_n = nfa.log10_number_of_tests([(s.height, s.width) for s in manifest.scales])
+    stats = [ScaleStats(s.name, s.channels, s.height, s.width) for s in manifest.scales]
+    engine = OnnxRuntimeEngine(bundle, precision=precision, threads=threads)
+    results: list[ImageResult] = []
+    try:
+        for index, path in enumerate(images.paths, start=1):
+            output = engine.infer(read_model_input(path, height, width))
+            verdict = scorer.score(output, (width, height))
+            kept = verdict.regions
+            per_scale = tuple(
+                log10_n + float(nfa.log_prob_map(m, s.channels).min())
+                for m, s in zip(output.scale_maps, manifest.scales, strict=True)
+            )
+            for stat, m in zip(stats, output.scale_maps, strict=True):
+                stat.add(m)
+            results.append(
+                ImageResult(
+                    path=str(path),
+                    regions=len(kept),
+                    region_areas=tuple(r.area for r in kept),
+                    min_log_nfa=float(verdict.log_nfa.min()),
+                    scale_min_log_nfa=per_scale,
+                )
+            )
+            _log_progress(index, len(images.paths), results)
+    finally:
+        engine.close()
+    return _report(bundle, images, scorer.rule.log10_epsilon, min_area, precision, log10_n, stats, results)
+
+
+def _log_progress(done: int, total: int, results: list[ImageResult]) -> None:
+    step = max(1, total // 10)
+    if done % step == 0 or done == total:
+        log.info(
+            "nfa check progress",
+            extra={
+                "event": "nfa_check_progress",
+                "done": done,
+                "total": total,
+                "regions_so_far": sum(r.regions for r in results),
+            },
+        )
+
+
+def quantiles(values: Iterable[float]) -> dict[str, float]:
+    """min, p5, p25, median, p75, p95, max of the values."""
+    array = np.asarray(list(values), dtype=np.float64)
+    names = ("min", "p5", "p25", "median", "p75", "p95", "max")
+    return {name: float(np.quantile(array, q)) for name, q in zip(names, QUANTILES, strict=True)}
+
+
+def _report(
+    bundle: Bundle,
+    images: ImageSet,
+    log10_epsilon: float,
+    min_area: int,
+    precision: str,
+    log10_n: float,
+    stats: list[ScaleStats],
+    results: list[ImageResult],
+) -> NfaCheckReport:
+    triggered = {s.name: 0 for s in stats}
+    for r in results:
+        if r.regions:
+            triggered[stats[int(np.argmin(r.scale_min_log_nfa))].name] += 1
+    manifest = bundle.manifest
+    return NfaCheckReport(
+        bundle=str(bundle.root),
+        model=f"{manifest.name} {manifest.version}",
+        data=images.source,
+        precision=precision,
+        log10_epsilon=log10_epsilon,
+        min_region_area=min_area,
+        log10_number_of_tests=log10_n,
+        images=len(results),
+        mean_regions_per_image=float(np.mean([r.regions for r in results])),
+        fraction_with_detection=float(np.mean([r.regions > 0 for r in results])),
+        min_log_nfa_quantiles=quantiles(r.min_log_nfa for r in results),
+        images_triggered_by_scale=triggered,
+        scales=[s.summary() for s in stats],
+        per_image=results,
+    )
+
+
+def check_bundle(
+    bundle_dir: Path | str,
+    images: ImageSet,
+    log10_epsilon: float | None = None,
+    min_region_area: int | None = None,
+    precision: str = "fp32",
+    threads: int = 0,
+) -> NfaCheckReport:
+    """Load and verify a bundle directory, then :func:`check_images`."""
+    return check_images(load_bundle(bundle_dir), images, log10_epsilon, min_region_area, precision, threads)
+
+
+def format_report(report: NfaCheckReport) -> str:
+    """The report as markdown tables."""
+    q = report.min_log_nfa_quantiles
+    lines = [
+        f"NFA false-alarm check: {report.model} ({report.precision}) on {report.images} good images from {report.data}",
+        f"log10 N = {report.log10_number_of_tests:.1f}, log10 epsilon = {report.log10_epsilon:g}, "
+        f"min region area = {report.min_region_area} model px",
+        "",
+        "| images | mean regions / image | images with a detection | min log10 NFA: min | p5 | median | p95 | max |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {report.images} | {report.mean_regions_per_image:.3f} | {report.fraction_with_detection:.1%} | "
+        f"{q['min']:.1f} | {q['p5']:.1f} | {q['median']:.1f} | {q['p95']:.1f} | {q['max']:.1f} |",
+        "",
+        "| scale | C | shape | mean m (chi2: 1) | var m (chi2: 2/C) | lag-1 autocorr of m | images it triggers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in report.scales:
+        rho = s["lag1_autocorrelation"]
+        lines.append(
+            f"| {s['name']} | {s['channels']} | {s['shape'][0]}x{s['shape'][1]} | {s['mean_m']:.3f} | "
+            f"{s['variance_m']:.4f} ({s['variance_chi2']:.4f}) | {'n/a' if rho is None else f'{rho:.3f}'} | "
+            f"{report.images_triggered_by_scale[s['name']]} |"
+        )
+    lines += ["", "| scale | " + " | ".join(f"P(m >= {t:g}) / bound" for t in TAIL_LEVELS) + " |"]
+    lines.append("|---|" + "---|" * len(TAIL_LEVELS))
+    for s in report.scales:
+        cells = [f"{t['empirical']:.2e} / {t['chernoff_bound']:.2e}" for t in s["tail"]]
+        lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""``uflow calibrate nfa``: the NFA false-alarm check of a bundle on good images (table + JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from calibration.data import CalibrationDataError, select_images
+from edge_agent.bundle import BundleError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", required=True, type=Path, help="bundle directory (model.onnx + model.json)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="good images: a folder, a .txt list of paths, or a dataset split.json (its --split list)",
+    )
+    parser.add_argument("--split", default="val", help="list to read from a split.json (default val)")
+    parser.add_argument("--images", type=int, help="use this many images, picked evenly (default: all)")
+    parser.add_argument("--log10-epsilon", type=float, help="decision threshold (default: the bundle's)")
+    parser.add_argument("--min-area", type=int, help="ignore smaller regions, model pixels (default: the bundle's)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="model variant to run")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--json", type=Path, help="also write the full report (every image) as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibration.nfa_check import check_bundle, format_report
+
+    try:
+        images = select_images(args.data, args.images, split=args.split)
+        report = check_bundle(
+            args.bundle,
+            images,
+            log10_epsilon=args.log10_epsilon,
+            min_region_area=args.min_area,
+            precision=args.precision,
+            threads=args.threads,
+        )
+    except (BundleError, CalibrationDataError, ValueError) as exc:
+        print(f"uflow calibrate nfa: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    return 0
