@@ -4,6 +4,9 @@ Topics live under ``<prefix>/<device_id>/``:
 ``status`` (retained text: online | offline | stopped), ``inspection`` (QoS 1, InspectionMessage),
 ``stats`` (StatsMessage), ``cmd/<name>`` in, ``cmd/<name>/result`` out (CommandResult),
 ``update`` (UpdateEvent, fleet update progress).
+
+A reject relay (``edge-agent reject-relay``) publishes under ``<prefix>/relay/<relay_id>/``:
+``status`` (retained text, as the agent's) and ``stats`` (RelayStats).
 """
 
 from __future__ import annotations
@@ -92,6 +95,43 @@ class StatsMessage(_Payload):
     model: ModelRef | None = None
 
 
+class RelayDeviceStats(_Payload):
+    """A reject relay's counts for one camera (device id) since the relay started."""
+
+    received: int = 0
+    anomalous: int = 0
+    fired: int = 0
+    missed: int = 0
+    duplicates: int = 0
+    skipped_good: int = 0
+    actuator_failures: int = 0
+    clock_offset_s: float | None = Field(default=None, description="relay clock - agent clock, as used now")
+    clock_source: str = Field(default="", description="configured | estimated | last-estimate")
+
+
+class RelayStats(_Payload):
+    """Periodic numbers of a reject relay, on ``<prefix>/relay/<relay_id>/stats``."""
+
+    relay_id: str
+    time: float
+    uptime_s: float
+    connected: bool
+    received: int = Field(description="inspection messages that parsed")
+    anomalous: int
+    fired: int = Field(description="actuator calls that succeeded")
+    missed: int = Field(description="anomalous parts not rejected because their deadline had passed")
+    duplicates: int
+    skipped_good: int
+    malformed: int
+    unconfigured: int = Field(description="anomalous messages from a device with no travel time configured")
+    actuator_failures: int
+    pending: int = Field(description="rejects scheduled, not yet due")
+    lateness_ms_p50: float = Field(description="actual - planned fire time over recent fires")
+    lateness_ms_p99: float
+    lateness_ms_max: float
+    devices: dict[str, RelayDeviceStats] = Field(default_factory=dict)
+
+
 class CommandResult(_Payload):
     """Reply on ``cmd/<name>/result``."""
 
@@ -116,3 +156,8 @@ class UpdateEvent(_Payload):
 def topic(prefix: str, device_id: str, leaf: str) -> str:
     """Full topic name for a device."""
     return f"{prefix.rstrip('/')}/{device_id}/{leaf}"
+
+
+def relay_topic(prefix: str, relay_id: str, leaf: str) -> str:
+    """Full topic name for a reject relay: ``<prefix>/relay/<relay_id>/<leaf>``."""
+    return f"{prefix.rstrip('/')}/relay/{relay_id}/{leaf}"

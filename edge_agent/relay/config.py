@@ -1,0 +1,271 @@
+"""Reject relay configuration: a TOML file plus EDGE_AGENT_RELAY_* environment variables (which win).
+
+Nested keys use ``__`` in the environment: ``EDGE_AGENT_RELAY_MQTT__HOST=broker``,
+``EDGE_AGENT_RELAY_DEVICES__CAM1__DELAY_S=1.4`` (environment names are case-insensitive, so a device id
+set this way is lower case). Unknown keys, in the file or the environment, are an error naming the key.
+The example with every key explained is ``systemd/reject-relay.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from edge_agent.config import FileAndEnvSettings, TlsConfig, build_settings
+
+ENV_PREFIX = "EDGE_AGENT_RELAY_"
+DEFAULT_STATE_DIR = Path("/var/lib/edge-reject-relay")
+DEFAULT_TOLERANCE_S = 0.05
+
+# What a command, URL path or MQTT topic may contain as {placeholder}; values come from the message and the plan.
+FIRE_FIELDS = (
+    "message_id",
+    "device_id",
+    "sequence",
+    "capture_time",
+    "image_score",
+    "regions",
+    "planned_time",
+    "fired_time",
+    "lateness_ms",
+    "relay_id",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RelayMqttConfig(_Section):
+    """The relay's broker connection: a persistent session so nothing queued is lost across restarts."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, lt=65536)
+    prefix: str = Field(default="uflow", description="the relay publishes <prefix>/relay/<relay_id>/status|stats")
+    topics: list[str] = Field(
+        default_factory=lambda: ["uflow/+/inspection"],
+        min_length=1,
+        description="inspection topics to subscribe (QoS 1); MQTT wildcards allowed",
+    )
+    client_id: str | None = Field(default=None, description="default edge-reject-relay-<relay_id>; must be stable")
+    protocol: Literal["5", "3.1.1"] = "5"
+    session_expiry_s: int = Field(
+        default=3600, gt=0, description="the broker keeps the session (and queues messages) this long while away"
+    )
+    keepalive_s: int = Field(default=30, gt=0)
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    stats_interval_s: float = Field(default=10.0, gt=0)
+    reconnect_initial_s: int = Field(default=1, gt=0)
+    reconnect_max_s: int = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _topics_are_filters(self) -> RelayMqttConfig:
+        for topic in self.topics:
+            if not topic or "#" in topic[:-1] or any(("+" in part and part != "+") for part in topic.split("/")):
+                raise ValueError(f"topics: {topic!r} is not a valid MQTT topic filter")
+        return self
+
+
+class TravelConfig(_Section):
+    """When a part seen by one camera reaches the actuator. Unset fields inherit from ``[timing]``."""
+
+    delay_s: float | None = Field(default=None, ge=0, description="capture -> actuator travel time")
+    distance_m: float | None = Field(default=None, gt=0, description="camera -> actuator distance along the belt")
+    speed_m_s: float | None = Field(default=None, gt=0, description="conveyor speed")
+    tolerance_s: float | None = Field(
+        default=None, ge=0, description="firing later than planned by more than this is a missed reject"
+    )
+    clock_offset_s: float | None = Field(
+        default=None, description="relay clock minus this camera's clock (fixed mode; fallback in estimate mode)"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_say_travel(self) -> TravelConfig:
+        if self.delay_s is not None and (self.distance_m is not None or self.speed_m_s is not None):
+            raise ValueError("set either delay_s or distance_m with speed_m_s, not both")
+        return self
+
+
+@dataclass(frozen=True)
+class DeviceTiming:
+    """The resolved timing of one camera."""
+
+    travel_s: float
+    tolerance_s: float
+    clock_offset_s: float
+    how: str  # "delay_s=1.2" or "0.9 m / 0.6 m/s", for logs and --check
+
+
+class ActuatorConfig(_Section):
+    """What firing means: run a command, call a URL, or publish to a PLC gateway topic."""
+
+    kind: Literal["command", "http", "mqtt"]
+    command: list[str] | None = Field(
+        default=None, description='argv, no shell; {placeholders} substituted, e.g. ["gpioset", "gpiochip0", "17=1"]'
+    )
+    url: str | None = Field(default=None, description="http(s) URL; the message fields are POSTed as JSON")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers")
+    topic: str | None = Field(default=None, description="MQTT topic on the relay's broker, e.g. plc/line3/reject")
+    timeout_s: float = Field(default=1.0, gt=0, description="one attempt may take this long")
+    retries: int = Field(default=1, ge=0, description="more attempts after a failure, only before the deadline")
+    retry_delay_s: float = Field(default=0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _target_matches_kind(self) -> ActuatorConfig:
+        needed = {"command": "command", "http": "url", "mqtt": "topic"}[self.kind]
+        if getattr(self, needed) in (None, []):
+            raise ValueError(f"kind = {self.kind!r} needs {needed!r}")
+        for name in ("command", "url", "topic"):
+            if name != needed and getattr(self, name) is not None:
+                raise ValueError(f"{name!r} does not apply to kind = {self.kind!r}")
+        if self.kind == "http" and not str(self.url).startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        for template in self.templates():
+            unknown = placeholders(template) - set(FIRE_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown placeholder(s) {sorted(unknown)} in {template!r} (known: {list(FIRE_FIELDS)})"
+                )
+        return self
+
+    def templates(self) -> list[str]:
+        """Every string that gets {placeholders} substituted."""
+        if self.kind == "command":
+            return list(self.command or [])
+        return [self.topic or ""] if self.kind == "mqtt" else []
+
+
+class DeviceConfig(TravelConfig):
+    """One camera: its travel time and, optionally, its own actuator."""
+
+    actuator: ActuatorConfig | None = None
+
+
+class ClockConfig(_Section):
+    """How capture times (the camera's clock) are mapped onto the relay's clock; docs/reject_relay.md."""
+
+    mode: Literal["estimate", "fixed"] = Field(
+        default="estimate",
+        description="estimate: measure each camera's offset from arrival times; fixed: use clock_offset_s only",
+    )
+    window: int = Field(default=64, ge=4, description="recent samples per camera the estimate looks at")
+    confirm_samples: int = Field(default=5, ge=1, description="samples that must agree before an estimate is used")
+    confirm_spread_s: float = Field(default=0.05, gt=0, description="how close those samples must be to the floor")
+    max_age_s: float = Field(default=600.0, gt=0, description="older samples are forgotten (clocks drift)")
+    keep_s: float = Field(
+        default=3600.0, ge=0, description="after a restart, the last estimate is used for this long until re-confirmed"
+    )
+    warn_offset_s: float = Field(default=0.1, gt=0, description="warn when the estimate differs more from the config")
+
+
+class RelaySettings(FileAndEnvSettings):
+    """Everything the reject relay reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    relay_id: str = Field(default_factory=lambda: os.uname().nodename)
+    state_dir: Path = DEFAULT_STATE_DIR
+    journal: Path | None = Field(default=None, description="SQLite decisions journal; default <state_dir>/relay.sqlite")
+    retention_h: float = Field(default=24.0, gt=0, description="message ids are remembered this long")
+    stop_drain_s: float = Field(default=5.0, ge=0, description="on SIGTERM, still fire rejects due this soon")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    log_good_decisions: bool = Field(
+        default=True, description="one line per good frame too; off on busy lines (they are still counted)"
+    )
+
+    mqtt: RelayMqttConfig = Field(default_factory=RelayMqttConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
+    timing: TravelConfig = Field(default_factory=TravelConfig, description="defaults for every camera")
+    devices: dict[str, DeviceConfig] = Field(default_factory=dict)
+    actuator: ActuatorConfig | None = None
+
+    @model_validator(mode="after")
+    def _every_device_can_fire(self) -> RelaySettings:
+        if self.journal is None:
+            self.journal = self.state_dir / "relay.sqlite"
+        for device_id, device in self.devices.items():
+            if resolve_travel(device, self.timing, f"devices.{device_id}") is None:
+                raise ValueError(
+                    f"devices.{device_id}: no travel time (set delay_s, or distance_m and speed_m_s, here or in [timing])"
+                )
+            if device.actuator is None and self.actuator is None:
+                raise ValueError(f"devices.{device_id}: no actuator (add [actuator] or [devices.{device_id}.actuator])")
+        if self.actuator is None and not self.devices:
+            raise ValueError("no actuator: add an [actuator] section")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id; the broker keeps the persistent session under it."""
+        return self.mqtt.client_id or f"edge-reject-relay-{self.relay_id}"
+
+    def timing_for(self, device_id: str) -> DeviceTiming | None:
+        """The timing of a camera: its [devices.<id>] section over [timing]; None when nothing says."""
+        device = self.devices.get(device_id)
+        travel = resolve_travel(device, self.timing, f"devices.{device_id}")
+        if travel is None:
+            return None
+        travel_s, how = travel
+
+        def pick(name: str, default: float) -> float:
+            own = getattr(device, name) if device is not None else None
+            value = own if own is not None else getattr(self.timing, name)
+            return default if value is None else float(value)
+
+        return DeviceTiming(travel_s, pick("tolerance_s", DEFAULT_TOLERANCE_S), pick("clock_offset_s", 0.0), how)
+
+    def actuator_for(self, device_id: str) -> ActuatorConfig | None:
+        """The device's own actuator, else the default one."""
+        device = self.devices.get(device_id)
+        return device.actuator if device is not None and device.actuator is not None else self.actuator
+
+
+def resolve_travel(device: TravelConfig | None, default: TravelConfig, where: str) -> tuple[float, str] | None:
+    """(seconds from capture to actuator, how it was set), or None when neither section says.
+
+    A device's delay_s wins; a device's distance_m and/or speed_m_s combine with [timing]'s (one belt
+    speed for a line, a distance per camera); a device that says nothing uses [timing]. A half-given
+    distance/speed pair is a ValueError naming ``where``.
+    """
+    if device is not None and device.delay_s is not None:
+        return device.delay_s, f"delay_s={device.delay_s:g}"
+    if device is not None and (device.distance_m is not None or device.speed_m_s is not None):
+        distance = device.distance_m if device.distance_m is not None else default.distance_m
+        speed = device.speed_m_s if device.speed_m_s is not None else default.speed_m_s
+    elif default.delay_s is not None:
+        return default.delay_s, f"delay_s={default.delay_s:g}"
+    else:
+        # [timing] may hold only the belt speed (distances per camera): then it alone says nothing.
+        distance, speed = default.distance_m, default.speed_m_s
+        if distance is None or speed is None:
+            return None
+    if distance is None or speed is None:
+        missing = "distance_m" if distance is None else "speed_m_s"
+        raise ValueError(f"{where}: {missing} is missing (distance_m and speed_m_s go together)")
+    return distance / speed, f"{distance:g} m / {speed:g} m/s"
+
+
+def placeholders(template: str) -> set[str]:
+    """The {names} used in a format string (a malformed one is a ValueError naming the problem)."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{template!r}: {exc} (write {{{{ and }}}} for literal braces)") from exc
+    # "{}" (positional) and "{a.b}" / "{a[0]}" (attribute, index) are not allowed: report them as written.
+    return {name if name and name.isidentifier() else "{" + name + "}" for name in names}
+
+
+def load_relay_settings(path: Path | str | None = None, **overrides: Any) -> RelaySettings:
+    """Settings from an optional TOML file, EDGE_AGENT_RELAY_* variables and explicit overrides (highest)."""
+    return build_settings(RelaySettings, path, overrides)
