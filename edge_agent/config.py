@@ -45,6 +45,7 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
+    tensorrt_workspace_mb: int = Field(default=1024, ge=64, description="TensorRT builder workspace (build-engine)")
 
 
 class SourceConfig(_Section):
