@@ -66,7 +66,8 @@ def create_engine(bundle: Bundle, model_config: ModelConfig | None = None) -> En
             "precision": config.precision,
             "model": bundle.manifest.name,
             "version": bundle.manifest.version,
-            "onnx_sha256": bundle.model_sha256(config.precision)[:12],
+            # TensorRT 10 makes FP16 from model.onnx with a builder flag: ask the engine what it parsed.
+            "onnx_sha256": (getattr(engine, "onnx_sha256", None) or bundle.model_sha256(config.precision))[:12],
         },
     )
     return engine
