@@ -77,7 +77,7 @@ def describe(settings: RelaySettings) -> dict[str, object]:
             "travel": timing.how if timing else "not configured: anomalous messages are counted 'unconfigured'",
             "tolerance_s": timing.tolerance_s if timing else None,
             "clock_offset_s": timing.clock_offset_s if timing else None,
-            "actuator": actuator.model_dump(exclude_none=True) if actuator else None,
+            "actuator": _without_secrets(actuator.model_dump(exclude_none=True)) if actuator else None,
         }
     return {
         "relay_id": settings.relay_id,
@@ -89,6 +89,14 @@ def describe(settings: RelaySettings) -> dict[str, object]:
         "journal": str(settings.journal),
         "devices": devices,
     }
+
+
+def _without_secrets(actuator: dict[str, object]) -> dict[str, object]:
+    """Header values (tokens) are not printed."""
+    headers = actuator.get("headers")
+    if isinstance(headers, dict) and headers:
+        actuator["headers"] = {name: "***" for name in headers}
+    return actuator
 
 
 def run_relay(
