@@ -43,6 +43,7 @@ from edge_agent.bundle import (
     utc_now,
     write_manifest,
 )
+from edge_agent.engines.trt_ops import describe_problems, unsupported_ops
 from training.backbones import backbone_info
 from training.data import load_image
 from training.model import ExportWrapper, UFlow
@@ -238,6 +239,13 @@ def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"{out_dir} exists and is not a model bundle; refusing to replace it")
 
 
+def _check_tensorrt_operators(onnx_path: Path) -> None:
+    """Refuse a graph TensorRT's ONNX parser would reject: the device would have no GPU path."""
+    problems = unsupported_ops(onnx_path)
+    if problems:
+        raise ExportError(describe_problems(problems, onnx_path))
+
+
 def export_bundle(
     run_dir: Path | str,
     out_dir: Path | str,
@@ -259,6 +267,7 @@ def export_bundle(
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the agent may run as another user
     try:
         export_onnx(model, staging / MODEL_NAME)
+        _check_tensorrt_operators(staging / MODEL_NAME)
         parity = check_parity(model, staging / MODEL_NAME, _parity_images(info))
         selftest = []
         for path in info.selftest_images:
