@@ -296,6 +296,7 @@ class RejectRelay:
                 extra={"event": "relay_subscribe_refused", "reasons": refused, "topics": self.settings.mqtt.topics},
             )
             return
+        log.info("reject relay subscribed", extra={"event": "relay_subscribed", "topics": self.settings.mqtt.topics})
         self._subscribed.set()
 
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
@@ -411,7 +412,7 @@ class RejectRelay:
                 reason="arrived after its deadline",
                 arrival=round(arrival, 6),
                 late_by_ms=round((arrival - plan.planned_time) * 1000.0, 3),
-                hint=_late_hint(message, plan),
+                **_late_hint(message, plan),
             )
             return "missed"
         if not self.journal.claim(
@@ -741,15 +742,15 @@ def _plan_fields(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _late_hint(message: InspectionMessage, plan: Plan) -> str:
+def _late_hint(message: InspectionMessage, plan: Plan) -> dict[str, str]:
     """Why a live message can be late: the camera's own latency may exceed the travel time."""
     latency_s = message.latency_ms.total / 1000.0
     if not message.replayed and latency_s > plan.travel_s:
-        return (
-            f"the camera took {latency_s:.3f} s to inspect, longer than the travel time {plan.travel_s:.3f} s: "
-            "move the actuator further downstream or speed up the model"
-        )
-    return ""
+        return {
+            "hint": f"the camera took {latency_s:.3f} s to inspect, longer than the travel time "
+            f"{plan.travel_s:.3f} s: move the actuator further downstream or speed up the model"
+        }
+    return {}
 
 
 def _quantile(values: list[float], q: float) -> float:
