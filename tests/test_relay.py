@@ -370,3 +370,20 @@ def test_wildcard_and_several_topics(
     assert http.wait_for(lambda arrivals: len(arrivals) >= 2, timeout=10)
     time.sleep(0.3)
     assert sorted(http.ids()) == sorted(m.message_id for m in wanted)
+
+
+def test_relay_survives_a_broker_restart(
+    broker: MosquittoBroker,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    http: RecordingHttpServer,
+) -> None:
+    # This broker keeps no sessions across its own restart (persistence false): the relay must subscribe again.
+    relay = relay_factory(http_actuator(http), extra="[timing]\ndelay_s = 0.1\ntolerance_s = 0.5\n")
+    broker.stop()
+    assert wait_until(lambda: not relay.connected, 10)
+    broker.start()
+    assert relay.wait_subscribed(20)
+    message = inspection("cam1", 1)
+    raw_publish(broker, "uflow/cam1/inspection", message.to_json().encode())
+    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
+    assert http.ids() == [message.message_id]

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
+import socket
 import sqlite3
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -188,3 +192,41 @@ def journal_rows(journal: Path, count: int, timeout: float = 15.0) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+def test_systemd_ready_watchdog_and_stopping(
+    tmp_path: Path,
+    broker: MosquittoBroker,  # noqa: F811
+    http: RecordingHttpServer,
+) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="notify-"))  # short path: AF_UNIX names are limited to 108 bytes
+    address = sock_dir / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    receiver.settimeout(0.2)
+    config = relay_toml(tmp_path / "relay.toml", broker.port, tmp_path / "state", f'kind = "http"\nurl = "{http.url}"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_AGENT_", "WATCHDOG_"))}
+    relay = RelayProcess(
+        config, tmp_path / "relay.log", env={**env, "NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "2000000"}
+    )
+    received: list[str] = []
+
+    def drain(until: Callable[[list[str]], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not until(received):
+            with contextlib.suppress(TimeoutError):
+                received.append(receiver.recv(4096).decode())
+        return until(received)
+
+    try:
+        relay.start()
+        assert drain(lambda r: any(m.startswith("READY=1") for m in r), 60), received
+        # Pinged at a quarter of WatchdogSec while the scheduler loops: at least 3 in 2.5 s.
+        assert drain(lambda r: sum(m == "WATCHDOG=1" for m in r) >= 3, 5), received
+        relay.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert drain(lambda r: any(m.startswith("STOPPING=1") for m in r), 20), received
+        assert relay.process.wait(30) == 0  # type: ignore[union-attr]
+    finally:
+        relay.stop_if_running()
+        receiver.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
