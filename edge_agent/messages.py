@@ -124,6 +124,7 @@ class RelayStats(_Payload):
     skipped_good: int
     malformed: int
     unconfigured: int = Field(description="anomalous messages from a device with no travel time configured")
+    errors: int = Field(default=0, description="messages the relay failed to handle (not acknowledged; redelivered)")
     actuator_failures: int
     pending: int = Field(description="rejects scheduled, not yet due")
     lateness_ms_p50: float = Field(description="actual - planned fire time over recent fires")

@@ -387,3 +387,21 @@ def test_relay_survives_a_broker_restart(
     raw_publish(broker, "uflow/cam1/inspection", message.to_json().encode())
     assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
     assert http.ids() == [message.message_id]
+
+
+def test_a_message_the_journal_cannot_record_is_not_acknowledged_and_comes_back(
+    relay_factory: Callable[..., RejectRelay],
+    camera: Callable[[str], MqttPublisher],
+    http: RecordingHttpServer,
+) -> None:
+    relay = relay_factory(http_actuator(http), extra="[timing]\ndelay_s = 1.5\ntolerance_s = 0.5\n")
+    relay.journal._db.execute("PRAGMA query_only = ON")  # a real SQLite write failure (as on a full disk)
+    message = inspection("cam1", 1)
+    camera("cam1").publish_inspection(message)
+    assert wait_until(lambda: relay.stats().errors == 1)
+    assert relay.stats().fired == 0 and relay.journal.state_of(message.message_id) is None
+    relay.journal._db.execute("PRAGMA query_only = OFF")
+    relay._client.reconnect()  # the broker resends what was not acknowledged in the session
+    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
+    assert wait_until(lambda: relay.stats().fired == 1)
+    assert http.ids() == [message.message_id]

@@ -78,6 +78,7 @@ class Counters:
 
     malformed: int = 0
     unconfigured: int = 0
+    errors: int = 0  # messages the relay failed to handle (logged, not acknowledged)
     devices: dict[str, RelayDeviceStats] = field(default_factory=dict)
 
     def device(self, device_id: str) -> RelayDeviceStats:
@@ -241,6 +242,8 @@ class RejectRelay:
             client_id=self.settings.client_id,
             protocol=self.protocol,
             reconnect_on_failure=True,
+            # Acknowledged only once the decision is journaled (_on_message).
+            manual_ack=True,
             **kwargs,
         )
         client.will_set(self.topic("status"), "offline", qos=1, retain=True)
@@ -320,11 +323,18 @@ class RejectRelay:
         arrival, arrival_mono = time.time(), time.monotonic()
         try:
             self.handle(message.topic, message.payload, arrival, arrival_mono)
-        except Exception:  # never let one message stop the relay; the acknowledgement then still goes out
+        except Exception:  # never let one message stop the relay
+            # Not acknowledged: the broker keeps it in the session and sends it again after a reconnect, so a
+            # journal that cannot be written (disk full) loses nothing.
+            with self._lock:
+                self.counters.errors += 1
             log.exception(
-                "internal error while handling a message",
-                extra={"event": "relay_internal_error", "topic": message.topic},
+                "internal error while handling a message; not acknowledged",
+                extra={"event": "relay_internal_error", "topic": message.topic, "mid": message.mid},
             )
+            return
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
 
     # MqttSink for an MQTT actuator
     def publish_order(self, topic: str, payload: bytes, expiry_s: int, timeout_s: float) -> None:
@@ -674,7 +684,9 @@ class RejectRelay:
         with self._lock:
             names = ("received", "anomalous", "fired", "missed", "duplicates", "skipped_good", "actuator_failures")
             totals = {name: self.counters.total(name) for name in names}
-            totals.update(malformed=self.counters.malformed, unconfigured=self.counters.unconfigured)
+            totals.update(
+                malformed=self.counters.malformed, unconfigured=self.counters.unconfigured, errors=self.counters.errors
+            )
             return totals
 
     def stats(self) -> RelayStats:
