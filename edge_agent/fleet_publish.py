@@ -14,7 +14,7 @@ from pathlib import Path
 from edge_agent.bundle import BundleError
 from edge_agent.fleet import LATEST_NAME, FleetError, publish
 from edge_agent.models_dir import ModelsDirError
-from edge_agent.signing import SigningError
+from edge_agent.signing import SigningError, sign_bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--public-key", type=Path, default=None, help="check the signature against this fleet key first"
     )
+    parser.add_argument(
+        "--sign",
+        type=Path,
+        default=None,
+        metavar="KEY_FILE",
+        help="(re)sign the bundle with this fleet private key first, e.g. after `uflow calibrate` changed model.json",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Publish; print the release entry. 1 when the bundle is unsigned, invalid or clashes with a published one."""
     try:
+        if args.sign is not None:
+            sign_bundle(args.bundle, args.sign)
         release, tar_path = publish(args.bundle, args.fleet, args.groups, args.base_url, args.public_key)
     except (FleetError, BundleError, SigningError, ModelsDirError, OSError) as exc:
         print(f"edge-agent fleet-publish: {exc}", file=sys.stderr)

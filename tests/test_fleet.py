@@ -245,3 +245,18 @@ def test_unlisted_file_is_refused(tmp_path: Path, signed_bundle: Path) -> None:
     (copy / "selftest" / "extra.py").write_text("print('not covered by the signature')")
     with pytest.raises(FleetError, match=r"selftest/extra\.py"):
         check_only_listed_files(copy, load_bundle(copy).manifest.files)
+
+
+def test_fleet_publish_can_sign_first(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    # e.g. `uflow calibrate int8` added a variant to model.json after export, so the bundle is re-signed.
+    bundle = make_bundle(tmp_path / "calibrated", "3.0.0", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "fleet-publish", "--bundle", str(bundle), "--fleet",
+         str(tmp_path / "fleet"), "--group", "default", "--sign", str(keys.private_key),
+         "--public-key", str(keys.public_key)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    from edge_agent.signing import verify_bundle_signature
+
+    assert verify_bundle_signature(bundle, keys.public_key) == keys.fingerprint

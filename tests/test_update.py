@@ -407,3 +407,33 @@ def test_killed_updater_leaves_a_consistent_models_dir(tmp_path, fleet, keys, mq
     assert_only(models, ["1.0.0", "2.0.0"], "2.0.0")
     assert not (models.root / ".pending.json").exists()
     assert_consistent(models, keys.public_key, {"2.0.0"})
+
+
+# -- the real model: uflow export --sign, publish, update -------------------------------------------------
+
+
+def test_real_uflow_bundle_signed_at_export_installs(tmp_path, tiny_run_dir, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
+    from training.cli import main as uflow
+
+    out = tmp_path / "export" / "bundle"
+    missing_key = uflow(["export", "--run", str(tiny_run_dir), "--out", str(out), "--sign", str(tmp_path / "nokey")])
+    assert missing_key != 0 and not out.exists()  # refused before spending time on an export
+    assert uflow(["export", "--run", str(tiny_run_dir), "--out", str(out), "--version", "7.0.0",
+                  "--sign", str(keys.private_key)]) == 0  # fmt: skip
+    assert verify_bundle_signature(out, keys.public_key) == keys.fingerprint
+    assert load_bundle(out).manifest.self_test, "uflow export ships self-test images"
+    (tmp_path / "fleet").mkdir()
+    with serving(tmp_path / "fleet") as server:
+        publish(out, tmp_path / "fleet", ["default"], public_key=keys.public_key)
+        settings = load_settings(
+            None,
+            device_id="cam1",
+            state_dir=str(tmp_path / "state"),
+            log_format="text",
+            mqtt={"host": mqtt.host, "port": mqtt.port, "prefix": "plant"},
+            update={"source": server.url, "public_key": str(keys.public_key)},
+        )
+        result = apply_update(settings, reload=False)
+    assert (result.status, result.version) == ("updated", "7.0.0"), result.message
+    installed = load_bundle(models_of(settings).current_link).manifest
+    assert installed.version == "7.0.0" and installed.files == load_bundle(out).manifest.files

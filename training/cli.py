@@ -45,6 +45,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="bundle name (default: uflow-<backbone>-<dataset>)")
     p.add_argument("--version", help="bundle version (default: creation time)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEY_FILE",
+        help="sign model.json with this fleet private key (edge-agent keygen); devices refuse unsigned bundles",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -78,10 +84,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from edge_agent.signing import load_private_key, sign_bundle
     from training.export import export_bundle
 
+    # The key is read first: a wrong path must not cost a whole export.
+    key = load_private_key(args.sign) if args.sign is not None else None
     out = export_bundle(args.run, args.out, name=args.name, version=args.version, overwrite=args.overwrite)
     print(f"bundle written to {out}")
+    if key is not None:
+        sign_bundle(out, key)
+        print(f"signed with {args.sign} (signature over model.json)")
     return 0
 
 
