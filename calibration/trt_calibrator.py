@@ -99,4 +99,8 @@ def make_entropy_calibrator(trt: ModuleType, cuda: ModuleType, feed: Calibration
         def write_calibration_cache(self, cache: memoryview) -> None:
             feed.write_cache(cache)
 
+        def release(self) -> None:
+            """Free the device buffer now, while the CUDA context is still current."""
+            self._device.free()
+
     return EntropyCalibrator()

@@ -521,16 +521,20 @@ def ensure_plan(
         },
     )
     calibrator = calibrator_factory(recipe) if recipe.calibrator and calibrator_factory else None
-    built = build_serialized(
-        trt,
-        features,
-        onnx_path,
-        recipe,
-        workspace_mb=workspace_mb,
-        timing_cache=cache.timing_cache_path(device),
-        calibrator=calibrator,
-        progress=progress,
-    )
+    try:
+        built = build_serialized(
+            trt,
+            features,
+            onnx_path,
+            recipe,
+            workspace_mb=workspace_mb,
+            timing_cache=cache.timing_cache_path(device),
+            calibrator=calibrator,
+            progress=progress,
+        )
+    finally:
+        if calibrator is not None and hasattr(calibrator, "release"):
+            calibrator.release()  # its device buffer must go while the context is current
     metadata = new_metadata(
         key,
         built.plan,
