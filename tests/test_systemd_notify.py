@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from edge_agent.systemd import SystemdNotifier, notify_address
@@ -162,3 +171,193 @@ def test_vanished_manager_warns_once_and_keeps_going(tmp_path: Path, caplog: pyt
     failures = [r for r in caplog.records if getattr(r, "event", "") == "sd_notify_failed"]
     assert len(failures) == 1
     assert "nobody-listens.sock" in failures[0].socket  # type: ignore[attr-defined]
+
+
+# -- the real agent: `edge-agent run` as systemd would start it --------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+N_IMAGES = 30
+
+
+@dataclass
+class AgentRun:
+    """An `edge-agent run` subprocess, its datagrams (arrival time, text) and its JSON log lines."""
+
+    process: subprocess.Popen[str]
+    datagrams: list[tuple[float, str]]
+    logs: list[dict[str, object]]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            if self.process.poll() is not None:
+                return predicate()
+            time.sleep(0.05)
+        return False
+
+    def times_of(self, text: str) -> list[float]:
+        return [t for t, message in list(self.datagrams) if text in message.split("\n")]
+
+    def events(self) -> list[str]:
+        return [str(line.get("event")) for line in list(self.logs)]
+
+
+@pytest.fixture(scope="module")
+def contract_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from contract_bundle import build_contract_bundle
+
+    return build_contract_bundle(tmp_path_factory.mktemp("model") / "bundle", height=64, width=64)
+
+
+def image_folder(root: Path) -> Path:
+    from contract_bundle import good_frame
+
+    folder = root / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(N_IMAGES):
+        cv2.imwrite(str(folder / f"part_{i:03d}.png"), good_frame(rng, 64, 64))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def numba_cache(pytestconfig: pytest.Config) -> Path:
+    # What the unit does (CacheDirectory= + NUMBA_CACHE_DIR): the NFA is compiled once, not at every start.
+    # Kept in pytest's cache dir, so later sessions skip the compile too (Numba re-checks the source).
+    return Path(pytestconfig.cache.mkdir("numba-agent"))  # type: ignore[union-attr]
+
+
+def start_agent(
+    tmp_path: Path, bundle: Path, source: Path, notify: NotifyListener, numba_cache: Path, fps: float = 10.0
+) -> AgentRun:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "cam1"\nstate_dir = "{tmp_path / "state"}"\nlog_format = "json"\n'
+        f'[model]\nbundle = "{bundle}"\nthreads = 1\n'
+        # stall_timeout_s is how long a stage may show no progress before the pings stop.
+        f'[source]\nuri = "{source}"\nloop = true\nfps_limit = {fps}\nstall_timeout_s = 1.0\n'
+        f"[mqtt]\nport = {_closed_port()}\n"
+        "[http]\nenabled = false\n"
+    )
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": notify.env_value,
+        "WATCHDOG_USEC": "2000000",
+        "NUMBA_CACHE_DIR": str(numba_cache),
+    }
+    env.pop("WATCHDOG_PID", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    run = AgentRun(process, [], [])
+
+    def read_socket() -> None:
+        notify.sock.settimeout(0.2)
+        while process.poll() is None:
+            try:
+                data = notify.sock.recv(4096)
+                run.datagrams.append((time.time(), data.decode()))
+            except TimeoutError:
+                continue
+            except OSError:  # the test closed the socket
+                return
+
+    def read_log() -> None:
+        for line in process.stderr:  # type: ignore[union-attr]
+            with contextlib.suppress(ValueError):
+                run.logs.append(json.loads(line))
+
+    threading.Thread(target=read_socket, daemon=True).start()
+    threading.Thread(target=read_log, daemon=True).start()
+    return run
+
+
+def _closed_port() -> int:
+    # The agent keeps retrying MQTT in the background; no broker is needed for these tests.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(run: AgentRun) -> None:
+    if run.process.poll() is None:
+        run.process.kill()
+        run.process.wait(timeout=10)
+
+
+def test_agent_ready_only_after_engine_nfa_and_source(
+    tmp_path: Path, contract_model: Path, listener: NotifyListener, numba_cache: Path
+) -> None:
+    run = start_agent(tmp_path, contract_model, image_folder(tmp_path), listener, numba_cache)
+    try:
+        assert run.wait_for(lambda: bool(run.times_of("READY=1")), timeout=90), run.events()
+        ready_at = run.times_of("READY=1")[0]
+        # The log pipe may lag the socket: read on until the line the agent writes after READY.
+        assert run.wait_for(lambda: "agent_ready" in run.events(), timeout=10)
+        # Every start-up step was logged (log "ts": wall time, rounded to 1 ms) before READY reached the socket.
+        before = {
+            str(line["event"]): float(line["ts"]) for line in list(run.logs) if float(line["ts"]) <= ready_at + 0.001
+        }  # type: ignore[arg-type]
+        for event in ("engine_loaded", "warmed_up", "source_opened", "pipeline_started"):
+            assert event in before, f"{event} not logged before READY: {sorted(before)}"
+        ready_message = next(m for t, m in run.datagrams if "READY=1" in m)
+        assert "STATUS=" in ready_message and "contract" in ready_message  # model name in systemctl status
+        # Pings flow while frames flow.
+        assert run.wait_for(lambda: len([t for t in run.times_of("WATCHDOG=1") if t > ready_at]) >= 3, timeout=10)
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(timeout=30) == 0
+        assert run.wait_for(lambda: bool(run.times_of("STOPPING=1")), timeout=5)
+    finally:
+        _stop(run)
+
+
+def test_agent_with_a_bad_source_never_reports_ready(
+    tmp_path: Path, contract_model: Path, listener: NotifyListener, numba_cache: Path
+) -> None:
+    run = start_agent(tmp_path, contract_model, tmp_path / "no-such-folder", listener, numba_cache)
+    try:
+        assert run.process.wait(timeout=90) == 1
+        time.sleep(0.3)
+        assert run.times_of("READY=1") == [] and run.times_of("WATCHDOG=1") == []
+        stopping = [m for _, m in run.datagrams if m.startswith("STOPPING=1")]
+        assert stopping and "no-such-folder" in stopping[0]
+    finally:
+        _stop(run)
+
+
+def test_watchdog_pings_stop_when_the_frame_loop_hangs(
+    tmp_path: Path, contract_model: Path, listener: NotifyListener, numba_cache: Path
+) -> None:
+    folder = image_folder(tmp_path)
+    run = start_agent(tmp_path, contract_model, folder, listener, numba_cache, fps=10.0)
+    try:
+        assert run.wait_for(lambda: bool(run.times_of("READY=1")), timeout=90), run.events()
+        # The last image becomes a FIFO nobody writes to: when the capture stage reaches it (about 3 s in at
+        # 10 fps), cv2.imread blocks in open(2) forever, as a read from a dead network share would.
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        os.replace(fifo, folder / f"part_{N_IMAGES - 1:03d}.png")
+        ready_at = run.times_of("READY=1")[0]
+        assert run.wait_for(lambda: len([t for t in run.times_of("WATCHDOG=1") if t > ready_at]) >= 2, timeout=10)
+
+        # Pings stop once the capture stage has been silent for stall_timeout_s (1 s) ...
+        def silent_for(seconds: float) -> bool:
+            pings = run.times_of("WATCHDOG=1")
+            return bool(pings) and time.time() - pings[-1] > seconds
+
+        assert run.wait_for(lambda: silent_for(4.0), timeout=30), "WATCHDOG=1 kept coming while the loop hung"
+        # ... while the process is alive and stuck: only systemd's watchdog (SIGABRT, restart) gets it out.
+        assert run.process.poll() is None
+        assert run.times_of("STOPPING=1") == []
+        inspected_before = len([e for e in run.events() if e == "frame_inspected"])
+        time.sleep(1.0)
+        assert len([e for e in run.events() if e == "frame_inspected"]) == inspected_before
+    finally:
+        _stop(run)
