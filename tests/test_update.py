@@ -291,6 +291,21 @@ def test_missing_source_or_key_is_named(tmp_path, fleet, keys, mqtt) -> None:  #
     assert "cannot read fleet public key" in apply_update(missing, reload=False).message
 
 
+def test_leftovers_of_interrupted_runs_are_cleaned(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path, fleet, keys, mqtt)
+    fleet.release("1.0.0")
+    apply_update(settings, reload=False)
+    models = models_of(settings)
+    # What a run killed mid-download, mid-prune (version renamed to .trash-*, rmtree not finished) and
+    # between creating the new symlink and renaming it over `current` leaves behind.
+    (models.root / ".staging-2.0.0-abc" / "bundle").mkdir(parents=True)
+    (models.root / ".staging-2.0.0-abc" / "bundle.tar").write_bytes(b"partial")
+    (models.root / ".trash-0.9.0-123-456" / "selftest").mkdir(parents=True)
+    os.symlink("1.0.0", models.root / ".current-999-1")
+    assert apply_update(settings, reload=False).status == "current"
+    assert_only(models, ["1.0.0"], "1.0.0")
+
+
 # -- the agent does not confirm: roll back --------------------------------------------------------------
 
 
