@@ -99,19 +99,23 @@ def sweep_candidates(bundle: Bundle, data: Path, workdir: Path, images: int) -> 
     calibration = select_images(data, images, "train")
     configs = [Int8Settings(method=m, images=images) for m in SWEEP_METHODS]
     configs += [Int8Settings(keep_fp32=groups, images=images) for groups in SWEEP_GROUPS]
-    seen: set[tuple[str, tuple[str, ...]]] = set()
+    configs.append(Int8Settings(per_channel=False, images=images))  # ORT's CPU kernels favour per-tensor
+    seen: set[tuple[str, tuple[str, ...], bool]] = set()
     found = []
     for settings in configs:
-        key = (settings.method, settings.keep_fp32)
+        key = (settings.method, settings.keep_fp32, settings.per_channel)
         if key in seen:
             continue
         seen.add(key)
-        label = f"int8 {settings.method} fp32:{'+'.join(settings.keep_fp32) or 'none'}"
-        path = workdir / f"int8-{settings.method}-{'-'.join(settings.keep_fp32) or 'none'}.onnx"
+        groups = "+".join(settings.keep_fp32) or "none"
+        weights = "" if settings.per_channel else " per-tensor"
+        label = f"int8 {settings.method} fp32:{groups}{weights}"
+        path = workdir / f"int8-{settings.method}-{groups}{'-pt' if weights else ''}.onnx"
         started = time.monotonic()
         quantize_int8(bundle.onnx_path, path, calibration, spec.height, spec.width, settings, spec.name)
         log.info("quantized %s in %.0f s", label, time.monotonic() - started)
-        found.append(Candidate(label, path, "int8", {"method": settings.method, "keep_fp32": list(settings.keep_fp32)}))
+        record = {"method": settings.method, "keep_fp32": list(settings.keep_fp32), "per_channel": settings.per_channel}
+        found.append(Candidate(label, path, "int8", record))
     return found
 
 
