@@ -263,6 +263,17 @@ def _run_agent(args, bundle, video, broker, truth, spec, workdir, started) -> in
     return 0
 
 
+def frame_ranges(frames: list[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` -> ``"1-3, 7, 9-10"``."""
+    runs: list[list[int]] = []
+    for frame in sorted(frames):
+        if runs and frame == runs[-1][1] + 1:
+            runs[-1][1] = frame
+        else:
+            runs.append([frame, frame])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _summary(
     relay, truth: ConveyorTruth, spec, timing, agent_seconds, started, bundle, video, overlays, agent_log
 ) -> None:  # type: ignore[no-untyped-def]
@@ -278,7 +289,7 @@ def _summary(
         f"{[m['sequence'] for m in relay.frames] == list(range(truth.frames))})")  # fmt: skip
     say(f"   frames flagged (REJECT) ........ {len(flagged)}")
     say(f"   defect entirely in view ........ {len(full)} frames, caught {len(caught)}, missed {len(missed)}"
-        + (f" {missed}" if missed else ""))  # fmt: skip
+        + (f" ({frame_ranges(missed)})" if missed else ""))  # fmt: skip
     for part in truth.parts:
         if part.kind:
             frames = [
@@ -289,7 +300,7 @@ def _summary(
                 f" -> {'REJECTED' if hit else 'MISSED'}")  # fmt: skip
     say(f"   defect partly in view .......... {len(partial)} frames, flagged {len(flagged & partial)} (not scored)")
     say(f"   frames with no defect .......... {len(clean)}, false alarms {len(false_alarms)}"
-        + (f" {false_alarms}" if false_alarms else ""))  # fmt: skip
+        + (f" ({frame_ranges(false_alarms)})" if false_alarms else ""))  # fmt: skip
     say(f"   agent throughput ............... {fps:.1f} frames/s (run incl. start-up: {agent_seconds:.1f} s)")
     say(f"   demo wall time ................. {time.monotonic() - started:.1f} s")
     say(f"   bundle: {bundle}\n   video: {video}\n   overlays of flagged frames: {overlays}\n   agent log: {agent_log}")

@@ -1,13 +1,17 @@
 """MQTT publishing: retained status with a Will, QoS 1 inspection messages, reconnect with backoff.
 
-paho-mqtt 2.x (callback API version 2) runs the network loop in its own thread and reconnects with
-exponential backoff, so a broker that is down at start or goes away later never stops the agent.
-With ``protocol = "auto"`` the client speaks MQTT 5 and falls back to 3.1.1 when the broker refuses
-version 5 at the protocol level (CONNACK "unsupported protocol version").
+Every QoS 1 message goes into an *outbox* first and leaves it only when the broker acknowledges it
+(PUBACK). The outbox, not paho's internal queue, is the truth: a connection thread opens one fresh
+paho-mqtt 2.x client (callback API version 2) per broker session and, on each successful connect, sends
+``online`` and then the whole outbox oldest first before new messages may pass ("the gate"). So a
+broker that is down at start or goes away later never stops the agent, nothing unacknowledged is
+lost while the agent runs, and messages reach the broker in the order they were made (a message whose
+PUBACK was lost with the connection is sent again: subscribers deduplicate on ``message_id``). The
+outbox is also where a persistent spool plugs in (same interface).
 
-Every QoS 1 message goes into an *outbox* before it is handed to paho and leaves it when the broker
-acknowledges it (PUBACK). The outbox is what a clean stop waits on, what is resent when the client has
-to be rebuilt, and the place where a persistent spool plugs in.
+Reconnects back off exponentially (``reconnect_initial_s`` doubling up to ``reconnect_max_s``). With
+``protocol = "auto"`` a session starts as MQTT 5 and falls back to 3.1.1 when the broker refuses
+version 5 at the protocol level (CONNACK "unsupported protocol version").
 """
 
 from __future__ import annotations
@@ -103,13 +107,19 @@ class MqttPublisher:
         self.counters = PublisherCounters()
         self.protocol = _PROTOCOLS.get(config.protocol, MQTTProtocolVersion.MQTTv5)
         self._lock = threading.Lock()  # mids and acknowledgements (taken inside paho callbacks)
-        self._client_lock = threading.RLock()  # which client publishes (never taken inside paho's locks)
+        self._client_lock = threading.RLock()  # the current client and the gate (never taken under paho's locks)
         self._delivered = threading.Condition(self._lock)
+        self._client: paho.Client | None = None
+        self._gate_open = False
         self._mids: dict[int, str] = {}
         self._early_acks: set[int] = set()
         self._connected = threading.Event()
+        self._session_ended = threading.Event()
+        self._stop_event = threading.Event()
         self._stopping = False
-        self._client = self._new_client(self.protocol)
+        self._session_was_connected = False
+        self._retry_now = False
+        self._thread: threading.Thread | None = None
 
     # -- topics -------------------------------------------------------------------------------------
 
@@ -139,7 +149,8 @@ class MqttPublisher:
                 "protocol": self.config.protocol,
             },
         )
-        self._start_client(self._client)
+        self._thread = threading.Thread(target=self._maintain_connection, name="mqtt-connection", daemon=True)
+        self._thread.start()
 
     def wait_connected(self, timeout: float) -> bool:
         """True once connected (CONNACK success), False after ``timeout`` seconds."""
@@ -160,9 +171,15 @@ class MqttPublisher:
                 "broker did not acknowledge every message before exit",
                 extra={"event": "mqtt_undelivered", "messages": left, "connected": self.connected},
             )
-        client = self._client
-        client.disconnect()
-        client.loop_stop()
+        self._stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        with self._client_lock:
+            client, self._client, self._gate_open = self._client, None, False
+        if client is not None:
+            client.disconnect()  # a clean DISCONNECT: the broker does not publish the Will
+            client.loop_stop()
+        self._connected.clear()
         log.info(
             "MQTT publisher stopped",
             extra={"event": "mqtt_stopped", "status": status, "acked": self.counters.acked, "undelivered": left},
@@ -179,6 +196,43 @@ class MqttPublisher:
                     return False
                 self._delivered.wait(min(remaining, 0.5))
         return True
+
+    # -- the connection thread ----------------------------------------------------------------------
+
+    def _maintain_connection(self) -> None:
+        """One broker session after another, with exponential backoff between failed ones."""
+        delay = float(self.config.reconnect_initial_s)
+        while not self._stop_event.is_set():
+            client = self._new_client(self.protocol)
+            with self._client_lock:
+                self._client, self._gate_open = client, False
+            with self._lock:
+                self._mids.clear()
+                self._early_acks.clear()
+            self._session_ended.clear()
+            self._session_was_connected = False
+            self._retry_now = False
+            try:
+                client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "cannot reach MQTT broker; will retry with backoff",
+                    extra={"event": "mqtt_unreachable", "host": self.config.host, "port": self.config.port,
+                           "error": str(exc), "retry_in_s": delay, "pending": len(self.outbox)},
+                )  # fmt: skip
+            else:
+                client.loop_start()
+                while not self._session_ended.wait(0.5):
+                    if self._stop_event.is_set():
+                        return  # stop() disconnects this client
+                client.loop_stop()
+            if self._session_was_connected:
+                delay = float(self.config.reconnect_initial_s)
+            if self._retry_now:
+                continue
+            if self._stop_event.wait(delay):
+                return
+            delay = min(delay * 2, float(self.config.reconnect_max_s))
 
     # -- publishing ---------------------------------------------------------------------------------
 
@@ -200,37 +254,41 @@ class MqttPublisher:
         return True
 
     def publish_stats(self, stats: StatsMessage) -> None:
-        """Periodic numbers at QoS 0: a lost sample is replaced by the next."""
-        self._client.publish(self.topic("stats"), stats.model_dump_json(), qos=0)
+        """Periodic numbers at QoS 0 while connected: a lost sample is replaced by the next."""
+        with self._client_lock:
+            if self._gate_open and self._client is not None:
+                self._client.publish(self.topic("stats"), stats.model_dump_json(), qos=0)
 
     def _publish_status(self, status: StatusText) -> None:
-        outgoing = OutgoingMessage(
+        self._enqueue(self._status_message(status))
+
+    def _status_message(self, status: StatusText) -> OutgoingMessage:
+        return OutgoingMessage(
             key=f"status-{status}-{time.monotonic_ns()}",
             topic=self.topic("status"),
             payload=status.encode(),
             qos=1,
             retain=True,
         )
-        self._enqueue(outgoing)
 
     def _enqueue(self, message: OutgoingMessage) -> None:
-        """Into the outbox, then to the current client, atomically with respect to a client switch."""
+        """Into the outbox; straight on to the broker when the gate is open (else at the next connect)."""
         with self._client_lock:
             self.outbox.add(message)
-            self._send(self._client, message)
+            if self._gate_open and self._client is not None:
+                self._send(self._client, message)
 
     def _send(self, client: paho.Client, message: OutgoingMessage) -> None:
+        """Hand one message to paho. Called with self._client_lock held, never with self._lock."""
         properties = None
         if message.expires_at is not None and self.protocol == MQTTProtocolVersion.MQTTv5:
             properties = Properties(PacketTypes.PUBLISH)
             properties.MessageExpiryInterval = max(1, round(message.expires_at - time.time()))
-        # paho's on_publish runs under paho's own lock: never hold ours while calling into paho.
+        # paho's on_publish runs under paho's own lock: never hold self._lock while calling into paho.
         info = client.publish(
             message.topic, message.payload, qos=message.qos, retain=message.retain, properties=properties
         )
         with self._lock:
-            if client is not self._client:
-                return
             if info.mid in self._early_acks:
                 self._early_acks.discard(info.mid)
                 self._acknowledge(message.key)
@@ -251,10 +309,9 @@ class MqttPublisher:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
-            reconnect_on_failure=True,
+            reconnect_on_failure=False,  # the connection thread reconnects, with a fresh client
         )
         client.will_set(self.topic("status"), "offline", qos=1, retain=True)
-        client.reconnect_delay_set(self.config.reconnect_initial_s, self.config.reconnect_max_s)
         client.max_inflight_messages_set(100)
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
@@ -267,41 +324,16 @@ class MqttPublisher:
             )
             client.tls_insecure_set(tls.insecure)
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         return client
 
-    def _start_client(self, client: paho.Client) -> None:
-        client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
-        client.loop_start()
-
     def _on_connect(
         self, client: paho.Client, userdata: object, flags: object, reason: object, properties: object
     ) -> None:
-        if client is not self._client:
-            return
         code = int(getattr(reason, "value", reason))  # type: ignore[call-overload]
         if code == 0:
-            self._connected.set()
-            self.counters.connects += 1
-            log.info(
-                "connected to MQTT broker",
-                extra={
-                    "event": "mqtt_connected",
-                    "host": self.config.host,
-                    "port": self.config.port,
-                    "protocol": self.protocol_name,
-                    "pending": len(self.outbox),
-                },
-            )
-            if self.protocol != MQTTProtocolVersion.MQTTv5 and self.config.message_expiry_s:
-                log.warning(
-                    "MQTT 3.1.1 has no message expiry: late inspection messages are not dropped by the broker",
-                    extra={"event": "mqtt_no_expiry"},
-                )
-            if not self._stopping:
-                self._publish_status("online")
+            self._on_session_start(client)
             return
         if (
             code == _UNSUPPORTED_PROTOCOL
@@ -312,52 +344,56 @@ class MqttPublisher:
                 "broker refused MQTT 5, falling back to MQTT 3.1.1",
                 extra={"event": "mqtt_protocol_fallback", "host": self.config.host, "port": self.config.port},
             )
-            threading.Thread(target=self._fall_back_to_v311, name="mqtt-fallback", daemon=True).start()
-            return
-        log.error(
-            "MQTT broker refused the connection; retrying",
-            extra={"event": "mqtt_refused", "reason": str(reason), "code": code, "host": self.config.host},
-        )
+            self.protocol = MQTTProtocolVersion.MQTTv311
+            self._retry_now = True
+        else:
+            log.error(
+                "MQTT broker refused the connection; retrying",
+                extra={"event": "mqtt_refused", "reason": str(reason), "code": code, "host": self.config.host},
+            )
+        self._session_ended.set()
 
-    def _fall_back_to_v311(self) -> None:
-        old = self._client
-        old.loop_stop()
-        old.disconnect()
-        new = self._new_client(MQTTProtocolVersion.MQTTv311)
+    def _on_session_start(self, client: paho.Client) -> None:
+        """Connected: ``online`` first, then the outbox oldest first, then open the gate for new messages."""
         with self._client_lock:
-            with self._lock:
-                self.protocol = MQTTProtocolVersion.MQTTv311
-                self._client = new
-                self._mids.clear()
-                self._early_acks.clear()
-            # Queued in the new client, oldest first, before it connects: order is kept.
-            for message in self.outbox.pending():
-                self._send(new, message)
-        self._start_client(new)
-
-    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
-        log.warning(
-            "cannot reach MQTT broker; will retry with backoff",
-            extra={
-                "event": "mqtt_unreachable",
-                "host": self.config.host,
-                "port": self.config.port,
-                "pending": len(self.outbox),
-            },
-        )
+            if client is not self._client:
+                return
+            pending = self.outbox.pending()
+            self._connected.set()
+            self._session_was_connected = True
+            self.counters.connects += 1
+            log.info(
+                "connected to MQTT broker",
+                extra={"event": "mqtt_connected", "host": self.config.host, "port": self.config.port,
+                       "protocol": self.protocol_name, "pending": len(pending)},
+            )  # fmt: skip
+            if self.protocol != MQTTProtocolVersion.MQTTv5 and self.config.message_expiry_s:
+                log.warning(
+                    "MQTT 3.1.1 has no message expiry: late inspection messages are not dropped by the broker",
+                    extra={"event": "mqtt_no_expiry"},
+                )
+            if not self._stopping:
+                online = self._status_message("online")
+                self.outbox.add(online)
+                self._send(client, online)
+            for message in pending:
+                self._send(client, message)
+            self._gate_open = True
 
     def _on_disconnect(
         self, client: paho.Client, userdata: object, flags: object, reason: object, properties: object
     ) -> None:
-        if client is not self._client:
-            return
+        with self._client_lock:
+            if client is not self._client:
+                return
+            self._gate_open = False
         self._connected.clear()
-        if self._stopping:
-            return
-        log.warning(
-            "lost connection to MQTT broker; reconnecting with backoff",
-            extra={"event": "mqtt_disconnected", "reason": str(reason), "pending": len(self.outbox)},
-        )
+        self._session_ended.set()
+        if self._session_was_connected and not self._stopping:
+            log.warning(
+                "lost connection to MQTT broker; reconnecting with backoff",
+                extra={"event": "mqtt_disconnected", "reason": str(reason), "pending": len(self.outbox)},
+            )
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: object, properties: object) -> None:
         code = int(getattr(reason, "value", 0) or 0)

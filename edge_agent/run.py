@@ -131,20 +131,22 @@ def run_agent(
         notifier.stopping(f"failed: {exc}")
         return EXIT_FAILURE
     try:
-        # The first start compiles the NFA (seconds on a small CPU): ask systemd for time, don't get killed.
-        notifier.extend_timeout(120, "starting: compiling the NFA and warming up the model")
-        scorer = _warm_path(bundle, engine, settings)
-    except Exception as exc:  # an engine that loads but cannot run is a model problem, not a crash
-        log.exception("the model failed its warm-up inference", extra={"event": "model_failed", "error": str(exc)})
-        engine.close()
-        notifier.stopping(f"failed: {exc}")
-        return EXIT_FAILURE
-    try:
+        # The source first: a missing camera or file should fail in a second, not after the warm-up.
         source = FrameSource(settings.source)
         notifier.status(f"starting: opening {source.kind} {settings.source.uri}")
         source.open()
     except SourceError as exc:
         log.error("cannot open the source: %s", exc, extra={"event": "source_failed", "source": settings.source.uri})
+        engine.close()
+        notifier.stopping(f"failed: {exc}")
+        return EXIT_FAILURE
+    try:
+        # The first start compiles the NFA (seconds on a small CPU): ask systemd for time, don't get killed.
+        notifier.extend_timeout(120, "starting: compiling the NFA and warming up the model")
+        scorer = _warm_path(bundle, engine, settings)
+    except Exception as exc:  # an engine that loads but cannot run is a model problem, not a crash
+        log.exception("the model failed its warm-up inference", extra={"event": "model_failed", "error": str(exc)})
+        source.close()
         engine.close()
         notifier.stopping(f"failed: {exc}")
         return EXIT_FAILURE
