@@ -91,6 +91,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return predicate()
 
 
+def logged(caplog: pytest.LogCaptureFixture, decision: str) -> list[logging.LogRecord]:
+    """The relay's decision records of one kind."""
+    return [r for r in caplog.records if getattr(r, "decision", "") == decision]
+
+
 def raw_publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:  # noqa: F811
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.connect(broker.host, broker.port)
@@ -155,7 +160,7 @@ def test_expired_messages_are_counted_missed_and_never_fired(
     assert http.ids() == [just_in_time.message_id]
     stats = relay.stats()
     assert (stats.missed, stats.fired) == (1, 1)
-    [missed] = [r for r in caplog.records if getattr(r, "decision", "") == "missed"]
+    [missed] = logged(caplog, "missed")
     assert missed.levelno == logging.ERROR and missed.message_id == expired.message_id  # type: ignore[attr-defined]
     assert missed.late_by_ms > 1400 and missed.planned_time == pytest.approx(expired.capture_time + 0.4)  # type: ignore[attr-defined]
     # A duplicate of the missed message is a duplicate, not a second miss.
@@ -213,9 +218,9 @@ def test_malformed_messages_are_logged_counted_and_do_not_stop_the_relay(
     assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
     assert http.ids() == [valid.message_id]
     assert relay.stats().malformed == len(bad_payloads)
-    logged = [r for r in caplog.records if getattr(r, "decision", "") == "malformed"]
-    assert len(logged) == len(bad_payloads)
-    for record, reason in zip(logged, bad_payloads.values(), strict=True):
+    records = logged(caplog, "malformed")
+    assert len(records) == len(bad_payloads)
+    for record, reason in zip(records, bad_payloads.values(), strict=True):
         assert reason in record.error and record.topic == "uflow/cam1/inspection"  # type: ignore[attr-defined]
 
 
@@ -241,7 +246,7 @@ def test_actuator_failures_are_counted_and_retried_only_when_safe(
         # 5xx: the receiver says it did not act, so retrying is safe (here: every try fails, 4 allowed, but only
         # while before the deadline; at least 2). 4xx will not get better: one attempt.
         assert len(failing.arrivals) >= attempts if status >= 500 else len(failing.arrivals) == 1
-        [failed] = [r for r in caplog.records if getattr(r, "decision", "") == "failed"]
+        [failed] = logged(caplog, "failed")
         assert f"HTTP {status}" in failed.reason and failed.message_id == message.message_id  # type: ignore[attr-defined]
         assert relay.stats().fired == 0
     finally:
@@ -319,7 +324,7 @@ def test_unconfigured_camera_is_counted_and_named(
     camera("cam1").publish_inspection(inspection("cam1", 1))
     assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
     assert wait_until(lambda: relay.stats().unconfigured == 1)
-    [record] = [r for r in caplog.records if getattr(r, "decision", "") == "unconfigured"]
+    [record] = logged(caplog, "unconfigured")
     assert "[devices.cam9]" in record.reason  # type: ignore[attr-defined]
 
 

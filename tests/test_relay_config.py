@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_config import _clean_env  # noqa: F401 (autouse: no EDGE_AGENT_* variables leak in)
 
 from edge_agent.config import ConfigError, load_settings
 from edge_agent.relay.config import load_relay_settings
@@ -16,13 +17,6 @@ from edge_agent.relay.config import load_relay_settings
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "systemd" / "reject-relay.toml"
 ACTUATOR = '[actuator]\nkind = "command"\ncommand = ["true", "{message_id}"]\n'
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(name)
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -7,14 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_systemd_units import (
-    INSTALLED_BINARY,
+from test_systemd_units import (  # noqa: F401 (scratch_root is a fixture)
     SYSTEMD_ANALYZE,
     UNITS,
-    distribution_unit_dir,
     exposure,
     needs_systemd_analyze,
     parse_unit,
+    scratch_root,
     systemd_version,
 )
 
@@ -23,18 +22,11 @@ MAX_RELAY_EXPOSURE = 2.0  # lower than the agent's: no GPU, no camera, no JIT
 
 
 @needs_systemd_analyze
-def test_relay_unit_verifies(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    shutil.copytree(distribution_unit_dir(), root / "usr/lib/systemd/system", symlinks=True)
-    etc = root / "etc/systemd/system"
-    etc.mkdir(parents=True)
-    shutil.copy(UNITS / UNIT, etc / UNIT)
-    binary = root / INSTALLED_BINARY
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\nexit 0\n")
-    binary.chmod(0o755)
+def test_relay_unit_verifies(scratch_root: Path) -> None:  # noqa: F811
+    # The agent's scratch root (distribution units, ours, an executable at the install path), plus this unit.
+    shutil.copy(UNITS / UNIT, scratch_root / "etc/systemd/system" / UNIT)
     result = subprocess.run(
-        [SYSTEMD_ANALYZE or "", "verify", f"--root={root}", f"/etc/systemd/system/{UNIT}"],
+        [SYSTEMD_ANALYZE or "", "verify", f"--root={scratch_root}", f"/etc/systemd/system/{UNIT}"],
         capture_output=True,
         text=True,
         timeout=120,
