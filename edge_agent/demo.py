@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import load_settings
 from edge_agent.conveyor import Conveyor, ConveyorSpec, ConveyorTruth, good_training_frames, write_video
@@ -60,11 +62,9 @@ class RejectRelay:
     frames: list[dict] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    client: paho.Client | None = None
 
     def start(self) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
         subscribed = threading.Event()
         self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="demo-reject-relay")
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{self.prefix}/{DEVICE_ID}/#", qos=1)
@@ -75,9 +75,8 @@ class RejectRelay:
         if not subscribed.wait(10):
             raise BrokerError(f"the reject relay could not subscribe on {self.host}:{self.port}")
 
-    def _on_message(self, client: object, userdata: object, message: object) -> None:
-        topic = message.topic  # type: ignore[attr-defined]
-        payload = message.payload  # type: ignore[attr-defined]
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        topic, payload = message.topic, message.payload
         if topic.endswith("/status"):
             with self._cond:
                 self.statuses.append(payload.decode())
@@ -101,8 +100,9 @@ class RejectRelay:
             return self._cond.wait_for(lambda: status in self.statuses, timeout)
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,7 +206,17 @@ def _train_bundle(args: argparse.Namespace, spec: ConveyorSpec, workdir: Path) -
     return bundle
 
 
-def _run_agent(args, bundle, video, broker, truth, spec, workdir, started) -> int:  # type: ignore[no-untyped-def]
+def _run_agent(
+    args: argparse.Namespace,
+    bundle: Path,
+    video: Path,
+    broker: LocalMosquitto,
+    truth: ConveyorTruth,
+    spec: ConveyorSpec,
+    workdir: Path,
+    started: float,
+) -> int:
+    """Step 5: the agent on the video with the relay listening; then the summary."""
     from edge_agent.overlay import draw_overlay
     from edge_agent.pipeline import FrameJob
     from edge_agent.run import run_agent
@@ -259,7 +269,8 @@ def _run_agent(args, bundle, video, broker, truth, spec, workdir, started) -> in
     if code != 0:
         say(f"The agent failed (exit {code}); see {agent_log}")
         return code
-    _summary(relay, truth, spec, timing, agent_seconds, started, bundle, video, overlays, agent_log)
+    paths = {"bundle": bundle, "video": video, "overlays of flagged frames": overlays, "agent log": agent_log}
+    _summary(relay, truth, spec, timing, agent_seconds, started, paths)
     return 0
 
 
@@ -275,8 +286,15 @@ def frame_ranges(frames: list[int]) -> str:
 
 
 def _summary(
-    relay, truth: ConveyorTruth, spec, timing, agent_seconds, started, bundle, video, overlays, agent_log
-) -> None:  # type: ignore[no-untyped-def]
+    relay: RejectRelay,
+    truth: ConveyorTruth,
+    spec: ConveyorSpec,
+    timing: dict[str, float],
+    agent_seconds: float,
+    started: float,
+    paths: dict[str, Path],
+) -> None:
+    """What the relay received against the ground truth, throughput, wall time and where things are."""
     flagged = {m["sequence"] for m in relay.frames if m["anomalous"]}
     full, partial, clean = set(truth.defect_frames), set(truth.partial_frames), set(truth.clean_frames)
     caught, missed = sorted(flagged & full), sorted(full - flagged)
@@ -303,4 +321,5 @@ def _summary(
         + (f" ({frame_ranges(false_alarms)})" if false_alarms else ""))  # fmt: skip
     say(f"   agent throughput ............... {fps:.1f} frames/s (run incl. start-up: {agent_seconds:.1f} s)")
     say(f"   demo wall time ................. {time.monotonic() - started:.1f} s")
-    say(f"   bundle: {bundle}\n   video: {video}\n   overlays of flagged frames: {overlays}\n   agent log: {agent_log}")
+    for what, path in paths.items():
+        say(f"   {what}: {path}")
