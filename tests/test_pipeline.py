@@ -165,3 +165,28 @@ def test_stage_queue_blocks_when_full_without_drop() -> None:
     assert queue.put(3, timeout=0.05) is False
     assert queue.get() == 1 and queue.put(3)
     assert [queue.get(), queue.get(), queue.get(timeout=0.05)] == [2, 3, None]
+
+
+def test_a_hung_stage_stops_looking_responsive(
+    contract_bundle: Path,  # noqa: F811
+    frames_dir: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    release = threading.Event()
+    hung = threading.Event()
+
+    def hang_on_frame_4(job: FrameJob) -> None:
+        if job.frame.sequence == 4:
+            hung.set()
+            release.wait(30)  # e.g. a blocking call that never returns
+
+    pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir)), broker.port, on_result=hang_on_frame_4)
+    pipeline.start()
+    assert hung.wait(60)
+    assert pipeline.responsive(30.0)  # still within the allowed silence
+    time.sleep(1.5)
+    assert not pipeline.responsive(1.0), "the systemd watchdog must stop being fed while a stage hangs"
+    release.set()
+    assert pipeline.join(60)
+    pipeline.publisher.stop()
+    assert pipeline.error is None and pipeline.stats.frames_inspected == 12
