@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import nfa_reference as ref
 import numpy as np
@@ -125,6 +127,47 @@ def test_two_scale_noise_with_blob(seed: int) -> None:
     assert regions, "the blob must give a region"
     x, y, w, h = regions[0].bbox
     assert x <= 28 <= x + w and y <= 28 <= y + h
+
+
+# ------------------------------------------------------------------ real m_s maps (magnetic tile)
+
+REAL = Path(__file__).parent / "data" / "nfa_real_ms"
+
+
+def real_maps() -> tuple[dict, dict[str, np.ndarray]]:
+    """The saved m_s maps of a U-Flow model trained on magnetic tile (tests/data/make_nfa_real_ms.py)."""
+    meta = json.loads(REAL.with_suffix(".json").read_text())
+    with np.load(REAL.with_suffix(".npz")) as arrays:
+        return meta, {k: arrays[k] for k in arrays.files}
+
+
+def test_real_maps_match_reference() -> None:
+    meta, maps = real_maps()
+    channels = [s["channels"] for s in meta["scales"]]
+    assert len(maps) == len(meta["images"]) * len(channels)
+    for image in meta["images"]:
+        for s, c in enumerate(channels):
+            m = maps[f"image{image['index']}_scale{s}"]
+            assert m.dtype == np.float32 and m.shape == (meta["scales"][s]["height"], meta["scales"][s]["width"])
+            # The plain reference takes seconds at 64x64: compare the finest scale on one image only.
+            if m.size <= 1024 or image["index"] == len(meta["images"]) - 1:
+                lp = assert_same_log_prob(m, c)
+                assert (lp < 0).any()  # real maps have nodes above the mean
+
+
+def test_real_maps_full_pipeline() -> None:
+    meta, maps = real_maps()
+    channels = [s["channels"] for s in meta["scales"]]
+    size = (meta["scales"][0]["height"] * meta["scales"][0]["stride"],) * 2
+    for image in meta["images"]:
+        scale_maps = [maps[f"image{image['index']}_scale{s}"] for s in range(len(channels))]
+        log_nfa = nfa.log_nfa_map(scale_maps, channels, size)
+        assert log_nfa.shape == size and np.isfinite(log_nfa).all()
+        per_scale = [nfa.log_prob_map(m, c).min() for m, c in zip(scale_maps, channels, strict=True)]
+        # Bilinear upsampling never goes below a map's minimum.
+        assert log_nfa.min() >= nfa.log10_number_of_tests([m.shape for m in scale_maps]) + min(per_scale) - 1e-3
+        regions = nfa.regions_from_log_nfa(log_nfa)
+        assert sum(r.area for r in regions) == int((log_nfa < 0).sum())
 
 
 # ------------------------------------------------------------------ edge cases
