@@ -89,6 +89,10 @@ def test_calibrated_model_keeps_the_promise(bundle: Path, frames: dict[str, Path
         assert abs(scale["lag1_autocorrelation"]) < 0.1
         for tail in scale["tail"]:
             assert tail["empirical"] <= tail["chernoff_bound"]
+        # The model's m_s is the null: its best nodes look like the simulated null's.
+        real, null = scale["best_log_p_real"], scale["best_log_p_null"]
+        assert null["min"] <= null["median"] <= null["max"] <= 0
+        assert abs(real["median"] - null["median"]) < 0.5 * abs(null["median"]) + 1.0
     text = format_report(report)
     assert "mean regions / image" in text and "P(m >= 2) / bound" in text
 
@@ -111,6 +115,8 @@ def test_broken_assumptions_show_in_the_diagnostics(bundle: Path, frames: dict[s
     for scale in noisy.scales:
         assert scale["mean_m"] == pytest.approx(4.0, rel=0.15)
         assert scale["tail"][-1]["empirical"] > 5 * scale["tail"][-1]["chernoff_bound"]  # P(m >= 5)
+        # Its best nodes are far more significant than any on the null.
+        assert scale["best_log_p_real"]["median"] < 2 * scale["best_log_p_null"]["min"]
 
     correlated = check_bundle(bundle, select_images(frames["correlated"], None))
     fine = 0  # stride 4: neighbouring cells share blurred noise
