@@ -240,12 +240,19 @@ def _ranked_pixels(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarr
 
 
 @njit(nogil=True, cache=True)
-def _attach(zpar: np.ndarray, parent: np.ndarray, i: int, j: int) -> None:
-    # Pixel i (rank) meets the already seen pixel j: j's component becomes a child of i.
-    r = _find_root(zpar, j)
+def _attach(links: np.ndarray, i: int, j: int) -> None:
+    """Pixel i (rank) meets the already seen pixel j: j's component becomes a child of i.
+
+    ``links[k, 0]`` is k's union-find link, ``links[k, 1]`` its parent in the tree: side by side,
+    so the root found and the two writes to it touch one cache line.
+    """
+    r = j
+    while links[r, 0] != r:  # path halving
+        links[r, 0] = links[links[r, 0], 0]
+        r = links[r, 0]
     if r != i:
-        parent[r] = i
-        zpar[r] = i
+        links[r, 1] = i
+        links[r, 0] = i
 
 
 @njit(nogil=True, cache=True)
@@ -259,24 +266,24 @@ def _max_tree(order: np.ndarray, rank: np.ndarray, level: np.ndarray, width: int
     """
     n = order.size
     padded_width = width + 2
-    parent = np.empty(n, dtype=np.int32)
-    zpar = np.empty(n, dtype=np.int32)  # union-find forest over ranks seen so far
+    links = np.empty((n, 2), dtype=np.int32)
     for i in range(n):
         pp = order[i]
-        parent[i] = i
-        zpar[i] = i
+        links[i, 0] = i
+        links[i, 1] = i
         j = rank[pp - 1]
         if j < i:
-            _attach(zpar, parent, i, j)
+            _attach(links, i, j)
         j = rank[pp + 1]
         if j < i:
-            _attach(zpar, parent, i, j)
+            _attach(links, i, j)
         j = rank[pp - padded_width]
         if j < i:
-            _attach(zpar, parent, i, j)
+            _attach(links, i, j)
         j = rank[pp + padded_width]
         if j < i:
-            _attach(zpar, parent, i, j)
+            _attach(links, i, j)
+    parent = links[:, 1].copy()
     # Root first: a pixel whose parent is not a node (same level as the parent's parent) points
     # past it, so each level component ends up represented by one pixel, its last one.
     root = n - 1
