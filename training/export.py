@@ -293,7 +293,7 @@ def export_bundle(
         extra={
             "event": "export.done",
             "bundle": str(out_dir),
-            "name": name,
+            "bundle_name": name,
             "version": version,
             "parity_max_abs": parity.anomaly_map_max_abs,
         },
