@@ -496,26 +496,53 @@ def _source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 @njit(nogil=True, cache=True)
-def _resize_bilinear_into(src: np.ndarray, out: np.ndarray, offset: float, take_min: bool) -> None:
-    """out = offset + bilinear(src), or its minimum with out when ``take_min``; float64 arithmetic.
+def _min_of_upsampled(
+    flat_maps: np.ndarray, heights: np.ndarray, widths: np.ndarray, offset: float, out: np.ndarray
+) -> None:
+    """out = offset + min over maps of bilinear(map), built one output row at a time.
 
-    With a float32 ``out`` each value is rounded once: rounding is monotonic, so the minimum of
-    rounded values is the rounded minimum.
+    ``flat_maps`` holds the maps one after the other (C order). Each output row is the minimum over
+    maps of their interpolated rows, kept in a small float64 buffer (branch-free ``min``), and is
+    written to ``out`` once; with a float32 ``out`` each value is rounded once.
     """
-    in_h, in_w = src.shape
+    n_maps = heights.size
     out_h, out_w = out.shape
-    y0, y1, wy = _source_taps(in_h, out_h)
-    x0, x1, wx = _source_taps(in_w, out_w)
-    row = np.empty(in_w, dtype=np.float64)
+    starts = np.zeros(n_maps + 1, dtype=np.int64)
+    for s in range(n_maps):
+        starts[s + 1] = starts[s] + heights[s] * widths[s]
+    x0 = np.empty((n_maps, out_w), dtype=np.int64)
+    x1 = np.empty((n_maps, out_w), dtype=np.int64)
+    wx = np.empty((n_maps, out_w), dtype=np.float64)
+    y0 = np.empty((n_maps, out_h), dtype=np.int64)
+    y1 = np.empty((n_maps, out_h), dtype=np.int64)
+    wy = np.empty((n_maps, out_h), dtype=np.float64)
+    max_width = 1
+    for s in range(n_maps):
+        x0[s], x1[s], wx[s] = _source_taps(widths[s], out_w)
+        y0[s], y1[s], wy[s] = _source_taps(heights[s], out_h)
+        max_width = max(max_width, widths[s])
+    row = np.empty(max_width, dtype=np.float64)
+    best = np.empty(out_w, dtype=np.float64)
     for i in range(out_h):
-        a = 1.0 - wy[i]
-        b = wy[i]
-        for j in range(in_w):
-            row[j] = a * src[y0[i], j] + b * src[y1[i], j]
+        for s in range(n_maps):
+            width = widths[s]
+            top = starts[s] + y0[s, i] * width
+            bottom = starts[s] + y1[s, i] * width
+            b = wy[s, i]
+            a = 1.0 - b
+            for j in range(width):
+                row[j] = a * flat_maps[top + j] + b * flat_maps[bottom + j]
+            xa = x0[s]
+            xb = x1[s]
+            w = wx[s]
+            if s == 0:
+                for j in range(out_w):
+                    best[j] = (1.0 - w[j]) * row[xa[j]] + w[j] * row[xb[j]]
+            else:
+                for j in range(out_w):
+                    best[j] = min(best[j], (1.0 - w[j]) * row[xa[j]] + w[j] * row[xb[j]])
         for j in range(out_w):
-            v = offset + ((1.0 - wx[j]) * row[x0[j]] + wx[j] * row[x1[j]])
-            if not take_min or v < out[i, j]:
-                out[i, j] = v
+            out[i, j] = offset + best[j]
 
 
 def resize_bilinear(image: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
@@ -527,7 +554,8 @@ def resize_bilinear(image: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray
         raise ValueError(f"resize_bilinear: expected a non-empty 2-D array, got {getattr(image, 'shape', image)!r}")
     out_h, out_w = _checked_out_shape(out_shape)
     out = np.empty((out_h, out_w), dtype=np.float64)
-    _resize_bilinear_into(np.ascontiguousarray(image, dtype=np.float64), out, 0.0, False)
+    flat = np.ascontiguousarray(image, dtype=np.float64).ravel()
+    _min_of_upsampled(flat, np.array([image.shape[0]]), np.array([image.shape[1]]), 0.0, out)
     return out
 
 
@@ -540,11 +568,14 @@ def combine_log_probs(
         raise ValueError("combine_log_probs: no log P maps given")
     if not math.isfinite(log10_n_tests):
         raise ValueError(f"combine_log_probs: log10_n_tests must be finite, got {log10_n_tests!r}")
-    out = np.empty((out_h, out_w), dtype=np.float32)
     for index, lp in enumerate(log_prob_maps):
         if not isinstance(lp, np.ndarray) or lp.ndim != 2 or lp.size == 0:
             raise ValueError(f"combine_log_probs: log P map {index} is not a non-empty 2-D array")
-        _resize_bilinear_into(np.ascontiguousarray(lp, dtype=np.float64), out, float(log10_n_tests), index > 0)
+    flat = np.concatenate([np.ascontiguousarray(lp, dtype=np.float64).ravel() for lp in log_prob_maps])
+    heights = np.array([lp.shape[0] for lp in log_prob_maps], dtype=np.int64)
+    widths = np.array([lp.shape[1] for lp in log_prob_maps], dtype=np.int64)
+    out = np.empty((out_h, out_w), dtype=np.float32)
+    _min_of_upsampled(flat, heights, widths, float(log10_n_tests), out)
     return out
 
 
