@@ -278,7 +278,7 @@ def format_report(report: NfaCheckReport) -> str:
     """The report as markdown tables."""
     q = report.min_log_nfa_quantiles
     lines = [
-        f"NFA false-alarm check: {report.model} ({report.precision}) on {report.images} good images from {report.data}",
+        f"NFA false-alarm check: {report.model} ({report.precision}) on {report.images} images from {report.data}",
         f"log10 N = {report.log10_number_of_tests:.1f}, log10 epsilon = {report.log10_epsilon:g}, "
         f"min region area = {report.min_region_area} model px",
         "",
