@@ -427,6 +427,7 @@ def test_killed_updater_leaves_a_consistent_models_dir(tmp_path, fleet, keys, mq
 # -- the real model: uflow export --sign, publish, update -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_uflow_bundle_signed_at_export_installs(tmp_path, tiny_run_dir, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
     from training.cli import main as uflow
 
