@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +133,13 @@ class NfaCheckReport:
     images_triggered_by_scale: dict[str, int]
     scales: list[dict[str, object]]
     per_image: list[ImageResult]
+    latents: list[dict[str, object]] | None = None  # from the training run, when given
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def with_latents(self, latents: list[dict[str, object]]) -> NfaCheckReport:
+        return replace(self, latents=latents)
 
 
 def check_images(
@@ -272,6 +276,67 @@ def check_bundle(
 ) -> NfaCheckReport:
     """Load and verify a bundle directory, then :func:`check_images`."""
     return check_images(load_bundle(bundle_dir), images, log10_epsilon, min_region_area, precision, threads)
+
+
+def latent_statistics(run_dir: Path | str, paths: Iterable[Path]) -> list[dict[str, object]]:
+    """Per scale, statistics of the latents z themselves, from a training run (torch, offline).
+
+    The engine only returns m_s; the run's checkpoint gives z. Reported per scale: the mean and
+    variance of z (0 and 1 under the model), the lag-1 spatial autocorrelation of each channel
+    averaged over channels and images (0 for the independent pixels the NFA assumes), and the mean
+    absolute correlation between channels at one pixel (0 under the model).
+    """
+    import torch
+
+    from training.rundir import load_model
+
+    model, _ = load_model(run_dir)
+    height, width = model.config.image_height, model.config.image_width
+    sums: list[dict[str, float]] = []
+    for path in paths:
+        image = read_model_input(path, height, width)
+        batch = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+        with torch.no_grad():
+            latents = model(batch).latents
+        for k, z in enumerate(latents):
+            z = z[0].double().numpy()
+            if len(sums) <= k:
+                sums.append({"images": 0, "mean": 0.0, "var": 0.0, "autocorr": 0.0, "cross": 0.0})
+            acc = sums[k]
+            acc["images"] += 1
+            acc["mean"] += float(z.mean())
+            acc["var"] += float(z.var())
+            acc["autocorr"] += float(np.mean([lag1_autocorrelation(channel) for channel in z]))
+            flat = z.reshape(z.shape[0], -1)
+            corr = np.corrcoef(flat) if z.shape[0] > 1 else np.ones((1, 1))
+            off_diagonal = corr[~np.eye(corr.shape[0], dtype=bool)]
+            acc["cross"] += float(np.abs(off_diagonal).mean()) if off_diagonal.size else 0.0
+    return [
+        {
+            "scale": k,
+            "channels": int(latents[k].shape[1]),
+            "images": int(acc["images"]),
+            "mean_z": acc["mean"] / acc["images"],
+            "variance_z": acc["var"] / acc["images"],
+            "lag1_autocorrelation_z": acc["autocorr"] / acc["images"],
+            "mean_abs_channel_correlation": acc["cross"] / acc["images"],
+        }
+        for k, acc in enumerate(sums)
+    ]
+
+
+def format_latent_statistics(rows: list[dict[str, object]]) -> str:
+    """The latent statistics as a markdown table."""
+    lines = [
+        "| scale | C | images | mean z (0) | var z (1) | lag-1 autocorr of z (0) | mean abs channel corr (0) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scale']} | {r['channels']} | {r['images']} | {r['mean_z']:.3f} | {r['variance_z']:.3f} | "
+            f"{r['lag1_autocorrelation_z']:.3f} | {r['mean_abs_channel_correlation']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def format_report(report: NfaCheckReport) -> str:

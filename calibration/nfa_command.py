@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from calibration.data import CalibrationDataError, select_images
+from calibration.data import CalibrationDataError, pick_evenly, select_images
 from edge_agent.bundle import BundleError
 
 
@@ -26,10 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="model variant to run")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     parser.add_argument("--json", type=Path, help="also write the full report (every image) as JSON here")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        help="training run of the bundle: also measure the latents z themselves (needs torch; up to 50 images)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration.nfa_check import check_bundle, format_report
+    from calibration.nfa_check import check_bundle, format_latent_statistics, format_report, latent_statistics
 
     try:
         images = select_images(args.data, args.images, split=args.split)
@@ -41,10 +46,14 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             threads=args.threads,
         )
+        print(format_report(report))
+        if args.run is not None:
+            report = report.with_latents(latent_statistics(args.run, pick_evenly(images.paths, 50)))
+            print(f"\nlatents z from the training run {args.run}:\n{format_latent_statistics(report.latents or [])}")
     except (BundleError, CalibrationDataError, ValueError) as exc:
+        # RunDirError and the dataset errors are ValueErrors too: one line naming the problem.
         print(f"uflow calibrate nfa: error: {exc}", file=sys.stderr)
         return 1
-    print(format_report(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -150,3 +150,28 @@ def test_cli_errors_name_the_problem(bundle: Path, tmp_path: Path, capsys: pytes
     (empty / "a.png").write_bytes(b"not a png")
     assert main(["calibrate", "nfa", "--bundle", str(tmp_path / "missing"), "--data", str(empty)]) == 1
     assert "uflow calibrate nfa: error:" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_missing_training_run(bundle: Path, frames: dict[str, Path], tmp_path: Path, capsys) -> None:
+    pytest.importorskip("torch")
+    from training.cli import main
+
+    missing = tmp_path / "no_run"
+    code = main(["calibrate", "nfa", "--bundle", str(bundle), "--data", str(frames["good"]), "--run", str(missing)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "uflow calibrate nfa: error:" in err and "no_run" in err
+
+
+@pytest.mark.slow
+def test_latent_statistics_of_a_trained_run(tiny_run_dir: Path, synthetic_data_dir: Path) -> None:
+    from calibration.nfa_check import format_latent_statistics, latent_statistics
+
+    paths = select_images(synthetic_data_dir / "test" / "good", 4).paths
+    rows = latent_statistics(tiny_run_dir, paths)
+    assert len(rows) >= 2 and all(r["images"] == 4 for r in rows)
+    for r in rows:
+        assert r["channels"] > 1 and r["variance_z"] > 0
+        assert -1.0 <= r["lag1_autocorrelation_z"] <= 1.0
+        assert 0.0 <= r["mean_abs_channel_correlation"] <= 1.0
+    assert "lag-1 autocorr of z" in format_latent_statistics(rows)
