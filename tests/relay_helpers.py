@@ -59,10 +59,11 @@ class Arrival:
 
 
 class RecordingHttpServer:
-    """A loopback HTTP server that answers every POST with ``status`` and records its arrival time."""
+    """A loopback HTTP server that answers every POST with ``status`` (after ``delay_s``) and records its arrival."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, delay_s: float = 0.0) -> None:
         self.status = status
+        self.delay_s = delay_s
         self.arrivals: list[Arrival] = []
         self._cond = threading.Condition()
         outer = self
@@ -74,6 +75,7 @@ class RecordingHttpServer:
                 with outer._cond:
                     outer.arrivals.append(Arrival(wall, json.loads(body)))
                     outer._cond.notify_all()
+                time.sleep(outer.delay_s)  # a slow PLC gateway
                 self.send_response(outer.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -410,3 +410,31 @@ def test_a_message_the_journal_cannot_record_is_not_acknowledged_and_comes_back(
     assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
     assert wait_until(lambda: relay.stats().fired == 1)
     assert http.ids() == [message.message_id]
+
+
+def test_rejects_that_come_due_while_every_actuator_worker_is_busy_are_missed_not_late(
+    relay_factory: Callable[..., RejectRelay],
+    camera: Callable[[str], MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from edge_agent.relay.relay import ACTUATOR_WORKERS
+
+    caplog.set_level(logging.INFO, logger="edge_agent.relay")
+    slow = RecordingHttpServer(delay_s=1.0)  # each call takes 1 s: the pool is full until then
+    try:
+        relay = relay_factory(
+            f'kind = "http"\nurl = "{slow.url}"\ntimeout_s = 3.0',
+            extra='[clock]\nmode = "fixed"\n[timing]\ndelay_s = 0.3\ntolerance_s = 0.1\n',
+        )
+        publisher = camera("cam1")
+        captured = time.time() - 0.04
+        for sequence in range(ACTUATOR_WORKERS + 2):
+            publisher.publish_inspection(inspection("cam1", sequence, capture_time=captured))
+        assert wait_until(lambda: relay.stats().fired + relay.stats().missed == ACTUATOR_WORKERS + 2, 15)
+        stats = relay.stats()
+        assert (stats.fired, stats.missed) == (ACTUATOR_WORKERS, 2)
+        assert len(slow.arrivals) == ACTUATOR_WORKERS
+        assert all(a.wall <= captured + 0.3 + 0.1 + 0.05 for a in slow.arrivals)
+        assert {r.reason for r in logged(caplog, "missed")} == {"came due after its deadline"}  # type: ignore[attr-defined]
+    finally:
+        slow.close()

@@ -619,22 +619,42 @@ class RejectRelay:
             with self._lock:
                 self.counters.device(order.device_id).fired += 1
                 self._lateness_ms.append(lateness_ms)
-            self._log_order("fired", order, plan, logging.INFO, fired_time=round(fired_wall, 6),
-                            lateness_ms=round(lateness_ms, 3), attempts=attempts)  # fmt: skip
+            self._log_order(
+                "fired",
+                order,
+                plan,
+                logging.INFO,
+                fired_time=round(fired_wall, 6),
+                lateness_ms=round(lateness_ms, 3),
+                attempts=attempts,
+            )
             return
         if attempts == 0:
-            # Came due too late (an overloaded box, a stalled scheduler): never fire after the deadline.
-            self.journal.begin_firing(order.message_id)
-            self.journal.finish(order.message_id, "missed")
+            # Came due too late (every actuator worker busy, an overloaded box): never fire after the deadline.
+            if self.journal.begin_firing(order.message_id):
+                self.journal.finish(order.message_id, "missed")
             self._count(order.device_id, "missed")
-            self._log_order("missed", order, plan, logging.ERROR, reason="came due after its deadline",
-                            late_by_ms=round((time.monotonic() - job.due) * 1000.0, 3))  # fmt: skip
+            self._log_order(
+                "missed",
+                order,
+                plan,
+                logging.ERROR,
+                reason="came due after its deadline",
+                late_by_ms=round((time.monotonic() - job.due) * 1000.0, 3),
+            )
             return
         self.journal.finish(order.message_id, "failed")
         self._count(order.device_id, "actuator_failures")
-        self._log_order("failed", order, plan, logging.ERROR, reason=str(error), attempts=attempts,
-                        actuator=job.actuator.description,
-                        retryable=bool(error and error.retryable))  # fmt: skip
+        self._log_order(
+            "failed",
+            order,
+            plan,
+            logging.ERROR,
+            reason=str(error),
+            attempts=attempts,
+            actuator=job.actuator.description,
+            retryable=bool(error and error.retryable),
+        )
 
     # -- counting, logging, stats -------------------------------------------------------------------
 
