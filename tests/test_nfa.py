@@ -415,5 +415,23 @@ def test_bad_arguments_are_refused() -> None:
         nfa.regions_from_log_nfa(np.zeros((2, 2)), min_area=-1)
 
 
-def test_warm_up_runs() -> None:
+def test_warm_up_compiles_every_runtime_specialisation() -> None:
+    """After warm_up() the agent's calls (float32 engine maps, any sizes) compile nothing new."""
+    from numba.core.registry import CPUDispatcher
+
     nfa.warm_up()
+    jitted = {name: f for name, f in vars(nfa).items() if isinstance(f, CPUDispatcher)}
+    before = {name: len(f.signatures) for name, f in jitted.items()}
+    rng = np.random.default_rng(0)
+    maps = [(rng.chisquare(c, shape) / c).astype(np.float32) for c, shape in ((30, (40, 48)), (56, (20, 24)))]
+    log_nfa = nfa.log_nfa_map(maps, [30, 56], (160, 192))
+    score = rng.uniform(size=log_nfa.shape).astype(np.float32)
+    nfa.regions_from_log_nfa(log_nfa, 0.0, 4, score)
+    nfa.regions_from_log_nfa(log_nfa - 1e4, 0.0, 4, score)
+    nfa.regions_from_log_nfa(log_nfa.astype(np.float64) - 1e4)
+    nfa.log_prob_map(maps[0].astype(np.float64), 30)
+    nfa.log_prob_map((maps[0] * 100).astype(np.uint16), 30)
+    nfa.resize_bilinear(maps[0], (7, 300))
+    nfa.component_tree(maps[1])
+    assert {name: len(f.signatures) for name, f in jitted.items()} == before
+    assert sum(before.values()) >= 5
