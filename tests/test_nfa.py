@@ -22,6 +22,9 @@ def assert_same_log_prob(m: np.ndarray, channels: int) -> np.ndarray:
     # Zeros must be exact zeros in both (same mask), the rest equal to a relative 1e-9.
     np.testing.assert_array_equal(fast == 0, slow == 0)
     np.testing.assert_allclose(fast, slow, rtol=RTOL, atol=0)
+    # The same detection mask (log10 NFA < 0) at the map's own size.
+    log10_n = ref.log10_number_of_tests([m.shape]) if m.size <= 1024 else nfa.log10_number_of_tests([m.shape])
+    np.testing.assert_array_equal(log10_n + fast < 0, log10_n + slow < 0)
     return fast
 
 
@@ -252,6 +255,20 @@ def test_extreme_values_sort_and_match_reference() -> None:
     assert_same_log_prob(m, 3)
     tree = nfa.component_tree(m)
     assert sorted(np.unique(tree.level).tolist()) == sorted(np.unique(m).tolist())
+
+
+@pytest.mark.parametrize("shape", [(1, 50), (50, 1), (2, 2), (1, 2)])
+def test_single_row_and_column_maps(shape) -> None:
+    rng = np.random.default_rng(sum(shape))
+    assert_same_log_prob(rng.exponential(2.0, size=shape), 6)
+
+
+def test_strided_and_fortran_order_inputs() -> None:
+    rng = np.random.default_rng(12)
+    base = rng.exponential(2.0, size=(40, 45))
+    for m in (base[::2, ::3], np.asfortranarray(base), base.T):
+        np.testing.assert_array_equal(nfa.log_prob_map(m, 6), nfa.log_prob_map(np.ascontiguousarray(m), 6))
+    assert_same_log_prob(base[::2, ::3], 6)
 
 
 def test_non_square_and_large_quantised_map() -> None:
