@@ -13,7 +13,8 @@ For one scale with map ``m`` (H x W, m = mean over the C channels of z^2) the st
    ``log10 P(R) = |R| * -(C/2) * (t - 1 - ln t) / ln 10`` with ``t = x / C = L``, and
    ``log10 P(R) = 0`` when ``t <= 1`` (the bound only holds above the mean).
 3. **Selection**, the rule of DESIGN.md section 5 with the details it leaves open resolved as the
-   public reference implementation (mtailanian/uflow, ``src/nfa_tree.py``) resolves them:
+   public reference implementation (mtailanian/uflow, ``src/nfa_tree.py``) resolves them; where
+   the two differ (step 2: the reference has no ``log10 P = 0`` below the mean) DESIGN is followed:
 
    - A *branch* is the chain that starts at a leaf and climbs to the parent while the current node
      is its parent's only child. It never contains a node with two or more children; it contains
@@ -37,8 +38,9 @@ For one scale with map ``m`` (H x W, m = mean over the C channels of z^2) the st
    ``N = sum_s N_s * sum_{r=1..N_s} a b^r / r``, ``N_s = H_s W_s``, ``a = 0.316915``, ``b = 4.062570``.
    Regions are the 4-connected components (the tree's connectivity) of ``log10 NFA < log10 epsilon``.
 
-All jitted functions use ``cache=True``: point ``NUMBA_CACHE_DIR`` at a writable directory (on the
-device, inside the agent's state directory) and call ``warm_up()`` once at start-up.
+All jitted functions use ``cache=True``: ``NUMBA_CACHE_DIR`` must be a writable directory (the
+systemd unit sets one, see docs/nfa.md); call ``warm_up()`` once at start-up. Single-threaded and
+``nogil``: scales can run in threads and overlap with inference.
 """
 
 from __future__ import annotations
