@@ -8,12 +8,16 @@ them (tests/test_training.py proves both), so agent tests can rely on it. Built 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+# Spinning OpenMP threads make torch ~10x slower when the (2-core) machine is shared with other jobs;
+# this must be set before torch is first imported, i.e. here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 TINY_IMAGE_SIZE = 128
-TINY_EPOCHS = 40
 TINY_SEED = 0
 
 
@@ -41,7 +45,7 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: P
     pytest.importorskip("torch")
     pytest.importorskip("timm")
     pytest.importorskip("FrEIA")
-    from training.api import QUICK_STRIDES
+    from training.api import QUICK_EPOCHS, QUICK_STRIDES
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
@@ -49,7 +53,7 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: P
     config = UFlowConfig(
         image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, strides=QUICK_STRIDES, seed=TINY_SEED
     )
-    train(synthetic_data_dir, run_dir, config, TrainConfig(epochs=TINY_EPOCHS, batch_size=8), progress=False)
+    train(synthetic_data_dir, run_dir, config, TrainConfig(epochs=QUICK_EPOCHS, batch_size=8), progress=False)
     return run_dir
 
 

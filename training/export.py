@@ -88,10 +88,27 @@ def export_onnx(model: UFlow, path: Path) -> list[str]:
             dynamo=False,
             do_constant_folding=True,
         )
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in wrapper(example)]
+    _declare_static_output_shapes(path, dict(zip(wrapper.output_names, shapes, strict=True)))
+    return wrapper.output_names
+
+
+def _declare_static_output_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Write the (fixed) output shapes, taken from a torch run, into the graph: the tracer leaves them
+    symbolic, and TensorRT and the engine's I/O check read them from the file. The parity check that
+    follows compares ONNX Runtime's actual output shapes with torch's.
+    """
     import onnx
 
-    onnx.checker.check_model(str(path))
-    return wrapper.output_names
+    model = onnx.load(str(path))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shapes[output.name]:
+            dims.add().dim_value = int(size)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
 
 
 def _torch_outputs(model: UFlow, image: np.ndarray) -> list[np.ndarray]:
@@ -110,6 +127,9 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
     for index, image in enumerate(images):
         got = session.run(names, {"image": image[None]})
         want = _torch_outputs(model, image)
+        for name, g, w in zip(names, got, want, strict=True):
+            if g.shape != (1, *w.shape) or g.dtype != np.float32:
+                raise ExportError(f"ONNX output {name} is {g.dtype}{list(g.shape)}, torch gives float32{[1, *w.shape]}")
         diff_map = float(np.abs(got[0][0] - want[0]).max())
         diff_scale = max(
             float((np.abs(g[0] - w) / np.maximum(1.0, np.abs(w))).max()) for g, w in zip(got[1:], want[1:], strict=True)

@@ -90,7 +90,9 @@ class UFlow(nn.Module):
         super().__init__()
         self.config = config
         info = backbone_info(config.backbone)
-        self.backbone: FeatureExtractor = create_backbone(config.backbone, config.strides, weights)
+        self.backbone: FeatureExtractor = create_backbone(
+            config.backbone, config.strides, weights, input_size=(config.image_height, config.image_width)
+        )
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
         shapes = [
@@ -165,7 +167,8 @@ def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.
         F.interpolate(torch.exp(-0.5 * m).unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
         for m in maps
     ]
-    return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0).squeeze(1)
+    # [:, 0] rather than squeeze(1): the ONNX exporter turns squeeze into a shape-dependent If node
+    return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0)[:, 0]
 
 
 def image_scores(amap: torch.Tensor) -> torch.Tensor:

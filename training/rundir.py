@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,4 +110,4 @@ def load_model(run_dir: Path | str) -> tuple[UFlow, RunInfo]:
     model.load_trainable_state_dict(checkpoint["state"])
     model.eval()
     meta = dict(checkpoint.get("meta", {}))
-    return model, RunInfo(**{**info.__dict__, "checkpoint_meta": meta})
+    return model, replace(info, checkpoint_meta=meta)

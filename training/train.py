@@ -89,7 +89,7 @@ def extract_features(
     return [torch.cat([chunk[s] for chunk in chunks]) for s in range(len(chunks[0]))]
 
 
-class _Batches:
+class FeatureBatches:
     """Feeds the flow either cached features or fresh backbone features of stored images."""
 
     def __init__(self, model: UFlow, images: np.ndarray, cache: bool, batch_size: int, progress: bool, label: str):
@@ -104,7 +104,7 @@ class _Batches:
         return self.model.extract(_to_float_nchw(self.images[index.numpy()]))
 
 
-def _mean_loss(model: UFlow, batches: _Batches, batch_size: int) -> float:
+def _mean_loss(model: UFlow, batches: FeatureBatches, batch_size: int) -> float:
     total = 0.0
     with torch.no_grad():
         for start in range(0, batches.count, batch_size):
@@ -113,9 +113,9 @@ def _mean_loss(model: UFlow, batches: _Batches, batch_size: int) -> float:
     return total / max(batches.count, 1)
 
 
-def _train_epoch(
+def train_epoch(
     model: UFlow,
-    batches: _Batches,
+    batches: FeatureBatches,
     optimiser: torch.optim.Optimizer,
     batch_size: int,
     generator: torch.Generator,
@@ -204,8 +204,8 @@ def train(
     train_images = load_images(splits.train, height, width)
     val_images = load_images(splits.val, height, width)
     cache, ebs = train_config.cache_features, train_config.extract_batch_size
-    train_batches = _Batches(model, train_images, cache, ebs, progress, "train")
-    val_batches = _Batches(model, val_images, cache, ebs, progress, "val") if len(val_images) else None
+    train_batches = FeatureBatches(model, train_images, cache, ebs, progress, "train")
+    val_batches = FeatureBatches(model, val_images, cache, ebs, progress, "val") if len(val_images) else None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
@@ -220,7 +220,7 @@ def train(
     for epoch in bar:
         tick = time.perf_counter()
         lr = optimiser.param_groups[0]["lr"]
-        train_loss = _train_epoch(model, train_batches, optimiser, train_config.batch_size, generator, epoch)
+        train_loss = train_epoch(model, train_batches, optimiser, train_config.batch_size, generator, epoch)
         scheduler.step()
         val_nll = _mean_loss(model, val_batches, ebs) if val_batches else None
         epoch_seconds.append(time.perf_counter() - tick)

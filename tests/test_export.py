@@ -1,0 +1,186 @@
+"""Bundle export: ONNX parity, manifest content, refusal of corrupt/mismatched bundles, the uflow CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edge_agent import nfa  # noqa: E402
+from edge_agent.bundle import BundleError, load_bundle  # noqa: E402
+from edge_agent.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from training.data import load_image, open_dataset  # noqa: E402
+from training.synthetic import defect_image  # noqa: E402
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+def test_onnx_matches_torch_on_good_and_defect_images(
+    tiny_bundle: Path, tiny_run_dir: Path, synthetic_data_dir: Path
+) -> None:
+    from training.model import ExportWrapper
+    from training.rundir import load_model
+
+    model, _ = load_model(tiny_run_dir)
+    wrapper = ExportWrapper(model)
+    session = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    records = open_dataset(synthetic_data_dir).test
+    images = [load_image(r.image, 128, 128) for r in (records[0], records[-1])]
+    images.append(defect_image(5, 128, 128, "bright_blob").image)
+    for image in images:
+        got = session.run(None, {"image": image[None]})
+        with torch.no_grad():
+            want = [t.numpy() for t in wrapper(torch.from_numpy(image)[None])]
+        assert [o.name for o in session.get_outputs()] == ["anomaly_map", "m_0", "m_1"]
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == np.float32 and g.shape == w.shape
+            assert np.abs(g - w).max() < 1e-4
+
+
+def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> None:
+    bundle = load_bundle(tiny_bundle)  # hashes verified
+    manifest = bundle.manifest
+    assert manifest.name == "tiny" and manifest.version == "1"
+    assert manifest.backbone == "efficientnet_lite0"
+    assert (manifest.input.height, manifest.input.width) == (128, 128)
+    assert manifest.normalisation.mean == (0.5, 0.5, 0.5)
+
+    graph = onnx.load(str(tiny_bundle / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["image"]
+    ops = {node.op_type for node in graph.node}
+    assert not ops & {"If", "Loop", "Ceil"}, "shape-dependent control flow or padding arithmetic in the graph"
+    dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    assert dims["anomaly_map"] == [1, 128, 128]
+    for scale in manifest.scales:
+        assert dims[scale.name] == [1, scale.height, scale.width]
+        assert scale.height * scale.stride == 128
+    assert [(s.name, s.channels, s.stride) for s in manifest.scales] == [("m_0", 54, 8), ("m_1", 56, 16)]
+
+    shapes = [(s.height, s.width) for s in manifest.scales]
+    assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_number_of_tests(shapes))
+    val_scores = json.loads((tiny_run_dir / "val_scores.json").read_text())
+    assert manifest.image_score_threshold == pytest.approx(max(val_scores["scores"]))
+    assert manifest.validation_metrics["onnx_parity_anomaly_map_max_abs"] < 1e-4
+    assert manifest.validation_metrics["val_nfa_false_alarm_rate"] == 0.0
+    assert manifest.training_data["layout"] == "mvtec" and manifest.training_data["train"] == 36
+
+    assert len(manifest.self_test) == 3
+    engine = OnnxRuntimeEngine(bundle)
+    for rel in manifest.self_test:
+        assert rel in manifest.files
+        image = load_image(tiny_bundle / rel, 128, 128)
+        output = engine.infer(image)
+        assert output.anomaly_map.max() <= manifest.validation_metrics["selftest_max_score"] + 1e-5
+        assert [m.shape for m in output.scale_maps] == shapes
+
+
+def test_flipped_byte_in_model_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = _copy(tiny_bundle, tmp_path)
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx is corrupt or was modified"):
+        load_bundle(bundle)
+
+
+def test_missing_selftest_image_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = _copy(tiny_bundle, tmp_path)
+    rel = json.loads((bundle / "model.json").read_text())["self_test"][0]
+    (bundle / rel).unlink()
+    with pytest.raises(BundleError, match=f"{rel} is listed in model.json but missing"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m["scales"][0].update(height=32),
+            r"output 'm_0' has shape \[1, 16, 16\], the manifest says \[1, 32, 16\]",
+        ),
+        (lambda m: m["scales"][1].update(name="m_9"), r"no output 'm_9'"),
+        (lambda m: m["input"].update(width=256), r"input 'image' has shape \[1, 128, 128, 3\]"),
+    ],
+)
+def test_manifest_that_does_not_match_the_onnx_is_refused(tiny_bundle: Path, tmp_path: Path, edit, message) -> None:
+    bundle = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((bundle / "model.json").read_text())
+    edit(manifest)
+    (bundle / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        OnnxRuntimeEngine(load_bundle(bundle))
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_on_failure(
+    tiny_run_dir: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from training.export import ExportError, export_bundle
+    from training.rundir import RunDirError
+
+    with pytest.raises(ExportError, match="already exists"):
+        export_bundle(tiny_run_dir, tiny_bundle)
+    not_a_bundle = tmp_path / "photos"
+    not_a_bundle.mkdir()
+    (not_a_bundle / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(ExportError, match="not a model bundle"):
+        export_bundle(tiny_run_dir, not_a_bundle, overwrite=True)
+    assert (not_a_bundle / "holiday.jpg").exists()
+
+    broken_run = Path(shutil.copytree(tiny_run_dir, tmp_path / "run"))
+    (broken_run / "checkpoint.pt").unlink()
+    with pytest.raises(RunDirError, match=r"no checkpoint\.pt"):
+        export_bundle(broken_run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_export_with_overwrite_replaces_a_bundle(tiny_run_dir: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    from training.export import export_bundle
+
+    target = _copy(tiny_bundle, tmp_path)
+    export_bundle(tiny_run_dir, target, version="2", overwrite=True)
+    assert load_bundle(target).manifest.version == "2"
+
+
+def test_uflow_cli_train_and_export(synthetic_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from training.cli import main
+
+    run, out = tmp_path / "run", tmp_path / "bundle"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(synthetic_data_dir),
+            "--out",
+            str(run),
+            "--image-size",
+            "64",
+            "--strides",
+            "8",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert json.loads((run / "config.json").read_text())["model"]["strides"] == [8, 16]
+    assert main(["export", "--run", str(run), "--out", str(out), "--name", "cli", "--version", "0.1"]) == 0
+    assert load_bundle(out).manifest.input.height == 64
+    assert "bundle written to" in capsys.readouterr().out
+
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"), "--quiet"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--data", str(synthetic_data_dir), "--out", str(tmp_path / "r3"), "--image-size", "100"]) == 1
+    assert "divisible by the largest stride" in capsys.readouterr().err
