@@ -166,7 +166,6 @@ def check_images(
         for index, path in enumerate(images.paths, start=1):
             output = engine.infer(read_model_input(path, height, width))
             verdict = scorer.score(output, (width, height))
-            kept = verdict.regions
             per_scale = tuple(
                 log10_n + float(nfa.log_prob_map(m, s.channels).min())
                 for m, s in zip(output.scale_maps, manifest.scales, strict=True)
@@ -176,8 +175,8 @@ def check_images(
             results.append(
                 ImageResult(
                     path=str(path),
-                    regions=len(kept),
-                    region_areas=tuple(r.area for r in kept),
+                    regions=len(verdict.regions),
+                    region_areas=tuple(r.area for r in verdict.regions),
                     min_log_nfa=float(verdict.log_nfa.min()),
                     scale_min_log_nfa=per_scale,
                 )
