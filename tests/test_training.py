@@ -272,6 +272,24 @@ def test_anomaly_map_follows_the_design_formula() -> None:
     assert torch.allclose(amap, 1 - (up[0] + up[1]) / 2, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["chw", "channel"])
+def test_norm_affine_is_part_of_the_jacobian(norm: str) -> None:
+    """Shrinking the norms' affine must cost log-det, or the loss can fall without bound by shrinking it."""
+    from training.model import UFlow, UFlowConfig
+
+    model = UFlow(UFlowConfig(image_height=64, image_width=64, strides=(8, 16), norm=norm))
+    features = [torch.randn(2, *shape) for shape in model.feature_shapes]
+    before = model.encode(features).log_jac_det
+    weight = model.norms[0].weight if norm == "chw" else model.norms[0].norm.weight
+    with torch.no_grad():
+        weight.mul_(0.5)
+    shrunk = model.encode(features)
+    flow_only = model.flow([n(f) for n, f in zip(model.norms, features, strict=True)])[1]
+    c, h, w = model.feature_shapes[0]
+    assert torch.allclose(shrunk.log_jac_det - flow_only, torch.full((2,), c * h * w * np.log(0.5)), rtol=1e-5)
+    assert not torch.allclose(before, shrunk.log_jac_det)
+
+
 def test_loss_decreases_on_synthetic_features(tmp_path: Path) -> None:
     from training.model import UFlow, UFlowConfig, nll_loss
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.backbones import FeatureExtractor, create_backbone, create_scale_norm
+from training.backbones import FeatureExtractor, create_backbone, create_scale_norm, norm_log_jac_det
 from training.catalog import DEFAULT_BACKBONE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
 from training.flow import LatentShape, build_uflow_graph
 
@@ -32,6 +32,7 @@ class UFlowConfig:
     image_width: int = 256
     strides: tuple[int, ...] = DEFAULT_STRIDES
     norm: str = "chw"
+    norm_in_jacobian: bool = True  # count the norms' affine in log|det J| (False: the reference's objective)
     flow_steps: int = 4
     hidden_ratio: float = 1.0
     affine_clamping: float = 2.0
@@ -99,6 +100,7 @@ class UFlow(nn.Module):
             (c, config.image_height // s, config.image_width // s)
             for c, s in zip(self.backbone.channels, config.strides, strict=True)
         ]
+        self.feature_shapes = tuple(shapes)
         self.norms = nn.ModuleList([create_scale_norm(config.norm, *shape) for shape in shapes])
         self.flow, latent_shapes = build_uflow_graph(
             shapes,
@@ -122,7 +124,16 @@ class UFlow(nn.Module):
         """Norms + flow on (cached or fresh) backbone features."""
         normed = [norm(f) for norm, f in zip(self.norms, features, strict=True)]
         latents, log_jac_det = self.flow(normed)
+        if self.config.norm_in_jacobian:
+            log_jac_det = log_jac_det + self.norms_log_jac_det()
         return FlowOutput(tuple(latents), log_jac_det)
+
+    def norms_log_jac_det(self) -> torch.Tensor:
+        """log|det| of all scale norms' trainable affines (see training.backbones.norm_log_jac_det)."""
+        return sum(
+            (norm_log_jac_det(norm, h, w) for norm, (_, h, w) in zip(self.norms, self.feature_shapes, strict=True)),
+            torch.zeros(()),
+        )
 
     def forward(self, images: torch.Tensor) -> FlowOutput:
         """Float NCHW RGB in [0, 1] -> latents and log|det J|."""
