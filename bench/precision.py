@@ -50,10 +50,10 @@ SWEEP_METHODS = ("minmax", "entropy", "percentile")
 SWEEP_GROUPS: tuple[tuple[str, ...], ...] = (
     (),
     ("coupling",),
-    ("coupling", "permutation"),
     ("coupling", "subnet", "permutation"),
     ("stem",),
     ("backbone",),
+    ("backbone", "coupling"),
 )
 
 
@@ -100,6 +100,7 @@ def sweep_candidates(bundle: Bundle, data: Path, workdir: Path, images: int) -> 
     configs = [Int8Settings(method=m, images=images) for m in SWEEP_METHODS]
     configs += [Int8Settings(keep_fp32=groups, images=images) for groups in SWEEP_GROUPS]
     configs.append(Int8Settings(per_channel=False, images=images))  # ORT's CPU kernels favour per-tensor
+    configs.append(Int8Settings(per_channel=False, keep_fp32=(), images=images))
     seen: set[tuple[str, tuple[str, ...], bool]] = set()
     found = []
     for settings in configs:

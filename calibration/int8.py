@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 GROUPS = ("coupling", "subnet", "permutation", "backbone", "stem")
 # Chosen by measurement (docs/precision.md): see DEFAULT_REASON.
-DEFAULT_METHOD = "percentile"
-DEFAULT_KEEP_FP32: tuple[str, ...] = ("coupling",)
+DEFAULT_METHOD = "minmax"
+DEFAULT_KEEP_FP32: tuple[str, ...] = ("backbone",)
 DEFAULT_REASON = "see docs/precision.md (bench/precision.py on the magnetic tile test split)"
 AGREEMENT_IMAGES = 8
 

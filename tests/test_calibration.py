@@ -71,24 +71,25 @@ def test_int8_variant_is_recorded_verified_and_runs(calibrated: Path, good_image
     assert bundle.manifest.files["model.int8.onnx"] == sha256_of(calibrated / "model.int8.onnx")
     assert variant.settings["method"] == "minmax" and variant.settings["per_channel"] is True
     assert variant.settings["calibration_images"]["images"] == 12
-    assert variant.settings["excluded_nodes"] == [NODE_NAMES["out"]]  # the default keeps the coupling conv FP32
-    # This random network amplifies input noise; the real model's accuracy is bench/precision.py's job.
-    assert 0.0 < variant.metrics["anomaly_map_mean_abs_diff"] < 0.05
+    # The default keeps the backbone FP32 (docs/precision.md: it is where INT8 costs accuracy).
+    assert variant.settings["excluded_nodes"] == sorted([NODE_NAMES["stem"], NODE_NAMES["down"]])
+    assert 0.0 < variant.metrics["anomaly_map_mean_abs_diff"] < 0.01
 
     model = onnx.load(str(calibrated / "model.int8.onnx"))
     ops = {node.op_type for node in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert _weight_is_quantized(model, NODE_NAMES["hidden"])
-    assert not _weight_is_quantized(model, NODE_NAMES["out"])
+    assert _weight_is_quantized(model, NODE_NAMES["out"])
+    assert not _weight_is_quantized(model, NODE_NAMES["stem"])
     assert unsupported_ops(calibrated / "model.int8.onnx") == []  # symmetric INT8, FP32 biases: TensorRT parses it
 
     image = model_input(cv2.imread(str(sorted(good_images.iterdir())[-1])), 32, 32)
     fp32 = OnnxRuntimeEngine(bundle, precision="fp32").infer(image)
     int8 = OnnxRuntimeEngine(bundle, precision="int8").infer(image)
     assert int8.anomaly_map.shape == fp32.anomaly_map.shape
-    assert 0.0 < np.abs(int8.anomaly_map - fp32.anomaly_map).mean() < 0.05
+    assert 0.0 < np.abs(int8.anomaly_map - fp32.anomaly_map).mean() < 0.01
     for a, b in zip(int8.scale_maps, fp32.scale_maps, strict=True):
-        assert np.abs(a - b).mean() < 0.3 * b.mean()
+        assert np.abs(a - b).mean() < 0.05 * b.mean()
 
 
 def test_fp16_variant_keeps_io_types_and_the_head_in_fp32(calibrated: Path) -> None:
@@ -114,11 +115,15 @@ def test_head_nodes_are_everything_after_the_squares(tmp_path: Path) -> None:
     assert not any(name.startswith(("coupling", "backbone", "flow")) for name in head)
 
 
-def test_keep_fp32_none_quantizes_the_coupling_conv(tmp_path: Path, good_images: Path) -> None:
+def test_keep_fp32_groups_choose_the_float_convs(tmp_path: Path, good_images: Path) -> None:
     root = build_precision_bundle(tmp_path / "b")
     variant = calibrate_int8(root, good_images, Int8Settings(images=4, method="minmax", keep_fp32=()))
     assert variant.settings["excluded_nodes"] == []
-    assert _weight_is_quantized(onnx.load(str(root / "model.int8.onnx")), NODE_NAMES["out"])
+    assert _weight_is_quantized(onnx.load(str(root / "model.int8.onnx")), NODE_NAMES["stem"])
+    variant = calibrate_int8(root, good_images, Int8Settings(images=4, keep_fp32=("coupling", "stem")))
+    assert variant.settings["excluded_nodes"] == sorted([NODE_NAMES["out"], NODE_NAMES["stem"]])
+    model = onnx.load(str(root / "model.int8.onnx"))
+    assert not _weight_is_quantized(model, NODE_NAMES["out"]) and _weight_is_quantized(model, NODE_NAMES["down"])
 
 
 def test_recalibration_replaces_the_variant_and_warns_about_a_signature(
