@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         parts=args.parts,
         speed_px=max(1, args.frame_size // 32),
         defect_parts=tuple(i for i in (2, 6, 8) if i < args.parts),
-        defect_kinds=("scratch", "dark_blob", "bright_blob"),
+        defect_kinds=("crack", "dark_blob", "bright_blob"),
         seed=args.seed,
     )
     bundle = args.bundle.resolve() if args.bundle else _train_bundle(args, spec, workdir)
@@ -320,6 +321,9 @@ def _summary(
     say(f"   frames with no defect .......... {len(clean)}, false alarms {len(false_alarms)}"
         + (f" ({frame_ranges(false_alarms)})" if false_alarms else ""))  # fmt: skip
     say(f"   agent throughput ............... {fps:.1f} frames/s (run incl. start-up: {agent_seconds:.1f} s)")
-    say(f"   demo wall time ................. {time.monotonic() - started:.1f} s")
+    cpu = os.times()
+    say(f"   demo wall time ................. {time.monotonic() - started:.1f} s (CPU time "
+        f"{cpu.user + cpu.system + cpu.children_user + cpu.children_system:.0f} s; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")  # fmt: skip
     for what, path in paths.items():
         say(f"   {what}: {path}")
