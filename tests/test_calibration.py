@@ -42,6 +42,7 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory, good_images: Path) -> P
 
 
 def _copy_bundle(src: Path, dst: Path) -> Path:
+    assert (src / "model.json").is_file(), f"{src} is not a bundle"  # never copy a wrong tree
     shutil.copytree(src, dst)
     return dst
 
@@ -251,7 +252,7 @@ def test_real_exported_bundle_calibrates(request: pytest.FixtureRequest, tmp_pat
         bundle_dir = request.getfixturevalue("tiny_bundle")
     except pytest.FixtureLookupError:
         pytest.skip("no tiny_bundle fixture (training export not available)")
-    root = _copy_bundle(Path(getattr(bundle_dir, "root", bundle_dir)), tmp_path / "real")
+    root = _copy_bundle(Path(bundle_dir), tmp_path / "real")
     groups = conv_groups(onnx.load(str(root / "model.onnx"))).counts()
     assert groups["coupling"] > 0 and groups["coupling"] == groups["permutation"] == groups["subnet"]
     variant = calibrate_int8(root, good_images, Int8Settings(images=4, method="minmax"))

@@ -120,6 +120,6 @@ def test_real_exported_bundle_passes(request: pytest.FixtureRequest) -> None:
         bundle_dir = request.getfixturevalue("tiny_bundle")
     except pytest.FixtureLookupError:
         pytest.skip("no tiny_bundle fixture (training export not available)")
-    path = Path(getattr(bundle_dir, "root", bundle_dir)) / "model.onnx"
+    path = Path(bundle_dir) / "model.onnx"
     problems = trt_ops.unsupported_ops(path)
     assert problems == [], trt_ops.describe_problems(problems, path)
