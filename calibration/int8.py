@@ -119,7 +119,7 @@ def conv_groups(model: Any) -> ConvGroups:
             seen.add(id(node))
             if node.op_type == "Conv":
                 found.add(node.name)
-            else:
+            elif node.op_type not in ("Shape", "Size"):  # shape arithmetic carries no activations
                 stack.extend(node.input)
         return found
 

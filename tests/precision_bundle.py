@@ -55,6 +55,10 @@ def _graph(seed: int) -> onnx.ModelProto:
         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
         helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
         helper.make_tensor("split", TensorProto.INT64, [2], [half, half]),
+        helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("one_i", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("one_s", TensorProto.INT64, [], [1]),
+        helper.make_tensor("big_i", TensorProto.INT64, [1], [1 << 30]),
         helper.make_tensor("full", TensorProto.INT64, [4], [1, 1, SIZE, SIZE]),
     ]
     n = helper.make_node
@@ -72,7 +76,12 @@ def _graph(seed: int) -> onnx.ModelProto:
         n("Relu", ["h"], ["h_r"], name="subnet_relu"),
         n("Conv", ["h_r", "out.w", "out.b"], ["a"], name=NODE_NAMES["out"]),
         n("Mul", ["a", "tenth"], ["a_small"], name="coupling_scale_down"),
-        n("Split", ["a_small", "split"], ["s_raw", "t"], axis=1, name="coupling_split_st"),
+        # FrEIA's export slices the subnet output with a length read from x_b's shape at run time.
+        n("Shape", ["x_b"], ["xb_shape"], name="coupling_shape"),
+        n("Gather", ["xb_shape", "one_s"], ["xb_channels"], axis=0, name="coupling_channels"),
+        n("Unsqueeze", ["xb_channels", "zero_i"], ["half_end"], name="coupling_end"),
+        n("Slice", ["a_small", "zero_i", "half_end", "one_i"], ["s_raw"], name="coupling_slice_s"),
+        n("Slice", ["a_small", "half_end", "big_i", "one_i"], ["t"], name="coupling_slice_t"),
         n("Tanh", ["s_raw"], ["s_tanh"], name="coupling_tanh"),
         n("Mul", ["s_tanh", "clamp"], ["s"], name="coupling_clamp"),
         n("Exp", ["s"], ["e"], name="coupling_exp"),
