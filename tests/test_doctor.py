@@ -1,0 +1,123 @@
+"""edge-agent doctor on real parts: a contract bundle, a real mosquitto, a real image folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from contract_bundle import build_contract_bundle, good_frame
+from mqtt_broker import MosquittoBroker, broker_factory, free_port  # noqa: F401 (fixture)
+
+
+def _doctor(config: Path, *extra: str) -> tuple[int, list[dict[str, str]]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "doctor", "--config", str(config), "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def _by_name(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {row["name"]: row for row in rows}
+
+
+def _write_config(tmp_path: Path, bundle: Path, port: int, source: Path, public_key: Path | None = None) -> Path:
+    config = tmp_path / "agent.toml"
+    lines = [
+        'device_id = "doctor-test"',
+        f'state_dir = "{tmp_path / "state"}"',
+        "[model]",
+        f'bundle = "{bundle}"',
+        "[source]",
+        f'uri = "{source}"',
+        "[mqtt]",
+        f"port = {port}",
+    ]
+    if public_key is not None:
+        lines += ["[update]", f'public_key = "{public_key}"']
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), good_frame(rng, 64, 64))
+    return folder
+
+
+def test_healthy_box_passes_every_check(
+    tmp_path: Path,
+    broker_factory: Callable[[], MosquittoBroker],  # noqa: F811 (fixture)
+    image_folder: Path,
+) -> None:
+    broker = broker_factory()
+    bundle = build_contract_bundle(tmp_path / "bundle")
+    code, rows = _doctor(_write_config(tmp_path, bundle, broker.port, image_folder), "--open-source")
+    checks = _by_name(rows)
+    assert code == 0, rows
+    assert checks["bundle"]["status"] == "ok" and "contract 1.0.0" in checks["bundle"]["detail"]
+    assert checks["engine"]["status"] == "ok" and checks["engine"]["detail"].startswith("onnxruntime")
+    assert checks["source"]["status"] == "ok" and "64x64" in checks["source"]["detail"]
+    assert checks["mqtt broker"]["status"] == "ok"
+    assert checks["nfa"]["status"] in ("ok", "warn")
+    # No fleet key configured: signatures unchecked is worth a warning, not a failure.
+    assert checks["signature"]["status"] == "warn"
+
+
+def test_corrupt_bundle_fails_and_names_the_file(tmp_path: Path, image_folder: Path) -> None:
+    bundle = build_contract_bundle(tmp_path / "bundle")
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    code, rows = _doctor(_write_config(tmp_path, bundle, free_port(), image_folder))
+    checks = _by_name(rows)
+    assert code == 1
+    assert checks["bundle"]["status"] == "fail"
+    assert "model.onnx" in checks["bundle"]["detail"] and "corrupt" in checks["bundle"]["detail"]
+    # A broker that is down is a warning: the agent spools and retries.
+    assert checks["mqtt broker"]["status"] == "warn"
+
+
+def test_wrong_fleet_key_fails_the_signature(tmp_path: Path, image_folder: Path) -> None:
+    from edge_agent.signing import generate_keypair, sign_bundle
+
+    bundle = build_contract_bundle(tmp_path / "bundle")
+    signer = generate_keypair(tmp_path / "signer")
+    other = generate_keypair(tmp_path / "other")
+    sign_bundle(bundle, signer.private_key)
+    good_code, good_rows = _doctor(_write_config(tmp_path, bundle, free_port(), image_folder, signer.public_key))
+    assert _by_name(good_rows)["signature"]["status"] == "ok"
+    assert good_code == 0
+    code, rows = _doctor(_write_config(tmp_path, bundle, free_port(), image_folder, other.public_key))
+    assert code == 1
+    assert _by_name(rows)["signature"]["status"] == "fail"
+
+
+def test_unknown_config_key_is_reported_by_name(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("[mqtt]\nhots = 'broker'\n")
+    code, rows = _doctor(config)
+    assert code == 1
+    assert _by_name(rows)["config"]["status"] == "fail"
+    assert "mqtt.hots" in _by_name(rows)["config"]["detail"]
+
+
+def test_missing_source_fails_with_its_path(tmp_path: Path) -> None:
+    bundle = build_contract_bundle(tmp_path / "bundle")
+    missing = tmp_path / "no-such-video.mp4"
+    code, rows = _doctor(_write_config(tmp_path, bundle, free_port(), missing), "--open-source")
+    assert code == 1
+    source = _by_name(rows)["source"]
+    assert source["status"] == "fail" and str(missing) in source["detail"]
