@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "update": ("edge_agent.update", "install the fleet's signed model for this device, with self-test and rollback"),
     "keygen": ("edge_agent.keygen", "make the fleet's ed25519 signing key pair"),
     "fleet-publish": ("edge_agent.fleet_publish", "add a signed bundle to a fleet directory and roll it out to groups"),
+    "config": ("edge_agent.config_command", "check a config file, show the effective settings, or print the reference"),
     "doctor": ("edge_agent.doctor", "check this box: libraries, config, bundle, engine, NFA JIT, camera, broker"),
     "build-engine": ("edge_agent.build_engine", "compile the bundle to a TensorRT plan for this GPU (cached)"),
     "reject-relay": (

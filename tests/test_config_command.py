@@ -1,0 +1,52 @@
+"""edge-agent config: the reference matches docs/configuration.md; check and show on real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_agent.config import AgentSettings
+from edge_agent.config_command import reference_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "config", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_docs_configuration_is_the_generated_reference() -> None:
+    expected = reference_markdown()
+    actual = (REPO / "docs" / "configuration.md").read_text()
+    assert actual == expected, "docs/configuration.md is stale: edge-agent config --reference > docs/configuration.md"
+
+
+def test_reference_lists_every_key_of_every_section() -> None:
+    text = reference_markdown()
+    for name, field in AgentSettings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            assert f"## [{name}]" in text
+            for key, sub in annotation.model_fields.items():
+                nested = f"## [{name}.{key}]" in text and sub.annotation is not None
+                assert f"| `{key}` |" in text or nested, f"{name}.{key} missing from the reference"
+        else:
+            assert f"| `{name}` |" in text
+
+
+def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('device_id = "line3-cam1"\n[mqtt]\nhost = "broker.plant"\nport = 8883\n')
+    ok = _config("--config", str(good))
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    shown = _config("--config", str(good), "--show")
+    settings = json.loads(shown.stdout)
+    assert settings["mqtt"]["host"] == "broker.plant" and settings["mqtt"]["port"] == 8883
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mqtt]\nport = 'eighty'\n")
+    refused = _config("--config", str(bad))
+    assert refused.returncode == 2 and "mqtt.port" in refused.stdout
