@@ -114,6 +114,12 @@ class SpoolConfig(_Section):
 
     path: Path | None = Field(default=None, description="SQLite file; default <state_dir>/spool.sqlite")
     max_messages: int = Field(default=100_000, gt=0, description="beyond this the oldest are dropped and counted")
+    commit_interval_s: float = Field(
+        default=0.05, gt=0, le=5.0, description="batch writes; a SIGKILL or power cut loses at most this window"
+    )
+    synchronous: Literal["normal", "full"] = Field(
+        default="normal", description="full: fsync every commit (survives power loss, costs flash writes)"
+    )
 
 
 class HttpConfig(_Section):
