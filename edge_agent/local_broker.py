@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -43,9 +45,22 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
 
 
 class LocalMosquitto:
-    """mosquitto on 127.0.0.1:<port>, anonymous, no persistence; ``start()``/``stop()`` may be repeated."""
+    """mosquitto on 127.0.0.1:<port>; ``start()``/``stop()``/``kill()`` may be repeated.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    By default anonymous and without persistence. ``persistence=True`` keeps retained messages, persistent
+    sessions and their queued messages across restarts (saved every second and at a clean stop), as a
+    plant broker should be configured. ``listener_options`` go under the listener line (TLS files) and
+    ``options`` at the end of the file (``password_file``, ``allow_anonymous false``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        persistence: bool = False,
+        listener_options: str = "",
+        options: str = "",
+    ) -> None:
         binary = find_mosquitto()
         if binary is None:
             raise BrokerError(MOSQUITTO_HINT)
@@ -56,9 +71,17 @@ class LocalMosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
+        store = (
+            f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
+            if persistence
+            else "persistence false\n"
+        )
+        # Started as root, mosquitto would switch to the `mosquitto` user, which cannot read test files.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        anonymous = "" if "allow_anonymous" in options else "allow_anonymous true\n"
         self.config.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
+            f"listener {self.port} {self.host}\n{listener_options}{anonymous}{store}{user}"
+            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n" + options
         )
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -80,6 +103,13 @@ class LocalMosquitto:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash or a power cut would (no clean shutdown, no final save)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+            self._process.wait()
         self._process = None
 
     @property

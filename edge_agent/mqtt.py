@@ -131,6 +131,7 @@ class MqttPublisher:
         self._session_was_connected = False
         self._session_refused = False
         self._retry_now = False
+        self._transport_error = ""
         self._thread: threading.Thread | None = None
 
     # -- topics -------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ class MqttPublisher:
         self._session_ended.clear()
         self._session_was_connected = False
         self._session_refused = False
+        self._transport_error = ""
         self._retry_now = False
         try:
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
@@ -286,8 +288,9 @@ class MqttPublisher:
             log.warning(
                 "MQTT broker closed the connection before accepting it; will retry with backoff",
                 extra={"event": "mqtt_unreachable", "host": self.config.host, "port": self.config.port,
-                       "error": "closed during CONNECT (TLS client certificate required or rejected? "
-                                "not an MQTT listener?)", "retry_in_s": delay, "pending": len(self.outbox)},
+                       "error": f"closed during CONNECT: {self._transport_error or 'no reason given'} (TLS client "
+                                "certificate missing or rejected? not an MQTT listener?)",
+                       "retry_in_s": delay, "pending": len(self.outbox)},
             )  # fmt: skip
         return False
 
@@ -427,7 +430,13 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_log = self._on_log
         return client
+
+    def _on_log(self, client: paho.Client, userdata: object, level: int, text: str) -> None:
+        # paho reports socket and TLS failures (e.g. "tlsv13 alert certificate required") only here.
+        if level == paho.MQTT_LOG_ERR and client is self._client:
+            self._transport_error = text
 
     def _on_connect(
         self, client: paho.Client, userdata: object, flags: object, reason: object, properties: object
@@ -505,7 +514,12 @@ class MqttPublisher:
         if self._session_was_connected and not self._stopping:
             log.warning(
                 "lost connection to MQTT broker; reconnecting with backoff",
-                extra={"event": "mqtt_disconnected", "reason": str(reason), "pending": len(self.outbox)},
+                extra={
+                    "event": "mqtt_disconnected",
+                    "reason": str(reason),
+                    "error": self._transport_error,
+                    "pending": len(self.outbox),
+                },
             )
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason: object, properties: object) -> None:

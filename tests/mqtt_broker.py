@@ -16,6 +16,8 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.local_broker import LocalMosquitto, find_mosquitto, free_port, wait_for_port
 
@@ -43,18 +45,45 @@ class Received:
 class Subscriber:
     """A paho client that subscribes (QoS 1) and keeps every message, as a reject relay would."""
 
-    def __init__(self, broker: MosquittoBroker, topic: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5):
+    def __init__(
+        self,
+        broker: MosquittoBroker,
+        topic: str,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+        setup: Callable[[paho.Client], None] | None = None,
+        client_id: str = "",
+        session_expiry_s: int = 0,
+    ):
+        """``setup`` configures the client before it connects (TLS, password). With ``session_expiry_s``
+        (MQTT 5) the session is persistent: a reconnect with the same ``client_id`` gets what the broker
+        queued meanwhile, as a reject relay must be configured.
+        """
         self.messages: list[Received] = []
+        self.connects = 0
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=protocol)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, protocol=protocol, client_id=client_id
+        )
+        self.client.reconnect_delay_set(0.2, 1)
+        if setup is not None:
+            setup(self.client)
+        self.client.on_connect = lambda c, u, f, rc, p: self._on_connect(c, topic)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        if session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session_expiry_s
+            self.client.connect(broker.host, broker.port, clean_start=False, properties=properties)
+        else:
+            self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError(f"could not subscribe to {topic} on port {broker.port}")
+
+    def _on_connect(self, client: paho.Client, topic: str) -> None:
+        self.connects += 1
+        client.subscribe(topic, qos=1)
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         props = {}
@@ -86,8 +115,8 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
     made: list[MosquittoBroker] = []
 
-    def make(port: int | None = None, start: bool = True) -> MosquittoBroker:
-        broker = MosquittoBroker(tmp_path / f"mosquitto{len(made)}", port)
+    def make(port: int | None = None, start: bool = True, **options: object) -> MosquittoBroker:
+        broker = MosquittoBroker(tmp_path / f"mosquitto{len(made)}", port, **options)  # type: ignore[arg-type]
         made.append(broker)
         return broker.start() if start else broker
 
