@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import contextlib
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from mqtt_broker import free_port
+from stream_server import MjpegServer, camera_video, needs_ffmpeg, numbered_frame
 
 from edge_agent.config import SourceConfig
+from edge_agent.conveyor import write_video as write_conveyor_video
 from edge_agent.sources import FrameSource, SourceError, crop, describe_video_io, detect_kind, has_gstreamer
-
-
-def numbered_frame(index: int, width: int = 64, height: int = 48) -> np.ndarray:
-    """A BGR frame whose mean grey level encodes ``index`` (survives video compression)."""
-    return np.full((height, width, 3), 10 + 20 * index, dtype=np.uint8)
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
     height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
-    assert writer.isOpened()
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
+    write_conveyor_video(path, frames, fps, (width, height))
     return path
 
 
@@ -158,33 +149,15 @@ def test_video_io_description_lists_backends() -> None:
     assert isinstance(info["gstreamer"], bool)
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+@needs_ffmpeg
 def test_live_http_mjpeg_stream_served_by_ffmpeg(tmp_path: Path) -> None:
-    video = write_video(tmp_path / "cam.avi", [numbered_frame(i % 7, 160, 120) for i in range(300)], fps=25.0)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/cam.mjpg"
-    server = subprocess.Popen(
-        ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video), "-c:v", "mjpeg",
-         "-f", "mpjpeg", "-listen", "1", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        source = FrameSource(SourceConfig(uri=url, open_timeout_s=10.0))
-        deadline = time.monotonic() + 15
-        while True:  # the server needs a moment before it listens
-            try:
-                source.open()
-                break
-            except SourceError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.3)
+    video = camera_video(tmp_path / "cam.avi", frames=300)
+    with MjpegServer(video) as server:
+        source = FrameSource(SourceConfig(uri=server.url, open_timeout_s=10.0, reconnect_initial_s=0.2))
+        with contextlib.suppress(SourceError):  # the server needs a moment before it listens: read() reconnects
+            source.open()
         frames = [source.read() for _ in range(5)]
         source.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     assert source.kind == "stream" and source.live and source.drop_frames
     assert [f.sequence for f in frames] == list(range(5))
     assert all(f.image.shape == (120, 160, 3) for f in frames)
