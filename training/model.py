@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.backbones import FeatureExtractor, create_backbone, create_scale_norm, norm_log_jac_det
+from training.backbones import (
+    CaitFeatureExtractor,
+    FeatureExtractor,
+    create_backbone,
+    create_scale_norm,
+    norm_log_jac_det,
+)
 from training.catalog import DEFAULT_BACKBONE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
 from training.flow import LatentShape, build_uflow_graph
 
@@ -32,6 +38,8 @@ class UFlowConfig:
     image_width: int = 256
     strides: tuple[int, ...] = DEFAULT_STRIDES
     norm: str = "chw"
+    hypercolumn: bool = False  # concatenate every backbone stage at a stride (more channels per scale)
+    feature_pool: int = 1  # k x k local averaging of the backbone features (1 = off)
     norm_in_jacobian: bool = True  # count the norms' affine in log|det J| (False: the reference's objective)
     flow_steps: int = 4
     hidden_ratio: float = 1.0
@@ -39,7 +47,12 @@ class UFlowConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        backbone_info(self.backbone)
+        info = backbone_info(self.backbone)
+        if info.fixed_input_size is not None and (self.image_height, self.image_width) != (info.fixed_input_size,) * 2:
+            size = info.fixed_input_size
+            raise ValueError(f"{self.backbone} works at {size}x{size} only, got {self.image_height}x{self.image_width}")
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            raise ValueError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}")
         if self.norm not in NORM_KINDS:
             raise ValueError(f"unknown feature norm {self.norm!r}; choose one of {', '.join(NORM_KINDS)}")
         largest = max(self.strides)
@@ -87,12 +100,18 @@ class FlowOutput:
 class UFlow(nn.Module):
     """Backbone (frozen, eval) -> per-scale norm (trainable) -> U-shaped flow (trainable)."""
 
-    def __init__(self, config: UFlowConfig, weights: Path | str | None = None) -> None:
+    def __init__(self, config: UFlowConfig, weights: Path | str | None = None, *, random_weights: bool = False) -> None:
         super().__init__()
         self.config = config
         info = backbone_info(config.backbone)
-        self.backbone: FeatureExtractor = create_backbone(
-            config.backbone, config.strides, weights, input_size=(config.image_height, config.image_width)
+        self.backbone: FeatureExtractor | CaitFeatureExtractor = create_backbone(
+            config.backbone,
+            config.strides,
+            weights,
+            input_size=(config.image_height, config.image_width),
+            hypercolumn=config.hypercolumn,
+            pool=config.feature_pool,
+            random_weights=random_weights,
         )
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)

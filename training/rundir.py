@@ -38,6 +38,7 @@ class RunInfo:
     train_config: dict[str, Any]
     data_summary: dict[str, Any]
     weights: str | None
+    random_weights: bool
     checkpoint_meta: dict[str, Any]
     val_scores: dict[str, Any]
     history: list[dict[str, Any]]
@@ -91,6 +92,7 @@ def read_run(run_dir: Path | str) -> RunInfo:
         train_config=dict(config.get("train", {})),
         data_summary=dict(config.get("data", {})),
         weights=config.get("weights"),
+        random_weights=bool(config.get("random_weights", False)),
         checkpoint_meta={},
         val_scores=_read_json(val_path) if val_path.is_file() else {},
         history=_read_json(history_path) if history_path.is_file() else [],
@@ -104,9 +106,10 @@ def load_model(run_dir: Path | str) -> tuple[UFlow, RunInfo]:
     if not path.is_file():
         raise RunDirError(f"run directory {info.root} has no {CHECKPOINT_NAME}; was training finished?")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("model_config") != info.model_config.to_dict():
+    # Compared as configs, not dicts: a checkpoint written before a config field existed has its default.
+    if UFlowConfig.from_dict(checkpoint.get("model_config") or {}) != info.model_config:
         raise RunDirError(f"{path} was trained with another model config than {info.root / CONFIG_NAME}")
-    model = UFlow(info.model_config, weights=info.weights)
+    model = UFlow(info.model_config, weights=info.weights, random_weights=info.random_weights)
     model.load_trainable_state_dict(checkpoint["state"])
     model.eval()
     meta = dict(checkpoint.get("meta", {}))

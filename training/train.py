@@ -55,10 +55,13 @@ class TrainConfig:
     cache_features: bool = True
     selftest_images: int = 3
     extract_batch_size: int = 16
+    patience: int = 0  # stop after this many epochs without a better selection loss (0: run every epoch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 epochs, got {self.patience}")
         if not (self.lr > 0 and 0 < self.lr_final_factor <= 1):
             raise ValueError(f"need lr > 0 and 0 < lr_final_factor <= 1, got {self.lr} and {self.lr_final_factor}")
 
@@ -72,6 +75,8 @@ class TrainResult:
     best_val_nll: float | None
     seconds: float
     seconds_per_epoch: float
+    epochs_run: int = 0
+    stopped_early: bool = False
 
 
 def _to_float_nchw(images: np.ndarray) -> torch.Tensor:
@@ -175,10 +180,16 @@ def train(
     train_config: TrainConfig,
     *,
     weights: Path | str | None = None,
+    random_weights: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train U-Flow on the good images of ``data`` and write a run directory (see training.rundir)."""
+    """Train U-Flow on the good images of ``data`` and write a run directory (see training.rundir).
+
+    Keeps the checkpoint with the lowest validation NLL (good images only) and stops early after
+    ``train_config.patience`` epochs without improvement. ``random_weights`` (tests only) trains on a
+    seeded random backbone and records it in config.json.
+    """
     started = time.perf_counter()
     torch.set_num_threads(train_config.threads)
     torch.manual_seed(model_config.seed)
@@ -189,7 +200,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     height, width = model_config.image_height, model_config.image_width
 
-    model = UFlow(model_config, weights=weights).eval()
+    model = UFlow(model_config, weights=weights, random_weights=random_weights).eval()
     write_json(
         run_dir / CONFIG_NAME,
         {
@@ -197,6 +208,7 @@ def train(
             "train": asdict(train_config),
             "data": {**splits.summary(), "image_height": height, "image_width": width},
             "weights": None if weights is None else str(weights),
+            "random_weights": random_weights,
             "versions": _versions(),
         },
     )
@@ -246,6 +258,17 @@ def train(
         log.info("epoch done", extra={"event": "train.epoch", **row})
         if on_epoch is not None:
             on_epoch(row)
+        if train_config.patience and epoch - best[1] >= train_config.patience:
+            log.info(
+                "early stop",
+                extra={
+                    "event": "train.early_stop",
+                    "epoch": epoch,
+                    "best_epoch": best[1],
+                    "patience": train_config.patience,
+                },
+            )
+            break
 
     _finish(run_dir, splits, val_images, train_images, train_config)
     seconds = time.perf_counter() - started
@@ -255,6 +278,8 @@ def train(
         best_val_nll=best[0] if val_batches else None,
         seconds=seconds,
         seconds_per_epoch=float(np.mean(epoch_seconds)),
+        epochs_run=len(history),
+        stopped_early=len(history) < train_config.epochs,
     )
 
 

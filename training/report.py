@@ -1,0 +1,171 @@
+"""The evaluation report people look at: ``report.html`` with metric tables and one PNG grid per type.
+
+Each grid row is one test image: image | ground truth (red outline) | anomaly map (colour, one
+scale for the whole test set) | NFA mask (log10 NFA < 0 in green over the image, ground truth
+outline in red). The sample is deterministic: evenly spaced images of each type.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from training.evaluate import Predictions, TestSet
+
+IMAGES_DIR = "images"
+_RED = (0, 0, 255)  # BGR
+_GREEN = (0, 200, 0)
+_LABEL_HEIGHT = 22
+
+
+def sample_indices(indices: np.ndarray, count: int) -> list[int]:
+    """``count`` evenly spaced entries of ``indices`` (all of them when there are fewer)."""
+    if len(indices) <= count:
+        return [int(i) for i in indices]
+    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
+    return [int(indices[p]) for p in picks]
+
+
+def _outline(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(canvas, contours, -1, colour, 1)
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    bar = np.full((_LABEL_HEIGHT, tile.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([bar, tile])
+
+
+def grid_row(
+    image_rgb: np.ndarray, mask: np.ndarray, amap: np.ndarray, log_nfa: np.ndarray, span: tuple[float, float], name: str
+) -> np.ndarray:
+    """One BGR row: image | ground truth | anomaly map | NFA mask, each tile captioned."""
+    image = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    truth = _outline(image.copy(), mask, _RED)
+    low, high = span
+    scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
+    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    detected = log_nfa < 0.0
+    overlay = image.copy()
+    overlay[detected] = (0.45 * overlay[detected] + 0.55 * np.array(_GREEN)).astype(np.uint8)
+    overlay = _outline(overlay, mask, _RED)
+    tiles = [
+        _label(image, name[:40]),
+        _label(truth, "ground truth"),
+        _label(heat, f"anomaly map, max {amap.max():.3f}"),
+        _label(overlay, f"NFA mask, min log10 NFA {log_nfa.min():.0f}"),
+    ]
+    spacer = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    parts = []
+    for tile in tiles:
+        parts += [tile, spacer]
+    return np.hstack(parts[:-1])
+
+
+def write_grids(
+    out_dir: Path, test: TestSet, predictions: Predictions, log_nfa: np.ndarray, samples_per_type: int
+) -> dict[str, str]:
+    """One PNG per type under ``out_dir/images``; returns type -> relative path."""
+    folder = out_dir / IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    amaps = predictions.anomaly_maps
+    span = (float(np.quantile(amaps[~test.labels], 0.01)), float(amaps.max()))
+    types = np.array([r.defect_type for r in test.records])
+    written = {}
+    for kind in test.types:
+        rows = [
+            grid_row(test.images[i], test.masks[i], amaps[i], log_nfa[i], span, test.records[i].image.name)
+            for i in sample_indices(np.flatnonzero(types == kind), samples_per_type)
+        ]
+        gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+        grid = np.vstack([part for row in rows for part in (row, gap)][:-1])
+        rel = f"{IMAGES_DIR}/{kind}.png"
+        if not cv2.imwrite(str(out_dir / rel), grid):
+            raise OSError(f"could not write {out_dir / rel}")
+        written[kind] = rel
+    return written
+
+
+def _table(result: dict[str, Any]) -> str:
+    keys = [
+        ("pixel_auroc", "pixel AUROC"),
+        ("aupro", "AUPRO@0.3"),
+        ("image_auroc", "image AUROC"),
+        ("miou_nfa", "mIoU (NFA)"),
+        ("miou_oracle", "mIoU (oracle)"),
+        ("nfa_flagged_defect", "NFA flagged defect"),
+        ("nfa_flagged_good", "NFA flagged good"),
+        ("images", "images"),
+    ]
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in keys)
+    rows = []
+    for name, values in [("overall", result["overall"]), *result["per_type"].items()]:
+        cells = []
+        for key, _ in keys:
+            value = values.get(key, "")
+            cells.append(f"<td>{value:.3f}</td>" if isinstance(value, float) else f"<td>{value}</td>")
+        rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th>subset</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _latent_table(result: dict[str, Any]) -> str:
+    rows = []
+    for scale in result["latents"]:
+        cells = [f"{scale['scale']}", f"{scale['channels']}", f"{scale['height']}x{scale['width']}"]
+        for part in ("good_images", "defect_cells", "defect_cells_max_per_image"):
+            stats = scale[part]
+            cells.append(", ".join(f"{k} {stats[k]:.2f}" for k in ("mean", "p90", "p99") if k in stats))
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "<tr><th>scale</th><th>C</th><th>map</th><th>m on good images</th><th>m on defect cells</th><th>max m per defect image</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def write_report(
+    out_dir: Path,
+    result: dict[str, Any],
+    test: TestSet,
+    predictions: Predictions,
+    log_nfa: np.ndarray,
+    samples_per_type: int,
+) -> dict[str, Any]:
+    """Write report.html and the grids; returns what was written (for metrics.json)."""
+    from training.evaluate import REPORT_NAME
+
+    grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type)
+    nfa_stats = result["nfa"]
+    what = result["bundle"] or result["run"]
+    images = "".join(
+        f"<h3>{html.escape(kind)}</h3><img src='{html.escape(rel)}' alt='{html.escape(kind)} samples'>"
+        for kind, rel in grids.items()
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>U-Flow evaluation: {html.escape(str(what))}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}} img{{max-width:100%}}</style></head><body>
+<h1>U-Flow evaluation</h1>
+<p>Model: {html.escape(str(what))} ({html.escape(result["source"])}), input {result["image_size"][0]}x{result["image_size"][1]}.
+Data: {html.escape(str(result["data"]["root"]))} ({html.escape(result["data"]["layout"])}), {result["overall"]["images"]} test images,
+{result["overall"]["defect_images"]} with defects.</p>
+<p>mIoU (NFA): mask log10 NFA &lt; 0, averaged over all test images (an empty mask on a good image scores 1;
+all-empty masks score {result["overall"]["miou_all_empty"]:.3f}). mIoU (oracle): best threshold of the anomaly map
+({result["overall"]["oracle_threshold"]:.4f}), chosen on the test set itself. Per type: AUROCs and AUPRO over that
+type and the good images; mIoUs over that type's images.</p>
+{_table(result)}
+<h2>NFA</h2>
+<p>log10 number of tests {nfa_stats["log10_number_of_tests"]:.1f}. Minimum log10 NFA per image: good median
+{nfa_stats["min_log_nfa_good"].get("p50", float("nan")):.1f}, defect median {nfa_stats["min_log_nfa_defect"].get("p50", float("nan")):.1f}
+(a region is detected below 0).</p>
+{_latent_table(result)}
+<h2>Samples</h2>
+<p>image | ground truth (red) | anomaly map (one colour scale for the whole test set) | NFA mask (green), ground truth (red)</p>
+{images}
+</body></html>
+"""
+    (out_dir / REPORT_NAME).write_text(page, encoding="utf-8")
+    return {"html": REPORT_NAME, "grids": grids}
