@@ -2,7 +2,8 @@
 
 Topics live under ``<prefix>/<device_id>/``:
 ``status`` (retained text: online | offline | stopped), ``inspection`` (QoS 1, InspectionMessage),
-``stats`` (StatsMessage), ``cmd/<name>`` in, ``cmd/<name>/result`` out (CommandResult),
+``stats`` (StatsMessage), ``cmd/<name>`` in (COMMANDS: ReloadCommand, SnapshotCommand, ThresholdCommand,
+UpdateCommand), ``cmd/<name>/result`` out (CommandResult),
 ``update`` (UpdateEvent, fleet update progress).
 
 A reject relay (``edge-agent reject-relay``) publishes under ``<prefix>/relay/<relay_id>/``:
@@ -14,7 +15,7 @@ from __future__ import annotations
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA = "uflow.inspection/1"
 
@@ -78,20 +79,28 @@ class InspectionMessage(_Payload):
 
 
 class StatsMessage(_Payload):
-    """Periodic health numbers."""
+    """Periodic health numbers (every mqtt.stats_interval_s, and at once when the source changes state)."""
 
     device_id: str
     time: float
     uptime_s: float
     fps: float
     frames_inspected: int
-    frames_dropped: int
+    frames_dropped: int = Field(description="live frames replaced by a newer one (latest-frame policy)")
     anomalous_frames: int
-    latency_ms_p50: float
+    latency_ms_p50: float = Field(description="capture-to-publish, recent frames")
     latency_ms_p99: float
-    spool_depth: int
+    spool_depth: int = Field(description="messages not yet acknowledged by the broker")
     spool_expired: int = 0
+    spool_dropped: int = Field(default=0, description="dropped because the spool was full (oldest first)")
     source_state: str
+    source_state_since: float | None = Field(default=None, description="unix time of the last state change")
+    source_reconnects: int = 0
+    source_error: str = Field(default="", description="the last source problem, if any")
+    last_frame_age_s: float | None = None
+    frames_captured: int = 0
+    status: Literal["ok", "degraded"] = "ok"
+    problems: list[str] = Field(default_factory=list, description="why the status is degraded (as /healthz)")
     model: ModelRef | None = None
 
 
@@ -131,6 +140,53 @@ class RelayStats(_Payload):
     lateness_ms_p99: float
     lateness_ms_max: float
     devices: dict[str, RelayDeviceStats] = Field(default_factory=dict)
+
+
+class _Command(_Payload):
+    """A command payload on ``cmd/<name>``; every command may carry a request id echoed in its reply."""
+
+    request_id: str | None = Field(default=None, max_length=200)
+
+
+class ReloadCommand(_Command):
+    """Load model.bundle (e.g. models/current) again, fully (engine + warm-up) before swapping it in."""
+
+    version: str | None = Field(default=None, description="fail unless the bundle found has this version")
+
+
+class SnapshotCommand(_Command):
+    """Save the last inspected frame, its anomaly map, NFA mask and overlay under snapshot_dir."""
+
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="added to the folder name")
+
+
+class ThresholdCommand(_Command):
+    """Change the decision at run time (until restart): log10 epsilon and/or the minimum region area."""
+
+    log10_epsilon: float | None = Field(default=None, allow_inf_nan=False)
+    min_region_area: int | None = Field(default=None, ge=0, description="source pixels")
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> ThresholdCommand:
+        if self.log10_epsilon is None and self.min_region_area is None:
+            raise ValueError("give log10_epsilon and/or min_region_area")
+        return self
+
+
+class UpdateCommand(_Command):
+    """Run a fleet update now (edge-agent update); progress is published on ``update``."""
+
+    source: str | None = None
+    group: str | None = None
+    force: bool = False
+
+
+COMMANDS: dict[str, type[_Command]] = {
+    "reload": ReloadCommand,
+    "snapshot": SnapshotCommand,
+    "threshold": ThresholdCommand,
+    "update": UpdateCommand,
+}
 
 
 class CommandResult(_Payload):

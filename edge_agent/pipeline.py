@@ -7,6 +7,15 @@ frame is inspected. Every frame carries its per-stage latency into its message.
 
 Stopping (a signal, or the end of a file) is a sentinel that flows down the stages behind the frames
 already captured, so in-flight frames are still inspected and published before the threads end.
+
+The model is swappable at run time (``swap_model``): the inference stage takes the current model under
+a lock for each frame and the frame carries it on, so a frame is scored and labelled by the model that
+inferred it, and the old engine is closed only once no inference runs on it.
+
+Latency (``StageLatency`` in every message, milliseconds): ``capture`` is the source read (decode; for a
+live source also the wait for the camera's next frame); ``total`` runs from the moment the frame was in
+memory to the moment its message was handed to the MQTT client, so it includes the queue waits but not
+the wait for the camera.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from edge_agent.engines.base import Engine, EngineOutput
-from edge_agent.messages import InspectionMessage, ModelRef, StageLatency
+from edge_agent.engines.base import EngineOutput
+from edge_agent.loaded_model import LoadedModel
+from edge_agent.messages import InspectionMessage, StageLatency
 from edge_agent.mqtt import MqttPublisher
 from edge_agent.preprocess import model_input
-from edge_agent.scoring import FrameScorer, Verdict
+from edge_agent.scoring import Verdict
 from edge_agent.sources import Frame, FrameSource
 
 log = logging.getLogger(__name__)
@@ -89,6 +99,7 @@ class FrameJob:
 
     frame: Frame
     capture_ms: float
+    model: LoadedModel | None = None  # the model that inferred this frame (it also scores and labels it)
     preprocess_ms: float = 0.0
     infer_ms: float = 0.0
     nfa_ms: float = 0.0
@@ -114,6 +125,7 @@ class PipelineStats:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, total_ms: float, anomalous: bool) -> None:
+        """One published frame."""
         with self._lock:
             self.frames_inspected += 1
             self.anomalous_frames += int(anomalous)
@@ -150,41 +162,54 @@ class PipelineSettings:
 
 
 class Pipeline:
-    """Four threads (capture, infer, nfa, publish) over one source, engine, scorer and publisher."""
+    """Four threads (capture, infer, nfa, publish) over one source, a swappable model and a publisher."""
 
     STAGES = ("capture", "infer", "nfa", "publish")
 
     def __init__(
         self,
         source: FrameSource,
-        engine: Engine,
-        scorer: FrameScorer,
+        model: LoadedModel,
         publisher: MqttPublisher,
         device_id: str,
-        model_ref: ModelRef,
         settings: PipelineSettings | None = None,
         on_result: ResultHook | None = None,
     ) -> None:
         settings = settings or PipelineSettings()
         self.source = source
-        self.engine = engine
-        self.scorer = scorer
         self.publisher = publisher
         self.device_id = device_id
-        self.model_ref = model_ref
         self.on_result = on_result
+        # Called for every published frame (metrics); unlike on_result, a failure here is logged, not fatal.
+        self.observers: list[ResultHook] = []
         self.stats = PipelineStats()
         self.error: BaseException | None = None
         self.ended = False  # the source reached its end (files and folders)
+        self.last_job: FrameJob | None = None  # the last published frame, with its maps (snapshots)
+        self._model = model
+        self._model_lock = threading.Lock()
         self._stop = threading.Event()
-        _, height, width, _ = engine.io.input.shape
-        self._model_size = (height, width)
         capture_size = 1 if source.drop_frames else settings.capture_queue
         self._to_infer: StageQueue[FrameJob] = StageQueue(capture_size, drop_oldest=source.drop_frames)
         self._to_nfa: StageQueue[FrameJob] = StageQueue(settings.infer_queue)
         self._to_publish: StageQueue[FrameJob] = StageQueue(settings.publish_queue)
         self._threads: list[threading.Thread] = []
         self.heartbeats: dict[str, float] = dict.fromkeys(self.STAGES, time.monotonic())
+        # A source waiting for a camera or reconnecting is alive, not hung.
+        source.on_wait = lambda: self._beat("capture")
+
+    # -- the model ----------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model new frames are inferred with."""
+        return self._model
+
+    def swap_model(self, model: LoadedModel) -> LoadedModel:
+        """Serve ``model`` from the next frame on; returns the old one (no inference runs on it any more)."""
+        with self._model_lock:
+            old, self._model = self._model, model
+        return old
 
     # -- control ------------------------------------------------------------------------------------
 
@@ -212,6 +237,7 @@ class Pipeline:
     def request_stop(self) -> None:
         """Stop capturing; frames already captured are still inspected and published."""
         self._stop.set()
+        self.source.cancel()  # a source waiting for a camera or backing off returns at once
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for every stage to finish; True when all have."""
@@ -258,6 +284,8 @@ class Pipeline:
             started = time.monotonic()
             frame = self.source.read()
             if frame is None:
+                if self._stop.is_set():
+                    break
                 self.ended = True
                 log.info(
                     "source ended",
@@ -274,12 +302,13 @@ class Pipeline:
         self._put_end(self._to_infer, "capture")
 
     def _infer_loop(self) -> None:
-        height, width = self._model_size
         while (job := self._next(self._to_infer, "infer")) is not None:
-            started = time.monotonic()
-            tensor = model_input(job.frame.image, height, width)
-            inferred = time.monotonic()
-            job.output = self.engine.infer(tensor)
+            with self._model_lock:
+                model = job.model = self._model
+                started = time.monotonic()
+                tensor = model_input(job.frame.image, *model.input_size)
+                inferred = time.monotonic()
+                job.output = model.engine.infer(tensor)
             done = time.monotonic()
             job.preprocess_ms = (inferred - started) * 1000.0
             job.infer_ms = (done - inferred) * 1000.0
@@ -291,8 +320,8 @@ class Pipeline:
             started = time.monotonic()
             frame = job.frame
             height, width = frame.image.shape[:2]
-            assert job.output is not None
-            job.verdict = self.scorer.score(job.output, (width, height), frame.roi_offset)
+            assert job.output is not None and job.model is not None
+            job.verdict = job.model.scorer.score(job.output, (width, height), frame.roi_offset)
             job.nfa_done = time.monotonic()
             job.nfa_ms = (job.nfa_done - started) * 1000.0
             self._forward(self._to_publish, job, "nfa")
@@ -300,9 +329,15 @@ class Pipeline:
 
     def _publish_loop(self) -> None:
         while (job := self._next(self._to_publish, "publish")) is not None:
-            job.message = inspection_message(job, self.device_id, self.model_ref)
+            job.message = inspection_message(job, self.device_id)
             self.publisher.publish_inspection(job.message)
             self.stats.record(job.message.latency_ms.total, job.message.anomalous)
+            self.last_job = job
+            for observer in self.observers:
+                try:
+                    observer(job)
+                except Exception as exc:
+                    log.exception("frame observer failed", extra={"event": "observer_failed", "error": str(exc)})
             if self.on_result is not None:
                 self.on_result(job)
 
@@ -328,9 +363,9 @@ class Pipeline:
         self._forward(queue, END, stage)
 
 
-def inspection_message(job: FrameJob, device_id: str, model_ref: ModelRef) -> InspectionMessage:
+def inspection_message(job: FrameJob, device_id: str) -> InspectionMessage:
     """The MQTT message for an inspected frame; ``publish`` and ``total`` latency end now."""
-    assert job.verdict is not None
+    assert job.verdict is not None and job.model is not None
     frame, verdict = job.frame, job.verdict
     now = time.monotonic()
     latency = StageLatency(
@@ -339,14 +374,14 @@ def inspection_message(job: FrameJob, device_id: str, model_ref: ModelRef) -> In
         infer=round(job.infer_ms, 3),
         nfa=round(job.nfa_ms, 3),
         publish=round((now - job.nfa_done) * 1000.0, 3),
-        total=round((now - frame.monotonic) * 1000.0 + job.capture_ms, 3),
+        total=round((now - frame.monotonic) * 1000.0, 3),
     )
     return InspectionMessage(
         device_id=device_id,
         sequence=frame.sequence,
         capture_time=frame.capture_time,
         source=frame.source_id,
-        model=model_ref,
+        model=job.model.ref,
         image_score=verdict.image_score,
         anomalous=verdict.anomalous,
         log10_epsilon=verdict.log10_epsilon,

@@ -2,12 +2,14 @@
 
 Start-up order matters to systemd (Type=notify): READY is sent only after the engine is loaded, the
 NFA compiled and a full frame path warmed, and the source opened; the MQTT broker may still be
-unreachable then (it is retried in the background and never blocks inspection). While the stage
-threads are alive and responsive the supervisor loop sends WATCHDOG; a hung stage stops the pings
-so systemd restarts the agent.
+unreachable then (it is retried in the background and never blocks inspection). A live source (camera,
+stream) that cannot be opened at start does not stop the agent: it starts degraded and reconnects with
+backoff; a file or folder that cannot be opened is an error. While the stage threads are alive and
+responsive the supervisor loop (edge_agent/agent.py) sends WATCHDOG; a hung stage stops the pings so
+systemd restarts the agent.
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT) or the end of a file or folder; 1 when the bundle,
-engine or source cannot be used or a stage failed; 2 for a configuration error.
+engine, file source or spool cannot be used or a stage failed; 2 for a configuration error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,20 +30,11 @@ from edge_agent.logs import setup_logging
 from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:
-    from edge_agent.bundle import Bundle
-    from edge_agent.engines import Engine
-    from edge_agent.messages import ModelRef
-    from edge_agent.mqtt import MqttPublisher
-    from edge_agent.pipeline import FrameJob, Pipeline
-    from edge_agent.scoring import FrameScorer
-    from edge_agent.sources import FrameSource
+    from edge_agent.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-STATUS_INTERVAL_S = 5.0
-SUPERVISE_TICK_S = 0.5
-JOIN_TIMEOUT_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,9 +97,11 @@ def run_agent(
     notifier = notifier or SystemdNotifier()
     _use_numba_cache_in(settings.state_dir)
     # Imported here so NUMBA_CACHE_DIR is set before Numba loads (scoring imports the NFA).
-    from edge_agent.bundle import BundleError, load_bundle
-    from edge_agent.engines import EngineUnavailable, create_engine
+    from edge_agent import nfa
+    from edge_agent.agent import Agent
+    from edge_agent.loaded_model import ModelLoadError, load_model
     from edge_agent.sources import FrameSource, SourceError, describe_video_io
+    from edge_agent.spool import SpoolError
 
     log.info(
         "edge agent starting",
@@ -120,173 +114,53 @@ def run_agent(
             **describe_video_io(),
         },
     )
-    notifier.status("starting: loading model")
+    source = FrameSource(settings.source)
     try:
-        bundle = load_bundle(settings.model.bundle)  # type: ignore[arg-type]
-        engine = create_engine(bundle, settings.model)
-    except (BundleError, EngineUnavailable) as exc:
-        log.error(
-            "cannot load the model: %s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)}
-        )
-        notifier.stopping(f"failed: {exc}")
-        return EXIT_FAILURE
-    try:
-        # The source first: a missing camera or file should fail in a second, not after the warm-up.
-        source = FrameSource(settings.source)
+        # The source first: a missing file should fail in a second, not after the warm-up.
         notifier.status(f"starting: opening {source.kind} {settings.source.uri}")
         source.open()
     except SourceError as exc:
-        log.error("cannot open the source: %s", exc, extra={"event": "source_failed", "source": settings.source.uri})
-        engine.close()
-        notifier.stopping(f"failed: {exc}")
-        return EXIT_FAILURE
+        if not source.live:
+            log.error(
+                "cannot open the source: %s", exc, extra={"event": "source_failed", "source": settings.source.uri}
+            )
+            notifier.stopping(f"failed: {exc}")
+            return EXIT_FAILURE
+        # A camera that boots slower than this box, or a stream server being restarted, is not a reason to
+        # crash-loop: the agent starts, says it is degraded, and keeps reconnecting with backoff.
+        log.warning(
+            "the source is not available yet; starting anyway and reconnecting in the background",
+            extra={"event": "source_unavailable_at_start", "source": settings.source.uri, "error": str(exc)},
+        )
     try:
         # The first start compiles the NFA (seconds on a small CPU): ask systemd for time, don't get killed.
-        notifier.extend_timeout(120, "starting: compiling the NFA and warming up the model")
-        scorer = _warm_path(bundle, engine, settings)
-    except Exception as exc:  # an engine that loads but cannot run is a model problem, not a crash
-        log.exception("the model failed its warm-up inference", extra={"event": "model_failed", "error": str(exc)})
+        notifier.extend_timeout(120, "starting: loading the model, compiling the NFA, warming up")
+        nfa.warm_up()
+        model = load_model(settings.model.bundle, settings.model, settings.nfa)  # type: ignore[arg-type]
+    except ModelLoadError as exc:
+        log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)})
         source.close()
-        engine.close()
         notifier.stopping(f"failed: {exc}")
         return EXIT_FAILURE
     try:
-        return _serve(settings, bundle, engine, scorer, source, on_result, stop, notifier)
-    finally:
+        agent = Agent(settings, model, source, notifier, on_result=on_result)
+    except SpoolError as exc:
+        log.error("%s", exc, extra={"event": "spool_failed", "path": str(settings.spool.path)})
+        model.close()
         source.close()
-        engine.close()
-
-
-def _serve(
-    settings: AgentSettings,
-    bundle: Bundle,
-    engine: Engine,
-    scorer: FrameScorer,
-    source: FrameSource,
-    on_result: Callable[[FrameJob], None] | None,
-    stop: threading.Event,
-    notifier: SystemdNotifier,
-) -> int:
-    """Publisher, pipeline, READY, supervision until the end, then a clean stop; returns the exit status."""
-    from edge_agent.messages import ModelRef
-    from edge_agent.mqtt import MqttPublisher
-    from edge_agent.pipeline import Pipeline
-
-    publisher = MqttPublisher(settings.mqtt, settings.device_id)
-    publisher.start()
-    model_ref = ModelRef(
-        name=bundle.manifest.name,
-        version=bundle.manifest.version,
-        sha256=bundle.model_sha256(settings.model.precision),
-        backend=engine.backend,
-        precision=settings.model.precision,
-    )
-    pipeline = Pipeline(source, engine, scorer, publisher, settings.device_id, model_ref, on_result=on_result)
+        notifier.stopping(f"failed: {exc}")
+        return EXIT_FAILURE
     restore = install_signal_handlers(stop)
     try:
-        pipeline.start()
-        notifier.ready(_status_line(pipeline, publisher, model_ref))
-        log.info("agent ready", extra={"event": "agent_ready", "backend": engine.backend, "model": model_ref.name})
-        _supervise(settings, pipeline, publisher, model_ref, stop, notifier)
-        pipeline.request_stop()
-        notifier.stopping("stopping: draining in-flight frames")
-        if not pipeline.join(JOIN_TIMEOUT_S):
-            log.error("pipeline did not stop in time", extra={"event": "pipeline_stuck", "timeout_s": JOIN_TIMEOUT_S})
+        return agent.serve(stop)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc, extra={"event": "config_error"})
+        notifier.stopping(f"failed: {exc}")
+        model.close()
+        source.close()
+        return EXIT_CONFIG
     finally:
         restore()
-    failed = pipeline.error is not None
-    publisher.stop("offline" if failed else "stopped")
-    summary = {
-        "frames": pipeline.stats.frames_inspected,
-        "anomalous": pipeline.stats.anomalous_frames,
-        "dropped": pipeline.frames_dropped,
-        "ended": pipeline.ended,
-        "published": publisher.counters.inspections_published,
-        "acked": publisher.counters.acked,
-    }
-    log.info("edge agent stopped", extra={"event": "agent_stopped", "failed": failed, **summary})
-    return EXIT_FAILURE if failed else EXIT_OK
-
-
-def _warm_path(bundle: Bundle, engine: Engine, settings: AgentSettings) -> FrameScorer:
-    """Compile the NFA and run one blank frame through engine and scorer, so frame 1 is not slow."""
-    import numpy as np
-
-    from edge_agent import nfa
-    from edge_agent.scoring import FrameScorer
-
-    started = time.monotonic()
-    nfa.warm_up()
-    scorer = FrameScorer(bundle.manifest, settings.nfa)
-    _, height, width, _ = engine.io.input.shape
-    output = engine.infer(np.full((height, width, 3), 128, dtype=np.uint8))
-    scorer.score(output, (width, height))
-    log.info(
-        "inference path warmed up",
-        extra={
-            "event": "warmed_up",
-            "seconds": round(time.monotonic() - started, 2),
-            "log10_epsilon": scorer.rule.log10_epsilon,
-        },
-    )
-    return scorer
-
-
-def _supervise(
-    settings: AgentSettings,
-    pipeline: Pipeline,
-    publisher: MqttPublisher,
-    model_ref: ModelRef,
-    stop: threading.Event,
-    notifier: SystemdNotifier,
-) -> None:
-    """Until the pipeline ends or a stop is asked: watchdog pings, status lines, stats messages."""
-    from edge_agent.messages import StatsMessage
-
-    started = time.time()
-    next_status = time.monotonic() + STATUS_INTERVAL_S
-    next_stats = time.monotonic() + settings.mqtt.stats_interval_s
-    stall_s = settings.source.stall_timeout_s
-    while pipeline.running and not stop.is_set():
-        if pipeline.responsive(stall_s):
-            notifier.watchdog()
-        now = time.monotonic()
-        if now >= next_status:
-            next_status = now + STATUS_INTERVAL_S
-            notifier.status(_status_line(pipeline, publisher, model_ref))
-        if now >= next_stats:
-            next_stats = now + settings.mqtt.stats_interval_s
-            p50, p99 = pipeline.stats.latency_percentiles()
-            publisher.publish_stats(
-                StatsMessage(
-                    device_id=settings.device_id,
-                    time=time.time(),
-                    uptime_s=round(time.time() - started, 1),
-                    fps=round(pipeline.stats.fps(), 2),
-                    frames_inspected=pipeline.stats.frames_inspected,
-                    frames_dropped=pipeline.frames_dropped,
-                    anomalous_frames=pipeline.stats.anomalous_frames,
-                    latency_ms_p50=round(p50, 2),
-                    latency_ms_p99=round(p99, 2),
-                    spool_depth=len(publisher.outbox),
-                    source_state=pipeline.source.state,
-                    model=model_ref,
-                )
-            )
-        stop.wait(SUPERVISE_TICK_S)
-    if stop.is_set():
-        log.info("stop requested", extra={"event": "stop_requested"})
-
-
-def _status_line(pipeline: Pipeline, publisher: MqttPublisher, model_ref: ModelRef) -> str:
-    """One line for `systemctl status`: fps, model, source and broker state."""
-    stats = pipeline.stats
-    broker = "mqtt connected" if publisher.connected else "mqtt DISCONNECTED"
-    return (
-        f"{stats.fps():.1f} fps | model {model_ref.name} {model_ref.version} ({model_ref.backend}) | "
-        f"source {pipeline.source.kind} {pipeline.source.state} | {broker} | "
-        f"{stats.frames_inspected} frames, {stats.anomalous_frames} anomalous, {pipeline.frames_dropped} dropped"
-    )
 
 
 def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:

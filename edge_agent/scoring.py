@@ -100,6 +100,7 @@ class FrameScorer:
         resolution: Resolution = "model",
     ) -> Verdict:
         """Verdict for one frame whose inspected image is ``image_size`` (width, height) at ``roi_offset``."""
+        rule = self.rule  # read once: the threshold command may replace it while a frame is scored
         model_w, model_h = self.model_size
         width, height = image_size
         if resolution == "frame":
@@ -110,10 +111,8 @@ class FrameScorer:
             anomaly_map = output.anomaly_map
         log_nfa = nfa.log_nfa_map(output.scale_maps, self.channels, (out_h, out_w))
         scale_x, scale_y = width / out_w, height / out_h
-        found = nfa.regions_from_log_nfa(
-            log_nfa, log10_epsilon=self.rule.log10_epsilon, min_area=0, score_map=anomaly_map
-        )
-        min_area = self.rule.min_area(width / model_w, height / model_h)
+        found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
+        min_area = rule.min_area(width / model_w, height / model_h)
         regions = []
         for raw in found:
             region = map_region(raw, scale_x, scale_y, (width, height), roi_offset)
@@ -123,7 +122,7 @@ class FrameScorer:
             image_score=image_score(output.anomaly_map),
             anomalous=bool(regions),
             regions=tuple(regions),
-            log10_epsilon=self.rule.log10_epsilon,
+            log10_epsilon=rule.log10_epsilon,
             anomaly_map=anomaly_map,
             log_nfa=log_nfa,
         )

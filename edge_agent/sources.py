@@ -445,7 +445,7 @@ class FrameSource:
         self._stuck: list[_Worker] = []
         self._attempt = 0  # reconnect attempts since the last frame (backoff exponent)
         self._lost_at = 0.0
-        self._clock_start = time.monotonic()  # stall clock: the last frame, or the last (re)open
+        self._clock_start = time.monotonic()  # stall clock: read() entry, the last frame or the last (re)open
         self._sequence = 0
         self._next_due = 0.0
         self._min_interval = 1.0 / config.fps_limit if config.fps_limit > 0 else 0.0
@@ -500,6 +500,9 @@ class FrameSource:
     # -- reading ------------------------------------------------------------------------------------
 
     def _read(self) -> Frame | None:
+        # The stall clock runs only while the pipeline waits for a frame: time a file source spends blocked
+        # behind a slow model (backpressure) between two reads is not the source's fault.
+        self._clock_start = time.monotonic()
         while True:
             if self._cancel.is_set():
                 raise _Cancelled

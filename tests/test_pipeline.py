@@ -12,13 +12,10 @@ import pytest
 from contract_bundle import contract_bundle, defect_frame, good_frame  # noqa: F401 (fixture)
 from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
 
-from edge_agent.bundle import load_bundle
 from edge_agent.config import ModelConfig, MqttConfig, SourceConfig
-from edge_agent.engines import create_engine
-from edge_agent.messages import ModelRef
+from edge_agent.loaded_model import load_model
 from edge_agent.mqtt import MqttPublisher
 from edge_agent.pipeline import END, FrameJob, Pipeline, StageQueue
-from edge_agent.scoring import FrameScorer
 from edge_agent.sources import FrameSource
 
 DEFECTS = {3, 8}
@@ -36,14 +33,12 @@ def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_pipeline(bundle_dir: Path, source_config: SourceConfig, port: int, on_result=None) -> Pipeline:
-    bundle = load_bundle(bundle_dir)
-    engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=1))
+    model = load_model(bundle_dir, ModelConfig(backend="onnxruntime", threads=1))
     source = FrameSource(source_config)
     source.open()
     publisher = MqttPublisher(MqttConfig(port=port, drain_timeout_s=10), device_id="cam1")
     publisher.start()
-    ref = ModelRef(name="contract", version="1", sha256=bundle.onnx_sha256, backend=engine.backend, precision="fp32")
-    return Pipeline(source, engine, FrameScorer(bundle.manifest), publisher, "cam1", ref, on_result=on_result)
+    return Pipeline(source, model, publisher, "cam1", on_result=on_result)
 
 
 def test_every_frame_of_a_folder_is_published_in_order(

@@ -1,0 +1,132 @@
+"""A small HTTP server for the agent: a table of GET routes, each a function of the request.
+
+The agent registers ``/metrics`` and ``/healthz``; other parts (a live preview page) add their own with
+``route()``. Each request runs on its own thread (ThreadingHTTPServer), so a slow client never holds up
+another, and a handler that raises answers 500 and is logged, never taking the server down. Standard
+library only: the device needs no web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """What a route handler gets."""
+
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """What a route handler returns."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Route = Callable[[HttpRequest], HttpResponse]
+
+
+class HttpServer:
+    """GET routes on host:port, served from a daemon thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.requested_port = port
+        self._routes: dict[str, Route] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def route(self, path: str, handler: Route) -> None:
+        """Serve ``handler`` for GET (and HEAD) on ``path`` (exact match; later registrations replace)."""
+        if not path.startswith("/"):
+            raise ValueError(f"route paths start with '/': {path!r}")
+        self._routes[path] = handler
+
+    @property
+    def routes(self) -> list[str]:
+        return sorted(self._routes)
+
+    @property
+    def port(self) -> int:
+        """The port really listened on (``http.port = 0`` picks a free one)."""
+        if self._server is None:
+            return self.requested_port
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve; raises OSError when the address cannot be bound (e.g. the port is taken)."""
+        server = ThreadingHTTPServer((self.host, self.requested_port), self._handler_class())
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+        self._thread.start()
+        log.info(
+            "HTTP server listening",
+            extra={"event": "http_listening", "host": self.host, "port": self.port, "routes": self.routes},
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def dispatch(self, request: HttpRequest) -> HttpResponse:
+        """The response for one request (404 lists the routes; a failing handler gives 500)."""
+        handler = self._routes.get(request.path)
+        if handler is None:
+            body = "not found; routes: " + ", ".join(self.routes) + "\n"
+            return HttpResponse(HTTPStatus.NOT_FOUND, body.encode())
+        try:
+            return handler(request)
+        except Exception as exc:
+            log.exception("HTTP handler failed", extra={"event": "http_handler_failed", "path": request.path})
+            return HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}\n".encode())
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self._answer(send_body=True)
+
+            def do_HEAD(self) -> None:
+                self._answer(send_body=False)
+
+            def _answer(self, send_body: bool) -> None:
+                parts = urlsplit(self.path)
+                request = HttpRequest(
+                    parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}
+                )
+                response = server.dispatch(request)
+                self.send_response(response.status)
+                self.send_header("Content-Type", response.content_type)
+                self.send_header("Content-Length", str(len(response.body)))
+                self.send_header("Cache-Control", "no-store")
+                for name, value in response.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(response.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("http %s", format % args, extra={"event": "http_request"})
+
+        return Handler

@@ -1,0 +1,64 @@
+"""Save what the agent saw and decided for one frame, for a person to look at (the ``snapshot`` command).
+
+A folder ``<snapshot_dir>/<YYYYmmdd-HHMMSS>-seq<sequence>[-<label>]`` with:
+``frame.png`` (the inspected image: rotated, ROI applied), ``anomaly_map.npy`` / ``log_nfa.npy`` (float32
+at the model's resolution, as computed), ``anomaly_map.png`` (heat map at the image's size), ``mask.png``
+(white where log10 NFA is below the decision threshold), ``overlay.png`` (image, heat map, NFA outline,
+region boxes) and ``inspection.json`` (the message that was published).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_agent.overlay import detection_mask, draw_overlay, heat_map
+from edge_agent.pipeline import FrameJob
+from edge_agent.scoring import resize_map
+
+
+def save_snapshot(job: FrameJob, directory: Path, label: str | None = None) -> dict[str, str]:
+    """Write one frame's files into a new folder under ``directory``; returns name -> path."""
+    if job.verdict is None or job.message is None:
+        raise ValueError("the frame has not been inspected and published yet")
+    frame, verdict = job.frame, job.verdict
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(frame.capture_time))
+    folder = Path(directory) / f"{stamp}-seq{frame.sequence:06d}{'-' + label if label else ''}"
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = frame.image.shape[:2]
+    anomaly = resize_map(verdict.anomaly_map, width, height)
+    log_nfa = resize_map(verdict.log_nfa, width, height)
+    # Regions are in source-frame pixels; the overlay is drawn on the ROI image.
+    ox, oy = frame.roi_offset
+    regions = [
+        r.model_copy(update={"bbox": (r.bbox[0] - ox, r.bbox[1] - oy, r.bbox[2], r.bbox[3])}) for r in verdict.regions
+    ]
+    title = (
+        f"frame {frame.sequence}  score {verdict.image_score:.3f}  {'ANOMALOUS' if verdict.anomalous else 'good'}"
+        f"  model {job.message.model.name} {job.message.model.version}"
+    )
+    files = {
+        "frame": folder / "frame.png",
+        "anomaly_map": folder / "anomaly_map.npy",
+        "log_nfa": folder / "log_nfa.npy",
+        "heat_map": folder / "anomaly_map.png",
+        "mask": folder / "mask.png",
+        "overlay": folder / "overlay.png",
+        "message": folder / "inspection.json",
+    }
+    _write_image(files["frame"], frame.image)
+    np.save(files["anomaly_map"], np.asarray(verdict.anomaly_map, dtype=np.float32))
+    np.save(files["log_nfa"], np.asarray(verdict.log_nfa, dtype=np.float32))
+    _write_image(files["heat_map"], heat_map(anomaly))
+    _write_image(files["mask"], detection_mask(log_nfa, verdict.log10_epsilon).astype(np.uint8) * 255)
+    _write_image(files["overlay"], draw_overlay(frame.image, anomaly, log_nfa, verdict.log10_epsilon, regions, title))
+    files["message"].write_text(job.message.to_json() + "\n", encoding="utf-8")
+    return {name: str(path) for name, path in files.items()}
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"could not write {path} (disk full or not writable?)")
