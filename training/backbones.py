@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.catalog import DEFAULT_BACKBONE, DEFAULT_STRIDES, NORM_KINDS, BackboneInfo, backbone_info
+from training.catalog import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    DEFAULT_STRIDES,
+    NORM_KINDS,
+    BackboneInfo,
+    CaitBranch,
+    backbone_info,
+)
 
 
 class WeightsError(RuntimeError):
@@ -335,9 +343,10 @@ def create_backbone(
     if info.family == "efficientnet_lite":
         model = _lite_model(info, weights, random_weights)
     else:
+        state = None if random_weights else timm_state_dict(info.timm_name, weights, info.name)
         model = _seeded_random_model(info.timm_name)
-        if not random_weights:
-            _load_timm_state(model, timm_state_dict(info.timm_name, weights, info.name), f"{name} weights")
+        if state is not None:
+            _load_timm_state(model, state, f"{name} weights")
     stem, stages, stage_channels, stage_strides = _stem_and_stages(model, info.family)
     taps = scale_taps(stage_strides, strides, hypercolumn, name)
     channels = [sum(stage_channels[i] for i in group) for group in taps]
@@ -357,23 +366,43 @@ def _create_cait(
     input_size: tuple[int, int] | None,
     random_weights: bool,
 ) -> CaitFeatureExtractor:
-    size = info.fixed_input_size
+    size = int(info.fixed_input_size or 0)
     if input_size is not None and tuple(input_size) != (size, size):
         raise ValueError(f"{info.name} works at {size}x{size} only (its patch grids are fixed), got {input_size}")
-    branches = []
-    for branch in info.cait_branches:
-        model = _seeded_random_model(branch.timm_name)
-        if not random_weights:
-            _load_timm_state(
-                model, timm_state_dict(branch.timm_name, weights, info.name), f"{branch.timm_name} weights"
-            )
-        model.blocks_token_only = None  # class-attention blocks and head are not used: free them
-        model.head = nn.Identity()
-        branches.append((model, branch.blocks, branch.input_size))
-    extractor = CaitFeatureExtractor(info.name, branches, size)
+    if weights is not None and weights.is_file() and len(info.cait_branches) > 1:
+        names = ", ".join(f"{b.timm_name}.safetensors" for b in info.cait_branches)
+        raise WeightsError(f"{info.name} needs one weights file per CaiT: pass --weights DIR with {names} (or .pth)")
+    extractor = cait_extractor(info.name, info.cait_branches, size, weights, random_weights=random_weights)
     if strides != extractor.strides:
         raise ValueError(f"{info.name} gives features at strides {list(extractor.strides)}, not {list(strides)}")
     return extractor
+
+
+def cait_extractor(
+    name: str,
+    branches: Sequence[CaitBranch],
+    input_size: int,
+    weights: Path | None = None,
+    *,
+    random_weights: bool = False,
+) -> CaitFeatureExtractor:
+    """A multi-scale CaiT from ``branches`` (timm model, blocks used, its input size), finest first.
+
+    Every branch's weights are looked up before any model is built, so a missing file fails fast
+    (cait_m48_448 alone is 356 M parameters). Blocks past ``blocks`` and the class-attention head are
+    dropped: the features never use them.
+    """
+    states = [None if random_weights else timm_state_dict(b.timm_name, weights, name) for b in branches]
+    built = []
+    for branch, state in zip(branches, states, strict=True):
+        model = _seeded_random_model(branch.timm_name, img_size=branch.input_size)
+        if state is not None:
+            _load_timm_state(model, state, f"{branch.timm_name} weights")
+        model.blocks = model.blocks[: branch.blocks]
+        model.blocks_token_only = None
+        model.head = nn.Identity()
+        built.append((model, branch.blocks, branch.input_size))
+    return CaitFeatureExtractor(name, built, input_size)
 
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".bin")
@@ -430,10 +459,13 @@ def timm_state_dict(timm_name: str, weights: Path | None, backbone: str) -> Mapp
             return _read_weights_file(path, backbone)
     hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id or timm_name
     where = str(weights) if weights is not None else ", ".join(str(d) for d in _hub_cache_dirs())
+    needed = backbone_info(backbone).timm_names if backbone in BACKBONES else (timm_name,)
+    files = " and ".join(f"DIR/{n}.safetensors" for n in needed)
+    single = "" if len(needed) > 1 else ", or pass --weights FILE"
     raise WeightsError(
         f"ImageNet weights for {backbone} ({timm_name}) are not on this machine (looked in {where}); nothing is "
-        f"downloaded at run time. Put the timm state dict at DIR/{timm_name}.safetensors (or .pth) and pass "
-        f"--weights DIR, or pass --weights FILE, or copy timm's Hugging Face cache of {hub_id} "
+        f"downloaded at run time. Put the timm state dict{'s' if len(needed) > 1 else ''} at {files} (or .pth) and "
+        f"pass --weights DIR{single}, or copy timm's Hugging Face cache of {hub_id} "
         f"(models--{hub_id.replace('/', '--')}) into ~/.cache/huggingface/hub"
     )
 

@@ -1,4 +1,4 @@
-"""Datasets for training and evaluation: three on-disk layouts, one record type, image loading.
+"""Datasets for training and evaluation: four on-disk layouts, one record type, image loading.
 
 Torch-free (numpy + OpenCV), so that evaluation helpers and the demo can use it anywhere.
 
@@ -9,6 +9,10 @@ Layouts (detected by :func:`open_dataset`):
 - ``mvtec``: an MVTec AD category directory: ``train/good`` (train; the same hash rule holds out a
   validation part), ``test/<type>/`` (``good`` or a defect type) and
   ``ground_truth/<type>/<stem>_mask.png``.
+- ``mvtec3d``: an MVTec 3D-AD category directory, RGB only: ``train/good/rgb`` (train),
+  ``validation/good/rgb`` (validation; without it the hash rule holds out a part of train),
+  ``test/<type>/rgb/<stem>.png`` with its mask ``test/<type>/gt/<stem>.png`` (the ``xyz`` point
+  clouds are ignored).
 - ``split_json``: a ``split.json`` (like ../shared/data/magnetic_tile) with ``train``, ``val``,
   ``test_good`` and ``test_defect`` {type: [stems]}; paths are stems relative to the json's
   directory, ``STEM.jpg`` the (grey) image and ``STEM.png`` its mask.
@@ -131,6 +135,36 @@ def mvtec_dataset(category: Path, val_fraction: float = DEFAULT_VAL_FRACTION) ->
     return DatasetSplits("mvtec", category, _good(train), _good(val), tuple(test))
 
 
+def mvtec3d_dataset(category: Path, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
+    """One MVTec 3D-AD category directory, RGB images only (train/good/rgb, validation/good/rgb, test/<type>/rgb+gt)."""
+    train_dir = category / "train" / GOOD / "rgb"
+    images = list_images(train_dir)
+    if not images:
+        raise DatasetError(f"MVTec 3D-AD layout: no training images in {train_dir}")
+    val_dir = category / "validation" / GOOD / "rgb"
+    if val_dir.is_dir():
+        train, val = images, list_images(val_dir)
+        if not val:
+            raise DatasetError(f"MVTec 3D-AD layout: {val_dir} exists but holds no images")
+    else:
+        train, val = hold_out(train_dir, images, val_fraction)
+    test: list[Record] = []
+    test_dir = category / "test"
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []:
+        rgb_dir = type_dir / "rgb"
+        if not rgb_dir.is_dir():
+            raise DatasetError(f"MVTec 3D-AD layout: {type_dir} has no rgb/ folder")
+        for image in list_images(rgb_dir):
+            if type_dir.name == GOOD:
+                test.append(Record(image, None, 0, GOOD))
+                continue
+            mask = type_dir / "gt" / f"{image.stem}.png"
+            if not mask.is_file():
+                raise DatasetError(f"MVTec 3D-AD layout: defect image {image} has no mask at {mask}")
+            test.append(Record(image, mask, 1, type_dir.name))
+    return DatasetSplits("mvtec3d", category, _good(train), _good(val), tuple(test))
+
+
 def _stem_paths(base: Path, stems: Any, where: str) -> list[Path]:
     if not isinstance(stems, list) or not all(isinstance(s, str) for s in stems):
         raise DatasetError(f"split.json: {where} must be a list of path stems")
@@ -172,7 +206,7 @@ def split_json_dataset(path: Path) -> DatasetSplits:
 
 
 def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
-    """Detect the layout of ``path`` (split.json file or dir with one, MVTec category, image folder)."""
+    """Detect the layout of ``path`` (split.json file or dir with one, MVTec 3D-AD or MVTec AD category, image folder)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset path {path} does not exist")
@@ -182,12 +216,14 @@ def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -
         return split_json_dataset(path)
     if (path / "split.json").is_file():
         return split_json_dataset(path / "split.json")
+    if (path / "train" / GOOD / "rgb").is_dir():
+        return mvtec3d_dataset(path, val_fraction)
     if (path / "train" / GOOD).is_dir():
         return mvtec_dataset(path, val_fraction)
     categories = sorted(p.name for p in path.iterdir() if (p / "train" / GOOD).is_dir())
     if categories:
         raise DatasetError(
-            f"{path} looks like an MVTec AD root with categories {categories}; pass one category directory"
+            f"{path} looks like an MVTec AD / 3D-AD root with categories {categories}; pass one category directory"
         )
     return folder_dataset(path, val_fraction)
 
