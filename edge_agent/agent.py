@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -80,8 +81,9 @@ class Agent:
             self.http = HttpServer(settings.http.host, settings.http.port)
             self.http.route("/metrics", self._metrics_route)
             self.http.route("/healthz", self._health_route)
-        self._source_changed = threading.Event()
-        source.on_state = lambda old, new, reason: self._source_changed.set()
+        # Source states in the order they happened (appended by the capture thread, published by the supervisor).
+        self._source_states: deque[str] = deque(maxlen=64)
+        source.on_state = lambda old, new, reason: self._source_states.append(new)
         self._update_thread: threading.Thread | None = None
         self._update_result: UpdateResult | None = None
 
@@ -169,8 +171,12 @@ class Agent:
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
                 self.notifier.status(self.status_line())
-            if now >= next_stats or self._source_changed.is_set():
-                self._source_changed.clear()
+            if self._source_states:
+                # One stats message per state change, so a dashboard sees reconnecting -> opening -> open.
+                while self._source_states:
+                    self.publisher.publish_stats(self.stats_message(self._source_states.popleft()))
+                next_stats = now + self.settings.mqtt.stats_interval_s
+            elif now >= next_stats:
                 next_stats = now + self.settings.mqtt.stats_interval_s
                 self.publisher.publish_stats(self.stats_message())
             stop.wait(SUPERVISE_TICK_S)
@@ -207,7 +213,8 @@ class Agent:
             )
         )
 
-    def stats_message(self) -> StatsMessage:
+    def stats_message(self, source_state: str | None = None) -> StatsMessage:
+        """The ``stats`` payload now (``source_state`` overrides the current one: a change being reported)."""
         stats, source = self.pipeline.stats, self.pipeline.source
         p50, p99 = stats.latency_percentiles()
         health = self.health()
@@ -225,7 +232,7 @@ class Agent:
             spool_depth=len(self.outbox),
             spool_expired=self.outbox.counters.expired,
             spool_dropped=self.outbox.counters.dropped,
-            source_state=source.state,
+            source_state=source_state or source.state,
             source_state_since=round(source.state_since, 3),
             source_reconnects=source.counters.reconnects,
             source_error=source.last_error,

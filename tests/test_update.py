@@ -459,11 +459,6 @@ def test_real_uflow_bundle_signed_at_export_installs(tmp_path, tiny_run_dir, key
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent does not handle cmd/reload yet (agent-runtime issue after the end-to-end one); "
-    "when it does, this passes and the marker must go",
-)
 def test_running_agent_reloads_and_confirms_the_new_model(tmp_path, fleet, keys, mqtt, pytestconfig) -> None:  # type: ignore[no-untyped-def]
     import cv2
     import numpy as np
