@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 
 import cv2
@@ -100,6 +101,49 @@ def test_mvtec_layout_missing_mask_and_root_with_categories(tmp_path: Path) -> N
     (category / "ground_truth" / "crack" / "0000_mask.png").unlink()
     with pytest.raises(DatasetError, match=r"0000_mask\.png"):
         open_dataset(category)
+
+
+def _mvtec3d_category(root: Path, with_validation: bool = True) -> None:
+    """A tiny MVTec 3D-AD category: rgb PNGs, gt masks, and xyz TIFFs that must be ignored."""
+    xyz = np.zeros((24, 32, 3), np.float32)
+    for split, count in (("train", 5), ("validation", 2 if with_validation else 0)):
+        for i in range(count):
+            _write(root / split / "good" / "rgb" / f"{i:03d}.png", good_image(i + 10 * len(split), 24, 32))
+            _write(root / split / "good" / "xyz" / f"{i:03d}.tiff", xyz)
+    _write(root / "test" / "good" / "rgb" / "000.png", good_image(99, 24, 32))
+    _write(root / "test" / "good" / "gt" / "000.png", np.zeros((24, 32), np.uint8))
+    for i, kind in enumerate(("crack", "hole")):
+        sample = defect_image(50 + i, 24, 32, "crack" if kind == "crack" else "dark_blob")
+        _write(root / "test" / kind / "rgb" / "000.png", sample.image)
+        _write(root / "test" / kind / "gt" / "000.png", sample.mask.astype(np.uint8) * 255)
+        _write(root / "test" / kind / "xyz" / "000.tiff", xyz)
+
+
+def test_mvtec3d_rgb_layout(tmp_path: Path) -> None:
+    _mvtec3d_category(tmp_path / "bagel")
+    splits = open_dataset(tmp_path / "bagel")
+    assert splits.layout == "mvtec3d"
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (5, 2, 3)
+    assert all(
+        r.image.parent.name == "rgb" and r.image.suffix == ".png" for r in splits.train + splits.val + splits.test
+    )
+    assert all("validation" in r.image.parts for r in splits.val)
+    defects = {r.defect_type: r for r in splits.test if r.label}
+    assert set(defects) == {"crack", "hole"}
+    assert defects["hole"].mask == tmp_path / "bagel" / "test" / "hole" / "gt" / "000.png"
+    assert load_mask(defects["hole"].mask, 24, 32).any()
+    assert next(r for r in splits.test if not r.label).mask is None
+    with pytest.raises(DatasetError, match=r"MVTec AD / 3D-AD root with categories \['bagel'\]"):
+        open_dataset(tmp_path)
+
+
+def test_mvtec3d_without_validation_holds_out_and_missing_mask_is_named(tmp_path: Path) -> None:
+    _mvtec3d_category(tmp_path, with_validation=False)
+    splits = open_dataset(tmp_path, val_fraction=0.2)
+    assert (len(splits.train), len(splits.val)) == (4, 1)
+    (tmp_path / "test" / "crack" / "gt" / "000.png").unlink()
+    with pytest.raises(DatasetError, match=r"test/crack/rgb/000\.png has no mask at .*crack/gt/000\.png"):
+        open_dataset(tmp_path)
 
 
 def _split_json_dataset(root: Path) -> None:
@@ -363,3 +407,29 @@ def test_tiny_model_nfa_flags_defects_not_good_parts(tiny_predictions) -> None:
     labels = np.array([r.label for r in test])
     assert not flagged[labels == 0].any(), "the NFA flags good synthetic parts"
     assert flagged[labels == 1].mean() >= 0.9, f"the NFA flags only {flagged[labels == 1].sum()} of 16 defects"
+
+
+def test_training_with_autocast_channels_last_and_early_stop(tmp_path: Path) -> None:
+    """The AMP code path (bfloat16 autocast; on the CPU here, CUDA in production), NHWC, early stopping."""
+    from training.model import UFlowConfig
+    from training.train import TrainConfig, TrainingError, placement, train
+
+    write_synthetic_dataset(tmp_path / "data", train_good=6, test_good=1, defects_per_kind=1, height=64, width=64)
+    config = TrainConfig(epochs=30, batch_size=4, amp=True, channels_last=True, patience=1, lr=3e-2)
+    where = placement(config)
+    assert where.amp_dtype == torch.bfloat16 and where.channels_last
+    result = train(
+        tmp_path / "data",
+        tmp_path / "run",
+        UFlowConfig(image_height=64, image_width=64, strides=(8, 16)),
+        config,
+        progress=False,
+    )
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert all(np.isfinite(row["train_loss"]) for row in history)
+    # stopped one epoch after the last improvement, and the kept checkpoint is the best epoch
+    assert result.stopped_early and result.epochs_run == len(history) < 30
+    assert history[-1]["epoch"] - result.best_epoch == 1
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["meta"]["epoch"] == result.best_epoch
+    with pytest.raises(TrainingError, match="no CUDA GPU") if not torch.cuda.is_available() else nullcontext():
+        placement(TrainConfig(device="cuda"))

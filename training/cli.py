@@ -50,6 +50,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="run the backbone every step instead of caching features")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast of the flow (default: on with CUDA, off on CPU)",
+    )
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (see bench/train_epoch.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -60,6 +68,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="bundle name (default: uflow-<backbone>-<dataset>)")
     p.add_argument("--version", help="bundle version (default: creation time)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        help="metrics.json of `uflow evaluate --run` on this run: its test numbers go into the manifest",
+    )
     p.add_argument(
         "--sign",
         type=Path,
@@ -128,6 +141,9 @@ def _run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         cache_features=not args.no_cache,
         patience=args.patience,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
     )
     result = train(
         args.data,
@@ -152,7 +168,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
     # The key is read first: a wrong path must not cost a whole export.
     key = load_private_key(args.sign) if args.sign is not None else None
-    out = export_bundle(args.run, args.out, name=args.name, version=args.version, overwrite=args.overwrite)
+    out = export_bundle(
+        args.run, args.out, name=args.name, version=args.version, overwrite=args.overwrite, test_metrics=args.metrics
+    )
     print(f"bundle written to {out}")
     if key is not None:
         sign_bundle(out, key)

@@ -151,6 +151,38 @@ def _parity_images(info: RunInfo) -> list[np.ndarray]:
     return images
 
 
+TEST_METRIC_KEYS = (
+    "pixel_auroc",
+    "aupro",
+    "image_auroc",
+    "miou_nfa",
+    "miou_oracle",
+    "nfa_detection_rate",
+    "nfa_false_alarm_rate",
+)
+
+
+def test_metrics_from_report(path: Path, info: RunInfo) -> dict[str, float]:
+    """``test_<metric>`` entries from a ``uflow evaluate`` metrics.json of this run's model.
+
+    Refused when the report is of another model config or another input size: the manifest must not
+    carry numbers that belong to a different model.
+    """
+    import json
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        overall = report["overall"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{path} is not a metrics.json written by `uflow evaluate`: {exc}") from exc
+    config = (report.get("model") or {}).get("model_config")
+    if config is not None and config != info.model_config.to_dict():
+        raise ExportError(f"{path} evaluates another model config than run {info.root}; evaluate this run first")
+    metrics = {f"test_{key}": float(overall[key]) for key in TEST_METRIC_KEYS if key in overall}
+    metrics["test_images"] = float(overall.get("images", 0))
+    return metrics
+
+
 def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[float]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     meta = info.checkpoint_meta
@@ -226,9 +258,24 @@ def _training_data(info: RunInfo) -> dict[str, Any]:
     keys = ("layout", "root", "train", "val", "test", "test_types", "image_height", "image_width")
     summary: dict[str, Any] = {k: info.data_summary[k] for k in keys if k in info.data_summary}
     summary["model_config"] = info.model_config.to_dict()
+    summary["random_weights"] = info.random_weights
     summary["epochs"] = info.train_config.get("epochs")
     summary["best_epoch"] = info.checkpoint_meta.get("epoch")
     return summary
+
+
+def _with_test_metrics(manifest: Manifest, path: Path, info: RunInfo) -> Manifest:
+    import json
+
+    metrics = test_metrics_from_report(path, info)
+    data = json.loads(path.read_text(encoding="utf-8")).get("data", {})
+    source = {"report": str(path), "root": data.get("root"), "layout": data.get("layout"), "test": data.get("test")}
+    return manifest.model_copy(
+        update={
+            "validation_metrics": {**manifest.validation_metrics, **metrics},
+            "training_data": {**manifest.training_data, "test_metrics_from": source},
+        }
+    )
 
 
 def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
@@ -274,8 +321,13 @@ def export_bundle(
     name: str | None = None,
     version: str | None = None,
     overwrite: bool = False,
+    test_metrics: Path | str | None = None,
 ) -> Path:
-    """Write a verified bundle for the run's best checkpoint to ``out_dir``; return ``out_dir``."""
+    """Write a verified bundle for the run's best checkpoint to ``out_dir``; return ``out_dir``.
+
+    ``test_metrics``: a ``uflow evaluate`` metrics.json of this run, whose overall numbers go into the
+    manifest's validation metrics as ``test_*`` (with the data it was measured on in training_data).
+    """
     out_dir = Path(out_dir)
     _prepare_destination(out_dir, overwrite)
     model, info = load_model(run_dir)
@@ -301,6 +353,8 @@ def export_bundle(
             float(_torch_outputs(model, load_image(staging / rel, height, width))[0].max()) for rel in selftest
         ]
         manifest = build_manifest(model, info, staging, name, version, parity, selftest, selftest_scores)
+        if test_metrics is not None:
+            manifest = _with_test_metrics(manifest, Path(test_metrics), info)
         write_manifest(staging, manifest)
         _verify_with_agent(staging, model)
         if out_dir.exists():

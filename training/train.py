@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from edge_agent import nfa
 from training.data import DatasetSplits, Record, load_images, open_dataset
-from training.model import UFlow, UFlowConfig, anomaly_map, nll_loss, scale_maps
+from training.model import FlowOutput, UFlow, UFlowConfig, anomaly_map, nll_loss, scale_maps
 from training.rundir import (
     CONFIG_NAME,
     HISTORY_NAME,
@@ -56,6 +56,9 @@ class TrainConfig:
     selftest_images: int = 3
     extract_batch_size: int = 16
     patience: int = 0  # stop after this many epochs without a better selection loss (0: run every epoch)
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    amp: bool | None = None  # bfloat16 autocast of the flow; None: on for CUDA, off for CPU
+    channels_last: bool = False  # NHWC memory format for the cached features and the flow's convs
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -79,34 +82,85 @@ class TrainResult:
     stopped_early: bool = False
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the flow trains: device, autocast dtype (None: float32), memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    def features(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else tensor
+
+
+def placement(config: TrainConfig) -> Placement:
+    """The device (CUDA when present unless told otherwise) and precision of a training run.
+
+    AMP is bfloat16 autocast: no loss scaling needed, and the loss and log-determinant are summed in
+    float32. GPUs without bfloat16 train in float32.
+    """
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(f"--device {config.device} asked for, but torch sees no CUDA GPU")
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("no bfloat16 on this GPU: training in float32", extra={"event": "train.no_bf16"})
+        amp = False
+    return Placement(device, torch.bfloat16 if amp else None, config.channels_last)
+
+
 def _to_float_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
 
 def extract_features(
-    model: UFlow, images: np.ndarray, batch_size: int, progress: bool, label: str
+    model: UFlow,
+    images: np.ndarray,
+    batch_size: int,
+    progress: bool,
+    label: str,
+    where: Placement | None = None,
 ) -> list[torch.Tensor]:
     """Backbone features of uint8 NxHxWx3 images, one tensor N x C_s x H_s x W_s per scale."""
+    device = where.device if where is not None else torch.device("cpu")
     chunks: list[list[torch.Tensor]] = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=f"features {label}", unit="batch", disable=not progress, leave=False):
-        chunks.append(model.extract(_to_float_nchw(images[start : start + batch_size])))
-    return [torch.cat([chunk[s] for chunk in chunks]) for s in range(len(chunks[0]))]
+        chunks.append(model.extract(_to_float_nchw(images[start : start + batch_size]).to(device)))
+    features = [torch.cat([chunk[s] for chunk in chunks]) for s in range(len(chunks[0]))]
+    return [where.features(f) for f in features] if where is not None else features
 
 
 class FeatureBatches:
     """Feeds the flow either cached features or fresh backbone features of stored images."""
 
-    def __init__(self, model: UFlow, images: np.ndarray, cache: bool, batch_size: int, progress: bool, label: str):
+    def __init__(
+        self,
+        model: UFlow,
+        images: np.ndarray,
+        cache: bool,
+        batch_size: int,
+        progress: bool,
+        label: str,
+        where: Placement | None = None,
+    ):
         self.model = model
         self.images = images
         self.count = len(images)
-        self.features = extract_features(model, images, batch_size, progress, label) if cache else None
+        self.where = where or Placement(torch.device("cpu"), None, False)
+        self.features = extract_features(model, images, batch_size, progress, label, self.where) if cache else None
 
     def get(self, index: torch.Tensor) -> list[torch.Tensor]:
         if self.features is not None:
+            index = index.to(self.where.device)
             return [f[index] for f in self.features]
-        return self.model.extract(_to_float_nchw(self.images[index.numpy()]))
+        batch = _to_float_nchw(self.images[index.numpy()]).to(self.where.device)
+        return [self.where.features(f) for f in self.model.extract(batch)]
 
 
 def _mean_loss(model: UFlow, batches: FeatureBatches, batch_size: int) -> float:
@@ -129,9 +183,15 @@ def train_epoch(
     model.train()
     order = torch.randperm(batches.count, generator=generator)
     total = 0.0
+    where = batches.where
     for step, start in enumerate(range(0, batches.count, batch_size)):
         index = order[start : start + batch_size]
-        loss = nll_loss(model.encode(batches.get(index)))
+        with torch.autocast(
+            where.device.type, dtype=where.amp_dtype or torch.float32, enabled=where.amp_dtype is not None
+        ):
+            output = model.encode(batches.get(index))
+        # z^2 sums and log|det J| in float32 whatever the autocast dtype
+        loss = nll_loss(FlowOutput(tuple(z.float() for z in output.latents), output.log_jac_det.float()))
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"the loss became {float(loss)} at epoch {epoch} step {step}; lower the learning rate (--lr)"
@@ -200,7 +260,10 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     height, width = model_config.image_height, model_config.image_width
 
-    model = UFlow(model_config, weights=weights, random_weights=random_weights).eval()
+    where = placement(train_config)
+    model = UFlow(model_config, weights=weights, random_weights=random_weights).eval().to(where.device)
+    if where.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     write_json(
         run_dir / CONFIG_NAME,
         {
@@ -216,8 +279,17 @@ def train(
     train_images = load_images(splits.train, height, width)
     val_images = load_images(splits.val, height, width)
     cache, ebs = train_config.cache_features, train_config.extract_batch_size
-    train_batches = FeatureBatches(model, train_images, cache, ebs, progress, "train")
-    val_batches = FeatureBatches(model, val_images, cache, ebs, progress, "val") if len(val_images) else None
+    train_batches = FeatureBatches(model, train_images, cache, ebs, progress, "train", where)
+    val_batches = FeatureBatches(model, val_images, cache, ebs, progress, "val", where) if len(val_images) else None
+    log.info(
+        "training on",
+        extra={
+            "event": "train.placement",
+            "device": str(where.device),
+            "amp": str(where.amp_dtype),
+            "channels_last": where.channels_last,
+        },
+    )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)

@@ -1,0 +1,164 @@
+"""``uflow evaluate`` on the tiny synthetic run: metrics.json, the report and its images, torch vs ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("FrEIA")
+
+from training.cli import main
+
+TYPES = {"good", "bright_blob", "crack", "dark_blob", "scratch"}
+OVERALL_KEYS = {
+    "pixel_auroc",
+    "aupro",
+    "image_auroc",
+    "miou_nfa",
+    "miou_oracle",
+    "oracle_threshold",
+    "miou_all_empty",
+    "nfa_flagged_defect",
+    "nfa_flagged_good",
+    "nfa_detection_rate",
+    "nfa_false_alarm_rate",
+    "images",
+    "defect_images",
+}
+
+
+@pytest.fixture(scope="module")
+def torch_report(tiny_run_dir: Path, synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval_torch")
+    code = main(
+        ["evaluate", "--run", str(tiny_run_dir), "--data", str(synthetic_data_dir), "--out", str(out), "--samples", "2"]
+    )
+    assert code == 0
+    return out
+
+
+def _metrics(report_dir: Path) -> dict[str, Any]:
+    return json.loads((report_dir / "metrics.json").read_text())
+
+
+def test_metrics_json_has_every_metric_overall_and_per_type(torch_report: Path) -> None:
+    result = _metrics(torch_report)
+    assert result["source"] == "torch" and result["image_size"] == [128, 128]
+    overall = result["overall"]
+    assert set(overall) >= OVERALL_KEYS
+    assert overall["images"] == 24 and overall["defect_images"] == 16
+    assert set(result["per_type"]) == TYPES
+    for kind in TYPES - {"good"}:
+        assert {"pixel_auroc", "aupro", "image_auroc", "miou_nfa", "miou_oracle"} <= set(result["per_type"][kind])
+    # the tiny model separates its planted defects and its NFA flags them, not the good parts
+    assert overall["pixel_auroc"] > 0.95 and overall["image_auroc"] == 1.0
+    assert overall["nfa_flagged_good"] == 0 and overall["nfa_detection_rate"] >= 0.9
+    assert overall["miou_all_empty"] == pytest.approx(8 / 24)
+    assert overall["miou_nfa"] > overall["miou_all_empty"] + 0.1
+    assert result["per_type"]["good"]["miou_nfa"] == 1.0
+    assert overall["miou_oracle"] >= overall["miou_all_empty"]
+    # latent statistics per scale, defect cells well above the good images
+    for scale in result["latents"]:
+        assert scale["defect_cells"]["mean"] > 2 * scale["good_images"]["mean"]
+    assert result["nfa"]["min_log_nfa_defect"]["p50"] < 0 < result["nfa"]["min_log_nfa_good"]["p50"]
+
+
+def test_metrics_match_an_independent_computation(
+    torch_report: Path, tiny_run_dir: Path, synthetic_data_dir: Path
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from edge_agent import nfa
+    from training.data import load_images, load_mask, open_dataset
+    from training.rundir import load_model
+    from training.train import predict
+
+    model, _ = load_model(tiny_run_dir)
+    test = open_dataset(synthetic_data_dir).test
+    amaps, maps = predict(model, load_images(test, 128, 128))
+    masks = np.stack([load_mask(r.mask, 128, 128) for r in test])
+    result = _metrics(torch_report)["overall"]
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), amaps.ravel()), abs=1e-9)
+    labels = np.array([r.label for r in test])
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, amaps.reshape(24, -1).max(1)), abs=1e-9)
+    channels = [s.channels for s in model.scales]
+    ious = []
+    for i in range(len(test)):
+        predicted = nfa.log_nfa_map([m[i] for m in maps], channels, (128, 128)) < 0
+        union = (predicted | masks[i]).sum()
+        ious.append((predicted & masks[i]).sum() / union if union else 1.0)
+    assert result["miou_nfa"] == pytest.approx(float(np.mean(ious)), abs=1e-9)
+
+
+def test_report_html_and_grids(torch_report: Path) -> None:
+    html = (torch_report / "report.html").read_text()
+    assert "mIoU (NFA)" in html and "pixel AUROC" in html
+    for kind in TYPES:
+        rel = f"images/{kind}.png"
+        assert f"src='{rel}'" in html
+        grid = cv2.imread(str(torch_report / rel))
+        assert grid is not None, f"{rel} is not a readable image"
+        # 2 sample rows of 4 captioned 128x128 tiles
+        assert grid.shape == (2 * (128 + 22) + 6, 4 * 128 + 3 * 4, 3)
+        assert grid.std() > 10  # not a blank canvas
+    defect_grid = cv2.imread(str(torch_report / "images/dark_blob.png"))
+    tile = defect_grid[22 : 22 + 128, 3 * (128 + 4) : 3 * (128 + 4) + 128].astype(int)
+    green = (tile[..., 1] - np.maximum(tile[..., 0], tile[..., 2])) > 60
+    assert green.sum() > 20, "the NFA mask of a detected defect is painted"
+
+
+def test_bundle_through_onnxruntime_agrees_with_torch(
+    torch_report: Path, tiny_bundle: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    code = main(["evaluate", "--bundle", str(tiny_bundle), "--data", str(synthetic_data_dir), "--out", str(tmp_path)])
+    assert code == 0
+    onnx, torch_result = _metrics(tmp_path), _metrics(torch_report)
+    assert onnx["source"] == "onnxruntime"
+    for key in ("pixel_auroc", "aupro", "image_auroc", "miou_oracle"):
+        assert onnx["overall"][key] == pytest.approx(torch_result["overall"][key], abs=1e-3), key
+    assert onnx["overall"]["miou_nfa"] == pytest.approx(torch_result["overall"]["miou_nfa"], abs=5e-3)
+    assert onnx["overall"]["nfa_flagged_defect"] == torch_result["overall"]["nfa_flagged_defect"]
+    assert onnx["overall"]["nfa_flagged_good"] == torch_result["overall"]["nfa_flagged_good"]
+
+
+def test_evaluate_errors(tmp_path: Path, tiny_run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.synthetic import good_image
+
+    folder = tmp_path / "goods"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), good_image(i, 32, 32))
+    assert main(["evaluate", "--run", str(tiny_run_dir), "--data", str(folder), "--out", str(tmp_path / "r")]) == 1
+    assert "has no test split" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(folder), "--out", str(tmp_path / "r")]) == 1
+    assert "give a run directory (--run) or a bundle (--bundle)" in capsys.readouterr().err
+
+
+def test_export_writes_the_test_metrics_into_the_manifest(
+    torch_report: Path, tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.bundle import load_bundle
+
+    out = tmp_path / "bundle"
+    metrics = torch_report / "metrics.json"
+    assert main(["export", "--run", str(tiny_run_dir), "--out", str(out), "--metrics", str(metrics)]) == 0
+    manifest = load_bundle(out).manifest
+    overall = _metrics(torch_report)["overall"]
+    assert manifest.validation_metrics["test_pixel_auroc"] == pytest.approx(overall["pixel_auroc"])
+    assert manifest.validation_metrics["test_miou_nfa"] == pytest.approx(overall["miou_nfa"])
+    assert manifest.training_data["test_metrics_from"]["report"] == str(metrics)
+
+    other = json.loads(metrics.read_text())
+    other["model"]["model_config"]["feature_pool"] = 3
+    wrong = tmp_path / "other.json"
+    wrong.write_text(json.dumps(other))
+    code = main(["export", "--run", str(tiny_run_dir), "--out", str(tmp_path / "b2"), "--metrics", str(wrong)])
+    assert code == 1 and "evaluates another model config" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
