@@ -66,11 +66,13 @@ class SourceConfig(_Section):
     rotate: Literal[0, 90, 180, 270] = 0
     width: int | None = Field(default=None, gt=0, description="requested capture width (cameras)")
     height: int | None = Field(default=None, gt=0, description="requested capture height (cameras)")
-    open_timeout_s: float = Field(default=10.0, gt=0)
-    read_timeout_s: float = Field(default=5.0, gt=0)
-    stall_timeout_s: float = Field(default=20.0, gt=0, description="no frame for this long -> reopen")
-    reconnect_initial_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    open_timeout_s: float = Field(default=10.0, gt=0, description="opening the camera/stream/file must finish within")
+    read_timeout_s: float = Field(default=5.0, gt=0, description="one read must return within (else: reopen)")
+    stall_timeout_s: float = Field(
+        default=20.0, gt=0, description="watchdog: no frame for this long -> reopen (files: error)"
+    )
+    reconnect_initial_s: float = Field(default=0.5, gt=0, description="first wait before reopening a lost source")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="longest wait between reopen attempts (doubling)")
 
 
 class NfaConfig(_Section):

@@ -146,6 +146,7 @@ class CaptureSource:
         self._open_timeout_ms = int(open_timeout_s * 1000)
         self._read_timeout_ms = int(read_timeout_s * 1000)
         self._capture: cv2.VideoCapture | None = None
+        self._opened_before = False
 
     def open(self) -> None:
         self._check_openable()
@@ -161,7 +162,9 @@ class CaptureSource:
             # A deep driver buffer makes every frame old; one buffered frame keeps latency flat.
             capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         self._capture = capture
-        log.info(
+        # A looping file reopens at every end: say so once, not every few seconds.
+        log.log(
+            logging.DEBUG if self._opened_before else logging.INFO,
             "source opened",
             extra={
                 "event": "source_opened",
@@ -172,6 +175,7 @@ class CaptureSource:
                 "fps": round(float(capture.get(cv2.CAP_PROP_FPS) or 0.0), 2),
             },
         )
+        self._opened_before = True
 
     def grab(self) -> np.ndarray | None:
         if self._capture is None:
@@ -260,6 +264,7 @@ class FolderSource:
         self._next = 0
         self.skipped: list[Path] = []
         self.current: Path | None = None  # the image being read (named when a read hangs)
+        self._opened_before = False
 
     def open(self) -> None:
         if not self.folder.is_dir():
@@ -268,9 +273,12 @@ class FolderSource:
         if not self._paths:
             raise SourceError(f"image folder {self.folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
         self._next = 0
-        log.info(
-            "source opened", extra={"event": "source_opened", "source": self.description, "images": len(self._paths)}
+        log.log(
+            logging.DEBUG if self._opened_before else logging.INFO,
+            "source opened",
+            extra={"event": "source_opened", "source": self.description, "images": len(self._paths)},
         )
+        self._opened_before = True
 
     def grab(self) -> np.ndarray | None:
         while self._next < len(self._paths):
@@ -689,7 +697,7 @@ class FrameSource:
         return True
 
     def _restart(self) -> None:
-        log.info("source looped", extra={"event": "source_looped", "source": self.raw.description})
+        log.debug("source looped", extra={"event": "source_looped", "source": self.raw.description})
         assert self._worker is not None
         try:
             self._worker.call(self.raw.close, self.config.open_timeout_s, self._cancel, self.on_wait)
