@@ -452,7 +452,7 @@ class FrameSource:
         self._worker: _Worker | None = None
         self._stuck: list[_Worker] = []
         self._attempt = 0  # reconnect attempts since the last frame (backoff exponent)
-        self._lost_at = 0.0
+        self._lost_at = time.monotonic()  # when the frames stopped (or construction)
         self._clock_start = time.monotonic()  # stall clock: read() entry, the last frame or the last (re)open
         self._sequence = 0
         self._next_due = 0.0
@@ -483,6 +483,8 @@ class FrameSource:
             self._open_raw()
         except SourceError as exc:
             self.last_error = str(exc)
+            # Down since start: the reconnect that brings it up reports how long it was away.
+            self._lost_at = time.monotonic()
             self._set_state("failed", str(exc))
             raise
         self._set_state("open", "opened")
@@ -616,7 +618,7 @@ class FrameSource:
             log.info(
                 "source reconnected",
                 extra={"event": "source_reconnected", "source": self.raw.description, "attempts": self._attempt,
-                       "down_s": round(time.monotonic() - self._lost_at, 2) if self._lost_at else None},
+                       "down_s": round(time.monotonic() - self._lost_at, 2)},
             )  # fmt: skip
             self._set_state("open", "reconnected")
             return

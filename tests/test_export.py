@@ -41,9 +41,14 @@ def test_onnx_matches_torch_on_good_and_defect_images(
         with torch.no_grad():
             want = [t.numpy() for t in wrapper(torch.from_numpy(image)[None])]
         assert [o.name for o in session.get_outputs()] == ["anomaly_map", "m_0", "m_1"]
-        for g, w in zip(got, want, strict=True):
+        for name, g, w in zip(["anomaly_map", "m_0", "m_1"], got, want, strict=True):
             assert g.dtype == np.float32 and g.shape == w.shape
-            assert np.abs(g - w).max() < 1e-4
+            if name == "anomaly_map":
+                assert np.abs(g - w).max() < 1e-4
+            else:
+                # m_s is a mean of squares of order 1: ORT's kernel fusion reorders sums (the export's
+                # own parity check uses the same relative tolerance).
+                np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5)
 
 
 def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> None:
