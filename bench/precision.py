@@ -3,11 +3,17 @@
 Usage (the magnetic tile numbers in docs/precision.md):
 
     nice -n 10 .venv/bin/python bench/precision.py --bundle bundles/mt256 \
-        --data /work/shared/data/magnetic_tile/split.json --threads 2 [--sweep] [--json reports/precision.json]
+        --data /work/shared/data/magnetic_tile/split.json --threads 2 [--sweep] \
+        [--cpu-formats u8s8-qdq u8s8-qoperator] [--sensitivity] [--json reports/precision.json]
 
 For each variant in the bundle (model.onnx, model.int8.onnx, model.fp16.onnx) and, with ``--sweep``,
 for INT8 models made on the fly with other calibration methods and other conv groups kept in FP32
-(written to a temporary directory; the bundle is not changed), it measures:
+(written to a temporary directory; the bundle is not changed), it measures the models below.
+``--cpu-formats`` adds CPU-only INT8 forms (uint8 activations, QOperator; TensorRT still gets the
+bundle's symmetric S8S8 Q/DQ model) with the backbone kept FP32 and fully quantized.
+``--sensitivity`` adds one S8S8 Q/DQ model per conv group with only that group quantized (backbone by
+output stride, the flow's subnet/coupling/permutation convs per scale), to find the layers that cost
+accuracy and what quantizing each one buys in speed. For every model it measures:
 
 - speed: the same frames through every model in interleaved rounds (so a busy machine slows all
   models alike), median latency per frame -> frames per second, and the speed-up over FP32;
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.agreement import cpu_session
 from calibration.data import pick_evenly, select_images
-from calibration.int8 import Int8Settings, quantize_int8
+from calibration.int8 import FORMATS, TENSORRT_FORMAT, Int8Settings, conv_groups, preprocess_model, quantize_int8
 from edge_agent import nfa
 from edge_agent.bundle import Bundle, load_bundle
 from training.data import Record, load_image, load_mask, open_dataset
@@ -120,6 +126,102 @@ def sweep_candidates(bundle: Bundle, data: Path, workdir: Path, images: int) -> 
     return found
 
 
+def cpu_format_candidates(
+    bundle: Bundle, data: Path, workdir: Path, images: int, formats: list[str]
+) -> list[Candidate]:
+    """CPU-only INT8 forms, backbone FP32 and fully quantized, per-channel and per-tensor weights."""
+    configs = [
+        Int8Settings(format=fmt, keep_fp32=keep, per_channel=per_channel, images=images)
+        for fmt in formats
+        for keep in (("backbone",), ())
+        for per_channel in (True, False)
+    ]
+    return [_quantized(bundle, data, workdir, settings, _label(settings)) for settings in configs]
+
+
+def _label(settings: Int8Settings, groups: str | None = None) -> str:
+    groups = groups or f"fp32:{'+'.join(settings.keep_fp32) or 'none'}"
+    weights = "" if settings.per_channel else " per-tensor"
+    return f"int8 {settings.format} {settings.method} {groups}{weights}"
+
+
+def _quantized(bundle: Bundle, data: Path, workdir: Path, settings: Int8Settings, label: str) -> Candidate:
+    spec = bundle.manifest.input
+    path = workdir / (label.replace(" ", "_").replace(":", "-").replace("/", "_") + ".onnx")
+    started = time.monotonic()
+    calibration = select_images(data, settings.images, "train")
+    quantize_int8(bundle.onnx_path, path, calibration, spec.height, spec.width, settings, spec.name)
+    log.info("quantized %s in %.0f s", label, time.monotonic() - started)
+    record = {
+        "method": settings.method,
+        "keep_fp32": list(settings.keep_fp32),
+        "per_channel": settings.per_channel,
+        "format": settings.format,
+        "quantized_convs": None if not settings.exclude_nodes else "only the named group",
+    }
+    return Candidate(label, path, "int8", record)
+
+
+def sensitivity_groups(model_path: Path, input_height: int) -> dict[str, tuple[str, ...]]:
+    """Conv node names per group: stem, backbone by output stride, flow roles per scale stride."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="precision-groups-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        preprocess_model(model_path, prepared)  # the same node names quantize_int8 sees
+        model = onnx.load(str(prepared))
+    heights = {
+        v.name: v.type.tensor_type.shape.dim[2].dim_value
+        for v in model.graph.value_info
+        if len(v.type.tensor_type.shape.dim) == 4
+    }
+    roles = conv_groups(model).groups
+    stem = set(roles["stem"])
+    found: dict[str, list[str]] = {"stem": sorted(stem)}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name in stem:
+            continue
+        height = heights.get(node.output[0])
+        stride = f"1/{input_height // height}" if height else "?"
+        role = next((r for r in ("coupling", "subnet", "permutation", "backbone") if node.name in roles[r]), "?")
+        found.setdefault(f"{role} {stride}", []).append(node.name)
+    return {label: tuple(nodes) for label, nodes in found.items()}
+
+
+def sensitivity_candidates(bundle: Bundle, data: Path, workdir: Path, images: int) -> list[Candidate]:
+    """One S8S8 Q/DQ model per group with only that group's convs quantized."""
+    groups = sensitivity_groups(bundle.onnx_path, bundle.manifest.input.height)
+    every = {node for nodes in groups.values() for node in nodes}
+    found = []
+    for name, nodes in groups.items():
+        settings = Int8Settings(keep_fp32=(), exclude_nodes=tuple(sorted(every - set(nodes))), images=images)
+        candidate = _quantized(bundle, data, workdir, settings, _label(settings, f"only {name} ({len(nodes)} convs)"))
+        candidate.settings["quantized_convs"] = list(nodes)
+        found.append(candidate)
+    return found
+
+
+def kept_set_candidates(
+    bundle: Bundle, data: Path, workdir: Path, images: int, kept_sets: list[str], formats: list[str]
+) -> list[Candidate]:
+    """Everything INT8 except the named sensitivity groups (comma-separated), in each format."""
+    groups = sensitivity_groups(bundle.onnx_path, bundle.manifest.input.height)
+    found = []
+    for kept in kept_sets:
+        names = [name.strip() for name in kept.split(",") if name.strip()]
+        unknown = [name for name in names if name not in groups]
+        if unknown:
+            raise SystemExit(f"--keep-fp32-set: unknown group(s) {unknown}; groups are {sorted(groups)}")
+        excluded = tuple(sorted({node for name in names for node in groups[name]}))
+        for fmt in dict.fromkeys([TENSORRT_FORMAT, *formats]):
+            settings = Int8Settings(format=fmt, keep_fp32=(), exclude_nodes=excluded, images=images)
+            candidate = _quantized(bundle, data, workdir, settings, _label(settings, f"fp32:{'+'.join(names)}"))
+            candidate.settings["keep_fp32"] = names
+            candidate.settings["quantized_convs"] = None
+            found.append(candidate)
+    return found
+
+
 def time_models(
     candidates: list[Candidate], frames: list[np.ndarray], threads: int, rounds: int
 ) -> dict[str, list[float]]:
@@ -195,6 +297,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on this many test images (evenly picked)")
     parser.add_argument("--sweep", action="store_true", help="also INT8 models with other methods and FP32 groups")
     parser.add_argument("--sweep-images", type=int, default=64, help="calibration images for the sweep models")
+    parser.add_argument(
+        "--cpu-formats",
+        nargs="*",
+        default=[],
+        choices=[f for f in FORMATS if f != TENSORRT_FORMAT] + [TENSORRT_FORMAT],
+        help="also CPU-only INT8 forms (not what TensorRT gets), backbone FP32 and fully quantized",
+    )
+    parser.add_argument("--sensitivity", action="store_true", help="also one model per conv group, only it INT8")
+    parser.add_argument(
+        "--keep-fp32-set",
+        action="append",
+        default=[],
+        help="also models with everything INT8 but these sensitivity groups, comma-separated "
+        "(e.g. 'stem,backbone 1/2'), in S8S8 Q/DQ and each --cpu-formats form; repeatable",
+    )
+    parser.add_argument("--skip-bundle-variants", action="store_true", help="measure FP32 and the added models only")
     parser.add_argument("--only", nargs="*", default=None, help="measure only these labels (prefix match)")
     parser.add_argument("--json", type=Path, default=None, help="write rows and settings here")
     args = parser.parse_args(argv)
@@ -208,12 +326,28 @@ def main(argv: list[str] | None = None) -> int:
     spec = bundle.manifest.input
     with tempfile.TemporaryDirectory(prefix="precision-sweep-") as tmp:
         candidates = candidates_in_bundle(bundle)
+        if args.skip_bundle_variants:
+            candidates = candidates[:1]
         if args.sweep:
             candidates += sweep_candidates(bundle, args.data, Path(tmp), args.sweep_images)
+        if args.cpu_formats:
+            candidates += cpu_format_candidates(bundle, args.data, Path(tmp), args.sweep_images, args.cpu_formats)
+        if args.sensitivity:
+            candidates += sensitivity_candidates(bundle, args.data, Path(tmp), args.sweep_images)
+        if args.keep_fp32_set:
+            candidates += kept_set_candidates(
+                bundle, args.data, Path(tmp), args.sweep_images, args.keep_fp32_set, args.cpu_formats
+            )
         if args.only:
             candidates = [c for c in candidates if c.label == "fp32" or any(c.label.startswith(o) for o in args.only)]
         frames = [load_image(r.image, spec.height, spec.width) for r in pick_evenly(records, args.timing_frames)]  # type: ignore[arg-type]
-        log.info("timing %d models x %d frames x %d rounds", len(candidates), len(frames), args.rounds)
+        log.info(
+            "timing %d models x %d frames x %d rounds, load average %.2f",
+            len(candidates),
+            len(frames),
+            args.rounds,
+            os.getloadavg()[0],
+        )
         times = time_models(candidates, frames, args.threads, args.rounds)
         rows = []
         base_ms = float(np.median(times[candidates[0].label]))
@@ -236,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         f"\n{bundle.manifest.name} {bundle.manifest.version}: {len(records)} test images, "
-        f"{args.threads} ONNX Runtime thread(s), {os.cpu_count()} CPUs\n"
+        f"{args.threads} ONNX Runtime thread(s), {os.cpu_count()} CPUs, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end\n"
     )
     print(format_table(rows))
     if args.json:

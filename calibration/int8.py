@@ -40,6 +40,12 @@ from edge_agent.engines.trt_ops import describe_problems, unsupported_ops
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
+# The deployable form is the first: the only one TensorRT's parser builds. The other two are CPU-only
+# experiments for ONNX Runtime on x86 (bench/precision.py --cpu-formats): uint8 activations with int8
+# weights (U8S8) is the layout MLAS's AVX2 kernels (vpmaddubsw) are written for, and QOperator
+# replaces each Q/DQ pair and Conv by one QLinearConv.
+FORMATS = ("s8s8-qdq", "u8s8-qdq", "u8s8-qoperator")
+TENSORRT_FORMAT = FORMATS[0]
 GROUPS = ("coupling", "subnet", "permutation", "backbone", "stem")
 # Chosen by measurement (docs/precision.md): see DEFAULT_REASON.
 DEFAULT_METHOD = "minmax"
@@ -63,6 +69,7 @@ class Int8Settings:
     keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
     exclude_nodes: tuple[str, ...] = ()
     images: int = 64
+    format: str = TENSORRT_FORMAT
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +81,8 @@ class Int8Settings:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.images < 1:
             raise ValueError(f"the number of calibration images must be at least 1, got {self.images}")
+        if self.format not in FORMATS:
+            raise ValueError(f"INT8 format must be one of {', '.join(FORMATS)}, got {self.format!r}")
 
 
 # --- the graph's conv groups ------------------------------------------------------------------------
@@ -204,9 +213,13 @@ def quantize_int8(
     settings: Int8Settings,
     input_name: str = "image",
 ) -> QuantizeResult:
-    """Write a symmetric INT8 Q/DQ model of ``source`` to ``target``, calibrated on ``images``."""
+    """Write an INT8 model of ``source`` to ``target``, calibrated on ``images``.
+
+    The default ``settings.format`` is the symmetric S8S8 Q/DQ model TensorRT builds; the others are
+    for ONNX Runtime on the CPU only.
+    """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
 
     started = time.monotonic()
     methods = {
@@ -228,7 +241,25 @@ def quantize_int8(
                 "excluded": len(excluded),
             },
         )
-        extra = {
+        quantize_static(
+            str(prepared),
+            str(target),
+            _Reader(model_batches(images, height, width), input_name),  # type: ignore[arg-type]
+            op_types_to_quantize=list(settings.op_types),
+            per_channel=settings.per_channel,
+            nodes_to_exclude=excluded,
+            calibrate_method=methods[settings.method],
+            **_format_options(settings),
+        )
+    return QuantizeResult(tuple(excluded), groups.counts(), time.monotonic() - started)
+
+
+def _format_options(settings: Int8Settings) -> dict[str, Any]:
+    """quantize_static's format, types and extra options for ``settings.format``."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    if settings.format == TENSORRT_FORMAT:
+        extra: dict[str, Any] = {
             "ActivationSymmetric": True,
             "WeightSymmetric": True,
             "CalibPercentile": settings.percentile,
@@ -239,20 +270,20 @@ def quantize_int8(
             "QDQDisableWeightAdjustForInt32Bias": True,
             # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMax drops the batches it clears.
         }
-        quantize_static(
-            str(prepared),
-            str(target),
-            _Reader(model_batches(images, height, width), input_name),  # type: ignore[arg-type]
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(settings.op_types),
-            per_channel=settings.per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
-            calibrate_method=methods[settings.method],
-            extra_options=extra,
-        )
-    return QuantizeResult(tuple(excluded), groups.counts(), time.monotonic() - started)
+        return {
+            "quant_format": QuantFormat.QDQ,
+            "activation_type": QuantType.QInt8,
+            "weight_type": QuantType.QInt8,
+            "extra_options": extra,
+        }
+    # CPU-only forms: asymmetric uint8 activations (the zero point uses the whole range), symmetric
+    # int8 weights, int32 biases as ONNX Runtime's QLinearConv expects.
+    return {
+        "quant_format": QuantFormat.QOperator if settings.format.endswith("qoperator") else QuantFormat.QDQ,
+        "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8,
+        "extra_options": {"WeightSymmetric": True, "CalibPercentile": settings.percentile},
+    }
 
 
 def check_for_tensorrt(path: Path) -> None:
@@ -279,6 +310,11 @@ def calibrate_bundle(
     """``uflow calibrate int8``: write model.int8.onnx into the bundle and record it in model.json."""
     import onnxruntime
 
+    if settings.format != TENSORRT_FORMAT:
+        raise QuantizationError(
+            f"the bundle's model.int8.onnx must be {TENSORRT_FORMAT} (what TensorRT builds); "
+            f"{settings.format} is a CPU-only benchmark format (bench/precision.py --cpu-formats)"
+        )
     bundle: Bundle = load_for_variant(bundle_root, "int8")
     spec = bundle.manifest.input
     images = select_images(data, settings.images, split)

@@ -10,14 +10,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
-from precision_bundle import NODE_NAMES, build_precision_bundle, write_good_images
+from precision_bundle import NODE_NAMES, SIZE, build_precision_bundle, write_good_images
 
 from calibration.bundle_variants import record_variant
 from calibration.data import CalibrationDataError, find_images, pick_evenly, select_images
 from calibration.fp16 import Fp16Settings, head_nodes
 from calibration.fp16 import calibrate_bundle as calibrate_fp16
-from calibration.int8 import Int8Settings, conv_groups
+from calibration.int8 import Int8Settings, QuantizationError, conv_groups, quantize_int8
 from calibration.int8 import calibrate_bundle as calibrate_int8
 from calibration.trt_calibrator import CalibrationFeed, calibration_cache_path
 from edge_agent.bundle import SIGNATURE_NAME, BundleError, QuantizedModel, load_bundle, sha256_of
@@ -172,6 +173,32 @@ def test_settings_are_validated() -> None:
         Int8Settings(keep_fp32=("decoder",))
     with pytest.raises(ValueError, match="at least 1"):
         Int8Settings(images=0)
+    with pytest.raises(ValueError, match="INT8 format must be one of s8s8-qdq"):
+        Int8Settings(format="s8s8-qoperator")
+
+
+def test_cpu_formats_are_quantized_and_run_but_never_go_into_a_bundle(tmp_path: Path, good_images: Path) -> None:
+    """u8s8-qoperator: QLinearConv with uint8 activations; ORT runs it close to FP32; TensorRT refuses it."""
+    root = build_precision_bundle(tmp_path / "b")
+    images = select_images(good_images, 6)
+    target = tmp_path / "cpu.onnx"
+    quantize_int8(root / "model.onnx", target, images, SIZE, SIZE, Int8Settings(images=6, format="u8s8-qoperator"))
+    model = onnx.load(str(target))
+    qconvs = [node for node in model.graph.node if node.op_type == "QLinearConv"]
+    assert qconvs, "QOperator format has no QLinearConv"
+    zero_points = {init.name: init for init in model.graph.initializer}
+    x_zero_point = zero_points[qconvs[0].input[2]]
+    assert x_zero_point.data_type == onnx.TensorProto.UINT8
+    assert "QLinearConv" in {p.op_type for p in unsupported_ops(target)}
+    frame = model_input(cv2.imread(str(images.paths[0])), SIZE, SIZE)[None]
+    reference = OnnxRuntimeEngine(load_bundle(root)).infer(frame[0])
+    quantized = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(
+        None, {"image": frame}
+    )
+    assert np.abs(quantized[0] - reference.anomaly_map).max() < 0.2
+    with pytest.raises(QuantizationError, match="CPU-only benchmark format"):
+        calibrate_int8(root, good_images, Int8Settings(images=4, format="u8s8-qdq"))
+    assert not (root / "model.int8.onnx").exists()
 
 
 def test_image_selection_from_folder_list_and_split(tmp_path: Path, good_images: Path) -> None:
