@@ -35,6 +35,8 @@ from edge_agent.engines.trt_build import (
     describe_parser_errors,
     detect_features,
     ensure_plan,
+    fixed_input_shape,
+    numpy_dtype_name,
 )
 
 TRT10 = TrtFeatures(
@@ -137,6 +139,33 @@ def test_missing_variants_say_what_to_make(bundle: Bundle) -> None:
         choose_recipe(bundle, "int8", TRT10)
     with pytest.raises(RecipeError, match="precision must be one of"):
         choose_recipe(bundle, "int4", TRT10)
+
+
+def test_dynamic_inputs_are_pinned_to_the_manifest_shape() -> None:
+    """An exporter's dynamic batch (-1) takes the manifest's 1; a fixed axis must already agree."""
+    assert fixed_input_shape((1, 64, 64, 3), (1, 64, 64, 3), "image") is None
+    assert fixed_input_shape((-1, 64, 64, 3), (1, 64, 64, 3), "image") == (1, 64, 64, 3)
+    assert fixed_input_shape((-1, -1, -1, 3), (1, 32, 48, 3), "image") == (1, 32, 48, 3)
+    with pytest.raises(TensorRTBuildError, match=r"input 'image' has shape \[-1, 128, 128, 3\].*\[1, 64, 64, 3\]"):
+        fixed_input_shape((-1, 128, 128, 3), (1, 64, 64, 3), "image")
+    with pytest.raises(TensorRTBuildError, match="cannot run the manifest's shape"):
+        fixed_input_shape((-1, 3, 64, 64, 1), (1, 64, 64, 3), "image")
+
+
+def test_types_without_numpy_equivalent_are_named() -> None:
+    """trt.nptype raises TypeError for BF16/FP8/INT4; the error names the tensor and the type."""
+
+    def nptype(dtype: str) -> type:
+        known = {"UINT8": np.uint8, "FLOAT": np.float32, "HALF": np.float16}
+        if dtype not in known:
+            raise TypeError(f"Could not resolve TensorRT datatype to an equivalent numpy datatype. {dtype}")
+        return known[dtype]
+
+    trt_types = SimpleNamespace(nptype=nptype)
+    assert numpy_dtype_name(trt_types, "UINT8", "image") == "uint8"
+    assert numpy_dtype_name(trt_types, "HALF", "m_0") == "float16"
+    with pytest.raises(TensorRTBuildError, match=r"tensor 'anomaly_map' is BF16, which has no numpy type"):
+        numpy_dtype_name(trt_types, "BF16", "anomaly_map")
 
 
 def test_parser_errors_name_the_nodes() -> None:

@@ -34,8 +34,22 @@ from edge_agent.bundle import Bundle, BundleError
 from edge_agent.config import DEFAULT_STATE_DIR, ModelConfig
 from edge_agent.engine_cache import DeviceIdentity, EngineCache
 from edge_agent.engines import EngineUnavailable
-from edge_agent.engines.base import EngineIO, EngineOutput, TensorSpec, check_frame, check_io_matches, split_outputs
-from edge_agent.engines.trt_build import TensorRTBuildError, ensure_plan, make_trt_logger
+from edge_agent.engines.base import (
+    EngineIO,
+    EngineOutput,
+    TensorSpec,
+    check_frame,
+    check_io_matches,
+    expected_io,
+    split_outputs,
+)
+from edge_agent.engines.trt_build import (
+    TensorRTBuildError,
+    ensure_plan,
+    fixed_input_shape,
+    make_trt_logger,
+    numpy_dtype_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +117,29 @@ def engine_cache_for(config: ModelConfig) -> EngineCache:
     return EngineCache(config.engine_cache_dir or Path(DEFAULT_STATE_DIR) / "engines")
 
 
-def _io_specs(trt: ModuleType, engine: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The engine's input and output tensors by name (TensorRT 10 name-based I/O API)."""
+def _io_specs(
+    trt: ModuleType, engine: Any, context: Any, wanted_input: TensorSpec
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The I/O tensors by name (TensorRT 10/11 name-based API), dynamic inputs set to the manifest's shape.
+
+    Output shapes are read from the execution context after the input shapes are set, so they are
+    concrete even when the plan was built with an optimization profile.
+    """
+    names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
+    is_input = {name: engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
+    for name in names:
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        fixed = fixed_input_shape(shape, wanted_input.shape, name) if is_input[name] else None
+        if fixed is not None and not context.set_input_shape(name, fixed):
+            raise TensorRTBuildError(f"TensorRT refused input shape {list(fixed)} for {name!r}")
     inputs, outputs = [], []
-    for index in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(index)
+    for name in names:
         spec = TensorSpec(
             name,
-            tuple(int(d) for d in engine.get_tensor_shape(name)),
-            np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name,
+            tuple(int(d) for d in context.get_tensor_shape(name)),
+            numpy_dtype_name(trt, engine.get_tensor_dtype(name), name),
         )
-        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
+        (inputs if is_input[name] else outputs).append(spec)
     return inputs, outputs
 
 
@@ -176,12 +202,12 @@ class TensorRTEngine:
                 f"TensorRT could not deserialize {result.path.name}; it was removed from the cache, "
                 f"rebuild with `edge-agent build-engine --bundle {bundle.root} --precision {config.precision}`"
             )
-        inputs, outputs = _io_specs(trt, self._engine)
+        self._context = self._engine.create_execution_context()
+        inputs, outputs = _io_specs(trt, self._engine, self._context, expected_io(bundle.manifest).input)
         try:
             self.io: EngineIO = check_io_matches(bundle, inputs, outputs)
         except BundleError as exc:
             raise BundleError(f"{exc} (TensorRT plan {result.path.name})") from exc
-        self._context = self._engine.create_execution_context()
         self._allocate(inputs + outputs)
         self._stream = self._gpu.cuda.Stream()
 

@@ -34,7 +34,7 @@ from edge_agent.engine_cache import (
     atomic_write_bytes,
     new_metadata,
 )
-from edge_agent.engines.base import TensorSpec
+from edge_agent.engines.base import TensorSpec, expected_io
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +362,34 @@ class BuiltPlan:
     settings: dict[str, object]
 
 
+def numpy_dtype_name(trt: ModuleType, dtype: Any, tensor: str) -> str:
+    """The numpy name of a TensorRT data type; a clear error for types numpy lacks (BF16, FP8, INT4)."""
+    try:
+        return np.dtype(trt.nptype(dtype)).name
+    except TypeError as exc:
+        raise TensorRTBuildError(
+            f"tensor {tensor!r} is {dtype}, which has no numpy type; engine I/O must be uint8 in, float32 out"
+        ) from exc
+
+
 def _tensor_spec(trt: ModuleType, tensor: Any) -> TensorSpec:
-    return TensorSpec(str(tensor.name), tuple(int(d) for d in tensor.shape), np.dtype(trt.nptype(tensor.dtype)).name)
+    name = str(tensor.name)
+    return TensorSpec(name, tuple(int(d) for d in tensor.shape), numpy_dtype_name(trt, tensor.dtype, name))
+
+
+def fixed_input_shape(actual: tuple[int, ...], wanted: tuple[int, ...], name: str) -> tuple[int, ...] | None:
+    """The shape to pin a dynamic input to (the manifest's), or None when ``actual`` is already static.
+
+    A -1 dimension (a dynamic axis, e.g. an exporter's dynamic batch) takes the manifest's value; a
+    fixed dimension must already equal it.
+    """
+    if all(d >= 0 for d in actual):
+        return None
+    if len(actual) != len(wanted) or any(a >= 0 and a != w for a, w in zip(actual, wanted, strict=True)):
+        raise TensorRTBuildError(
+            f"input {name!r} has shape {list(actual)}, which cannot run the manifest's shape {list(wanted)}"
+        )
+    return tuple(wanted)
 
 
 def load_timing_cache(config: Any, path: Path) -> Any:
@@ -414,8 +440,13 @@ def build_serialized(
     calibrator: Any = None,
     progress: BuildProgress | None = None,
     verbose: bool = False,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> BuiltPlan:
-    """Parse ``onnx_path`` and build a serialized plan with ``recipe`` (needs a GPU)."""
+    """Parse ``onnx_path`` and build a serialized plan with ``recipe`` (needs a GPU).
+
+    ``input_shapes`` (the manifest's) pin dynamic input axes through one optimization profile with
+    min = opt = max; static inputs need none.
+    """
     progress = progress or BuildProgress()
     logger = make_trt_logger(trt, verbose)
     builder = trt.Builder(logger)
@@ -435,6 +466,20 @@ def build_serialized(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    pinned = {}
+    for spec in inputs:
+        wanted = (input_shapes or {}).get(spec.name)
+        if wanted is None and any(d < 0 for d in spec.shape):
+            raise TensorRTBuildError(f"input {spec.name!r} of {onnx_path.name} is dynamic {list(spec.shape)}")
+        fixed = fixed_input_shape(spec.shape, wanted, spec.name) if wanted is not None else None
+        if fixed is not None:
+            pinned[spec.name] = fixed
+    if pinned:
+        profile = builder.create_optimization_profile()
+        for name, shape in pinned.items():
+            profile.set_shape(name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+        log.info("dynamic inputs pinned to the manifest's shape", extra={"event": "trt_profile", "inputs": pinned})
     for flag in recipe.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if recipe.calibrator:
@@ -531,6 +576,7 @@ def ensure_plan(
             timing_cache=cache.timing_cache_path(device),
             calibrator=calibrator,
             progress=progress,
+            input_shapes={bundle.manifest.input.name: expected_io(bundle.manifest).input.shape},
         )
     finally:
         if calibrator is not None and hasattr(calibrator, "release"):
