@@ -397,7 +397,10 @@ def load_timing_cache(config: Any, path: Path) -> Any:
     data = b""
     if path.is_file():
         data = path.read_bytes()
-    cache = config.create_timing_cache(data)
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # a damaged file: the binding may raise instead of returning None
+        cache = None
     if cache is None and data:
         log.warning(
             "timing cache unreadable, starting a new one", extra={"event": "timing_cache_reset", "path": str(path)}
