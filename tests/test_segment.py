@@ -102,7 +102,12 @@ def segment_error(bundle: Path, image: Path, out: Path, capsys: pytest.CaptureFi
     return capsys.readouterr().err
 
 
-def test_corrupt_model_file_is_refused_naming_the_file(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_corrupt_model_file_is_refused_naming_the_file(
+    contract_bundle: Path,  # noqa: F811
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     bundle = copy_bundle(contract_bundle, tmp_path / "bundle")
     with (bundle / "model.onnx").open("r+b") as handle:
         handle.seek(100)
@@ -111,7 +116,12 @@ def test_corrupt_model_file_is_refused_naming_the_file(contract_bundle: Path, im
     assert "model.onnx is corrupt or was modified" in err
 
 
-def test_manifest_scale_not_matching_onnx_names_the_output(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_manifest_scale_not_matching_onnx_names_the_output(
+    contract_bundle: Path,  # noqa: F811
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     bundle = copy_bundle(contract_bundle, tmp_path / "bundle")
     manifest = json.loads((bundle / "model.json").read_text())
     manifest["scales"][1]["height"] = 9
@@ -132,7 +142,9 @@ def test_manifest_naming_an_output_the_onnx_lacks(contract_bundle: Path, images:
 def test_missing_file_and_wrong_schema_are_refused(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
     bundle = copy_bundle(contract_bundle, tmp_path / "bundle")
     (bundle / "model.onnx").unlink()
-    assert "model.onnx is listed in model.json but missing" in segment_error(bundle, images / "good.png", tmp_path / "o1", capsys)
+    assert "model.onnx is listed in model.json but missing" in segment_error(
+        bundle, images / "good.png", tmp_path / "o1", capsys
+    )
     bundle = copy_bundle(contract_bundle, tmp_path / "bundle2")
     manifest = json.loads((bundle / "model.json").read_text())
     manifest["schema_version"] = 99
