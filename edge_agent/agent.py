@@ -31,6 +31,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.mqtt import MqttPublisher
 from edge_agent.outbox import MemoryOutbox, Outbox
 from edge_agent.pipeline import FrameJob, Pipeline
+from edge_agent.preview import PreviewFacts, PreviewPage
 from edge_agent.scoring import DecisionRule
 from edge_agent.sources import FrameSource
 from edge_agent.spool import Spool
@@ -77,10 +78,16 @@ class Agent:
         self.commands.register("update", self.start_update)
         self.publisher.subscribe("cmd/+", self.commands.submit)
         self.http: HttpServer | None = None
+        self.preview: PreviewPage | None = None
         if settings.http.enabled:
             self.http = HttpServer(settings.http.host, settings.http.port)
             self.http.route("/metrics", self._metrics_route)
             self.http.route("/healthz", self._health_route)
+            if settings.http.preview:
+                self.preview = PreviewPage(
+                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps
+                )
+                self.preview.register(self.http)
         # Source states in the order they happened (appended by the capture thread, published by the supervisor).
         self._source_states: deque[str] = deque(maxlen=64)
         source.on_state = lambda old, new, reason: self._source_states.append(new)
@@ -252,6 +259,11 @@ class Agent:
             f"source {source.kind} {source.state} | {broker}, spool {len(self.outbox)} | "
             f"{stats.frames_inspected} frames, {stats.anomalous_frames} anomalous, {self.pipeline.frames_dropped} dropped"
         )
+
+    def _preview_facts(self) -> PreviewFacts:
+        stats, source = self.pipeline.stats, self.pipeline.source
+        p50, p99 = stats.latency_percentiles()
+        return PreviewFacts(stats.fps(), p50, p99, source.state, source.last_error)
 
     def _metrics_route(self, request: HttpRequest) -> HttpResponse:
         body, content_type = self.metrics.exposition()

@@ -130,7 +130,14 @@ class HttpConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9108, ge=0, lt=65536)
-    preview: bool = False
+    preview: bool = Field(
+        default=False,
+        description="live preview page at /preview (frame, anomaly map, NFA regions); keep host on 127.0.0.1 "
+        "and reach it with ssh -L",
+    )
+    preview_max_fps: float = Field(
+        default=5.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
+    )
 
 
 class UpdateConfig(_Section):

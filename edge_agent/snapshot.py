@@ -28,18 +28,7 @@ def save_snapshot(job: FrameJob, directory: Path, label: str | None = None) -> d
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(frame.capture_time))
     folder = Path(directory) / f"{stamp}-seq{frame.sequence:06d}{'-' + label if label else ''}"
     folder.mkdir(parents=True, exist_ok=True)
-    height, width = frame.image.shape[:2]
-    anomaly = resize_map(verdict.anomaly_map, width, height)
-    log_nfa = resize_map(verdict.log_nfa, width, height)
-    # Regions are in source-frame pixels; the overlay is drawn on the ROI image.
-    ox, oy = frame.roi_offset
-    regions = [
-        r.model_copy(update={"bbox": (r.bbox[0] - ox, r.bbox[1] - oy, r.bbox[2], r.bbox[3])}) for r in verdict.regions
-    ]
-    title = (
-        f"frame {frame.sequence}  score {verdict.image_score:.3f}  {'ANOMALOUS' if verdict.anomalous else 'good'}"
-        f"  model {job.message.model.name} {job.message.model.version}"
-    )
+    anomaly, log_nfa, overlay = overlay_for_job(job)
     files = {
         "frame": folder / "frame.png",
         "anomaly_map": folder / "anomaly_map.npy",
@@ -54,9 +43,30 @@ def save_snapshot(job: FrameJob, directory: Path, label: str | None = None) -> d
     np.save(files["log_nfa"], np.asarray(verdict.log_nfa, dtype=np.float32))
     _write_image(files["heat_map"], heat_map(anomaly))
     _write_image(files["mask"], detection_mask(log_nfa, verdict.log10_epsilon).astype(np.uint8) * 255)
-    _write_image(files["overlay"], draw_overlay(frame.image, anomaly, log_nfa, verdict.log10_epsilon, regions, title))
+    _write_image(files["overlay"], overlay)
     files["message"].write_text(job.message.to_json() + "\n", encoding="utf-8")
     return {name: str(path) for name, path in files.items()}
+
+
+def overlay_for_job(job: FrameJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The anomaly map and log10 NFA at the frame's size, and the overlay drawn from them (BGR uint8)."""
+    if job.verdict is None or job.message is None:
+        raise ValueError("the frame has not been inspected and published yet")
+    frame, verdict = job.frame, job.verdict
+    height, width = frame.image.shape[:2]
+    anomaly = resize_map(verdict.anomaly_map, width, height)
+    log_nfa = resize_map(verdict.log_nfa, width, height)
+    # Regions are in source-frame pixels; the overlay is drawn on the ROI image.
+    ox, oy = frame.roi_offset
+    regions = [
+        r.model_copy(update={"bbox": (r.bbox[0] - ox, r.bbox[1] - oy, r.bbox[2], r.bbox[3])}) for r in verdict.regions
+    ]
+    title = (
+        f"frame {frame.sequence}  score {verdict.image_score:.3f}  {'ANOMALOUS' if verdict.anomalous else 'good'}"
+        f"  model {job.message.model.name} {job.message.model.version}"
+    )
+    overlay = draw_overlay(frame.image, anomaly, log_nfa, verdict.log10_epsilon, regions, title)
+    return anomaly, log_nfa, overlay
 
 
 def _write_image(path: Path, image: np.ndarray) -> None:

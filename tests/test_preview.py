@@ -1,0 +1,185 @@
+"""The live preview page: off by default, on localhost, showing exactly the last published inspection.
+
+A real agent (contract bundle on ONNX Runtime, a looping folder with a defect every 10th frame, a real
+mosquitto) serves the page; a subscriber records what was published; the page is read over plain HTTP and
+in a real headless Chromium (Debian's ``chromium``, driven by Playwright without downloading a browser).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from agent_harness import AgentThread, agent_config, http_get, write_frames
+from contract_bundle import contract_bundle  # noqa: F401 (fixture)
+from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory, free_port  # noqa: F401
+
+from edge_agent.config import AgentSettings
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_frames(tmp_path_factory.mktemp("frames"), 30)
+
+
+class PreviewAgent:
+    """An agent with the preview on and a subscriber on its inspections."""
+
+    def __init__(self, agent: AgentThread, subscriber: Subscriber, http_port: int) -> None:
+        self.agent = agent
+        self.subscriber = subscriber
+        self.http_port = http_port
+        self.url = f"http://127.0.0.1:{http_port}"
+
+    def published(self) -> dict[str, dict]:
+        """Inspection messages received so far, by message id."""
+        return {m.json()["message_id"]: m.json() for m in self.subscriber.on("/inspection")}
+
+    def preview_json(self) -> dict:
+        status, _, body = http_get(self.http_port, "/preview.json")
+        assert status == 200, body
+        return json.loads(body)
+
+
+def wait_for_published(preview_agent: PreviewAgent, message_id: str | None) -> dict:
+    """The published message the page shows (the broker may deliver it a moment after the page draws it)."""
+    assert preview_agent.subscriber.wait_for(lambda ms: any(m.json()["message_id"] == message_id for m in ms), 10), (
+        f"the page shows {message_id}, which was never published"
+    )
+    return preview_agent.published()[str(message_id)]
+
+
+def start_agent(
+    tmp_path: Path, bundle: Path, frames: Path, mqtt: MosquittoBroker, http: dict
+) -> tuple[AgentThread, Subscriber, int]:
+    http_port = free_port()
+    values = agent_config(
+        tmp_path / "state", bundle, str(frames), mqtt.port, http_port, source={"loop": True, "fps_limit": 15.0}
+    )
+    values["http"].update(http)
+    subscriber = Subscriber(mqtt, "uflow/cam1/inspection")
+    agent = AgentThread.from_values(values).start()
+    assert subscriber.wait_for(lambda ms: len(ms) >= 3, 60), "the agent published nothing"
+    return agent, subscriber, http_port
+
+
+@pytest.fixture
+def preview_agent(
+    tmp_path: Path,
+    contract_bundle: Path,  # noqa: F811
+    frames: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> Iterator[PreviewAgent]:
+    agent, subscriber, http_port = start_agent(
+        tmp_path, contract_bundle, frames, broker, {"preview": True, "preview_max_fps": 5.0}
+    )
+    yield PreviewAgent(agent, subscriber, http_port)
+    assert agent.stop() == 0
+    subscriber.close()
+
+
+def test_preview_is_off_by_default_and_bound_to_localhost(
+    tmp_path: Path,
+    contract_bundle: Path,  # noqa: F811
+    frames: Path,
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    defaults = AgentSettings().http
+    assert defaults.preview is False and defaults.host == "127.0.0.1"
+    agent, subscriber, http_port = start_agent(tmp_path, contract_bundle, frames, broker, {})
+    try:
+        for path in ("/preview", "/preview.json", "/preview.jpg"):
+            status, _, body = http_get(http_port, path)
+            assert status == 404 and "/metrics" in body, (path, status, body)
+        assert http_get(http_port, "/healthz")[0] == 200
+    finally:
+        assert agent.stop() == 0
+        subscriber.close()
+
+
+def test_preview_json_is_the_last_published_inspection_with_its_overlay(preview_agent: PreviewAgent) -> None:
+    seen: set[int] = set()
+    anomalous_checked = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (len(seen) >= 3 and anomalous_checked):
+        data = preview_agent.preview_json()
+        inspection = data["inspection"]
+        published = preview_agent.published()
+        message = wait_for_published(preview_agent, inspection["message_id"])
+        assert inspection["sequence"] == message["sequence"] and inspection["anomalous"] == message["anomalous"]
+        assert inspection["regions"] == message["regions"]
+        assert data["source_state"] == "open" and data["fps"] > 0
+        jpeg = base64.b64decode(data["image"].split(",", 1)[1])
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[1] >= 512  # enlarged 64x64 frame with a legend
+        seen.add(inspection["sequence"])
+        anomalous_checked |= bool(message["anomalous"] and message["regions"])
+        assert len(published) >= 1
+        time.sleep(0.25)
+    assert len(seen) >= 3, f"the preview did not move on: sequences {seen}"
+    assert anomalous_checked, "never caught an anomalous frame with its regions on the page"
+
+    status, _, body = http_get(preview_agent.http_port, "/preview")
+    assert status == 200 and "U-Flow live preview" in body
+
+
+def test_preview_draws_at_most_max_fps_however_often_it_is_asked(preview_agent: PreviewAgent) -> None:
+    before = preview_agent.preview_json()["renders"]
+    started = time.monotonic()
+    requests = 0
+    while time.monotonic() - started < 2.0:
+        preview_agent.preview_json()
+        requests += 1
+    elapsed = time.monotonic() - started
+    renders = preview_agent.preview_json()["renders"] - before
+    # 15 frames/s published and requests back to back: the cap (5 a second) decides, not the clients.
+    assert requests > 3 * renders, (requests, renders)
+    assert 2 <= renders <= 5.0 * elapsed + 2, f"{renders} renders in {elapsed:.1f} s"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_preview_page_in_a_real_browser(preview_agent: PreviewAgent, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (dev extra)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 900})
+            page.goto(preview_agent.url + "/preview")
+            page.wait_for_function("document.getElementById('frame').dataset.messageId !== undefined", timeout=20000)
+            first_src = page.get_attribute("#frame", "src")
+            first_id = page.get_attribute("#frame", "data-message-id")
+            page.wait_for_function(
+                f"document.getElementById('frame').dataset.messageId !== {json.dumps(first_id)}", timeout=20000
+            )
+            assert page.get_attribute("#frame", "src") != first_src, "the image did not change"
+            # Wait for an anomalous frame so the overlay check covers regions, not just an empty list.
+            page.wait_for_function(
+                "document.getElementById('verdict').textContent === 'ANOMALOUS'", timeout=30000, polling=50
+            )
+            shown_id = page.get_attribute("#frame", "data-message-id")
+            shown_regions = json.loads(page.get_attribute("#frame", "data-regions") or "null")
+            verdict = page.text_content("#verdict")
+            shown_on_page = page.text_content("#message-id")
+            screenshot = page.screenshot(full_page=True)
+            natural_width = page.evaluate("document.getElementById('frame').naturalWidth")
+        finally:
+            browser.close()
+    (tmp_path / "preview.png").write_bytes(screenshot)
+    if artifacts := os.environ.get("UFLOW_ARTIFACTS"):
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        (Path(artifacts) / "preview.png").write_bytes(screenshot)
+    assert natural_width >= 512
+    assert shown_on_page == shown_id
+    message = wait_for_published(preview_agent, shown_id)
+    assert verdict == "ANOMALOUS" and message["anomalous"] is True
+    assert shown_regions == message["regions"] and shown_regions, (shown_regions, message["regions"])
