@@ -12,7 +12,8 @@ Routes on the agent's HTTP server (``[http] preview = true``; off by default, bo
 
 The inspection loop never waits for the page: the pipeline already keeps a reference to its last
 published frame (``Pipeline.last_job``), and all drawing and JPEG encoding happens here, on the HTTP
-request's thread, at most ``http.preview_max_fps`` times a second however many browsers are open.
+request's thread, at most ``http.preview_max_fps`` times a second however many browsers are open, and
+responses over all clients are spaced to four per drawing (a script polling back to back waits, asleep).
 Frames published in between are simply never drawn.
 """
 
@@ -34,6 +35,12 @@ from edge_agent.pipeline import FrameJob
 from edge_agent.snapshot import overlay_for_job
 
 JPEG_QUALITY = 80
+# Frames at least this wide are drawn at their own size (enlarging costs 2-4x the drawing and encoding;
+# the browser scales the image); narrower ones are enlarged so the legend fits.
+PREVIEW_MIN_WIDTH = 256
+# Responses per second over all clients, as a multiple of preview_max_fps: enough for a few open tabs;
+# a script fetching back to back waits in its own (sleeping) request thread instead of taking CPU.
+RESPONSES_PER_RENDER = 4
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class RenderedFrame:
 
     message_id: str
     jpeg: bytes
+    data_uri: str  # the JPEG for the page's <img>, encoded once per drawing, not per request
     details: dict[str, object]
     rendered_at: float
 
@@ -64,7 +72,7 @@ class PreviewPage:
         self,
         last_job: Callable[[], FrameJob | None],
         facts: Callable[[], PreviewFacts],
-        max_fps: float = 5.0,
+        max_fps: float = 2.0,
         poll_ms: int | None = None,
     ) -> None:
         self._last_job = last_job
@@ -74,6 +82,9 @@ class PreviewPage:
         self._lock = threading.Lock()  # one render at a time; other requests reuse its result
         self._rendered: RenderedFrame | None = None
         self.renders = 0
+        self._response_gap_s = self._min_interval_s / RESPONSES_PER_RENDER
+        self._throttle_lock = threading.Lock()
+        self._next_response = 0.0
 
     def register(self, server: HttpServer) -> None:
         """Add /preview, /preview.json and /preview.jpg to the agent's HTTP server."""
@@ -97,7 +108,7 @@ class PreviewPage:
 
     def _render(self, job: FrameJob) -> RenderedFrame:
         assert job.message is not None
-        _, _, overlay = overlay_for_job(job)
+        _, _, overlay = overlay_for_job(job, min_width=PREVIEW_MIN_WIDTH)
         ok, encoded = cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise RuntimeError("JPEG encoding of the preview failed")
@@ -112,11 +123,23 @@ class PreviewPage:
             "latency_ms": message.latency_ms.model_dump(mode="json"),
             "model": f"{message.model.name} {message.model.version} ({message.model.backend})",
         }
-        return RenderedFrame(message.message_id, np.asarray(encoded).tobytes(), details, time.monotonic())
+        jpeg = np.asarray(encoded).tobytes()
+        data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+        return RenderedFrame(message.message_id, jpeg, data_uri, details, time.monotonic())
+
+    def _wait_for_response_slot(self) -> None:
+        """Space responses over all clients (sleeping in the request's own thread)."""
+        with self._throttle_lock:
+            now = time.monotonic()
+            wait = self._next_response - now
+            self._next_response = max(now, self._next_response) + self._response_gap_s
+        if wait > 0:
+            time.sleep(wait)
 
     # -- routes ---------------------------------------------------------------------------------------
 
     def _json_route(self, request: HttpRequest) -> HttpResponse:
+        self._wait_for_response_slot()
         rendered = self.current()
         facts = self._facts()
         body: dict[str, object] = {
@@ -131,12 +154,13 @@ class PreviewPage:
         }
         if rendered is not None:
             body["inspection"] = rendered.details
-            body["image"] = "data:image/jpeg;base64," + base64.b64encode(rendered.jpeg).decode("ascii")
+            body["image"] = rendered.data_uri
         return HttpResponse(
             body=json.dumps(body).encode(), content_type="application/json", headers={"Cache-Control": "no-store"}
         )
 
     def _jpeg_route(self, request: HttpRequest) -> HttpResponse:
+        self._wait_for_response_slot()
         rendered = self.current()
         if rendered is None:
             return HttpResponse(HTTPStatus.SERVICE_UNAVAILABLE, b"no frame inspected yet\n")
@@ -156,7 +180,7 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>U-Flow live preview</title>
 <style>
  body { font: 14px system-ui, sans-serif; margin: 12px; background: #111; color: #eee; }
- #frame { max-width: 100%; border: 1px solid #444; display: block; }
+ #frame { width: min(100%, 768px); border: 1px solid #444; display: block; }
  table { border-collapse: collapse; margin-top: 8px; }
  td { padding: 2px 10px 2px 0; }
  .bad { color: #ff6b6b; font-weight: bold; } .good { color: #7bd88f; }

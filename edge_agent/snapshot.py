@@ -48,8 +48,11 @@ def save_snapshot(job: FrameJob, directory: Path, label: str | None = None) -> d
     return {name: str(path) for name, path in files.items()}
 
 
-def overlay_for_job(job: FrameJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The anomaly map and log10 NFA at the frame's size, and the overlay drawn from them (BGR uint8)."""
+def overlay_for_job(job: FrameJob, min_width: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The anomaly map and log10 NFA at the frame's size, and the overlay drawn from them (BGR uint8).
+
+    Frames narrower than ``min_width`` are drawn enlarged (whole factor) so the labels stay legible.
+    """
     if job.verdict is None or job.message is None:
         raise ValueError("the frame has not been inspected and published yet")
     frame, verdict = job.frame, job.verdict
@@ -65,7 +68,7 @@ def overlay_for_job(job: FrameJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         f"frame {frame.sequence}  score {verdict.image_score:.3f}  {'ANOMALOUS' if verdict.anomalous else 'good'}"
         f"  model {job.message.model.name} {job.message.model.version}"
     )
-    overlay = draw_overlay(frame.image, anomaly, log_nfa, verdict.log10_epsilon, regions, title)
+    overlay = draw_overlay(frame.image, anomaly, log_nfa, verdict.log10_epsilon, regions, title, min_width=min_width)
     return anomaly, log_nfa, overlay
 
 

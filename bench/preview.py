@@ -1,0 +1,186 @@
+"""Does the live preview slow inspection? Agent fps with the preview page open vs closed.
+
+    nice -n 10 .venv/bin/python bench/preview.py [--bundle BUNDLE_DIR] [--frames 300] [--repeat 3] [--browser]
+
+The real agent (``Agent.serve``, as in bench/pipeline.py) inspects the same folder of frames, every frame,
+publishing to a real mosquitto, with ``[http] preview = true`` in every row. Rows, alternated within each
+repeat so that a change of machine load hits all of them alike:
+
+- ``closed``: nobody looks at the page.
+- ``open``: a client does what the page's script does: fetch /preview.json, wait the page's poll interval
+  (1 / preview_max_fps), again. With ``--browser`` it is the real page in headless Chromium instead, on
+  this same machine (on a plant the browser runs on the installer's laptop, not on the agent's box).
+- ``open, 4 greedy clients``: four clients fetching /preview.json back to back (a misbehaving tab or
+  script): the drawing cap must hold the agent's cost down.
+
+fps is first to last published frame; the difference is against the ``closed`` row of the same repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from pipeline import DEFAULT_BUNDLE, AgentRun, ensure_bundle, make_frames, run_agent_once  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default {DEFAULT_BUNDLE})")
+    parser.add_argument("--frames", type=int, default=300, help="frames per measurement")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--max-fps", type=float, default=2.0, help="http.preview_max_fps")
+    parser.add_argument("--browser", action="store_true", help="the 'open' row uses headless Chromium")
+    parser.add_argument("--train-epochs", type=int, default=30, help="epochs when a bundle has to be trained")
+    return parser.parse_args()
+
+
+class PageClient:
+    """Fetches /preview.json like the page does (or back to back) until stopped; counts what it got."""
+
+    def __init__(self, port: int, interval_s: float) -> None:
+        self.url = f"http://127.0.0.1:{port}/preview.json"
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+        self.responses = 0
+        self.ids: set[str] = set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    inspection = json.loads(response.read())["inspection"]
+                self.responses += 1
+                if inspection:
+                    self.ids.add(inspection["message_id"])
+            except OSError:
+                pass  # the agent is not listening yet, or has stopped
+            self.stop.wait(self.interval_s)
+
+
+class BrowserClient:
+    """The real page in headless Chromium (Playwright, Debian's chromium binary)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/preview"
+        self.stop = threading.Event()
+        self.responses = 0
+        self.ids: set[str] = set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page()
+            while not self.stop.is_set():
+                try:
+                    page.goto(self.url)
+                    break
+                except Exception:  # the agent is still starting
+                    time.sleep(0.2)
+            while not self.stop.is_set():
+                shown = page.get_attribute("#frame", "data-message-id")
+                if shown:
+                    self.ids.add(shown)
+                self.responses += 1
+                self.stop.wait(0.2)
+            browser.close()
+
+
+def measure(settings_for, port_for, mode: str, args: argparse.Namespace, frames_dir: Path) -> tuple[AgentRun, int]:  # type: ignore[no-untyped-def]
+    """One agent run over the folder with ``mode``'s clients; returns the run and the frames the clients saw."""
+    port = port_for()
+    settings = settings_for(mode, port)
+    clients: list[PageClient | BrowserClient] = []
+    if mode == "open":
+        clients = [BrowserClient(port) if args.browser else PageClient(port, 1.0 / args.max_fps)]
+    elif mode == "open, 4 greedy clients":
+        clients = [PageClient(port, 0.0) for _ in range(4)]
+    for client in clients:
+        client.thread.start()
+    try:
+        run = run_agent_once(settings, None)
+    finally:
+        for client in clients:
+            client.stop.set()
+        for client in clients:
+            client.thread.join(30)
+    return run, len(set().union(*(c.ids for c in clients))) if clients else 0
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level="WARNING")
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))
+    from edge_agent import nfa
+    from edge_agent.bundle import load_bundle
+    from edge_agent.config import load_settings
+    from edge_agent.local_broker import LocalMosquitto, free_port
+
+    bundle_dir = ensure_bundle(args.bundle, args.train_epochs)
+    bundle = load_bundle(bundle_dir)
+    nfa.warm_up()
+    modes = ["closed", "open", "open, 4 greedy clients"]
+    rows: list[tuple[int, str, AgentRun, int, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-preview-") as tmp:
+        frames_dir = Path(tmp) / "frames"
+        frames_dir.mkdir()
+        make_frames(frames_dir, args.frames, bundle.manifest.input.width)
+        with LocalMosquitto(Path(tmp) / "broker") as broker:
+
+            def settings_for(mode: str, port: int):  # type: ignore[no-untyped-def]
+                return load_settings(
+                    None,
+                    device_id="bench",
+                    state_dir=str(Path(tmp) / f"state-{port}"),
+                    model={"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": args.threads},
+                    source={"uri": str(frames_dir)},
+                    mqtt={"port": broker.port},
+                    http={"enabled": True, "port": port, "preview": True, "preview_max_fps": args.max_fps},
+                )
+
+            run_agent_once(settings_for("warm-up", free_port()), None)  # ORT allocations, page cache, JIT
+            for repeat in range(args.repeat):
+                order = modes if repeat % 2 == 0 else modes[::-1]
+                for mode in order:
+                    run, seen = measure(settings_for, free_port, mode, args, frames_dir)
+                    rows.append((repeat, mode, run, seen, os.getloadavg()[0]))
+                    print(f"repeat {repeat + 1} {mode}: {run.fps:.2f} fps", file=sys.stderr, flush=True)
+    _print(bundle_dir, args, rows, modes)
+    return 0
+
+
+def _print(bundle_dir: Path, args: argparse.Namespace, rows: list, modes: list[str]) -> None:  # type: ignore[type-arg]
+    print(f"\nbundle {bundle_dir}; {args.frames} frames per row; {os.cpu_count()} CPUs; preview_max_fps "
+          f"{args.max_fps:g}; 'open' client: {'headless Chromium' if args.browser else 'HTTP, page rate'}")  # fmt: skip
+    print("| repeat | preview | fps | vs closed | frames the client saw | load |")
+    print("|---|---|---|---|---|---|")
+    closed = {r: run.fps for r, mode, run, _, _ in rows if mode == "closed"}
+    for repeat, mode, run, seen, load in sorted(rows, key=lambda row: (row[0], modes.index(row[1]))):
+        diff = 100.0 * (run.fps - closed[repeat]) / closed[repeat]
+        print(f"| {repeat + 1} | {mode} | {run.fps:.2f} | {diff:+.1f} % | {seen if mode != 'closed' else '-'} | "
+              f"{load:.1f} |")  # fmt: skip
+    for mode in modes[1:]:
+        diffs = [100.0 * (run.fps - closed[r]) / closed[r] for r, m, run, _, _ in rows if m == mode]
+        print(f"{mode}: mean difference {sum(diffs) / len(diffs):+.1f} % over {len(diffs)} repeats")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
