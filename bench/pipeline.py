@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
+    from edge_agent.agent import Agent
     from edge_agent.config import AgentSettings
     from edge_agent.engines import Engine
     from edge_agent.outbox import Outbox
@@ -149,6 +150,7 @@ def run_agent_once(
     outbox_factory: Callable[[AgentSettings], Outbox] | None,
     raw: Callable[[], object] | None = None,
     duration_s: float | None = None,
+    on_agent: Callable[[Agent], None] | None = None,
 ) -> AgentRun:
     """The real Agent on the settings' source (or ``raw``), until the folder ends or ``duration_s`` passed."""
     from edge_agent.agent import Agent
@@ -168,6 +170,8 @@ def run_agent_once(
     source.open()
     outbox = outbox_factory(settings) if outbox_factory else None
     agent = Agent(settings, model, source, on_result=record, outbox=outbox)
+    if on_agent is not None:
+        on_agent(agent)
     stop = threading.Event()
     if duration_s is not None:
         timer = threading.Timer(duration_s, stop.set)

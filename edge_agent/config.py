@@ -136,7 +136,7 @@ class HttpConfig(_Section):
         "and reach it with ssh -L",
     )
     preview_max_fps: float = Field(
-        default=2.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
+        default=1.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
     )
 
 

@@ -72,7 +72,7 @@ class PreviewPage:
         self,
         last_job: Callable[[], FrameJob | None],
         facts: Callable[[], PreviewFacts],
-        max_fps: float = 2.0,
+        max_fps: float = 1.0,
         poll_ms: int | None = None,
     ) -> None:
         self._last_job = last_job
@@ -82,6 +82,7 @@ class PreviewPage:
         self._lock = threading.Lock()  # one render at a time; other requests reuse its result
         self._rendered: RenderedFrame | None = None
         self.renders = 0
+        self.cpu_s = 0.0  # CPU time spent drawing and answering (what the page costs the agent)
         self._response_gap_s = self._min_interval_s / RESPONSES_PER_RENDER
         self._throttle_lock = threading.Lock()
         self._next_response = 0.0
@@ -139,7 +140,23 @@ class PreviewPage:
     # -- routes ---------------------------------------------------------------------------------------
 
     def _json_route(self, request: HttpRequest) -> HttpResponse:
+        return self._measured(self._json_response)
+
+    def _jpeg_route(self, request: HttpRequest) -> HttpResponse:
+        return self._measured(self._jpeg_response)
+
+    def _measured(self, respond: Callable[[], HttpResponse]) -> HttpResponse:
+        """``respond()`` in its response slot, adding its CPU time (drawing included) to ``cpu_s``."""
         self._wait_for_response_slot()
+        started = time.thread_time()
+        try:
+            return respond()
+        finally:
+            spent = time.thread_time() - started
+            with self._throttle_lock:
+                self.cpu_s += spent
+
+    def _json_response(self) -> HttpResponse:
         rendered = self.current()
         facts = self._facts()
         body: dict[str, object] = {
@@ -159,8 +176,7 @@ class PreviewPage:
             body=json.dumps(body).encode(), content_type="application/json", headers={"Cache-Control": "no-store"}
         )
 
-    def _jpeg_route(self, request: HttpRequest) -> HttpResponse:
-        self._wait_for_response_slot()
+    def _jpeg_response(self) -> HttpResponse:
         rendered = self.current()
         if rendered is None:
             return HttpResponse(HTTPStatus.SERVICE_UNAVAILABLE, b"no frame inspected yet\n")
