@@ -7,7 +7,7 @@ publishing to a real mosquitto, with ``[http] preview = true`` in every row. Row
 repeat so that a change of machine load hits all of them alike:
 
 - ``closed``: nobody looks at the page.
-- ``open``: a client does what the page's script does: fetch /preview.json, wait the page's poll interval
+- ``open``: a client process does what the page's script does: fetch /preview.json, wait the page's poll interval
   (1 / preview_max_fps), again. With ``--browser`` it is the real page in headless Chromium instead, on
   this same machine (on a plant the browser runs on the installer's laptop, not on the agent's box).
 - ``open, 4 greedy clients``: four clients fetching /preview.json back to back (a misbehaving tab or
@@ -22,15 +22,14 @@ in the preview itself), per second and as a share of the whole process's CPU dur
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,28 +51,51 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+# The client runs as its own process, as a browser would: in this process its JSON parsing would compete
+# with the agent for the GIL, which no real viewer does.
+CLIENT_SCRIPT = """
+import json, sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+ids = set()
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            inspection = json.loads(response.read())["inspection"]
+        if inspection:
+            ids.add(inspection["message_id"])
+            print(inspection["message_id"], flush=True)
+    except OSError:
+        pass
+    time.sleep(interval)
+"""
+
+
 class PageClient:
-    """Fetches /preview.json like the page does (or back to back) until stopped; counts what it got."""
+    """A separate process fetching /preview.json like the page does (or back to back) until stopped."""
 
     def __init__(self, port: int, interval_s: float) -> None:
         self.url = f"http://127.0.0.1:{port}/preview.json"
         self.interval_s = interval_s
         self.stop = threading.Event()
-        self.responses = 0
         self.ids: set[str] = set()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as response:
-                    inspection = json.loads(response.read())["inspection"]
-                self.responses += 1
-                if inspection:
-                    self.ids.add(inspection["message_id"])
-            except OSError:
-                pass  # the agent is not listening yet, or has stopped
-            self.stop.wait(self.interval_s)
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_SCRIPT, self.url, str(self.interval_s)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        reader.start()
+        self.stop.wait()
+        process.terminate()
+        process.wait(10)
+        reader.join(5)
+
+    def _read(self, process: subprocess.Popen) -> None:  # type: ignore[type-arg]
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.ids.add(line.strip())
 
 
 class BrowserClient:
@@ -82,7 +104,6 @@ class BrowserClient:
     def __init__(self, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}/preview"
         self.stop = threading.Event()
-        self.responses = 0
         self.ids: set[str] = set()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -103,7 +124,6 @@ class BrowserClient:
                 shown = page.get_attribute("#frame", "data-message-id")
                 if shown:
                     self.ids.add(shown)
-                self.responses += 1
                 self.stop.wait(0.2)
             browser.close()
 
@@ -113,7 +133,7 @@ class Measurement:
     run: AgentRun
     seen: int  # distinct frames the clients were shown
     preview_cpu_s: float  # CPU the agent spent on the page (drawing, encoding, answering)
-    process_cpu_s: float  # CPU of this whole process during the run (clients included when in-process)
+    process_cpu_s: float  # CPU of the agent's process during the run (the clients are other processes)
     load: float
 
     @property
