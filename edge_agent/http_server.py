@@ -122,9 +122,13 @@ class HttpServer:
                 self.send_header("Cache-Control", "no-store")
                 for name, value in response.headers.items():
                     self.send_header(name, value)
-                self.end_headers()
-                if send_body:
-                    self.wfile.write(response.body)
+                try:
+                    self.end_headers()
+                    if send_body:
+                        self.wfile.write(response.body)
+                except ConnectionError:
+                    # The client went away mid-answer (a closed tab): nothing to report.
+                    self.close_connection = True
 
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("http %s", format % args, extra={"event": "http_request"})
