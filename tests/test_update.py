@@ -115,7 +115,7 @@ def test_good_update_applies_and_keeps_the_old_version(tmp_path, fleet, keys, mq
     verify_bundle_signature(models.current_link, keys.public_key)
     assert not (models.root / ".pending.json").exists()
     # Every step went out on MQTT, in order.
-    assert events.wait_for(lambda msgs: sum(m.json()["step"] == "done" for m in msgs) == 2, timeout=10)
+    assert events.wait_for(lambda msgs: sum(m.json()["step"] == "done" for m in msgs) == 2, timeout=30)
     steps = [s for s, ok in steps_of(events) if ok]
     last_run = steps[steps.index("done") + 1 :]
     assert last_run == ["start", "fetch_index", "download", "unpack", "verify", "load_engine", "self_test",
