@@ -172,9 +172,7 @@ class PreviewPage:
         if rendered is not None:
             body["inspection"] = rendered.details
             body["image"] = rendered.data_uri
-        return HttpResponse(
-            body=json.dumps(body).encode(), content_type="application/json", headers={"Cache-Control": "no-store"}
-        )
+        return HttpResponse(body=json.dumps(body).encode(), content_type="application/json")
 
     def _jpeg_response(self) -> HttpResponse:
         rendered = self.current()
@@ -183,7 +181,7 @@ class PreviewPage:
         return HttpResponse(
             body=rendered.jpeg,
             content_type="image/jpeg",
-            headers={"Cache-Control": "no-store", "X-Message-Id": rendered.message_id},
+            headers={"X-Message-Id": rendered.message_id},
         )
 
     def _page_route(self, request: HttpRequest) -> HttpResponse:
