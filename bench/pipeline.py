@@ -37,6 +37,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
+    from edge_agent.bundle import Bundle
     from edge_agent.config import AgentSettings
     from edge_agent.engines import Engine
     from edge_agent.outbox import Outbox
@@ -183,24 +184,31 @@ def run_agent_once(
     return AgentRun(len(stamps), stamps[-1] - stamps[0], latencies, agent.pipeline.frames_dropped)
 
 
-def main() -> int:
-    args = parse_args()
+def prepared_bundle(bundle: Path | None, train_epochs: int) -> tuple[Path, Bundle]:
+    """Quiet logs, the repo's Numba cache, the bundle to measure (trained if missing) and the NFA JIT warmed."""
     logging.basicConfig(level="WARNING")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))
     from edge_agent import nfa
     from edge_agent.bundle import load_bundle
+
+    bundle_dir = ensure_bundle(bundle, train_epochs)
+    loaded = load_bundle(bundle_dir)
+    nfa.warm_up()
+    return bundle_dir, loaded
+
+
+def main() -> int:
+    args = parse_args()
+    bundle_dir, bundle = prepared_bundle(args.bundle, args.train_epochs)
     from edge_agent.config import ModelConfig, load_settings
     from edge_agent.engines import create_engine
     from edge_agent.local_broker import LocalMosquitto
     from edge_agent.preprocess import model_input
     from edge_agent.scoring import FrameScorer
 
-    bundle_dir = ensure_bundle(args.bundle, args.train_epochs)
-    bundle = load_bundle(bundle_dir)
     spec = bundle.manifest.input
     engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=args.threads))
     scorer = FrameScorer(bundle.manifest)
-    nfa.warm_up()
     rows: list[tuple[str, int, float, float, float, float, float, int]] = []
     with tempfile.TemporaryDirectory(prefix="bench-frames-") as tmp:
         frames_dir = Path(tmp) / "frames"

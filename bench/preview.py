@@ -22,7 +22,6 @@ in the preview itself), per second and as a share of the whole process's CPU dur
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from pipeline import DEFAULT_BUNDLE, AgentRun, ensure_bundle, make_frames, run_agent_once  # noqa: E402
+from pipeline import DEFAULT_BUNDLE, AgentRun, make_frames, prepared_bundle, run_agent_once  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -170,16 +169,10 @@ def measure(settings_for, port_for, mode: str, args: argparse.Namespace) -> Meas
 
 def main() -> int:
     args = parse_args()
-    logging.basicConfig(level="WARNING")
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))
-    from edge_agent import nfa
-    from edge_agent.bundle import load_bundle
+    bundle_dir, bundle = prepared_bundle(args.bundle, args.train_epochs)
     from edge_agent.config import load_settings
     from edge_agent.local_broker import LocalMosquitto, free_port
 
-    bundle_dir = ensure_bundle(args.bundle, args.train_epochs)
-    bundle = load_bundle(bundle_dir)
-    nfa.warm_up()
     modes = ["closed", "open", "open, 4 greedy clients"]
     rows: list[tuple[int, str, Measurement]] = []
     with tempfile.TemporaryDirectory(prefix="bench-preview-") as tmp:
