@@ -1,9 +1,10 @@
-"""FP16 ONNX for strongly typed TensorRT builds (TensorRT 11 has no FP16 builder flag).
+"""FP16 ONNX for strongly typed TensorRT builds (TensorRT 10.3+ and 11: the precision comes from the ONNX types).
 
 The model's floating-point weights and activations become FP16 while the engine I/O contract is
 kept: ``image`` stays uint8 and the outputs stay float32 (``keep_io_types``). The U-Flow head, where
-m_s = mean of z^2 over channels and exp(-0.5 m_s) are computed, can be kept in FP32 (``--keep-fp32
-head``): it costs nothing (tiny maps) and a sum of squares is where half precision loses most. After
+m_s = mean of z^2 over channels and exp(-0.5 m_s) are computed, is kept in FP32 (``--keep-fp32
+head``, the default): it costs nothing (tiny maps), and z^2 overflows FP16 for |z| > 256, which is
+exactly what a defect produces. The TensorRT graph check (``head-fp32`` rule) verifies it. After
 conversion, ONNX Runtime runs both models on held-out good images and the differences are recorded
 in model.json.
 """
@@ -21,7 +22,7 @@ from calibration.agreement import compare_models
 from calibration.bundle_variants import load_for_variant, record_variant, variant_path
 from calibration.data import model_batches, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
-from edge_agent.engines.trt_ops import describe_problems, unsupported_ops
+from edge_agent.engines.graph_check import check_graph, describe
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,43 @@ def convert_fp16(source: Path, target: Path, output_names: Sequence[str], settin
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(settings.block_ops),
         node_block_list=kept,
     )
-    onnx.save(converted, str(target))
+    onnx.save(drop_fp16_round_trips(converted), str(target))
     return kept
+
+
+def drop_fp16_round_trips(model: Any) -> Any:
+    """Remove the FP32 -> FP16 -> FP32 Cast pairs the converter puts between two kept FP32 nodes.
+
+    ``convert_float_to_float16`` casts every blocked node's output to FP16 and back before the next
+    blocked node, so z² itself passed through FP16 and |z| > 256 still became inf (the TensorRT graph
+    check's ``head-fp32`` rule finds this). Each Cast(to FP32) whose input is a Cast(to FP16) of an
+    FP32 tensor reads that FP32 tensor directly instead; the FP16 casts left unused are removed.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    graph = model.graph
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input, *graph.output)
+    }
+    types |= {init.name: init.data_type for init in graph.initializer}
+
+    def cast_to(node: Any) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT:
+            continue
+        down = producer.get(node.input[0])
+        if down is not None and cast_to(down) == TensorProto.FLOAT16 and types.get(down.input[0]) == TensorProto.FLOAT:
+            node.input[0] = down.input[0]  # now a Cast FP32 -> FP32: exact, and TensorRT drops it
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if cast_to(n) == TensorProto.FLOAT16 and not set(n.output) & used]
+    for node in dead:
+        graph.node.remove(node)
+    return model
 
 
 def calibrate_bundle(
@@ -121,9 +157,9 @@ def calibrate_bundle(
     with tempfile.TemporaryDirectory(prefix="uflow-fp16-", dir=bundle.root) as tmp:
         staged = Path(tmp) / target.name
         kept = convert_fp16(bundle.onnx_path, staged, bundle.manifest.output_names, settings)
-        problems = unsupported_ops(staged)
+        problems = check_graph(staged, "fp16")
         if problems:
-            raise Fp16Error(describe_problems(problems, staged))
+            raise Fp16Error(describe(problems, staged))
         agreement = compare_models(bundle.onnx_path, staged, model_batches(check, spec.height, spec.width), spec.name)
         if agreement.anomaly_map_max_abs > MAX_ANOMALY_MAP_DIFF:
             raise Fp16Error(

@@ -35,7 +35,7 @@ from calibration.agreement import compare_models
 from calibration.bundle_variants import load_for_variant, record_variant, variant_path
 from calibration.data import ImageSet, model_batches, pick_evenly, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
-from edge_agent.engines.trt_ops import describe_problems, unsupported_ops
+from edge_agent.engines.graph_check import check_graph, describe
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +287,10 @@ def _format_options(settings: Int8Settings) -> dict[str, Any]:
 
 
 def check_for_tensorrt(path: Path) -> None:
-    """Raise QuantizationError when TensorRT's ONNX parser would reject the quantized model."""
-    problems = unsupported_ops(path)
+    """Raise QuantizationError when the quantized model breaks a TensorRT graph rule (types, Q/DQ axes, zero points)."""
+    problems = check_graph(path, "int8")
     if problems:
-        raise QuantizationError(describe_problems(problems, path))
+        raise QuantizationError(describe(problems, path))
 
 
 def held_out(images: ImageSet, data: Path | str, split: str, count: int = AGREEMENT_IMAGES) -> ImageSet:

@@ -38,15 +38,17 @@ from edge_agent.bundle import (
     Manifest,
     NfaSpec,
     Normalisation,
+    ScaleNullSpec,
     ScaleSpec,
     file_hashes,
     load_bundle,
     utc_now,
     write_manifest,
 )
-from edge_agent.engines.trt_ops import describe_problems, unsupported_ops
+from edge_agent.engines.graph_check import check_graph, describe
 from training.backbones import backbone_info
 from training.data import load_image
+from training.finish import MIN_PLANTED_DETECTION
 from training.model import ExportWrapper, UFlow
 from training.rundir import RunInfo, load_model
 from training.synthetic import defect_image
@@ -201,11 +203,52 @@ def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[flo
     if flagged:
         metrics["val_nfa_false_alarm_rate"] = float(np.mean(flagged))
         metrics["val_min_log_nfa"] = float(np.min(info.val_scores["min_log_nfa"]))
+    planted = info.val_scores.get("planted") or {}
+    if planted.get("count"):
+        metrics["planted_detection_rate"] = float(planted["detection_rate"])
+        metrics["planted_count"] = float(planted["count"])
+        for kind, rate in planted.get("per_kind", {}).items():
+            metrics[f"planted_detection_{kind}"] = float(rate)
     if selftest_scores:
         metrics["selftest_max_score"] = float(max(selftest_scores))
     metrics["onnx_parity_anomaly_map_max_abs"] = parity.anomaly_map_max_abs
     metrics["onnx_parity_scale_maps_max_scaled"] = parity.scale_maps_max_scaled
     return metrics
+
+
+def nfa_spec(info: RunInfo, shapes: list[tuple[int, int]], null_model: str = "fitted") -> NfaSpec:
+    """The bundle's NFA: the fitted null of the run (default) or the paper's exact polyomino NFA.
+
+    Runs trained before the fitted null existed have none in val_scores.json and get the paper's NFA.
+    """
+    fitted = info.val_scores.get("nfa_null")
+    if null_model == "fitted" and fitted:
+        return NfaSpec(
+            log10_number_of_tests=nfa.log10_tree_tests(shapes),
+            log10_epsilon=float(info.val_scores.get("log10_epsilon", 0.0)),
+            null_model="fitted",
+            scale_nulls=tuple(ScaleNullSpec(**item) for item in fitted),
+        )
+    if null_model == "fitted":
+        log.warning(
+            "run has no fitted NFA null: the bundle uses the paper's polyomino NFA",
+            extra={"event": "export.no_fitted_null", "run": str(info.root)},
+        )
+    return NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests(shapes))
+
+
+def warn_if_blind(manifest: Manifest) -> str | None:
+    """A loud warning when the model flags fewer than half of the defects planted on its good images."""
+    rate = manifest.validation_metrics.get("planted_detection_rate")
+    if rate is None or rate >= MIN_PLANTED_DETECTION:
+        return None
+    message = (
+        f"WARNING: this model's NFA decision found only {rate:.0%} of the defects planted on its own good "
+        f"validation images (goal >= {MIN_PLANTED_DETECTION:.0%}). It may not see real defects: train longer, "
+        "add good images, or check the camera set-up before shipping it (docs/results.md)."
+    )
+    log.warning(message, extra={"event": "export.blind_model", "planted_detection_rate": rate})
+    return message
 
 
 def _threshold(info: RunInfo) -> float:
@@ -229,6 +272,7 @@ def build_manifest(
     parity: Parity,
     selftest: list[str],
     selftest_scores: list[float],
+    null_model: str = "fitted",
 ) -> Manifest:
     """The manifest of a bundle whose files are already in ``bundle_dir``."""
     backbone = backbone_info(model.config.backbone)
@@ -246,7 +290,7 @@ def build_manifest(
         input=InputSpec(height=model.config.image_height, width=model.config.image_width),
         normalisation=Normalisation(mean=backbone.mean, std=backbone.std),
         scales=scales,
-        nfa=NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests([(s.height, s.width) for s in scales])),
+        nfa=nfa_spec(info, [(s.height, s.width) for s in scales], null_model),
         image_score_threshold=_threshold(info),
         validation_metrics=_validation_metrics(info, parity, selftest_scores),
         training_data=_training_data(info),
@@ -308,10 +352,11 @@ def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
 
 
 def _check_tensorrt_operators(onnx_path: Path) -> None:
-    """Refuse a graph TensorRT's ONNX parser would reject: the device would have no GPU path."""
-    problems = unsupported_ops(onnx_path)
+    """Refuse a graph TensorRT would reject (operators, and the types they compute in: the UINT8 image
+    may feed only a Cast): the device would have no GPU path."""
+    problems = check_graph(onnx_path, "fp32")
     if problems:
-        raise ExportError(describe_problems(problems, onnx_path))
+        raise ExportError(describe(problems, onnx_path))
 
 
 def export_bundle(
@@ -322,6 +367,7 @@ def export_bundle(
     version: str | None = None,
     overwrite: bool = False,
     test_metrics: Path | str | None = None,
+    null_model: str = "fitted",
 ) -> Path:
     """Write a verified bundle for the run's best checkpoint to ``out_dir``; return ``out_dir``.
 
@@ -352,7 +398,9 @@ def export_bundle(
         selftest_scores = [
             float(_torch_outputs(model, load_image(staging / rel, height, width))[0].max()) for rel in selftest
         ]
-        manifest = build_manifest(model, info, staging, name, version, parity, selftest, selftest_scores)
+        manifest = build_manifest(
+            model, info, staging, name, version, parity, selftest, selftest_scores, null_model=null_model
+        )
         if test_metrics is not None:
             manifest = _with_test_metrics(manifest, Path(test_metrics), info)
         write_manifest(staging, manifest)
@@ -371,6 +419,9 @@ def export_bundle(
             "bundle_name": name,
             "version": version,
             "parity_max_abs": parity.anomaly_map_max_abs,
+            "null_model": manifest.nfa.null_model,
+            "planted_detection_rate": manifest.validation_metrics.get("planted_detection_rate"),
         },
     )
+    warn_if_blind(manifest)
     return out_dir

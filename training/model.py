@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,11 +207,30 @@ def image_scores(amap: torch.Tensor) -> torch.Tensor:
     return amap.flatten(1).max(dim=1).values
 
 
+def to_float_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 RGB -> float32 NCHW in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+
+
+def predict(model: UFlow, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Anomaly maps (N x H x W) and per-scale m_s maps of uint8 NxHxWx3 images, in eval mode."""
+    model.eval()
+    maps_out: list[list[np.ndarray]] = [[] for _ in model.scales]
+    amaps: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            maps = scale_maps(model(to_float_nchw(images[start : start + batch_size])).latents)
+            amaps.append(anomaly_map(maps, model.config.image_height, model.config.image_width).numpy())
+            for s, m in enumerate(maps):
+                maps_out[s].append(m.numpy())
+    return np.concatenate(amaps), [np.concatenate(m) for m in maps_out]
+
+
 class ExportWrapper(nn.Module):
     """The engine I/O contract around a trained U-Flow.
 
-    Input ``image``: uint8 1xHxWx3 RGB at the model size (cast, /255, normalise and NHWC->NCHW happen
-    in the graph). Outputs: ``anomaly_map`` float32 1xHxW, then ``m_0..m_{S-1}`` float32 1xH_sxW_s.
+    Input ``image``: uint8 1xHxWx3 RGB at the model size (cast, NHWC->NCHW, /255 and normalise happen
+    in the graph, the cast first: see ``forward``). Outputs: ``anomaly_map`` float32 1xHxW, then ``m_0..m_{S-1}`` float32 1xH_sxW_s.
     """
 
     def __init__(self, model: UFlow) -> None:
@@ -222,7 +242,9 @@ class ExportWrapper(nn.Module):
         return ["anomaly_map", *(s.name for s in self.model.scales)]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        # Cast first: TensorRT takes a UINT8 network input only straight into a Cast layer (even a
+        # Transpose rejects UINT8), so the exported graph must read image -> Cast -> Transpose.
+        x = image.to(torch.float32).permute(0, 3, 1, 2) / 255.0
         latents = self.model(x).latents
         maps = scale_maps(latents)
         amap = anomaly_map(maps, self.model.config.image_height, self.model.config.image_width)

@@ -35,6 +35,7 @@ class OperatorTable:
     opset_max: int
     supported: frozenset[str]
     restrictions: dict[str, str]
+    types: dict[str, tuple[str, ...]]  # data types per operator, as the table names them (FP32, UINT8, ...)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class OpProblem:
     node: str
     op_type: str
     reason: str
+    rule: str = ""  # a stable name for the check that failed (tests and the migration key on it, not on wording)
 
     def describe(self) -> str:
         return f"{self.op_type} node {self.node!r}: {self.reason}"
@@ -60,6 +62,7 @@ def operator_table() -> OperatorTable:
         opset_max=int(raw["opset_max"]),
         supported=frozenset(raw["supported"]),
         restrictions={name: spec["restrictions"] for name, spec in raw["supported"].items() if "restrictions" in spec},
+        types={name: tuple(spec["types"]) for name, spec in raw["supported"].items()},
     )
 
 
@@ -72,7 +75,11 @@ def unsupported_ops(onnx_path: Path | str) -> list[OpProblem]:
         import onnx
     except ImportError as exc:  # the device image may not ship onnx; the TensorRT parser then reports
         raise RuntimeError("checking ONNX operators needs the `onnx` package (pip install onnx)") from exc
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    return model_problems(onnx.load(str(onnx_path), load_external_data=False))
+
+
+def model_problems(model: Any) -> list[OpProblem]:
+    """:func:`unsupported_ops` on a loaded ``onnx.ModelProto`` (operators, opset, Q/DQ zero points, Resize)."""
     table = operator_table()
     problems = _opset_problems(model, table)
     constants = _constant_values(model.graph)
@@ -92,6 +99,11 @@ def describe_problems(problems: list[OpProblem], onnx_path: Path | str) -> str:
     return "\n".join(lines)
 
 
+def node_label(node: Any) -> str:
+    """A node's name, or a stand-in naming its first output when the exporter left it unnamed."""
+    return node.name or f"<unnamed, output {node.output[0] if node.output else '?'}>"
+
+
 def _opset_problems(model: Any, table: OperatorTable) -> list[OpProblem]:
     problems = []
     for opset in model.opset_import:
@@ -102,6 +114,7 @@ def _opset_problems(model: Any, table: OperatorTable) -> list[OpProblem]:
                     op_type="opset",
                     reason=f"opset {opset.version} is outside TensorRT {table.tensorrt_version}'s range "
                     f"{table.opset_min}..{table.opset_max}; export with an opset in that range",
+                    rule="opset",
                 )
             )
     return problems
@@ -130,11 +143,15 @@ def _constant_values(graph: Any) -> dict[str, Any]:
 
 
 def _node_problems(node: Any, table: OperatorTable, constants: dict[str, Any]) -> list[OpProblem]:
-    name = node.name or f"<unnamed, output {node.output[0] if node.output else '?'}>"
+    name = node_label(node)
     if node.domain not in _STANDARD_DOMAINS:
-        return [OpProblem(name, node.op_type, f"operator domain {node.domain!r} needs a TensorRT plugin")]
+        return [OpProblem(name, node.op_type, f"operator domain {node.domain!r} needs a TensorRT plugin", "plugin")]
     if node.op_type not in table.supported:
-        return [OpProblem(name, node.op_type, f"not supported by TensorRT {table.tensorrt_version}'s ONNX parser")]
+        return [
+            OpProblem(
+                name, node.op_type, f"not supported by TensorRT {table.tensorrt_version}'s ONNX parser", "operator"
+            )
+        ]
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
         return _zero_point_problems(node, name, constants)
     if node.op_type == "Resize":
@@ -149,7 +166,11 @@ def _zero_point_problems(node: Any, name: str, constants: dict[str, Any]) -> lis
         return []  # no zero point: the parser quantizes to INT8 with zero 0 (onnx-tensorrt QuantDequantLinearHelper)
     zero_point = constants.get(node.input[2])
     if zero_point is None:
-        return [OpProblem(name, node.op_type, "zero point is computed at run time; TensorRT needs a constant 0")]
+        return [
+            OpProblem(
+                name, node.op_type, "zero point is computed at run time; TensorRT needs a constant 0", "qdq-zero-point"
+            )
+        ]
     from onnx import TensorProto
 
     problems = []
@@ -157,10 +178,17 @@ def _zero_point_problems(node: Any, name: str, constants: dict[str, Any]) -> lis
         # The parser rejects UINT8 Q/DQ and dequantizes INT8/FP8/INT4 only (not INT32 biases).
         kind = TensorProto.DataType.Name(zero_point.data_type)
         problems.append(
-            OpProblem(name, node.op_type, f"quantized type is {kind}, TensorRT takes signed INT8 (QuantType.QInt8)")
+            OpProblem(
+                name,
+                node.op_type,
+                f"quantized type is {kind}, TensorRT takes signed INT8 (QuantType.QInt8)",
+                "qdq-type",
+            )
         )
     if numpy_helper.to_array(zero_point).any():
-        problems.append(OpProblem(name, node.op_type, "zero point is not 0 (TensorRT quantization is symmetric)"))
+        problems.append(
+            OpProblem(name, node.op_type, "zero point is not 0 (TensorRT quantization is symmetric)", "qdq-zero-point")
+        )
     return problems
 
 
@@ -169,13 +197,15 @@ def _resize_problems(node: Any, name: str) -> list[OpProblem]:
     problems = []
     mode = attributes["mode"].s.decode() if "mode" in attributes else "nearest"
     if mode not in _RESIZE_MODES:
-        problems.append(OpProblem(name, node.op_type, f"mode {mode!r} is not supported (nearest or linear)"))
+        problems.append(OpProblem(name, node.op_type, f"mode {mode!r} is not supported (nearest or linear)", "resize"))
     if "coordinate_transformation_mode" in attributes:
         transform = attributes["coordinate_transformation_mode"].s.decode()
         if transform not in _RESIZE_TRANSFORMS:
             problems.append(
-                OpProblem(name, node.op_type, f"coordinate_transformation_mode {transform!r} is not supported")
+                OpProblem(
+                    name, node.op_type, f"coordinate_transformation_mode {transform!r} is not supported", "resize"
+                )
             )
     if "antialias" in attributes and attributes["antialias"].i:
-        problems.append(OpProblem(name, node.op_type, "antialiasing is not supported"))
+        problems.append(OpProblem(name, node.op_type, "antialiasing is not supported", "resize"))
     return problems
