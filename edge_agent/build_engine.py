@@ -6,9 +6,16 @@ it and exits in about a second. A plan built for another GPU or TensorRT version
 this builds the right one beside it. After a build the plan is loaded once and run on a frame next
 to ONNX Runtime, and the difference is logged.
 
-Exit status: 0 plan ready (built or cached); 1 the bundle or the build failed (e.g. an operator
-TensorRT's parser rejects: the errors name the nodes); 2 bad configuration or options; 3 TensorRT,
-pycuda or an NVIDIA GPU is missing on this machine; 130 stopped (SIGTERM/SIGINT) before the end.
+Before building, the ONNX file passes the TensorRT graph check (graph_check.py); a bundle exported
+before the cast-first fix is built from a migrated copy (logged), any other problem fails with the
+nodes named. While TensorRT builds, the systemd start timeout is extended as long as the build makes
+progress (EXTEND_TIMEOUT_USEC; the unit has NotifyAccess=main).
+
+Exit status: 0 plan ready (built or cached); 1 the bundle or the build failed (e.g. a graph TensorRT
+rejects: the errors name the nodes; or TensorRT older than 10); 2 bad configuration or options;
+3 TensorRT or a CUDA binding (cuda-python, pycuda) is not installed here; 4 both are installed but no
+GPU can be opened (no driver, or the sandbox hides the device: a Jetson without its drop-in);
+130 stopped (SIGTERM/SIGINT) before the end. The unit treats only 3 as success.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from edge_agent.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_STOPPED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_NO_GPU, EXIT_STOPPED = 0, 1, 2, 3, 4, 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TensorRT builder workspace (default: model.tensorrt_workspace_mb)",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="plan cache (default: model.engine_cache_dir)")
-    parser.add_argument(
-        "--calibration-data",
-        type=Path,
-        default=None,
-        help="TensorRT 10 only, INT8 without a Q/DQ model: good images for IInt8EntropyCalibrator2 "
-        "(folder, .txt list or split.json)",
-    )
-    parser.add_argument("--calibration-images", type=int, default=200, help="images for the calibrator (default 200)")
+    # Kept so that existing scripts still parse; TensorRT's implicit INT8 calibration is no longer used.
+    parser.add_argument("--calibration-data", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--calibration-images", type=int, default=200, help=argparse.SUPPRESS)
     parser.add_argument("--force", action="store_true", help="rebuild even when a matching plan is cached")
     parser.add_argument("--no-verify", action="store_true", help="skip running the new plan next to ONNX Runtime")
 
@@ -115,14 +117,31 @@ def _stop_on_signals(cancel: threading.Event) -> Iterator[None]:
 
 def build(bundle: Bundle, model: ModelConfig, args: argparse.Namespace, cancel: threading.Event) -> int:
     """Find or build the plan; 0 when it is ready."""
-    from edge_agent.engines import EngineUnavailable
-    from edge_agent.engines.tensorrt import engine_cache_for, import_pycuda, import_tensorrt, open_gpu
-    from edge_agent.engines.trt_build import BuildCancelled, BuildProgress, TensorRTBuildError, ensure_plan
+    from edge_agent.engines import EngineUnavailable, GpuUnreachable, TensorRTTooOld
+    from edge_agent.engines.cuda_buffers import open_cuda
+    from edge_agent.engines.tensorrt import engine_cache_for, import_tensorrt
+    from edge_agent.engines.trt_build import (
+        BuildCancelled,
+        BuildProgress,
+        TensorRTBuildError,
+        ensure_plan,
+    )
 
+    if getattr(args, "calibration_data", None) is not None:
+        log.warning(
+            "--calibration-data is ignored: INT8 is built only from the bundle's Q/DQ model "
+            f"(make it with `uflow calibrate int8 --bundle {bundle.root} --data GOOD_IMAGES`)",
+            extra={"event": "calibration_ignored"},
+        )
     try:
         trt = import_tensorrt()
-        cuda = import_pycuda()
-        gpu = open_gpu(cuda, str(trt.__version__))
+        gpu = open_cuda(str(trt.__version__))
+    except TensorRTTooOld as exc:
+        log.error("cannot build a TensorRT engine here: %s", exc, extra={"event": "trt_too_old"})
+        return EXIT_FAILURE
+    except GpuUnreachable as exc:
+        log.error("no GPU reachable: %s", exc, extra={"event": "gpu_unreachable"})
+        return EXIT_NO_GPU
     except EngineUnavailable as exc:
         log.error("cannot build a TensorRT engine here: %s", exc, extra={"event": "trt_unavailable"})
         return EXIT_UNAVAILABLE
@@ -130,7 +149,6 @@ def build(bundle: Bundle, model: ModelConfig, args: argparse.Namespace, cancel: 
     progress = BuildProgress(cancel=cancel)
     try:
         with gpu.current():
-            factory = _calibrator_factory(trt, cuda, bundle, cache.root, args) if args.calibration_data else None
             result = ensure_plan(
                 trt,
                 bundle,
@@ -139,7 +157,6 @@ def build(bundle: Bundle, model: ModelConfig, args: argparse.Namespace, cancel: 
                 cache,
                 workspace_mb=model.tensorrt_workspace_mb,
                 force=args.force,
-                calibrator_factory=factory,
                 progress=progress,
             )
     except BuildCancelled as exc:
@@ -155,20 +172,6 @@ def build(bundle: Bundle, model: ModelConfig, args: argparse.Namespace, cancel: 
     if result.built and not args.no_verify:
         return verify(bundle, model)
     return EXIT_OK
-
-
-def _calibrator_factory(trt, cuda, bundle: Bundle, cache_dir: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Creates the TensorRT 10 entropy calibrator only if the recipe needs it (no Q/DQ model)."""
-    from calibration.data import select_images
-    from calibration.trt_calibrator import CalibrationFeed, calibration_cache_path, make_entropy_calibrator
-
-    def factory(recipe):  # type: ignore[no-untyped-def]
-        spec = bundle.manifest.input
-        images = select_images(args.calibration_data, args.calibration_images)
-        cache_path = calibration_cache_path(cache_dir, recipe.onnx_sha256, str(trt.__version__))
-        return make_entropy_calibrator(trt, cuda, CalibrationFeed(images, spec.height, spec.width, cache_path))
-
-    return factory
 
 
 def verify(bundle: Bundle, model: ModelConfig) -> int:

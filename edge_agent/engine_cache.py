@@ -1,7 +1,10 @@
 """Where TensorRT plans live on the device, and whether one may be loaded. Pure Python, no TensorRT.
 
 A TensorRT plan only runs on the GPU model and TensorRT version it was built with, so a plan is keyed
-by (ONNX sha256, GPU name, compute capability, TensorRT version, precision, build recipe). The file
+by (ONNX sha256, GPU name, compute capability, SM count, memory, TensorRT version, precision, build
+recipe). The SM count and memory tell apart modules that share a name and compute capability (Jetson
+Orin Nano 4/8 GB, Orin NX 8/16 GB, AGX Orin 32/64 GB all report "Orin", sm 8.7), whose tactic timings
+and workspace limits differ. The file
 name carries a digest of the whole key, and a JSON sidecar beside each plan records the key and the
 plan's own sha256. A plan whose sidecar is missing, names another device or does not match the plan
 bytes is never loaded: the caller rebuilds it. The sidecar is written after the plan, so a build
@@ -35,9 +38,12 @@ class DeviceIdentity:
     gpu_name: str
     compute_capability: str  # "8.7"
     tensorrt_version: str
+    sm_count: int = 0  # streaming multiprocessors; 0 = unknown
+    memory_gib: int = 0  # total device memory, rounded to GiB; 0 = unknown
 
     def describe(self) -> str:
-        return f"{self.gpu_name} (sm {self.compute_capability}), TensorRT {self.tensorrt_version}"
+        size = f", {self.sm_count} SMs, {self.memory_gib} GiB" if self.sm_count or self.memory_gib else ""
+        return f"{self.gpu_name} (sm {self.compute_capability}{size}), TensorRT {self.tensorrt_version}"
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,9 @@ class EngineKey:
     compute_capability: str
     tensorrt_version: str
     precision: str
-    recipe: str  # how the precision was obtained, e.g. "fp16-flag", "int8-qdq"
+    recipe: str  # how the precision was obtained, e.g. "fp16-typed", "int8-qdq-typed"
+    sm_count: str = ""  # strings like every key field (the sidecar stores the key as str -> str)
+    memory_gib: str = ""
 
     @classmethod
     def for_device(cls, device: DeviceIdentity, onnx_sha256: str, precision: str, recipe: str) -> EngineKey:
@@ -60,6 +68,8 @@ class EngineKey:
             tensorrt_version=device.tensorrt_version,
             precision=precision,
             recipe=recipe,
+            sm_count=str(device.sm_count) if device.sm_count else "",
+            memory_gib=str(device.memory_gib) if device.memory_gib else "",
         )
 
     def digest(self) -> str:
@@ -139,15 +149,17 @@ class EngineCache:
         return self.root / f"{key.file_stem()}{METADATA_SUFFIX}"
 
     def timing_cache_path(self, device: DeviceIdentity) -> Path:
-        """Timing measurements are only valid on the same GPU model and TensorRT version."""
+        """Timing measurements are only valid on the same GPU model (SM count included) and TensorRT version."""
         sm = device.compute_capability.replace(".", "")
-        return self.root / f"timing-{_slug(device.gpu_name)}-sm{sm}-trt{device.tensorrt_version}.cache"
+        size = f"-{device.sm_count}sm-{device.memory_gib}g" if device.sm_count or device.memory_gib else ""
+        return self.root / f"timing-{_slug(device.gpu_name)}-sm{sm}{size}-trt{device.tensorrt_version}.cache"
 
     def load(self, key: EngineKey) -> CachedPlan:
         """The plan for exactly this key, verified against its sidecar; else None and the reason."""
         plan_path = self.plan_path(key)
         if not plan_path.is_file():
-            reason = f"no plan built for {key.precision} on {key.gpu_name} with TensorRT {key.tensorrt_version}"
+            size = f" ({key.sm_count} SMs, {key.memory_gib} GiB)" if key.sm_count or key.memory_gib else ""
+            reason = f"no plan built for {key.precision} on {key.gpu_name}{size} with TensorRT {key.tensorrt_version}"
             others = self.plans_for_model(key.onnx_sha256)
             if others:
                 built = "; ".join(_describe_key(m.engine_key()) for m in others)
@@ -231,7 +243,11 @@ def new_metadata(
 
 
 def _describe_key(key: EngineKey) -> str:
-    return f"{key.precision}/{key.recipe} on {key.gpu_name} sm {key.compute_capability} TensorRT {key.tensorrt_version}"
+    size = f" ({key.sm_count} SMs, {key.memory_gib} GiB)" if key.sm_count or key.memory_gib else ""
+    return (
+        f"{key.precision}/{key.recipe} on {key.gpu_name} sm {key.compute_capability}{size} "
+        f"TensorRT {key.tensorrt_version}"
+    )
 
 
 def _slug(text: str) -> str:

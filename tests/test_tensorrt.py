@@ -1,9 +1,9 @@
 """TensorRT: everything that is not a TensorRT call is tested here; the GPU tests skip without one.
 
-The recipes are checked against the API surface of each TensorRT major version, written down from
-the Python bindings' sources (NVIDIA/TensorRT python/src/infer/pyCore.cpp at the 10.3 GA and 11.1
-releases): 10.x has ``BuilderFlag.FP16/INT8``, ``IInt8EntropyCalibrator2`` and the STRONGLY_TYPED
-creation flag; 11.x has none of the precision flags or calibrators.
+The recipes are checked against the API surface of each TensorRT version, as the fake bindings in
+tests/fake_tensorrt write it down (10.x has ``BuilderFlag.FP16/INT8``, ``IInt8EntropyCalibrator2`` and
+the STRONGLY_TYPED creation flag; 11.x has none of the precision flags or calibrators). Builds through
+the fakes are in tests/test_trt_fake.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
+from fake_tensorrt import make_tensorrt
 from precision_bundle import build_precision_bundle, write_good_images
 
 from edge_agent import build_engine
@@ -26,10 +28,12 @@ from edge_agent.engine_cache import DeviceIdentity, EngineCache, EngineKey, new_
 from edge_agent.engines import EngineUnavailable, create_engine
 from edge_agent.engines.trt_build import (
     BuildProgress,
+    BuildRecipe,
     Heartbeat,
     ParserIssue,
     RecipeError,
     TensorRTBuildError,
+    TensorRTVersionError,
     TrtFeatures,
     choose_recipe,
     describe_parser_errors,
@@ -40,26 +44,17 @@ from edge_agent.engines.trt_build import (
 )
 
 TRT10 = TrtFeatures(
-    "10.3.0", fp16_flag=True, int8_flag=True, strongly_typed_flag=True, calibrators=True, progress_monitor=True
+    "10.3.0.30", fp16_flag=True, int8_flag=True, strongly_typed_flag=True, calibrators=True, progress_monitor=True
 )
 TRT11 = TrtFeatures(
-    "11.1.0", fp16_flag=False, int8_flag=False, strongly_typed_flag=True, calibrators=False, progress_monitor=True
+    "11.1.0.2", fp16_flag=False, int8_flag=False, strongly_typed_flag=True, calibrators=False, progress_monitor=True
 )
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def _api_surface(version: str, weak: bool) -> SimpleNamespace:
-    """The attributes detect_features reads, as each TensorRT version's bindings define them."""
-    flags = {"TF32": 6, "REFIT": 4} | ({"FP16": 0, "INT8": 1} if weak else {})
-    module = SimpleNamespace(
-        __version__=version,
-        BuilderFlag=SimpleNamespace(**flags),
-        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1),
-        IProgressMonitor=object,
-    )
-    if weak:
-        module.IInt8EntropyCalibrator2 = object
-    return module
+def _api_surface(version: str, weak: bool) -> Any:
+    """The fake binding of that TensorRT version (tests/fake_tensorrt)."""
+    return make_tensorrt("10.3" if weak else "11.x") if version.startswith(("10.3", "11.1")) else make_tensorrt(version)
 
 
 @pytest.fixture(scope="module")
@@ -79,66 +74,62 @@ def _with_variants(bundle: Bundle, *precisions: str) -> Bundle:
 
 
 def test_detect_features_tells_10_from_11() -> None:
-    ten = detect_features(_api_surface("10.3.0", weak=True))  # type: ignore[arg-type]
-    eleven = detect_features(_api_surface("11.1.0", weak=False))  # type: ignore[arg-type]
+    ten = detect_features(_api_surface("10.3.0", weak=True))
+    eleven = detect_features(_api_surface("11.1.0", weak=False))
     assert ten == TRT10
     assert eleven == TRT11
     assert ten.weakly_typed and not eleven.weakly_typed and eleven.major == 11
 
 
-def test_tensorrt_10_recipes(bundle: Bundle) -> None:
-    fp32 = choose_recipe(bundle, "fp32", TRT10)
-    assert (fp32.name, fp32.onnx_file, fp32.strongly_typed, fp32.builder_flags) == ("fp32", "model.onnx", False, ())
-    fp16 = choose_recipe(bundle, "fp16", TRT10)
-    assert (fp16.name, fp16.onnx_file, fp16.builder_flags) == ("fp16-flag", "model.onnx", ("FP16",))
-    assert fp16.onnx_sha256 == bundle.onnx_sha256
-    with_qdq = _with_variants(bundle, "int8")
-    int8 = choose_recipe(with_qdq, "int8", TRT10)
-    assert (int8.name, int8.onnx_file, int8.strongly_typed, int8.builder_flags) == (
-        "int8-qdq",
-        "model.int8.onnx",
-        False,
-        ("INT8",),
-    )
-    assert int8.onnx_sha256 == "i" * 64 and not int8.calibrator
-    legacy = choose_recipe(bundle, "int8", TRT10, calibration_data=True)
-    assert (legacy.name, legacy.onnx_file, legacy.calibrator, legacy.builder_flags) == (
-        "int8-calibrator",
-        "model.onnx",
-        True,
-        ("INT8",),
-    )
-
-
-def test_tensorrt_11_recipes_are_strongly_typed(bundle: Bundle) -> None:
-    assert choose_recipe(bundle, "fp32", TRT11).strongly_typed
+def test_recipes_are_strongly_typed_for_fp16_and_int8(bundle: Bundle) -> None:
     both = _with_variants(bundle, "fp16", "int8")
-    fp16 = choose_recipe(both, "fp16", TRT11)
-    assert (fp16.name, fp16.onnx_file, fp16.strongly_typed, fp16.builder_flags) == (
-        "fp16-typed",
-        "model.fp16.onnx",
-        True,
-        (),
-    )
-    int8 = choose_recipe(both, "int8", TRT11, calibration_data=True)
-    assert (int8.name, int8.onnx_file, int8.strongly_typed, int8.builder_flags, int8.calibrator) == (
-        "int8-qdq",
-        "model.int8.onnx",
-        True,
-        (),
-        False,
-    )
+    for features in (TRT10, TRT11):
+        fp32 = choose_recipe(both, "fp32", features)
+        assert (fp32.onnx_file, fp32.builder_flags, fp32.strongly_typed) == ("model.onnx", (), features.major >= 11)
+        fp16 = choose_recipe(both, "fp16", features)
+        assert (fp16.name, fp16.onnx_file, fp16.strongly_typed, fp16.builder_flags) == (
+            "fp16-typed",
+            "model.fp16.onnx",
+            True,
+            (),
+        )
+        int8 = choose_recipe(both, "int8", features)
+        assert (int8.name, int8.onnx_file, int8.strongly_typed, int8.builder_flags) == (
+            "int8-qdq-typed",
+            "model.int8.onnx",
+            True,
+            (),
+        )
+        assert int8.onnx_sha256 == "i" * 64
+
+
+def test_no_precision_flag_on_a_strongly_typed_recipe() -> None:
+    with pytest.raises(ValueError, match="strongly typed"):
+        BuildRecipe("fp16", "fp16-flag", "model.onnx", "a" * 64, strongly_typed=True, builder_flags=("FP16",))
+    with pytest.raises(ValueError, match="strongly typed"):
+        BuildRecipe("int8", "x", "model.int8.onnx", "a" * 64, strongly_typed=True, builder_flags=("TF32", "INT8"))
+    BuildRecipe("fp32", "fp32", "model.onnx", "a" * 64, strongly_typed=False, builder_flags=("TF32",))
 
 
 def test_missing_variants_say_what_to_make(bundle: Bundle) -> None:
-    with pytest.raises(RecipeError, match=r"uflow calibrate fp16 --bundle"):
-        choose_recipe(bundle, "fp16", TRT11)
-    with pytest.raises(RecipeError, match=r"uflow calibrate int8 --bundle .*no implicit INT8 calibration"):
-        choose_recipe(bundle, "int8", TRT11, calibration_data=True)
-    with pytest.raises(RecipeError, match=r"--calibration-data"):
-        choose_recipe(bundle, "int8", TRT10)
+    for features in (TRT10, TRT11):
+        with pytest.raises(RecipeError, match=r"uflow calibrate fp16 --bundle"):
+            choose_recipe(bundle, "fp16", features)
+        with pytest.raises(RecipeError, match=r"uflow calibrate int8 --bundle"):
+            choose_recipe(bundle, "int8", features)
     with pytest.raises(RecipeError, match="precision must be one of"):
         choose_recipe(bundle, "int4", TRT10)
+
+
+def test_version_floor(bundle: Bundle) -> None:
+    both = _with_variants(bundle, "fp16", "int8")
+    old = TrtFeatures("8.6.2", True, True, True, True, False)
+    with pytest.raises(TensorRTVersionError, match=r"TensorRT 8\.6\.2 is too old.*JetPack 6\.1"):
+        choose_recipe(both, "fp32", old)
+    early_10 = TrtFeatures("10.1.0", True, True, True, True, True)
+    assert choose_recipe(both, "fp32", early_10).name == "fp32"
+    with pytest.raises(RecipeError, match=r"TensorRT 10\.3 or newer"):
+        choose_recipe(both, "fp16", early_10)
 
 
 def test_dynamic_inputs_are_pinned_to_the_manifest_shape() -> None:
@@ -211,15 +202,21 @@ def test_heartbeat_reports_elapsed_time(caplog: pytest.LogCaptureFixture) -> Non
 
 def test_ensure_plan_uses_a_matching_cached_plan_without_building(bundle: Bundle, tmp_path: Path) -> None:
     trt = _api_surface("10.3.0", weak=True)
-    device = DeviceIdentity("Orin", "8.7", "10.3.0")
+    device = DeviceIdentity("Orin", "8.7", trt.__version__, 16, 64)
     cache = EngineCache(tmp_path)
-    key = EngineKey.for_device(device, bundle.onnx_sha256, "fp16", "fp16-flag")
+    key = EngineKey.for_device(device, bundle.onnx_sha256, "fp32", "fp32")
     cache.store(key, b"plan", new_metadata(key, b"plan", 1.0, "model.onnx"))
-    result = ensure_plan(trt, bundle, "fp16", device, cache)  # type: ignore[arg-type]
+    result = ensure_plan(trt, bundle, "fp32", device, cache)
     assert (result.plan, result.built, result.path) == (b"plan", False, cache.plan_path(key))
     # The same plan is not used for another GPU; without building allowed the reason is given.
-    with pytest.raises(TensorRTBuildError, match=r"no plan built for fp16 on Orin Nano.*Orin"):
-        ensure_plan(trt, bundle, "fp16", DeviceIdentity("Orin Nano", "8.7", "10.3.0"), cache, build_if_missing=False)  # type: ignore[arg-type]
+    with pytest.raises(TensorRTBuildError, match=r"no plan built for fp32 on Orin Nano.*Orin"):
+        ensure_plan(
+            trt, bundle, "fp32", DeviceIdentity("Orin Nano", "8.7", trt.__version__), cache, build_if_missing=False
+        )
+    # Nor for an Orin module with fewer SMs or less memory (same name, same compute capability).
+    smaller = DeviceIdentity("Orin", "8.7", trt.__version__, 8, 16)
+    with pytest.raises(TensorRTBuildError, match=r"fp32 on Orin \(8 SMs, 16 GiB\).*exist for other.*16 SMs, 64 GiB"):
+        ensure_plan(trt, bundle, "fp32", smaller, cache, build_if_missing=False)
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the behaviour where TensorRT is not installed")
@@ -258,16 +255,16 @@ def test_build_engine_exit_codes_without_tensorrt(bundle: Bundle, tmp_path: Path
 
 
 def _gpu_or_skip() -> None:
-    if not HAVE_TRT or importlib.util.find_spec("pycuda") is None:
-        pytest.skip("needs TensorRT and pycuda (pip install '.[tensorrt]' on a machine with an NVIDIA GPU)")
-    from edge_agent.engines.tensorrt import import_pycuda
+    if not HAVE_TRT:
+        pytest.skip(
+            "needs TensorRT and cuda-python or pycuda (pip install '.[tensorrt-cu12]' on a machine with an NVIDIA GPU)"
+        )
+    from edge_agent.engines.cuda_buffers import open_cuda
 
     try:
-        cuda = import_pycuda()
+        open_cuda("probe").release()
     except EngineUnavailable as exc:
         pytest.skip(f"no usable NVIDIA GPU: {exc}")
-    if cuda.Device.count() == 0:
-        pytest.skip("no NVIDIA GPU")
 
 
 @pytest.mark.gpu

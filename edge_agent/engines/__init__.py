@@ -15,7 +15,16 @@ from edge_agent.bundle import Bundle
 from edge_agent.config import ModelConfig
 from edge_agent.engines.base import Engine, EngineIO, EngineOutput, TensorSpec
 
-__all__ = ["Engine", "EngineIO", "EngineOutput", "EngineUnavailable", "TensorSpec", "create_engine"]
+__all__ = [
+    "Engine",
+    "EngineIO",
+    "EngineOutput",
+    "EngineUnavailable",
+    "GpuUnreachable",
+    "TensorRTTooOld",
+    "TensorSpec",
+    "create_engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +33,22 @@ class EngineUnavailable(RuntimeError):
     """The requested backend cannot run on this device; the message says why."""
 
 
+class GpuUnreachable(EngineUnavailable):
+    """TensorRT and a CUDA binding are installed but no GPU can be opened (no driver, no device node, or a
+    sandbox hiding it, e.g. a missing Jetson drop-in); ``build-engine`` exits with its own status for it."""
+
+
+class TensorRTTooOld(EngineUnavailable):
+    """The installed TensorRT is older than 10; the message names the JetPack (or wheel) to install."""
+
+
 def tensorrt_missing_reason() -> str | None:
     """Why TensorRT cannot be used here, or None when its Python package and our backend import."""
     if importlib.util.find_spec("tensorrt") is None:
-        return "the `tensorrt` Python package is not installed (pip install '.[tensorrt]' or use JetPack's)"
+        return (
+            "the `tensorrt` Python package is not installed (pip install '.[tensorrt-cu12]'; on a Jetson use "
+            "JetPack's python3-libnvinfer, docs/tensorrt.md)"
+        )
     try:
         importlib.import_module("edge_agent.engines.tensorrt")
     except ImportError as exc:
@@ -66,7 +87,7 @@ def create_engine(bundle: Bundle, model_config: ModelConfig | None = None) -> En
             "precision": config.precision,
             "model": bundle.manifest.name,
             "version": bundle.manifest.version,
-            # TensorRT 10 makes FP16 from model.onnx with a builder flag: ask the engine what it parsed.
+            # The engine knows which ONNX file its plan was built from: ask it.
             "onnx_sha256": (getattr(engine, "onnx_sha256", None) or bundle.model_sha256(config.precision))[:12],
         },
     )

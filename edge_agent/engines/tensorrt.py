@@ -1,8 +1,9 @@
-"""TensorRT backend (pycuda): deserialize a cached plan and run it on one CUDA stream.
+"""TensorRT backend: deserialize a cached plan and run it on one CUDA stream.
 
 Thin on purpose: the I/O contract checks, frame validation and output splitting are the same
 functions the ONNX Runtime backend uses (engines/base.py); the plan cache and build recipes live in
-engine_cache.py and trt_build.py. What is here is only TensorRT and CUDA calls:
+engine_cache.py and trt_build.py; CUDA memory and streams go through cuda_buffers.CudaApi
+(cuda-python, else pycuda). What is here is only TensorRT calls and their order:
 
 - one pinned host buffer and one device buffer per I/O tensor name, bound once with
   ``set_tensor_address``;
@@ -14,16 +15,14 @@ The CUDA context is the device's primary context (the one TensorRT's runtime API
 around every call, so ``infer`` may run on the pipeline's inference thread.
 
 With ``backend = "auto"`` a missing plan is not built here (that is ``edge-agent build-engine``'s
-job, its own systemd unit): the engine is unavailable and the agent falls back to ONNX Runtime,
-saying why. With ``backend = "tensorrt"`` a missing plan is built now, with progress logged.
+job, its own systemd unit, and the updater's before it switches models): the engine is unavailable
+and the agent falls back to ONNX Runtime, saying why. With ``backend = "tensorrt"`` a missing plan
+is built now, with progress logged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,8 +31,8 @@ import numpy as np
 
 from edge_agent.bundle import Bundle, BundleError
 from edge_agent.config import DEFAULT_STATE_DIR, ModelConfig
-from edge_agent.engine_cache import DeviceIdentity, EngineCache
-from edge_agent.engines import EngineUnavailable
+from edge_agent.engine_cache import EngineCache
+from edge_agent.engines import EngineUnavailable, TensorRTTooOld
 from edge_agent.engines.base import (
     EngineIO,
     EngineOutput,
@@ -43,73 +42,34 @@ from edge_agent.engines.base import (
     expected_io,
     split_outputs,
 )
+from edge_agent.engines.cuda_buffers import CudaApi, open_cuda
 from edge_agent.engines.trt_build import (
     TensorRTBuildError,
+    TensorRTVersionError,
     ensure_plan,
     fixed_input_shape,
     make_trt_logger,
     numpy_dtype_name,
+    require_supported,
 )
 
 log = logging.getLogger(__name__)
 
 
 def import_tensorrt() -> ModuleType:
-    """The ``tensorrt`` module, or EngineUnavailable saying it is not installed."""
+    """The ``tensorrt`` module (10 or newer), or EngineUnavailable saying what to install."""
     try:
         import tensorrt
     except ImportError as exc:
         raise EngineUnavailable(
-            f"TensorRT is not installed ({exc}); on a Jetson use JetPack's python3-libnvinfer, "
-            "elsewhere pip install '.[tensorrt]'"
+            f"TensorRT is not installed ({exc}); on a Jetson use JetPack's python3-libnvinfer in a venv made "
+            "with --system-site-packages, elsewhere pip install '.[tensorrt-cu12]' (docs/tensorrt.md)"
         ) from exc
+    try:
+        require_supported(str(tensorrt.__version__))
+    except TensorRTVersionError as exc:
+        raise TensorRTTooOld(str(exc)) from exc
     return tensorrt
-
-
-def import_pycuda() -> ModuleType:
-    """``pycuda.driver``, initialised, or EngineUnavailable saying why not."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise EngineUnavailable(f"pycuda is not installed ({exc}); pip install '.[tensorrt]'") from exc
-    try:
-        cuda.init()
-    except Exception as exc:  # pycuda raises its own cuda.Error (no driver, no device node)
-        raise EngineUnavailable(f"CUDA cannot start, no usable NVIDIA GPU or driver: {exc}") from exc
-    return cuda
-
-
-@dataclass
-class Gpu:
-    """One CUDA device and its retained primary context."""
-
-    cuda: ModuleType
-    device: Any
-    context: Any
-    identity: DeviceIdentity
-
-    @contextlib.contextmanager
-    def current(self) -> Iterator[None]:
-        """Make the primary context current on this thread for the duration of the block."""
-        self.context.push()
-        try:
-            yield
-        finally:
-            self.cuda.Context.pop()
-
-    def release(self) -> None:
-        self.context.detach()
-
-
-def open_gpu(cuda: ModuleType, tensorrt_version: str, index: int = 0) -> Gpu:
-    """Device ``index`` with its primary context retained, or EngineUnavailable when there is none."""
-    count = cuda.Device.count()
-    if count <= index:
-        raise EngineUnavailable(f"no NVIDIA GPU: CUDA sees {count} device(s)")
-    device = cuda.Device(index)
-    major, minor = device.compute_capability()
-    identity = DeviceIdentity(str(device.name()), f"{major}.{minor}", tensorrt_version)
-    return Gpu(cuda, device, device.retain_primary_context(), identity)
 
 
 def engine_cache_for(config: ModelConfig) -> EngineCache:
@@ -148,20 +108,20 @@ class TensorRTEngine:
 
     backend = "tensorrt"
 
-    def __init__(self, bundle: Bundle, model_config: ModelConfig | None = None) -> None:
+    def __init__(self, bundle: Bundle, model_config: ModelConfig | None = None, cuda: CudaApi | None = None) -> None:
         config = model_config or ModelConfig()
         trt = import_tensorrt()
-        cuda = import_pycuda()
         self._trt = trt
-        self._gpu = open_gpu(cuda, str(trt.__version__))
+        self._cuda: CudaApi | None = cuda or open_cuda(str(trt.__version__))
         self.precision = config.precision
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
-        self._device: dict[str, Any] = {}
+        self._stream: int | None = None
+        self._device: dict[str, int] = {}
         self._host: dict[str, np.ndarray] = {}
         try:
-            with self._gpu.current():
+            with self._cuda.current():
                 self._load(bundle, config)
         except BaseException:
             self.close()
@@ -170,7 +130,8 @@ class TensorRTEngine:
             "TensorRT engine ready",
             extra={
                 "event": "trt_engine_ready",
-                "gpu": self._gpu.identity.describe(),
+                "gpu": self._cuda.identity.describe(),
+                "cuda": self._cuda.name,
                 "plan": str(self.plan_path),
                 "recipe": self.recipe,
             },
@@ -178,10 +139,11 @@ class TensorRTEngine:
 
     def _load(self, bundle: Bundle, config: ModelConfig) -> None:
         trt = self._trt
+        assert self._cuda is not None
         cache = engine_cache_for(config)
         build = config.backend == "tensorrt"
         try:
-            result = ensure_plan(trt, bundle, config.precision, self._gpu.identity, cache, build_if_missing=build)
+            result = ensure_plan(trt, bundle, config.precision, self._cuda.identity, cache, build_if_missing=build)
         except TensorRTBuildError as exc:
             if build:
                 raise
@@ -209,52 +171,56 @@ class TensorRTEngine:
         except BundleError as exc:
             raise BundleError(f"{exc} (TensorRT plan {result.path.name})") from exc
         self._allocate(inputs + outputs)
-        self._stream = self._gpu.cuda.Stream()
+        self._stream = self._cuda.create_stream()
 
     def _allocate(self, tensors: list[TensorSpec]) -> None:
         """A pinned host buffer and a device buffer per I/O tensor, bound to the context by name."""
-        cuda = self._gpu.cuda
+        assert self._cuda is not None
         for spec in tensors:
-            host = cuda.pagelocked_empty(spec.shape, np.dtype(spec.dtype))
-            device = cuda.mem_alloc(max(host.nbytes, 1))
+            host = self._cuda.pinned_empty(spec.shape, np.dtype(spec.dtype))
             self._host[spec.name] = host
+            device = self._cuda.device_alloc(host.nbytes)
             self._device[spec.name] = device
             # Every I/O tensor needs an address, including outputs the manifest does not name.
-            if not self._context.set_tensor_address(spec.name, int(device)):
+            if not self._context.set_tensor_address(spec.name, device):
                 raise RuntimeError(f"TensorRT refused the device address for tensor {spec.name!r}")
 
     def infer(self, image: np.ndarray) -> EngineOutput:
         """Run one uint8 HxWx3 RGB image at the model size."""
         batch = check_frame(self.io, image)
-        cuda = self._gpu.cuda
+        cuda = self._cuda
+        assert cuda is not None and self._stream is not None
         name_in = self.io.input.name
-        with self._gpu.current():
+        with cuda.current():
             np.copyto(self._host[name_in], batch)
-            cuda.memcpy_htod_async(self._device[name_in], self._host[name_in], self._stream)
-            if not self._context.execute_async_v3(self._stream.handle):
+            cuda.copy_htod_async(self._device[name_in], self._host[name_in], self._stream)
+            if not self._context.execute_async_v3(self._stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the 'tensorrt' log)")
             for spec in self.io.outputs:
-                cuda.memcpy_dtoh_async(self._host[spec.name], self._device[spec.name], self._stream)
-            self._stream.synchronize()
+                cuda.copy_dtoh_async(self._host[spec.name], self._device[spec.name], self._stream)
+            cuda.synchronize(self._stream)
             # Copies: the pinned buffers are reused by the next frame while this result travels on.
             arrays = [self._host[spec.name].copy() for spec in self.io.outputs]
         return split_outputs(self.io, arrays)
 
     def close(self) -> None:
-        """Free device and pinned memory, then release the primary context."""
-        gpu = getattr(self, "_gpu", None)
-        if gpu is None:
+        """Free the stream, device and pinned memory inside the context, then release it."""
+        cuda = getattr(self, "_cuda", None)
+        if cuda is None:
             return
-        with gpu.current():
-            for allocation in self._device.values():
-                allocation.free()
+        with cuda.current():
+            if self._stream is not None:
+                cuda.destroy_stream(self._stream)  # inside the context: pycuda frees streams on collection
+                self._stream = None
+            for pointer in self._device.values():
+                cuda.free_device(pointer)
             for host in self._host.values():
-                host.base.free()  # the PagelockedHostAllocation behind the array
+                cuda.free_pinned(host)
             self._device.clear()
             self._host.clear()
             # Release order: execution context, engine, runtime (TensorRT's documented lifetime rule).
             self._context = None
             self._engine = None
             self._runtime = None
-        gpu.release()
-        self._gpu = None  # type: ignore[assignment]
+        cuda.release()
+        self._cuda = None

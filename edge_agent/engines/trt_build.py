@@ -1,24 +1,36 @@
 """Building TensorRT plans from a bundle: which ONNX and flags per TensorRT version, and the build itself.
 
-TensorRT 10 (JetPack 6, desktops today) is weakly typed by default: FP16 is the ``BuilderFlag.FP16``
-flag on the FP32 ONNX, and INT8 is the bundle's Q/DQ ONNX built with ``BuilderFlag.INT8`` (explicit
-quantization; layers without Q/DQ stay in FP32). Without a Q/DQ model, TensorRT 10 can still calibrate
-the FP32 ONNX itself with ``IInt8EntropyCalibrator2`` (deprecated since 10.1). TensorRT 11 removed
-the precision flags and the calibrators: every network is strongly typed, so the precision comes
-from the ONNX file's own types (``model.fp16.onnx`` from ``uflow calibrate fp16``, the Q/DQ
-``model.int8.onnx``). The version is detected from the module at run time (``hasattr``), never assumed.
+The recipes (docs/tensorrt.md has the table and the reasons):
+
+- **fp32**: ``model.onnx``, no precision flag (TensorRT 11: strongly typed, which is the same thing).
+- **fp16**: ``model.fp16.onnx`` from ``uflow calibrate fp16`` in a STRONGLY_TYPED network: every layer
+  runs in the type the ONNX file gives it, so z², the channel mean and the anomaly map stay FP32 (the
+  graph check proves the file does that). ``BuilderFlag.FP16`` on the FP32 graph is never used: it
+  lets TensorRT compute z² in FP16, which overflows to inf for |z| > 256 on exactly the defective
+  frames.
+- **int8**: ``model.int8.onnx`` (explicit Q/DQ, backbone FP32) from ``uflow calibrate int8``, strongly
+  typed, no ``BuilderFlag.INT8``. TensorRT's implicit calibrator (``IInt8EntropyCalibrator2``) is not
+  used: it quantizes the backbone (−12.6 pixel-AUROC points for the stem alone, docs/precision.md),
+  and it is deprecated since 10.1 and removed in 11.
+
+Versions: TensorRT < 10 is refused with a message naming the JetPack to install (on 8.x
+``create_network(0)`` makes an implicit-batch network, which the ONNX parser refuses; JetPack 6.0 ships
+8.6); FP16 and INT8 need 10.3 or newer (JetPack 6.1+), as on 11. A STRONGLY_TYPED network never gets a precision builder flag: TensorRT
+rejects the combination, and :class:`BuildRecipe` refuses to describe it. Features are detected
+from the module at run time (``hasattr``), never assumed from the platform.
 
 Everything here that is not a TensorRT call (recipes, error text, progress bookkeeping) is pure and
-tested without a GPU. The TensorRT calls follow NVIDIA's samples (samples/python/common.py,
-detectron2/build_engine.py, simple_progress_monitor) for the 10.x and 11.x Python API.
+tested without a GPU, against fakes of the 10.3, 10.x-latest and 11.x Python APIs (tests/fake_tensorrt).
+The TensorRT calls follow NVIDIA's samples (samples/python/common.py, common_runtime.py,
+simple_progress_monitor) for the 10.x and 11.x Python API.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -35,12 +47,23 @@ from edge_agent.engine_cache import (
     new_metadata,
 )
 from edge_agent.engines.base import TensorSpec, expected_io
+from edge_agent.engines.graph_check import GraphCheckError, checked_onnx
+from edge_agent.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024
 HEARTBEAT_S = 30.0
+STALL_S = 600.0  # no TensorRT progress for this long: stop extending systemd's start timeout
+MIN_TENSORRT = (10, 0)
+MIN_STRONGLY_TYPED = (10, 3)  # JetPack 6.1; strongly typed FP16/INT8 recipes from here on
+# Builder flags that choose a precision: never together with a STRONGLY_TYPED network.
+PRECISION_FLAGS = frozenset({"FP16", "BF16", "INT8", "FP8", "INT4", "FP4"})
+JETPACK_HINT = (
+    "on a Jetson install JetPack 6.1 or newer (L4T r36.4, TensorRT 10.3) and use its python3-libnvinfer; "
+    "elsewhere pip install '.[tensorrt-cu12]' (docs/tensorrt.md)"
+)
 
 
 class TensorRTBuildError(RuntimeError):
@@ -51,12 +74,24 @@ class RecipeError(TensorRTBuildError):
     """The bundle lacks what this TensorRT version needs for the precision asked for."""
 
 
+class TensorRTVersionError(TensorRTBuildError):
+    """The installed TensorRT is older than this agent supports; the message names what to install."""
+
+
 class OnnxParseError(TensorRTBuildError):
     """TensorRT's ONNX parser rejected the model; the message lists each error with its node."""
 
 
 class BuildCancelled(TensorRTBuildError):
     """The build was stopped (SIGTERM/SIGINT) before it finished; nothing was written."""
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as "10.3.0.30" or "11.1.0"."""
+    match = re.match(r"(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        raise TensorRTVersionError(f"cannot read the TensorRT version {version!r}")
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 @dataclass(frozen=True)
@@ -72,12 +107,17 @@ class TrtFeatures:
 
     @property
     def major(self) -> int:
-        return int(self.version.split(".")[0])
+        return version_tuple(self.version)[0]
 
     @property
     def weakly_typed(self) -> bool:
         """TensorRT 10: precision flags exist and networks are weakly typed unless asked otherwise."""
         return self.fp16_flag and self.int8_flag
+
+    @property
+    def strongly_typed_builds(self) -> bool:
+        """FP16/INT8 can be built as strongly typed networks (10.3+ with the flag, or 11+ where it is implicit)."""
+        return version_tuple(self.version) >= MIN_STRONGLY_TYPED and (self.strongly_typed_flag or self.major >= 11)
 
 
 def detect_features(trt: ModuleType) -> TrtFeatures:
@@ -94,17 +134,30 @@ def detect_features(trt: ModuleType) -> TrtFeatures:
     )
 
 
+def require_supported(version: str) -> None:
+    """Raise TensorRTVersionError for a TensorRT older than 10, naming the JetPack to install."""
+    if version_tuple(version) < MIN_TENSORRT:
+        raise TensorRTVersionError(
+            f"TensorRT {version} is too old: the agent needs TensorRT 10 or newer (10.3+ for FP16/INT8); {JETPACK_HINT}"
+        )
+
+
 @dataclass(frozen=True)
 class BuildRecipe:
     """Which ONNX file to parse and how to configure the builder for one precision."""
 
     precision: str
-    name: str  # recorded in the cache key: fp32, fp16-flag, fp16-typed, int8-qdq, int8-calibrator
+    name: str  # recorded in the cache key: fp32, fp16-typed, int8-qdq-typed
     onnx_file: str  # relative to the bundle
     onnx_sha256: str
     strongly_typed: bool
     builder_flags: tuple[str, ...] = ()
-    calibrator: bool = False
+
+    def __post_init__(self) -> None:
+        mixed = sorted(set(self.builder_flags) & PRECISION_FLAGS)
+        if self.strongly_typed and mixed:
+            # TensorRT rejects precision flags on a strongly typed network; the types come from the ONNX.
+            raise ValueError(f"recipe {self.name}: builder flag(s) {mixed} cannot be set on a strongly typed network")
 
     def describe(self) -> dict[str, object]:
         return {
@@ -112,49 +165,38 @@ class BuildRecipe:
             "onnx_file": self.onnx_file,
             "strongly_typed": self.strongly_typed,
             "builder_flags": list(self.builder_flags),
-            "calibrator": "IInt8EntropyCalibrator2" if self.calibrator else None,
         }
 
 
-def choose_recipe(bundle: Bundle, precision: str, features: TrtFeatures, calibration_data: bool = False) -> BuildRecipe:
+def choose_recipe(bundle: Bundle, precision: str, features: TrtFeatures) -> BuildRecipe:
     """The recipe for a precision on this TensorRT, or a RecipeError that says what to make first."""
     if precision not in PRECISIONS:
         raise RecipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    require_supported(features.version)
     where = f"bundle {bundle.root}"
-    weak = features.weakly_typed
     if precision == "fp32":
-        return BuildRecipe("fp32", "fp32", MODEL_NAME, bundle.onnx_sha256, strongly_typed=not weak)
+        # TensorRT 11 is always strongly typed; on 10.x an FP32 graph without flags builds in FP32 (TF32 allowed).
+        return BuildRecipe("fp32", "fp32", MODEL_NAME, bundle.onnx_sha256, strongly_typed=features.major >= 11)
+    if not features.strongly_typed_builds:
+        raise RecipeError(
+            f"TensorRT {features.version} cannot build {precision} safely: FP16/INT8 are built as strongly typed "
+            f"networks, which needs TensorRT 10.3 or newer; {JETPACK_HINT}. FP32 works on this TensorRT."
+        )
+    variant = bundle.manifest.variant(precision)
     if precision == "fp16":
-        if weak:
-            return BuildRecipe("fp16", "fp16-flag", MODEL_NAME, bundle.onnx_sha256, False, ("FP16",))
-        variant = bundle.manifest.variant("fp16")
         if variant is None:
             raise RecipeError(
-                f"{where}: TensorRT {features.version} has no FP16 builder flag (networks are strongly typed), "
-                f"so FP16 needs an FP16 ONNX; make it with `uflow calibrate fp16 --bundle {bundle.root}`"
+                f"{where} has no FP16 model; FP16 is built from its own ONNX (strongly typed, with z² and the "
+                f"anomaly map in FP32), make it with `uflow calibrate fp16 --bundle {bundle.root} --data GOOD_IMAGES`"
             )
         return BuildRecipe("fp16", "fp16-typed", variant.file, bundle.model_sha256("fp16"), True)
-    variant = bundle.manifest.variant("int8")
-    if variant is not None:
-        if calibration_data:
-            log.info(
-                "the bundle has a Q/DQ INT8 model; calibration images are not needed and are ignored",
-                extra={"event": "calibration_ignored", "file": variant.file},
-            )
-        if weak:  # TensorRT 10: Q/DQ layers are honoured when the INT8 flag is set
-            return BuildRecipe("int8", "int8-qdq", variant.file, bundle.model_sha256("int8"), False, ("INT8",))
-        return BuildRecipe("int8", "int8-qdq", variant.file, bundle.model_sha256("int8"), True)
-    if calibration_data and weak and features.calibrators:
-        return BuildRecipe("int8", "int8-calibrator", MODEL_NAME, bundle.onnx_sha256, False, ("INT8",), True)
-    hint = (
-        " or pass --calibration-data for TensorRT 10's legacy calibrator"
-        if weak and features.calibrators
-        else f" (TensorRT {features.version} has no implicit INT8 calibration)"
-    )
-    raise RecipeError(
-        f"{where} has no INT8 Q/DQ model; make one with `uflow calibrate int8 --bundle {bundle.root} "
-        f"--data GOOD_IMAGES`{hint}"
-    )
+    if variant is None:
+        raise RecipeError(
+            f"{where} has no INT8 Q/DQ model; make one with `uflow calibrate int8 --bundle {bundle.root} "
+            "--data GOOD_IMAGES` (TensorRT's own INT8 calibration is not used: it quantizes the backbone, "
+            "see docs/precision.md, and it is removed in TensorRT 11)"
+        )
+    return BuildRecipe("int8", "int8-qdq-typed", variant.file, bundle.model_sha256("int8"), True)
 
 
 @dataclass(frozen=True)
@@ -213,14 +255,21 @@ class BuildProgress:
     log_every_s: float = 10.0
     _phases: dict[str, tuple[float, int, str | None]] = field(default_factory=dict)
     _last_log: float = 0.0
+    _last_activity: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def idle_s(self) -> float:
+        """Seconds since TensorRT last reported a phase or a step (or since the build started)."""
+        with self._lock:
+            return time.monotonic() - self._last_activity
+
     def phase_start(self, name: str, parent: str | None, steps: int) -> None:
         with self._lock:
             self._phases[name] = (time.monotonic(), steps, parent)
+            self._last_activity = time.monotonic()
         if parent is None:  # nested phases are many and short; the top level is what a person follows
             log.info(
                 f"TensorRT build phase started: {name}",
@@ -235,6 +284,7 @@ class BuildProgress:
     def step(self, name: str, step: int) -> bool:
         now = time.monotonic()
         with self._lock:
+            self._last_activity = now
             _, steps, _ = self._phases.get(name, (now, 0, None))
             due = now - self._last_log >= self.log_every_s
             if due:
@@ -255,6 +305,7 @@ class BuildProgress:
     def phase_finish(self, name: str) -> None:
         with self._lock:
             began, _, parent = self._phases.pop(name, (time.monotonic(), 0, None))
+            self._last_activity = time.monotonic()
         if parent is None:
             log.info(
                 f"TensorRT build phase finished: {name} in {time.monotonic() - began:.1f} s",
@@ -272,16 +323,30 @@ class BuildProgress:
 
 
 class Heartbeat:
-    """Logs "still building" with the elapsed time every ``period`` seconds until stopped.
+    """Logs "still building" with the elapsed time every ``period`` seconds until stopped, and keeps
+    systemd's start timeout from killing a build that is making progress.
 
     TensorRT's progress monitor can be silent for minutes inside one tactic search; a person
-    watching ``journalctl`` must still see that the build is alive.
+    watching ``journalctl`` must still see that the build is alive. Under systemd (NOTIFY_SOCKET set:
+    the agent's Type=notify unit, or the build unit with NotifyAccess=main) each beat sends
+    EXTEND_TIMEOUT_USEC while TensorRT reported a phase or step in the last ``stall_s`` seconds: a
+    killed build starts again from nothing, so a progressing one must be allowed to finish, and a
+    stuck one must still time out.
     """
 
-    def __init__(self, progress: BuildProgress, what: str, period: float = HEARTBEAT_S) -> None:
+    def __init__(
+        self,
+        progress: BuildProgress,
+        what: str,
+        period: float = HEARTBEAT_S,
+        notifier: SystemdNotifier | None = None,
+        stall_s: float = STALL_S,
+    ) -> None:
         self._progress = progress
         self._what = what
         self._period = period
+        self._notifier = notifier if notifier is not None else SystemdNotifier()
+        self._stall_s = stall_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trt-build-heartbeat", daemon=True)
 
@@ -295,14 +360,20 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
+            elapsed = self._progress.elapsed()
             log.info(
-                f"still building the TensorRT engine for {self._what}: {self._progress.elapsed():.0f} s elapsed",
+                f"still building the TensorRT engine for {self._what}: {elapsed:.0f} s elapsed",
                 extra={
                     "event": "trt_build_heartbeat",
-                    "elapsed_s": round(self._progress.elapsed(), 1),
+                    "elapsed_s": round(elapsed, 1),
                     "phases": self._progress.active_phases(),
                 },
             )
+            if self._progress.idle_s() <= self._stall_s:
+                # Three beats of margin: one late or lost datagram must not let the timeout fire.
+                self._notifier.extend_timeout(
+                    3 * self._period, status=f"building TensorRT engine for {self._what}: {elapsed:.0f} s"
+                )
 
 
 _TRT_LEVELS = {
@@ -440,7 +511,6 @@ def build_serialized(
     *,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     timing_cache: Path | None = None,
-    calibrator: Any = None,
     progress: BuildProgress | None = None,
     verbose: bool = False,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -451,6 +521,7 @@ def build_serialized(
     min = opt = max; static inputs need none.
     """
     progress = progress or BuildProgress()
+    require_supported(features.version)
     logger = make_trt_logger(trt, verbose)
     builder = trt.Builder(logger)
     flags = 0
@@ -484,11 +555,9 @@ def build_serialized(
         config.add_optimization_profile(profile)
         log.info("dynamic inputs pinned to the manifest's shape", extra={"event": "trt_profile", "inputs": pinned})
     for flag in recipe.builder_flags:
+        if recipe.strongly_typed and flag in PRECISION_FLAGS:  # BuildRecipe refuses this too; never reach TensorRT
+            raise TensorRTBuildError(f"{flag} cannot be set on a strongly typed network")
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if recipe.calibrator:
-        if calibrator is None:
-            raise TensorRTBuildError("the int8-calibrator recipe needs calibration images")
-        config.int8_calibrator = calibrator
     if timing_cache is not None:
         load_timing_cache(config, timing_cache)
     if features.progress_monitor:
@@ -520,9 +589,6 @@ class PlanResult:
     seconds: float
 
 
-CalibratorFactory = Callable[[BuildRecipe], Any]
-
-
 def ensure_plan(
     trt: ModuleType,
     bundle: Bundle,
@@ -533,16 +599,20 @@ def ensure_plan(
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     force: bool = False,
     build_if_missing: bool = True,
-    calibrator_factory: CalibratorFactory | None = None,
     progress: BuildProgress | None = None,
 ) -> PlanResult:
-    """The cached plan for this bundle, precision and device, building (and caching) it when needed."""
+    """The cached plan for this bundle, precision and device, building (and caching) it when needed.
+
+    Before a build the ONNX file passes the TensorRT graph check (graph_check.checked_onnx): an old
+    export whose UINT8 input feeds a Transpose is built from a migrated copy in the cache directory,
+    any other problem is a GraphCheckError (a TensorRTBuildError) that names the nodes.
+    """
     features = detect_features(trt)
     if features.version != device.tensorrt_version:
         raise TensorRTBuildError(
             f"device identity says TensorRT {device.tensorrt_version}, module is {features.version}"
         )
-    recipe = choose_recipe(bundle, precision, features, calibration_data=calibrator_factory is not None)
+    recipe = choose_recipe(bundle, precision, features)
     key = EngineKey.for_device(device, recipe.onnx_sha256, precision, recipe.name)
     if not force:
         found = cache.load(key)
@@ -568,22 +638,23 @@ def ensure_plan(
             "workspace_mb": workspace_mb,
         },
     )
-    calibrator = calibrator_factory(recipe) if recipe.calibrator and calibrator_factory else None
     try:
-        built = build_serialized(
-            trt,
-            features,
-            onnx_path,
-            recipe,
-            workspace_mb=workspace_mb,
-            timing_cache=cache.timing_cache_path(device),
-            calibrator=calibrator,
-            progress=progress,
-            input_shapes={bundle.manifest.input.name: expected_io(bundle.manifest).input.shape},
-        )
-    finally:
-        if calibrator is not None and hasattr(calibrator, "release"):
-            calibrator.release()  # its device buffer must go while the context is current
+        parse_path, migration = checked_onnx(onnx_path, precision, cache.root / "migrated")
+    except GraphCheckError as exc:
+        raise TensorRTBuildError(f"bundle {bundle.root}: {exc}") from exc
+    built = build_serialized(
+        trt,
+        features,
+        parse_path,
+        recipe,
+        workspace_mb=workspace_mb,
+        timing_cache=cache.timing_cache_path(device),
+        progress=progress,
+        input_shapes={bundle.manifest.input.name: expected_io(bundle.manifest).input.shape},
+    )
+    settings = built.settings | (
+        {"migrated": f"cast moved before {'/'.join(migration.moved_over)}"} if migration else {}
+    )
     metadata = new_metadata(
         key,
         built.plan,
@@ -591,7 +662,7 @@ def ensure_plan(
         recipe.onnx_file,
         bundle.manifest.name,
         bundle.manifest.version,
-        builder=built.settings
+        builder=settings
         | {"inputs": [t.describe() for t in built.inputs], "outputs": [t.describe() for t in built.outputs]},
     )
     path = cache.store(key, built.plan, metadata)
