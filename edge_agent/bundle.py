@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "model.json"
@@ -63,12 +63,38 @@ class ScaleSpec(_Strict):
     stride: int = Field(gt=0, description="input pixels per map pixel")
 
 
+class ScaleNullSpec(_Strict):
+    """The fitted null model of one scale (edge_agent.nfa.ScaleNull; fitted by training/nfa_null.py)."""
+
+    mean: float = Field(gt=0, allow_inf_nan=False, description="mean of m_s on good validation pixels")
+    dof: float = Field(gt=0, allow_inf_nan=False, description="Chernoff degrees of freedom that bound the good tail")
+    area: float = Field(ge=1, allow_inf_nan=False, description="correlation area: pixels per independent observation")
+
+
+NULL_MODELS = ("polyomino", "fitted")
+
+
 class NfaSpec(_Strict):
-    """The a-contrario decision shipped with the model."""
+    """The a-contrario decision shipped with the model.
+
+    ``null_model``: ``polyomino`` is the paper's exact NFA (chi^2(C_s) pixels, independent, the
+    polyomino number of tests); ``fitted`` uses ``scale_nulls`` (one per scale, fitted on good
+    validation latents) and the tree-node number of tests. Bundles without the field are the paper's.
+    """
 
     log10_number_of_tests: float
     log10_epsilon: float = 0.0
     min_region_area: int = Field(default=0, ge=0, description="in model-input pixels")
+    null_model: Literal["polyomino", "fitted"] = "polyomino"
+    scale_nulls: tuple[ScaleNullSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _nulls_match_model(self) -> NfaSpec:
+        if self.null_model == "fitted" and not self.scale_nulls:
+            raise ValueError("nfa.null_model 'fitted' needs scale_nulls (one per scale)")
+        if self.null_model == "polyomino" and self.scale_nulls:
+            raise ValueError("nfa.scale_nulls are only used with null_model 'fitted'")
+        return self
 
 
 class QuantizedModel(_Strict):
@@ -115,6 +141,12 @@ class Manifest(_Strict):
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ValueError(f"file path {rel!r} must be relative and stay inside the bundle")
         return value
+
+    @model_validator(mode="after")
+    def _one_null_per_scale(self) -> Manifest:
+        if self.nfa.scale_nulls and len(self.nfa.scale_nulls) != len(self.scales):
+            raise ValueError(f"nfa.scale_nulls has {len(self.nfa.scale_nulls)} entries for {len(self.scales)} scales")
+        return self
 
     @property
     def output_names(self) -> tuple[str, ...]:

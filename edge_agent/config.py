@@ -80,6 +80,21 @@ class NfaConfig(_Section):
 
     log10_epsilon: float | None = Field(default=None, description="anomalous when a region has log10 NFA below this")
     min_region_area: int | None = Field(default=None, ge=0, description="ignore smaller regions (source pixels)")
+    null_model: Literal["bundle", "polyomino", "fitted"] = Field(
+        default="bundle",
+        description="the NFA's null model: the bundle's choice, the paper's exact polyomino NFA, or the null "
+        "fitted on good validation latents (needs a bundle that ships one; docs/nfa.md)",
+    )
+    command_band: float = Field(
+        default=2.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="cmd/threshold may set log10_epsilon only within this many decades of the bundle's value "
+        "(a broker client must not be able to silence or flood rejects)",
+    )
+    command_max_region_area: int = Field(
+        default=10_000, ge=0, description="cmd/threshold may set min_region_area at most this (source pixels)"
+    )
 
 
 class TlsConfig(_Section):

@@ -302,7 +302,7 @@ def _max_tree(order: np.ndarray, rank: np.ndarray, level: np.ndarray, width: int
 
 @njit(nogil=True, cache=True)
 def _select(
-    parent: np.ndarray, is_node: np.ndarray, level: np.ndarray, channels: int
+    parent: np.ndarray, is_node: np.ndarray, level: np.ndarray, channels: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log_prob, rep, collapses) per node (by rank), bottom-up in one pass.
 
@@ -413,7 +413,7 @@ def _paint(
 
 
 @njit(nogil=True, cache=True)
-def _log_prob_flat(values: np.ndarray, width: int, channels: int) -> np.ndarray:
+def _log_prob_flat(values: np.ndarray, width: int, channels: float) -> np.ndarray:
     order, rank, level = _ranked_pixels(values, width)
     parent, is_node = _max_tree(order, rank, level, width)
     log_prob, rep, collapses = _select(parent, is_node, level, channels)
@@ -581,11 +581,61 @@ def combine_log_probs(
     return out
 
 
-def log_nfa_map(scale_maps: Sequence[np.ndarray], channels: Sequence[int], out_shape: tuple[int, int]) -> np.ndarray:
+@dataclass(frozen=True)
+class ScaleNull:
+    """The null model of one scale fitted on good validation latents (the ``fitted`` NFA).
+
+    Under it, ``m_s / mean`` has a Chernoff tail bound of a Gamma law with ``dof`` degrees of
+    freedom (``dof`` = C_s and ``mean`` = 1 is the paper's chi^2(C_s)/C_s), and neighbouring pixels
+    are dependent: ``area`` pixels carry the evidence of one independent pixel, so a region of
+    |R| pixels counts as |R| / ``area`` independent observations. See docs/nfa.md.
+    """
+
+    mean: float
+    dof: float
+    area: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "dof", "area"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ScaleNull.{name} must be a finite positive number, got {value!r}")
+        if self.area < 1.0:
+            raise ValueError(f"ScaleNull.area must be >= 1 (pixels per independent observation), got {self.area!r}")
+
+
+def log10_tree_tests(shapes: Sequence[tuple[int, int]]) -> float:
+    """log10 of the number of tests of the ``fitted`` NFA: at most one max-tree node per pixel, all scales.
+
+    A canonical max-tree has at most H x W nodes (every node owns at least one pixel at its level), and
+    the tree nodes are the only regions the selection ever tests, as the level lines are the only
+    curves that meaningful-boundary detection tests.
+    """
+    total = 0
+    for index, shape in enumerate(shapes):
+        if len(shape) != 2 or not all(_is_positive_int(d) for d in shape):
+            raise ValueError(f"log10_tree_tests: scale {index} shape {shape!r} is not two positive integers")
+        total += int(shape[0]) * int(shape[1])
+    if total == 0:
+        raise ValueError("log10_tree_tests: no scale shapes given")
+    return math.log10(total)
+
+
+def log_nfa_map(
+    scale_maps: Sequence[np.ndarray],
+    channels: Sequence[int],
+    out_shape: tuple[int, int],
+    nulls: Sequence[ScaleNull] | None = None,
+) -> np.ndarray:
     """float32 log10 NFA per pixel at ``out_shape`` (height, width) from the per-scale maps m_s.
 
     ``channels[s]`` is C_s. log10 NFA = log10 N + min over scales of the bilinearly upsampled
     per-scale log10 P maps (see the module docstring).
+
+    ``nulls=None`` is the paper's exact NFA: chi^2(C_s) pixels, independent, N = the polyomino
+    count. With one :class:`ScaleNull` per scale it is the ``fitted`` NFA: the same tree and
+    selection on ``m_s / mean`` with ``dof / area`` in place of C_s, and N = the tree-node bound
+    (:func:`log10_tree_tests`).
     """
     maps = list(scale_maps)
     chans = list(channels)
@@ -593,14 +643,24 @@ def log_nfa_map(scale_maps: Sequence[np.ndarray], channels: Sequence[int], out_s
         raise ValueError("log_nfa_map: no scale maps given")
     if len(chans) != len(maps):
         raise ValueError(f"log_nfa_map: {len(maps)} scale maps but {len(chans)} channel counts")
+    if nulls is not None and len(nulls) != len(maps):
+        raise ValueError(f"log_nfa_map: {len(maps)} scale maps but {len(nulls)} null models")
     out_shape = _checked_out_shape(out_shape)
     log_probs = []
     for s, (m, c) in enumerate(zip(maps, chans, strict=True)):
         values = _checked_scale_map(m, f"log_nfa_map: scale {s}")
         cs = _checked_channels(c, f"log_nfa_map: scale {s}")
         height, width = values.shape
-        log_probs.append(_log_prob_flat(values.ravel(), width, cs).reshape(height, width))
-    log10_n = log10_number_of_tests([lp.shape for lp in log_probs])
+        if nulls is None:
+            log_prob = _log_prob_flat(values.ravel(), width, cs)
+        else:
+            null = nulls[s]
+            # Dividing by the mean is monotone, so the tree is the same; dof/area as a float
+            # "channel count" scales every node's evidence by 1/area.
+            log_prob = _log_prob_flat(values.ravel() / null.mean, width, float(null.dof / null.area))
+        log_probs.append(log_prob.reshape(height, width))
+    shapes = [lp.shape for lp in log_probs]
+    log10_n = log10_number_of_tests(shapes) if nulls is None else log10_tree_tests(shapes)
     return combine_log_probs(log_probs, out_shape, log10_n)
 
 
@@ -747,6 +807,7 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     maps = [rng.chisquare(4, size=(6, 5)) / 4.0, rng.chisquare(8, size=(3, 3)) / 8.0]
     log_nfa = log_nfa_map(maps, [4, 8], (7, 9))
+    log_nfa_map(maps, [4, 8], (7, 9), [ScaleNull(1.0, 4.0, 1.5), ScaleNull(1.0, 8.0, 2.0)])
     for dtype in (np.float32, np.float64):
         regions_from_log_nfa(log_nfa.astype(dtype), 1e9, 0, np.zeros((7, 9), dtype=dtype))
     component_tree(maps[0])

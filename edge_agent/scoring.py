@@ -83,6 +83,29 @@ class Verdict:
     log_nfa: np.ndarray  # float32 log10 NFA, at the analysis resolution
 
 
+class NullModelError(ValueError):
+    """The configured NFA null model is not available in this bundle."""
+
+
+def scale_nulls(manifest: Manifest, choice: str = "bundle") -> tuple[nfa.ScaleNull, ...] | None:
+    """The per-scale null models for ``nfa.log_nfa_map`` (None: the paper's polyomino NFA).
+
+    ``choice``: ``bundle`` (what the bundle ships), ``polyomino`` (always the paper's exact NFA) or
+    ``fitted`` (the bundle's fitted null; NullModelError if it ships none).
+    """
+    if choice == "polyomino":
+        return None
+    spec = manifest.nfa
+    if spec.null_model == "fitted" and spec.scale_nulls:
+        return tuple(nfa.ScaleNull(n.mean, n.dof, n.area) for n in spec.scale_nulls)
+    if choice == "fitted":
+        raise NullModelError(
+            f"[nfa] null_model = 'fitted' but bundle {manifest.name} {manifest.version} ships no fitted null; "
+            "re-export it with this version of `uflow export`, or use 'bundle'/'polyomino'"
+        )
+    return None
+
+
 class FrameScorer:
     """Turns engine outputs of one bundle into verdicts."""
 
@@ -91,6 +114,7 @@ class FrameScorer:
         self.rule = DecisionRule.from_bundle(manifest, config)
         self.channels = tuple(s.channels for s in manifest.scales)
         self.model_size = (manifest.input.width, manifest.input.height)
+        self.nulls = scale_nulls(manifest, (config or NfaConfig()).null_model)
 
     def score(
         self,
@@ -109,7 +133,7 @@ class FrameScorer:
         else:
             out_w, out_h = model_w, model_h
             anomaly_map = output.anomaly_map
-        log_nfa = nfa.log_nfa_map(output.scale_maps, self.channels, (out_h, out_w))
+        log_nfa = nfa.log_nfa_map(output.scale_maps, self.channels, (out_h, out_w), self.nulls)
         scale_x, scale_y = width / out_w, height / out_h
         found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
         min_area = rule.min_area(width / model_w, height / model_h)

@@ -79,6 +79,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         metavar="KEY_FILE",
         help="sign model.json with this fleet private key (edge-agent keygen); devices refuse unsigned bundles",
     )
+    p.add_argument(
+        "--null-model",
+        default="fitted",
+        choices=("fitted", "polyomino"),
+        help="the bundle's NFA: the null fitted on good validation latents (default) or the paper's exact "
+        "polyomino NFA (docs/nfa.md)",
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +102,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=4, help="images per type in the report grids")
     p.add_argument("--limit-per-type", type=int, help="evaluate only the first N images of each type (quick looks)")
     p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime CPU threads")
+    p.add_argument(
+        "--null-model",
+        default="bundle",
+        choices=("bundle", "fitted", "polyomino"),
+        help="NFA null: the bundle's/run's own (default), the fitted one, or the paper's exact polyomino NFA",
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -108,8 +121,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         threads=args.threads,
         samples_per_type=args.samples,
         limit_per_type=args.limit_per_type,
+        null_model=args.null_model,
     )
     print(headline_table(result))
+    planted = result.get("planted") or {}
+    if planted.get("count"):
+        print(
+            f"label-free check: the NFA found {planted['detection_rate']:.0%} of {planted['count']} defects "
+            "planted on good validation images"
+        )
     print(f"metrics and report written to {args.out} ({result['source']}, {result['seconds']:.0f} s)")
     return 0
 
@@ -163,15 +183,30 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from edge_agent.bundle import load_bundle
     from edge_agent.signing import load_private_key, sign_bundle
-    from training.export import export_bundle
+    from training.export import export_bundle, warn_if_blind
 
     # The key is read first: a wrong path must not cost a whole export.
     key = load_private_key(args.sign) if args.sign is not None else None
     out = export_bundle(
-        args.run, args.out, name=args.name, version=args.version, overwrite=args.overwrite, test_metrics=args.metrics
+        args.run,
+        args.out,
+        name=args.name,
+        version=args.version,
+        overwrite=args.overwrite,
+        test_metrics=args.metrics,
+        null_model=args.null_model,
     )
     print(f"bundle written to {out}")
+    manifest = load_bundle(out).manifest
+    rate = manifest.validation_metrics.get("planted_detection_rate")
+    if rate is not None:
+        count = int(manifest.validation_metrics.get("planted_count", 0))
+        print(f"label-free check: the NFA ({manifest.nfa.null_model}) found {rate:.0%} of {count} planted defects")
+    warning = warn_if_blind(manifest)
+    if warning:
+        print(warning, file=sys.stderr)
     if key is not None:
         sign_bundle(out, key)
         print(f"signed with {args.sign} (signature over model.json)")

@@ -55,6 +55,8 @@ class Predictions:
     scale_maps: list[np.ndarray]  # per scale float32 (N, H_s, W_s)
     channels: tuple[int, ...]
     seconds_per_image: float
+    nulls: tuple[nfa.ScaleNull, ...] | None = None  # None: the paper's polyomino NFA
+    log10_epsilon: float = 0.0
 
 
 @dataclass
@@ -142,7 +144,7 @@ def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
     count = len(predictions.anomaly_maps)
     out = np.empty((count, *size), dtype=np.float32)
     for i in tqdm(range(count), desc="NFA", unit="img"):
-        out[i] = nfa.log_nfa_map([m[i] for m in predictions.scale_maps], predictions.channels, size)
+        out[i] = nfa.log_nfa_map([m[i] for m in predictions.scale_maps], predictions.channels, size, predictions.nulls)
     return out
 
 
@@ -203,7 +205,7 @@ def _subset_metrics(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray, pr
 def compute_metrics(predictions: Predictions, test: TestSet, log_nfa: np.ndarray) -> dict[str, Any]:
     """Overall and per-type metrics, the NFA statistics and the latent statistics."""
     amaps, masks, labels = predictions.anomaly_maps, test.masks, test.labels
-    predicted = log_nfa < 0.0
+    predicted = log_nfa < predictions.log10_epsilon
     best = metrics.best_mean_iou(amaps, masks)
     iou_nfa = metrics.iou_per_image(predicted, masks)
     iou_oracle = metrics.iou_per_image(amaps >= best.threshold, masks)
@@ -231,8 +233,13 @@ def compute_metrics(predictions: Predictions, test: TestSet, log_nfa: np.ndarray
         per_type[kind]["miou_nfa"] = float(iou_nfa[inside].mean())
         per_type[kind]["miou_oracle"] = float(iou_oracle[inside].mean())
     min_log_nfa = log_nfa.reshape(len(log_nfa), -1).min(axis=1)
+    shapes = [m.shape[1:] for m in predictions.scale_maps]
     nfa_stats = {
-        "log10_number_of_tests": nfa.log10_number_of_tests([m.shape[1:] for m in predictions.scale_maps]),
+        "null_model": "polyomino" if predictions.nulls is None else "fitted",
+        "log10_epsilon": predictions.log10_epsilon,
+        "log10_number_of_tests": nfa.log10_number_of_tests(shapes)
+        if predictions.nulls is None
+        else nfa.log10_tree_tests(shapes),
         "min_log_nfa_good": _quantiles(min_log_nfa[~labels]),
         "min_log_nfa_defect": _quantiles(min_log_nfa[labels]),
         "min_log_nfa_defect_per_type": {
@@ -256,6 +263,7 @@ def evaluate(
     threads: int = 2,
     samples_per_type: int = 4,
     limit_per_type: int | None = None,
+    null_model: str = "bundle",
 ) -> dict[str, Any]:
     """Evaluate a run (torch) or a bundle (ONNX Runtime) on the test split; write metrics.json + report.
 
@@ -276,6 +284,7 @@ def evaluate(
         predictions = predict_bundle(Path(bundle_dir), test.images, threads)
     else:
         predictions = predict_torch(Path(run_dir), test.images, threads=threads)  # type: ignore[arg-type]
+    predictions.nulls, predictions.log10_epsilon = _decision(run_dir, bundle_dir, null_model)
     log_nfa = log_nfa_maps(predictions, (height, width))
     result = {
         "source": predictions.source,
@@ -287,11 +296,53 @@ def evaluate(
         **compute_metrics(predictions, test, log_nfa),
         "seconds_per_image_inference": predictions.seconds_per_image,
     }
+    result["planted"] = _planted(run_dir, bundle_dir)
     result["seconds"] = time.perf_counter() - started
     result["report"] = write_report(out_dir, result, test, predictions, log_nfa, samples_per_type)
     write_json(out_dir / METRICS_NAME, result)
     log.info("evaluation done", extra={"event": "evaluate.done", "out": str(out_dir), **_headline(result)})
     return result
+
+
+def _decision(
+    run_dir: Path | str | None, bundle_dir: Path | str | None, null_model: str
+) -> tuple[tuple[nfa.ScaleNull, ...] | None, float]:
+    """The NFA null and log10 epsilon to evaluate with: the bundle's, else the run's fitted one.
+
+    ``null_model``: ``bundle`` (what the bundle or run ships), ``polyomino`` (the paper's exact NFA at
+    log10 epsilon 0) or ``fitted``.
+    """
+    if null_model == "polyomino":
+        return None, 0.0
+    if bundle_dir is not None:
+        from edge_agent.bundle import load_bundle
+        from edge_agent.scoring import scale_nulls
+
+        manifest = load_bundle(Path(bundle_dir)).manifest
+        return scale_nulls(manifest, null_model), manifest.nfa.log10_epsilon
+    from training.nfa_null import null_from_dict
+    from training.rundir import read_run
+
+    val = read_run(Path(run_dir)).val_scores  # type: ignore[arg-type]
+    if val.get("nfa_null"):
+        return null_from_dict(val["nfa_null"]), float(val.get("log10_epsilon", 0.0))
+    if null_model == "fitted":
+        raise EvaluationError(f"run {run_dir} has no fitted NFA null (val_scores.json); train it again")
+    return None, 0.0
+
+
+def _planted(run_dir: Path | str | None, bundle_dir: Path | str | None) -> dict[str, Any]:
+    """The label-free planted-defect check recorded at training (run) or in the manifest (bundle)."""
+    if bundle_dir is not None:
+        from edge_agent.bundle import load_bundle
+
+        values = load_bundle(Path(bundle_dir)).manifest.validation_metrics
+        if "planted_detection_rate" not in values:
+            return {}
+        return {"detection_rate": values["planted_detection_rate"], "count": int(values.get("planted_count", 0))}
+    from training.rundir import read_run
+
+    return dict(read_run(Path(run_dir)).val_scores.get("planted") or {})  # type: ignore[arg-type]
 
 
 def _headline(result: dict[str, Any]) -> dict[str, float]:

@@ -238,7 +238,7 @@ def nfa_spec(info: RunInfo, shapes: list[tuple[int, int]], null_model: str = "fi
 
 
 def warn_if_blind(manifest: Manifest) -> str | None:
-    """A loud warning when the model flags fewer than half of the defects planted on its good images."""
+    """The loud warning text when the model flags fewer than half of the defects planted on its good images."""
     rate = manifest.validation_metrics.get("planted_detection_rate")
     if rate is None or rate >= MIN_PLANTED_DETECTION:
         return None
@@ -247,7 +247,6 @@ def warn_if_blind(manifest: Manifest) -> str | None:
         f"validation images (goal >= {MIN_PLANTED_DETECTION:.0%}). It may not see real defects: train longer, "
         "add good images, or check the camera set-up before shipping it (docs/results.md)."
     )
-    log.warning(message, extra={"event": "export.blind_model", "planted_detection_rate": rate})
     return message
 
 
@@ -423,5 +422,7 @@ def export_bundle(
             "planted_detection_rate": manifest.validation_metrics.get("planted_detection_rate"),
         },
     )
-    warn_if_blind(manifest)
+    warning = warn_if_blind(manifest)
+    if warning:
+        log.warning(warning, extra={"event": "export.blind_model", "bundle": str(out_dir)})
     return out_dir

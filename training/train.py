@@ -12,24 +12,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edge_agent import nfa
-from training.data import DatasetSplits, Record, load_images, open_dataset
-from training.model import FlowOutput, UFlow, UFlowConfig, anomaly_map, nll_loss, scale_maps
+from training.data import DatasetSplits, load_images, open_dataset
+from training.finish import finish_run
+from training.model import FlowOutput, UFlow, UFlowConfig, nll_loss, predict, to_float_nchw
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "predict", "train"]
 from training.rundir import (
     CONFIG_NAME,
     HISTORY_NAME,
-    SELFTEST_DIR,
-    VAL_SCORES_NAME,
     save_checkpoint,
     write_json,
 )
@@ -114,10 +113,6 @@ def placement(config: TrainConfig) -> Placement:
     return Placement(device, torch.bfloat16 if amp else None, config.channels_last)
 
 
-def _to_float_nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-
-
 def extract_features(
     model: UFlow,
     images: np.ndarray,
@@ -131,7 +126,7 @@ def extract_features(
     chunks: list[list[torch.Tensor]] = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=f"features {label}", unit="batch", disable=not progress, leave=False):
-        chunks.append(model.extract(_to_float_nchw(images[start : start + batch_size]).to(device)))
+        chunks.append(model.extract(to_float_nchw(images[start : start + batch_size]).to(device)))
     features = [torch.cat([chunk[s] for chunk in chunks]) for s in range(len(chunks[0]))]
     return [where.features(f) for f in features] if where is not None else features
 
@@ -159,7 +154,7 @@ class FeatureBatches:
         if self.features is not None:
             index = index.to(self.where.device)
             return [f[index] for f in self.features]
-        batch = _to_float_nchw(self.images[index.numpy()]).to(self.where.device)
+        batch = to_float_nchw(self.images[index.numpy()]).to(self.where.device)
         return [self.where.features(f) for f in self.model.extract(batch)]
 
 
@@ -202,31 +197,6 @@ def train_epoch(
         total += loss.detach().item() * len(index)
     model.eval()
     return total / batches.count
-
-
-def predict(model: UFlow, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Anomaly maps (N x H x W) and per-scale m_s maps of uint8 NxHxWx3 images, in eval mode."""
-    model.eval()
-    maps_out: list[list[np.ndarray]] = [[] for _ in model.scales]
-    amaps: list[np.ndarray] = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            maps = scale_maps(model(_to_float_nchw(images[start : start + batch_size])).latents)
-            amaps.append(anomaly_map(maps, model.config.image_height, model.config.image_width).numpy())
-            for s, m in enumerate(maps):
-                maps_out[s].append(m.numpy())
-    return np.concatenate(amaps), [np.concatenate(m) for m in maps_out]
-
-
-def _write_selftest(run_dir: Path, records: Sequence[Record], images: np.ndarray, count: int) -> list[str]:
-    folder = run_dir / SELFTEST_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, (record, image) in enumerate(zip(records[:count], images[:count], strict=False)):
-        name = f"{i:02d}_{record.image.stem}.png"
-        cv2.imwrite(str(folder / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        names.append(f"{SELFTEST_DIR}/{name}")
-    return names
 
 
 def _lr_gamma(config: TrainConfig) -> float:
@@ -342,7 +312,7 @@ def train(
             )
             break
 
-    _finish(run_dir, splits, val_images, train_images, train_config)
+    finish_run(run_dir, splits, val_images, train_images, train_config.selftest_images, train_config.extract_batch_size)
     seconds = time.perf_counter() - started
     return TrainResult(
         run_dir=run_dir,
@@ -353,37 +323,6 @@ def train(
         epochs_run=len(history),
         stopped_early=len(history) < train_config.epochs,
     )
-
-
-def _finish(
-    run_dir: Path, splits: DatasetSplits, val_images: np.ndarray, train_images: np.ndarray, config: TrainConfig
-) -> None:
-    """Score the validation good images with the best checkpoint and keep a few as self-test images.
-
-    Besides the image scores, records what the agent's NFA decision says on each of them (any
-    region with log10 NFA < 0 is a false alarm on a good part), so that the bundle can ship it.
-    """
-    from training.rundir import load_model
-
-    model, _ = load_model(run_dir)
-    source, images = ("val", val_images) if len(val_images) else ("train", train_images)
-    records = splits.val if len(val_images) else splits.train
-    amaps, maps = predict(model, images, config.extract_batch_size)
-    scores = amaps.reshape(len(amaps), -1).max(axis=1)
-    channels = [s.channels for s in model.scales]
-    size = (model.config.image_height, model.config.image_width)
-    min_log_nfa = [float(nfa.log_nfa_map([m[i] for m in maps], channels, size).min()) for i in range(len(images))]
-    write_json(
-        run_dir / VAL_SCORES_NAME,
-        {
-            "source": source,
-            "images": [str(r.image) for r in records],
-            "scores": [float(s) for s in scores],
-            "min_log_nfa": min_log_nfa,
-            "nfa_flagged": [v < 0.0 for v in min_log_nfa],
-        },
-    )
-    _write_selftest(run_dir, records, images, config.selftest_images)
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,105 @@
+"""Fit the ``fitted`` NFA's null model on good validation latents (numpy only).
+
+The paper's null assumes that every pixel of m_s is chi^2(C_s)/C_s and that pixels are
+independent. The latents of a flow trained on a few hundred images are neither: on good held-out
+images the mean of m is above 1, its variance is about twice chi^2's and neighbours are correlated
+(docs/nfa.md). The fitted null keeps the paper's machinery (max-tree, Chernoff tail, selection) and
+measures three numbers per scale on good validation images, which the training never optimised on:
+
+- ``mean``: the mean of m_s over all good pixels (the level t = m / mean is then 1 on average);
+- ``dof``: the largest degrees of freedom whose Chernoff tail bound ``exp(-dof/2 (t - 1 - ln t))``
+  stays above the empirical survival function of t at every observed level above the mean, i.e. the
+  per-pixel bound holds on the good data, tail included;
+- ``area``: the correlation area, the sum of the spatial autocorrelation of m_s over lags up to
+  ``max_lag`` (the variance inflation of a mean over a region): |R| pixels carry about
+  |R| / area independent observations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edge_agent.nfa import ScaleNull
+
+MAX_LAG = 2
+
+
+def tail_dof(t: np.ndarray) -> float:
+    """The largest dof with ``exp(-dof/2 (t - 1 - ln t)) >= P(T >= t)`` at every sample above 1.
+
+    ``t`` are samples of the normalised level (mean 1). The empirical survival at the k-th largest
+    of n samples is k / n.
+    """
+    values = np.sort(np.asarray(t, dtype=np.float64).ravel())
+    n = values.size
+    if n == 0:
+        raise ValueError("tail_dof: no samples")
+    survival = (n - np.arange(n)) / n
+    above = values > 1.0 + 1e-6
+    if not above.any():
+        raise ValueError("tail_dof: no sample above the mean; the maps are constant")
+    rate = values[above] - 1.0 - np.log(values[above])
+    bound = 2.0 * -np.log(survival[above]) / np.maximum(rate, 1e-12)
+    return float(bound.min())
+
+
+def correlation_area(maps: np.ndarray, max_lag: int = MAX_LAG) -> float:
+    """Sum of the (positive) spatial autocorrelations of the maps over lags |dy|, |dx| <= max_lag.
+
+    Each map is centred on its own mean; the correlation is pooled over images. At least 1.
+    """
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"correlation_area: expected N x H x W maps, got shape {m.shape}")
+    m = m - m.mean(axis=(1, 2), keepdims=True)
+    var = float((m * m).mean())
+    if var <= 0.0:
+        return 1.0
+    _, height, width = m.shape
+    total = 0.0
+    for dy in range(-max_lag, max_lag + 1):
+        for dx in range(-max_lag, max_lag + 1):
+            if abs(dy) >= height or abs(dx) >= width:
+                continue
+            a = m[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)]
+            b = m[:, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
+            total += max(float((a * b).mean()) / var, 0.0)
+    return max(1.0, total)
+
+
+def fit_scale_null(maps: np.ndarray, max_lag: int = MAX_LAG) -> ScaleNull:
+    """The null model of one scale from its m_s maps on good validation images (N x H x W)."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3 or m.size == 0:
+        raise ValueError(f"fit_scale_null: expected non-empty N x H x W maps, got shape {m.shape}")
+    if not np.isfinite(m).all() or (m < 0).any():
+        raise ValueError("fit_scale_null: maps must be finite and non-negative")
+    mean = float(m.mean())
+    if not mean > 0.0:
+        raise ValueError("fit_scale_null: the maps are all zero")
+    dof = tail_dof(m / mean)
+    return ScaleNull(mean=mean, dof=max(dof, 1e-3), area=correlation_area(m, max_lag))
+
+
+def fit_null(scale_maps: list[np.ndarray], max_lag: int = MAX_LAG) -> tuple[ScaleNull, ...]:
+    """One fitted null per scale (maps finest first, each N x H_s x W_s)."""
+    if not scale_maps:
+        raise ValueError("fit_null: no scale maps")
+    return tuple(fit_scale_null(m, max_lag) for m in scale_maps)
+
+
+def null_to_dict(nulls: tuple[ScaleNull, ...]) -> list[dict[str, float]]:
+    """JSON-ready list (run dirs and manifests store it)."""
+    return [{"mean": n.mean, "dof": n.dof, "area": n.area} for n in nulls]
+
+
+def null_from_dict(items: list[dict[str, float]]) -> tuple[ScaleNull, ...]:
+    """Inverse of :func:`null_to_dict`."""
+    return tuple(ScaleNull(float(i["mean"]), float(i["dof"]), float(i["area"])) for i in items)
+
+
+def is_usable(nulls: tuple[ScaleNull, ...]) -> bool:
+    """True when every scale's fit is finite (a constant or empty validation set is not)."""
+    return all(math.isfinite(n.mean) and math.isfinite(n.dof) and math.isfinite(n.area) for n in nulls)
