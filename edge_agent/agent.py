@@ -172,6 +172,7 @@ class Agent:
         next_stats = time.monotonic() + self.settings.mqtt.stats_interval_s
         stall_s = self.settings.source.stall_timeout_s
         while self.pipeline.running and not stop.is_set():
+            self.commands.ensure_running()  # a worker that died is replaced (and counted in /healthz)
             if self.pipeline.responsive(stall_s):
                 self.notifier.watchdog()
             now = time.monotonic()
@@ -199,6 +200,7 @@ class Agent:
     def health(self) -> HealthReport:
         source = self.pipeline.source
         spool_counters = self.outbox.counters
+        commands = getattr(self, "commands", None)  # health() runs once while __init__ registers the metrics
         return assess(
             HealthInputs(
                 device_id=self.settings.device_id,
@@ -217,6 +219,9 @@ class Agent:
                 spool_error=getattr(spool_counters, "last_error", ""),
                 pipeline_error=None if self.pipeline.error is None else str(self.pipeline.error),
                 model=self.model.ref,
+                commands_alive=commands.alive if commands else True,
+                commands_restarts=commands.restarts if commands else 0,
+                commands_last_crash=commands.last_crash if commands else "",
             )
         )
 
@@ -322,6 +327,7 @@ class Agent:
     def set_threshold(self, command: ThresholdCommand) -> Done:
         """Change the decision from the next frame on (kept across reloads, not across restarts)."""
         changes = command.model_dump(include={"log10_epsilon", "min_region_area"}, exclude_none=True)
+        self._check_threshold_band(command)
         self.nfa_overrides = self.nfa_overrides.model_copy(update=changes)
         model = self.model
         rule = DecisionRule.from_bundle(model.bundle.manifest, self.nfa_overrides)
@@ -333,6 +339,23 @@ class Agent:
             + " (not saved: set nfa.* in the config to keep it after a restart)",
             {"log10_epsilon": rule.log10_epsilon, "min_region_area": rule.min_area_source_px},
         )
+
+    def _check_threshold_band(self, command: ThresholdCommand) -> None:
+        """Refuse a change outside the configured band (nfa.command_band, nfa.command_max_region_area)."""
+        nfa = self.settings.nfa
+        if command.log10_epsilon is not None:
+            centre = float(self.model.bundle.manifest.nfa.log10_epsilon)
+            low, high = centre - nfa.command_band, centre + nfa.command_band
+            if not low <= command.log10_epsilon <= high:
+                raise CommandFailed(
+                    f"log10_epsilon must lie in [{low:g}, {high:g}] (the bundle's {centre:g} +- nfa.command_band "
+                    f"{nfa.command_band:g}); change nfa.log10_epsilon in the config on the box for more"
+                )
+        if command.min_region_area is not None and command.min_region_area > nfa.command_max_region_area:
+            raise CommandFailed(
+                f"min_region_area must be at most {nfa.command_max_region_area} source pixels "
+                "(nfa.command_max_region_area); change nfa.min_region_area in the config on the box for more"
+            )
 
     def start_update(self, command: UpdateCommand) -> Done:
         """Start a fleet update in a worker thread; progress goes to the ``update`` topic."""
@@ -347,9 +370,8 @@ class Agent:
 
         def work() -> None:
             try:
-                self._update_result = apply_update(
-                    self.settings, source=command.source, group=command.group, force=command.force
-                )
+                # Source, group, --force and --allow-downgrade only from the box's config and command line.
+                self._update_result = apply_update(self.settings)
             except Exception as exc:  # the update thread must report, never take the agent down
                 log.exception("update failed", extra={"event": "update_crashed", "error": str(exc)})
                 return

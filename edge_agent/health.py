@@ -39,6 +39,9 @@ class HealthInputs:
     spool_error: str
     pipeline_error: str | None
     model: ModelRef
+    commands_alive: bool = True
+    commands_restarts: int = 0
+    commands_last_crash: str = ""
 
 
 class SourceHealth(BaseModel):
@@ -55,6 +58,14 @@ class BrokerHealth(BaseModel):
     spool_max: int
 
 
+class CommandsHealth(BaseModel):
+    """The command worker: a dead one is restarted by the supervisor, and the restarts stay visible."""
+
+    alive: bool
+    restarts: int = 0
+    last_crash: str = ""
+
+
 class HealthReport(BaseModel):
     """The body of ``/healthz`` (HTTP 200 when ok, 503 when degraded)."""
 
@@ -67,11 +78,14 @@ class HealthReport(BaseModel):
     source: SourceHealth
     broker: BrokerHealth
     model: ModelRef
+    commands: CommandsHealth | None = None
 
 
 def assess(facts: HealthInputs) -> HealthReport:
     """The verdict, with one sentence per problem."""
     problems = _pipeline_problems(facts) + _source_problems(facts) + _broker_problems(facts)
+    if not facts.commands_alive:
+        problems.append("command worker is not running (commands are not answered)")
     return HealthReport(
         status="degraded" if problems else "ok",
         problems=problems,
@@ -88,6 +102,9 @@ def assess(facts: HealthInputs) -> HealthReport:
         ),
         broker=BrokerHealth(connected=facts.broker_connected, spool_depth=facts.spool_depth, spool_max=facts.spool_max),
         model=facts.model,
+        commands=CommandsHealth(
+            alive=facts.commands_alive, restarts=facts.commands_restarts, last_crash=facts.commands_last_crash
+        ),
     )
 
 

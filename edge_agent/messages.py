@@ -12,12 +12,25 @@ A reject relay (``edge-agent reject-relay``) publishes under ``<prefix>/relay/<r
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA = "uflow.inspection/1"
+
+# Ids that end up in MQTT topics, file names or an actuator's argv: no '/', '+', '#', no leading '-'
+# (option injection), bounded length. Device, relay and message ids all follow it.
+ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+# The bounded parser's defaults: every message the agent and the relay accept is a flat object or
+# nests a few levels (an inspection: message -> regions -> region -> bbox), so 16 is generous, and far
+# below the depth at which json's recursive decoder raises RecursionError (about 1,000).
+MAX_PAYLOAD_DEPTH = 16
+_SPECIAL_RE = re.compile(rb'[\[\]{}"\\]')  # brackets, quotes, backslashes
 
 StatusText = Literal["online", "offline", "stopped"]
 
@@ -116,6 +129,9 @@ class RelayDeviceStats(_Payload):
     actuator_failures: int = 0
     clock_offset_s: float | None = Field(default=None, description="relay clock - agent clock, as used now")
     clock_source: str = Field(default="", description="configured | estimated | last-estimate")
+    clock_samples_refused: int = Field(
+        default=0, description="clock samples beyond clock.max_sample_offset_s, not used for the estimate"
+    )
 
 
 class RelayStats(_Payload):
@@ -133,7 +149,11 @@ class RelayStats(_Payload):
     skipped_good: int
     malformed: int
     unconfigured: int = Field(description="anomalous messages from a device with no travel time configured")
-    errors: int = Field(default=0, description="messages the relay failed to handle (not acknowledged; redelivered)")
+    errors: int = Field(default=0, description="messages the relay failed to handle (logged, acknowledged)")
+    journal_errors: int = Field(
+        default=0, description="journal writes that failed (disk full?); decisions were kept in memory meanwhile"
+    )
+    journal_ok: bool = Field(default=True, description="false while the journal cannot be written")
     actuator_failures: int
     pending: int = Field(description="rejects scheduled, not yet due")
     lateness_ms_p50: float = Field(description="actual - planned fire time over recent fires")
@@ -174,11 +194,12 @@ class ThresholdCommand(_Command):
 
 
 class UpdateCommand(_Command):
-    """Run a fleet update now (edge-agent update); progress is published on ``update``."""
+    """Run a fleet update now (edge-agent update); progress is published on ``update``.
 
-    source: str | None = None
-    group: str | None = None
-    force: bool = False
+    Deliberately empty: the fleet source, the rollout group, ``--force`` and ``--allow-downgrade`` come only
+    from the box's own config and command line. A broker client must not choose where a box gets its
+    model or make it retry or go back to an older one (docs/security.md).
+    """
 
 
 COMMANDS: dict[str, type[_Command]] = {
@@ -218,3 +239,66 @@ def topic(prefix: str, device_id: str, leaf: str) -> str:
 def relay_topic(prefix: str, relay_id: str, leaf: str) -> str:
     """Full topic name for a reject relay: ``<prefix>/relay/<relay_id>/<leaf>``."""
     return f"{prefix.rstrip('/')}/relay/{relay_id}/{leaf}"
+
+
+class PayloadError(ValueError):
+    """A payload the bounded parser refuses; the text says why (never echoes the payload)."""
+
+
+def is_valid_id(value: object) -> bool:
+    """True for a string usable as a device, relay or message id in topics and argv (ID_PATTERN)."""
+    return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
+def parse_json_object(payload: bytes, max_bytes: int, max_depth: int = MAX_PAYLOAD_DEPTH) -> dict[str, Any]:
+    """The JSON object in ``payload``, parsed under size and nesting limits; PayloadError otherwise.
+
+    The one parser for everything that arrives over MQTT (commands, inspection messages at the relay):
+    the size is checked before anything is read and the nesting depth before json builds anything,
+    so no payload can make the decoder recurse until RecursionError or allocate without bound. An
+    empty payload is ``{}``. Any other failure of the decoder also becomes a PayloadError.
+    """
+    if len(payload) > max_bytes:
+        raise PayloadError(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
+    if not payload.strip():
+        return {}
+    depth = _nesting_depth(payload)
+    if depth > max_depth:
+        raise PayloadError(f"payload nests {depth} levels deep; the limit is {max_depth}")
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"not JSON: {exc}") from exc
+    except Exception as exc:  # e.g. RecursionError or MemoryError: refused, never propagated
+        raise PayloadError(f"not parseable: {type(exc).__name__}") from exc
+    if not isinstance(document, dict):
+        raise PayloadError(f"not a JSON object but {type(document).__name__}")
+    return document
+
+
+def _nesting_depth(payload: bytes) -> int:
+    """The deepest nesting of [ and { outside string literals.
+
+    One linear pass over the brackets, quotes and backslashes only (no objects built, no backtracking).
+    """
+    depth = deepest = 0
+    in_string = False
+    escaped_until = -1
+    for match in _SPECIAL_RE.finditer(payload):
+        position = match.start()
+        if position < escaped_until:
+            continue  # the character after a backslash inside a string
+        char = payload[position]
+        if in_string:
+            if char == 0x5C:  # backslash
+                escaped_until = position + 2
+            elif char == 0x22:  # closing quote
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -149,12 +150,15 @@ def apply_update(
     reload: bool = True,
     control: AgentControl | None = None,
     events: EventSink | None = None,
+    allow_downgrade: bool = False,
 ) -> UpdateResult:
     """Run one fleet update for this device and say how it ended (never raises for update failures).
 
     ``control`` reaches the running agent (default: MQTT, cmd/reload); ``events`` receives every step
     (default: the ``update`` topic over the same MQTT connection). ``reload=False`` switches without
-    asking the agent (first install, agent stopped). Raises ConfigError for an unusable configuration.
+    asking the agent (first install, agent stopped). ``allow_downgrade`` (only from ``edge-agent update
+    --allow-downgrade`` on the box, never from a broker command) permits a release older than the current
+    model. Raises ConfigError for an unusable configuration.
     """
     models = models_dir_for(settings)
     link: MqttLink | None = None
@@ -166,7 +170,7 @@ def apply_update(
     report = _Reporter(settings.device_id, events)
     try:
         with models.lock():
-            return _run_locked(settings, models, report, control, source, group, force, reload)
+            return _run_locked(settings, models, report, control, source, group, force, reload, allow_downgrade)
     except UpdateLocked as exc:
         report("start", False, str(exc))
         return UpdateResult("locked", step="start", message=str(exc))
@@ -184,6 +188,7 @@ def _run_locked(
     group: str | None,
     force: bool,
     reload: bool,
+    allow_downgrade: bool = False,
 ) -> UpdateResult:
     from edge_agent.fleet import is_url, read_index, tls_context
     from edge_agent.signing import load_public_key
@@ -216,6 +221,14 @@ def _run_locked(
             report("fetch_index", True, f"{current} is already the current model")
             _prune(models, config.keep_versions, (), report)
             return UpdateResult("current", version=current)
+        if current is not None and not allow_downgrade and version_key(release.version) < version_key(current):
+            message = (
+                f"latest.json offers {release.version}, older than the current {current}; refusing the downgrade "
+                "(an operator on the box can run `edge-agent update --allow-downgrade`)"
+            )
+            report("fetch_index", False, message)
+            log.warning(message, extra={"event": "update_downgrade_refused", "version": release.version})
+            return UpdateResult("skipped", version=release.version, previous=current, message=message)
         failed_before = models.failed_versions().get(release.version)
         if failed_before and not force:
             message = (
@@ -242,6 +255,19 @@ def _run_locked(
         )
     finally:
         models.clean_leftovers()
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a model version: dotted numbers compare as numbers ("1.10.0" > "1.9.2").
+
+    Each run of digits is a number, each run of other characters (except the separators . _ + -) is text;
+    a number sorts before text at the same place, so "2.0.0" > "2.0.0rc1" is not promised: publish
+    plain dotted numbers when versions must order (docs/deploy.md).
+    """
+    parts: list[tuple[int, int | str]] = []
+    for token in re.findall(r"\d+|[^\d._+-]+", version):
+        parts.append((0, int(token)) if token.isdigit() else (1, token))
+    return tuple(parts)
 
 
 def _obtain_bundle(models, release, location, public_key, settings, context, report) -> Path:  # type: ignore[no-untyped-def]
@@ -418,6 +444,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", default=None, help="rollout group (default update.group)")
     parser.add_argument("--force", action="store_true", help="retry a version that failed on this device before")
     parser.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="accept a release older than the current model (never possible through cmd/update)",
+    )
+    parser.add_argument(
         "--no-reload",
         dest="reload",
         action="store_false",
@@ -437,7 +468,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
     try:
-        result = apply_update(settings, source=args.source, group=args.group, force=args.force, reload=args.reload)
+        result = apply_update(
+            settings,
+            source=args.source,
+            group=args.group,
+            force=args.force,
+            reload=args.reload,
+            allow_downgrade=args.allow_downgrade,
+        )
     except ConfigError as exc:
         log.error("%s", exc, extra={"event": "config_error"})
         return EXIT_CONFIG

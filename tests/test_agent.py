@@ -87,6 +87,8 @@ def running(
     values = agent_config(
         tmp_path / "state", current, str(frames), broker.port, http_port,
         source={"loop": True, "fps_limit": 20.0}, snapshot_dir=str(tmp_path / "snapshots"),
+        # Wide enough for the threshold test's strictest value; the band itself: test_security_agent.py.
+        nfa={"command_band": 10_000.0},
     )  # fmt: skip
     subscriber = Subscriber(broker, "uflow/cam1/#")
     agent = AgentThread.from_values(values).start()
@@ -99,8 +101,8 @@ def running(
 
 def test_bad_commands_get_error_replies_and_inspection_goes_on(running: Running) -> None:
     cases = [
-        ("threshold", b"{not json", None, "payload is not JSON"),
-        ("threshold", json.dumps([1, 2]), None, "payload must be a JSON object, got list"),
+        ("threshold", b"{not json", None, "malformed payload: not JSON"),
+        ("threshold", json.dumps([1, 2]), None, "malformed payload: not a JSON object but list"),
         (
             "threshold",
             {"request_id": "r1", "log10_epsilon": "low"},
@@ -111,7 +113,7 @@ def test_bad_commands_get_error_replies_and_inspection_goes_on(running: Running)
         ("threshold", {"request_id": "r3", "log10_epsilon": 1, "colour": "red"}, "r3", "unknown key 'colour'"),
         ("snapshot", {"request_id": "r4", "label": "../../etc"}, "r4", "label: String should match pattern"),
         ("selfdestruct", {"request_id": "r5"}, "r5", "unknown command 'selfdestruct'; known: reload, snapshot"),
-        ("reload", b"\xff\xfe\x00garbage", None, "payload is not JSON"),
+        ("reload", b"\xff\xfe\x00garbage", None, "malformed payload: not JSON"),
         ("reload", b"x" * (MAX_COMMAND_BYTES + 1), None, f"commands are limited to {MAX_COMMAND_BYTES}"),
     ]
     for name, payload, request_id, expected in cases:

@@ -162,6 +162,8 @@ def _status_line(relay) -> str:  # type: ignore[no-untyped-def]
     """One line for `systemctl status`."""
     stats = relay.stats()
     broker = "mqtt connected" if stats.connected else "mqtt DISCONNECTED"
+    if not stats.journal_ok:
+        broker += f" | JOURNAL NOT WRITABLE ({stats.journal_errors} errors; deciding from memory)"
     return (
         f"{broker} | fired {stats.fired}, missed {stats.missed}, failed {stats.actuator_failures}, "
         f"duplicates {stats.duplicates}, pending {stats.pending} | lateness p99 {stats.lateness_ms_p99:.1f} ms"

@@ -164,6 +164,13 @@ class ClockConfig(_Section):
         default=3600.0, ge=0, description="after a restart, the last estimate is used for this long until re-confirmed"
     )
     warn_offset_s: float = Field(default=0.1, gt=0, description="warn when the estimate differs more from the config")
+    max_sample_offset_s: float = Field(
+        default=5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a clock sample further than this from the configured clock_offset_s is refused and counted "
+        "(a forged or broken message must not move the estimate; set clock_offset_s for a known large skew)",
+    )
 
 
 class RelaySettings(FileAndEnvSettings):
@@ -189,11 +196,25 @@ class RelaySettings(FileAndEnvSettings):
     timing: TravelConfig = Field(default_factory=TravelConfig, description="defaults for every camera")
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     actuator: ActuatorConfig | None = None
+    max_devices: int = Field(
+        default=256,
+        gt=0,
+        description="cameras the relay keeps counters and clock estimates for; messages from further unknown "
+        "cameras are refused as malformed (bounded memory)",
+    )
 
     @model_validator(mode="after")
     def _every_device_can_fire(self) -> RelaySettings:
         if self.journal is None:
             self.journal = self.state_dir / "relay.sqlite"
+        from edge_agent.messages import is_valid_id
+
+        for name in (self.relay_id, *self.devices):
+            if not is_valid_id(name):
+                raise ValueError(
+                    f"id {name[:64]!r} must match [A-Za-z0-9._-]{{1,64}} without a leading '-' "
+                    "(it is used in MQTT topics and actuator arguments)"
+                )
         for device_id, device in self.devices.items():
             if resolve_travel(device, self.timing, f"devices.{device_id}") is None:
                 raise ValueError(

@@ -13,7 +13,11 @@ Each message gets exactly one final decision, logged as one line (``event = rela
 - ``failed``: every allowed attempt of the actuator failed (retries only before the deadline).
 - ``duplicate``: a message id already decided (broker redelivery, publisher retry, across restarts).
 - ``unconfigured``: anomalous, from a camera with no travel time or actuator configured.
-- ``malformed``: not a valid inspection message (logged with the topic and the reason).
+- ``malformed``: not a valid inspection message (logged with the topic and the reason): too large,
+  nested too deep, not JSON, a ``device_id`` other than the topic's (``<prefix>/<device_id>/inspection``
+  is the camera's identity, which the broker's ACL ties to the box's credentials), an id unusable in a
+  topic or argv, a camera beyond ``max_devices``. Also any internal error while deciding: every message is
+  acknowledged, so no payload can hold the broker's in-flight window and stall the relay.
 - ``interrupted``: the relay stopped while the actuator ran; not repeated after the restart.
 """
 
@@ -22,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import json
 import logging
 import math
 import socket
@@ -39,7 +42,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from edge_agent.messages import SCHEMA, InspectionMessage, RelayDeviceStats, RelayStats, StatusText, relay_topic
+from edge_agent.messages import (
+    SCHEMA,
+    InspectionMessage,
+    PayloadError,
+    RelayDeviceStats,
+    RelayStats,
+    StatusText,
+    is_valid_id,
+    parse_json_object,
+    relay_topic,
+)
 from edge_agent.relay.actuators import Actuator, ActuatorError, FireOrder, create_actuator
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal
@@ -54,6 +67,9 @@ SCHEDULER_TICK_S = 0.5  # the scheduler's heartbeat (watchdog) even when nothing
 CLOCK_KEY = "clock_offsets"
 TOPICS_KEY = "subscribed_topics"
 _PAYLOAD_PREVIEW = 200
+# An inspection message is about 1 kB plus ~100 bytes per region; 1 MiB leaves room for thousands of regions.
+MAX_INSPECTION_BYTES = 1 << 20
+INSPECTION_LEAF = "inspection"
 
 
 class MalformedMessage(ValueError):
@@ -78,7 +94,7 @@ class Counters:
 
     malformed: int = 0
     unconfigured: int = 0
-    errors: int = 0  # messages the relay failed to handle (logged, not acknowledged)
+    errors: int = 0  # messages the relay failed to handle (logged, acknowledged as malformed)
     devices: dict[str, RelayDeviceStats] = field(default_factory=dict)
 
     def device(self, device_id: str) -> RelayDeviceStats:
@@ -95,11 +111,9 @@ def parse_inspection(payload: bytes) -> InspectionMessage:
     in lock-step with the cameras.
     """
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise MalformedMessage(f"not a JSON object but {type(data).__name__}")
+        data = parse_json_object(payload, MAX_INSPECTION_BYTES)
+    except PayloadError as exc:
+        raise MalformedMessage(str(exc)) from exc
     schema = data.get("schema", SCHEMA)
     if not isinstance(schema, str) or schema.split("/")[0] != SCHEMA.split("/")[0] or schema.split("/")[-1] != "1":
         raise MalformedMessage(f"schema {schema!r} is not {SCHEMA!r}")
@@ -107,10 +121,22 @@ def parse_inspection(payload: bytes) -> InspectionMessage:
         InspectionMessage.model_fields
     )
     try:
-        return InspectionMessage.model_validate({k: v for k, v in data.items() if k in known})
+        message = InspectionMessage.model_validate({k: v for k, v in data.items() if k in known})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise MalformedMessage(problems) from exc
+    for name in ("device_id", "message_id"):
+        if not is_valid_id(getattr(message, name)):
+            raise MalformedMessage(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
+    return message
+
+
+def device_of_topic(topic: str) -> str:
+    """The camera a topic belongs to: ``<prefix>/<device_id>/inspection``; MalformedMessage otherwise."""
+    levels = topic.split("/")
+    if len(levels) < 2 or levels[-1] != INSPECTION_LEAF or not is_valid_id(levels[-2]):
+        raise MalformedMessage(f"topic {topic[:200]!r} is not <prefix>/<device_id>/{INSPECTION_LEAF}")
+    return levels[-2]
 
 
 class RejectRelay:
@@ -323,16 +349,23 @@ class RejectRelay:
         arrival, arrival_mono = time.time(), time.monotonic()
         try:
             self.handle(message.topic, message.payload, arrival, arrival_mono)
-        except Exception:  # never let one message stop the relay
-            # Not acknowledged: the broker keeps it in the session and sends it again after a reconnect, so a
-            # journal that cannot be written (disk full) loses nothing.
+        except Exception as exc:  # never let one message stop the relay
+            # Acknowledged all the same: a message the relay cannot handle would otherwise come back after every
+            # restart, and about 20 of them (the broker's in-flight window) stop all delivery to the relay. The
+            # journal never raises (it falls back to memory, counted in journal_errors).
             with self._lock:
                 self.counters.errors += 1
+                self.counters.malformed += 1
             log.exception(
-                "internal error while handling a message; not acknowledged",
-                extra={"event": "relay_internal_error", "topic": message.topic, "mid": message.mid},
+                "internal error while handling a message; counted malformed and acknowledged",
+                extra={
+                    "event": "relay_decision",
+                    "decision": "malformed",
+                    "topic": message.topic[:200],
+                    "error": f"internal error: {type(exc).__name__}",
+                    "mid": message.mid,
+                },
             )
-            return
         if message.qos > 0:
             client.ack(message.mid, message.qos)
 
@@ -375,7 +408,14 @@ class RejectRelay:
     def handle(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> str:
         """Decide one message (journaled before returning); returns the decision name."""
         try:
+            device = device_of_topic(topic)
             message = parse_inspection(payload)
+            if message.device_id != device:
+                raise MalformedMessage(
+                    f"device_id {message.device_id!r} is not the topic's {device!r}; a camera publishes only "
+                    "under its own id"
+                )
+            self._admit_device(device)
         except MalformedMessage as exc:
             with self._lock:
                 self.counters.malformed += 1
@@ -386,19 +426,20 @@ class RejectRelay:
                 extra={
                     "event": "relay_decision",
                     "decision": "malformed",
-                    "topic": topic,
+                    "topic": topic[:200],
                     "error": str(exc),
                     "payload": payload[:_PAYLOAD_PREVIEW].decode("utf-8", "replace"),
                 },
             )
             return "malformed"
-        device = message.device_id
         timing = self.settings.timing_for(device)
         offset = self.clock.observe(message, arrival, timing.clock_offset_s if timing else 0.0)
+        refused = self.clock.refused(device)
         with self._lock:
             stats = self.counters.device(device)
             stats.received += 1
             stats.clock_offset_s, stats.clock_source = round(offset.offset_s, 6), offset.source
+            stats.clock_samples_refused = refused
         if not message.anomalous:
             return self._decide_good(message, topic)
         with self._lock:
@@ -438,6 +479,18 @@ class RejectRelay:
             return self._decide_duplicate(message, topic)
         self._schedule(message, plan, actuator, arrival, arrival_mono, topic)
         return "scheduled"
+
+    def _admit_device(self, device: str) -> None:
+        """Refuse a camera beyond ``max_devices`` (per-camera counters and clock state stay bounded)."""
+        with self._lock:
+            if device in self.counters.devices or device in self.settings.devices:
+                return
+            if len(self.counters.devices) >= self.settings.max_devices:
+                raise MalformedMessage(
+                    f"already {len(self.counters.devices)} cameras (max_devices); list {device!r} under [devices] "
+                    "or raise max_devices"
+                )
+            self.counters.device(device)
 
     def _decide_good(self, message: InspectionMessage, topic: str) -> str:
         with self._lock:
@@ -705,7 +758,10 @@ class RejectRelay:
             names = ("received", "anomalous", "fired", "missed", "duplicates", "skipped_good", "actuator_failures")
             totals = {name: self.counters.total(name) for name in names}
             totals.update(
-                malformed=self.counters.malformed, unconfigured=self.counters.unconfigured, errors=self.counters.errors
+                malformed=self.counters.malformed,
+                unconfigured=self.counters.unconfigured,
+                errors=self.counters.errors,
+                journal_errors=self.journal.errors,
             )
             return totals
 
@@ -725,6 +781,7 @@ class RejectRelay:
             lateness_ms_p99=round(_quantile(lateness, 0.99), 3),
             lateness_ms_max=round(lateness[-1], 3) if lateness else 0.0,
             devices=devices,
+            journal_ok=not self.journal.failing,
             **totals,
         )
 

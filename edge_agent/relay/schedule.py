@@ -24,6 +24,7 @@ most the transit time, never by the size of the clock error.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -125,6 +126,7 @@ class ClockOffsets:
         }
         self._in_use: dict[str, OffsetChoice] = {}
         self._warned: dict[str, float] = {}
+        self._refused: dict[str, int] = {}
 
     def observe(self, message: InspectionMessage, arrival: float, configured_s: float) -> OffsetChoice:
         """Take this message's sample (unless replayed) and return the offset to plan it with."""
@@ -142,7 +144,15 @@ class ClockOffsets:
             estimator = self._estimators.setdefault(device, ClockEstimator(self.config))
             # A replayed message sat in the agent's spool: its sample says nothing about the clocks.
             if not message.replayed:
-                estimator.add(offset_sample(message, arrival))
+                sample = offset_sample(message, arrival)
+                # A sample far from the configured offset is a broken or forged message (latency_ms.total of
+                # an hour, a capture_time in the future): one such sample would become the floor.
+                if math.isfinite(sample) and abs(sample - configured_s) <= self.config.max_sample_offset_s:
+                    estimator.add(sample)
+                else:
+                    count = self._refused[device] = self._refused.get(device, 0) + 1
+                    if count == 1 or count % 1000 == 0:  # a flood of forgeries must not flood the log
+                        self._warn_refused(device, sample, configured_s)
             floor = estimator.estimate()
             if floor is not None:
                 self._confirmed[device] = (floor, time.time())
@@ -173,6 +183,25 @@ class ClockOffsets:
                 "configured_offset_s": configured_s,
             },
         )
+
+    def _warn_refused(self, device: str, sample: float, configured_s: float) -> None:
+        log.warning(
+            "clock sample from %s refused: %.3f s from the configured offset (limit clock.max_sample_offset_s)",
+            device,
+            sample - configured_s,
+            extra={
+                "event": "relay_clock_sample_refused",
+                "device_id": device,
+                "sample_s": sample if math.isfinite(sample) else str(sample),
+                "configured_offset_s": configured_s,
+                "limit_s": self.config.max_sample_offset_s,
+            },
+        )
+
+    def refused(self, device: str) -> int:
+        """Clock samples of one camera refused so far (clock.max_sample_offset_s)."""
+        with self._lock:
+            return self._refused.get(device, 0)
 
     def confirmed(self) -> dict[str, tuple[float, float]]:
         """device -> (confirmed offset, unix time), to keep across a restart."""
