@@ -325,11 +325,13 @@ def _verify(root: Path, version: str, public_key) -> str:  # type: ignore[no-unt
 def _prove_on_this_device(root: Path, settings: AgentSettings, report: _Reporter) -> None:
     """Load the engine this device will run and pass the bundle's self-test on it."""
     from edge_agent.bundle import load_bundle
+    from edge_agent.engine_prebuild import prebuild_plan
     from edge_agent.engines import create_engine
     from edge_agent.selftest import run_self_test
 
     bundle = load_bundle(root)
     with _step("load_engine"):
+        prebuild_plan(bundle, settings.model)  # GPU boxes: build the new model's plan before the switch
         engine = create_engine(bundle, settings.model)
     report("load_engine", True, f"{engine.backend} {settings.model.precision} engine loaded")
     try:
