@@ -312,3 +312,49 @@ def test_heartbeat_extends_the_start_timeout_only_while_the_build_progresses(tmp
         notifier.close()
     finally:
         sock.close()
+
+
+# --- the updater builds the plan before it switches -------------------------------------------------
+
+
+def test_prebuild_makes_auto_use_tensorrt_for_the_new_bundle(
+    bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.engine_prebuild import prebuild_plan
+    from edge_agent.engines import create_engine
+
+    config = ModelConfig(backend="auto", precision="fp16", engine_cache_dir=tmp_path / "engines")
+    reset_memory()
+    install(monkeypatch, make_tensorrt("10.3"), cuda_python=make_cuda_python())
+    # Without the prebuild, auto finds no plan and falls back to the CPU (the defect).
+    fallback = create_engine(bundle_copy, config)
+    assert fallback.backend == "onnxruntime"
+    fallback.close()
+    ready = prebuild_plan(bundle_copy, config)
+    assert ready is not None and ready.built and ready.recipe == "fp16-typed"
+    engine = create_engine(bundle_copy, config)
+    assert engine.backend == "tensorrt"
+    engine.close()
+    assert prebuild_plan(bundle_copy, config).built is False  # type: ignore[union-attr]  # found, not rebuilt
+
+
+def test_prebuild_where_tensorrt_cannot_run(
+    bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.engine_prebuild import prebuild_plan
+
+    auto = ModelConfig(backend="auto", precision="fp32", engine_cache_dir=tmp_path)
+    forced = ModelConfig(backend="tensorrt", precision="fp32", engine_cache_dir=tmp_path)
+    assert prebuild_plan(bundle_copy, ModelConfig(backend="onnxruntime")) is None
+    install(monkeypatch, None)
+    assert prebuild_plan(bundle_copy, auto) is None  # a CPU box: nothing to build
+    with pytest.raises(EngineUnavailable, match="TensorRT not available"):
+        prebuild_plan(bundle_copy, forced)
+    install(monkeypatch, make_tensorrt("10.3"), cuda_python=make_cuda_python(gpus=0))
+    assert prebuild_plan(bundle_copy, auto) is None
+    # A bundle whose plan cannot be built fails the update's load_engine step (the old model stays).
+    install(monkeypatch, make_tensorrt("10.3"), cuda_python=make_cuda_python())
+    with pytest.raises(EngineUnavailable, match=r"cannot be built.*no INT8 Q/DQ model"):
+        prebuild_plan(
+            load_bundle(build_precision_bundle(tmp_path / "plain")), auto.model_copy(update={"precision": "int8"})
+        )
