@@ -48,6 +48,7 @@ class ImageResult:
     regions: int
     region_areas: tuple[int, ...]
     min_log_nfa: float
+    regions_at_epsilon_1: int  # regions with log10 NFA < 0: the a-contrario promise is about these
     scale_min_log_nfa: tuple[float, ...]  # log10 N + min log10 P of each scale alone
 
 
@@ -129,6 +130,9 @@ class NfaCheckReport:
     images: int
     mean_regions_per_image: float
     fraction_with_detection: float
+    null_model: str
+    mean_regions_at_epsilon_1: float  # the promise: <= 1 false region per good image at log10 epsilon = 0
+    fraction_with_detection_at_epsilon_1: float
     min_log_nfa_quantiles: dict[str, float]
     images_triggered_by_scale: dict[str, int]
     scales: list[dict[str, object]]
@@ -149,16 +153,25 @@ def check_images(
     min_region_area: int | None = None,
     precision: str = "fp32",
     threads: int = 0,
+    null_model: str = "bundle",
 ) -> NfaCheckReport:
-    """Run ``bundle`` on ``images`` (good parts) and measure the NFA decision's false alarms."""
+    """Run ``bundle`` on ``images`` (good parts) and measure the NFA decision's false alarms.
+
+    ``null_model`` as ``[nfa] null_model`` in the agent's config: the bundle's, ``polyomino`` or ``fitted``.
+    """
     from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
 
     manifest = bundle.manifest
     height, width = manifest.input.height, manifest.input.width
     # The check works at the model size, where source pixels are model pixels.
-    scorer = FrameScorer(manifest, NfaConfig(log10_epsilon=log10_epsilon, min_region_area=min_region_area))
+    scorer = FrameScorer(
+        manifest,
+        NfaConfig(log10_epsilon=log10_epsilon, min_region_area=min_region_area, null_model=null_model),  # type: ignore[arg-type]
+    )
     min_area = manifest.nfa.min_region_area if min_region_area is None else min_region_area
-    log10_n = nfa.log10_number_of_tests([(s.height, s.width) for s in manifest.scales])
+    shapes = [(s.height, s.width) for s in manifest.scales]
+    nulls = scorer.nulls
+    log10_n = nfa.log10_number_of_tests(shapes) if nulls is None else nfa.log10_tree_tests(shapes)
     stats = [ScaleStats(s.name, s.channels, s.height, s.width) for s in manifest.scales]
     engine = OnnxRuntimeEngine(bundle, precision=precision, threads=threads)
     results: list[ImageResult] = []
@@ -167,9 +180,10 @@ def check_images(
             output = engine.infer(read_model_input(path, height, width))
             verdict = scorer.score(output, (width, height))
             per_scale = tuple(
-                log10_n + float(nfa.log_prob_map(m, s.channels).min())
-                for m, s in zip(output.scale_maps, manifest.scales, strict=True)
+                log10_n + float(_scale_log_prob(m, s.channels, None if nulls is None else nulls[k]).min())
+                for k, (m, s) in enumerate(zip(output.scale_maps, manifest.scales, strict=True))
             )
+            at_1 = nfa.regions_from_log_nfa(verdict.log_nfa, 0.0, min_area)
             for stat, m in zip(stats, output.scale_maps, strict=True):
                 stat.add(m)
             results.append(
@@ -179,12 +193,19 @@ def check_images(
                     region_areas=tuple(r.area for r in verdict.regions),
                     min_log_nfa=float(verdict.log_nfa.min()),
                     scale_min_log_nfa=per_scale,
+                    regions_at_epsilon_1=len(at_1),
                 )
             )
             _log_progress(index, len(images.paths), results)
     finally:
         engine.close()
-    return _report(bundle, images, scorer.rule.log10_epsilon, min_area, precision, log10_n, stats, results)
+    report = _report(bundle, images, scorer.rule.log10_epsilon, min_area, precision, log10_n, stats, results)
+    return replace(report, null_model="polyomino" if nulls is None else "fitted")
+
+
+def _scale_log_prob(m: np.ndarray, channels: int, null: nfa.ScaleNull | None) -> np.ndarray:
+    """One scale's selected log10 P map under the paper's null or a fitted one."""
+    return nfa.log_prob_map(m, channels, null)
 
 
 def _log_progress(done: int, total: int, results: list[ImageResult]) -> None:
@@ -234,6 +255,9 @@ def _report(
         images=len(results),
         mean_regions_per_image=float(np.mean([r.regions for r in results])),
         fraction_with_detection=float(np.mean([r.regions > 0 for r in results])),
+        null_model="polyomino",
+        mean_regions_at_epsilon_1=float(np.mean([r.regions_at_epsilon_1 for r in results])),
+        fraction_with_detection_at_epsilon_1=float(np.mean([r.regions_at_epsilon_1 > 0 for r in results])),
         min_log_nfa_quantiles=quantiles(r.min_log_nfa for r in results),
         images_triggered_by_scale=triggered,
         scales=[
@@ -272,9 +296,11 @@ def check_bundle(
     min_region_area: int | None = None,
     precision: str = "fp32",
     threads: int = 0,
+    null_model: str = "bundle",
 ) -> NfaCheckReport:
     """Load and verify a bundle directory, then :func:`check_images`."""
-    return check_images(load_bundle(bundle_dir), images, log10_epsilon, min_region_area, precision, threads)
+    bundle = load_bundle(bundle_dir)
+    return check_images(bundle, images, log10_epsilon, min_region_area, precision, threads, null_model)
 
 
 def latent_statistics(run_dir: Path | str, paths: Iterable[Path]) -> list[dict[str, object]]:
@@ -343,12 +369,14 @@ def format_report(report: NfaCheckReport) -> str:
     q = report.min_log_nfa_quantiles
     lines = [
         f"NFA false-alarm check: {report.model} ({report.precision}) on {report.images} images from {report.data}",
-        f"log10 N = {report.log10_number_of_tests:.1f}, log10 epsilon = {report.log10_epsilon:g}, "
-        f"min region area = {report.min_region_area} model px",
+        f"null model {report.null_model}, log10 N = {report.log10_number_of_tests:.1f}, "
+        f"log10 epsilon = {report.log10_epsilon:g}, min region area = {report.min_region_area} model px",
         "",
-        "| images | mean regions / image | images with a detection | min log10 NFA: min | p5 | median | p95 | max |",
-        "|---|---|---|---|---|---|---|---|",
+        "| images | mean regions / image | images with a detection | at log10 eps = 0: regions / image "
+        "(promise <= 1) | images with one | min log10 NFA: min | p5 | median | p95 | max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| {report.images} | {report.mean_regions_per_image:.3f} | {report.fraction_with_detection:.1%} | "
+        f"{report.mean_regions_at_epsilon_1:.3f} | {report.fraction_with_detection_at_epsilon_1:.1%} | "
         f"{q['min']:.1f} | {q['p5']:.1f} | {q['median']:.1f} | {q['p95']:.1f} | {q['max']:.1f} |",
         "",
         "| scale | C | shape | mean m (chi2: 1) | var m (chi2: 2/C) | lag-1 autocorr of m | images it triggers |",

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, help="use this many images, picked evenly (default: all)")
     parser.add_argument("--log10-epsilon", type=float, help="decision threshold (default: the bundle's)")
     parser.add_argument("--min-area", type=int, help="ignore smaller regions, model pixels (default: the bundle's)")
+    parser.add_argument(
+        "--null-model",
+        default="bundle",
+        choices=["bundle", "fitted", "polyomino"],
+        help="NFA null model: the bundle's (default), the fitted one, or the paper's exact polyomino NFA",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="model variant to run")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     parser.add_argument("--json", type=Path, help="also write the full report (every image) as JSON here")
@@ -45,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             min_region_area=args.min_area,
             precision=args.precision,
             threads=args.threads,
+            null_model=args.null_model,
         )
         print(format_report(report))
         if args.run is not None:

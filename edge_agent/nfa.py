@@ -436,16 +436,19 @@ def _tree_nodes(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray,
     return pixel, parent.astype(np.int64), is_node, area
 
 
-def log_prob_map(m: np.ndarray, channels: int) -> np.ndarray:
+def log_prob_map(m: np.ndarray, channels: int, null: ScaleNull | None = None) -> np.ndarray:
     """Per-pixel log10 P (float64, H x W) of the selected tree nodes of one scale's map m_s.
 
-    ``channels`` is C_s, the number of latent channels m_s averages over. Releases the GIL, so
-    scales can run in parallel threads or overlap with inference.
+    ``channels`` is C_s, the number of latent channels m_s averages over; ``null`` a fitted null
+    model (see :func:`log_nfa_map`). Releases the GIL, so scales can run in parallel threads or
+    overlap with inference.
     """
     values = _checked_scale_map(m, "log_prob_map: m")
     c = _checked_channels(channels, "log_prob_map")
     height, width = values.shape
-    return _log_prob_flat(values.ravel(), width, c).reshape(height, width)
+    if null is None:
+        return _log_prob_flat(values.ravel(), width, c).reshape(height, width)
+    return _log_prob_flat(values.ravel() / null.mean, width, float(null.dof / null.area)).reshape(height, width)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,145 @@
+"""The fitted NFA null (training/nfa_null.py, edge_agent.nfa.ScaleNull) and the planted-defect check.
+
+The promise of the a-contrario decision is measured, not assumed: maps drawn from a correlated,
+over-dispersed field (what real latents look like: mean above 1, variance above chi^2's, neighbours
+correlated) break the paper's independent chi^2 null, and the fitted null keeps the false regions
+per image at log10 epsilon = 0 under one on fresh maps of the same field.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent import nfa
+from training.nfa_null import correlation_area, fit_null, fit_scale_null, tail_dof
+from training.planted import PLANTED_KINDS, SIZES, plant, planted_set
+
+
+def correlated_field(rng: np.random.Generator, count: int, shape: tuple[int, int], channels: int) -> np.ndarray:
+    """m = mean over channels of z^2 with z spatially smoothed (correlated) and scaled by 1.2."""
+    z = rng.standard_normal((count, channels, shape[0] + 4, shape[1] + 4)).astype(np.float32)
+    smoothed = np.empty((count, channels, *shape), dtype=np.float32)
+    for i in range(count):
+        for c in range(channels):
+            blurred = cv2.GaussianBlur(z[i, c], (0, 0), 0.8)
+            smoothed[i, c] = blurred[2:-2, 2:-2] / blurred.std()
+    return (1.2 * smoothed**2).mean(axis=1).astype(np.float64)
+
+
+def regions_per_image(maps: list[np.ndarray], channels: list[int], nulls, log10_epsilon: float = 0.0) -> float:
+    counts = []
+    for i in range(len(maps[0])):
+        log_nfa = nfa.log_nfa_map([m[i] for m in maps], channels, (32, 32), nulls)
+        counts.append(len(nfa.regions_from_log_nfa(log_nfa, log10_epsilon)))
+    return float(np.mean(counts))
+
+
+def test_tail_dof_of_chi2_samples_is_near_the_true_dof() -> None:
+    rng = np.random.default_rng(0)
+    channels = 24
+    t = rng.chisquare(channels, size=200_000) / channels
+    dof = tail_dof(t)
+    # Chernoff's bound is loose by a polynomial factor, so a somewhat larger dof still dominates the
+    # observed tail; the fit is the largest that does, and it stays of the order of C.
+    assert channels * 0.7 < dof <= channels * 2.0
+
+
+def test_tail_dof_bound_dominates_the_empirical_tail() -> None:
+    rng = np.random.default_rng(1)
+    t = rng.gamma(shape=3.0, scale=1 / 3.0, size=50_000) * rng.choice([1.0, 1.6], size=50_000, p=[0.95, 0.05])
+    t = t / t.mean()
+    dof = tail_dof(t)
+    for level in (1.5, 2.0, 3.0, 4.0):
+        empirical = float((t >= level).mean())
+        bound = math.exp(-dof / 2 * (level - 1 - math.log(level)))
+        assert bound >= empirical
+
+
+def test_correlation_area_is_one_for_independent_pixels_and_grows_with_smoothing() -> None:
+    rng = np.random.default_rng(2)
+    independent = rng.chisquare(8, size=(20, 32, 32)) / 8
+    assert correlation_area(independent) == pytest.approx(1.0, abs=0.15)
+    correlated = correlated_field(rng, 20, (32, 32), 8)
+    assert correlation_area(correlated) > 2.0
+
+
+def test_fit_rejects_bad_maps() -> None:
+    with pytest.raises(ValueError, match="N x H x W"):
+        fit_scale_null(np.ones((4, 4)))
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_scale_null(-np.ones((2, 4, 4)))
+    with pytest.raises(ValueError):
+        fit_scale_null(np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="area"):
+        nfa.ScaleNull(mean=1.0, dof=4.0, area=0.5)
+
+
+def test_the_promise_holds_on_fresh_maps_with_the_fitted_null_and_breaks_with_the_tree_count_alone() -> None:
+    rng = np.random.default_rng(3)
+    channels = [8, 16]
+    shapes = [(32, 32), (16, 16)]
+    val = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
+    fresh = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
+    nulls = fit_null(val)
+    assert all(n.mean > 1.1 for n in nulls)  # the field is over-dispersed on purpose
+    assert regions_per_image(fresh, channels, nulls) <= 1.0
+    # The paper's chi^2 null with the small tree-node count (no fit) floods: the null is what matters.
+    naive = tuple(nfa.ScaleNull(1.0, float(c), 1.0) for c in channels)
+    assert regions_per_image(fresh, channels, naive) > 1.0
+
+
+def test_the_fitted_null_finds_a_planted_bright_region() -> None:
+    rng = np.random.default_rng(4)
+    channels = [8, 16]
+    shapes = [(32, 32), (16, 16)]
+    nulls = fit_null([correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)])
+    maps = [correlated_field(rng, 1, s, c) for s, c in zip(shapes, channels, strict=True)]
+    maps[0][0, 10:16, 10:16] *= 3.0
+    maps[1][0, 5:8, 5:8] *= 3.0
+    log_nfa = nfa.log_nfa_map([m[0] for m in maps], channels, (32, 32), nulls)
+    regions = nfa.regions_from_log_nfa(log_nfa, -2.0)
+    assert regions
+    x, y, w, h = regions[0].bbox
+    assert x <= 15 and x + w >= 10 and y <= 15 and y + h >= 10
+
+
+def test_unit_null_keeps_the_papers_evidence_and_swaps_only_the_number_of_tests() -> None:
+    rng = np.random.default_rng(5)
+    maps = [rng.chisquare(6, size=(12, 10)) / 6, rng.chisquare(10, size=(6, 5)) / 10]
+    paper = nfa.log_nfa_map(maps, [6, 10], (24, 20))
+    unit = nfa.log_nfa_map(maps, [6, 10], (24, 20), [nfa.ScaleNull(1.0, 6.0), nfa.ScaleNull(1.0, 10.0)])
+    shift = nfa.log10_number_of_tests([(12, 10), (6, 5)]) - nfa.log10_tree_tests([(12, 10), (6, 5)])
+    np.testing.assert_allclose(paper - unit, shift, atol=1e-3)
+    assert nfa.log10_tree_tests([(12, 10), (6, 5)]) == pytest.approx(math.log10(150))
+
+
+def test_log_nfa_map_wants_one_null_per_scale() -> None:
+    maps = [np.ones((4, 4)), np.ones((2, 2))]
+    with pytest.raises(ValueError, match="null models"):
+        nfa.log_nfa_map(maps, [4, 4], (4, 4), [nfa.ScaleNull(1.0, 4.0)])
+
+
+def test_planted_defects_change_the_image_only_where_the_mask_says_and_cover_every_kind() -> None:
+    rng = np.random.default_rng(6)
+    images = (rng.normal(90, 12, size=(6, 96, 96, 3))).clip(0, 255).astype(np.uint8)
+    samples = planted_set(images, seed=0, per_image=2)
+    assert {s.kind for s in samples} == set(PLANTED_KINDS)
+    assert {s.size for s in samples} <= set(SIZES)
+    for sample in samples:
+        assert sample.mask.any()
+        assert sample.image.shape == images[0].shape and sample.image.dtype == np.uint8
+    # Deterministic from the seed.
+    again = planted_set(images, seed=0, per_image=2)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(samples, again, strict=True))
+
+
+def test_plant_names_bad_kind_and_size() -> None:
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="kind"):
+        plant(image, np.random.default_rng(0), "melt", "small")
+    with pytest.raises(ValueError, match="size"):
+        plant(image, np.random.default_rng(0), "blob", "huge")
