@@ -1,22 +1,18 @@
-"""TensorRT 10's implicit INT8 calibration: ``IInt8EntropyCalibrator2`` over the calibration images.
+"""The calibration image feed of TensorRT 10's implicit INT8 calibration (``IInt8EntropyCalibrator2``).
 
-The primary INT8 path is the Q/DQ model from ``uflow calibrate int8`` (TensorRT 10 and 11 both build
-it). This calibrator is the fallback for a TensorRT 10 device given a bundle without a Q/DQ model:
-TensorRT runs the FP32 network on the same good images (same reader, same preprocessing as the
-agent) and picks per-tensor scales itself. Deprecated in TensorRT 10.1, removed in 11.
-
-The TensorRT subclass is created by :func:`make_entropy_calibrator` because its base class only
-exists where TensorRT 10 is installed; this module imports without TensorRT or pycuda. The calibration
-cache (TensorRT's own text format) is written beside the plans, keyed by ONNX sha256 and TensorRT
-version, so a rebuild (a new GPU of the same fleet, a lost plan) skips the image pass.
+No longer used to build plans (issue 12): that calibrator lets TensorRT quantize the backbone
+(docs/precision.md: -12.6 pixel-AUROC points for the stem alone), it is deprecated since TensorRT 10.1
+and removed in 11. INT8 is built only from the bundle's Q/DQ model (``uflow calibrate int8``, backbone
+FP32) as a strongly typed network, and ``edge-agent build-engine --calibration-data`` is ignored with a
+warning. The TensorRT subclass that used this feed is gone; the pure feed (uint8 batches in engine
+input format, a calibration table cache keyed by ONNX sha256 and TensorRT version) stays only for the
+tests that still exercise it, and can be removed with them.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import numpy as np
 
@@ -68,39 +64,3 @@ class CalibrationFeed:
             "wrote the INT8 calibration cache",
             extra={"event": "trt_calibration_cache_written", "path": str(self.cache_path)},
         )
-
-
-def make_entropy_calibrator(trt: ModuleType, cuda: ModuleType, feed: CalibrationFeed) -> Any:
-    """A ``trt.IInt8EntropyCalibrator2`` over ``feed`` (TensorRT 10 only; call with a CUDA context current)."""
-    if not hasattr(trt, "IInt8EntropyCalibrator2"):
-        raise RuntimeError(
-            f"TensorRT {trt.__version__} has no INT8 calibrators (removed in 11.0); "
-            "make a Q/DQ model with `uflow calibrate int8` instead"
-        )
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)  # the binding requires the explicit base __init__
-            self._device = cuda.mem_alloc(feed.nbytes)
-
-        def get_batch_size(self) -> int:
-            return 1
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            batch = feed.next_batch()
-            if batch is None:
-                return None
-            cuda.memcpy_htod(self._device, batch)
-            return [int(self._device)]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return feed.read_cache()
-
-        def write_calibration_cache(self, cache: memoryview) -> None:
-            feed.write_cache(cache)
-
-        def release(self) -> None:
-            """Free the device buffer now, while the CUDA context is still current."""
-            self._device.free()
-
-    return EntropyCalibrator()
