@@ -345,6 +345,7 @@ class Heartbeat:
         self._progress = progress
         self._what = what
         self._period = period
+        self._own_notifier = notifier is None
         self._notifier = notifier if notifier is not None else SystemdNotifier()
         self._stall_s = stall_s
         self._stop = threading.Event()
@@ -357,6 +358,8 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._own_notifier:
+            self._notifier.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
