@@ -61,6 +61,8 @@ def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> 
 
     graph = onnx.load(str(tiny_bundle / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["image"]
+    # TensorRT takes the UINT8 input only straight into a Cast (the export casts first, then transposes).
+    assert [n.op_type for n in graph.node if "image" in n.input] == ["Cast"]
     ops = {node.op_type for node in graph.node}
     assert not ops & {"If", "Loop", "Ceil"}, "shape-dependent control flow or padding arithmetic in the graph"
     dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
@@ -86,6 +88,14 @@ def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> 
         output = engine.infer(image)
         assert output.anomaly_map.max() <= manifest.validation_metrics["selftest_max_score"] + 1e-5
         assert [m.shape for m in output.scale_maps] == shapes
+
+
+def test_exported_bundle_passes_the_tensorrt_graph_check(tiny_bundle: Path) -> None:
+    """The same check build-engine runs before every build (types included), on the exported model."""
+    from edge_agent.engines.graph_check import check_graph, describe
+
+    problems = check_graph(tiny_bundle / "model.onnx", "fp32")
+    assert problems == [], describe(problems, tiny_bundle / "model.onnx")
 
 
 def test_flipped_byte_in_model_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
