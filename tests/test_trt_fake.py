@@ -358,3 +358,26 @@ def test_prebuild_where_tensorrt_cannot_run(
         prebuild_plan(
             load_bundle(build_precision_bundle(tmp_path / "plain")), auto.model_copy(update={"precision": "int8"})
         )
+
+
+def test_updater_proves_the_new_bundle_on_its_tensorrt_plan(
+    bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update's load_engine step builds the plan first, so the self-test runs on TensorRT, not the CPU."""
+    from edge_agent import update
+    from edge_agent.config import load_settings
+
+    reset_memory()
+    install(monkeypatch, make_tensorrt("11.x"), cuda_python=make_cuda_python())
+    settings = load_settings(
+        None,
+        state_dir=str(tmp_path / "state"),
+        model={"backend": "auto", "precision": "int8", "engine_cache_dir": str(tmp_path / "engines")},
+        update={"require_self_test": False},
+    )
+    steps: list[tuple[str, bool, str]] = []
+    update._prove_on_this_device(
+        bundle_copy.root, settings, lambda step, ok, message="": steps.append((step, ok, message))
+    )
+    assert ("load_engine", True, "tensorrt int8 engine loaded") in steps
+    assert len(list((tmp_path / "engines").glob("*.plan"))) == 1
