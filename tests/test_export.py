@@ -73,8 +73,14 @@ def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> 
     assert [(s.name, s.channels, s.stride) for s in manifest.scales] == [("m_0", 54, 8), ("m_1", 56, 16)]
 
     shapes = [(s.height, s.width) for s in manifest.scales]
-    assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_number_of_tests(shapes))
     val_scores = json.loads((tiny_run_dir / "val_scores.json").read_text())
+    # New bundles ship the null fitted on the validation latents, with the tree-node number of tests.
+    assert manifest.nfa.null_model == "fitted"
+    assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_tree_tests(shapes))
+    assert [n.model_dump() for n in manifest.nfa.scale_nulls] == val_scores["nfa_null"]
+    assert manifest.nfa.log10_epsilon == val_scores["log10_epsilon"]
+    assert 0.0 <= manifest.validation_metrics["planted_detection_rate"] <= 1.0
+    assert manifest.validation_metrics["planted_count"] >= 24
     assert manifest.image_score_threshold == pytest.approx(max(val_scores["scores"]))
     assert manifest.validation_metrics["onnx_parity_anomaly_map_max_abs"] < 1e-4
     assert manifest.validation_metrics["val_nfa_false_alarm_rate"] == 0.0

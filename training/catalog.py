@@ -99,8 +99,33 @@ BACKBONES: dict[str, BackboneInfo] = {
         ),
     )
 }
-DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_STRIDES: tuple[int, ...] = (4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``uflow train --data D --out R`` does with no other flags (docs/results.md "Defaults").
+
+    Chosen by measurement on training and validation good images (and defects planted on them),
+    within the budget of issue 11: at most 20 minutes on 2 CPU cores for about 600 training images,
+    and at least 30 fps engine-only on 2 cores. ``UFlowConfig``, ``TrainConfig``, the ``uflow``
+    parser and the demo all read their defaults from ``DEFAULT_RECIPE``.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 256
+    strides: tuple[int, ...] = (4, 8, 16)
+    hypercolumn: bool = False
+    norm_in_jacobian: bool = True
+    epochs: int = 100
+    patience: int = 0
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_final_factor: float = 0.1
+
+
+DEFAULT_RECIPE = Recipe()
+DEFAULT_BACKBONE = DEFAULT_RECIPE.backbone
+DEFAULT_STRIDES: tuple[int, ...] = DEFAULT_RECIPE.strides
 
 
 def backbone_info(name: str) -> BackboneInfo:

@@ -17,12 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from training.catalog import BACKBONES, DEFAULT_BACKBONE, NORM_KINDS
+    from training.catalog import BACKBONES, DEFAULT_RECIPE, NORM_KINDS
+
+    recipe = DEFAULT_RECIPE
 
     p = sub.add_parser("train", help="train U-Flow on good images", description="Train U-Flow on good images only.")
     p.add_argument("--data", required=True, type=Path, help="image folder, MVTec AD category dir, or split.json")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
+    p.add_argument("--backbone", default=recipe.backbone, choices=sorted(BACKBONES))
     p.add_argument(
         "--weights",
         type=Path,
@@ -32,20 +34,39 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--random-weights", action="store_true", help="TESTS ONLY: a seeded random backbone instead of ImageNet weights"
     )
-    p.add_argument("--image-size", type=int, default=256, help="square model input size (pixels)")
+    p.add_argument("--image-size", type=int, default=recipe.image_size, help="square model input size (pixels)")
     p.add_argument(
-        "--strides", type=int, nargs="+", help="backbone stages feeding the flow (default: the backbone's default)"
+        "--strides",
+        type=int,
+        nargs="+",
+        help=f"backbone stages feeding the flow (default: {' '.join(map(str, recipe.strides))} for "
+        f"{recipe.backbone}, else the backbone's default)",
     )
-    p.add_argument("--hypercolumn", action="store_true", help="concatenate every backbone stage at each stride")
+    p.add_argument(
+        "--hypercolumn",
+        action=argparse.BooleanOptionalAction,
+        default=recipe.hypercolumn,
+        help="concatenate every backbone stage at each stride",
+    )
+    p.add_argument(
+        "--norm-jacobian",
+        action=argparse.BooleanOptionalAction,
+        default=recipe.norm_in_jacobian,
+        help="count the feature LayerNorm's affine in log|det J| (--no-norm-jacobian: the reference's objective)",
+    )
     p.add_argument("--feature-pool", type=int, default=1, help="k x k local averaging of backbone features (1: off)")
     p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better val NLL (0: off)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-final-factor", type=float, default=0.1, help="learning rate at the end / at the start")
+    p.add_argument("--epochs", type=int, default=recipe.epochs)
+    p.add_argument(
+        "--patience", type=int, default=recipe.patience, help="stop after N epochs without a better val NLL (0: off)"
+    )
+    p.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    p.add_argument("--lr", type=float, default=recipe.lr)
+    p.add_argument(
+        "--lr-final-factor", type=float, default=recipe.lr_final_factor, help="learning rate at the end / at the start"
+    )
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out good images (folder/MVTec layouts)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -134,8 +155,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_strides(info, recipe) -> tuple[int, ...]:
+    """The recipe's strides for the recipe's backbone; another backbone's own default otherwise."""
+    return tuple(recipe.strides) if info.name == recipe.backbone else tuple(info.default_strides)
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from training.catalog import backbone_info
+    from training.catalog import DEFAULT_RECIPE, backbone_info
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
@@ -144,9 +170,10 @@ def _run_train(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         image_height=args.image_size,
         image_width=args.image_size,
-        strides=tuple(args.strides) if args.strides else info.default_strides,
+        strides=tuple(args.strides) if args.strides else _default_strides(info, DEFAULT_RECIPE),
         norm=args.norm,
         hypercolumn=args.hypercolumn,
+        norm_in_jacobian=args.norm_jacobian,
         feature_pool=args.feature_pool,
         flow_steps=args.flow_steps,
         hidden_ratio=args.hidden_ratio,

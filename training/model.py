@@ -26,7 +26,7 @@ from training.backbones import (
     create_scale_norm,
     norm_log_jac_det,
 )
-from training.catalog import DEFAULT_BACKBONE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
+from training.catalog import DEFAULT_BACKBONE, DEFAULT_RECIPE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
 from training.flow import LatentShape, build_uflow_graph
 
 
@@ -35,13 +35,13 @@ class UFlowConfig:
     """Everything needed to rebuild a U-Flow model (stored as ``config.json`` in a run dir)."""
 
     backbone: str = DEFAULT_BACKBONE
-    image_height: int = 256
-    image_width: int = 256
+    image_height: int = DEFAULT_RECIPE.image_size
+    image_width: int = DEFAULT_RECIPE.image_size
     strides: tuple[int, ...] = DEFAULT_STRIDES
     norm: str = "chw"
-    hypercolumn: bool = False  # concatenate every backbone stage at a stride (more channels per scale)
+    hypercolumn: bool = DEFAULT_RECIPE.hypercolumn  # every backbone stage at a stride (more channels per scale)
     feature_pool: int = 1  # k x k local averaging of the backbone features (1 = off)
-    norm_in_jacobian: bool = True  # count the norms' affine in log|det J| (False: the reference's objective)
+    norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian  # the norms' affine in log|det J| (False: reference)
     flow_steps: int = 4
     hidden_ratio: float = 1.0
     affine_clamping: float = 2.0

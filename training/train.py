@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from training.catalog import DEFAULT_RECIPE
 from training.data import DatasetSplits, load_images, open_dataset
 from training.finish import finish_run
 from training.model import FlowOutput, UFlow, UFlowConfig, nll_loss, predict, to_float_nchw
@@ -44,17 +45,17 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """How to train (stored in config.json next to the model config)."""
 
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_final_factor: float = 0.1  # exponential decay from lr to lr * this over the epochs
+    epochs: int = DEFAULT_RECIPE.epochs
+    batch_size: int = DEFAULT_RECIPE.batch_size
+    lr: float = DEFAULT_RECIPE.lr
+    lr_final_factor: float = DEFAULT_RECIPE.lr_final_factor  # exponential decay from lr to lr * this
     weight_decay: float = 1e-5
     val_fraction: float = 0.1  # folder / MVTec layouts only; split.json defines its own val
     threads: int = 2
     cache_features: bool = True
     selftest_images: int = 3
     extract_batch_size: int = 16
-    patience: int = 0  # stop after this many epochs without a better selection loss (0: run every epoch)
+    patience: int = DEFAULT_RECIPE.patience  # stop after this many epochs without a better val NLL (0: off)
     device: str = "auto"  # "auto": CUDA when present, else CPU
     amp: bool | None = None  # bfloat16 autocast of the flow; None: on for CUDA, off for CPU
     channels_last: bool = False  # NHWC memory format for the cached features and the flow's convs
