@@ -13,7 +13,9 @@ passed while waiting are dropped by the outbox and counted, also under MQTT 3.1.
 broker-side expiry.
 
 Status and command results are *control* messages: QoS 1, kept in memory until acknowledged, never
-spooled (a ``stopped`` or a reply replayed after a restart would be wrong).
+spooled (a ``stopped`` or a reply replayed after a restart would be wrong). On a clean stop the final
+status is the last message: it is queued after the outbox drained or ``drain_timeout_s`` passed, and
+no outbox message is handed to paho after it.
 
 Reconnects back off exponentially (``reconnect_initial_s`` doubling up to ``reconnect_max_s``). With
 ``protocol = "auto"`` a session starts as MQTT 5 and falls back to 3.1.1 when the broker refuses
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 _UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's "refused: version" to it
 SEND_WINDOW = 100  # outbox messages handed to paho and not yet acknowledged, at most
+STATUS_GRACE_S = 2.0  # on stop, the final status waits at least this long (or the whole timeout if shorter)
 MessageHandler = Callable[[str, bytes], None]  # (topic leaf under <prefix>/<device_id>/, payload)
 
 
@@ -99,6 +102,12 @@ def describe_connect_error(exc: BaseException, config: MqttConfig) -> str:
         )
     if isinstance(exc, ConnectionRefusedError):
         return f"connection to {where} refused: no broker listens there"
+    if config.tls is not None and isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        # A broker that wants a client certificate may just drop the handshake, without an alert.
+        return (
+            f"TLS connection to {where} closed during the handshake ({exc}): does the broker require a client "
+            "certificate (mqtt.tls.cert_file/key_file)?"
+        )
     return f"{where}: {exc}"
 
 
@@ -128,6 +137,7 @@ class MqttPublisher:
         self._wake = threading.Event()
         self._stop_event = threading.Event()
         self._stopping = False
+        self._outbox_closed = False  # set by stop() once the final status is queued: nothing may follow it
         self._session_was_connected = False
         self._session_refused = False
         self._retry_now = False
@@ -189,15 +199,27 @@ class MqttPublisher:
         return self._connected.wait(timeout)
 
     def stop(self, status: StatusText = "stopped", timeout: float | None = None) -> bool:
-        """Publish the final status, wait (bounded) for every acknowledgement, disconnect.
+        """Drain the outbox (bounded), then publish the final status as the last message, disconnect.
+
+        The retained status must not say ``stopped`` while inspections are still arriving, so the
+        status is queued only once the outbox is empty or ``timeout`` (``mqtt.drain_timeout_s``) has
+        passed; from then on no further outbox message is handed to the broker, and the status gets
+        what is left of ``timeout``, at least ``min(timeout, STATUS_GRACE_S)``.
 
         Returns True when nothing was left unacknowledged. What is left stays in the outbox (on disk
         with a spool, sent at the next start).
         """
         timeout = self.config.drain_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         self._stopping = True
+        self._wake.set()  # the connection thread sends the next window now
+        drained = self._wait_until(lambda: not len(self.outbox), timeout)
+        with self._client_lock:
+            # Messages already with paho go out before the status (one connection, in order); no more after it.
+            self._outbox_closed = True
         self._enqueue_control(self._status_message(status))
-        delivered = self.wait_until_delivered(timeout)
+        status_wait = max(deadline - time.monotonic(), min(timeout, STATUS_GRACE_S))
+        delivered = self._wait_until(lambda: not self._control, status_wait) and drained and not len(self.outbox)
         left = len(self.outbox)
         if not delivered:
             log.warning(
@@ -222,9 +244,13 @@ class MqttPublisher:
 
     def wait_until_delivered(self, timeout: float) -> bool:
         """Block until the outbox and control messages are all acknowledged or ``timeout`` passed."""
+        return self._wait_until(lambda: not len(self.outbox) and not self._control, timeout)
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``done()`` (checked under ``_lock``, on every acknowledgement) or ``timeout`` passed."""
         deadline = time.monotonic() + timeout
         with self._delivered:
-            while len(self.outbox) or self._control:
+            while not done():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -288,8 +314,9 @@ class MqttPublisher:
             log.warning(
                 "MQTT broker closed the connection before accepting it; will retry with backoff",
                 extra={"event": "mqtt_unreachable", "host": self.config.host, "port": self.config.port,
-                       "error": f"closed during CONNECT: {self._transport_error or 'no reason given'} (TLS client "
-                                "certificate missing or rejected? not an MQTT listener?)",
+                       "error": f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the "
+                                "broker require a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT "
+                                "listener?)",
                        "retry_in_s": delay, "pending": len(self.outbox)},
             )  # fmt: skip
         return False
@@ -358,7 +385,7 @@ class MqttPublisher:
         """Hand the next outbox messages to paho, oldest first, up to SEND_WINDOW unacknowledged."""
         with self._client_lock:
             client = self._client
-            if client is None or not self._gate_open:
+            if client is None or not self._gate_open or self._outbox_closed:
                 return
             while True:
                 with self._lock:
@@ -401,8 +428,7 @@ class MqttPublisher:
         else:
             self._control.pop(str(ident), None)
         self.counters.acked += 1
-        if not self._control and not len(self.outbox):
-            self._delivered.notify_all()
+        self._delivered.notify_all()  # waiters check their own condition (stop() waits for the outbox first)
 
     # -- paho client and callbacks ------------------------------------------------------------------
 
