@@ -180,4 +180,4 @@ def test_anomalib_f1_threshold_falls_back_to_the_highest_normal_score() -> None:
     scores = np.array([0.1, 0.4, 0.3], dtype=np.float32)
     assert peers.f1_threshold(scores, np.zeros(3, dtype=bool)) == pytest.approx(0.4)
     labelled = peers.f1_threshold(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1]))
-    assert 0.2 < labelled <= 0.8
+    assert 0.2 < labelled <= 0.8 + 1e-6  # float32 inside anomalib
