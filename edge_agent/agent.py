@@ -38,6 +38,7 @@ from edge_agent.spool import Spool
 from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:
+    from edge_agent.snapshot import SnapshotBudget
     from edge_agent.update import UpdateResult
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,16 @@ class Agent:
         source.on_state = lambda old, new, reason: self._source_states.append(new)
         self._update_thread: threading.Thread | None = None
         self._update_result: UpdateResult | None = None
+        self._snapshots: SnapshotBudget | None = None
+
+    @property
+    def snapshots(self) -> SnapshotBudget:
+        """The snapshot limits (made on first use: snapshot.py imports the drawing code)."""
+        from edge_agent.snapshot import SnapshotBudget
+
+        if self._snapshots is None:
+            self._snapshots = SnapshotBudget(self.settings.snapshot)
+        return self._snapshots
 
     def _open_spool(self) -> Spool:
         config = self.settings.spool
@@ -283,11 +294,14 @@ class Agent:
 
     def reload(self, command: ReloadCommand) -> Done:
         """Load model.bundle again fully, then swap; on any failure the old model keeps running."""
+        from edge_agent.signing import SigningError, verify_installed_bundle
+
         path = self.settings.model.bundle
         assert path is not None
         try:
+            verify_installed_bundle(path, self.settings.update.public_key)
             new = load_model(path, self.settings.model, self.nfa_overrides)
-        except ModelLoadError as exc:
+        except (ModelLoadError, SigningError) as exc:
             raise CommandFailed(f"{exc}; still running {self.model.ref.name} {self.model.ref.version}") from exc
         if command.version is not None and new.ref.version != command.version:
             new.close()
@@ -311,12 +325,16 @@ class Agent:
 
     def snapshot(self, command: SnapshotCommand) -> Done:
         """Save the last inspected frame with its maps under snapshot_dir."""
-        from edge_agent.snapshot import save_snapshot
+        from edge_agent.snapshot import SnapshotRefused, save_snapshot
 
         job = self.pipeline.last_job
         if job is None:
             raise CommandFailed("no frame has been inspected yet")
         assert self.settings.snapshot_dir is not None
+        try:
+            self.snapshots.claim(self.settings.snapshot_dir)
+        except (SnapshotRefused, OSError) as exc:
+            raise CommandFailed(str(exc)) from exc
         try:
             paths = save_snapshot(job, self.settings.snapshot_dir, command.label)
         except OSError as exc:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,12 +34,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The largest model input a box accepts: an engine this size already needs gigabytes; larger is a broken or
+# hostile manifest that would make the box allocate without bound before anything runs.
+MAX_INPUT_SIDE = 8192
+
+
+def _inside_bundle(rel: str, what: str) -> str:
+    """``rel`` when it is a relative path that stays inside the bundle; ValueError naming ``what`` otherwise."""
+    path = PurePosixPath(rel)
+    if not rel or path.is_absolute() or Path(rel).is_absolute() or ".." in path.parts or "\\" in rel or "\0" in rel:
+        raise ValueError(f"{what} path {rel!r} must be relative and stay inside the bundle")
+    return rel
+
+
 class InputSpec(_Strict):
     """The engine's single input: uint8 NHWC at the model size; cast and normalisation are in the graph."""
 
     name: str = INPUT_NAME
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    height: int = Field(gt=0, le=MAX_INPUT_SIDE)
+    width: int = Field(gt=0, le=MAX_INPUT_SIDE)
     channels: Literal[3] = 3
     dtype: Literal["uint8"] = "uint8"
     layout: Literal["NHWC"] = "NHWC"
@@ -103,6 +116,12 @@ class QuantizedModel(_Strict):
     file: str
     precision: Literal["int8", "fp16"]
     settings: dict[str, object] = Field(default_factory=dict)
+
+    @field_validator("file")
+    @classmethod
+    def _file_inside(cls, value: str) -> str:
+        return _inside_bundle(value, "variant file")
+
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
@@ -138,8 +157,14 @@ class Manifest(_Strict):
         if MODEL_NAME not in value:
             raise ValueError(f"files must list {MODEL_NAME}")
         for rel in value:
-            if Path(rel).is_absolute() or ".." in Path(rel).parts:
-                raise ValueError(f"file path {rel!r} must be relative and stay inside the bundle")
+            _inside_bundle(rel, "file")
+        return value
+
+    @field_validator("self_test")
+    @classmethod
+    def _self_test_inside(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for rel in value:
+            _inside_bundle(rel, "self_test")
         return value
 
     @model_validator(mode="after")

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edge_agent.messages import ID_PATTERN
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,7 +116,7 @@ class MqttConfig(_Section):
     protocol: Literal["5", "3.1.1", "auto"] = "auto"
     keepalive_s: int = Field(default=30, gt=0)
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = Field(default=None, description="never printed (config --show shows **********)")
     tls: TlsConfig | None = None
     publish: Literal["all", "anomalous"] = "all"
     message_expiry_s: int = Field(default=30, ge=0, description="MQTT 5 expiry of inspection messages; 0 = never")
@@ -172,6 +174,17 @@ class UpdateConfig(_Section):
     ca_file: Path | None = Field(default=None, description="CA bundle for an https fleet source with a private CA")
 
 
+class SnapshotConfig(_Section):
+    """Limits on cmd/snapshot: any broker client may send it, and the files share a disk with the spool."""
+
+    min_interval_s: float = Field(default=10.0, ge=0, description="at most one snapshot this often")
+    max_count: int = Field(default=200, ge=1, description="refuse new snapshots while snapshot_dir holds this many")
+    max_total_mb: float = Field(default=500.0, gt=0, description="refuse new snapshots above this total size")
+    min_free_mb: float = Field(
+        default=1024.0, ge=0, description="refuse new snapshots when the file system has less free space than this"
+    )
+
+
 class FileAndEnvSettings(BaseSettings):
     """Settings read from a TOML file (passed as init kwargs) that the environment overrides."""
 
@@ -195,11 +208,17 @@ class AgentSettings(FileAndEnvSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    device_id: str = Field(default_factory=lambda: os.uname().nodename)
+    device_id: str = Field(
+        default_factory=lambda: os.uname().nodename,
+        pattern=ID_PATTERN,
+        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, not starting "
+        "with -)",
+    )
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     snapshot_dir: Path | None = Field(default=None, description="default <state_dir>/snapshots")
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
@@ -271,14 +290,18 @@ def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming every bad key: ``unknown key 'mqtt.prot'``, ``mqtt.port: <problem> (got ...)``."""
+    """One line naming every bad key: ``unknown key 'mqtt.prot'``, ``mqtt.port: <problem>``.
+
+    The bad value itself is never echoed: it may be a password, or a URI with credentials, and this text
+    goes to logs and to MQTT command replies. pydantic's message says what was expected; the key says where.
+    """
     parts = []
-    for err in exc.errors():
+    for err in exc.errors(include_input=False):
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         else:
-            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            parts.append(f"{key}: {err['msg']}")
     return "; ".join(parts)
 
 

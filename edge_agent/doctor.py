@@ -229,6 +229,7 @@ def _check_engine(bundle: object, settings: AgentSettings) -> Check:
 
 
 def check_source(settings: AgentSettings) -> Check:
+    from edge_agent.messages import redact_uri
     from edge_agent.sources import FrameSource, SourceError
 
     try:
@@ -239,11 +240,11 @@ def check_source(settings: AgentSettings) -> Check:
         finally:
             source.close()
     except (SourceError, OSError) as exc:
-        return Check("source", "fail", str(exc))
+        return Check("source", "fail", redact_uri(str(exc)))
     if frame is None:
-        return Check("source", "fail", f"{settings.source.uri}: opened but delivered no frame")
+        return Check("source", "fail", f"{redact_uri(settings.source.uri)}: opened but delivered no frame")
     height, width = frame.image.shape[:2]
-    return Check("source", "ok", f"{settings.source.uri}: {width}x{height} frame grabbed")
+    return Check("source", "ok", f"{redact_uri(settings.source.uri)}: {width}x{height} frame grabbed")
 
 
 def check_broker(settings: AgentSettings) -> Check:

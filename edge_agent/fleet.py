@@ -14,9 +14,16 @@
     }
 
 A device in rollout group ``g`` takes ``groups[g]``, else ``groups["*"]``; a group with no entry gets no
-update. ``url`` is relative to latest.json (or absolute). latest.json itself is not trusted: the tar's
-sha256 and size only guard the download, the ed25519 signature over model.json (which lists the sha256 of
-every file) is what makes a bundle acceptable, and its version must equal the release's.
+update. ``url`` is relative to latest.json (or absolute). The ed25519 signature over model.json (which
+lists the sha256 of every file) is what makes a bundle acceptable, and its version must equal the release's.
+
+latest.json itself is signed too (``latest.json.sig``: the base64 ed25519 signature of its exact bytes
+under the fleet key), carries a ``serial`` that every publish raises and an ``expires`` time. A device
+refuses an index without a valid signature, an expired one, and one whose serial is lower than the
+highest it has accepted (kept in ``models/.fleet-index.json``), so neither a man in the middle nor a
+stale mirror can freeze a fleet on an old index or roll it back. A redirect from https to anything
+else is refused, and bundle tars are read as plain (uncompressed) tar with the entries counted while
+streaming.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, load_bundle
@@ -46,6 +54,9 @@ log = logging.getLogger(__name__)
 
 FLEET_SCHEMA = "uflow.fleet/1"
 LATEST_NAME = "latest.json"
+INDEX_SIGNATURE_SUFFIX = ".sig"
+DEFAULT_VALID_DAYS = 30.0
+MAX_SIGNATURE_BYTES = 4096
 ANY_GROUP = "*"
 _CHUNK = 1 << 20
 MAX_LATEST_BYTES = 1 << 20
@@ -84,6 +95,8 @@ class FleetIndex(BaseModel):
 
     schema_: str = Field(alias="schema")
     updated: str = ""
+    serial: int = Field(default=0, ge=0, description="raised by every publish; devices refuse a lower one")
+    expires: str = Field(default="", description="ISO time after which devices refuse this index")
     groups: dict[str, str] = Field(default_factory=dict)
     releases: list[Release] = Field(default_factory=list)
 
@@ -143,18 +156,77 @@ def resolve(location: str, ref: str) -> str:
 def read_index(source: str, timeout_s: float, context: ssl.SSLContext | None = None) -> tuple[FleetIndex, str]:
     """Fetch and parse latest.json; returns the index and its location (for resolving relative urls)."""
     location = latest_location(source)
-    with _open(location, timeout_s, context) as handle:
-        raw = handle.read(MAX_LATEST_BYTES + 1)
-    if len(raw) > MAX_LATEST_BYTES:
-        raise FleetError(f"{location} is larger than {MAX_LATEST_BYTES} bytes; refusing to parse it")
+    return _parse_index(_read_capped(location, timeout_s, context, MAX_LATEST_BYTES), location), location
+
+
+def read_signed_index(
+    source: str,
+    timeout_s: float,
+    public_key: Ed25519PublicKey,
+    min_serial: int,
+    context: ssl.SSLContext | None = None,
+    now: float | None = None,
+) -> tuple[FleetIndex, str]:
+    """latest.json after checking its signature (latest.json.sig), expiry and serial (>= ``min_serial``)."""
+    from edge_agent.signing import SigningError, verify_bytes
+
+    location = latest_location(source)
+    raw = _read_capped(location, timeout_s, context, MAX_LATEST_BYTES)
+    signature_location = location + INDEX_SIGNATURE_SUFFIX
     try:
-        index = FleetIndex.model_validate(json.loads(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FleetError(f"{location} is not valid JSON: {exc}") from exc
+        signature = _read_capped(signature_location, timeout_s, context, MAX_SIGNATURE_BYTES)
+    except FleetError as exc:
+        raise FleetError(f"{location} is not signed by the fleet key ({exc}); refusing it") from exc
+    try:
+        verify_bytes(raw, signature, public_key, signature_location)
+    except SigningError as exc:
+        raise FleetError(f"{location} is not signed by the fleet key: {exc}; refusing it") from exc
+    index = _parse_index(raw, location)
+    if not index.expires:
+        raise FleetError(f"{location} has no expiry; refusing it (publish it again with edge-agent fleet-publish)")
+    try:
+        expires = datetime.fromisoformat(index.expires)
+    except ValueError as exc:
+        raise FleetError(f"{location}: expires {index.expires[:40]!r} is not an ISO time") from exc
+    if expires.tzinfo is None:
+        expires = expires.replace(tzinfo=timezone.utc)
+    if (time.time() if now is None else now) > expires.timestamp():
+        raise FleetError(
+            f"{location} expired at {index.expires}; refusing it (a stale mirror or a replay; publish again)"
+        )
+    if index.serial < min_serial:
+        raise FleetError(
+            f"{location} has serial {index.serial}, lower than the {min_serial} this box already accepted; "
+            "refusing the older index (a stale mirror or a replay)"
+        )
+    return index, location
+
+
+def _read_capped(location: str, timeout_s: float, context: ssl.SSLContext | None, limit: int) -> bytes:
+    with _open(location, timeout_s, context) as handle:
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise FleetError(f"{location} is larger than {limit} bytes; refusing to parse it")
+    return raw
+
+
+def _parse_index(raw: bytes, location: str) -> FleetIndex:
+    try:
+        return FleetIndex.model_validate(json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FleetError(f"{location} is not valid JSON: {type(exc).__name__}") from exc
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise FleetError(f"{location} is not a fleet index: {problems}") from exc
-    return index, location
+
+
+class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, except from https to anything else (TLS must not be dropped on the way)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if req.full_url.startswith("https:") and not newurl.startswith("https:"):
+            raise FleetError(f"{req.full_url} redirects to {newurl}, which is not https; refusing it")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def tls_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -165,8 +237,11 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
 def _open(location: str, timeout_s: float, context: ssl.SSLContext | None = None) -> BinaryIO:
     if is_url(location) and not location.startswith("file:"):
         request = urllib.request.Request(location, headers={"User-Agent": "edge-agent-update"})
+        opener = urllib.request.build_opener(
+            _NoDowngradeRedirects(), urllib.request.HTTPSHandler(context=context or ssl.create_default_context())
+        )
         try:
-            return urllib.request.urlopen(request, timeout=timeout_s, context=context)
+            return opener.open(request, timeout=timeout_s)
         except urllib.error.HTTPError as exc:
             raise FleetError(f"{location}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
@@ -237,13 +312,20 @@ def safe_extract(tar_path: Path, dest: Path, max_bytes: int) -> None:
     under one directory (``name-version/``), which is stripped.
     """
     try:
-        archive = tarfile.open(tar_path, "r:*")  # noqa: SIM115 - closed by the with-block below
+        # "r:": plain tar only; a compressed archive (a small download that inflates) is refused.
+        archive = tarfile.open(tar_path, "r:")  # noqa: SIM115 - closed by the with-block below
     except (tarfile.TarError, OSError) as exc:
-        raise FleetError(f"{tar_path.name} is not a readable tar archive: {exc}") from exc
+        raise FleetError(f"{tar_path.name} is not a readable tar archive (plain, uncompressed): {exc}") from exc
     with archive:
-        members = archive.getmembers()
-        if len(members) > MAX_MEMBERS:
-            raise FleetError(f"{tar_path.name} has {len(members)} entries (limit {MAX_MEMBERS})")
+        members: list[tarfile.TarInfo] = []
+        try:
+            # Counted while reading the headers (getmembers() would read them all first, without a limit).
+            while (member := archive.next()) is not None:
+                members.append(member)
+                if len(members) > MAX_MEMBERS:
+                    raise FleetError(f"{tar_path.name} has more than {MAX_MEMBERS} entries; refusing it")
+        except tarfile.TarError as exc:
+            raise FleetError(f"{tar_path.name} is not a readable tar archive: {exc}") from exc
         names = [_member_path(m) for m in members]
         strip = _common_top_dir(members, names)
         total = 0
@@ -345,8 +427,14 @@ def publish(
     groups: Iterable[str],
     base_url: str = "",
     public_key: Path | None = None,
+    index_key: Path | Ed25519PrivateKey | None = None,
+    valid_days: float = DEFAULT_VALID_DAYS,
 ) -> tuple[Release, Path]:
-    """Add a signed bundle to a fleet directory and point ``groups`` at it in latest.json (atomically)."""
+    """Add a signed bundle to a fleet directory and point ``groups`` at it in latest.json (atomically).
+
+    ``index_key`` (the fleet private key) signs latest.json, with the serial raised and ``expires``
+    ``valid_days`` from now; without it latest.json is written unsigned and devices refuse it.
+    """
     from edge_agent.signing import verify_bundle_signature
 
     bundle = load_bundle(bundle_dir)
@@ -385,15 +473,46 @@ def publish(
     index.releases = [release, *(r for r in index.releases if r.version != release.version)]
     for group in groups:
         index.groups[group] = release.version
-    index.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tmp = index_path.with_name(f".{LATEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(index.to_json(), encoding="utf-8")
-    os.replace(tmp, index_path)
+    write_index(fleet_dir, index, index_key, valid_days)
     log.info(
         "bundle published",
         extra={"event": "bundle_published", "version": release.version, "groups": sorted(groups), "tar": str(tar_path)},
     )
     return release, tar_path
+
+
+def write_index(
+    fleet_dir: Path, index: FleetIndex, index_key: Path | Ed25519PrivateKey | None, valid_days: float
+) -> None:
+    """Write latest.json with the next serial and a new expiry, and its signature when a key is given."""
+    from edge_agent.signing import sign_bytes
+
+    now = datetime.now(timezone.utc)
+    index.updated = now.isoformat(timespec="seconds")
+    index.serial += 1
+    index.expires = datetime.fromtimestamp(now.timestamp() + valid_days * 86400.0, timezone.utc).isoformat(
+        timespec="seconds"
+    )
+    body = index.to_json().encode("utf-8")
+    index_path = Path(fleet_dir) / LATEST_NAME
+    signature_path = index_path.with_name(LATEST_NAME + INDEX_SIGNATURE_SUFFIX)
+    if index_key is None:
+        log.warning(
+            "latest.json written unsigned; devices refuse it until it is signed (--sign or --index-key)",
+            extra={"event": "fleet_index_unsigned", "path": str(index_path)},
+        )
+        signature_path.unlink(missing_ok=True)
+    # The signature goes first: a device that reads between the two writes sees a mismatch and retries later,
+    # never a new index under an old signature that happens to verify.
+    if index_key is not None:
+        _atomic_write(signature_path, sign_bytes(body, index_key).encode("ascii"))
+    _atomic_write(index_path, body)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _read_local_index(path: Path) -> FleetIndex:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from edge_agent.bundle import BundleError
-from edge_agent.fleet import LATEST_NAME, FleetError, publish
+from edge_agent.fleet import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError, publish
 from edge_agent.models_dir import ModelsDirError
 from edge_agent.signing import SigningError, sign_bundle
 
@@ -41,16 +41,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="KEY_FILE",
-        help="(re)sign the bundle with this fleet private key first, e.g. after `uflow calibrate` changed model.json",
+        help="(re)sign the bundle with this fleet private key first, e.g. after `uflow calibrate` changed model.json; "
+        "also signs latest.json",
+    )
+    parser.add_argument(
+        "--index-key",
+        type=Path,
+        default=None,
+        metavar="KEY_FILE",
+        help="fleet private key that signs latest.json (default: the --sign key); devices refuse an unsigned index",
+    )
+    parser.add_argument(
+        "--valid-days",
+        type=float,
+        default=DEFAULT_VALID_DAYS,
+        help=f"devices refuse latest.json this many days after publishing (default {DEFAULT_VALID_DAYS:g}); "
+        "publish again before then",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Publish; print the release entry. 1 when the bundle is unsigned, invalid or clashes with a published one."""
+    index_key = args.index_key or args.sign
+    if index_key is None:
+        print(
+            "edge-agent fleet-publish: latest.json must be signed: pass --index-key KEY (or --sign KEY)",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.valid_days > 0:
+        print("edge-agent fleet-publish: --valid-days must be positive", file=sys.stderr)
+        return 1
     try:
         if args.sign is not None:
             sign_bundle(args.bundle, args.sign)
-        release, tar_path = publish(args.bundle, args.fleet, args.groups, args.base_url, args.public_key)
+        release, tar_path = publish(
+            args.bundle, args.fleet, args.groups, args.base_url, args.public_key, index_key, args.valid_days
+        )
     except (FleetError, BundleError, SigningError, ModelsDirError, OSError) as exc:
         print(f"edge-agent fleet-publish: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,11 @@ The agent registers ``/metrics`` and ``/healthz``; other parts (a live preview p
 ``route()``. Each request runs on its own thread (ThreadingHTTPServer), so a slow client never holds up
 another, and a handler that raises answers 500 and is logged, never taking the server down. Standard
 library only: the device needs no web framework.
+
+Hostile or broken clients are bounded: a connection idle for ``idle_timeout_s`` (no complete request,
+or nothing after the last answer) is closed, and at most ``max_connections`` are served at once; further
+ones are closed at once, so half-open connections cannot pile up threads and file descriptors that the
+MQTT client and the camera need.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -44,9 +52,18 @@ Route = Callable[[HttpRequest], HttpResponse]
 class HttpServer:
     """GET routes on host:port, served from a daemon thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.host = host
         self.requested_port = port
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.refused_connections = 0
         self._routes: dict[str, Route] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -70,7 +87,7 @@ class HttpServer:
 
     def start(self) -> None:
         """Bind and serve; raises OSError when the address cannot be bound (e.g. the port is taken)."""
-        server = ThreadingHTTPServer((self.host, self.requested_port), self._handler_class())
+        server = _BoundedHTTPServer((self.host, self.requested_port), self._handler_class(), self)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
@@ -103,6 +120,7 @@ class HttpServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = server.idle_timeout_s  # socket timeout: an idle or half-sent request is dropped
 
             def do_GET(self) -> None:
                 self._answer(send_body=True)
@@ -134,3 +152,39 @@ class HttpServer:
                 log.debug("http %s", format % args, extra={"event": "http_request"})
 
         return Handler
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that serves at most ``owner.max_connections`` connections at once."""
+
+    # A deeper listen backlog than socketserver's 5: excess connections reach process_request (and are closed
+    # there at once) instead of waiting half-open in the kernel.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], owner: HttpServer) -> None:
+        self._owner = owner
+        self._slots = threading.BoundedSemaphore(owner.max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self._slots.acquire(blocking=False):
+            self._owner.refused_connections += 1
+            if self._owner.refused_connections in (1, 100) or self._owner.refused_connections % 1000 == 0:
+                log.warning(
+                    "HTTP connection refused: %d already open",
+                    self._owner.max_connections,
+                    extra={"event": "http_connection_refused", "refused": self._owner.refused_connections},
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

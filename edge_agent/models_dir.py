@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CURRENT = "current"
 PENDING = ".pending.json"
 FAILED = ".failed.json"
+INDEX_STATE = ".fleet-index.json"  # the highest latest.json serial accepted (refuse older ones: replay/rollback)
 LOCK = ".update.lock"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
@@ -246,6 +247,17 @@ class ModelsDir:
             _write_json(self.root / FAILED, failed)
 
     # -- pruning ------------------------------------------------------------------------------------
+
+    def index_serial(self) -> int:
+        """The serial of the newest signed latest.json this box has accepted (0 before the first)."""
+        data = _read_json(self.root / INDEX_STATE)
+        serial = data.get("serial") if isinstance(data, dict) else None
+        return serial if isinstance(serial, int) and serial >= 0 else 0
+
+    def record_index_serial(self, serial: int) -> None:
+        """Remember an accepted latest.json serial (only ever raised; under lock())."""
+        if serial > self.index_serial():
+            _write_json(self.root / INDEX_STATE, {"serial": serial})
 
     def prune(self, keep: int, protect: tuple[str | None, ...] = ()) -> list[str]:
         """Delete the oldest installed versions beyond ``keep`` (current and ``protect`` always stay)."""

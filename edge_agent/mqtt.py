@@ -442,7 +442,9 @@ class MqttPublisher:
         client.will_set(self.topic("status"), "offline", qos=1, retain=True)
         client.max_inflight_messages_set(SEND_WINDOW)
         if self.config.username:
-            client.username_pw_set(self.config.username, self.config.password)
+            client.username_pw_set(
+                self.config.username, self.config.password.get_secret_value() if self.config.password else None
+            )
         if self.config.tls is not None:
             tls = self.config.tls
             client.tls_set(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from edge_agent import __version__
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
+from edge_agent.messages import redact_uri
 from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def run_agent(
     from edge_agent import nfa
     from edge_agent.agent import Agent
     from edge_agent.loaded_model import ModelLoadError, load_model
+    from edge_agent.signing import SigningError, verify_installed_bundle
     from edge_agent.sources import FrameSource, SourceError, describe_video_io
     from edge_agent.spool import SpoolError
 
@@ -110,19 +112,21 @@ def run_agent(
             "version": __version__,
             "device_id": settings.device_id,
             "bundle": str(settings.model.bundle),
-            "source": settings.source.uri,
+            "source": redact_uri(settings.source.uri),
             **describe_video_io(),
         },
     )
     source = FrameSource(settings.source)
     try:
         # The source first: a missing file should fail in a second, not after the warm-up.
-        notifier.status(f"starting: opening {source.kind} {settings.source.uri}")
+        notifier.status(f"starting: opening {source.kind} {redact_uri(settings.source.uri)}")
         source.open()
     except SourceError as exc:
         if not source.live:
             log.error(
-                "cannot open the source: %s", exc, extra={"event": "source_failed", "source": settings.source.uri}
+                "cannot open the source: %s",
+                exc,
+                extra={"event": "source_failed", "source": redact_uri(settings.source.uri)},
             )
             notifier.stopping(f"failed: {exc}")
             return EXIT_FAILURE
@@ -130,14 +134,20 @@ def run_agent(
         # crash-loop: the agent starts, says it is degraded, and keeps reconnecting with backoff.
         log.warning(
             "the source is not available yet; starting anyway and reconnecting in the background",
-            extra={"event": "source_unavailable_at_start", "source": settings.source.uri, "error": str(exc)},
+            extra={
+                "event": "source_unavailable_at_start",
+                "source": redact_uri(settings.source.uri),
+                "error": redact_uri(str(exc)),
+            },
         )
     try:
         # The first start compiles the NFA (seconds on a small CPU): ask systemd for time, don't get killed.
         notifier.extend_timeout(120, "starting: loading the model, compiling the NFA, warming up")
         nfa.warm_up()
+        # With a fleet key configured the installed bundle must still carry its signature (not only hashes).
+        verify_installed_bundle(settings.model.bundle, settings.update.public_key)  # type: ignore[arg-type]
         model = load_model(settings.model.bundle, settings.model, settings.nfa)  # type: ignore[arg-type]
-    except ModelLoadError as exc:
+    except (ModelLoadError, SigningError) as exc:
         log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)})
         source.close()
         notifier.stopping(f"failed: {exc}")

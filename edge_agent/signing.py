@@ -178,6 +178,38 @@ def verify_bundle_signature(bundle_dir: Path, public_key: Ed25519PublicKey | Pat
     return fingerprint(key)
 
 
+def sign_bytes(data: bytes, private_key: Ed25519PrivateKey | Path) -> str:
+    """The base64 ed25519 signature of ``data`` (one line, as in a ``signature`` file)."""
+    key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(private_key)
+    return base64.b64encode(key.sign(data)).decode("ascii") + "\n"
+
+
+def verify_bytes(data: bytes, signature: bytes, public_key: Ed25519PublicKey, where: str) -> str:
+    """Check a base64 (or raw 64-byte) signature over ``data``; the key's fingerprint or SigningError."""
+    raw = signature if len(signature) == 64 else _b64(signature.strip(), where)
+    if len(raw) != 64:
+        raise SigningError(f"{where}: an ed25519 signature is 64 bytes, got {len(raw)}")
+    try:
+        public_key.verify(raw, data)
+    except InvalidSignature as exc:
+        raise SigningError(
+            f"{where}: the signature does not match under the fleet key {fingerprint(public_key)}"
+        ) from exc
+    return fingerprint(public_key)
+
+
+def verify_installed_bundle(bundle_dir: Path, public_key: Path | None) -> str | None:
+    """At start and on reload: the bundle's signature under the fleet key, when one is configured.
+
+    File hashes alone (checked when the bundle loads) only prove the files match model.json; someone who
+    can write the models directory could replace both. Returns the fingerprint, None without a key
+    (a box that takes no fleet updates), or raises SigningError.
+    """
+    if public_key is None:
+        return None
+    return verify_bundle_signature(Path(bundle_dir), public_key)
+
+
 def read_signature(path: Path) -> bytes:
     """The 64 signature bytes from a ``signature`` file (base64 text, or the raw bytes)."""
     data = Path(path).read_bytes()

@@ -5,19 +5,73 @@ A folder ``<snapshot_dir>/<YYYYmmdd-HHMMSS>-seq<sequence>[-<label>]`` with:
 at the model's resolution, as computed), ``anomaly_map.png`` (heat map at the image's size), ``mask.png``
 (white where log10 NFA is below the decision threshold), ``overlay.png`` (image, heat map, NFA outline,
 region boxes) and ``inspection.json`` (the message that was published).
+
+Any broker client can send ``cmd/snapshot``, and the folder shares a file system with the spool, so
+``SnapshotBudget`` limits the rate, the number of folders, their total size and the free space left
+(``[snapshot]`` in the config); a refused snapshot says which limit and writes nothing.
 """
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from edge_agent.config import SnapshotConfig
 from edge_agent.overlay import detection_mask, draw_overlay, heat_map
 from edge_agent.pipeline import FrameJob
 from edge_agent.scoring import resize_map
+
+
+class SnapshotRefused(RuntimeError):
+    """A snapshot would break one of the limits; the message names it."""
+
+
+class SnapshotBudget:
+    """Rate, count, size and free-space limits for snapshots (thread-safe)."""
+
+    def __init__(self, config: SnapshotConfig) -> None:
+        self.config = config
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def claim(self, directory: Path) -> None:
+        """Take one snapshot's place, or raise SnapshotRefused naming the limit."""
+        config = self.config
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last < config.min_interval_s:
+                wait = config.min_interval_s - (now - self._last)
+                raise SnapshotRefused(
+                    f"at most one snapshot every {config.min_interval_s:g} s (snapshot.min_interval_s); "
+                    f"try again in {wait:.0f} s"
+                )
+            directory = Path(directory)
+            folders = [p for p in directory.iterdir() if p.is_dir()] if directory.is_dir() else []
+            if len(folders) >= config.max_count:
+                raise SnapshotRefused(
+                    f"{directory} holds {len(folders)} snapshots (snapshot.max_count {config.max_count}); "
+                    "remove old ones first"
+                )
+            total = sum(f.stat().st_size for folder in folders for f in folder.iterdir() if f.is_file())
+            if total >= config.max_total_mb * 1e6:
+                raise SnapshotRefused(
+                    f"{directory} holds {total / 1e6:.0f} MB of snapshots (snapshot.max_total_mb "
+                    f"{config.max_total_mb:g}); remove old ones first"
+                )
+            existing = directory if directory.exists() else next((p for p in directory.parents if p.exists()), None)
+            if existing is not None:
+                free = shutil.disk_usage(existing).free
+                if free < config.min_free_mb * 1e6:
+                    raise SnapshotRefused(
+                        f"only {free / 1e6:.0f} MB free on the file system of {directory} (snapshot.min_free_mb "
+                        f"{config.min_free_mb:g}): the spool needs it more"
+                    )
+            self._last = now
 
 
 def save_snapshot(job: FrameJob, directory: Path, label: str | None = None) -> dict[str, str]:

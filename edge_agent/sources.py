@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from edge_agent.config import SourceConfig
+from edge_agent.messages import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ class CaptureSource:
         read_timeout_s: float = 5.0,
     ) -> None:
         self.uri = uri
+        self.shown_uri = redact_uri(uri)  # for logs, messages and errors: never the credentials
         self.kind = kind
-        self.description = f"{kind} {uri}"
+        self.description = f"{kind} {self.shown_uri}"
         self._width = width
         self._height = height
         self._open_timeout_ms = int(open_timeout_s * 1000)
@@ -213,10 +215,10 @@ class CaptureSource:
             if not path.is_file():
                 raise SourceError(f"video file {path} is not a regular file")
         if self.kind == "camera" and self.uri.startswith("/dev/") and not Path(self.uri).exists():
-            raise SourceError(f"camera {self.uri} does not exist (is it plugged in? `v4l2-ctl --list-devices`)")
+            raise SourceError(f"camera {self.shown_uri} does not exist (is it plugged in? `v4l2-ctl --list-devices`)")
         if self.kind == "gstreamer" and not has_gstreamer():
             raise SourceError(
-                f"source {self.uri!r} is a GStreamer pipeline but this OpenCV ({cv2.__version__}) has no GStreamer "
+                f"source {self.shown_uri!r} is a GStreamer pipeline but this OpenCV ({cv2.__version__}) has no GStreamer "
                 "backend (PyPI wheels never do); use the system OpenCV (e.g. python3-opencv on JetPack) "
                 "in a venv with --system-site-packages"
             )
@@ -240,16 +242,14 @@ class CaptureSource:
     def _open_failure(self) -> str:
         if self.kind == "camera":
             return (
-                f"camera {self.uri} could not be opened: no such device, or it is busy or not readable by this "
+                f"camera {self.shown_uri} could not be opened: no such device, or it is busy or not readable by this "
                 f"user (camera backends in this OpenCV: {video_backends()['camera']})"
             )
         if self.kind == "stream":
-            return (
-                f"stream {self.uri} could not be opened within {self._open_timeout_ms / 1000:.0f} s (is the server up?)"
-            )
+            return f"stream {self.shown_uri} could not be opened within {self._open_timeout_ms / 1000:.0f} s (is the server up?)"
         if self.kind == "gstreamer":
-            return f"GStreamer pipeline {self.uri!r} could not be started (run it with gst-launch-1.0 to see why)"
-        return f"video file {self.uri} cannot be decoded by OpenCV (backends: {video_backends()['stream']})"
+            return f"GStreamer pipeline {self.shown_uri!r} could not be started (run it with gst-launch-1.0 to see why)"
+        return f"video file {self.shown_uri} cannot be decoded by OpenCV (backends: {video_backends()['stream']})"
 
 
 class FolderSource:
@@ -461,7 +461,8 @@ class FrameSource:
 
     @property
     def source_id(self) -> str:
-        return self.config.uri
+        """The source as reported (inspection messages, spool, logs): its URI without credentials."""
+        return redact_uri(self.config.uri)
 
     @property
     def kind(self) -> str:
@@ -482,7 +483,7 @@ class FrameSource:
         try:
             self._open_raw()
         except SourceError as exc:
-            self.last_error = str(exc)
+            self.last_error = redact_uri(str(exc))
             # Down since start: the reconnect that brings it up reports how long it was away.
             self._lost_at = time.monotonic()
             self._set_state("failed", str(exc))
@@ -569,7 +570,7 @@ class FrameSource:
 
     def _lose(self, problem: _Problem) -> None:
         """A live source lost its frames: close it and switch to reconnecting."""
-        self.last_error = str(problem)
+        self.last_error = redact_uri(str(problem))
         self._lost_at = time.monotonic()
         log.warning(
             "source lost: %s",
@@ -605,7 +606,7 @@ class FrameSource:
                 self.raw = self._factory()
                 self._open_raw()
             except SourceError as exc:
-                self.last_error = str(exc)
+                self.last_error = redact_uri(str(exc))
                 log.warning(
                     "source could not be reopened: %s",
                     exc,

@@ -3,7 +3,9 @@
 Steps (each one logged and published as an UpdateEvent on ``<prefix>/<device_id>/update``):
 
 1. ``start``: take the lock, remove leftovers of interrupted runs, undo an unconfirmed switch.
-2. ``fetch_index``: read latest.json and pick the release for this device's rollout group.
+2. ``fetch_index``: read latest.json, check its signature, expiry and serial (fleet.py), and pick the
+   release for this device's rollout group; an older version than the current one is refused unless
+   ``--allow-downgrade`` was given on the box.
 3. ``download``: stream the bundle tar into a staging directory (size-capped, timeout) and check its sha256.
 4. ``unpack``: extract it safely (regular files only, nothing outside the staging directory, size caps).
 5. ``verify``: the ed25519 signature of model.json under the fleet key, every file's sha256, the
@@ -190,7 +192,7 @@ def _run_locked(
     reload: bool,
     allow_downgrade: bool = False,
 ) -> UpdateResult:
-    from edge_agent.fleet import is_url, read_index, tls_context
+    from edge_agent.fleet import is_url, read_signed_index, tls_context
     from edge_agent.signing import load_public_key
 
     config = settings.update
@@ -210,7 +212,8 @@ def _run_locked(
         report("start", True, f"checking {source} for group {group!r}")
         context = tls_context(config.ca_file) if is_url(source) else None
         with _step("fetch_index"):
-            index, location = read_index(source, config.timeout_s, context)
+            index, location = read_signed_index(source, config.timeout_s, public_key, models.index_serial(), context)
+            models.record_index_serial(index.serial)
             release = index.release_for_group(group)
         if release is None:
             report("fetch_index", True, f"latest.json rolls out nothing to group {group!r}")

@@ -26,11 +26,20 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import ValidationError
 
 from edge_agent.config import MqttConfig
-from edge_agent.messages import CommandResult, InspectionMessage, StatsMessage, UpdateEvent, topic
+from edge_agent.messages import (
+    CommandResult,
+    InspectionMessage,
+    PayloadError,
+    StatsMessage,
+    UpdateEvent,
+    parse_json_object,
+    topic,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS_WAIT_S = 3.0
+MAX_PAYLOAD_BYTES = 1 << 20  # an inspection message with thousands of regions still fits
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,9 @@ class MqttLink:
             protocol=protocol,
         )
         if self.config.username:
-            client.username_pw_set(self.config.username, self.config.password)
+            client.username_pw_set(
+                self.config.username, self.config.password.get_secret_value() if self.config.password else None
+            )
         if self.config.tls is not None:
             tls = self.config.tls
             client.tls_set(
@@ -209,7 +220,9 @@ class MqttLink:
                 )
             if leaf == "cmd/reload/result":
                 result = _parse(CommandResult, payload)
-                if result is None or (result.request_id not in (None, request_id)):
+                # Only the answer to this request counts: a reply without (or with another) request id, e.g.
+                # forged by another broker client, must not decide a rollback.
+                if result is None or result.request_id != request_id:
                     continue
                 if not result.ok:
                     return HealthResult(False, f"the agent could not load the new model: {result.message}", seen)
@@ -232,7 +245,8 @@ class MqttLink:
 
 
 def _parse(model: type, payload: bytes):  # type: ignore[no-untyped-def]
+    """The payload as ``model`` through the bounded parser, or None when it is not one."""
     try:
-        return model.model_validate_json(payload)  # type: ignore[attr-defined]
-    except (ValidationError, ValueError):
+        return model.model_validate(parse_json_object(payload, MAX_PAYLOAD_BYTES))  # type: ignore[attr-defined]
+    except (PayloadError, ValidationError, ValueError):
         return None

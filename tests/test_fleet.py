@@ -66,7 +66,8 @@ def test_publish_refuses_unsigned_and_reused_versions(tmp_path: Path, signed_bun
 def test_fleet_publish_command(tmp_path: Path, signed_bundle: Path, keys) -> None:  # type: ignore[no-untyped-def]
     result = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "fleet-publish", "--bundle", str(signed_bundle),
-         "--fleet", str(tmp_path / "fleet"), "--group", "canary", "--group", "*", "--public-key", str(keys.public_key)],
+         "--fleet", str(tmp_path / "fleet"), "--group", "canary", "--group", "*", "--public-key", str(keys.public_key),
+         "--index-key", str(keys.private_key)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -75,7 +76,7 @@ def test_fleet_publish_command(tmp_path: Path, signed_bundle: Path, keys) -> Non
     other = generate_keypair(tmp_path / "other")
     refused = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "fleet-publish", "--bundle", str(signed_bundle),
-         "--fleet", str(tmp_path / "fleet2"), "--public-key", str(other.public_key)],
+         "--fleet", str(tmp_path / "fleet2"), "--public-key", str(other.public_key), "--index-key", str(keys.private_key)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert refused.returncode == 1 and "does not match" in refused.stderr

@@ -47,7 +47,7 @@ def test_relay_unit_contract() -> None:
     service = parse_unit(UNIT)["Service"]
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main" and service["WatchdogSec"]
     assert service["ExecStart"].endswith("edge-agent reject-relay --config /etc/edge-agent/reject-relay.toml")
-    assert service["User"] == "edge-agent" and service["StateDirectory"] == "edge-reject-relay"
+    assert service["User"] == "edge-reject-relay" and service["StateDirectory"] == "edge-reject-relay"
     assert service["MemoryDenyWriteExecute"] == "yes" and service["DevicePolicy"] == "closed"
     assert "PrivateDevices" not in service  # it would hide /dev/gpiochip*
     assert "DeviceAllow=char-gpiochip rw" in (UNITS / UNIT).read_text()

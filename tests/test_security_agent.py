@@ -147,14 +147,16 @@ def test_update_command_cannot_choose_the_source_or_force_a_downgrade(
     (tmp_path / "attacker").mkdir()
     v1 = make_bundle(tmp_path / "src-1.0.0", "1.0.0", keys.private_key)
     v2 = make_bundle(tmp_path / "src-2.0.0", "2.0.0", keys.private_key)
-    publish(v1, tmp_path / "attacker", ["default", "*"])  # an older release, genuinely signed
+    publish(
+        v1, tmp_path / "attacker", ["default", "*"], index_key=keys.private_key
+    )  # an older release, genuinely signed
     with serving(tmp_path / "fleet") as fleet, serving(tmp_path / "attacker") as attacker:
         values = agent_config(tmp_path / "state", tmp_path / "state" / "models" / "current", str(frames),
                               broker.port, None, source={"loop": True, "fps_limit": 10.0},
                               update={"source": fleet.url, "public_key": str(keys.public_key),
                                       "health_timeout_s": 20.0})  # fmt: skip
         settings = load_settings(None, **values)
-        publish(v2, tmp_path / "fleet", ["default"])
+        publish(v2, tmp_path / "fleet", ["default"], index_key=keys.private_key)
         assert apply_update(settings, reload=False).status == "updated"
         models = ModelsDir(settings.state_dir / "models")
         assert models.current_version() == "2.0.0"
@@ -167,7 +169,7 @@ def test_update_command_cannot_choose_the_source_or_force_a_downgrade(
             assert reply["ok"] is False and "unknown key 'source'" in reply["message"], reply
             assert "unknown key 'force'" in reply["message"]
             # The box's own (stale) fleet source now offers 1.0.0: a plain cmd/update must not go down.
-            publish(v1, tmp_path / "fleet", ["default"])
+            publish(v1, tmp_path / "fleet", ["default"], index_key=keys.private_key)
             reply = run.command("update", {"request_id": "plain"})
             assert reply["ok"] is True, reply
             assert subscriber.wait_for(
@@ -195,9 +197,19 @@ def test_the_operator_on_the_box_can_downgrade(tmp_path: Path, keys, broker: Mos
             mqtt={"host": broker.host, "port": broker.port},
             update={"source": fleet.url, "public_key": str(keys.public_key)},
         )
-        publish(make_bundle(tmp_path / "b2", "2.0.0", keys.private_key), tmp_path / "fleet", ["default"])
+        publish(
+            make_bundle(tmp_path / "b2", "2.0.0", keys.private_key),
+            tmp_path / "fleet",
+            ["default"],
+            index_key=keys.private_key,
+        )
         assert apply_update(settings, reload=False).status == "updated"
-        publish(make_bundle(tmp_path / "b1", "1.0.0", keys.private_key), tmp_path / "fleet", ["default"])
+        publish(
+            make_bundle(tmp_path / "b1", "1.0.0", keys.private_key),
+            tmp_path / "fleet",
+            ["default"],
+            index_key=keys.private_key,
+        )
         refused = apply_update(settings, reload=False)
         assert refused.status == "skipped" and "refusing the downgrade" in refused.message
         assert ModelsDir(settings.state_dir / "models").current_version() == "2.0.0"
@@ -208,3 +220,57 @@ def test_the_operator_on_the_box_can_downgrade(tmp_path: Path, keys, broker: Mos
 def test_version_order_is_numeric() -> None:
     assert version_key("1.10.0") > version_key("1.9.2") > version_key("1.9") > version_key("0.99")
     assert version_key("2.0.0") == version_key("2.0.0")
+
+
+# -- cmd/snapshot: rate, count, size and free-space limits ---------------------------------------------------
+
+
+def test_snapshots_are_limited_in_rate_and_count(
+    tmp_path: Path,
+    bundles: dict[str, Path],  # noqa: F811
+    frames: Path,  # noqa: F811
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    current = tmp_path / "current"
+    current.symlink_to(bundles["v1"])
+    values = agent_config(tmp_path / "state", current, str(frames), broker.port, None,
+                          source={"loop": True, "fps_limit": 20.0}, snapshot_dir=str(tmp_path / "snaps"),
+                          snapshot={"min_interval_s": 1.0, "max_count": 2})  # fmt: skip
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    run = Running(agent, subscriber, broker, 0)
+    try:
+        run.wait_inspections(3, timeout=60)
+        assert run.command("snapshot", {"request_id": "1"})["ok"] is True
+        flood = run.command("snapshot", {"request_id": "2"})
+        assert flood["ok"] is False and "snapshot.min_interval_s" in flood["message"]
+        time.sleep(1.1)
+        assert run.command("snapshot", {"request_id": "3"})["ok"] is True
+        time.sleep(1.1)
+        full = run.command("snapshot", {"request_id": "4"})
+        assert full["ok"] is False and "snapshot.max_count 2" in full["message"]
+        assert len(list((tmp_path / "snaps").iterdir())) == 2
+    finally:
+        assert agent.stop() == 0
+        subscriber.close()
+
+
+def test_snapshot_budget_keeps_free_space_and_size(tmp_path: Path) -> None:
+    from edge_agent.config import SnapshotConfig
+    from edge_agent.snapshot import SnapshotBudget, SnapshotRefused
+
+    with pytest.raises(SnapshotRefused, match=r"snapshot\.min_free_mb"):
+        SnapshotBudget(SnapshotConfig(min_free_mb=1e12)).claim(tmp_path / "snaps")
+    (tmp_path / "snaps" / "old").mkdir(parents=True)
+    (tmp_path / "snaps" / "old" / "frame.png").write_bytes(b"\0" * 2_000_000)
+    with pytest.raises(SnapshotRefused, match=r"snapshot\.max_total_mb"):
+        SnapshotBudget(SnapshotConfig(max_total_mb=1.0, min_free_mb=0)).claim(tmp_path / "snaps")
+    SnapshotBudget(SnapshotConfig(max_total_mb=3.0, min_free_mb=0)).claim(tmp_path / "snaps")
+
+
+@pytest.mark.parametrize("device_id", ["a/b", "cam#1", "-x", "+", "x" * 65, ""])
+def test_device_id_must_be_usable_in_topics(device_id: str) -> None:
+    from edge_agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="device_id: String should match pattern"):
+        load_settings(None, device_id=device_id)

@@ -27,7 +27,7 @@ from edge_agent.bundle import load_bundle
 from edge_agent.config import AgentSettings, load_settings
 from edge_agent.fleet import publish
 from edge_agent.models_dir import ModelsDir
-from edge_agent.signing import generate_keypair, verify_bundle_signature
+from edge_agent.signing import generate_keypair, sign_bytes, verify_bundle_signature
 from edge_agent.update import PAUSE_ENV, apply_update
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ class Fleet:
     def release(self, version: str, groups: tuple[str, ...] = ("default",), **bundle_kwargs: object) -> Path:
         key = bundle_kwargs.pop("key", self.private_key)
         bundle = make_bundle(self.root / f"src-{version}", version, key, **bundle_kwargs)  # type: ignore[arg-type]
-        _, tar = publish(bundle, self.dir, groups)
+        _, tar = publish(bundle, self.dir, groups, index_key=self.private_key)
         return tar
 
 
@@ -125,7 +125,7 @@ def test_good_update_applies_and_keeps_the_old_version(tmp_path, fleet, keys, mq
     fleet.server.requests.clear()
     third = apply_update(settings, reload=False)
     assert third.status == "current"
-    assert fleet.server.requests == ["/latest.json"]
+    assert sorted(fleet.server.requests) == ["/latest.json", "/latest.json.sig"], fleet.server.requests
 
 
 def test_tampered_bundle_is_refused(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
@@ -185,7 +185,11 @@ def _point_index_at(fleet: Fleet, version: str, tar: Path) -> None:
              "sha256": hashlib.sha256(tar.read_bytes()).hexdigest()}  # fmt: skip
     index["releases"] = [entry, *[r for r in index["releases"] if r["version"] != version]]
     index["groups"]["default"] = version
-    (fleet.dir / "latest.json").write_text(json.dumps(index))
+    body = json.dumps(index).encode()
+    (fleet.dir / "latest.json").write_bytes(body)
+    # The attacker here holds the fleet key for latest.json (it only maps versions to tars); what must stop
+    # them is the signature over each bundle's model.json.
+    (fleet.dir / "latest.json.sig").write_text(sign_bytes(body, fleet.private_key))
 
 
 def test_version_mismatch_with_latest_json_is_refused(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
@@ -249,7 +253,7 @@ def test_rollout_groups(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no
     nothing = apply_update(other, reload=False)
     assert nothing.status == "no_release" and models_of(other).current_version() is None
     # Promote 2.0.0 to everyone else.
-    publish(fleet.root / "src-2.0.0", fleet.dir, ["default", "*"])
+    publish(fleet.root / "src-2.0.0", fleet.dir, ["default", "*"], index_key=fleet.private_key)
     assert apply_update(default, reload=False).version == "2.0.0"
     assert apply_update(other, reload=False).version == "2.0.0"
 
@@ -440,7 +444,7 @@ def test_real_uflow_bundle_signed_at_export_installs(tmp_path, tiny_run_dir, key
     assert load_bundle(out).manifest.self_test, "uflow export ships self-test images"
     (tmp_path / "fleet").mkdir()
     with serving(tmp_path / "fleet") as server:
-        publish(out, tmp_path / "fleet", ["default"], public_key=keys.public_key)
+        publish(out, tmp_path / "fleet", ["default"], public_key=keys.public_key, index_key=keys.private_key)
         settings = load_settings(
             None,
             device_id="cam1",

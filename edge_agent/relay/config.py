@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_agent.config import FileAndEnvSettings, TlsConfig, build_settings
@@ -60,7 +60,7 @@ class RelayMqttConfig(_Section):
     )
     keepalive_s: int = Field(default=30, gt=0)
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = Field(default=None, description="never printed")
     tls: TlsConfig | None = None
     stats_interval_s: float = Field(default=10.0, gt=0)
     reconnect_initial_s: int = Field(default=1, gt=0)

@@ -275,7 +275,7 @@ class RejectRelay:
         client.will_set(self.topic("status"), "offline", qos=1, retain=True)
         client.reconnect_delay_set(mqtt.reconnect_initial_s, mqtt.reconnect_max_s)
         if mqtt.username:
-            client.username_pw_set(mqtt.username, mqtt.password)
+            client.username_pw_set(mqtt.username, mqtt.password.get_secret_value() if mqtt.password else None)
         if mqtt.tls is not None:
             tls = mqtt.tls
             client.tls_set(

@@ -1,0 +1,212 @@
+"""The shipped broker example (systemd/mosquitto/) with its identities: agent, relay, updater and operator work;
+nobody else can command a box or speak for a camera (issue 13).
+
+mosquitto runs the example mosquitto.conf and uflow.acl as shipped; only file paths, the listener port and
+(as root) the user line are changed for the test. Real TLS (a throw-away CA), real password file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from agent_harness import REPO, AgentThread, agent_config
+from fleet_helpers import make_bundle, serving
+from mqtt_broker import Subscriber
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from relay_helpers import RecordingHttpServer
+from test_agent import frames  # noqa: F401 (fixture)
+from tls_certs import Pki, make_pki
+
+from edge_agent.config import load_settings
+from edge_agent.fleet import publish
+from edge_agent.local_broker import find_mosquitto, free_port, wait_for_port
+from edge_agent.models_dir import ModelsDir
+from edge_agent.relay.config import load_relay_settings
+from edge_agent.relay.relay import RejectRelay
+from edge_agent.signing import generate_keypair
+from edge_agent.update import apply_update
+
+EXAMPLE = REPO / "systemd" / "mosquitto"
+USERS = {"cam1": "pw-cam1", "cam2": "pw-cam2", "relay1": "pw-relay1", "operator": "pw-operator"}
+
+pytestmark = pytest.mark.skipif(
+    find_mosquitto() is None or shutil.which("mosquitto_passwd") is None, reason="mosquitto is not installed"
+)
+
+
+@dataclass
+class Broker:
+    """The example broker as the clients see it."""
+
+    host: str
+    port: int
+    pki: Pki
+
+
+def render_example(workdir: Path, port: int, pki: Pki) -> Path:
+    """The shipped mosquitto.conf with test paths; fails when a line the test relies on has changed."""
+    passwd = workdir / "uflow.passwd"
+    for index, (user, password) in enumerate(USERS.items()):
+        subprocess.run(["mosquitto_passwd", "-b", *([] if index else ["-c"]), str(passwd), user, password],
+                       check=True, capture_output=True)  # fmt: skip
+    shutil.copy(EXAMPLE / "uflow.acl", workdir / "uflow.acl")
+    (workdir / "store").mkdir()
+    text = (EXAMPLE / "mosquitto.conf").read_text()
+    replacements = {
+        "listener 8883": f"listener {port} 127.0.0.1",
+        "persistence_location /var/lib/mosquitto/": f"persistence_location {workdir / 'store'}/",
+        "password_file /etc/mosquitto/uflow.passwd": f"password_file {passwd}",
+        "acl_file /etc/mosquitto/uflow.acl": f"acl_file {workdir / 'uflow.acl'}",
+        "cafile /etc/mosquitto/certs/ca.crt": f"cafile {pki.ca_cert}",
+        "certfile /etc/mosquitto/certs/server.crt": f"certfile {pki.server_cert}",
+        "keyfile /etc/mosquitto/certs/server.key": f"keyfile {pki.server_key}",
+    }
+    for old, new in replacements.items():
+        assert re.search(rf"^{re.escape(old)}$", text, re.M), f"the example no longer has {old!r}"
+        text = re.sub(rf"^{re.escape(old)}$", new, text, flags=re.M)
+    for required in ("persistence true", "allow_anonymous false"):
+        assert re.search(rf"^{required}$", text, re.M), required
+    assert int(re.search(r"^autosave_interval (\d+)$", text, re.M).group(1)) <= 5  # type: ignore[union-attr]
+    if os.geteuid() == 0:  # as root mosquitto would switch to its own user, which cannot read the test files
+        text += "user root\n"
+    text += f"log_dest file {workdir / 'mosquitto.log'}\n"
+    config = workdir / "mosquitto.conf"
+    config.write_text(text)
+    return config
+
+
+@pytest.fixture
+def example_broker(tmp_path: Path) -> Iterator[Broker]:
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    (tmp_path / "broker").mkdir()
+    config = render_example(tmp_path / "broker", port, pki)
+    process = subprocess.Popen([str(find_mosquitto()), "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert wait_for_port(port, 10), (tmp_path / "broker" / "mosquitto.log").read_text()[-2000:]
+        yield Broker("127.0.0.1", port, pki)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def login(broker: Broker, user: str | None) -> Callable[[paho.Client], None]:
+    def setup(client: paho.Client) -> None:
+        client.tls_set(ca_certs=str(broker.pki.ca_cert))
+        if user is not None:
+            client.username_pw_set(user, USERS[user])
+
+    return setup
+
+
+def publish_as(broker: Broker, user: str | None, topic: str, payload: str) -> int:
+    """Publish at QoS 1 as ``user``; the PUBACK's reason code (0x87 = not authorized), or -1 if refused."""
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    login(broker, user)(client)
+    codes: list[int] = []
+    client.on_publish = lambda c, u, mid, reason, props: codes.append(int(reason.value))
+    try:
+        client.connect(broker.host, broker.port)
+    except OSError:
+        return -1
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + 5
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not client.is_connected():
+            return -1
+        client.publish(topic, payload, qos=1).wait_for_publish(5)
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return codes[0] if codes else -1
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def mqtt_section(broker: Broker, user: str) -> dict[str, object]:
+    return {"host": broker.host, "port": broker.port, "username": user, "password": USERS[user],
+            "tls": {"ca_file": str(broker.pki.ca_cert)}, "reconnect_initial_s": 1, "reconnect_max_s": 1,
+            "stats_interval_s": 1.0, "message_expiry_s": 300, "drain_timeout_s": 10}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
+    tmp_path: Path,
+    example_broker: Broker,
+    frames: Path,  # noqa: F811
+) -> None:
+    broker = example_broker
+    keys = generate_keypair(tmp_path / "keys")
+    (tmp_path / "fleet").mkdir()
+    actuator = RecordingHttpServer()
+    with serving(tmp_path / "fleet") as fleet:
+        values = agent_config(tmp_path / "state", tmp_path / "state" / "models" / "current", str(frames), broker.port,
+                              None, source={"loop": True, "fps_limit": 10.0}, mqtt=mqtt_section(broker, "cam1"),
+                              update={"source": fleet.url, "public_key": str(keys.public_key),
+                                      "health_timeout_s": 30.0})  # fmt: skip
+        settings = load_settings(None, **values)
+        publish(make_bundle(tmp_path / "b1", "1.0.0", keys.private_key), tmp_path / "fleet", ["default"],
+                index_key=keys.private_key)  # fmt: skip
+        assert apply_update(settings, reload=False).status == "updated"  # the updater as cam1, agent stopped
+
+        relay_config = tmp_path / "relay.toml"
+        mqtt = mqtt_section(broker, "relay1")
+        relay_config.write_text(
+            f'relay_id = "relay1"\nstate_dir = "{tmp_path / "relay"}"\n[mqtt]\nhost = "{broker.host}"\n'
+            f'port = {broker.port}\nusername = "relay1"\npassword = "{mqtt["password"]}"\n'
+            f'topics = ["uflow/+/inspection"]\nreconnect_initial_s = 1\nreconnect_max_s = 2\n'
+            f'[mqtt.tls]\nca_file = "{broker.pki.ca_cert}"\n'
+            f'[timing]\ndelay_s = 0.3\ntolerance_s = 0.5\n[actuator]\nkind = "http"\nurl = "{actuator.url}"\n'
+        )
+        relay = RejectRelay(load_relay_settings(relay_config))
+        operator = Subscriber(broker, "uflow/#", setup=login(broker, "operator"))  # type: ignore[arg-type]
+        agent = AgentThread(settings).start()
+        relay.start()
+        try:
+            assert relay.wait_subscribed(20)
+            # The agent (cam1) publishes; the relay (relay1) reads inspections and fires for the defects.
+            assert actuator.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=120), relay.stats()
+            assert {a.body["device_id"] for a in actuator.arrivals} == {"cam1"}
+
+            def replies(request_id: str) -> list[dict]:
+                return [m.json() for m in operator.on("/cmd/threshold/result") if m.json()["request_id"] == request_id]
+
+            # Not the operator: another box, a relay, an anonymous client. Refused by the broker.
+            evil = json.dumps({"request_id": "evil", "log10_epsilon": 1.0})
+            assert publish_as(broker, "cam2", "uflow/cam1/cmd/threshold", evil) == 0x87
+            assert publish_as(broker, "relay1", "uflow/cam1/cmd/threshold", evil) == 0x87
+            assert publish_as(broker, "cam1", "uflow/cam1/cmd/threshold", evil) == 0x87  # only its own reload
+            assert publish_as(broker, None, "uflow/cam1/cmd/threshold", evil) == -1  # no anonymous connection
+            # Another box cannot speak for cam1 towards the relay either.
+            forged = json.dumps({"device_id": "cam1"})
+            assert publish_as(broker, "cam2", "uflow/cam1/inspection", forged) == 0x87
+            # The operator can.
+            ok = json.dumps({"request_id": "op", "log10_epsilon": 0.5})
+            assert publish_as(broker, "operator", "uflow/cam1/cmd/threshold", ok) == 0
+            assert operator.wait_for(lambda ms: bool(replies("op")), 30)
+            assert replies("op")[0]["ok"] is True and replies("evil") == []
+            # The updater (as cam1) asks its own agent to reload and sees it confirmed.
+            publish(make_bundle(tmp_path / "b2", "2.0.0", keys.private_key), tmp_path / "fleet", ["default"],
+                    index_key=keys.private_key)  # fmt: skip
+            result = apply_update(settings)
+            assert result.status == "updated", result.message
+            assert ModelsDir(settings.state_dir / "models").current_version() == "2.0.0"
+            assert relay.stats().malformed == 0
+        finally:
+            assert agent.stop() == 0
+            relay.stop(drain_s=0)
+            operator.close()
+            actuator.close()

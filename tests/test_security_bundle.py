@@ -1,0 +1,78 @@
+"""Bundles on the box (issue 13): signatures re-checked at start and on reload, paths inside the bundle,
+bounded input shapes. Real signed bundles, the real agent on mosquitto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from agent_harness import AgentThread, agent_config
+from fleet_helpers import make_bundle
+from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
+from test_agent import Running, frames  # noqa: F401 (fixture)
+
+from edge_agent.bundle import MANIFEST_NAME, MAX_INPUT_SIDE, BundleError, load_bundle
+from edge_agent.signing import generate_keypair
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("keys")
+    return generate_keypair(root / "fleet"), generate_keypair(root / "other")
+
+
+def _edit_manifest(bundle: Path, change: dict[str, object]) -> None:
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest.update(change)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"self_test": ["../../../etc/shadow"]}, "self_test path '../../../etc/shadow'"),
+        ({"self_test": ["/etc/shadow"]}, "self_test path '/etc/shadow'"),
+        ({"variants": [{"file": "../model.int8.onnx", "precision": "int8"}]}, "variant file path '../model.int8"),
+        ({"input": {"height": MAX_INPUT_SIDE + 1, "width": 64}}, "input.height"),
+    ],
+)
+def test_manifest_paths_stay_inside_and_shapes_are_bounded(tmp_path: Path, change: dict, message: str) -> None:
+    bundle = make_bundle(tmp_path / "b", "1.0.0", None)
+    _edit_manifest(bundle, change)
+    with pytest.raises(BundleError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_bundle(bundle)
+
+
+def test_signature_is_checked_at_start_and_on_reload(
+    tmp_path: Path,
+    keys,  # type: ignore[no-untyped-def]
+    frames: Path,  # noqa: F811
+    broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    fleet, other = keys
+    good = make_bundle(tmp_path / "good", "1.0.0", fleet.private_key)
+    foreign = make_bundle(tmp_path / "foreign", "2.0.0", other.private_key)  # valid hashes, wrong key
+    current = tmp_path / "current"
+    current.symlink_to(foreign)
+    values = agent_config(tmp_path / "state", current, str(frames), broker.port, None,
+                          source={"loop": True, "fps_limit": 20.0}, update={"public_key": str(fleet.public_key)})  # fmt: skip
+    refused = AgentThread.from_values(values).start()
+    refused.thread.join(120)
+    assert refused.exit_code == 1  # the agent does not start on a bundle the fleet key did not sign
+
+    current.unlink()
+    current.symlink_to(good)
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    run = Running(agent, subscriber, broker, 0)
+    try:
+        run.wait_inspections(2, timeout=90)
+        current.unlink()
+        current.symlink_to(foreign)
+        reply = run.command("reload", {"request_id": "r"})
+        assert reply["ok"] is False and "signature does not match" in reply["message"], reply
+        assert "still running" in reply["message"]
+    finally:
+        assert agent.stop() == 0
+        subscriber.close()
