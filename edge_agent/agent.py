@@ -27,7 +27,7 @@ from edge_agent.health import HealthInputs, HealthReport, assess
 from edge_agent.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.loaded_model import LoadedModel, ModelLoadError, load_model
 from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
-from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics import AgentMetrics, MetricsView
 from edge_agent.mqtt import MqttPublisher
 from edge_agent.outbox import MemoryOutbox, Outbox
 from edge_agent.pipeline import FrameJob, Pipeline
@@ -70,7 +70,9 @@ class Agent:
         self.outbox: Outbox = outbox if outbox is not None else self._open_spool()
         self.publisher = MqttPublisher(settings.mqtt, settings.device_id, outbox=self.outbox)
         self.pipeline = Pipeline(source, model, self.publisher, settings.device_id, on_result=on_result)
-        self.metrics = AgentMetrics(self)
+        self.metrics = AgentMetrics(
+            MetricsView(self.pipeline, self.publisher, self.outbox, settings.spool.max_messages, self.health)
+        )
         self.pipeline.observers.append(self.metrics.observe_frame)
         self.commands = CommandProcessor(self.publisher.publish_result, on_handled=self.metrics.count_command)
         self.commands.register("reload", self.reload)

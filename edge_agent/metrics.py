@@ -1,12 +1,15 @@
 """Prometheus metrics of a running agent (prometheus-client, its own registry, no global state).
 
 Counters and gauges are read from the agent's parts when Prometheus scrapes (nothing extra per frame);
-the per-stage latency histograms are observed once per published frame.
+the per-stage latency histograms are observed once per published frame. The metrics see the agent only
+through ``MetricsView`` (its pipeline, publisher, outbox and health), never the ``Agent`` itself, so this
+module does not depend on edge_agent/agent.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -16,18 +19,31 @@ from prometheus_client.registry import Collector
 from edge_agent.sources import SOURCE_STATES
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent
-    from edge_agent.pipeline import FrameJob
+    from edge_agent.health import HealthReport
+    from edge_agent.mqtt import MqttPublisher
+    from edge_agent.outbox import Outbox
+    from edge_agent.pipeline import FrameJob, Pipeline
 
 STAGES = ("capture", "preprocess", "infer", "nfa", "publish", "total")
 # Seconds: from sub-millisecond NFA on a small map to seconds for a heavy model on a small CPU.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+@dataclass(frozen=True)
+class MetricsView:
+    """What ``/metrics`` reads at scrape time: the running agent's parts, and nothing else of it."""
+
+    pipeline: Pipeline
+    publisher: MqttPublisher
+    outbox: Outbox
+    spool_max: int  # spool.max_messages
+    health: Callable[[], HealthReport]
+
+
 class AgentMetrics:
     """The registry behind ``/metrics``."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: MetricsView) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.latency = Histogram(
             "edge_agent_stage_latency_seconds",
@@ -64,7 +80,7 @@ class AgentMetrics:
 class _AgentCollector(Collector):
     """Reads the agent's counters at scrape time."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: MetricsView) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
@@ -105,7 +121,7 @@ class _AgentCollector(Collector):
         yield _counter("edge_agent_mqtt_acked", "Messages acknowledged by the broker.", publisher.counters.acked)
         yield _counter("edge_agent_mqtt_connects", "Successful broker connections.", publisher.counters.connects)
         yield _gauge("edge_agent_spool_depth", "Messages waiting for the broker's acknowledgement.", len(outbox))
-        yield _gauge("edge_agent_spool_max", "spool.max_messages.", agent.settings.spool.max_messages)
+        yield _gauge("edge_agent_spool_max", "spool.max_messages.", agent.spool_max)
         yield _counter(
             "edge_agent_spool_dropped", "Messages dropped because the spool was full.", outbox.counters.dropped
         )

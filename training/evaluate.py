@@ -38,7 +38,6 @@ from training.data import GOOD, DatasetSplits, Record, load_image, load_mask, op
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
-REPORT_NAME = "report.html"
 QUANTILES = (0.5, 0.9, 0.99)
 
 

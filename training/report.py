@@ -8,19 +8,38 @@ outline in red). The sample is deterministic: evenly spaced images of each type.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    from training.evaluate import Predictions, TestSet
+from training.data import Record
 
+REPORT_NAME = "report.html"
 IMAGES_DIR = "images"
 _RED = (0, 0, 255)  # BGR
 _GREEN = (0, 200, 0)
 _LABEL_HEIGHT = 22
+
+
+class TestSet(Protocol):
+    """What the report reads of the test set (training.evaluate.TestSet; the report does not import it)."""
+
+    records: Sequence[Record]
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    masks: np.ndarray  # bool (N, H, W)
+    labels: np.ndarray  # bool (N,)
+
+    @property
+    def types(self) -> list[str]: ...
+
+
+class Predictions(Protocol):
+    """What the report reads of the predictions (training.evaluate.Predictions)."""
+
+    anomaly_maps: np.ndarray  # float32 (N, H, W)
 
 
 def sample_indices(indices: np.ndarray, count: int) -> list[int]:
@@ -135,8 +154,6 @@ def write_report(
     samples_per_type: int,
 ) -> dict[str, Any]:
     """Write report.html and the grids; returns what was written (for metrics.json)."""
-    from training.evaluate import REPORT_NAME
-
     grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type)
     nfa_stats = result["nfa"]
     what = result["bundle"] or result["run"]

@@ -14,6 +14,7 @@ import logging
 from edge_agent.bundle import Bundle
 from edge_agent.config import ModelConfig
 from edge_agent.engines.base import Engine, EngineIO, EngineOutput, TensorSpec
+from edge_agent.engines.errors import EngineUnavailable, GpuUnreachable, TensorRTTooOld
 
 __all__ = [
     "Engine",
@@ -27,19 +28,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class EngineUnavailable(RuntimeError):
-    """The requested backend cannot run on this device; the message says why."""
-
-
-class GpuUnreachable(EngineUnavailable):
-    """TensorRT and a CUDA binding are installed but no GPU can be opened (no driver, no device node, or a
-    sandbox hiding it, e.g. a missing Jetson drop-in); ``build-engine`` exits with its own status for it."""
-
-
-class TensorRTTooOld(EngineUnavailable):
-    """The installed TensorRT is older than 10; the message names the JetPack (or wheel) to install."""
 
 
 def tensorrt_missing_reason() -> str | None:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.engine_cache import DeviceIdentity
-from edge_agent.engines import EngineUnavailable, GpuUnreachable
+from edge_agent.engines.errors import EngineUnavailable, GpuUnreachable
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ import numpy as np
 from edge_agent.bundle import Bundle, BundleError
 from edge_agent.config import DEFAULT_STATE_DIR, ModelConfig
 from edge_agent.engine_cache import EngineCache
-from edge_agent.engines import EngineUnavailable, TensorRTTooOld
 from edge_agent.engines.base import (
     EngineIO,
     EngineOutput,
@@ -43,6 +42,7 @@ from edge_agent.engines.base import (
     split_outputs,
 )
 from edge_agent.engines.cuda_buffers import CudaApi, open_cuda
+from edge_agent.engines.errors import EngineUnavailable, TensorRTTooOld
 from edge_agent.engines.trt_build import (
     TensorRTBuildError,
     TensorRTVersionError,
