@@ -191,8 +191,35 @@ def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
     size = f"{manifest.input.width}x{manifest.input.height}"
     checks = [Check("bundle", "ok", f"{path}: {manifest.name} {manifest.version}, {manifest.backbone} at {size}")]
     checks.append(_check_signature(bundle.root, settings))
+    checks.append(check_detection_power(manifest))
     checks.append(_check_engine(bundle, settings))
     return checks
+
+
+# Below this share of the defects planted on its own good validation images, a model may be blind.
+MIN_PLANTED_DETECTION = 0.5
+
+
+def check_detection_power(manifest: object) -> Check:
+    """The label-free check recorded at training: the share of planted defects the NFA decision finds."""
+    metrics = getattr(manifest, "validation_metrics", {})
+    nfa_spec = getattr(manifest, "nfa", None)
+    null = getattr(nfa_spec, "null_model", "polyomino")
+    epsilon = getattr(nfa_spec, "log10_epsilon", 0.0)
+    rate = metrics.get("planted_detection_rate")
+    if rate is None:
+        return Check(
+            "detection power",
+            "warn",
+            f"the bundle records no planted-defect check (NFA {null}); re-export it with a current `uflow export`",
+        )
+    count = int(metrics.get("planted_count", 0))
+    detail = f"the NFA ({null}, log10 epsilon {epsilon:g}) found {rate:.0%} of {count} defects planted on good images"
+    if rate < MIN_PLANTED_DETECTION:
+        return Check(
+            "detection power", "warn", f"{detail}; below {MIN_PLANTED_DETECTION:.0%}: it may miss real defects"
+        )
+    return Check("detection power", "ok", detail)
 
 
 def _check_signature(root: Path, settings: AgentSettings) -> Check:

@@ -121,3 +121,16 @@ def test_missing_source_fails_with_its_path(tmp_path: Path) -> None:
     assert code == 1
     source = _by_name(rows)["source"]
     assert source["status"] == "fail" and str(missing) in source["detail"]
+
+
+def test_detection_power_row_reports_the_planted_check_and_warns_below_half(tmp_path: Path) -> None:
+    from edge_agent.bundle import load_bundle
+    from edge_agent.doctor import check_detection_power
+
+    manifest = load_bundle(build_contract_bundle(tmp_path / "bundle")).manifest
+    assert check_detection_power(manifest).status == "warn"  # no planted check recorded
+    seeing = manifest.model_copy(update={"validation_metrics": {"planted_detection_rate": 0.9, "planted_count": 48.0}})
+    row = check_detection_power(seeing)
+    assert row.status == "ok" and "90%" in row.detail and "48" in row.detail
+    blind = manifest.model_copy(update={"validation_metrics": {"planted_detection_rate": 0.2, "planted_count": 48.0}})
+    assert check_detection_power(blind).status == "warn"
