@@ -1,4 +1,4 @@
-"""A synthetic conveyor: textured parts (training/synthetic.py surfaces) riding a belt past a fixed camera.
+"""A synthetic conveyor: textured parts (edge_agent/synthetic.py surfaces) riding a belt past a fixed camera.
 
 The belt and its parts are one long "world" image; frame t is the camera's window onto it after the
 belt moved t * speed pixels, so parts enter on the right and leave on the left. Some parts carry a
@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.synthetic import DEFECT_KINDS, good_surface, plant_defect
+from edge_agent.synthetic import DEFECT_KINDS, good_surface, plant_defect
 
 BELT_GREY = 46.0
 

@@ -1,7 +1,8 @@
 """``edge-agent demo``: the whole product on a machine with no camera and no model, in a few minutes.
 
-1. Generates images of good parts on a conveyor belt (synthetic textures, training/synthetic.py).
-2. Trains a small U-Flow on them and exports a model bundle (needs the ``train`` extra: torch).
+1. Generates images of good parts on a conveyor belt (synthetic textures, edge_agent/synthetic.py).
+2. Trains a small U-Flow on them and exports a model bundle (needs the ``train`` extra: torch). The
+   device package never imports ``training``: this step runs training/demo_model.py as a child process.
 3. Renders a conveyor video in which some parts carry a planted defect (known frames).
 4. Starts a private mosquitto on a free loopback port.
 5. Runs the real agent (the same code as ``edge-agent run``, ONNX Runtime on the CPU) on the video while
@@ -12,9 +13,12 @@ Then it prints a summary against the ground truth, the wall time and where every
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     bundle = args.bundle.resolve() if args.bundle else _train_bundle(args, spec, workdir)
+    if bundle is None:
+        return 1
     step_started = time.monotonic()
     video = workdir / "conveyor.avi"
     say(f"Step 3/5: rendering the conveyor video: {spec.parts} parts pass the camera, defects planted on parts "
@@ -157,18 +163,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _training_available() -> bool:
-    try:
-        import torch  # noqa: F401
-
-        import training.api  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch and the training package are installed (looked up, not imported: see the docstring)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "training"))
 
 
-def _train_bundle(args: argparse.Namespace, spec: ConveyorSpec, workdir: Path) -> Path:
-    from training.api import QUICK_STRIDES, train_and_export
-
+def _train_bundle(args: argparse.Namespace, spec: ConveyorSpec, workdir: Path) -> Path | None:
+    """Steps 1 and 2: the good frames, then the model trained on them in a child process; None if it failed."""
     step_started = time.monotonic()
     data = workdir / "train_images" / "good"
     data.mkdir(parents=True, exist_ok=True)
@@ -182,27 +182,22 @@ def _train_bundle(args: argparse.Namespace, spec: ConveyorSpec, workdir: Path) -
         f"{args.image_size}x{args.image_size}, {args.epochs} epochs, {args.threads} threads, then exporting "
         "the model bundle ...")  # fmt: skip
 
-    def progress(row: dict) -> None:
-        if row["epoch"] == 1 or row["epoch"] % 5 == 0 or row["epoch"] == args.epochs:
-            val = row.get("val_nll_per_dim")
-            say(f"   epoch {row['epoch']:3d}/{args.epochs}  loss/dim {row['train_nll_per_dim']:.3f}  "
-                f"val/dim {val if val is None else round(val, 3)}  ({row['seconds']:.1f} s)")  # fmt: skip
-
-    bundle = train_and_export(
-        data.parent,
-        workdir / "run",
-        workdir / "bundle",
-        image_size=args.image_size,
-        epochs=args.epochs,
-        strides=QUICK_STRIDES,
-        seed=args.seed,
-        threads=args.threads,
-        name="demo-conveyor",
-        version="1",
-        overwrite=True,
-        progress=False,
-        on_epoch=progress,
-    )
+    command = [
+        sys.executable, "-m", "training.demo_model", "--data", str(data.parent), "--run", str(workdir / "run"),
+        "--bundle", str(workdir / "bundle"), "--image-size", str(args.image_size), "--epochs", str(args.epochs),
+        "--seed", str(args.seed), "--threads", str(args.threads),
+    ]  # fmt: skip
+    bundle: Path | None = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:  # progress lines as they come; the last one names the bundle
+            if line.startswith("bundle "):
+                bundle = Path(line[len("bundle ") :].strip())
+            else:
+                say(line.rstrip("\n"))
+    if child.returncode != 0 or bundle is None:
+        say(f"Cannot run the demo: training the model failed (exit status {child.returncode}, see above).")
+        return None
     say(f"   bundle -> {bundle} [{time.monotonic() - step_started:.1f} s]\n")
     return bundle
 
