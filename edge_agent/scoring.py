@@ -13,8 +13,9 @@ frame's own size, so the saved maps and boxes are pixel-exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import cv2
 import numpy as np
@@ -22,7 +23,6 @@ import numpy as np
 from edge_agent import nfa
 from edge_agent.bundle import Manifest
 from edge_agent.config import NfaConfig
-from edge_agent.engines.base import EngineOutput
 from edge_agent.messages import Region
 
 Resolution = Literal["model", "frame"]
@@ -39,6 +39,24 @@ def resize_map(values: np.ndarray, width: int, height: int) -> np.ndarray:
 def image_score(anomaly_map: np.ndarray) -> float:
     """The image-level anomaly score: the maximum of the anomaly map."""
     return float(np.max(anomaly_map))
+
+
+class ModelMaps(Protocol):
+    """One frame's model outputs as scoring reads them: the bundle's output contract (docs/design.md).
+
+    Plain arrays, batch axis removed; ``edge_agent.engines.base.EngineOutput`` is one. Scoring depends on
+    this shape only, never on the engines.
+    """
+
+    @property
+    def anomaly_map(self) -> np.ndarray:
+        """float32 (H, W) at the model size."""
+        ...
+
+    @property
+    def scale_maps(self) -> Sequence[np.ndarray]:
+        """Per scale float32 (H_s, W_s): m_s, the mean over channels of z^2."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -118,7 +136,7 @@ class FrameScorer:
 
     def score(
         self,
-        output: EngineOutput,
+        output: ModelMaps,
         image_size: tuple[int, int],
         roi_offset: tuple[int, int] = (0, 0),
         resolution: Resolution = "model",
