@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 from edge_agent.commands import CommandFailed, CommandProcessor, Done
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.health import HealthInputs, HealthReport, assess
@@ -29,7 +30,7 @@ from edge_agent.loaded_model import LoadedModel, ModelLoadError, load_model
 from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.metrics import AgentMetrics, MetricsView
 from edge_agent.mqtt import MqttPublisher
-from edge_agent.outbox import MemoryOutbox, Outbox
+from edge_agent.outbox import Outbox
 from edge_agent.pipeline import FrameJob, Pipeline
 from edge_agent.preview import PreviewFacts, PreviewPage
 from edge_agent.scoring import DecisionRule
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 5.0
 SUPERVISE_TICK_S = 0.5
 JOIN_TIMEOUT_S = 30.0
-EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 class Agent:
@@ -405,8 +405,3 @@ class Agent:
         self._update_thread = threading.Thread(target=work, name="update", daemon=True)
         self._update_thread.start()
         return Done(f"update started; progress on {self.publisher.topic('update')}", {})
-
-
-def memory_outbox(settings: AgentSettings) -> MemoryOutbox:
-    """An in-memory outbox with the spool's bound (benchmarks comparing with and without the spool)."""
-    return MemoryOutbox(settings.spool.max_messages)

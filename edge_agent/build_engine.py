@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.bundle import Bundle, BundleError, load_bundle
+from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_NO_GPU, EXIT_OK, EXIT_STOPPED, EXIT_UNAVAILABLE
 from edge_agent.config import AgentSettings, ConfigError, ModelConfig, load_settings
 from edge_agent.logs import setup_logging
 
 log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_NO_GPU, EXIT_STOPPED = 0, 1, 2, 3, 4, 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,16 +15,15 @@ engine, file source or spool cannot be used or a stage failed; 2 for a configura
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
+from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, install_signal_handlers, parse_overrides
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
 from edge_agent.messages import redact_uri
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
     from edge_agent.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,27 +61,6 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
     return run_agent(settings)
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["mqtt.port=1884", ...]`` -> ``{"mqtt": {"port": 1884}}``; a malformed pair is a ConfigError."""
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. mqtt.port=1884")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair!r}: {part} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return result
 
 
 def run_agent(
@@ -171,24 +147,6 @@ def run_agent(
         return EXIT_CONFIG
     finally:
         restore()
-
-
-def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM/SIGINT set ``stop``; returns a function restoring the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, _frame: object) -> None:
-        log.info("signal received", extra={"event": "signal", "signal": signal.Signals(signum).name})
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
 
 
 def _use_numba_cache_in(state_dir: Path) -> None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.messages import UpdateEvent
 from edge_agent.models_dir import ModelsDir, ModelsDirError, PendingSwitch, UpdateLocked
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 # Test hook: the updater blocks forever when it reaches this step (tests SIGKILL it there). Not an
 # EDGE_AGENT_* variable: those are configuration and unknown ones are rejected.
 PAUSE_ENV = "UFLOW_UPDATE_PAUSE_AT"
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
 TAR_NAME = "bundle.tar"
 UNPACK_NAME = "bundle"
 
@@ -498,4 +498,4 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.status == "locked":
         return EXIT_LOCKED
-    return EXIT_OK if result.ok else EXIT_FAILED
+    return EXIT_OK if result.ok else EXIT_FAILURE

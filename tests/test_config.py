@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.cli_common import parse_overrides
 from edge_agent.config import ConfigError, load_settings
-from edge_agent.run import parse_overrides
 
 
 @pytest.fixture(autouse=True)

@@ -17,15 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, install_signal_handlers, parse_overrides
 from edge_agent.config import ConfigError
 from edge_agent.logs import setup_logging
 from edge_agent.relay.config import RelaySettings, load_relay_settings
-from edge_agent.run import install_signal_handlers, parse_overrides
 from edge_agent.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SUPERVISE_TICK_S = 0.25
 STATUS_INTERVAL_S = 5.0
 HOUSEKEEPING_INTERVAL_S = 60.0
