@@ -245,7 +245,7 @@ def time_models(
 
 
 def evaluate(candidate: Candidate, bundle: Bundle, records: list[Record], threads: int) -> dict[str, float]:
-    """All DESIGN.md metrics of one model on the test records, at the model size."""
+    """All the metrics of docs/design.md section 6 for one model on the test records, at the model size."""
     spec = bundle.manifest.input
     session = cpu_session(candidate.path, threads)
     channels = [s.channels for s in bundle.manifest.scales]

@@ -12,9 +12,9 @@ For one scale with map ``m`` (H x W, m = mean over the C channels of z^2) the st
    Chernoff bound of the chi^2(C) tail for independent pixels gives
    ``log10 P(R) = |R| * -(C/2) * (t - 1 - ln t) / ln 10`` with ``t = x / C = L``, and
    ``log10 P(R) = 0`` when ``t <= 1`` (the bound only holds above the mean).
-3. **Selection**, the rule of DESIGN.md section 5 with the details it leaves open resolved as the
+3. **Selection**, the rule of docs/design.md section 5 with the details it leaves open resolved as the
    public reference implementation (mtailanian/uflow, ``src/nfa_tree.py``) resolves them; where
-   the two differ (step 2: the reference has no ``log10 P = 0`` below the mean) DESIGN is followed:
+   the two differ (step 2: the reference has no ``log10 P = 0`` below the mean) docs/design.md is followed:
 
    - A *branch* is the chain that starts at a leaf and climbs to the parent while the current node
      is its parent's only child. It never contains a node with two or more children; it contains

@@ -2,7 +2,7 @@
 
 The engine gives the anomaly map at the model size and the small per-scale maps m_s. The image score
 is the map's maximum (bilinear resizing never exceeds it, so it is the same at any size). The
-decision is the a-contrario one (DESIGN.md 5): a frame is anomalous when at least one region has
+decision is the a-contrario one (docs/design.md section 5): a frame is anomalous when at least one region has
 log10 NFA below log10(epsilon), ignoring regions smaller than a minimum area.
 
 Two resolutions of analysis: ``"model"`` (the agent's hot path) computes the log NFA map at the model

@@ -113,7 +113,7 @@ def test_mean_iou_counts_empty_on_empty_as_one() -> None:
     per_image = metrics.iou_per_image(predictions, masks)
     np.testing.assert_allclose(per_image, [4 / 6, 1.0, 0.0])
     assert metrics.mean_iou(predictions, masks) == pytest.approx((4 / 6 + 1.0) / 3)
-    # All-empty predictions score the fraction of good images (DESIGN.md's 0.398 baseline).
+    # All-empty predictions score the fraction of good images (the floor of a model that never fires).
     assert metrics.mean_iou(np.zeros_like(masks), masks) == pytest.approx(2 / 3)
 
 

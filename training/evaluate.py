@@ -1,6 +1,6 @@
 """``uflow evaluate``: a trained run (torch) or its exported bundle (ONNX Runtime) on a dataset's test split.
 
-What is measured (DESIGN.md 6, all at the model input size, masks resized with nearest neighbour):
+What is measured (docs/design.md section 6, all at the model input size, masks resized with nearest neighbour):
 pixel AUROC, AUPRO (FPR up to 0.3, normalised), image AUROC (map maximum), mIoU of the NFA mask
 (log10 NFA < 0, the agent's decision with epsilon = 1; over ALL test images, an empty prediction on a
 good image scores 1) and the best mIoU of ``anomaly map >= t`` over thresholds (the "oracle"),

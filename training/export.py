@@ -1,4 +1,4 @@
-"""Export a training run as a model bundle (DESIGN.md "Model bundle" and "Engine I/O").
+"""Export a training run as a model bundle (docs/design.md sections 3 and 4: the bundle and the engine I/O).
 
 Steps: rebuild the best model of the run, trace the engine wrapper to ONNX (opset 17, fixed input
 shape, TorchScript exporter), check ONNX Runtime against torch on the run's self-test images and a

@@ -219,7 +219,7 @@ def segmentation_report(
     predicted_masks: np.ndarray | None = None,
     max_fpr: float = DEFAULT_MAX_FPR,
 ) -> dict[str, float]:
-    """Every metric of DESIGN.md 6 that the inputs allow, keyed by name.
+    """Every metric of docs/design.md section 6 that the inputs allow, keyed by name.
 
     ``image_scores`` defaults to each map's maximum and ``image_labels`` to "the mask is not empty"
     (pass the folder labels where some defect masks are empty); ``predicted_masks`` (e.g. the

@@ -1,6 +1,6 @@
 """U-Flow: frozen backbone + per-scale norms + U-shaped flow; its loss, anomaly maps and export wrapper.
 
-DESIGN.md "The model" points 3-4:
+docs/design.md section 2, "The model":
 - loss = mean over the batch of (0.5 * sum of z^2 over all scales and elements - log|det J|);
 - m_s = mean over channels of z_s^2; anomaly map = 1 - mean over scales of bilinear-upsampled
   exp(-0.5 m_s); image score = max of the map.
@@ -182,7 +182,7 @@ def _scale_infos(latent_shapes: Sequence[LatentShape], config: UFlowConfig) -> t
 
 
 def nll_loss(output: FlowOutput) -> torch.Tensor:
-    """DESIGN point 3: mean over the batch of 0.5 * sum(z^2) - log|det J| (nats per image, constants dropped)."""
+    """docs/design.md section 2: mean over the batch of 0.5 * sum(z^2) - log|det J| (nats per image, constants dropped)."""
     half_sq = sum(0.5 * z.pow(2).flatten(1).sum(1) for z in output.latents)
     return (half_sq - output.log_jac_det).mean()
 

@@ -1,6 +1,6 @@
 """What every inference backend provides, and the checks all backends share.
 
-The I/O contract (DESIGN.md): input ``image`` uint8 1xHxWx3 RGB at the model size; outputs
+The I/O contract (docs/design.md section 4): input ``image`` uint8 1xHxWx3 RGB at the model size; outputs
 ``anomaly_map`` float32 1xHxW and one m_s per scale, float32 1xH_sxW_s. Backends differ only in how
 they run the graph; names, shapes and validation against the bundle live here so that ONNX Runtime
 and TensorRT agree by construction.

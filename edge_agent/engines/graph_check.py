@@ -10,7 +10,7 @@ type inference and then applies, per node, the rules a TensorRT build enforces:
   only straight into a Cast layer; even data-movement layers reject it: NVIDIA/TensorRT#3985 and the
   onnx-tensorrt operator notes);
 - ``type``: the data type a node computes in must be in the operator's row of the support table
-  (``trt_onnx_ops.json``: onnx-tensorrt ``docs/operators.md``);
+  (``trt_onnx_ops.json``: https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md);
 - ``head-fp32``: z², the channel mean (m_s) and the anomaly map are FP32 in every model, FP16 ones
   included: |z| > 256 squares to inf in FP16, exactly on the defective frames;
 - ``qdq-axis``: Q/DQ weights are quantized per output channel (axis 0) or per tensor, activations

@@ -1,0 +1,199 @@
+"""The architecture, checked statically: an acyclic import graph, a device package that never reaches
+into training, and documentation that names only files that exist.
+
+Imports are read with ``ast`` from the source (nothing is imported), at every level: module top,
+``if TYPE_CHECKING:`` blocks and function bodies alike, because a function-local import is still a
+dependency (it only hides a cycle until the function runs). docs/design.md says where new code goes.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("edge_agent", "training", "calibration")
+# Device-side code must run where the `train` extra is not installed.
+FORBIDDEN_ON_DEVICE = ("training", "torch", "torchvision", "timm", "FrEIA")
+
+
+@cache
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages."""
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def imported_names(module: str, path: Path) -> Iterator[tuple[str, int]]:
+    """Every absolute name an ``import`` or ``from ... import`` in the file may refer to, with its line."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                source = node.module or ""
+            yield source, node.lineno
+            for alias in node.names:  # `from pkg import submodule` depends on the submodule
+                yield f"{source}.{alias.name}", node.lineno
+
+
+def project_dependencies(module: str) -> dict[str, int]:
+    """The project modules ``module`` imports -> the first line that does."""
+    known = project_modules()
+    found: dict[str, int] = {}
+    for name, line in imported_names(module, known[module]):
+        while name and name not in known:  # `pkg.mod.attr` -> `pkg.mod`
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.setdefault(name, line)
+    return found
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components with more than one module (iterative: no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work: list[tuple[str, Iterator[str]]] = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    return components
+
+
+def test_strongly_connected_finds_a_cycle_and_only_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert strongly_connected(graph) == [["a", "b", "c"]]
+    assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_function_local_and_type_checking_imports_are_seen(tmp_path: Path) -> None:
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\n"
+        "def f():\n    from . import sibling\n    import pkg.b\n"
+    )
+    names = {name for name, _ in imported_names("pkg.mod", source)}
+    assert {"pkg.a", "pkg.sibling", "pkg.b"} <= names
+
+
+def test_no_import_cycle_between_project_modules() -> None:
+    graph = {module: set(project_dependencies(module)) for module in project_modules()}
+    cycles = strongly_connected(graph)
+    described = [
+        " <-> ".join(cycle)
+        + ": "
+        + "; ".join(
+            f"{a} imports {b} (line {project_dependencies(a)[b]})" for a in cycle for b in sorted(graph[a] & set(cycle))
+        )
+        for cycle in cycles
+    ]
+    assert not cycles, "import cycles (move the shared part down into a module both can import):\n" + "\n".join(
+        described
+    )
+
+
+def test_the_device_package_never_imports_training_or_torch() -> None:
+    offenders = []
+    for module, path in project_modules().items():
+        if not module.startswith("edge_agent"):
+            continue
+        for name, line in imported_names(module, path):
+            if name.split(".")[0] in FORBIDDEN_ON_DEVICE:
+                offenders.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not offenders, "edge_agent must run without the train extra:\n" + "\n".join(sorted(set(offenders)))
+
+
+def test_scoring_and_the_nfa_do_not_depend_on_the_engines() -> None:
+    # Scoring reads plain arrays (scoring.ModelMaps, the bundle's contract); the NFA imports nothing of ours.
+    assert not [m for m in project_dependencies("edge_agent.scoring") if m.startswith("edge_agent.engines")]
+    assert project_dependencies("edge_agent.nfa") == {}
+
+
+# -- files the documentation names ------------------------------------------------------------------
+
+TOP_FOLDERS = ("docs", "edge_agent", "training", "calibration", "tests", "bench", "systemd")
+EXTENSIONS = ("md", "py", "json", "toml", "txt", "service", "sh", "yaml", "yml", "html")
+# A relative path into the repository (not part of a longer path or URL, e.g. another project's docs/).
+REPO_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(TOP_FOLDERS)})/[\w./-]*\w\.(?:{'|'.join(EXTENSIONS)}))\b")
+TOP_LEVEL_DOC = re.compile(r"(?<![\w./-])([A-Z][A-Z_]*\.md)\b")  # README.md and the like at the top
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+
+
+def documented_paths(text: str) -> Iterator[str]:
+    """Repository-relative file paths named in ``text``."""
+    for pattern in (REPO_PATH, TOP_LEVEL_DOC):
+        for match in pattern.finditer(text):
+            yield match.group(1)
+
+
+def test_documented_paths_are_found(tmp_path: Path) -> None:
+    name = "MADE_UP"  # put together at run time: this file's own text is scanned too
+    text = f"see docs/{name}.md, edge_agent/nfa.py and {name}.md; not https://x.org/docs/a.md nor x/docs/b.md"
+    assert list(documented_paths(text)) == [f"docs/{name}.md", "edge_agent/nfa.py", f"{name}.md"]
+
+
+def test_every_file_a_docstring_or_doc_names_exists() -> None:
+    missing = []
+    sources = [p for folder in (*PACKAGES, "tests", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
+    for path in sources:  # docstrings and comments alike: the whole text
+        for name in documented_paths(path.read_text(encoding="utf-8")):
+            if not (ROOT / name).exists():
+                missing.append(f"{path.relative_to(ROOT)} names {name}")
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        for name in documented_paths(text):
+            if not (ROOT / name).exists():
+                missing.append(f"{path.relative_to(ROOT)} names {name}")
+        for match in MARKDOWN_LINK.finditer(text):
+            target = match.group(1)
+            if "://" not in target and not target.startswith("mailto:") and not (path.parent / target).exists():
+                missing.append(f"{path.relative_to(ROOT)} links to {target}")
+    assert not missing, "files named but not in the repository:\n" + "\n".join(missing)
