@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -329,8 +330,11 @@ def _cell(values: dict[str, Any], key: str, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def format_table(results: Sequence[dict[str, Any]], missing: Sequence[str] = ()) -> str:
-    """One Markdown table: a row per result (method, its deployable threshold, epochs, metrics)."""
+def format_table(results: Sequence[dict[str, Any]], missing: Mapping[str, str] | None = None) -> str:
+    """One Markdown table: a row per result (method, its deployable threshold, epochs, metrics).
+
+    ``missing`` maps each method that has no result to why (a row that says so).
+    """
     header = ["method", "deployable threshold", "epochs", *(c[0] for c in COLUMNS)]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
@@ -339,12 +343,8 @@ def format_table(results: Sequence[dict[str, Any]], missing: Sequence[str] = ())
         cells = [result["method"], result.get("threshold", "-"), "-" if epochs is None else str(epochs)]
         cells += [_cell(values, key, fmt) for _, key, fmt in COLUMNS]
         rows.append("| " + " | ".join(cells) + " |")
-    for method in missing:
-        rows.append(
-            "| "
-            + " | ".join([method, "not run (no cached result for this data/config)"] + [""] * (len(header) - 2))
-            + " |"
-        )
+    for method, why in (missing or {}).items():
+        rows.append("| " + " | ".join([method, f"not run: {why}"] + [""] * (len(header) - 2)) + " |")
     return "\n".join(rows)
 
 
@@ -372,7 +372,7 @@ def all_empty_miou(data: BenchData) -> float:
     return metrics.mean_iou(np.zeros_like(masks), masks)
 
 
-def table_markdown(results: Sequence[dict[str, Any]], missing: Sequence[str], data: BenchData) -> str:
+def table_markdown(results: Sequence[dict[str, Any]], missing: Mapping[str, str], data: BenchData) -> str:
     """table.md: the data, the main table, the test-F1 table and each method's config."""
     counts = _counts(data.splits)
     lines = [
@@ -921,6 +921,11 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def anomalib_available() -> bool:
+    """Whether anomalib can be imported here (the peers need it; ours and the cache do not)."""
+    return importlib.util.find_spec("anomalib") is not None
+
+
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Compute (or take from the cache) every method of ``args.methods``; write and return the results."""
     results_dir = Path(args.results)
@@ -929,7 +934,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     forced = set(args.only or ())
     arrays: Arrays | None = None
     results: list[dict[str, Any]] = []
-    missing: list[str] = []
+    missing: dict[str, str] = {}
     for method in args.methods:
         config = method_config(method, args)
         key = cache_key(method, config, data.key)
@@ -939,7 +944,12 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             results.append(cached)
             continue
         if forced and method not in forced:
-            missing.append(method)  # --only: never compute what was not asked for
+            missing[method] = "no cached result for this data and config"  # --only computes nothing else
+            continue
+        if method != "ours" and not anomalib_available():
+            # The main venv has no anomalib by design; say where to run the peers instead of a traceback.
+            missing[method] = "anomalib is not installed here (use .venv-peers, see docs/peers.md)"
+            log.warning("peer skipped", extra={"event": "peers.no_anomalib", "method": method})
             continue
         log.info("computing", extra={"event": "peers.start", "method": method, "key": key})
         started = time.perf_counter()

@@ -131,12 +131,12 @@ def test_table_has_every_method_and_dashes_for_gaps() -> None:
         {"method": "ours", "key": "k1", "threshold": "NFA", "epochs": 12, "metrics": {"pixel_auroc": 0.91234}},
         {"method": "padim", "key": "k2", "threshold": "F1", "metrics": {"pixel_auroc": 0.8, "ms_per_image": 12.345}},
     ]
-    table = peers.format_table(rows, missing=["uflow"])
+    table = peers.format_table(rows, missing={"uflow": "no cached result"})
     lines = table.splitlines()
     assert len(lines) == 2 + 3
     assert "| ours | NFA | 12 | 0.912 |" in lines[2]
     assert lines[3].startswith("| padim | F1 | - | 0.800 |") and lines[3].rstrip(" |").endswith("12.3")
-    assert lines[4].startswith("| uflow | not run")
+    assert lines[4].startswith("| uflow | not run: no cached result |")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
@@ -158,6 +158,7 @@ def test_run_bench_caches_and_recomputes_only_what_is_asked(tmp_path: Path, monk
         return runner
 
     monkeypatch.setattr(peers, "PEER_RUNNERS", {m: fake(m) for m in peers.PEERS})
+    monkeypatch.setattr(peers, "anomalib_available", lambda: True)
     args = _args(tmp_path, split, methods=["padim", "uflow"])
     first = peers.run_bench(args)
     assert calls == ["padim", "uflow"] and [r["method"] for r in first] == ["padim", "uflow"]
@@ -182,3 +183,11 @@ def test_anomalib_f1_threshold_falls_back_to_the_highest_normal_score() -> None:
     assert peers.f1_threshold(scores, np.zeros(3, dtype=bool)) == pytest.approx(0.4)
     labelled = peers.f1_threshold(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1]))
     assert 0.2 < labelled <= 0.8 + 1e-6  # float32 inside anomalib
+
+
+def test_peers_without_anomalib_are_reported_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split = _write_split(tmp_path / "data")
+    monkeypatch.setattr(peers, "anomalib_available", lambda: False)
+    assert peers.run_bench(_args(tmp_path, split, methods=["padim"])) == []
+    table = (tmp_path / "results" / "table.md").read_text(encoding="utf-8")
+    assert "| padim | not run: anomalib is not installed here" in table
