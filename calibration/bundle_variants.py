@@ -21,7 +21,7 @@ from edge_agent.bundle import (
     sha256_of,
     verify_files,
 )
-from edge_agent.engine_cache import atomic_write_bytes
+from edge_agent.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def record_variant(root: Path | str, variant: QuantizedModel) -> Manifest:
     files[variant.file] = sha256_of(path)
     variants = (*(v for v in manifest.variants if v.precision != variant.precision), variant)
     updated = Manifest.model_validate(manifest.model_dump() | {"files": files, "variants": variants})
-    atomic_write_bytes(bundle.root / MANIFEST_NAME, (updated.model_dump_json(indent=2) + "\n").encode())
+    atomic_write(bundle.root / MANIFEST_NAME, updated.model_dump_json(indent=2) + "\n")
     if (bundle.root / SIGNATURE_NAME).exists():
         log.warning(
             f"{MANIFEST_NAME} changed, so {bundle.root / SIGNATURE_NAME} no longer matches it: sign the bundle "

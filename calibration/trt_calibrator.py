@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import ImageSet, model_batches
-from edge_agent.engine_cache import atomic_write_bytes
+from edge_agent.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class CalibrationFeed:
         return None
 
     def write_cache(self, cache: bytes | memoryview) -> None:
-        atomic_write_bytes(self.cache_path, bytes(cache))
+        atomic_write(self.cache_path, bytes(cache))
         log.info(
             "wrote the INT8 calibration cache",
             extra={"event": "trt_calibration_cache_written", "path": str(self.cache_path)},

@@ -8,7 +8,6 @@ or shapes do not match, and the error says which.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_agent.fileio import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "model.json"
@@ -215,13 +216,7 @@ class Bundle:
         return self.manifest.files[path.relative_to(self.root).as_posix()]
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file  # the name the bundle's callers use (hex sha256 of a file, streamed)
 
 
 def read_manifest(root: Path) -> Manifest:

@@ -15,16 +15,15 @@ The builder's timing cache (per GPU model and TensorRT version) lives in the sam
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.fileio import atomic_write, sha256_bytes
 
 METADATA_SCHEMA = 1
 PLAN_SUFFIX = ".plan"
@@ -75,7 +74,7 @@ class EngineKey:
     def digest(self) -> str:
         """A short stable hash of the whole key."""
         canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return sha256_bytes(canonical.encode())[:16]
 
     def file_stem(self) -> str:
         """A readable, unique file name stem: model, precision, GPU, TensorRT, digest."""
@@ -121,21 +120,6 @@ class CachedPlan:
     metadata: EngineMetadata | None = None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 class EngineCache:
     """A directory of plans with sidecars, plus the timing caches."""
 
@@ -175,7 +159,7 @@ class EngineCache:
             diff = "; ".join(key.differences(recorded))
             return CachedPlan(None, f"{plan_path.name} was built for another device or model ({diff})", plan_path)
         plan = plan_path.read_bytes()
-        actual = hashlib.sha256(plan).hexdigest()
+        actual = sha256_bytes(plan)
         if actual != metadata.plan_sha256:
             return CachedPlan(
                 None,
@@ -188,11 +172,11 @@ class EngineCache:
         """Write the plan, then its sidecar (the sidecar's presence marks the plan complete)."""
         if metadata.engine_key() != key:
             raise ValueError(f"metadata key does not match: {'; '.join(key.differences(metadata.engine_key()))}")
-        if metadata.plan_sha256 != hashlib.sha256(plan).hexdigest():
+        if metadata.plan_sha256 != sha256_bytes(plan):
             raise ValueError("metadata plan_sha256 does not match the plan bytes")
         self.metadata_path(key).unlink(missing_ok=True)
-        atomic_write_bytes(self.plan_path(key), plan)
-        atomic_write_bytes(self.metadata_path(key), (metadata.model_dump_json(indent=2) + "\n").encode())
+        atomic_write(self.plan_path(key), plan)
+        atomic_write(self.metadata_path(key), metadata.model_dump_json(indent=2) + "\n")
         return self.plan_path(key)
 
     def read_metadata(self, path: Path) -> EngineMetadata | None:
@@ -231,7 +215,7 @@ def new_metadata(
     """The sidecar for a freshly built plan."""
     return EngineMetadata(
         key={f.name: getattr(key, f.name) for f in fields(key)},
-        plan_sha256=hashlib.sha256(plan).hexdigest(),
+        plan_sha256=sha256_bytes(plan),
         plan_bytes=len(plan),
         created=datetime.now(timezone.utc),
         build_seconds=round(build_seconds, 3),

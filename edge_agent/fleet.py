@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, load_bundle
+from edge_agent.fileio import atomic_write, atomic_writer, replace_durably, sha256_file
 from edge_agent.models_dir import ModelsDirError, check_version_name
 
 log = logging.getLogger(__name__)
@@ -402,8 +403,7 @@ def write_bundle_tar(bundle_dir: Path, dest: Path) -> None:
     bundle_dir = Path(bundle_dir)
     entries = sorted(p for p in bundle_dir.rglob("*") if not p.is_symlink())
     created = load_bundle(bundle_dir).manifest.created.timestamp()
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as archive:
+    with atomic_writer(dest) as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for path in entries:
             info = tarfile.TarInfo(path.relative_to(bundle_dir).as_posix())
             info.mtime = int(created)
@@ -416,9 +416,8 @@ def write_bundle_tar(bundle_dir: Path, dest: Path) -> None:
             elif stat.S_ISREG(path.stat().st_mode):
                 info.size = path.stat().st_size
                 info.mode = 0o644
-                with open(path, "rb") as handle:
-                    archive.addfile(info, handle)
-    os.replace(tmp, dest)
+                with open(path, "rb") as content:
+                    archive.addfile(info, content)
 
 
 def publish(
@@ -454,14 +453,14 @@ def publish(
     index_path = fleet_dir / LATEST_NAME
     index = _read_local_index(index_path)
     existing = index.release(manifest.version)
-    sha = _sha256_file(buffer)
+    sha = sha256_file(buffer)
     if existing is not None and existing.sha256 != sha and tar_path.exists():
         buffer.unlink()
         raise FleetError(
             f"version {manifest.version} is already published with different content (sha256 {existing.sha256[:12]}…); "
             "give the new bundle a new version"
         )
-    os.replace(buffer, tar_path)
+    replace_durably(buffer, tar_path)  # write_bundle_tar fsynced it
     release = Release(
         version=manifest.version,
         name=manifest.name,
@@ -505,14 +504,8 @@ def write_index(
     # The signature goes first: a device that reads between the two writes sees a mismatch and retries later,
     # never a new index under an old signature that happens to verify.
     if index_key is not None:
-        _atomic_write(signature_path, sign_bytes(body, index_key).encode("ascii"))
-    _atomic_write(index_path, body)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        atomic_write(signature_path, sign_bytes(body, index_key).encode("ascii"))
+    atomic_write(index_path, body)
 
 
 def _read_local_index(path: Path) -> FleetIndex:
@@ -520,14 +513,6 @@ def _read_local_index(path: Path) -> FleetIndex:
         return FleetIndex.model_validate({"schema": FLEET_SCHEMA})
     index, _ = read_index(str(path), timeout_s=10)
     return index
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def progress_logger(what: str, every_s: float = 2.0) -> Callable[[int, int], None]:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.fileio import atomic_write, fsync_dir
+
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
@@ -168,7 +170,7 @@ class ModelsDir:
         _fsync_tree(staging)
         os.utime(staging)  # the install time orders versions for pruning
         os.rename(staging, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
     def discard(self, version: str) -> None:
@@ -180,7 +182,7 @@ class ModelsDir:
             return
         trash = self.root / f"{TRASH_PREFIX}{version}-{os.getpid()}-{time.monotonic_ns()}"
         os.rename(path, trash)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     # -- switching ----------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ class ModelsDir:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         log.info(
             "current model switched",
             extra={"event": "current_switched", "version": version, "previous": previous},
@@ -227,7 +229,7 @@ class ModelsDir:
 
     def clear_pending(self) -> None:
         (self.root / PENDING).unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     # -- failure memory -----------------------------------------------------------------------------
 
@@ -290,21 +292,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -316,4 +304,4 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME
+from edge_agent.fileio import atomic_write, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +62,11 @@ def generate_keypair(out_dir: Path, name: str = "fleet", overwrite: bool = False
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_private(private_path, private_pem)
-    public_path.write_bytes(public_pem)
-    public_path.chmod(0o644)
+    # The private key is 0600 from its first byte (no window where it is world-readable).
+    atomic_write(private_path, private_pem, mode=0o600)
+    atomic_write(public_path, public_pem, mode=0o644)
+    public_path.chmod(0o644)  # whatever the umask
     return KeyPairFiles(private_path, public_path, fingerprint(key.public_key()))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Created 0600 from the first byte (no window where the key is world-readable), then replaced atomically.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -137,7 +122,7 @@ def parse_public_key(data: bytes, where: str = "public key") -> Ed25519PublicKey
 def fingerprint(key: Ed25519PublicKey) -> str:
     """Short id of a public key for logs: sha256 of its raw bytes, 16 hex digits."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return sha256_bytes(raw)[:16]
 
 
 def sign_bundle(bundle_dir: Path, private_key: Ed25519PrivateKey | Path) -> Path:

@@ -12,9 +12,9 @@ from edge_agent.engine_cache import (
     DeviceIdentity,
     EngineCache,
     EngineKey,
-    atomic_write_bytes,
     new_metadata,
 )
+from edge_agent.fileio import atomic_write, sha256_bytes, sha256_file
 
 ORIN = DeviceIdentity("Orin", "8.7", "10.3.0")
 RTX = DeviceIdentity("NVIDIA GeForce RTX 4090", "8.9", "10.3.0")
@@ -134,7 +134,27 @@ def test_timing_cache_is_per_gpu_and_tensorrt_version(tmp_path: Path) -> None:
 
 def test_atomic_write_replaces_content(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "file.bin"
-    atomic_write_bytes(target, b"one")
-    atomic_write_bytes(target, b"two")
+    atomic_write(target, b"one")
+    atomic_write(target, "two")
     assert target.read_bytes() == b"two"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+    assert sha256_file(target) == sha256_bytes(b"two")
+
+
+def test_atomic_write_keeps_the_old_content_when_writing_fails(tmp_path: Path) -> None:
+    from edge_agent.fileio import atomic_writer
+
+    target = tmp_path / "file.bin"
+    atomic_write(target, b"old")
+    with pytest.raises(RuntimeError), atomic_writer(target) as handle:
+        handle.write(b"half")
+        raise RuntimeError("disk gone")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]  # no temporary file left behind
+
+
+def test_atomic_write_creates_with_the_given_mode(tmp_path: Path) -> None:
+    import stat
+
+    atomic_write(tmp_path / "secret", b"k", mode=0o600)
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600

@@ -43,11 +43,11 @@ from edge_agent.engine_cache import (
     DeviceIdentity,
     EngineCache,
     EngineKey,
-    atomic_write_bytes,
     new_metadata,
 )
 from edge_agent.engines.base import TensorSpec, expected_io
 from edge_agent.engines.graph_check import GraphCheckError, checked_onnx
+from edge_agent.fileio import atomic_write
 from edge_agent.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -503,7 +503,7 @@ def save_timing_cache(config: Any, path: Path) -> None:
                 "could not merge the timing cache on disk; keeping this build's",
                 extra={"event": "timing_cache_merge_failed", "path": str(path)},
             )
-    atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+    atomic_write(path, bytes(memoryview(cache.serialize())))
 
 
 def build_serialized(
