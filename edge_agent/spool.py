@@ -32,7 +32,6 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -457,15 +456,3 @@ def mark_replayed(payload: bytes) -> bytes:
         return payload
     document["replayed"] = True
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
-
-
-@contextlib.contextmanager
-def open_spool(
-    path: Path | str, max_messages: int = 100_000, commit_interval_s: float = 0.05, synchronous: str = "normal"
-) -> Iterator[Spool]:
-    """A Spool closed on exit."""
-    spool = Spool(path, max_messages, commit_interval_s, synchronous)  # type: ignore[arg-type]
-    try:
-        yield spool
-    finally:
-        spool.close()

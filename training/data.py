@@ -228,11 +228,6 @@ def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -
     return folder_dataset(path, val_fraction)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Any image file (grey, colour, with alpha, 16-bit) as uint8 HxWx3 RGB at its own size."""
-    return cv2.cvtColor(_read_bgr(path), cv2.COLOR_BGR2RGB)
-
-
 def _read_bgr(path: Path) -> np.ndarray:
     data = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if data is None:

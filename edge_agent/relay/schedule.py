@@ -124,7 +124,6 @@ class ClockOffsets:
         self._confirmed: dict[str, tuple[float, float]] = {
             device: (offset, at) for device, (offset, at) in (kept or {}).items() if at >= horizon
         }
-        self._in_use: dict[str, OffsetChoice] = {}
         self._warned: dict[str, float] = {}
         self._refused: dict[str, int] = {}
 
@@ -132,12 +131,8 @@ class ClockOffsets:
         """Take this message's sample (unless replayed) and return the offset to plan it with."""
         device = message.device_id
         if self.config.mode == "fixed":
-            choice = OffsetChoice(configured_s, "configured")
-        else:
-            choice = self._estimated(device, message, arrival, configured_s)
-        with self._lock:
-            self._in_use[device] = choice
-        return choice
+            return OffsetChoice(configured_s, "configured")
+        return self._estimated(device, message, arrival, configured_s)
 
     def _estimated(self, device: str, message: InspectionMessage, arrival: float, configured_s: float) -> OffsetChoice:
         with self._lock:
@@ -207,8 +202,3 @@ class ClockOffsets:
         """device -> (confirmed offset, unix time), to keep across a restart."""
         with self._lock:
             return dict(self._confirmed)
-
-    def in_use(self) -> dict[str, OffsetChoice]:
-        """device -> the offset its latest message was planned with."""
-        with self._lock:
-            return dict(self._in_use)
