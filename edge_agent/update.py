@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,9 +43,9 @@ from edge_agent.update_mqtt import AgentControl, EventSink, MqttLink
 
 log = logging.getLogger(__name__)
 
-# Test hook: the updater blocks forever when it reaches this step (tests SIGKILL it there). Not an
-# EDGE_AGENT_* variable: those are configuration and unknown ones are rejected.
-PAUSE_ENV = "UFLOW_UPDATE_PAUSE_AT"
+# Called with each step's name as the updater reaches it (and "download:partial", "rollback"); None in
+# production. The crash tests set it from a wrapper entry point (tests/paused_updater.py) to stop there.
+on_checkpoint: Callable[[str], None] | None = None
 TAR_NAME = "bundle.tar"
 UNPACK_NAME = "bundle"
 
@@ -106,10 +105,8 @@ class _Reporter:
 
 
 def _checkpoint(step: str) -> None:
-    if os.environ.get(PAUSE_ENV) == step:
-        log.warning("paused before %s (%s)", step, PAUSE_ENV, extra={"event": "update_paused", "step": step})
-        while True:
-            time.sleep(3600)
+    if on_checkpoint is not None:
+        on_checkpoint(step)
 
 
 @contextlib.contextmanager

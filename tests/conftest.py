@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Fixture modules for every test (instead of importing fixtures into each test module): the MQTT broker
+# (broker, broker_factory) and the contract bundle (contract_bundle).
+pytest_plugins = ["mqtt_broker", "contract_bundle"]
+
 # Spinning OpenMP threads make torch ~10x slower when the (2-core) machine is shared with other jobs;
 # this must be set before torch is first imported, i.e. here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

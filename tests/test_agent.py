@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from agent_harness import AgentThread, agent_config, http_get, send_command, write_frames
 from contract_bundle import build_contract_bundle
-from mqtt_broker import MosquittoBroker, Received, Subscriber, broker, broker_factory, free_port  # noqa: F401
+from mqtt_broker import MosquittoBroker, Received, Subscriber, free_port
 
 from edge_agent.commands import MAX_COMMAND_BYTES
 
@@ -79,7 +79,7 @@ def running(
     tmp_path: Path,
     bundles: dict[str, Path],
     frames: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> Iterator[Running]:
     current = tmp_path / "current"
     current.symlink_to(bundles["v1"])

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from contract_bundle import build_contract_bundle, good_frame
-from mqtt_broker import MosquittoBroker, broker_factory, free_port  # noqa: F401 (fixture)
+from mqtt_broker import MosquittoBroker, free_port
 
 
 def _doctor(config: Path, *extra: str) -> tuple[int, list[dict[str, str]]]:
@@ -59,7 +59,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 def test_healthy_box_passes_every_check(
     tmp_path: Path,
-    broker_factory: Callable[[], MosquittoBroker],  # noqa: F811 (fixture)
+    broker_factory: Callable[[], MosquittoBroker],
     image_folder: Path,
 ) -> None:
     broker = broker_factory()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory, free_port  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from edge_agent.config import MqttConfig
@@ -42,7 +42,7 @@ def publisher_for(port: int, **fields: object) -> MqttPublisher:
     return MqttPublisher(config, device_id="cam1")
 
 
-def test_status_inspection_expiry_and_clean_stop(broker: MosquittoBroker) -> None:  # noqa: F811
+def test_status_inspection_expiry_and_clean_stop(broker: MosquittoBroker) -> None:
     subscriber = Subscriber(broker, "uflow/cam1/#")
     publisher = publisher_for(broker.port, message_expiry_s=45)
     publisher.start()
@@ -68,7 +68,7 @@ def test_status_inspection_expiry_and_clean_stop(broker: MosquittoBroker) -> Non
     late.close()
 
 
-def test_publish_only_anomalous(broker: MosquittoBroker) -> None:  # noqa: F811
+def test_publish_only_anomalous(broker: MosquittoBroker) -> None:
     subscriber = Subscriber(broker, "uflow/cam1/inspection")
     publisher = publisher_for(broker.port, publish="anomalous")
     publisher.start()
@@ -81,7 +81,7 @@ def test_publish_only_anomalous(broker: MosquittoBroker) -> None:  # noqa: F811
     subscriber.close()
 
 
-def test_broker_down_at_start_then_up_loses_nothing(broker_factory, caplog) -> None:  # noqa: F811
+def test_broker_down_at_start_then_up_loses_nothing(broker_factory, caplog) -> None:
     port = free_port()
     publisher = publisher_for(port)
     with caplog.at_level("WARNING", logger="edge_agent.mqtt"):
@@ -93,7 +93,7 @@ def test_broker_down_at_start_then_up_loses_nothing(broker_factory, caplog) -> N
     assert any(getattr(r, "event", "") == "mqtt_unreachable" for r in caplog.records)
     assert len(publisher.outbox) == 4
 
-    broker = broker_factory(port=port)  # noqa: F811
+    broker = broker_factory(port=port)
     subscriber = Subscriber(broker, "uflow/cam1/#")
     assert publisher.wait_connected(15)
     assert publisher.wait_until_delivered(15)
@@ -104,8 +104,8 @@ def test_broker_down_at_start_then_up_loses_nothing(broker_factory, caplog) -> N
     subscriber.close()
 
 
-def test_broker_restart_mid_stream_reconnects_and_republishes_online(broker_factory) -> None:  # noqa: F811
-    broker = broker_factory()  # noqa: F811
+def test_broker_restart_mid_stream_reconnects_and_republishes_online(broker_factory) -> None:
+    broker = broker_factory()
     publisher = publisher_for(broker.port)
     publisher.start()
     assert publisher.wait_connected(10)
@@ -124,8 +124,8 @@ def test_broker_restart_mid_stream_reconnects_and_republishes_online(broker_fact
     subscriber.close()
 
 
-def test_order_is_kept_across_an_outage(broker_factory) -> None:  # noqa: F811
-    broker = broker_factory()  # noqa: F811
+def test_order_is_kept_across_an_outage(broker_factory) -> None:
+    broker = broker_factory()
     publisher = publisher_for(broker.port)
     publisher.start()
     assert publisher.wait_connected(10)
@@ -147,7 +147,7 @@ def test_order_is_kept_across_an_outage(broker_factory) -> None:  # noqa: F811
     assert [m.payload for m in subscriber.on("/status")] == [b"online", b"stopped"]
 
 
-def test_will_marks_a_killed_agent_offline(broker: MosquittoBroker, tmp_path: Path) -> None:  # noqa: F811
+def test_will_marks_a_killed_agent_offline(broker: MosquittoBroker, tmp_path: Path) -> None:
     script = tmp_path / "agent.py"
     script.write_text(
         "import sys, time\n"
@@ -176,7 +176,7 @@ def test_will_marks_a_killed_agent_offline(broker: MosquittoBroker, tmp_path: Pa
         process.wait()
 
 
-def test_mqtt_311_has_no_expiry_but_delivers(broker: MosquittoBroker) -> None:  # noqa: F811
+def test_mqtt_311_has_no_expiry_but_delivers(broker: MosquittoBroker) -> None:
     subscriber = Subscriber(broker, "uflow/cam1/inspection")
     publisher = publisher_for(broker.port, protocol="3.1.1")
     publisher.start()
@@ -240,7 +240,7 @@ class V311OnlyFront:
         self._server.close()
 
 
-def test_auto_protocol_falls_back_to_311_when_v5_is_refused(broker: MosquittoBroker, caplog) -> None:  # noqa: F811
+def test_auto_protocol_falls_back_to_311_when_v5_is_refused(broker: MosquittoBroker, caplog) -> None:
     front = V311OnlyFront(broker.port)
     subscriber = Subscriber(broker, "uflow/cam1/#", protocol=MQTTProtocolVersion.MQTTv311)
     publisher = publisher_for(front.port, protocol="auto")
@@ -260,7 +260,7 @@ def test_auto_protocol_falls_back_to_311_when_v5_is_refused(broker: MosquittoBro
     front.close()
 
 
-def test_explicit_v5_does_not_fall_back(broker: MosquittoBroker) -> None:  # noqa: F811
+def test_explicit_v5_does_not_fall_back(broker: MosquittoBroker) -> None:
     front = V311OnlyFront(broker.port)
     publisher = publisher_for(front.port, protocol="5")
     publisher.start()

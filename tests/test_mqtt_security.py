@@ -14,7 +14,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_broker import MosquittoBroker, Subscriber, broker_factory  # noqa: F401 (fixture)
+from mqtt_broker import MosquittoBroker, Subscriber
 from tls_certs import Pki, make_pki
 
 from edge_agent.config import ConfigError, MqttConfig, TlsConfig
@@ -33,7 +33,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def secure_broker(tmp_path: Path, pki: Pki, broker_factory) -> MosquittoBroker:  # noqa: F811
+def secure_broker(tmp_path: Path, pki: Pki, broker_factory) -> MosquittoBroker:
     """mosquitto with only a TLS listener that requires a client certificate AND a user name/password."""
     passwords = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), USER, PASSWORD], check=True, capture_output=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from contract_bundle import contract_bundle, defect_frame, good_frame  # noqa: F401 (fixture)
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
+from contract_bundle import defect_frame, good_frame
+from mqtt_broker import MosquittoBroker, Subscriber
 
 from edge_agent.config import ModelConfig, MqttConfig, SourceConfig
 from edge_agent.loaded_model import load_model
@@ -42,9 +42,9 @@ def make_pipeline(bundle_dir: Path, source_config: SourceConfig, port: int, on_r
 
 
 def test_every_frame_of_a_folder_is_published_in_order(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames_dir: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     subscriber = Subscriber(broker, "uflow/cam1/inspection")
     pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir)), broker.port)
@@ -72,9 +72,9 @@ def test_every_frame_of_a_folder_is_published_in_order(
 
 
 def test_latest_frame_policy_drops_and_counts_under_a_slow_consumer(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames_dir: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     seen: list[int] = []
 
@@ -97,9 +97,9 @@ def test_latest_frame_policy_drops_and_counts_under_a_slow_consumer(
 
 
 def test_stop_drains_frames_in_flight(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames_dir: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     subscriber = Subscriber(broker, "uflow/cam1/inspection")
     pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir), loop=True), broker.port)
@@ -117,9 +117,9 @@ def test_stop_drains_frames_in_flight(
 
 
 def test_a_failing_stage_stops_every_stage_and_is_reported(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames_dir: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     def explode(job: FrameJob) -> None:
         if job.frame.sequence == 2:
@@ -163,9 +163,9 @@ def test_stage_queue_blocks_when_full_without_drop() -> None:
 
 
 def test_a_hung_stage_stops_looking_responsive(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames_dir: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     release = threading.Event()
     hung = threading.Event()

@@ -19,8 +19,7 @@ import cv2
 import numpy as np
 import pytest
 from agent_harness import AgentThread, agent_config, http_get, write_frames
-from contract_bundle import contract_bundle  # noqa: F401 (fixture)
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory, free_port  # noqa: F401
+from mqtt_broker import MosquittoBroker, Subscriber, free_port
 
 from edge_agent.config import AgentSettings
 
@@ -76,9 +75,9 @@ def start_agent(
 @pytest.fixture
 def preview_agent(
     tmp_path: Path,
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> Iterator[PreviewAgent]:
     agent, subscriber, http_port = start_agent(
         tmp_path, contract_bundle, frames, broker, {"preview": True, "preview_max_fps": 5.0}
@@ -90,9 +89,9 @@ def preview_agent(
 
 def test_preview_is_off_by_default_and_bound_to_localhost(
     tmp_path: Path,
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     frames: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     defaults = AgentSettings().http
     assert defaults.preview is False and defaults.host == "127.0.0.1"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 from relay_helpers import RecordingHttpServer, inspection, relay_toml
 
@@ -41,7 +41,7 @@ def http() -> Iterator[RecordingHttpServer]:
 
 
 @pytest.fixture
-def relay_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[..., RejectRelay]]:  # noqa: F811
+def relay_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[..., RejectRelay]]:
     """Start an in-process relay from a TOML config (actuator body + extra top-level TOML)."""
     made: list[RejectRelay] = []
 
@@ -62,7 +62,7 @@ def relay_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[
 
 
 @pytest.fixture
-def camera(broker: MosquittoBroker) -> Iterator[Callable[[str], MqttPublisher]]:  # noqa: F811
+def camera(broker: MosquittoBroker) -> Iterator[Callable[[str], MqttPublisher]]:
     """The agent's own MQTT publisher, one per device id."""
     made: list[MqttPublisher] = []
 
@@ -96,7 +96,7 @@ def logged(caplog: pytest.LogCaptureFixture, decision: str) -> list[logging.LogR
     return [r for r in caplog.records if getattr(r, "decision", "") == decision]
 
 
-def raw_publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:  # noqa: F811
+def raw_publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     client.connect(broker.host, broker.port)
     client.loop_start()
@@ -170,7 +170,7 @@ def test_expired_messages_are_counted_missed_and_never_fired(
 
 
 def test_duplicate_deliveries_fire_once(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],
     camera: Callable[[str], MqttPublisher],
     http: RecordingHttpServer,
@@ -193,7 +193,7 @@ def test_duplicate_deliveries_fire_once(
 
 
 def test_malformed_messages_are_logged_counted_and_do_not_stop_the_relay(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],
     http: RecordingHttpServer,
     caplog: pytest.LogCaptureFixture,
@@ -268,7 +268,7 @@ def test_unreachable_http_actuator_fails_before_the_deadline(
 
 
 def test_mqtt_actuator_publishes_the_order_with_an_expiry(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],
     camera: Callable[[str], MqttPublisher],
 ) -> None:
@@ -334,7 +334,7 @@ def test_unconfigured_camera_is_counted_and_named(
 
 
 def test_status_and_stats_are_published(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],
     camera: Callable[[str], MqttPublisher],
     http: RecordingHttpServer,
@@ -358,7 +358,7 @@ def test_status_and_stats_are_published(
 
 
 def test_wildcard_and_several_topics(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],
     http: RecordingHttpServer,
 ) -> None:
@@ -383,7 +383,7 @@ def test_wildcard_and_several_topics(
 
 
 def test_relay_survives_a_broker_restart(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],
     http: RecordingHttpServer,
 ) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber
 from relay_helpers import RecordingHttpServer, RelayProcess, inspection, relay_toml
 
 from edge_agent.config import MqttConfig
@@ -40,7 +40,7 @@ def http() -> Iterator[RecordingHttpServer]:
 
 
 @pytest.fixture
-def camera(broker: MosquittoBroker) -> Iterator[MqttPublisher]:  # noqa: F811
+def camera(broker: MosquittoBroker) -> Iterator[MqttPublisher]:
     publisher = MqttPublisher(MqttConfig(port=broker.port, message_expiry_s=60, drain_timeout_s=5), "cam1")
     publisher.start()
     assert publisher.wait_connected(10)
@@ -49,7 +49,7 @@ def camera(broker: MosquittoBroker) -> Iterator[MqttPublisher]:  # noqa: F811
 
 
 @pytest.fixture
-def watcher(broker: MosquittoBroker) -> Iterator[Subscriber]:  # noqa: F811
+def watcher(broker: MosquittoBroker) -> Iterator[Subscriber]:
     subscriber = Subscriber(broker, "uflow/relay/r1/status")
     yield subscriber
     subscriber.close()
@@ -75,7 +75,7 @@ def statuses(watcher: Subscriber) -> list[bytes]:
 
 def test_restart_loses_nothing_queued_and_never_fires_twice(
     tmp_path: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     http: RecordingHttpServer,
     camera: MqttPublisher,
     watcher: Subscriber,
@@ -139,7 +139,7 @@ def test_restart_loses_nothing_queued_and_never_fires_twice(
 
 def test_killed_relay_resumes_a_scheduled_reject_from_its_journal(
     tmp_path: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     http: RecordingHttpServer,
     camera: MqttPublisher,
     watcher: Subscriber,
@@ -196,7 +196,7 @@ def journal_rows(journal: Path, count: int, timeout: float = 15.0) -> bool:
 
 def test_systemd_ready_watchdog_and_stopping(
     tmp_path: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     http: RecordingHttpServer,
 ) -> None:
     sock_dir = Path(tempfile.mkdtemp(prefix="notify-"))  # short path: AF_UNIX names are limited to 108 bytes

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory, free_port  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from torch_block import torch_free_env
 
 from edge_agent.conveyor import write_video
@@ -129,7 +129,7 @@ def overlaps(bbox: list[int], box: tuple[int, int, int, int]) -> bool:
 def test_video_through_edge_agent_run_one_message_per_frame(
     tiny_bundle: Path,
     e2e_video: Video,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     tmp_path: Path,
     numba_cache: Path,
 ) -> None:
@@ -188,7 +188,7 @@ def test_video_through_edge_agent_run_one_message_per_frame(
 def test_sigterm_stops_cleanly_with_stopped_status(
     tiny_bundle: Path,
     e2e_video: Video,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     tmp_path: Path,
     numba_cache: Path,
 ) -> None:
@@ -217,7 +217,7 @@ def test_sigterm_stops_cleanly_with_stopped_status(
 def test_broker_down_at_start_does_not_crash_the_agent(
     tiny_bundle: Path,
     e2e_video: Video,
-    broker_factory,  # noqa: F811
+    broker_factory,
     tmp_path: Path,
     numba_cache: Path,
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from contract_bundle import contract_bundle, defect_frame, good_frame  # noqa: F401 (fixture)
+from contract_bundle import defect_frame, good_frame
 
 from edge_agent.bundle import load_bundle
 from edge_agent.config import ModelConfig, NfaConfig
@@ -21,7 +21,7 @@ from edge_agent.scoring import DecisionRule, FrameScorer, map_region, resize_map
 
 
 @pytest.fixture(scope="module")
-def engine_and_manifest(contract_bundle: Path):  # noqa: F811
+def engine_and_manifest(contract_bundle: Path):
     bundle = load_bundle(contract_bundle)
     engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=1))
     yield engine, bundle.manifest

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from agent_harness import AgentThread, agent_config, http_get
 from fleet_helpers import make_bundle, serving
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory, free_port  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from test_agent import Running, bundles, frames  # noqa: F401 (fixtures)
 
 from edge_agent.commands import CommandProcessor
@@ -38,7 +38,7 @@ def running(
     tmp_path: Path,
     bundles: dict[str, Path],  # noqa: F811
     frames: Path,  # noqa: F811
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> Iterator[Running]:
     """The agent with the default threshold band (nfa.command_band 2 around the bundle's log10 epsilon 0)."""
     current = tmp_path / "current"
@@ -86,7 +86,7 @@ def test_unknown_command_names_share_one_metrics_series(running: Running) -> Non
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_command_worker_that_dies_is_restarted_and_counted(broker: MosquittoBroker) -> None:  # noqa: F811
+def test_a_command_worker_that_dies_is_restarted_and_counted(broker: MosquittoBroker) -> None:
     publisher = MqttPublisher(MqttConfig(port=broker.port, drain_timeout_s=2), "box1")
     replies = Subscriber(broker, "uflow/box1/cmd/+/result")
     processor = CommandProcessor(publisher.publish_result)
@@ -141,7 +141,7 @@ def test_update_command_cannot_choose_the_source_or_force_a_downgrade(
     tmp_path: Path,
     keys,  # type: ignore[no-untyped-def]
     frames: Path,  # noqa: F811
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     (tmp_path / "fleet").mkdir()
     (tmp_path / "attacker").mkdir()
@@ -186,7 +186,7 @@ def test_update_command_cannot_choose_the_source_or_force_a_downgrade(
             subscriber.close()
 
 
-def test_the_operator_on_the_box_can_downgrade(tmp_path: Path, keys, broker: MosquittoBroker) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_the_operator_on_the_box_can_downgrade(tmp_path: Path, keys, broker: MosquittoBroker) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "fleet").mkdir()
     with serving(tmp_path / "fleet") as fleet:
         settings = load_settings(
@@ -229,7 +229,7 @@ def test_snapshots_are_limited_in_rate_and_count(
     tmp_path: Path,
     bundles: dict[str, Path],  # noqa: F811
     frames: Path,  # noqa: F811
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     current = tmp_path / "current"
     current.symlink_to(bundles["v1"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from agent_harness import AgentThread, agent_config
 from fleet_helpers import make_bundle
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber
 from test_agent import Running, frames  # noqa: F401 (fixture)
 
 from edge_agent.bundle import MANIFEST_NAME, MAX_INPUT_SIDE, BundleError, load_bundle
@@ -48,7 +48,7 @@ def test_signature_is_checked_at_start_and_on_reload(
     tmp_path: Path,
     keys,  # type: ignore[no-untyped-def]
     frames: Path,  # noqa: F811
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
 ) -> None:
     fleet, other = keys
     good = make_bundle(tmp_path / "good", "1.0.0", fleet.private_key)

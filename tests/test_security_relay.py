@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mqtt_broker import MosquittoBroker, broker, broker_factory  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker
 from relay_helpers import RecordingHttpServer, inspection
 from test_relay import camera, http, http_actuator, logged, raw_publish, relay_factory, wait_until  # noqa: F401
 
@@ -33,7 +33,7 @@ def nested(depth: int) -> bytes:
 
 
 def test_deeply_nested_messages_are_malformed_acknowledged_and_do_not_stall_the_relay(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],  # noqa: F811
     http: RecordingHttpServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
@@ -53,7 +53,7 @@ def test_deeply_nested_messages_are_malformed_acknowledged_and_do_not_stall_the_
 
 def test_poison_is_not_redelivered_after_a_restart(
     tmp_path: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     http: RecordingHttpServer,  # noqa: F811
 ) -> None:
     # The persistent session redelivers what was not acknowledged: a relay that never acks a poison message
@@ -110,7 +110,7 @@ def test_an_unwritable_journal_does_not_stall_the_relay_and_says_so(
 
 
 def test_forged_clock_samples_cannot_make_every_reject_missed(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],  # noqa: F811
     camera: Callable[[str], MqttPublisher],  # noqa: F811
     http: RecordingHttpServer,  # noqa: F811
@@ -136,7 +136,7 @@ def test_forged_clock_samples_cannot_make_every_reject_missed(
 
 
 def test_the_topic_is_the_camera_identity(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],  # noqa: F811
     http: RecordingHttpServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
@@ -165,7 +165,7 @@ def test_the_topic_is_the_camera_identity(
     ],
 )
 def test_ids_unusable_in_topics_or_argv_are_refused(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],  # noqa: F811
     http: RecordingHttpServer,  # noqa: F811
     topic: str,
@@ -180,7 +180,7 @@ def test_ids_unusable_in_topics_or_argv_are_refused(
 
 
 def test_per_camera_state_is_bounded(
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     relay_factory: Callable[..., RejectRelay],  # noqa: F811
     http: RecordingHttpServer,  # noqa: F811
 ) -> None:

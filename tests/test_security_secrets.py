@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from agent_harness import REPO, AgentThread, agent_config, http_get
 from contract_bundle import build_contract_bundle
-from mqtt_broker import MosquittoBroker, Subscriber, broker, broker_factory, free_port  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from stream_server import MjpegServer, camera_video, needs_ffmpeg
 
 from edge_agent.config import ConfigError, load_settings
@@ -36,7 +36,7 @@ def test_redact_uri_covers_urls_and_pipeline_properties() -> None:
 @pytest.mark.slow
 def test_source_credentials_appear_nowhere(
     tmp_path: Path,
-    broker: MosquittoBroker,  # noqa: F811
+    broker: MosquittoBroker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)

@@ -7,7 +7,7 @@ import threading
 import time
 
 import paho.mqtt.client as paho
-from mqtt_broker import MosquittoBroker, broker, broker_factory  # noqa: F401 (fixtures)
+from mqtt_broker import MosquittoBroker
 from paho.mqtt.enums import CallbackAPIVersion
 from relay_helpers import MODEL, inspection
 
@@ -50,7 +50,7 @@ class FakeAgent:
         self.client.loop_stop()
 
 
-def test_a_forged_reload_result_does_not_roll_back(broker: MosquittoBroker) -> None:  # noqa: F811
+def test_a_forged_reload_result_does_not_roll_back(broker: MosquittoBroker) -> None:
     agent = FakeAgent(broker, forge=True)
     link = MqttLink(MqttConfig(host=broker.host, port=broker.port), "cam1")
     try:

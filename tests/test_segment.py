@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from contract_bundle import contract_bundle, defect_frame, good_frame  # noqa: F401 (fixture)
+from contract_bundle import defect_frame, good_frame
 
 from edge_agent.cli import main
 
@@ -27,7 +27,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_segment_writes_json_maps_and_overlay_at_image_size(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     images: Path,
     tmp_path: Path,
 ) -> None:
@@ -65,7 +65,7 @@ def test_segment_writes_json_maps_and_overlay_at_image_size(
 
 
 def test_unreadable_image_is_named_and_the_others_are_still_written(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     images: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -79,7 +79,7 @@ def test_unreadable_image_is_named_and_the_others_are_still_written(
     assert (out / "good.json").is_file() and not (out / "broken.json").exists()
 
 
-def test_folder_argument_and_duplicate_stems(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_folder_argument_and_duplicate_stems(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["segment", "--bundle", str(contract_bundle), "--out", str(out), "--no-overlay", str(images)]) == 0
     assert sorted(p.name for p in out.glob("*.json")) == ["good.json", "scratch.json"]
@@ -103,7 +103,7 @@ def segment_error(bundle: Path, image: Path, out: Path, capsys: pytest.CaptureFi
 
 
 def test_corrupt_model_file_is_refused_naming_the_file(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     images: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -117,7 +117,7 @@ def test_corrupt_model_file_is_refused_naming_the_file(
 
 
 def test_manifest_scale_not_matching_onnx_names_the_output(
-    contract_bundle: Path,  # noqa: F811
+    contract_bundle: Path,
     images: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -130,7 +130,7 @@ def test_manifest_scale_not_matching_onnx_names_the_output(
     assert "output 'm_1' has shape [1, 8, 8], the manifest says [1, 9, 8]" in err
 
 
-def test_manifest_naming_an_output_the_onnx_lacks(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_manifest_naming_an_output_the_onnx_lacks(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:
     bundle = copy_bundle(contract_bundle, tmp_path / "bundle")
     manifest = json.loads((bundle / "model.json").read_text())
     manifest["scales"][0]["name"] = "m_7"
@@ -139,7 +139,7 @@ def test_manifest_naming_an_output_the_onnx_lacks(contract_bundle: Path, images:
     assert "the model has no output 'm_7'" in err
 
 
-def test_missing_file_and_wrong_schema_are_refused(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_missing_file_and_wrong_schema_are_refused(contract_bundle: Path, images: Path, tmp_path: Path, capsys) -> None:
     bundle = copy_bundle(contract_bundle, tmp_path / "bundle")
     (bundle / "model.onnx").unlink()
     assert "model.onnx is listed in model.json but missing" in segment_error(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_broker import Subscriber, broker_factory, free_port  # noqa: F401 (fixture)
+from mqtt_broker import Subscriber, free_port
 
 from edge_agent.config import MqttConfig
 from edge_agent.messages import InspectionMessage, ModelRef
@@ -188,7 +188,7 @@ def inspection(sequence: int) -> InspectionMessage:
 
 def test_publisher_with_spool_delivers_after_an_agent_restart_with_the_broker_down_meanwhile(
     tmp_path: Path,
-    broker_factory,  # noqa: F811
+    broker_factory,
 ) -> None:
     port = free_port()
     path = tmp_path / "spool.sqlite"

@@ -20,7 +20,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from fleet_helpers import FleetServer, make_bundle, serving
-from mqtt_broker import MosquittoBroker, Subscriber, broker_factory  # noqa: F401 (fixture)
+from mqtt_broker import MosquittoBroker, Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.bundle import load_bundle
@@ -28,7 +28,7 @@ from edge_agent.config import AgentSettings, load_settings
 from edge_agent.fleet import publish
 from edge_agent.models_dir import ModelsDir
 from edge_agent.signing import generate_keypair, sign_bytes, verify_bundle_signature
-from edge_agent.update import PAUSE_ENV, apply_update
+from edge_agent.update import apply_update
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def assert_only(models: ModelsDir, versions: list[str], current: str | None) -> 
 
 
 @pytest.fixture
-def mqtt(broker_factory) -> MosquittoBroker:  # type: ignore[no-untyped-def]  # noqa: F811
+def mqtt(broker_factory) -> MosquittoBroker:  # type: ignore[no-untyped-def]
     """A real mosquitto on a loopback port for this test."""
     return broker_factory()
 
@@ -370,12 +370,20 @@ def run_updater(config: Path, env: dict[str, str], timeout: float = 120) -> subp
 
 def start_paused_updater(config: Path, step: str, env: dict[str, str]) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "update", "--config", str(config), "--no-reload"],
+        [
+            sys.executable,
+            str(REPO / "tests" / "paused_updater.py"),
+            step,
+            "update",
+            "--config",
+            str(config),
+            "--no-reload",
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         cwd=REPO,
-        env={**os.environ, **env, PAUSE_ENV: step},
+        env={**os.environ, **env},
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()  # type: ignore[union-attr]
