@@ -43,8 +43,16 @@ class ModelConfig(_Section):
     """Which bundle to run and on what."""
 
     bundle: Path | None = Field(default=None, description="bundle directory; default <state_dir>/models/current")
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        default="auto",
+        description="auto: TensorRT where its Python package imports and a GPU opens, else ONNX Runtime on the CPU; "
+        "tensorrt: an error when it cannot run (docs/tensorrt.md)",
+    )
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        default="fp32",
+        description="which model of the bundle runs: fp32 is model.onnx, fp16/int8 the variant the bundle lists "
+        "(uflow calibrate; docs/precision.md)",
+    )
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
     tensorrt_workspace_mb: int = Field(default=1024, ge=64, description="TensorRT builder workspace (build-engine)")
@@ -57,7 +65,11 @@ class SourceConfig(_Section):
         default="0",
         description="camera index, video file, image folder, rtsp/http URL, or GStreamer pipeline",
     )
-    kind: Literal["auto", "camera", "file", "folder", "stream", "gstreamer"] = "auto"
+    kind: Literal["auto", "camera", "file", "folder", "stream", "gstreamer"] = Field(
+        default="auto",
+        description="auto: from the uri (a number or /dev/videoN: camera; '!': GStreamer; rtsp/http/...: stream; "
+        "a directory: folder; else file)",
+    )
     loop: bool = Field(default=False, description="restart a file or folder at its end")
     drop_policy: Literal["auto", "latest", "every"] = Field(
         default="auto",
@@ -65,7 +77,9 @@ class SourceConfig(_Section):
     )
     fps_limit: float = Field(default=0.0, ge=0.0, description="0 = as fast as the source delivers")
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h crop in source pixels")
-    rotate: Literal[0, 90, 180, 270] = 0
+    rotate: Literal[0, 90, 180, 270] = Field(
+        default=0, description="turn every frame clockwise by this many degrees, before roi"
+    )
     width: int | None = Field(default=None, gt=0, description="requested capture width (cameras)")
     height: int | None = Field(default=None, gt=0, description="requested capture height (cameras)")
     open_timeout_s: float = Field(default=10.0, gt=0, description="opening the camera/stream/file must finish within")
@@ -100,27 +114,41 @@ class NfaConfig(_Section):
 
 
 class TlsConfig(_Section):
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    """TLS to the broker: the section's presence turns it on (the broker's certificate chain is always verified)."""
+
+    ca_file: Path | None = Field(
+        default=None, description="CA certificate(s) that signed the broker's certificate; default the system's CAs"
+    )
+    cert_file: Path | None = Field(default=None, description="client certificate (PEM), for a broker that requires one")
+    key_file: Path | None = Field(
+        default=None, description="the client certificate's private key; default: in cert_file"
+    )
     insecure: bool = Field(default=False, description="skip hostname verification (test rigs only)")
 
 
 class MqttConfig(_Section):
     """Broker connection and publishing policy."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, gt=0, lt=65536)
-    prefix: str = "uflow"
-    client_id: str | None = None
-    protocol: Literal["5", "3.1.1", "auto"] = "auto"
-    keepalive_s: int = Field(default=30, gt=0)
-    username: str | None = None
+    host: str = Field(default="127.0.0.1", description="broker host name or address")
+    port: int = Field(default=1883, gt=0, lt=65536, description="broker port (8883 is the usual TLS port)")
+    prefix: str = Field(default="uflow", description="topics are <prefix>/<device_id>/<leaf>")
+    client_id: str | None = Field(default=None, description="default edge-agent-<device_id>; unique per broker")
+    protocol: Literal["5", "3.1.1", "auto"] = Field(
+        default="auto", description="MQTT version; auto: 5, falling back to 3.1.1 when the broker refuses 5"
+    )
+    keepalive_s: int = Field(
+        default=30, gt=0, description="MQTT keep-alive (s): the broker drops a silent client after 1.5x this"
+    )
+    username: str | None = Field(default=None, description="broker user name; unset: no authentication")
     password: SecretStr | None = Field(default=None, description="never printed (config --show shows **********)")
     tls: TlsConfig | None = None
-    publish: Literal["all", "anomalous"] = "all"
+    publish: Literal["all", "anomalous"] = Field(
+        default="all", description="which frames get an inspection message: every one, or only anomalous ones"
+    )
     message_expiry_s: int = Field(default=30, ge=0, description="MQTT 5 expiry of inspection messages; 0 = never")
-    stats_interval_s: float = Field(default=10.0, gt=0)
+    stats_interval_s: float = Field(
+        default=10.0, gt=0, description="seconds between stats messages (and one at once on a source state change)"
+    )
     reconnect_initial_s: int = Field(default=1, gt=0, description="first wait before reconnecting; doubles")
     reconnect_max_s: int = Field(default=30, gt=0, description="longest wait between reconnect attempts")
     drain_timeout_s: float = Field(
@@ -144,9 +172,9 @@ class SpoolConfig(_Section):
 class HttpConfig(_Section):
     """/metrics, /healthz and the optional live preview."""
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(default=9108, ge=0, lt=65536)
+    enabled: bool = Field(default=True, description="serve /metrics and /healthz (and /preview when enabled)")
+    host: str = Field(default="127.0.0.1", description="address to listen on; 0.0.0.0 exposes it to the network")
+    port: int = Field(default=9108, ge=0, lt=65536, description="TCP port; 0 = any free port (logged at start)")
     preview: bool = Field(
         default=False,
         description="live preview page at /preview (frame, anomaly map, NFA regions); keep host on 127.0.0.1 "
@@ -162,9 +190,15 @@ class UpdateConfig(_Section):
 
     source: str | None = Field(default=None, description="https URL or directory holding latest.json")
     public_key: Path | None = Field(default=None, description="fleet ed25519 public key (PEM or raw)")
-    group: str = "default"
+    group: str = Field(
+        default="default", description="rollout group: the version latest.json names for it is installed"
+    )
     keep_versions: int = Field(default=3, ge=1, description="installed versions kept for rollback, current included")
-    health_timeout_s: float = Field(default=120.0, gt=0)
+    health_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="after the reload the agent must serve the new model healthily within this, else rollback",
+    )
     health_inspections: int = Field(
         default=3, ge=1, description="inspections with the new model the agent must publish after a reload"
     )
@@ -214,9 +248,13 @@ class AgentSettings(FileAndEnvSettings):
         description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, not starting "
         "with -)",
     )
-    state_dir: Path = DEFAULT_STATE_DIR
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR, description="models, engine plans, spool, snapshots and the Numba cache live here"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="least severe logged")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line with an event field (journald); text: for people"
+    )
     snapshot_dir: Path | None = Field(default=None, description="default <state_dir>/snapshots")
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
 

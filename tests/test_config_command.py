@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
 
 from edge_agent.config import AgentSettings
 from edge_agent.config_command import reference_markdown
+from edge_agent.relay.config import RelaySettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +42,32 @@ def test_reference_lists_every_key_of_every_section() -> None:
                 assert f"| `{key}` |" in text or nested, f"{name}.{key} missing from the reference"
         else:
             assert f"| `{name}` |" in text
+
+
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, description) of every key that is not a section, sections (and dicts of them) walked."""
+    for name, field in model.model_fields.items():
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [arg for c in candidates for arg in typing.get_args(c)]  # dict[str, DeviceConfig]
+        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if section is None:
+            yield prefix + name, (field.description or "").strip()
+        else:
+            yield from leaf_fields(section, f"{prefix}{name}.")
+
+
+@pytest.mark.parametrize("settings", [AgentSettings, RelaySettings], ids=["agent", "relay"])
+def test_every_key_says_what_it_means(settings: type[BaseModel]) -> None:
+    # The reference's "meaning" column is the field's description: an empty one is a key nobody can set well.
+    empty = [key for key, description in leaf_fields(settings) if not description]
+    assert not empty, f"give these fields a Field(description=...) in {settings.__module__}: {empty}"
+
+
+def test_the_reference_has_no_empty_meaning() -> None:
+    rows = [line for line in reference_markdown().splitlines() if line.startswith("| `")]
+    assert rows
+    empty = [row for row in rows if row.rstrip().endswith("|  |")]
+    assert not empty, "\n".join(empty)
 
 
 def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:

@@ -45,8 +45,8 @@ class _Section(BaseModel):
 class RelayMqttConfig(_Section):
     """The relay's broker connection: a persistent session so nothing queued is lost across restarts."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, gt=0, lt=65536)
+    host: str = Field(default="127.0.0.1", description="broker host name or address")
+    port: int = Field(default=1883, gt=0, lt=65536, description="broker port (8883 is the usual TLS port)")
     prefix: str = Field(default="uflow", description="the relay publishes <prefix>/relay/<relay_id>/status|stats")
     topics: list[str] = Field(
         default_factory=lambda: ["uflow/+/inspection"],
@@ -54,17 +54,21 @@ class RelayMqttConfig(_Section):
         description="inspection topics to subscribe (QoS 1); MQTT wildcards allowed",
     )
     client_id: str | None = Field(default=None, description="default edge-reject-relay-<relay_id>; must be stable")
-    protocol: Literal["5", "3.1.1"] = "5"
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT version (both keep a persistent session; 5 also sets its expiry)"
+    )
     session_expiry_s: int = Field(
         default=3600, gt=0, description="the broker keeps the session (and queues messages) this long while away"
     )
-    keepalive_s: int = Field(default=30, gt=0)
-    username: str | None = None
+    keepalive_s: int = Field(
+        default=30, gt=0, description="MQTT keep-alive (s): the broker drops a silent client after 1.5x this"
+    )
+    username: str | None = Field(default=None, description="broker user name; unset: no authentication")
     password: SecretStr | None = Field(default=None, description="never printed")
     tls: TlsConfig | None = None
-    stats_interval_s: float = Field(default=10.0, gt=0)
-    reconnect_initial_s: int = Field(default=1, gt=0)
-    reconnect_max_s: int = Field(default=30, gt=0)
+    stats_interval_s: float = Field(default=10.0, gt=0, description="seconds between the relay's stats messages")
+    reconnect_initial_s: int = Field(default=1, gt=0, description="first wait before reconnecting; doubles")
+    reconnect_max_s: int = Field(default=30, gt=0, description="longest wait between reconnect attempts")
 
     @model_validator(mode="after")
     def _topics_are_filters(self) -> RelayMqttConfig:
@@ -107,7 +111,9 @@ class DeviceTiming:
 class ActuatorConfig(_Section):
     """What firing means: run a command, call a URL, or publish to a PLC gateway topic."""
 
-    kind: Literal["command", "http", "mqtt"]
+    kind: Literal["command", "http", "mqtt"] = Field(
+        description="command: run argv; http: POST the message fields to url; mqtt: publish to topic"
+    )
     command: list[str] | None = Field(
         default=None, description='argv, no shell; {placeholders} substituted, e.g. ["gpioset", "gpiochip0", "17=1"]'
     )
@@ -116,7 +122,7 @@ class ActuatorConfig(_Section):
     topic: str | None = Field(default=None, description="MQTT topic on the relay's broker, e.g. plc/line3/reject")
     timeout_s: float = Field(default=1.0, gt=0, description="one attempt may take this long")
     retries: int = Field(default=1, ge=0, description="more attempts after a failure, only before the deadline")
-    retry_delay_s: float = Field(default=0.01, ge=0)
+    retry_delay_s: float = Field(default=0.01, ge=0, description="wait between attempts")
 
     @model_validator(mode="after")
     def _target_matches_kind(self) -> ActuatorConfig:
@@ -180,13 +186,18 @@ class RelaySettings(FileAndEnvSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    relay_id: str = Field(default_factory=lambda: os.uname().nodename)
-    state_dir: Path = DEFAULT_STATE_DIR
+    relay_id: str = Field(
+        default_factory=lambda: os.uname().nodename,
+        description="this relay in MQTT topics (<prefix>/relay/<relay_id>/) and its default client id",
+    )
+    state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="the decisions journal lives here")
     journal: Path | None = Field(default=None, description="SQLite decisions journal; default <state_dir>/relay.sqlite")
     retention_h: float = Field(default=24.0, gt=0, description="message ids are remembered this long")
     stop_drain_s: float = Field(default=5.0, ge=0, description="on SIGTERM, still fire rejects due this soon")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="least severe logged")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line with an event field (journald); text: for people"
+    )
     log_good_decisions: bool = Field(
         default=True, description="one line per good frame too; off on busy lines (they are still counted)"
     )
