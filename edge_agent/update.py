@@ -37,7 +37,7 @@ from typing import Literal
 
 from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK
 from edge_agent.config import AgentSettings, ConfigError, load_settings
-from edge_agent.messages import UpdateEvent
+from edge_agent.messages import UpdateEvent, redact_uri
 from edge_agent.models_dir import ModelsDir, ModelsDirError, PendingSwitch, UpdateLocked
 from edge_agent.update_mqtt import AgentControl, EventSink, MqttLink
 
@@ -73,7 +73,7 @@ class UpdateFailed(RuntimeError):
     """One step failed; ``step`` names it and the message says why."""
 
     def __init__(self, step: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(redact_uri(message))  # it ends up in the result, the log and on the broker
         self.step = step
 
 
@@ -86,6 +86,8 @@ class _Reporter:
         self.version: str | None = None
 
     def __call__(self, step: str, ok: bool, message: str = "") -> None:
+        # A fleet URL may carry credentials (https://user:token@host/): never in the log or on the broker.
+        message = redact_uri(message)
         level = logging.INFO if ok else logging.ERROR
         log.log(
             level,

@@ -114,3 +114,30 @@ def test_relay_password_is_a_secret(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ},
     )  # fmt: skip
     assert checked.returncode == 0 and SECRET not in checked.stdout + checked.stderr
+
+
+def test_fleet_credentials_stay_out_of_update_events_and_logs(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from edge_agent.signing import generate_keypair
+    from edge_agent.update import apply_update
+
+    caplog.set_level(logging.DEBUG)
+    keys = generate_keypair(tmp_path / "keys")
+    events = Subscriber(broker, "uflow/cam1/update")
+    try:
+        # The fleet URL carries credentials and cannot be fetched: every step message names the URL.
+        source = f"http://fleet:{SECRET}@127.0.0.1:{free_port()}/fleet/"
+        settings = load_settings(None, device_id="cam1", state_dir=str(tmp_path / "state"),
+                                 mqtt={"host": broker.host, "port": broker.port},
+                                 update={"source": source, "public_key": str(keys.public_key)})  # fmt: skip
+        assert apply_update(settings, reload=False).status == "failed"
+        assert events.wait_for(lambda ms: any(not m.json()["ok"] for m in ms), 20)
+    finally:
+        events.close()
+    texts = [m.payload.decode() for m in events.messages]
+    assert any("http://***@127.0.0.1" in text for text in texts)  # still says where, without the credentials
+    texts += [record.getMessage() + json.dumps(record.__dict__, default=str) for record in caplog.records]
+    assert [text[:200] for text in texts if SECRET in text] == []
