@@ -44,6 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import ConfigError, MqttConfig
+from edge_agent.logs import log_event
 from edge_agent.messages import CommandResult, InspectionMessage, StatsMessage, StatusText, topic
 from edge_agent.outbox import MemoryOutbox, Outbox, OutgoingMessage
 
@@ -295,12 +296,17 @@ class MqttPublisher:
         try:
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
-            log.warning(
+            log_event(
+                log,
+                logging.WARNING,
                 "cannot reach MQTT broker; will retry with backoff",
-                extra={"event": "mqtt_unreachable", "host": self.config.host, "port": self.config.port,
-                       "error": describe_connect_error(exc, self.config), "retry_in_s": delay,
-                       "pending": len(self.outbox)},
-            )  # fmt: skip
+                "mqtt_unreachable",
+                host=self.config.host,
+                port=self.config.port,
+                error=describe_connect_error(exc, self.config),
+                retry_in_s=delay,
+                pending=len(self.outbox),
+            )
             return False
         client.loop_start()
         while not self._session_ended.is_set():
@@ -311,14 +317,18 @@ class MqttPublisher:
             self._pump()
         client.loop_stop()
         if not self._session_was_connected and not self._session_refused:
-            log.warning(
+            log_event(
+                log,
+                logging.WARNING,
                 "MQTT broker closed the connection before accepting it; will retry with backoff",
-                extra={"event": "mqtt_unreachable", "host": self.config.host, "port": self.config.port,
-                       "error": f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the "
-                                "broker require a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT "
-                                "listener?)",
-                       "retry_in_s": delay, "pending": len(self.outbox)},
-            )  # fmt: skip
+                "mqtt_unreachable",
+                host=self.config.host,
+                port=self.config.port,
+                error=f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the broker require "
+                "a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT listener?)",
+                retry_in_s=delay,
+                pending=len(self.outbox),
+            )
         return False
 
     # -- publishing ---------------------------------------------------------------------------------
@@ -486,11 +496,16 @@ class MqttPublisher:
             self.protocol = MQTTProtocolVersion.MQTTv311
             self._retry_now = True
         else:
-            log.error(
+            log_event(
+                log,
+                logging.ERROR,
                 "MQTT broker refused the connection; retrying",
-                extra={"event": "mqtt_refused", "reason": str(reason), "code": code, "host": self.config.host,
-                       "username": self.config.username},
-            )  # fmt: skip
+                "mqtt_refused",
+                reason=str(reason),
+                code=code,
+                host=self.config.host,
+                username=self.config.username,
+            )
         self._session_ended.set()
         self._wake.set()
 
@@ -503,11 +518,16 @@ class MqttPublisher:
             self._session_was_connected = True
             self._cursor = 0
             self.counters.connects += 1
-            log.info(
+            log_event(
+                log,
+                logging.INFO,
                 "connected to MQTT broker",
-                extra={"event": "mqtt_connected", "host": self.config.host, "port": self.config.port,
-                       "protocol": self.protocol_name, "pending": len(self.outbox)},
-            )  # fmt: skip
+                "mqtt_connected",
+                host=self.config.host,
+                port=self.config.port,
+                protocol=self.protocol_name,
+                pending=len(self.outbox),
+            )
             if self.protocol != MQTTProtocolVersion.MQTTv5 and self.config.message_expiry_s:
                 log.warning(
                     "MQTT 3.1.1 has no message expiry: the agent drops expired messages itself, the broker cannot",
@@ -576,8 +596,13 @@ class MqttPublisher:
                 try:
                     handler(leaf, bytes(message.payload))
                 except Exception as exc:  # paho would stop its network loop on an exception
-                    log.exception(
-                        "message handler failed", extra={"event": "mqtt_handler_failed", "topic": message.topic,
-                                                         "error": str(exc)}
-                    )  # fmt: skip
+                    log_event(
+                        log,
+                        logging.ERROR,
+                        "message handler failed",
+                        "mqtt_handler_failed",
+                        exc_info=True,
+                        topic=message.topic,
+                        error=str(exc),
+                    )
                 return
