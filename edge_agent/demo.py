@@ -164,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _training_available() -> bool:
     """Whether torch and the training package are installed (looked up, not imported: see the docstring)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("torch", "training"))
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("torch", "training"))
+    except (ImportError, ValueError):  # a finder may refuse outright instead of finding nothing
+        return False
 
 
 def _train_bundle(args: argparse.Namespace, spec: ConveyorSpec, workdir: Path) -> Path | None:
