@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 # Fixture modules for every test (instead of importing fixtures into each test module): the MQTT broker
-# (broker, broker_factory) and the contract bundle (contract_bundle).
-pytest_plugins = ["mqtt_broker", "contract_bundle"]
+# (broker, broker_factory), the contract bundle (contract_bundle), the agent's bundles and frames, and the
+# in-process reject relay (http, relay_factory, camera).
+pytest_plugins = ["mqtt_broker", "contract_bundle", "agent_fixtures", "relay_fixtures"]
 
 # Spinning OpenMP threads make torch ~10x slower when the (2-core) machine is shared with other jobs;
 # this must be set before torch is first imported, i.e. here.

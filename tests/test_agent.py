@@ -12,32 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from agent_harness import AgentThread, agent_config, http_get, send_command, write_frames
-from contract_bundle import build_contract_bundle
+from agent_harness import AgentThread, agent_config, http_get, send_command
 from mqtt_broker import MosquittoBroker, Received, Subscriber, free_port
 
 from edge_agent.commands import MAX_COMMAND_BYTES
 
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Good bundles 1.0.0 and 2.0.0, one whose model.onnx does not match its hash, one that outputs NaN."""
-    root = tmp_path_factory.mktemp("bundles")
-    made = {
-        "v1": build_contract_bundle(root / "v1", version="1.0.0"),
-        "v2": build_contract_bundle(root / "v2", version="2.0.0"),
-        "tampered": build_contract_bundle(root / "tampered", version="3.0.0"),
-        # pixel_noise 0: z = deviation / 0, so the map is NaN/inf on every frame: loads, fails its warm-up.
-        "nan": build_contract_bundle(root / "nan", version="4.0.0", pixel_noise=0.0),
-    }
-    with (made["tampered"] / "model.onnx").open("ab") as handle:
-        handle.write(b"\0")
-    return made
-
-
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_frames(tmp_path_factory.mktemp("frames"), 30)
+# The bundles and frames fixtures: tests/agent_fixtures.py.
 
 
 class Running:

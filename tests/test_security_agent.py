@@ -16,7 +16,7 @@ import pytest
 from agent_harness import AgentThread, agent_config, http_get
 from fleet_helpers import make_bundle, serving
 from mqtt_broker import MosquittoBroker, Subscriber, free_port
-from test_agent import Running, bundles, frames  # noqa: F401 (fixtures)
+from test_agent import Running
 
 from edge_agent.commands import CommandProcessor
 from edge_agent.config import MqttConfig, load_settings
@@ -36,8 +36,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 @pytest.fixture
 def running(
     tmp_path: Path,
-    bundles: dict[str, Path],  # noqa: F811
-    frames: Path,  # noqa: F811
+    bundles: dict[str, Path],
+    frames: Path,
     broker: MosquittoBroker,
 ) -> Iterator[Running]:
     """The agent with the default threshold band (nfa.command_band 2 around the bundle's log10 epsilon 0)."""
@@ -140,7 +140,7 @@ def test_command_results_parse_with_the_bounded_parser() -> None:
 def test_update_command_cannot_choose_the_source_or_force_a_downgrade(
     tmp_path: Path,
     keys,  # type: ignore[no-untyped-def]
-    frames: Path,  # noqa: F811
+    frames: Path,
     broker: MosquittoBroker,
 ) -> None:
     (tmp_path / "fleet").mkdir()
@@ -227,8 +227,8 @@ def test_version_order_is_numeric() -> None:
 
 def test_snapshots_are_limited_in_rate_and_count(
     tmp_path: Path,
-    bundles: dict[str, Path],  # noqa: F811
-    frames: Path,  # noqa: F811
+    bundles: dict[str, Path],
+    frames: Path,
     broker: MosquittoBroker,
 ) -> None:
     current = tmp_path / "current"

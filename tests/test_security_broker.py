@@ -24,7 +24,6 @@ from fleet_helpers import make_bundle, serving
 from mqtt_broker import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from relay_helpers import RecordingHttpServer
-from test_agent import frames  # noqa: F401 (fixture)
 from tls_certs import Pki, make_pki
 
 from edge_agent.config import load_settings
@@ -146,7 +145,7 @@ def mqtt_section(broker: Broker, user: str) -> dict[str, object]:
 def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
     tmp_path: Path,
     example_broker: Broker,
-    frames: Path,  # noqa: F811
+    frames: Path,
 ) -> None:
     broker = example_broker
     keys = generate_keypair(tmp_path / "keys")

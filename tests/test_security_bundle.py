@@ -10,7 +10,7 @@ import pytest
 from agent_harness import AgentThread, agent_config
 from fleet_helpers import make_bundle
 from mqtt_broker import MosquittoBroker, Subscriber
-from test_agent import Running, frames  # noqa: F401 (fixture)
+from test_agent import Running
 
 from edge_agent.bundle import MANIFEST_NAME, MAX_INPUT_SIDE, BundleError, load_bundle
 from edge_agent.signing import generate_keypair
@@ -47,7 +47,7 @@ def test_manifest_paths_stay_inside_and_shapes_are_bounded(tmp_path: Path, chang
 def test_signature_is_checked_at_start_and_on_reload(
     tmp_path: Path,
     keys,  # type: ignore[no-untyped-def]
-    frames: Path,  # noqa: F811
+    frames: Path,
     broker: MosquittoBroker,
 ) -> None:
     fleet, other = keys

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mqtt_broker import MosquittoBroker
 from relay_helpers import RecordingHttpServer, inspection
-from test_relay import camera, http, http_actuator, logged, raw_publish, relay_factory, wait_until  # noqa: F401
+from test_relay import http_actuator, logged, raw_publish, wait_until
 
 from edge_agent.messages import MAX_PAYLOAD_DEPTH, StageLatency, parse_json_object
 from edge_agent.mqtt import MqttPublisher
@@ -34,8 +34,8 @@ def nested(depth: int) -> bytes:
 
 def test_deeply_nested_messages_are_malformed_acknowledged_and_do_not_stall_the_relay(
     broker: MosquittoBroker,
-    relay_factory: Callable[..., RejectRelay],  # noqa: F811
-    http: RecordingHttpServer,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    http: RecordingHttpServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="edge_agent.relay")
@@ -54,7 +54,7 @@ def test_deeply_nested_messages_are_malformed_acknowledged_and_do_not_stall_the_
 def test_poison_is_not_redelivered_after_a_restart(
     tmp_path: Path,
     broker: MosquittoBroker,
-    http: RecordingHttpServer,  # noqa: F811
+    http: RecordingHttpServer,
 ) -> None:
     # The persistent session redelivers what was not acknowledged: a relay that never acks a poison message
     # meets it again after every restart.
@@ -81,9 +81,9 @@ def test_poison_is_not_redelivered_after_a_restart(
 
 
 def test_an_unwritable_journal_does_not_stall_the_relay_and_says_so(
-    relay_factory: Callable[..., RejectRelay],  # noqa: F811
-    camera: Callable[[str], MqttPublisher],  # noqa: F811
-    http: RecordingHttpServer,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    camera: Callable[[str], MqttPublisher],
+    http: RecordingHttpServer,
 ) -> None:
     relay = relay_factory(http_actuator(http), extra="[timing]\ndelay_s = 0.2\ntolerance_s = 0.5\n")
     relay.journal._db.execute("PRAGMA query_only = ON")  # a real SQLite write failure (as on a full disk)
@@ -111,9 +111,9 @@ def test_an_unwritable_journal_does_not_stall_the_relay_and_says_so(
 
 def test_forged_clock_samples_cannot_make_every_reject_missed(
     broker: MosquittoBroker,
-    relay_factory: Callable[..., RejectRelay],  # noqa: F811
-    camera: Callable[[str], MqttPublisher],  # noqa: F811
-    http: RecordingHttpServer,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    camera: Callable[[str], MqttPublisher],
+    http: RecordingHttpServer,
 ) -> None:
     relay = relay_factory(http_actuator(http), extra=TIMING)
     # 20 good messages that claim an hour of agent latency: each a clock sample of -3600 s.
@@ -137,8 +137,8 @@ def test_forged_clock_samples_cannot_make_every_reject_missed(
 
 def test_the_topic_is_the_camera_identity(
     broker: MosquittoBroker,
-    relay_factory: Callable[..., RejectRelay],  # noqa: F811
-    http: RecordingHttpServer,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    http: RecordingHttpServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="edge_agent.relay")
@@ -166,8 +166,8 @@ def test_the_topic_is_the_camera_identity(
 )
 def test_ids_unusable_in_topics_or_argv_are_refused(
     broker: MosquittoBroker,
-    relay_factory: Callable[..., RejectRelay],  # noqa: F811
-    http: RecordingHttpServer,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    http: RecordingHttpServer,
     topic: str,
     fields: dict[str, str],
 ) -> None:
@@ -181,8 +181,8 @@ def test_ids_unusable_in_topics_or_argv_are_refused(
 
 def test_per_camera_state_is_bounded(
     broker: MosquittoBroker,
-    relay_factory: Callable[..., RejectRelay],  # noqa: F811
-    http: RecordingHttpServer,  # noqa: F811
+    relay_factory: Callable[..., RejectRelay],
+    http: RecordingHttpServer,
 ) -> None:
     relay = relay_factory(http_actuator(http), extra="max_devices = 3\n" + TIMING)
     for index in range(5):
