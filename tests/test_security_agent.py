@@ -274,3 +274,34 @@ def test_device_id_must_be_usable_in_topics(device_id: str) -> None:
 
     with pytest.raises(ConfigError, match="device_id: String should match pattern"):
         load_settings(None, device_id=device_id)
+
+
+def test_allow_downgrade_is_a_command_line_flag_on_the_box(tmp_path: Path, keys, broker: MosquittoBroker) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from agent_harness import REPO
+
+    fleet = tmp_path / "fleet"  # a directory source this time
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "cam1"\nstate_dir = "{tmp_path / "state"}"\nlog_format = "json"\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f'[update]\nsource = "{fleet}"\npublic_key = "{keys.public_key}"\n'
+    )
+
+    def update(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", "update", "--config", str(config), "--no-reload", *flags],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
+        )  # fmt: skip
+
+    publish(make_bundle(tmp_path / "b2", "2.0.0", keys.private_key), fleet, ["default"], index_key=keys.private_key)
+    assert update().returncode == 0
+    publish(make_bundle(tmp_path / "b1", "1.0.0", keys.private_key), fleet, ["default"], index_key=keys.private_key)
+    refused = update()
+    assert refused.returncode == 0 and "refusing the downgrade" in refused.stdout + refused.stderr
+    models = ModelsDir(tmp_path / "state" / "models")
+    assert models.current_version() == "2.0.0"
+    assert update("--allow-downgrade").returncode == 0
+    assert models.current_version() == "1.0.0"
