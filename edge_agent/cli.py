@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from edge_agent.cli_common import EXIT_CONFIG
+
 # name -> (module, one-line help). Add a command by adding a line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("edge_agent.run", "run the agent: camera -> model -> NFA -> MQTT, until stopped"),
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_CONFIG
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

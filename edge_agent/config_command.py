@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from edge_agent.cli_common import EXIT_CONFIG, EXIT_OK
 from edge_agent.config import ENV_PREFIX, AgentSettings, ConfigError, load_settings
 
 
@@ -38,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``edge-agent config``: exit 0 when the configuration is valid, 2 when not."""
     if args.reference:
         print(reference_markdown(), end="")
-        return 0
+        return EXIT_OK
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"error: {exc}")
-        return 2
+        return EXIT_CONFIG
     if args.show:
         print(settings.model_dump_json(indent=2))
     elif args.ip_allow:
@@ -51,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
             print(ip_allow_dropin(settings, str(args.config or "defaults + environment")), end="")
         except ConfigError as exc:
             print(f"error: {exc}")
-            return 2
+            return EXIT_CONFIG
     else:
         where = args.config or "defaults + environment"
         print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.model.bundle})")
-    return 0
+    return EXIT_OK
 
 
 def ip_allow_dropin(settings: AgentSettings, where: str) -> str:

@@ -28,6 +28,7 @@ import cv2
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from edge_agent.config import load_settings
 from edge_agent.conveyor import Conveyor, ConveyorSpec, ConveyorTruth, good_training_frames, write_video
 from edge_agent.local_broker import BrokerError, LocalMosquitto
@@ -121,12 +122,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bundle is None and not _training_available():
         say(f"Cannot run the demo: {TRAIN_HINT}.\nOr pass --bundle DIR to run it with an existing model bundle.")
-        return 3
+        return EXIT_UNAVAILABLE
     try:
         broker = LocalMosquitto(workdir / "broker")
     except BrokerError as exc:
         say(f"Cannot run the demo: {exc}.")
-        return 3
+        return EXIT_UNAVAILABLE
 
     spec = ConveyorSpec(
         width=args.frame_size,
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     )
     bundle = args.bundle.resolve() if args.bundle else _train_bundle(args, spec, workdir)
     if bundle is None:
-        return 1
+        return EXIT_FAILURE
     step_started = time.monotonic()
     video = workdir / "conveyor.avi"
     say(f"Step 3/5: rendering the conveyor video: {spec.parts} parts pass the camera, defects planted on parts "
@@ -270,7 +271,7 @@ def _run_agent(
         return code
     paths = {"bundle": bundle, "video": video, "overlays of flagged frames": overlays, "agent log": agent_log}
     _summary(relay, truth, spec, timing, agent_seconds, started, paths)
-    return 0
+    return EXIT_OK
 
 
 def frame_ranges(frames: list[int]) -> str:

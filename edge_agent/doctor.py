@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 
 Status = Literal["ok", "warn", "fail"]
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(c) for c in checks], indent=2))
     else:
         print(format_table(checks))
-    return 1 if any(c.status == "fail" for c in checks) else 0
+    return EXIT_FAILURE if any(c.status == "fail" for c in checks) else EXIT_OK
 
 
 def run_checks(config_path: Path | None, open_source: bool = False) -> list[Check]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from edge_agent.bundle import BundleError
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 from edge_agent.fleet import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError, publish
 from edge_agent.models_dir import ModelsDirError
 from edge_agent.signing import SigningError, sign_bundle
@@ -68,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
             "edge-agent fleet-publish: latest.json must be signed: pass --index-key KEY (or --sign KEY)",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILURE
     if not args.valid_days > 0:
         print("edge-agent fleet-publish: --valid-days must be positive", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     try:
         if args.sign is not None:
             sign_bundle(args.bundle, args.sign)
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (FleetError, BundleError, SigningError, ModelsDirError, OSError) as exc:
         print(f"edge-agent fleet-publish: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(f"published {release.name} {release.version}: {tar_path} ({release.size} bytes, sha256 {release.sha256})")
     groups = ", ".join(args.groups) if args.groups else "no group (use --group to roll it out)"
     print(f"{args.fleet / LATEST_NAME}: {groups} -> {release.version}")
-    return 0
+    return EXIT_OK

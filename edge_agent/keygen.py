@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 from edge_agent.signing import SigningError, generate_keypair
 
 
@@ -26,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
         pair = generate_keypair(args.out, args.name, overwrite=args.force)
     except (SigningError, OSError) as exc:
         print(f"edge-agent keygen: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(f"private key: {pair.private_key} (mode 0600; keep it off the devices, sign with `uflow export --sign`)")
     print(f"public key:  {pair.public_key} (copy to each device, set update.public_key)")
     print(f"fingerprint: {pair.fingerprint}")
-    return 0
+    return EXIT_OK

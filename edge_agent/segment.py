@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_agent import nfa
 from edge_agent.bundle import Bundle, BundleError, load_bundle
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 from edge_agent.config import ModelConfig, NfaConfig
 from edge_agent.engines import Engine, EngineUnavailable, create_engine
 from edge_agent.logs import setup_logging
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         engine = create_engine(bundle, ModelConfig(backend=args.backend, precision=args.precision, threads=0))
     except (BundleError, EngineUnavailable, ValueError) as exc:
         log.error("%s", exc, extra={"event": "segment_failed"})
-        return 1
+        return EXIT_FAILURE
     nfa.warm_up()
     nfa_config = NfaConfig(log10_epsilon=args.log10_epsilon, min_region_area=args.min_region_area)
     segmenter = Segmenter(bundle, engine, nfa_config, precision=args.precision)
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         )
     engine.close()
     log.info("segmented %d of %d image(s) into %s", len(images) - failures, len(images), args.out)
-    return 1 if failures else 0
+    return EXIT_FAILURE if failures else EXIT_OK
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
