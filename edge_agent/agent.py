@@ -27,6 +27,7 @@ from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.health import HealthInputs, HealthReport, assess
 from edge_agent.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.loaded_model import LoadedModel, ModelLoadError, load_model
+from edge_agent.logs import log_event
 from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.metrics import AgentMetrics, MetricsView
 from edge_agent.mqtt import MqttPublisher
@@ -129,11 +130,15 @@ class Agent:
         try:
             self.pipeline.start()
             self.notifier.ready(self.status_line())
-            log.info(
+            log_event(
+                log,
+                logging.INFO,
                 "agent ready",
-                extra={"event": "agent_ready", "backend": self.model.ref.backend, "model": self.model.ref.name,
-                       "http_port": self.http.port if self.http else None},
-            )  # fmt: skip
+                "agent_ready",
+                backend=self.model.ref.backend,
+                model=self.model.ref.name,
+                http_port=self.http.port if self.http else None,
+            )
             self._supervise(stop)
             self.pipeline.request_stop()
             if self.pipeline.error is not None:
@@ -315,11 +320,15 @@ class Agent:
         old = self.pipeline.swap_model(new)
         old.close()
         self.notifier.ready(self.status_line())
-        log.info(
+        log_event(
+            log,
+            logging.INFO,
             "model reloaded",
-            extra={"event": "model_reloaded", "old_version": old.ref.version, "version": new.ref.version,
-                   "seconds": new.load_s},
-        )  # fmt: skip
+            "model_reloaded",
+            old_version=old.ref.version,
+            version=new.ref.version,
+            seconds=new.load_s,
+        )
         return Done(
             f"now running {new.ref.name} {new.ref.version} (was {old.ref.version}); loaded in {new.load_s:.2f} s",
             {"model": new.ref.model_dump(), "previous": old.ref.model_dump(), "load_s": new.load_s},
@@ -395,12 +404,17 @@ class Agent:
             except Exception as exc:  # the update thread must report, never take the agent down
                 log.exception("update failed", extra={"event": "update_crashed", "error": str(exc)})
                 return
-            log.info(
+            result = self._update_result
+            log_event(
+                log,
+                logging.INFO,
                 "update finished: %s",
-                self._update_result.status,
-                extra={"event": "update_finished", "status": self._update_result.status,
-                       "version": self._update_result.version, "detail": self._update_result.message},
-            )  # fmt: skip
+                "update_finished",
+                result.status,
+                status=result.status,
+                version=result.version,
+                detail=result.message,
+            )
 
         self._update_thread = threading.Thread(target=work, name="update", daemon=True)
         self._update_thread.start()
