@@ -157,6 +157,54 @@ def test_scoring_and_the_nfa_do_not_depend_on_the_engines() -> None:
     assert project_dependencies("edge_agent.nfa") == {}
 
 
+# What runs on every frame (docs/design.md section 1) and the service code that watches it from outside.
+FRAME_PATH = (
+    "edge_agent.sources",
+    "edge_agent.preprocess",
+    "edge_agent.engines",
+    "edge_agent.scoring",
+    "edge_agent.nfa",
+    "edge_agent.pipeline",
+    "edge_agent.mqtt",
+    "edge_agent.outbox",
+    "edge_agent.spool",
+    "edge_agent.loaded_model",
+)
+SERVICE = (
+    "edge_agent.agent",
+    "edge_agent.commands",
+    "edge_agent.health",
+    "edge_agent.http_server",
+    "edge_agent.metrics",
+    "edge_agent.preview",
+    "edge_agent.run",
+    "edge_agent.update",
+    "edge_agent.fleet",
+)
+
+
+def reachable(start: str) -> set[str]:
+    """Every project module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for name in project_dependencies(todo.pop()):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+def test_the_frame_path_never_imports_service_code() -> None:
+    # Service code reads the running parts through narrow views; the reverse would make the hot path
+    # depend on HTTP, Prometheus, commands or the updater (docs/design.md section 8).
+    known = project_modules()
+    assert set(FRAME_PATH + SERVICE) <= set(known), "a module was moved: update FRAME_PATH / SERVICE here"
+    frame_path = [m for m in known if m.startswith(FRAME_PATH)]
+    offenders = {m: sorted(reachable(m) & set(SERVICE)) for m in frame_path}
+    assert not {m: s for m, s in offenders.items() if s}
+
+
 # -- files the documentation names ------------------------------------------------------------------
 
 TOP_FOLDERS = ("docs", "edge_agent", "training", "calibration", "tests", "bench", "systemd")
