@@ -152,7 +152,10 @@ class MqttConfig(_Section):
     reconnect_initial_s: int = Field(default=1, gt=0, description="first wait before reconnecting; doubles")
     reconnect_max_s: int = Field(default=30, gt=0, description="longest wait between reconnect attempts")
     drain_timeout_s: float = Field(
-        default=10.0, ge=0, description="on a clean stop, wait this long for the broker to acknowledge"
+        default=10.0,
+        ge=0,
+        description="on a clean stop, wait this long for the broker to acknowledge the queued messages; "
+        "then the final status (published last) gets what is left, at least 2 s (or this, if shorter)",
     )
 
 
