@@ -42,6 +42,23 @@ def publisher_for(port: int, **fields: object) -> MqttPublisher:
     return MqttPublisher(config, device_id="cam1")
 
 
+def test_clean_stop_publishes_stopped_after_the_whole_backlog(broker: MosquittoBroker) -> None:
+    # A retained "stopped" must not be followed by more inspections: it is queued only once the outbox
+    # drained (here a backlog made before the first connection, which is sent oldest first).
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    config = MqttConfig(port=broker.port, reconnect_initial_s=1, reconnect_max_s=2, drain_timeout_s=120)
+    publisher = MqttPublisher(config, device_id="cam1")
+    count = 3 * 100  # three send windows
+    for sequence in range(count):
+        assert publisher.publish_inspection(message(sequence))
+    publisher.start()
+    assert publisher.stop() is True
+    assert subscriber.wait_for(lambda ms: len(ms) >= count + 1, timeout=60)
+    subscriber.close()
+    assert subscriber.messages[-1].payload == b"stopped"
+    assert [m.json()["sequence"] for m in subscriber.on("/inspection")] == list(range(count))
+
+
 def test_status_inspection_expiry_and_clean_stop(broker: MosquittoBroker) -> None:
     subscriber = Subscriber(broker, "uflow/cam1/#")
     publisher = publisher_for(broker.port, message_expiry_s=45)
