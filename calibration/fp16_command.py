@@ -9,6 +9,7 @@ from pathlib import Path
 from calibration.data import CalibrationDataError, add_data_arguments
 from calibration.fp16 import DEFAULT_KEEP_FP32, FP16_GROUPS, Fp16Error, Fp16Settings
 from edge_agent.bundle import BundleError
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         variant = calibrate_bundle(args.bundle, args.data, settings, split=args.split)
     except (BundleError, CalibrationDataError, Fp16Error, ValueError) as exc:
         print(f"uflow calibrate fp16: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in variant.metrics.items())
     print(f"wrote {args.bundle / variant.file}; against FP32 on good images: {metrics}")
-    return 0
+    return EXIT_OK

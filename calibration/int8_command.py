@@ -10,6 +10,7 @@ from pathlib import Path
 from calibration.data import CalibrationDataError, add_data_arguments
 from calibration.int8 import DEFAULT_KEEP_FP32, DEFAULT_METHOD, GROUPS, METHODS, Int8Settings, QuantizationError
 from edge_agent.bundle import BundleError
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         variant = calibrate_bundle(args.bundle, args.data, settings, split=args.split)
     except (BundleError, CalibrationDataError, QuantizationError, ValueError) as exc:
         print(f"uflow calibrate int8: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in variant.metrics.items())
     print(f"wrote {args.bundle / variant.file}; against FP32 on held-out good images: {metrics}")
-    return 0
+    return EXIT_OK

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from calibration.data import CalibrationDataError, pick_evenly, select_images
 from edge_agent.bundle import BundleError
+from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     except (BundleError, CalibrationDataError, ValueError) as exc:
         # RunDirError and the dataset errors are ValueErrors too: one line naming the problem.
         print(f"uflow calibrate nfa: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
-    return 0
+    return EXIT_OK

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+
 log = logging.getLogger(__name__)
 
 
@@ -152,7 +154,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             "planted on good validation images"
         )
     print(f"metrics and report written to {args.out} ({result['source']}, {result['seconds']:.0f} s)")
-    return 0
+    return EXIT_OK
 
 
 def _default_strides(info, recipe) -> tuple[int, ...]:
@@ -206,7 +208,7 @@ def _run_train(args: argparse.Namespace) -> int:
         f"trained {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run}{stop}, "
         f"val NLL {result.best_val_nll}, {result.seconds:.0f} s ({result.seconds_per_epoch:.2f} s/epoch)"
     )
-    return 0
+    return EXIT_OK
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -237,7 +239,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if key is not None:
         sign_bundle(out, key)
         print(f"signed with {args.sign} (signature over model.json)")
-    return 0
+    return EXIT_OK
 
 
 def _register_calibrate(sub: argparse._SubParsersAction) -> None:
@@ -295,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_CONFIG
     runner = _RUNNERS.get(args.command) or getattr(args, "func", None)
     if runner is None:
         parser.error(f"command {args.command!r} has no runner")
@@ -304,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         # Bad data, options, weights or run dirs: one line that names the file or option, not a traceback.
         print(f"uflow {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
