@@ -3,7 +3,8 @@
 Each command module (registered in edge_agent/cli.py) imports these from here, never from another
 command, so no command depends on another one (docs/design.md section 8).
 
-Exit statuses, one spelling for every command (systemd units and scripts test them):
+Exit statuses, one spelling for every command of ``edge-agent`` and ``uflow`` (systemd units and
+scripts test them):
 
 - ``EXIT_OK`` 0: done, or a clean stop;
 - ``EXIT_FAILURE`` 1: the work failed (the log says why);
