@@ -231,7 +231,8 @@ def test_documented_paths_are_found(tmp_path: Path) -> None:
 def test_every_file_a_docstring_or_doc_names_exists() -> None:
     missing = []
     sources = [p for folder in (*PACKAGES, "tests", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
-    for path in sources:  # docstrings and comments alike: the whole text
+    configs = [p for p in sorted((ROOT / "systemd").rglob("*")) if p.is_file()]  # units and example configs
+    for path in sources + configs:  # docstrings and comments alike: the whole text
         for name in documented_paths(path.read_text(encoding="utf-8")):
             if not (ROOT / name).exists():
                 missing.append(f"{path.relative_to(ROOT)} names {name}")
