@@ -233,7 +233,7 @@ def test_every_file_a_docstring_or_doc_names_exists() -> None:
     sources = [p for folder in (*PACKAGES, "tests", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
     configs = [p for p in sorted((ROOT / "systemd").rglob("*")) if p.is_file()]  # units and example configs
     for path in sources + configs:  # docstrings and comments alike: the whole text
-        for name in documented_paths(path.read_text(encoding="utf-8")):
+        for name in documented_paths(path.read_text(encoding="utf-8", errors="replace")):
             if not (ROOT / name).exists():
                 missing.append(f"{path.relative_to(ROOT)} names {name}")
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
