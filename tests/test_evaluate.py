@@ -89,9 +89,13 @@ def test_metrics_match_an_independent_computation(
     labels = np.array([r.label for r in test])
     assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, amaps.reshape(24, -1).max(1)), abs=1e-9)
     channels = [s.channels for s in model.scales]
+    # The run's own decision: the null fitted on its validation good images, at its log10 epsilon.
+    val_scores = json.loads((tiny_run_dir / "val_scores.json").read_text())
+    nulls = [nfa.ScaleNull(**item) for item in val_scores["nfa_null"]]
+    epsilon = val_scores["log10_epsilon"]
     ious = []
     for i in range(len(test)):
-        predicted = nfa.log_nfa_map([m[i] for m in maps], channels, (128, 128)) < 0
+        predicted = nfa.log_nfa_map([m[i] for m in maps], channels, (128, 128), nulls) < epsilon
         union = (predicted | masks[i]).sum()
         ious.append((predicted & masks[i]).sum() / union if union else 1.0)
     assert result["miou_nfa"] == pytest.approx(float(np.mean(ious)), abs=1e-9)
