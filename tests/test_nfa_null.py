@@ -143,3 +143,19 @@ def test_plant_names_bad_kind_and_size() -> None:
         plant(image, np.random.default_rng(0), "melt", "small")
     with pytest.raises(ValueError, match="size"):
         plant(image, np.random.default_rng(0), "blob", "huge")
+
+
+def test_evidence_calibration_keeps_the_promise_at_the_deployed_epsilon_on_its_images_and_fresh_ones() -> None:
+    from training.nfa_null import calibrate_evidence, false_regions_per_image
+
+    rng = np.random.default_rng(7)
+    channels = [8, 16]
+    shapes = [(32, 32), (16, 16)]
+    val = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
+    fresh = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
+    envelope = fit_null(val)
+    nulls, factor = calibrate_evidence(envelope, val, channels, (32, 32), log10_epsilon=-1.0)
+    assert factor >= 1.0
+    assert all(n.dof == pytest.approx(e.dof * factor) for n, e in zip(nulls, envelope, strict=True))
+    assert false_regions_per_image(val, channels, (32, 32), nulls, -1.0) <= 0.1
+    assert false_regions_per_image(fresh, channels, (32, 32), nulls, 0.0) <= 1.0

@@ -25,7 +25,7 @@ import numpy as np
 from edge_agent import nfa
 from training.data import DatasetSplits, Record
 from training.model import UFlow, predict
-from training.nfa_null import fit_null, null_to_dict
+from training.nfa_null import calibrate_evidence, fit_null, null_to_dict
 from training.planted import planted_set
 from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, write_json
 
@@ -109,7 +109,7 @@ def finish_run(
     scores = amaps.reshape(len(amaps), -1).max(axis=1)
     channels = [s.channels for s in model.scales]
     size = (model.config.image_height, model.config.image_width)
-    nulls = fit_null(maps)
+    nulls, evidence_scale = calibrate_evidence(fit_null(maps), maps, channels, size, DEFAULT_LOG10_EPSILON)
     fitted = min_log_nfa(maps, channels, size, nulls)
     polyomino = min_log_nfa(maps, channels, size, None)
     planted = planted_check(model, images, nulls, DEFAULT_LOG10_EPSILON, batch_size)
@@ -118,6 +118,7 @@ def finish_run(
         "images": [str(r.image) for r in records],
         "scores": [float(s) for s in scores],
         "nfa_null": null_to_dict(nulls),
+        "nfa_evidence_scale": evidence_scale,
         "log10_epsilon": DEFAULT_LOG10_EPSILON,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < DEFAULT_LOG10_EPSILON for v in fitted],
