@@ -50,15 +50,20 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: P
     pytest.importorskip("torch")
     pytest.importorskip("timm")
     pytest.importorskip("FrEIA")
-    from training.api import QUICK_EPOCHS, QUICK_STRIDES
+    from training.api import QUICK_EPOCHS, QUICK_LR_FINAL_FACTOR, QUICK_NORM_IN_JACOBIAN, QUICK_STRIDES
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     config = UFlowConfig(
-        image_height=TINY_IMAGE_SIZE, image_width=TINY_IMAGE_SIZE, strides=QUICK_STRIDES, seed=TINY_SEED
+        image_height=TINY_IMAGE_SIZE,
+        image_width=TINY_IMAGE_SIZE,
+        strides=QUICK_STRIDES,
+        norm_in_jacobian=QUICK_NORM_IN_JACOBIAN,
+        seed=TINY_SEED,
     )
-    train(synthetic_data_dir, run_dir, config, TrainConfig(epochs=QUICK_EPOCHS, batch_size=8), progress=False)
+    train_config = TrainConfig(epochs=QUICK_EPOCHS, batch_size=8, lr_final_factor=QUICK_LR_FINAL_FACTOR)
+    train(synthetic_data_dir, run_dir, config, train_config, progress=False)
     return run_dir
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from training.catalog import DEFAULT_RECIPE
+
 # Settings for the small, fast model of the tests and the demo. Strides 8/16 keep the NFA's number
 # of tests low (log10 N grows by ~0.61 per pixel of the finest map: 623 at 32x32, 156 at 16x16) and
 # give the finest latent 54 channels instead of 30, so the evidence of a planted defect outweighs
@@ -17,6 +19,10 @@ from typing import Any
 # defects, 80 epochs 32 of 32 (latents on defects keep growing with training), 0 good parts in both.
 QUICK_STRIDES: tuple[int, ...] = (8, 16)
 QUICK_EPOCHS = 80
+# The tiny model keeps the objective and schedule it was measured with (the LayerNorm affine in
+# log|det J|, learning rate decaying 10x); `uflow train`'s default recipe is training.catalog.DEFAULT_RECIPE.
+QUICK_NORM_IN_JACOBIAN = True
+QUICK_LR_FINAL_FACTOR = 0.1
 
 
 def train_and_export(
@@ -24,12 +30,15 @@ def train_and_export(
     run_dir: Path | str,
     bundle_dir: Path | str,
     *,
-    image_size: int = 256,
-    epochs: int = 100,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    backbone: str = "efficientnet_lite0",
-    strides: Sequence[int] = (4, 8, 16),
+    image_size: int = DEFAULT_RECIPE.image_size,
+    epochs: int = DEFAULT_RECIPE.epochs,
+    batch_size: int = DEFAULT_RECIPE.batch_size,
+    lr: float = DEFAULT_RECIPE.lr,
+    lr_final_factor: float = DEFAULT_RECIPE.lr_final_factor,
+    backbone: str = DEFAULT_RECIPE.backbone,
+    strides: Sequence[int] = DEFAULT_RECIPE.strides,
+    hypercolumn: bool = DEFAULT_RECIPE.hypercolumn,
+    norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian,
     norm: str = "chw",
     seed: int = 0,
     threads: int = 2,
@@ -52,9 +61,13 @@ def train_and_export(
         image_height=image_size,
         image_width=image_size,
         strides=tuple(strides),
+        hypercolumn=hypercolumn,
+        norm_in_jacobian=norm_in_jacobian,
         norm=norm,
         seed=seed,
     )
-    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, threads=threads)
+    train_config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_final_factor=lr_final_factor, threads=threads
+    )
     train(data, run_dir, model_config, train_config, progress=progress, on_epoch=on_epoch)
     return export_bundle(run_dir, bundle_dir, name=name, version=version, overwrite=overwrite)

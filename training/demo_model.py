@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train and export the demo's model; prints progress every 5 epochs, then ``bundle <dir>``."""
     args = build_parser().parse_args(argv)
-    from training.api import QUICK_STRIDES, train_and_export  # torch: only once the arguments are good
+    # torch: only once the arguments are good
+    from training.api import QUICK_LR_FINAL_FACTOR, QUICK_NORM_IN_JACOBIAN, QUICK_STRIDES, train_and_export
 
     def progress(row: dict[str, Any]) -> None:
         if row["epoch"] == 1 or row["epoch"] % 5 == 0 or row["epoch"] == args.epochs:
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=args.image_size,
         epochs=args.epochs,
         strides=QUICK_STRIDES,
+        norm_in_jacobian=QUICK_NORM_IN_JACOBIAN,
+        lr_final_factor=QUICK_LR_FINAL_FACTOR,
         seed=args.seed,
         threads=args.threads,
         name="demo-conveyor",
