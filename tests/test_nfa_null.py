@@ -158,4 +158,8 @@ def test_evidence_calibration_keeps_the_promise_at_the_deployed_epsilon_on_its_i
     assert factor >= 1.0
     assert all(n.dof == pytest.approx(e.dof * factor) for n, e in zip(nulls, envelope, strict=True))
     assert false_regions_per_image(val, channels, (32, 32), nulls, -1.0) <= 0.1
+    assert false_regions_per_image(val, channels, (32, 32), nulls, 0.0) <= 0.1
     assert false_regions_per_image(fresh, channels, (32, 32), nulls, 0.0) <= 1.0
+    # Too few validation images to count a rate of 1 in 10: the envelope is kept as it is.
+    few = [m[:5] for m in val]
+    assert calibrate_evidence(envelope, few, channels, (32, 32), log10_epsilon=-1.0)[1] == 1.0

@@ -295,7 +295,7 @@ def test_model_config_validation_and_roundtrip() -> None:
     config = UFlowConfig(image_height=64, image_width=96, strides=(8, 16))
     assert UFlowConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="divisible by the largest stride 16"):
-        UFlowConfig(image_height=100, image_width=96)
+        UFlowConfig(image_height=100, image_width=96, strides=(8, 16))
     with pytest.raises(ValueError, match="unknown model config key"):
         UFlowConfig.from_dict({"backbone": "efficientnet_lite0", "colour": "red"})
     with pytest.raises(ValueError, match="unknown feature norm"):
@@ -321,7 +321,8 @@ def test_norm_affine_is_part_of_the_jacobian(norm: str) -> None:
     """Shrinking the norms' affine must cost log-det, or the loss can fall without bound by shrinking it."""
     from training.model import UFlow, UFlowConfig
 
-    model = UFlow(UFlowConfig(image_height=64, image_width=64, strides=(8, 16), norm=norm))
+    config = UFlowConfig(image_height=64, image_width=64, strides=(8, 16), norm=norm, norm_in_jacobian=True)
+    model = UFlow(config)
     features = [torch.randn(2, *shape) for shape in model.feature_shapes]
     before = model.encode(features).log_jac_det
     weight = model.norms[0].weight if norm == "chw" else model.norms[0].norm.weight

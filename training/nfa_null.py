@@ -18,7 +18,9 @@ The envelope is set by the single most extreme good pixel, which makes it very c
 magnetic tile the decision then fired on no good image at all, and on few defects). A last step,
 :func:`calibrate_evidence`, multiplies every scale's ``dof`` by the largest factor from
 ``EVIDENCE_SCALES`` under which the decision keeps its promise on the validation images at the
-deployed epsilon: at most epsilon false regions per image at log10 epsilon (0.01 at the default -2).
+deployed epsilon: at most epsilon false regions per image at log10 epsilon (0.01 at the default -2),
+and at most a tenth of the promise at log10 epsilon = 0; with fewer than 20 validation images the
+factor stays 1.
 How well that carries to images the fit never saw is measured by ``uflow calibrate nfa``.
 """
 
@@ -32,6 +34,8 @@ from edge_agent.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
 
 MAX_LAG = 2
 EVIDENCE_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+MIN_CALIBRATION_IMAGES = 20
+PROMISE_MARGIN = 0.1
 
 
 def tail_dof(t: np.ndarray) -> float:
@@ -127,13 +131,22 @@ def calibrate_evidence(
     log10_epsilon: float,
 ) -> tuple[tuple[ScaleNull, ...], float]:
     """(scaled nulls, factor): the largest ``EVIDENCE_SCALES`` factor whose false regions per validation
-    image at ``log10_epsilon`` stay at most epsilon. More evidence never removes a region, so the count
-    grows with the factor and the search stops at the first factor past the promise.
+    image stay at most epsilon at ``log10_epsilon`` and at most ``PROMISE_MARGIN`` at log10 epsilon = 0
+    (a tenth of the a-contrario promise). More evidence never removes a region, so the counts grow with
+    the factor and the search stops at the first factor past either. With fewer than
+    ``MIN_CALIBRATION_IMAGES`` validation images the factor stays 1 (the conservative envelope).
     """
     best = EVIDENCE_SCALES[0]
+    if len(scale_maps[0]) < MIN_CALIBRATION_IMAGES:
+        # A handful of images says almost nothing about a rate of 1 in 100: keep the envelope alone.
+        return scaled(nulls, best), best
     target = 10.0**log10_epsilon
     for factor in EVIDENCE_SCALES:
-        if false_regions_per_image(scale_maps, channels, size, scaled(nulls, factor), log10_epsilon) > target:
+        candidate = scaled(nulls, factor)
+        if (
+            false_regions_per_image(scale_maps, channels, size, candidate, log10_epsilon) > target
+            or false_regions_per_image(scale_maps, channels, size, candidate, 0.0) > PROMISE_MARGIN
+        ):
             break
         best = factor
     return scaled(nulls, best), best
