@@ -91,7 +91,7 @@ def test_metrics_match_an_independent_computation(
     channels = [s.channels for s in model.scales]
     # The run's own decision: the null fitted on its validation good images, at its log10 epsilon.
     val_scores = json.loads((tiny_run_dir / "val_scores.json").read_text())
-    nulls = [nfa.ScaleNull(**item) for item in val_scores["nfa_null"]]
+    nulls = [nfa.ScaleNull(**item) for item in val_scores["nfa_null"]] if val_scores["nfa_null"] else None
     epsilon = val_scores["log10_epsilon"]
     ious = []
     for i in range(len(test)):

@@ -74,11 +74,10 @@ def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> 
 
     shapes = [(s.height, s.width) for s in manifest.scales]
     val_scores = json.loads((tiny_run_dir / "val_scores.json").read_text())
-    # New bundles ship the null fitted on the validation latents, with the tree-node number of tests.
-    assert manifest.nfa.null_model == "fitted"
-    assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_tree_tests(shapes))
-    assert [n.model_dump() for n in manifest.nfa.scale_nulls] == val_scores["nfa_null"]
-    assert manifest.nfa.log10_epsilon == val_scores["log10_epsilon"]
+    # Four validation images are too few to fit a null: the tiny bundle keeps the paper's NFA at epsilon 1.
+    assert val_scores["nfa_null"] is None
+    assert manifest.nfa.null_model == "polyomino" and manifest.nfa.log10_epsilon == 0.0
+    assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_number_of_tests(shapes))
     assert 0.0 <= manifest.validation_metrics["planted_detection_rate"] <= 1.0
     assert manifest.validation_metrics["planted_count"] >= 24
     assert manifest.image_score_threshold == pytest.approx(max(val_scores["scores"]))
@@ -205,3 +204,21 @@ def test_uflow_cli_train_and_export(synthetic_data_dir: Path, tmp_path: Path, ca
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--data", str(synthetic_data_dir), "--out", str(tmp_path / "r3"), "--image-size", "100"]) == 1
     assert "divisible by the largest stride" in capsys.readouterr().err
+
+
+def test_a_run_with_a_fitted_null_exports_it_with_the_tree_test_count(tiny_run_dir: Path) -> None:
+    from dataclasses import replace
+
+    from edge_agent import nfa
+    from training.export import nfa_spec
+    from training.rundir import read_run
+
+    info = read_run(tiny_run_dir)
+    fitted = [{"mean": 0.9, "dof": 12.0, "area": 3.0}, {"mean": 1.1, "dof": 20.0, "area": 2.5}]
+    with_null = replace(info, val_scores={**info.val_scores, "nfa_null": fitted, "log10_epsilon": -2.0})
+    spec = nfa_spec(with_null, [(16, 16), (8, 8)])
+    assert spec.null_model == "fitted" and spec.log10_epsilon == -2.0
+    assert spec.log10_number_of_tests == pytest.approx(nfa.log10_tree_tests([(16, 16), (8, 8)]))
+    assert [n.model_dump() for n in spec.scale_nulls] == fitted
+    paper = nfa_spec(with_null, [(16, 16), (8, 8)], null_model="polyomino")
+    assert paper.null_model == "polyomino" and not paper.scale_nulls

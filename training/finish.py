@@ -3,7 +3,8 @@
 Everything here uses good validation images only (never the test split):
 
 1. the best checkpoint scores them (image scores for the bundle's reference threshold);
-2. the ``fitted`` NFA null is fitted on their m_s maps (training/nfa_null.py);
+2. the ``fitted`` NFA null is fitted on their m_s maps (training/nfa_null.py); with fewer than
+   ``MIN_CALIBRATION_IMAGES`` of them the bundle keeps the paper's polyomino NFA at epsilon 1;
 3. defects are planted on them (training/planted.py) and the deployed decision (fitted NFA at the
    default epsilon) says how many it flags: the label-free check of detection power that
    ``uflow export`` warns on and the manifest records;
@@ -25,7 +26,7 @@ import numpy as np
 from edge_agent import nfa
 from training.data import DatasetSplits, Record
 from training.model import UFlow, predict
-from training.nfa_null import calibrate_evidence, fit_null, null_to_dict
+from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate_evidence, fit_null, null_to_dict
 from training.planted import planted_set
 from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, write_json
 
@@ -109,19 +110,28 @@ def finish_run(
     scores = amaps.reshape(len(amaps), -1).max(axis=1)
     channels = [s.channels for s in model.scales]
     size = (model.config.image_height, model.config.image_width)
-    nulls, evidence_scale = calibrate_evidence(fit_null(maps), maps, channels, size, DEFAULT_LOG10_EPSILON)
+    if len(images) >= MIN_CALIBRATION_IMAGES:
+        nulls, evidence_scale = calibrate_evidence(fit_null(maps), maps, channels, size, DEFAULT_LOG10_EPSILON)
+        epsilon = DEFAULT_LOG10_EPSILON
+    else:
+        # A null fitted on a handful of images does not know its own tail: the paper's conservative NFA.
+        nulls, evidence_scale, epsilon = None, None, 0.0
+        log.warning(
+            "too few validation images to fit the NFA null: the bundle will use the paper's polyomino NFA",
+            extra={"event": "train.nfa_null_skipped", "images": len(images), "needed": MIN_CALIBRATION_IMAGES},
+        )
     fitted = min_log_nfa(maps, channels, size, nulls)
     polyomino = min_log_nfa(maps, channels, size, None)
-    planted = planted_check(model, images, nulls, DEFAULT_LOG10_EPSILON, batch_size)
+    planted = planted_check(model, images, nulls, epsilon, batch_size)
     result = {
         "source": source,
         "images": [str(r.image) for r in records],
         "scores": [float(s) for s in scores],
-        "nfa_null": null_to_dict(nulls),
+        "nfa_null": null_to_dict(nulls) if nulls is not None else None,
         "nfa_evidence_scale": evidence_scale,
-        "log10_epsilon": DEFAULT_LOG10_EPSILON,
+        "log10_epsilon": epsilon,
         "min_log_nfa": fitted,
-        "nfa_flagged": [v < DEFAULT_LOG10_EPSILON for v in fitted],
+        "nfa_flagged": [v < epsilon for v in fitted],
         "min_log_nfa_polyomino": polyomino,
         "planted": planted,
     }
@@ -134,6 +144,7 @@ def finish_run(
             "source": source,
             "images": len(images),
             "nfa_null": result["nfa_null"],
+            "log10_epsilon": epsilon,
             "flagged_good": int(sum(result["nfa_flagged"])),
             "planted_detection_rate": planted.get("detection_rate"),
         },
