@@ -225,3 +225,21 @@ def test_random_weights_run_reloads_the_same_backbone(tmp_path: Path) -> None:
     second, _ = load_model(tmp_path / "run")
     images = np.zeros((1, 64, 64, 3), np.uint8) + 100
     assert np.array_equal(predict(first, images)[0], predict(second, images)[0])
+
+
+def test_building_the_extractor_leaves_the_batchnorm_statistics_as_loaded() -> None:
+    """Measuring the stages must not run the model in train mode (it would shift BatchNorm running stats)."""
+    import timm
+
+    from training.backbones import _stem_and_stages
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1.0, 1.0)
+            module.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    _stem_and_stages(model, "efficientnet_lite")
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -257,6 +257,9 @@ def _stem_and_stages(model: nn.Module, family: str) -> tuple[nn.Module, list[nn.
         raise ValueError(f"{family} is not a CNN family")
     side = 64
     channels, strides = [], []
+    # eval first: a forward pass in train mode would move every BatchNorm's running statistics toward
+    # those of this zero image and the features would no longer be the ImageNet model's.
+    model.eval()
     with torch.no_grad():
         x = stem(torch.zeros(1, 3, side, side))
         for stage in stages:
