@@ -23,6 +23,7 @@ from calibration.bundle_variants import load_for_variant, record_variant, varian
 from calibration.data import model_batches, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
 from edge_agent.engines.graph_check import check_graph, describe
+from edge_agent.engines.graph_check import head_nodes as graph_head_nodes
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +52,12 @@ class Fp16Settings:
 
 
 def head_nodes(model: Any, scale_outputs: Sequence[str]) -> list[str]:
-    """The U-Flow head: the squares of the latents (z^2) and every node downstream of them.
+    """Names of the U-Flow head's nodes (z^2 and everything downstream), sorted.
 
-    From each m_s output, walk back through reshaping ops to the channel ReduceMean; the node feeding
-    it squares z (Pow or Mul). Everything reachable from those squares is the head.
+    The head is found by the graph check's own walk (edge_agent.engines.graph_check.head_nodes), so
+    the nodes kept in FP32 here are exactly the ones that check requires in FP32.
     """
-    passthrough = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "Flatten"}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    squares = []
-    for output in scale_outputs:
-        node = producer.get(output)
-        while node is not None and node.op_type in passthrough:
-            node = producer.get(node.input[0])
-        if node is None or node.op_type != "ReduceMean":
-            raise ValueError(f"output {output!r} is not a mean over channels (found {getattr(node, 'op_type', None)})")
-        square = producer.get(node.input[0])
-        if square is None or square.op_type not in ("Pow", "Mul"):
-            raise ValueError(f"output {output!r} is not the mean of a square")
-        squares.append(square)
-    found: dict[str, Any] = {}
-    stack = squares
-    while stack:
-        node = stack.pop()
-        if node.name in found:
-            continue
-        found[node.name] = node
-        for out in node.output:
-            stack.extend(consumers.get(out, []))
-    return sorted(found)
+    return sorted(node.name for node in graph_head_nodes(model.graph, scale_outputs))
 
 
 def convert_fp16(source: Path, target: Path, output_names: Sequence[str], settings: Fp16Settings) -> list[str]:

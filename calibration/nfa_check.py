@@ -180,7 +180,7 @@ def check_images(
             output = engine.infer(read_model_input(path, height, width))
             verdict = scorer.score(output, (width, height))
             per_scale = tuple(
-                log10_n + float(_scale_log_prob(m, s.channels, None if nulls is None else nulls[k]).min())
+                log10_n + float(nfa.log_prob_map(m, s.channels, None if nulls is None else nulls[k]).min())
                 for k, (m, s) in enumerate(zip(output.scale_maps, manifest.scales, strict=True))
             )
             at_1 = nfa.regions_from_log_nfa(verdict.log_nfa, 0.0, min_area)
@@ -201,11 +201,6 @@ def check_images(
         engine.close()
     report = _report(bundle, images, scorer.rule.log10_epsilon, min_area, precision, log10_n, stats, results)
     return replace(report, null_model="polyomino" if nulls is None else "fitted")
-
-
-def _scale_log_prob(m: np.ndarray, channels: int, null: nfa.ScaleNull | None) -> np.ndarray:
-    """One scale's selected log10 P map under the paper's null or a fitted one."""
-    return nfa.log_prob_map(m, channels, null)
 
 
 def _log_progress(done: int, total: int, results: list[ImageResult]) -> None:

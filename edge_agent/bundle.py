@@ -86,6 +86,8 @@ class ScaleNullSpec(_Strict):
 
 
 NULL_MODELS = ("polyomino", "fitted")
+# validation_metrics["planted_detection_rate"] below this: the model may be blind (export warns, doctor too).
+MIN_PLANTED_DETECTION = 0.5
 
 
 class NfaSpec(_Strict):

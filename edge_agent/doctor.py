@@ -197,12 +197,10 @@ def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
     return checks
 
 
-# Below this share of the defects planted on its own good validation images, a model may be blind.
-MIN_PLANTED_DETECTION = 0.5
-
-
 def check_detection_power(manifest: object) -> Check:
     """The label-free check recorded at training: the share of planted defects the NFA decision finds."""
+    from edge_agent.bundle import MIN_PLANTED_DETECTION
+
     metrics = getattr(manifest, "validation_metrics", {})
     nfa_spec = getattr(manifest, "nfa", None)
     null = getattr(nfa_spec, "null_model", "polyomino")

@@ -15,8 +15,18 @@ import numpy as np
 import pytest
 
 from edge_agent import nfa
-from training.nfa_null import correlation_area, fit_null, fit_scale_null, tail_dof
+from training.nfa_null import (
+    calibrate_evidence,
+    correlation_area,
+    false_regions_per_image,
+    fit_null,
+    fit_scale_null,
+    tail_dof,
+)
 from training.planted import PLANTED_KINDS, SIZES, plant, planted_set
+
+CHANNELS = [8, 16]
+SHAPES = [(32, 32), (16, 16)]
 
 
 def correlated_field(rng: np.random.Generator, count: int, shape: tuple[int, int], channels: int) -> np.ndarray:
@@ -30,12 +40,9 @@ def correlated_field(rng: np.random.Generator, count: int, shape: tuple[int, int
     return (1.2 * smoothed**2).mean(axis=1).astype(np.float64)
 
 
-def regions_per_image(maps: list[np.ndarray], channels: list[int], nulls, log10_epsilon: float = 0.0) -> float:
-    counts = []
-    for i in range(len(maps[0])):
-        log_nfa = nfa.log_nfa_map([m[i] for m in maps], channels, (32, 32), nulls)
-        counts.append(len(nfa.regions_from_log_nfa(log_nfa, log10_epsilon)))
-    return float(np.mean(counts))
+def two_scale_field(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """Maps of a 32x32 scale with 8 channels and a 16x16 scale with 16, finest first."""
+    return [correlated_field(rng, count, shape, c) for shape, c in zip(SHAPES, CHANNELS, strict=True)]
 
 
 def test_tail_dof_of_chi2_samples_is_near_the_true_dof() -> None:
@@ -80,27 +87,22 @@ def test_fit_rejects_bad_maps() -> None:
 
 def test_the_promise_holds_on_fresh_maps_with_the_fitted_null_and_breaks_with_the_tree_count_alone() -> None:
     rng = np.random.default_rng(3)
-    channels = [8, 16]
-    shapes = [(32, 32), (16, 16)]
-    val = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
-    fresh = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
+    val, fresh = two_scale_field(rng, 40), two_scale_field(rng, 40)
     nulls = fit_null(val)
     assert all(n.mean > 1.1 for n in nulls)  # the field is over-dispersed on purpose
-    assert regions_per_image(fresh, channels, nulls) <= 1.0
+    assert false_regions_per_image(fresh, CHANNELS, (32, 32), nulls) <= 1.0
     # The paper's chi^2 null with the small tree-node count (no fit) floods: the null is what matters.
-    naive = tuple(nfa.ScaleNull(1.0, float(c), 1.0) for c in channels)
-    assert regions_per_image(fresh, channels, naive) > 1.0
+    naive = tuple(nfa.ScaleNull(1.0, float(c), 1.0) for c in CHANNELS)
+    assert false_regions_per_image(fresh, CHANNELS, (32, 32), naive) > 1.0
 
 
 def test_the_fitted_null_finds_a_planted_bright_region() -> None:
     rng = np.random.default_rng(4)
-    channels = [8, 16]
-    shapes = [(32, 32), (16, 16)]
-    nulls = fit_null([correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)])
-    maps = [correlated_field(rng, 1, s, c) for s, c in zip(shapes, channels, strict=True)]
+    nulls = fit_null(two_scale_field(rng, 40))
+    maps = two_scale_field(rng, 1)
     maps[0][0, 10:16, 10:16] *= 3.0
     maps[1][0, 5:8, 5:8] *= 3.0
-    log_nfa = nfa.log_nfa_map([m[0] for m in maps], channels, (32, 32), nulls)
+    log_nfa = nfa.log_nfa_map([m[0] for m in maps], CHANNELS, (32, 32), nulls)
     regions = nfa.regions_from_log_nfa(log_nfa, -2.0)
     assert regions
     x, y, w, h = regions[0].bbox
@@ -146,13 +148,9 @@ def test_plant_names_bad_kind_and_size() -> None:
 
 
 def test_evidence_calibration_keeps_the_promise_at_the_deployed_epsilon_on_its_images_and_fresh_ones() -> None:
-    from training.nfa_null import calibrate_evidence, false_regions_per_image
-
     rng = np.random.default_rng(7)
-    channels = [8, 16]
-    shapes = [(32, 32), (16, 16)]
-    val = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
-    fresh = [correlated_field(rng, 40, s, c) for s, c in zip(shapes, channels, strict=True)]
+    val, fresh = two_scale_field(rng, 40), two_scale_field(rng, 40)
+    channels = CHANNELS
     envelope = fit_null(val)
     nulls, factor = calibrate_evidence(envelope, val, channels, (32, 32), log10_epsilon=-1.0)
     assert factor >= 1.0

@@ -31,6 +31,7 @@ import torch
 from edge_agent import nfa
 from edge_agent.bundle import (
     MANIFEST_NAME,
+    MIN_PLANTED_DETECTION,
     MODEL_NAME,
     SCHEMA_VERSION,
     Bundle,
@@ -48,7 +49,6 @@ from edge_agent.bundle import (
 from edge_agent.engines.graph_check import check_graph, describe
 from training.backbones import backbone_info
 from training.data import load_image
-from training.finish import MIN_PLANTED_DETECTION
 from training.model import ExportWrapper, UFlow
 from training.rundir import RunInfo, load_model
 from training.synthetic import defect_image

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 # The deployed decision's default: at most one false region per 100 good images on average under the
 # fitted null (docs/nfa.md: a plant counts false rejects per part, and epsilon is an expected count).
 DEFAULT_LOG10_EPSILON = -2.0
-# A model that flags fewer planted defects than this cannot be shipped without a loud warning.
-MIN_PLANTED_DETECTION = 0.5
 PLANTED_IMAGES = 48  # at most this many validation images get a defect each
 PLANTED_MIN = 24  # small validation sets get several defects per image to reach this many
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.engines.trt_ops import OpProblem, describe_problems, model_problems, node_label, operator_table
+from edge_agent.engines.trt_ops import (
+    OpProblem,
+    constant_values,
+    describe_problems,
+    model_problems,
+    node_label,
+    operator_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +275,7 @@ def _head_problems(
 def _qdq_axis_problems(graph: Any) -> list[OpProblem]:
     from onnx import numpy_helper
 
-    constants = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    constants[node.output[0]] = attribute.t
+    constants = constant_values(graph)
     problems = []
     for node in graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:

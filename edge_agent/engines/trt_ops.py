@@ -82,7 +82,7 @@ def model_problems(model: Any) -> list[OpProblem]:
     """:func:`unsupported_ops` on a loaded ``onnx.ModelProto`` (operators, opset, Q/DQ zero points, Resize)."""
     table = operator_table()
     problems = _opset_problems(model, table)
-    constants = _constant_values(model.graph)
+    constants = constant_values(model.graph)
     for node in _all_nodes(model.graph):
         problems.extend(_node_problems(node, table, constants))
     return problems
@@ -131,7 +131,7 @@ def _all_nodes(graph: Any) -> Iterator[Any]:
                 yield from _all_nodes(sub)
 
 
-def _constant_values(graph: Any) -> dict[str, Any]:
+def constant_values(graph: Any) -> dict[str, Any]:
     """Name -> TensorProto for initializers and Constant node outputs (zero points live there)."""
     values = {init.name: init for init in graph.initializer}
     for node in graph.node:
