@@ -222,3 +222,16 @@ def test_a_run_with_a_fitted_null_exports_it_with_the_tree_test_count(tiny_run_d
     assert [n.model_dump() for n in spec.scale_nulls] == fitted
     paper = nfa_spec(with_null, [(16, 16), (8, 8)], null_model="polyomino")
     assert paper.null_model == "polyomino" and not paper.scale_nulls
+
+
+def test_export_warns_loudly_on_a_model_that_misses_the_planted_defects(tiny_bundle: Path) -> None:
+    from edge_agent.bundle import load_bundle
+    from training.export import warn_if_blind
+
+    manifest = load_bundle(tiny_bundle).manifest
+    blind = manifest.model_copy(update={"validation_metrics": {"planted_detection_rate": 0.25}})
+    message = warn_if_blind(blind)
+    assert message is not None and "25%" in message and "WARNING" in message
+    seeing = manifest.model_copy(update={"validation_metrics": {"planted_detection_rate": 0.75}})
+    assert warn_if_blind(seeing) is None
+    assert warn_if_blind(manifest.model_copy(update={"validation_metrics": {}})) is None

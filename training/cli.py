@@ -214,7 +214,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from edge_agent.bundle import load_bundle
     from edge_agent.signing import load_private_key, sign_bundle
-    from training.export import export_bundle, warn_if_blind
+    from training.export import export_bundle
 
     # The key is read first: a wrong path must not cost a whole export.
     key = load_private_key(args.sign) if args.sign is not None else None
@@ -233,9 +233,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if rate is not None:
         count = int(manifest.validation_metrics.get("planted_count", 0))
         print(f"label-free check: the NFA ({manifest.nfa.null_model}) found {rate:.0%} of {count} planted defects")
-    warning = warn_if_blind(manifest)
-    if warning:
-        print(warning, file=sys.stderr)
+    # A blind model's warning was already logged (stderr) by export_bundle.
     if key is not None:
         sign_bundle(out, key)
         print(f"signed with {args.sign} (signature over model.json)")
