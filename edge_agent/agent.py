@@ -34,7 +34,7 @@ from edge_agent.mqtt import MqttPublisher
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import FrameJob, Pipeline
 from edge_agent.preview import PreviewFacts, PreviewPage
-from edge_agent.scoring import DecisionRule
+from edge_agent.scoring import DecisionRule, default_log10_epsilon
 from edge_agent.sources import FrameSource
 from edge_agent.spool import Spool
 from edge_agent.systemd import SystemdNotifier
@@ -373,7 +373,7 @@ class Agent:
         """Refuse a change outside the configured band (nfa.command_band, nfa.command_max_region_area)."""
         nfa = self.settings.nfa
         if command.log10_epsilon is not None:
-            centre = float(self.model.bundle.manifest.nfa.log10_epsilon)
+            centre = default_log10_epsilon(self.model.bundle.manifest, nfa.null_model)
             low, high = centre - nfa.command_band, centre + nfa.command_band
             if not low <= command.log10_epsilon <= high:
                 raise CommandFailed(

@@ -75,7 +75,8 @@ class DecisionRule:
     def from_bundle(cls, manifest: Manifest, config: NfaConfig | None = None) -> DecisionRule:
         """The bundle's decision with any config overrides applied."""
         config = config or NfaConfig()
-        epsilon = manifest.nfa.log10_epsilon if config.log10_epsilon is None else config.log10_epsilon
+        default = default_log10_epsilon(manifest, config.null_model)
+        epsilon = default if config.log10_epsilon is None else config.log10_epsilon
         return cls(
             log10_epsilon=float(epsilon),
             min_area_source_px=config.min_region_area,
@@ -122,6 +123,14 @@ def scale_nulls(manifest: Manifest, choice: str = "bundle") -> tuple[nfa.ScaleNu
             "re-export it with this version of `uflow export`, or use 'bundle'/'polyomino'"
         )
     return None
+
+
+def default_log10_epsilon(manifest: Manifest, choice: str = "bundle") -> float:
+    """log10 epsilon when the config sets none: the bundle's, or the paper's 0 when the paper's NFA is
+    chosen over a bundle whose own epsilon belongs to its fitted null."""
+    if choice == "polyomino" and manifest.nfa.null_model == "fitted":
+        return 0.0
+    return float(manifest.nfa.log10_epsilon)
 
 
 class FrameScorer:

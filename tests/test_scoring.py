@@ -116,3 +116,22 @@ def test_scorer_rejects_wrong_number_of_scale_maps(engine_and_manifest) -> None:
     output = EngineOutput(anomaly_map=np.zeros((64, 64), np.float32), scale_maps=(np.ones((16, 16), np.float32),))
     with pytest.raises(ValueError, match="1 scale maps but 2 channel counts"):
         FrameScorer(manifest).score(output, (64, 64))
+
+
+def test_null_model_choice_from_the_config(engine_and_manifest) -> None:
+    """A fitted bundle decides with its null and epsilon; 'polyomino' gives the paper's NFA at epsilon 1."""
+    from edge_agent.bundle import NfaSpec, ScaleNullSpec
+    from edge_agent.scoring import FrameScorer, NullModelError
+
+    _, manifest = engine_and_manifest
+    nulls = tuple(ScaleNullSpec(mean=1.0, dof=float(s.channels), area=2.0) for s in manifest.scales)
+    fitted = manifest.model_copy(
+        update={"nfa": NfaSpec(log10_number_of_tests=3.0, log10_epsilon=-2.0, null_model="fitted", scale_nulls=nulls)}
+    )
+    scorer = FrameScorer(fitted)
+    assert scorer.rule.log10_epsilon == -2.0 and scorer.nulls is not None and scorer.nulls[0].area == 2.0
+    paper = FrameScorer(fitted, NfaConfig(null_model="polyomino"))
+    assert paper.nulls is None and paper.rule.log10_epsilon == 0.0
+    assert FrameScorer(fitted, NfaConfig(null_model="polyomino", log10_epsilon=-1.0)).rule.log10_epsilon == -1.0
+    with pytest.raises(NullModelError, match="ships no fitted null"):
+        FrameScorer(manifest, NfaConfig(null_model="fitted"))
