@@ -94,20 +94,20 @@ def plant(
         raise ValueError(f"unknown planted defect size {size!r}; choose one of {', '.join(SIZES)}")
     height, width = image.shape[:2]
     side = min(height, width)
-    radius = rng.uniform(*SIZES[size]) * side / 2 * 2  # the size range is a diameter fraction
+    extent = rng.uniform(*SIZES[size]) * side  # SIZES are fractions of the short side: the defect's extent
     contrast = _contrast(image)
     sign = 1.0 if rng.random() < 0.5 else -1.0
     base = image.astype(np.float32)
     if kind == "blob":
-        alpha = _ellipse_alpha(rng, height, width, radius / 2)
+        alpha = _ellipse_alpha(rng, height, width, extent / 2)
         shifted = base + sign * rng.uniform(0.5, 0.8) * contrast
         out = _blend(image, shifted, alpha)
     elif kind == "scratch":
-        alpha = _line_alpha(rng, height, width, length=radius * 3)
+        alpha = _line_alpha(rng, height, width, length=extent * 3)
         shifted = base + sign * rng.uniform(0.6, 0.9) * contrast
         out = _blend(image, shifted, alpha)
     else:
-        half = max(2, round(radius / 2))
+        half = max(2, round(extent / 2))
         cx, cy = _centre(rng, height, width, half)
         x0, y0 = int(cx) - half, int(cy) - half
         x0, y0 = min(max(x0, 0), width - 2 * half), min(max(y0, 0), height - 2 * half)
