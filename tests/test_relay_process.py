@@ -33,13 +33,6 @@ EARLY_MS = 2.0
 
 
 @pytest.fixture
-def http() -> Iterator[RecordingHttpServer]:
-    server = RecordingHttpServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def camera(broker: MosquittoBroker) -> Iterator[MqttPublisher]:
     publisher = MqttPublisher(MqttConfig(port=broker.port, message_expiry_s=60, drain_timeout_s=5), "cam1")
     publisher.start()
