@@ -27,8 +27,8 @@ from agent_harness import AgentProcess, agent_config, send_command, write_toml  
 from fault_scenarios import agent_sigkill, broker_outage, camera_faults, contract_setup  # noqa: E402
 from mqtt_broker import Subscriber  # noqa: E402
 
-from edge_agent.commands import MAX_COMMAND_BYTES  # noqa: E402
-from edge_agent.local_broker import LocalMosquitto  # noqa: E402
+from edge_agent.demo.local_broker import LocalMosquitto  # noqa: E402
+from edge_agent.publish.commands import MAX_COMMAND_BYTES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -76,10 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def gpu_or_exit() -> tuple[object, object]:
     """TensorRT and an opened CUDA device, or a clear message and exit 3/4 (build-engine's statuses)."""
-    from edge_agent.build_engine import EXIT_NO_GPU, EXIT_UNAVAILABLE
+    from edge_agent.cli.build_engine import EXIT_NO_GPU, EXIT_UNAVAILABLE
     from edge_agent.engines import EngineUnavailable, GpuUnreachable
-    from edge_agent.engines.cuda_buffers import open_cuda
-    from edge_agent.engines.tensorrt import import_tensorrt
+    from edge_agent.engines.tensorrt.cuda_buffers import open_cuda
+    from edge_agent.engines.tensorrt.runtime import import_tensorrt
 
     try:
         trt = import_tensorrt()
@@ -162,7 +162,7 @@ def agent_fps(
     from edge_agent.bundle import load_bundle
     from edge_agent.config import ModelConfig, load_settings
     from edge_agent.engines import create_engine
-    from edge_agent.scoring import FrameScorer
+    from edge_agent.inspection.scoring import FrameScorer
 
     model = {
         "bundle": str(bundle_root),
@@ -179,7 +179,7 @@ def agent_fps(
         finally:
             engine.close()
         return count / seconds, "infer+NFA (no mosquitto)"
-    from edge_agent.local_broker import LocalMosquitto
+    from edge_agent.demo.local_broker import LocalMosquitto
 
     with tempfile.TemporaryDirectory(prefix="gpu-first-agent-") as tmp:
         folder = Path(tmp) / "frames"
@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_agent.bundle import load_bundle
     from edge_agent.config import ModelConfig
-    from edge_agent.engine_cache import EngineCache
     from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
-    from edge_agent.engines.tensorrt import TensorRTEngine
-    from edge_agent.engines.trt_build import ensure_plan
-    from edge_agent.scoring import FrameScorer
+    from edge_agent.engines.tensorrt.build import ensure_plan
+    from edge_agent.engines.tensorrt.cache import EngineCache
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
+    from edge_agent.inspection.scoring import FrameScorer
 
     print(f"TensorRT {trt.__version__}, {cuda.name}, {cuda.identity.describe()}", flush=True)  # type: ignore[attr-defined]
     source, _ = prepared_bundle(args.bundle, args.train_epochs)

@@ -1,4 +1,4 @@
-"""Benchmark of the tree NFA (edge_agent.nfa): per-map times, upsampling, JIT compile time.
+"""Benchmark of the tree NFA (edge_agent.inspection.nfa): per-map times, upsampling, JIT compile time.
 
 Prints a markdown table. One thread (NUMBA_NUM_THREADS=1, nothing parallel). Times are medians
 over many calls after warm-up; "cpu" is the calling thread's CPU time (time.thread_time), which
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edge_agent import nfa  # noqa: E402
+from edge_agent.inspection import nfa  # noqa: E402
 
 SIZES = (14, 28, 64, 128, 256)
 CHANNELS = 64

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent import nfa
+from edge_agent.inspection import nfa
 from training import metrics
 from training.nfa_null import fit_null
 

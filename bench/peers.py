@@ -97,7 +97,11 @@ DEFAULT_RESULTS = REPO / "reports" / "peers"
 BACKBONE = "efficientnet_lite0"
 # Files whose content decides what `uflow train` + `uflow evaluate` produce with default flags: a
 # change to any of them (the defaults in training/cli.py included) invalidates ours' cached result.
-OURS_CODE_GLOBS: tuple[str, ...] = ("training/*.py", "edge_agent/nfa.py", "edge_agent/preprocess.py")
+OURS_CODE_GLOBS: tuple[str, ...] = (
+    "training/*.py",
+    "edge_agent/inspection/nfa.py",
+    "edge_agent/inspection/preprocess.py",
+)
 TIMED_IMAGES = 10
 # anomalib's PatchCore keeps 10 % of the training patches, chosen by k-center greedy: one pass over
 # all patches (600 images x 32 x 32 = 614k, projected to 329 dims) per kept patch. Measured here at
@@ -522,7 +526,7 @@ def _ours_timing(run_dir: Path, data: BenchData, threads: int) -> dict[str, floa
     """ms/image of ours' forward + maps (batch 1) and, separately, of the agent's NFA on them."""
     import torch
 
-    from edge_agent import nfa
+    from edge_agent.inspection import nfa
     from training.rundir import load_model
     from training.train import predict
 

@@ -36,13 +36,13 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent
     from edge_agent.bundle import Bundle
     from edge_agent.config import AgentSettings
     from edge_agent.engines import Engine
-    from edge_agent.outbox import Outbox
-    from edge_agent.pipeline import FrameJob
-    from edge_agent.scoring import FrameScorer
+    from edge_agent.inspection.pipeline import FrameJob
+    from edge_agent.inspection.scoring import FrameScorer
+    from edge_agent.publish.outbox import Outbox
+    from edge_agent.service.agent import Agent
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "bundles" / "bench-256"
@@ -79,7 +79,7 @@ def ensure_bundle(path: Path | None, epochs: int) -> Path:
 
 def make_frames(folder: Path, count: int, size: int) -> list[Path]:
     """``count`` conveyor frames (good parts and a few defects) as PNG files at ``size`` x ``size``."""
-    from edge_agent.conveyor import Conveyor, ConveyorSpec
+    from edge_agent.demo.conveyor import Conveyor, ConveyorSpec
 
     conveyor = Conveyor(ConveyorSpec(width=size, height=size, parts=max(4, count // 30), speed_px=size // 32))
     paths = []
@@ -154,9 +154,9 @@ def run_agent_once(
     on_agent: Callable[[Agent], None] | None = None,
 ) -> AgentRun:
     """The real Agent on the settings' source (or ``raw``), until the folder ends or ``duration_s`` passed."""
-    from edge_agent.agent import Agent
-    from edge_agent.loaded_model import load_model
-    from edge_agent.sources import FrameSource
+    from edge_agent.inspection.frame_source import FrameSource
+    from edge_agent.inspection.loaded_model import load_model
+    from edge_agent.service.agent import Agent
 
     stamps: list[float] = []
     latencies: list[float] = []
@@ -188,8 +188,8 @@ def prepared_bundle(bundle: Path | None, train_epochs: int) -> tuple[Path, Bundl
     """Quiet logs, the repo's Numba cache, the bundle to measure (trained if missing) and the NFA JIT warmed."""
     logging.basicConfig(level="WARNING")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))
-    from edge_agent import nfa
     from edge_agent.bundle import load_bundle
+    from edge_agent.inspection import nfa
 
     bundle_dir = ensure_bundle(bundle, train_epochs)
     loaded = load_bundle(bundle_dir)
@@ -201,10 +201,10 @@ def main() -> int:
     args = parse_args()
     bundle_dir, bundle = prepared_bundle(args.bundle, args.train_epochs)
     from edge_agent.config import ModelConfig, load_settings
+    from edge_agent.demo.local_broker import LocalMosquitto
     from edge_agent.engines import create_engine
-    from edge_agent.local_broker import LocalMosquitto
-    from edge_agent.preprocess import model_input
-    from edge_agent.scoring import FrameScorer
+    from edge_agent.inspection.preprocess import model_input
+    from edge_agent.inspection.scoring import FrameScorer
 
     spec = bundle.manifest.input
     engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=args.threads))
@@ -263,7 +263,7 @@ def main() -> int:
 
 
 def _memory(settings: AgentSettings) -> Outbox:
-    from edge_agent.outbox import MemoryOutbox
+    from edge_agent.publish.outbox import MemoryOutbox
 
     return MemoryOutbox(settings.spool.max_messages)
 

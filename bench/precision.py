@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.agreement import cpu_session
 from calibration.data import pick_evenly, select_images
 from calibration.int8 import FORMATS, TENSORRT_FORMAT, Int8Settings, conv_groups, preprocess_model, quantize_int8
-from edge_agent import nfa
 from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.inspection import nfa
 from training.data import Record, load_image, load_mask, open_dataset
 from training.metrics import segmentation_report
 

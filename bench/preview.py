@@ -171,7 +171,7 @@ def main() -> int:
     args = parse_args()
     bundle_dir, bundle = prepared_bundle(args.bundle, args.train_epochs)
     from edge_agent.config import load_settings
-    from edge_agent.local_broker import LocalMosquitto, free_port
+    from edge_agent.demo.local_broker import LocalMosquitto, free_port
 
     modes = ["closed", "open", "open, 4 greedy clients"]
     rows: list[tuple[int, str, Measurement]] = []

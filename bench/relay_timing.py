@@ -38,8 +38,8 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from relay_helpers import RecordingHttpServer, RelayProcess, inspection, relay_toml  # noqa: E402
 
 from edge_agent.config import MqttConfig  # noqa: E402
-from edge_agent.local_broker import LocalMosquitto  # noqa: E402
-from edge_agent.mqtt import MqttPublisher  # noqa: E402
+from edge_agent.demo.local_broker import LocalMosquitto  # noqa: E402
+from edge_agent.publish.mqtt import MqttPublisher  # noqa: E402
 
 DEVICE = "cam1"
 PLC_TOPIC = "plc/line1/reject"

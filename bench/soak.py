@@ -27,7 +27,7 @@ from agent_harness import AgentProcess, agent_config, http_get, write_frames, wr
 from contract_bundle import build_contract_bundle  # noqa: E402
 from fault_scenarios import relay_subscriber  # noqa: E402
 
-from edge_agent.local_broker import LocalMosquitto, free_port  # noqa: E402
+from edge_agent.demo.local_broker import LocalMosquitto, free_port  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -27,8 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.outbox import OutgoingMessage  # noqa: E402
-from edge_agent.spool import Spool  # noqa: E402
+from edge_agent.publish.outbox import OutgoingMessage  # noqa: E402
+from edge_agent.publish.spool import Spool  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Calibration images: which files, and how they become engine inputs.
 
 Calibration must see exactly what the engine sees on the device: uint8 RGB NHWC at the model size,
-made by the agent's own preprocessing (``edge_agent.preprocess.model_input``). Images come from a
+made by the agent's own preprocessing (``edge_agent.inspection.preprocess.model_input``). Images come from a
 folder of good-part images, a text file listing image paths, or a dataset ``split.json`` (its
 ``train`` list of path stems, STEM.jpg beside the json). Images are picked evenly across the sorted
 list, so a run of similar frames at the start of a folder does not dominate the calibration.
@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent.preprocess import model_input
+from edge_agent.inspection.preprocess import model_input
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from calibration.agreement import compare_models
 from calibration.bundle_variants import load_for_variant, record_variant, variant_path
 from calibration.data import model_batches, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
-from edge_agent.engines.graph_check import check_graph, describe
-from edge_agent.engines.graph_check import head_nodes as graph_head_nodes
+from edge_agent.engines.tensorrt.graph_check import check_graph, describe
+from edge_agent.engines.tensorrt.graph_check import head_nodes as graph_head_nodes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Fp16Settings:
 def head_nodes(model: Any, scale_outputs: Sequence[str]) -> list[str]:
     """Names of the U-Flow head's nodes (z^2 and everything downstream), sorted.
 
-    The head is found by the graph check's own walk (edge_agent.engines.graph_check.head_nodes), so
+    The head is found by the graph check's own walk (edge_agent.engines.tensorrt.graph_check.head_nodes), so
     the nodes kept in FP32 here are exactly the ones that check requires in FP32.
     """
     return sorted(node.name for node in graph_head_nodes(model.graph, scale_outputs))

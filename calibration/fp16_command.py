@@ -9,7 +9,7 @@ from pathlib import Path
 from calibration.data import CalibrationDataError, add_data_arguments
 from calibration.fp16 import DEFAULT_KEEP_FP32, FP16_GROUPS, Fp16Error, Fp16Settings
 from edge_agent.bundle import BundleError
-from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
+from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ from calibration.agreement import compare_models
 from calibration.bundle_variants import load_for_variant, record_variant, variant_path
 from calibration.data import ImageSet, model_batches, pick_evenly, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
-from edge_agent.engines.graph_check import check_graph, describe
+from edge_agent.engines.tensorrt.graph_check import check_graph, describe
 
 log = logging.getLogger(__name__)
 

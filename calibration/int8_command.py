@@ -10,7 +10,7 @@ from pathlib import Path
 from calibration.data import CalibrationDataError, add_data_arguments
 from calibration.int8 import DEFAULT_KEEP_FP32, DEFAULT_METHOD, GROUPS, METHODS, Int8Settings, QuantizationError
 from edge_agent.bundle import BundleError
-from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
+from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger(__name__)
 

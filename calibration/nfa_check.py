@@ -2,7 +2,7 @@
 
 On good parts the NFA decision should raise on average at most about epsilon false regions per image
 (epsilon = 1 by default: log10 epsilon = 0). This runs the bundle with ONNX Runtime on a set of good
-images, makes the agent's own decision (``edge_agent.scoring.FrameScorer`` at the model size) and
+images, makes the agent's own decision (``edge_agent.inspection.scoring.FrameScorer`` at the model size) and
 reports the mean number of regions per image, the fraction of images with any region and the
 distribution of the per-image minimum log10 NFA.
 
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import ImageSet, read_model_input
-from edge_agent import nfa
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.config import NfaConfig
-from edge_agent.scoring import FrameScorer
+from edge_agent.inspection import nfa
+from edge_agent.inspection.scoring import FrameScorer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from calibration.data import CalibrationDataError, pick_evenly, select_images
 from edge_agent.bundle import BundleError
-from edge_agent.cli_common import EXIT_FAILURE, EXIT_OK
+from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

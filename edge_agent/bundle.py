@@ -78,7 +78,7 @@ class ScaleSpec(_Strict):
 
 
 class ScaleNullSpec(_Strict):
-    """The fitted null model of one scale (edge_agent.nfa.ScaleNull; fitted by training/nfa_null.py)."""
+    """The fitted null model of one scale (edge_agent.inspection.nfa.ScaleNull; fitted by training/nfa_null.py)."""
 
     mean: float = Field(gt=0, allow_inf_nan=False, description="mean of m_s on good validation pixels")
     dof: float = Field(gt=0, allow_inf_nan=False, description="Chernoff degrees of freedom that bound the good tail")

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edge_agent.messages import ID_PATTERN
+from edge_agent.publish.messages import ID_PATTERN
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -26,7 +26,7 @@ import paho.mqtt.publish as mqtt_publish
 from contract_bundle import defect_frame, good_frame
 
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.local_broker import LocalMosquitto
+from edge_agent.demo.local_broker import LocalMosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 DEFECT_EVERY = 10  # frames with sequence % 10 == 3 hold a dark defect
@@ -97,7 +97,7 @@ class AgentThread:
     """``run_agent`` in a thread of this process (signal handlers are not installed there)."""
 
     def __init__(self, settings: AgentSettings, on_result: Callable[..., None] | None = None) -> None:
-        from edge_agent.run import run_agent
+        from edge_agent.cli.run import run_agent
 
         self.settings = settings
         self.stop_event = threading.Event()

@@ -35,7 +35,7 @@ from edge_agent.bundle import (
     utc_now,
     write_manifest,
 )
-from edge_agent.nfa import log10_number_of_tests
+from edge_agent.inspection.nfa import log10_number_of_tests
 
 GREY = 0.5
 

@@ -24,7 +24,7 @@ from contract_bundle import build_contract_bundle
 from mqtt_broker import Subscriber
 from stream_server import MjpegServer, camera_video
 
-from edge_agent.local_broker import LocalMosquitto, free_port
+from edge_agent.demo.local_broker import LocalMosquitto, free_port
 
 RELAY_CLIENT_ID = "reject-relay-test"
 

@@ -19,7 +19,7 @@ import numpy as np
 from contract_bundle import build_contract_bundle, defect_frame, good_frame
 
 from edge_agent.bundle import MODEL_NAME, ScaleSpec, file_hashes, read_manifest, write_manifest
-from edge_agent.signing import sign_bundle
+from edge_agent.fleet.signing import sign_bundle
 
 SIZE = 64
 

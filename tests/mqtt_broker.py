@@ -1,7 +1,7 @@
 """A real mosquitto broker on a free loopback port, and a subscriber that records what it receives.
 
 Import the fixtures into a test module (``from mqtt_broker import broker, broker_factory``) or use
-``MosquittoBroker`` (edge_agent.local_broker.LocalMosquitto) directly. Tests that need it are skipped with a clear reason when mosquitto is not
+``MosquittoBroker`` (edge_agent.demo.local_broker.LocalMosquitto) directly. Tests that need it are skipped with a clear reason when mosquitto is not
 installed (``apt-get install mosquitto``).
 """
 
@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.local_broker import LocalMosquitto, find_mosquitto, free_port, wait_for_port
+from edge_agent.demo.local_broker import LocalMosquitto, find_mosquitto, free_port, wait_for_port
 
 __all__ = ["MosquittoBroker", "Subscriber", "broker", "broker_factory", "free_port", "wait_for_port"]
 

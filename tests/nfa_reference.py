@@ -1,8 +1,8 @@
-"""A deliberately plain reference for edge_agent.nfa, written from the rule in docs/nfa.md.
+"""A deliberately plain reference for edge_agent.inspection.nfa, written from the rule in docs/nfa.md.
 
 Nothing here is fast or clever: the tree is built by thresholding at every distinct level with
 scipy.ndimage.label, parents are found by looking down the levels, and the selection mutates an
-explicit tree with loops until nothing changes. It shares no code with edge_agent.nfa.
+explicit tree with loops until nothing changes. It shares no code with edge_agent.inspection.nfa.
 """
 
 from __future__ import annotations

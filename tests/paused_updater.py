@@ -2,7 +2,7 @@
 
     python tests/paused_updater.py STEP update --config agent.toml --no-reload
 
-Sets ``edge_agent.update.on_checkpoint`` so that the updater, on reaching STEP, logs an ``update_paused``
+Sets ``edge_agent.fleet.update.on_checkpoint`` so that the updater, on reaching STEP, logs an ``update_paused``
 event and sleeps until the test SIGKILLs it there; then runs the normal command line. The production
 updater has no such hook switched on: this wrapper is the only thing that sets it.
 """
@@ -15,7 +15,7 @@ import time
 
 from edge_agent import cli, update
 
-log = logging.getLogger("edge_agent.update")
+log = logging.getLogger("edge_agent.fleet.update")
 
 
 def pause_at(step: str) -> None:

@@ -10,7 +10,7 @@ from mqtt_broker import MosquittoBroker
 from relay_helpers import RecordingHttpServer, relay_toml
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt import MqttPublisher
+from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.config import load_relay_settings
 from edge_agent.relay.relay import RejectRelay
 

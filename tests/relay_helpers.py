@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from edge_agent.messages import InspectionMessage, ModelRef, Region, StageLatency
+from edge_agent.publish.messages import InspectionMessage, ModelRef, Region, StageLatency
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelRef(name="m", version="1", sha256="0" * 64, backend="onnxruntime", precision="fp32")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.conveyor import write_video
-from edge_agent.local_broker import free_port
+from edge_agent.demo.conveyor import write_video
+from edge_agent.demo.local_broker import free_port
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 

@@ -15,7 +15,7 @@ import pytest
 from agent_harness import AgentThread, agent_config, http_get, send_command
 from mqtt_broker import MosquittoBroker, Received, Subscriber, free_port
 
-from edge_agent.commands import MAX_COMMAND_BYTES
+from edge_agent.publish.commands import MAX_COMMAND_BYTES
 
 # The bundles and frames fixtures: tests/agent_fixtures.py.
 

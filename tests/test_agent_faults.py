@@ -11,7 +11,7 @@ import pytest
 from fault_scenarios import agent_sigkill, broker_outage, camera_faults
 from stream_server import needs_ffmpeg
 
-from edge_agent.local_broker import find_mosquitto
+from edge_agent.demo.local_broker import find_mosquitto
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 

@@ -153,33 +153,33 @@ def test_the_device_package_never_imports_training_or_torch() -> None:
 
 def test_scoring_and_the_nfa_do_not_depend_on_the_engines() -> None:
     # Scoring reads plain arrays (scoring.ModelMaps, the bundle's contract); the NFA imports nothing of ours.
-    assert not [m for m in project_dependencies("edge_agent.scoring") if m.startswith("edge_agent.engines")]
-    assert project_dependencies("edge_agent.nfa") == {}
+    assert not [m for m in project_dependencies("edge_agent.inspection.scoring") if m.startswith("edge_agent.engines")]
+    assert project_dependencies("edge_agent.inspection.nfa") == {}
 
 
 # What runs on every frame (docs/design.md section 1) and the service code that watches it from outside.
 FRAME_PATH = (
-    "edge_agent.sources",
-    "edge_agent.preprocess",
+    "edge_agent.inspection.frame_source",
+    "edge_agent.inspection.preprocess",
     "edge_agent.engines",
-    "edge_agent.scoring",
-    "edge_agent.nfa",
-    "edge_agent.pipeline",
-    "edge_agent.mqtt",
-    "edge_agent.outbox",
-    "edge_agent.spool",
-    "edge_agent.loaded_model",
+    "edge_agent.inspection.scoring",
+    "edge_agent.inspection.nfa",
+    "edge_agent.inspection.pipeline",
+    "edge_agent.publish.mqtt",
+    "edge_agent.publish.outbox",
+    "edge_agent.publish.spool",
+    "edge_agent.inspection.loaded_model",
 )
 SERVICE = (
-    "edge_agent.agent",
-    "edge_agent.commands",
-    "edge_agent.health",
-    "edge_agent.http_server",
-    "edge_agent.metrics",
-    "edge_agent.preview",
-    "edge_agent.run",
-    "edge_agent.update",
-    "edge_agent.fleet",
+    "edge_agent.service.agent",
+    "edge_agent.publish.commands",
+    "edge_agent.service.health",
+    "edge_agent.service.http_server",
+    "edge_agent.service.metrics",
+    "edge_agent.service.preview",
+    "edge_agent.cli.run",
+    "edge_agent.fleet.update",
+    "edge_agent.fleet.index",
 )
 
 
@@ -224,8 +224,10 @@ def documented_paths(text: str) -> Iterator[str]:
 
 def test_documented_paths_are_found(tmp_path: Path) -> None:
     name = "MADE_UP"  # put together at run time: this file's own text is scanned too
-    text = f"see docs/{name}.md, edge_agent/nfa.py and {name}.md; not https://x.org/docs/a.md nor x/docs/b.md"
-    assert list(documented_paths(text)) == [f"docs/{name}.md", "edge_agent/nfa.py", f"{name}.md"]
+    text = (
+        f"see docs/{name}.md, edge_agent/inspection/nfa.py and {name}.md; not https://x.org/docs/a.md nor x/docs/b.md"
+    )
+    assert list(documented_paths(text)) == [f"docs/{name}.md", "edge_agent/inspection/nfa.py", f"{name}.md"]
 
 
 def test_every_file_a_docstring_or_doc_names_exists() -> None:

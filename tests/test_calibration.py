@@ -23,8 +23,8 @@ from calibration.int8 import calibrate_bundle as calibrate_int8
 from calibration.trt_calibrator import CalibrationFeed, calibration_cache_path
 from edge_agent.bundle import SIGNATURE_NAME, BundleError, QuantizedModel, load_bundle, sha256_of
 from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
-from edge_agent.engines.trt_ops import unsupported_ops
-from edge_agent.preprocess import model_input
+from edge_agent.engines.tensorrt.ops import unsupported_ops
+from edge_agent.inspection.preprocess import model_input
 from training import cli as uflow_cli
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cli_common import parse_overrides
+from edge_agent.cli.common import parse_overrides
 from edge_agent.config import ConfigError, load_settings
 
 

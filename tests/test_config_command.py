@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from edge_agent.cli.config import reference_markdown
 from edge_agent.config import AgentSettings
-from edge_agent.config_command import reference_markdown
 from edge_agent.relay.config import RelaySettings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_agent.conveyor import Conveyor, ConveyorSpec, good_training_frames, write_conveyor_video
+from edge_agent.demo.conveyor import Conveyor, ConveyorSpec, good_training_frames, write_conveyor_video
 
 
 def test_conveyor_ground_truth_matches_the_pixels() -> None:

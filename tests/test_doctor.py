@@ -91,7 +91,7 @@ def test_corrupt_bundle_fails_and_names_the_file(tmp_path: Path, image_folder: P
 
 
 def test_wrong_fleet_key_fails_the_signature(tmp_path: Path, image_folder: Path) -> None:
-    from edge_agent.signing import generate_keypair, sign_bundle
+    from edge_agent.fleet.signing import generate_keypair, sign_bundle
 
     bundle = build_contract_bundle(tmp_path / "bundle")
     signer = generate_keypair(tmp_path / "signer")
@@ -125,7 +125,7 @@ def test_missing_source_fails_with_its_path(tmp_path: Path) -> None:
 
 def test_detection_power_row_reports_the_planted_check_and_warns_below_half(tmp_path: Path) -> None:
     from edge_agent.bundle import load_bundle
-    from edge_agent.doctor import check_detection_power
+    from edge_agent.cli.doctor import check_detection_power
 
     manifest = load_bundle(build_contract_bundle(tmp_path / "bundle")).manifest
     assert check_detection_power(manifest).status == "warn"  # no planted check recorded

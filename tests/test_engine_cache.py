@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.engine_cache import (
+from edge_agent.engines.tensorrt.cache import (
     DeviceIdentity,
     EngineCache,
     EngineKey,

@@ -75,7 +75,7 @@ def test_metrics_match_an_independent_computation(
 ) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from edge_agent import nfa
+    from edge_agent.inspection import nfa
     from training.data import load_images, load_mask, open_dataset
     from training.rundir import load_model
     from training.train import predict

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from edge_agent import nfa  # noqa: E402
 from edge_agent.bundle import BundleError, load_bundle  # noqa: E402
 from edge_agent.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from edge_agent.inspection import nfa  # noqa: E402
 from training.data import load_image, open_dataset  # noqa: E402
 from training.synthetic import defect_image  # noqa: E402
 
@@ -97,7 +97,7 @@ def test_manifest_describes_the_model(tiny_bundle: Path, tiny_run_dir: Path) -> 
 
 def test_exported_bundle_passes_the_tensorrt_graph_check(tiny_bundle: Path) -> None:
     """The same check build-engine runs before every build (types included), on the exported model."""
-    from edge_agent.engines.graph_check import check_graph, describe
+    from edge_agent.engines.tensorrt.graph_check import check_graph, describe
 
     problems = check_graph(tiny_bundle / "model.onnx", "fp32")
     assert problems == [], describe(problems, tiny_bundle / "model.onnx")
@@ -209,7 +209,7 @@ def test_uflow_cli_train_and_export(synthetic_data_dir: Path, tmp_path: Path, ca
 def test_a_run_with_a_fitted_null_exports_it_with_the_tree_test_count(tiny_run_dir: Path) -> None:
     from dataclasses import replace
 
-    from edge_agent import nfa
+    from edge_agent.inspection import nfa
     from training.export import nfa_spec
     from training.rundir import read_run
 

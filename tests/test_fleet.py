@@ -13,7 +13,7 @@ import pytest
 from fleet_helpers import make_bundle, serving
 
 from edge_agent.bundle import load_bundle
-from edge_agent.fleet import (
+from edge_agent.fleet.index import (
     FleetError,
     check_only_listed_files,
     download,
@@ -23,7 +23,7 @@ from edge_agent.fleet import (
     safe_extract,
     write_bundle_tar,
 )
-from edge_agent.signing import generate_keypair
+from edge_agent.fleet.signing import generate_keypair
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +258,6 @@ def test_fleet_publish_can_sign_first(tmp_path: Path, keys) -> None:  # type: ig
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    from edge_agent.signing import verify_bundle_signature
+    from edge_agent.fleet.signing import verify_bundle_signature
 
     assert verify_bundle_signature(bundle, keys.public_key) == keys.fingerprint

@@ -10,7 +10,7 @@ import pytest
 from fake_tensorrt import install, make_cuda_python, make_tensorrt, reset_memory
 from precision_bundle import build_precision_bundle
 
-from edge_agent import build_engine
+from edge_agent.cli import build_engine
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from edge_agent import build_engine
+from edge_agent.cli import build_engine
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 

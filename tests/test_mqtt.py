@@ -18,8 +18,8 @@ from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from edge_agent.config import MqttConfig
-from edge_agent.messages import InspectionMessage, ModelRef
-from edge_agent.mqtt import MqttPublisher
+from edge_agent.publish.messages import InspectionMessage, ModelRef
+from edge_agent.publish.mqtt import MqttPublisher
 
 MODEL = ModelRef(name="m", version="1", sha256="0" * 64, backend="onnxruntime", precision="fp32")
 
@@ -101,7 +101,7 @@ def test_publish_only_anomalous(broker: MosquittoBroker) -> None:
 def test_broker_down_at_start_then_up_loses_nothing(broker_factory, caplog) -> None:
     port = free_port()
     publisher = publisher_for(port)
-    with caplog.at_level("WARNING", logger="edge_agent.mqtt"):
+    with caplog.at_level("WARNING", logger="edge_agent.publish.mqtt"):
         publisher.start()  # must not raise
         for sequence in range(4):
             publisher.publish_inspection(message(sequence))
@@ -169,7 +169,7 @@ def test_will_marks_a_killed_agent_offline(broker: MosquittoBroker, tmp_path: Pa
     script.write_text(
         "import sys, time\n"
         "from edge_agent.config import MqttConfig\n"
-        "from edge_agent.mqtt import MqttPublisher\n"
+        "from edge_agent.publish.mqtt import MqttPublisher\n"
         f"p = MqttPublisher(MqttConfig(port={broker.port}), device_id='cam1')\n"
         "p.start()\n"
         "assert p.wait_connected(10)\n"
@@ -261,7 +261,7 @@ def test_auto_protocol_falls_back_to_311_when_v5_is_refused(broker: MosquittoBro
     front = V311OnlyFront(broker.port)
     subscriber = Subscriber(broker, "uflow/cam1/#", protocol=MQTTProtocolVersion.MQTTv311)
     publisher = publisher_for(front.port, protocol="auto")
-    with caplog.at_level("INFO", logger="edge_agent.mqtt"):
+    with caplog.at_level("INFO", logger="edge_agent.publish.mqtt"):
         publisher.start()
         publisher.publish_inspection(message(0))  # queued before the refusal: must not be lost
         assert publisher.wait_connected(15)

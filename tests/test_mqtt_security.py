@@ -18,8 +18,8 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from tls_certs import Pki, make_pki
 
 from edge_agent.config import ConfigError, MqttConfig, TlsConfig
-from edge_agent.messages import InspectionMessage, ModelRef
-from edge_agent.mqtt import MqttPublisher
+from edge_agent.publish.messages import InspectionMessage, ModelRef
+from edge_agent.publish.mqtt import MqttPublisher
 
 USER, PASSWORD = "camera-1", "s3cret-line-4"
 MODEL = ModelRef(name="m", version="1", sha256="0" * 64, backend="onnxruntime", precision="fp32")
@@ -100,7 +100,7 @@ def test_wrong_password_is_refused_logged_and_messages_are_kept(
     secure_broker: MosquittoBroker, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     publisher = MqttPublisher(config_for(secure_broker, full_tls(pki), password="wrong"), "cam1")
-    with caplog.at_level("INFO", logger="edge_agent.mqtt"):
+    with caplog.at_level("INFO", logger="edge_agent.publish.mqtt"):
         publisher.start()
         publisher.publish_inspection(inspection(0))
         deadline = time.monotonic() + 10
@@ -117,7 +117,7 @@ def test_missing_client_certificate_is_reported(
     secure_broker: MosquittoBroker, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     publisher = MqttPublisher(config_for(secure_broker, TlsConfig(ca_file=pki.ca_cert)), "cam1")
-    with caplog.at_level("INFO", logger="edge_agent.mqtt"):
+    with caplog.at_level("INFO", logger="edge_agent.publish.mqtt"):
         publisher.start()
         publisher.publish_inspection(inspection(0))
         # Wait for the report itself, not a fixed time: a loaded machine may take seconds per handshake.
@@ -141,7 +141,7 @@ def test_broker_certificate_from_another_ca_is_rejected(
     stranger = make_pki(tmp_path / "other", ca_name="some other CA")
     tls = TlsConfig(ca_file=stranger.ca_cert, cert_file=pki.client_cert, key_file=pki.client_key)
     publisher = MqttPublisher(config_for(secure_broker, tls), "cam1")
-    with caplog.at_level("INFO", logger="edge_agent.mqtt"):
+    with caplog.at_level("INFO", logger="edge_agent.publish.mqtt"):
         publisher.start()
         assert not publisher.wait_connected(3)
         publisher.stop(timeout=0.2)
@@ -151,7 +151,7 @@ def test_broker_certificate_from_another_ca_is_rejected(
 
 def test_plain_client_cannot_use_the_tls_listener(secure_broker: MosquittoBroker, caplog) -> None:
     publisher = MqttPublisher(config_for(secure_broker, None), "cam1")
-    with caplog.at_level("INFO", logger="edge_agent.mqtt"):
+    with caplog.at_level("INFO", logger="edge_agent.publish.mqtt"):
         publisher.start()
         assert not publisher.wait_connected(3)
         publisher.stop(timeout=0.2)

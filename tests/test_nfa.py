@@ -1,4 +1,4 @@
-"""edge_agent.nfa against the plain reference in tests/nfa_reference.py, plus edge cases and errors."""
+"""edge_agent.inspection.nfa against the plain reference in tests/nfa_reference.py, plus edge cases and errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import nfa_reference as ref
 import numpy as np
 import pytest
 
-from edge_agent import nfa
+from edge_agent.inspection import nfa
 
 RTOL = 1e-9
 

@@ -1,4 +1,4 @@
-"""The fitted NFA null (training/nfa_null.py, edge_agent.nfa.ScaleNull) and the planted-defect check.
+"""The fitted NFA null (training/nfa_null.py, edge_agent.inspection.nfa.ScaleNull) and the planted-defect check.
 
 The promise of the a-contrario decision is measured, not assumed: maps drawn from a correlated,
 over-dispersed field (what real latents look like: mean above 1, variance above chi^2's, neighbours
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent import nfa
+from edge_agent.inspection import nfa
 from training.nfa_null import (
     calibrate_evidence,
     correlation_area,

@@ -13,10 +13,10 @@ from contract_bundle import defect_frame, good_frame
 from mqtt_broker import MosquittoBroker, Subscriber
 
 from edge_agent.config import ModelConfig, MqttConfig, SourceConfig
-from edge_agent.loaded_model import load_model
-from edge_agent.mqtt import MqttPublisher
-from edge_agent.pipeline import END, FrameJob, Pipeline, StageQueue
-from edge_agent.sources import FrameSource
+from edge_agent.inspection.frame_source import FrameSource
+from edge_agent.inspection.loaded_model import load_model
+from edge_agent.inspection.pipeline import END, FrameJob, Pipeline, StageQueue
+from edge_agent.publish.mqtt import MqttPublisher
 
 DEFECTS = {3, 8}
 

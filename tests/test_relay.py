@@ -23,8 +23,8 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from paho.mqtt.enums import CallbackAPIVersion
 from relay_helpers import RecordingHttpServer, inspection
 
-from edge_agent.messages import InspectionMessage, RelayStats
-from edge_agent.mqtt import MqttPublisher
+from edge_agent.publish.messages import InspectionMessage, RelayStats
+from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.relay import RejectRelay
 
 FIRE_TOLERANCE_MS = 100.0  # generous: this 2-core machine is shared; the bench measures the real numbers
@@ -212,7 +212,7 @@ def test_actuator_failures_are_counted_and_retried_only_when_safe(
 def test_unreachable_http_actuator_fails_before_the_deadline(
     relay_factory: Callable[..., RejectRelay], camera: Callable[[str], MqttPublisher]
 ) -> None:
-    from edge_agent.local_broker import free_port
+    from edge_agent.demo.local_broker import free_port
 
     relay = relay_factory(
         f'kind = "http"\nurl = "http://127.0.0.1:{free_port()}/reject"\nretries = 2',

@@ -26,7 +26,7 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from relay_helpers import RecordingHttpServer, RelayProcess, inspection, relay_toml
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt import MqttPublisher
+from edge_agent.publish.mqtt import MqttPublisher
 
 FIRE_TOLERANCE_MS = 150.0  # stated bound for these tests (process start-up competes for 2 shared cores)
 EARLY_MS = 2.0

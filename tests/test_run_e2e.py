@@ -21,7 +21,7 @@ import pytest
 from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from torch_block import torch_free_env
 
-from edge_agent.conveyor import write_video
+from edge_agent.demo.conveyor import write_video
 from training.synthetic import defect_image, good_image
 
 FRAME_SIZE = 160  # camera pixels; the tiny bundle runs at 128, so the agent resizes and maps boxes back

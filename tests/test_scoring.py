@@ -16,8 +16,8 @@ from edge_agent.bundle import load_bundle
 from edge_agent.config import ModelConfig, NfaConfig
 from edge_agent.engines import create_engine
 from edge_agent.engines.base import EngineOutput
-from edge_agent.nfa import NfaRegion
-from edge_agent.scoring import DecisionRule, FrameScorer, map_region, resize_map
+from edge_agent.inspection.nfa import NfaRegion
+from edge_agent.inspection.scoring import DecisionRule, FrameScorer, map_region, resize_map
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_scorer_rejects_wrong_number_of_scale_maps(engine_and_manifest) -> None:
 def test_null_model_choice_from_the_config(engine_and_manifest) -> None:
     """A fitted bundle decides with its null and epsilon; 'polyomino' gives the paper's NFA at epsilon 1."""
     from edge_agent.bundle import NfaSpec, ScaleNullSpec
-    from edge_agent.scoring import FrameScorer, NullModelError
+    from edge_agent.inspection.scoring import FrameScorer, NullModelError
 
     _, manifest = engine_and_manifest
     nulls = tuple(ScaleNullSpec(mean=1.0, dof=float(s.channels), area=2.0) for s in manifest.scales)

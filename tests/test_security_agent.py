@@ -18,14 +18,14 @@ from fleet_helpers import make_bundle, serving
 from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from test_agent import Running
 
-from edge_agent.commands import CommandProcessor
 from edge_agent.config import MqttConfig, load_settings
-from edge_agent.fleet import publish
-from edge_agent.messages import CommandResult, parse_json_object
-from edge_agent.models_dir import ModelsDir
-from edge_agent.mqtt import MqttPublisher
-from edge_agent.signing import generate_keypair
-from edge_agent.update import apply_update, version_key
+from edge_agent.fleet.index import publish
+from edge_agent.fleet.models_dir import ModelsDir
+from edge_agent.fleet.signing import generate_keypair
+from edge_agent.fleet.update import apply_update, version_key
+from edge_agent.publish.commands import CommandProcessor
+from edge_agent.publish.messages import CommandResult, parse_json_object
+from edge_agent.publish.mqtt import MqttPublisher
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_command_worker_that_dies_is_restarted_and_counted(broker: MosquittoBr
         if not killed.is_set():
             killed.set()
             raise SystemExit("simulated crash of the worker thread")  # not an Exception: passes handle()
-        from edge_agent.commands import Done
+        from edge_agent.publish.commands import Done
 
         return Done("reloaded", {})
 
@@ -257,7 +257,7 @@ def test_snapshots_are_limited_in_rate_and_count(
 
 def test_snapshot_budget_keeps_free_space_and_size(tmp_path: Path) -> None:
     from edge_agent.config import SnapshotConfig
-    from edge_agent.snapshot import SnapshotBudget, SnapshotRefused
+    from edge_agent.service.snapshot import SnapshotBudget, SnapshotRefused
 
     with pytest.raises(SnapshotRefused, match=r"snapshot\.min_free_mb"):
         SnapshotBudget(SnapshotConfig(min_free_mb=1e12)).claim(tmp_path / "snaps")

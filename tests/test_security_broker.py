@@ -27,13 +27,13 @@ from relay_helpers import RecordingHttpServer
 from tls_certs import Pki, make_pki
 
 from edge_agent.config import load_settings
-from edge_agent.fleet import publish
-from edge_agent.local_broker import find_mosquitto, free_port, wait_for_port
-from edge_agent.models_dir import ModelsDir
+from edge_agent.demo.local_broker import find_mosquitto, free_port, wait_for_port
+from edge_agent.fleet.index import publish
+from edge_agent.fleet.models_dir import ModelsDir
+from edge_agent.fleet.signing import generate_keypair
+from edge_agent.fleet.update import apply_update
 from edge_agent.relay.config import load_relay_settings
 from edge_agent.relay.relay import RejectRelay
-from edge_agent.signing import generate_keypair
-from edge_agent.update import apply_update
 
 EXAMPLE = REPO / "systemd" / "mosquitto"
 USERS = {"cam1": "pw-cam1", "cam2": "pw-cam2", "relay1": "pw-relay1", "operator": "pw-operator"}

@@ -13,7 +13,7 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from test_agent import Running
 
 from edge_agent.bundle import MANIFEST_NAME, MAX_INPUT_SIDE, BundleError, load_bundle
-from edge_agent.signing import generate_keypair
+from edge_agent.fleet.signing import generate_keypair
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import threading
 import time
 import urllib.request
 
-from edge_agent.http_server import HttpResponse, HttpServer
+from edge_agent.service.http_server import HttpResponse, HttpServer
 
 HALF_OPEN = 100  # below the server's listen backlog, so all reach it promptly
 

@@ -20,7 +20,7 @@ from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from stream_server import MjpegServer, camera_video, needs_ffmpeg
 
 from edge_agent.config import ConfigError, load_settings
-from edge_agent.messages import redact_uri
+from edge_agent.publish.messages import redact_uri
 
 SECRET = "s3cretPW"
 
@@ -121,8 +121,8 @@ def test_fleet_credentials_stay_out_of_update_events_and_logs(
     broker: MosquittoBroker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from edge_agent.signing import generate_keypair
-    from edge_agent.update import apply_update
+    from edge_agent.fleet.signing import generate_keypair
+    from edge_agent.fleet.update import apply_update
 
     caplog.set_level(logging.DEBUG)
     keys = generate_keypair(tmp_path / "keys")

@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from relay_helpers import MODEL, inspection
 
 from edge_agent.config import MqttConfig
-from edge_agent.update_mqtt import MqttLink
+from edge_agent.fleet.update_mqtt import MqttLink
 
 
 class FakeAgent:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleet_helpers import make_bundle
 
-from edge_agent.signing import (
+from edge_agent.fleet.signing import (
     SigningError,
     generate_keypair,
     load_private_key,

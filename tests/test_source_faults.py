@@ -17,7 +17,7 @@ import pytest
 from stream_server import MjpegServer, camera_video, needs_ffmpeg, numbered_frame
 
 from edge_agent.config import SourceConfig
-from edge_agent.sources import Frame, FrameSource, SourceError
+from edge_agent.inspection.frame_source import Frame, FrameSource, SourceError
 
 pytestmark = needs_ffmpeg
 
@@ -80,7 +80,7 @@ def test_camera_crash_and_return_reconnects_and_resumes(video: Path, caplog: pyt
         server.kill()
         restarted = threading.Timer(2.0, server.start)
         restarted.start()
-        with caplog.at_level("INFO", logger="edge_agent.sources"):
+        with caplog.at_level("INFO", logger="edge_agent.inspection.frame_source"):
             after = read_frames(source, 10, timeout=30)
         restarted.join()
         source.close()
@@ -132,7 +132,7 @@ def test_stall_watchdog_reopens_when_reads_block_longer_than_it_allows(
         server.pause()
         paused_at = time.monotonic()
         threading.Timer(4.0, lambda: (server.resume(), server.restart())).start()
-        with caplog.at_level("WARNING", logger="edge_agent.sources"):
+        with caplog.at_level("WARNING", logger="edge_agent.inspection.frame_source"):
             frames = read_frames(source, 3, timeout=30)
         source.close()
     stalled = [t for t, _, new, reason in states.changes if new == "reconnecting" and reason == "stalled"]
@@ -154,7 +154,7 @@ def test_camera_missing_at_start_is_retried_with_growing_jittered_backoff(
     starter = threading.Timer(5.0, server.start)
     starter.start()
     try:
-        with caplog.at_level("INFO", logger="edge_agent.sources"):
+        with caplog.at_level("INFO", logger="edge_agent.inspection.frame_source"):
             frame = source.read()
         assert frame is not None and frame.sequence == 0
     finally:

@@ -12,8 +12,15 @@ import pytest
 from stream_server import MjpegServer, camera_video, needs_ffmpeg, numbered_frame
 
 from edge_agent.config import SourceConfig
-from edge_agent.conveyor import write_video as write_conveyor_video
-from edge_agent.sources import FrameSource, SourceError, crop, describe_video_io, detect_kind, has_gstreamer
+from edge_agent.demo.conveyor import write_video as write_conveyor_video
+from edge_agent.inspection.frame_source import (
+    FrameSource,
+    SourceError,
+    crop,
+    describe_video_io,
+    detect_kind,
+    has_gstreamer,
+)
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:

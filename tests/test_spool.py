@@ -13,10 +13,10 @@ import pytest
 from mqtt_broker import Subscriber, free_port
 
 from edge_agent.config import MqttConfig
-from edge_agent.messages import InspectionMessage, ModelRef
-from edge_agent.mqtt import MqttPublisher
-from edge_agent.outbox import MemoryOutbox, OutgoingMessage
-from edge_agent.spool import Spool, SpoolError, mark_replayed
+from edge_agent.publish.messages import InspectionMessage, ModelRef
+from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.publish.outbox import MemoryOutbox, OutgoingMessage
+from edge_agent.publish.spool import Spool, SpoolError, mark_replayed
 
 MODEL = ModelRef(name="m", version="1", sha256="0" * 64, backend="onnxruntime", precision="fp32")
 
@@ -88,7 +88,7 @@ def test_expired_messages_are_dropped_and_counted_at_start_and_before_sending(tm
 
 def test_full_spool_drops_the_oldest_and_counts_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "spool.sqlite"
-    with caplog.at_level("ERROR", logger="edge_agent.spool"):
+    with caplog.at_level("ERROR", logger="edge_agent.publish.spool"):
         spool = Spool(path, max_messages=5, commit_interval_s=0.01)
         for index in range(8):
             spool.add(outgoing(index))
@@ -125,7 +125,7 @@ def test_a_damaged_spool_file_is_moved_aside_and_the_agent_starts_empty(tmp_path
 def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from edge_agent.spool import Spool; s = Spool({str(path)!r}); print('open', flush=True);"
+        [sys.executable, "-c", f"from edge_agent.publish.spool import Spool; s = Spool({str(path)!r}); print('open', flush=True);"
          " import time; time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -148,7 +148,7 @@ def test_disk_full_keeps_messages_in_memory_and_recovers(tmp_path: Path, caplog:
     pages = spool._writer.execute("PRAGMA page_count").fetchone()[0]
     spool._writer.execute(f"PRAGMA max_page_count={pages}")
     big = OutgoingMessage(key="big", topic="p/cam1/inspection", payload=b"x" * 200_000)
-    with caplog.at_level("ERROR", logger="edge_agent.spool"):
+    with caplog.at_level("ERROR", logger="edge_agent.publish.spool"):
         spool.add(big)
         deadline = time.monotonic() + 5
         while spool.writing_ok and time.monotonic() < deadline:

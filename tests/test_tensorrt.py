@@ -21,12 +21,11 @@ import pytest
 from fake_tensorrt import make_tensorrt
 from precision_bundle import build_precision_bundle, write_good_images
 
-from edge_agent import build_engine
 from edge_agent.bundle import Bundle, QuantizedModel, load_bundle
+from edge_agent.cli import build_engine
 from edge_agent.config import ModelConfig
-from edge_agent.engine_cache import DeviceIdentity, EngineCache, EngineKey, new_metadata
 from edge_agent.engines import EngineUnavailable, create_engine
-from edge_agent.engines.trt_build import (
+from edge_agent.engines.tensorrt.build import (
     BuildProgress,
     BuildRecipe,
     Heartbeat,
@@ -42,6 +41,7 @@ from edge_agent.engines.trt_build import (
     fixed_input_shape,
     numpy_dtype_name,
 )
+from edge_agent.engines.tensorrt.cache import DeviceIdentity, EngineCache, EngineKey, new_metadata
 
 TRT10 = TrtFeatures(
     "10.3.0.30", fp16_flag=True, int8_flag=True, strongly_typed_flag=True, calibrators=True, progress_monitor=True
@@ -174,7 +174,7 @@ def test_parser_errors_name_the_nodes() -> None:
 
 def test_progress_logs_top_level_phases_and_cancels(caplog: pytest.LogCaptureFixture) -> None:
     progress = BuildProgress(log_every_s=0.0)
-    with caplog.at_level(logging.INFO, logger="edge_agent.engines.trt_build"):
+    with caplog.at_level(logging.INFO, logger="edge_agent.engines.tensorrt.build"):
         progress.phase_start("Building engine", None, 3)
         progress.phase_start("Tactic search", "Building engine", 100)
         assert progress.step("Tactic search", 10) is True
@@ -193,7 +193,7 @@ def test_progress_logs_top_level_phases_and_cancels(caplog: pytest.LogCaptureFix
 
 def test_heartbeat_reports_elapsed_time(caplog: pytest.LogCaptureFixture) -> None:
     progress = BuildProgress()
-    with caplog.at_level(logging.INFO, logger="edge_agent.engines.trt_build"), Heartbeat(progress, "m.onnx", 0.05):
+    with caplog.at_level(logging.INFO, logger="edge_agent.engines.tensorrt.build"), Heartbeat(progress, "m.onnx", 0.05):
         time.sleep(0.3)
     beats = [r for r in caplog.records if getattr(r, "event", "") == "trt_build_heartbeat"]
     assert len(beats) >= 2
@@ -232,7 +232,7 @@ def test_without_tensorrt_auto_falls_back_to_onnxruntime(bundle: Bundle, caplog:
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the behaviour where TensorRT is not installed")
 def test_tensorrt_engine_without_tensorrt_says_so(bundle: Bundle) -> None:
-    from edge_agent.engines.tensorrt import TensorRTEngine
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
 
     with pytest.raises(EngineUnavailable, match="TensorRT is not installed"):
         TensorRTEngine(bundle, ModelConfig(backend="tensorrt"))
@@ -259,7 +259,7 @@ def _gpu_or_skip() -> None:
         pytest.skip(
             "needs TensorRT and cuda-python or pycuda (pip install '.[tensorrt-cu12]' on a machine with an NVIDIA GPU)"
         )
-    from edge_agent.engines.cuda_buffers import open_cuda
+    from edge_agent.engines.tensorrt.cuda_buffers import open_cuda
 
     try:
         open_cuda("probe").release()
@@ -276,7 +276,7 @@ def test_tensorrt_matches_onnxruntime_and_caches(tmp_path: Path, precision: str)
     from calibration.int8 import Int8Settings
     from calibration.int8 import calibrate_bundle as calibrate_int8
     from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
-    from edge_agent.engines.tensorrt import TensorRTEngine
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
 
     root = build_precision_bundle(tmp_path / "bundle")
     images = write_good_images(tmp_path / "good", 12)

@@ -398,7 +398,7 @@ def test_tiny_model_separates_defects(tiny_predictions) -> None:
 
 
 def test_tiny_model_nfa_flags_defects_not_good_parts(tiny_predictions) -> None:
-    from edge_agent import nfa
+    from edge_agent.inspection import nfa
 
     model, test, _, maps = tiny_predictions
     channels = [s.channels for s in model.scales]

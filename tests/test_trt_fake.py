@@ -30,13 +30,12 @@ from fake_tensorrt import (
 from onnx import TensorProto, helper
 from precision_bundle import build_precision_bundle, write_good_images
 
-from edge_agent import build_engine
 from edge_agent.bundle import MODEL_NAME, Bundle, file_hashes, load_bundle, read_manifest, write_manifest
+from edge_agent.cli import build_engine
 from edge_agent.config import ModelConfig
-from edge_agent.engine_cache import DeviceIdentity, EngineCache
 from edge_agent.engines import EngineUnavailable, GpuUnreachable, TensorRTTooOld
 from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
-from edge_agent.engines.trt_build import (
+from edge_agent.engines.tensorrt.build import (
     BuildProgress,
     Heartbeat,
     OnnxParseError,
@@ -47,6 +46,7 @@ from edge_agent.engines.trt_build import (
     detect_features,
     ensure_plan,
 )
+from edge_agent.engines.tensorrt.cache import DeviceIdentity, EngineCache
 
 SUPPORTED = ("10.3", "10.x-latest", "11.x")
 
@@ -203,7 +203,7 @@ def test_a_graph_that_cannot_be_migrated_is_refused_with_the_nodes(bundle_copy: 
 def test_engine_runs_through_each_cuda_binding(
     bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, binding: str, version: str
 ) -> None:
-    from edge_agent.engines.tensorrt import TensorRTEngine
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
 
     memory = reset_memory()
     cuda_python = make_cuda_python() if binding == "cuda-python" else None
@@ -228,7 +228,7 @@ def test_engine_runs_through_each_cuda_binding(
 
 
 def test_without_any_cuda_binding_or_gpu(bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_agent.engines.tensorrt import TensorRTEngine
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
 
     config = ModelConfig(backend="tensorrt", precision="fp32", engine_cache_dir=tmp_path)
     install(monkeypatch, make_tensorrt("10.3"))
@@ -243,7 +243,7 @@ def test_without_any_cuda_binding_or_gpu(bundle_copy: Bundle, tmp_path: Path, mo
 
 
 def test_device_identity_from_each_binding(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_agent.engines.cuda_buffers import open_cuda
+    from edge_agent.engines.tensorrt.cuda_buffers import open_cuda
 
     install(monkeypatch, make_tensorrt("10.3"), cuda_python=make_cuda_python(sms=8), pycuda=make_pycuda())
     first = open_cuda("10.3.0.30")
@@ -283,7 +283,7 @@ def test_build_engine_exit_statuses(bundle_copy: Bundle, tmp_path: Path, monkeyp
 
 
 def test_heartbeat_extends_the_start_timeout_only_while_the_build_progresses(tmp_path: Path) -> None:
-    from edge_agent.systemd import SystemdNotifier
+    from edge_agent.service.systemd import SystemdNotifier
 
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -320,8 +320,8 @@ def test_heartbeat_extends_the_start_timeout_only_while_the_build_progresses(tmp
 def test_prebuild_makes_auto_use_tensorrt_for_the_new_bundle(
     bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge_agent.engine_prebuild import prebuild_plan
     from edge_agent.engines import create_engine
+    from edge_agent.engines.tensorrt.prebuild import prebuild_plan
 
     config = ModelConfig(backend="auto", precision="fp16", engine_cache_dir=tmp_path / "engines")
     reset_memory()
@@ -341,7 +341,7 @@ def test_prebuild_makes_auto_use_tensorrt_for_the_new_bundle(
 def test_prebuild_where_tensorrt_cannot_run(
     bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge_agent.engine_prebuild import prebuild_plan
+    from edge_agent.engines.tensorrt.prebuild import prebuild_plan
 
     auto = ModelConfig(backend="auto", precision="fp32", engine_cache_dir=tmp_path)
     forced = ModelConfig(backend="tensorrt", precision="fp32", engine_cache_dir=tmp_path)
@@ -364,8 +364,8 @@ def test_updater_proves_the_new_bundle_on_its_tensorrt_plan(
     bundle_copy: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The update's load_engine step builds the plan first, so the self-test runs on TensorRT, not the CPU."""
-    from edge_agent import update
     from edge_agent.config import load_settings
+    from edge_agent.fleet.index import update
 
     reset_memory()
     install(monkeypatch, make_tensorrt("11.x"), cuda_python=make_cuda_python())

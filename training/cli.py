@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from edge_agent.bundle import load_bundle
-    from edge_agent.signing import load_private_key, sign_bundle
+    from edge_agent.fleet.signing import load_private_key, sign_bundle
     from training.export import export_bundle
 
     # The key is read first: a wrong path must not cost a whole export.

@@ -18,7 +18,7 @@ Layouts (detected by :func:`open_dataset`):
   directory, ``STEM.jpg`` the (grey) image and ``STEM.png`` its mask.
 
 Images of any size and channel count are read as RGB and resized to the model size with the agent's
-own ``edge_agent.preprocess.model_input`` (so training sees exactly what the device feeds the
+own ``edge_agent.inspection.preprocess.model_input`` (so training sees exactly what the device feeds the
 engine); masks use nearest neighbour.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent.preprocess import model_input
+from edge_agent.inspection.preprocess import model_input
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"

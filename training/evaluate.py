@@ -7,7 +7,7 @@ good image scores 1) and the best mIoU of ``anomaly map >= t`` over thresholds (
 overall and per defect type. Per type, the AUROCs and AUPRO use that type's images plus every good
 test image; the mIoUs average over that type's images only, at the overall oracle threshold.
 
-Two paths, the same NFA (``edge_agent.nfa.log_nfa_map``, what the agent runs):
+Two paths, the same NFA (``edge_agent.inspection.nfa.log_nfa_map``, what the agent runs):
 - ``--run`` alone: the run's best checkpoint through torch (fast, batched).
 - ``--bundle``: the exported ``model.onnx`` through the agent's ``OnnxRuntimeEngine`` (what the
   device runs). Both are written in ``metrics.json`` under ``source``; ``tests/test_evaluate.py``
@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from edge_agent import nfa
+from edge_agent.inspection import nfa
 from training import metrics
 from training.data import GOOD, DatasetSplits, Record, load_image, load_mask, open_dataset
 
@@ -315,7 +315,7 @@ def _decision(
         return None, 0.0
     if bundle_dir is not None:
         from edge_agent.bundle import load_bundle
-        from edge_agent.scoring import scale_nulls
+        from edge_agent.inspection.scoring import scale_nulls
 
         manifest = load_bundle(Path(bundle_dir)).manifest
         return scale_nulls(manifest, null_model), manifest.nfa.log10_epsilon

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent import nfa
 from edge_agent.bundle import (
     MANIFEST_NAME,
     MIN_PLANTED_DETECTION,
@@ -46,7 +45,8 @@ from edge_agent.bundle import (
     utc_now,
     write_manifest,
 )
-from edge_agent.engines.graph_check import check_graph, describe
+from edge_agent.engines.tensorrt.graph_check import check_graph, describe
+from edge_agent.inspection import nfa
 from training.backbones import backbone_info
 from training.data import load_image
 from training.model import ExportWrapper, UFlow

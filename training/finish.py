@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent import nfa
+from edge_agent.inspection import nfa
 from training.data import DatasetSplits, Record
 from training.model import UFlow, predict
 from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate_evidence, fit_null, null_to_dict

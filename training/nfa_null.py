@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from edge_agent.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
+from edge_agent.inspection.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
 
 MAX_LAG = 2
 EVIDENCE_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)

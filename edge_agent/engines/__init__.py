@@ -2,7 +2,7 @@
 
 ``backend = "auto"`` uses TensorRT where the ``tensorrt`` Python package imports, else ONNX Runtime on
 the CPU (the embedded default). Asking for ``"tensorrt"`` where it is missing is an error that says why.
-The TensorRT backend (``edge_agent/engines/tensorrt.py``) exposes ``TensorRTEngine(bundle, model_config)``.
+The TensorRT backend (``edge_agent/engines/tensorrt/runtime.py``) exposes ``TensorRTEngine(bundle, model_config)``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def tensorrt_missing_reason() -> str | None:
             "JetPack's python3-libnvinfer, docs/tensorrt.md)"
         )
     try:
-        importlib.import_module("edge_agent.engines.tensorrt")
+        importlib.import_module("edge_agent.engines.tensorrt.runtime")
     except ImportError as exc:
         return f"the TensorRT backend does not import: {exc}"
     return None
@@ -84,7 +84,7 @@ def create_engine(bundle: Bundle, model_config: ModelConfig | None = None) -> En
 
 def _tensorrt_engine(bundle: Bundle, config: ModelConfig, fall_back: bool) -> Engine | None:
     """The TensorRT engine; with ``fall_back``, None (logged) when the device cannot run it."""
-    from edge_agent.engines.tensorrt import TensorRTEngine
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
 
     try:
         return TensorRTEngine(bundle, config)

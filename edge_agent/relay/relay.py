@@ -42,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from edge_agent.messages import (
+from edge_agent.publish.messages import (
     SCHEMA,
     InspectionMessage,
     PayloadError,

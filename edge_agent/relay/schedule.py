@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from edge_agent.messages import InspectionMessage
+from edge_agent.publish.messages import InspectionMessage
 from edge_agent.relay.config import ClockConfig, DeviceTiming
 
 log = logging.getLogger(__name__)

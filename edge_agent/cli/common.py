@@ -1,0 +1,88 @@
+"""What the ``edge-agent`` commands share: exit statuses, ``--set KEY=VALUE`` overrides, signal handling.
+
+Each command module (registered in edge_agent/cli/__init__.py) imports these from here, never from another
+command, so no command depends on another one (docs/design.md section 8).
+
+Exit statuses, one spelling for every command of ``edge-agent`` and ``uflow`` (systemd units and
+scripts test them):
+
+- ``EXIT_OK`` 0: done, or a clean stop;
+- ``EXIT_FAILURE`` 1: the work failed (the log says why);
+- ``EXIT_CONFIG`` 2: a configuration error (also argparse's status for bad arguments);
+- ``EXIT_UNAVAILABLE`` 3: the requested backend or tool is not installed here;
+- ``EXIT_NO_GPU`` 4: TensorRT is installed but no GPU can be opened;
+- ``EXIT_LOCKED`` 75 (EX_TEMPFAIL): another process holds the lock; try again later;
+- ``EXIT_STOPPED`` 130: stopped by SIGINT/SIGTERM before the work was done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from edge_agent.config import ConfigError
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_LOCKED",
+    "EXIT_NO_GPU",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "EXIT_UNAVAILABLE",
+    "install_signal_handlers",
+    "parse_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NO_GPU = 4
+EXIT_LOCKED = 75
+EXIT_STOPPED = 130
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["mqtt.port=1884", ...]`` -> ``{"mqtt": {"port": 1884}}``; a malformed pair is a ConfigError."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. mqtt.port=1884")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return result
+
+
+def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set ``stop``; returns a function restoring the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal received", extra={"event": "signal", "signal": signal.Signals(signum).name})
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore

@@ -1,0 +1,304 @@
+"""``edge-agent doctor``: what this box can and cannot do, before the service is started.
+
+A plant engineer runs it after installing, or when the agent will not come up: every check prints one
+row (ok / warn / fail) with the reason and, where there is one, what to do. Exit status 1 when any
+check fails, so it also works as a pre-flight step in scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
+from edge_agent.config import AgentSettings, ConfigError, load_settings
+
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the report."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``edge-agent doctor``."""
+    parser.add_argument("--config", type=Path, default=None, help="agent TOML file to check (as `run` reads it)")
+    parser.add_argument(
+        "--open-source",
+        action="store_true",
+        help="also open the configured source and grab a frame (not while the agent holds the camera)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``edge-agent doctor``."""
+    checks = run_checks(args.config, open_source=args.open_source)
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        print(format_table(checks))
+    return EXIT_FAILURE if any(c.status == "fail" for c in checks) else EXIT_OK
+
+
+def run_checks(config_path: Path | None, open_source: bool = False) -> list[Check]:
+    """All checks, in the order a frame needs them; later checks are skipped when the config is unusable."""
+    checks = [check_python(), check_torch_absent_is_fine(), check_opencv(), check_onnxruntime(), check_tensorrt()]
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        return [*checks, Check("config", "fail", str(exc))]
+    where = str(config_path) if config_path else "defaults + EDGE_AGENT_* environment"
+    checks.append(Check("config", "ok", f"{where}: device_id={settings.device_id}"))
+    checks.append(check_writable_dir("state dir", settings.state_dir))
+    checks.append(check_numba_cache())
+    checks.append(check_nfa_warm_up())
+    checks.extend(check_bundle_and_engine(settings))
+    if open_source:
+        checks.append(check_source(settings))
+    checks.append(check_broker(settings))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    """Fixed-width table a person reads in a terminal."""
+    width = max(len(c.name) for c in checks)
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    lines = [f"{c.name:<{width}}  {marks[c.status]}  {c.detail}" for c in checks]
+    failed = sum(c.status == "fail" for c in checks)
+    warned = sum(c.status == "warn" for c in checks)
+    lines.append(f"\n{len(checks)} checks: {failed} failed, {warned} warnings")
+    return "\n".join(lines)
+
+
+def check_python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    status: Status = "ok" if sys.version_info >= (3, 10) else "fail"
+    return Check("python", status, f"{version} on {platform.machine()} ({platform.system()})")
+
+
+def check_torch_absent_is_fine() -> Check:
+    present = importlib.util.find_spec("torch") is not None
+    detail = "installed (only training needs it)" if present else "not installed (not needed on the device)"
+    return Check("torch", "ok", detail)
+
+
+def check_opencv() -> Check:
+    try:
+        from edge_agent.inspection.frame_source import describe_video_io
+    except ImportError as exc:
+        return Check("opencv", "fail", f"cv2 does not import: {exc} (pip install opencv-python-headless)")
+    info = describe_video_io()
+    detail = (
+        f"{info['opencv']}; camera backends {info['camera_backends']}, stream backends {info['stream_backends']}; "
+        f"GStreamer {'yes' if info['gstreamer'] else 'no (CSI cameras need the system OpenCV, see docs/deploy.md)'}"
+    )
+    return Check("opencv", "ok", detail)
+
+
+def check_onnxruntime() -> Check:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return Check("onnxruntime", "fail", f"does not import: {exc}")
+    return Check("onnxruntime", "ok", f"{ort.__version__}; providers {ort.get_available_providers()}")
+
+
+def check_tensorrt() -> Check:
+    from edge_agent.engines import tensorrt_missing_reason
+
+    reason = tensorrt_missing_reason()
+    if reason is not None:
+        return Check("tensorrt", "warn", f"{reason}; the agent will use ONNX Runtime on the CPU")
+    import tensorrt
+
+    return Check("tensorrt", "ok", f"{tensorrt.__version__} (build plans with `edge-agent build-engine`)")
+
+
+def check_writable_dir(name: str, path: Path) -> Check:
+    """A directory the agent must write to: exists (or can be made) and accepts a file."""
+    target = path if path.exists() else _first_existing_parent(path)
+    if not target.is_dir():
+        return Check(name, "fail", f"{path} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return Check(name, "fail", f"{path}: cannot write ({exc.strerror}); run as the service user or fix ownership")
+    if path.exists():
+        return Check(name, "ok", f"{path} is writable")
+    return Check(name, "warn", f"{path} does not exist yet; {target} is writable, so it can be created")
+
+
+def check_numba_cache() -> Check:
+    """Numba's JIT cache must be writable or every start recompiles the NFA (tens of seconds)."""
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    if configured:
+        return check_writable_dir("numba cache", Path(configured))
+    import edge_agent
+
+    package_dir = Path(edge_agent.__file__).parent
+    if os.access(package_dir, os.W_OK):
+        return Check("numba cache", "ok", f"next to the code in {package_dir}/__pycache__ (NUMBA_CACHE_DIR unset)")
+    return Check(
+        "numba cache",
+        "warn",
+        f"{package_dir} is read-only and NUMBA_CACHE_DIR is unset: the NFA recompiles at every start "
+        "(the systemd unit sets NUMBA_CACHE_DIR)",
+    )
+
+
+def check_nfa_warm_up() -> Check:
+    from edge_agent.inspection import nfa
+
+    start = time.perf_counter()
+    try:
+        nfa.warm_up()
+    except Exception as exc:  # a broken Numba/LLVM install shows up here, whatever its type
+        return Check("nfa", "fail", f"warm-up failed: {exc}")
+    seconds = time.perf_counter() - start
+    status: Status = "ok" if seconds < 10 else "warn"
+    hint = "" if status == "ok" else " (compiled now: a writable Numba cache makes the next start fast)"
+    return Check("nfa", status, f"JIT ready in {seconds:.1f} s{hint}")
+
+
+def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
+    """The bundle verifies (hashes, schema, signature when a fleet key is set) and runs one frame."""
+    from edge_agent.bundle import BundleError, load_bundle
+
+    path = settings.model.bundle
+    assert path is not None  # filled from state_dir by the settings
+    try:
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        return [Check("bundle", "fail", str(exc))]
+    manifest = bundle.manifest
+    size = f"{manifest.input.width}x{manifest.input.height}"
+    checks = [Check("bundle", "ok", f"{path}: {manifest.name} {manifest.version}, {manifest.backbone} at {size}")]
+    checks.append(_check_signature(bundle.root, settings))
+    checks.append(check_detection_power(manifest))
+    checks.append(_check_engine(bundle, settings))
+    return checks
+
+
+def check_detection_power(manifest: object) -> Check:
+    """The label-free check recorded at training: the share of planted defects the NFA decision finds."""
+    from edge_agent.bundle import MIN_PLANTED_DETECTION
+
+    metrics = getattr(manifest, "validation_metrics", {})
+    nfa_spec = getattr(manifest, "nfa", None)
+    null = getattr(nfa_spec, "null_model", "polyomino")
+    epsilon = getattr(nfa_spec, "log10_epsilon", 0.0)
+    rate = metrics.get("planted_detection_rate")
+    if rate is None:
+        return Check(
+            "detection power",
+            "warn",
+            f"the bundle records no planted-defect check (NFA {null}); re-export it with a current `uflow export`",
+        )
+    count = int(metrics.get("planted_count", 0))
+    detail = f"the NFA ({null}, log10 epsilon {epsilon:g}) found {rate:.0%} of {count} defects planted on good images"
+    if rate < MIN_PLANTED_DETECTION:
+        return Check(
+            "detection power", "warn", f"{detail}; below {MIN_PLANTED_DETECTION:.0%}: it may miss real defects"
+        )
+    return Check("detection power", "ok", detail)
+
+
+def _check_signature(root: Path, settings: AgentSettings) -> Check:
+    if settings.update.public_key is None:
+        return Check("signature", "warn", "no update.public_key configured: bundle signatures are not checked")
+    from edge_agent.fleet.signing import SigningError, verify_bundle_signature
+
+    try:
+        fingerprint = verify_bundle_signature(root, settings.update.public_key)
+    except (SigningError, OSError) as exc:
+        return Check("signature", "fail", str(exc))
+    return Check("signature", "ok", f"model.json signed by fleet key {fingerprint}")
+
+
+def _check_engine(bundle: object, settings: AgentSettings) -> Check:
+    import numpy as np
+
+    from edge_agent.engines import EngineUnavailable, create_engine
+
+    try:
+        engine = create_engine(bundle, settings.model)  # type: ignore[arg-type]
+    except (EngineUnavailable, ValueError, RuntimeError) as exc:
+        return Check("engine", "fail", str(exc))
+    try:
+        _, height, width, _ = engine.io.input.shape
+        frame = np.full((height, width, 3), 128, dtype=np.uint8)
+        engine.infer(frame)  # first call pays for allocation and graph set-up
+        ms = _median_ms(lambda: engine.infer(frame), repeats=5)
+    except Exception as exc:  # any backend failure on a real frame is what the engineer must see
+        return Check("engine", "fail", f"{engine.backend} loaded but inference failed: {exc}")
+    finally:
+        engine.close()
+    return Check("engine", "ok", f"{engine.backend} {settings.model.precision}: {ms:.1f} ms per frame (median of 5)")
+
+
+def check_source(settings: AgentSettings) -> Check:
+    from edge_agent.inspection.frame_source import FrameSource, SourceError
+    from edge_agent.publish.messages import redact_uri
+
+    try:
+        source = FrameSource(settings.source)
+        try:
+            source.open()
+            frame = source.read()
+        finally:
+            source.close()
+    except (SourceError, OSError) as exc:
+        return Check("source", "fail", redact_uri(str(exc)))
+    if frame is None:
+        return Check("source", "fail", f"{redact_uri(settings.source.uri)}: opened but delivered no frame")
+    height, width = frame.image.shape[:2]
+    return Check("source", "ok", f"{redact_uri(settings.source.uri)}: {width}x{height} frame grabbed")
+
+
+def check_broker(settings: AgentSettings) -> Check:
+    """TCP reachability only: the agent spools while the broker is away, so unreachable is a warning."""
+    host, port = settings.mqtt.host, settings.mqtt.port
+    try:
+        with socket.create_connection((host, port), timeout=3.0):
+            pass
+    except OSError as exc:
+        return Check(
+            "mqtt broker",
+            "warn",
+            f"{host}:{port} not reachable ({exc}); the agent will keep retrying and spool messages",
+        )
+    return Check("mqtt broker", "ok", f"{host}:{port} accepts connections")
+
+
+def _first_existing_parent(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]

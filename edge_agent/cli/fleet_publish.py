@@ -1,0 +1,88 @@
+"""``edge-agent fleet-publish``: put a signed bundle into a fleet directory and roll it out to groups.
+
+The fleet directory is what devices read (``update.source``): serve it over HTTPS or share it as a
+directory. Publishing to ``canary`` first and later to ``default`` is a staged rollout; ``*`` is every
+group without an entry of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edge_agent.bundle import BundleError
+from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
+from edge_agent.fleet.index import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError, publish
+from edge_agent.fleet.models_dir import ModelsDirError
+from edge_agent.fleet.signing import SigningError, sign_bundle
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``edge-agent fleet-publish``."""
+    parser.add_argument("--bundle", type=Path, required=True, help="signed bundle directory (uflow export --sign)")
+    parser.add_argument("--fleet", type=Path, required=True, help="fleet directory holding latest.json and bundles/")
+    parser.add_argument(
+        "--group",
+        dest="groups",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="rollout group to point at this version (repeatable; '*' = every group without its own entry); "
+        "without --group the bundle is only added, not rolled out",
+    )
+    parser.add_argument(
+        "--base-url", default="", help="absolute URL prefix for the tar (default: relative to latest.json)"
+    )
+    parser.add_argument(
+        "--public-key", type=Path, default=None, help="check the signature against this fleet key first"
+    )
+    parser.add_argument(
+        "--sign",
+        type=Path,
+        default=None,
+        metavar="KEY_FILE",
+        help="(re)sign the bundle with this fleet private key first, e.g. after `uflow calibrate` changed model.json; "
+        "also signs latest.json",
+    )
+    parser.add_argument(
+        "--index-key",
+        type=Path,
+        default=None,
+        metavar="KEY_FILE",
+        help="fleet private key that signs latest.json (default: the --sign key); devices refuse an unsigned index",
+    )
+    parser.add_argument(
+        "--valid-days",
+        type=float,
+        default=DEFAULT_VALID_DAYS,
+        help=f"devices refuse latest.json this many days after publishing (default {DEFAULT_VALID_DAYS:g}); "
+        "publish again before then",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Publish; print the release entry. 1 when the bundle is unsigned, invalid or clashes with a published one."""
+    index_key = args.index_key or args.sign
+    if index_key is None:
+        print(
+            "edge-agent fleet-publish: latest.json must be signed: pass --index-key KEY (or --sign KEY)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if not args.valid_days > 0:
+        print("edge-agent fleet-publish: --valid-days must be positive", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        if args.sign is not None:
+            sign_bundle(args.bundle, args.sign)
+        release, tar_path = publish(
+            args.bundle, args.fleet, args.groups, args.base_url, args.public_key, index_key, args.valid_days
+        )
+    except (FleetError, BundleError, SigningError, ModelsDirError, OSError) as exc:
+        print(f"edge-agent fleet-publish: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"published {release.name} {release.version}: {tar_path} ({release.size} bytes, sha256 {release.sha256})")
+    groups = ", ".join(args.groups) if args.groups else "no group (use --group to roll it out)"
+    print(f"{args.fleet / LATEST_NAME}: {groups} -> {release.version}")
+    return EXIT_OK

@@ -1,0 +1,14 @@
+"""What runs on every frame, in the order it runs.
+
+1. ``drivers``: the raw camera drivers (OpenCV capture of a device, file or stream; a folder of images).
+2. ``frame_source``: the resilient source around them (its own thread, timeouts, reconnect with backoff),
+   rotation and the region of interest.
+3. ``preprocess``: the frame as the model's input tensor.
+4. ``edge_agent.engines``: the model (ONNX Runtime on the CPU, TensorRT on a GPU) -> latents.
+5. ``scoring``: latents -> anomaly map and log10 NFA map (the bundle's contract).
+6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project.
+7. ``pipeline``: the frame loop that runs 1-6 and hands the result to ``edge_agent.publish``.
+
+Loaded once, used on every frame: ``loaded_model`` (bundle + engine + scoring) and ``selftest`` (the
+bundle's self-test at load). ``overlay`` draws a result for people (preview, snapshots, segment).
+"""

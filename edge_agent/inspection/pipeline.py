@@ -1,0 +1,391 @@
+"""The agent loop: capture -> preprocess + infer -> NFA + message -> publish, one thread per stage.
+
+Stages are joined by bounded queues, so a slow stage never lets memory grow. Frames are dropped
+only at the capture edge and only for live sources (the newest frame replaces a waiting one and the
+drop is counted); files and folders block the capture thread instead (backpressure), so every
+frame is inspected. Every frame carries its per-stage latency into its message.
+
+Stopping (a signal, or the end of a file) is a sentinel that flows down the stages behind the frames
+already captured, so in-flight frames are still inspected and published before the threads end.
+
+The model is swappable at run time (``swap_model``): the inference stage takes the current model under
+a lock for each frame and the frame carries it on, so a frame is scored and labelled by the model that
+inferred it, and the old engine is closed only once no inference runs on it.
+
+Latency (``StageLatency`` in every message, milliseconds): ``capture`` is the source read (decode; for a
+live source also the wait for the camera's next frame); ``total`` runs from the moment the frame was in
+memory to the moment its message was handed to the MQTT client, so it includes the queue waits but not
+the wait for the camera.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from edge_agent.engines.base import EngineOutput
+from edge_agent.inspection.frame_source import Frame, FrameSource
+from edge_agent.inspection.loaded_model import LoadedModel
+from edge_agent.inspection.preprocess import model_input
+from edge_agent.inspection.scoring import Verdict
+from edge_agent.publish.messages import InspectionMessage, StageLatency
+from edge_agent.publish.mqtt import MqttPublisher
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_POLL_S = 0.2  # how often a waiting stage looks at the stop flag and refreshes its heartbeat
+
+
+class _End:
+    """Sentinel: no more frames will follow."""
+
+
+END = _End()
+
+
+class StageQueue(Generic[T]):
+    """A bounded FIFO between two stages; with ``drop_oldest`` a full queue discards its oldest item."""
+
+    def __init__(self, maxsize: int, drop_oldest: bool = False) -> None:
+        if maxsize < 1:
+            raise ValueError("queue size must be at least 1")
+        self.maxsize = maxsize
+        self.drop_oldest = drop_oldest
+        self.dropped = 0
+        self._items: deque[T | _End] = deque()
+        self._cond = threading.Condition()
+
+    def put(self, item: T | _End, timeout: float = _POLL_S) -> bool:
+        """Enqueue; False when the queue stayed full for ``timeout`` (blocking mode only).
+
+        The end sentinel is never dropped and never drops a frame: it waits for room like a file frame.
+        """
+        with self._cond:
+            if len(self._items) >= self.maxsize:
+                if self.drop_oldest and not isinstance(item, _End) and not isinstance(self._items[0], _End):
+                    self._items.popleft()
+                    self.dropped += 1
+                elif not self._cond.wait_for(lambda: len(self._items) < self.maxsize, timeout):
+                    return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float = _POLL_S) -> T | _End | None:
+        """The oldest item, or None when nothing arrived within ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+@dataclass
+class FrameJob:
+    """One frame on its way through the stages, with what each stage produced and how long it took."""
+
+    frame: Frame
+    capture_ms: float
+    model: LoadedModel | None = None  # the model that inferred this frame (it also scores and labels it)
+    preprocess_ms: float = 0.0
+    infer_ms: float = 0.0
+    nfa_ms: float = 0.0
+    output: EngineOutput | None = None
+    verdict: Verdict | None = None
+    message: InspectionMessage | None = None
+    nfa_done: float = 0.0  # monotonic time the NFA stage finished
+
+
+ResultHook = Callable[[FrameJob], None]
+
+
+@dataclass
+class PipelineStats:
+    """Counters and recent latencies, read by the supervisor for status lines and the stats topic."""
+
+    started: float = field(default_factory=time.monotonic)
+    frames_captured: int = 0
+    frames_inspected: int = 0
+    anomalous_frames: int = 0
+    _recent_totals: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    _recent_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, total_ms: float, anomalous: bool) -> None:
+        """One published frame."""
+        with self._lock:
+            self.frames_inspected += 1
+            self.anomalous_frames += int(anomalous)
+            self._recent_totals.append(total_ms)
+            self._recent_times.append(time.monotonic())
+
+    def fps(self, window_s: float = 10.0) -> float:
+        """Inspected frames per second over the last ``window_s`` seconds (0 when idle)."""
+        now = time.monotonic()
+        with self._lock:
+            times = [t for t in self._recent_times if now - t <= window_s]
+        if len(times) < 2:
+            return 0.0
+        span = times[-1] - times[0]
+        return (len(times) - 1) / span if span > 0 else 0.0
+
+    def latency_percentiles(self) -> tuple[float, float]:
+        """p50 and p99 of capture-to-publish latency in ms over the recent frames."""
+        with self._lock:
+            values = np.asarray(self._recent_totals, dtype=np.float64)
+        if values.size == 0:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(values, [50, 99])
+        return float(p50), float(p99)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Queue sizes between stages (frames)."""
+
+    capture_queue: int = 2  # live sources use 1: a waiting frame is replaced by a newer one
+    infer_queue: int = 2
+    publish_queue: int = 8
+
+
+class Pipeline:
+    """Four threads (capture, infer, nfa, publish) over one source, a swappable model and a publisher."""
+
+    STAGES = ("capture", "infer", "nfa", "publish")
+
+    def __init__(
+        self,
+        source: FrameSource,
+        model: LoadedModel,
+        publisher: MqttPublisher,
+        device_id: str,
+        settings: PipelineSettings | None = None,
+        on_result: ResultHook | None = None,
+    ) -> None:
+        settings = settings or PipelineSettings()
+        self.source = source
+        self.publisher = publisher
+        self.device_id = device_id
+        self.on_result = on_result
+        # Called for every published frame (metrics); unlike on_result, a failure here is logged, not fatal.
+        self.observers: list[ResultHook] = []
+        self.stats = PipelineStats()
+        self.error: BaseException | None = None
+        self.ended = False  # the source reached its end (files and folders)
+        self.last_job: FrameJob | None = None  # the last published frame, with its maps (snapshots)
+        self._model = model
+        self._model_lock = threading.Lock()
+        self._stop = threading.Event()
+        capture_size = 1 if source.drop_frames else settings.capture_queue
+        self._to_infer: StageQueue[FrameJob] = StageQueue(capture_size, drop_oldest=source.drop_frames)
+        self._to_nfa: StageQueue[FrameJob] = StageQueue(settings.infer_queue)
+        self._to_publish: StageQueue[FrameJob] = StageQueue(settings.publish_queue)
+        self._threads: list[threading.Thread] = []
+        self.heartbeats: dict[str, float] = dict.fromkeys(self.STAGES, time.monotonic())
+        # A source waiting for a camera or reconnecting is alive, not hung.
+        source.on_wait = lambda: self._beat("capture")
+
+    # -- the model ----------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model new frames are inferred with."""
+        return self._model
+
+    def swap_model(self, model: LoadedModel) -> LoadedModel:
+        """Serve ``model`` from the next frame on; returns the old one (no inference runs on it any more)."""
+        with self._model_lock:
+            old, self._model = self._model, model
+        return old
+
+    # -- control ------------------------------------------------------------------------------------
+
+    @property
+    def frames_dropped(self) -> int:
+        return self._to_infer.dropped
+
+    def start(self) -> None:
+        """Start the stage threads (the source must be open)."""
+        targets = (self._capture_loop, self._infer_loop, self._nfa_loop, self._publish_loop)
+        for name, target in zip(self.STAGES, targets, strict=True):
+            thread = threading.Thread(target=self._guarded, args=(name, target), name=f"stage-{name}", daemon=True)
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+        log.info(
+            "pipeline started",
+            extra={
+                "event": "pipeline_started",
+                "drop_policy": "latest" if self.source.drop_frames else "every",
+                "source": self.source.source_id,
+            },
+        )
+
+    def request_stop(self) -> None:
+        """Stop capturing; frames already captured are still inspected and published."""
+        self._stop.set()
+        self.source.cancel()  # a source waiting for a camera or backing off returns at once
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every stage to finish; True when all have."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self.running
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def responsive(self, max_silence_s: float) -> bool:
+        """True while every live stage has shown a sign of life within ``max_silence_s`` (watchdog)."""
+        now = time.monotonic()
+        for name, thread in zip(self.STAGES, self._threads, strict=True):
+            if thread.is_alive() and now - self.heartbeats[name] > max_silence_s:
+                return False
+        return self.error is None
+
+    # -- stages -------------------------------------------------------------------------------------
+
+    def _guarded(self, name: str, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException as exc:
+            # One failed stage stops the whole pipeline; the run command turns this into exit 1.
+            self.error = exc
+            self._stop.set()
+            log.exception("pipeline stage failed", extra={"event": "stage_failed", "stage": name, "error": str(exc)})
+            self._abort_downstream(name)
+
+    def _abort_downstream(self, failed: str) -> None:
+        queues = {"capture": self._to_infer, "infer": self._to_nfa, "nfa": self._to_publish}
+        if failed in queues:
+            queues[failed].put(END, timeout=1.0)
+
+    def _beat(self, stage: str) -> None:
+        self.heartbeats[stage] = time.monotonic()
+
+    def _capture_loop(self) -> None:
+        while not self._stop.is_set():
+            self._beat("capture")
+            started = time.monotonic()
+            frame = self.source.read()
+            if frame is None:
+                if self._stop.is_set():
+                    break
+                self.ended = True
+                log.info(
+                    "source ended",
+                    extra={
+                        "event": "source_ended",
+                        "source": self.source.source_id,
+                        "frames": self.stats.frames_captured,
+                    },
+                )
+                break
+            self.stats.frames_captured += 1
+            job = FrameJob(frame=frame, capture_ms=(time.monotonic() - started) * 1000.0)
+            self._forward(self._to_infer, job, "capture")
+        self._put_end(self._to_infer, "capture")
+
+    def _infer_loop(self) -> None:
+        while (job := self._next(self._to_infer, "infer")) is not None:
+            with self._model_lock:
+                model = job.model = self._model
+                started = time.monotonic()
+                tensor = model_input(job.frame.image, *model.input_size)
+                inferred = time.monotonic()
+                job.output = model.engine.infer(tensor)
+            done = time.monotonic()
+            job.preprocess_ms = (inferred - started) * 1000.0
+            job.infer_ms = (done - inferred) * 1000.0
+            self._forward(self._to_nfa, job, "infer")
+        self._put_end(self._to_nfa, "infer")
+
+    def _nfa_loop(self) -> None:
+        while (job := self._next(self._to_nfa, "nfa")) is not None:
+            started = time.monotonic()
+            frame = job.frame
+            height, width = frame.image.shape[:2]
+            assert job.output is not None and job.model is not None
+            job.verdict = job.model.scorer.score(job.output, (width, height), frame.roi_offset)
+            job.nfa_done = time.monotonic()
+            job.nfa_ms = (job.nfa_done - started) * 1000.0
+            self._forward(self._to_publish, job, "nfa")
+        self._put_end(self._to_publish, "nfa")
+
+    def _publish_loop(self) -> None:
+        while (job := self._next(self._to_publish, "publish")) is not None:
+            job.message = inspection_message(job, self.device_id)
+            self.publisher.publish_inspection(job.message)
+            self.stats.record(job.message.latency_ms.total, job.message.anomalous)
+            self.last_job = job
+            for observer in self.observers:
+                try:
+                    observer(job)
+                except Exception as exc:
+                    log.exception("frame observer failed", extra={"event": "observer_failed", "error": str(exc)})
+            if self.on_result is not None:
+                self.on_result(job)
+
+    def _next(self, queue: StageQueue[FrameJob], stage: str) -> FrameJob | None:
+        """The next job for a stage, or None at the end of the stream."""
+        while True:
+            self._beat(stage)
+            item = queue.get()
+            if item is None:
+                continue
+            if isinstance(item, _End):
+                return None
+            return item
+
+    def _forward(self, queue: StageQueue[FrameJob], item: FrameJob | _End, stage: str) -> None:
+        """Put with backpressure; gives up only when another stage failed (nobody would take it)."""
+        while not queue.put(item):
+            self._beat(stage)
+            if self.error is not None:
+                return
+
+    def _put_end(self, queue: StageQueue[FrameJob], stage: str) -> None:
+        self._forward(queue, END, stage)
+
+
+def inspection_message(job: FrameJob, device_id: str) -> InspectionMessage:
+    """The MQTT message for an inspected frame; ``publish`` and ``total`` latency end now."""
+    assert job.verdict is not None and job.model is not None
+    frame, verdict = job.frame, job.verdict
+    now = time.monotonic()
+    latency = StageLatency(
+        capture=round(job.capture_ms, 3),
+        preprocess=round(job.preprocess_ms, 3),
+        infer=round(job.infer_ms, 3),
+        nfa=round(job.nfa_ms, 3),
+        publish=round((now - job.nfa_done) * 1000.0, 3),
+        total=round((now - frame.monotonic) * 1000.0, 3),
+    )
+    return InspectionMessage(
+        device_id=device_id,
+        sequence=frame.sequence,
+        capture_time=frame.capture_time,
+        source=frame.source_id,
+        model=job.model.ref,
+        image_score=verdict.image_score,
+        anomalous=verdict.anomalous,
+        log10_epsilon=verdict.log10_epsilon,
+        regions=list(verdict.regions),
+        frame_size=frame.frame_size,
+        latency_ms=latency,
+    )

@@ -1,0 +1,201 @@
+"""Engine output -> image score, log10 NFA map, regions in source pixels and the anomalous decision.
+
+The engine gives the anomaly map at the model size and the small per-scale maps m_s. The image score
+is the map's maximum (bilinear resizing never exceeds it, so it is the same at any size). The
+decision is the a-contrario one (docs/design.md section 5): a frame is anomalous when at least one region has
+log10 NFA below log10(epsilon), ignoring regions smaller than a minimum area.
+
+Two resolutions of analysis: ``"model"`` (the agent's hot path) computes the log NFA map at the model
+size and maps region boxes to the source frame; ``"frame"`` (offline ``segment``) computes maps at the
+frame's own size, so the saved maps and boxes are pixel-exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+
+from edge_agent.bundle import Manifest
+from edge_agent.config import NfaConfig
+from edge_agent.inspection import nfa
+from edge_agent.publish.messages import Region
+
+Resolution = Literal["model", "frame"]
+
+
+def resize_map(values: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A float32 map resized bilinearly to width x height (a no-op at the same size)."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape == (height, width):
+        return values
+    return cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def image_score(anomaly_map: np.ndarray) -> float:
+    """The image-level anomaly score: the maximum of the anomaly map."""
+    return float(np.max(anomaly_map))
+
+
+class ModelMaps(Protocol):
+    """One frame's model outputs as scoring reads them: the bundle's output contract (docs/design.md).
+
+    Plain arrays, batch axis removed; ``edge_agent.engines.base.EngineOutput`` is one. Scoring depends on
+    this shape only, never on the engines.
+    """
+
+    @property
+    def anomaly_map(self) -> np.ndarray:
+        """float32 (H, W) at the model size."""
+        ...
+
+    @property
+    def scale_maps(self) -> Sequence[np.ndarray]:
+        """Per scale float32 (H_s, W_s): m_s, the mean over channels of z^2."""
+        ...
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """When a frame is anomalous: a region with log10 NFA below ``log10_epsilon`` and big enough.
+
+    The minimum area comes from the config in source pixels, or else from the bundle in model-input
+    pixels (then scaled to the frame).
+    """
+
+    log10_epsilon: float
+    min_area_source_px: int | None
+    min_area_model_px: int
+
+    @classmethod
+    def from_bundle(cls, manifest: Manifest, config: NfaConfig | None = None) -> DecisionRule:
+        """The bundle's decision with any config overrides applied."""
+        config = config or NfaConfig()
+        default = default_log10_epsilon(manifest, config.null_model)
+        epsilon = default if config.log10_epsilon is None else config.log10_epsilon
+        return cls(
+            log10_epsilon=float(epsilon),
+            min_area_source_px=config.min_region_area,
+            min_area_model_px=manifest.nfa.min_region_area,
+        )
+
+    def min_area(self, scale_x: float, scale_y: float) -> float:
+        """Minimum region area in frame pixels when model pixels are scale_x by scale_y frame pixels."""
+        if self.min_area_source_px is not None:
+            return float(self.min_area_source_px)
+        return self.min_area_model_px * scale_x * scale_y
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Everything decided about one frame."""
+
+    image_score: float
+    anomalous: bool
+    regions: tuple[Region, ...]  # in source-frame pixels (ROI offset added)
+    log10_epsilon: float
+    anomaly_map: np.ndarray  # float32, at the analysis resolution
+    log_nfa: np.ndarray  # float32 log10 NFA, at the analysis resolution
+
+
+class NullModelError(ValueError):
+    """The configured NFA null model is not available in this bundle."""
+
+
+def scale_nulls(manifest: Manifest, choice: str = "bundle") -> tuple[nfa.ScaleNull, ...] | None:
+    """The per-scale null models for ``nfa.log_nfa_map`` (None: the paper's polyomino NFA).
+
+    ``choice``: ``bundle`` (what the bundle ships), ``polyomino`` (always the paper's exact NFA) or
+    ``fitted`` (the bundle's fitted null; NullModelError if it ships none).
+    """
+    if choice == "polyomino":
+        return None
+    spec = manifest.nfa
+    if spec.null_model == "fitted" and spec.scale_nulls:
+        return tuple(nfa.ScaleNull(n.mean, n.dof, n.area) for n in spec.scale_nulls)
+    if choice == "fitted":
+        raise NullModelError(
+            f"[nfa] null_model = 'fitted' but bundle {manifest.name} {manifest.version} ships no fitted null; "
+            "re-export it with this version of `uflow export`, or use 'bundle'/'polyomino'"
+        )
+    return None
+
+
+def default_log10_epsilon(manifest: Manifest, choice: str = "bundle") -> float:
+    """log10 epsilon when the config sets none: the bundle's, or the paper's 0 when the paper's NFA is
+    chosen over a bundle whose own epsilon belongs to its fitted null."""
+    if choice == "polyomino" and manifest.nfa.null_model == "fitted":
+        return 0.0
+    return float(manifest.nfa.log10_epsilon)
+
+
+class FrameScorer:
+    """Turns engine outputs of one bundle into verdicts."""
+
+    def __init__(self, manifest: Manifest, config: NfaConfig | None = None) -> None:
+        self.manifest = manifest
+        self.rule = DecisionRule.from_bundle(manifest, config)
+        self.channels = tuple(s.channels for s in manifest.scales)
+        self.model_size = (manifest.input.width, manifest.input.height)
+        self.nulls = scale_nulls(manifest, (config or NfaConfig()).null_model)
+
+    def score(
+        self,
+        output: ModelMaps,
+        image_size: tuple[int, int],
+        roi_offset: tuple[int, int] = (0, 0),
+        resolution: Resolution = "model",
+    ) -> Verdict:
+        """Verdict for one frame whose inspected image is ``image_size`` (width, height) at ``roi_offset``."""
+        rule = self.rule  # read once: the threshold command may replace it while a frame is scored
+        model_w, model_h = self.model_size
+        width, height = image_size
+        if resolution == "frame":
+            out_w, out_h = width, height
+            anomaly_map = resize_map(output.anomaly_map, width, height)
+        else:
+            out_w, out_h = model_w, model_h
+            anomaly_map = output.anomaly_map
+        log_nfa = nfa.log_nfa_map(output.scale_maps, self.channels, (out_h, out_w), self.nulls)
+        scale_x, scale_y = width / out_w, height / out_h
+        found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
+        min_area = rule.min_area(width / model_w, height / model_h)
+        regions = []
+        for raw in found:
+            region = map_region(raw, scale_x, scale_y, (width, height), roi_offset)
+            if region.area >= min_area:
+                regions.append(region)
+        return Verdict(
+            image_score=image_score(output.anomaly_map),
+            anomalous=bool(regions),
+            regions=tuple(regions),
+            log10_epsilon=rule.log10_epsilon,
+            anomaly_map=anomaly_map,
+            log_nfa=log_nfa,
+        )
+
+
+def map_region(
+    raw: nfa.NfaRegion, scale_x: float, scale_y: float, image_size: tuple[int, int], offset: tuple[int, int]
+) -> Region:
+    """An NFA region found on a grid of scale_x by scale_y image pixels per cell, as a message Region.
+
+    The box grows outward to whole image pixels (it always covers the region), is clipped to the image
+    and then shifted by the ROI offset into source-frame pixels.
+    """
+    x, y, w, h = raw.bbox
+    width, height = image_size
+    x0 = max(0, math.floor(x * scale_x))
+    y0 = max(0, math.floor(y * scale_y))
+    x1 = min(width, math.ceil((x + w) * scale_x))
+    y1 = min(height, math.ceil((y + h) * scale_y))
+    return Region(
+        bbox=(x0 + offset[0], y0 + offset[1], max(1, x1 - x0), max(1, y1 - y0)),
+        area=max(1, round(raw.area * scale_x * scale_y)),
+        log_nfa=float(raw.log_nfa),
+        max_score=float(raw.max_score) if raw.max_score is not None else 0.0,
+    )

@@ -1,0 +1,248 @@
+"""Live preview for the person aiming the camera: what the model sees, in a browser.
+
+Routes on the agent's HTTP server (``[http] preview = true``; off by default, bound to 127.0.0.1 unless
+``http.host`` says otherwise):
+
+- ``/preview``: a small page that polls ``/preview.json`` and shows the frame with the anomaly map, the
+  NFA mask outline and the region boxes, with fps, latency and the source state.
+- ``/preview.json``: the last published inspection (id, sequence, verdict, regions, latency), the
+  agent's fps and source state, and the overlay as a JPEG data URI. Image and message come from the same
+  frame, so what the page shows is exactly what subscribers were told.
+- ``/preview.jpg``: the same overlay alone (``X-Message-Id`` header), for ``curl`` or a plain <img>.
+
+The inspection loop never waits for the page: the pipeline already keeps a reference to its last
+published frame (``Pipeline.last_job``), and all drawing and JPEG encoding happens here, on the HTTP
+request's thread, at most ``http.preview_max_fps`` times a second however many browsers are open, and
+responses over all clients are spaced to four per drawing (a script polling back to back waits, asleep).
+Frames published in between are simply never drawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import cv2
+import numpy as np
+
+from edge_agent.inspection.pipeline import FrameJob
+from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
+from edge_agent.service.snapshot import overlay_for_job
+
+JPEG_QUALITY = 80
+# Frames at least this wide are drawn at their own size (enlarging costs 2-4x the drawing and encoding;
+# the browser scales the image); narrower ones are enlarged so the legend fits.
+PREVIEW_MIN_WIDTH = 256
+# Responses per second over all clients, as a multiple of preview_max_fps: enough for a few open tabs;
+# a script fetching back to back waits in its own (sleeping) request thread instead of taking CPU.
+RESPONSES_PER_RENDER = 4
+
+
+@dataclass(frozen=True)
+class PreviewFacts:
+    """Agent-wide numbers shown next to the image."""
+
+    fps: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    source_state: str
+    source_error: str
+
+
+@dataclass(frozen=True)
+class RenderedFrame:
+    """One published frame drawn for the page."""
+
+    message_id: str
+    jpeg: bytes
+    data_uri: str  # the JPEG for the page's <img>, encoded once per drawing, not per request
+    details: dict[str, object]
+    rendered_at: float
+
+
+class PreviewPage:
+    """Serves the preview routes from the last published frame, drawing at a capped rate."""
+
+    def __init__(
+        self,
+        last_job: Callable[[], FrameJob | None],
+        facts: Callable[[], PreviewFacts],
+        max_fps: float = 1.0,
+        poll_ms: int | None = None,
+    ) -> None:
+        self._last_job = last_job
+        self._facts = facts
+        self._min_interval_s = 1.0 / max_fps if max_fps > 0 else 0.0
+        self._poll_ms = poll_ms if poll_ms is not None else max(50, round(1000 * self._min_interval_s))
+        self._lock = threading.Lock()  # one render at a time; other requests reuse its result
+        self._rendered: RenderedFrame | None = None
+        self.renders = 0
+        self.cpu_s = 0.0  # CPU time spent drawing and answering (what the page costs the agent)
+        self._response_gap_s = self._min_interval_s / RESPONSES_PER_RENDER
+        self._throttle_lock = threading.Lock()
+        self._next_response = 0.0
+
+    def register(self, server: HttpServer) -> None:
+        """Add /preview, /preview.json and /preview.jpg to the agent's HTTP server."""
+        server.route("/preview", self._page_route)
+        server.route("/preview.json", self._json_route)
+        server.route("/preview.jpg", self._jpeg_route)
+
+    def current(self) -> RenderedFrame | None:
+        """The drawing of the newest published frame, redrawn at most max_fps times a second."""
+        with self._lock:
+            job = self._last_job()
+            if job is None or job.message is None:
+                return self._rendered
+            cached = self._rendered
+            fresh_enough = cached is not None and time.monotonic() - cached.rendered_at < self._min_interval_s
+            if cached is not None and (cached.message_id == job.message.message_id or fresh_enough):
+                return cached
+            self._rendered = self._render(job)
+            self.renders += 1
+            return self._rendered
+
+    def _render(self, job: FrameJob) -> RenderedFrame:
+        assert job.message is not None
+        _, _, overlay = overlay_for_job(job, min_width=PREVIEW_MIN_WIDTH)
+        ok, encoded = cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise RuntimeError("JPEG encoding of the preview failed")
+        message = job.message
+        details: dict[str, object] = {
+            "message_id": message.message_id,
+            "sequence": message.sequence,
+            "capture_time": message.capture_time,
+            "anomalous": message.anomalous,
+            "image_score": message.image_score,
+            "regions": [region.model_dump(mode="json") for region in message.regions],
+            "latency_ms": message.latency_ms.model_dump(mode="json"),
+            "model": f"{message.model.name} {message.model.version} ({message.model.backend})",
+        }
+        jpeg = np.asarray(encoded).tobytes()
+        data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+        return RenderedFrame(message.message_id, jpeg, data_uri, details, time.monotonic())
+
+    def _wait_for_response_slot(self) -> None:
+        """Space responses over all clients (sleeping in the request's own thread)."""
+        with self._throttle_lock:
+            now = time.monotonic()
+            wait = self._next_response - now
+            self._next_response = max(now, self._next_response) + self._response_gap_s
+        if wait > 0:
+            time.sleep(wait)
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    def _json_route(self, request: HttpRequest) -> HttpResponse:
+        return self._measured(self._json_response)
+
+    def _jpeg_route(self, request: HttpRequest) -> HttpResponse:
+        return self._measured(self._jpeg_response)
+
+    def _measured(self, respond: Callable[[], HttpResponse]) -> HttpResponse:
+        """``respond()`` in its response slot, adding its CPU time (drawing included) to ``cpu_s``."""
+        self._wait_for_response_slot()
+        started = time.thread_time()
+        try:
+            return respond()
+        finally:
+            spent = time.thread_time() - started
+            with self._throttle_lock:
+                self.cpu_s += spent
+
+    def _json_response(self) -> HttpResponse:
+        rendered = self.current()
+        facts = self._facts()
+        body: dict[str, object] = {
+            "fps": round(facts.fps, 2),
+            "latency_p50_ms": round(facts.latency_p50_ms, 1),
+            "latency_p99_ms": round(facts.latency_p99_ms, 1),
+            "source_state": facts.source_state,
+            "source_error": facts.source_error,
+            "renders": self.renders,
+            "inspection": None,
+            "image": None,
+        }
+        if rendered is not None:
+            body["inspection"] = rendered.details
+            body["image"] = rendered.data_uri
+        return HttpResponse(body=json.dumps(body).encode(), content_type="application/json")
+
+    def _jpeg_response(self) -> HttpResponse:
+        rendered = self.current()
+        if rendered is None:
+            return HttpResponse(HTTPStatus.SERVICE_UNAVAILABLE, b"no frame inspected yet\n")
+        return HttpResponse(
+            body=rendered.jpeg,
+            content_type="image/jpeg",
+            headers={"X-Message-Id": rendered.message_id},
+        )
+
+    def _page_route(self, request: HttpRequest) -> HttpResponse:
+        html = PAGE.replace("__POLL_MS__", str(self._poll_ms))
+        return HttpResponse(body=html.encode(), content_type="text/html; charset=utf-8")
+
+
+# The page keeps one request in flight at a time: a slow link shows fewer frames, it never queues them.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>U-Flow live preview</title>
+<style>
+ body { font: 14px system-ui, sans-serif; margin: 12px; background: #111; color: #eee; }
+ #frame { width: min(100%, 768px); border: 1px solid #444; display: block; }
+ table { border-collapse: collapse; margin-top: 8px; }
+ td { padding: 2px 10px 2px 0; }
+ .bad { color: #ff6b6b; font-weight: bold; } .good { color: #7bd88f; }
+</style></head>
+<body>
+<h1>U-Flow live preview</h1>
+<img id="frame" alt="waiting for the first inspected frame">
+<table>
+ <tr><td>verdict</td><td id="verdict">-</td></tr>
+ <tr><td>message id</td><td id="message-id">-</td></tr>
+ <tr><td>frame</td><td id="sequence">-</td></tr>
+ <tr><td>regions</td><td id="regions">-</td></tr>
+ <tr><td>fps</td><td id="fps">-</td></tr>
+ <tr><td>latency p50 / p99</td><td id="latency">-</td></tr>
+ <tr><td>source</td><td id="source">-</td></tr>
+ <tr><td>model</td><td id="model">-</td></tr>
+</table>
+<script>
+const POLL_MS = __POLL_MS__;
+const show = (id, text) => { document.getElementById(id).textContent = text; };
+async function refresh() {
+  try {
+    const response = await fetch("/preview.json", {cache: "no-store"});
+    const data = await response.json();
+    show("fps", data.fps.toFixed(1));
+    show("latency", data.latency_p50_ms + " / " + data.latency_p99_ms + " ms");
+    show("source", data.source_state + (data.source_error ? " (" + data.source_error + ")" : ""));
+    const inspection = data.inspection;
+    if (inspection) {
+      const img = document.getElementById("frame");
+      img.src = data.image;
+      img.dataset.messageId = inspection.message_id;
+      img.dataset.regions = JSON.stringify(inspection.regions);
+      const verdict = document.getElementById("verdict");
+      verdict.textContent = inspection.anomalous ? "ANOMALOUS" : "good";
+      verdict.className = inspection.anomalous ? "bad" : "good";
+      show("message-id", inspection.message_id);
+      show("sequence", inspection.sequence);
+      show("regions", inspection.regions.map(r => "[" + r.bbox.join(", ") + "] log10 NFA " +
+                                                    r.log_nfa.toFixed(1)).join("; ") || "none");
+      show("model", inspection.model);
+    }
+  } catch (error) {
+    show("source", "agent not reachable: " + error);
+  }
+  setTimeout(refresh, POLL_MS);
+}
+refresh();
+</script>
+</body></html>
+"""
