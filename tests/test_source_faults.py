@@ -17,7 +17,8 @@ import pytest
 from stream_server import MjpegServer, camera_video, needs_ffmpeg, numbered_frame
 
 from edge_agent.config import SourceConfig
-from edge_agent.inspection.frame_source import Frame, FrameSource, SourceError
+from edge_agent.inspection.drivers import Frame, SourceError
+from edge_agent.inspection.frame_source import FrameSource
 
 pytestmark = needs_ffmpeg
 

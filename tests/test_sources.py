@@ -13,14 +13,8 @@ from stream_server import MjpegServer, camera_video, needs_ffmpeg, numbered_fram
 
 from edge_agent.config import SourceConfig
 from edge_agent.demo.conveyor import write_video as write_conveyor_video
-from edge_agent.inspection.frame_source import (
-    FrameSource,
-    SourceError,
-    crop,
-    describe_video_io,
-    detect_kind,
-    has_gstreamer,
-)
+from edge_agent.inspection.drivers import SourceError, describe_video_io, detect_kind, has_gstreamer
+from edge_agent.inspection.frame_source import FrameSource, crop
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:

@@ -101,7 +101,7 @@ def check_torch_absent_is_fine() -> Check:
 
 def check_opencv() -> Check:
     try:
-        from edge_agent.inspection.frame_source import describe_video_io
+        from edge_agent.inspection.drivers import describe_video_io
     except ImportError as exc:
         return Check("opencv", "fail", f"cv2 does not import: {exc} (pip install opencv-python-headless)")
     info = describe_video_io()
@@ -255,7 +255,8 @@ def _check_engine(bundle: object, settings: AgentSettings) -> Check:
 
 
 def check_source(settings: AgentSettings) -> Check:
-    from edge_agent.inspection.frame_source import FrameSource, SourceError
+    from edge_agent.inspection.drivers import SourceError
+    from edge_agent.inspection.frame_source import FrameSource
     from edge_agent.publish.messages import redact_uri
 
     try:

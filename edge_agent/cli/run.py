@@ -76,7 +76,8 @@ def run_agent(
     # Imported here so NUMBA_CACHE_DIR is set before Numba loads (scoring imports the NFA).
     from edge_agent.fleet.signing import SigningError, verify_installed_bundle
     from edge_agent.inspection import nfa
-    from edge_agent.inspection.frame_source import FrameSource, SourceError, describe_video_io
+    from edge_agent.inspection.drivers import SourceError, describe_video_io
+    from edge_agent.inspection.frame_source import FrameSource
     from edge_agent.inspection.loaded_model import ModelLoadError, load_model
     from edge_agent.publish.spool import SpoolError
     from edge_agent.service.agent import Agent

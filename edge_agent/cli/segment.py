@@ -24,7 +24,7 @@ from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
 from edge_agent.config import ModelConfig, NfaConfig
 from edge_agent.engines import Engine, EngineUnavailable, create_engine
 from edge_agent.inspection import nfa
-from edge_agent.inspection.frame_source import IMAGE_SUFFIXES, list_images
+from edge_agent.inspection.drivers import IMAGE_SUFFIXES, list_images
 from edge_agent.inspection.overlay import draw_overlay
 from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.scoring import FrameScorer, Verdict

@@ -31,7 +31,8 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from edge_agent.engines.base import EngineOutput
-from edge_agent.inspection.frame_source import Frame, FrameSource
+from edge_agent.inspection.drivers import Frame
+from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.scoring import Verdict
