@@ -131,7 +131,7 @@ def reference_rows(max_size: int) -> list[str]:
 def compile_rows() -> list[str]:
     """Import + warm_up() in fresh processes: a cold Numba cache dir, then the same dir again."""
     code = (
-        "import time; t0 = time.perf_counter(); from edge_agent import nfa; t1 = time.perf_counter(); "
+        "import time; t0 = time.perf_counter(); from edge_agent.inspection import nfa; t1 = time.perf_counter(); "
         "nfa.warm_up(); t2 = time.perf_counter(); print(f'{t1 - t0:.3f} {t2 - t1:.3f}')"
     )
     rows = ["| Numba cache | import s | warm_up() s |", "|---|---|---|"]

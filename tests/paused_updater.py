@@ -13,7 +13,8 @@ import logging
 import sys
 import time
 
-from edge_agent import cli, update
+from edge_agent import cli
+from edge_agent.fleet import update
 
 log = logging.getLogger("edge_agent.fleet.update")
 

@@ -40,7 +40,7 @@ def relay_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[
 
     yield make
     for relay in made:
-        if not relay._halt.is_set():
+        if not relay.stopped:
             relay.stop(drain_s=0)
 
 

@@ -13,16 +13,8 @@ import pytest
 from fleet_helpers import make_bundle, serving
 
 from edge_agent.bundle import load_bundle
-from edge_agent.fleet.index import (
-    FleetError,
-    check_only_listed_files,
-    download,
-    publish,
-    read_index,
-    resolve,
-    safe_extract,
-    write_bundle_tar,
-)
+from edge_agent.fleet.index import FleetError, check_only_listed_files, download, read_index, resolve, safe_extract
+from edge_agent.fleet.publish import publish, write_bundle_tar
 from edge_agent.fleet.signing import generate_keypair
 
 

@@ -360,7 +360,7 @@ def test_rejects_that_come_due_while_every_actuator_worker_is_busy_are_missed_no
     camera: Callable[[str], MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from edge_agent.relay.relay import ACTUATOR_WORKERS
+    from edge_agent.relay.firing import ACTUATOR_WORKERS
 
     caplog.set_level(logging.INFO, logger="edge_agent.relay")
     slow = RecordingHttpServer(delay_s=1.0)  # each call takes 1 s: the pool is full until then

@@ -19,8 +19,8 @@ from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from test_agent import Running
 
 from edge_agent.config import MqttConfig, load_settings
-from edge_agent.fleet.index import publish
 from edge_agent.fleet.models_dir import ModelsDir
+from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import generate_keypair
 from edge_agent.fleet.update import apply_update, version_key
 from edge_agent.publish.commands import CommandProcessor

@@ -28,8 +28,8 @@ from tls_certs import Pki, make_pki
 
 from edge_agent.config import load_settings
 from edge_agent.demo.local_broker import find_mosquitto, free_port, wait_for_port
-from edge_agent.fleet.index import publish
 from edge_agent.fleet.models_dir import ModelsDir
+from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import generate_keypair
 from edge_agent.fleet.update import apply_update
 from edge_agent.relay.config import load_relay_settings

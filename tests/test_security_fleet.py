@@ -19,7 +19,8 @@ import pytest
 from fleet_helpers import make_bundle, serving
 from tls_certs import make_pki
 
-from edge_agent.fleet.index import MAX_MEMBERS, FleetError, publish, read_signed_index, safe_extract, tls_context
+from edge_agent.fleet.index import MAX_MEMBERS, FleetError, read_signed_index, safe_extract, tls_context
+from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import generate_keypair, load_public_key, sign_bytes
 
 

@@ -365,7 +365,7 @@ def test_updater_proves_the_new_bundle_on_its_tensorrt_plan(
 ) -> None:
     """The update's load_engine step builds the plan first, so the self-test runs on TensorRT, not the CPU."""
     from edge_agent.config import load_settings
-    from edge_agent.fleet.index import update
+    from edge_agent.fleet import update
 
     reset_memory()
     install(monkeypatch, make_tensorrt("11.x"), cuda_python=make_cuda_python())

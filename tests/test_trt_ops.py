@@ -12,7 +12,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edge_agent.engines import graph_check, trt_ops  # noqa: E402
+from edge_agent.engines.tensorrt import graph_check  # noqa: E402
+from edge_agent.engines.tensorrt import ops as trt_ops  # noqa: E402
 
 
 def _save(tmp_path: Path, nodes: list, initializers: list | None = None, opset: int = 17, name: str = "m") -> Path:

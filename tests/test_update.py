@@ -25,8 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.bundle import load_bundle
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.fleet.index import publish
 from edge_agent.fleet.models_dir import ModelsDir
+from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import generate_keypair, sign_bytes, verify_bundle_signature
 from edge_agent.fleet.update import apply_update
 
@@ -168,7 +168,7 @@ def test_unsigned_bundle_is_refused(tmp_path, fleet, keys, mqtt) -> None:  # typ
     bundle = make_bundle(tmp_path / "unsigned", "2.0.0", fleet.private_key)
     (bundle / "signature").unlink()
     # publish() refuses unsigned bundles, so an attacker would hand-craft the tar and index.
-    from edge_agent.fleet.index import write_bundle_tar
+    from edge_agent.fleet.publish import write_bundle_tar
 
     write_bundle_tar(bundle, fleet.dir / "bundles/tile-2.0.0.tar")
     _point_index_at(fleet, "2.0.0", fleet.dir / "bundles/tile-2.0.0.tar")

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a small model, make a conveyor video and run the agent on it with a local broker",
     ),
     "update": (
-        "edge_agent.fleet.update",
+        "edge_agent.cli.update",
         "install the fleet's signed model for this device, with self-test and rollback",
     ),
     "keygen": ("edge_agent.cli.keygen", "make the fleet's ed25519 signing key pair"),

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from edge_agent.bundle import BundleError
 from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
-from edge_agent.fleet.index import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError, publish
+from edge_agent.fleet.index import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError
 from edge_agent.fleet.models_dir import ModelsDirError
+from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import SigningError, sign_bundle
 
 

@@ -24,7 +24,6 @@ A failure in steps 2-8 leaves ``current`` untouched. ``apply_update`` is the fun
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import re
@@ -35,8 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK
-from edge_agent.config import AgentSettings, ConfigError, load_settings
+from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.fleet.models_dir import ModelsDir, ModelsDirError, PendingSwitch, UpdateLocked
 from edge_agent.fleet.update_mqtt import AgentControl, EventSink, MqttLink
 from edge_agent.publish.messages import UpdateEvent, redact_uri
@@ -432,69 +430,3 @@ def _prune(models: ModelsDir, keep: int, protect: tuple[str | None, ...], report
         removed = models.prune(keep, protect)
     if removed:
         report("prune", True, f"removed {', '.join(removed)}; keeping {keep} version(s)")
-
-
-# -- command line -------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``edge-agent update``."""
-    parser.add_argument(
-        "--config", type=Path, default=None, help="agent TOML file (EDGE_AGENT_* variables override it)"
-    )
-    parser.add_argument(
-        "--source", default=None, help="fleet source: https URL or directory with latest.json (default update.source)"
-    )
-    parser.add_argument("--group", default=None, help="rollout group (default update.group)")
-    parser.add_argument("--force", action="store_true", help="retry a version that failed on this device before")
-    parser.add_argument(
-        "--allow-downgrade",
-        action="store_true",
-        help="accept a release older than the current model (never possible through cmd/update)",
-    )
-    parser.add_argument(
-        "--no-reload",
-        dest="reload",
-        action="store_false",
-        help="switch models/current without asking the running agent (first install, agent stopped)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``edge-agent update``; exit 0 done or nothing to do, 1 failed, 2 config, 75 locked."""
-    from edge_agent.logs import setup_logging
-
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        setup_logging()
-        log.error("%s", exc, extra={"event": "config_error"})
-        return EXIT_CONFIG
-    setup_logging(settings.log_level, settings.log_format)
-    try:
-        result = apply_update(
-            settings,
-            source=args.source,
-            group=args.group,
-            force=args.force,
-            reload=args.reload,
-            allow_downgrade=args.allow_downgrade,
-        )
-    except ConfigError as exc:
-        log.error("%s", exc, extra={"event": "config_error"})
-        return EXIT_CONFIG
-    log.info(
-        "update finished: %s",
-        result.status,
-        extra={
-            "event": "update_finished",
-            "status": result.status,
-            "version": result.version,
-            "previous": result.previous,
-            "step": result.step,
-            "detail": result.message,
-        },
-    )
-    if result.status == "locked":
-        return EXIT_LOCKED
-    return EXIT_OK if result.ok else EXIT_FAILURE

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 import time
 import uuid
@@ -22,10 +21,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 from pydantic import ValidationError
 
 from edge_agent.config import MqttConfig
+from edge_agent.publish.client import PROTOCOLS, new_client
 from edge_agent.publish.messages import (
     CommandResult,
     InspectionMessage,
@@ -87,25 +87,8 @@ class MqttLink:
     # -- connection ---------------------------------------------------------------------------------
 
     def _new_client(self) -> paho.Client:
-        protocol = MQTTProtocolVersion.MQTTv5 if self.config.protocol == "5" else MQTTProtocolVersion.MQTTv311
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"{self.config.client_id or self.device_id}-updater",
-            protocol=protocol,
-        )
-        if self.config.username:
-            client.username_pw_set(
-                self.config.username, self.config.password.get_secret_value() if self.config.password else None
-            )
-        if self.config.tls is not None:
-            tls = self.config.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            client.tls_insecure_set(tls.insecure)
+        protocol = PROTOCOLS.get(self.config.protocol, MQTTProtocolVersion.MQTTv5)
+        client = new_client(self.config, f"{self.config.client_id or self.device_id}-updater", protocol)
         client.on_connect = self._on_connect
         client.on_connect_fail = lambda client, userdata: self._gave_up.set()
         client.on_message = self._on_message

@@ -29,8 +29,6 @@ only take ``_lock`` and wake the connection thread, which sends the next window.
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 import threading
 import time
 import uuid
@@ -39,12 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.config import ConfigError, MqttConfig
+from edge_agent.config import MqttConfig
 from edge_agent.logs import log_event
+from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client
 from edge_agent.publish.messages import CommandResult, InspectionMessage, StatsMessage, StatusText, topic
 from edge_agent.publish.outbox import MemoryOutbox, Outbox, OutgoingMessage
 
@@ -52,7 +51,6 @@ __all__ = ["SEND_WINDOW", "MemoryOutbox", "MqttPublisher", "Outbox", "OutgoingMe
 
 log = logging.getLogger(__name__)
 
-_PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 _UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's "refused: version" to it
 SEND_WINDOW = 100  # outbox messages handed to paho and not yet acknowledged, at most
 STATUS_GRACE_S = 2.0  # on stop, the final status waits at least this long (or the whole timeout if shorter)
@@ -71,47 +69,6 @@ class PublisherCounters:
     messages_received: int = 0  # on subscribed topics (commands)
 
 
-def check_tls_files(config: MqttConfig) -> None:
-    """Raise ConfigError naming every TLS file that is configured but missing or unreadable."""
-    tls = config.tls
-    if tls is None:
-        return
-    if tls.key_file is not None and tls.cert_file is None:
-        raise ConfigError("mqtt.tls.key_file is set but mqtt.tls.cert_file is not (the client certificate)")
-    for name in ("ca_file", "cert_file", "key_file"):
-        path = getattr(tls, name)
-        if path is None:
-            continue
-        if not path.is_file():
-            raise ConfigError(f"mqtt.tls.{name} {path} does not exist or is not a file")
-        if not os.access(path, os.R_OK):
-            raise ConfigError(f"mqtt.tls.{name} {path} is not readable by this user (uid {os.getuid()})")
-
-
-def describe_connect_error(exc: BaseException, config: MqttConfig) -> str:
-    """What a failed connect means, in words a plant engineer can act on."""
-    where = f"{config.host}:{config.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS: the certificate of {where} was rejected ({exc.verify_message}); check mqtt.tls.ca_file and "
-            "that mqtt.host is a name or address in the broker's certificate"
-        )
-    if isinstance(exc, ssl.SSLError):
-        return (
-            f"TLS handshake with {where} failed ({exc.reason or exc}): is it a TLS listener, and does the "
-            "broker require a client certificate (mqtt.tls.cert_file/key_file)?"
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection to {where} refused: no broker listens there"
-    if config.tls is not None and isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-        # A broker that wants a client certificate may just drop the handshake, without an alert.
-        return (
-            f"TLS connection to {where} closed during the handshake ({exc}): does the broker require a client "
-            "certificate (mqtt.tls.cert_file/key_file)?"
-        )
-    return f"{where}: {exc}"
-
-
 class MqttPublisher:
     """The agent's connection to its broker."""
 
@@ -121,7 +78,7 @@ class MqttPublisher:
         self.client_id = config.client_id or f"edge-agent-{device_id}"
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self.counters = PublisherCounters()
-        self.protocol = _PROTOCOLS.get(config.protocol, MQTTProtocolVersion.MQTTv5)
+        self.protocol = PROTOCOLS.get(config.protocol, MQTTProtocolVersion.MQTTv5)
         self._lock = threading.Lock()  # mids, acknowledgements, control messages (taken inside paho callbacks)
         self._client_lock = threading.RLock()  # the current client, gate, cursor (never taken under paho's locks)
         self._delivered = threading.Condition(self._lock)
@@ -443,27 +400,11 @@ class MqttPublisher:
     # -- paho client and callbacks ------------------------------------------------------------------
 
     def _new_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=protocol,
-            reconnect_on_failure=False,  # the connection thread reconnects, with a fresh client
+        # The connection thread reconnects, with a fresh client per session (paho_reconnects=False).
+        client = new_client(
+            self.config, self.client_id, protocol, will_topic=self.topic("status"), paho_reconnects=False
         )
-        client.will_set(self.topic("status"), "offline", qos=1, retain=True)
         client.max_inflight_messages_set(SEND_WINDOW)
-        if self.config.username:
-            client.username_pw_set(
-                self.config.username, self.config.password.get_secret_value() if self.config.password else None
-            )
-        if self.config.tls is not None:
-            tls = self.config.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            client.tls_insecure_set(tls.insecure)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

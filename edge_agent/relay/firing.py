@@ -1,0 +1,180 @@
+"""Firing: a scheduler thread that waits for the next due reject on the monotonic clock, and a small pool
+that calls the actuators (a slow actuator never delays the next reject).
+
+A job's outcome is final and journaled: ``fired`` (between the planned time and the deadline),
+``missed`` (came due after its deadline: every actuator worker was busy, or the box overloaded; never
+fired late) or ``failed`` (every allowed attempt failed; retries only before the deadline). The relay
+learns each outcome through ``report`` and counts and logs it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.relay.actuators import Actuator, ActuatorError, FireOrder
+from edge_agent.relay.config import RelaySettings
+from edge_agent.relay.dedupe import DecisionJournal
+from edge_agent.relay.schedule import Plan
+
+log = logging.getLogger(__name__)
+
+ACTUATOR_WORKERS = 4
+SCHEDULER_TICK_S = 0.5  # the scheduler's heartbeat (watchdog) even when nothing is due
+
+
+@dataclass(order=True)
+class Job:
+    """One scheduled reject; ordered by due time (monotonic), then arrival order."""
+
+    due: float
+    number: int
+    deadline_mono: float = field(compare=False)
+    order: FireOrder = field(compare=False)
+    plan: Plan = field(compare=False)
+    actuator: Actuator = field(compare=False)
+
+
+# (outcome, job, context): "fired" carries fired_time, lateness_ms, attempts; "missed" late_by_ms;
+# "failed" reason, attempts, actuator, retryable.
+Report = Callable[[str, Job, dict[str, Any]], None]
+
+
+class Firing:
+    """The scheduler thread and the actuator pool; ``start()``, ``submit()``, then ``drain()`` and ``stop()``."""
+
+    def __init__(self, settings: RelaySettings, journal: DecisionJournal, report: Report) -> None:
+        self.settings = settings
+        self.journal = journal
+        self._report = report
+        self._heap: list[Job] = []
+        self._cond = threading.Condition()
+        self._numbers = itertools.count()
+        self._inflight = 0
+        self._halt = threading.Event()  # the scheduler leaves what is not yet due in the journal
+        self._beat = time.monotonic()
+        self._executor = ThreadPoolExecutor(ACTUATOR_WORKERS, thread_name_prefix="relay-actuator")
+        self._thread = threading.Thread(target=self._loop, name="relay-scheduler", daemon=True)
+
+    @property
+    def pending(self) -> int:
+        """Rejects scheduled or being fired."""
+        with self._cond:
+            return len(self._heap) + self._inflight
+
+    @property
+    def halted(self) -> bool:
+        """True once ``stop()`` began."""
+        return self._halt.is_set()
+
+    def responsive(self, stall_s: float = 10.0) -> bool:
+        """True while the scheduler thread is alive and looping (for the systemd watchdog)."""
+        return self._thread.is_alive() and time.monotonic() - self._beat < stall_s
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        self._thread.start()
+
+    def submit(self, order: FireOrder, plan: Plan, actuator: Actuator, arrival: float, arrival_mono: float) -> None:
+        """Schedule a reject planned on the wall clock, due on the monotonic one."""
+        # Wall-clock plan -> monotonic due time, so a step of the relay's own clock cannot move a reject.
+        due = arrival_mono + (plan.planned_time - arrival)
+        job = Job(due, next(self._numbers), arrival_mono + (plan.deadline - arrival), order, plan, actuator)
+        with self._cond:
+            heapq.heappush(self._heap, job)
+            self._cond.notify()
+
+    def drain(self, drain_s: float) -> None:
+        """Wait (at most ``drain_s``) until nothing due within ``drain_s`` is left or in flight."""
+        until = time.monotonic() + drain_s
+        while time.monotonic() < until:
+            with self._cond:
+                due_soon = any(job.due <= until for job in self._heap)
+                if not due_soon and self._inflight == 0:
+                    return
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop the scheduler (what is not due stays in the journal) and wait for the actuator calls."""
+        self._halt.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(5.0)
+        self._executor.shutdown(wait=True)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._beat = time.monotonic()
+                if self._halt.is_set():
+                    return
+                if not self._heap:
+                    self._cond.wait(SCHEDULER_TICK_S)
+                    continue
+                wait = self._heap[0].due - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(min(wait, SCHEDULER_TICK_S))
+                    continue
+                job = heapq.heappop(self._heap)
+                self._inflight += 1
+            self._executor.submit(self._fire, job)
+
+    def _fire(self, job: Job) -> None:
+        try:
+            self._fire_job(job)
+        except Exception:  # an actuator bug must not leak the in-flight count or kill the pool
+            log.exception(
+                "internal error while firing", extra={"event": "relay_internal_error", "id": job.order.message_id}
+            )
+        finally:
+            with self._cond:
+                self._inflight -= 1
+
+    def _fire_job(self, job: Job) -> None:
+        order, plan = job.order, job.plan
+        config = self.settings.actuator_for(order.device_id)
+        assert config is not None
+        attempts, error = 0, None
+        while True:
+            now_mono = time.monotonic()
+            if now_mono > job.deadline_mono:
+                break
+            if attempts == 0 and not self.journal.begin_firing(order.message_id):
+                return  # decided elsewhere (cannot happen unless two relays share a journal)
+            attempts += 1
+            fired_wall = plan.planned_time + (now_mono - job.due)
+            try:
+                job.actuator.fire(order, fired_wall)
+            except ActuatorError as exc:
+                error = exc
+                if not exc.retryable or attempts > config.retries:
+                    break
+                time.sleep(config.retry_delay_s)
+                continue
+            self.journal.finish(order.message_id, "fired", fired_wall)
+            lateness_ms = (now_mono - job.due) * 1000.0
+            self._report("fired", job, {"fired_time": fired_wall, "lateness_ms": lateness_ms, "attempts": attempts})
+            return
+        if attempts == 0:
+            if self.journal.begin_firing(order.message_id):
+                self.journal.finish(order.message_id, "missed")
+            self._report("missed", job, {"late_by_ms": (time.monotonic() - job.due) * 1000.0})
+            return
+        self.journal.finish(order.message_id, "failed")
+        self._report(
+            "failed",
+            job,
+            {
+                "reason": str(error),
+                "attempts": attempts,
+                "actuator": job.actuator.description,
+                "retryable": bool(error and error.retryable),
+            },
+        )

@@ -1,0 +1,54 @@
+"""Intake: an inspection message from the network, checked before the relay believes any of it.
+
+The topic says which camera sent it (``<prefix>/<device_id>/inspection``; the broker's ACL ties that id to
+the box's credentials); the payload is parsed with bounds (size, depth) and validated, and its
+``device_id`` must be the topic's. ``MalformedMessage`` says what is wrong, in words.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from edge_agent.publish.messages import SCHEMA, InspectionMessage, PayloadError, is_valid_id, parse_json_object
+
+MAX_INSPECTION_BYTES = 1 << 20
+INSPECTION_LEAF = "inspection"
+
+
+class MalformedMessage(ValueError):
+    """A payload that is not an inspection message; the text says why."""
+
+
+def parse_inspection(payload: bytes) -> InspectionMessage:
+    """An inspection message from a payload; MalformedMessage names what is wrong.
+
+    Fields a newer agent adds are ignored (same schema major version), so relays need not be upgraded
+    in lock-step with the cameras.
+    """
+    try:
+        data = parse_json_object(payload, MAX_INSPECTION_BYTES)
+    except PayloadError as exc:
+        raise MalformedMessage(str(exc)) from exc
+    schema = data.get("schema", SCHEMA)
+    if not isinstance(schema, str) or schema.split("/")[0] != SCHEMA.split("/")[0] or schema.split("/")[-1] != "1":
+        raise MalformedMessage(f"schema {schema!r} is not {SCHEMA!r}")
+    known = {f.alias or name for name, f in InspectionMessage.model_fields.items()} | set(
+        InspectionMessage.model_fields
+    )
+    try:
+        message = InspectionMessage.model_validate({k: v for k, v in data.items() if k in known})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise MalformedMessage(problems) from exc
+    for name in ("device_id", "message_id"):
+        if not is_valid_id(getattr(message, name)):
+            raise MalformedMessage(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
+    return message
+
+
+def device_of_topic(topic: str) -> str:
+    """The camera a topic belongs to: ``<prefix>/<device_id>/inspection``; MalformedMessage otherwise."""
+    levels = topic.split("/")
+    if len(levels) < 2 or levels[-1] != INSPECTION_LEAF or not is_valid_id(levels[-2]):
+        raise MalformedMessage(f"topic {topic[:200]!r} is not <prefix>/<device_id>/{INSPECTION_LEAF}")
+    return levels[-2]

@@ -1,0 +1,97 @@
+"""How the relay accounts for its decisions: one log line per decision (``event = relay_decision``) and
+the counters its ``stats`` message carries, in total and per camera."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.publish.messages import InspectionMessage, RelayDeviceStats
+from edge_agent.relay.actuators import FireOrder
+from edge_agent.relay.schedule import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """What the relay decided since it started, in total and per camera."""
+
+    malformed: int = 0
+    unconfigured: int = 0
+    errors: int = 0  # messages the relay failed to handle (logged, acknowledged as malformed)
+    devices: dict[str, RelayDeviceStats] = field(default_factory=dict)
+
+    def device(self, device_id: str) -> RelayDeviceStats:
+        return self.devices.setdefault(device_id, RelayDeviceStats())
+
+    def total(self, name: str) -> int:
+        return sum(int(getattr(stats, name)) for stats in self.devices.values())
+
+
+def log_decision(
+    decision: str,
+    message: InspectionMessage,
+    topic: str,
+    plan: Plan | None,
+    level: int,
+    **context: Any,
+) -> None:
+    extra: dict[str, Any] = {
+        "event": "relay_decision",
+        "decision": decision,
+        "message_id": message.message_id,
+        "device_id": message.device_id,
+        "sequence": message.sequence,
+        "topic": topic,
+        "capture_time": message.capture_time,
+        "replayed": message.replayed,
+    }
+    if plan is not None:
+        extra.update(plan_fields(plan))
+    extra.update(context)
+    log.log(level, "%s: %s #%d", decision, message.device_id, message.sequence, extra=extra)
+
+
+def log_order(decision: str, order: FireOrder, plan: Plan, level: int, **context: Any) -> None:
+    extra: dict[str, Any] = {
+        "event": "relay_decision",
+        "decision": decision,
+        "message_id": order.message_id,
+        "device_id": order.device_id,
+        "sequence": order.sequence,
+        "capture_time": order.capture_time,
+        **plan_fields(plan),
+        **context,
+    }
+    log.log(level, "%s: %s #%d", decision, order.device_id, order.sequence, extra=extra)
+
+
+def plan_fields(plan: Plan) -> dict[str, Any]:
+    return {
+        "planned_time": round(plan.planned_time, 6),
+        "deadline": round(plan.deadline, 6),
+        "travel_s": plan.travel_s,
+        "clock_offset_s": round(plan.offset_s, 6),
+        "clock_source": plan.clock_source,
+    }
+
+
+def late_hint(message: InspectionMessage, plan: Plan) -> dict[str, str]:
+    """Why a live message can be late: the camera's own latency may exceed the travel time."""
+    latency_s = message.latency_ms.total / 1000.0
+    if not message.replayed and latency_s > plan.travel_s:
+        return {
+            "hint": f"the camera took {latency_s:.3f} s to inspect, longer than the travel time "
+            f"{plan.travel_s:.3f} s: move the actuator further downstream or speed up the model"
+        }
+    return {}
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile of sorted values (0.0 when empty)."""
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
