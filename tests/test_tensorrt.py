@@ -25,10 +25,11 @@ from edge_agent.bundle import Bundle, QuantizedModel, load_bundle
 from edge_agent.cli import build_engine
 from edge_agent.config import ModelConfig
 from edge_agent.engines import EngineUnavailable, create_engine
-from edge_agent.engines.tensorrt.build import (
-    BuildProgress,
+from edge_agent.engines.tensorrt.build import ensure_plan, fixed_input_shape, numpy_dtype_name
+from edge_agent.engines.tensorrt.cache import DeviceIdentity, EngineCache, EngineKey, new_metadata
+from edge_agent.engines.tensorrt.progress import BuildProgress, Heartbeat
+from edge_agent.engines.tensorrt.recipe import (
     BuildRecipe,
-    Heartbeat,
     ParserIssue,
     RecipeError,
     TensorRTBuildError,
@@ -37,11 +38,7 @@ from edge_agent.engines.tensorrt.build import (
     choose_recipe,
     describe_parser_errors,
     detect_features,
-    ensure_plan,
-    fixed_input_shape,
-    numpy_dtype_name,
 )
-from edge_agent.engines.tensorrt.cache import DeviceIdentity, EngineCache, EngineKey, new_metadata
 
 TRT10 = TrtFeatures(
     "10.3.0.30", fp16_flag=True, int8_flag=True, strongly_typed_flag=True, calibrators=True, progress_monitor=True
@@ -174,7 +171,7 @@ def test_parser_errors_name_the_nodes() -> None:
 
 def test_progress_logs_top_level_phases_and_cancels(caplog: pytest.LogCaptureFixture) -> None:
     progress = BuildProgress(log_every_s=0.0)
-    with caplog.at_level(logging.INFO, logger="edge_agent.engines.tensorrt.build"):
+    with caplog.at_level(logging.INFO, logger="edge_agent.engines.tensorrt.progress"):
         progress.phase_start("Building engine", None, 3)
         progress.phase_start("Tactic search", "Building engine", 100)
         assert progress.step("Tactic search", 10) is True
@@ -193,7 +190,10 @@ def test_progress_logs_top_level_phases_and_cancels(caplog: pytest.LogCaptureFix
 
 def test_heartbeat_reports_elapsed_time(caplog: pytest.LogCaptureFixture) -> None:
     progress = BuildProgress()
-    with caplog.at_level(logging.INFO, logger="edge_agent.engines.tensorrt.build"), Heartbeat(progress, "m.onnx", 0.05):
+    with (
+        caplog.at_level(logging.INFO, logger="edge_agent.engines.tensorrt.progress"),
+        Heartbeat(progress, "m.onnx", 0.05),
+    ):
         time.sleep(0.3)
     beats = [r for r in caplog.records if getattr(r, "event", "") == "trt_build_heartbeat"]
     assert len(beats) >= 2

@@ -35,18 +35,16 @@ from edge_agent.cli import build_engine
 from edge_agent.config import ModelConfig
 from edge_agent.engines import EngineUnavailable, GpuUnreachable, TensorRTTooOld
 from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
-from edge_agent.engines.tensorrt.build import (
-    BuildProgress,
-    Heartbeat,
+from edge_agent.engines.tensorrt.build import build_serialized, ensure_plan
+from edge_agent.engines.tensorrt.cache import DeviceIdentity, EngineCache
+from edge_agent.engines.tensorrt.progress import BuildProgress, Heartbeat
+from edge_agent.engines.tensorrt.recipe import (
     OnnxParseError,
     RecipeError,
     TensorRTBuildError,
-    build_serialized,
     choose_recipe,
     detect_features,
-    ensure_plan,
 )
-from edge_agent.engines.tensorrt.cache import DeviceIdentity, EngineCache
 
 SUPPORTED = ("10.3", "10.x-latest", "11.x")
 

@@ -117,13 +117,10 @@ def _stop_on_signals(cancel: threading.Event) -> Iterator[None]:
 def build(bundle: Bundle, model: ModelConfig, args: argparse.Namespace, cancel: threading.Event) -> int:
     """Find or build the plan; 0 when it is ready."""
     from edge_agent.engines import EngineUnavailable, GpuUnreachable, TensorRTTooOld
-    from edge_agent.engines.tensorrt.build import (
-        BuildCancelled,
-        BuildProgress,
-        TensorRTBuildError,
-        ensure_plan,
-    )
+    from edge_agent.engines.tensorrt.build import ensure_plan
     from edge_agent.engines.tensorrt.cuda_buffers import open_cuda
+    from edge_agent.engines.tensorrt.progress import BuildProgress
+    from edge_agent.engines.tensorrt.recipe import BuildCancelled, TensorRTBuildError
     from edge_agent.engines.tensorrt.runtime import engine_cache_for, import_tensorrt
 
     if getattr(args, "calibration_data", None) is not None:

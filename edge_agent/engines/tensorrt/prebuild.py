@@ -43,8 +43,9 @@ def prebuild_plan(bundle: Bundle, config: ModelConfig) -> Prebuilt | None:
     reason = tensorrt_missing_reason()
     if reason is not None:
         return _not_here(config, reason)
-    from edge_agent.engines.tensorrt.build import TensorRTBuildError, ensure_plan
+    from edge_agent.engines.tensorrt.build import ensure_plan
     from edge_agent.engines.tensorrt.cuda_buffers import open_cuda
+    from edge_agent.engines.tensorrt.recipe import TensorRTBuildError
     from edge_agent.engines.tensorrt.runtime import engine_cache_for, import_tensorrt
 
     try:

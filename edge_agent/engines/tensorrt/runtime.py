@@ -41,17 +41,11 @@ from edge_agent.engines.base import (
     split_outputs,
 )
 from edge_agent.engines.errors import EngineUnavailable, TensorRTTooOld
-from edge_agent.engines.tensorrt.build import (
-    TensorRTBuildError,
-    TensorRTVersionError,
-    ensure_plan,
-    fixed_input_shape,
-    make_trt_logger,
-    numpy_dtype_name,
-    require_supported,
-)
+from edge_agent.engines.tensorrt.build import ensure_plan, fixed_input_shape, numpy_dtype_name
 from edge_agent.engines.tensorrt.cache import EngineCache
 from edge_agent.engines.tensorrt.cuda_buffers import CudaApi, open_cuda
+from edge_agent.engines.tensorrt.progress import make_trt_logger
+from edge_agent.engines.tensorrt.recipe import TensorRTBuildError, TensorRTVersionError, require_supported
 
 log = logging.getLogger(__name__)
 
