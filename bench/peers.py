@@ -591,13 +591,9 @@ def lite0_timm(image_size: int) -> Any:
     """
     import timm
 
-    from training.backbones import (
-        _freeze_same_padding,
-        default_weights_path,
-        load_state_dict_file,
-        map_state_dict_in_order,
-    )
+    from training.backbones import _freeze_same_padding
     from training.catalog import backbone_info
+    from training.weights import default_weights_path, load_state_dict_file, map_state_dict_in_order
 
     info = backbone_info(BACKBONE)
     model = timm.create_model(info.timm_name, pretrained=False)

@@ -16,14 +16,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("FrEIA")
 
-from training.backbones import (  # noqa: E402
-    WeightsError,
-    cait_extractor,
-    create_backbone,
-    timm_state_dict,
-)
+from training.backbones import cait_extractor, create_backbone  # noqa: E402
 from training.catalog import CaitBranch  # noqa: E402
 from training.model import UFlow, UFlowConfig, nll_loss  # noqa: E402
+from training.weights import WeightsError, timm_state_dict  # noqa: E402
 
 
 def test_resnet18_stages_at_strides_4_8_16_frozen_and_reproducible() -> None:

@@ -202,8 +202,9 @@ pytest.importorskip("FrEIA")
 def test_backbone_loads_imagenet_weights_in_order() -> None:
     import timm
 
-    from training.backbones import create_backbone, default_weights_path
+    from training.backbones import create_backbone
     from training.catalog import backbone_info
+    from training.weights import default_weights_path
 
     backbone = create_backbone("efficientnet_lite0", (4, 8, 16))
     assert backbone.channels == (24, 40, 112) and backbone.strides == (4, 8, 16)
@@ -230,7 +231,8 @@ def test_backbone_loads_imagenet_weights_in_order() -> None:
 
 
 def test_weight_mapping_refuses_mismatches(tmp_path: Path) -> None:
-    from training.backbones import WeightsError, create_backbone, map_state_dict_in_order
+    from training.backbones import create_backbone
+    from training.weights import WeightsError, map_state_dict_in_order
 
     target = OrderedDict(a=torch.zeros(2, 3), b=torch.zeros(4))
     with pytest.raises(WeightsError, match="has 1 tensors, the model expects 2"):
@@ -241,8 +243,8 @@ def test_weight_mapping_refuses_mismatches(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="not found at"):
         create_backbone("efficientnet_lite0", weights=tmp_path / "missing.pth")
     lite1 = tmp_path / "lite1.pth"
-    from training.backbones import default_weights_path
     from training.catalog import backbone_info
+    from training.weights import default_weights_path
 
     lite1.write_bytes(default_weights_path(backbone_info("efficientnet_lite1")).read_bytes())
     with pytest.raises(WeightsError, match="has 386 tensors, the model expects 296"):

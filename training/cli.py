@@ -263,12 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from edge_agent.bundle import BundleError
-    from training.backbones import WeightsError
     from training.data import DatasetError
     from training.evaluate import EvaluationError
     from training.export import ExportError
     from training.rundir import RunDirError
     from training.train import TrainingError
+    from training.weights import WeightsError
 
     return (
         DatasetError,

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import numpy as np
+import torch
 from torch import nn
+
+from training.catalog import NORM_KINDS
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,47 @@ def build_uflow_graph(
         graph = Ff.GraphINN([*in_nodes, *nodes, *ordered_outputs], force_tuple_output=True)
     shapes = tuple(LatentShape(*(int(d) for d in node.input_dims[0])) for node in ordered_outputs)
     return graph, shapes
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels at every position (affine per channel; independent of the map size)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def create_scale_norm(kind: str, channels: int, height: int, width: int) -> nn.Module:
+    """The trainable normalisation of one scale's features.
+
+    ``chw``: LayerNorm over (C, H, W) with an elementwise affine, as in the U-Flow reference (the
+    affine is per position, so it is tied to the input size). ``channel``: LayerNorm over C at each
+    position. ``none``: identity.
+    """
+    if kind == "chw":
+        return nn.LayerNorm([channels, height, width])
+    if kind == "channel":
+        return ChannelLayerNorm(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown feature norm {kind!r}; choose one of {', '.join(NORM_KINDS)}")
+
+
+def norm_log_jac_det(norm: nn.Module, height: int, width: int) -> torch.Tensor:
+    """log|det| of a scale norm's trainable elementwise affine (the same for every sample).
+
+    The standardisation part of a LayerNorm has no parameters and is treated as fixed preprocessing;
+    its affine is an invertible map that the training objective must account for. Left out, the
+    loss falls without bound by shrinking the affine's weights: the flow then models features that
+    are almost constant, and its latents on defects stay too small for the NFA (measured on the
+    magnetic tile at 8/16, 60 epochs: weights 1 -> 0.06-0.09, val NLL -3.2 nats/dim, defect
+    latents below 1, nothing detected).
+    """
+    if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+        return norm.weight.abs().log().sum()
+    if isinstance(norm, ChannelLayerNorm) and norm.norm.weight is not None:
+        return norm.norm.weight.abs().log().sum() * (height * width)
+    return torch.zeros(())

@@ -19,15 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.backbones import (
-    CaitFeatureExtractor,
-    FeatureExtractor,
-    create_backbone,
-    create_scale_norm,
-    norm_log_jac_det,
-)
+from training.backbones import CaitFeatureExtractor, FeatureExtractor, create_backbone
 from training.catalog import DEFAULT_BACKBONE, DEFAULT_RECIPE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
-from training.flow import LatentShape, build_uflow_graph
+from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
 
 
 @dataclass(frozen=True)
