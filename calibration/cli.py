@@ -1,7 +1,7 @@
-"""``uflow calibrate ...``: precision calibration commands.
+"""``uflow calibrate KIND``: precision calibration and the NFA check, as one ``uflow`` command module.
 
-``training.cli`` calls :func:`register` with its subparsers. Each calibration is a module exposing
-``add_arguments(parser)`` and ``run(args) -> int``; add one by adding a line to ``CALIBRATIONS``.
+Each calibration is a module exposing ``add_arguments(parser)`` and ``run(args) -> int`` (the pattern of
+edge_agent/cli/common.py, one level down); add one by adding a line to ``CALIBRATIONS``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ CALIBRATIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``calibrate`` command group to the ``uflow`` parser."""
-    group = subparsers.add_parser(
-        "calibrate", help="make reduced-precision models of a bundle", description="Precision calibration of a bundle."
-    )
-    kinds = group.add_subparsers(dest="calibration", metavar="KIND", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``KIND`` subcommands and their arguments."""
+    parser.description = "Precision calibration of a bundle, and the check of the NFA's false-alarm promise."
+    kinds = parser.add_subparsers(dest="calibration", metavar="KIND", required=True)
     for name, (module_name, help_text) in CALIBRATIONS.items():
-        module = importlib.import_module(module_name)
-        parser = kinds.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(parser)
-        parser.set_defaults(func=module.run)
+        child = kinds.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(child)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen calibration."""
+    return int(importlib.import_module(CALIBRATIONS[args.calibration][0]).run(args) or 0)

@@ -7,14 +7,13 @@ only the chosen one is imported, so start-up stays fast and light.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
-from edge_agent.cli.common import EXIT_CONFIG
+from edge_agent.cli.common import EXIT_CONFIG, CommandTable, build_command_parser, parse_command
 
 # name -> (module, one-line help). Add a command by adding a line.
-COMMANDS: dict[str, tuple[str, str]] = {
+COMMANDS: CommandTable = {
     "run": ("edge_agent.cli.run", "run the agent: camera -> model -> NFA -> MQTT, until stopped"),
     "segment": ("edge_agent.cli.segment", "score and segment image files offline (JSON, maps, overlays)"),
     "demo": (
@@ -40,25 +39,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = "U-Flow edge inspection agent"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; with ``command``, that subcommand's arguments are filled in."""
-    parser = argparse.ArgumentParser(prog="edge-agent", description="U-Flow edge inspection agent")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
-        if name == command:
-            importlib.import_module(module_name).add_arguments(child)
-    return parser
+    return build_command_parser("edge-agent", DESCRIPTION, COMMANDS, command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edge-agent`` console script."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in args_list if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(args_list)
-    if args.command is None:
-        parser.print_help()
+    parsed = parse_command("edge-agent", DESCRIPTION, COMMANDS, sys.argv[1:] if argv is None else argv)
+    if parsed is None:
         return EXIT_CONFIG
-    module = importlib.import_module(COMMANDS[args.command][0])
+    args, module = parsed
     return int(module.run(args) or 0)

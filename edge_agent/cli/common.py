@@ -1,7 +1,10 @@
-"""What the ``edge-agent`` commands share: exit statuses, ``--set KEY=VALUE`` overrides, signal handling.
+"""What the commands share: one command-line pattern, exit statuses, ``--set KEY=VALUE`` overrides, signals.
 
-Each command module (registered in edge_agent/cli/__init__.py) imports these from here, never from another
-command, so no command depends on another one (docs/design.md section 8).
+The pattern, for ``edge-agent`` (edge_agent/cli/__init__.py) and ``uflow`` (training/cli.py) alike: a table
+``name -> (module, one-line help)``; each module exposes ``add_arguments(parser)`` and
+``run(args) -> int``; ``parse_command`` imports only the chosen module, so ``--help`` and start-up stay
+light. Command modules import shared things from here, never from another command, so no command depends
+on another one (docs/design.md section 8).
 
 Exit statuses, one spelling for every command of ``edge-agent`` and ``uflow`` (systemd units and
 scripts test them):
@@ -17,11 +20,14 @@ scripts test them):
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 from edge_agent.config import ConfigError
@@ -34,7 +40,10 @@ __all__ = [
     "EXIT_OK",
     "EXIT_STOPPED",
     "EXIT_UNAVAILABLE",
+    "CommandTable",
+    "build_command_parser",
     "install_signal_handlers",
+    "parse_command",
     "parse_overrides",
 ]
 
@@ -47,6 +56,36 @@ EXIT_UNAVAILABLE = 3
 EXIT_NO_GPU = 4
 EXIT_LOCKED = 75
 EXIT_STOPPED = 130
+
+CommandTable = dict[str, tuple[str, str]]  # name -> (module, one-line help)
+
+
+def build_command_parser(
+    prog: str, description: str, commands: CommandTable, chosen: str | None = None
+) -> argparse.ArgumentParser:
+    """The top-level parser; the ``chosen`` command's module is imported and its arguments filled in."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in commands.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(child)
+    return parser
+
+
+def parse_command(
+    prog: str, description: str, commands: CommandTable, argv: Sequence[str]
+) -> tuple[argparse.Namespace, ModuleType] | None:
+    """Parse ``argv`` for one of ``commands``: the arguments and the command's module, or None (help printed)
+    when no command was named. Bad arguments exit with argparse's status 2 (EXIT_CONFIG)."""
+    args_list = list(argv)
+    chosen = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_command_parser(prog, description, commands, chosen if chosen in commands else None)
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return None
+    return args, importlib.import_module(commands[args.command][0])
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

