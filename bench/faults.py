@@ -44,10 +44,12 @@ def outage(workdir: Path, args: argparse.Namespace, cache: Path) -> list[str]:
     r = broker_outage(workdir, frames=args.frames, outage_s=args.outage_s, numba_cache=cache)
     d = r.delivery
     ok = d.sequences == list(range(args.frames)) and r.exit_code == 0 and r.spool_left == 0
-    return [f"broker SIGKILLed {r.outage_s:.0f} s at message {r.killed_after_messages}",
-            f"{args.frames} frames, {d.received} received, {len(d.unique)} unique, {d.duplicates} duplicates, "
-            f"in order: {d.sequences == sorted(d.sequences)}, agent connects {r.connects}, spool left {r.spool_left}",
-            "PASS" if ok else "FAIL"]  # fmt: skip
+    return [
+        f"broker SIGKILLed {r.outage_s:.0f} s at message {r.killed_after_messages}",
+        f"{args.frames} frames, {d.received} received, {len(d.unique)} unique, {d.duplicates} duplicates, "
+        f"in order: {d.sequences == sorted(d.sequences)}, agent connects {r.connects}, spool left {r.spool_left}",
+        "PASS" if ok else "FAIL",
+    ]
 
 
 def kill(workdir: Path, args: argparse.Namespace, cache: Path) -> list[str]:
@@ -56,33 +58,44 @@ def kill(workdir: Path, args: argparse.Namespace, cache: Path) -> list[str]:
     delivered = [m for m in r.spooled_at_kill if m["message_id"] in ids and ids[m["message_id"]]["replayed"]]
     gap_free = [m["sequence"] for m in r.spooled_at_kill] == list(range(len(r.spooled_at_kill)))
     ok = len(delivered) == len(r.spooled_at_kill) > 0 and gap_free and r.second_run_exit == 0
-    return ["agent SIGKILLed with the broker down, restarted with it up",
-            f"{len(r.spooled_at_kill)} messages in the spool at the kill (gap-free from 0: {gap_free}), "
-            f"{len(delivered)} delivered after restart with replayed=true; second run exit {r.second_run_exit}",
-            "PASS" if ok else "FAIL"]  # fmt: skip
+    return [
+        "agent SIGKILLed with the broker down, restarted with it up",
+        f"{len(r.spooled_at_kill)} messages in the spool at the kill (gap-free from 0: {gap_free}), "
+        f"{len(delivered)} delivered after restart with replayed=true; second run exit {r.second_run_exit}",
+        "PASS" if ok else "FAIL",
+    ]
 
 
 def camera(workdir: Path, args: argparse.Namespace, cache: Path) -> list[str]:
     r = camera_faults(workdir, numba_cache=cache)
     seqs = r.sequences_before + r.sequences_after
     ok = r.states[-1] == "open" and "stalled" in r.lost_reasons and seqs == sorted(set(seqs))
-    return ["MJPEG camera killed 3 s then restarted; later paused (up, silent)",
-            f"stats states {' > '.join(r.states)}; lost reasons {r.lost_reasons}; reconnects {r.reconnects}; "
-            f"inspection back {r.recovery_s:.1f} s after the camera; /healthz while down: {r.health_while_down.get('status')}",
-            "PASS" if ok else "FAIL"]  # fmt: skip
+    return [
+        "MJPEG camera killed 3 s then restarted; later paused (up, silent)",
+        f"stats states {' > '.join(r.states)}; lost reasons {r.lost_reasons}; reconnects {r.reconnects}; "
+        f"inspection back {r.recovery_s:.1f} s after the camera; /healthz while down: {r.health_while_down.get('status')}",
+        "PASS" if ok else "FAIL",
+    ]
 
 
 def commands(workdir: Path, args: argparse.Namespace, cache: Path) -> list[str]:
     bundle, folder = contract_setup(workdir, 50)
     with LocalMosquitto(workdir / "commands-broker") as broker:
         subscriber = Subscriber(broker, "uflow/cam1/#")
-        values = agent_config(workdir / "commands-state", bundle, str(folder), broker.port,
-                              source={"loop": True, "fps_limit": 25.0})  # fmt: skip
+        values = agent_config(
+            workdir / "commands-state", bundle, str(folder), broker.port, source={"loop": True, "fps_limit": 25.0}
+        )
         agent = AgentProcess(write_toml(workdir / "commands.toml", values), workdir / "commands-agent.log", cache)
         try:
             subscriber.wait_for(lambda ms: len(ms) > 5, timeout=120)
-            bad = [("threshold", b"{oops"), ("threshold", b"[]"), ("threshold", json.dumps({"log10_epsilon": "x"})),
-                   ("nope", b"{}"), ("reload", b"x" * (MAX_COMMAND_BYTES + 1)), ("snapshot", b"\xff\xfe")]  # fmt: skip
+            bad = [
+                ("threshold", b"{oops"),
+                ("threshold", b"[]"),
+                ("threshold", json.dumps({"log10_epsilon": "x"})),
+                ("nope", b"{}"),
+                ("reload", b"x" * (MAX_COMMAND_BYTES + 1)),
+                ("snapshot", b"\xff\xfe"),
+            ]
             before = len(subscriber.on("/inspection"))
             for name, payload in bad:
                 send_command(broker, name, payload)
@@ -96,9 +109,11 @@ def commands(workdir: Path, args: argparse.Namespace, cache: Path) -> list[str]:
             agent.kill()
             subscriber.close()
     ok = len(replies) == len(bad) and not any(r["ok"] for r in replies) and alive and after > before
-    return [f"{len(bad)} bad commands (not JSON, not an object, bad field, unknown, {MAX_COMMAND_BYTES + 1} bytes, binary)",
-            f"{len(replies)} error replies; agent alive: {alive}; inspections during the 2 s after: {after - before}",
-            "PASS" if ok else "FAIL"]  # fmt: skip
+    return [
+        f"{len(bad)} bad commands (not JSON, not an object, bad field, unknown, {MAX_COMMAND_BYTES + 1} bytes, binary)",
+        f"{len(replies)} error replies; agent alive: {alive}; inspections during the 2 s after: {after - before}",
+        "PASS" if ok else "FAIL",
+    ]
 
 
 SCENARIOS = {"outage": outage, "kill": kill, "camera": camera, "commands": commands}

@@ -237,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with cuda.current():  # type: ignore[attr-defined]
                 result = ensure_plan(
-                    trt, bundle, precision, cuda.identity, EngineCache(engines),  # type: ignore[attr-defined]
-                    workspace_mb=args.workspace_mb, force=True,
-                )  # fmt: skip
+                    trt,
+                    bundle,
+                    precision,
+                    cuda.identity,
+                    EngineCache(engines),  # type: ignore[attr-defined]
+                    workspace_mb=args.workspace_mb,
+                    force=True,
+                )
         except Exception as exc:  # report every failure in the table and go on with the next precision
             row.note = f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             continue
@@ -252,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             row.max_diff_same = max(
                 float(np.abs(o.anomaly_map - r.anomaly_map).max()) for o, r in zip(outs, ort[precision], strict=True)
             )
-            row.max_diff_fp32 = max(float(np.abs(o.anomaly_map - r.anomaly_map).max()) for o, r in zip(outs, ort["fp32"], strict=True))  # fmt: skip
+            row.max_diff_fp32 = max(
+                float(np.abs(o.anomaly_map - r.anomaly_map).max()) for o, r in zip(outs, ort["fp32"], strict=True)
+            )
             ious, agree = [], 0
             for o, r in zip(outs, ort[precision], strict=True):
                 mine, decided = nfa_mask(scorer, o, size)
@@ -286,17 +293,42 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(rows: list[Row], bundle: object, labels: list[str], largest_m: float, seconds: float) -> None:
     manifest = bundle.manifest  # type: ignore[attr-defined]
-    print(f"\nbundle {manifest.name} {manifest.version} ({manifest.backbone}, {manifest.input.width}x{manifest.input.height}); "
-          f"{len(labels)} frames: {', '.join(sorted(set(labels)))}")  # fmt: skip
-    print(f"largest m_s under ONNX Runtime FP32: {largest_m:.1f} ({'|z| > 256 reached' if largest_m > FP16_MAX else 'below the FP16 overflow'})")  # fmt: skip
-    header = ("precision", "recipe", "build s", "max|d| same", "max|d| fp32", "non-finite", "NFA IoU min",
-              "decisions", "engine fps", "agent fps", "note")  # fmt: skip
+    print(
+        f"\nbundle {manifest.name} {manifest.version} ({manifest.backbone}, {manifest.input.width}x{manifest.input.height}); "
+        f"{len(labels)} frames: {', '.join(sorted(set(labels)))}"
+    )
+    print(
+        f"largest m_s under ONNX Runtime FP32: {largest_m:.1f} ({'|z| > 256 reached' if largest_m > FP16_MAX else 'below the FP16 overflow'})"
+    )
+    header = (
+        "precision",
+        "recipe",
+        "build s",
+        "max|d| same",
+        "max|d| fp32",
+        "non-finite",
+        "NFA IoU min",
+        "decisions",
+        "engine fps",
+        "agent fps",
+        "note",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        cells = (r.precision, r.recipe, f"{r.build_s:.1f}", f"{r.max_diff_same:.2e}", f"{r.max_diff_fp32:.2e}",
-                 str(r.nonfinite), f"{r.mask_iou_min:.3f}", r.decisions_agree, f"{r.engine_fps:.1f}",
-                 f"{r.agent_fps:.1f}", r.note)  # fmt: skip
+        cells = (
+            r.precision,
+            r.recipe,
+            f"{r.build_s:.1f}",
+            f"{r.max_diff_same:.2e}",
+            f"{r.max_diff_fp32:.2e}",
+            str(r.nonfinite),
+            f"{r.mask_iou_min:.3f}",
+            r.decisions_agree,
+            f"{r.engine_fps:.1f}",
+            f"{r.agent_fps:.1f}",
+            r.note,
+        )
         print("| " + " | ".join(cells) + " |")
     print(f"\ntotal {seconds:.0f} s")
 

@@ -71,8 +71,25 @@ def ensure_bundle(path: Path | None, epochs: int) -> Path:
     write_synthetic_dataset(work / "data", train_good=60, test_good=0, defects_per_kind=0, height=256, width=256)
     uflow = [sys.executable, "-m", "training.cli"]
     nice = ["nice", "-n", "10"]
-    subprocess.run([*nice, *uflow, "train", "--data", str(work / "data"), "--out", str(work / "run"),
-                    "--image-size", "256", "--epochs", str(epochs), "--threads", "2", "--quiet"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            *nice,
+            *uflow,
+            "train",
+            "--data",
+            str(work / "data"),
+            "--out",
+            str(work / "run"),
+            "--image-size",
+            "256",
+            "--epochs",
+            str(epochs),
+            "--threads",
+            "2",
+            "--quiet",
+        ],
+        check=True,
+    )
     subprocess.run([*nice, *uflow, "export", "--run", str(work / "run"), "--out", str(DEFAULT_BUNDLE)], check=True)
     return DEFAULT_BUNDLE
 
@@ -255,8 +272,18 @@ def main() -> int:
                         duration_s=duration,
                     )
                     p50, p99 = np.percentile(run.latencies_ms, [50, 99])
-                    rows.append((f"agent, live x{factor:g} ({live_fps:.0f} fps)", run.frames, run.fps,
-                                 os.getloadavg()[0], p50, p99, run.dropped, repeat))  # fmt: skip
+                    rows.append(
+                        (
+                            f"agent, live x{factor:g} ({live_fps:.0f} fps)",
+                            run.frames,
+                            run.fps,
+                            os.getloadavg()[0],
+                            p50,
+                            p99,
+                            run.dropped,
+                            repeat,
+                        )
+                    )
         engine.close()
     _print(bundle_dir, bundle, args, rows)
     return 0
@@ -270,8 +297,10 @@ def _memory(settings: AgentSettings) -> Outbox:
 
 def _print(bundle_dir: Path, bundle, args: argparse.Namespace, rows: list) -> None:  # type: ignore[no-untyped-def]
     spec = bundle.manifest.input
-    print(f"\nbundle {bundle_dir} ({bundle.manifest.name} {bundle.manifest.version}, {bundle.manifest.backbone}, "
-          f"{spec.width}x{spec.height}, scales {[(s.height, s.width) for s in bundle.manifest.scales]})")  # fmt: skip
+    print(
+        f"\nbundle {bundle_dir} ({bundle.manifest.name} {bundle.manifest.version}, {bundle.manifest.backbone}, "
+        f"{spec.width}x{spec.height}, scales {[(s.height, s.width) for s in bundle.manifest.scales]})"
+    )
     print(f"CPU cores {os.cpu_count()}, ONNX Runtime threads {args.threads or 'all'}, {args.frames} frames per row")
     header = f"| {'run':>3} | {'mode':<30} | {'frames':>6} | {'fps':>7} | {'% of engine':>11} | {'p50 ms':>7} | {'p99 ms':>7} | {'dropped':>7} | {'load':>5} |"
     print(header)

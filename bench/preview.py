@@ -82,8 +82,9 @@ class PageClient:
     def _run(self) -> None:
         process = subprocess.Popen(
             [sys.executable, "-c", CLIENT_SCRIPT, self.url, str(self.interval_s)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         reader = threading.Thread(target=self._read, args=(process,), daemon=True)
         reader.start()
         self.stop.wait()
@@ -204,25 +205,33 @@ def main() -> int:
 
 
 def _print(bundle_dir: Path, args: argparse.Namespace, rows: list, modes: list[str]) -> None:  # type: ignore[type-arg]
-    print(f"\nbundle {bundle_dir}; {args.frames} frames per row; {os.cpu_count()} CPUs; preview_max_fps "
-          f"{args.max_fps:g}; 'open' client: {'headless Chromium' if args.browser else 'HTTP, page rate'}")  # fmt: skip
-    print("| repeat | preview | fps | vs closed | process CPU ms/frame | preview CPU ms/s | preview share of CPU "
-          "| frames shown | load |")  # fmt: skip
+    print(
+        f"\nbundle {bundle_dir}; {args.frames} frames per row; {os.cpu_count()} CPUs; preview_max_fps "
+        f"{args.max_fps:g}; 'open' client: {'headless Chromium' if args.browser else 'HTTP, page rate'}"
+    )
+    print(
+        "| repeat | preview | fps | vs closed | process CPU ms/frame | preview CPU ms/s | preview share of CPU "
+        "| frames shown | load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     closed = {r: m.run.fps for r, mode, m in rows if mode == "closed"}
     for repeat, mode, m in sorted(rows, key=lambda row: (row[0], modes.index(row[1]))):
         diff = 100.0 * (m.run.fps - closed[repeat]) / closed[repeat]
         cpu_per_frame = 1000.0 * m.process_cpu_s / max(1, m.run.frames)
         preview_rate = 1000.0 * m.preview_cpu_s / m.run.seconds if m.run.seconds > 0 else 0.0
-        print(f"| {repeat + 1} | {mode} | {m.run.fps:.2f} | {diff:+.1f} % | {cpu_per_frame:.1f} | "
-              f"{preview_rate:.1f} | {m.preview_share:.2f} % | {m.seen if mode != 'closed' else '-'} | "
-              f"{m.load:.1f} |")  # fmt: skip
+        print(
+            f"| {repeat + 1} | {mode} | {m.run.fps:.2f} | {diff:+.1f} % | {cpu_per_frame:.1f} | "
+            f"{preview_rate:.1f} | {m.preview_share:.2f} % | {m.seen if mode != 'closed' else '-'} | "
+            f"{m.load:.1f} |"
+        )
     for mode in modes[1:]:
         chosen = [(r, m) for r, name, m in rows if name == mode]
         diffs = [100.0 * (m.run.fps - closed[r]) / closed[r] for r, m in chosen]
         shares = [m.preview_share for _, m in chosen]
-        print(f"{mode}: fps difference mean {sum(diffs) / len(diffs):+.1f} % (min {min(diffs):+.1f}, max "
-              f"{max(diffs):+.1f}); the page's own CPU {sum(shares) / len(shares):.2f} % of the agent's")  # fmt: skip
+        print(
+            f"{mode}: fps difference mean {sum(diffs) / len(diffs):+.1f} % (min {min(diffs):+.1f}, max "
+            f"{max(diffs):+.1f}); the page's own CPU {sum(shares) / len(shares):.2f} % of the agent's"
+        )
 
 
 if __name__ == "__main__":

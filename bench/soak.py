@@ -36,10 +36,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=60.0, help="stop earlier if the frames take longer")
     parser.add_argument("--outage-s", type=float, default=30.0, help="broker SIGKILLed this long at half way; 0 = none")
     parser.add_argument(
-        "--outage-signal", choices=("term", "kill"), default="term",
+        "--outage-signal",
+        choices=("term", "kill"),
+        default="term",
         help="how the broker goes away: term (it saves its persistence file) or kill (SIGKILL: mosquitto loses "
         "what it acknowledged since its last autosave, up to 1 s here; the agent cannot see that)",
-    )  # fmt: skip
+    )
     parser.add_argument("--every", type=float, default=30.0, help="seconds between progress lines")
     parser.add_argument("--workdir", type=Path, default=None)
     return parser.parse_args()
@@ -78,9 +80,14 @@ def main() -> int:
     subscriber = relay_subscriber(broker)
     http_port = free_port()
     values = agent_config(
-        workdir / "state", bundle, str(frames), broker.port, http_port,
-        source={"loop": True}, mqtt={"stats_interval_s": 10.0, "drain_timeout_s": 60, "reconnect_max_s": 2},
-    )  # fmt: skip
+        workdir / "state",
+        bundle,
+        str(frames),
+        broker.port,
+        http_port,
+        source={"loop": True},
+        mqtt={"stats_interval_s": 10.0, "drain_timeout_s": 60, "reconnect_max_s": 2},
+    )
     config = write_toml(workdir / "agent.toml", values)
     agent = AgentProcess(config, workdir / "agent.log", REPO / ".numba-cache")
     print(f"workdir {workdir}; agent pid {agent.process.pid}; {os.cpu_count()} CPUs", flush=True)
@@ -120,9 +127,12 @@ def main() -> int:
             if now - last_print >= args.every or inspected >= args.frames:
                 fps = (inspected - last_frames) / (now - last_time)
                 last_frames, last_time, last_print = inspected, now, now
-                print(f"| {(now - started) / 60:5.1f} | {inspected:8d} | {fps:6.1f} | {rss:8.1f} | "
-                      f"{int(metrics.get('edge_agent_spool_depth', -1)):6d} | {len(subscriber.messages):8d} | "
-                      f"{os.getloadavg()[0]:5.1f} | {note}", flush=True)  # fmt: skip
+                print(
+                    f"| {(now - started) / 60:5.1f} | {inspected:8d} | {fps:6.1f} | {rss:8.1f} | "
+                    f"{int(metrics.get('edge_agent_spool_depth', -1)):6d} | {len(subscriber.messages):8d} | "
+                    f"{os.getloadavg()[0]:5.1f} | {note}",
+                    flush=True,
+                )
                 note = ""
             if inspected >= args.frames or now - started > args.max_minutes * 60:
                 break
@@ -149,8 +159,10 @@ def main() -> int:
     print("| RSS at 5 % (MiB) | RSS at end (MiB) | peak (MiB) | end - start | frames published | unique received |")
     print("|---|---|---|---|---|---|")
     print(f"| {warm:.1f} | {end:.1f} | {peak:.1f} | {end - warm:+.1f} | {inspected} | {unique} |")
-    print(f"\nmessages received {len(received)} (duplicates {len(received) - unique}); outage at frame "
-          f"{killed_at_frame} ({args.outage_signal})")  # fmt: skip
+    print(
+        f"\nmessages received {len(received)} (duplicates {len(received) - unique}); outage at frame "
+        f"{killed_at_frame} ({args.outage_signal})"
+    )
     for line in broker_drops[:3]:
         print(f"mosquitto: {line}")
     if missing:

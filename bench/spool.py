@@ -112,8 +112,10 @@ def main() -> int:
     for synchronous in ("normal", "full"):
         for broker_up in (True, False):
             r = run(directory / "spool.sqlite", synchronous, broker_up, args.messages, args.rate)
-            print(f"| {synchronous} | {'up' if broker_up else 'down'} | {r['p50']:.1f} | {r['p99']:.1f} | "
-                  f"{r['max']:.0f} | {r['rate']:.0f} | {r['rows']} | {r['commits']} | {r['flush']:.2f} |")  # fmt: skip
+            print(
+                f"| {synchronous} | {'up' if broker_up else 'down'} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                f"{r['max']:.0f} | {r['rate']:.0f} | {r['rows']} | {r['commits']} | {r['flush']:.2f} |"
+            )
     return 0
 
 

@@ -269,6 +269,11 @@ class AgentSettings(FileAndEnvSettings):
     http: HttpConfig = Field(default_factory=HttpConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
 
+    @property
+    def bundle_dir(self) -> Path:
+        """The bundle the agent loads: ``model.bundle``, by default <state_dir>/models/current."""
+        return self.model.bundle or self.state_dir / "models" / "current"
+
     @model_validator(mode="after")
     def _fill_state_paths(self) -> AgentSettings:
         if self.model.bundle is None:

@@ -60,10 +60,16 @@ def agent_config(
         "log_format": "json",
         "model": {"bundle": str(bundle), "backend": "onnxruntime", "threads": 1},
         "source": {"uri": source_uri},
-        "mqtt": {"port": broker_port, "reconnect_initial_s": 1, "reconnect_max_s": 1, "stats_interval_s": 1.0,
-                 "message_expiry_s": 300, "drain_timeout_s": 10},
+        "mqtt": {
+            "port": broker_port,
+            "reconnect_initial_s": 1,
+            "reconnect_max_s": 1,
+            "stats_interval_s": 1.0,
+            "message_expiry_s": 300,
+            "drain_timeout_s": 10,
+        },
         "http": {"enabled": http_port is not None, "port": http_port or 0},
-    }  # fmt: skip
+    }
     for name, section in sections.items():
         if isinstance(section, dict):
             values.setdefault(name, {}).update(section)
@@ -134,8 +140,11 @@ class AgentProcess:
         with log.open("a") as stream:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
-                stdout=stream, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-            )  # fmt: skip
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+            )
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """Log lines (JSON) of this and earlier runs logging to the same file; only ``name`` events if given."""

@@ -102,16 +102,26 @@ class OutageReport:
 
 
 def broker_outage(
-    workdir: Path, frames: int = 500, fps: float = 25.0, kill_after_s: float = 3.0, outage_s: float = 20.0,
+    workdir: Path,
+    frames: int = 500,
+    fps: float = 25.0,
+    kill_after_s: float = 3.0,
+    outage_s: float = 20.0,
     numba_cache: Path | None = None,
-) -> OutageReport:  # fmt: skip
+) -> OutageReport:
     """``frames`` frames at ``fps`` through the agent; mosquitto SIGKILLed ``kill_after_s`` in, back ``outage_s`` later."""
     bundle, folder = contract_setup(workdir, frames)
     state = workdir / "outage-state"
     broker = LocalMosquitto(workdir / "outage-broker", persistence=True).start()
     subscriber = relay_subscriber(broker)
-    values = agent_config(state, bundle, str(folder), broker.port, source={"fps_limit": fps},
-                          mqtt={"drain_timeout_s": 60, "reconnect_max_s": 2})  # fmt: skip
+    values = agent_config(
+        state,
+        bundle,
+        str(folder),
+        broker.port,
+        source={"fps_limit": fps},
+        mqtt={"drain_timeout_s": 60, "reconnect_max_s": 2},
+    )
     started = time.monotonic()
     agent = AgentProcess(write_toml(workdir / "outage.toml", values), workdir / "outage-agent.log", numba_cache)
     try:
@@ -165,8 +175,7 @@ def agent_sigkill(
     bundle, folder = contract_setup(workdir, frames)
     state = workdir / "kill-state"
     port = free_port()
-    values = agent_config(state, bundle, str(folder), port, source={"fps_limit": fps},
-                          mqtt={"drain_timeout_s": 30})  # fmt: skip
+    values = agent_config(state, bundle, str(folder), port, source={"fps_limit": fps}, mqtt={"drain_timeout_s": 30})
     config = write_toml(workdir / "kill.toml", values)
     log = workdir / "kill-agent.log"
     first = AgentProcess(config, log, numba_cache)
@@ -225,11 +234,20 @@ def camera_faults(
     subscriber = Subscriber(broker, "uflow/cam1/#")
     http_port = free_port()
     values = agent_config(
-        workdir / "camera-state", bundle, server.url, broker.port, http_port,
-        source={"read_timeout_s": 30.0, "stall_timeout_s": stall_timeout_s, "reconnect_initial_s": 0.5,
-                "reconnect_max_s": 2.0, "open_timeout_s": 2.0},
+        workdir / "camera-state",
+        bundle,
+        server.url,
+        broker.port,
+        http_port,
+        source={
+            "read_timeout_s": 30.0,
+            "stall_timeout_s": stall_timeout_s,
+            "reconnect_initial_s": 0.5,
+            "reconnect_max_s": 2.0,
+            "open_timeout_s": 2.0,
+        },
         mqtt={"stats_interval_s": 1.0},
-    )  # fmt: skip
+    )
     agent = AgentProcess(write_toml(workdir / "camera.toml", values), workdir / "camera-agent.log", numba_cache)
     health_down: dict[str, Any] = {}
     try:

@@ -36,8 +36,9 @@ class Running:
         return [m.json() for m in self.subscriber.on(f"/cmd/{name}/result")]
 
     def wait_inspections(self, count: int, timeout: float = 30.0) -> list[dict]:
-        assert self.subscriber.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/inspection")]) >= count,
-                                        timeout), f"fewer than {count} inspections"  # fmt: skip
+        assert self.subscriber.wait_for(
+            lambda ms: len([m for m in ms if m.topic.endswith("/inspection")]) >= count, timeout
+        ), f"fewer than {count} inspections"
         return self.inspections()
 
     def command(self, name: str, payload: bytes | str | dict, timeout: float = 30.0) -> dict:
@@ -65,11 +66,16 @@ def running(
     current.symlink_to(bundles["v1"])
     http_port = free_port()
     values = agent_config(
-        tmp_path / "state", current, str(frames), broker.port, http_port,
-        source={"loop": True, "fps_limit": 20.0}, snapshot_dir=str(tmp_path / "snapshots"),
+        tmp_path / "state",
+        current,
+        str(frames),
+        broker.port,
+        http_port,
+        source={"loop": True, "fps_limit": 20.0},
+        snapshot_dir=str(tmp_path / "snapshots"),
         # Wide enough for the threshold test's strictest value; the band itself: test_security_agent.py.
         nfa={"command_band": 10_000.0},
-    )  # fmt: skip
+    )
     subscriber = Subscriber(broker, "uflow/cam1/#")
     agent = AgentThread.from_values(values).start()
     run = Running(agent, subscriber, broker, http_port)
@@ -210,8 +216,9 @@ def test_healthz_says_degraded_and_why_while_the_broker_is_down(
     frames: Path,
 ) -> None:
     http_port = free_port()
-    values = agent_config(tmp_path / "state", bundles["v1"], str(frames), free_port(), http_port,
-                          source={"loop": True, "fps_limit": 20.0})  # fmt: skip
+    values = agent_config(
+        tmp_path / "state", bundles["v1"], str(frames), free_port(), http_port, source={"loop": True, "fps_limit": 20.0}
+    )
     agent = AgentThread.from_values(values).start()
     try:
         deadline = time.monotonic() + 60

@@ -62,10 +62,26 @@ def test_conveyor_video_decodes_losslessly(tmp_path: Path) -> None:
 
 def test_demo_flow_with_a_given_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "demo", "--bundle", str(tiny_bundle), "--workdir", str(tmp_path),
-         "--frame-size", "128", "--parts", "4", "--threads", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "demo",
+            "--bundle",
+            str(tiny_bundle),
+            "--workdir",
+            str(tmp_path),
+            "--frame-size",
+            "128",
+            "--parts",
+            "4",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     for step in ("Step 3/5", "Step 4/5", "Step 5/5", "Summary"):

@@ -57,20 +57,51 @@ def test_publish_refuses_unsigned_and_reused_versions(tmp_path: Path, signed_bun
 
 def test_fleet_publish_command(tmp_path: Path, signed_bundle: Path, keys) -> None:  # type: ignore[no-untyped-def]
     result = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "fleet-publish", "--bundle", str(signed_bundle),
-         "--fleet", str(tmp_path / "fleet"), "--group", "canary", "--group", "*", "--public-key", str(keys.public_key),
-         "--index-key", str(keys.private_key)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "fleet-publish",
+            "--bundle",
+            str(signed_bundle),
+            "--fleet",
+            str(tmp_path / "fleet"),
+            "--group",
+            "canary",
+            "--group",
+            "*",
+            "--public-key",
+            str(keys.public_key),
+            "--index-key",
+            str(keys.private_key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     index = json.loads((tmp_path / "fleet/latest.json").read_text())
     assert index["schema"] == "uflow.fleet/1" and index["groups"] == {"canary": "1.0.0", "*": "1.0.0"}
     other = generate_keypair(tmp_path / "other")
     refused = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "fleet-publish", "--bundle", str(signed_bundle),
-         "--fleet", str(tmp_path / "fleet2"), "--public-key", str(other.public_key), "--index-key", str(keys.private_key)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "fleet-publish",
+            "--bundle",
+            str(signed_bundle),
+            "--fleet",
+            str(tmp_path / "fleet2"),
+            "--public-key",
+            str(other.public_key),
+            "--index-key",
+            str(keys.private_key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "does not match" in refused.stderr
 
 
@@ -244,11 +275,26 @@ def test_fleet_publish_can_sign_first(tmp_path: Path, keys) -> None:  # type: ig
     # e.g. `uflow calibrate int8` added a variant to model.json after export, so the bundle is re-signed.
     bundle = make_bundle(tmp_path / "calibrated", "3.0.0", None)
     result = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "fleet-publish", "--bundle", str(bundle), "--fleet",
-         str(tmp_path / "fleet"), "--group", "default", "--sign", str(keys.private_key),
-         "--public-key", str(keys.public_key)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "fleet-publish",
+            "--bundle",
+            str(bundle),
+            "--fleet",
+            str(tmp_path / "fleet"),
+            "--group",
+            "default",
+            "--sign",
+            str(keys.private_key),
+            "--public-key",
+            str(keys.public_key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     from edge_agent.fleet.signing import verify_bundle_signature
 

@@ -73,9 +73,15 @@ def full_tls(pki: Pki) -> TlsConfig:
 
 def inspection(sequence: int) -> InspectionMessage:
     return InspectionMessage(
-        device_id="cam1", sequence=sequence, capture_time=time.time(), model=MODEL, image_score=0.1,
-        anomalous=False, log10_epsilon=0.0, frame_size=(64, 64),
-    )  # fmt: skip
+        device_id="cam1",
+        sequence=sequence,
+        capture_time=time.time(),
+        model=MODEL,
+        image_score=0.1,
+        anomalous=False,
+        log10_epsilon=0.0,
+        frame_size=(64, 64),
+    )
 
 
 def events_of(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:

@@ -252,8 +252,11 @@ def test_missing_bundle_exits_1_with_a_clear_error(tmp_path: Path, e2e_video: Vi
     config = write_config(tmp_path, tmp_path / "no-bundle", e2e_video.path, free_port())
     result = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
-        capture_output=True, text=True, timeout=120, env={**os.environ},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
     assert result.returncode == 1
     assert "no-bundle does not exist or is not a directory" in result.stderr
 
@@ -262,7 +265,9 @@ def test_missing_video_exits_1_with_a_clear_error(tmp_path: Path, tiny_bundle: P
     config = write_config(tmp_path, tiny_bundle, tmp_path / "nope.mp4", free_port())
     result = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "nope.mp4 does not exist" in result.stderr

@@ -44,8 +44,9 @@ def running(
     current = tmp_path / "current"
     current.symlink_to(bundles["v1"])
     http_port = free_port()
-    values = agent_config(tmp_path / "state", current, str(frames), broker.port, http_port,
-                          source={"loop": True, "fps_limit": 20.0})  # fmt: skip
+    values = agent_config(
+        tmp_path / "state", current, str(frames), broker.port, http_port, source={"loop": True, "fps_limit": 20.0}
+    )
     subscriber = Subscriber(broker, "uflow/cam1/#")
     agent = AgentThread.from_values(values).start()
     run = Running(agent, subscriber, broker, http_port)
@@ -56,8 +57,12 @@ def running(
 
 
 def test_threshold_outside_the_configured_band_is_refused(running: Running) -> None:
-    for change in ({"log10_epsilon": -1e300}, {"log10_epsilon": 1e300}, {"log10_epsilon": -2.5},
-                   {"min_region_area": 10**9}):  # fmt: skip
+    for change in (
+        {"log10_epsilon": -1e300},
+        {"log10_epsilon": 1e300},
+        {"log10_epsilon": -2.5},
+        {"min_region_area": 10**9},
+    ):
         reply = running.command("threshold", {"request_id": "t", **change})
         assert reply["ok"] is False and reply["request_id"] == "t", reply
         assert "nfa.command_band" in reply["message"] or "nfa.command_max_region_area" in reply["message"]
@@ -151,10 +156,15 @@ def test_update_command_cannot_choose_the_source_or_force_a_downgrade(
         v1, tmp_path / "attacker", ["default", "*"], index_key=keys.private_key
     )  # an older release, genuinely signed
     with serving(tmp_path / "fleet") as fleet, serving(tmp_path / "attacker") as attacker:
-        values = agent_config(tmp_path / "state", tmp_path / "state" / "models" / "current", str(frames),
-                              broker.port, None, source={"loop": True, "fps_limit": 10.0},
-                              update={"source": fleet.url, "public_key": str(keys.public_key),
-                                      "health_timeout_s": 20.0})  # fmt: skip
+        values = agent_config(
+            tmp_path / "state",
+            tmp_path / "state" / "models" / "current",
+            str(frames),
+            broker.port,
+            None,
+            source={"loop": True, "fps_limit": 10.0},
+            update={"source": fleet.url, "public_key": str(keys.public_key), "health_timeout_s": 20.0},
+        )
         settings = load_settings(None, **values)
         publish(v2, tmp_path / "fleet", ["default"], index_key=keys.private_key)
         assert apply_update(settings, reload=False).status == "updated"
@@ -233,9 +243,16 @@ def test_snapshots_are_limited_in_rate_and_count(
 ) -> None:
     current = tmp_path / "current"
     current.symlink_to(bundles["v1"])
-    values = agent_config(tmp_path / "state", current, str(frames), broker.port, None,
-                          source={"loop": True, "fps_limit": 20.0}, snapshot_dir=str(tmp_path / "snaps"),
-                          snapshot={"min_interval_s": 1.0, "max_count": 2})  # fmt: skip
+    values = agent_config(
+        tmp_path / "state",
+        current,
+        str(frames),
+        broker.port,
+        None,
+        source={"loop": True, "fps_limit": 20.0},
+        snapshot_dir=str(tmp_path / "snaps"),
+        snapshot={"min_interval_s": 1.0, "max_count": 2},
+    )
     subscriber = Subscriber(broker, "uflow/cam1/#")
     agent = AgentThread.from_values(values).start()
     run = Running(agent, subscriber, broker, 0)
@@ -293,8 +310,11 @@ def test_allow_downgrade_is_a_command_line_flag_on_the_box(tmp_path: Path, keys,
     def update(*flags: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "edge_agent.cli", "update", "--config", str(config), "--no-reload", *flags],
-            capture_output=True, text=True, timeout=300, cwd=REPO,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
 
     publish(make_bundle(tmp_path / "b2", "2.0.0", keys.private_key), fleet, ["default"], index_key=keys.private_key)
     assert update().returncode == 0

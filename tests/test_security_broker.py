@@ -56,8 +56,11 @@ def render_example(workdir: Path, port: int, pki: Pki) -> Path:
     """The shipped mosquitto.conf with test paths; fails when a line the test relies on has changed."""
     passwd = workdir / "uflow.passwd"
     for index, (user, password) in enumerate(USERS.items()):
-        subprocess.run(["mosquitto_passwd", "-b", *([] if index else ["-c"]), str(passwd), user, password],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *([] if index else ["-c"]), str(passwd), user, password],
+            check=True,
+            capture_output=True,
+        )
     shutil.copy(EXAMPLE / "uflow.acl", workdir / "uflow.acl")
     (workdir / "store").mkdir()
     text = (EXAMPLE / "mosquitto.conf").read_text()
@@ -90,8 +93,9 @@ def example_broker(tmp_path: Path) -> Iterator[Broker]:
     port = free_port()
     (tmp_path / "broker").mkdir()
     config = render_example(tmp_path / "broker", port, pki)
-    process = subprocess.Popen([str(find_mosquitto()), "-c", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [str(find_mosquitto()), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert wait_for_port(port, 10), (tmp_path / "broker" / "mosquitto.log").read_text()[-2000:]
         yield Broker("127.0.0.1", port, pki)
@@ -136,9 +140,18 @@ def publish_as(broker: Broker, user: str | None, topic: str, payload: str) -> in
 
 
 def mqtt_section(broker: Broker, user: str) -> dict[str, object]:
-    return {"host": broker.host, "port": broker.port, "username": user, "password": USERS[user],
-            "tls": {"ca_file": str(broker.pki.ca_cert)}, "reconnect_initial_s": 1, "reconnect_max_s": 1,
-            "stats_interval_s": 1.0, "message_expiry_s": 300, "drain_timeout_s": 10}  # fmt: skip
+    return {
+        "host": broker.host,
+        "port": broker.port,
+        "username": user,
+        "password": USERS[user],
+        "tls": {"ca_file": str(broker.pki.ca_cert)},
+        "reconnect_initial_s": 1,
+        "reconnect_max_s": 1,
+        "stats_interval_s": 1.0,
+        "message_expiry_s": 300,
+        "drain_timeout_s": 10,
+    }
 
 
 @pytest.mark.slow
@@ -152,13 +165,23 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
     (tmp_path / "fleet").mkdir()
     actuator = RecordingHttpServer()
     with serving(tmp_path / "fleet") as fleet:
-        values = agent_config(tmp_path / "state", tmp_path / "state" / "models" / "current", str(frames), broker.port,
-                              None, source={"loop": True, "fps_limit": 10.0}, mqtt=mqtt_section(broker, "cam1"),
-                              update={"source": fleet.url, "public_key": str(keys.public_key),
-                                      "health_timeout_s": 30.0})  # fmt: skip
+        values = agent_config(
+            tmp_path / "state",
+            tmp_path / "state" / "models" / "current",
+            str(frames),
+            broker.port,
+            None,
+            source={"loop": True, "fps_limit": 10.0},
+            mqtt=mqtt_section(broker, "cam1"),
+            update={"source": fleet.url, "public_key": str(keys.public_key), "health_timeout_s": 30.0},
+        )
         settings = load_settings(None, **values)
-        publish(make_bundle(tmp_path / "b1", "1.0.0", keys.private_key), tmp_path / "fleet", ["default"],
-                index_key=keys.private_key)  # fmt: skip
+        publish(
+            make_bundle(tmp_path / "b1", "1.0.0", keys.private_key),
+            tmp_path / "fleet",
+            ["default"],
+            index_key=keys.private_key,
+        )
         assert apply_update(settings, reload=False).status == "updated"  # the updater as cam1, agent stopped
 
         relay_config = tmp_path / "relay.toml"
@@ -198,8 +221,12 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
             assert operator.wait_for(lambda ms: bool(replies("op")), 30)
             assert replies("op")[0]["ok"] is True and replies("evil") == []
             # The updater (as cam1) asks its own agent to reload and sees it confirmed.
-            publish(make_bundle(tmp_path / "b2", "2.0.0", keys.private_key), tmp_path / "fleet", ["default"],
-                    index_key=keys.private_key)  # fmt: skip
+            publish(
+                make_bundle(tmp_path / "b2", "2.0.0", keys.private_key),
+                tmp_path / "fleet",
+                ["default"],
+                index_key=keys.private_key,
+            )
             result = apply_update(settings)
             assert result.status == "updated", result.message
             assert ModelsDir(settings.state_dir / "models").current_version() == "2.0.0"

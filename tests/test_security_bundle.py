@@ -55,8 +55,15 @@ def test_signature_is_checked_at_start_and_on_reload(
     foreign = make_bundle(tmp_path / "foreign", "2.0.0", other.private_key)  # valid hashes, wrong key
     current = tmp_path / "current"
     current.symlink_to(foreign)
-    values = agent_config(tmp_path / "state", current, str(frames), broker.port, None,
-                          source={"loop": True, "fps_limit": 20.0}, update={"public_key": str(fleet.public_key)})  # fmt: skip
+    values = agent_config(
+        tmp_path / "state",
+        current,
+        str(frames),
+        broker.port,
+        None,
+        source={"loop": True, "fps_limit": 20.0},
+        update={"public_key": str(fleet.public_key)},
+    )
     refused = AgentThread.from_values(values).start()
     refused.thread.join(120)
     assert refused.exit_code == 1  # the agent does not start on a bundle the fleet key did not sign

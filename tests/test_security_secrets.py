@@ -44,10 +44,15 @@ def test_source_credentials_appear_nowhere(
     camera = MjpegServer(camera_video(tmp_path / "cam.mp4", frames=50)).start()
     uri = camera.url.replace("http://", f"http://viewer:{SECRET}@")
     http_port = free_port()
-    values = agent_config(tmp_path / "state", bundle, uri, broker.port, http_port,
-                          source={"open_timeout_s": 20.0, "read_timeout_s": 3.0, "stall_timeout_s": 4.0,
-                                  "reconnect_max_s": 1.0},
-                          http={"preview": True})  # fmt: skip
+    values = agent_config(
+        tmp_path / "state",
+        bundle,
+        uri,
+        broker.port,
+        http_port,
+        source={"open_timeout_s": 20.0, "read_timeout_s": 3.0, "stall_timeout_s": 4.0, "reconnect_max_s": 1.0},
+        http={"preview": True},
+    )
     subscriber = Subscriber(broker, "uflow/cam1/#")
     agent = AgentThread.from_values(values).start()
     try:
@@ -78,8 +83,11 @@ def test_config_show_never_prints_the_mqtt_password(tmp_path: Path) -> None:
     config.write_text(f'device_id = "cam1"\n[mqtt]\nusername = "cam1"\npassword = "{SECRET}"\n')
     shown = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "config", "--config", str(config), "--show"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert shown.returncode == 0, shown.stderr
     assert SECRET not in shown.stdout + shown.stderr
     assert json.loads(shown.stdout)["mqtt"]["password"] == "**********"
@@ -111,8 +119,12 @@ def test_relay_password_is_a_secret(tmp_path: Path) -> None:
     assert SECRET not in settings.model_dump_json() and SECRET not in repr(settings)
     checked = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "reject-relay", "--config", str(config), "--check"],
-        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ},
+    )
     assert checked.returncode == 0 and SECRET not in checked.stdout + checked.stderr
 
 
@@ -130,9 +142,13 @@ def test_fleet_credentials_stay_out_of_update_events_and_logs(
     try:
         # The fleet URL carries credentials and cannot be fetched: every step message names the URL.
         source = f"http://fleet:{SECRET}@127.0.0.1:{free_port()}/fleet/"
-        settings = load_settings(None, device_id="cam1", state_dir=str(tmp_path / "state"),
-                                 mqtt={"host": broker.host, "port": broker.port},
-                                 update={"source": source, "public_key": str(keys.public_key)})  # fmt: skip
+        settings = load_settings(
+            None,
+            device_id="cam1",
+            state_dir=str(tmp_path / "state"),
+            mqtt={"host": broker.host, "port": broker.port},
+            update={"source": source, "public_key": str(keys.public_key)},
+        )
         assert apply_update(settings, reload=False).status == "failed"
         assert events.wait_for(lambda ms: any(not m.json()["ok"] for m in ms), 20)
     finally:

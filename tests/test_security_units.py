@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 from test_systemd_units import INSTALLED_BINARY, UNITS, distribution_unit_dir, needs_systemd_analyze, parse_unit
 
-SERVICES = ("edge-agent.service", "edge-agent-update.service", "edge-agent-build-engine.service",
-            "edge-reject-relay.service")  # fmt: skip
+SERVICES = (
+    "edge-agent.service",
+    "edge-agent-update.service",
+    "edge-agent-build-engine.service",
+    "edge-reject-relay.service",
+)
 
 
 def _lines(name: str, key: str) -> list[str]:
@@ -45,8 +49,10 @@ def test_sysusers_creates_the_relay_user(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     result = subprocess.run(
         ["systemd-sysusers", "--dry-run", f"--root={tmp_path}", str(UNITS / "edge-agent.sysusers")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "Creating user 'edge-reject-relay'" in result.stdout + result.stderr
 
@@ -66,8 +72,10 @@ def test_hardened_units_verify(tmp_path: Path) -> None:
     for name in SERVICES:
         result = subprocess.run(
             [shutil.which("systemd-analyze") or "", "verify", f"--root={root}", f"/etc/systemd/system/{name}"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         problems = [line for line in result.stderr.splitlines() if "edge-" in line and "Unknown" in line]
         assert problems == [], problems
@@ -81,16 +89,27 @@ def test_ip_allow_dropin_lists_the_configured_addresses(tmp_path: Path) -> None:
     )
     result = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "config", "--config", str(config), "--ip-allow"],
-        capture_output=True, text=True, timeout=60, cwd=UNITS.parent,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=UNITS.parent,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     allowed = [line for line in result.stdout.splitlines() if line.startswith("IPAddressAllow=")]
-    assert allowed == ["IPAddressAllow=", "IPAddressAllow=localhost", "IPAddressAllow=127.0.0.2",
-                       "IPAddressAllow=127.0.0.3", "IPAddressAllow=127.0.0.4"]  # fmt: skip
+    assert allowed == [
+        "IPAddressAllow=",
+        "IPAddressAllow=localhost",
+        "IPAddressAllow=127.0.0.2",
+        "IPAddressAllow=127.0.0.3",
+        "IPAddressAllow=127.0.0.4",
+    ]
     assert "viewer" not in result.stdout  # the camera's credentials are not printed
     config.write_text('[mqtt]\nhost = "no-such-host.invalid"\n')
     failed = subprocess.run(
         [sys.executable, "-m", "edge_agent.cli", "config", "--config", str(config), "--ip-allow"],
-        capture_output=True, text=True, timeout=60, cwd=UNITS.parent,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=UNITS.parent,
+    )
     assert failed.returncode == 2 and "mqtt.host" in failed.stdout

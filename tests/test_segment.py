@@ -33,10 +33,22 @@ def test_segment_writes_json_maps_and_overlay_at_image_size(
 ) -> None:
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "segment", "--bundle", str(contract_bundle), "--out", str(out),
-         str(images / "good.png"), str(images / "scratch.png")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "segment",
+            "--bundle",
+            str(contract_bundle),
+            "--out",
+            str(out),
+            str(images / "good.png"),
+            str(images / "scratch.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     for stem in ("good", "scratch"):
         assert (out / f"{stem}_overlay.png").is_file()

@@ -125,10 +125,15 @@ def test_a_damaged_spool_file_is_moved_aside_and_the_agent_starts_empty(tmp_path
 def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from edge_agent.publish.spool import Spool; s = Spool({str(path)!r}); print('open', flush=True);"
-         " import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            f"from edge_agent.publish.spool import Spool; s = Spool({str(path)!r}); print('open', flush=True);"
+            " import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
         with pytest.raises(SpoolError, match=rf"in use by another edge-agent process \(pid {holder.pid}\)"):
@@ -181,9 +186,15 @@ def test_memory_outbox_has_the_same_window_and_bound() -> None:
 
 def inspection(sequence: int) -> InspectionMessage:
     return InspectionMessage(
-        device_id="cam1", sequence=sequence, capture_time=time.time(), model=MODEL, image_score=0.1,
-        anomalous=False, log10_epsilon=0.0, frame_size=(64, 64),
-    )  # fmt: skip
+        device_id="cam1",
+        sequence=sequence,
+        capture_time=time.time(),
+        model=MODEL,
+        image_score=0.1,
+        anomalous=False,
+        log10_epsilon=0.0,
+        frame_size=(64, 64),
+    )
 
 
 def test_publisher_with_spool_delivers_after_an_agent_restart_with_the_broker_down_meanwhile(

@@ -66,8 +66,14 @@ def parse_unit(name: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     # Repeated keys (DeviceAllow=, Environment=) would overwrite each other; only presence matters here.
-    parser.read_string(re.sub(r"^(DeviceAllow|Environment|SystemCallFilter|ConditionPathExists)=", r"#\1=",
-                              (UNITS / name).read_text(), flags=re.M))  # fmt: skip
+    parser.read_string(
+        re.sub(
+            r"^(DeviceAllow|Environment|SystemCallFilter|ConditionPathExists)=",
+            r"#\1=",
+            (UNITS / name).read_text(),
+            flags=re.M,
+        )
+    )
     return parser
 
 

@@ -118,8 +118,19 @@ def test_good_update_applies_and_keeps_the_old_version(tmp_path, fleet, keys, mq
     assert events.wait_for(lambda msgs: sum(m.json()["step"] == "done" for m in msgs) == 2, timeout=30)
     steps = [s for s, ok in steps_of(events) if ok]
     last_run = steps[steps.index("done") + 1 :]
-    assert last_run == ["start", "fetch_index", "download", "unpack", "verify", "load_engine", "self_test",
-                        "install", "switch", "reload", "done"]  # fmt: skip
+    assert last_run == [
+        "start",
+        "fetch_index",
+        "download",
+        "unpack",
+        "verify",
+        "load_engine",
+        "self_test",
+        "install",
+        "switch",
+        "reload",
+        "done",
+    ]
     assert all(m.json()["version"] == "2.0.0" for m in events.on("/update")[-10:])
     # Nothing new: no download, nothing changes.
     fleet.server.requests.clear()
@@ -181,8 +192,12 @@ def _point_index_at(fleet: Fleet, version: str, tar: Path) -> None:
     import hashlib
 
     index = json.loads((fleet.dir / "latest.json").read_text())
-    entry = {"version": version, "url": f"bundles/{tar.name}", "size": tar.stat().st_size,
-             "sha256": hashlib.sha256(tar.read_bytes()).hexdigest()}  # fmt: skip
+    entry = {
+        "version": version,
+        "url": f"bundles/{tar.name}",
+        "size": tar.stat().st_size,
+        "sha256": hashlib.sha256(tar.read_bytes()).hexdigest(),
+    }
     index["releases"] = [entry, *[r for r in index["releases"] if r["version"] != version]]
     index["groups"]["default"] = version
     body = json.dumps(index).encode()
@@ -343,8 +358,20 @@ def test_silent_agent_means_rollback(tmp_path, fleet, keys, mqtt, events) -> Non
 
 # -- killed at any step ---------------------------------------------------------------------------------
 
-KILL_POINTS = ["start", "fetch_index", "download", "download:partial", "unpack", "verify", "load_engine",
-               "self_test", "install", "switch", "reload", "prune"]  # fmt: skip
+KILL_POINTS = [
+    "start",
+    "fetch_index",
+    "download",
+    "download:partial",
+    "unpack",
+    "verify",
+    "load_engine",
+    "self_test",
+    "install",
+    "switch",
+    "reload",
+    "prune",
+]
 
 
 def write_config(tmp_path: Path, settings: AgentSettings) -> Path:
@@ -425,8 +452,18 @@ def test_killed_updater_leaves_a_consistent_models_dir(tmp_path, fleet, keys, mq
     process.wait(timeout=10)
     models = models_of(settings)
     seen = assert_consistent(models, keys.public_key, {"1.0.0", "2.0.0"})
-    if step in ("start", "fetch_index", "download", "download:partial", "unpack", "verify", "load_engine",
-                "self_test", "install", "switch"):  # fmt: skip
+    if step in (
+        "start",
+        "fetch_index",
+        "download",
+        "download:partial",
+        "unpack",
+        "verify",
+        "load_engine",
+        "self_test",
+        "install",
+        "switch",
+    ):
         assert seen == "1.0.0"
     # The next run cleans up and finishes the update.
     rerun = apply_update(settings, reload=False)
@@ -446,8 +483,22 @@ def test_real_uflow_bundle_signed_at_export_installs(tmp_path, tiny_run_dir, key
     out = tmp_path / "export" / "bundle"
     missing_key = uflow(["export", "--run", str(tiny_run_dir), "--out", str(out), "--sign", str(tmp_path / "nokey")])
     assert missing_key != 0 and not out.exists()  # refused before spending time on an export
-    assert uflow(["export", "--run", str(tiny_run_dir), "--out", str(out), "--version", "7.0.0",
-                  "--sign", str(keys.private_key)]) == 0  # fmt: skip
+    assert (
+        uflow(
+            [
+                "export",
+                "--run",
+                str(tiny_run_dir),
+                "--out",
+                str(out),
+                "--version",
+                "7.0.0",
+                "--sign",
+                str(keys.private_key),
+            ]
+        )
+        == 0
+    )
     assert verify_bundle_signature(out, keys.public_key) == keys.fingerprint
     assert load_bundle(out).manifest.self_test, "uflow export ships self-test images"
     (tmp_path / "fleet").mkdir()

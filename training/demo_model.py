@@ -38,8 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(row: dict[str, Any]) -> None:
         if row["epoch"] == 1 or row["epoch"] % 5 == 0 or row["epoch"] == args.epochs:
             val = row.get("val_nll_per_dim")
-            print(f"   epoch {row['epoch']:3d}/{args.epochs}  loss/dim {row['train_nll_per_dim']:.3f}  "
-                  f"val/dim {val if val is None else round(val, 3)}  ({row['seconds']:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"   epoch {row['epoch']:3d}/{args.epochs}  loss/dim {row['train_nll_per_dim']:.3f}  "
+                f"val/dim {val if val is None else round(val, 3)}  ({row['seconds']:.1f} s)",
+                flush=True,
+            )
 
     bundle = train_and_export(
         args.data,

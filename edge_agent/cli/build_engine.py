@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
     try:
-        bundle = load_bundle(model.bundle)  # type: ignore[arg-type]
+        bundle = load_bundle(settings.bundle_dir if model.bundle is None else model.bundle)
     except BundleError as exc:
         log.error("cannot use the bundle: %s", exc, extra={"event": "bundle_error"})
         return EXIT_FAILURE

@@ -143,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     step_started = time.monotonic()
     video = workdir / "conveyor.avi"
-    say(f"Step 3/5: rendering the conveyor video: {spec.parts} parts pass the camera, defects planted on parts "
-        f"{', '.join(f'#{i + 1}' for i in spec.defect_parts)} ...")  # fmt: skip
+    say(
+        f"Step 3/5: rendering the conveyor video: {spec.parts} parts pass the camera, defects planted on parts "
+        f"{', '.join(f'#{i + 1}' for i in spec.defect_parts)} ..."
+    )
     conveyor = Conveyor(spec)
     truth = conveyor.truth()
     codec = write_video(video, iter(conveyor), spec.fps, (spec.width, spec.height))
@@ -154,8 +156,10 @@ def run(args: argparse.Namespace) -> int:
                 f for f in truth.defect_frames if truth.defect_part_in_frame(f, spec.speed_px, spec.width) == part
             ]
             say(f"   part #{part.index + 1}: {part.kind}, entirely in view in frames {frames[0]}..{frames[-1]}")
-    say(f"   {truth.frames} frames ({truth.frames / spec.fps:.1f} s at {spec.fps:g} fps, {codec}) -> {video} "
-        f"[{time.monotonic() - step_started:.1f} s]\n")  # fmt: skip
+    say(
+        f"   {truth.frames} frames ({truth.frames / spec.fps:.1f} s at {spec.fps:g} fps, {codec}) -> {video} "
+        f"[{time.monotonic() - step_started:.1f} s]\n"
+    )
 
     say(f"Step 4/5: starting a private MQTT broker (mosquitto) on 127.0.0.1:{broker.port} ...")
     with broker:
@@ -182,15 +186,31 @@ def _train_bundle(args: argparse.Namespace, spec: ConveyorSpec, workdir: Path) -
     say(f"   -> {data} [{time.monotonic() - step_started:.1f} s]\n")
 
     step_started = time.monotonic()
-    say(f"Step 2/5: training U-Flow (EfficientNet-Lite0 features, normalizing flow) on them at "
+    say(
+        f"Step 2/5: training U-Flow (EfficientNet-Lite0 features, normalizing flow) on them at "
         f"{args.image_size}x{args.image_size}, {args.epochs} epochs, {args.threads} threads, then exporting "
-        "the model bundle ...")  # fmt: skip
+        "the model bundle ..."
+    )
 
     command = [
-        sys.executable, "-m", "training.demo_model", "--data", str(data.parent), "--run", str(workdir / "run"),
-        "--bundle", str(workdir / "bundle"), "--image-size", str(args.image_size), "--epochs", str(args.epochs),
-        "--seed", str(args.seed), "--threads", str(args.threads),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "training.demo_model",
+        "--data",
+        str(data.parent),
+        "--run",
+        str(workdir / "run"),
+        "--bundle",
+        str(workdir / "bundle"),
+        "--image-size",
+        str(args.image_size),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     bundle: Path | None = None
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
         assert child.stdout is not None
@@ -253,8 +273,10 @@ def _run_agent(
 
     relay = RejectRelay(broker.host, broker.port)
     relay.start()
-    say("Step 5/5: running the agent on the video (ONNX Runtime on the CPU); a separate MQTT client subscribes "
-        f"to uflow/{DEVICE_ID}/# like a reject relay and prints what it receives.")  # fmt: skip
+    say(
+        "Step 5/5: running the agent on the video (ONNX Runtime on the CPU); a separate MQTT client subscribes "
+        f"to uflow/{DEVICE_ID}/# like a reject relay and prints what it receives."
+    )
     say(f"   (the same run from a shell: edge-agent run --config {config})")
     agent_log = workdir / "agent.log"
     settings = load_settings(config)
@@ -303,26 +325,36 @@ def _summary(
     fps = (len(relay.frames) - 1) / span if span > 0 and len(relay.frames) > 1 else 0.0
     say("\nSummary")
     say(f"   frames in the video ............ {truth.frames}")
-    say(f"   inspection messages received ... {len(relay.frames)} (one per frame, in order: "
-        f"{[m['sequence'] for m in relay.frames] == list(range(truth.frames))})")  # fmt: skip
+    say(
+        f"   inspection messages received ... {len(relay.frames)} (one per frame, in order: "
+        f"{[m['sequence'] for m in relay.frames] == list(range(truth.frames))})"
+    )
     say(f"   frames flagged (REJECT) ........ {len(flagged)}")
-    say(f"   defect entirely in view ........ {len(full)} frames, caught {len(caught)}, missed {len(missed)}"
-        + (f" ({frame_ranges(missed)})" if missed else ""))  # fmt: skip
+    say(
+        f"   defect entirely in view ........ {len(full)} frames, caught {len(caught)}, missed {len(missed)}"
+        + (f" ({frame_ranges(missed)})" if missed else "")
+    )
     for part in truth.parts:
         if part.kind:
             frames = [
                 f for f in truth.defect_frames if truth.defect_part_in_frame(f, spec.speed_px, spec.width) == part
             ]
             hit = sum(f in flagged for f in frames)
-            say(f"      part #{part.index + 1} ({part.kind}): flagged in {hit} of {len(frames)} frames"
-                f" -> {'REJECTED' if hit else 'MISSED'}")  # fmt: skip
+            say(
+                f"      part #{part.index + 1} ({part.kind}): flagged in {hit} of {len(frames)} frames"
+                f" -> {'REJECTED' if hit else 'MISSED'}"
+            )
     say(f"   defect partly in view .......... {len(partial)} frames, flagged {len(flagged & partial)} (not scored)")
-    say(f"   frames with no defect .......... {len(clean)}, false alarms {len(false_alarms)}"
-        + (f" ({frame_ranges(false_alarms)})" if false_alarms else ""))  # fmt: skip
+    say(
+        f"   frames with no defect .......... {len(clean)}, false alarms {len(false_alarms)}"
+        + (f" ({frame_ranges(false_alarms)})" if false_alarms else "")
+    )
     say(f"   agent throughput ............... {fps:.1f} frames/s (run incl. start-up: {agent_seconds:.1f} s)")
     cpu = os.times()
-    say(f"   demo wall time ................. {time.monotonic() - started:.1f} s (CPU time "
+    say(
+        f"   demo wall time ................. {time.monotonic() - started:.1f} s (CPU time "
         f"{cpu.user + cpu.system + cpu.children_user + cpu.children_system:.0f} s; load average "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")  # fmt: skip
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
     for what, path in paths.items():
         say(f"   {what}: {path}")

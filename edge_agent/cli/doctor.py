@@ -19,10 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
 from edge_agent.config import AgentSettings, ConfigError, load_settings
+
+if TYPE_CHECKING:  # the checks import what they test lazily, so one broken library fails only its row
+    from edge_agent.bundle import Bundle
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -233,13 +236,13 @@ def _check_signature(root: Path, settings: AgentSettings) -> Check:
     return Check("signature", "ok", f"model.json signed by fleet key {fingerprint}")
 
 
-def _check_engine(bundle: object, settings: AgentSettings) -> Check:
+def _check_engine(bundle: Bundle, settings: AgentSettings) -> Check:
     import numpy as np
 
     from edge_agent.engines import EngineUnavailable, create_engine
 
     try:
-        engine = create_engine(bundle, settings.model)  # type: ignore[arg-type]
+        engine = create_engine(bundle, settings.model)
     except (EngineUnavailable, ValueError, RuntimeError) as exc:
         return Check("engine", "fail", str(exc))
     try:

@@ -16,12 +16,16 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, install_signal_handlers, parse_overrides
 from edge_agent.config import ConfigError
 from edge_agent.logs import setup_logging
 from edge_agent.relay.config import RelaySettings, load_relay_settings
 from edge_agent.service.systemd import SystemdNotifier
+
+if TYPE_CHECKING:  # imported when the relay runs, not for --help
+    from edge_agent.relay.relay import RejectRelay
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +138,7 @@ def run_relay(
     return EXIT_OK
 
 
-def _supervise(settings: RelaySettings, relay, stop: threading.Event, notifier: SystemdNotifier) -> None:  # type: ignore[no-untyped-def]
+def _supervise(settings: RelaySettings, relay: RejectRelay, stop: threading.Event, notifier: SystemdNotifier) -> None:
     """Watchdog pings, status lines, stats messages and journal housekeeping until stopped."""
     now = time.monotonic()
     next_stats = now + settings.mqtt.stats_interval_s
@@ -157,7 +161,7 @@ def _supervise(settings: RelaySettings, relay, stop: threading.Event, notifier: 
     log.info("stop requested", extra={"event": "stop_requested"})
 
 
-def _status_line(relay) -> str:  # type: ignore[no-untyped-def]
+def _status_line(relay: RejectRelay) -> str:
     """One line for `systemctl status`."""
     stats = relay.stats()
     broker = "mqtt connected" if stats.connected else "mqtt DISCONNECTED"

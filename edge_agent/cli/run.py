@@ -122,8 +122,8 @@ def run_agent(
         notifier.extend_timeout(120, "starting: loading the model, compiling the NFA, warming up")
         nfa.warm_up()
         # With a fleet key configured the installed bundle must still carry its signature (not only hashes).
-        verify_installed_bundle(settings.model.bundle, settings.update.public_key)  # type: ignore[arg-type]
-        model = load_model(settings.model.bundle, settings.model, settings.nfa)  # type: ignore[arg-type]
+        verify_installed_bundle(settings.bundle_dir, settings.update.public_key)
+        model = load_model(settings.bundle_dir, settings.model, settings.nfa)
     except (ModelLoadError, SigningError) as exc:
         log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)})
         source.close()

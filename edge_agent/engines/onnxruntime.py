@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edge_agent.bundle import Bundle, BundleError
@@ -17,9 +19,9 @@ from edge_agent.engines.base import (
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-def _spec(arg: object) -> TensorSpec:
-    shape = tuple(int(d) if isinstance(d, int) else -1 for d in arg.shape)  # type: ignore[attr-defined]
-    return TensorSpec(arg.name, shape, _ORT_DTYPES.get(arg.type, arg.type))  # type: ignore[attr-defined]
+def _spec(arg: Any) -> TensorSpec:  # onnxruntime.NodeArg (no type stubs)
+    shape = tuple(int(d) if isinstance(d, int) else -1 for d in arg.shape)
+    return TensorSpec(arg.name, shape, _ORT_DTYPES.get(arg.type, arg.type))
 
 
 class OnnxRuntimeEngine:
@@ -54,4 +56,4 @@ class OnnxRuntimeEngine:
         return split_outputs(self.io, arrays)
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None

@@ -41,7 +41,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -222,7 +222,9 @@ def _parse_index(raw: bytes, location: str) -> FleetIndex:
 class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
     """Follows redirects, except from https to anything else (TLS must not be dropped on the way)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(  # the signature of urllib's HTTPRedirectHandler
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
         if req.full_url.startswith("https:") and not newurl.startswith("https:"):
             raise FleetError(f"{req.full_url} redirects to {newurl}, which is not https; refusing it")
         return super().redirect_request(req, fp, code, msg, headers, newurl)

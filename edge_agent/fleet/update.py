@@ -28,16 +28,22 @@ import contextlib
 import logging
 import re
 import shutil
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.fleet.models_dir import ModelsDir, ModelsDirError, PendingSwitch, UpdateLocked
 from edge_agent.fleet.update_mqtt import AgentControl, EventSink, MqttLink
 from edge_agent.publish.messages import UpdateEvent, redact_uri
+
+if TYPE_CHECKING:  # the fleet index and signing load when an update runs
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from edge_agent.fleet.index import Release
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +276,15 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple(parts)
 
 
-def _obtain_bundle(models, release, location, public_key, settings, context, report) -> Path:  # type: ignore[no-untyped-def]
+def _obtain_bundle(
+    models: ModelsDir,
+    release: Release,
+    location: str,
+    public_key: Ed25519PublicKey | None,
+    settings: AgentSettings,
+    context: ssl.SSLContext | None,
+    report: _Reporter,
+) -> Path:
     """A verified bundle directory for the release: an installed copy, or a fresh download in staging."""
     from edge_agent.fleet.index import download, progress_logger, resolve, safe_extract
 
@@ -307,7 +321,7 @@ def _obtain_bundle(models, release, location, public_key, settings, context, rep
     return staging / UNPACK_NAME
 
 
-def _verify(root: Path, version: str, public_key) -> str:  # type: ignore[no-untyped-def]
+def _verify(root: Path, version: str, public_key: Ed25519PublicKey | None) -> str:
     from edge_agent.bundle import load_bundle
     from edge_agent.fleet.index import FleetError, check_only_listed_files
     from edge_agent.fleet.signing import verify_bundle_signature

@@ -18,14 +18,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTProtocolVersion
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edge_agent.config import MqttConfig
-from edge_agent.publish.client import PROTOCOLS, new_client
+from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
 from edge_agent.publish.messages import (
     CommandResult,
     InspectionMessage,
@@ -37,6 +37,8 @@ from edge_agent.publish.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
 
 STATUS_WAIT_S = 3.0
 MAX_PAYLOAD_BYTES = 1 << 20  # an inspection message with thousands of regions still fits
@@ -132,7 +134,7 @@ class MqttLink:
     def _on_connect(
         self, client: paho.Client, userdata: object, flags: object, reason: object, properties: object
     ) -> None:
-        if int(getattr(reason, "value", reason)) != 0:  # type: ignore[call-overload]
+        if reason_code(reason) != 0:
             log.warning("MQTT broker refused the updater: %s", reason, extra={"event": "update_mqtt_refused"})
             return
         for leaf in ("status", "cmd/reload/result", "inspection", "stats"):
@@ -227,9 +229,9 @@ class MqttLink:
         return HealthResult(False, f"only {seen} of {needed} inspections with {version} arrived in time", seen)
 
 
-def _parse(model: type, payload: bytes):  # type: ignore[no-untyped-def]
+def _parse(model: type[M], payload: bytes) -> M | None:
     """The payload as ``model`` through the bounded parser, or None when it is not one."""
     try:
-        return model.model_validate(parse_json_object(payload, MAX_PAYLOAD_BYTES))  # type: ignore[attr-defined]
+        return model.model_validate(parse_json_object(payload, MAX_PAYLOAD_BYTES))
     except (PayloadError, ValidationError, ValueError):
         return None

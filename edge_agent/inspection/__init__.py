@@ -1,8 +1,8 @@
 """What runs on every frame, in the order it runs.
 
 1. ``drivers``: the raw camera drivers (OpenCV capture of a device, file or stream; a folder of images).
-2. ``frame_source``: the resilient source around them (its own thread, timeouts, reconnect with backoff),
-   rotation and the region of interest.
+2. ``frame_source``: the resilient source around them (driver calls on a ``driver_worker`` thread with
+   timeouts, reconnect with backoff), rotation and the region of interest.
 3. ``preprocess``: the frame as the model's input tensor.
 4. ``edge_agent.engines``: the model (ONNX Runtime on the CPU, TensorRT on a GPU) -> latents.
 5. ``scoring``: latents -> anomaly map and log10 NFA map (the bundle's contract).

@@ -14,20 +14,18 @@ may be dropped (cameras, streams: the latest frame wins) or must all be inspecte
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 
 from edge_agent.config import SourceConfig
+from edge_agent.inspection.driver_worker import CallTimedOut, Cancelled, DriverWorker
 from edge_agent.inspection.drivers import LIVE_KINDS, Frame, RawSource, SourceError, SourceTimeout, make_raw_source
 from edge_agent.publish.messages import redact_uri
 
@@ -38,16 +36,6 @@ MAX_STUCK_READS = 3  # abandoned driver calls still blocked; beyond this the age
 _STREAM_TIMEOUT_GRACE_S = 2.0  # FFmpeg enforces read_timeout_s itself; let it answer before abandoning the call
 _SLICE_S = 0.2  # waits are cut into slices to notice a stop and to show the pipeline a sign of life
 
-T = TypeVar("T")
-
-
-class _Cancelled(Exception):
-    """The pipeline is stopping."""
-
-
-class _CallTimedOut(Exception):
-    """A driver call did not return in time (it is abandoned, still blocked on its own thread)."""
-
 
 class _Problem(Exception):
     """Why a live source lost its frames: ``reason`` (read_failed | read_timeout | stalled) and a message."""
@@ -55,69 +43,6 @@ class _Problem(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class _Worker:
-    """Runs one raw source's calls on its own thread, so a call that blocks in a driver can be abandoned.
-
-    OpenCV cannot interrupt a V4L2, GStreamer or file read that hangs; the only way out is to stop waiting
-    for it. An abandoned worker closes its raw source if the call ever returns, then ends.
-    """
-
-    def __init__(self, raw: RawSource) -> None:
-        self.raw = raw
-        self.abandoned = False
-        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], threading.Event, list[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self.thread = threading.Thread(target=self._loop, name=f"source-{raw.kind}", daemon=True)
-        self.thread.start()
-
-    def call(self, fn: Callable[[], T], timeout: float, cancel: threading.Event, on_wait: Callable[[], None]) -> T:
-        """``fn()`` on the worker thread; raises its exception, _CallTimedOut or _Cancelled."""
-        done = threading.Event()
-        box: list[Any] = []
-        self._requests.put((fn, done, box))
-        deadline = time.monotonic() + timeout
-        while not done.wait(min(_SLICE_S, max(0.0, deadline - time.monotonic()))):
-            on_wait()
-            if cancel.is_set():
-                raise _Cancelled
-            if time.monotonic() >= deadline:
-                raise _CallTimedOut
-        ok, value = box
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
-
-    def abandon(self) -> None:
-        """Stop using this worker; its blocked call may return later (the raw source is then closed)."""
-        self.abandoned = True
-        self._requests.put(None)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Close the raw source on the worker thread and end it (abandoned if the close hangs)."""
-        if self.abandoned:
-            return
-        done = threading.Event()
-        self._requests.put((self.raw.close, done, []))
-        self._requests.put(None)
-        if not done.wait(timeout):
-            self.abandoned = True
-
-    def _loop(self) -> None:
-        while (request := self._requests.get()) is not None:
-            fn, done, box = request
-            try:
-                box[:] = [True, fn()]
-            except BaseException as exc:
-                box[:] = [False, exc]
-            done.set()
-            if self.abandoned:
-                break
-        if self.abandoned:
-            with contextlib.suppress(Exception):
-                self.raw.close()
 
 
 @dataclass
@@ -162,8 +87,8 @@ class FrameSource:
         self.on_wait: Callable[[], None] = lambda: None
         self.on_state: Callable[[str, str, str], None] = lambda old, new, reason: None
         self._cancel = threading.Event()
-        self._worker: _Worker | None = None
-        self._stuck: list[_Worker] = []
+        self._worker: DriverWorker | None = None
+        self._stuck: list[DriverWorker] = []
         self._attempt = 0  # reconnect attempts since the last frame (backoff exponent)
         self._lost_at = time.monotonic()  # when the frames stopped (or construction)
         self._clock_start = time.monotonic()  # stall clock: read() entry, the last frame or the last (re)open
@@ -207,7 +132,7 @@ class FrameSource:
         """The next frame; None when a file or folder has ended (``loop`` off) or ``cancel()`` was called."""
         try:
             return self._read()
-        except _Cancelled:
+        except Cancelled:
             return None
 
     def cancel(self) -> None:
@@ -229,7 +154,7 @@ class FrameSource:
         self._clock_start = time.monotonic()
         while True:
             if self._cancel.is_set():
-                raise _Cancelled
+                raise Cancelled
             if self.state != "open":
                 if not self.live or self.state in ("ended", "closed"):
                     raise SourceError(f"{self.raw.description} is not open")
@@ -266,7 +191,7 @@ class FrameSource:
         assert self._worker is not None
         try:
             return self._worker.call(self.raw.grab, timeout, self._cancel, self.on_wait)
-        except _CallTimedOut:
+        except CallTimedOut:
             self._abandon_worker()
             where = self._where()
             if stall_left <= read_limit:
@@ -288,9 +213,13 @@ class FrameSource:
         log.warning(
             "source lost: %s",
             problem,
-            extra={"event": "source_lost", "source": self.raw.description, "reason": problem.reason,
-                   "error": str(problem)},
-        )  # fmt: skip
+            extra={
+                "event": "source_lost",
+                "source": self.raw.description,
+                "reason": problem.reason,
+                "error": str(problem),
+            },
+        )
         if self._worker is not None:
             self._worker.close(timeout=self.config.read_timeout_s)
             if self._worker.abandoned:
@@ -309,9 +238,14 @@ class FrameSource:
             log.info(
                 "reopening source in %.1f s",
                 delay,
-                extra={"event": "source_reconnecting", "source": self.raw.description, "retry_in_s": round(delay, 2),
-                       "attempt": self._attempt, "last_error": self.last_error},
-            )  # fmt: skip
+                extra={
+                    "event": "source_reconnecting",
+                    "source": self.raw.description,
+                    "retry_in_s": round(delay, 2),
+                    "attempt": self._attempt,
+                    "last_error": self.last_error,
+                },
+            )
             self._sleep(delay)
             self.counters.reconnect_attempts += 1
             self._set_state("opening", "reconnect")
@@ -323,28 +257,36 @@ class FrameSource:
                 log.warning(
                     "source could not be reopened: %s",
                     exc,
-                    extra={"event": "source_reopen_failed", "source": self.raw.description, "error": str(exc),
-                           "attempt": self._attempt},
-                )  # fmt: skip
+                    extra={
+                        "event": "source_reopen_failed",
+                        "source": self.raw.description,
+                        "error": str(exc),
+                        "attempt": self._attempt,
+                    },
+                )
                 self._set_state("reconnecting", "reopen failed")
                 continue
             self.counters.reconnects += 1
             log.info(
                 "source reconnected",
-                extra={"event": "source_reconnected", "source": self.raw.description, "attempts": self._attempt,
-                       "down_s": round(time.monotonic() - self._lost_at, 2)},
-            )  # fmt: skip
+                extra={
+                    "event": "source_reconnected",
+                    "source": self.raw.description,
+                    "attempts": self._attempt,
+                    "down_s": round(time.monotonic() - self._lost_at, 2),
+                },
+            )
             self._set_state("open", "reconnected")
             return
 
     def _open_raw(self) -> None:
         """Open ``self.raw`` on a fresh worker within open_timeout_s (the worker is kept on success)."""
         self._check_stuck()
-        worker = _Worker(self.raw)
+        worker = DriverWorker(self.raw)
         timeout = self.config.open_timeout_s + (_STREAM_TIMEOUT_GRACE_S if self.raw.kind == "stream" else 0.0)
         try:
             worker.call(self.raw.open, timeout, self._cancel, self.on_wait)
-        except _CallTimedOut:
+        except CallTimedOut:
             worker.abandon()
             self._stuck.append(worker)
             raise SourceError(
@@ -380,7 +322,7 @@ class FrameSource:
         while (left := deadline - time.monotonic()) > 0:
             self.on_wait()
             if self._cancel.wait(min(_SLICE_S, left)):
-                raise _Cancelled
+                raise Cancelled
 
     def _set_state(self, new: str, reason: str) -> None:
         old = self.state
@@ -418,7 +360,7 @@ class FrameSource:
         try:
             self._worker.call(self.raw.close, self.config.open_timeout_s, self._cancel, self.on_wait)
             self._worker.call(self.raw.open, self.config.open_timeout_s, self._cancel, self.on_wait)
-        except _CallTimedOut:
+        except CallTimedOut:
             self._abandon_worker()
             raise SourceError(f"{self.raw.description}: reopening for the next loop took too long") from None
 

@@ -62,9 +62,12 @@ def load_model(bundle_path: Path | str, model_config: ModelConfig, nfa_config: N
         warm_up(engine, scorer)
         log.info(
             "inference path warmed up",
-            extra={"event": "warmed_up", "seconds": round(time.monotonic() - warm_started, 2),
-                   "log10_epsilon": scorer.rule.log10_epsilon},
-        )  # fmt: skip
+            extra={
+                "event": "warmed_up",
+                "seconds": round(time.monotonic() - warm_started, 2),
+                "log10_epsilon": scorer.rule.log10_epsilon,
+            },
+        )
     except Exception as exc:  # an engine that loads but cannot run is a model problem, not a crash
         engine.close()
         raise ModelLoadError(f"the model at {root} failed its warm-up inference: {exc}") from exc
@@ -78,9 +81,16 @@ def load_model(bundle_path: Path | str, model_config: ModelConfig, nfa_config: N
     loaded = LoadedModel(bundle, engine, scorer, ref, round(time.monotonic() - started, 3))
     log.info(
         "model ready",
-        extra={"event": "model_ready", "model": ref.name, "version": ref.version, "backend": ref.backend,
-               "bundle": str(root), "seconds": loaded.load_s, "log10_epsilon": scorer.rule.log10_epsilon},
-    )  # fmt: skip
+        extra={
+            "event": "model_ready",
+            "model": ref.name,
+            "version": ref.version,
+            "backend": ref.backend,
+            "bundle": str(root),
+            "seconds": loaded.load_s,
+            "log10_epsilon": scorer.rule.log10_epsilon,
+        },
+    )
     return loaded
 
 

@@ -49,6 +49,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -126,10 +127,10 @@ def _checked_scale_map(m: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
-def _checked_channels(channels: object, what: str) -> int:
+def _checked_channels(channels: Any, what: str) -> int:
     if not _is_positive_int(channels):
         raise ValueError(f"{what}: channels must be a positive integer, got {channels!r}")
-    return int(channels)  # type: ignore[call-overload]
+    return int(channels)
 
 
 def _checked_out_shape(out_shape: object) -> tuple[int, int]:

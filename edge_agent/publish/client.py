@@ -87,6 +87,12 @@ def describe_connect_error(exc: BaseException, config: BrokerSettings) -> str:
     return f"{where}: {exc}"
 
 
+def reason_code(reason: object) -> int:
+    """The numeric MQTT reason code of a paho callback's ``reason`` (a ReasonCode, or an int under 3.1.1)."""
+    value = getattr(reason, "value", reason)
+    return value if isinstance(value, int) else -1
+
+
 def new_client(
     config: BrokerSettings,
     client_id: str,

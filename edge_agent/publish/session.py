@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
 from edge_agent.logs import log_event
-from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client
+from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client, reason_code
 from edge_agent.publish.messages import StatusText, topic
 from edge_agent.publish.outbox import MemoryOutbox, Outbox, OutgoingMessage
 
@@ -380,7 +380,7 @@ class MqttSession:
     def _on_connect(
         self, client: paho.Client, userdata: object, flags: object, reason: object, properties: object
     ) -> None:
-        code = int(getattr(reason, "value", reason))  # type: ignore[call-overload]
+        code = reason_code(reason)
         if code == 0:
             self._on_session_start(client)
             return

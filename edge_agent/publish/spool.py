@@ -34,7 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TextIO
 
 from edge_agent.publish.outbox import OutboxCounters, OutgoingMessage
 
@@ -125,7 +125,7 @@ class Spool:
 
     # -- opening ------------------------------------------------------------------------------------
 
-    def _acquire_lock(self):  # type: ignore[no-untyped-def]
+    def _acquire_lock(self) -> TextIO:
         """One agent per spool file: a second one would send the same messages and delete the other's."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(f"{self.path}.lock", "a+")  # noqa: SIM115 (held for the spool's lifetime)
@@ -338,7 +338,7 @@ class Spool:
             ).fetchall()
         return [self._message_from_row(row) for row in rows]
 
-    def _message_from_row(self, row: tuple) -> OutgoingMessage:  # type: ignore[type-arg]
+    def _message_from_row(self, row: tuple[Any, ...]) -> OutgoingMessage:
         seq, key, topic, payload, qos, retain, expires_at = row
         payload = bytes(payload)
         replayed = seq in self._replayed
@@ -393,10 +393,7 @@ class Spool:
             deletes, self._to_delete = self._to_delete, []
         if not batch and not deletes:
             return
-        rows = [
-            (m.seq, m.key, m.topic, m.payload, m.qos, int(m.retain), m.expires_at, time.time())
-            for m in batch
-        ]  # fmt: skip
+        rows = [(m.seq, m.key, m.topic, m.payload, m.qos, int(m.retain), m.expires_at, time.time()) for m in batch]
         try:
             self._writer.execute("BEGIN")
             if rows:
@@ -417,9 +414,14 @@ class Spool:
             self._warn(
                 "write",
                 "spool cannot write; messages are held in memory and retried",
-                {"event": "spool_write_failed", "path": str(self.path), "error": str(exc),
-                 "held_in_memory": len(batch), "failures": self.counters.write_errors},
-            )  # fmt: skip
+                {
+                    "event": "spool_write_failed",
+                    "path": str(self.path),
+                    "error": str(exc),
+                    "held_in_memory": len(batch),
+                    "failures": self.counters.write_errors,
+                },
+            )
             self._closing.wait(min(1.0, 10 * self.commit_interval_s))
             self._wake.set()
             return

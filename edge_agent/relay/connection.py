@@ -20,7 +20,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.publish.client import PROTOCOLS, new_client
+from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
 from edge_agent.publish.messages import StatusText, relay_topic
 from edge_agent.relay.actuators import ActuatorError
 from edge_agent.relay.config import RelaySettings
@@ -138,7 +138,7 @@ class RelayConnection:
     def _on_connect(
         self, client: paho.Client, userdata: object, flags: Any, reason: object, properties: object
     ) -> None:
-        code = int(getattr(reason, "value", reason))  # type: ignore[call-overload]
+        code = reason_code(reason)
         if code != 0:
             log.error(
                 "MQTT broker refused the relay; retrying",

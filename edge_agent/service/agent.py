@@ -350,8 +350,10 @@ class Agent:
             paths = save_snapshot(job, self.settings.snapshot_dir, command.label)
         except OSError as exc:
             raise CommandFailed(f"cannot write the snapshot under {self.settings.snapshot_dir}: {exc}") from exc
-        return Done(f"frame {job.frame.sequence} saved in {paths['frame'].rsplit('/', 1)[0]}",
-                    {"sequence": job.frame.sequence, "files": paths})  # fmt: skip
+        return Done(
+            f"frame {job.frame.sequence} saved in {paths['frame'].rsplit('/', 1)[0]}",
+            {"sequence": job.frame.sequence, "files": paths},
+        )
 
     def set_threshold(self, command: ThresholdCommand) -> Done:
         """Change the decision from the next frame on (kept across reloads, not across restarts)."""

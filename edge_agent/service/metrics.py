@@ -132,8 +132,16 @@ class _AgentCollector(Collector):
         yield _counter("edge_agent_spool_write_errors", "Failed spool commits (disk full, I/O).", write_errors)
         ref = pipeline.model.ref
         info = InfoMetricFamily("edge_agent_model", "The model being served.")
-        info.add_metric([], {"name": ref.name, "version": ref.version, "sha256": ref.sha256,
-                             "backend": ref.backend, "precision": ref.precision})  # fmt: skip
+        info.add_metric(
+            [],
+            {
+                "name": ref.name,
+                "version": ref.version,
+                "sha256": ref.sha256,
+                "backend": ref.backend,
+                "precision": ref.precision,
+            },
+        )
         yield info
         health = agent.health()
         yield _gauge("edge_agent_healthy", "1 when /healthz says ok, 0 when degraded.", float(health.status == "ok"))
