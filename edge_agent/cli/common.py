@@ -27,6 +27,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "EXIT_STOPPED",
     "EXIT_UNAVAILABLE",
     "CommandTable",
+    "add_config_arguments",
     "build_command_parser",
     "install_signal_handlers",
     "parse_command",
@@ -86,6 +88,22 @@ def parse_command(
         parser.print_help()
         return None
     return args, importlib.import_module(commands[args.command][0])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, what: str, env_prefix: str, example: str) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` (read back with ``parse_overrides(args.overrides)``)."""
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"{what} TOML file ({env_prefix}* variables override it)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one setting, e.g. --set mqtt.port=1884 --set {example} (values parse as JSON when they "
+        "can: --set source.roi=[0,0,640,480])",
+    )
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

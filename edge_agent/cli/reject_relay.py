@@ -15,10 +15,16 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, install_signal_handlers, parse_overrides
+from edge_agent.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    add_config_arguments,
+    install_signal_handlers,
+    parse_overrides,
+)
 from edge_agent.config import ConfigError
 from edge_agent.logs import setup_logging
 from edge_agent.relay.config import RelaySettings, load_relay_settings
@@ -36,17 +42,7 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``edge-agent reject-relay``."""
-    parser.add_argument(
-        "--config", type=Path, default=None, help="relay TOML file (EDGE_AGENT_RELAY_* variables override it)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting, e.g. --set mqtt.port=1884 --set timing.delay_s=1.5",
-    )
+    add_config_arguments(parser, "relay", "EDGE_AGENT_RELAY_", "timing.delay_s=1.5")
     parser.add_argument(
         "--check",
         action="store_true",

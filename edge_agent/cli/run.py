@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent import __version__
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, install_signal_handlers, parse_overrides
+from edge_agent.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    add_config_arguments,
+    install_signal_handlers,
+    parse_overrides,
+)
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
 from edge_agent.publish.messages import redact_uri
@@ -37,18 +43,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``edge-agent run``."""
-    parser.add_argument(
-        "--config", type=Path, default=None, help="agent TOML file (EDGE_AGENT_* variables override it)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting, e.g. --set mqtt.port=1884 --set source.uri=line1.mp4 (values parse as JSON "
-        "when they can: --set source.roi=[0,0,640,480])",
-    )
+    add_config_arguments(parser, "agent", "EDGE_AGENT_", "source.uri=line1.mp4")
 
 
 def run(args: argparse.Namespace) -> int:
