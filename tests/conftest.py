@@ -16,13 +16,23 @@ import pytest
 # Fixture modules for every test (instead of importing fixtures into each test module): the MQTT broker
 # (broker, broker_factory), the contract bundle (contract_bundle), the agent's bundles and frames, and the
 # in-process reject relay (http, relay_factory, camera).
-pytest_plugins = ["mqtt_broker", "contract_bundle", "agent_fixtures", "relay_fixtures"]
+pytest_plugins = ["mqtt_broker", "contract_bundle", "agent_fixtures", "relay_fixtures", "systemd_fixtures"]
 
 # Spinning OpenMP threads make torch ~10x slower when the (2-core) machine is shared with other jobs;
 # this must be set before torch is first imported, i.e. here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY_IMAGE_SIZE = 128
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No EDGE_AGENT_* variable of the caller's shell leaks into a settings test."""
+    for name in list(os.environ):
+        if name.startswith("EDGE_AGENT_"):
+            monkeypatch.delenv(name)
+
+
 TINY_SEED = 0
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_config import _clean_env  # noqa: F401 (autouse: no EDGE_AGENT_* variables leak in)
 
 from edge_agent.config import ConfigError, load_settings
 from edge_agent.relay.config import load_relay_settings
@@ -17,6 +16,8 @@ from edge_agent.relay.config import load_relay_settings
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "systemd" / "reject-relay.toml"
 ACTUATOR = '[actuator]\nkind = "command"\ncommand = ["true", "{message_id}"]\n'
+
+pytestmark = pytest.mark.usefixtures("clean_env")  # no EDGE_AGENT_* variables leak in
 
 
 def write(tmp_path: Path, text: str) -> Path:

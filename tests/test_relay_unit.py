@@ -7,13 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_systemd_units import (  # noqa: F401 (scratch_root is a fixture)
+from systemd_fixtures import (
     SYSTEMD_ANALYZE,
     UNITS,
     exposure,
     needs_systemd_analyze,
     parse_unit,
-    scratch_root,
     systemd_version,
 )
 
@@ -22,7 +21,7 @@ MAX_RELAY_EXPOSURE = 2.0  # lower than the agent's: no GPU, no camera, no JIT
 
 
 @needs_systemd_analyze
-def test_relay_unit_verifies(scratch_root: Path) -> None:  # noqa: F811
+def test_relay_unit_verifies(scratch_root: Path) -> None:
     # The agent's scratch root (distribution units, ours, an executable at the install path), plus this unit.
     shutil.copy(UNITS / UNIT, scratch_root / "etc/systemd/system" / UNIT)
     result = subprocess.run(

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_systemd_units import INSTALLED_BINARY, UNITS, distribution_unit_dir, needs_systemd_analyze, parse_unit
+from systemd_fixtures import INSTALLED_BINARY, UNITS, distribution_unit_dir, needs_systemd_analyze, parse_unit
 
 SERVICES = (
     "edge-agent.service",
