@@ -15,8 +15,6 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edge_agent.publish.messages import ID_PATTERN
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - JetPack 6 ships Python 3.10
@@ -29,6 +27,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
 S = TypeVar("S", bound="BaseSettings")
+
+
+ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"  # a device, relay or message id: safe in topics and argv
 
 
 class ConfigError(ValueError):

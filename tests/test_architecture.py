@@ -166,6 +166,7 @@ FRAME_PATH = (
     "edge_agent.inspection.nfa",
     "edge_agent.inspection.pipeline",
     "edge_agent.publish.mqtt",
+    "edge_agent.publish.session",
     "edge_agent.publish.outbox",
     "edge_agent.publish.spool",
     "edge_agent.inspection.loaded_model",
@@ -203,6 +204,37 @@ def test_the_frame_path_never_imports_service_code() -> None:
     frame_path = [m for m in known if m.startswith(FRAME_PATH)]
     offenders = {m: sorted(reachable(m) & set(SERVICE)) for m in frame_path}
     assert not {m: s for m, s in offenders.items() if s}
+
+
+# The device package's floors (docs/design.md section 1), lowest first: a module imports only from its own
+# floor or lower ones, so the tree reads bottom-up and no folder reaches up into the one that uses it.
+FLOORS = (
+    ("config", "fileio", "logs", "systemd", "exit_codes", "bundle", "demo"),
+    ("publish",),
+    ("engines", "relay"),
+    ("inspection",),
+    ("fleet",),
+    ("service",),
+    ("cli",),
+)
+
+
+def floor_of(module: str) -> int:
+    part = module.split(".")[1] if module.count(".") else ""
+    return next(i for i, names in enumerate(FLOORS) if part in names)
+
+
+def test_the_device_packages_folders_import_only_downwards() -> None:
+    known = [m for m in project_modules() if m.startswith("edge_agent.") and m.count(".") >= 1]
+    unplaced = [m for m in known if not any(m.split(".")[1] in names for names in FLOORS)]
+    assert not unplaced, f"a new top-level module or folder: give it a floor in FLOORS: {unplaced}"
+    upward = [
+        f"{m} (floor {floor_of(m)}) imports {d} (floor {floor_of(d)})"
+        for m in known
+        for d in project_dependencies(m)
+        if d.startswith("edge_agent.") and d.count(".") >= 1 and floor_of(d) > floor_of(m)
+    ]
+    assert not upward, "imports that run up the floors:\n" + "\n".join(upward)
 
 
 # -- files the documentation names ------------------------------------------------------------------

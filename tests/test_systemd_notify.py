@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.service.systemd import SystemdNotifier, notify_address
+from edge_agent.systemd import SystemdNotifier, notify_address
 
 
 class NotifyListener:
@@ -156,7 +156,7 @@ def test_outside_systemd_everything_is_a_noop(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_unsupported_socket_value_disables_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.systemd"):
         notifier = SystemdNotifier(socket_path="vsock:2:1234", watchdog_usec="")
     assert not notifier.enabled
     assert "vsock:2:1234" in caplog.text
@@ -165,7 +165,7 @@ def test_unsupported_socket_value_disables_with_a_warning(caplog: pytest.LogCapt
 
 def test_vanished_manager_warns_once_and_keeps_going(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = SystemdNotifier(socket_path=str(tmp_path / "nobody-listens.sock"), watchdog_usec="")
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.systemd"):
         results = [notifier.status(f"frame {i}") for i in range(20)]
     assert results == [False] * 20
     failures = [r for r in caplog.records if getattr(r, "event", "") == "sd_notify_failed"]

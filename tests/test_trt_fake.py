@@ -281,7 +281,7 @@ def test_build_engine_exit_statuses(bundle_copy: Bundle, tmp_path: Path, monkeyp
 
 
 def test_heartbeat_extends_the_start_timeout_only_while_the_build_progresses(tmp_path: Path) -> None:
-    from edge_agent.service.systemd import SystemdNotifier
+    from edge_agent.systemd import SystemdNotifier
 
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -6,16 +6,7 @@ The pattern, for ``edge-agent`` (edge_agent/cli/__init__.py) and ``uflow`` (trai
 light. Command modules import shared things from here, never from another command, so no command depends
 on another one (docs/design.md section 8).
 
-Exit statuses, one spelling for every command of ``edge-agent`` and ``uflow`` (systemd units and
-scripts test them):
-
-- ``EXIT_OK`` 0: done, or a clean stop;
-- ``EXIT_FAILURE`` 1: the work failed (the log says why);
-- ``EXIT_CONFIG`` 2: a configuration error (also argparse's status for bad arguments);
-- ``EXIT_UNAVAILABLE`` 3: the requested backend or tool is not installed here;
-- ``EXIT_NO_GPU`` 4: TensorRT is installed but no GPU can be opened;
-- ``EXIT_LOCKED`` 75 (EX_TEMPFAIL): another process holds the lock; try again later;
-- ``EXIT_STOPPED`` 130: stopped by SIGINT/SIGTERM before the work was done.
+Exit statuses are ``edge_agent.exit_codes`` (one spelling for every command, and for the agent's process).
 """
 
 from __future__ import annotations
@@ -32,6 +23,15 @@ from types import ModuleType
 from typing import Any
 
 from edge_agent.config import ConfigError
+from edge_agent.exit_codes import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_LOCKED,
+    EXIT_NO_GPU,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNAVAILABLE,
+)
 
 __all__ = [
     "EXIT_CONFIG",
@@ -51,13 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 3
-EXIT_NO_GPU = 4
-EXIT_LOCKED = 75
-EXIT_STOPPED = 130
 
 CommandTable = dict[str, tuple[str, str]]  # name -> (module, one-line help)
 

@@ -28,7 +28,7 @@ from edge_agent.cli.common import (
 from edge_agent.config import ConfigError
 from edge_agent.logs import setup_logging
 from edge_agent.relay.config import RelaySettings, load_relay_settings
-from edge_agent.service.systemd import SystemdNotifier
+from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:  # imported when the relay runs, not for --help
     from edge_agent.relay.relay import RejectRelay

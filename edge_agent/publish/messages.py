@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edge_agent.config import ID_PATTERN
+
 SCHEMA = "uflow.inspection/1"
 
 # Ids that end up in MQTT topics, file names or an actuator's argv: no '/', '+', '#', no leading '-'
 # (option injection), bounded length. Device, relay and message ids all follow it.
-ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 # The bounded parser's defaults: every message the agent and the relay accept is a flat object or

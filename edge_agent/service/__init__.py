@@ -1,4 +1,4 @@
 """The agent as a long-running service: ``agent`` wires the frame path to the publisher and owns the
 threads; ``health`` and ``metrics`` say how it is doing; ``http_server`` serves /healthz, /metrics and
-the ``preview`` page; ``systemd`` talks to the watchdog; ``snapshot`` saves one frame for people.
+the ``preview`` page (the watchdog is ``edge_agent.systemd``); ``snapshot`` saves one frame for people.
 """

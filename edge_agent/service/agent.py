@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
 from edge_agent.config import AgentSettings, ConfigError
+from edge_agent.exit_codes import EXIT_FAILURE, EXIT_OK
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
@@ -37,7 +37,7 @@ from edge_agent.service.health import HealthInputs, HealthReport, assess
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.metrics import AgentMetrics, MetricsView
 from edge_agent.service.preview import PreviewFacts, PreviewPage
-from edge_agent.service.systemd import SystemdNotifier
+from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:
     from edge_agent.fleet.update import UpdateResult

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from edge_agent.service.systemd import SystemdNotifier
+from edge_agent.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
