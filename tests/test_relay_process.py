@@ -167,7 +167,10 @@ def test_killed_relay_resumes_a_scheduled_reject_from_its_journal(
         assert http.ids() == [message.message_id]
         late = lateness_ms(http, planned)
         assert all(-EARLY_MS <= ms <= FIRE_TOLERANCE_MS for ms in late.values()), late
-        assert [r["message_id"] for r in second.decisions("duplicate")] == [message.message_id]
+        # The camera's redelivery, and maybe the broker's own: the kill can land after the journal commit but
+        # before the PUBACK left, and the persistent session then hands the message to the new relay too.
+        duplicates = [r["message_id"] for r in second.decisions("duplicate")]
+        assert duplicates and set(duplicates) == {message.message_id}
         assert second.terminate() == 0
     finally:
         for process in processes:
