@@ -143,8 +143,10 @@ class MqttConfig(_Section):
     username: str | None = Field(default=None, description="broker user name; unset: no authentication")
     password: SecretStr | None = Field(default=None, description="never printed (config --show shows **********)")
     tls: TlsConfig | None = None
-    publish: Literal["all", "anomalous"] = Field(
-        default="all", description="which frames get an inspection message: every one, or only anomalous ones"
+    publish: Literal["all", "anomalous", "none"] = Field(
+        default="all",
+        description="which frames get an inspection message: every one, only anomalous ones, or none (with [parts] "
+        "mode on, the part messages carry the verdicts)",
     )
     message_expiry_s: int = Field(default=30, ge=0, description="MQTT 5 expiry of inspection messages; 0 = never")
     stats_interval_s: float = Field(
@@ -223,6 +225,68 @@ class SnapshotConfig(_Section):
     )
 
 
+class PartsConfig(_Section):
+    """One verdict per part (docs/parts.md): triggered or tracked inspection and the ``part`` message."""
+
+    mode: Literal["off", "triggered", "tracked"] = Field(
+        default="off",
+        description="off: frames only; triggered: one inspection per trigger; tracked: parts followed along the "
+        "belt by a free-running camera, one verdict each",
+    )
+    direction: Literal["right_to_left", "left_to_right"] = Field(
+        default="right_to_left", description="tracked: the way the belt runs through the image (along x)"
+    )
+    decision_line: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="tracked: a part is decided when its trailing edge crosses this line, a fraction of the width "
+        "from the exit edge (0: when it has left the view)",
+    )
+    speed_px_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="tracked: belt speed in image pixels per second; unset: measured from the images (phase "
+        "correlation)",
+    )
+    px_per_m: float | None = Field(
+        default=None, gt=0, description="image pixels per metre of belt, to report positions in metres to the relay"
+    )
+    background_frames: int = Field(
+        default=5, ge=1, description="tracked: frames of empty belt at start-up the belt model is learned from"
+    )
+    threshold_sigma: float = Field(
+        default=4.0,
+        gt=0,
+        description="tracked: a pixel is part when it differs from its row's belt level by this many spreads ...",
+    )
+    min_contrast: float = Field(default=12.0, ge=0, description="tracked: ... and by this many grey levels")
+    column_fill: float = Field(
+        default=0.25, gt=0, lt=1, description="tracked: a column is part when this fraction of its rows is part"
+    )
+    min_part_px: int = Field(default=12, ge=1, description="tracked: shorter parts (along the belt) are noise")
+    min_frames: int = Field(default=2, ge=1, description="tracked: a part seen in fewer frames is noise, not decided")
+    candidate_slack: float = Field(
+        default=1.0,
+        ge=0,
+        description="regions up to this many decades above log10 epsilon in one frame are candidate places whose "
+        "evidence is combined over the part's frames",
+    )
+    triggers: list[Literal["mqtt", "http", "gpio"]] = Field(
+        default_factory=lambda: ["mqtt", "http"],
+        description="triggered: where triggers come from: <prefix>/<device_id>/trigger, POST /trigger, a GPIO line",
+    )
+    trigger_delay_s: float = Field(
+        default=0.0, ge=0, description="triggered: the part is in place this long after its trigger"
+    )
+    trigger_timeout_s: float = Field(
+        default=1.0, gt=0, description="triggered: a trigger with no frame by trigger + delay + this is reported missed"
+    )
+    gpio_chip: str = Field(default="/dev/gpiochip0", description="triggered, gpio: the chip of the photo-eye line")
+    gpio_line: int = Field(default=0, ge=0, description="triggered, gpio: line offset on the chip")
+    gpio_edge: Literal["rising", "falling"] = Field(default="rising", description="triggered, gpio: which edge")
+
+
 class FileAndEnvSettings(BaseSettings):
     """Settings read from a TOML file (passed as init kwargs) that the environment overrides."""
 
@@ -269,6 +333,7 @@ class AgentSettings(FileAndEnvSettings):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
+    parts: PartsConfig = Field(default_factory=PartsConfig)
 
     @property
     def bundle_dir(self) -> Path:

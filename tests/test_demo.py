@@ -77,6 +77,8 @@ def test_demo_flow_with_a_given_bundle(tiny_bundle: Path, tmp_path: Path) -> Non
             "4",
             "--threads",
             "1",
+            "--mode",
+            "frames",
         ],
         capture_output=True,
         text=True,

@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", type=int, default=10, help="parts on the belt in the video")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for training and inference")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mode",
+        choices=("tracked", "frames"),
+        default="tracked",
+        help="tracked: one verdict per part and the real reject relay (default); frames: a verdict per frame",
+    )
 
 
 def say(text: str) -> None:
@@ -164,7 +170,46 @@ def run(args: argparse.Namespace) -> int:
     say(f"Step 4/5: starting a private MQTT broker (mosquitto) on 127.0.0.1:{broker.port} ...")
     with broker:
         say(f"   broker up; its log is {broker.log}\n")
+        if args.mode == "tracked":
+            return _run_tracked(args, bundle, video, broker, truth, spec, workdir, started)
         return _run_agent(args, bundle, video, broker, truth, spec, workdir, started)
+
+
+def _run_tracked(
+    args: argparse.Namespace,
+    bundle: Path,
+    video: Path,
+    broker: LocalMosquitto,
+    truth: ConveyorTruth,
+    spec: ConveyorSpec,
+    workdir: Path,
+    started: float,
+) -> int:
+    """Step 5 in tracked mode (edge_agent/demo/line.py), then its summary."""
+    from edge_agent.demo.line import run_tracked, say_tracked_summary
+
+    agent_started = time.monotonic()
+    try:
+        code, numbers = run_tracked(bundle, video, broker.host, broker.port, truth, spec, workdir, args.threads, say)
+    except BrokerError as exc:
+        say(f"Cannot run the demo: {exc}.")
+        return EXIT_UNAVAILABLE
+    if code != 0:
+        say(f"The agent failed (exit {code}); see {workdir / 'agent.log'}")
+        return code
+    say_tracked_summary(numbers, say)
+    say(
+        f"   agent run ....................... {time.monotonic() - agent_started:.1f} s; demo wall time "
+        f"{time.monotonic() - started:.1f} s"
+    )
+    for what, path in {
+        "bundle": bundle,
+        "video": video,
+        "agent log": workdir / "agent.log",
+        "relay log": workdir / "relay.log",
+    }.items():
+        say(f"   {what}: {path}")
+    return EXIT_OK
 
 
 def _training_available() -> bool:

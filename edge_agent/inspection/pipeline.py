@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,7 +36,8 @@ from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.scoring import Verdict
-from edge_agent.publish.messages import InspectionMessage, StageLatency
+from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
+from edge_agent.publish.messages import InspectionMessage, ModelRef, PartMessage, StageLatency
 from edge_agent.publish.mqtt import MqttPublisher
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,18 @@ class FrameJob:
     verdict: Verdict | None = None
     message: InspectionMessage | None = None
     nfa_done: float = 0.0  # monotonic time the NFA stage finished
+    trigger: Trigger | None = None  # triggered mode: the trigger this frame serves
 
 
 ResultHook = Callable[[FrameJob], None]
+
+
+class PartStage(Protocol):
+    """Frames in, part messages out (edge_agent.inspection.parts.TrackedParts)."""
+
+    def observe(self, frame: Frame, verdict: Verdict, model: ModelRef | None) -> list[PartMessage]: ...
+
+    def finish(self, frame: Frame | None, model: ModelRef | None) -> list[PartMessage]: ...
 
 
 @dataclass
@@ -175,8 +185,14 @@ class Pipeline:
         device_id: str,
         settings: PipelineSettings | None = None,
         on_result: ResultHook | None = None,
+        parts: PartStage | None = None,
+        triggers: TriggerBook | None = None,
     ) -> None:
         settings = settings or PipelineSettings()
+        self.triggers = triggers  # triggered mode: only frames a trigger asked for are inspected
+        self.frames_untriggered = 0
+        self.parts = parts  # tracked mode: frames -> part messages, in the publish stage (frames in order)
+        self.on_part: Callable[[PartMessage], None] | None = None
         self.source = source
         self.publisher = publisher
         self.device_id = device_id
@@ -299,6 +315,11 @@ class Pipeline:
                 break
             self.stats.frames_captured += 1
             job = FrameJob(frame=frame, capture_ms=(time.monotonic() - started) * 1000.0)
+            if self.triggers is not None:
+                job.trigger = self.triggers.take(frame.capture_time)
+                if job.trigger is None:
+                    self.frames_untriggered += 1
+                    continue
             self._forward(self._to_infer, job, "capture")
         self._put_end(self._to_infer, "capture")
 
@@ -341,6 +362,50 @@ class Pipeline:
                     log.exception("frame observer failed", extra={"event": "observer_failed", "error": str(exc)})
             if self.on_result is not None:
                 self.on_result(job)
+            if self.parts is not None:
+                assert job.verdict is not None and job.model is not None
+                self._publish_parts(self.parts.observe(job.frame, job.verdict, job.model.ref))
+            if job.trigger is not None:
+                self._publish_parts([self._triggered(job, job.trigger)])
+        if self.parts is not None and self.last_job is not None and self.error is None:
+            last = self.last_job
+            self._publish_parts(self.parts.finish(last.frame, last.model.ref if last.model else None))
+
+    def _triggered(self, job: FrameJob, trigger: Trigger) -> PartMessage:
+        assert job.verdict is not None and job.model is not None
+        verdict, frame = job.verdict, job.frame
+        regions = verdict.regions
+        log_nfa = min(r.log_nfa for r in regions) if regions else min(0.0, float(verdict.log_nfa.min()))
+        return triggered_message(
+            self.device_id,
+            trigger,
+            frame.sequence,
+            frame.capture_time,
+            verdict.anomalous,
+            verdict.log10_epsilon,
+            verdict.regions,
+            log_nfa,
+            round((time.monotonic() - frame.monotonic) * 1000.0, 3),
+            model=job.model.ref,
+        )
+
+    def _publish_parts(self, messages: list[PartMessage]) -> None:
+        for message in messages:
+            self.publisher.publish_part(message)
+            log.info(
+                "part decided",
+                extra={
+                    "event": "part_decided",
+                    "mode": message.mode,
+                    "status": message.status,
+                    "part_id": message.part_id,
+                    "anomalous": message.anomalous,
+                    "log_nfa": round(message.log_nfa, 3),
+                    "frames": message.frames.count,
+                },
+            )
+            if self.on_part is not None:
+                self.on_part(message)
 
     def _next(self, queue: StageQueue[FrameJob], stage: str) -> FrameJob | None:
         """The next job for a stage, or None at the end of the stream."""

@@ -2,6 +2,7 @@
 
 Topics live under ``<prefix>/<device_id>/``:
 ``status`` (retained text: online | offline | stopped), ``inspection`` (QoS 1, InspectionMessage),
+``part`` (QoS 1, PartMessage: one per part with ``[parts] mode`` on), ``trigger`` in (TriggerMessage),
 ``stats`` (StatsMessage), ``cmd/<name>`` in (COMMANDS: ReloadCommand, SnapshotCommand, ThresholdCommand,
 UpdateCommand), ``cmd/<name>/result`` out (CommandResult),
 ``update`` (UpdateEvent, fleet update progress).
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from edge_agent.config import ID_PATTERN
 
 SCHEMA = "uflow.inspection/1"
+PART_SCHEMA = "uflow.part/1"
 
 # Ids that end up in MQTT topics, file names or an actuator's argv: no '/', '+', '#', no leading '-'
 # (option injection), bounded length. Device, relay and message ids all follow it.
@@ -92,6 +94,75 @@ class InspectionMessage(_Payload):
         return self.model_dump_json(by_alias=True)
 
 
+class PartFrames(_Payload):
+    """The frames a part's verdict combines."""
+
+    count: int = Field(ge=0, description="frames of the part that were inspected (0: a trigger with no frame)")
+    first_sequence: int | None = Field(default=None, description="frame sequence numbers, first and last")
+    last_sequence: int | None = None
+
+
+class PartRegion(_Payload):
+    """A place on the part with its combined evidence."""
+
+    bbox: tuple[int, int, int, int] = Field(
+        description="x, y, w, h in part coordinates: x from the part's leading edge along the travel, y the frame row"
+    )
+    log_nfa: float = Field(description="the place's log10 NFA over the part's frames (docs/parts.md)")
+    frames: int = Field(ge=0, description="frames in the run of observations that gave that evidence")
+    best_sequence: int = Field(description="the frame where the place was most significant")
+    best_bbox: tuple[int, int, int, int] = Field(description="its region in that frame, source-frame pixels")
+    best_frame_log_nfa: float = Field(description="log10 NFA in that frame alone")
+
+
+class PartPosition(_Payload):
+    """Where the part was in the frame that decided it (frame pixels along the belt axis)."""
+
+    leading_x: float = Field(description="frame x of the part's leading (downstream) edge")
+    trailing_x: float = Field(description="frame x of its trailing edge")
+    decision_line_x: float = Field(description="frame x of the decision line")
+    beyond_line_px: float = Field(description="how far the part's centre is past the decision line, along the travel")
+    beyond_line_m: float | None = Field(default=None, description="the same in metres, when [parts] px_per_m is set")
+    belt_px_s: float | None = Field(default=None, description="the belt speed the agent saw, pixels per second")
+
+
+class PartMessage(_Payload):
+    """One part: the verdict over all of its frames (tracked) or its triggered frame."""
+
+    schema_: str = Field(default=PART_SCHEMA, alias="schema")
+    message_id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="deduplicate on this")
+    device_id: str
+    part_id: str = Field(description="unique per device across restarts: <agent start, unix s>-<count>")
+    mode: Literal["tracked", "triggered"]
+    status: Literal["inspected", "no_frame"] = Field(
+        default="inspected", description="no_frame: a trigger that got no frame in time (never silently dropped)"
+    )
+    anomalous: bool
+    log_nfa: float = Field(description="the part's log10 NFA (anomalous when below log10_epsilon)")
+    log10_epsilon: float
+    first_capture_time: float = Field(description="unix seconds (camera clock): the part's first frame")
+    decision_time: float = Field(description="unix seconds (camera clock): capture time of the deciding frame")
+    frames: PartFrames
+    regions: list[PartRegion] = Field(default_factory=list)
+    position_at_decision: PartPosition | None = Field(default=None, description="tracked mode only")
+    trigger_time: float | None = Field(default=None, description="triggered mode: when the trigger came (unix s)")
+    model: ModelRef | None = None
+    latency_ms: float = Field(default=0.0, description="deciding frame's capture to this message being queued")
+    replayed: bool = False
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class TriggerMessage(_Payload):
+    """A trigger on ``<prefix>/<device_id>/trigger`` (or POSTed to /trigger): a part is at the camera."""
+
+    time: float | None = Field(default=None, description="unix seconds of the trigger; default: when it arrived")
+    trigger_id: str | None = Field(default=None, max_length=64, description="echoed in logs")
+
+
 class StatsMessage(_Payload):
     """Periodic health numbers (every mqtt.stats_interval_s, and at once when the source changes state)."""
 
@@ -116,6 +187,14 @@ class StatsMessage(_Payload):
     status: Literal["ok", "degraded"] = "ok"
     problems: list[str] = Field(default_factory=list, description="why the status is degraded (as /healthz)")
     model: ModelRef | None = None
+    parts_decided: int | None = Field(default=None, description="[parts] mode on: part messages since start")
+    parts_anomalous: int | None = None
+    parts_noise: int | None = Field(default=None, description="tracked: blobs seen too briefly to be parts")
+    triggers_received: int | None = Field(default=None, description="triggered: triggers since start")
+    triggers_missed: int | None = Field(default=None, description="triggered: triggers that got no frame in time")
+    triggers_storm: int | None = Field(
+        default=None, description="triggered: triggers that came while the previous one still waited for its frame"
+    )
 
 
 class RelayDeviceStats(_Payload):

@@ -1,4 +1,4 @@
-"""What the agent publishes: inspection messages (QoS 1, through the outbox), command results and stats.
+"""What the agent publishes: inspection and part messages (QoS 1, through the outbox), command results and stats.
 
 The transport under it (sessions, reconnects, the outbox window, the final status) is
 ``edge_agent.publish.session``; the topics and payloads are ``edge_agent.publish.messages``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from edge_agent.publish.messages import CommandResult, InspectionMessage, StatsMessage
+from edge_agent.publish.messages import CommandResult, InspectionMessage, PartMessage, StatsMessage
 from edge_agent.publish.outbox import OutgoingMessage
 from edge_agent.publish.session import MqttSession
 
@@ -19,21 +19,29 @@ class MqttPublisher(MqttSession):
 
     def publish_inspection(self, message: InspectionMessage) -> bool:
         """Queue one inspection message at QoS 1 (unless policy skips good frames); True when queued."""
-        if self.config.publish == "anomalous" and not message.anomalous:
+        if self.config.publish == "none" or (self.config.publish == "anomalous" and not message.anomalous):
             self.counters.inspections_skipped += 1
             return False
+        self._queue(message.message_id, "inspection", message.to_json())
+        self.counters.inspections_published += 1
+        return True
+
+    def publish_part(self, message: PartMessage) -> None:
+        """Queue one part message at QoS 1, through the same spool and expiry as inspections (every part)."""
+        self._queue(message.message_id, "part", message.to_json())
+        self.counters.parts_published += 1
+
+    def _queue(self, key: str, leaf: str, payload: str) -> None:
         expiry = self.config.message_expiry_s
         outgoing = OutgoingMessage(
-            key=message.message_id,
-            topic=self.topic("inspection"),
-            payload=message.to_json().encode("utf-8"),
+            key=key,
+            topic=self.topic(leaf),
+            payload=payload.encode("utf-8"),
             qos=1,
             expires_at=time.time() + expiry if expiry > 0 else None,
         )
         self.outbox.add(outgoing)
-        self.counters.inspections_published += 1
         self._pump()
-        return True
 
     def publish_result(self, result: CommandResult) -> None:
         """A command's reply on ``cmd/<name>/result`` (QoS 1, kept in memory until acknowledged)."""

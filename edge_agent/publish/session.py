@@ -60,7 +60,8 @@ class PublisherCounters:
 
     connects: int = 0
     inspections_published: int = 0
-    inspections_skipped: int = 0  # not anomalous under publish = "anomalous"
+    inspections_skipped: int = 0  # not anomalous under publish = "anomalous", or every one under "none"
+    parts_published: int = 0
     acked: int = 0
     refused: int = 0  # PUBACK with a failure reason (MQTT 5)
     messages_received: int = 0  # on subscribed topics (commands)

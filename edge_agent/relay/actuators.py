@@ -54,6 +54,7 @@ class FireOrder:
     planned_time: float  # relay wall clock
     deadline: float
     relay_id: str
+    part_id: str = ""  # part messages only
 
     def fields(self, fired_time: float) -> dict[str, Any]:
         """The values the placeholders and the JSON body carry."""
@@ -68,6 +69,7 @@ class FireOrder:
             "fired_time": fired_time,
             "lateness_ms": (fired_time - self.planned_time) * 1000.0,
             "relay_id": self.relay_id,
+            "part_id": self.part_id,
         }
 
     def text_fields(self, fired_time: float) -> dict[str, str]:

@@ -35,6 +35,7 @@ FIRE_FIELDS = (
     "fired_time",
     "lateness_ms",
     "relay_id",
+    "part_id",
 )
 
 
@@ -89,6 +90,12 @@ class TravelConfig(_Section):
     )
     clock_offset_s: float | None = Field(
         default=None, description="relay clock minus this camera's clock (fixed mode; fallback in estimate mode)"
+    )
+    decision_distance_m: float | None = Field(
+        default=None,
+        gt=0,
+        description="part messages: distance along the belt from the camera's decision line to the actuator "
+        "(fire when the belt has moved this far, less how far the part already was past the line)",
     )
 
     @model_validator(mode="after")
@@ -179,6 +186,27 @@ class ClockConfig(_Section):
     )
 
 
+class BeltConfig(_Section):
+    """The belt speed for part messages: configured ([timing] speed_m_s) or live from the PLC."""
+
+    speed_topic: str | None = Field(
+        default=None,
+        description='MQTT topic with the live belt speed, JSON {"speed_m_s": 0.42}; pending part rejects are '
+        "re-planned at every change (a stopped belt holds them)",
+    )
+    max_speed_m_s: float = Field(default=20.0, gt=0, description="speed messages above this are refused as malformed")
+
+
+@dataclass(frozen=True)
+class PartTiming:
+    """The resolved timing of one camera's part messages."""
+
+    distance_m: float  # decision line -> actuator
+    speed_m_s: float | None  # configured; None: only the live speed topic
+    tolerance_s: float
+    clock_offset_s: float
+
+
 class RelaySettings(FileAndEnvSettings):
     """Everything the reject relay reads at start-up."""
 
@@ -207,6 +235,7 @@ class RelaySettings(FileAndEnvSettings):
     timing: TravelConfig = Field(default_factory=TravelConfig, description="defaults for every camera")
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     actuator: ActuatorConfig | None = None
+    belt: BeltConfig = Field(default_factory=BeltConfig)
     max_devices: int = Field(
         default=256,
         gt=0,
@@ -227,7 +256,8 @@ class RelaySettings(FileAndEnvSettings):
                     "(it is used in MQTT topics and actuator arguments)"
                 )
         for device_id, device in self.devices.items():
-            if resolve_travel(device, self.timing, f"devices.{device_id}") is None:
+            parts = device.decision_distance_m is not None or self.timing.decision_distance_m is not None
+            if resolve_travel(device, self.timing, f"devices.{device_id}") is None and not parts:
                 raise ValueError(
                     f"devices.{device_id}: no travel time (set delay_s, or distance_m and speed_m_s, here or in [timing])"
                 )
@@ -257,6 +287,25 @@ class RelaySettings(FileAndEnvSettings):
 
         return DeviceTiming(travel_s, pick("tolerance_s", DEFAULT_TOLERANCE_S), pick("clock_offset_s", 0.0), how)
 
+    def part_timing_for(self, device_id: str) -> PartTiming | None:
+        """A camera's part timing ([devices.<id>] over [timing]); None without a decision distance."""
+        device = self.devices.get(device_id)
+
+        def pick(name: str) -> float | None:
+            own = getattr(device, name) if device is not None else None
+            return own if own is not None else getattr(self.timing, name)
+
+        distance = pick("decision_distance_m")
+        if distance is None:
+            return None
+        tolerance, offset = pick("tolerance_s"), pick("clock_offset_s")
+        return PartTiming(
+            distance_m=float(distance),
+            speed_m_s=pick("speed_m_s"),
+            tolerance_s=DEFAULT_TOLERANCE_S if tolerance is None else float(tolerance),
+            clock_offset_s=0.0 if offset is None else float(offset),
+        )
+
     def actuator_for(self, device_id: str) -> ActuatorConfig | None:
         """The device's own actuator, else the default one."""
         device = self.devices.get(device_id)
@@ -282,6 +331,8 @@ def resolve_travel(device: TravelConfig | None, default: TravelConfig, where: st
         distance, speed = default.distance_m, default.speed_m_s
         if distance is None or speed is None:
             return None
+    if distance is None and device is not None and device.decision_distance_m is not None:
+        return None  # a parts camera: its speed goes with the decision distance, not a travel time
     if distance is None or speed is None:
         missing = "distance_m" if distance is None else "speed_m_s"
         raise ValueError(f"{where}: {missing} is missing (distance_m and speed_m_s go together)")

@@ -151,7 +151,9 @@ class RelayConnection:
             "reject relay connected",
             extra={"event": "relay_connected", "session_present": session_present, "topics": self.settings.mqtt.topics},
         )
-        topics = self.settings.mqtt.topics
+        topics = list(self.settings.mqtt.topics)
+        if self.settings.belt.speed_topic and self.settings.belt.speed_topic not in topics:
+            topics.append(self.settings.belt.speed_topic)  # the live belt speed for part rejects
         dropped = [t for t in (self.journal.get_meta(TOPICS_KEY) or []) if t not in topics]
         if dropped and session_present:
             # The persistent session still holds subscriptions the config no longer lists.

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_agent.relay.actuators import Actuator, ActuatorError, FireOrder
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal
+from edge_agent.relay.parts import BeltTravel, due_in
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Firing:
         self._cond = threading.Condition()
         self._numbers = itertools.count()
         self._inflight = 0
+        self._belt: dict[int, BeltTravel] = {}  # job number -> distance still to go (part rejects)
         self._halt = threading.Event()  # the scheduler leaves what is not yet due in the journal
         self._beat = time.monotonic()
         self._executor = ThreadPoolExecutor(ACTUATOR_WORKERS, thread_name_prefix="relay-actuator")
@@ -82,14 +84,52 @@ class Firing:
         """Start the scheduler thread."""
         self._thread.start()
 
-    def submit(self, order: FireOrder, plan: Plan, actuator: Actuator, arrival: float, arrival_mono: float) -> None:
-        """Schedule a reject planned on the wall clock, due on the monotonic one."""
+    def submit(
+        self,
+        order: FireOrder,
+        plan: Plan,
+        actuator: Actuator,
+        arrival: float,
+        arrival_mono: float,
+        travel: BeltTravel | None = None,
+    ) -> None:
+        """Schedule a reject planned on the wall clock, due on the monotonic one.
+
+        ``travel``: a part reject's distance still to go, so that ``retime`` can follow belt speed changes.
+        """
         # Wall-clock plan -> monotonic due time, so a step of the relay's own clock cannot move a reject.
         due = arrival_mono + (plan.planned_time - arrival)
         job = Job(due, next(self._numbers), arrival_mono + (plan.deadline - arrival), order, plan, actuator)
         with self._cond:
+            if travel is not None:
+                self._belt[job.number] = travel
             heapq.heappush(self._heap, job)
             self._cond.notify()
+
+    def retime(self, old_speed: float | None, new_speed: float) -> int:
+        """Re-time every pending part reject after a belt speed change; returns how many moved.
+
+        Each keeps the distance it still had to go at the old speed; a stopped belt (0) makes it wait.
+        """
+        now_mono, now_wall = time.monotonic(), time.time()
+        moved = 0
+        with self._cond:
+            for job in self._heap:
+                travel = self._belt.get(job.number)
+                if travel is None:
+                    continue
+                if old_speed is not None:
+                    travel.remaining_m -= old_speed * max(0.0, now_mono - travel.as_of)
+                travel.as_of = now_mono
+                wait = due_in(travel.remaining_m, new_speed)
+                job.due = now_mono + wait
+                job.deadline_mono = job.due + travel.tolerance_s
+                planned = now_wall + wait
+                job.plan = replace(job.plan, planned_time=planned, deadline=planned + travel.tolerance_s)
+                moved += 1
+            heapq.heapify(self._heap)
+            self._cond.notify_all()
+        return moved
 
     def drain(self, drain_s: float) -> None:
         """Wait (at most ``drain_s``) until nothing due within ``drain_s`` is left or in flight."""
@@ -136,6 +176,7 @@ class Firing:
         finally:
             with self._cond:
                 self._inflight -= 1
+                self._belt.pop(job.number, None)
 
     def _fire_job(self, job: Job) -> None:
         order, plan = job.order, job.plan

@@ -40,6 +40,7 @@ from edge_agent.relay.connection import RelayConnection
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.firing import Firing, Job
 from edge_agent.relay.intake import MalformedMessage, device_of_topic, parse_inspection
+from edge_agent.relay.parts import PART_LEAF, PartDecisions
 from edge_agent.relay.report import Counters, late_hint, log_decision, log_order, quantile
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
 
@@ -67,6 +68,7 @@ class RejectRelay:
         self.connection = RelayConnection(settings, self.journal, self._on_message)
         self.firing = Firing(settings, self.journal, self._on_outcome)
         self._actuators = self._build_actuators()
+        self.parts = PartDecisions(self)  # part and belt speed messages (relay/parts.py)
 
     # -- topics and state ---------------------------------------------------------------------------
 
@@ -156,6 +158,10 @@ class RejectRelay:
 
     def handle(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> str:
         """Decide one message (journaled before returning); returns the decision name."""
+        if topic == self.settings.belt.speed_topic:
+            return self.parts.handle_speed(topic, payload)
+        if topic.rsplit("/", 1)[-1] == PART_LEAF:
+            return self.parts.handle_part(topic, payload, arrival, arrival_mono)
         try:
             device = device_of_topic(topic)
             message = parse_inspection(payload)
@@ -164,7 +170,7 @@ class RejectRelay:
                     f"device_id {message.device_id!r} is not the topic's {device!r}; a camera publishes only "
                     "under its own id"
                 )
-            self._admit_device(device)
+            self.admit_device(device)
         except MalformedMessage as exc:
             with self._lock:
                 self.counters.malformed += 1
@@ -229,7 +235,11 @@ class RejectRelay:
         self._schedule(message, plan, actuator, arrival, arrival_mono, topic)
         return "scheduled"
 
-    def _admit_device(self, device: str) -> None:
+    def actuator_of(self, device: str) -> Actuator | None:
+        """The camera's own actuator, else the default one."""
+        return self._actuators.get(device) or self._actuators.get("")
+
+    def admit_device(self, device: str) -> None:
         """Refuse a camera beyond ``max_devices`` (per-camera counters and clock state stay bounded)."""
         with self._lock:
             if device in self.counters.devices or device in self.settings.devices:
@@ -329,6 +339,9 @@ class RejectRelay:
             )
         now, now_mono = time.time(), time.monotonic()
         for entry in self.journal.entries("scheduled"):
+            if entry.message_id.startswith("part:"):
+                self.parts.resume(entry, now, now_mono)
+                continue
             try:
                 message = InspectionMessage.model_validate_json(entry.message or "")
                 plan = Plan(**(entry.plan or {}))
@@ -394,6 +407,10 @@ class RejectRelay:
             log_order("failed", order, plan, logging.ERROR, **context)
 
     # -- counting, logging, stats -------------------------------------------------------------------
+
+    def count(self, device_id: str, name: str) -> None:
+        """One more ``name`` for a camera."""
+        self._count(device_id, name)
 
     def _count(self, device_id: str, name: str) -> None:
         with self._lock:

@@ -63,6 +63,7 @@ def log_order(decision: str, order: FireOrder, plan: Plan, level: int, **context
         "device_id": order.device_id,
         "sequence": order.sequence,
         "capture_time": order.capture_time,
+        **({"part_id": order.part_id} if order.part_id else {}),
         **plan_fields(plan),
         **context,
     }

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 10.0
+MAX_POST_BYTES = 4096  # POST routes take small JSON bodies (a trigger)
 MAX_CONNECTIONS = 32
 
 
@@ -35,6 +36,8 @@ class HttpRequest:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    method: str = "GET"
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class HttpServer:
         self.max_connections = max_connections
         self.refused_connections = 0
         self._routes: dict[str, Route] = {}
+        self._post_routes: dict[str, Route] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -74,6 +78,12 @@ class HttpServer:
         if not path.startswith("/"):
             raise ValueError(f"route paths start with '/': {path!r}")
         self._routes[path] = handler
+
+    def route_post(self, path: str, handler: Route) -> None:
+        """Serve ``handler`` for POST on ``path``; the body (at most MAX_POST_BYTES) is in ``request.body``."""
+        if not path.startswith("/"):
+            raise ValueError(f"route paths start with '/': {path!r}")
+        self._post_routes[path] = handler
 
     @property
     def routes(self) -> list[str]:
@@ -106,7 +116,7 @@ class HttpServer:
 
     def dispatch(self, request: HttpRequest) -> HttpResponse:
         """The response for one request (404 lists the routes; a failing handler gives 500)."""
-        handler = self._routes.get(request.path)
+        handler = (self._post_routes if request.method == "POST" else self._routes).get(request.path)
         if handler is None:
             body = "not found; routes: " + ", ".join(self.routes) + "\n"
             return HttpResponse(HTTPStatus.NOT_FOUND, body.encode())
@@ -129,12 +139,25 @@ class HttpServer:
             def do_HEAD(self) -> None:
                 self._answer(send_body=False)
 
-            def _answer(self, send_body: bool) -> None:
+            def do_POST(self) -> None:
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_POST_BYTES:
+                    self.close_connection = True  # the unread body must not be taken for the next request
+                    self._send(HttpResponse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"body too large or unreadable\n"))
+                    return
+                self._answer(send_body=True, method="POST", body=self.rfile.read(length) if length else b"")
+
+            def _answer(self, send_body: bool, method: str = "GET", body: bytes = b"") -> None:
                 parts = urlsplit(self.path)
                 request = HttpRequest(
-                    parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}
+                    parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}, method, body
                 )
-                response = server.dispatch(request)
+                self._send(server.dispatch(request), send_body)
+
+            def _send(self, response: HttpResponse, send_body: bool = True) -> None:
                 self.send_response(response.status)
                 self.send_header("Content-Type", response.content_type)
                 self.send_header("Content-Length", str(len(response.body)))

@@ -1,0 +1,180 @@
+"""Tracked mode: frames in, one ``PartMessage`` per part out (tracking.py follows, part_verdict.py decides).
+
+Runs in the pipeline's publish stage, which sees every inspected frame in order, after the frame's own
+inspection message: :meth:`TrackedParts.observe` feeds the tracker with the frame and each part in view
+with the frame's log10 NFA map, and returns the messages of the parts decided by this frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.config import PartsConfig
+from edge_agent.inspection.drivers import Frame
+from edge_agent.inspection.part_verdict import FrameObservation, PartDecision, PartEvidence
+from edge_agent.inspection.scoring import Verdict
+from edge_agent.inspection.tracking import DecidedPart, PartTracker, TrackedPart, TrackingSettings
+from edge_agent.publish.messages import ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
+
+
+def tracking_settings(config: PartsConfig) -> TrackingSettings:
+    """The tracker's settings from the ``[parts]`` section."""
+    return TrackingSettings(
+        direction=config.direction,
+        background_frames=config.background_frames,
+        threshold_sigma=config.threshold_sigma,
+        min_contrast=config.min_contrast,
+        column_fill=config.column_fill,
+        min_part_px=config.min_part_px,
+        decision_line=config.decision_line,
+        speed_px_s=config.speed_px_s,
+        min_frames=config.min_frames,
+    )
+
+
+@dataclass
+class PartCounters:
+    """Parts since start (stats, /metrics, the demo's summary)."""
+
+    decided: int = 0
+    anomalous: int = 0
+    noise: int = 0  # blobs seen in fewer than min_frames frames
+
+
+@dataclass(frozen=True)
+class PartsView:
+    """What the preview draws: the parts in view of the last frame and the decision line."""
+
+    sequence: int
+    parts: tuple[tuple[str, int, int, bool], ...]  # part id, x0, x1 (ROI pixels), already decided
+    decision_line_x: float
+    direction: str
+
+
+@dataclass
+class TrackedParts:
+    """The tracker, each part's evidence and the part messages (single thread: the publish stage)."""
+
+    config: PartsConfig
+    device_id: str
+    started: float = field(default_factory=time.time)
+    counters: PartCounters = field(default_factory=PartCounters)
+    _tracker: PartTracker | None = None
+    _evidence: dict[str, PartEvidence] = field(default_factory=dict)
+    _last_time: float | None = None
+    _speed_px_s: float | None = None
+    _view: PartsView | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def view(self) -> PartsView | None:
+        """The latest frame's parts (read by the preview from another thread)."""
+        with self._lock:
+            return self._view
+
+    def observe(self, frame: Frame, verdict: Verdict, model: ModelRef | None) -> list[PartMessage]:
+        """One inspected frame; the messages of the parts it decided."""
+        image = frame.image
+        if self._tracker is None:
+            prefix = f"{int(self.started)}-"
+            self._tracker = PartTracker(tracking_settings(self.config), image.shape[1], id_prefix=prefix)
+        tracker = self._tracker
+        in_view, decided = tracker.update(image, frame.sequence, frame.capture_time)
+        self._measure_speed(tracker, frame.capture_time)
+        height, width = image.shape[:2]
+        map_h, map_w = verdict.log_nfa.shape
+        scale = (width / map_w, height / map_h)
+        sign = 1 if self.config.direction == "right_to_left" else -1
+        for part in in_view:
+            if part.track.decided:
+                continue
+            evidence = self._evidence.setdefault(part.track.part_id, self._new_evidence(verdict))
+            evidence.add(
+                FrameObservation(frame.sequence, verdict.log_nfa, scale, part.origin_x, sign, (part.x0, part.x1))
+            )
+        with self._lock:
+            self._view = _view_of(frame.sequence, in_view, tracker)
+        self.counters.noise = tracker.noise
+        return [self._message(done, frame, model) for done in decided]
+
+    def finish(self, frame: Frame | None, model: ModelRef | None) -> list[PartMessage]:
+        """End of the stream: decide the parts still in view (with enough frames)."""
+        if self._tracker is None or frame is None:
+            return []
+        decided = self._tracker.flush(frame.sequence)
+        self.counters.noise = self._tracker.noise
+        return [self._message(done, frame, model) for done in decided]
+
+    def _new_evidence(self, verdict: Verdict) -> PartEvidence:
+        return PartEvidence(verdict.log10_epsilon, candidate_slack=self.config.candidate_slack)
+
+    def _measure_speed(self, tracker: PartTracker, capture_time: float) -> None:
+        if self._last_time is not None and capture_time > self._last_time:
+            speed = tracker.motion.last_px / (capture_time - self._last_time)
+            self._speed_px_s = speed if self._speed_px_s is None else 0.8 * self._speed_px_s + 0.2 * speed
+        self._last_time = capture_time
+
+    def _message(self, done: DecidedPart, frame: Frame, model: ModelRef | None) -> PartMessage:
+        track = done.track
+        evidence = self._evidence.pop(track.part_id, None)
+        decision = evidence.decide(track.u1 - track.u0) if evidence is not None and evidence.observations else None
+        self.counters.decided += 1
+        anomalous = bool(decision and decision.anomalous)
+        self.counters.anomalous += int(anomalous)
+        centre = (done.leading_x + done.trailing_x) / 2.0
+        beyond = (
+            done.decision_line_x - centre if self.config.direction == "right_to_left" else centre - done.decision_line_x
+        )
+        px_per_m = self.config.px_per_m
+        return PartMessage(
+            device_id=self.device_id,
+            part_id=track.part_id,
+            mode="tracked",
+            anomalous=anomalous,
+            log_nfa=decision.log_nfa if decision else 0.0,
+            log10_epsilon=decision.log10_epsilon if decision else 0.0,
+            first_capture_time=track.first_capture_time,
+            decision_time=frame.capture_time,
+            frames=PartFrames(count=track.frames, first_sequence=track.first_frame, last_sequence=track.last_frame),
+            regions=_regions(decision, frame.roi_offset),
+            position_at_decision=PartPosition(
+                leading_x=round(done.leading_x, 2),
+                trailing_x=round(done.trailing_x, 2),
+                decision_line_x=round(done.decision_line_x, 2),
+                beyond_line_px=round(beyond, 2),
+                beyond_line_m=None if px_per_m is None else round(beyond / px_per_m, 5),
+                belt_px_s=None if self._speed_px_s is None else round(self._speed_px_s, 2),
+            ),
+            model=model,
+            latency_ms=round((time.monotonic() - frame.monotonic) * 1000.0, 3),
+        )
+
+
+def _regions(decision: PartDecision | None, offset: tuple[int, int]) -> list[PartRegion]:
+    if decision is None:
+        return []
+    return [
+        PartRegion(
+            bbox=r.bbox,
+            log_nfa=round(r.log_nfa, 4),
+            frames=r.frames,
+            best_sequence=r.best_sequence,
+            best_bbox=(r.best_bbox[0] + offset[0], r.best_bbox[1] + offset[1], r.best_bbox[2], r.best_bbox[3]),
+            best_frame_log_nfa=round(r.best_frame_log_nfa, 4),
+        )
+        for r in decision.regions
+        if np.isfinite(r.log_nfa) and r.log_nfa < decision.log10_epsilon
+    ]
+
+
+def _view_of(sequence: int, in_view: list[TrackedPart], tracker: PartTracker) -> PartsView:
+    return PartsView(
+        sequence=sequence,
+        parts=tuple((p.track.part_id, p.x0, p.x1, p.track.decided) for p in in_view),
+        decision_line_x=tracker.decision_x,
+        direction=tracker.settings.direction,
+    )

@@ -1,0 +1,364 @@
+"""Part messages at the relay: one reject per part id, timed by the belt's travel from the decision line.
+
+A ``part`` message (``uflow.part/1``) says when a part was decided (``decision_time``, camera clock) and
+how far it already was past the camera's decision line (``position_at_decision.beyond_line_m``). The
+actuator is ``decision_distance_m`` down the belt from that line, so the reject is due once the belt
+has moved ``decision_distance_m - beyond_line_m`` since the decision::
+
+    due = decision time (relay clock) + remaining distance / belt speed
+
+The belt speed is the configured ``speed_m_s`` or, when ``[belt] speed_topic`` is set, the PLC's live
+value: every change re-plans the pending part rejects from the distance still to go (a stopped belt
+holds them, a faster one brings them forward). The journal key is ``part:<device>:<part id>``, so a
+part is never fired twice, whatever its message ids and across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from edge_agent.publish.messages import (
+    PART_SCHEMA,
+    PartMessage,
+    PayloadError,
+    StageLatency,
+    is_valid_id,
+    parse_json_object,
+)
+from edge_agent.relay.actuators import FireOrder
+from edge_agent.relay.report import plan_fields
+from edge_agent.relay.schedule import Plan
+
+if TYPE_CHECKING:
+    from edge_agent.relay.relay import RejectRelay
+
+log = logging.getLogger(__name__)
+
+PART_LEAF = "part"
+MAX_PART_BYTES = 1 << 20
+MAX_SPEED_BYTES = 4096
+GOOD_IDS_REMEMBERED = 4096
+
+
+class PartMalformed(ValueError):
+    """Not a part message (or not a speed message); the text says why."""
+
+
+def parse_part(payload: bytes) -> PartMessage:
+    """A part message from a payload (fields a newer agent adds are ignored); PartMalformed says why not."""
+    try:
+        data = parse_json_object(payload, MAX_PART_BYTES)
+    except PayloadError as exc:
+        raise PartMalformed(str(exc)) from exc
+    schema = data.get("schema", PART_SCHEMA)
+    if not isinstance(schema, str) or schema.split("/")[0] != PART_SCHEMA.split("/")[0] or schema.split("/")[-1] != "1":
+        raise PartMalformed(f"schema {schema!r} is not {PART_SCHEMA!r}")
+    known = {f.alias or name for name, f in PartMessage.model_fields.items()} | set(PartMessage.model_fields)
+    try:
+        message = PartMessage.model_validate({k: v for k, v in data.items() if k in known})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise PartMalformed(problems) from exc
+    for name in ("device_id", "message_id", "part_id"):
+        if not is_valid_id(getattr(message, name)):
+            raise PartMalformed(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
+    return message
+
+
+def parse_speed(payload: bytes, max_speed: float) -> float:
+    """``{"speed_m_s": v}`` -> v (finite, 0 <= v <= max_speed); PartMalformed otherwise."""
+    try:
+        data = parse_json_object(payload, MAX_SPEED_BYTES, max_depth=2)
+    except PayloadError as exc:
+        raise PartMalformed(str(exc)) from exc
+    value = data.get("speed_m_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PartMalformed('a speed message is {"speed_m_s": <number>}')
+    if not 0.0 <= value <= max_speed:
+        raise PartMalformed(f"speed_m_s {value} is outside [0, {max_speed}] (belt.max_speed_m_s)")
+    return float(value)
+
+
+def part_key(message: PartMessage) -> str:
+    """The journal key: one decision per part id of a camera."""
+    return f"part:{message.device_id}:{message.part_id}"
+
+
+@dataclass(frozen=True)
+class ClockView:
+    """A part message as the clock estimator reads a message: the decision frame's time and latency."""
+
+    device_id: str
+    capture_time: float
+    latency_ms: StageLatency
+    replayed: bool
+
+    @classmethod
+    def of(cls, message: PartMessage) -> ClockView:
+        return cls(message.device_id, message.decision_time, StageLatency(total=message.latency_ms), message.replayed)
+
+
+@dataclass
+class BeltTravel:
+    """A pending part reject: the distance still to go, as of a monotonic time."""
+
+    remaining_m: float
+    as_of: float  # monotonic
+    tolerance_s: float
+
+
+class BeltSpeed:
+    """The live belt speed (None until the PLC said), thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value: float | None = None
+        self.updates = 0
+
+    def set(self, speed: float) -> float | None:
+        """Store a new speed; returns the previous one."""
+        with self._lock:
+            old, self.value = self.value, speed
+            self.updates += 1
+            return old
+
+
+def due_in(remaining_m: float, speed: float) -> float:
+    """Seconds until the belt has moved ``remaining_m`` at ``speed`` (inf while stopped)."""
+    if remaining_m <= 0:
+        return 0.0
+    return math.inf if speed <= 0 else remaining_m / speed
+
+
+def plan_part(
+    message: PartMessage,
+    arrival: float,
+    distance_m: float,
+    speed: float,
+    tolerance_s: float,
+    offset_s: float,
+    source: str,
+) -> tuple[Plan, float]:
+    """(the plan, the distance still to go at ``arrival``) for an anomalous part message."""
+    decided = message.decision_time + offset_s
+    bound = arrival - message.latency_ms / 1000.0
+    if decided > bound:  # a camera clock running ahead cannot push the reject later than the arrival allows
+        decided, source = bound, f"{source}+arrival-bound"
+    beyond = message.position_at_decision.beyond_line_m if message.position_at_decision else None
+    total = max(0.0, distance_m - (beyond or 0.0))
+    remaining = total - speed * max(0.0, arrival - decided)
+    planned = arrival + due_in(remaining, speed)
+    travel_s = total / speed if speed > 0 else math.inf
+    plan = Plan(decided, planned, planned + tolerance_s, travel_s, offset_s, source)
+    return plan, remaining
+
+
+def plan_record(plan: Plan, remaining_m: float) -> dict[str, Any]:
+    """What the journal keeps of a part plan (resumed after a restart at its last planned time)."""
+    return {**asdict(plan), "remaining_m": remaining_m}
+
+
+def plan_from_record(record: dict[str, Any]) -> Plan:
+    """The Plan part of a journal record."""
+    return Plan(**{k: record[k] for k in Plan.__dataclass_fields__})
+
+
+class PartDecisions:
+    """The relay's decisions on part and speed messages (it shares the relay's journal, counters and firing)."""
+
+    def __init__(self, relay: RejectRelay) -> None:
+        self.relay = relay
+        self.belt = BeltSpeed()
+
+    def handle_speed(self, topic: str, payload: bytes) -> str:
+        """A live belt speed: store it and re-time the pending part rejects."""
+        relay = self.relay
+        try:
+            speed = parse_speed(payload, relay.settings.belt.max_speed_m_s)
+        except PartMalformed as exc:
+            self._malformed(topic, exc, payload)
+            return "malformed"
+        old = self.belt.set(speed)
+        if old != speed:
+            moved = relay.firing.retime(old, speed)
+            log.info(
+                "belt speed %.3f m/s",
+                speed,
+                extra={"event": "relay_belt_speed", "speed_m_s": speed, "previous_m_s": old, "replanned": moved},
+            )
+        return "speed"
+
+    def handle_part(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> str:
+        """Decide one part message (journaled under the part's key before returning)."""
+        relay = self.relay
+        try:
+            device = device_of_part_topic(topic)
+            message = parse_part(payload)
+            if message.device_id != device:
+                raise PartMalformed(f"device_id {message.device_id!r} is not the topic's {device!r}")
+            relay.admit_device(device)
+        except ValueError as exc:  # PartMalformed, and the relay's MalformedMessage for a camera too many
+            self._malformed(topic, exc, payload)
+            return "malformed"
+        timing = relay.settings.part_timing_for(device)
+        offset = relay.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
+        with relay._lock:
+            stats = relay.counters.device(device)
+            stats.received += 1
+            stats.clock_offset_s, stats.clock_source = round(offset.offset_s, 6), offset.source
+        key = part_key(message)
+        if message.status == "no_frame":
+            log_part("no-frame", message, topic, None, logging.ERROR, reason="a trigger got no frame in time")
+            return "no-frame"
+        if not message.anomalous:
+            with relay._lock:
+                seen = key in relay._good_ids
+                relay._good_ids[key] = None
+                while len(relay._good_ids) > GOOD_IDS_REMEMBERED:
+                    relay._good_ids.popitem(last=False)
+            relay.count(device, "duplicates" if seen else "skipped_good")
+            if seen or relay.settings.log_good_decisions:
+                log_part("duplicate" if seen else "skipped-good", message, topic, None, logging.INFO)
+            return "duplicate" if seen else "skipped-good"
+        with relay._lock:
+            stats.anomalous += 1
+        actuator = relay.actuator_of(device)
+        speed = self.belt.value if self.belt.value is not None else (timing.speed_m_s if timing else None)
+        sequence = message.frames.last_sequence or 0
+        if timing is None or actuator is None or speed is None:
+            if not relay.journal.claim(key, device, sequence, "unconfigured"):
+                return self._duplicate(message, topic, key)
+            with relay._lock:
+                relay.counters.unconfigured += 1
+            what = "decision_distance_m" if timing is None else "actuator" if actuator is None else "belt speed"
+            log_part(
+                "unconfigured",
+                message,
+                topic,
+                None,
+                logging.ERROR,
+                reason=f"no {what} for device {device!r}: add it under [devices.{device}] or [timing]",
+            )
+            return "unconfigured"
+        source = offset.source + ("+live-speed" if self.belt.value is not None else "")
+        plan, remaining = plan_part(
+            message, arrival, timing.distance_m, speed, timing.tolerance_s, offset.offset_s, source
+        )
+        if arrival > plan.deadline:
+            if not relay.journal.claim(key, device, sequence, "missed", plan.planned_time, plan.deadline):
+                return self._duplicate(message, topic, key)
+            relay.count(device, "missed")
+            log_part("missed", message, topic, plan, logging.ERROR, reason="arrived after its deadline")
+            return "missed"
+        record = plan_record(plan, remaining)
+        if not relay.journal.claim(
+            key, device, sequence, "scheduled", plan.planned_time, plan.deadline, message.to_json(), record
+        ):
+            return self._duplicate(message, topic, key)
+        relay.firing.submit(
+            order_of(message, key, plan, relay.settings.relay_id),
+            plan,
+            actuator,
+            arrival,
+            arrival_mono,
+            BeltTravel(remaining, arrival_mono, timing.tolerance_s),
+        )
+        return "scheduled"
+
+    def resume(self, entry: Any, now: float, now_mono: float) -> None:
+        """A part reject a previous run scheduled: fire it at its last planned time if still in time."""
+        relay = self.relay
+        try:
+            message = PartMessage.model_validate_json(entry.message or "")
+            plan = plan_from_record(entry.plan or {})
+        except (ValidationError, TypeError, KeyError) as exc:
+            log.error(
+                "unreadable journal entry; counted missed",
+                extra={"event": "relay_journal_bad", "message_id": entry.message_id, "error": str(exc)},
+            )
+            relay.journal.finish(entry.message_id, "missed")
+            relay.count(entry.device_id, "missed")
+            return
+        actuator = relay.actuator_of(message.device_id)
+        if now > plan.deadline or actuator is None:
+            relay.journal.finish(entry.message_id, "missed")
+            relay.count(message.device_id, "missed")
+            reason = "deadline passed while the relay was down" if actuator else "no actuator any more"
+            log_part("missed", message, "journal", plan, logging.ERROR, reason=reason)
+            return
+        relay.firing.submit(
+            order_of(message, entry.message_id, plan, relay.settings.relay_id), plan, actuator, now, now_mono
+        )
+        log.info(
+            "resumed a scheduled part reject",
+            extra={"event": "relay_resumed", "message_id": entry.message_id, "part_id": message.part_id},
+        )
+
+    def _duplicate(self, message: PartMessage, topic: str, key: str) -> str:
+        self.relay.count(message.device_id, "duplicates")
+        log_part("duplicate", message, topic, None, logging.INFO, first_decision=self.relay.journal.state_of(key))
+        return "duplicate"
+
+    def _malformed(self, topic: str, exc: Exception, payload: bytes) -> None:
+        with self.relay._lock:
+            self.relay.counters.malformed += 1
+        log.warning(
+            "malformed message on %s: %s",
+            topic,
+            exc,
+            extra={
+                "event": "relay_decision",
+                "decision": "malformed",
+                "topic": topic[:200],
+                "error": str(exc),
+                "payload": payload[:200].decode("utf-8", "replace"),
+            },
+        )
+
+
+def device_of_part_topic(topic: str) -> str:
+    """The camera of ``<prefix>/<device_id>/part``; PartMalformed otherwise."""
+    levels = topic.split("/")
+    if len(levels) < 2 or levels[-1] != PART_LEAF or not is_valid_id(levels[-2]):
+        raise PartMalformed(f"topic {topic[:200]!r} is not <prefix>/<device_id>/{PART_LEAF}")
+    return levels[-2]
+
+
+def order_of(message: PartMessage, key: str, plan: Plan, relay_id: str) -> FireOrder:
+    """The fire order of a part (its journal key is the order's message id)."""
+    return FireOrder(
+        message_id=key,
+        device_id=message.device_id,
+        sequence=message.frames.last_sequence or 0,
+        capture_time=message.decision_time,
+        image_score=message.log_nfa,
+        regions=len(message.regions),
+        planned_time=plan.planned_time,
+        deadline=plan.deadline,
+        relay_id=relay_id,
+        part_id=message.part_id,
+    )
+
+
+def log_part(decision: str, message: PartMessage, topic: str, plan: Plan | None, level: int, **context: Any) -> None:
+    """One decision line about a part message."""
+    extra: dict[str, Any] = {
+        "event": "relay_decision",
+        "decision": decision,
+        "message_id": message.message_id,
+        "device_id": message.device_id,
+        "part_id": message.part_id,
+        "topic": topic,
+        "decision_time": message.decision_time,
+        "replayed": message.replayed,
+    }
+    if plan is not None:
+        extra.update(plan_fields(plan))
+    extra.update(context)
+    log.log(level, "%s: %s part %s", decision, message.device_id, message.part_id, extra=extra)
