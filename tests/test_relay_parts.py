@@ -106,7 +106,7 @@ def test_a_belt_speed_change_mid_travel_still_fires_when_the_part_arrives(
         '[timing]\ndecision_distance_m = 0.5\ntolerance_s = 0.2\n[belt]\nspeed_topic = "plc/line1/speed"\n',
     )
     raw_publish(broker, "plc/line1/speed", b'{"speed_m_s": 0.5}')
-    assert wait_until(lambda: relay.belt.value == 0.5)
+    assert wait_until(lambda: relay.parts.belt.value == 0.5)
     cam = camera("cam1")
     fast, stopped = part("cam1", "7-1"), part("cam1", "7-2")
     cam.publish_part(fast)
@@ -145,7 +145,7 @@ def test_malformed_speed_and_part_messages_are_refused(
     raw_publish(broker, "uflow/cam1/part", b'{"schema": "uflow.part/1", "part_id": "../x"}')
     raw_publish(broker, "uflow/cam1/part", part("cam2", "1-1").to_json().encode())  # another camera's id
     assert wait_until(lambda: relay.stats().malformed == 6)
-    assert relay.belt.value is None
+    assert relay.parts.belt.value is None
     # An anomalous part with no speed at all is not guessed at.
     raw_publish(broker, "uflow/cam1/part", part("cam1", "1-2").to_json().encode())
     assert wait_until(lambda: relay.stats().unconfigured == 1)
