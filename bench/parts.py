@@ -101,16 +101,20 @@ def main() -> int:
     # Tracking cost alone (no model): the tracker the agent runs, on every frame.
     tracker = PartTracker(tracking_settings(PartsConfig(mode="tracked")), size)
     images = (frame_at(i) for i in range(frames))
-    cost = []
+    cost, cpu = [], []
     for index, image in enumerate(images):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         tracker.update(image, index, index / args.fps)
+        cpu.append((time.thread_time() - c0) * 1000.0)
         cost.append((time.perf_counter() - t0) * 1000.0)
-    cost_ms = np.array(cost[spec_frames(tracker) :])
+    skip = spec_frames(tracker)
+    # Wall time includes being preempted on a shared machine; thread CPU time is what the tracker costs.
+    cost_ms = (np.array(cost[skip:]), np.array(cpu[skip:]))
 
     model = load_model(args.bundle, ModelConfig(backend="onnxruntime", threads=args.threads))
     parts = TrackedParts(PartsConfig(mode="tracked"), "bench", started=1000.0)
     messages = []
+    flagged_columns: list[tuple[int, int]] = []  # world columns of every frame's regions (the frame rule)
     infer_started = time.monotonic()
     frame = None
     for index in range(frames):
@@ -118,6 +122,9 @@ def main() -> int:
         frame = Frame(index, 1000.0 + index / args.fps, image, "bench", (size, size))
         verdict = model.scorer.score(model.engine.infer(model_input(image, *model.input_size)), (size, size))
         messages += parts.observe(frame, verdict, None)
+        flagged_columns += [
+            (r.bbox[0] + int(offsets[index]), r.bbox[0] + r.bbox[2] + int(offsets[index])) for r in verdict.regions
+        ]
         if index % 500 == 0:
             print(
                 f"   frame {index}/{frames}, {len(messages)} parts decided [{time.monotonic() - started:.0f} s]",
@@ -127,7 +134,7 @@ def main() -> int:
     model.close()
     infer_s = time.monotonic() - infer_started
 
-    report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s)
+    report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s, flagged_columns)
     return 0
 
 
@@ -136,7 +143,7 @@ def spec_frames(tracker: PartTracker) -> int:
     return tracker.settings.background_frames
 
 
-def report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s) -> None:  # type: ignore[no-untyped-def]
+def report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s, flagged_columns) -> None:  # type: ignore[no-untyped-def]
     size = spec.width
     fps = args.fps
     true_parts = conveyor.parts
@@ -159,6 +166,13 @@ def report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s) ->
     )
     false_rejects = sum(pulses[p.index] > 0 for p in good)
     missed = [p for p in defective if pulses[p.index] == 0]
+    caught = [p for p in defective if pulses[p.index] > 0]
+
+    def frame_rule_saw(part) -> bool:  # some frame had a region over the defect
+        c0, c1 = part.defect_columns
+        return any(a <= c1 and b > c0 for a, b in flagged_columns)
+
+    unseen = [p for p in missed if not frame_rule_saw(p)]
 
     # Timing: true time the part's centre reaches the actuator vs the relay's plan at the live belt speed.
     travel = offsets.astype(np.float64)
@@ -189,9 +203,15 @@ def report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s) ->
     print(
         f"| verdict accuracy (one message, right verdict) | {correct / len(true_parts):.3f} ({correct}/{len(true_parts)}) |"
     )
+    kinds = ", ".join(p.kind or "" for p in missed) or "-"
     print(
         f"| reject pulses per defective part | {np.mean([pulses[p.index] for p in defective]):.2f} "
-        f"(defective {len(defective)}, missed {len(missed)}: {', '.join(p.kind or '' for p in missed) or '-'}) |"
+        f"(defective {len(defective)}, missed {len(missed)}: {kinds}; {len(unseen)} of them flagged in no frame "
+        "either) |"
+    )
+    per_caught = np.mean([pulses[p.index] for p in caught]) if caught else 0.0
+    print(
+        f"| reject pulses per rejected defective part / most for one part | {per_caught:.2f} / {max(pulses.values())} |"
     )
     print(
         f"| false rejects per 1000 good parts | {1000.0 * false_rejects / max(1, len(good)):.1f} "
@@ -201,9 +221,14 @@ def report(args, conveyor, spec, offsets, messages, cost_ms, frames, infer_s) ->
         f"| reject timing error at the actuator p50 / p99 (ms, {len(errors)} rejects) | "
         f"{np.percentile(errors_ms, 50):.1f} / {np.percentile(errors_ms, 99):.1f} |"
     )
+    wall, cpu = cost_ms
     print(
-        f"| tracking cost per frame p50 / p99 / mean (ms, {size} px, {len(cost_ms)} frames) | "
-        f"{np.percentile(cost_ms, 50):.3f} / {np.percentile(cost_ms, 99):.3f} / {cost_ms.mean():.3f} |"
+        f"| tracking cost per frame, thread CPU p50 / p99 / mean (ms, {size} px, {len(cpu)} frames) | "
+        f"{np.percentile(cpu, 50):.3f} / {np.percentile(cpu, 99):.3f} / {cpu.mean():.3f} |"
+    )
+    print(
+        "| tracking cost per frame, wall p50 / p99 (ms; includes preemption on a shared machine) | "
+        f"{np.percentile(wall, 50):.3f} / {np.percentile(wall, 99):.3f} |"
     )
     print(f"| frames / model + NFA + parts wall time | {frames} / {infer_s:.0f} s ({frames / infer_s:.1f} fps) |")
 
