@@ -120,7 +120,8 @@ def test_preview_json_is_the_last_published_inspection_with_its_overlay(preview_
         assert data["source_state"] == "open" and data["fps"] > 0
         jpeg = base64.b64decode(data["image"].split(",", 1)[1])
         image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-        assert image is not None and image.shape[1] == 256  # 64-pixel frames enlarged to the preview's minimum width
+        # Camera and overlay side by side, each 64-pixel frame enlarged 6x to the preview's minimum panel width.
+        assert image is not None and image.shape[1] == 2 * 384 + 8 and image.shape[0] == 384
         seen.add(inspection["sequence"])
         anomalous_checked |= bool(message["anomalous"] and message["regions"])
         assert len(published) >= 1
@@ -177,8 +178,83 @@ def test_preview_page_in_a_real_browser(preview_agent: PreviewAgent, tmp_path: P
     if artifacts := os.environ.get("UFLOW_ARTIFACTS"):
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         (Path(artifacts) / "preview.png").write_bytes(screenshot)
-    assert natural_width == 256
+    assert natural_width == 2 * 384 + 8
     assert shown_on_page == shown_id
     message = wait_for_published(preview_agent, shown_id)
     assert verdict == "ANOMALOUS" and message["anomalous"] is True
     assert shown_regions == message["regions"] and shown_regions, (shown_regions, message["regions"])
+
+
+TEXT_FITS = """() => {
+  const img = document.getElementById('frame').getBoundingClientRect();
+  const out = {};
+  for (const id of ['caption', 'legend']) {
+    const el = document.getElementById(id);
+    const box = el.getBoundingClientRect();
+    out[id] = {left: box.left - img.left, right: img.right - box.right, overflow: el.scrollWidth - el.clientWidth,
+               text: el.textContent};
+  }
+  const frame = document.getElementById('frame');
+  out.displayed = frame.clientWidth; out.natural = frame.naturalWidth;
+  return out;
+}"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_preview_in_tracked_mode_shows_parts_and_the_decision_line_and_its_text_fits(
+    tmp_path: Path, contract_bundle: Path, broker: MosquittoBroker
+) -> None:
+    """The demo's 256 px conveyor with a ROI, in Chromium: panels at natural size, captions within the picture."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (dev extra)")
+    from edge_agent.demo.conveyor import ConveyorSpec, write_conveyor_video
+
+    spec = ConveyorSpec(width=288, height=256, parts=4, speed_px=8, defect_parts=(1,))
+    write_conveyor_video(tmp_path / "conveyor.avi", spec)
+    http_port = free_port()
+    values = agent_config(
+        tmp_path / "state",
+        contract_bundle,
+        str(tmp_path / "conveyor.avi"),
+        broker.port,
+        http_port,
+        source={"loop": False, "fps_limit": 12.0, "roi": [16, 0, 256, 256]},
+        parts={"mode": "tracked", "decision_line": 0.25},
+    )
+    values["http"].update({"preview": True, "preview_max_fps": 4.0})
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    try:
+        assert subscriber.wait_for(lambda ms: any(m.topic.endswith("/inspection") for m in ms), 60)
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.goto(f"http://127.0.0.1:{http_port}/preview")
+                page.wait_for_function(
+                    "JSON.parse(document.getElementById('frame').dataset.parts || '[]').length > 0", timeout=30000
+                )
+                page.wait_for_function("document.getElementById('frame').complete", timeout=5000)
+                fits = page.evaluate(TEXT_FITS)
+                parts_text = page.text_content("#parts")
+                shown_parts = json.loads(page.get_attribute("#frame", "data-parts") or "[]")
+                screenshot = page.screenshot(full_page=True)
+            finally:
+                browser.close()
+    finally:
+        agent.stop()
+        subscriber.close()
+    (tmp_path / "preview_parts.png").write_bytes(screenshot)
+    if artifacts := os.environ.get("UFLOW_ARTIFACTS"):
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        (Path(artifacts) / "preview_parts.png").write_bytes(screenshot)
+    # 256 px ROI drawn at 2x: the camera panel (the whole 288 px frame) and the overlay (the ROI), not upscaled
+    # by the browser (so not blurred).
+    assert fits["natural"] == 288 * 2 + 8 + 256 * 2
+    assert fits["displayed"] == fits["natural"]
+    for name in ("caption", "legend"):
+        box = fits[name]
+        assert box["left"] >= -1 and box["right"] >= -1, (name, box)  # within the picture's width
+        assert box["overflow"] <= 0, (name, box)  # nothing cut off
+    assert fits["caption"]["text"].startswith("frame ") and "model" in fits["caption"]["text"]
+    assert "tracked:" in parts_text and "in view #" in parts_text
+    assert all({"part_id", "x0", "x1", "decided"} <= set(p) for p in shown_parts)

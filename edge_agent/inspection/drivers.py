@@ -52,6 +52,7 @@ class Frame:
     frame_size: tuple[int, int]  # width, height of the rotated full frame
     roi_offset: tuple[int, int] = (0, 0)  # x, y of image[0, 0] in the source frame
     monotonic: float = field(default_factory=time.monotonic)  # for latency, immune to clock steps
+    full: np.ndarray | None = None  # the rotated full frame when a ROI is cut from it (``image`` is a view: no copy)
 
 
 class RawSource(Protocol):

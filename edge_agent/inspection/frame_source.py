@@ -369,7 +369,9 @@ class FrameSource:
         image = rotate(image, self.config.rotate)
         height, width = image.shape[:2]
         offset = (0, 0)
+        full = None
         if self.config.roi is not None:
+            full = image
             image, offset = crop(image, self.config.roi, self.raw.description)
         frame = Frame(
             sequence=self._sequence,
@@ -378,6 +380,7 @@ class FrameSource:
             source_id=self.source_id,
             frame_size=(width, height),
             roi_offset=offset,
+            full=full,
         )
         self._sequence += 1
         return frame

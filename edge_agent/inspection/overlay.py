@@ -34,11 +34,13 @@ def draw_overlay(
     title: str = "",
     alpha: float = 0.45,
     min_width: int = 512,
+    legend: bool = True,
 ) -> np.ndarray:
     """The image with the heat map blended in, the NFA mask outlined, region boxes and a legend.
 
     ``anomaly_map`` and ``log_nfa`` must have the image's height and width; region boxes are in the
     image's pixels. Small images are enlarged (whole factor) to ``min_width`` so the text stays legible.
+    ``legend=False`` leaves out the band below (the preview page says it in text).
     """
     height, width = image_bgr.shape[:2]
     if anomaly_map.shape != (height, width) or log_nfa.shape != (height, width):
@@ -61,7 +63,7 @@ def draw_overlay(
         x, y, w, h = (v * factor for v in region.bbox)
         cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), BOX_BGR, thickness)
         _label(canvas, f"log10 NFA {region.log_nfa:.1f}", (x, max(12, y - 5)), BOX_BGR)
-    return _with_legend(canvas, title, log10_epsilon)
+    return _with_legend(canvas, title, log10_epsilon) if legend else canvas
 
 
 def _label(canvas: np.ndarray, text: str, origin: tuple[int, int], colour: tuple[int, int, int]) -> None:

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
 from edge_agent.publish.messages import InspectionMessage, ModelRef, PartMessage, StageLatency
 from edge_agent.publish.mqtt import MqttPublisher
+
+if TYPE_CHECKING:
+    from edge_agent.inspection.parts import PartsView
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class FrameJob:
     message: InspectionMessage | None = None
     nfa_done: float = 0.0  # monotonic time the NFA stage finished
     trigger: Trigger | None = None  # triggered mode: the trigger this frame serves
+    parts_view: PartsView | None = None  # tracked mode: the parts in view of this frame (the preview)
 
 
 ResultHook = Callable[[FrameJob], None]
@@ -117,6 +121,9 @@ ResultHook = Callable[[FrameJob], None]
 
 class PartStage(Protocol):
     """Frames in, part messages out (edge_agent.inspection.parts.TrackedParts)."""
+
+    @property
+    def view(self) -> PartsView | None: ...
 
     def observe(self, frame: Frame, verdict: Verdict, model: ModelRef | None) -> list[PartMessage]: ...
 
@@ -354,6 +361,11 @@ class Pipeline:
             job.message = inspection_message(job, self.device_id)
             self.publisher.publish_inspection(job.message)
             self.stats.record(job.message.latency_ms.total, job.message.anomalous)
+            parts: list[PartMessage] = []
+            if self.parts is not None:
+                assert job.verdict is not None and job.model is not None
+                parts = self.parts.observe(job.frame, job.verdict, job.model.ref)
+                job.parts_view = self.parts.view  # the preview draws the parts of this very frame
             self.last_job = job
             for observer in self.observers:
                 try:
@@ -362,9 +374,7 @@ class Pipeline:
                     log.exception("frame observer failed", extra={"event": "observer_failed", "error": str(exc)})
             if self.on_result is not None:
                 self.on_result(job)
-            if self.parts is not None:
-                assert job.verdict is not None and job.model is not None
-                self._publish_parts(self.parts.observe(job.frame, job.verdict, job.model.ref))
+            self._publish_parts(parts)
             if job.trigger is not None:
                 self._publish_parts([self._triggered(job, job.trigger)])
         if self.parts is not None and self.last_job is not None and self.error is None:

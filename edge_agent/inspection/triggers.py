@@ -98,6 +98,12 @@ class TriggerBook:
             while len(self._pending) > MAX_PENDING:
                 self._missed.append(self._pending.popleft())
 
+    @property
+    def waiting(self) -> int:
+        """Triggers waiting for their frame."""
+        with self._lock:
+            return len(self._pending)
+
     def take(self, capture_time: float) -> Trigger | None:
         """The oldest pending trigger this frame serves (captured at or after trigger + delay), if any."""
         with self._lock:

@@ -367,7 +367,19 @@ class Agent:
     def _preview_facts(self) -> PreviewFacts:
         stats, source = self.pipeline.stats, self.pipeline.source
         p50, p99 = stats.latency_percentiles()
-        return PreviewFacts(stats.fps(), p50, p99, source.state, source.last_error)
+        parts_line = trigger_line = ""
+        if self.parts is not None:
+            counters = self.parts.counters
+            parts_line = f"{counters.decided} parts decided, {counters.anomalous} anomalous, {counters.noise} noise"
+        if self.triggers is not None:
+            t = self.triggers.counters
+            trigger_line = (
+                f"{t.received} triggers, {self.triggers.waiting} waiting, {t.served} inspected, {t.missed} missed, "
+                f"{t.storm} in storms"
+            )
+        return PreviewFacts(
+            stats.fps(), p50, p99, source.state, source.last_error, self.settings.parts.mode, parts_line, trigger_line
+        )
 
     def _metrics_route(self, request: HttpRequest) -> HttpResponse:
         body, content_type = self.metrics.exposition()

@@ -3,8 +3,10 @@
 Routes on the agent's HTTP server (``[http] preview = true``; off by default, bound to 127.0.0.1 unless
 ``http.host`` says otherwise):
 
-- ``/preview``: a small page that polls ``/preview.json`` and shows the frame with the anomaly map, the
-  NFA mask outline and the region boxes, with fps, latency and the source state.
+- ``/preview``: a small page that polls ``/preview.json`` and shows the camera frame (region of interest
+  outlined; in tracked mode the parts with their ids and the decision line) next to the overlay (anomaly
+  map, NFA mask outline, region boxes), at a readable size (preview_view.py), with the caption and the
+  legend as page text, fps, latency, the source state and, in triggered mode, the trigger state.
 - ``/preview.json``: the last published inspection (id, sequence, verdict, regions, latency), the
   agent's fps and source state, and the overlay as a JPEG data URI. Image and message come from the same
   frame, so what the page shows is exactly what subscribers were told.
@@ -32,12 +34,9 @@ import numpy as np
 
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
-from edge_agent.service.snapshot import overlay_for_job
+from edge_agent.service.preview_view import preview_picture
 
-JPEG_QUALITY = 80
-# Frames at least this wide are drawn at their own size (enlarging costs 2-4x the drawing and encoding;
-# the browser scales the image); narrower ones are enlarged so the legend fits.
-PREVIEW_MIN_WIDTH = 256
+JPEG_QUALITY = 85
 # Responses per second over all clients, as a multiple of preview_max_fps: enough for a few open tabs;
 # a script fetching back to back waits in its own (sleeping) request thread instead of taking CPU.
 RESPONSES_PER_RENDER = 4
@@ -52,6 +51,9 @@ class PreviewFacts:
     latency_p99_ms: float
     source_state: str
     source_error: str
+    mode: str = "off"  # [parts] mode
+    parts_line: str = ""  # tracked: parts decided so far
+    trigger_line: str = ""  # triggered: triggers received, waiting, missed, storm
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,8 @@ class PreviewPage:
 
     def _render(self, job: FrameJob) -> RenderedFrame:
         assert job.message is not None
-        _, _, overlay = overlay_for_job(job, min_width=PREVIEW_MIN_WIDTH)
-        ok, encoded = cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        picture = preview_picture(job)
+        ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise RuntimeError("JPEG encoding of the preview failed")
         message = job.message
@@ -123,6 +125,16 @@ class PreviewPage:
             "regions": [region.model_dump(mode="json") for region in message.regions],
             "latency_ms": message.latency_ms.model_dump(mode="json"),
             "model": f"{message.model.name} {message.model.version} ({message.model.backend})",
+            "log10_epsilon": message.log10_epsilon,
+            "caption": (
+                f"frame {message.sequence} · score {message.image_score:.3f} · "
+                f"{'ANOMALOUS' if message.anomalous else 'good'} · model {message.model.name} {message.model.version}"
+            ),
+            "parts": [
+                {"part_id": part_id, "x0": x0, "x1": x1, "decided": decided}
+                for part_id, x0, x1, decided in (job.parts_view.parts if job.parts_view else ())
+            ],
+            "decision_line_x": job.parts_view.decision_line_x if job.parts_view else None,
         }
         jpeg = np.asarray(encoded).tobytes()
         data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
@@ -165,6 +177,9 @@ class PreviewPage:
             "latency_p99_ms": round(facts.latency_p99_ms, 1),
             "source_state": facts.source_state,
             "source_error": facts.source_error,
+            "mode": facts.mode,
+            "parts_line": facts.parts_line,
+            "trigger_line": facts.trigger_line,
             "renders": self.renders,
             "inspection": None,
             "image": None,
@@ -193,20 +208,42 @@ class PreviewPage:
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>U-Flow live preview</title>
 <style>
- body { font: 14px system-ui, sans-serif; margin: 12px; background: #111; color: #eee; }
- #frame { width: min(100%, 768px); border: 1px solid #444; display: block; }
+ body { font: 15px system-ui, sans-serif; margin: 12px; background: #111; color: #eee; }
+ /* A table figure: the caption and legend wrap to the picture's width, never wider. */
+ figure { display: table; margin: 0; }
+ #frame { display: block; max-width: none; image-rendering: pixelated; border: 1px solid #444; }
+ figcaption { display: table-caption; caption-side: bottom; padding: 6px 0; overflow-wrap: anywhere; }
+ #caption { font-size: 17px; font-weight: 600; }
+ #legend { font-size: 14px; color: #ccc; }
+ #legend span { display: inline-block; margin: 2px 14px 2px 0; white-space: nowrap; }
+ .bar { display: inline-block; width: 90px; height: 12px; vertical-align: middle;
+        background: linear-gradient(90deg, #00007f, #0000ff, #00ffff, #ffff00, #ff0000, #7f0000); }
+ .swatch { display: inline-block; width: 14px; height: 12px; vertical-align: middle; border: 2px solid; }
  table { border-collapse: collapse; margin-top: 8px; }
  td { padding: 2px 10px 2px 0; }
  .bad { color: #ff6b6b; font-weight: bold; } .good { color: #7bd88f; }
 </style></head>
 <body>
 <h1>U-Flow live preview</h1>
-<img id="frame" alt="waiting for the first inspected frame">
+<figure>
+ <img id="frame" alt="waiting for the first inspected frame">
+ <figcaption><div id="caption">waiting for the first inspected frame</div>
+  <div id="legend">
+   <span>left: camera, right: what the model sees</span>
+   <span><i class="bar"></i> anomaly map 0 &rarr; 1</span>
+   <span><i class="swatch" style="border-color:#fff"></i> outline: log10 NFA &lt; <b id="epsilon">?</b></span>
+   <span><i class="swatch" style="border-color:#ff0"></i> region (its log10 NFA)</span>
+   <span><i class="swatch" style="border-color:#50dc50"></i> region of interest</span>
+   <span><i class="swatch" style="border-color:#00c8ff"></i> part (id)</span>
+   <span><i class="swatch" style="border-color:#f0f"></i> decision line</span>
+  </div></figcaption>
+</figure>
 <table>
  <tr><td>verdict</td><td id="verdict">-</td></tr>
  <tr><td>message id</td><td id="message-id">-</td></tr>
  <tr><td>frame</td><td id="sequence">-</td></tr>
  <tr><td>regions</td><td id="regions">-</td></tr>
+ <tr><td>parts</td><td id="parts">-</td></tr>
  <tr><td>fps</td><td id="fps">-</td></tr>
  <tr><td>latency p50 / p99</td><td id="latency">-</td></tr>
  <tr><td>source</td><td id="source">-</td></tr>
@@ -222,19 +259,25 @@ async function refresh() {
     show("fps", data.fps.toFixed(1));
     show("latency", data.latency_p50_ms + " / " + data.latency_p99_ms + " ms");
     show("source", data.source_state + (data.source_error ? " (" + data.source_error + ")" : ""));
+    const modeLine = data.mode === "triggered" ? data.trigger_line : data.mode === "tracked" ? data.parts_line : "off";
     const inspection = data.inspection;
     if (inspection) {
       const img = document.getElementById("frame");
       img.src = data.image;
       img.dataset.messageId = inspection.message_id;
       img.dataset.regions = JSON.stringify(inspection.regions);
+      img.dataset.parts = JSON.stringify(inspection.parts);
       const verdict = document.getElementById("verdict");
       verdict.textContent = inspection.anomalous ? "ANOMALOUS" : "good";
       verdict.className = inspection.anomalous ? "bad" : "good";
+      show("caption", inspection.caption);
+      show("epsilon", inspection.log10_epsilon);
       show("message-id", inspection.message_id);
       show("sequence", inspection.sequence);
       show("regions", inspection.regions.map(r => "[" + r.bbox.join(", ") + "] log10 NFA " +
                                                     r.log_nfa.toFixed(1)).join("; ") || "none");
+      const inView = inspection.parts.map(p => "#" + p.part_id.split("-").pop() + (p.decided ? " (decided)" : ""));
+      show("parts", data.mode + ": " + modeLine + (inView.length ? "; in view " + inView.join(", ") : ""));
       show("model", inspection.model);
     }
   } catch (error) {
