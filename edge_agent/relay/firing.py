@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_agent.relay.actuators import Actuator, ActuatorError, FireOrder
+from edge_agent.relay.belt import BeltTravel, due_in
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal
-from edge_agent.relay.parts import BeltTravel, due_in
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)

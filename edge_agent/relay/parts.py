@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
@@ -32,11 +32,19 @@ from edge_agent.publish.messages import (
     parse_json_object,
 )
 from edge_agent.relay.actuators import FireOrder
+from edge_agent.relay.belt import BeltTravel, due_in
 from edge_agent.relay.report import plan_fields
 from edge_agent.relay.schedule import Plan
 
 if TYPE_CHECKING:
-    from edge_agent.relay.relay import RejectRelay
+    from collections import OrderedDict
+
+    from edge_agent.relay.actuators import Actuator
+    from edge_agent.relay.config import RelaySettings
+    from edge_agent.relay.dedupe import DecisionJournal
+    from edge_agent.relay.firing import Firing
+    from edge_agent.relay.report import Counters
+    from edge_agent.relay.schedule import ClockOffsets
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +112,6 @@ class ClockView:
         return cls(message.device_id, message.decision_time, StageLatency(total=message.latency_ms), message.replayed)
 
 
-@dataclass
-class BeltTravel:
-    """A pending part reject: the distance still to go, as of a monotonic time."""
-
-    remaining_m: float
-    as_of: float  # monotonic
-    tolerance_s: float
-
-
 class BeltSpeed:
     """The live belt speed (None until the PLC said), thread-safe."""
 
@@ -127,13 +126,6 @@ class BeltSpeed:
             old, self.value = self.value, speed
             self.updates += 1
             return old
-
-
-def due_in(remaining_m: float, speed: float) -> float:
-    """Seconds until the belt has moved ``remaining_m`` at ``speed`` (inf while stopped)."""
-    if remaining_m <= 0:
-        return 0.0
-    return math.inf if speed <= 0 else remaining_m / speed
 
 
 def plan_part(
@@ -169,10 +161,28 @@ def plan_from_record(record: dict[str, Any]) -> Plan:
     return Plan(**{k: record[k] for k in Plan.__dataclass_fields__})
 
 
+class RelayCore(Protocol):
+    """What the part decisions share with the relay (edge_agent.relay.relay.RejectRelay)."""
+
+    settings: RelaySettings
+    journal: DecisionJournal
+    counters: Counters
+    clock: ClockOffsets
+    firing: Firing
+    _lock: threading.Lock
+    _good_ids: OrderedDict[str, None]
+
+    def admit_device(self, device: str) -> None: ...
+
+    def actuator_of(self, device: str) -> Actuator | None: ...
+
+    def count(self, device_id: str, name: str) -> None: ...
+
+
 class PartDecisions:
     """The relay's decisions on part and speed messages (it shares the relay's journal, counters and firing)."""
 
-    def __init__(self, relay: RejectRelay) -> None:
+    def __init__(self, relay: RelayCore) -> None:
         self.relay = relay
         self.belt = BeltSpeed()
 
