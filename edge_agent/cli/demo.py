@@ -186,11 +186,14 @@ def _run_tracked(
     started: float,
 ) -> int:
     """Step 5 in tracked mode (edge_agent/demo/line.py), then its summary."""
+    from edge_agent.cli.run import run_agent
     from edge_agent.demo.line import run_tracked, say_tracked_summary
 
     agent_started = time.monotonic()
     try:
-        code, numbers = run_tracked(bundle, video, broker.host, broker.port, truth, spec, workdir, args.threads, say)
+        code, numbers = run_tracked(
+            bundle, video, broker.host, broker.port, truth, spec, workdir, args.threads, say, run_agent
+        )
     except BrokerError as exc:
         say(f"Cannot run the demo: {exc}.")
         return EXIT_UNAVAILABLE

@@ -21,6 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.config import AgentSettings
 from edge_agent.demo.conveyor import ConveyorSpec, ConveyorTruth
 from edge_agent.demo.local_broker import BrokerError
 
@@ -173,9 +174,12 @@ def run_tracked(
     workdir: Path,
     threads: int,
     say: Callable[[str], None],
+    run_agent: Callable[[AgentSettings], int],
 ) -> tuple[int, TrackedNumbers]:
-    """Step 5 in tracked mode: relay process, watcher, the agent on the video; (exit code, summary numbers)."""
-    from edge_agent.cli.run import run_agent
+    """Step 5 in tracked mode: relay process, watcher, the agent on the video; (exit code, summary numbers).
+
+    ``run_agent`` is ``edge_agent.cli.run.run_agent`` (passed in: the demo's floor does not import the CLI's).
+    """
     from edge_agent.config import load_settings
     from edge_agent.logs import setup_logging
 
