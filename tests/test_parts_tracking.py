@@ -91,3 +91,27 @@ def test_settings_refuse_nonsense() -> None:
         TrackingSettings(decision_line=-0.1)
     with pytest.raises(ValueError, match="speed_px_s"):
         TrackingSettings(speed_px_s=float("nan"))
+
+
+def test_a_stopped_belt_adds_no_observations_and_each_part_is_still_decided_once() -> None:
+    from edge_agent.config import PartsConfig
+    from edge_agent.inspection.drivers import Frame
+    from edge_agent.inspection.parts import TrackedParts
+    from edge_agent.inspection.scoring import Verdict
+
+    spec = ConveyorSpec(width=160, height=128, parts=3, speed_px=8, defect_parts=(), seed=6)
+    conveyor = Conveyor(spec)
+    order = list(range(30)) + [30] * 80 + list(range(31, conveyor.frames))  # the belt stops for 80 frames
+    parts = TrackedParts(PartsConfig(mode="tracked"), "cam1", started=1000.0)
+    quiet = np.zeros((32, 40), np.float32)
+    verdict = Verdict(0.0, False, (), 0.0, quiet, quiet + 1.0)
+    messages, most = [], 0
+    for sequence, index in enumerate(order):
+        frame = Frame(sequence, 1000.0 + sequence / 25.0, conveyor.frame(index), "test", (160, 128))
+        messages += parts.observe(frame, verdict, None)
+        most = max([most] + [len(e.observations) for e in parts._evidence.values()])
+    messages += parts.finish(frame, None)
+    assert [m.part_id for m in messages] == ["1000-1", "1000-2", "1000-3"]
+    assert not any(m.anomalous for m in messages)
+    # A part crosses the 160 px view in about (160 + 92) / 8 = 32 frames; the 80 still frames add nothing.
+    assert most <= (160 + spec.part_px) / 8 + 4

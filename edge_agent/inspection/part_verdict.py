@@ -36,6 +36,7 @@ import numpy as np
 from edge_agent.inspection import nfa
 
 _LN10 = math.log(10.0)
+MAX_OBSERVATIONS = 120  # frames kept per part (a part crossing the view at a usual speed has 20 to 60)
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,15 @@ class PartEvidence:
     min_area: int = 0  # candidate regions smaller than this (map pixels) are ignored, as in the frame rule
     observations: list[FrameObservation] = field(default_factory=list)
 
-    def add(self, observation: FrameObservation) -> None:
-        """One more frame of this part."""
+    def add(self, observation: FrameObservation) -> bool:
+        """One more frame of this part; False (not kept) beyond MAX_OBSERVATIONS.
+
+        The cap bounds memory and the O(K^2) run search for a part that stays in view (a stopped belt).
+        """
+        if len(self.observations) >= MAX_OBSERVATIONS:
+            return False
         self.observations.append(observation)
+        return True
 
     def decide(self, length: float | None = None) -> PartDecision:
         """Combine every frame (see the module docstring).

@@ -20,6 +20,8 @@ from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.tracking import DecidedPart, PartTracker, TrackedPart, TrackingSettings
 from edge_agent.publish.messages import ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
 
+MIN_TRAVEL_PX = 0.5  # a frame after less belt travel than this adds no observation (the belt stands still)
+
 
 def tracking_settings(config: PartsConfig) -> TrackingSettings:
     """The tracker's settings from the ``[parts]`` section."""
@@ -89,10 +91,13 @@ class TrackedParts:
         map_h, map_w = verdict.log_nfa.shape
         scale = (width / map_w, height / map_h)
         sign = 1 if self.config.direction == "right_to_left" else -1
+        moved = tracker.motion.last_px >= MIN_TRAVEL_PX or self.config.speed_px_s is not None
         for part in in_view:
             if part.track.decided:
                 continue
             evidence = self._evidence.setdefault(part.track.part_id, self._new_evidence(verdict))
+            if evidence.observations and not moved:
+                continue  # a stopped belt shows the same view again: not a new observation of the part
             evidence.add(
                 FrameObservation(frame.sequence, verdict.log_nfa, scale, part.origin_x, sign, (part.x0, part.x1))
             )
