@@ -199,7 +199,6 @@ class Pipeline:
         self.triggers = triggers  # triggered mode: only frames a trigger asked for are inspected
         self.frames_untriggered = 0
         self.parts = parts  # tracked mode: frames -> part messages, in the publish stage (frames in order)
-        self.on_part: Callable[[PartMessage], None] | None = None
         self.source = source
         self.publisher = publisher
         self.device_id = device_id
@@ -214,7 +213,9 @@ class Pipeline:
         self._model_lock = threading.Lock()
         self._stop = threading.Event()
         capture_size = 1 if source.drop_frames else settings.capture_queue
-        self._to_infer: StageQueue[FrameJob] = StageQueue(capture_size, drop_oldest=source.drop_frames)
+        # A triggered frame is never replaced by a newer one: its trigger would be lost without a report.
+        drop = source.drop_frames and triggers is None
+        self._to_infer: StageQueue[FrameJob] = StageQueue(capture_size, drop_oldest=drop)
         self._to_nfa: StageQueue[FrameJob] = StageQueue(settings.infer_queue)
         self._to_publish: StageQueue[FrameJob] = StageQueue(settings.publish_queue)
         self._threads: list[threading.Thread] = []
@@ -414,8 +415,6 @@ class Pipeline:
                     "frames": message.frames.count,
                 },
             )
-            if self.on_part is not None:
-                self.on_part(message)
 
     def _next(self, queue: StageQueue[FrameJob], stage: str) -> FrameJob | None:
         """The next job for a stage, or None at the end of the stream."""
