@@ -183,6 +183,11 @@ def test_triggered_agent_inspects_one_frame_per_mqtt_and_http_trigger_and_report
         last = [m.json() for m in watcher.on("/stats")][-1]
         assert last["triggers_received"] == 48 and last["triggers_missed"] == len(missed)
         assert agent.events("trigger_storm")
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert 'edge_agent_triggers_total{outcome="received"} 48.0' in metrics
+        assert f'edge_agent_triggers_total{{outcome="missed"}} {float(len(missed))}' in metrics
+        assert 'edge_agent_frames_dropped_total{reason="untriggered"}' in metrics
         assert agent.terminate() == 0
     finally:
         if agent.process.poll() is None:

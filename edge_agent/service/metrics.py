@@ -95,7 +95,10 @@ class _AgentCollector(Collector):
         )
         dropped.add_metric(["latest_frame"], pipeline.frames_dropped)
         dropped.add_metric(["fps_limit"], source.counters.rate_limited)
+        if pipeline.triggers is not None:
+            dropped.add_metric(["untriggered"], pipeline.frames_untriggered)
         yield dropped
+        yield from _parts_metrics(pipeline)
         yield _gauge("edge_agent_fps", "Inspected frames per second over the last 10 s.", stats.fps())
         state = GaugeMetricFamily("edge_agent_source_state", "1 for the source's current state.", labels=["state"])
         for name in SOURCE_STATES:
@@ -146,6 +149,23 @@ class _AgentCollector(Collector):
         health = agent.health()
         yield _gauge("edge_agent_healthy", "1 when /healthz says ok, 0 when degraded.", float(health.status == "ok"))
         yield _gauge("edge_agent_uptime_seconds", "Seconds since the agent started.", health.uptime_s)
+
+
+def _parts_metrics(pipeline: Pipeline) -> Iterator[Metric]:
+    """Parts decided (tracked mode) and triggers by outcome (triggered mode), when that mode is on."""
+    counters = getattr(pipeline.parts, "counters", None)
+    if counters is not None:
+        parts = CounterMetricFamily("edge_agent_parts", "Parts decided, by verdict.", labels=["verdict"])
+        parts.add_metric(["anomalous"], counters.anomalous)
+        parts.add_metric(["good"], counters.decided - counters.anomalous)
+        yield parts
+        yield _counter("edge_agent_parts_noise", "Blobs seen in too few frames to be parts.", counters.noise)
+    if pipeline.triggers is not None:
+        book = pipeline.triggers.counters
+        triggers = CounterMetricFamily("edge_agent_triggers", "Triggers, by outcome.", labels=["outcome"])
+        for outcome in ("received", "served", "missed", "storm", "refused"):
+            triggers.add_metric([outcome], getattr(book, outcome))
+        yield triggers
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
