@@ -115,3 +115,29 @@ def test_a_stopped_belt_adds_no_observations_and_each_part_is_still_decided_once
     assert not any(m.anomalous for m in messages)
     # A part crosses the 160 px view in about (160 + 92) / 8 = 32 frames; the 80 still frames add nothing.
     assert most <= (160 + spec.part_px) / 8 + 4
+
+
+def test_a_new_frame_size_decides_the_parts_in_view_and_ids_continue() -> None:
+    from edge_agent.config import PartsConfig
+    from edge_agent.inspection.drivers import Frame
+    from edge_agent.inspection.parts import TrackedParts
+    from edge_agent.inspection.scoring import Verdict
+
+    small = Conveyor(ConveyorSpec(width=160, height=128, parts=2, speed_px=8, defect_parts=(), seed=2))
+    large = Conveyor(ConveyorSpec(width=192, height=160, parts=2, speed_px=8, defect_parts=(), seed=3))
+    parts = TrackedParts(PartsConfig(mode="tracked"), "cam1", started=7.0)
+    quiet = np.zeros((32, 40), np.float32)
+    verdict = Verdict(0.0, False, (), 0.0, quiet, quiet + 1.0)
+    messages = []
+    sequence = 0
+    for conveyor, count in ((small, 40), (large, large.frames)):  # the camera reopens at another size mid-part
+        for index in range(count):
+            frame = Frame(
+                sequence, sequence / 25.0, conveyor.frame(index), "test", (conveyor.spec.width, conveyor.spec.height)
+            )
+            messages += parts.observe(frame, verdict, None)
+            sequence += 1
+    messages += parts.finish(frame, None)
+    ids = [m.part_id for m in messages]
+    assert ids == [f"7-{n}" for n in range(1, len(ids) + 1)]  # unique, continuing
+    assert len(ids) == 4  # the second part of the first view decided at the switch, then the two new ones

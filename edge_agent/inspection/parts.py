@@ -7,6 +7,7 @@ with the frame's log10 NFA map, and returns the messages of the parts decided by
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from edge_agent.inspection.part_verdict import FrameObservation, PartDecision, P
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.tracking import DecidedPart, PartTracker, TrackedPart, TrackingSettings
 from edge_agent.publish.messages import ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
+
+log = logging.getLogger(__name__)
 
 MIN_TRAVEL_PX = 0.5  # a frame after less belt travel than this adds no observation (the belt stands still)
 
@@ -70,6 +73,9 @@ class TrackedParts:
     _last_time: float | None = None
     _speed_px_s: float | None = None
     _view: PartsView | None = None
+    _shape: tuple[int, ...] = ()
+    _next_number: int = 1
+    _noise_before: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -81,9 +87,15 @@ class TrackedParts:
     def observe(self, frame: Frame, verdict: Verdict, model: ModelRef | None) -> list[PartMessage]:
         """One inspected frame; the messages of the parts it decided."""
         image = frame.image
+        restarted: list[PartMessage] = []
+        if self._tracker is not None and self._shape != image.shape[:2]:
+            restarted = self._restart(frame, model, image.shape[:2])
         if self._tracker is None:
             prefix = f"{int(self.started)}-"
-            self._tracker = PartTracker(tracking_settings(self.config), image.shape[1], id_prefix=prefix)
+            self._tracker = PartTracker(
+                tracking_settings(self.config), image.shape[1], id_prefix=prefix, first_number=self._next_number
+            )
+            self._shape = image.shape[:2]
         tracker = self._tracker
         in_view, decided = tracker.update(image, frame.sequence, frame.capture_time)
         self._measure_speed(tracker, frame.capture_time)
@@ -103,15 +115,32 @@ class TrackedParts:
             )
         with self._lock:
             self._view = _view_of(frame.sequence, in_view, tracker)
-        self.counters.noise = tracker.noise
-        return [self._message(done, frame, model) for done in decided]
+        self.counters.noise = self._noise_before + tracker.noise
+        return restarted + [self._message(done, frame, model) for done in decided]
+
+    def _restart(self, frame: Frame, model: ModelRef | None, shape: tuple[int, ...]) -> list[PartMessage]:
+        """The frame size changed (the camera reopened at another resolution): the parts in view are decided
+        now, and the belt is learned again at the new size; part ids continue."""
+        assert self._tracker is not None
+        old = self._tracker
+        messages = [self._message(done, frame, model) for done in old.flush(frame.sequence)]
+        log.warning(
+            "frame size changed from %s to %s: parts in view decided now, the belt model is learned again",
+            self._shape,
+            shape,
+            extra={"event": "parts_restarted", "old_shape": list(self._shape), "new_shape": list(shape)},
+        )
+        self._next_number = old.next_number
+        self._noise_before += old.noise
+        self._tracker = None
+        return messages
 
     def finish(self, frame: Frame | None, model: ModelRef | None) -> list[PartMessage]:
         """End of the stream: decide the parts still in view (with enough frames)."""
         if self._tracker is None or frame is None:
             return []
         decided = self._tracker.flush(frame.sequence)
-        self.counters.noise = self._tracker.noise
+        self.counters.noise = self._noise_before + self._tracker.noise
         return [self._message(done, frame, model) for done in decided]
 
     def _new_evidence(self, verdict: Verdict) -> PartEvidence:

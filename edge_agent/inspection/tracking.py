@@ -264,7 +264,7 @@ class DecidedPart:
 class PartTracker:
     """Frame by frame: belt travel, part detection, matching, entry and decision (single thread)."""
 
-    def __init__(self, settings: TrackingSettings, width: int, id_prefix: str = "") -> None:
+    def __init__(self, settings: TrackingSettings, width: int, id_prefix: str = "", first_number: int = 1) -> None:
         self.settings = settings
         self.width = width
         self.belt = BeltModel(settings)
@@ -273,10 +273,14 @@ class PartTracker:
         self.tracks: list[Track] = []
         self.retired: list[Track] = []  # decided, still (partly) in view: their detections are not new parts
         self.noise = 0  # tracks dropped for being seen in fewer than min_frames
-        self._numbers = 0
+        self._numbers = first_number - 1
         self._prefix = id_prefix
-        self.frames_seen = 0
         self.decision_x = self._decision_x()
+
+    @property
+    def next_number(self) -> int:
+        """The count the next new part gets (a new tracker continues from it: ids stay unique)."""
+        return self._numbers + 1
 
     def _decision_x(self) -> float:
         offset = self.settings.decision_line * self.width
@@ -294,7 +298,6 @@ class PartTracker:
     ) -> tuple[list[TrackedPart], list[DecidedPart]]:
         """One frame: the parts in view now, and those decided by this frame (in order of travel)."""
         grey = grey_of(image)
-        self.frames_seen += 1
         self.travel += self.motion.step(grey, capture_time)
         if not self.belt.ready:
             self.belt.learn(grey)
