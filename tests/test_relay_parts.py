@@ -6,12 +6,16 @@ Real mosquitto, the agent's own publisher, a loopback HTTP actuator; the restart
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import paho.mqtt.client as paho
 from mqtt_broker import MosquittoBroker
+from paho.mqtt.enums import CallbackAPIVersion
 from relay_helpers import MODEL, RecordingHttpServer, RelayProcess, relay_toml
 from test_relay import http_actuator, raw_publish, wait_until
 
@@ -193,3 +197,54 @@ def test_the_relay_process_fires_once_per_part_across_a_restart(
         first.stop_if_running()
         if second is not None:
             second.stop_if_running()
+
+
+def test_with_an_encoder_the_reject_fires_when_the_belt_has_moved_the_distance(
+    relay_factory: Callable[..., RejectRelay],
+    camera: Callable[[str], MqttPublisher],
+    http: RecordingHttpServer,
+    broker: MosquittoBroker,
+) -> None:
+    relay = parts_relay(
+        relay_factory,
+        http,
+        "[timing]\ndecision_distance_m = 0.6\ntolerance_s = 0.2\n"
+        '[belt]\nencoder_topic = "plc/line1/encoder"\ncounts_per_m = 10000\n',
+    )
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    started = time.time()
+
+    def position(at: float) -> float:  # 0.4 m/s for 0.7 s, then 1.0 m/s
+        t = at - started
+        return 0.4 * t if t < 0.7 else 0.28 + 1.0 * (t - 0.7)
+
+    stop = threading.Event()
+
+    def plc() -> None:  # the PLC publishes the encoder count 25 times a second
+        while not stop.is_set():
+            count = round(position(time.time()) * 10000)
+            client.publish("plc/line1/encoder", json.dumps({"count": count}), qos=0)
+            stop.wait(0.04)
+
+    thread = threading.Thread(target=plc, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: relay.parts.encoder is not None and relay.parts.encoder.ready)
+        time.sleep(0.2)
+        message = part("cam1", "9-1")
+        camera("cam1").publish_part(message)
+        target = position(message.decision_time) + 0.6
+        # The belt reaches the target 0.6 m later at 0.4 then 1.0 m/s: solve position(t) = target.
+        expected = started + (target / 0.4 if target < 0.28 else 0.7 + (target - 0.28))
+        assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=5)
+        error_ms = (http.arrivals[0].wall - expected) * 1000.0
+        # Readings every 40 ms: between two, the relay extrapolates at the last speed.
+        assert -45.0 <= error_ms <= FIRE_TOLERANCE_MS, error_ms
+        assert http.arrivals[0].body["part_id"] == "9-1"
+    finally:
+        stop.set()
+        thread.join(2)
+        client.disconnect()
+        client.loop_stop()

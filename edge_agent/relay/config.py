@@ -195,6 +195,18 @@ class BeltConfig(_Section):
         "re-planned at every change (a stopped belt holds them)",
     )
     max_speed_m_s: float = Field(default=20.0, gt=0, description="speed messages above this are refused as malformed")
+    encoder_topic: str | None = Field(
+        default=None,
+        description='MQTT topic with the belt encoder\'s count, JSON {"count": 123456}: part rejects fire when the belt '
+        "has moved the distance by the encoder, not by time x speed (wins over speed_topic and speed_m_s)",
+    )
+    counts_per_m: float | None = Field(default=None, gt=0, description="encoder counts per metre of belt")
+
+    @model_validator(mode="after")
+    def _encoder_needs_scale(self) -> BeltConfig:
+        if self.encoder_topic is not None and self.counts_per_m is None:
+            raise ValueError("encoder_topic needs counts_per_m")
+        return self
 
 
 @dataclass(frozen=True)

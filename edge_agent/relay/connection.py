@@ -152,8 +152,9 @@ class RelayConnection:
             extra={"event": "relay_connected", "session_present": session_present, "topics": self.settings.mqtt.topics},
         )
         topics = list(self.settings.mqtt.topics)
-        if self.settings.belt.speed_topic and self.settings.belt.speed_topic not in topics:
-            topics.append(self.settings.belt.speed_topic)  # the live belt speed for part rejects
+        for belt_topic in (self.settings.belt.speed_topic, self.settings.belt.encoder_topic):
+            if belt_topic and belt_topic not in topics:
+                topics.append(belt_topic)  # the live belt speed or position for part rejects
         dropped = [t for t in (self.journal.get_meta(TOPICS_KEY) or []) if t not in topics]
         if dropped and session_present:
             # The persistent session still holds subscriptions the config no longer lists.

@@ -116,7 +116,7 @@ class Firing:
         with self._cond:
             for job in self._heap:
                 travel = self._belt.get(job.number)
-                if travel is None:
+                if travel is None or travel.target_m is not None:  # encoder mode follows the encoder instead
                     continue
                 if old_speed is not None:
                     travel.remaining_m -= old_speed * max(0.0, now_mono - travel.as_of)
@@ -124,6 +124,27 @@ class Firing:
                 wait = due_in(travel.remaining_m, new_speed)
                 job.due = now_mono + wait
                 job.deadline_mono = job.due + travel.tolerance_s
+                planned = now_wall + wait
+                job.plan = replace(job.plan, planned_time=planned, deadline=planned + travel.tolerance_s)
+                moved += 1
+            heapq.heapify(self._heap)
+            self._cond.notify_all()
+        return moved
+
+    def reposition(self, position_at: Callable[[float], float], speed: float) -> int:
+        """Encoder mode: re-time each pending part reject from where the belt is now (``position_at(wall)``,
+        metres) and its target position; the speed only spaces the time until the next reading."""
+        now_mono, now_wall = time.monotonic(), time.time()
+        position = position_at(now_wall)
+        moved = 0
+        with self._cond:
+            for job in self._heap:
+                travel = self._belt.get(job.number)
+                if travel is None or travel.target_m is None:
+                    continue
+                travel.remaining_m, travel.as_of = travel.target_m - position, now_mono
+                wait = due_in(travel.remaining_m, speed)
+                job.due, job.deadline_mono = now_mono + wait, now_mono + wait + travel.tolerance_s
                 planned = now_wall + wait
                 job.plan = replace(job.plan, planned_time=planned, deadline=planned + travel.tolerance_s)
                 moved += 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
@@ -32,7 +32,7 @@ from edge_agent.publish.messages import (
     parse_json_object,
 )
 from edge_agent.relay.actuators import FireOrder
-from edge_agent.relay.belt import BeltTravel, due_in
+from edge_agent.relay.belt import BeltTravel, Encoder, due_in
 from edge_agent.relay.report import plan_fields
 from edge_agent.relay.schedule import Plan
 
@@ -185,6 +185,28 @@ class PartDecisions:
     def __init__(self, relay: RelayCore) -> None:
         self.relay = relay
         self.belt = BeltSpeed()
+        belt = relay.settings.belt
+        self.encoder = Encoder(belt.counts_per_m) if belt.encoder_topic and belt.counts_per_m else None
+        self.encoder_refused = 0
+
+    def handle_encoder(self, topic: str, payload: bytes, arrival: float) -> str:
+        """An encoder reading: re-time the pending part rejects from where the belt is now."""
+        assert self.encoder is not None
+        try:
+            data = parse_json_object(payload, MAX_SPEED_BYTES, max_depth=2)
+        except PayloadError as exc:
+            self._malformed(topic, exc, payload)
+            return "malformed"
+        count = data.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            self._malformed(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
+            return "malformed"
+        if not self.encoder.add(arrival, count):
+            self.encoder_refused += 1  # reordered, or the counter was reset: the next readings continue
+            return "encoder-refused"
+        if self.encoder.ready:
+            self.relay.firing.reposition(self.encoder.position_at, self.encoder.speed())
+        return "encoder"
 
     def handle_speed(self, topic: str, payload: bytes) -> str:
         """A live belt speed: store it and re-time the pending part rejects."""
@@ -239,7 +261,10 @@ class PartDecisions:
         with relay._lock:
             stats.anomalous += 1
         actuator = relay.actuator_of(device)
+        encoder = self.encoder if self.encoder is not None and self.encoder.ready else None
         speed = self.belt.value if self.belt.value is not None else (timing.speed_m_s if timing else None)
+        if encoder is not None:
+            speed = encoder.speed()
         sequence = message.frames.last_sequence or 0
         if timing is None or actuator is None or speed is None:
             if not relay.journal.claim(key, device, sequence, "unconfigured"):
@@ -256,10 +281,17 @@ class PartDecisions:
                 reason=f"no {what} for device {device!r}: add it under [devices.{device}] or [timing]",
             )
             return "unconfigured"
-        source = offset.source + ("+live-speed" if self.belt.value is not None else "")
+        source = offset.source + ("+encoder" if encoder else "+live-speed" if self.belt.value is not None else "")
         plan, remaining = plan_part(
             message, arrival, timing.distance_m, speed, timing.tolerance_s, offset.offset_s, source
         )
+        target = None
+        if encoder is not None:  # by the belt's position: where it was at the decision, plus the distance
+            beyond = message.position_at_decision.beyond_line_m if message.position_at_decision else None
+            target = encoder.position_at(plan.capture_time) + max(0.0, timing.distance_m - (beyond or 0.0))
+            remaining = target - encoder.position_at(arrival)
+            planned = arrival + due_in(remaining, speed)
+            plan = replace(plan, planned_time=planned, deadline=planned + timing.tolerance_s)
         if arrival > plan.deadline:
             if not relay.journal.claim(key, device, sequence, "missed", plan.planned_time, plan.deadline):
                 return self._duplicate(message, topic, key)
@@ -277,7 +309,7 @@ class PartDecisions:
             actuator,
             arrival,
             arrival_mono,
-            BeltTravel(remaining, arrival_mono, timing.tolerance_s),
+            BeltTravel(remaining, arrival_mono, timing.tolerance_s, target),
         )
         return "scheduled"
 

@@ -160,6 +160,8 @@ class RejectRelay:
         """Decide one message (journaled before returning); returns the decision name."""
         if topic == self.settings.belt.speed_topic:
             return self.parts.handle_speed(topic, payload)
+        if topic == self.settings.belt.encoder_topic and self.parts.encoder is not None:
+            return self.parts.handle_encoder(topic, payload, arrival)
         if topic.rsplit("/", 1)[-1] == PART_LEAF:
             return self.parts.handle_part(topic, payload, arrival, arrival_mono)
         try:
