@@ -203,6 +203,11 @@ class PartDecisions:
             return "malformed"
         if not self.encoder.add(arrival, count):
             self.encoder_refused += 1  # reordered, or the counter was reset: the next readings continue
+            if self.encoder_refused in (1, 10) or self.encoder_refused % 100 == 0:
+                log.warning(
+                    "encoder reading refused: smaller than the last (a reset or a reordered message)",
+                    extra={"event": "relay_encoder_refused", "count": count, "refused": self.encoder_refused},
+                )
             return "encoder-refused"
         if self.encoder.ready:
             self.relay.firing.reposition(self.encoder.position_at, self.encoder.speed())
