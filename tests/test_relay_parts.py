@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from mqtt_broker import MosquittoBroker
 from paho.mqtt.enums import CallbackAPIVersion
-from relay_helpers import MODEL, RecordingHttpServer, RelayProcess, relay_toml
+from relay_helpers import MODEL, RecordingHttpServer, RelayProcess, inspection, relay_toml
 from test_relay import http_actuator, raw_publish, wait_until
 
 from edge_agent.publish.messages import PartFrames, PartMessage, PartPosition, PartRegion
@@ -248,3 +248,21 @@ def test_with_an_encoder_the_reject_fires_when_the_belt_has_moved_the_distance(
         thread.join(2)
         client.disconnect()
         client.loop_stop()
+
+
+def test_a_camera_that_sends_part_messages_is_never_fired_by_its_inspections(
+    relay_factory: Callable[..., RejectRelay], camera: Callable[[str], MqttPublisher], http: RecordingHttpServer
+) -> None:
+    relay = relay_factory(
+        http_actuator(http),
+        extra="[timing]\ndistance_m = 0.2\ndecision_distance_m = 0.3\nspeed_m_s = 1.0\ntolerance_s = 0.2\n",
+        topics=("uflow/+/part", "uflow/+/inspection"),
+    )
+    cam = camera("cam1")
+    cam.publish_part(part("cam1", "3-1"))
+    assert wait_until(lambda: relay.stats().received == 1)
+    cam.publish_inspection(inspection("cam1", 5))  # anomalous, for dashboards: the part message decides
+    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=5)
+    time.sleep(0.6)
+    assert [a.body["part_id"] for a in http.arrivals] == ["3-1"]
+    assert relay.stats().fired == 1

@@ -188,6 +188,7 @@ class PartDecisions:
         belt = relay.settings.belt
         self.encoder = Encoder(belt.counts_per_m) if belt.encoder_topic and belt.counts_per_m else None
         self.encoder_refused = 0
+        self.devices: set[str] = set()  # cameras that sent part messages (their inspections never fire)
 
     def handle_encoder(self, topic: str, payload: bytes, arrival: float) -> str:
         """An encoder reading: re-time the pending part rejects from where the belt is now."""
@@ -243,6 +244,7 @@ class PartDecisions:
         except ValueError as exc:  # PartMalformed, and the relay's MalformedMessage for a camera too many
             self._malformed(topic, exc, payload)
             return "malformed"
+        self.devices.add(device)
         timing = relay.settings.part_timing_for(device)
         offset = relay.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
         with relay._lock:
