@@ -18,21 +18,27 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
 from edge_agent.publish.messages import (
-    PART_SCHEMA,
     PartMessage,
     PayloadError,
-    StageLatency,
-    is_valid_id,
     parse_json_object,
 )
 from edge_agent.relay.actuators import FireOrder
 from edge_agent.relay.belt import BeltTravel, Encoder, due_in
+from edge_agent.relay.part_intake import (
+    MAX_SPEED_BYTES,
+    ClockView,
+    PartMalformed,
+    device_of_part_topic,
+    parse_part,
+    parse_speed,
+    part_key,
+)
 from edge_agent.relay.report import plan_fields
 from edge_agent.relay.schedule import Plan
 
@@ -48,68 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PART_LEAF = "part"
-MAX_PART_BYTES = 1 << 20
-MAX_SPEED_BYTES = 4096
 GOOD_IDS_REMEMBERED = 4096
-
-
-class PartMalformed(ValueError):
-    """Not a part message (or not a speed message); the text says why."""
-
-
-def parse_part(payload: bytes) -> PartMessage:
-    """A part message from a payload (fields a newer agent adds are ignored); PartMalformed says why not."""
-    try:
-        data = parse_json_object(payload, MAX_PART_BYTES)
-    except PayloadError as exc:
-        raise PartMalformed(str(exc)) from exc
-    schema = data.get("schema", PART_SCHEMA)
-    if not isinstance(schema, str) or schema.split("/")[0] != PART_SCHEMA.split("/")[0] or schema.split("/")[-1] != "1":
-        raise PartMalformed(f"schema {schema!r} is not {PART_SCHEMA!r}")
-    known = {f.alias or name for name, f in PartMessage.model_fields.items()} | set(PartMessage.model_fields)
-    try:
-        message = PartMessage.model_validate({k: v for k, v in data.items() if k in known})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise PartMalformed(problems) from exc
-    for name in ("device_id", "message_id", "part_id"):
-        if not is_valid_id(getattr(message, name)):
-            raise PartMalformed(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
-    return message
-
-
-def parse_speed(payload: bytes, max_speed: float) -> float:
-    """``{"speed_m_s": v}`` -> v (finite, 0 <= v <= max_speed); PartMalformed otherwise."""
-    try:
-        data = parse_json_object(payload, MAX_SPEED_BYTES, max_depth=2)
-    except PayloadError as exc:
-        raise PartMalformed(str(exc)) from exc
-    value = data.get("speed_m_s")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PartMalformed('a speed message is {"speed_m_s": <number>}')
-    if not 0.0 <= value <= max_speed:
-        raise PartMalformed(f"speed_m_s {value} is outside [0, {max_speed}] (belt.max_speed_m_s)")
-    return float(value)
-
-
-def part_key(message: PartMessage) -> str:
-    """The journal key: one decision per part id of a camera."""
-    return f"part:{message.device_id}:{message.part_id}"
-
-
-@dataclass(frozen=True)
-class ClockView:
-    """A part message as the clock estimator reads a message: the decision frame's time and latency."""
-
-    device_id: str
-    capture_time: float
-    latency_ms: StageLatency
-    replayed: bool
-
-    @classmethod
-    def of(cls, message: PartMessage) -> ClockView:
-        return cls(message.device_id, message.decision_time, StageLatency(total=message.latency_ms), message.replayed)
 
 
 class BeltSpeed:
@@ -369,14 +314,6 @@ class PartDecisions:
                 "payload": payload[:200].decode("utf-8", "replace"),
             },
         )
-
-
-def device_of_part_topic(topic: str) -> str:
-    """The camera of ``<prefix>/<device_id>/part``; PartMalformed otherwise."""
-    levels = topic.split("/")
-    if len(levels) < 2 or levels[-1] != PART_LEAF or not is_valid_id(levels[-2]):
-        raise PartMalformed(f"topic {topic[:200]!r} is not <prefix>/<device_id>/{PART_LEAF}")
-    return levels[-2]
 
 
 def order_of(message: PartMessage, key: str, plan: Plan, relay_id: str) -> FireOrder:

@@ -40,7 +40,8 @@ from edge_agent.relay.connection import RelayConnection
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.firing import Firing, Job
 from edge_agent.relay.intake import MalformedMessage, device_of_topic, parse_inspection
-from edge_agent.relay.parts import PART_LEAF, PartDecisions
+from edge_agent.relay.part_intake import PART_LEAF
+from edge_agent.relay.parts import PartDecisions
 from edge_agent.relay.report import Counters, late_hint, log_decision, log_order, quantile
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
 
