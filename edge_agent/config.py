@@ -341,6 +341,12 @@ class AgentSettings(FileAndEnvSettings):
         return self.model.bundle or self.state_dir / "models" / "current"
 
     @model_validator(mode="after")
+    def _http_triggers_need_http(self) -> AgentSettings:
+        if self.parts.mode == "triggered" and "http" in self.parts.triggers and not self.http.enabled:
+            raise ValueError('parts.triggers has "http" but http.enabled is false: POST /trigger would not exist')
+        return self
+
+    @model_validator(mode="after")
     def _fill_state_paths(self) -> AgentSettings:
         if self.model.bundle is None:
             self.model.bundle = self.state_dir / "models" / "current"

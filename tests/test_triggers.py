@@ -193,3 +193,11 @@ def test_triggered_agent_inspects_one_frame_per_mqtt_and_http_trigger_and_report
         if agent.process.poll() is None:
             agent.kill()
         watcher.close()
+
+
+def test_http_triggers_without_the_http_server_are_a_config_error() -> None:
+    from edge_agent.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"http\.enabled"):
+        load_settings(None, parts={"mode": "triggered", "triggers": ["http"]}, http={"enabled": False})
+    assert load_settings(None, parts={"mode": "triggered", "triggers": ["mqtt"]}, http={"enabled": False})
