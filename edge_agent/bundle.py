@@ -128,6 +128,36 @@ class QuantizedModel(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class DriftStat(_Strict):
+    """One statistic over the training images: its quantiles (0 to 1, evenly spaced) and the image count."""
+
+    quantiles: tuple[float, ...] = Field(min_length=2, max_length=1025)
+    count: int = Field(ge=1)
+
+    @field_validator("quantiles")
+    @classmethod
+    def _sorted_finite(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v != v or v in (float("inf"), float("-inf")) for v in value):
+            raise ValueError("quantiles must be finite")
+        if any(b < a for a, b in zip(value, value[1:])):
+            raise ValueError("quantiles must be sorted ascending")
+        return value
+
+
+class DriftReference(_Strict):
+    """What the training images looked like, for the agent's drift check (edge_agent/inspection/drift.py).
+
+    Image statistics of the training images; ``score`` and ``nll`` of the good validation images under the
+    exported model (None: not watched). Bundles without this field run with the drift check off.
+    """
+
+    brightness: DriftStat
+    contrast: DriftStat
+    sharpness: DriftStat
+    score: DriftStat | None = None
+    nll: DriftStat | None = None
+
+
 class Manifest(_Strict):
     """``model.json``."""
 
@@ -146,6 +176,9 @@ class Manifest(_Strict):
     training_data: dict[str, object] = Field(default_factory=dict)
     variants: tuple[QuantizedModel, ...] = ()
     self_test: tuple[str, ...] = Field(default=(), description="relative paths of good images to run after install")
+    drift_reference: DriftReference | None = Field(
+        default=None, description="statistics of the training images for the drift check; None: check off"
+    )
 
     @field_validator("schema_version")
     @classmethod

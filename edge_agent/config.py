@@ -287,6 +287,44 @@ class PartsConfig(_Section):
     gpio_edge: Literal["rising", "falling"] = Field(default="rising", description="triggered, gpio: which edge")
 
 
+class KeepConfig(_Section):
+    """Frames kept on disk for review (edge_agent/service/keep.py): written off the inspection path."""
+
+    flagged: bool = Field(default=False, description="keep every anomalous frame with its maps, NFA mask and message")
+    good_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of good frames kept too (0.01: one in a hundred)"
+    )
+    dir: Path | None = Field(default=None, description="where kept frames go; default <state_dir>/kept")
+    max_total_mb: float = Field(default=2000.0, gt=0, description="disk quota: the oldest kept frames are removed")
+    min_free_mb: float = Field(
+        default=1024.0, ge=0, description="keep nothing while the file system has less free space (the spool first)"
+    )
+    queue: int = Field(default=8, ge=1, le=256, description="frames waiting for the writer; beyond, skipped and counted")
+
+
+class DriftConfig(_Section):
+    """Drift check against the bundle's training statistics (edge_agent/inspection/drift.py, docs/agent.md)."""
+
+    enabled: bool = Field(default=True, description="watch drift when the bundle carries a reference")
+    window: int = Field(default=100, ge=2, le=100_000, description="sampled frames in the sliding window")
+    min_frames: int = Field(default=30, ge=1, description="no verdict before the window holds this many")
+    max_distance: float = Field(
+        default=0.5, gt=0, le=1, description="Kolmogorov-Smirnov distance to the training images that is drift"
+    )
+    min_relative_shift: float = Field(
+        default=0.05, ge=0, description="and the window median must have moved by this share of the training median"
+    )
+    sample_every_s: float = Field(
+        default=1.0, ge=0, description="at most one frame per this many seconds feeds the window (0: every frame)"
+    )
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> DriftConfig:
+        if self.min_frames > self.window:
+            raise ValueError(f"min_frames ({self.min_frames}) must not exceed window ({self.window})")
+        return self
+
+
 class FileAndEnvSettings(BaseSettings):
     """Settings read from a TOML file (passed as init kwargs) that the environment overrides."""
 
@@ -334,6 +372,8 @@ class AgentSettings(FileAndEnvSettings):
     http: HttpConfig = Field(default_factory=HttpConfig)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
     parts: PartsConfig = Field(default_factory=PartsConfig)
+    keep: KeepConfig = Field(default_factory=KeepConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @property
     def bundle_dir(self) -> Path:
@@ -356,6 +396,8 @@ class AgentSettings(FileAndEnvSettings):
             self.spool.path = self.state_dir / "spool.sqlite"
         if self.snapshot_dir is None:
             self.snapshot_dir = self.state_dir / "snapshots"
+        if self.keep.dir is None:
+            self.keep.dir = self.state_dir / "kept"
         return self
 
 

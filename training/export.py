@@ -34,6 +34,7 @@ from edge_agent.bundle import (
     MODEL_NAME,
     SCHEMA_VERSION,
     Bundle,
+    DriftReference,
     InputSpec,
     Manifest,
     NfaSpec,
@@ -294,7 +295,14 @@ def build_manifest(
         validation_metrics=_validation_metrics(info, parity, selftest_scores),
         training_data=_training_data(info),
         self_test=tuple(selftest),
+        drift_reference=_drift_reference(info),
     )
+
+
+def _drift_reference(info: RunInfo) -> DriftReference | None:
+    """The drift check's reference from val_scores.json; runs trained before it existed ship none (check off)."""
+    raw = info.val_scores.get("drift_reference")
+    return None if raw is None else DriftReference.model_validate(raw)
 
 
 def _training_data(info: RunInfo) -> dict[str, Any]:

@@ -8,7 +8,9 @@ Everything here uses good validation images only (never the test split):
 3. defects are planted on them (training/planted.py) and the deployed decision (fitted NFA at the
    default epsilon) says how many it flags: the label-free check of detection power that
    ``uflow export`` warns on and the manifest records;
-4. a few are kept as the bundle's self-test images.
+4. a few are kept as the bundle's self-test images;
+5. the drift reference (edge_agent/inspection/drift.py): brightness, contrast and sharpness of the
+   training and validation images, and the model's scores and mean m_0 on the validation images.
 
 All of it is written to ``val_scores.json`` in the run directory.
 """
@@ -24,6 +26,7 @@ import cv2
 import numpy as np
 
 from edge_agent.inspection import nfa
+from edge_agent.inspection.drift import build_reference
 from training.data import DatasetSplits, Record
 from training.model import UFlow, predict
 from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate_evidence, fit_null, null_to_dict
@@ -121,6 +124,8 @@ def finish_run(
     fitted = min_log_nfa(maps, channels, size, nulls)
     polyomino = min_log_nfa(maps, channels, size, None)
     planted = planted_check(model, images, nulls, epsilon, batch_size)
+    nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
+    drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())
     result = {
         "source": source,
         "images": [str(r.image) for r in records],
@@ -132,6 +137,7 @@ def finish_run(
         "nfa_flagged": [v < epsilon for v in fitted],
         "min_log_nfa_polyomino": polyomino,
         "planted": planted,
+        "drift_reference": drift.model_dump(mode="json"),
     }
     write_json(run_dir / VAL_SCORES_NAME, result)
     _write_selftest(run_dir, records, images, selftest_count)
