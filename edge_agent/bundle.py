@@ -8,7 +8,9 @@ or shapes do not match, and the error says which.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -137,9 +139,9 @@ class DriftStat(_Strict):
     @field_validator("quantiles")
     @classmethod
     def _sorted_finite(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(v != v or v in (float("inf"), float("-inf")) for v in value):
+        if not all(math.isfinite(v) for v in value):
             raise ValueError("quantiles must be finite")
-        if any(b < a for a, b in zip(value, value[1:])):
+        if any(b < a for a, b in itertools.pairwise(value)):
             raise ValueError("quantiles must be sorted ascending")
         return value
 

@@ -299,7 +299,9 @@ class KeepConfig(_Section):
     min_free_mb: float = Field(
         default=1024.0, ge=0, description="keep nothing while the file system has less free space (the spool first)"
     )
-    queue: int = Field(default=8, ge=1, le=256, description="frames waiting for the writer; beyond, skipped and counted")
+    queue: int = Field(
+        default=8, ge=1, le=256, description="frames waiting for the writer; beyond, skipped and counted"
+    )
 
 
 class DriftConfig(_Section):

@@ -257,5 +257,7 @@ class DriftMonitor:
                 and distance >= settings.max_distance
                 and abs(shift) >= settings.min_relative_shift
             )
-            stats.append(StatDrift(name, REASONS[name], int(window.size), distance, median, ref_median, shift, drifting))
+            stats.append(
+                StatDrift(name, REASONS[name], int(window.size), distance, median, ref_median, shift, drifting)
+            )
         return DriftReport(True, "", tuple(stats), settings.window)

@@ -14,6 +14,7 @@ skip and report the problem (``problem``: the agent's /healthz says degraded); i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -94,10 +95,8 @@ class FrameKeeper:
         """Write what is queued (bounded wait), then end the writer."""
         if self._thread is None:
             return
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self._thread.join(timeout)
         self._thread = None
 
