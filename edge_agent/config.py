@@ -186,6 +186,11 @@ class HttpConfig(_Section):
         description="live preview page at /preview (frame, anomaly map, NFA regions); keep host on 127.0.0.1 "
         "and reach it with ssh -L",
     )
+    review: bool = Field(
+        default=False,
+        description="review page at /review: kept frames with overlays, 'mark as good' / 'confirmed defect' "
+        "([keep]); keep host on 127.0.0.1",
+    )
     preview_max_fps: float = Field(
         default=1.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
     )
@@ -295,6 +300,10 @@ class KeepConfig(_Section):
         default=0.0, ge=0.0, le=1.0, description="share of good frames kept too (0.01: one in a hundred)"
     )
     dir: Path | None = Field(default=None, description="where kept frames go; default <state_dir>/kept")
+    training_dir: Path | None = Field(
+        default=None,
+        description="review decisions go here (good/, defect/); default <state_dir>/training (docs/operations.md)",
+    )
     max_total_mb: float = Field(default=2000.0, gt=0, description="disk quota: the oldest kept frames are removed")
     min_free_mb: float = Field(
         default=1024.0, ge=0, description="keep nothing while the file system has less free space (the spool first)"
@@ -400,6 +409,8 @@ class AgentSettings(FileAndEnvSettings):
             self.snapshot_dir = self.state_dir / "snapshots"
         if self.keep.dir is None:
             self.keep.dir = self.state_dir / "kept"
+        if self.keep.training_dir is None:
+            self.keep.training_dir = self.state_dir / "training"
         return self
 
 

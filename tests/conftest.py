@@ -16,7 +16,14 @@ import pytest
 # Fixture modules for every test (instead of importing fixtures into each test module): the MQTT broker
 # (broker, broker_factory), the contract bundle (contract_bundle), the agent's bundles and frames, and the
 # in-process reject relay (http, relay_factory, camera).
-pytest_plugins = ["mqtt_broker", "contract_bundle", "agent_fixtures", "relay_fixtures", "systemd_fixtures"]
+pytest_plugins = [
+    "mqtt_broker",
+    "contract_bundle",
+    "agent_fixtures",
+    "relay_fixtures",
+    "systemd_fixtures",
+    "line_helpers",
+]
 
 # Spinning OpenMP threads make torch ~10x slower when the (2-core) machine is shared with other jobs;
 # this must be set before torch is first imported, i.e. here.

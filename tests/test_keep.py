@@ -7,41 +7,18 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
-import pytest
-from contract_bundle import defect_frame, good_frame
+from line_helpers import inspected_job
 
-from edge_agent.config import KeepConfig, ModelConfig
-from edge_agent.inspection.single import inspect_frame
-from edge_agent.loaded_model import LoadedModel, load_model
-from edge_agent.pipeline import FrameJob
+from edge_agent.config import KeepConfig
+from edge_agent.loaded_model import LoadedModel
 from edge_agent.service.keep import FrameKeeper, folder_size, kept_folders
-from edge_agent.sources import Frame
-
-SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def model(contract_bundle: Path) -> LoadedModel:
-    loaded = load_model(contract_bundle, ModelConfig(backend="onnxruntime", threads=1))
-    yield loaded
-    loaded.close()
-
-
-def _job(model: LoadedModel, sequence: int, defect: bool) -> FrameJob:
-    rng = np.random.default_rng(sequence)
-    rgb = defect_frame(rng, SIZE, SIZE, (20, 20, 16, 16)) if defect else good_frame(rng, SIZE, SIZE)
-    frame = Frame(sequence, time.time(), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), "test", (SIZE, SIZE))
-    job = inspect_frame(model, frame, "cam1")
-    assert job.message is not None and job.message.anomalous is defect
-    return job
-
-
-def test_flagged_frames_are_kept_with_maps_and_message(model: LoadedModel, tmp_path: Path) -> None:
+def test_flagged_frames_are_kept_with_maps_and_message(contract_model: LoadedModel, tmp_path: Path) -> None:
     keeper = FrameKeeper(KeepConfig(flagged=True, dir=tmp_path / "kept", min_free_mb=0))
     keeper.start()
     try:
-        kinds = [keeper.offer(_job(model, seq, defect=seq % 3 == 0)) for seq in range(9)]
+        kinds = [keeper.offer(inspected_job(contract_model, seq, defect=seq % 3 == 0)) for seq in range(9)]
         assert keeper.drain()
     finally:
         keeper.stop()
@@ -56,11 +33,13 @@ def test_flagged_frames_are_kept_with_maps_and_message(model: LoadedModel, tmp_p
     assert keeper.counters.kept_flagged == 3 and keeper.counters.kept_good == 0 and keeper.problem == ""
 
 
-def test_good_frames_at_the_sampled_rate(model: LoadedModel, tmp_path: Path) -> None:
+def test_good_frames_at_the_sampled_rate(contract_model: LoadedModel, tmp_path: Path) -> None:
     keeper = FrameKeeper(KeepConfig(flagged=False, good_rate=0.25, dir=tmp_path / "kept", min_free_mb=0))
     keeper.start()
     try:
-        jobs = [_job(model, seq, defect=False) for seq in range(12)] + [_job(model, 99, defect=True)]
+        jobs = [inspected_job(contract_model, seq, defect=False) for seq in range(12)] + [
+            inspected_job(contract_model, 99, defect=True)
+        ]
         kinds = [keeper.offer(job) for job in jobs]
         assert keeper.drain()
     finally:
@@ -69,11 +48,11 @@ def test_good_frames_at_the_sampled_rate(model: LoadedModel, tmp_path: Path) -> 
     assert keeper.counters.kept_good == 3
 
 
-def test_the_quota_removes_the_oldest(model: LoadedModel, tmp_path: Path) -> None:
+def test_the_quota_removes_the_oldest(contract_model: LoadedModel, tmp_path: Path) -> None:
     directory = tmp_path / "kept"
     probe = FrameKeeper(KeepConfig(flagged=True, dir=tmp_path / "probe", min_free_mb=0))
     probe.start()
-    probe.offer(_job(model, 0, defect=True))
+    probe.offer(inspected_job(contract_model, 0, defect=True))
     probe.drain()
     probe.stop()
     one = folder_size(kept_folders(tmp_path / "probe")[0])
@@ -82,7 +61,7 @@ def test_the_quota_removes_the_oldest(model: LoadedModel, tmp_path: Path) -> Non
     keeper.start()
     try:
         for seq in range(8):
-            keeper.offer(_job(model, seq * 3, defect=True))
+            keeper.offer(inspected_job(contract_model, seq * 3, defect=True))
             assert keeper.drain()
     finally:
         keeper.stop()
@@ -94,38 +73,38 @@ def test_the_quota_removes_the_oldest(model: LoadedModel, tmp_path: Path) -> Non
     assert keeper.counters.removed_quota == 5 and keeper.counters.bytes_kept == total
 
 
-def test_an_unwritable_folder_degrades_and_recovers(model: LoadedModel, tmp_path: Path) -> None:
+def test_an_unwritable_folder_degrades_and_recovers(contract_model: LoadedModel, tmp_path: Path) -> None:
     # A file where the folder's parent should be: unwritable for root too (as a read-only mount is).
     blocker = tmp_path / "mount"
     blocker.write_text("not a folder")
     keeper = FrameKeeper(KeepConfig(flagged=True, dir=blocker / "kept", min_free_mb=0))
     keeper.start()
     try:
-        assert keeper.offer(_job(model, 0, defect=True)) == "flagged"
+        assert keeper.offer(inspected_job(contract_model, 0, defect=True)) == "flagged"
         assert keeper.drain()
         assert "cannot write kept frames" in keeper.problem and keeper.counters.skipped_disk == 1
         blocker.unlink()
-        keeper.offer(_job(model, 3, defect=True))
+        keeper.offer(inspected_job(contract_model, 3, defect=True))
         assert keeper.drain()
         assert keeper.problem == "" and keeper.counters.kept_flagged == 1
     finally:
         keeper.stop()
 
 
-def test_too_little_free_space_keeps_nothing(model: LoadedModel, tmp_path: Path) -> None:
+def test_too_little_free_space_keeps_nothing(contract_model: LoadedModel, tmp_path: Path) -> None:
     keeper = FrameKeeper(KeepConfig(flagged=True, dir=tmp_path / "kept", min_free_mb=1e12))
     keeper.start()
     try:
-        keeper.offer(_job(model, 0, defect=True))
+        keeper.offer(inspected_job(contract_model, 0, defect=True))
         assert keeper.drain()
     finally:
         keeper.stop()
     assert "MB free" in keeper.problem and kept_folders(tmp_path / "kept") == []
 
 
-def test_a_full_queue_skips_instead_of_blocking(model: LoadedModel, tmp_path: Path) -> None:
+def test_a_full_queue_skips_instead_of_blocking(contract_model: LoadedModel, tmp_path: Path) -> None:
     keeper = FrameKeeper(KeepConfig(flagged=True, dir=tmp_path / "kept", min_free_mb=0, queue=1))
-    job = _job(model, 0, defect=True)
+    job = inspected_job(contract_model, 0, defect=True)
     keeper._thread = object()  # type: ignore[assignment]  # a writer that never takes anything
     started = time.monotonic()
     kinds = [keeper.offer(job) for _ in range(5)]

@@ -1,0 +1,202 @@
+"""Review kept frames and feed them back to training: the logic under the review page and ``edge-agent review``.
+
+Kept frames (edge_agent/service/keep.py) wait under ``keep.dir``. A person decides, per frame:
+
+- **good** (a false alarm, or a sampled good frame worth training on): ``frame.png`` moves to
+  ``<keep.training_dir>/good/<id>.png``; the folder goes away. ``edge-agent record --out
+  <keep.training_dir>/good`` adds recorded images to the same folder.
+- **defect** (a confirmed defect): ``frame.png`` and the NFA ``mask.png`` move to
+  ``<keep.training_dir>/defect/<id>.png`` and ``<id>_mask.png`` (and the message to ``<id>.json``): a test
+  example for ``uflow evaluate``, never a training image.
+
+``export_split`` turns the training folder into a dataset ``uflow train`` and ``uflow evaluate`` read as
+is: ``split.json`` (training/data.py's ``split_json`` layout: ``train``, ``val``, ``test_good``,
+``test_defect``; stems relative to the json's folder, ``STEM.jpg`` the image, ``STEM.png`` the mask) with
+the images copied next to it. Good images are assigned to val / test_good / train by a hash of their name
+(as training's own hold-out does), so adding images later does not reshuffle the earlier ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, kept_folders
+
+GOOD_DIR, DEFECT_DIR = "good", "defect"
+DEFECT_TYPE = "confirmed"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Files of a kept folder the page may show; nothing else is served from disk.
+VIEWABLE = ("frame.png", "overlay.png", "mask.png", "anomaly_map.png")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+JPEG_QUALITY = 95
+
+
+class ReviewError(ValueError):
+    """A review action that cannot be done; the message says why (unknown frame, bad id, ...)."""
+
+
+@dataclass(frozen=True)
+class KeptFrame:
+    """One kept frame waiting for review."""
+
+    id: str
+    kind: str  # flagged | good
+    sequence: int
+    capture_time: float
+    image_score: float
+    anomalous: bool
+    regions: int
+    model: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "sequence": self.sequence,
+            "capture_time": self.capture_time,
+            "image_score": self.image_score,
+            "anomalous": self.anomalous,
+            "regions": self.regions,
+            "model": self.model,
+        }
+
+
+def _read_kept(folder: Path) -> KeptFrame | None:
+    try:
+        message = json.loads((folder / MESSAGE_NAME).read_text(encoding="utf-8"))
+        model = message.get("model") or {}
+        return KeptFrame(
+            id=folder.name,
+            kind=FLAGGED if folder.name.endswith(f"-{FLAGGED}") else "good",
+            sequence=int(message.get("sequence", 0)),
+            capture_time=float(message.get("capture_time", 0.0)),
+            image_score=float(message.get("image_score", 0.0)),
+            anomalous=bool(message.get("anomalous", False)),
+            regions=len(message.get("regions") or []),
+            model=f"{model.get('name', '?')} {model.get('version', '?')}",
+        )
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # half-written or foreign folder: not listed
+
+
+class ReviewStore:
+    """Kept frames under ``kept_dir``; decisions move them into ``training_dir`` (thread-safe enough:
+    one move per request, and a frame that is already gone is a clear error)."""
+
+    def __init__(self, kept_dir: Path, training_dir: Path) -> None:
+        self.kept_dir = Path(kept_dir)
+        self.training_dir = Path(training_dir)
+
+    def frames(self, limit: int = 200) -> list[KeptFrame]:
+        """The kept frames, newest first."""
+        found = (_read_kept(folder) for folder in reversed(kept_folders(self.kept_dir)))
+        return [frame for frame in found if frame is not None][:limit]
+
+    def folder(self, frame_id: str) -> Path:
+        """The folder of one kept frame; ReviewError for a malformed or unknown id."""
+        if not _ID.match(frame_id) or ".." in frame_id:
+            raise ReviewError(f"not a kept frame id: {frame_id[:100]!r}")
+        folder = self.kept_dir / frame_id
+        if not (folder / MESSAGE_NAME).is_file():
+            raise ReviewError(f"no kept frame {frame_id!r} (already reviewed, or removed by the quota)")
+        return folder
+
+    def file(self, frame_id: str, name: str) -> Path:
+        """One viewable file of a kept frame (VIEWABLE only)."""
+        if name not in VIEWABLE:
+            raise ReviewError(f"{name[:40]!r} is not one of {', '.join(VIEWABLE)}")
+        path = self.folder(frame_id) / name
+        if not path.is_file():
+            raise ReviewError(f"kept frame {frame_id!r} has no {name}")
+        return path
+
+    def mark_good(self, frame_id: str) -> Path:
+        """The frame is good: its image joins the good training images; returns the new path."""
+        folder = self.folder(frame_id)
+        target = self.training_dir / GOOD_DIR / f"{frame_id}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(folder / "frame.png", target)
+        shutil.rmtree(folder, ignore_errors=True)
+        return target
+
+    def confirm_defect(self, frame_id: str) -> Path:
+        """The frame shows a real defect: image, NFA mask and message become a test example; returns the image."""
+        folder = self.folder(frame_id)
+        target = self.training_dir / DEFECT_DIR / f"{frame_id}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(folder / "mask.png", target.with_name(f"{frame_id}_mask.png"))
+        shutil.move(folder / MESSAGE_NAME, target.with_suffix(".json"))
+        shutil.move(folder / "frame.png", target)
+        shutil.rmtree(folder, ignore_errors=True)
+        return target
+
+
+def _share(name: str) -> float:
+    """A stable number in [0, 1) from a file name (the hold-out rule)."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def _images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem
+    )
+
+
+def _stem(root: Path, path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.relative_to(root).with_suffix("").as_posix().replace("/", "__"))
+
+
+def _write_jpeg(source: Path, target: Path) -> None:
+    image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ReviewError(f"cannot read image {source}")
+    if not cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
+        raise OSError(f"could not write {target}")
+
+
+def export_split(
+    training_dir: Path, out: Path, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, Any]:
+    """Write ``out/split.json`` with the images of ``training_dir`` copied beside it; returns the split.
+
+    Good images: a hashed ``val_fraction`` to val, a hashed ``test_fraction`` to test_good when there are
+    confirmed defects to evaluate against (else none), the rest to train. Defects: test only, with masks.
+    """
+    training_dir, out = Path(training_dir), Path(out)
+    goods = _images(training_dir / GOOD_DIR)
+    defects = _images(training_dir / DEFECT_DIR)
+    if not goods:
+        raise ReviewError(f"no good images under {training_dir / GOOD_DIR}: record some or mark kept frames good")
+    split: dict[str, Any] = {"train": [], "val": [], "test_good": [], "test_defect": {DEFECT_TYPE: []}}
+    (out / GOOD_DIR).mkdir(parents=True, exist_ok=True)
+    test_share = test_fraction if defects else 0.0
+    for path in goods:
+        stem = f"{GOOD_DIR}/{_stem(training_dir / GOOD_DIR, path)}"
+        _write_jpeg(path, out / f"{stem}.jpg")
+        share = _share(stem)
+        key = "val" if share < val_fraction else "test_good" if share < val_fraction + test_share else "train"
+        split[key].append(stem)
+    if not split["train"]:  # a handful of images: training needs at least one
+        split["train"].append(split["val"].pop() if split["val"] else split["test_good"].pop())
+    if defects:
+        (out / DEFECT_DIR).mkdir(parents=True, exist_ok=True)
+    for path in defects:
+        mask = path.with_name(f"{path.stem}_mask.png")
+        if not mask.is_file():
+            raise ReviewError(f"confirmed defect {path} has no mask {mask.name}")
+        stem = f"{DEFECT_DIR}/{_stem(training_dir / DEFECT_DIR, path)}"
+        _write_jpeg(path, out / f"{stem}.jpg")
+        shutil.copyfile(mask, out / f"{stem}.png")
+        split["test_defect"][DEFECT_TYPE].append(stem)
+    (out / "split.json").write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+    return split
