@@ -111,7 +111,7 @@ class FrameKeeper:
         else:
             # A credit counter rather than a coin: exactly good_rate of the good frames, evenly spread.
             self._good_credit += self.config.good_rate
-            if self._good_credit < 1.0:
+            if self._good_credit < 1.0 - 1e-9:  # (float sums: ten times 0.1 is 0.999...)
                 return None
             self._good_credit -= 1.0
             kind = GOOD

@@ -1,0 +1,201 @@
+"""Shadow mode: a candidate bundle judges a share of the live frames, with spare time only, and is compared.
+
+``[model] shadow = PATH`` loads a second bundle next to the live one. After a live frame is published, the
+publish thread offers it here (``offer``: a few comparisons, never a wait). It is handed to the shadow's own
+thread only when all of these hold:
+
+- the frame is in the configured share (``model.shadow_share``; a credit counter, so exactly that share,
+  evenly spread);
+- the shadow thread is idle (one frame at a time: a slow candidate skips frames, it never queues them);
+- the live pipeline has no backlog (no frame waiting for inference or NFA): the live model is not behind.
+
+The shadow thread runs at the lowest CPU priority (nice 19 for this thread only) and its ONNX Runtime
+session uses one thread, so the kernel gives it only time the live stages do not want. Nothing it does
+is published as an inspection; its figures (``ShadowReport``) go into stats and /metrics: frames compared,
+verdict agreement, the frames where the two differ (either way) and the candidate's would-be rejects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edge_agent.inspection.single import inspect_frame
+from edge_agent.loaded_model import LoadedModel
+from edge_agent.logs import log_event
+from edge_agent.pipeline import FrameJob
+
+log = logging.getLogger(__name__)
+
+RECENT_DIFFERENCES = 20
+SHADOW_NICE = 19
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One frame the two models judged differently."""
+
+    sequence: int
+    capture_time: float
+    live_anomalous: bool
+    live_score: float
+    candidate_score: float
+
+
+@dataclass
+class ShadowReport:
+    """The comparison so far (stats topic, /metrics, the fleet gate)."""
+
+    candidate: str  # "<name> <version>"
+    candidate_sha256: str
+    started: float  # unix time the shadow started
+    offered: int = 0
+    compared: int = 0
+    agreed: int = 0
+    candidate_rejects: int = 0  # frames the candidate would have rejected
+    live_rejects: int = 0  # of the compared frames
+    candidate_only: int = 0  # candidate rejects, live passes
+    live_only: int = 0  # live rejects, candidate passes
+    skipped_share: int = 0
+    skipped_busy: int = 0  # the shadow was still busy with an earlier frame
+    skipped_backlog: int = 0  # the live pipeline had frames waiting
+    failures: int = 0
+    recent_differences: list[Difference] = field(default_factory=list)
+
+    @property
+    def agreement(self) -> float | None:
+        """Share of compared frames with the same verdict (None before the first)."""
+        return self.agreed / self.compared if self.compared else None
+
+
+class ShadowRunner:
+    """Runs ``candidate`` on a share of the live frames in a low-priority thread and compares verdicts."""
+
+    def __init__(
+        self,
+        candidate: LoadedModel,
+        share: float,
+        device_id: str,
+        live_backlog: Callable[[], int] = lambda: 0,
+    ) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError("the shadow share must be in (0, 1]")
+        self.candidate = candidate
+        self.share = share
+        self.device_id = device_id
+        self.live_backlog = live_backlog
+        ref = candidate.ref
+        self.report = ShadowReport(f"{ref.name} {ref.version}", ref.sha256, time.time())
+        self._credit = 0.0
+        self._pending: FrameJob | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._differences: deque[Difference] = deque(maxlen=RECENT_DIFFERENCES)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.native_id: int | None = None  # the shadow thread's kernel id (its nice value is per thread)
+
+    def start(self) -> None:
+        """Start the shadow thread."""
+        self._thread = threading.Thread(target=self._loop, name="shadow", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the frame in progress (bounded wait) and close the candidate."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.candidate.close()
+
+    def offer(self, job: FrameJob) -> str:
+        """Pipeline observer (publish thread): hand the frame over when due and there is room; never waits.
+
+        Returns what happened: ``queued``, ``share``, ``busy`` or ``backlog``.
+        """
+        report = self.report
+        report.offered += 1
+        self._credit += self.share
+        if self._credit < 1.0 - 1e-9:  # (float sums: ten times 0.1 is 0.999...)
+            report.skipped_share += 1
+            return "share"
+        if self._busy or self._pending is not None:
+            report.skipped_busy += 1  # the credit stays: the next free moment takes the next frame
+            return "busy"
+        if self.live_backlog() > 0:
+            report.skipped_backlog += 1
+            return "backlog"
+        self._credit -= 1.0
+        with self._wake:
+            self._pending = job
+            self._busy = True
+            self._wake.notify_all()
+        return "queued"
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until the shadow has no frame (tests); True when idle in time."""
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._busy
+
+    def snapshot(self) -> ShadowReport:
+        """A consistent copy of the report."""
+        with self._lock:
+            copy = ShadowReport(**{**self.report.__dict__, "recent_differences": list(self._differences)})
+        return copy
+
+    # -- the shadow thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self.native_id = threading.get_native_id()
+        # Linux: a thread is a task with its own nice value; only this thread yields to the live stages.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, self.native_id, SHADOW_NICE)
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._pending is not None or self._stopping)
+                if self._stopping:
+                    return
+                job, self._pending = self._pending, None
+            try:
+                assert job is not None
+                self._compare(job)
+            except Exception as exc:  # a failing candidate must never touch the live inspection
+                self.report.failures += 1
+                if self.report.failures in (1, 10, 100):
+                    log_event(log, logging.WARNING, "shadow model failed: %s", "shadow_failed", exc, error=str(exc))
+            finally:
+                self._busy = False
+
+    def _compare(self, live: FrameJob) -> None:
+        assert live.message is not None and live.frame is not None
+        shadow = inspect_frame(self.candidate, live.frame, self.device_id)
+        assert shadow.message is not None
+        live_bad, shadow_bad = live.message.anomalous, shadow.message.anomalous
+        with self._lock:
+            report = self.report
+            report.compared += 1
+            report.agreed += int(live_bad == shadow_bad)
+            report.live_rejects += int(live_bad)
+            report.candidate_rejects += int(shadow_bad)
+            report.candidate_only += int(shadow_bad and not live_bad)
+            report.live_only += int(live_bad and not shadow_bad)
+            if live_bad != shadow_bad:
+                self._differences.append(
+                    Difference(
+                        live.frame.sequence,
+                        live.frame.capture_time,
+                        live_bad,
+                        live.message.image_score,
+                        shadow.message.image_score,
+                    )
+                )

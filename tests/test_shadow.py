@@ -1,0 +1,84 @@
+"""Shadow mode (edge_agent/inspection/shadow.py): real candidate bundles on ONNX Runtime judge real inspections.
+
+No timed assertions: the behaviour that keeps the live fps (the share, skipping while busy or while the live
+pipeline is behind, the lowest priority) is tested; bench/shadow.py measures the fps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from contract_bundle import build_contract_bundle
+from line_helpers import inspected_job
+
+from edge_agent.config import ModelConfig
+from edge_agent.inspection.shadow import ShadowRunner
+from edge_agent.loaded_model import LoadedModel, load_model
+
+
+def _candidate(root: Path, **kwargs: object) -> LoadedModel:
+    return load_model(build_contract_bundle(root, **kwargs), ModelConfig(backend="onnxruntime", threads=1))
+
+
+def test_the_same_model_agrees_on_exactly_the_share(contract_model: LoadedModel, tmp_path: Path) -> None:
+    runner = ShadowRunner(_candidate(tmp_path / "same", version="2.0.0"), share=0.1, device_id="cam1")
+    runner.start()
+    try:
+        jobs = [inspected_job(contract_model, seq, defect=seq % 4 == 0) for seq in range(40)]
+        outcomes = []
+        for job in jobs:
+            outcomes.append(runner.offer(job))
+            assert runner.wait_idle()
+        report = runner.snapshot()
+    finally:
+        runner.stop()
+    assert outcomes.count("queued") == 4 and outcomes.count("share") == 36
+    assert report.compared == 4 and report.agreement == 1.0 and report.candidate == "contract 2.0.0"
+    assert report.candidate_only == report.live_only == 0 and report.recent_differences == []
+
+
+def test_a_stricter_candidate_would_reject_more(contract_model: LoadedModel, tmp_path: Path) -> None:
+    # Expecting an eighth of the pixel noise, the candidate sees every good frame as anomalous.
+    runner = ShadowRunner(_candidate(tmp_path / "strict", pixel_noise=1.0), share=1.0, device_id="cam1")
+    runner.start()
+    try:
+        for seq in range(10):
+            runner.offer(inspected_job(contract_model, seq, defect=seq == 3))
+            assert runner.wait_idle()
+        report = runner.snapshot()
+    finally:
+        runner.stop()
+    assert report.compared == 10 and report.candidate_rejects == 10 and report.live_rejects == 1
+    assert report.candidate_only == 9 and report.live_only == 0 and report.agreement == pytest.approx(0.1)
+    assert [d.sequence for d in report.recent_differences] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+
+
+def test_skips_while_busy_or_while_the_live_pipeline_is_behind(contract_model: LoadedModel, tmp_path: Path) -> None:
+    backlog = [0]
+    runner = ShadowRunner(_candidate(tmp_path / "c"), share=1.0, device_id="cam1", live_backlog=lambda: backlog[0])
+    job = inspected_job(contract_model, 0, defect=False)
+    runner._busy = True  # a candidate still working on an earlier frame
+    started = time.monotonic()
+    assert [runner.offer(job) for _ in range(5)] == ["busy"] * 5
+    assert time.monotonic() - started < 1.0  # offering never waits for the shadow
+    runner._busy = False
+    backlog[0] = 1
+    assert runner.offer(job) == "backlog"
+    report = runner.snapshot()
+    assert report.skipped_busy == 5 and report.skipped_backlog == 1 and report.compared == 0
+    runner.candidate.close()
+
+
+def test_the_shadow_thread_runs_at_the_lowest_priority(contract_model: LoadedModel, tmp_path: Path) -> None:
+    runner = ShadowRunner(_candidate(tmp_path / "c"), share=1.0, device_id="cam1")
+    runner.start()
+    try:
+        runner.offer(inspected_job(contract_model, 0, defect=False))
+        assert runner.wait_idle() and runner.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, runner.native_id) == 19
+        assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the rest of the process is untouched
+    finally:
+        runner.stop()
