@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from contract_bundle import build_contract_bundle
 from line_helpers import inspected_job
 
 from edge_agent.config import ModelConfig
-from edge_agent.inspection.shadow import ShadowRunner
+from edge_agent.inspection.shadow import ShadowRunner, gate_problem, load_state, save_state
 from edge_agent.loaded_model import LoadedModel, load_model
 
 
@@ -82,3 +83,36 @@ def test_the_shadow_thread_runs_at_the_lowest_priority(contract_model: LoadedMod
         assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the rest of the process is untouched
     finally:
         runner.stop()
+
+
+def test_totals_survive_a_restart_and_open_the_fleet_gate(contract_model: LoadedModel, tmp_path: Path) -> None:
+    state_path = tmp_path / "shadow.json"
+    assert "has not run as the shadow" in gate_problem(state_path, "2.0.0", hours=1, min_agreement=0.99)
+    runner = ShadowRunner(_candidate(tmp_path / "c", version="2.0.0"), share=1.0, device_id="cam1")
+    runner.start()
+    try:
+        for seq in range(3):
+            runner.offer(inspected_job(contract_model, seq, defect=False))
+            assert runner.wait_idle()
+        state = runner.state()
+    finally:
+        runner.stop()
+    save_state(state_path, state)
+    assert "for 0.0 of the 1 hours" in gate_problem(state_path, "2.0.0", hours=1, min_agreement=0.99)
+    assert gate_problem(state_path, "2.0.0", hours=0, min_agreement=0.99) is None
+    assert "shadow runs 2.0.0" in gate_problem(state_path, "3.0.0", hours=0, min_agreement=0.99)
+    # Two hours later (as the agent would have saved it), after a restart with the same candidate.
+    save_state(state_path, replace(state, started=state.started - 7200))
+    again = ShadowRunner(_candidate(tmp_path / "c2", version="2.0.0"), share=1.0, device_id="cam1")
+    assert again.resume(load_state(state_path))
+    assert again.state().compared == 3 and again.state().hours >= 2
+    save_state(state_path, again.state())
+    assert gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99) is None
+    save_state(state_path, replace(again.state(), agreed=2))
+    assert "66.67% of 3 frames" in gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99)
+    other = ShadowRunner(_candidate(tmp_path / "c3", version="2.0.0", pixel_noise=1.0), share=1.0, device_id="cam1")
+    assert not other.resume(load_state(state_path))  # another model under the same version number
+    again.candidate.close()
+    other.candidate.close()
+    state_path.write_text("{not json")
+    assert load_state(state_path) is None

@@ -13,19 +13,27 @@ The shadow thread runs at the lowest CPU priority (nice 19 for this thread only)
 session uses one thread, so the kernel gives it only time the live stages do not want. Nothing it does
 is published as an inspection; its figures (``ShadowReport``) go into stats and /metrics: frames compared,
 verdict agreement, the frames where the two differ (either way) and the candidate's would-be rejects.
+
+The running totals are also saved to ``<state_dir>/shadow.json`` (``save_state``), keyed by the
+candidate's model sha256, so they survive a restart of the agent, and the fleet updater can require
+hours of agreement before it installs that version (``gate_problem``; ``shadow_hours`` per group in
+latest.json).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from edge_agent.fileio import atomic_write
 from edge_agent.inspection.single import inspect_frame
 from edge_agent.loaded_model import LoadedModel
 from edge_agent.logs import log_event
@@ -33,6 +41,7 @@ from edge_agent.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
 
+STATE_NAME = "shadow.json"
 RECENT_DIFFERENCES = 20
 SHADOW_NICE = 19
 
@@ -140,6 +149,23 @@ class ShadowRunner:
             self._wake.notify_all()
         return "queued"
 
+    def resume(self, state: ShadowState | None) -> bool:
+        """Continue the totals of an earlier run of this same candidate (its sha256); True when resumed."""
+        if state is None or state.sha256 != self.report.candidate_sha256:
+            return False
+        with self._lock:
+            self.report.started = state.started
+            self.report.compared += state.compared
+            self.report.agreed += state.agreed
+            self.report.candidate_rejects += state.candidate_rejects
+        return True
+
+    def state(self) -> ShadowState:
+        """What ``save_state`` writes."""
+        report, ref = self.snapshot(), self.candidate.ref
+        return ShadowState(ref.version, ref.sha256, report.started, time.time(), report.compared, report.agreed,
+                           report.candidate_rejects)  # fmt: skip
+
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until the shadow has no frame (tests); True when idle in time."""
         deadline = time.monotonic() + timeout
@@ -199,3 +225,53 @@ class ShadowRunner:
                         shadow.message.image_score,
                     )
                 )
+
+
+@dataclass(frozen=True)
+class ShadowState:
+    """The shadow's totals on disk (``<state_dir>/shadow.json``), for restarts and the fleet gate."""
+
+    version: str
+    sha256: str
+    started: float  # unix time the shadow of this candidate began
+    updated: float  # unix time of this save
+    compared: int
+    agreed: int
+    candidate_rejects: int = 0
+
+    @property
+    def hours(self) -> float:
+        return max(0.0, self.updated - self.started) / 3600.0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
+
+
+def save_state(path: Path, state: ShadowState) -> None:
+    """Write the state atomically (a crash leaves the old file or the new one)."""
+    atomic_write(Path(path), json.dumps(asdict(state), indent=1) + "\n")
+
+
+def load_state(path: Path) -> ShadowState | None:
+    """The saved state, or None when there is none or it is unreadable (then the gate stays closed)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return ShadowState(**{k: raw[k] for k in ShadowState.__dataclass_fields__ if k in raw})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def gate_problem(path: Path, version: str, hours: float, min_agreement: float) -> str | None:
+    """Why ``version`` may not be installed yet under a shadow requirement; None when it may."""
+    state = load_state(path)
+    if state is None or state.version != version:
+        shadowed = f" (the shadow runs {state.version})" if state is not None else ""
+        return f"{version} has not run as the shadow model on this box yet{shadowed}; set model.shadow to it first"
+    agreement = state.agreement
+    if state.hours < hours:
+        return f"{version} has been the shadow for {state.hours:.1f} of the {hours:g} hours required"
+    if agreement is None or agreement < min_agreement:
+        shown = "no frames" if agreement is None else f"{agreement:.2%} of {state.compared} frames"
+        return f"{version} agreed with the live model on {shown}; {min_agreement:.2%} required"
+    return None

@@ -1,0 +1,154 @@
+"""The line-to-model loop in stats and /metrics: kept frames, drift, the shadow model, a running recording.
+
+``LoopParts`` holds whichever of them the agent runs (each may be None). ``loop_figures`` is the
+``stats`` message's part, ``LoopCollector`` the /metrics part (read at scrape time, nothing per frame),
+``loop_problems`` the /healthz sentences.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edge_agent.inspection.drift import REASONS, DriftMonitor
+from edge_agent.inspection.shadow import ShadowRunner
+from edge_agent.service.keep import FrameKeeper
+from edge_agent.service.recorder import FrameRecorder
+
+
+@dataclass
+class LoopParts:
+    """The agent's loop parts; ``recorder`` is a function because a recording comes and goes."""
+
+    keeper: FrameKeeper | None = None
+    drift: DriftMonitor | None = None
+    shadow: ShadowRunner | None = None
+    recorder: Callable[[], FrameRecorder | None] = lambda: None
+
+
+def loop_problems(parts: LoopParts) -> list[str]:
+    """What /healthz says about them: a disk the kept frames cannot be written to, drift."""
+    problems = []
+    if parts.keeper is not None and parts.keeper.problem:
+        problems.append(parts.keeper.problem)
+    if parts.drift is not None:
+        problems.extend(parts.drift.report().problems)
+    return problems
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def loop_figures(parts: LoopParts) -> dict[str, Any]:
+    """The ``stats`` message's ``kept``, ``drift``, ``shadow`` and ``recording`` figures (None when off)."""
+    figures: dict[str, Any] = {"kept": None, "drift": None, "shadow": None, "recording": None}
+    if parts.keeper is not None and parts.keeper.active:
+        counters = parts.keeper.counters
+        figures["kept"] = {**counters.__dict__, "problem": parts.keeper.problem}
+    if parts.drift is not None:
+        report = parts.drift.report()
+        figures["drift"] = {
+            "enabled": report.enabled,
+            "note": report.note,
+            "reasons": report.reasons,
+            "statistics": {
+                s.name: {
+                    "distance": round(s.distance, 4),
+                    "relative_shift": _finite(s.relative_shift),
+                    "window_median": _finite(s.window_median),
+                    "reference_median": _finite(s.reference_median),
+                    "frames": s.frames,
+                    "drifting": s.drifting,
+                }
+                for s in report.stats
+            },
+        }
+    if parts.shadow is not None:
+        shadow = parts.shadow.snapshot()
+        figures["shadow"] = {
+            **{k: v for k, v in shadow.__dict__.items() if k != "recent_differences"},
+            "agreement": shadow.agreement,
+            "recent_differences": [d.__dict__ for d in shadow.recent_differences],
+        }
+    recorder = parts.recorder()
+    if recorder is not None:
+        figures["recording"] = {**recorder.summary(), "done": recorder.done}
+    return figures
+
+
+class LoopCollector(Collector):
+    """/metrics families of the loop parts, read at scrape time."""
+
+    def __init__(self, parts: LoopParts) -> None:
+        self.parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        keeper, drift, shadow = self.parts.keeper, self.parts.drift, self.parts.shadow
+        if keeper is not None and keeper.active:
+            c = keeper.counters
+            kept = CounterMetricFamily("edge_agent_kept_frames", "Frames kept for review, by kind.", labels=["kind"])
+            kept.add_metric(["flagged"], c.kept_flagged)
+            kept.add_metric(["good"], c.kept_good)
+            yield kept
+            skipped = CounterMetricFamily(
+                "edge_agent_kept_skipped", "Frames due to be kept but not written, by reason.", labels=["reason"]
+            )
+            skipped.add_metric(["busy"], c.skipped_busy)
+            skipped.add_metric(["disk"], c.skipped_disk)
+            yield skipped
+            yield CounterMetricFamily(
+                "edge_agent_kept_removed", "Kept frames removed to hold keep.max_total_mb.", value=c.removed_quota
+            )
+            yield GaugeMetricFamily("edge_agent_kept_bytes", "Bytes of kept frames on disk.", value=c.bytes_kept)
+        if drift is not None and drift.enabled:
+            report = drift.report()
+            distance = GaugeMetricFamily(
+                "edge_agent_drift_distance",
+                "KS distance of the window to the training images, by statistic.",
+                labels=["statistic"],
+            )
+            shift = GaugeMetricFamily(
+                "edge_agent_drift_relative_shift",
+                "Window median vs training median, relative, by statistic.",
+                labels=["statistic"],
+            )
+            for s in report.stats:
+                distance.add_metric([s.name], s.distance)
+                shift.add_metric([s.name], s.relative_shift if math.isfinite(s.relative_shift) else 0.0)
+            yield distance
+            yield shift
+            drifting = GaugeMetricFamily("edge_agent_drifting", "1 while a drift reason is raised.", labels=["reason"])
+            for reason in dict.fromkeys(REASONS.values()):
+                drifting.add_metric([reason], float(reason in report.reasons))
+            yield drifting
+        if shadow is not None:
+            r = shadow.snapshot()
+            frames = CounterMetricFamily(
+                "edge_agent_shadow_frames", "Live frames offered to the shadow model, by outcome.", labels=["outcome"]
+            )
+            frames.add_metric(["compared"], r.compared)
+            frames.add_metric(["skipped_share"], r.skipped_share)
+            frames.add_metric(["skipped_busy"], r.skipped_busy)
+            frames.add_metric(["skipped_backlog"], r.skipped_backlog)
+            frames.add_metric(["failed"], r.failures)
+            yield frames
+            yield CounterMetricFamily(
+                "edge_agent_shadow_agreed", "Compared frames with the same verdict.", value=r.agreed
+            )
+            differ = CounterMetricFamily(
+                "edge_agent_shadow_differ", "Compared frames judged differently, by who rejects.", labels=["rejects"]
+            )
+            differ.add_metric(["candidate_only"], r.candidate_only)
+            differ.add_metric(["live_only"], r.live_only)
+            yield differ
+            yield CounterMetricFamily(
+                "edge_agent_shadow_candidate_rejects",
+                "Compared frames the candidate would have rejected.",
+                value=r.candidate_rejects,
+            )
