@@ -57,6 +57,14 @@ class ModelConfig(_Section):
     threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
     tensorrt_workspace_mb: int = Field(default=1024, ge=64, description="TensorRT builder workspace (build-engine)")
+    shadow: Path | None = Field(
+        default=None,
+        description="a candidate bundle judged next to the live one on a share of frames, with spare time only; "
+        "agreement in stats and /metrics (docs/operations.md)",
+    )
+    shadow_share: float = Field(
+        default=0.1, gt=0, le=1, description="share of live frames offered to the shadow model (skipped when busy)"
+    )
 
 
 class SourceConfig(_Section):

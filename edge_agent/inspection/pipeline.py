@@ -239,6 +239,11 @@ class Pipeline:
     # -- control ------------------------------------------------------------------------------------
 
     @property
+    def backlog(self) -> int:
+        """Frames waiting for inference or NFA: above 0, the live stages are behind (the shadow model waits)."""
+        return len(self._to_infer) + len(self._to_nfa)
+
+    @property
     def frames_dropped(self) -> int:
         return self._to_infer.dropped
 

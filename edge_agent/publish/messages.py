@@ -3,8 +3,8 @@
 Topics live under ``<prefix>/<device_id>/``:
 ``status`` (retained text: online | offline | stopped), ``inspection`` (QoS 1, InspectionMessage),
 ``part`` (QoS 1, PartMessage: one per part with ``[parts] mode`` on), ``trigger`` in (TriggerMessage),
-``stats`` (StatsMessage), ``cmd/<name>`` in (COMMANDS: ReloadCommand, SnapshotCommand, ThresholdCommand,
-UpdateCommand), ``cmd/<name>/result`` out (CommandResult),
+``stats`` (StatsMessage), ``cmd/<name>`` in (COMMANDS: ReloadCommand, SnapshotCommand, RecordCommand,
+ThresholdCommand, UpdateCommand), ``cmd/<name>/result`` out (CommandResult),
 ``update`` (UpdateEvent, fleet update progress).
 
 A reject relay (``edge-agent reject-relay``) publishes under ``<prefix>/relay/<relay_id>/``:
@@ -195,6 +195,14 @@ class StatsMessage(_Payload):
     triggers_storm: int | None = Field(
         default=None, description="triggered: triggers that came while the previous one still waited for its frame"
     )
+    kept: dict[str, Any] | None = Field(default=None, description="frames kept for review ([keep]); None when off")
+    drift: dict[str, Any] | None = Field(
+        default=None, description="drift statistics vs the training images, per statistic (docs/agent.md)"
+    )
+    shadow: dict[str, Any] | None = Field(
+        default=None, description="shadow model agreement ([model] shadow); None when off"
+    )
+    recording: dict[str, Any] | None = Field(default=None, description="the last cmd/record recording's counts")
 
 
 class RelayDeviceStats(_Payload):
@@ -260,6 +268,19 @@ class SnapshotCommand(_Command):
     label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="added to the folder name")
 
 
+class RecordCommand(_Command):
+    """Record good images from the frames the agent inspects into <keep.training_dir>/good/record-<time>/."""
+
+    count: int = Field(default=100, ge=1, le=100_000, description="stop after this many images")
+    every_s: float = Field(default=0.0, ge=0, le=86_400, description="at least this many seconds between images")
+    only_good: bool = Field(default=True, description="only frames the live model passes")
+    min_difference: float = Field(
+        default=2.0, ge=0, le=255, description="near-duplicate threshold: mean grey difference to the last image"
+    )
+    max_s: float = Field(default=3600.0, gt=0, le=7 * 86_400, description="stop after this many seconds")
+    stop: bool = Field(default=False, description="stop the running recording instead")
+
+
 class ThresholdCommand(_Command):
     """Change the decision at run time (until restart): log10 epsilon and/or the minimum region area."""
 
@@ -285,6 +306,7 @@ class UpdateCommand(_Command):
 COMMANDS: dict[str, type[_Command]] = {
     "reload": ReloadCommand,
     "snapshot": SnapshotCommand,
+    "record": RecordCommand,
     "threshold": ThresholdCommand,
     "update": UpdateCommand,
 }

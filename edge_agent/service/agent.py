@@ -7,6 +7,7 @@ stop is asked, and owns everything that lives that long:
 - the publisher (mqtt.py) with the SQLite spool (spool.py) as its outbox;
 - commands on ``cmd/<name>`` (commands.py): reload, snapshot, threshold, update;
 - ``/metrics`` and ``/healthz`` (http_server.py, metrics.py, health.py) on ``http.host:http.port``;
+- the line-to-model loop (service/loop.py): kept frames, drift, the shadow model, cmd/record, /review;
 - the supervisor loop: systemd watchdog pings while every stage shows progress, the status line, and
   the ``stats`` topic every ``mqtt.stats_interval_s`` and at once when the source changes state.
 """
@@ -37,6 +38,7 @@ from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool
 from edge_agent.service.health import HealthInputs, HealthReport, assess
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
+from edge_agent.service.loop import LineLoop
 from edge_agent.service.metrics import AgentMetrics, MetricsView
 from edge_agent.service.preview import PreviewFacts, PreviewPage
 from edge_agent.systemd import SystemdNotifier
@@ -113,6 +115,8 @@ class Agent:
                     lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps
                 )
                 self.preview.register(self.http)
+        self.loop = LineLoop(settings, self.pipeline)
+        self.loop.attach(self.http, self.metrics.registry.register, self.commands.register)
         # Source states in the order they happened (appended by the capture thread, published by the supervisor).
         self._source_states: deque[str] = deque(maxlen=64)
         source.on_state = lambda old, new, reason: self._source_states.append(new)
@@ -150,6 +154,7 @@ class Agent:
         self._start_http()
         self._start_gpio()
         try:
+            self.loop.start()
             self.pipeline.start()
             self.notifier.ready(self.status_line())
             log_event(
@@ -176,6 +181,7 @@ class Agent:
                 self.gpio.stop()
             self._report_missed_triggers()
             self.commands.stop()
+            self.loop.stop()
             failed = self.pipeline.error is not None
             self.publisher.stop("offline" if failed else "stopped")
             if self.http is not None:
@@ -266,6 +272,7 @@ class Agent:
         while self.pipeline.running and not stop.is_set():
             self.commands.ensure_running()  # a worker that died is replaced (and counted in /healthz)
             self._report_missed_triggers()
+            self.loop.tick()
             if self.pipeline.responsive(stall_s):
                 self.notifier.watchdog()
             now = time.monotonic()
@@ -294,6 +301,7 @@ class Agent:
         source = self.pipeline.source
         spool_counters = self.outbox.counters
         commands = getattr(self, "commands", None)  # health() runs once while __init__ registers the metrics
+        loop = getattr(self, "loop", None)
         return assess(
             HealthInputs(
                 device_id=self.settings.device_id,
@@ -315,6 +323,7 @@ class Agent:
                 commands_alive=commands.alive if commands else True,
                 commands_restarts=commands.restarts if commands else 0,
                 commands_last_crash=commands.last_crash if commands else "",
+                loop_problems=tuple(loop.problems()) if loop else (),
             )
         )
 
@@ -352,6 +361,7 @@ class Agent:
             triggers_received=self.triggers.counters.received if self.triggers else None,
             triggers_missed=self.triggers.counters.missed if self.triggers else None,
             triggers_storm=self.triggers.counters.storm if self.triggers else None,
+            **self.loop.figures(),
         )
 
     def status_line(self) -> str:

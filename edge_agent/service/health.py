@@ -42,6 +42,7 @@ class HealthInputs:
     commands_alive: bool = True
     commands_restarts: int = 0
     commands_last_crash: str = ""
+    loop_problems: tuple[str, ...] = ()  # kept frames that cannot be written, drift (edge_agent/service/loop.py)
 
 
 class SourceHealth(BaseModel):
@@ -86,6 +87,7 @@ def assess(facts: HealthInputs) -> HealthReport:
     problems = _pipeline_problems(facts) + _source_problems(facts) + _broker_problems(facts)
     if not facts.commands_alive:
         problems.append("command worker is not running (commands are not answered)")
+    problems.extend(facts.loop_problems)
     return HealthReport(
         status="degraded" if problems else "ok",
         problems=problems,

@@ -1,0 +1,245 @@
+"""The agent's side of the line-to-model loop: kept frames, drift, the shadow model, recordings, the review page.
+
+``LineLoop`` builds what the settings ask for and hangs it on the running agent through a few narrow
+hooks: pipeline observers (all cheap on the publish thread: heavier work has its own thread), the
+``record`` command, the review routes, a /metrics collector, /healthz problems and the ``stats``
+figures. The agent calls ``start``, ``tick`` (every supervisor round) and ``stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.commands import CommandFailed, Done
+from edge_agent.config import AgentSettings
+from edge_agent.http_server import HttpServer
+from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
+from edge_agent.logs import log_event
+from edge_agent.messages import RecordCommand
+from edge_agent.pipeline import FrameJob, Pipeline
+from edge_agent.preprocess import model_input
+from edge_agent.service.keep import FrameKeeper
+from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
+from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
+
+log = logging.getLogger(__name__)
+
+SHADOW_STATE_EVERY_S = 60.0
+
+
+class LineLoop:
+    """Kept frames, drift, shadow, recordings and review for one agent (see the module docstring)."""
+
+    def __init__(self, settings: AgentSettings, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.parts = LoopParts(recorder=lambda: self._recorder or self._last_recording)
+        self._last_recording: FrameRecorder | None = None
+        keeper = FrameKeeper(settings.keep)
+        if keeper.active:
+            self.parts.keeper = keeper
+            pipeline.observers.append(keeper.offer)
+        self._drift_bundle: object | None = None
+        if settings.drift.enabled:
+            self.parts.drift = self._new_drift_monitor()
+            pipeline.observers.append(self._observe_drift)
+        self._recorder: FrameRecorder | None = None
+        self._record_until = 0.0
+        self._record_queue: queue.Queue[FrameJob | None] = queue.Queue(maxsize=2)
+        self._record_thread: threading.Thread | None = None
+        self._record_lock = threading.Lock()
+        pipeline.observers.append(self._observe_record)
+        self._next_shadow_save = 0.0
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def attach(
+        self,
+        http: HttpServer | None,
+        register_metrics: Callable[[LoopCollector], None],
+        register_command: Callable[[str, Callable[[Any], Done]], None],
+    ) -> None:
+        """Hang the loop on the agent's HTTP server, metrics registry and command processor."""
+        register_metrics(LoopCollector(self.parts))
+        register_command("record", self.record_command)
+        if http is not None and self.settings.http.review:
+            from edge_agent.service.review import ReviewStore
+            from edge_agent.service.review_page import ReviewPage
+
+            keep = self.settings.keep
+            assert keep.dir is not None and keep.training_dir is not None
+            keeper = self.parts.keeper
+            ReviewPage(ReviewStore(keep.dir, keep.training_dir), keeper.forget if keeper else None).register(http)
+
+    def start(self) -> None:
+        """Start the writer threads and load the shadow model (a shadow that cannot load is logged, not fatal)."""
+        if self.parts.keeper is not None:
+            self.parts.keeper.start()
+        if self.settings.model.shadow is not None:
+            self._start_shadow(self.settings.model.shadow)
+
+    def stop(self) -> None:
+        """Finish pending writes (bounded) and close the shadow model."""
+        self._end_recording("the agent stopped")
+        if self.parts.keeper is not None:
+            self.parts.keeper.stop()
+        if self.parts.shadow is not None:
+            self._save_shadow_state()
+            self.parts.shadow.stop()
+
+    def tick(self) -> None:
+        """Every supervisor round: end a recording past its time, save the shadow's totals now and then."""
+        if self._recorder is not None and time.monotonic() >= self._record_until:
+            self._end_recording("max_s reached")
+        if self.parts.shadow is not None and time.monotonic() >= self._next_shadow_save:
+            self._next_shadow_save = time.monotonic() + SHADOW_STATE_EVERY_S
+            self._save_shadow_state()
+
+    # -- views --------------------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """/healthz sentences: kept frames that cannot be written, drift."""
+        return loop_problems(self.parts)
+
+    def figures(self) -> dict[str, Any]:
+        """The ``stats`` message's loop figures."""
+        return loop_figures(self.parts)
+
+    # -- drift --------------------------------------------------------------------------------------
+
+    def _new_drift_monitor(self) -> DriftMonitor:
+        config = self.settings.drift
+        manifest = self.pipeline.model.bundle.manifest
+        self._drift_bundle = self.pipeline.model.bundle
+        reference = manifest.drift_reference
+        if reference is None:
+            log_event(log, logging.WARNING, "the bundle has no drift reference (exported before drift checks): "
+                      "the drift check is off", "drift_off", model=manifest.name, version=manifest.version)  # fmt: skip
+        settings = DriftSettings(config.window, config.min_frames, config.max_distance, config.min_relative_shift,
+                                 config.sample_every_s)  # fmt: skip
+        return DriftMonitor(reference, settings)
+
+    def _observe_drift(self, job: FrameJob) -> None:
+        monitor = self.parts.drift
+        if job.model is not None and job.model.bundle is not self._drift_bundle:
+            # A reloaded model was trained on other images: compare with its own reference, from scratch.
+            monitor = self.parts.drift = self._new_drift_monitor()
+        if monitor is None or not monitor.due() or job.model is None or job.output is None or job.message is None:
+            return
+        rgb = model_input(job.frame.image, *job.model.input_size)
+        passed = not job.message.anomalous
+        stats = model_statistics(job.output.anomaly_map, np.asarray(job.output.scale_maps[0])) if passed else None
+        monitor.add(rgb, passed, stats)
+
+    # -- shadow -------------------------------------------------------------------------------------
+
+    def _start_shadow(self, path: Path) -> None:
+        from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
+        from edge_agent.loaded_model import ModelLoadError, load_model
+
+        # One ONNX Runtime thread: the shadow's work stays on its own niced thread.
+        config = self.settings.model.model_copy(update={"threads": 1})
+        try:
+            candidate = load_model(path, config, self.settings.nfa)
+        except ModelLoadError as exc:
+            log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
+            return
+        runner = ShadowRunner(candidate, self.settings.model.shadow_share, self.settings.device_id,
+                              live_backlog=lambda: self.pipeline.backlog)  # fmt: skip
+        resumed = runner.resume(load_state(self.settings.state_dir / STATE_NAME))
+        runner.start()
+        self.parts.shadow = runner
+        self.pipeline.observers.append(runner.offer)
+        log_event(log, logging.INFO, "shadow model running", "shadow_started", candidate=runner.report.candidate,
+                  share=runner.share, resumed=resumed)  # fmt: skip
+
+    def _save_shadow_state(self) -> None:
+        from edge_agent.inspection.shadow import STATE_NAME, save_state
+
+        if self.parts.shadow is None:
+            return
+        try:
+            save_state(self.settings.state_dir / STATE_NAME, self.parts.shadow.state())
+        except OSError as exc:
+            log_event(log, logging.WARNING, "cannot save the shadow totals: %s", "shadow_state_failed", exc)
+
+    # -- recording (cmd/record) ---------------------------------------------------------------------
+
+    def record_command(self, command: RecordCommand) -> Done:
+        """Start (or stop) recording good images from the inspected frames; replies at once."""
+        if command.stop:
+            recorder = self._recorder
+            if recorder is None:
+                raise CommandFailed("no recording is running")
+            self._end_recording("stopped by cmd/record")
+            return Done(f"recording stopped: {recorder.counts.written} images in {recorder.out}", recorder.summary())
+        if self._recorder is not None:
+            raise CommandFailed(f"a recording into {self._recorder.out} is already running; send stop first")
+        keep = self.settings.keep
+        assert keep.training_dir is not None
+        out = keep.training_dir / "good" / f"record-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            settings = RecordSettings(command.count, command.every_s, command.only_good, command.min_difference)
+            recorder = FrameRecorder(out, settings)
+        except (RecordError, ValueError) as exc:
+            raise CommandFailed(str(exc)) from exc
+        with self._record_lock:
+            self._recorder = recorder
+            self._record_until = time.monotonic() + command.max_s
+            self._record_thread = threading.Thread(target=self._record_loop, args=(recorder,), name="record",
+                                                   daemon=True)  # fmt: skip
+            self._record_thread.start()
+        log_event(log, logging.INFO, "recording started", "record_started", out=str(out), count=command.count)
+        return Done(f"recording up to {command.count} images into {out}", {"out": str(out)})
+
+    def _observe_record(self, job: FrameJob) -> None:
+        if self._recorder is None:
+            return
+        # A full queue: the writer is behind and this frame is not considered (a moving belt brings more).
+        with contextlib.suppress(queue.Full):
+            self._record_queue.put_nowait(job)
+
+    def _record_loop(self, recorder: FrameRecorder) -> None:
+        while (job := self._record_queue.get()) is not None:
+            if recorder.done:
+                continue
+            passed = job.message is not None and not job.message.anomalous
+            try:
+                recorder.offer(job.frame.image, job.frame.sequence, passed)
+            except RecordError as exc:
+                log_event(log, logging.ERROR, "recording failed: %s", "record_failed", exc)
+                break
+            if recorder.done:
+                threading.Thread(target=self._end_recording, args=("count reached",), daemon=True).start()
+        try:
+            recorder.write_summary()
+        except OSError as exc:
+            log_event(log, logging.WARNING, "cannot write record.json: %s", "record_summary_failed", exc)
+
+    def _end_recording(self, why: str) -> None:
+        with self._record_lock:
+            recorder, thread = self._recorder, self._record_thread
+            if recorder is None or thread is None:
+                return
+            self._recorder, self._record_thread = None, None
+            self._last_recording = recorder
+        while True:
+            try:
+                self._record_queue.put(None, timeout=1.0)
+                break
+            except queue.Full:
+                if not thread.is_alive():
+                    break
+        thread.join(10.0)
+        while not self._record_queue.empty():  # frames queued after the end
+            self._record_queue.get_nowait()
+        log_event(log, logging.INFO, "recording ended (%s)", "record_ended", why, **recorder.summary())
