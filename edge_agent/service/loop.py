@@ -49,6 +49,7 @@ class LineLoop:
             self.parts.keeper = keeper
             pipeline.observers.append(keeper.offer)
         self._drift_bundle: object | None = None
+        self._drift_reasons: list[str] = []
         if settings.drift.enabled:
             self.parts.drift = self._new_drift_monitor()
             pipeline.observers.append(self._observe_drift)
@@ -120,6 +121,7 @@ class LineLoop:
         config = self.settings.drift
         manifest = self.pipeline.model.bundle.manifest
         self._drift_bundle = self.pipeline.model.bundle
+        self._drift_reasons: list[str] = []
         reference = manifest.drift_reference
         if reference is None:
             log_event(log, logging.WARNING, "the bundle has no drift reference (exported before drift checks): "
@@ -139,6 +141,14 @@ class LineLoop:
         passed = not job.message.anomalous
         stats = model_statistics(job.output.anomaly_map, np.asarray(job.output.scale_maps[0])) if passed else None
         monitor.add(rgb, passed, stats)
+        # The report costs a few sorts of the window: once per sample (at most sample_every_s), to log changes.
+        reasons = monitor.report().reasons
+        if reasons != self._drift_reasons:
+            level, event = (logging.WARNING, "drift_detected") if reasons else (logging.INFO, "drift_cleared")
+            log_event(log, level, "drift: %s", event, ", ".join(reasons) or "none", reasons=reasons,
+                      previous=self._drift_reasons, frames_sampled=monitor.frames_sampled,
+                      sequence=job.frame.sequence)  # fmt: skip
+            self._drift_reasons = reasons
 
     # -- shadow -------------------------------------------------------------------------------------
 
