@@ -83,6 +83,18 @@ class ShadowReport:
         return self.agreed / self.compared if self.compared else None
 
 
+def lower_thread_priority(nice: int) -> int:
+    """Give the calling thread (only) the nice value ``nice``; returns its kernel thread id.
+
+    On Linux a thread is a task with its own nice value, so background work (the shadow model, writing
+    kept frames) yields the CPU to the live stages without slowing them. Elsewhere this does nothing.
+    """
+    native_id = threading.get_native_id()
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, native_id, nice)
+    return native_id
+
+
 class ShadowRunner:
     """Runs ``candidate`` on a share of the live frames in a low-priority thread and compares verdicts."""
 
@@ -182,10 +194,7 @@ class ShadowRunner:
     # -- the shadow thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self.native_id = threading.get_native_id()
-        # Linux: a thread is a task with its own nice value; only this thread yields to the live stages.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, self.native_id, SHADOW_NICE)
+        self.native_id = lower_thread_priority(SHADOW_NICE)
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._pending is not None or self._stopping)

@@ -6,7 +6,7 @@ NFA mask, overlay and the published message (``inspection.json``), named
 read these folders.
 
 Writing never happens on the inspection path: ``offer`` (the publish thread, once per frame) only decides
-and puts the frame on a bounded queue; one writer thread encodes and writes. A full queue skips the frame
+and puts the frame on a bounded queue; one writer thread (at nice 10) draws, encodes and writes. A full queue skips the frame
 and counts it. After each write the oldest folders are removed until the total is within
 ``keep.max_total_mb``. A full or read-only disk, or less than ``keep.min_free_mb`` free, makes the writer
 skip and report the problem (``problem``: the agent's /healthz says degraded); inspection goes on.
@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.config import KeepConfig
+from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
 from edge_agent.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
 
 FLAGGED, GOOD = "flagged", "good"
+WRITER_NICE = 10
 MESSAGE_NAME = "inspection.json"
 
 
@@ -132,6 +134,7 @@ class FrameKeeper:
     # -- the writer thread ------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        lower_thread_priority(WRITER_NICE)  # drawing and PNG encoding wait for the live stages
         while True:
             item = self._queue.get()
             try:

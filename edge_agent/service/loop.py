@@ -23,11 +23,12 @@ from edge_agent.commands import CommandFailed, Done
 from edge_agent.config import AgentSettings
 from edge_agent.http_server import HttpServer
 from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
+from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
 from edge_agent.messages import RecordCommand
 from edge_agent.pipeline import FrameJob, Pipeline
 from edge_agent.preprocess import model_input
-from edge_agent.service.keep import FrameKeeper
+from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
 
@@ -219,6 +220,7 @@ class LineLoop:
             self._record_queue.put_nowait(job)
 
     def _record_loop(self, recorder: FrameRecorder) -> None:
+        lower_thread_priority(WRITER_NICE)
         while (job := self._record_queue.get()) is not None:
             if recorder.done:
                 continue
