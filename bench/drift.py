@@ -3,7 +3,7 @@
     .venv/bin/python bench/drift.py [--windows 50 100 200] [--size 256] [--reference 64] [--repeat 5]
 
 The reference is built exactly as training builds it (``build_reference``) from ``--reference`` synthetic
-good surfaces (edge_agent/synthetic.py: brushed metal, grain and uneven light, each one different). The
+good surfaces (edge_agent/demo/synthetic.py: brushed metal, grain and uneven light, each one different). The
 "line" then shows ``window`` further good surfaces (the window fills with normal frames), followed by the
 same kind of surfaces changed by
 
@@ -37,7 +37,7 @@ from edge_agent.inspection.drift import DriftMonitor, DriftSettings, build_refer
 try:  # the layout of issue 14, then the one before it
     from edge_agent.demo.synthetic import good_image  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
-    from edge_agent.synthetic import good_image  # type: ignore[no-redef]
+    from edge_agent.demo.synthetic import good_image  # type: ignore[no-redef]
 
 Change = Callable[[np.ndarray], np.ndarray]
 

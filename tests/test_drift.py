@@ -16,7 +16,7 @@ from edge_agent.inspection.drift import (
     ks_distance,
     reference_stat,
 )
-from edge_agent.synthetic import good_image
+from edge_agent.demo.synthetic import good_image
 
 SIZE = 96
 

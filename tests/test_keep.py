@@ -10,7 +10,7 @@ import cv2
 from line_helpers import inspected_job
 
 from edge_agent.config import KeepConfig
-from edge_agent.loaded_model import LoadedModel
+from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.service.keep import FrameKeeper, folder_size, kept_folders
 
 

@@ -23,8 +23,8 @@ from stream_server import needs_ffmpeg
 
 from edge_agent.bundle import read_manifest, write_manifest
 from edge_agent.inspection.drift import build_reference
-from edge_agent.preprocess import model_input
-from edge_agent.synthetic import good_image
+from edge_agent.inspection.preprocess import model_input
+from edge_agent.demo.synthetic import good_image
 
 # The bundles and frames fixtures: tests/agent_fixtures.py.
 

@@ -17,8 +17,8 @@ import cv2
 import pytest
 from line_helpers import keep_frames
 
-from edge_agent.http_server import HttpServer
-from edge_agent.loaded_model import LoadedModel
+from edge_agent.service.http_server import HttpServer
+from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.service.review import DEFECT_TYPE, ReviewError, ReviewStore, export_split
 from edge_agent.service.review_page import ReviewPage
 
@@ -118,7 +118,7 @@ def test_page_in_a_real_browser(page: tuple[str, ReviewStore], tmp_path: Path) -
 def test_exported_split_trains(store: ReviewStore, tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("timm")
-    from edge_agent.synthetic import good_image
+    from edge_agent.demo.synthetic import good_image
     from training.data import load_images, open_dataset
     from training.evaluate import load_test_set
     from training.model import UFlowConfig

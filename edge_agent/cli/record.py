@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, install_signal_handlers, parse_overrides
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, install_signal_handlers, parse_overrides
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
@@ -70,7 +70,7 @@ def record_frames(
     settings: AgentSettings, out: Path, record: RecordSettings, stop: threading.Event, progress: TextIO
 ) -> int:
     """Record from the configured source into ``out`` until done, the source ends or ``stop`` is set."""
-    from edge_agent.sources import FrameSource, SourceError
+    from edge_agent.inspection.frame_source import FrameSource, SourceError
 
     try:
         recorder = FrameRecorder(out, record)
@@ -79,8 +79,8 @@ def record_frames(
         return EXIT_FAILURE
     model = None
     if record.only_good:
-        from edge_agent import nfa
-        from edge_agent.loaded_model import ModelLoadError, load_model
+        from edge_agent.inspection import nfa
+        from edge_agent.inspection.loaded_model import ModelLoadError, load_model
 
         try:
             nfa.warm_up()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_agent.cli_common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, parse_overrides
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, parse_overrides
 from edge_agent.config import ConfigError, load_settings
 from edge_agent.service.review import ReviewError, ReviewStore, export_split
 

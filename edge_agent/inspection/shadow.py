@@ -35,9 +35,9 @@ from pathlib import Path
 
 from edge_agent.fileio import atomic_write
 from edge_agent.inspection.single import inspect_frame
-from edge_agent.loaded_model import LoadedModel
+from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.logs import log_event
-from edge_agent.pipeline import FrameJob
+from edge_agent.inspection.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from edge_agent.config import KeepConfig
 from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
-from edge_agent.pipeline import FrameJob
+from edge_agent.inspection.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class FrameKeeper:
                 self._queue.task_done()
 
     def _write(self, job: FrameJob, kind: str) -> None:
-        from edge_agent.snapshot import save_snapshot  # imports the drawing code: only once something is kept
+        from edge_agent.service.snapshot import save_snapshot  # imports the drawing code: only once something is kept
 
         free = _free_bytes(self.directory)
         if free is not None and free < self.config.min_free_mb * 1e6:

@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.commands import CommandFailed, Done
+from edge_agent.publish.commands import CommandFailed, Done
 from edge_agent.config import AgentSettings
-from edge_agent.http_server import HttpServer
+from edge_agent.service.http_server import HttpServer
 from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
 from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
-from edge_agent.messages import RecordCommand
-from edge_agent.pipeline import FrameJob, Pipeline
-from edge_agent.preprocess import model_input
+from edge_agent.publish.messages import RecordCommand
+from edge_agent.inspection.pipeline import FrameJob, Pipeline
+from edge_agent.inspection.preprocess import model_input
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
@@ -155,7 +155,7 @@ class LineLoop:
 
     def _start_shadow(self, path: Path) -> None:
         from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
-        from edge_agent.loaded_model import ModelLoadError, load_model
+        from edge_agent.inspection.loaded_model import ModelLoadError, load_model
 
         # One ONNX Runtime thread: the shadow's work stays on its own niced thread.
         config = self.settings.model.model_copy(update={"threads": 1})
