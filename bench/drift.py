@@ -32,12 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edge_agent.demo.synthetic import good_image  # noqa: E402
 from edge_agent.inspection.drift import DriftMonitor, DriftSettings, build_reference  # noqa: E402
-
-try:  # the layout of issue 14, then the one before it
-    from edge_agent.demo.synthetic import good_image  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover
-    from edge_agent.demo.synthetic import good_image  # type: ignore[no-redef]
 
 Change = Callable[[np.ndarray], np.ndarray]
 

@@ -56,8 +56,8 @@ def main() -> int:
     args = parse_args()
     bundle_dir, bundle = prepared_bundle(args.bundle, args.train_epochs)
     from edge_agent.config import ModelConfig, load_settings
-    from edge_agent.engines import create_engine
     from edge_agent.demo.local_broker import LocalMosquitto
+    from edge_agent.engines import create_engine
     from edge_agent.inspection.preprocess import model_input
 
     spec = bundle.manifest.input

@@ -15,11 +15,11 @@ import pytest
 from contract_bundle import defect_frame, good_frame
 
 from edge_agent.config import KeepConfig, ModelConfig
-from edge_agent.inspection.single import inspect_frame
+from edge_agent.inspection.frame_source import Frame
 from edge_agent.inspection.loaded_model import LoadedModel, load_model
 from edge_agent.inspection.pipeline import FrameJob
+from edge_agent.inspection.single import inspect_frame
 from edge_agent.service.keep import FrameKeeper, kept_folders
-from edge_agent.inspection.frame_source import Frame
 
 SIZE = 64
 

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from edge_agent.bundle import DriftStat
+from edge_agent.demo.synthetic import good_image
 from edge_agent.inspection.drift import (
     DriftMonitor,
     DriftSettings,
@@ -16,7 +17,6 @@ from edge_agent.inspection.drift import (
     ks_distance,
     reference_stat,
 )
-from edge_agent.demo.synthetic import good_image
 
 SIZE = 96
 

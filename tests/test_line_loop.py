@@ -22,9 +22,9 @@ from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from stream_server import needs_ffmpeg
 
 from edge_agent.bundle import read_manifest, write_manifest
+from edge_agent.demo.synthetic import good_image
 from edge_agent.inspection.drift import build_reference
 from edge_agent.inspection.preprocess import model_input
-from edge_agent.demo.synthetic import good_image
 
 # The bundles and frames fixtures: tests/agent_fixtures.py.
 

@@ -12,8 +12,8 @@ import pytest
 from stream_server import MjpegServer, needs_ffmpeg
 
 from edge_agent.config import SourceConfig
-from edge_agent.service.recorder import FrameRecorder, RecordSettings
 from edge_agent.inspection.frame_source import FrameSource, SourceError
+from edge_agent.service.recorder import FrameRecorder, RecordSettings
 
 SIZE = "160x120"
 

@@ -17,8 +17,8 @@ import cv2
 import pytest
 from line_helpers import keep_frames
 
-from edge_agent.service.http_server import HttpServer
 from edge_agent.inspection.loaded_model import LoadedModel
+from edge_agent.service.http_server import HttpServer
 from edge_agent.service.review import DEFECT_TYPE, ReviewError, ReviewStore, export_split
 from edge_agent.service.review_page import ReviewPage
 

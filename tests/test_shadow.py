@@ -16,8 +16,8 @@ from contract_bundle import build_contract_bundle
 from line_helpers import inspected_job
 
 from edge_agent.config import ModelConfig
-from edge_agent.inspection.shadow import ShadowRunner, gate_problem, load_state, save_state
 from edge_agent.inspection.loaded_model import LoadedModel, load_model
+from edge_agent.inspection.shadow import ShadowRunner, gate_problem, load_state, save_state
 
 
 def _candidate(root: Path, **kwargs: object) -> LoadedModel:

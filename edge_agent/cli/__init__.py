@@ -32,6 +32,14 @@ COMMANDS: CommandTable = {
     "config": ("edge_agent.cli.config", "check a config file, show the effective settings, or print the reference"),
     "doctor": ("edge_agent.cli.doctor", "check this box: libraries, config, bundle, engine, NFA JIT, camera, broker"),
     "build-engine": ("edge_agent.cli.build_engine", "compile the bundle to a TensorRT plan for this GPU (cached)"),
+    "record": (
+        "edge_agent.cli.record",
+        "record good images for training from the configured camera (near-duplicates skipped)",
+    ),
+    "review": (
+        "edge_agent.cli.review",
+        "kept frames: list, mark good / confirmed defect, export a split.json for uflow train and evaluate",
+    ),
     "reject-relay": (
         "edge_agent.cli.reject_relay",
         "fire a reject actuator for anomalous parts at the right moment (subscribes to the cameras' inspections)",

@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, install_signal_handlers, parse_overrides
+from edge_agent.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    add_config_arguments,
+    install_signal_handlers,
+    parse_overrides,
+)
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
@@ -34,7 +41,7 @@ PROGRESS_INTERVAL_S = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``edge-agent record``."""
-    parser.add_argument("--config", type=Path, default=None, help="agent TOML file (its [source] and [model])")
+    add_config_arguments(parser, "agent", "EDGE_AGENT_", "source.uri=rtsp://cam/stream")
     parser.add_argument("--out", type=Path, required=True, help="folder for the images (created)")
     parser.add_argument("--count", type=int, default=None, help="stop after this many images (default: until stopped)")
     parser.add_argument("--every", type=float, default=0.0, metavar="S", help="at least S seconds between images")
@@ -45,8 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=RecordSettings.min_difference,
         help="skip frames whose thumbnail differs from the last image by less than this mean grey level (0-255)",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set source.uri=rtsp://cam/stream")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +89,7 @@ def record_frames(
 
         try:
             nfa.warm_up()
-            model = load_model(settings.model.bundle, settings.model, settings.nfa)  # type: ignore[arg-type]
+            model = load_model(settings.bundle_dir, settings.model, settings.nfa)
         except ModelLoadError as exc:
             print(f"edge-agent record: --only-good needs the model: {exc}", file=sys.stderr)
             return EXIT_FAILURE

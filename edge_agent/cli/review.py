@@ -16,20 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, parse_overrides
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_arguments, parse_overrides
 from edge_agent.config import ConfigError, load_settings
 from edge_agent.service.review import ReviewError, ReviewStore, export_split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``edge-agent review``."""
-    parser.add_argument("--config", type=Path, default=None, help="agent TOML file (its [keep] section)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set keep.training_dir=/data/line1")  # fmt: skip
+    add_config_arguments(parser, "agent", "EDGE_AGENT_", "keep.training_dir=/data/line1")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="kept frames waiting for review, newest first")
-    for name, text in (("good", "mark kept frames as good (training images)"),
-                       ("defect", "confirm kept frames as defects (test examples with their masks)")):  # fmt: skip
+    for name, text in (
+        ("good", "mark kept frames as good (training images)"),
+        ("defect", "confirm kept frames as defects (test examples with their masks)"),
+    ):
         action = actions.add_parser(name, help=text)
         action.add_argument("ids", nargs="+", metavar="ID", help="kept frame ids (see review list)")
     export = actions.add_parser("export", help="write DIR/split.json for uflow train / uflow evaluate")

@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_agent.fileio import atomic_write
-from edge_agent.inspection.single import inspect_frame
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.logs import log_event
 from edge_agent.inspection.pipeline import FrameJob
+from edge_agent.inspection.single import inspect_frame
+from edge_agent.logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,15 @@ class ShadowRunner:
     def state(self) -> ShadowState:
         """What ``save_state`` writes."""
         report, ref = self.snapshot(), self.candidate.ref
-        return ShadowState(ref.version, ref.sha256, report.started, time.time(), report.compared, report.agreed,
-                           report.candidate_rejects)  # fmt: skip
+        return ShadowState(
+            ref.version,
+            ref.sha256,
+            report.started,
+            time.time(),
+            report.compared,
+            report.agreed,
+            report.candidate_rejects,
+        )
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until the shadow has no frame (tests); True when idle in time."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
+from edge_agent.inspection.frame_source import Frame
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, inspection_message
 from edge_agent.inspection.preprocess import model_input
-from edge_agent.inspection.frame_source import Frame
 
 
 def inspect_frame(model: LoadedModel, frame: Frame, device_id: str) -> FrameJob:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.config import KeepConfig
+from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
-from edge_agent.inspection.pipeline import FrameJob
 
 log = logging.getLogger(__name__)
 

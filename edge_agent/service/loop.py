@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.publish.commands import CommandFailed, Done
 from edge_agent.config import AgentSettings
-from edge_agent.service.http_server import HttpServer
 from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
-from edge_agent.inspection.shadow import lower_thread_priority
-from edge_agent.logs import log_event
-from edge_agent.publish.messages import RecordCommand
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.preprocess import model_input
+from edge_agent.inspection.shadow import lower_thread_priority
+from edge_agent.logs import log_event
+from edge_agent.publish.commands import CommandFailed, Done
+from edge_agent.publish.messages import RecordCommand
+from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
@@ -125,10 +125,17 @@ class LineLoop:
         self._drift_reasons: list[str] = []
         reference = manifest.drift_reference
         if reference is None:
-            log_event(log, logging.WARNING, "the bundle has no drift reference (exported before drift checks): "
-                      "the drift check is off", "drift_off", model=manifest.name, version=manifest.version)  # fmt: skip
-        settings = DriftSettings(config.window, config.min_frames, config.max_distance, config.min_relative_shift,
-                                 config.sample_every_s)  # fmt: skip
+            log_event(
+                log,
+                logging.WARNING,
+                "the bundle has no drift reference (exported before drift checks): the drift check is off",
+                "drift_off",
+                model=manifest.name,
+                version=manifest.version,
+            )
+        settings = DriftSettings(
+            config.window, config.min_frames, config.max_distance, config.min_relative_shift, config.sample_every_s
+        )
         return DriftMonitor(reference, settings)
 
     def _observe_drift(self, job: FrameJob) -> None:
@@ -146,16 +153,24 @@ class LineLoop:
         reasons = monitor.report().reasons
         if reasons != self._drift_reasons:
             level, event = (logging.WARNING, "drift_detected") if reasons else (logging.INFO, "drift_cleared")
-            log_event(log, level, "drift: %s", event, ", ".join(reasons) or "none", reasons=reasons,
-                      previous=self._drift_reasons, frames_sampled=monitor.frames_sampled,
-                      sequence=job.frame.sequence)  # fmt: skip
+            log_event(
+                log,
+                level,
+                "drift: %s",
+                event,
+                ", ".join(reasons) or "none",
+                reasons=reasons,
+                previous=self._drift_reasons,
+                frames_sampled=monitor.frames_sampled,
+                sequence=job.frame.sequence,
+            )
             self._drift_reasons = reasons
 
     # -- shadow -------------------------------------------------------------------------------------
 
     def _start_shadow(self, path: Path) -> None:
-        from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
         from edge_agent.inspection.loaded_model import ModelLoadError, load_model
+        from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
 
         # One ONNX Runtime thread: the shadow's work stays on its own niced thread.
         config = self.settings.model.model_copy(update={"threads": 1})
@@ -164,14 +179,25 @@ class LineLoop:
         except ModelLoadError as exc:
             log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
             return
-        runner = ShadowRunner(candidate, self.settings.model.shadow_share, self.settings.device_id,
-                              live_backlog=lambda: self.pipeline.backlog)  # fmt: skip
+        runner = ShadowRunner(
+            candidate,
+            self.settings.model.shadow_share,
+            self.settings.device_id,
+            live_backlog=lambda: self.pipeline.backlog,
+        )
         resumed = runner.resume(load_state(self.settings.state_dir / STATE_NAME))
         runner.start()
         self.parts.shadow = runner
         self.pipeline.observers.append(runner.offer)
-        log_event(log, logging.INFO, "shadow model running", "shadow_started", candidate=runner.report.candidate,
-                  share=runner.share, resumed=resumed)  # fmt: skip
+        log_event(
+            log,
+            logging.INFO,
+            "shadow model running",
+            "shadow_started",
+            candidate=runner.report.candidate,
+            share=runner.share,
+            resumed=resumed,
+        )
 
     def _save_shadow_state(self) -> None:
         from edge_agent.inspection.shadow import STATE_NAME, save_state
@@ -206,8 +232,9 @@ class LineLoop:
         with self._record_lock:
             self._recorder = recorder
             self._record_until = time.monotonic() + command.max_s
-            self._record_thread = threading.Thread(target=self._record_loop, args=(recorder,), name="record",
-                                                   daemon=True)  # fmt: skip
+            self._record_thread = threading.Thread(
+                target=self._record_loop, args=(recorder,), name="record", daemon=True
+            )
             self._record_thread.start()
         log_event(log, logging.INFO, "recording started", "record_started", out=str(out), count=command.count)
         return Done(f"recording up to {command.count} images into {out}", {"out": str(out)})

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.publish.messages import PayloadError, parse_json_object
+from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.review import ReviewError, ReviewStore
 
 DECISIONS = ("good", "defect")
