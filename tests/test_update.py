@@ -273,6 +273,30 @@ def test_rollout_groups(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no
     assert apply_update(other, reload=False).version == "2.0.0"
 
 
+def test_a_shadow_gate_holds_a_group_until_the_box_shadowed_the_version(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.fleet.index import ShadowGate
+    from edge_agent.inspection.shadow import STATE_NAME, ShadowState, save_state
+
+    fleet.release("1.0.0", groups=("default", "canary"))
+    gated = make_settings(tmp_path / "a", fleet, keys, mqtt)
+    free = make_settings(tmp_path / "b", fleet, keys, mqtt, group="canary")
+    assert apply_update(gated, reload=False).version == "1.0.0"
+    bundle = make_bundle(fleet.root / "src-2.0.0", "2.0.0", fleet.private_key)
+    publish(bundle, fleet.dir, ["default"], index_key=fleet.private_key, shadow_gate=ShadowGate(hours=2))
+    publish(bundle, fleet.dir, ["canary"], index_key=fleet.private_key)
+    waiting = apply_update(gated, reload=False)
+    assert waiting.status == "skipped" and "has not run as the shadow model" in waiting.message
+    assert models_of(gated).current_version() == "1.0.0"
+    assert apply_update(free, reload=False).version == "2.0.0"  # canary has no gate
+    # The box's agent ran 2.0.0 as its shadow (model.shadow) for three hours, agreeing on every frame.
+    now = time.time()
+    sha = load_bundle(bundle).onnx_sha256
+    state = ShadowState("2.0.0", sha, started=now - 3 * 3600, updated=now, compared=500, agreed=500)
+    save_state(gated.state_dir / STATE_NAME, state)
+    assert apply_update(gated, reload=False).version == "2.0.0"
+    assert models_of(gated).current_version() == "2.0.0"
+
+
 def test_keeps_the_last_three_versions(tmp_path, fleet, keys, mqtt) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path, fleet, keys, mqtt)
     for n in range(1, 6):

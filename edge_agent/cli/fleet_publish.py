@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edge_agent.bundle import BundleError
 from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
-from edge_agent.fleet.index import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError
+from edge_agent.fleet.index import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError, ShadowGate
 from edge_agent.fleet.models_dir import ModelsDirError
 from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import SigningError, sign_bundle
@@ -60,6 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"devices refuse latest.json this many days after publishing (default {DEFAULT_VALID_DAYS:g}); "
         "publish again before then",
     )
+    parser.add_argument(
+        "--shadow-hours",
+        type=float,
+        default=None,
+        metavar="H",
+        help="the --group devices install this version only after it ran as their [model] shadow for H hours "
+        "(docs/operations.md); 0 removes the groups' requirement",
+    )
+    parser.add_argument(
+        "--shadow-agreement",
+        type=float,
+        default=0.99,
+        metavar="SHARE",
+        help="with --shadow-hours: the share of compared frames with the live model's verdict (default 0.99)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,11 +89,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.valid_days > 0:
         print("edge-agent fleet-publish: --valid-days must be positive", file=sys.stderr)
         return EXIT_FAILURE
+    gate = None
+    if args.shadow_hours is not None:
+        if args.shadow_hours < 0 or not 0 <= args.shadow_agreement <= 1:
+            print("edge-agent fleet-publish: --shadow-hours >= 0 and --shadow-agreement in [0, 1]", file=sys.stderr)
+            return EXIT_FAILURE
+        gate = ShadowGate(hours=args.shadow_hours, min_agreement=args.shadow_agreement) if args.shadow_hours else None
     try:
         if args.sign is not None:
             sign_bundle(args.bundle, args.sign)
         release, tar_path = publish(
-            args.bundle, args.fleet, args.groups, args.base_url, args.public_key, index_key, args.valid_days
+            args.bundle,
+            args.fleet,
+            args.groups,
+            args.base_url,
+            args.public_key,
+            index_key,
+            args.valid_days,
+            gate,
+            clear_shadow_gate=args.shadow_hours == 0,
         )
     except (FleetError, BundleError, SigningError, ModelsDirError, OSError) as exc:
         print(f"edge-agent fleet-publish: {exc}", file=sys.stderr)

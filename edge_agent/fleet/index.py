@@ -87,6 +87,20 @@ class Release(BaseModel):
             raise ValueError(str(exc)) from exc
 
 
+class ShadowGate(BaseModel):
+    """A group's requirement before a device installs a new version: it ran as the shadow model that long.
+
+    The device checks its own ``<state_dir>/shadow.json`` (edge_agent/inspection/shadow.py): the version
+    must have been its ``[model] shadow`` for ``hours`` and agreed with the live model on at least
+    ``min_agreement`` of the compared frames. Older agents ignore this field.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    hours: float = Field(gt=0, allow_inf_nan=False)
+    min_agreement: float = Field(default=0.99, ge=0, le=1)
+
+
 class FleetIndex(BaseModel):
     """``latest.json``."""
 
@@ -98,6 +112,9 @@ class FleetIndex(BaseModel):
     expires: str = Field(default="", description="ISO time after which devices refuse this index")
     groups: dict[str, str] = Field(default_factory=dict)
     releases: list[Release] = Field(default_factory=list)
+    shadow_gate: dict[str, ShadowGate] = Field(
+        default_factory=dict, description="per group (or '*'): shadow agreement required before installing"
+    )
 
     @field_validator("schema_")
     @classmethod
@@ -115,6 +132,10 @@ class FleetIndex(BaseModel):
         if release is None:
             raise FleetError(f"{LATEST_NAME} maps group {group!r} to version {version!r}, which has no release entry")
         return release
+
+    def shadow_gate_for(self, group: str) -> ShadowGate | None:
+        """The group's shadow requirement (its own entry, else the '*' one), or None."""
+        return self.shadow_gate.get(group, self.shadow_gate.get(ANY_GROUP))
 
     def release(self, version: str) -> Release | None:
         return next((r for r in self.releases if r.version == version), None)

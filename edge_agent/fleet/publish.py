@@ -23,6 +23,7 @@ from edge_agent.fleet.index import (
     FleetError,
     FleetIndex,
     Release,
+    ShadowGate,
     check_only_listed_files,
     read_index,
 )
@@ -61,11 +62,15 @@ def publish(
     public_key: Path | None = None,
     index_key: Path | Ed25519PrivateKey | None = None,
     valid_days: float = DEFAULT_VALID_DAYS,
+    shadow_gate: ShadowGate | None = None,
+    clear_shadow_gate: bool = False,
 ) -> tuple[Release, Path]:
     """Add a signed bundle to a fleet directory and point ``groups`` at it in latest.json (atomically).
 
     ``index_key`` (the fleet private key) signs latest.json, with the serial raised and ``expires``
     ``valid_days`` from now; without it latest.json is written unsigned and devices refuse it.
+    ``shadow_gate`` sets the shadow requirement of ``groups`` (devices install only after the version ran as
+    their shadow model long enough, with enough agreement); ``clear_shadow_gate`` removes theirs.
     """
     from edge_agent.fleet.signing import verify_bundle_signature
 
@@ -105,6 +110,10 @@ def publish(
     index.releases = [release, *(r for r in index.releases if r.version != release.version)]
     for group in groups:
         index.groups[group] = release.version
+        if shadow_gate is not None:
+            index.shadow_gate[group] = shadow_gate
+        elif clear_shadow_gate:
+            index.shadow_gate.pop(group, None)
     write_index(fleet_dir, index, index_key, valid_days)
     log.info(
         "bundle published",

@@ -5,7 +5,9 @@ Steps (each one logged and published as an UpdateEvent on ``<prefix>/<device_id>
 1. ``start``: take the lock, remove leftovers of interrupted runs, undo an unconfirmed switch.
 2. ``fetch_index``: read latest.json, check its signature, expiry and serial (fleet.py), and pick the
    release for this device's rollout group; an older version than the current one is refused unless
-   ``--allow-downgrade`` was given on the box.
+   ``--allow-downgrade`` was given on the box; when latest.json sets a ``shadow_gate`` for the group, the
+   version must first have run as this box's shadow model long enough, with enough agreement
+   (edge_agent/inspection/shadow.py; skipped until then, ``--force`` overrides).
 3. ``download``: stream the bundle tar into a staging directory (size-capped, timeout) and check its sha256.
 4. ``unpack``: extract it safely (regular files only, nothing outside the staging directory, size caps).
 5. ``verify``: the ed25519 signature of model.json under the fleet key, every file's sha256, the
@@ -43,7 +45,7 @@ from edge_agent.publish.messages import UpdateEvent, redact_uri
 if TYPE_CHECKING:  # the fleet index and signing load when an update runs
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from edge_agent.fleet.index import Release
+    from edge_agent.fleet.index import Release, ShadowGate
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +246,11 @@ def _run_locked(
             report("fetch_index", True, message)
             log.warning(message, extra={"event": "update_skipped", "version": release.version})
             return UpdateResult("skipped", version=release.version, previous=current, message=message)
+        waiting = _shadow_gate_problem(index.shadow_gate_for(group), release.version, settings)
+        if waiting is not None and not force:
+            report("fetch_index", True, waiting)
+            log.info(waiting, extra={"event": "update_waiting_for_shadow", "version": release.version})
+            return UpdateResult("skipped", version=release.version, previous=current, message=waiting)
         report("fetch_index", True, f"group {group!r} -> {release.version} (current {current or 'none'})")
         root = _obtain_bundle(models, release, location, public_key, settings, context, report)
         _prove_on_this_device(root, settings, report)
@@ -261,6 +268,16 @@ def _run_locked(
         )
     finally:
         models.clean_leftovers()
+
+
+def _shadow_gate_problem(gate: ShadowGate | None, version: str, settings: AgentSettings) -> str | None:
+    """Why the group's shadow requirement holds ``version`` back on this box (None: no requirement, or met)."""
+    if gate is None:
+        return None
+    from edge_agent.inspection.shadow import STATE_NAME, gate_problem
+
+    problem = gate_problem(settings.state_dir / STATE_NAME, version, gate.hours, gate.min_agreement)
+    return None if problem is None else f"waiting for shadow agreement: {problem}"
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
