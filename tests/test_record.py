@@ -96,3 +96,32 @@ def test_skip_rules(tmp_path: Path) -> None:
     assert summary["written"] == 3 and summary["flagged"] == 1 and summary["duplicates"] == 1
     with pytest.raises(ValueError, match="count"):
         RecordSettings(count=0)
+
+
+def test_the_record_command_writes_only_good_frames(tmp_path: Path, contract_bundle: Path) -> None:
+    import json
+    import sys
+
+    from agent_harness import REPO, write_frames, write_toml
+
+    frames = write_frames(tmp_path / "frames", 12)  # frame 3 holds a defect
+    config = write_toml(
+        tmp_path / "agent.toml",
+        {"state_dir": str(tmp_path / "state"), "model": {"bundle": str(contract_bundle), "backend": "onnxruntime",
+         "threads": 1}, "source": {"uri": str(frames)}},
+    )  # fmt: skip
+    out = tmp_path / "good"
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "record", "--config", str(config), "--out", str(out), "--count", "5",
+         "--only-good"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "5 images in" in result.stderr and f"uflow train {out}" in result.stderr
+    assert "[##############################] 5/5 images" in result.stderr  # the progress bar, full
+    assert len(list(out.glob("*.png"))) == 5
+    summary = json.loads((out / "record.json").read_text())
+    assert summary["written"] == 5 and summary["flagged"] == 1 and summary["seen"] == 6
+    bad = subprocess.run([sys.executable, "-m", "edge_agent.cli", "record", "--config", str(config), "--out",
+                          str(out), "--count", "0"], capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "count must be at least 1" in bad.stderr

@@ -149,3 +149,30 @@ def test_exported_split_trains(store: ReviewStore, tmp_path: Path) -> None:
     assert scores["scores"] and scores["drift_reference"]["brightness"]["count"] == len(split["train"]) + len(
         split["val"]
     )
+
+
+def test_review_from_the_command_line(store: ReviewStore, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from agent_harness import REPO, write_toml
+
+    config = write_toml(tmp_path / "agent.toml", {"state_dir": str(tmp_path / "state"),
+                        "keep": {"dir": str(store.kept_dir), "training_dir": str(store.training_dir)}})  # fmt: skip
+
+    def review(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "edge_agent.cli", "review", "--config", str(config), *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+
+    listed = review("list")
+    ids = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert listed.returncode == 0 and ids == [f.id for f in store.frames()]
+    assert review("good", ids[0], ids[3]).returncode == 0
+    assert review("defect", ids[1]).returncode == 0
+    missing = review("good", ids[0])
+    assert missing.returncode == 1 and "already reviewed" in missing.stderr
+    exported = review("export", str(tmp_path / "dataset"))
+    assert exported.returncode == 0, exported.stderr
+    split = json.loads((tmp_path / "dataset" / "split.json").read_text())
+    assert split["test_defect"][DEFECT_TYPE] == [f"defect/{ids[1]}"]
+    assert sorted(split["train"] + split["val"] + split["test_good"]) == sorted(f"good/{i}" for i in (ids[0], ids[3]))
