@@ -184,3 +184,27 @@ def test_a_step_on_the_camera_raises_its_drift_reason_within_the_window(  # type
     assert all(other not in r.reasons for r in detected)
     assert last["status"] == 503 and f"drift ({reason})" in last["body"]
     shutil.rmtree(tmp_path / "camera")
+
+
+def test_a_disk_without_room_degrades_health_and_inspection_goes_on(
+    tmp_path: Path, bundles: dict[str, Path], frames: Path, broker: MosquittoBroker
+) -> None:
+    # A file where the kept frames' folder should be: the writer fails as on a read-only mount.
+    (tmp_path / "blocker").write_text("not a folder")
+    http_port = free_port()
+    values = agent_config(tmp_path / "state", bundles["v1"], str(frames), broker.port, http_port,
+                          source={"loop": True, "fps_limit": 20.0},
+                          keep={"flagged": True, "min_free_mb": 0, "dir": str(tmp_path / "blocker" / "kept")})  # fmt: skip
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    try:
+        line = Line(agent, subscriber, broker, http_port)
+        stats = line.wait_stats(lambda s: (s.get("kept") or {}).get("skipped_disk", 0) >= 1, timeout=60)
+        assert stats["status"] == "degraded" and any("cannot write kept frames" in p for p in stats["problems"])
+        status, _, body = http_get(http_port, "/healthz")
+        assert status == 503 and "cannot write kept frames" in body
+        before = stats["frames_inspected"]
+        line.wait_stats(lambda s: s["frames_inspected"] >= before + 10, timeout=30)  # inspection goes on
+    finally:
+        assert agent.stop() == 0
+        subscriber.close()
