@@ -11,4 +11,8 @@
 
 Loaded once, used on every frame: ``loaded_model`` (bundle + engine + scoring) and ``selftest`` (the
 bundle's self-test at load). ``overlay`` draws a result for people (preview, snapshots, segment).
+
+Beside the frames (fed by the pipeline's observers, never in its stages): ``drift`` (the frames vs the
+training images), ``shadow`` (a candidate model on a share of frames) and ``single`` (one frame through a
+model outside the pipeline: ``edge-agent record --only-good``, the shadow).
 """
