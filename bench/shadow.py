@@ -14,7 +14,9 @@ repeat so that a change of machine load hits all of them alike:
 "shadow compared" is how many frames the candidate judged; "skipped" how many due frames it did not
 take because it was busy or the live pipeline had a backlog. fps is first to last published frame; the
 change is against the ``off`` row of the same source and repeat. The goal (issue 16): within 5 % at a
-10 % share on a CPU box.
+10 % share on a CPU box. On a shared machine the fps change is mostly load noise, so the table also gives
+the shadow's own cost, measured where it runs: the CPU time of its thread, and that as a share of the
+whole process's CPU during the run.
 
 Without ``--bundle`` a 256x256 bundle is looked for in bundles/bench-256 (trained if missing, see
 bench/pipeline.py).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -81,7 +84,8 @@ def main() -> int:
         with LocalMosquitto(Path(tmp) / "broker") as broker:
             for repeat in range(args.repeat):
                 for source_name in args.sources:
-                    for shadow in (False, True):
+                    # Alternate the order, so a load that rises during a pair hits "on" and "off" alike.
+                    for shadow in (False, True) if repeat % 2 == 0 else (True, False):
                         name = f"{source_name}-{'on' if shadow else 'off'}-{repeat}"
                         model: dict[str, Any] = {"bundle": str(bundle_dir), "backend": "onnxruntime",
                                                  "threads": args.threads}  # fmt: skip
@@ -97,12 +101,18 @@ def main() -> int:
                             live_fps = float(source_name.removeprefix("live")) * engine_fps
                             raw = lambda live_fps=live_fps: PacedCamera(bgr, live_fps)  # noqa: E731
                             duration = max(5.0, args.frames / min(live_fps, engine_fps))
+                        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
                         run = run_agent_once(settings, None, raw=raw, duration_s=duration, on_agent=agents.append)
+                        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+                        process_cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (
+                            cpu_before.ru_utime + cpu_before.ru_stime
+                        )
                         report = agents[0].loop.parts.shadow.snapshot() if shadow else None
                         p50, p99 = np.percentile(run.latencies_ms, [50, 99])
                         rows.append({"source": source_name, "shadow": shadow, "fps": run.fps, "p50": p50, "p99": p99,
                                      "frames": run.frames, "repeat": repeat, "load": os.getloadavg()[0],
                                      "compared": report.compared if report else 0,
+                                "shadow_cpu": report.cpu_s if report else 0.0, "process_cpu": process_cpu,
                                      "skipped": (report.skipped_busy + report.skipped_backlog) if report else 0})  # fmt: skip
     _print(bundle_dir, args, engine_fps, rows)
     return 0
@@ -119,7 +129,8 @@ def _print(bundle_dir: Path, args: argparse.Namespace, engine_fps: float, rows: 
     for r in rows:
         change = "" if not r["shadow"] else f"{100 * (r['fps'] / baseline[(r['source'], r['repeat'])] - 1):+.1f} %"
         print(f"| {r['source']} | {'on' if r['shadow'] else 'off'} | {r['repeat']} | {r['frames']} | {r['fps']:.1f} | "
-              f"{change} | {r['p50']:.1f} | {r['p99']:.1f} | {r['compared']} | {r['skipped']} | {r['load']:.2f} |")  # fmt: skip
+              f"{change} | {r['p50']:.1f} | {r['p99']:.1f} | {r['compared']} | {r['skipped']} | "
+              f"{r['shadow_cpu']:.2f} | {100 * r['shadow_cpu'] / max(r['process_cpu'], 1e-9):.1f} % | {r['load']:.2f} |")  # fmt: skip
     print("\nmedian change of live fps with the shadow on, per source:")
     for source in dict.fromkeys(r["source"] for r in rows):
         changes = [

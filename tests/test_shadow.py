@@ -38,6 +38,7 @@ def test_the_same_model_agrees_on_exactly_the_share(contract_model: LoadedModel,
         runner.stop()
     assert outcomes.count("queued") == 4 and outcomes.count("share") == 36
     assert report.compared == 4 and report.agreement == 1.0 and report.candidate == "contract 2.0.0"
+    assert report.cpu_s > 0
     assert report.candidate_only == report.live_only == 0 and report.recent_differences == []
 
 

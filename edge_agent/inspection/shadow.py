@@ -75,6 +75,7 @@ class ShadowReport:
     skipped_busy: int = 0  # the shadow was still busy with an earlier frame
     skipped_backlog: int = 0  # the live pipeline had frames waiting
     failures: int = 0
+    cpu_s: float = 0.0  # CPU time the shadow thread spent judging frames (its whole cost to the box)
     recent_differences: list[Difference] = field(default_factory=list)
 
     @property
@@ -208,6 +209,7 @@ class ShadowRunner:
                 if self._stopping:
                     return
                 job, self._pending = self._pending, None
+            started = time.thread_time()
             try:
                 assert job is not None
                 self._compare(job)
@@ -216,6 +218,7 @@ class ShadowRunner:
                 if self.report.failures in (1, 10, 100):
                     log_event(log, logging.WARNING, "shadow model failed: %s", "shadow_failed", exc, error=str(exc))
             finally:
+                self.report.cpu_s += time.thread_time() - started
                 self._busy = False
 
     def _compare(self, live: FrameJob) -> None:

@@ -148,6 +148,9 @@ class LoopCollector(Collector):
             differ.add_metric(["live_only"], r.live_only)
             yield differ
             yield CounterMetricFamily(
+                "edge_agent_shadow_cpu_seconds", "CPU time the shadow model's thread used.", value=r.cpu_s
+            )
+            yield CounterMetricFamily(
                 "edge_agent_shadow_candidate_rejects",
                 "Compared frames the candidate would have rejected.",
                 value=r.candidate_rejects,
