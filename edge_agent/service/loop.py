@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_agent.config import AgentSettings
 from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
+from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.shadow import lower_thread_priority
@@ -118,10 +119,11 @@ class LineLoop:
 
     # -- drift --------------------------------------------------------------------------------------
 
-    def _new_drift_monitor(self) -> DriftMonitor:
+    def _new_drift_monitor(self, model: LoadedModel | None = None) -> DriftMonitor:
         config = self.settings.drift
-        manifest = self.pipeline.model.bundle.manifest
-        self._drift_bundle = self.pipeline.model.bundle
+        model = model or self.pipeline.model
+        manifest = model.bundle.manifest
+        self._drift_bundle = model.bundle
         self._drift_reasons: list[str] = []
         reference = manifest.drift_reference
         if reference is None:
@@ -142,7 +144,7 @@ class LineLoop:
         monitor = self.parts.drift
         if job.model is not None and job.model.bundle is not self._drift_bundle:
             # A reloaded model was trained on other images: compare with its own reference, from scratch.
-            monitor = self.parts.drift = self._new_drift_monitor()
+            monitor = self.parts.drift = self._new_drift_monitor(job.model)
         if monitor is None or not monitor.due() or job.model is None or job.output is None or job.message is None:
             return
         rgb = model_input(job.frame.image, *job.model.input_size)
