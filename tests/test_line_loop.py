@@ -208,3 +208,50 @@ def test_a_disk_without_room_degrades_health_and_inspection_goes_on(
     finally:
         assert agent.stop() == 0
         subscriber.close()
+
+
+def _contract_with_reference(root: Path, version: str, gain: float) -> Path:
+    """A contract bundle whose training images were the contract's good frames times ``gain``."""
+    from contract_bundle import good_frame
+
+    bundle = build_contract_bundle(root, version=version)
+    rng = np.random.default_rng(7)
+    images = np.stack([np.clip(good_frame(rng, 64, 64) * gain, 0, 255).astype(np.uint8) for _ in range(40)])
+    manifest = read_manifest(bundle)
+    write_manifest(bundle, manifest.model_copy(update={"drift_reference": build_reference(images)}))
+    return bundle
+
+
+def test_a_reloaded_model_is_compared_with_its_own_training_images(
+    tmp_path: Path, frames: Path, broker: MosquittoBroker
+) -> None:
+    dim = _contract_with_reference(tmp_path / "dim", "1.0.0", gain=0.7)  # trained under dimmer light
+    matching = _contract_with_reference(tmp_path / "matching", "2.0.0", gain=1.0)
+    current = tmp_path / "current"
+    current.symlink_to(dim)
+    http_port = free_port()
+    values = agent_config(tmp_path / "state", current, str(frames), broker.port, http_port,
+                          source={"loop": True, "fps_limit": 30.0},
+                          drift={"window": 20, "min_frames": 10, "sample_every_s": 0.0})  # fmt: skip
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    try:
+        line = Line(agent, subscriber, broker, http_port)
+        stats = line.wait_stats(lambda s: "brightness" in ((s.get("drift") or {}).get("reasons") or []), 60)
+        assert stats["status"] == "degraded" and any("drift (brightness)" in p for p in stats["problems"])
+        current.unlink()
+        current.symlink_to(matching)
+        assert line.command("reload", {"version": "2.0.0"})["ok"]
+        # With its own reference the new model's window fills without drift (the old one would stay raised).
+        after = line.wait_stats(
+            lambda s: (
+                s["model"]["version"] == "2.0.0"
+                and (s.get("drift") or {}).get("reasons") == []
+                and s["drift"]["statistics"]["brightness"]["frames"] >= 10
+            ),
+            60,
+        )
+        assert after["status"] == "ok"
+    finally:
+        assert agent.stop() == 0
+        subscriber.close()
