@@ -121,10 +121,9 @@ def main() -> int:
 def _print(bundle_dir: Path, args: argparse.Namespace, engine_fps: float, rows: list[dict[str, Any]]) -> None:
     print(f"bundle {bundle_dir}; live threads {args.threads or 'all'}; shadow share {args.share:.0%}; "
           f"engine alone {engine_fps:.1f} fps; {os.cpu_count()} CPUs\n")  # fmt: skip
-    print(
-        "| source | shadow | repeat | frames | live fps | change | p50 ms | p99 ms | shadow compared | skipped | load |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| source | shadow | repeat | frames | live fps | change | p50 ms | p99 ms | shadow compared | skipped "
+          "| shadow CPU s | of process CPU | load |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     baseline = {(r["source"], r["repeat"]): r["fps"] for r in rows if not r["shadow"]}
     for r in rows:
         change = "" if not r["shadow"] else f"{100 * (r['fps'] / baseline[(r['source'], r['repeat'])] - 1):+.1f} %"

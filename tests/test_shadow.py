@@ -81,7 +81,9 @@ def test_the_shadow_thread_runs_at_the_lowest_priority(contract_model: LoadedMod
         runner.offer(inspected_job(contract_model, 0, defect=False))
         assert runner.wait_idle() and runner.native_id is not None
         assert os.getpriority(os.PRIO_PROCESS, runner.native_id) == 19
+        assert os.sched_getscheduler(runner.native_id) == os.SCHED_IDLE
         assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the rest of the process is untouched
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE
     finally:
         runner.stop()
 

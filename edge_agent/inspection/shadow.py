@@ -7,10 +7,11 @@ thread only when all of these hold:
 - the frame is in the configured share (``model.shadow_share``; a credit counter, so exactly that share,
   evenly spread);
 - the shadow thread is idle (one frame at a time: a slow candidate skips frames, it never queues them);
-- the live pipeline has no backlog (no frame waiting for inference or NFA): the live model is not behind.
+- the live pipeline has no backlog (no frame waiting for inference or NFA) and its live source dropped no
+  frame since the last offer: the live model is not behind.
 
-The shadow thread runs at the lowest CPU priority (nice 19 for this thread only) and its ONNX Runtime
-session uses one thread, so the kernel gives it only time the live stages do not want. Nothing it does
+The shadow thread runs at the lowest CPU priority (SCHED_IDLE and nice 19, for this thread only) and its
+ONNX Runtime session uses one thread, so the kernel gives it only time the live stages do not want. Nothing it does
 is published as an inspection; its figures (``ShadowReport``) go into stats and /metrics: frames compared,
 verdict agreement, the frames where the two differ (either way) and the candidate's would-be rejects.
 
@@ -84,15 +85,21 @@ class ShadowReport:
         return self.agreed / self.compared if self.compared else None
 
 
-def lower_thread_priority(nice: int) -> int:
+def lower_thread_priority(nice: int, idle: bool = False) -> int:
     """Give the calling thread (only) the nice value ``nice``; returns its kernel thread id.
 
     On Linux a thread is a task with its own nice value, so background work (the shadow model, writing
-    kept frames) yields the CPU to the live stages without slowing them. Elsewhere this does nothing.
+    kept frames) yields the CPU to the live stages. With ``idle`` the thread also gets the SCHED_IDLE
+    policy: it runs only on a CPU nothing else wants, and any live thread that wakes up preempts it at once
+    (a niced thread still gets time slices, which stalls ONNX Runtime's parallel operators waiting for the
+    one worker thread it delayed). Elsewhere this does nothing.
     """
     native_id = threading.get_native_id()
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, native_id, nice)
+    if idle:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
     return native_id
 
 
@@ -202,7 +209,7 @@ class ShadowRunner:
     # -- the shadow thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self.native_id = lower_thread_priority(SHADOW_NICE)
+        self.native_id = lower_thread_priority(SHADOW_NICE, idle=True)
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._pending is not None or self._stopping)

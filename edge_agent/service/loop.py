@@ -62,6 +62,7 @@ class LineLoop:
         self._record_lock = threading.Lock()
         pipeline.observers.append(self._observe_record)
         self._next_shadow_save = 0.0
+        self._drops_seen = 0
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class LineLoop:
             candidate,
             self.settings.model.shadow_share,
             self.settings.device_id,
-            live_backlog=lambda: self.pipeline.backlog,
+            live_backlog=self._live_pressure,
         )
         resumed = runner.resume(load_state(self.settings.state_dir / STATE_NAME))
         runner.start()
@@ -200,6 +201,12 @@ class LineLoop:
             share=runner.share,
             resumed=resumed,
         )
+
+    def _live_pressure(self) -> int:
+        """Frames waiting in the live stages plus live frames dropped since the last look: 0 means spare time."""
+        dropped = self.pipeline.frames_dropped
+        new_drops, self._drops_seen = dropped - self._drops_seen, dropped
+        return self.pipeline.backlog + new_drops
 
     def _save_shadow_state(self) -> None:
         from edge_agent.inspection.shadow import STATE_NAME, save_state
