@@ -303,7 +303,11 @@ class PartsConfig(_Section):
 class KeepConfig(_Section):
     """Frames kept on disk for review (edge_agent/service/keep.py): written off the inspection path."""
 
-    flagged: bool = Field(default=False, description="keep every anomalous frame with its maps, NFA mask and message")
+    flagged: bool = Field(
+        default=False,
+        description="keep every anomalous frame with its maps, NFA mask and message (with [parts] on: every "
+        "anomalous part, with the frame that decided it)",
+    )
     good_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of good frames kept too (0.01: one in a hundred)"
     )

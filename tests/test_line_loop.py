@@ -255,3 +255,31 @@ def test_a_reloaded_model_is_compared_with_its_own_training_images(
     finally:
         assert agent.stop() == 0
         subscriber.close()
+
+
+def test_anomalous_parts_are_kept_with_their_deciding_frame(
+    tmp_path: Path, broker: MosquittoBroker, contract_bundle: Path
+) -> None:
+    from edge_agent.demo.conveyor import ConveyorSpec, write_conveyor_video
+    from edge_agent.service.review import ReviewStore
+
+    spec = ConveyorSpec(width=192, height=128, parts=4, speed_px=8, defect_parts=(2,), seed=4)
+    write_conveyor_video(tmp_path / "conveyor.avi", spec)
+    values = agent_config(tmp_path / "state", contract_bundle, str(tmp_path / "conveyor.avi"), broker.port,
+                          parts={"mode": "tracked"}, keep={"flagged": True, "min_free_mb": 0})  # fmt: skip
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    agent.thread.join(120)  # the video ends: the agent stops by itself
+    assert agent.stop() == 0
+    assert subscriber.wait_for(lambda ms: sum(m.topic.endswith("/part") for m in ms) >= 4, 10)
+    anomalous = {p["part_id"] for p in (m.json() for m in subscriber.on("/part")) if p["anomalous"]}
+    subscriber.close()
+    # The contract bundle knows no conveyor, so it flags parts; which ones does not matter here.
+    assert anomalous
+    kept = {f.id: f for f in ReviewStore(tmp_path / "state" / "kept", tmp_path / "training").frames(1000)}
+    parts = {k: f for k, f in kept.items() if f.kind == "part"}
+    assert len(parts) == len(kept)  # with parts on, parts are kept instead of anomalous frames
+    saved = {json.loads((tmp_path / "state" / "kept" / k / "part.json").read_text())["part_id"] for k in parts}
+    assert saved == anomalous and all(f.anomalous for f in parts.values())
+    assert all(k.endswith(f"-part-{json.loads((tmp_path / 'state' / 'kept' / k / 'part.json').read_text())['part_id']}")
+               for k in parts)  # fmt: skip

@@ -117,6 +117,7 @@ class FrameJob:
 
 
 ResultHook = Callable[[FrameJob], None]
+PartHook = Callable[[FrameJob, PartMessage], None]  # a decided part and the frame that decided it
 
 
 class PartStage(Protocol):
@@ -205,6 +206,7 @@ class Pipeline:
         self.on_result = on_result
         # Called for every published frame (metrics); unlike on_result, a failure here is logged, not fatal.
         self.observers: list[ResultHook] = []
+        self.part_observers: list[PartHook] = []  # likewise for every decided part (kept parts)
         self.stats = PipelineStats()
         self.error: BaseException | None = None
         self.ended = False  # the source reached its end (files and folders)
@@ -380,12 +382,12 @@ class Pipeline:
                     log.exception("frame observer failed", extra={"event": "observer_failed", "error": str(exc)})
             if self.on_result is not None:
                 self.on_result(job)
-            self._publish_parts(parts)
+            self._publish_parts(parts, job)
             if job.trigger is not None:
-                self._publish_parts([self._triggered(job, job.trigger)])
+                self._publish_parts([self._triggered(job, job.trigger)], job)
         if self.parts is not None and self.last_job is not None and self.error is None:
             last = self.last_job
-            self._publish_parts(self.parts.finish(last.frame, last.model.ref if last.model else None))
+            self._publish_parts(self.parts.finish(last.frame, last.model.ref if last.model else None), last)
 
     def _triggered(self, job: FrameJob, trigger: Trigger) -> PartMessage:
         assert job.verdict is not None and job.model is not None
@@ -405,9 +407,14 @@ class Pipeline:
             model=job.model.ref,
         )
 
-    def _publish_parts(self, messages: list[PartMessage]) -> None:
+    def _publish_parts(self, messages: list[PartMessage], job: FrameJob) -> None:
         for message in messages:
             self.publisher.publish_part(message)
+            for observer in self.part_observers:
+                try:
+                    observer(job, message)
+                except Exception as exc:
+                    log.exception("part observer failed", extra={"event": "observer_failed", "error": str(exc)})
             log.info(
                 "part decided",
                 extra={

@@ -2,8 +2,9 @@
 
 Every kept frame is a folder under ``keep.dir`` written by ``save_snapshot``: the frame, its anomaly map,
 NFA mask, overlay and the published message (``inspection.json``), named
-``<YYYYmmdd-HHMMSS>-seq<sequence>-flagged`` or ``...-good``. The review page and ``edge-agent review``
-read these folders.
+``<YYYYmmdd-HHMMSS>-seq<sequence>-flagged`` or ``...-good``. With ``[parts]`` on, an anomalous part is
+kept instead of anomalous frames (the part's verdict is the one that counts), as the frame that decided
+it with the part message beside it (``part.json``), in ``...-part-<part_id>``. The review page and ``edge-agent review`` read these folders.
 
 Writing never happens on the inspection path: ``offer`` (the publish thread, once per frame) only decides
 and puts the frame on a bounded queue; one writer thread (at nice 10) draws, encodes and writes. A full queue skips the frame
@@ -28,10 +29,12 @@ from edge_agent.config import KeepConfig
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
+from edge_agent.publish.messages import PartMessage
 
 log = logging.getLogger(__name__)
 
-FLAGGED, GOOD = "flagged", "good"
+FLAGGED, GOOD, PART = "flagged", "good", "part"
+PART_MESSAGE_NAME = "part.json"
 WRITER_NICE = 10
 MESSAGE_NAME = "inspection.json"
 
@@ -42,6 +45,7 @@ class KeepCounters:
 
     kept_flagged: int = 0
     kept_good: int = 0
+    kept_parts: int = 0  # anomalous parts ([parts] mode), each with the frame that decided it
     skipped_busy: int = 0  # the writer's queue was full
     skipped_disk: int = 0  # not written: disk full, read-only, or below min_free_mb
     removed_quota: int = 0  # oldest folders removed to stay within max_total_mb
@@ -64,13 +68,15 @@ def kept_folders(directory: Path) -> list[Path]:
 class FrameKeeper:
     """Decides which frames to keep, writes them on its own thread and holds the disk quota."""
 
-    def __init__(self, config: KeepConfig) -> None:
+    def __init__(self, config: KeepConfig, parts_mode: bool = False) -> None:
+        """``parts_mode``: the agent decides per part ([parts] mode on): anomalous parts are kept, not frames."""
         assert config.dir is not None, "keep.dir is filled in by AgentSettings"
         self.config = config
+        self.parts_mode = parts_mode
         self.directory = Path(config.dir)
         self.counters = KeepCounters()
         self.problem = ""  # the last disk problem; cleared by the next successful write
-        self._queue: queue.Queue[tuple[FrameJob, str] | None] = queue.Queue(maxsize=config.queue)
+        self._queue: queue.Queue[tuple[FrameJob, str, PartMessage | None] | None] = queue.Queue(maxsize=config.queue)
         self._good_credit = 0.0
         self._folders: deque[tuple[Path, int]] = deque()  # oldest first, with their sizes
         self._thread: threading.Thread | None = None
@@ -107,7 +113,7 @@ class FrameKeeper:
         if job.message is None or not self.active or self._thread is None:
             return None
         if job.message.anomalous:
-            if not self.config.flagged:
+            if not self.config.flagged or self.parts_mode:  # with parts on, the part is the verdict (offer_part)
                 return None
             kind = FLAGGED
         else:
@@ -117,12 +123,21 @@ class FrameKeeper:
                 return None
             self._good_credit -= 1.0
             kind = GOOD
+        return kind if self._enqueue(job, kind, None) else None
+
+    def offer_part(self, job: FrameJob, part: PartMessage) -> bool:
+        """Pipeline part observer: queue an anomalous part with the frame that decided it. Never blocks."""
+        if not self.config.flagged or not part.anomalous or part.status != "inspected" or self._thread is None:
+            return False
+        return job.message is not None and self._enqueue(job, PART, part)
+
+    def _enqueue(self, job: FrameJob, kind: str, part: PartMessage | None) -> bool:
         try:
-            self._queue.put_nowait((job, kind))
+            self._queue.put_nowait((job, kind, part))
         except queue.Full:
             self.counters.skipped_busy += 1
-            return None
-        return kind
+            return False
+        return True
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every queued frame is written (tests, shutdown); True when the queue emptied in time."""
@@ -147,7 +162,7 @@ class FrameKeeper:
             finally:
                 self._queue.task_done()
 
-    def _write(self, job: FrameJob, kind: str) -> None:
+    def _write(self, job: FrameJob, kind: str, part: PartMessage | None) -> None:
         from edge_agent.service.snapshot import save_snapshot  # imports the drawing code: only once something is kept
 
         free = _free_bytes(self.directory)
@@ -159,7 +174,9 @@ class FrameKeeper:
             )
             return
         try:
-            paths = save_snapshot(job, self.directory, kind)
+            paths = save_snapshot(job, self.directory, kind if part is None else f"{PART}-{part.part_id}")
+            if part is not None:
+                (Path(paths["frame"]).parent / PART_MESSAGE_NAME).write_text(part.to_json() + "\n", encoding="utf-8")
         except OSError as exc:
             self.counters.skipped_disk += 1
             self._set_problem(f"cannot write kept frames to {self.directory}: {exc}")
@@ -171,6 +188,8 @@ class FrameKeeper:
             self.counters.bytes_kept += size
             if kind == FLAGGED:
                 self.counters.kept_flagged += 1
+            elif kind == PART:
+                self.counters.kept_parts += 1
             else:
                 self.counters.kept_good += 1
         if self.problem:

@@ -46,10 +46,11 @@ class LineLoop:
         self.pipeline = pipeline
         self.parts = LoopParts(recorder=lambda: self._recorder or self._last_recording)
         self._last_recording: FrameRecorder | None = None
-        keeper = FrameKeeper(settings.keep)
+        keeper = FrameKeeper(settings.keep, parts_mode=settings.parts.mode != "off")
         if keeper.active:
             self.parts.keeper = keeper
             pipeline.observers.append(keeper.offer)
+            pipeline.part_observers.append(keeper.offer_part)
         self._drift_bundle: object | None = None
         self._drift_reasons: list[str] = []
         if settings.drift.enabled:

@@ -95,6 +95,7 @@ class LoopCollector(Collector):
             kept = CounterMetricFamily("edge_agent_kept_frames", "Frames kept for review, by kind.", labels=["kind"])
             kept.add_metric(["flagged"], c.kept_flagged)
             kept.add_metric(["good"], c.kept_good)
+            kept.add_metric(["part"], c.kept_parts)
             yield kept
             skipped = CounterMetricFamily(
                 "edge_agent_kept_skipped", "Frames due to be kept but not written, by reason.", labels=["reason"]

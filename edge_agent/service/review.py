@@ -28,7 +28,7 @@ from typing import Any
 
 import cv2
 
-from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, kept_folders
+from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, PART, PART_MESSAGE_NAME, kept_folders
 
 GOOD_DIR, DEFECT_DIR = "good", "defect"
 DEFECT_TYPE = "confirmed"
@@ -48,7 +48,7 @@ class KeptFrame:
     """One kept frame waiting for review."""
 
     id: str
-    kind: str  # flagged | good
+    kind: str  # flagged | good | part
     sequence: int
     capture_time: float
     image_score: float
@@ -73,13 +73,17 @@ def _read_kept(folder: Path) -> KeptFrame | None:
     try:
         message = json.loads((folder / MESSAGE_NAME).read_text(encoding="utf-8"))
         model = message.get("model") or {}
+        part_path = folder / PART_MESSAGE_NAME
+        # A kept part: the part's verdict (over all its frames) counts, not its deciding frame's alone.
+        part = json.loads(part_path.read_text(encoding="utf-8")) if part_path.is_file() else None
+        kind = PART if part is not None else FLAGGED if folder.name.endswith(f"-{FLAGGED}") else "good"
         return KeptFrame(
             id=folder.name,
-            kind=FLAGGED if folder.name.endswith(f"-{FLAGGED}") else "good",
+            kind=kind,
             sequence=int(message.get("sequence", 0)),
             capture_time=float(message.get("capture_time", 0.0)),
             image_score=float(message.get("image_score", 0.0)),
-            anomalous=bool(message.get("anomalous", False)),
+            anomalous=bool((part or message).get("anomalous", False)),
             regions=len(message.get("regions") or []),
             model=f"{model.get('name', '?')} {model.get('version', '?')}",
         )
@@ -134,6 +138,8 @@ class ReviewStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(folder / "mask.png", target.with_name(f"{frame_id}_mask.png"))
         shutil.move(folder / MESSAGE_NAME, target.with_suffix(".json"))
+        if (folder / PART_MESSAGE_NAME).is_file():
+            shutil.move(folder / PART_MESSAGE_NAME, target.with_name(f"{frame_id}_part.json"))
         shutil.move(folder / "frame.png", target)
         shutil.rmtree(folder, ignore_errors=True)
         return target
