@@ -15,7 +15,8 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from edge_agent.config import ModelConfig, MqttConfig, SourceConfig
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import load_model
-from edge_agent.inspection.pipeline import END, FrameJob, Pipeline, StageQueue
+from edge_agent.inspection.pipeline import FrameJob, Pipeline
+from edge_agent.inspection.stage_queue import END, StageQueue
 from edge_agent.publish.mqtt import MqttPublisher
 
 DEFECTS = {3, 8}

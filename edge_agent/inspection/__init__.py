@@ -7,7 +7,10 @@
 4. ``edge_agent.engines``: the model (ONNX Runtime on the CPU, TensorRT on a GPU) -> latents.
 5. ``scoring``: latents -> anomaly map and log10 NFA map (the bundle's contract).
 6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project.
-7. ``pipeline``: the frame loop that runs 1-6 and hands the result to ``edge_agent.publish``.
+7. ``parts`` (``[parts] mode``): ``tracking`` follows parts along the belt and ``part_verdict`` combines
+   a part's frames into one decision; ``triggers`` pairs a trigger with its frame in triggered mode.
+8. ``pipeline``: the stage threads (joined by ``stage_queue``) that run 1-7 and hand each result to
+   ``edge_agent.publish``.
 
 Loaded once, used on every frame: ``loaded_model`` (bundle + engine + scoring) and ``selftest`` (the
 bundle's self-test at load). ``overlay`` draws a result for people (preview, snapshots, segment).

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.scoring import Verdict
+from edge_agent.inspection.stage_queue import END, End, StageQueue
 from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
 from edge_agent.publish.messages import InspectionMessage, ModelRef, PartMessage, StageLatency
 from edge_agent.publish.mqtt import MqttPublisher
@@ -44,58 +45,6 @@ if TYPE_CHECKING:
     from edge_agent.inspection.parts import PartsView
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-_POLL_S = 0.2  # how often a waiting stage looks at the stop flag and refreshes its heartbeat
-
-
-class _End:
-    """Sentinel: no more frames will follow."""
-
-
-END = _End()
-
-
-class StageQueue(Generic[T]):
-    """A bounded FIFO between two stages; with ``drop_oldest`` a full queue discards its oldest item."""
-
-    def __init__(self, maxsize: int, drop_oldest: bool = False) -> None:
-        if maxsize < 1:
-            raise ValueError("queue size must be at least 1")
-        self.maxsize = maxsize
-        self.drop_oldest = drop_oldest
-        self.dropped = 0
-        self._items: deque[T | _End] = deque()
-        self._cond = threading.Condition()
-
-    def put(self, item: T | _End, timeout: float = _POLL_S) -> bool:
-        """Enqueue; False when the queue stayed full for ``timeout`` (blocking mode only).
-
-        The end sentinel is never dropped and never drops a frame: it waits for room like a file frame.
-        """
-        with self._cond:
-            if len(self._items) >= self.maxsize:
-                if self.drop_oldest and not isinstance(item, _End) and not isinstance(self._items[0], _End):
-                    self._items.popleft()
-                    self.dropped += 1
-                elif not self._cond.wait_for(lambda: len(self._items) < self.maxsize, timeout):
-                    return False
-            self._items.append(item)
-            self._cond.notify_all()
-            return True
-
-    def get(self, timeout: float = _POLL_S) -> T | _End | None:
-        """The oldest item, or None when nothing arrived within ``timeout``."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._items), timeout):
-                return None
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
 
 
 @dataclass
@@ -435,11 +384,11 @@ class Pipeline:
             item = queue.get()
             if item is None:
                 continue
-            if isinstance(item, _End):
+            if isinstance(item, End):
                 return None
             return item
 
-    def _forward(self, queue: StageQueue[FrameJob], item: FrameJob | _End, stage: str) -> None:
+    def _forward(self, queue: StageQueue[FrameJob], item: FrameJob | End, stage: str) -> None:
         """Put with backpressure; gives up only when another stage failed (nobody would take it)."""
         while not queue.put(item):
             self._beat(stage)

@@ -42,7 +42,7 @@ from edge_agent.relay.firing import Firing, Job
 from edge_agent.relay.intake import MalformedMessage, device_of_topic, parse_inspection
 from edge_agent.relay.part_intake import PART_LEAF
 from edge_agent.relay.parts import PartDecisions
-from edge_agent.relay.report import Counters, late_hint, log_decision, log_order, quantile
+from edge_agent.relay.report import Counters, late_hint, log_decision, log_order, relay_stats
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class RejectRelay:
             stats.anomalous += 1
         if device in self.parts.devices:
             # This camera sends part messages: they decide its rejects; its inspections are for dashboards.
-            self._count(device, "skipped_good")
+            self.count(device, "skipped_good")
             log_decision("skipped-parts-mode", message, topic, None, logging.INFO)
             return "skipped-parts-mode"
         actuator = self._actuators.get(device) or self._actuators.get("")
@@ -216,7 +216,7 @@ class RejectRelay:
                 message.message_id, device, message.sequence, "missed", plan.planned_time, plan.deadline
             ):
                 return self._decide_duplicate(message, topic)
-            self._count(device, "missed")
+            self.count(device, "missed")
             log_decision(
                 "missed",
                 message,
@@ -268,7 +268,7 @@ class RejectRelay:
                     self._good_ids.popitem(last=False)
         if seen:
             return self._decide_duplicate(message, topic)
-        self._count(message.device_id, "skipped_good")
+        self.count(message.device_id, "skipped_good")
         if self.settings.log_good_decisions:
             log_decision("skipped-good", message, topic, None, logging.INFO)
         return "skipped-good"
@@ -290,7 +290,7 @@ class RejectRelay:
         return "unconfigured"
 
     def _decide_duplicate(self, message: InspectionMessage, topic: str) -> str:
-        self._count(message.device_id, "duplicates")
+        self.count(message.device_id, "duplicates")
         first = self.journal.state_of(message.message_id) if message.anomalous else "skipped-good"
         log_decision("duplicate", message, topic, None, logging.INFO, first_decision=first)
         return "duplicate"
@@ -333,7 +333,7 @@ class RejectRelay:
         """Rejects a previous run scheduled: fire them if still in time, else count them missed."""
         for entry in self.journal.entries("firing"):
             self.journal.finish(entry.message_id, "interrupted")
-            self._count(entry.device_id, "actuator_failures")
+            self.count(entry.device_id, "actuator_failures")
             log.error(
                 "the relay stopped while firing a reject; outcome unknown, not repeated",
                 extra={
@@ -359,12 +359,12 @@ class RejectRelay:
                     extra={"event": "relay_journal_bad", "message_id": entry.message_id, "error": str(exc)},
                 )
                 self.journal.finish(entry.message_id, "missed")
-                self._count(entry.device_id, "missed")
+                self.count(entry.device_id, "missed")
                 continue
             actuator = self._actuators.get(message.device_id) or self._actuators.get("")
             if now > plan.deadline or actuator is None:
                 self.journal.finish(entry.message_id, "missed")
-                self._count(message.device_id, "missed")
+                self.count(message.device_id, "missed")
                 log_decision(
                     "missed",
                     message,
@@ -401,7 +401,7 @@ class RejectRelay:
             )
         elif outcome == "missed":
             # Came due too late (every actuator worker busy, an overloaded box): never fired after the deadline.
-            self._count(order.device_id, "missed")
+            self.count(order.device_id, "missed")
             log_order(
                 "missed",
                 order,
@@ -411,50 +411,29 @@ class RejectRelay:
                 late_by_ms=round(context["late_by_ms"], 3),
             )
         else:
-            self._count(order.device_id, "actuator_failures")
+            self.count(order.device_id, "actuator_failures")
             log_order("failed", order, plan, logging.ERROR, **context)
 
     # -- counting, logging, stats -------------------------------------------------------------------
 
     def count(self, device_id: str, name: str) -> None:
         """One more ``name`` for a camera."""
-        self._count(device_id, name)
-
-    def _count(self, device_id: str, name: str) -> None:
         with self._lock:
             stats = self.counters.device(device_id)
             setattr(stats, name, getattr(stats, name) + 1)
 
     def _totals(self) -> dict[str, int]:
         with self._lock:
-            names = ("received", "anomalous", "fired", "missed", "duplicates", "skipped_good", "actuator_failures")
-            totals = {name: self.counters.total(name) for name in names}
-            totals.update(
-                malformed=self.counters.malformed,
-                unconfigured=self.counters.unconfigured,
-                errors=self.counters.errors,
-                journal_errors=self.journal.errors,
-            )
-            return totals
+            return self.counters.totals(self.journal.errors)
 
     def stats(self) -> RelayStats:
         """The current numbers (what ``stats`` publishes)."""
-        totals = self._totals()
         with self._lock:
             lateness = sorted(self._lateness_ms)
-            devices = {name: stats.model_copy() for name, stats in self.counters.devices.items()}
-        return RelayStats(
-            relay_id=self.settings.relay_id,
-            time=time.time(),
-            uptime_s=round(time.time() - self.started_wall, 1),
-            connected=self.connected,
-            pending=self.pending,
-            lateness_ms_p50=round(quantile(lateness, 0.5), 3),
-            lateness_ms_p99=round(quantile(lateness, 0.99), 3),
-            lateness_ms_max=round(lateness[-1], 3) if lateness else 0.0,
-            devices=devices,
-            journal_ok=not self.journal.failing,
-            **totals,
+            counters = self.counters.copy()
+        uptime_s = time.time() - self.started_wall
+        return relay_stats(
+            self.settings.relay_id, uptime_s, self.connected, self.pending, lateness, counters, self.journal
         )
 
     def housekeeping(self) -> None:

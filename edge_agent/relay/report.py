@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.publish.messages import InspectionMessage, RelayDeviceStats
+from edge_agent.publish.messages import InspectionMessage, RelayDeviceStats, RelayStats
 from edge_agent.relay.actuators import FireOrder
+from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,45 @@ class Counters:
 
     def total(self, name: str) -> int:
         return sum(int(getattr(stats, name)) for stats in self.devices.values())
+
+    def totals(self, journal_errors: int) -> dict[str, int]:
+        """The relay-wide counts of the stats message."""
+        names = ("received", "anomalous", "fired", "missed", "duplicates", "skipped_good", "actuator_failures")
+        totals = {name: self.total(name) for name in names}
+        totals.update(
+            malformed=self.malformed, unconfigured=self.unconfigured, errors=self.errors, journal_errors=journal_errors
+        )
+        return totals
+
+    def copy(self) -> Counters:
+        """A snapshot (the per-camera stats copied), to read outside the relay's lock."""
+        devices = {name: stats.model_copy() for name, stats in self.devices.items()}
+        return Counters(self.malformed, self.unconfigured, self.errors, devices)
+
+
+def relay_stats(
+    relay_id: str,
+    uptime_s: float,
+    connected: bool,
+    pending: int,
+    lateness_ms: list[float],
+    counters: Counters,
+    journal: DecisionJournal,
+) -> RelayStats:
+    """The stats message from a snapshot of the counters and the sorted firing lateness samples."""
+    return RelayStats(
+        relay_id=relay_id,
+        time=time.time(),
+        uptime_s=round(uptime_s, 1),
+        connected=connected,
+        pending=pending,
+        lateness_ms_p50=round(quantile(lateness_ms, 0.5), 3),
+        lateness_ms_p99=round(quantile(lateness_ms, 0.99), 3),
+        lateness_ms_max=round(lateness_ms[-1], 3) if lateness_ms else 0.0,
+        devices=counters.devices,
+        journal_ok=not journal.failing,
+        **counters.totals(journal.errors),
+    )
 
 
 def log_decision(

@@ -26,10 +26,8 @@ from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.exit_codes import EXIT_FAILURE, EXIT_OK
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
-from edge_agent.inspection.parts import TrackedParts
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.scoring import DecisionRule, default_log10_epsilon
-from edge_agent.inspection.triggers import GpioTrigger, TriggerBook, TriggerRefused, missed_message, open_gpio
 from edge_agent.logs import log_event
 from edge_agent.publish.commands import CommandFailed, CommandProcessor, Done
 from edge_agent.publish.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
@@ -40,6 +38,7 @@ from edge_agent.service.health import HealthInputs, HealthReport, assess
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.loop import LineLoop
 from edge_agent.service.metrics import AgentMetrics, MetricsView
+from edge_agent.service.part_inputs import PartInputs
 from edge_agent.service.preview import PreviewFacts, PreviewPage
 from edge_agent.systemd import SystemdNotifier
 
@@ -74,23 +73,15 @@ class Agent:
         self.nfa_overrides = settings.nfa.model_copy()
         self.outbox: Outbox = outbox if outbox is not None else self._open_spool()
         self.publisher = MqttPublisher(settings.mqtt, settings.device_id, outbox=self.outbox)
-        self.parts: TrackedParts | None = None
-        self.triggers: TriggerBook | None = None
-        self.gpio: GpioTrigger | None = None
-        if settings.parts.mode == "tracked":
-            self.parts = TrackedParts(settings.parts, settings.device_id)
-        elif settings.parts.mode == "triggered":
-            self.triggers = TriggerBook(settings.parts.trigger_delay_s, settings.parts.trigger_timeout_s)
-            if "mqtt" in settings.parts.triggers:
-                self.publisher.subscribe("trigger", self._mqtt_trigger)
+        self.part_inputs = PartInputs(settings, self.publisher)
         self.pipeline = Pipeline(
             source,
             model,
             self.publisher,
             settings.device_id,
             on_result=on_result,
-            parts=self.parts,
-            triggers=self.triggers,
+            parts=self.part_inputs.parts,
+            triggers=self.part_inputs.triggers,
         )
         self.metrics = AgentMetrics(
             MetricsView(self.pipeline, self.publisher, self.outbox, settings.spool.max_messages, self.health)
@@ -108,8 +99,7 @@ class Agent:
             self.http = HttpServer(settings.http.host, settings.http.port)
             self.http.route("/metrics", self._metrics_route)
             self.http.route("/healthz", self._health_route)
-            if self.triggers is not None and "http" in settings.parts.triggers:
-                self.http.route_post("/trigger", self._http_trigger)
+            self.part_inputs.attach_http(self.http)
             if settings.http.preview:
                 self.preview = PreviewPage(
                     lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps
@@ -152,7 +142,7 @@ class Agent:
             raise
         self.commands.start()
         self._start_http()
-        self._start_gpio()
+        self.part_inputs.start()
         try:
             self.loop.start()
             self.pipeline.start()
@@ -177,9 +167,7 @@ class Agent:
                     "pipeline did not stop in time", extra={"event": "pipeline_stuck", "timeout_s": JOIN_TIMEOUT_S}
                 )
         finally:
-            if self.gpio is not None:
-                self.gpio.stop()
-            self._report_missed_triggers()
+            self.part_inputs.stop()
             self.commands.stop()
             self.loop.stop()
             failed = self.pipeline.error is not None
@@ -195,8 +183,8 @@ class Agent:
             "dropped": self.pipeline.frames_dropped,
             "ended": self.pipeline.ended,
             "published": self.publisher.counters.inspections_published,
-            "parts": self.parts.counters.decided if self.parts else None,
-            "parts_anomalous": self.parts.counters.anomalous if self.parts else None,
+            "parts": self.part_inputs.figures()["parts_decided"],
+            "parts_anomalous": self.part_inputs.figures()["parts_anomalous"],
             "acked": self.publisher.counters.acked,
             "left_in_spool": len(self.outbox),
         }
@@ -217,53 +205,6 @@ class Agent:
             )
             self.http = None
 
-    def _start_gpio(self) -> None:
-        if self.triggers is None or "gpio" not in self.settings.parts.triggers:
-            return
-        parts = self.settings.parts
-        try:
-            request = open_gpio(parts.gpio_chip, parts.gpio_line, parts.gpio_edge)
-        except (ImportError, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"parts.triggers has gpio but line {parts.gpio_line} of {parts.gpio_chip} cannot be requested: {exc} "
-                "(install python3-libgpiod / pip install gpiod >= 2; the user needs access to /dev/gpiochip*)"
-            ) from exc
-        self.gpio = GpioTrigger(request, self.triggers, f"{parts.gpio_chip} line {parts.gpio_line}")
-        self.gpio.start()
-
-    def _mqtt_trigger(self, leaf: str, payload: bytes) -> None:
-        assert self.triggers is not None
-        try:
-            self.triggers.parse_and_add(payload, "mqtt")
-        except TriggerRefused as exc:
-            log_event(log, logging.WARNING, "trigger refused: %s", "trigger_refused", exc, source="mqtt")
-
-    def _http_trigger(self, request: HttpRequest) -> HttpResponse:
-        assert self.triggers is not None
-        try:
-            trigger = self.triggers.parse_and_add(request.body, "http")
-        except TriggerRefused as exc:
-            return HttpResponse(400, f"{exc}\n".encode())
-        body = json.dumps({"accepted": True, "time": trigger.time}).encode() + b"\n"
-        return HttpResponse(202, body, "application/json")
-
-    def _report_missed_triggers(self) -> None:
-        """Triggers that got no frame in time: a part message each (status no_frame) and an error line."""
-        if self.triggers is None:
-            return
-        for trigger in self.triggers.expired():
-            log_event(
-                log,
-                logging.ERROR,
-                "trigger got no frame in time",
-                "trigger_missed",
-                source=trigger.source,
-                trigger_time=trigger.time,
-                trigger_id=trigger.trigger_id,
-                waited_s=round(time.time() - trigger.time, 3),
-            )
-            self.publisher.publish_part(missed_message(self.settings.device_id, trigger))
-
     def _supervise(self, stop: threading.Event) -> None:
         """Until the pipeline ends or a stop is asked: watchdog pings, status lines, stats messages."""
         next_status = time.monotonic() + STATUS_INTERVAL_S
@@ -271,7 +212,7 @@ class Agent:
         stall_s = self.settings.source.stall_timeout_s
         while self.pipeline.running and not stop.is_set():
             self.commands.ensure_running()  # a worker that died is replaced (and counted in /healthz)
-            self._report_missed_triggers()
+            self.part_inputs.tick()
             self.loop.tick()
             if self.pipeline.responsive(stall_s):
                 self.notifier.watchdog()
@@ -355,12 +296,7 @@ class Agent:
             status=health.status,
             problems=health.problems,
             model=self.model.ref,
-            parts_decided=self.parts.counters.decided if self.parts else None,
-            parts_anomalous=self.parts.counters.anomalous if self.parts else None,
-            parts_noise=self.parts.counters.noise if self.parts else None,
-            triggers_received=self.triggers.counters.received if self.triggers else None,
-            triggers_missed=self.triggers.counters.missed if self.triggers else None,
-            triggers_storm=self.triggers.counters.storm if self.triggers else None,
+            **self.part_inputs.figures(),
             **self.loop.figures(),
         )
 
@@ -377,16 +313,7 @@ class Agent:
     def _preview_facts(self) -> PreviewFacts:
         stats, source = self.pipeline.stats, self.pipeline.source
         p50, p99 = stats.latency_percentiles()
-        parts_line = trigger_line = ""
-        if self.parts is not None:
-            counters = self.parts.counters
-            parts_line = f"{counters.decided} parts decided, {counters.anomalous} anomalous, {counters.noise} noise"
-        if self.triggers is not None:
-            t = self.triggers.counters
-            trigger_line = (
-                f"{t.received} triggers, {self.triggers.waiting} waiting, {t.served} inspected, {t.missed} missed, "
-                f"{t.storm} in storms"
-            )
+        parts_line, trigger_line = self.part_inputs.lines()
         return PreviewFacts(
             stats.fps(), p50, p99, source.state, source.last_error, self.settings.parts.mode, parts_line, trigger_line
         )

@@ -1,0 +1,126 @@
+"""How the agent meets parts (``[parts] mode``, docs/parts.md): the tracker of a free-running camera, or
+the trigger book of a triggered one with its sources (MQTT ``trigger``, HTTP ``POST /trigger``, a GPIO line).
+
+The pipeline runs the tracker and serves triggers on the frame path; this object sets them up around the
+agent (subscriptions, routes, the GPIO thread), reports triggers that got no frame in time (one
+``no_frame`` part message each), and gives the counters to stats, the status line and the preview.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from edge_agent.config import AgentSettings, ConfigError
+from edge_agent.inspection.parts import TrackedParts
+from edge_agent.inspection.triggers import GpioTrigger, TriggerBook, TriggerRefused, missed_message, open_gpio
+from edge_agent.logs import log_event
+from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
+
+log = logging.getLogger(__name__)
+
+
+class PartInputs:
+    """The ``[parts]`` side of one agent: ``attach_http()``, ``start()``, ``tick()`` now and then, ``stop()``."""
+
+    def __init__(self, settings: AgentSettings, publisher: MqttPublisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.parts: TrackedParts | None = None
+        self.triggers: TriggerBook | None = None
+        self.gpio: GpioTrigger | None = None
+        config = settings.parts
+        if config.mode == "tracked":
+            self.parts = TrackedParts(config, settings.device_id)
+        elif config.mode == "triggered":
+            self.triggers = TriggerBook(config.trigger_delay_s, config.trigger_timeout_s)
+            if "mqtt" in config.triggers:
+                publisher.subscribe("trigger", self._mqtt_trigger)
+
+    def attach_http(self, http: HttpServer | None) -> None:
+        """``POST /trigger`` when HTTP triggers are configured (the config refuses them without a server)."""
+        if http is not None and self.triggers is not None and "http" in self.settings.parts.triggers:
+            http.route_post("/trigger", self._http_trigger)
+
+    def start(self) -> None:
+        """Open the GPIO line when one is configured; ConfigError when it cannot be requested."""
+        parts = self.settings.parts
+        if self.triggers is None or "gpio" not in parts.triggers:
+            return
+        try:
+            request = open_gpio(parts.gpio_chip, parts.gpio_line, parts.gpio_edge)
+        except (ImportError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"parts.triggers has gpio but line {parts.gpio_line} of {parts.gpio_chip} cannot be requested: {exc} "
+                "(install python3-libgpiod / pip install gpiod >= 2; the user needs access to /dev/gpiochip*)"
+            ) from exc
+        self.gpio = GpioTrigger(request, self.triggers, f"{parts.gpio_chip} line {parts.gpio_line}")
+        self.gpio.start()
+
+    def tick(self) -> None:
+        """Triggers that got no frame in time: a part message each (status no_frame) and an error line."""
+        if self.triggers is None:
+            return
+        for trigger in self.triggers.expired():
+            log_event(
+                log,
+                logging.ERROR,
+                "trigger got no frame in time",
+                "trigger_missed",
+                source=trigger.source,
+                trigger_time=trigger.time,
+                trigger_id=trigger.trigger_id,
+                waited_s=round(time.time() - trigger.time, 3),
+            )
+            self.publisher.publish_part(missed_message(self.settings.device_id, trigger))
+
+    def stop(self) -> None:
+        """Close the GPIO line and report what is still waiting past its time."""
+        if self.gpio is not None:
+            self.gpio.stop()
+        self.tick()
+
+    def figures(self) -> dict[str, Any]:
+        """The stats message's parts and trigger fields (None when that mode is off)."""
+        parts, book = self.parts, self.triggers
+        return {
+            "parts_decided": parts.counters.decided if parts else None,
+            "parts_anomalous": parts.counters.anomalous if parts else None,
+            "parts_noise": parts.counters.noise if parts else None,
+            "triggers_received": book.counters.received if book else None,
+            "triggers_missed": book.counters.missed if book else None,
+            "triggers_storm": book.counters.storm if book else None,
+        }
+
+    def lines(self) -> tuple[str, str]:
+        """One line about parts and one about triggers, for people (the preview)."""
+        parts_line = trigger_line = ""
+        if self.parts is not None:
+            counters = self.parts.counters
+            parts_line = f"{counters.decided} parts decided, {counters.anomalous} anomalous, {counters.noise} noise"
+        if self.triggers is not None:
+            t = self.triggers.counters
+            trigger_line = (
+                f"{t.received} triggers, {self.triggers.waiting} waiting, {t.served} inspected, {t.missed} missed, "
+                f"{t.storm} in storms"
+            )
+        return parts_line, trigger_line
+
+    def _mqtt_trigger(self, leaf: str, payload: bytes) -> None:
+        assert self.triggers is not None
+        try:
+            self.triggers.parse_and_add(payload, "mqtt")
+        except TriggerRefused as exc:
+            log_event(log, logging.WARNING, "trigger refused: %s", "trigger_refused", exc, source="mqtt")
+
+    def _http_trigger(self, request: HttpRequest) -> HttpResponse:
+        assert self.triggers is not None
+        try:
+            trigger = self.triggers.parse_and_add(request.body, "http")
+        except TriggerRefused as exc:
+            return HttpResponse(400, f"{exc}\n".encode())
+        body = json.dumps({"accepted": True, "time": trigger.time}).encode() + b"\n"
+        return HttpResponse(202, body, "application/json")
