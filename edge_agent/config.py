@@ -1,24 +1,21 @@
 """Agent configuration: a TOML file plus EDGE_AGENT_* environment variables (which win).
 
 Nested keys use ``__`` in the environment: ``EDGE_AGENT_MQTT__HOST=broker``. Unknown keys, in the file
-or the environment, are an error that names the key: a typo must not silently fall back to a default.
+or the environment, are an error that names the key: a typo must not silently fall back to a default
+(the reading itself is ``edge_agent.config_files``, shared with the relay's settings).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - JetPack 6 ships Python 3.10
-    import tomli as tomllib
+from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
+from edge_agent.config_files import FileAndEnvSettings, build_settings
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Programs whose variables share the agent's prefix (the reject relay: edge_agent/relay/config.py).
@@ -26,14 +23,7 @@ OTHER_ENV_PREFIXES = ("EDGE_AGENT_RELAY_",)
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
-S = TypeVar("S", bound="BaseSettings")
-
-
 ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"  # a device, relay or message id: safe in topics and argv
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message names the key and the problem."""
 
 
 class _Section(BaseModel):
@@ -348,22 +338,6 @@ class DriftConfig(_Section):
         return self
 
 
-class FileAndEnvSettings(BaseSettings):
-    """Settings read from a TOML file (passed as init kwargs) that the environment overrides."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives as init kwargs; the environment overrides it (systemd drop-ins, containers).
-        return (env_settings, init_settings)
-
-
 class AgentSettings(FileAndEnvSettings):
     """Everything the agent reads at start-up."""
 
@@ -426,89 +400,6 @@ class AgentSettings(FileAndEnvSettings):
         return self
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML config file; errors name the file and line."""
-    try:
-        with Path(path).open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-
-
 def load_settings(path: Path | str | None = None, **overrides: Any) -> AgentSettings:
     """Settings from an optional TOML file, the environment and explicit overrides (highest)."""
     return build_settings(AgentSettings, path, overrides, ignore_env_prefixes=OTHER_ENV_PREFIXES)
-
-
-def build_settings(
-    settings_cls: type[S],
-    path: Path | str | None,
-    overrides: dict[str, Any] | None = None,
-    ignore_env_prefixes: tuple[str, ...] = (),
-) -> S:
-    """``settings_cls`` from an optional TOML file, its environment variables and overrides (highest).
-
-    Every problem is a ConfigError naming the key (or the environment variable) and what is wrong.
-    Variables under ``ignore_env_prefixes`` belong to another program sharing the prefix.
-    """
-    values: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
-    deep_update(values, overrides or {})
-    prefix = str(settings_cls.model_config.get("env_prefix", ""))
-    where = f"config {path} or {prefix}* environment" if path is not None else f"{prefix}* environment"
-    # First, so that a typo in a variable is reported with the variable's name.
-    reject_unknown_env(os.environ, settings_cls, ignore_env_prefixes)
-    try:
-        return settings_cls(**values)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from exc
-
-
-def deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    """Merge ``extra`` into ``base`` in place, table by table (``extra`` wins)."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming every bad key: ``unknown key 'mqtt.prot'``, ``mqtt.port: <problem>``.
-
-    The bad value itself is never echoed: it may be a password, or a URI with credentials, and this text
-    goes to logs and to MQTT command replies. pydantic's message says what was expected; the key says where.
-    """
-    parts = []
-    for err in exc.errors(include_input=False):
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {key!r}")
-        else:
-            parts.append(f"{key}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def reject_unknown_env(
-    environ: Mapping[str, str], settings_cls: type[BaseSettings], ignore_prefixes: tuple[str, ...] = ()
-) -> None:
-    """pydantic-settings ignores prefixed variables that match no field; a typo there must fail too."""
-    prefix = str(settings_cls.model_config.get("env_prefix", ""))
-    fields = settings_cls.model_fields
-    known = sorted(fields)
-    for name in environ:
-        if not name.startswith(prefix) or name.startswith(ignore_prefixes):
-            continue
-        rest = name[len(prefix) :]
-        head, _, tail = rest.partition("__")
-        if head.lower() not in fields:
-            raise ConfigError(f"environment variable {name}: unknown key {head.lower()!r} (known: {known})")
-        section = fields[head.lower()].annotation
-        if tail and isinstance(section, type) and issubclass(section, BaseModel):
-            field = tail.split("__", 1)[0].lower()
-            if field not in section.model_fields:
-                raise ConfigError(
-                    f"environment variable {name}: unknown key '{head.lower()}.{field}' "
-                    f"(known: {sorted(section.model_fields)})"
-                )

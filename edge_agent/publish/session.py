@@ -24,6 +24,10 @@ version 5 at the protocol level (CONNACK "unsupported protocol version").
 Locks: paho calls ``on_publish`` holding its own out-message lock, so nothing here that holds
 ``_client_lock`` (taken around every call into paho) may be taken from ``on_publish``; acknowledgements
 only take ``_lock`` and wake the connection thread, which sends the next window.
+
+Why one module of about 500 lines: the session, the outbox window, the control queue and the final status
+share those two locks and one ordering promise (nothing after ``stopped``); split over modules, the lock
+rule above could no longer be checked by reading one file.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from edge_agent.config import FileAndEnvSettings, TlsConfig, build_settings
+from edge_agent.config import TlsConfig
+from edge_agent.config_files import FileAndEnvSettings, build_settings
 
 ENV_PREFIX = "EDGE_AGENT_RELAY_"
 DEFAULT_STATE_DIR = Path("/var/lib/edge-reject-relay")
