@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from edge_agent.service.http_server import HttpResponse, HttpServer
@@ -67,5 +68,31 @@ def test_an_idle_keep_alive_connection_is_closed() -> None:
         assert client.recv(1024) == b""  # closed by the server, not by our 10 s timeout
         assert time.monotonic() - started < 9
         client.close()
+    finally:
+        server.stop()
+
+
+def test_a_post_without_the_action_header_is_refused_before_its_handler() -> None:
+    # A page of another site can make the operator's browser POST here, but cannot add a custom header.
+    calls: list[bytes] = []
+    server = HttpServer("127.0.0.1", 0)
+    server.route_post("/trigger", lambda request: calls.append(request.body) or HttpResponse(202, b"ok\n"))
+    server.start()
+    try:
+
+        def post(headers: dict[str, str]) -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.port}/trigger", data=b"{}", method="POST", headers=headers
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert post({"Content-Type": "text/plain"}) == 403
+        assert calls == []
+        assert post({"X-Edge-Agent": "plc"}) == 202
+        assert calls == [b"{}"]
     finally:
         server.stop()

@@ -146,7 +146,9 @@ def test_triggered_agent_inspects_one_frame_per_mqtt_and_http_trigger_and_report
             )
             time.sleep(0.3)
             sent.append(time.time())
-            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/trigger", data=b"{}", method="POST")
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/trigger", data=b"{}", method="POST", headers={"X-Edge-Agent": "plc"}
+            )
             with urllib.request.urlopen(request, timeout=5) as response:
                 assert response.status == 202
             time.sleep(0.3)

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT_S = 10.0
 MAX_POST_BYTES = 4096  # POST routes take small JSON bodies (a trigger)
 MAX_CONNECTIONS = 32
+# Every POST is an action and must carry this header: a form or fetch that another site's page sends through
+# an operator's browser cannot add it without a CORS preflight, which this server never grants.
+ACTION_HEADER = "x-edge-agent"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,9 @@ class HttpServer:
     def dispatch(self, request: HttpRequest) -> HttpResponse:
         """The response for one request (404 lists the routes; a failing handler gives 500)."""
         handler = (self._post_routes if request.method == "POST" else self._routes).get(request.path)
+        if request.method == "POST" and handler is not None and ACTION_HEADER not in request.headers:
+            body = f"actions need the {ACTION_HEADER} header (any value)\n"
+            return HttpResponse(HTTPStatus.FORBIDDEN, body.encode())
         if handler is None:
             body = "not found; routes: " + ", ".join(self.routes) + "\n"
             return HttpResponse(HTTPStatus.NOT_FOUND, body.encode())
