@@ -40,6 +40,7 @@ def train_and_export(
     hypercolumn: bool = DEFAULT_RECIPE.hypercolumn,
     norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian,
     norm: str = "chw",
+    val_fraction: float = 0.1,
     seed: int = 0,
     threads: int = 2,
     name: str | None = None,
@@ -67,7 +68,12 @@ def train_and_export(
         seed=seed,
     )
     train_config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, lr_final_factor=lr_final_factor, threads=threads
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_final_factor=lr_final_factor,
+        threads=threads,
+        val_fraction=val_fraction,
     )
     train(data, run_dir, model_config, train_config, progress=progress, on_epoch=on_epoch)
     return export_bundle(run_dir, bundle_dir, name=name, version=version, overwrite=overwrite)
