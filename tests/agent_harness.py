@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import paho.mqtt.publish as mqtt_publish
 from contract_bundle import defect_frame, good_frame
+from mqtt_broker import MosquittoBroker, Received, Subscriber
 
 from edge_agent.config import AgentSettings, load_settings
 from edge_agent.demo.local_broker import LocalMosquitto
@@ -199,3 +200,38 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str, str]
             return response.status, response.headers.get("Content-Type", ""), response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+class Running:
+    """An agent in a thread with a subscriber on everything it publishes."""
+
+    def __init__(self, agent: AgentThread, subscriber: Subscriber, mqtt: MosquittoBroker, http_port: int) -> None:
+        self.agent = agent
+        self.subscriber = subscriber
+        self.broker = mqtt
+        self.http_port = http_port
+
+    def inspections(self) -> list[dict]:
+        return [m.json() for m in self.subscriber.on("/inspection")]
+
+    def results(self, name: str) -> list[dict]:
+        return [m.json() for m in self.subscriber.on(f"/cmd/{name}/result")]
+
+    def wait_inspections(self, count: int, timeout: float = 30.0) -> list[dict]:
+        assert self.subscriber.wait_for(
+            lambda ms: len([m for m in ms if m.topic.endswith("/inspection")]) >= count, timeout
+        ), f"fewer than {count} inspections"
+        return self.inspections()
+
+    def command(self, name: str, payload: bytes | str | dict, timeout: float = 30.0) -> dict:
+        """Send a command and return its reply (the next one on cmd/<name>/result)."""
+        before = len(self.results(name))
+        send_command(self.broker, name, payload)
+        assert self.subscriber.wait_for(lambda ms: len(on_topic(ms, f"/cmd/{name}/result")) > before, timeout), (
+            f"no reply to {name}"
+        )
+        return self.results(name)[before]
+
+
+def on_topic(messages: list[Received], suffix: str) -> list[Received]:
+    return [m for m in messages if m.topic.endswith(suffix)]

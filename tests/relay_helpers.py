@@ -6,6 +6,7 @@ real ``edge-agent reject-relay`` process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from mqtt_broker import MosquittoBroker
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.publish.messages import InspectionMessage, ModelRef, Region, StageLatency
 
@@ -185,3 +191,30 @@ class RelayProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def http_actuator(server: RecordingHttpServer) -> str:
+    return f'kind = "http"\nurl = "{server.url}"\ntimeout_s = 2.0\nretries = 1'
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def logged(caplog: pytest.LogCaptureFixture, decision: str) -> list[logging.LogRecord]:
+    """The relay's decision records of one kind."""
+    return [r for r in caplog.records if getattr(r, "decision", "") == decision]
+
+
+def raw_publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()

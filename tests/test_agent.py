@@ -12,47 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from agent_harness import AgentThread, agent_config, http_get, send_command
-from mqtt_broker import MosquittoBroker, Received, Subscriber, free_port
+from agent_harness import AgentThread, Running, agent_config, http_get, on_topic
+from mqtt_broker import MosquittoBroker, Subscriber, free_port
 
 from edge_agent.publish.commands import MAX_COMMAND_BYTES
 
 # The bundles and frames fixtures: tests/agent_fixtures.py.
-
-
-class Running:
-    """An agent in a thread with a subscriber on everything it publishes."""
-
-    def __init__(self, agent: AgentThread, subscriber: Subscriber, mqtt: MosquittoBroker, http_port: int) -> None:
-        self.agent = agent
-        self.subscriber = subscriber
-        self.broker = mqtt
-        self.http_port = http_port
-
-    def inspections(self) -> list[dict]:
-        return [m.json() for m in self.subscriber.on("/inspection")]
-
-    def results(self, name: str) -> list[dict]:
-        return [m.json() for m in self.subscriber.on(f"/cmd/{name}/result")]
-
-    def wait_inspections(self, count: int, timeout: float = 30.0) -> list[dict]:
-        assert self.subscriber.wait_for(
-            lambda ms: len([m for m in ms if m.topic.endswith("/inspection")]) >= count, timeout
-        ), f"fewer than {count} inspections"
-        return self.inspections()
-
-    def command(self, name: str, payload: bytes | str | dict, timeout: float = 30.0) -> dict:
-        """Send a command and return its reply (the next one on cmd/<name>/result)."""
-        before = len(self.results(name))
-        send_command(self.broker, name, payload)
-        assert self.subscriber.wait_for(lambda ms: len(_on(ms, f"/cmd/{name}/result")) > before, timeout), (
-            f"no reply to {name}"
-        )
-        return self.results(name)[before]
-
-
-def _on(messages: list[Received], suffix: str) -> list[Received]:
-    return [m for m in messages if m.topic.endswith(suffix)]
 
 
 @pytest.fixture
@@ -85,7 +50,7 @@ def running(
     subscriber.close()
 
 
-def test_bad_commands_get_error_replies_and_inspection_goes_on(running: Running) -> None:
+def test_bad_commands_get_error_replies_and_inspection_goeson_topic(running: Running) -> None:
     cases = [
         ("threshold", b"{not json", None, "malformed payload: not JSON"),
         ("threshold", json.dumps([1, 2]), None, "malformed payload: not a JSON object but list"),
@@ -204,7 +169,7 @@ def test_healthz_metrics_and_stats(running: Running) -> None:
     status, _, body = http_get(running.http_port, "/nope")
     assert status == 404 and "/healthz" in body and "/metrics" in body
 
-    assert running.subscriber.wait_for(lambda ms: len(_on(ms, "/stats")) >= 2, timeout=10)
+    assert running.subscriber.wait_for(lambda ms: len(on_topic(ms, "/stats")) >= 2, timeout=10)
     stats = running.subscriber.on("/stats")[-1].json()
     assert stats["source_state"] == "open" and stats["status"] == "ok" and stats["frames_inspected"] >= 3
     assert stats["model"]["version"] == "1.0.0" and stats["spool_depth"] >= 0

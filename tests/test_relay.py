@@ -17,11 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 from mqtt_broker import MosquittoBroker, Subscriber
-from paho.mqtt.enums import CallbackAPIVersion
-from relay_helpers import RecordingHttpServer, inspection
+from relay_helpers import RecordingHttpServer, http_actuator, inspection, logged, raw_publish, wait_until
 
 from edge_agent.publish.messages import InspectionMessage, RelayStats
 from edge_agent.publish.mqtt import MqttPublisher
@@ -32,33 +30,6 @@ EARLY_MS = 2.0
 
 
 # The http, relay_factory and camera fixtures: tests/relay_fixtures.py.
-
-
-def http_actuator(server: RecordingHttpServer) -> str:
-    return f'kind = "http"\nurl = "{server.url}"\ntimeout_s = 2.0\nretries = 1'
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def logged(caplog: pytest.LogCaptureFixture, decision: str) -> list[logging.LogRecord]:
-    """The relay's decision records of one kind."""
-    return [r for r in caplog.records if getattr(r, "decision", "") == decision]
-
-
-def raw_publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    client.publish(topic, payload, qos=1).wait_for_publish(5)
-    client.disconnect()
-    client.loop_stop()
 
 
 @pytest.mark.parametrize("clock", ["fixed", "estimate"])

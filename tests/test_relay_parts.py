@@ -16,8 +16,16 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from mqtt_broker import MosquittoBroker
 from paho.mqtt.enums import CallbackAPIVersion
-from relay_helpers import MODEL, RecordingHttpServer, RelayProcess, inspection, relay_toml
-from test_relay import http_actuator, raw_publish, wait_until
+from relay_helpers import (
+    MODEL,
+    RecordingHttpServer,
+    RelayProcess,
+    http_actuator,
+    inspection,
+    raw_publish,
+    relay_toml,
+    wait_until,
+)
 
 from edge_agent.publish.messages import PartFrames, PartMessage, PartPosition, PartRegion
 from edge_agent.publish.mqtt import MqttPublisher

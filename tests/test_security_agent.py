@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_harness import AgentThread, agent_config, http_get
+from agent_harness import AgentThread, Running, agent_config, http_get
 from fleet_helpers import make_bundle, serving
 from mqtt_broker import MosquittoBroker, Subscriber, free_port
-from test_agent import Running
 
 from edge_agent.config import MqttConfig, load_settings
 from edge_agent.fleet.models_dir import ModelsDir

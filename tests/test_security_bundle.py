@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from agent_harness import AgentThread, agent_config
+from agent_harness import AgentThread, Running, agent_config
 from fleet_helpers import make_bundle
 from mqtt_broker import MosquittoBroker, Subscriber
-from test_agent import Running
 
 from edge_agent.bundle import MANIFEST_NAME, MAX_INPUT_SIDE, BundleError, load_bundle
 from edge_agent.fleet.signing import generate_keypair

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_broker import MosquittoBroker
-from relay_helpers import RecordingHttpServer, inspection
-from test_relay import http_actuator, logged, raw_publish, wait_until
+from relay_helpers import RecordingHttpServer, http_actuator, inspection, logged, raw_publish, wait_until
 
 from edge_agent.publish.messages import MAX_PAYLOAD_DEPTH, StageLatency, parse_json_object
 from edge_agent.publish.mqtt import MqttPublisher
