@@ -7,12 +7,15 @@ the box's credentials); the payload is parsed with bounds (size, depth) and vali
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from edge_agent.publish.messages import SCHEMA, InspectionMessage, PayloadError, is_valid_id, parse_json_object
 
 MAX_INSPECTION_BYTES = 1 << 20
 INSPECTION_LEAF = "inspection"
+M = TypeVar("M", bound=BaseModel)
 
 
 class MalformedMessage(ValueError):
@@ -25,24 +28,33 @@ def parse_inspection(payload: bytes) -> InspectionMessage:
     Fields a newer agent adds are ignored (same schema major version), so relays need not be upgraded
     in lock-step with the cameras.
     """
-    try:
-        data = parse_json_object(payload, MAX_INSPECTION_BYTES)
-    except PayloadError as exc:
-        raise MalformedMessage(str(exc)) from exc
-    schema = data.get("schema", SCHEMA)
-    if not isinstance(schema, str) or schema.split("/")[0] != SCHEMA.split("/")[0] or schema.split("/")[-1] != "1":
-        raise MalformedMessage(f"schema {schema!r} is not {SCHEMA!r}")
-    known = {f.alias or name for name, f in InspectionMessage.model_fields.items()} | set(
-        InspectionMessage.model_fields
+    return parse_versioned(
+        payload, InspectionMessage, SCHEMA, MAX_INSPECTION_BYTES, ("device_id", "message_id"), MalformedMessage
     )
+
+
+def parse_versioned(
+    payload: bytes, model: type[M], schema: str, limit: int, ids: tuple[str, ...], error: type[ValueError]
+) -> M:
+    """A camera's message as ``model``: bounded parse, same schema major version (fields a newer agent adds
+    are ignored), validated, and every field in ``ids`` usable in a topic or argv; ``error`` says what is wrong.
+    """
     try:
-        message = InspectionMessage.model_validate({k: v for k, v in data.items() if k in known})
+        data = parse_json_object(payload, limit)
+    except PayloadError as exc:
+        raise error(str(exc)) from exc
+    found = data.get("schema", schema)
+    if not isinstance(found, str) or found.split("/")[0] != schema.split("/")[0] or found.split("/")[-1] != "1":
+        raise error(f"schema {found!r} is not {schema!r}")
+    known = {f.alias or name for name, f in model.model_fields.items()} | set(model.model_fields)
+    try:
+        message = model.model_validate({k: v for k, v in data.items() if k in known})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise MalformedMessage(problems) from exc
-    for name in ("device_id", "message_id"):
+        raise error(problems) from exc
+    for name in ids:
         if not is_valid_id(getattr(message, name)):
-            raise MalformedMessage(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
+            raise error(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
     return message
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
 from edge_agent.publish.messages import (
     PART_SCHEMA,
     PartMessage,
@@ -19,6 +17,7 @@ from edge_agent.publish.messages import (
     is_valid_id,
     parse_json_object,
 )
+from edge_agent.relay.intake import parse_versioned
 
 PART_LEAF = "part"
 MAX_PART_BYTES = 1 << 20
@@ -31,23 +30,9 @@ class PartMalformed(ValueError):
 
 def parse_part(payload: bytes) -> PartMessage:
     """A part message from a payload (fields a newer agent adds are ignored); PartMalformed says why not."""
-    try:
-        data = parse_json_object(payload, MAX_PART_BYTES)
-    except PayloadError as exc:
-        raise PartMalformed(str(exc)) from exc
-    schema = data.get("schema", PART_SCHEMA)
-    if not isinstance(schema, str) or schema.split("/")[0] != PART_SCHEMA.split("/")[0] or schema.split("/")[-1] != "1":
-        raise PartMalformed(f"schema {schema!r} is not {PART_SCHEMA!r}")
-    known = {f.alias or name for name, f in PartMessage.model_fields.items()} | set(PartMessage.model_fields)
-    try:
-        message = PartMessage.model_validate({k: v for k, v in data.items() if k in known})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise PartMalformed(problems) from exc
-    for name in ("device_id", "message_id", "part_id"):
-        if not is_valid_id(getattr(message, name)):
-            raise PartMalformed(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
-    return message
+    return parse_versioned(
+        payload, PartMessage, PART_SCHEMA, MAX_PART_BYTES, ("device_id", "message_id", "part_id"), PartMalformed
+    )
 
 
 def parse_speed(payload: bytes, max_speed: float) -> float:

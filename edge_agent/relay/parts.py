@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GOOD_IDS_REMEMBERED = 4096
-
 
 class BeltSpeed:
     """The live belt speed (None until the PLC said), thread-safe."""
@@ -141,11 +139,11 @@ class PartDecisions:
         try:
             data = parse_json_object(payload, MAX_SPEED_BYTES, max_depth=2)
         except PayloadError as exc:
-            self._malformed(topic, exc, payload)
+            self.relay.refuse(topic, exc, payload)
             return "malformed"
         count = data.get("count")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            self._malformed(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
+            self.relay.refuse(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
             return "malformed"
         if not self.encoder.add(arrival, count):
             self.encoder_refused += 1  # reordered, or the counter was reset: the next readings continue
@@ -165,7 +163,7 @@ class PartDecisions:
         try:
             speed = parse_speed(payload, relay.settings.belt.max_speed_m_s)
         except PartMalformed as exc:
-            self._malformed(topic, exc, payload)
+            self.relay.refuse(topic, exc, payload)
             return "malformed"
         old = self.belt.set(speed)
         if old != speed:
@@ -187,31 +185,23 @@ class PartDecisions:
                 raise PartMalformed(f"device_id {message.device_id!r} is not the topic's {device!r}")
             relay.admit_device(device)
         except ValueError as exc:  # PartMalformed, and the relay's MalformedMessage for a camera too many
-            self._malformed(topic, exc, payload)
+            self.relay.refuse(topic, exc, payload)
             return "malformed"
         self.devices.add(device)
         timing = relay.settings.part_timing_for(device)
         offset = relay.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
-        with relay._lock:
-            stats = relay.counters.device(device)
-            stats.received += 1
-            stats.clock_offset_s, stats.clock_source = round(offset.offset_s, 6), offset.source
+        relay.received(device, offset.offset_s, offset.source)
         key = part_key(message)
         if message.status == "no_frame":
             log_part("no-frame", message, topic, None, logging.ERROR, reason="a trigger got no frame in time")
             return "no-frame"
         if not message.anomalous:
-            with relay._lock:
-                seen = key in relay._good_ids
-                relay._good_ids[key] = None
-                while len(relay._good_ids) > GOOD_IDS_REMEMBERED:
-                    relay._good_ids.popitem(last=False)
+            seen = not relay.first_good(key)
             relay.count(device, "duplicates" if seen else "skipped_good")
             if seen or relay.settings.log_good_decisions:
                 log_part("duplicate" if seen else "skipped-good", message, topic, None, logging.INFO)
             return "duplicate" if seen else "skipped-good"
-        with relay._lock:
-            stats.anomalous += 1
+        relay.count(device, "anomalous")
         actuator = relay.actuator_of(device)
         encoder = self.encoder if self.encoder is not None and self.encoder.ready else None
         speed = self.belt.value if self.belt.value is not None else (timing.speed_m_s if timing else None)
@@ -221,8 +211,7 @@ class PartDecisions:
         if timing is None or actuator is None or speed is None:
             if not relay.journal.claim(key, device, sequence, "unconfigured"):
                 return self._duplicate(message, topic, key)
-            with relay._lock:
-                relay.counters.unconfigured += 1
+            relay.count_unconfigured()
             what = "decision_distance_m" if timing is None else "actuator" if actuator is None else "belt speed"
             log_part(
                 "unconfigured",
@@ -298,22 +287,6 @@ class PartDecisions:
         self.relay.count(message.device_id, "duplicates")
         log_part("duplicate", message, topic, None, logging.INFO, first_decision=self.relay.journal.state_of(key))
         return "duplicate"
-
-    def _malformed(self, topic: str, exc: Exception, payload: bytes) -> None:
-        with self.relay._lock:
-            self.relay.counters.malformed += 1
-        log.warning(
-            "malformed message on %s: %s",
-            topic,
-            exc,
-            extra={
-                "event": "relay_decision",
-                "decision": "malformed",
-                "topic": topic[:200],
-                "error": str(exc),
-                "payload": payload[:200].decode("utf-8", "replace"),
-            },
-        )
 
 
 def order_of(message: PartMessage, key: str, plan: Plan, relay_id: str) -> FireOrder:

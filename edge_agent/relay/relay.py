@@ -175,33 +175,15 @@ class RejectRelay:
                 )
             self.admit_device(device)
         except MalformedMessage as exc:
-            with self._lock:
-                self.counters.malformed += 1
-            log.warning(
-                "malformed message on %s: %s",
-                topic,
-                exc,
-                extra={
-                    "event": "relay_decision",
-                    "decision": "malformed",
-                    "topic": topic[:200],
-                    "error": str(exc),
-                    "payload": payload[:_PAYLOAD_PREVIEW].decode("utf-8", "replace"),
-                },
-            )
+            self.refuse(topic, exc, payload)
             return "malformed"
         timing = self.settings.timing_for(device)
         offset = self.clock.observe(message, arrival, timing.clock_offset_s if timing else 0.0)
         refused = self.clock.refused(device)
-        with self._lock:
-            stats = self.counters.device(device)
-            stats.received += 1
-            stats.clock_offset_s, stats.clock_source = round(offset.offset_s, 6), offset.source
-            stats.clock_samples_refused = refused
+        self.received(device, offset.offset_s, offset.source, refused)
         if not message.anomalous:
             return self._decide_good(message, topic)
-        with self._lock:
-            stats.anomalous += 1
+        self.count(device, "anomalous")
         if device in self.parts.devices:
             # This camera sends part messages: they decide its rejects; its inspections are for dashboards.
             self.count(device, "skipped_good")
@@ -260,13 +242,7 @@ class RejectRelay:
             self.counters.device(device)
 
     def _decide_good(self, message: InspectionMessage, topic: str) -> str:
-        with self._lock:
-            seen = message.message_id in self._good_ids
-            if not seen:
-                self._good_ids[message.message_id] = None
-                if len(self._good_ids) > GOOD_IDS_REMEMBERED:
-                    self._good_ids.popitem(last=False)
-        if seen:
+        if not self.first_good(message.message_id):
             return self._decide_duplicate(message, topic)
         self.count(message.device_id, "skipped_good")
         if self.settings.log_good_decisions:
@@ -276,8 +252,7 @@ class RejectRelay:
     def _decide_unconfigured(self, message: InspectionMessage, topic: str, no_timing: bool) -> str:
         if not self.journal.claim(message.message_id, message.device_id, message.sequence, "unconfigured"):
             return self._decide_duplicate(message, topic)
-        with self._lock:
-            self.counters.unconfigured += 1
+        self.count_unconfigured()
         what = "travel time" if no_timing else "actuator"
         log_decision(
             "unconfigured",
@@ -415,6 +390,48 @@ class RejectRelay:
             log_order("failed", order, plan, logging.ERROR, **context)
 
     # -- counting, logging, stats -------------------------------------------------------------------
+
+    def refuse(self, topic: str, exc: Exception, payload: bytes) -> None:
+        """Count and log a message that is not what its topic says (inspection, part or belt message)."""
+        with self._lock:
+            self.counters.malformed += 1
+        log.warning(
+            "malformed message on %s: %s",
+            topic,
+            exc,
+            extra={
+                "event": "relay_decision",
+                "decision": "malformed",
+                "topic": topic[:200],
+                "error": str(exc),
+                "payload": payload[:_PAYLOAD_PREVIEW].decode("utf-8", "replace"),
+            },
+        )
+
+    def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None:
+        """One more message from a camera, with its clock estimate (and refused clock samples, when known)."""
+        with self._lock:
+            stats = self.counters.device(device)
+            stats.received += 1
+            stats.clock_offset_s, stats.clock_source = round(offset_s, 6), clock_source
+            if refused is not None:
+                stats.clock_samples_refused = refused
+
+    def first_good(self, key: str) -> bool:
+        """True the first time a good message id (or part key) is seen: good ones are not journaled, this catches
+        their redeliveries for the counts."""
+        with self._lock:
+            if key in self._good_ids:
+                return False
+            self._good_ids[key] = None
+            if len(self._good_ids) > GOOD_IDS_REMEMBERED:
+                self._good_ids.popitem(last=False)
+            return True
+
+    def count_unconfigured(self) -> None:
+        """One more anomalous message from a camera with no timing or actuator configured."""
+        with self._lock:
+            self.counters.unconfigured += 1
 
     def count(self, device_id: str, name: str) -> None:
         """One more ``name`` for a camera."""
