@@ -177,14 +177,15 @@ class Agent:
             self.outbox.close()
             self.pipeline.model.close()
             self.pipeline.source.close()
+        parts = self.part_inputs.figures()
         summary = {
             "frames": self.pipeline.stats.frames_inspected,
             "anomalous": self.pipeline.stats.anomalous_frames,
             "dropped": self.pipeline.frames_dropped,
             "ended": self.pipeline.ended,
             "published": self.publisher.counters.inspections_published,
-            "parts": self.part_inputs.figures()["parts_decided"],
-            "parts_anomalous": self.part_inputs.figures()["parts_anomalous"],
+            "parts": parts["parts_decided"],
+            "parts_anomalous": parts["parts_anomalous"],
             "acked": self.publisher.counters.acked,
             "left_in_spool": len(self.outbox),
         }
