@@ -120,6 +120,7 @@ class Recipe:
     # The reference's objective (LayerNorm affine not in log|det J|): its latents, once the fitted null
     # is calibrated, flag more planted and real defects than with the affine counted (ablation A vs B).
     norm_in_jacobian: bool = False
+    norm_affine: bool = True
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

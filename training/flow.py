@@ -129,25 +129,26 @@ def build_uflow_graph(
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channels at every position (affine per channel; independent of the map size)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, affine: bool = True) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels, elementwise_affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def create_scale_norm(kind: str, channels: int, height: int, width: int) -> nn.Module:
-    """The trainable normalisation of one scale's features.
+def create_scale_norm(kind: str, channels: int, height: int, width: int, affine: bool = True) -> nn.Module:
+    """The normalisation of one scale's features.
 
-    ``chw``: LayerNorm over (C, H, W) with an elementwise affine, as in the U-Flow reference (the
-    affine is per position, so it is tied to the input size). ``channel``: LayerNorm over C at each
-    position. ``none``: identity.
+    ``chw``: LayerNorm over (C, H, W), as in the U-Flow reference (its affine is per position, so it
+    is tied to the input size). ``channel``: LayerNorm over C at each position. ``none``: identity.
+    ``affine``: whether the LayerNorm has a trainable elementwise affine (the reference's); without
+    it the norm is fixed standardisation and the flow alone is trained (docs/results.md "The objective").
     """
     if kind == "chw":
-        return nn.LayerNorm([channels, height, width])
+        return nn.LayerNorm([channels, height, width], elementwise_affine=affine)
     if kind == "channel":
-        return ChannelLayerNorm(channels)
+        return ChannelLayerNorm(channels, affine)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown feature norm {kind!r}; choose one of {', '.join(NORM_KINDS)}")

@@ -36,6 +36,9 @@ class UFlowConfig:
     hypercolumn: bool = DEFAULT_RECIPE.hypercolumn  # every backbone stage at a stride (more channels per scale)
     feature_pool: int = 1  # k x k local averaging of the backbone features (1 = off)
     norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian  # the norms' affine in log|det J| (False: reference)
+    # A trainable elementwise affine in the feature LayerNorm (the reference's). Run configs written
+    # before this key existed trained it, so from_dict reads a missing key as True.
+    norm_affine: bool = DEFAULT_RECIPE.norm_affine
     flow_steps: int = 4
     hidden_ratio: float = 1.0
     affine_clamping: float = 2.0
@@ -68,6 +71,7 @@ class UFlowConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; known: {sorted(known)}")
         values = dict(data)
+        values.setdefault("norm_affine", True)  # older config.json: the affine existed and was trained
         if "strides" in values:
             values["strides"] = tuple(values["strides"])
         return cls(**values)
@@ -115,7 +119,7 @@ class UFlow(nn.Module):
             for c, s in zip(self.backbone.channels, config.strides, strict=True)
         ]
         self.feature_shapes = tuple(shapes)
-        self.norms = nn.ModuleList([create_scale_norm(config.norm, *shape) for shape in shapes])
+        self.norms = nn.ModuleList([create_scale_norm(config.norm, *shape, affine=config.norm_affine) for shape in shapes])
         self.flow, latent_shapes = build_uflow_graph(
             shapes,
             steps=config.flow_steps,

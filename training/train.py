@@ -159,13 +159,37 @@ class FeatureBatches:
         return [self.where.features(f) for f in self.model.extract(batch)]
 
 
-def _mean_loss(model: UFlow, batches: FeatureBatches, batch_size: int) -> float:
-    total = 0.0
+def objective_terms(model: UFlow, batches: FeatureBatches, batch_size: int) -> dict[str, Any]:
+    """The NLL on ``batches`` and its parts, per latent dimension (docs/results.md "The objective").
+
+    ``half_sq``: 0.5 * mean z^2; ``flow_log_det``: the flow's log|det J|; ``norm_log_det``: the norms'
+    affine log|det|, counted in ``nll`` only when ``norm_in_jacobian``; ``latent_rms``: sqrt(mean z^2);
+    ``norm_weight_abs``: mean |weight| of each scale norm's affine (None without one). A loss that
+    falls while ``norm_log_det`` falls and the latents stay unit-sized is the flow modelling shrunk
+    inputs, not a better density.
+    """
+    dims = sum(s.channels * s.height * s.width for s in model.scales)
+    nll = half_sq = flow_ld = 0.0
+    norm_ld = float(model.norms_log_jac_det().detach())
     with torch.no_grad():
         for start in range(0, batches.count, batch_size):
             index = torch.arange(start, min(start + batch_size, batches.count))
-            total += float(nll_loss(model.encode(batches.get(index)))) * len(index)
-    return total / max(batches.count, 1)
+            output = model.encode(batches.get(index))
+            sq = sum(0.5 * z.float().pow(2).flatten(1).sum(1) for z in output.latents)
+            ld = output.log_jac_det.float()
+            nll += float((sq - ld).sum())
+            half_sq += float(sq.sum())
+            flow_ld += float((ld - norm_ld if model.config.norm_in_jacobian else ld).sum())
+    count = max(batches.count, 1)
+    weights = [getattr(getattr(n, "norm", n), "weight", None) for n in model.norms]
+    return {
+        "nll": nll / count,
+        "half_sq_per_dim": half_sq / count / dims,
+        "flow_log_det_per_dim": flow_ld / count / dims,
+        "norm_log_det_per_dim": norm_ld / dims,
+        "latent_rms": math.sqrt(2 * half_sq / count / dims),
+        "norm_weight_abs": [None if w is None else float(w.detach().abs().mean()) for w in weights],
+    }
 
 
 def train_epoch(
@@ -277,7 +301,8 @@ def train(
         lr = optimiser.param_groups[0]["lr"]
         train_loss = train_epoch(model, train_batches, optimiser, train_config.batch_size, generator, epoch)
         scheduler.step()
-        val_nll = _mean_loss(model, val_batches, ebs) if val_batches else None
+        terms = objective_terms(model, val_batches, ebs) if val_batches else None
+        val_nll = terms["nll"] if terms else None
         epoch_seconds.append(time.perf_counter() - tick)
         selection = val_nll if val_nll is not None else train_loss
         improved = selection < best[0]
@@ -294,6 +319,7 @@ def train(
             "selected_by": "val_nll" if val_nll is not None else "train_loss",
             "best": improved,
             "seconds": epoch_seconds[-1],
+            "val_terms": terms,
         }
         history.append(row)
         write_json(run_dir / HISTORY_NAME, history)
