@@ -134,3 +134,21 @@ def test_detection_power_row_reports_the_planted_check_and_warns_below_half(tmp_
     assert row.status == "ok" and "90%" in row.detail and "48" in row.detail
     blind = manifest.model_copy(update={"validation_metrics": {"planted_detection_rate": 0.2, "planted_count": 48.0}})
     assert check_detection_power(blind).status == "warn"
+
+
+def test_aspect_row_warns_when_frames_are_not_the_models_shape(
+    tmp_path: Path, broker_factory: Callable[[], MosquittoBroker]
+) -> None:
+    """Frames of 2.5:1 into a square model: the resize would squash every part, and doctor says so."""
+    broker = broker_factory()
+    bundle = build_contract_bundle(tmp_path / "bundle")  # 64x64
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    cv2.imwrite(str(wide / "000.png"), good_frame(np.random.default_rng(0), 64, 160))
+    _, rows = _doctor(_write_config(tmp_path, bundle, broker.port, wide), "--open-source")
+    aspect = _by_name(rows)["aspect"]
+    assert aspect["status"] == "warn"
+    assert "160x64" in aspect["detail"] and "64x64" in aspect["detail"] and "source.roi" in aspect["detail"]
+    # Without --open-source the frame size is unknown: the row says how to check it, and does not warn.
+    _, rows = _doctor(_write_config(tmp_path, bundle, broker.port, wide))
+    assert _by_name(rows)["aspect"]["status"] == "ok" and "--open-source" in _by_name(rows)["aspect"]["detail"]

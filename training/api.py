@@ -31,6 +31,7 @@ def train_and_export(
     bundle_dir: Path | str,
     *,
     image_size: int = DEFAULT_RECIPE.image_size,
+    square: bool = False,
     epochs: int = DEFAULT_RECIPE.epochs,
     batch_size: int = DEFAULT_RECIPE.batch_size,
     lr: float = DEFAULT_RECIPE.lr,
@@ -39,6 +40,7 @@ def train_and_export(
     strides: Sequence[int] = DEFAULT_RECIPE.strides,
     hypercolumn: bool = DEFAULT_RECIPE.hypercolumn,
     norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian,
+    norm_affine: bool = DEFAULT_RECIPE.norm_affine,
     norm: str = "chw",
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -51,19 +53,34 @@ def train_and_export(
 ) -> Path:
     """Train U-Flow on the good images of ``data`` into ``run_dir`` and export a bundle to ``bundle_dir``.
 
-    Returns the bundle directory (already verified with the agent's loader and ONNX Runtime engine).
+    ``image_size`` is the input's short side and the long side follows the images' aspect ratio, as
+    ``uflow train`` does (``square``: ``image_size`` x ``image_size``). Returns the bundle directory
+    (already verified with the agent's loader and ONNX Runtime engine).
     """
+    from training.catalog import backbone_info
+    from training.data import open_dataset
     from training.export import export_bundle
+    from training.geometry import resolve_geometry
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
+    splits = open_dataset(data, val_fraction)
+    geometry = resolve_geometry(
+        [r.image for r in splits.train],
+        image_size,
+        strides,
+        square=square,
+        fixed_input_size=backbone_info(backbone).fixed_input_size,
+        max_pixels=DEFAULT_RECIPE.max_pixels,
+    )
     model_config = UFlowConfig(
         backbone=backbone,
-        image_height=image_size,
-        image_width=image_size,
+        image_height=geometry.height,
+        image_width=geometry.width,
         strides=tuple(strides),
         hypercolumn=hypercolumn,
         norm_in_jacobian=norm_in_jacobian,
+        norm_affine=norm_affine,
         norm=norm,
         seed=seed,
     )
@@ -75,5 +92,5 @@ def train_and_export(
         threads=threads,
         val_fraction=val_fraction,
     )
-    train(data, run_dir, model_config, train_config, progress=progress, on_epoch=on_epoch)
+    train(splits, run_dir, model_config, train_config, progress=progress, on_epoch=on_epoch)
     return export_bundle(run_dir, bundle_dir, name=name, version=version, overwrite=overwrite)

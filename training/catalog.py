@@ -112,7 +112,10 @@ class Recipe:
     """
 
     backbone: str = "efficientnet_lite0"
-    image_size: int = 256
+    image_size: int = 256  # the short side; the long side follows the training images' aspect ratio
+    # The largest input (H x W pixels) the aspect rule may choose: the engine must stay >= 30 fps on
+    # 2 cores (ONNX Runtime FP32); bench/geometry.py measures the cost of pixels (docs/results.md).
+    max_pixels: int = 256 * 640
     # 8/16/32: the NFA on coarser, richer scales (40/112/320 channels) than 4/8/16 (24/40/112), still
     # fine enough for small defects (a 32x32 map at 256 px); ablation C in docs/results.md.
     strides: tuple[int, ...] = (8, 16, 32)

@@ -119,7 +119,9 @@ class UFlow(nn.Module):
             for c, s in zip(self.backbone.channels, config.strides, strict=True)
         ]
         self.feature_shapes = tuple(shapes)
-        self.norms = nn.ModuleList([create_scale_norm(config.norm, *shape, affine=config.norm_affine) for shape in shapes])
+        self.norms = nn.ModuleList(
+            [create_scale_norm(config.norm, *shape, affine=config.norm_affine) for shape in shapes]
+        )
         self.flow, latent_shapes = build_uflow_graph(
             shapes,
             steps=config.flow_steps,

@@ -73,8 +73,12 @@ def run_checks(config_path: Path | None, open_source: bool = False) -> list[Chec
     checks.append(check_numba_cache())
     checks.append(check_nfa_warm_up())
     checks.extend(check_bundle_and_engine(settings))
+    frame_hw = None
     if open_source:
-        checks.append(check_source(settings))
+        source_check, frame_hw = grab_source(settings)
+        checks.append(source_check)
+    if any(c.name == "bundle" and c.status == "ok" for c in checks):
+        checks.append(check_aspect(settings, frame_hw))
     checks.append(check_broker(settings))
     return checks
 
@@ -258,6 +262,12 @@ def _check_engine(bundle: Bundle, settings: AgentSettings) -> Check:
 
 
 def check_source(settings: AgentSettings) -> Check:
+    """Open the configured source and grab one frame."""
+    return grab_source(settings)[0]
+
+
+def grab_source(settings: AgentSettings) -> tuple[Check, tuple[int, int] | None]:
+    """The source row, and the (height, width) of the grabbed frame after source.roi (None when none came)."""
     from edge_agent.inspection.drivers import SourceError
     from edge_agent.inspection.frame_source import FrameSource
     from edge_agent.publish.messages import redact_uri
@@ -270,11 +280,44 @@ def check_source(settings: AgentSettings) -> Check:
         finally:
             source.close()
     except (SourceError, OSError) as exc:
-        return Check("source", "fail", redact_uri(str(exc)))
+        return Check("source", "fail", redact_uri(str(exc))), None
     if frame is None:
-        return Check("source", "fail", f"{redact_uri(settings.source.uri)}: opened but delivered no frame")
+        return Check("source", "fail", f"{redact_uri(settings.source.uri)}: opened but delivered no frame"), None
     height, width = frame.image.shape[:2]
-    return Check("source", "ok", f"{redact_uri(settings.source.uri)}: {width}x{height} frame grabbed")
+    return Check("source", "ok", f"{redact_uri(settings.source.uri)}: {width}x{height} frame grabbed"), (height, width)
+
+
+def check_aspect(settings: AgentSettings, frame_hw: tuple[int, int] | None) -> Check:
+    """The frames' aspect ratio (after source.roi) against the model's input: the resize must not squash parts.
+
+    ``frame_hw`` is the grabbed frame's (height, width) (``--open-source``); without it ``source.roi``
+    gives the size, and with neither the row says how to check it.
+    """
+    from edge_agent.bundle import BundleError, load_bundle
+    from edge_agent.inspection.preprocess import aspect_advice, aspect_mismatch
+
+    assert settings.model.bundle is not None
+    try:
+        spec = load_bundle(settings.model.bundle).manifest.input
+    except BundleError as exc:
+        return Check("aspect", "fail", str(exc))
+    model_hw = (spec.height, spec.width)
+    where = "the grabbed frame"
+    if frame_hw is None and settings.source.roi is not None:
+        frame_hw, where = (settings.source.roi[3], settings.source.roi[2]), "source.roi"
+    if frame_hw is None:
+        return Check(
+            "aspect",
+            "ok",
+            f"the model takes {spec.width}x{spec.height} (aspect {spec.width / spec.height:.2f}); "
+            "run with --open-source to compare the camera's frames",
+        )
+    ratio = aspect_mismatch(frame_hw, model_hw)
+    if ratio is not None:
+        return Check("aspect", "warn", f"{where}: {aspect_advice(frame_hw, model_hw, ratio)}")
+    return Check(
+        "aspect", "ok", f"{where} ({frame_hw[1]}x{frame_hw[0]}) has the model's aspect ({spec.width}x{spec.height})"
+    )
 
 
 def check_broker(settings: AgentSettings) -> Check:

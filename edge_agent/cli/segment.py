@@ -26,7 +26,7 @@ from edge_agent.engines import Engine, EngineUnavailable, create_engine
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drivers import IMAGE_SUFFIXES, list_images
 from edge_agent.inspection.overlay import draw_overlay
-from edge_agent.inspection.preprocess import model_input
+from edge_agent.inspection.preprocess import AspectCheck, model_input
 from edge_agent.inspection.scoring import FrameScorer, Verdict
 from edge_agent.logs import setup_logging
 
@@ -119,12 +119,14 @@ class Segmenter:
         self.engine = engine
         self.scorer = FrameScorer(bundle.manifest, nfa_config)
         self.precision = precision
+        self.aspect = AspectCheck("segment")  # one warning per image size whose aspect is not the model's
 
     def segment_image(self, image_bgr: np.ndarray) -> Verdict:
         """The verdict for one BGR image with maps and boxes at the image's own size."""
         spec = self.bundle.manifest.input
-        output = self.engine.infer(model_input(image_bgr, spec.height, spec.width))
         height, width = image_bgr.shape[:2]
+        self.aspect.check((height, width), (spec.height, spec.width))
+        output = self.engine.infer(model_input(image_bgr, spec.height, spec.width))
         return self.scorer.score(output, (width, height), resolution="frame")
 
     def segment_file(self, path: Path, out_dir: Path, overlay: bool = True) -> SegmentResult:

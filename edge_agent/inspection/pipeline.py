@@ -34,7 +34,7 @@ from edge_agent.engines.base import EngineOutput
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.inspection.preprocess import model_input
+from edge_agent.inspection.preprocess import AspectCheck, model_input
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.stage_queue import END, End, StageQueue
 from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
@@ -162,6 +162,8 @@ class Pipeline:
         self.last_job: FrameJob | None = None  # the last published frame, with its maps (snapshots)
         self._model = model
         self._model_lock = threading.Lock()
+        # One warning when the source's frames (after the ROI) have another aspect than the model's.
+        self._aspect = AspectCheck(source.source_id)
         self._stop = threading.Event()
         capture_size = 1 if source.drop_frames else settings.capture_queue
         # A triggered frame is never replaced by a newer one: its trigger would be lost without a report.
@@ -292,6 +294,7 @@ class Pipeline:
             with self._model_lock:
                 model = job.model = self._model
                 started = time.monotonic()
+                self._aspect.check(job.frame.image.shape[:2], model.input_size)
                 tensor = model_input(job.frame.image, *model.input_size)
                 inferred = time.monotonic()
                 job.output = model.engine.infer(tensor)

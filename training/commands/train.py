@@ -27,7 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-weights", action="store_true", help="TESTS ONLY: a seeded random backbone instead of ImageNet weights"
     )
-    p.add_argument("--image-size", type=int, default=recipe.image_size, help="square model input size (pixels)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=recipe.image_size,
+        help="the model input's short side (pixels); the long side follows the training images' aspect ratio, "
+        "on multiples of the largest stride (docs/results.md 'Input geometry')",
+    )
+    p.add_argument("--square", action="store_true", help="a square input of --image-size (squashes non-square images)")
     p.add_argument(
         "--strides",
         type=int,
@@ -46,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=recipe.norm_in_jacobian,
         help="count the feature LayerNorm's affine in log|det J| (--no-norm-jacobian: the reference's objective)",
+    )
+    p.add_argument(
+        "--norm-affine",
+        action=argparse.BooleanOptionalAction,
+        default=recipe.norm_affine,
+        help="train an elementwise affine in the feature LayerNorm (the reference's; docs/results.md 'The objective')",
     )
     p.add_argument("--feature-pool", type=int, default=1, help="k x k local averaging of backbone features (1: off)")
     p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
@@ -83,18 +96,36 @@ def _default_strides(info, recipe) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     """Run ``uflow train``."""
     from training.catalog import DEFAULT_RECIPE, backbone_info
+    from training.data import open_dataset
+    from training.geometry import resolve_geometry
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
     info = backbone_info(args.backbone)
+    strides = tuple(args.strides) if args.strides else _default_strides(info, DEFAULT_RECIPE)
+    splits = open_dataset(args.data, args.val_fraction)
+    geometry = resolve_geometry(
+        [r.image for r in splits.train],
+        args.image_size,
+        strides,
+        square=args.square,
+        fixed_input_size=info.fixed_input_size,
+        max_pixels=DEFAULT_RECIPE.max_pixels,
+    )
+    print(
+        f"input {geometry.width}x{geometry.height} (w x h)"
+        + (f": training images' median aspect {geometry.data_aspect:.2f}" if geometry.images_sampled else "")
+        + (", shrunk to the pixel budget" if geometry.capped else "")
+    )
     model_config = UFlowConfig(
         backbone=args.backbone,
-        image_height=args.image_size,
-        image_width=args.image_size,
-        strides=tuple(args.strides) if args.strides else _default_strides(info, DEFAULT_RECIPE),
+        image_height=geometry.height,
+        image_width=geometry.width,
+        strides=strides,
         norm=args.norm,
         hypercolumn=args.hypercolumn,
         norm_in_jacobian=args.norm_jacobian,
+        norm_affine=args.norm_affine,
         feature_pool=args.feature_pool,
         flow_steps=args.flow_steps,
         hidden_ratio=args.hidden_ratio,
@@ -114,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
     )
     result = train(
-        args.data,
+        splits,
         args.out,
         model_config,
         train_config,
