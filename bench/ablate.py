@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -77,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--set", action="append", default=[], help="key=value of UFlowConfig or TrainConfig")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-train", type=int, help="the first N training images only (a capped run; say so)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model_over, train_over = split_overrides(args.set)
     model_config = UFlowConfig(**model_over)  # type: ignore[arg-type]
     train_config = TrainConfig(**{"threads": args.threads, **train_over})  # type: ignore[arg-type]
     splits = open_dataset(args.data)
+    if args.max_train is not None:
+        splits = replace(splits, train=splits.train[: args.max_train])
     started = time.perf_counter()
     result = train(splits, args.out, model_config, train_config, progress=False)
     train_s = time.perf_counter() - started
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "s_per_epoch": round(result.seconds_per_epoch, 2),
         "torch_ms_per_image": round(per_image_ms, 1),
         "channels": [s.channels for s in model.scales],
+        "train_images": len(splits.train),
+        "planted": json.loads((args.out / "val_scores.json").read_text()).get("planted"),
     }
     np.savez_compressed(
         args.out / "maps.npz",
