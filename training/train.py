@@ -175,7 +175,7 @@ def objective_terms(model: UFlow, batches: FeatureBatches, batch_size: int) -> d
         for start in range(0, batches.count, batch_size):
             index = torch.arange(start, min(start + batch_size, batches.count))
             output = model.encode(batches.get(index))
-            sq = sum(0.5 * z.float().pow(2).flatten(1).sum(1) for z in output.latents)
+            sq = torch.stack([0.5 * z.float().pow(2).flatten(1).sum(1) for z in output.latents]).sum(0)
             ld = output.log_jac_det.float()
             nll += float((sq - ld).sum())
             half_sq += float(sq.sum())
