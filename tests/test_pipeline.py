@@ -72,6 +72,30 @@ def test_every_frame_of_a_folder_is_published_in_order(
     assert pipeline.stats.frames_inspected == 12 and pipeline.stats.anomalous_frames == 2
 
 
+@pytest.mark.parametrize(("roi", "warned"), [(None, True), ((16, 0, 96, 96), False)])
+def test_frames_of_another_aspect_are_warned_about_once(
+    contract_bundle: Path,
+    frames_dir: Path,
+    broker: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+    roi: tuple[int, int, int, int] | None,
+    warned: bool,
+) -> None:
+    """128x96 frames into the square 64x64 model: one structured warning for the run, not one per frame;
+    a square ROI of the same frames matches the model and is not warned about."""
+    pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir), roi=roi), broker.port)
+    with caplog.at_level("WARNING"):
+        pipeline.start()
+        assert pipeline.join(60) and pipeline.error is None
+    assert pipeline.publisher.stop()
+    events = [r for r in caplog.records if getattr(r, "event", None) == "frame_aspect_mismatch"]
+    assert len(events) == (1 if warned else 0)
+    if warned:
+        event = events[0]
+        assert (event.frame_width, event.frame_height, event.model_width) == (128, 96, 64)  # type: ignore[attr-defined]
+        assert event.source == pipeline.source.source_id and "source.roi" in event.getMessage()  # type: ignore[attr-defined]
+
+
 def test_latest_frame_policy_drops_and_counts_under_a_slow_consumer(
     contract_bundle: Path,
     frames_dir: Path,
