@@ -71,8 +71,8 @@ def input_size(aspect: float, short_side: int, multiple: int, max_pixels: int | 
     """(height, width) for images of width / height ``aspect``: see the module docstring."""
     if aspect <= 0 or not math.isfinite(aspect):
         raise ValueError(f"aspect ratio must be a positive number, got {aspect}")
-    if short_side < multiple:
-        raise ValueError(f"the short side {short_side} is below the largest stride {multiple}")
+    if short_side < multiple or short_side % multiple:
+        raise ValueError(f"image size {short_side} must be divisible by the largest stride {multiple}")
     if abs(math.log(aspect)) < math.log1p(SQUARE_TOLERANCE):
         aspect = 1.0
     short = float(short_side)
@@ -121,6 +121,6 @@ def resolve_geometry(
     else the data's aspect (``choose_geometry``)."""
     if fixed_input_size is not None:
         return Geometry(fixed_input_size, fixed_input_size, 1.0, 0, capped=False)
-    if square:
+    if square:  # UFlowConfig checks the stride
         return Geometry(short_side, short_side, 1.0, 0, capped=False)
     return choose_geometry(paths, short_side, max(strides), max_pixels)
