@@ -12,7 +12,10 @@ ablation.json; nothing is trained) and prints two tables:
    defect cells of the test images over that on good test images (how far defects stand out), the
    planted-defect check, the test metrics and the deployed decision (the run's calibrated fitted NFA at
    its epsilon) on the test images;
-2. per run, every few epochs: the same parts, to show where the loss's fall comes from.
+2. per run, every few epochs: the same parts, to show where the loss's fall comes from;
+3. with ``--data SPLIT --planted-seeds N``: the planted-defect check again with N seeds (N x 48
+   defects on the same validation good images, each run's own calibrated NFA), for a finer label-free
+   comparison than one draw of 48.
 
 The selection-relevant numbers (NLL, planted) come from validation good images; the test columns are
 for reporting only.
@@ -137,10 +140,33 @@ def epoch_rows(run: Path, every: int) -> list[str]:
     return rows
 
 
+def planted_rows(run: Path, data: Path, seeds: int) -> list[str]:
+    """Table 3's rows: the planted check of ``run`` with seeds 0..seeds-1 and their total."""
+    from training.data import load_images, open_dataset
+    from training.finish import planted_check
+    from training.rundir import load_model
+
+    model, _ = load_model(run)
+    scores = json.loads((run / "val_scores.json").read_text())
+    nulls = null_from_dict(scores["nfa_null"]) if scores.get("nfa_null") else None
+    images = load_images(open_dataset(data).val, model.config.image_height, model.config.image_width)
+    rows, found, count = [], 0, 0
+    for seed in range(seeds):
+        result = planted_check(model, images, nulls, float(scores["log10_epsilon"]), 16, seed=seed)
+        hits = round(result["detection_rate"] * result["count"])
+        found, count = found + hits, count + result["count"]
+        small = result["per_kind"].get("size_small", float("nan"))
+        rows.append(f"| {run.name} | {seed} | {hits} of {result['count']} | {small:.0%} |")
+    rows.append(f"| {run.name} | all | **{found} of {count} ({found / max(count, 1):.0%})** | |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--every", type=int, default=5, help="table 2: one row every N epochs")
+    parser.add_argument("--data", type=Path, help="the runs' data (split.json): for --planted-seeds")
+    parser.add_argument("--planted-seeds", type=int, default=0, help="table 3: the planted check with N seeds")
     args = parser.parse_args(argv)
     print(
         "| run | feature norm | best epoch | val NLL/dim as trained | NLL/dim, affine counted | 0.5 z^2 | "
@@ -157,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * 9)
     for run in args.runs:
         print("\n".join(epoch_rows(run, args.every)))
+    if args.planted_seeds:
+        if args.data is None:
+            parser.error("--planted-seeds needs --data (the split the runs were trained on)")
+        print("\n| run | planting seed | planted found (val) | small defects found |")
+        print("|---|---|---|---|")
+        for run in args.runs:
+            print("\n".join(planted_rows(run, args.data, args.planted_seeds)), flush=True)
     return 0
 
 
