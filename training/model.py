@@ -35,7 +35,7 @@ class UFlowConfig:
     norm: str = "chw"
     hypercolumn: bool = DEFAULT_RECIPE.hypercolumn  # every backbone stage at a stride (more channels per scale)
     feature_pool: int = 1  # k x k local averaging of the backbone features (1 = off)
-    norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian  # the norms' affine in log|det J| (False: reference)
+    norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian  # the norms' affine in log|det J| (False: reference's)
     # A trainable elementwise affine in the feature LayerNorm (the reference's). Run configs written
     # before this key existed trained it, so from_dict reads a missing key as True.
     norm_affine: bool = DEFAULT_RECIPE.norm_affine
