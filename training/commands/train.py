@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
     )
     result = train(
-        args.data,  # opened again inside (deterministic): the call stays as it was
+        args.data,
         args.out,
         model_config,
         train_config,
