@@ -259,6 +259,7 @@ def format_dataset(run: DatasetRun) -> str:
         f"(load average {run.load:.1f} at the end).",
     ]
     if run.caps:
+        lines.append("")
         lines.append(f"**Capped run**: {'; '.join(run.caps)}. Not the full bench: read it as a smoke test.")
     return "\n".join(lines)
 
