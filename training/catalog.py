@@ -114,9 +114,9 @@ class Recipe:
     backbone: str = "efficientnet_lite0"
     image_size: int = 256  # the short side; the long side follows the training images' aspect ratio
     # The largest input (H x W pixels) the aspect rule may choose: 1.5x the pixels of 256x256. The
-    # engine's cost grows in proportion to the pixels (bench/geometry.py) and it ran at 56 fps at
-    # 256x256 on a quiet 2-core machine (docs/agent.md), so 1.5x keeps it near 37 fps, with room for
-    # more evidence heads, above the 30 fps floor. 4:3 frames get 256x352; bsdata's 2.46:1 192x480.
+    # engine's cost grows in proportion to the pixels (bench/geometry.py: 57 fps at 256x256, 41 at
+    # 192x480, 24 at 256x640 on 2 cores), so every allowed shape stays above 40 fps, with room for
+    # more evidence heads above the 30 fps floor. 4:3 frames get 256x352; bsdata's 2.46:1 192x480.
     max_pixels: int = 256 * 384
     # 8/16/32: the NFA on coarser, richer scales (40/112/320 channels) than 4/8/16 (24/40/112), still
     # fine enough for small defects (a 32x32 map at 256 px); ablation C in docs/results.md.
