@@ -28,11 +28,11 @@ from typing import Any
 
 import cv2
 
+from edge_agent.inspection.drivers import IMAGE_SUFFIXES
 from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, PART, PART_MESSAGE_NAME, kept_folders
 
 GOOD_DIR, DEFECT_DIR = "good", "defect"
 DEFECT_TYPE = "confirmed"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Files of a kept folder the page may show; nothing else is served from disk.
 VIEWABLE = ("frame.png", "overlay.png", "mask.png", "anomaly_map.png")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
