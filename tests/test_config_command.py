@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from edge_agent.cli.config import reference_markdown
 from edge_agent.config import AgentSettings
+from edge_agent.exit_codes import EXIT_BROKEN_PIPE
 from edge_agent.relay.config import RelaySettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +83,20 @@ def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:
     bad.write_text("[mqtt]\nport = 'eighty'\n")
     refused = _config("--config", str(bad))
     assert refused.returncode == 2 and "mqtt.port" in refused.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["edge_agent.cli", "config", "--show"], ["edge_agent.cli", "config", "--reference"]]
+)
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(command: list[str]) -> None:
+    # issue 21: `edge-agent config --show | head` printed a BrokenPipeError traceback. The read end is
+    # closed before the command writes anything, so every write meets a broken pipe.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert code == EXIT_BROKEN_PIPE
