@@ -85,6 +85,21 @@ def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "mqtt.port" in refused.stdout
 
 
+def test_check_names_files_the_config_sets_that_do_not_exist(tmp_path: Path) -> None:
+    # issue 21: "valid" for a bundle path that does not exist, or a missing fleet key, that `run` then fails on
+    bundle = tmp_path / "bundle"
+    key = tmp_path / "fleet.pub"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "cam1"\n[model]\nbundle = "{bundle}"\n[update]\npublic_key = "{key}"\n')
+    refused = _config("--config", str(config))
+    assert refused.returncode == 2
+    assert f"model.bundle = {bundle}" in refused.stdout and f"update.public_key = {key}" in refused.stdout
+    bundle.mkdir()
+    key.write_text("key")
+    accepted = _config("--config", str(config))
+    assert accepted.returncode == 0 and "valid" in accepted.stdout
+
+
 @pytest.mark.parametrize(
     "command", [["edge_agent.cli", "config", "--show"], ["edge_agent.cli", "config", "--reference"]]
 )

@@ -55,8 +55,43 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     else:
         where = args.config or "defaults + environment"
-        print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.model.bundle})")
+        missing = missing_files(settings)
+        if missing:
+            for key, path in missing:
+                print(f"error: {key} = {path} does not exist (`edge-agent run` would stop on it)")
+            return EXIT_CONFIG
+        print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.bundle_dir})")
+        if not settings.bundle_dir.exists():
+            print(
+                f"note: no model is installed at {settings.bundle_dir} yet: `run` needs one (a fleet update installs it)"
+            )
     return EXIT_OK
+
+
+def missing_files(settings: AgentSettings) -> list[tuple[str, Path]]:
+    """(key, path) of every file or folder the config names explicitly that does not exist.
+
+    Only explicit settings: a default location (the installed model, the state dir) may legitimately
+    be empty before the first update, and the check is run before installing too.
+    """
+    default_bundle = settings.state_dir / "models" / "current"  # filled in by the settings when unset
+    named: list[tuple[str, Path | None]] = [
+        ("model.bundle", None if settings.model.bundle == default_bundle else settings.model.bundle),
+        ("model.shadow", settings.model.shadow),
+        ("update.public_key", settings.update.public_key),
+        ("update.ca_file", settings.update.ca_file),
+    ]
+    if settings.mqtt.tls is not None:
+        tls = settings.mqtt.tls
+        named += [
+            ("mqtt.tls.ca_file", tls.ca_file),
+            ("mqtt.tls.cert_file", tls.cert_file),
+            ("mqtt.tls.key_file", tls.key_file),
+        ]
+    source = settings.update.source
+    if source and "://" not in source:
+        named.append(("update.source", Path(source)))  # a directory holding latest.json
+    return [(key, path) for key, path in named if path is not None and not path.exists()]
 
 
 def ip_allow_dropin(settings: AgentSettings, where: str) -> str:
