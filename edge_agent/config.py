@@ -347,6 +347,7 @@ class AgentSettings(FileAndEnvSettings):
 
     device_id: str = Field(
         default_factory=lambda: os.uname().nodename,
+        json_schema_extra={"doc_default": "the host name"},
         pattern=ID_PATTERN,
         description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, not starting "
         "with -)",

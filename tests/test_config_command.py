@@ -71,6 +71,14 @@ def test_the_reference_has_no_empty_meaning() -> None:
     assert not empty, "\n".join(empty)
 
 
+def test_the_reference_speaks_plainly() -> None:
+    # issue 21: raw typing.Literal[...] types and "(computed)" defaults in the reference
+    text = reference_markdown()
+    assert "typing." not in text and "(computed)" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| `triggers` |"))
+    assert '"mqtt"' in row and '`["mqtt", "http"]`' in row
+
+
 def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('device_id = "line3-cam1"\n[mqtt]\nhost = "broker.plant"\nport = 8883\n')

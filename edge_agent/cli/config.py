@@ -182,6 +182,10 @@ def _type_name(annotation: object) -> str:
         return " \\| ".join(_type_name(a) for a in args)
     if origin is tuple:
         return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    if origin is list:
+        return "list of " + (_type_name(args[0]) if args else "values")
+    if origin is dict:
+        return "table of " + (_type_name(args[1]) if len(args) == 2 else "values")
     if annotation is type(None):
         return "none"
     if isinstance(annotation, type):
@@ -193,7 +197,13 @@ def _type_name(annotation: object) -> str:
 
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
-        return "(computed)" if field.default is PydanticUndefined else f"`{field.default}`"
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "doc_default" in extra:  # a default that depends on the machine (the host name)
+            return str(extra["doc_default"])
+        value = field.default_factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            return "(section)"
+        return f"`{json.dumps(value, default=str)}`"
     if field.default is None:
         return "unset"
     if field.default is PydanticUndefined:
