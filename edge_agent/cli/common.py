@@ -51,6 +51,7 @@ __all__ = [
     "install_signal_handlers",
     "parse_command",
     "parse_overrides",
+    "train_hint",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, what: str, env_prefix:
         help=f"override one setting, e.g. --set mqtt.port=1884 --set {example} (values parse as JSON when they "
         "can: --set source.roi=[0,0,640,480])",
     )
+
+
+def train_hint(data: Path) -> str:
+    """The ``uflow train`` line that trains on ``data`` as written (record and review export print it)."""
+    name = data.parent.name if data.name == "split.json" else data.name
+    return f"uflow train --data {data} --out runs/{name or 'line'}"
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 - ``edge-agent review list``: the kept frames waiting for review, newest first;
 - ``edge-agent review good ID...`` / ``edge-agent review defect ID...``: the page's two buttons;
 - ``edge-agent review export DIR``: ``DIR/split.json`` with the images beside it, for
-  ``uflow train DIR/split.json`` and ``uflow evaluate`` (edge_agent/service/review.py).
+  ``uflow train --data DIR/split.json --out RUN`` and ``uflow evaluate`` (edge_agent/service/review.py).
 
 Folders come from the config's ``[keep]`` (``dir``, ``training_dir``). Exit status: 0 done; 1 a frame or
 image could not be used; 2 a configuration or argument error.
@@ -16,7 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, add_config_arguments, parse_overrides
+from edge_agent.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    add_config_arguments,
+    parse_overrides,
+    train_hint,
+)
 from edge_agent.config import ConfigError, load_settings
 from edge_agent.service.review import ReviewError, ReviewStore, export_split
 
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{args.out / 'split.json'}: {len(split['train'])} train, {len(split['val'])} val, "
                 f"{len(split['test_good'])} test good, {defects} test defect; "
-                f"train with: uflow train {args.out / 'split.json'}"
+                f"train with: {train_hint(args.out / 'split.json')}"
             )
     except (ReviewError, OSError) as exc:
         print(f"edge-agent review: {exc}", file=sys.stderr)

@@ -58,6 +58,7 @@ class PartsView:
     parts: tuple[tuple[str, int, int, bool], ...]  # part id, x0, x1 (ROI pixels), already decided
     decision_line_x: float
     direction: str
+    undecided: frozenset[str] = frozenset()  # parts the tracker follows and has not decided yet (in view or not)
 
 
 @dataclass
@@ -211,4 +212,5 @@ def _view_of(sequence: int, in_view: list[TrackedPart], tracker: PartTracker) ->
         parts=tuple((p.track.part_id, p.x0, p.x1, p.track.decided) for p in in_view),
         decision_line_x=tracker.decision_x,
         direction=tracker.settings.direction,
+        undecided=frozenset(t.part_id for t in tracker.tracks),
     )

@@ -27,15 +27,17 @@ from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
 from edge_agent.publish.commands import CommandFailed, Done
-from edge_agent.publish.messages import RecordCommand
+from edge_agent.publish.messages import PartMessage, RecordCommand
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
+from edge_agent.service.record_gate import HeldFrame, RecordGate, frame_clock
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
 
 log = logging.getLogger(__name__)
 
 SHADOW_STATE_EVERY_S = 60.0
+RECORD_QUEUE = 16  # released frames waiting for the PNG writer (a decided part releases its frames at once)
 
 
 class LineLoop:
@@ -57,11 +59,14 @@ class LineLoop:
             self.parts.drift = self._new_drift_monitor()
             pipeline.observers.append(self._observe_drift)
         self._recorder: FrameRecorder | None = None
+        self._gate: RecordGate | None = None  # with only_good: frames wait for their parts' verdicts
+        self._gate_lock = threading.Lock()
         self._record_until = 0.0
-        self._record_queue: queue.Queue[FrameJob | None] = queue.Queue(maxsize=2)
+        self._record_queue: queue.Queue[HeldFrame | None] = queue.Queue(maxsize=RECORD_QUEUE)
         self._record_thread: threading.Thread | None = None
         self._record_lock = threading.Lock()
         pipeline.observers.append(self._observe_record)
+        pipeline.part_observers.append(self._observe_record_part)
         self._next_shadow_save = 0.0
         self._drops_seen = 0
 
@@ -239,6 +244,9 @@ class LineLoop:
             recorder = FrameRecorder(out, settings)
         except (RecordError, ValueError) as exc:
             raise CommandFailed(str(exc)) from exc
+        gate = RecordGate(self._release_to_writer, recorder.note, settings.every_s)
+        with self._gate_lock:
+            self._gate = gate
         with self._record_lock:
             self._recorder = recorder
             self._record_until = time.monotonic() + command.max_s
@@ -250,20 +258,41 @@ class LineLoop:
         return Done(f"recording up to {command.count} images into {out}", {"out": str(out)})
 
     def _observe_record(self, job: FrameJob) -> None:
-        if self._recorder is None:
+        """Publish thread: the frame goes to the gate (bookkeeping only; the writer thread writes)."""
+        recorder = self._recorder
+        if recorder is None:
             return
+        only_good = recorder.settings.only_good
+        passed = not only_good or (job.message is not None and not job.message.anomalous)
+        view = job.parts_view
+        alive: frozenset[str] | None = None
+        if only_good and self.settings.parts.mode == "tracked":
+            # No view yet (belt still being learned) means no part is tracked: nothing to wait for.
+            alive = view.undecided if view is not None else frozenset()
+        parts = [p[0] for p in view.parts] if view is not None else []
+        with self._gate_lock:
+            if self._gate is not None:
+                self._gate.offer(job.frame.image, job.frame.sequence, frame_clock(job.frame), passed, parts, alive)
+
+    def _observe_record_part(self, job: FrameJob, message: PartMessage) -> None:
+        if message.mode != "tracked":
+            return  # a triggered part is its frame: the frame's own verdict already says it
+        with self._gate_lock:
+            if self._gate is not None:
+                self._gate.part_decided(message.part_id, message.anomalous)
+
+    def _release_to_writer(self, held: HeldFrame) -> None:
         # A full queue: the writer is behind and this frame is not considered (a moving belt brings more).
         with contextlib.suppress(queue.Full):
-            self._record_queue.put_nowait(job)
+            self._record_queue.put_nowait(held)
 
     def _record_loop(self, recorder: FrameRecorder) -> None:
         lower_thread_priority(WRITER_NICE)
-        while (job := self._record_queue.get()) is not None:
+        while (held := self._record_queue.get()) is not None:
             if recorder.done:
                 continue
-            passed = job.message is not None and not job.message.anomalous
             try:
-                recorder.offer(job.frame.image, job.frame.sequence, passed)
+                recorder.offer(held.image, held.sequence, True, now=held.clock)
             except RecordError as exc:
                 log_event(log, logging.ERROR, "recording failed: %s", "record_failed", exc)
                 break
@@ -281,6 +310,10 @@ class LineLoop:
                 return
             self._recorder, self._record_thread = None, None
             self._last_recording = recorder
+        with self._gate_lock:
+            if self._gate is not None:
+                self._gate.abandon()
+            self._gate = None
         while True:
             try:
                 self._record_queue.put(None, timeout=1.0)

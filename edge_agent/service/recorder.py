@@ -4,8 +4,10 @@ Frames arrive as the agent sees them (rotated, ROI applied); the recorder writes
 as lossless PNG files into one folder, which ``uflow train DIR`` takes as is (the ``folder`` layout of
 training/data.py: every image under it is a good part). A frame is written when
 
-- at least ``every_s`` seconds passed since the last written one;
-- with ``only_good``, the current model passed it;
+- at least ``every_s`` seconds passed since the last written one, by the frames' own clock (capture time,
+  or the time in a video file: a file read faster than real time is spaced as it was filmed);
+- with ``only_good``, the current model passed it, and in tracked mode every part in it was decided good
+  (edge_agent/service/record_gate.py holds the frames until then);
 - it is not a near-duplicate of the last written frame: a still belt delivers the same picture a
   thousand times, and a thousand copies would teach the model nothing but cost disk and training time.
 
@@ -60,6 +62,7 @@ class RecordCounts:
     duplicates: int = 0
     flagged: int = 0  # skipped with only_good because the model flagged them
     too_soon: int = 0  # within every_s of the last written frame
+    undecided: int = 0  # skipped with only_good: a part in the frame was never decided (record_gate.py)
     files: list[str] = field(default_factory=list)
 
 
@@ -126,6 +129,14 @@ class FrameRecorder:
             counts.written += 1
             counts.files.append(path.name)
             return "written"
+
+    def note(self, outcome: str) -> None:
+        """Count a frame the caller skipped itself (record_gate.py): ``flagged``, ``undecided`` or ``too_soon``."""
+        with self._lock:
+            if self.done:
+                return
+            self.counts.seen += 1
+            setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)
 
     def summary(self) -> dict[str, object]:
         """The counts and settings, as written to ``record.json`` and sent in the cmd/record reply."""
