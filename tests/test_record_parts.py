@@ -67,8 +67,10 @@ def test_cmd_record_writes_no_frame_of_a_defective_part(
         before = len(subscriber.on("/part"))
         # Two passes of the defective part after the recording began (the belt loops every few seconds).
         assert subscriber.wait_for(
-            lambda ms: sum(m.json()["anomalous"] for m in ms[before:] if m.topic.endswith("/part")) >= 2
-            and sum(m.topic.endswith("/part") for m in ms[before:]) >= 9,
+            lambda ms: (
+                sum(m.json()["anomalous"] for m in ms[before:] if m.topic.endswith("/part")) >= 2
+                and sum(m.topic.endswith("/part") for m in ms[before:]) >= 9
+            ),
             120,
         ), [m.json() for m in subscriber.on("/part")]
         send_command(broker, "record", {"stop": True})

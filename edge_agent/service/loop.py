@@ -31,6 +31,7 @@ from edge_agent.publish.messages import PartMessage, RecordCommand
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
+from edge_agent.service.part_frames import PartFrameBook
 from edge_agent.service.record_gate import HeldFrame, RecordGate, frame_clock
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
 
@@ -48,9 +49,13 @@ class LineLoop:
         self.pipeline = pipeline
         self.parts = LoopParts(recorder=lambda: self._recorder or self._last_recording)
         self._last_recording: FrameRecorder | None = None
-        keeper = FrameKeeper(settings.keep, parts_mode=settings.parts.mode != "off")
+        # Tracked parts are decided frames after their evidence was seen: the book holds their frames till then.
+        book = PartFrameBook() if settings.parts.mode == "tracked" and settings.keep.flagged else None
+        keeper = FrameKeeper(settings.keep, parts_mode=settings.parts.mode != "off", book=book)
         if keeper.active:
             self.parts.keeper = keeper
+            if book is not None:
+                pipeline.observers.append(book.observe)
             pipeline.observers.append(keeper.offer)
             pipeline.part_observers.append(keeper.offer_part)
         self._drift_bundle: object | None = None

@@ -34,7 +34,7 @@ from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, PART, PART_MESSAGE_NA
 GOOD_DIR, DEFECT_DIR = "good", "defect"
 DEFECT_TYPE = "confirmed"
 # Files of a kept folder the page may show; nothing else is served from disk.
-VIEWABLE = ("frame.png", "overlay.png", "mask.png", "anomaly_map.png")
+VIEWABLE = ("frame.png", "overlay.png", "mask.png", "anomaly_map.png", "strip.png")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 JPEG_QUALITY = 95
 
@@ -84,7 +84,7 @@ def _read_kept(folder: Path) -> KeptFrame | None:
             capture_time=float(message.get("capture_time", 0.0)),
             image_score=float(message.get("image_score", 0.0)),
             anomalous=bool((part or message).get("anomalous", False)),
-            regions=len(message.get("regions") or []),
+            regions=len((part or message).get("regions") or []),
             model=f"{model.get('name', '?')} {model.get('version', '?')}",
         )
     except (OSError, ValueError, TypeError, AttributeError):
@@ -134,6 +134,10 @@ class ReviewStore:
     def confirm_defect(self, frame_id: str) -> Path:
         """The frame shows a real defect: image, NFA mask and message become a test example; returns the image."""
         folder = self.folder(frame_id)
+        mask = cv2.imread(str(folder / "mask.png"), cv2.IMREAD_GRAYSCALE)
+        if mask is None or not mask.any():
+            # An empty mask says "the defect is nowhere": pixel metrics would grade the model on nothing.
+            raise ReviewError(f"kept frame {frame_id!r} has an empty defect mask: draw the defect first")
         target = self.training_dir / DEFECT_DIR / f"{frame_id}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(folder / "mask.png", target.with_name(f"{frame_id}_mask.png"))
