@@ -97,3 +97,51 @@ def test_review_says_the_part_verdict_and_stores_its_mask(kept: tuple[Path, Path
         ReviewStore(empty, tmp_path / "training").confirm_defect("x-flagged")
     target = store.confirm_defect(card.id)
     assert (cv2.imread(str(target.with_name(f"{card.id}_mask.png")), cv2.IMREAD_GRAYSCALE) > 0).sum() >= 64
+
+
+def test_frame_captions_tell_the_parts_verdicts_around_the_decision(tmp_path: Path) -> None:
+    """decision_line 0.3: the defective part is decided while still in view; every caption after says REJECTED."""
+    from edge_agent.config import ModelConfig, PartsConfig, SourceConfig
+    from edge_agent.inspection.frame_source import FrameSource
+    from edge_agent.inspection.loaded_model import load_model
+    from edge_agent.inspection.parts import TrackedParts
+    from edge_agent.inspection.single import inspect_frame
+    from edge_agent.service.preview import PreviewFacts, PreviewPage
+    from edge_agent.service.snapshot import frame_caption, save_snapshot
+
+    belt = write_checker_belt(tmp_path / "belt", SPEC)
+    model = load_model(build_contract_bundle(tmp_path / "bundle", height=SPEC.height, width=SPEC.width),
+                       ModelConfig(backend="onnxruntime", threads=1))  # fmt: skip
+    source = FrameSource(SourceConfig(uri=str(belt)))
+    source.open()
+    parts = TrackedParts(PartsConfig(mode="tracked", decision_line=0.3), "cam1")
+    facts = PreviewFacts(1.0, 1.0, 1.0, "open", "", "tracked")
+    seen: dict[str, list[str]] = {"before": [], "after": []}
+    rejected: str | None = None
+    try:
+        while (frame := source.read()) is not None:
+            job = inspect_frame(model, frame, "cam1")
+            assert job.verdict is not None
+            for message in parts.observe(frame, job.verdict, model.ref):
+                if message.anomalous:
+                    rejected = message.part_id
+            job.parts_view = parts.view
+            assert job.parts_view is not None
+            if not SPEC.in_view(frame.sequence, SPEC.defect_parts[0]) or not job.parts_view.parts:
+                continue
+            caption = frame_caption(job)
+            details = PreviewPage(lambda job=job: job, lambda: facts).current().details  # type: ignore[union-attr]
+            seen["after" if rejected else "before"].append(f"{caption} | {details['verdict']} | {details['caption']}")
+            if rejected and frame.sequence % 5 == 0:
+                save_snapshot(job, tmp_path / "snapshots")
+    finally:
+        source.close()
+        model.close()
+    number = str(SPEC.defect_parts[0] + 1)
+    assert rejected is not None and seen["before"] and seen["after"]
+    assert all(f"#{number} pending" in line and "REJECTED" not in line for line in seen["before"])
+    # After the decision the part is still in view: frame, page verdict and caption all say it was rejected.
+    assert all(f"#{number} REJECTED" in line and "| REJECTED |" in line for line in seen["after"]), seen["after"]
+    assert not any(" good" in line for line in seen["before"] + seen["after"])
+    snapshots = list((tmp_path / "snapshots").iterdir())
+    assert snapshots and all(json.loads((s / "inspection.json").read_text())["sequence"] >= 0 for s in snapshots)

@@ -35,6 +35,7 @@ import numpy as np
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.preview_view import preview_picture
+from edge_agent.service.snapshot import frame_caption
 
 JPEG_QUALITY = 85
 # Responses per second over all clients, as a multiple of preview_max_fps: enough for a few open tabs;
@@ -126,12 +127,18 @@ class PreviewPage:
             "latency_ms": message.latency_ms.model_dump(mode="json"),
             "model": f"{message.model.name} {message.model.version} ({message.model.backend})",
             "log10_epsilon": message.log10_epsilon,
-            "caption": (
-                f"frame {message.sequence} · score {message.image_score:.3f} · "
-                f"{'ANOMALOUS' if message.anomalous else 'good'} · model {message.model.name} {message.model.version}"
+            "caption": f"{frame_caption(job)} · model {message.model.name} {message.model.version}".replace(
+                "  ", " · "
             ),
+            "verdict": _verdict_word(job),
             "parts": [
-                {"part_id": part_id, "x0": x0, "x1": x1, "decided": decided}
+                {
+                    "part_id": part_id,
+                    "x0": x0,
+                    "x1": x1,
+                    "decided": decided,
+                    "verdict": job.parts_view.verdict_of(part_id, decided),
+                }
                 for part_id, x0, x1, decided in (job.parts_view.parts if job.parts_view else ())
             ],
             "decision_line_x": job.parts_view.decision_line_x if job.parts_view else None,
@@ -204,6 +211,19 @@ class PreviewPage:
         return HttpResponse(body=html.encode(), content_type="text/html; charset=utf-8")
 
 
+def _verdict_word(job: FrameJob) -> str:
+    """The verdict row: the frame's verdict, or in tracked mode the verdict of the parts in view."""
+    assert job.message is not None
+    view = job.parts_view
+    if view is None:
+        return "ANOMALOUS" if job.message.anomalous else "good"
+    verdicts = {view.verdict_of(p[0], p[3]) for p in view.parts}
+    for word in ("REJECTED", "pending", "passed"):
+        if word in verdicts:
+            return word if word != "pending" else "parts pending"
+    return "no part in view"
+
+
 # The page keeps one request in flight at a time: a slow link shows fewer frames, it never queues them.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>U-Flow live preview</title>
@@ -268,15 +288,15 @@ async function refresh() {
       img.dataset.regions = JSON.stringify(inspection.regions);
       img.dataset.parts = JSON.stringify(inspection.parts);
       const verdict = document.getElementById("verdict");
-      verdict.textContent = inspection.anomalous ? "ANOMALOUS" : "good";
-      verdict.className = inspection.anomalous ? "bad" : "good";
+      verdict.textContent = inspection.verdict;
+      verdict.className = ["ANOMALOUS", "REJECTED"].includes(inspection.verdict) ? "bad" : "good";
       show("caption", inspection.caption);
       show("epsilon", inspection.log10_epsilon);
       show("message-id", inspection.message_id);
       show("sequence", inspection.sequence);
       show("regions", inspection.regions.map(r => "[" + r.bbox.join(", ") + "] log10 NFA " +
                                                     r.log_nfa.toFixed(1)).join("; ") || "none");
-      const inView = inspection.parts.map(p => "#" + p.part_id.split("-").pop() + (p.decided ? " (decided)" : ""));
+      const inView = inspection.parts.map(p => "#" + p.part_id.split("-").pop() + " " + p.verdict);
       show("parts", data.mode + ": " + modeLine + (inView.length ? "; in view " + inView.join(", ") : ""));
       show("model", inspection.model);
     }
