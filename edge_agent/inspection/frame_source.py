@@ -386,7 +386,6 @@ class FrameSource:
         self._sequence += 1
         return frame
 
-
     def _media_time(self) -> float | None:
         """Seconds into a file (frames read / its frame rate; loops continue the count), None when live."""
         if self.live:

@@ -371,6 +371,7 @@ class Pipeline:
                     "mode": message.mode,
                     "status": message.status,
                     "part_id": message.part_id,
+                    "trigger_id": message.trigger_id,
                     "anomalous": message.anomalous,
                     "log_nfa": round(message.log_nfa, 3),
                     "frames": message.frames.count,

@@ -184,6 +184,7 @@ def triggered_message(
             for r in regions
         ],
         trigger_time=trigger.time,
+        trigger_id=trigger.trigger_id,
         latency_ms=latency_ms,
         **fields,
     )
@@ -203,6 +204,7 @@ def missed_message(device_id: str, trigger: Trigger) -> PartMessage:
         decision_time=time.time(),
         frames=PartFrames(count=0),
         trigger_time=trigger.time,
+        trigger_id=trigger.trigger_id,
     )
 
 
@@ -235,6 +237,7 @@ class GpioTrigger:
         self.book = book
         self.description = description
         self._stop = threading.Event()
+        self._edges = 0
         self._thread = threading.Thread(target=self._loop, name="gpio-trigger", daemon=True)
 
     def start(self) -> None:
@@ -253,4 +256,6 @@ class GpioTrigger:
             for event in self.request.read_edge_events():
                 # Edge timestamps are CLOCK_MONOTONIC: the edge's own time, not when this thread woke up.
                 at = now_wall - max(0, now_ns - int(event.timestamp_ns)) / 1e9
-                self.book.add(Trigger(at, "gpio"))
+                # An edge carries no id: a count (since start) lets the line tie verdicts to its own edges.
+                self._edges += 1
+                self.book.add(Trigger(at, "gpio", f"gpio-{self._edges}"))

@@ -146,6 +146,11 @@ class PartMessage(_Payload):
     regions: list[PartRegion] = Field(default_factory=list)
     position_at_decision: PartPosition | None = Field(default=None, description="tracked mode only")
     trigger_time: float | None = Field(default=None, description="triggered mode: when the trigger came (unix s)")
+    trigger_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="triggered mode: the trigger's id as the PLC sent it (MQTT/HTTP), or gpio-<n> for a GPIO edge",
+    )
     model: ModelRef | None = None
     latency_ms: float = Field(default=0.0, description="deciding frame's capture to this message being queued")
     replayed: bool = False

@@ -122,5 +122,5 @@ class PartInputs:
             trigger = self.triggers.parse_and_add(request.body, "http")
         except TriggerRefused as exc:
             return HttpResponse(400, f"{exc}\n".encode())
-        body = json.dumps({"accepted": True, "time": trigger.time}).encode() + b"\n"
+        body = json.dumps({"accepted": True, "time": trigger.time, "trigger_id": trigger.trigger_id}).encode() + b"\n"
         return HttpResponse(202, body, "application/json")
