@@ -101,8 +101,9 @@ class Agent:
             self.http.route("/healthz", self._health_route)
             self.part_inputs.attach_http(self.http)
             if settings.http.preview:
+                live = (lambda: self.pipeline.last_frame) if settings.parts.mode == "triggered" else None
                 self.preview = PreviewPage(
-                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps
+                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps, live_frame=live
                 )
                 self.preview.register(self.http)
         self.loop = LineLoop(settings, self.pipeline)
@@ -316,7 +317,15 @@ class Agent:
         p50, p99 = stats.latency_percentiles()
         parts_line, trigger_line = self.part_inputs.lines()
         return PreviewFacts(
-            stats.fps(), p50, p99, source.state, source.last_error, self.settings.parts.mode, parts_line, trigger_line
+            stats.fps(),
+            p50,
+            p99,
+            source.state,
+            source.last_error,
+            self.settings.parts.mode,
+            parts_line,
+            trigger_line,
+            stats.capture_fps(),
         )
 
     def _metrics_route(self, request: HttpRequest) -> HttpResponse:

@@ -15,6 +15,7 @@ import math
 import cv2
 import numpy as np
 
+from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.overlay import draw_overlay
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.scoring import resize_map
@@ -64,6 +65,19 @@ def preview_picture(job: FrameJob) -> np.ndarray:
             )
     gap = np.full((overlay.shape[0], GAP_PX, 3), 17, dtype=np.uint8)
     return np.hstack([camera, gap, overlay])
+
+
+def live_picture(frame: Frame) -> np.ndarray:
+    """The camera alone (triggered mode, between triggers): the whole frame, region of interest outlined."""
+    full = frame.full if frame.full is not None else frame.image
+    factor = max(1, math.ceil(PANEL_MIN_PX / full.shape[1]))
+    camera = cv2.resize(full, (full.shape[1] * factor, full.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
+    ox, oy = frame.roi_offset
+    height, width = frame.image.shape[:2]
+    cv2.rectangle(
+        camera, (ox * factor, oy * factor), ((ox + width) * factor - 1, (oy + height) * factor - 1), ROI_BGR, 2
+    )
+    return camera
 
 
 def _draw_parts(
