@@ -205,6 +205,22 @@ def split_json_dataset(path: Path) -> DatasetSplits:
     )
 
 
+def model_made_masks(path: Path | str) -> list[str]:
+    """Defect stems of a split.json whose masks the model drew itself (``mask_source: model``; review.py).
+
+    Empty for other layouts and for split.json files without ``mask_source`` (masks from elsewhere).
+    """
+    path = Path(path)
+    path = path / "split.json" if path.is_dir() else path
+    if path.suffix != ".json" or not path.is_file():
+        return []
+    try:
+        sources = json.loads(path.read_text(encoding="utf-8")).get("mask_source") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return []
+    return sorted(stem for stem, source in sources.items() if source == "model") if isinstance(sources, dict) else []
+
+
 def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
     """Detect the layout of ``path`` (split.json file or dir with one, MVTec 3D-AD or MVTec AD category, image folder)."""
     path = Path(path)

@@ -64,13 +64,18 @@ def save_part(job: FrameJob, part: PartMessage, evidence: PartEvidence | None, d
     log_nfa = resize_map(verdict.log_nfa, width, height)
     boxes = _part_boxes(part, frame.sequence, frame.roi_offset)
     caption = part_caption(part, frame.sequence)
+    number = part.part_id.rsplit("-", 1)[-1]
+    title = (  # the overlay's one line (the full caption is in evidence.json and on the review page)
+        f"part #{number} {'REJECTED' if part.anomalous else 'good'}: log10 NFA {part.log_nfa:.1f}"
+        f" {'<' if part.log_nfa < part.log10_epsilon else '>='} {part.log10_epsilon:g}, frame {frame.sequence}"
+    )
     files = {name: folder / name for name in ("frame.png", "anomaly_map.png", "mask.png", "overlay.png", STRIP_NAME)}
     _write(files["frame.png"], frame.image)
     np.save(folder / "anomaly_map.npy", np.asarray(verdict.anomaly_map, dtype=np.float32))
     np.save(folder / "log_nfa.npy", np.asarray(verdict.log_nfa, dtype=np.float32))
     _write(files["anomaly_map.png"], heat_map(anomaly))
     _write(files["mask.png"], part_mask(log_nfa, part.log10_epsilon, columns, boxes).astype(np.uint8) * 255)
-    _write(files["overlay.png"], _overlay(frame.image, anomaly, log_nfa, part, boxes, columns, caption))
+    _write(files["overlay.png"], _overlay(frame.image, anomaly, log_nfa, part, boxes, columns, title))
     thumbs = evidence.thumbs if evidence is not None else ()
     _write(files[STRIP_NAME], contact_sheet(thumbs, frame.sequence))
     (folder / "inspection.json").write_text(shot_job.message.to_json() + "\n", encoding="utf-8")

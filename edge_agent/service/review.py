@@ -9,6 +9,13 @@ Kept frames (edge_agent/service/keep.py) wait under ``keep.dir``. A person decid
   ``<keep.training_dir>/defect/<id>.png`` and ``<id>_mask.png`` (and the message to ``<id>.json``): a test
   example for ``uflow evaluate``, never a training image.
 
+A decision copies the files into the training folder and parks the kept folder under
+``<keep.dir>/.reviewed/`` (the last ``REVIEWED_KEPT``), so ``undo`` can put it back and remove the copies.
+A defect's mask is the model's NFA mask unless a person corrected it (``MaskEdit``: polygons added to or
+erased from the model's mask, or drawn on an empty one); ``<id>_review.json`` says which
+(``mask_source``: ``model`` or ``person``), and split.json repeats it, so ``uflow evaluate`` can refuse to
+grade the model's pixels against masks it drew itself. An empty mask is never stored.
+
 ``export_split`` turns the training folder into a dataset ``uflow train`` and ``uflow evaluate`` read as
 is: ``split.json`` (training/data.py's ``split_json`` layout: ``train``, ``val``, ``test_good``,
 ``test_defect``; stems relative to the json's folder, ``STEM.jpg`` the image, ``STEM.png`` the mask) with
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from edge_agent.inspection.drivers import IMAGE_SUFFIXES
 from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, PART, PART_MESSAGE_NAME, kept_folders
@@ -35,12 +43,63 @@ GOOD_DIR, DEFECT_DIR = "good", "defect"
 DEFECT_TYPE = "confirmed"
 # Files of a kept folder the page may show; nothing else is served from disk.
 VIEWABLE = ("frame.png", "overlay.png", "mask.png", "anomaly_map.png", "strip.png")
+REVIEWED_DIR = ".reviewed"  # decided folders, kept for undo (not listed: no inspection.json at the top level)
+REVIEWED_KEPT = 50
+REVIEW_SUFFIX = "_review.json"
+MAX_POLYGONS, MAX_POINTS = 50, 500
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 JPEG_QUALITY = 95
 
 
 class ReviewError(ValueError):
     """A review action that cannot be done; the message says why (unknown frame, bad id, ...)."""
+
+
+@dataclass(frozen=True)
+class MaskEdit:
+    """A person's correction of the model's mask: polygons (frame pixels) added, then erased.
+
+    ``base`` is ``model`` (start from the kept NFA mask) or ``empty`` (draw the defect from scratch).
+    """
+
+    base: str = "model"
+    add: tuple[tuple[tuple[float, float], ...], ...] = ()
+    erase: tuple[tuple[tuple[float, float], ...], ...] = ()
+
+    @property
+    def drawn(self) -> bool:
+        """Whether a person changed anything (else the mask is still the model's)."""
+        return self.base == "empty" or bool(self.add or self.erase)
+
+    @classmethod
+    def parse(cls, document: Any) -> MaskEdit:
+        """From the page's JSON (``{"base": ..., "add": [[[x, y], ...], ...], "erase": [...]}``); ReviewError if bad."""
+        if not isinstance(document, dict) or document.get("base", "model") not in ("model", "empty"):
+            raise ReviewError("mask_edit must be {'base': 'model' | 'empty', 'add': [polygon, ...], 'erase': [...]}")
+        polygons: dict[str, tuple[tuple[tuple[float, float], ...], ...]] = {}
+        for key in ("add", "erase"):
+            raw = document.get(key) or []
+            if not isinstance(raw, list) or len(raw) > MAX_POLYGONS:
+                raise ReviewError(f"mask_edit.{key}: a list of at most {MAX_POLYGONS} polygons")
+            shapes = []
+            for polygon in raw:
+                if not isinstance(polygon, list) or not 3 <= len(polygon) <= MAX_POINTS:
+                    raise ReviewError(f"mask_edit.{key}: a polygon has 3 to {MAX_POINTS} [x, y] points")
+                try:
+                    shapes.append(tuple((float(x), float(y)) for x, y in polygon))
+                except (TypeError, ValueError) as exc:
+                    raise ReviewError(f"mask_edit.{key}: points are [x, y] numbers") from exc
+            polygons[key] = tuple(shapes)
+        return cls(str(document.get("base", "model")), polygons["add"], polygons["erase"])
+
+    def apply(self, model_mask: np.ndarray) -> np.ndarray:
+        """The corrected uint8 mask (0 / 255) at the model mask's size."""
+        mask = model_mask.copy() if self.base == "model" else np.zeros_like(model_mask)
+        for polygons, value in ((self.add, 255), (self.erase, 0)):
+            for polygon in polygons:
+                points = np.rint(np.asarray(polygon, dtype=np.float64)).astype(np.int32)
+                cv2.fillPoly(mask, [points], value)
+        return mask
 
 
 @dataclass(frozen=True)
@@ -55,9 +114,13 @@ class KeptFrame:
     anomalous: bool
     regions: int
     model: str
+    caption: str = ""  # what the pictures say (a part's verdict for a kept part)
+    part_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "caption": self.caption,
+            "part_id": self.part_id,
             "id": self.id,
             "kind": self.kind,
             "sequence": self.sequence,
@@ -77,7 +140,13 @@ def _read_kept(folder: Path) -> KeptFrame | None:
         # A kept part: the part's verdict (over all its frames) counts, not its deciding frame's alone.
         part = json.loads(part_path.read_text(encoding="utf-8")) if part_path.is_file() else None
         kind = PART if part is not None else FLAGGED if folder.name.endswith(f"-{FLAGGED}") else "good"
+        evidence_path = folder / "evidence.json"
+        evidence = json.loads(evidence_path.read_text(encoding="utf-8")) if evidence_path.is_file() else {}
+        verdict = "ANOMALOUS" if message.get("anomalous") else "good"
+        caption = evidence.get("caption") or f"frame {message.get('sequence', 0)} {verdict}"
         return KeptFrame(
+            caption=str(caption),
+            part_id=part.get("part_id") if part else None,
             id=folder.name,
             kind=kind,
             sequence=int(message.get("sequence", 0)),
@@ -99,10 +168,11 @@ class ReviewStore:
         self.kept_dir = Path(kept_dir)
         self.training_dir = Path(training_dir)
 
-    def frames(self, limit: int = 200) -> list[KeptFrame]:
-        """The kept frames, newest first."""
+    def frames(self, limit: int = 200, kind: str | None = None, offset: int = 0) -> list[KeptFrame]:
+        """The kept frames, newest first (``kind``: only parts, flagged or good frames; ``offset``: paging)."""
         found = (_read_kept(folder) for folder in reversed(kept_folders(self.kept_dir)))
-        return [frame for frame in found if frame is not None][:limit]
+        frames = [frame for frame in found if frame is not None and (kind is None or frame.kind == kind)]
+        return frames[offset : offset + limit]
 
     def folder(self, frame_id: str) -> Path:
         """The folder of one kept frame; ReviewError for a malformed or unknown id."""
@@ -127,26 +197,73 @@ class ReviewStore:
         folder = self.folder(frame_id)
         target = self.training_dir / GOOD_DIR / f"{frame_id}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(folder / "frame.png", target)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copyfile(folder / "frame.png", target)
+        self._park(folder)
         return target
 
-    def confirm_defect(self, frame_id: str) -> Path:
-        """The frame shows a real defect: image, NFA mask and message become a test example; returns the image."""
+    def confirm_defect(self, frame_id: str, edit: MaskEdit | None = None) -> Path:
+        """The frame shows a real defect: image, mask and message become a test example; returns the image.
+
+        ``edit``: a person's correction of the model's mask (``mask_source: person``); without one the
+        model's NFA mask is stored as is (``mask_source: model``). An empty mask is refused.
+        """
         folder = self.folder(frame_id)
-        mask = cv2.imread(str(folder / "mask.png"), cv2.IMREAD_GRAYSCALE)
-        if mask is None or not mask.any():
+        model_mask = cv2.imread(str(folder / "mask.png"), cv2.IMREAD_GRAYSCALE)
+        if model_mask is None:
+            raise ReviewError(f"kept frame {frame_id!r} has no readable mask.png")
+        drawn = edit is not None and edit.drawn
+        mask = edit.apply(model_mask) if edit is not None and drawn else model_mask
+        if not mask.any():
             # An empty mask says "the defect is nowhere": pixel metrics would grade the model on nothing.
             raise ReviewError(f"kept frame {frame_id!r} has an empty defect mask: draw the defect first")
         target = self.training_dir / DEFECT_DIR / f"{frame_id}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(folder / "mask.png", target.with_name(f"{frame_id}_mask.png"))
-        shutil.move(folder / MESSAGE_NAME, target.with_suffix(".json"))
+        if not cv2.imwrite(str(target.with_name(f"{frame_id}_mask.png")), np.where(mask > 0, 255, 0).astype(np.uint8)):
+            raise OSError(f"could not write the mask of {frame_id}")
+        shutil.copyfile(folder / MESSAGE_NAME, target.with_suffix(".json"))
         if (folder / PART_MESSAGE_NAME).is_file():
-            shutil.move(folder / PART_MESSAGE_NAME, target.with_name(f"{frame_id}_part.json"))
-        shutil.move(folder / "frame.png", target)
-        shutil.rmtree(folder, ignore_errors=True)
+            shutil.copyfile(folder / PART_MESSAGE_NAME, target.with_name(f"{frame_id}_part.json"))
+        review = {"mask_source": "person" if drawn else "model", "mask_pixels": int((mask > 0).sum())}
+        target.with_name(f"{frame_id}{REVIEW_SUFFIX}").write_text(json.dumps(review) + "\n", encoding="utf-8")
+        shutil.copyfile(folder / "frame.png", target)
+        self._park(folder)
         return target
+
+    def undo(self, frame_id: str) -> Path:
+        """Take back a decision: the training copies go, the kept folder comes back; returns it."""
+        if not _ID.match(frame_id) or ".." in frame_id:
+            raise ReviewError(f"not a kept frame id: {frame_id[:100]!r}")
+        parked = self.kept_dir / REVIEWED_DIR / frame_id
+        if not (parked / MESSAGE_NAME).is_file():
+            raise ReviewError(f"no decision on {frame_id!r} to undo (only the last {REVIEWED_KEPT} can be)")
+        suffixes = (".png", "_mask.png", ".json", "_part.json", REVIEW_SUFFIX)
+        for path in [self.training_dir / GOOD_DIR / f"{frame_id}.png"] + [
+            self.training_dir / DEFECT_DIR / f"{frame_id}{suffix}" for suffix in suffixes
+        ]:
+            path.unlink(missing_ok=True)
+        target = self.kept_dir / frame_id
+        shutil.move(parked, target)
+        return target
+
+    def _park(self, folder: Path) -> None:
+        """Move a decided folder under .reviewed/ (for undo), keeping the newest REVIEWED_KEPT."""
+        parked = self.kept_dir / REVIEWED_DIR
+        parked.mkdir(exist_ok=True)
+        shutil.rmtree(parked / folder.name, ignore_errors=True)
+        shutil.move(folder, parked / folder.name)
+        (parked / folder.name).touch()
+        old = sorted((p for p in parked.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for stale in old[:-REVIEWED_KEPT]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _mask_source(image: Path) -> str:
+    """``person`` when the review recorded a drawn mask, else ``model`` (no record: nobody drew it)."""
+    try:
+        review = json.loads(image.with_name(f"{image.stem}{REVIEW_SUFFIX}").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "model"
+    return "person" if isinstance(review, dict) and review.get("mask_source") == "person" else "model"
 
 
 def _share(name: str) -> float:
@@ -187,7 +304,13 @@ def export_split(
     defects = _images(training_dir / DEFECT_DIR)
     if not goods:
         raise ReviewError(f"no good images under {training_dir / GOOD_DIR}: record some or mark kept frames good")
-    split: dict[str, Any] = {"train": [], "val": [], "test_good": [], "test_defect": {DEFECT_TYPE: []}}
+    split: dict[str, Any] = {
+        "train": [],
+        "val": [],
+        "test_good": [],
+        "test_defect": {DEFECT_TYPE: []},
+        "mask_source": {},  # defect stem -> "person" (drawn or corrected) or "model" (the agent's own NFA mask)
+    }
     (out / GOOD_DIR).mkdir(parents=True, exist_ok=True)
     test_share = test_fraction if defects else 0.0
     for path in goods:
@@ -208,5 +331,6 @@ def export_split(
         _write_jpeg(path, out / f"{stem}.jpg")
         shutil.copyfile(mask, out / f"{stem}.png")
         split["test_defect"][DEFECT_TYPE].append(stem)
+        split["mask_source"][stem] = _mask_source(path)
     (out / "split.json").write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
     return split
