@@ -93,10 +93,17 @@ def test_mask_edits_undo_and_the_mask_source(store: ReviewStore, tmp_path: Path)
 
 def test_evaluate_refuses_masks_the_model_drew(store: ReviewStore, tmp_path: Path, contract_bundle: Path) -> None:
     pytest.importorskip("torch")
+    from contract_bundle import good_frame
+
     flagged = [f.id for f in store.frames(kind="flagged")]
-    store.mark_good(store.frames(kind="good")[0].id)
+    recorded = store.training_dir / "good" / "recorded"
+    recorded.mkdir(parents=True)
+    for seed in range(8):  # recorded good images (edge-agent record writes PNGs there)
+        cv2.imwrite(str(recorded / f"frame-{seed}.png"), good_frame(np.random.default_rng(seed), 64, 64))
     store.confirm_defect(flagged[0])
-    export_split(store.training_dir, tmp_path / "dataset")
+    store.confirm_defect(flagged[1], MaskEdit("empty", (((10.0, 10.0), (40.0, 10.0), (40.0, 40.0)),)))
+    split = export_split(store.training_dir, tmp_path / "dataset", val_fraction=0.0, test_fraction=0.5)
+    assert split["test_good"] and split["train"]
     command = [sys.executable, "-m", "training.cli", "evaluate", "--bundle", str(contract_bundle), "--data",
                str(tmp_path / "dataset" / "split.json"), "--out", str(tmp_path / "report")]  # fmt: skip
     refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
