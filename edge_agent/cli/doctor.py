@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, parse_overrides
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 
 if TYPE_CHECKING:  # the checks import what they test lazily, so one broken library fails only its row
@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``edge-agent doctor``."""
     parser.add_argument("--config", type=Path, default=None, help="agent TOML file to check (as `run` reads it)")
     parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting as `run --set` does, e.g. --set model.backend=onnxruntime",
+    )
+    parser.add_argument(
         "--open-source",
         action="store_true",
         help="also open the configured source and grab a frame (not while the agent holds the camera)",
@@ -52,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``edge-agent doctor``."""
-    checks = run_checks(args.config, open_source=args.open_source)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        print(f"edge-agent doctor: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    checks = run_checks(args.config, open_source=args.open_source, overrides=overrides)
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=2))
     else:
@@ -60,11 +73,13 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(c.status == "fail" for c in checks) else EXIT_OK
 
 
-def run_checks(config_path: Path | None, open_source: bool = False) -> list[Check]:
+def run_checks(
+    config_path: Path | None, open_source: bool = False, overrides: dict[str, Any] | None = None
+) -> list[Check]:
     """All checks, in the order a frame needs them; later checks are skipped when the config is unusable."""
     checks = [check_python(), check_torch_absent_is_fine(), check_opencv(), check_onnxruntime(), check_tensorrt()]
     try:
-        settings = load_settings(config_path)
+        settings = load_settings(config_path, **(overrides or {}))
     except ConfigError as exc:
         return [*checks, Check("config", "fail", str(exc))]
     where = str(config_path) if config_path else "defaults + EDGE_AGENT_* environment"
