@@ -140,7 +140,7 @@ class PreviewPage:
         ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise RuntimeError("JPEG encoding of the preview failed")
-        message = job.message
+        message, view = job.message, job.parts_view
         details: dict[str, object] = {
             "message_id": message.message_id,
             "sequence": message.sequence,
@@ -161,11 +161,13 @@ class PreviewPage:
                     "x0": x0,
                     "x1": x1,
                     "decided": decided,
-                    "verdict": job.parts_view.verdict_of(part_id, decided),
+                    "verdict": view.verdict_of(part_id, decided),
                 }
-                for part_id, x0, x1, decided in (job.parts_view.parts if job.parts_view else ())
-            ],
-            "decision_line_x": job.parts_view.decision_line_x if job.parts_view else None,
+                for part_id, x0, x1, decided in view.parts
+            ]
+            if view is not None
+            else [],
+            "decision_line_x": view.decision_line_x if view is not None else None,
         }
         jpeg = np.asarray(encoded).tobytes()
         data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
