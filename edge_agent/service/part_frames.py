@@ -27,7 +27,7 @@ from edge_agent.publish.messages import PartMessage
 
 KEEP_BEST = 3
 THUMB_HEIGHT = 96
-MAX_THUMBS = 48
+MAX_THUMBS = 64
 MAX_PARTS = 32
 
 
