@@ -195,7 +195,26 @@ class BeltConfig(_Section):
         description='MQTT topic with the live belt speed, JSON {"speed_m_s": 0.42}; pending part rejects are '
         "re-planned at every change (a stopped belt holds them)",
     )
-    max_speed_m_s: float = Field(default=20.0, gt=0, description="speed messages above this are refused as malformed")
+    max_speed_m_s: float = Field(
+        default=20.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="the belt never runs faster: speed messages above it are refused as malformed, and so is an "
+        "encoder reading that would mean a faster belt since the last one (set it to the line's real maximum)",
+    )
+    max_hold_s: float = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a part reject held by a stopped belt (speed 0) this long is counted missed, never fired: parts "
+        "on a stopped line are moved by hand, and a wrong 0 must not hold rejects forever",
+    )
+    encoder_reset_readings: int = Field(
+        default=5,
+        ge=2,
+        description="this many encoder readings in a row that agree with each other but not with the last accepted "
+        "count are a counter reset (a PLC restart): followed from there, the position kept continuous",
+    )
     encoder_topic: str | None = Field(
         default=None,
         description='MQTT topic with the belt encoder\'s count, JSON {"count": 123456}: part rejects fire when the belt '

@@ -29,7 +29,7 @@ from edge_agent.publish.messages import (
     parse_json_object,
 )
 from edge_agent.relay.actuators import FireOrder
-from edge_agent.relay.belt import BeltTravel, Encoder, due_in
+from edge_agent.relay.belt import BeltTravel, Encoder, Reading
 from edge_agent.relay.part_intake import (
     MAX_SPEED_BYTES,
     ClockView,
@@ -80,18 +80,29 @@ def plan_part(
     offset_s: float,
     source: str,
 ) -> tuple[Plan, float]:
-    """(the plan, the distance still to go at ``arrival``) for an anomalous part message."""
+    """(the plan, the distance still to go at ``arrival``) for an anomalous part message.
+
+    The reject is due when the belt has moved the distance *since the decision*: ``decided + distance / speed``,
+    never counted from the arrival. A message that arrives after that deadline (a relay restart, a broker
+    hiccup, a flood ahead of it) is therefore late and missed, not fired at whatever part is at the actuator
+    now. A stopped belt (speed 0) gives no finite time: the reject is held (firing.py).
+    """
     decided = message.decision_time + offset_s
     bound = arrival - message.latency_ms / 1000.0
     if decided > bound:  # a camera clock running ahead cannot push the reject later than the arrival allows
         decided, source = bound, f"{source}+arrival-bound"
-    beyond = message.position_at_decision.beyond_line_m if message.position_at_decision else None
-    total = max(0.0, distance_m - (beyond or 0.0))
+    total = max(0.0, distance_m - beyond_line_m(message))
     remaining = total - speed * max(0.0, arrival - decided)
-    planned = arrival + due_in(remaining, speed)
     travel_s = total / speed if speed > 0 else math.inf
+    planned = decided + travel_s
     plan = Plan(decided, planned, planned + tolerance_s, travel_s, offset_s, source)
     return plan, remaining
+
+
+def beyond_line_m(message: PartMessage) -> float:
+    """How far the part already was past the decision line when it was decided (0 when unknown)."""
+    position = message.position_at_decision
+    return (position.beyond_line_m or 0.0) if position is not None else 0.0
 
 
 def plan_record(plan: Plan, remaining_m: float) -> dict[str, Any]:
@@ -129,7 +140,11 @@ class PartDecisions:
         self.relay = relay
         self.belt = BeltSpeed()
         belt = relay.settings.belt
-        self.encoder = Encoder(belt.counts_per_m) if belt.encoder_topic and belt.counts_per_m else None
+        self.encoder = (
+            Encoder(belt.counts_per_m, belt.max_speed_m_s, belt.encoder_reset_readings)
+            if belt.encoder_topic and belt.counts_per_m
+            else None
+        )
         self.encoder_refused = 0
         self.devices: set[str] = set()  # cameras that sent part messages (their inspections never fire)
 
@@ -145,16 +160,23 @@ class PartDecisions:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             self.relay.refuse(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
             return "malformed"
-        if not self.encoder.add(arrival, count):
-            self.encoder_refused += 1  # reordered, or the counter was reset: the next readings continue
+        reading = self.encoder.add(arrival, count)
+        if reading is Reading.REFUSED:
+            self.encoder_refused += 1  # reordered, implausible (faster than max_speed_m_s), or a reset not yet sure
             if self.encoder_refused in (1, 10) or self.encoder_refused % 100 == 0:
                 log.warning(
-                    "encoder reading refused: smaller than the last (a reset or a reordered message)",
+                    "encoder reading refused: smaller than the last, or a step faster than belt.max_speed_m_s",
                     extra={"event": "relay_encoder_refused", "count": count, "refused": self.encoder_refused},
                 )
             return "encoder-refused"
+        if reading is Reading.RESET:
+            log.warning(
+                "encoder counter reset: %d readings in a row agree; followed from here, the position kept continuous",
+                self.relay.settings.belt.encoder_reset_readings,
+                extra={"event": "relay_encoder_reset", "count": count, "resets": self.encoder.resets},
+            )
         if self.encoder.ready:
-            self.relay.firing.reposition(self.encoder.position_at, self.encoder.speed())
+            self.relay.firing.reposition(self.encoder.time_at, self.encoder.position_at(arrival))
         return "encoder"
 
     def handle_speed(self, topic: str, payload: bytes) -> str:
@@ -228,16 +250,24 @@ class PartDecisions:
         )
         target = None
         if encoder is not None:  # by the belt's position: where it was at the decision, plus the distance
-            beyond = message.position_at_decision.beyond_line_m if message.position_at_decision else None
-            target = encoder.position_at(plan.capture_time) + max(0.0, timing.distance_m - (beyond or 0.0))
+            target = encoder.position_at(plan.capture_time) + max(0.0, timing.distance_m - beyond_line_m(message))
             remaining = target - encoder.position_at(arrival)
-            planned = arrival + due_in(remaining, speed)
+            planned = encoder.time_at(target)  # when the belt got or gets there: in the past once it passed
             plan = replace(plan, planned_time=planned, deadline=planned + timing.tolerance_s)
         if arrival > plan.deadline:
             if not relay.journal.claim(key, device, sequence, "missed", plan.planned_time, plan.deadline):
                 return self._duplicate(message, topic, key)
             relay.count(device, "missed")
-            log_part("missed", message, topic, plan, logging.ERROR, reason="arrived after its deadline")
+            log_part(
+                "missed",
+                message,
+                topic,
+                plan,
+                logging.ERROR,
+                reason="arrived after its deadline",
+                arrival=round(arrival, 6),
+                late_by_ms=round((arrival - plan.planned_time) * 1000.0, 3),
+            )
             return "missed"
         record = plan_record(plan, remaining)
         if not relay.journal.claim(

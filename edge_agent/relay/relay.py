@@ -377,14 +377,11 @@ class RejectRelay:
         elif outcome == "missed":
             # Came due too late (every actuator worker busy, an overloaded box): never fired after the deadline.
             self.count(order.device_id, "missed")
-            log_order(
-                "missed",
-                order,
-                plan,
-                logging.ERROR,
-                reason="came due after its deadline",
-                late_by_ms=round(context["late_by_ms"], 3),
-            )
+            if "held_s" in context:
+                reason, detail = "held by a stopped belt longer than belt.max_hold_s", {"held_s": context["held_s"]}
+            else:
+                reason, detail = "came due after its deadline", {"late_by_ms": round(context["late_by_ms"], 3)}
+            log_order("missed", order, plan, logging.ERROR, reason=reason, **detail)
         else:
             self.count(order.device_id, "actuator_failures")
             log_order("failed", order, plan, logging.ERROR, **context)

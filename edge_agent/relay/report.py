@@ -112,13 +112,18 @@ def log_order(decision: str, order: FireOrder, plan: Plan, level: int, **context
 
 
 def plan_fields(plan: Plan) -> dict[str, Any]:
+    """A plan's fields for a log line (times that are not finite, a belt stopped, as null: valid JSON)."""
     return {
-        "planned_time": round(plan.planned_time, 6),
-        "deadline": round(plan.deadline, 6),
-        "travel_s": plan.travel_s,
+        "planned_time": _finite(plan.planned_time),
+        "deadline": _finite(plan.deadline),
+        "travel_s": plan.travel_s if math.isfinite(plan.travel_s) else None,
         "clock_offset_s": round(plan.offset_s, 6),
         "clock_source": plan.clock_source,
     }
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def late_hint(message: InspectionMessage, plan: Plan) -> dict[str, str]:
