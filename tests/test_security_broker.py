@@ -187,7 +187,7 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
         relay_config = tmp_path / "relay.toml"
         mqtt = mqtt_section(broker, "relay1")
         relay_config.write_text(
-            f'relay_id = "relay1"\nstate_dir = "{tmp_path / "relay"}"\n[mqtt]\nhost = "{broker.host}"\n'
+            f'relay_id = "relay1"\nstate_dir = "{tmp_path / "relay"}"\ncameras = ["cam1"]\n[mqtt]\nhost = "{broker.host}"\n'
             f'port = {broker.port}\nusername = "relay1"\npassword = "{mqtt["password"]}"\n'
             f'topics = ["uflow/+/inspection"]\nreconnect_initial_s = 1\nreconnect_max_s = 2\n'
             f'[mqtt.tls]\nca_file = "{broker.pki.ca_cert}"\n'

@@ -109,8 +109,21 @@ class PartInputs:
             )
         return parts_line, trigger_line
 
-    def _mqtt_trigger(self, leaf: str, payload: bytes) -> None:
+    def _mqtt_trigger(self, leaf: str, payload: bytes, retained: bool = False) -> None:
         assert self.triggers is not None
+        if retained:  # the broker replays it at every reconnect: one trigger would inspect again each time
+            self.triggers.refuse()
+            if self.triggers.counters.refused in (1, 10) or self.triggers.counters.refused % 100 == 0:
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "retained trigger refused: clear it with an empty retained message on the trigger topic",
+                    "trigger_refused",
+                    source="mqtt",
+                    retained=True,
+                    refused=self.triggers.counters.refused,
+                )
+            return
         try:
             self.triggers.parse_and_add(payload, "mqtt")
         except TriggerRefused as exc:
