@@ -302,8 +302,8 @@ class RelaySettings(FileAndEnvSettings):
     max_devices: int = Field(
         default=256,
         gt=0,
-        description="cameras the relay keeps counters and clock estimates for; messages from further unknown "
-        "cameras are refused as malformed (bounded memory)",
+        description="cameras the relay keeps counters and clock estimates for; messages from further cameras (listed, "
+        "but beyond this many) are refused as malformed (bounded memory)",
     )
 
     @model_validator(mode="after")
