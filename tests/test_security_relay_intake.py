@@ -52,7 +52,7 @@ def test_one_camera_flooding_does_not_delay_another_cameras_rejects(
     relay = relay_factory(
         http_actuator(http),
         extra=PARTS,  # [limits] by default: 200 messages a second per camera, 400 at once
-        topics=("uflow/+/part",),
+        topics=("uflow/+/part", "uflow/+/inspection"),
         cameras=("cam1", "cam7"),
     )
     flood = flooder(broker)
@@ -60,6 +60,10 @@ def test_one_camera_flooding_does_not_delay_another_cameras_rejects(
         big = brackets((1 << 20) - 1)  # under the old 1 MiB limit: parsed, 0.3 s each in a Python loop
         for _ in range(40):
             flood.publish("uflow/cam7/part", big, qos=1).wait_for_publish(30)
+        # Under the inspection limit in bytes, far over it in values: json.loads would take 0.1 s each.
+        wide = brackets(200 * 1024)
+        for _ in range(40):
+            flood.publish("uflow/cam7/inspection", wide, qos=1).wait_for_publish(30)
         for _ in range(2000):  # and small ones, faster than any camera sends
             flood.publish("uflow/cam7/part", b"{}", qos=0)
         cam = camera("cam1")
@@ -76,7 +80,7 @@ def test_one_camera_flooding_does_not_delay_another_cameras_rejects(
         flood.loop_stop()
     stats = relay.stats()
     assert stats.missed == 0
-    assert stats.malformed >= 40 and stats.rate_limited > 0 and stats.devices["cam7"].rate_limited == stats.rate_limited
+    assert stats.malformed >= 80 and stats.rate_limited > 0 and stats.devices["cam7"].rate_limited == stats.rate_limited
     # The relay's own record: each reject planned from its decision, fired inside its tolerance.
     fired = {r.part_id: r for r in logged(caplog, "fired")}  # type: ignore[attr-defined]
     for message in sent:
@@ -99,6 +103,11 @@ def test_the_depth_check_is_bounded_by_size_first_and_cheap() -> None:
     with pytest.raises(PayloadError, match="bytes"):
         parse_json_object(brackets(MESSAGE_LIMITS["part"] + 1), MESSAGE_LIMITS["part"])
     assert parse_json_object(brackets(1 << 20), 1 << 21)["a"][0] == []  # deep only 3 levels: accepted
+    from edge_agent.relay.limits import too_costly
+
+    assert too_costly("inspection", brackets(200 * 1024)) is not None  # 68,000 values: refused unread
+    assert too_costly("part", brackets(MESSAGE_LIMITS["part"] + 1)) is not None
+    assert too_costly("speed", b'{"speed_m_s": 0.42}') is None
     with pytest.raises(PayloadError, match="20 levels"):
         parse_json_object(b'{"s": "[[[[\\"{{", "a":' + b"[" * 19 + b"]" * 19 + b"}", 4096)
 
@@ -106,7 +115,7 @@ def test_the_depth_check_is_bounded_by_size_first_and_cheap() -> None:
 def test_the_largest_part_message_the_agent_sends_fits_the_relays_limit() -> None:
     from edge_agent.inspection.triggers import Trigger, triggered_message
     from edge_agent.publish.messages import MAX_PART_REGIONS, Region
-    from edge_agent.relay.limits import MESSAGE_LIMITS
+    from edge_agent.relay.limits import MESSAGE_LIMITS, too_costly
 
     regions = tuple(
         Region(bbox=(123456, 123456, 123456, 123456), area=10**9, log_nfa=-1000.0 - i / 7, max_score=1e9)
@@ -118,6 +127,12 @@ def test_the_largest_part_message_the_agent_sends_fits_the_relays_limit() -> Non
     assert len(message.regions) == MAX_PART_REGIONS
     assert message.regions[0].log_nfa == min(r.log_nfa for r in regions)  # the most significant kept
     assert len(message.to_json().encode()) < MESSAGE_LIMITS["part"] // 2
+    assert too_costly("part", message.to_json().encode()) is None
+    # The same for the largest inspection message (MAX_INSPECTION_REGIONS regions of one frame).
+    from edge_agent.publish.messages import MAX_INSPECTION_REGIONS
+
+    frame = inspection("d" * 64, 10**12).model_copy(update={"regions": list(regions[:1]) * MAX_INSPECTION_REGIONS})
+    assert too_costly("inspection", frame.to_json().encode()) is None
 
 
 @pytest.mark.parametrize("part_id", ["p1\n", ".", "..", "-rf", "a\x00b"])

@@ -32,6 +32,8 @@ _ID_RE = re.compile(ID_PATTERN)
 # A part message carries at most this many regions (the most significant first): it stays a few KiB, under
 # the relay's size limit for part messages (relay/part_intake.py MAX_PART_BYTES), however noisy the part.
 MAX_PART_REGIONS = 16
+# The same for an inspection message (regions of one frame, most significant first): about 25 KiB at most.
+MAX_INSPECTION_REGIONS = 256
 
 # The bounded parser's defaults: every message the agent and the relay accept is a flat object or
 # nests a few levels (an inspection: message -> regions -> region -> bbox), so 16 is generous, and far

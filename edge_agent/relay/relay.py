@@ -40,7 +40,7 @@ from edge_agent.relay.connection import RelayConnection
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.firing import Firing, Job
 from edge_agent.relay.intake import MalformedMessage, device_of_topic, parse_inspection
-from edge_agent.relay.limits import MESSAGE_LIMITS, LogLimiter, RateLimiter
+from edge_agent.relay.limits import BYTES_PER_TOKEN, LogLimiter, RateLimiter, too_costly
 from edge_agent.relay.part_intake import PART_LEAF, device_of_part_topic
 from edge_agent.relay.parts import PartDecisions
 from edge_agent.relay.report import Counters, Decision, late_hint, log_decision, log_order, relay_stats
@@ -167,12 +167,13 @@ class RejectRelay:
         of message, that the camera is one this relay acts for, and the sender's message budget.
         """
         kind = self._kind(topic)
-        limit = MESSAGE_LIMITS[kind]
-        if len(payload) > limit:
-            self.refuse(topic, PayloadError(f"payload is {len(payload)} bytes; a {kind} message is limited to {limit}"))
+        problem = too_costly(kind, payload)
+        if problem is not None:
+            self.refuse(topic, PayloadError(problem))
             return Decision.MALFORMED
+        cost = 1.0 + len(payload) / BYTES_PER_TOKEN
         if kind in ("speed", "encoder"):
-            if not self._within_budget(topic, None, topic):
+            if not self._within_budget(topic, None, topic, cost):
                 return Decision.RATE_LIMITED
             if kind == "speed":
                 return self.parts.handle_speed(topic, payload)
@@ -185,7 +186,7 @@ class RejectRelay:
         if not self.settings.knows(device):
             self._unknown(topic, device)
             return Decision.UNKNOWN_DEVICE
-        if not self._within_budget(device, device, topic):
+        if not self._within_budget(device, device, topic, cost):
             return Decision.RATE_LIMITED
         if kind == "part":
             return self.parts.handle_part(topic, payload, arrival, arrival_mono)
@@ -426,9 +427,10 @@ class RejectRelay:
             return levels[-2]
         return topic if topic in (self.settings.belt.speed_topic, self.settings.belt.encoder_topic) else "other"
 
-    def _within_budget(self, key: str, device: str | None, topic: str) -> bool:
-        """Take one message of ``key``'s budget ([limits] messages_per_s); count and (rarely) log when over it."""
-        if self._rate.allow(key):
+    def _within_budget(self, key: str, device: str | None, topic: str, cost: float) -> bool:
+        """Take one message (``cost`` tokens) of ``key``'s budget ([limits] messages_per_s); count and (rarely) log
+        when over it."""
+        if self._rate.allow(key, cost):
             return True
         with self._lock:
             self.counters.rate_limited += 1
