@@ -33,15 +33,14 @@ from typing import Any
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from edge_agent.publish.messages import InspectionMessage, PayloadError, RelayStats, StatusText
+from edge_agent.publish.messages import InspectionMessage, RelayStats, StatusText
 from edge_agent.relay.actuators import Actuator, FireOrder, create_actuator
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.connection import RelayConnection
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.firing import Firing, Job
-from edge_agent.relay.intake import MalformedMessage, device_of_topic, parse_inspection
-from edge_agent.relay.limits import BYTES_PER_TOKEN, LogLimiter, RateLimiter, too_costly
-from edge_agent.relay.part_intake import PART_LEAF, device_of_part_topic
+from edge_agent.relay.gate import IntakeGate
+from edge_agent.relay.intake import MalformedMessage, parse_inspection
 from edge_agent.relay.parts import PartDecisions
 from edge_agent.relay.report import Counters, Decision, late_hint, log_decision, log_order, relay_stats
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 GOOD_IDS_REMEMBERED = 4096  # good messages are not journaled; this catches their redeliveries for the counts
 LATENESS_SAMPLES = 1000
 CLOCK_KEY = "clock_offsets"
-_PAYLOAD_PREVIEW = 200
 
 
 class RejectRelay:
@@ -71,8 +69,7 @@ class RejectRelay:
         self.firing = Firing(settings, self.journal, self._on_outcome)
         self._actuators = self._build_actuators()
         self.parts = PartDecisions(self)  # part and belt speed messages (relay/parts.py)
-        self._rate = RateLimiter(settings.limits.messages_per_s, settings.limits.burst)
-        self._log_limit = LogLimiter(settings.limits.log_interval_s)
+        self.gate = IntakeGate(settings, self.counters, self._lock, lambda: self.parts.encoder is not None)
 
     # -- topics and state ---------------------------------------------------------------------------
 
@@ -163,31 +160,18 @@ class RejectRelay:
     def handle(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> Decision:
         """Decide one message (journaled before returning); returns the decision.
 
-        What one sender may cost comes first (relay/limits.py), before any parse: the size for the topic's kind
-        of message, that the camera is one this relay acts for, and the sender's message budget.
+        What one sender may cost comes first (relay/gate.py), before any parse: the size and values for the topic's
+        kind of message, that the camera is one this relay acts for, and the sender's message budget.
         """
-        kind = self._kind(topic)
-        problem = too_costly(kind, payload)
-        if problem is not None:
-            self.refuse(topic, PayloadError(problem))
-            return Decision.MALFORMED
-        cost = 1.0 + len(payload) / BYTES_PER_TOKEN
-        if kind in ("speed", "encoder"):
-            if not self._within_budget(topic, None, topic, cost):
-                return Decision.RATE_LIMITED
-            if kind == "speed":
-                return self.parts.handle_speed(topic, payload)
+        kind = self.gate.kind(topic)
+        refused, device = self.gate.admit(kind, topic, payload)
+        if refused is not None:
+            return refused
+        if kind == "speed":
+            return self.parts.handle_speed(topic, payload)
+        if kind == "encoder":
             return self.parts.handle_encoder(topic, payload, arrival)
-        try:
-            device = device_of_part_topic(topic) if kind == "part" else device_of_topic(topic)
-        except ValueError as exc:
-            self.refuse(topic, exc, payload)
-            return Decision.MALFORMED
-        if not self.settings.knows(device):
-            self._unknown(topic, device)
-            return Decision.UNKNOWN_DEVICE
-        if not self._within_budget(device, device, topic, cost):
-            return Decision.RATE_LIMITED
+        assert device is not None
         if kind == "part":
             return self.parts.handle_part(topic, payload, arrival, arrival_mono)
         try:
@@ -412,92 +396,9 @@ class RejectRelay:
 
     # -- counting, logging, stats -------------------------------------------------------------------
 
-    def _kind(self, topic: str) -> str:
-        """Which kind of message a topic carries: speed, encoder, part or inspection (relay/limits.py)."""
-        if topic == self.settings.belt.speed_topic:
-            return "speed"
-        if topic == self.settings.belt.encoder_topic and self.parts.encoder is not None:
-            return "encoder"
-        return "part" if topic.rsplit("/", 1)[-1] == PART_LEAF else "inspection"
-
-    def _sender(self, topic: str) -> str:
-        """The key a sender's log lines are limited under: a known camera, a belt topic, or "other" (bounded)."""
-        levels = topic.split("/")
-        if len(levels) >= 2 and self.settings.knows(levels[-2]):
-            return levels[-2]
-        return topic if topic in (self.settings.belt.speed_topic, self.settings.belt.encoder_topic) else "other"
-
-    def _within_budget(self, key: str, device: str | None, topic: str, cost: float) -> bool:
-        """Take one message (``cost`` tokens) of ``key``'s budget ([limits] messages_per_s); count and (rarely) log
-        when over it."""
-        if self._rate.allow(key, cost):
-            return True
-        with self._lock:
-            self.counters.rate_limited += 1
-            if device is not None:
-                self.counters.device(device).rate_limited += 1
-            total = self.counters.rate_limited
-        held = self._log_limit.allow(f"rate:{key}")
-        if held is not None:
-            log.warning(
-                "%s sends more than [limits] messages_per_s: dropped unparsed",
-                key,
-                extra={
-                    "event": "relay_decision",
-                    "decision": Decision.RATE_LIMITED,
-                    "topic": topic[:200],
-                    "sender": key,
-                    "rate_limited": total,
-                    "not_logged": held,
-                },
-            )
-        return False
-
-    def _unknown(self, topic: str, device: str) -> None:
-        """Count (and rarely log) a message from a camera this relay does not act for."""
-        with self._lock:
-            self.counters.unknown_devices += 1
-            total = self.counters.unknown_devices
-        held = self._log_limit.allow("unknown")
-        if held is not None:
-            log.warning(
-                "message from device %r, which this relay does not act for: counted, never fired "
-                "(list it in cameras or under [devices] if it is one of this line's cameras)",
-                device[:64],
-                extra={
-                    "event": "relay_decision",
-                    "decision": Decision.UNKNOWN_DEVICE,
-                    "topic": topic[:200],
-                    "device_id": device[:64],
-                    "unknown_devices": total,
-                    "not_logged": held,
-                },
-            )
-
     def refuse(self, topic: str, exc: Exception, payload: bytes = b"") -> None:
-        """Count and log a message that is not what its topic says (inspection, part or belt message).
-
-        Every one is counted; the WARNING lines are limited per sender ([limits] log_interval_s), so a flood of
-        malformed input cannot flood the log too.
-        """
-        with self._lock:
-            self.counters.malformed += 1
-        held = self._log_limit.allow(f"malformed:{self._sender(topic)}")
-        if held is None:
-            return
-        log.warning(
-            "malformed message on %s: %s",
-            topic[:200],
-            exc,
-            extra={
-                "event": "relay_decision",
-                "decision": Decision.MALFORMED,
-                "topic": topic[:200],
-                "error": str(exc),
-                "payload": payload[:_PAYLOAD_PREVIEW].decode("utf-8", "replace"),
-                "not_logged": held,
-            },
-        )
+        """Count and log (rate limited) a message that is not what its topic says (relay/gate.py)."""
+        self.gate.refuse(topic, exc, payload)
 
     def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None:
         """One more message from a camera, with its clock estimate (and refused clock samples, when known)."""
