@@ -9,7 +9,8 @@ Each message gets exactly one final decision, logged as one line (``event = rela
 - ``skipped-good``: not anomalous; nothing to do.
 - ``fired``: the actuator succeeded, between the planned time and the deadline.
 - ``missed``: anomalous, but the deadline (planned time + tolerance) had passed when it arrived or
-  when it came due; never fired late.
+  when it came due; never fired late. The planned time counts from the capture or decision, never from the
+  arrival, so a message delayed in the broker is missed, not fired at whatever part is at the actuator now.
 - ``failed``: every allowed attempt of the actuator failed (retries only before the deadline).
 - ``duplicate``: a message id already decided (broker redelivery, publisher retry, across restarts).
 - ``unconfigured``: anomalous, from a camera with no travel time or actuator configured.
@@ -19,6 +20,11 @@ Each message gets exactly one final decision, logged as one line (``event = rela
   topic or argv, a camera beyond ``max_devices``. Also any internal error while deciding: every message is
   acknowledged, so no payload can hold the broker's in-flight window and stall the relay.
 - ``interrupted``: the relay stopped while the actuator ran; not repeated after the restart.
+- ``unknown-device``: from a camera not in ``cameras`` nor under ``[devices]``: counted, never fired.
+- ``rate-limited``: beyond the sender's ``[limits]`` budget: dropped unparsed, counted.
+
+The words are ``report.Decision``; its ``counter`` names the stats field each one counts. What a message may
+cost before it is parsed (size, known camera, budget) is ``gate.py``'s.
 """
 
 from __future__ import annotations
