@@ -140,6 +140,12 @@ class MqttConfig(_Section):
     )
     username: str | None = Field(default=None, description="broker user name; unset: no authentication")
     password: SecretStr | None = Field(default=None, description="never printed (config --show shows **********)")
+    updater_username: str | None = Field(
+        default=None,
+        description="user name of `edge-agent update`'s own connection (same password); default "
+        "<username>-updater. The shipped broker config binds a client id to its user name, so the agent and its "
+        "updater, connected at once, need two",
+    )
     tls: TlsConfig | None = None
     publish: Literal["all", "anomalous", "none"] = Field(
         default="all",
