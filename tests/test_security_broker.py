@@ -85,6 +85,8 @@ def render_example(workdir: Path, port: int, pki: Pki) -> Path:
         text = re.sub(rf"^{re.escape(old)}$", new, text, flags=re.M)
     for required in ("persistence true", "allow_anonymous false"):
         assert re.search(rf"^{required}$", text, re.M), required
+    # A listener setting: before the `listener` line it would apply to a default listener on 1883 instead.
+    assert text.index("\nuse_username_as_clientid true\n") > text.index("\nlistener "), "use_username_as_clientid"
     assert int(re.search(r"^autosave_interval (\d+)$", text, re.M).group(1)) <= 5  # type: ignore[union-attr]
     if os.geteuid() == 0:  # as root mosquitto would switch to its own user, which cannot read the test files
         text += "user root\n"
@@ -211,7 +213,9 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
             evil = json.dumps({"request_id": "evil", "log10_epsilon": 1.0})
             assert publish_as(broker, "cam2", "uflow/cam1/cmd/threshold", evil) == 0x87
             assert publish_as(broker, "relay1", "uflow/cam1/cmd/threshold", evil) == 0x87
-            assert publish_as(broker, "cam1", "uflow/cam1/cmd/threshold", evil) == 0x87  # only its own reload
+            # The box's updater may send only its reload. (Not tried as cam1 itself: its user name is the agent's
+            # client id, so a second cam1 connection would take the agent's session over, by design.)
+            assert publish_as(broker, "cam1-updater", "uflow/cam1/cmd/threshold", evil) == 0x87
             assert publish_as(broker, None, "uflow/cam1/cmd/threshold", evil) == -1  # no anonymous connection
             # Another box cannot speak for cam1 towards the relay either.
             forged = json.dumps({"device_id": "cam1"})
@@ -262,6 +266,8 @@ def test_no_identity_but_a_camera_can_publish_as_a_camera(example_broker: Broker
     assert publish_as(example_broker, "cam1", "uflow/cam1/part", forged) in (0, 0x10)  # 0x10: nobody subscribed
     assert publish_as(example_broker, "cam1", "uflow/cam1/inspection", forged) in (0, 0x10)
     assert publish_as(example_broker, "cam1", "uflow/cam2/part", forged) == 0x87
+    assert publish_as(example_broker, "cam1", "uflow/cam1/cmd/threshold", "{}") == 0x87  # commands: the operator
+    assert publish_as(example_broker, "cam1", "uflow/cam1/cmd/reload", "{}") == 0x87  # reload: its updater
 
 
 def test_a_cameras_credentials_cannot_take_over_the_relays_client_id(
