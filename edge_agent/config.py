@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
@@ -198,6 +198,31 @@ class HttpConfig(_Section):
     preview_max_fps: float = Field(
         default=1.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names (besides IP literals and localhost) that requests may name in Host, and POSTs "
+        "in Origin; any other is refused, so a page whose name is rebound to this box (DNS rebinding) cannot "
+        "use it. Add the box's DNS name when browsers or Prometheus reach it by name",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a whole request (or the idle wait for the next one) must arrive within this, however slowly "
+        "it drips",
+    )
+    max_connections_per_address: int = Field(
+        default=8, ge=1, le=32, description="connections served at once from one client address (32 in all)"
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            # A bare name: "box.example", not a URL or host:port (the port is not compared).
+            if not name or not all(c.isalnum() or c in ".-" for c in name) or name.startswith(("-", ".")):
+                raise ValueError("allowed_hosts: host names only (letters, digits, '.', '-'), no scheme or port")
+        return names
 
 
 class UpdateConfig(_Section):
