@@ -339,7 +339,16 @@ class KeepConfig(_Section):
     )
     max_total_mb: float = Field(default=2000.0, gt=0, description="disk quota: the oldest kept frames are removed")
     min_free_mb: float = Field(
-        default=1024.0, ge=0, description="keep nothing while the file system has less free space (the spool first)"
+        default=1024.0,
+        ge=0,
+        description="keep nothing, record nothing (cmd/record, edge-agent record) and move no reviewed frame into "
+        "training_dir while the file system has less free space (the spool first)",
+    )
+    training_max_total_mb: float = Field(
+        default=5000.0,
+        gt=0,
+        description="quota of training_dir (recordings and reviewed frames): a recording stops and a review "
+        "decision is refused beyond it; nothing is removed",
     )
     queue: int = Field(
         default=8, ge=1, le=256, description="frames waiting for the writer; beyond, skipped and counted"

@@ -212,9 +212,9 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
             # Not the operator: another box, a relay, an anonymous client. Refused by the broker.
             evil = json.dumps({"request_id": "evil", "log10_epsilon": 1.0})
             assert publish_as(broker, "cam2", "uflow/cam1/cmd/threshold", evil) == 0x87
-            assert publish_as(broker, "relay1", "uflow/cam1/cmd/threshold", evil) == 0x87
-            # The box's updater may send only its reload. (Not tried as cam1 itself: its user name is the agent's
-            # client id, so a second cam1 connection would take the agent's session over, by design.)
+            # The box's updater may send only its reload. (Not tried as cam1, relay1 or operator, which are connected:
+            # a user name is one client id, so a second connection would take over the first, by design; see
+            # test_no_identity_but_a_camera_can_publish_as_a_camera.)
             assert publish_as(broker, "cam1-updater", "uflow/cam1/cmd/threshold", evil) == 0x87
             assert publish_as(broker, None, "uflow/cam1/cmd/threshold", evil) == -1  # no anonymous connection
             # Another box cannot speak for cam1 towards the relay either.
@@ -222,7 +222,7 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
             assert publish_as(broker, "cam2", "uflow/cam1/inspection", forged) == 0x87
             # The operator can.
             ok = json.dumps({"request_id": "op", "log10_epsilon": 0.5})
-            assert publish_as(broker, "operator", "uflow/cam1/cmd/threshold", ok) == 0
+            operator.client.publish("uflow/cam1/cmd/threshold", ok, qos=1).wait_for_publish(5)
             assert operator.wait_for(lambda ms: bool(replies("op")), 30)
             assert replies("op")[0]["ok"] is True and replies("evil") == []
             # The updater (as cam1) asks its own agent to reload and sees it confirmed.
@@ -267,6 +267,8 @@ def test_no_identity_but_a_camera_can_publish_as_a_camera(example_broker: Broker
     assert publish_as(example_broker, "cam1", "uflow/cam1/inspection", forged) in (0, 0x10)
     assert publish_as(example_broker, "cam1", "uflow/cam2/part", forged) == 0x87
     assert publish_as(example_broker, "cam1", "uflow/cam1/cmd/threshold", "{}") == 0x87  # commands: the operator
+    assert publish_as(example_broker, "relay1", "uflow/cam1/cmd/threshold", "{}") == 0x87
+    assert publish_as(example_broker, "plc-gateway", "uflow/cam1/cmd/threshold", "{}") == 0x87
     assert publish_as(example_broker, "cam1", "uflow/cam1/cmd/reload", "{}") == 0x87  # reload: its updater
 
 

@@ -28,6 +28,7 @@ from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
 from edge_agent.publish.commands import CommandFailed, Done
 from edge_agent.publish.messages import RecordCommand
+from edge_agent.service.disk_budget import training_budget
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
@@ -83,7 +84,8 @@ class LineLoop:
             keep = self.settings.keep
             assert keep.dir is not None and keep.training_dir is not None
             keeper = self.parts.keeper
-            ReviewPage(ReviewStore(keep.dir, keep.training_dir), keeper.forget if keeper else None).register(http)
+            store = ReviewStore(keep.dir, keep.training_dir, training_budget(keep))
+            ReviewPage(store, keeper.forget if keeper else None).register(http)
 
     def start(self) -> None:
         """Start the writer threads and load the shadow model (a shadow that cannot load is logged, not fatal)."""
@@ -236,7 +238,7 @@ class LineLoop:
         out = keep.training_dir / "good" / f"record-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
             settings = RecordSettings(command.count, command.every_s, command.only_good, command.min_difference)
-            recorder = FrameRecorder(out, settings)
+            recorder = FrameRecorder(out, settings, budget=training_budget(keep))
         except (RecordError, ValueError) as exc:
             raise CommandFailed(str(exc)) from exc
         with self._record_lock:
