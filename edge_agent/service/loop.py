@@ -175,14 +175,18 @@ class LineLoop:
     # -- shadow -------------------------------------------------------------------------------------
 
     def _start_shadow(self, path: Path) -> None:
+        from edge_agent.fleet.signing import SigningError, verify_installed_bundle
         from edge_agent.inspection.loaded_model import ModelLoadError, load_model
         from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
 
         # One ONNX Runtime thread: the shadow's work stays on its own niced thread.
         config = self.settings.model.model_copy(update={"threads": 1})
         try:
+            # Like the live bundle: with a fleet key configured, the shadow must carry a valid signature too
+            # (it runs on live frames, and its totals open the fleet's shadow gate).
+            verify_installed_bundle(path, self.settings.update.public_key)
             candidate = load_model(path, config, self.settings.nfa)
-        except ModelLoadError as exc:
+        except (ModelLoadError, SigningError) as exc:
             log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
             return
         runner = ShadowRunner(
