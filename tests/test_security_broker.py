@@ -220,11 +220,17 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
             # Another box cannot speak for cam1 towards the relay either.
             forged = json.dumps({"device_id": "cam1"})
             assert publish_as(broker, "cam2", "uflow/cam1/inspection", forged) == 0x87
+            # Another box's password under the agent's client id (issue 24 finding 3) does not throw the agent
+            # off: it stays connected (no "offline" Will) and still takes the operator's command below.
+            impostor = publish_as(broker, "cam2", "uflow/cam2/status", "online", client_id="edge-agent-cam1")
+            assert impostor in (0, 0x10)
             # The operator can.
             ok = json.dumps({"request_id": "op", "log10_epsilon": 0.5})
             operator.client.publish("uflow/cam1/cmd/threshold", ok, qos=1).wait_for_publish(5)
             assert operator.wait_for(lambda ms: bool(replies("op")), 30)
             assert replies("op")[0]["ok"] is True and replies("evil") == []
+            assert [m.payload for m in operator.on("uflow/cam1/status")][-1] == b"online"
+            assert b"offline" not in [m.payload for m in operator.on("uflow/cam1/status")]
             # The updater (as cam1) asks its own agent to reload and sees it confirmed.
             publish(
                 make_bundle(tmp_path / "b2", "2.0.0", keys.private_key),

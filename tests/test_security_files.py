@@ -22,7 +22,7 @@ from mqtt_broker import MosquittoBroker, Subscriber
 
 from edge_agent.config import KeepConfig
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.service.disk_budget import training_budget
+from edge_agent.service.disk_budget import BudgetExceeded, DiskBudget, training_budget
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
 from edge_agent.service.review import ReviewError, ReviewStore
 
@@ -83,6 +83,15 @@ def test_review_moves_respect_the_training_budget(contract_model: LoadedModel, t
     with pytest.raises(ReviewError, match=r"keep\.min_free_mb"):
         store.mark_good(ids[0])
     assert (tmp_path / "kept" / ids[0] / "frame.png").is_file()  # still waiting for review
+
+
+def test_a_long_lived_budget_sees_what_others_wrote(tmp_path: Path) -> None:
+    """The review page's budget walks training_dir again (a recording adds files it never claimed)."""
+    budget = DiskBudget(tmp_path, max_total_mb=0.01, min_free_mb=0, name="keep", remeasure_s=0.0)
+    budget.claim(1000)
+    (tmp_path / "recorded.png").write_bytes(b"x" * 20_000)
+    with pytest.raises(BudgetExceeded, match=r"keep\.training_max_total_mb"):
+        budget.claim(1)
 
 
 @pytest.fixture

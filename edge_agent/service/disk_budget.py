@@ -5,7 +5,8 @@ Kept frames (keep.py) and snapshots (snapshot.py) have their own limits; the tra
 disk with the spool. ``DiskBudget.claim(n)`` is asked before every write of about ``n`` bytes and refuses
 when the file system would be left with less than ``min_free_mb`` free or the folder would grow past
 ``max_total_mb``. The folder's size is measured once (a walk) and then kept up to date from the claims,
-so a recording does not walk 100,000 files per frame.
+so a recording does not walk 100,000 files per frame; a long-lived budget (the review page's) measures
+again after ``remeasure_s``, as recordings add files it does not see.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from edge_agent.config import KeepConfig
@@ -49,21 +51,28 @@ def free_bytes(directory: Path) -> int | None:
 class DiskBudget:
     """The floor and quota of one folder (thread-safe)."""
 
-    def __init__(self, root: Path, max_total_mb: float, min_free_mb: float, name: str) -> None:
-        """``name`` is the config section whose keys the refusals cite (e.g. ``keep``)."""
+    def __init__(
+        self, root: Path, max_total_mb: float, min_free_mb: float, name: str, remeasure_s: float | None = None
+    ) -> None:
+        """``name`` is the config section whose keys the refusals cite (e.g. ``keep``); ``remeasure_s``: walk
+        the folder again when the last walk is older (None: once, then only this budget's own claims)."""
         self.root = Path(root)
         self.max_total_bytes = max_total_mb * 1e6
         self.min_free_bytes = min_free_mb * 1e6
         self.name = name
+        self.remeasure_s = remeasure_s
         self._lock = threading.Lock()
         self._used: int | None = None
+        self._measured = 0.0
 
     @property
     def used(self) -> int:
-        """Bytes under the root (measured once, then counted)."""
+        """Bytes under the root (measured, then counted from the claims)."""
         with self._lock:
-            if self._used is None:
+            stale = self.remeasure_s is not None and time.monotonic() - self._measured > self.remeasure_s
+            if self._used is None or stale:
                 self._used = tree_size(self.root) if self.root.exists() else 0
+                self._measured = time.monotonic()
             return self._used
 
     def problem(self, size: int = 0) -> str | None:
@@ -96,10 +105,10 @@ class DiskBudget:
                 self._used = max(0, self._used - size)
 
 
-def training_budget(keep: KeepConfig, root: Path | None = None) -> DiskBudget:
+def training_budget(keep: KeepConfig, root: Path | None = None, remeasure_s: float | None = None) -> DiskBudget:
     """The budget of ``keep.training_dir`` (or ``root``, a recording's own folder): the keep's free-space floor
     (``keep.min_free_mb``) and ``keep.training_max_total_mb``."""
     folder = root if root is not None else keep.training_dir
     if folder is None:
         raise ValueError("keep.training_dir is not set")
-    return DiskBudget(folder, keep.training_max_total_mb, keep.min_free_mb, "keep")
+    return DiskBudget(folder, keep.training_max_total_mb, keep.min_free_mb, "keep", remeasure_s)

@@ -36,6 +36,9 @@ from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettin
 
 log = logging.getLogger(__name__)
 
+# The review page's view of training_dir's size is walked again this often: recordings add to it meanwhile.
+REVIEW_REMEASURE_S = 60.0
+
 SHADOW_STATE_EVERY_S = 60.0
 
 
@@ -84,7 +87,7 @@ class LineLoop:
             keep = self.settings.keep
             assert keep.dir is not None and keep.training_dir is not None
             keeper = self.parts.keeper
-            store = ReviewStore(keep.dir, keep.training_dir, training_budget(keep))
+            store = ReviewStore(keep.dir, keep.training_dir, training_budget(keep, remeasure_s=REVIEW_REMEASURE_S))
             ReviewPage(store, keeper.forget if keeper else None).register(http)
 
     def start(self) -> None:
