@@ -219,7 +219,7 @@ def _status(port: int, method: str, headers: dict[str, str], body: bytes = b"") 
 def test_a_foreign_host_or_origin_is_refused_dns_rebinding() -> None:
     """Issue 24 finding 9: a page whose name is rebound to the box names that name in Host and Origin."""
     calls: list[bytes] = []
-    server = HttpServer("127.0.0.1", 0, allowed_hosts=["edge-box.local"])
+    server = HttpServer("127.0.0.1", 0)
     server.route("/healthz", lambda request: HttpResponse(200, b"ok\n"))
     server.route_post("/trigger", lambda request: calls.append(request.body) or HttpResponse(202, b"ok\n"))
     server.start()
@@ -237,12 +237,22 @@ def test_a_foreign_host_or_origin_is_refused_dns_rebinding() -> None:
         assert _status(port, "POST", other_port, b"{}") == 403
         assert _status(port, "POST", {"Host": f"127.0.0.1:{port}", "Origin": "null", **action}, b"{}") == 403
         assert calls == []
-        # The box's own names: IP literals, localhost and the configured name; same-origin POSTs; no Origin.
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "EDGE-BOX.local"):
+        # The box's own names: IP literals and localhost; same-origin POSTs; POSTs without Origin (a PLC, curl).
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
             assert _status(port, "GET", {"Host": host}) == 200, host
         same = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}", **action}
         assert _status(port, "POST", same, b"{}") == 202
         assert _status(port, "POST", {"Host": f"127.0.0.1:{port}", **action}, b"{}") == 202
         assert len(calls) == 2
+        assert _status(port, "GET", {"Host": "edge-box.local"}) == 421
     finally:
         server.stop()
+    # A name the operator reaches the box by ([http] allowed_hosts), in any case.
+    named = HttpServer("127.0.0.1", 0, allowed_hosts=["edge-box.local"])
+    named.route("/healthz", lambda request: HttpResponse(200, b"ok\n"))
+    named.start()
+    try:
+        assert _status(named.port, "GET", {"Host": f"EDGE-BOX.local:{named.port}"}) == 200
+        assert _status(named.port, "GET", {"Host": "attacker.example"}) == 421
+    finally:
+        named.stop()
