@@ -33,9 +33,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.inspection.drivers import IMAGE_SUFFIXES  # one list: what the agent reads, training reads
 from edge_agent.inspection.preprocess import model_input
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 DEFAULT_VAL_FRACTION = 0.1
 

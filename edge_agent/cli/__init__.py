@@ -10,7 +10,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge_agent.cli.common import EXIT_CONFIG, CommandTable, build_command_parser, parse_command
+from edge_agent.cli.common import (
+    EXIT_CONFIG,
+    CommandTable,
+    build_command_parser,
+    parse_command,
+    run_quietly_on_broken_pipe,
+)
 
 # name -> (module, one-line help). Add a command by adding a line.
 COMMANDS: CommandTable = {
@@ -61,4 +67,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed is None:
         return EXIT_CONFIG
     args, module = parsed
-    return int(module.run(args) or 0)
+    return run_quietly_on_broken_pipe(lambda: int(module.run(args) or 0))

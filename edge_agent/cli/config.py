@@ -55,8 +55,43 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     else:
         where = args.config or "defaults + environment"
-        print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.model.bundle})")
+        missing = missing_files(settings)
+        if missing:
+            for key, path in missing:
+                print(f"error: {key} = {path} does not exist (`edge-agent run` would stop on it)")
+            return EXIT_CONFIG
+        print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.bundle_dir})")
+        if not settings.bundle_dir.exists():
+            print(
+                f"note: no model is installed at {settings.bundle_dir} yet: `run` needs one (a fleet update installs it)"
+            )
     return EXIT_OK
+
+
+def missing_files(settings: AgentSettings) -> list[tuple[str, Path]]:
+    """(key, path) of every file or folder the config names explicitly that does not exist.
+
+    Only explicit settings: a default location (the installed model, the state dir) may legitimately
+    be empty before the first update, and the check is run before installing too.
+    """
+    default_bundle = settings.state_dir / "models" / "current"  # filled in by the settings when unset
+    named: list[tuple[str, Path | None]] = [
+        ("model.bundle", None if settings.model.bundle == default_bundle else settings.model.bundle),
+        ("model.shadow", settings.model.shadow),
+        ("update.public_key", settings.update.public_key),
+        ("update.ca_file", settings.update.ca_file),
+    ]
+    if settings.mqtt.tls is not None:
+        tls = settings.mqtt.tls
+        named += [
+            ("mqtt.tls.ca_file", tls.ca_file),
+            ("mqtt.tls.cert_file", tls.cert_file),
+            ("mqtt.tls.key_file", tls.key_file),
+        ]
+    source = settings.update.source
+    if source and "://" not in source:
+        named.append(("update.source", Path(source)))  # a directory holding latest.json
+    return [(key, path) for key, path in named if path is not None and not path.exists()]
 
 
 def ip_allow_dropin(settings: AgentSettings, where: str) -> str:
@@ -176,6 +211,10 @@ def _type_name(annotation: object) -> str:
         return " \\| ".join(_type_name(a) for a in args)
     if origin is tuple:
         return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    if origin is list:
+        return "list of " + (_type_name(args[0]) if args else "values")
+    if origin is dict:
+        return "table of " + (_type_name(args[1]) if len(args) == 2 else "values")
     if annotation is type(None):
         return "none"
     if isinstance(annotation, type):
@@ -187,7 +226,13 @@ def _type_name(annotation: object) -> str:
 
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
-        return "(computed)" if field.default is PydanticUndefined else f"`{field.default}`"
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "doc_default" in extra:  # a default that depends on the machine (the host name)
+            return str(extra["doc_default"])
+        value = field.default_factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            return "(section)"
+        return f"`{json.dumps(value, default=str)}`"
     if field.default is None:
         return "unset"
     if field.default is PydanticUndefined:

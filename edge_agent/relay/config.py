@@ -272,6 +272,7 @@ class RelaySettings(FileAndEnvSettings):
 
     relay_id: str = Field(
         default_factory=lambda: os.uname().nodename,
+        json_schema_extra={"doc_default": "the host name"},
         description="this relay in MQTT topics (<prefix>/relay/<relay_id>/) and its default client id",
     )
     state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="the decisions journal lives here")
