@@ -170,9 +170,9 @@ class RejectRelay:
         kind of message, that the camera is one this relay acts for, and the sender's message budget.
         """
         kind = self.gate.kind(topic)
-        refused, device = self.gate.admit(kind, topic, payload)
-        if refused is not None:
-            return refused
+        refusal, device = self.gate.admit(kind, topic, payload)
+        if refusal is not None:
+            return refusal
         if kind == "speed":
             return self.parts.handle_speed(topic, payload)
         if kind == "encoder":
