@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
@@ -23,7 +23,10 @@ OTHER_ENV_PREFIXES = ("EDGE_AGENT_RELAY_",)
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
-ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"  # a device, relay or message id: safe in topics and argv
+# A device, relay or message id: safe in topics, file names and argv. It starts with a letter or digit (no "-" for
+# option injection, no "." or ".." for paths); Python code matches it with fullmatch (``$`` alone would let a
+# trailing newline through: messages.is_valid_id).
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Section(BaseModel):
@@ -140,6 +143,12 @@ class MqttConfig(_Section):
     )
     username: str | None = Field(default=None, description="broker user name; unset: no authentication")
     password: SecretStr | None = Field(default=None, description="never printed (config --show shows **********)")
+    updater_username: str | None = Field(
+        default=None,
+        description="user name of `edge-agent update`'s own connection (same password); default "
+        "<username>-updater. The shipped broker config binds a client id to its user name, so the agent and its "
+        "updater, connected at once, need two",
+    )
     tls: TlsConfig | None = None
     publish: Literal["all", "anomalous", "none"] = Field(
         default="all",
@@ -192,6 +201,31 @@ class HttpConfig(_Section):
     preview_max_fps: float = Field(
         default=1.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names (besides IP literals and localhost) that requests may name in Host, and POSTs "
+        "in Origin; any other is refused, so a page whose name is rebound to this box (DNS rebinding) cannot "
+        "use it. Add the box's DNS name when browsers or Prometheus reach it by name",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a whole request (or the idle wait for the next one) must arrive within this, however slowly "
+        "it drips",
+    )
+    max_connections_per_address: int = Field(
+        default=8, ge=1, le=32, description="connections served at once from one client address (32 in all)"
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            # A bare name: "box.example", not a URL or host:port (the port is not compared).
+            if not name or not all(c.isalnum() or c in ".-" for c in name) or name.startswith(("-", ".")):
+                raise ValueError("allowed_hosts: host names only (letters, digits, '.', '-'), no scheme or port")
+        return names
 
 
 class UpdateConfig(_Section):
@@ -308,7 +342,16 @@ class KeepConfig(_Section):
     )
     max_total_mb: float = Field(default=2000.0, gt=0, description="disk quota: the oldest kept frames are removed")
     min_free_mb: float = Field(
-        default=1024.0, ge=0, description="keep nothing while the file system has less free space (the spool first)"
+        default=1024.0,
+        ge=0,
+        description="keep nothing, record nothing (cmd/record, edge-agent record) and move no reviewed frame into "
+        "training_dir while the file system has less free space (the spool first)",
+    )
+    training_max_total_mb: float = Field(
+        default=5000.0,
+        gt=0,
+        description="quota of training_dir (recordings and reviewed frames): a recording stops and a review "
+        "decision is refused beyond it; nothing is removed",
     )
     queue: int = Field(
         default=8, ge=1, le=256, description="frames waiting for the writer; beyond, skipped and counted"
@@ -349,8 +392,8 @@ class AgentSettings(FileAndEnvSettings):
         default_factory=lambda: os.uname().nodename,
         json_schema_extra={"doc_default": "the host name"},
         pattern=ID_PATTERN,
-        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, not starting "
-        "with -)",
+        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, starting "
+        "with a letter or digit)",
     )
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR, description="models, engine plans, spool, snapshots and the Numba cache live here"

@@ -31,7 +31,7 @@ def test_the_demo_config_checks_with_its_part_travel(tmp_path: Path, broker: Mos
     result = _check(config)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    part = plan["devices"]["<any other camera>"]["part_mode"]
+    part = plan["devices"]["cam1"]["part_mode"]
     # The demo fires parts by distance and speed: 0.3 m at 0.2 m/s is 1.5 s from the decision line.
     assert part["travel_s"] == pytest.approx(DECISION_DISTANCE_M / 0.2)
     assert part["decision_distance_m"] == DECISION_DISTANCE_M and plan["problems"] == []
@@ -42,7 +42,7 @@ def test_the_demo_config_checks_with_its_part_travel(tmp_path: Path, broker: Mos
 
 
 def test_a_missing_command_or_gpio_chip_fails_the_check(tmp_path: Path) -> None:
-    base = f'state_dir = "{tmp_path / "state"}"\n[timing]\ndecision_distance_m = 0.5\nspeed_m_s = 0.5\n'
+    base = f'state_dir = "{tmp_path / "state"}"\ncameras = ["cam1"]\n[timing]\ndecision_distance_m = 0.5\nspeed_m_s = 0.5\n'
     missing = tmp_path / "missing.toml"
     missing.write_text(base + '[actuator]\nkind = "command"\ncommand = ["/nonexistent/fire-reject"]\n')
     result = _check(missing)
@@ -59,4 +59,4 @@ def test_a_missing_command_or_gpio_chip_fails_the_check(tmp_path: Path) -> None:
     good.write_text(base + f'[actuator]\nkind = "command"\ncommand = ["{gpioset}", "--help"]\n')
     result = _check(good)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["devices"]["<any other camera>"]["part_mode"]["travel_s"] == pytest.approx(1.0)
+    assert json.loads(result.stdout)["devices"]["cam1"]["part_mode"]["travel_s"] == pytest.approx(1.0)

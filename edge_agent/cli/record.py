@@ -38,6 +38,7 @@ from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.parts import TrackedParts
 from edge_agent.logs import setup_logging
+from edge_agent.service.disk_budget import training_budget
 from edge_agent.service.record_gate import HeldFrame, RecordGate, frame_clock
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
 
@@ -85,7 +86,11 @@ def record_frames(
     from edge_agent.inspection.frame_source import FrameSource, SourceError
 
     try:
-        recorder = FrameRecorder(out, record)
+        # The keep's free-space floor always; the training quota over training_dir when recording into it, else
+        # over the output folder.
+        training = settings.keep.training_dir
+        inside = training is not None and Path(out).resolve().is_relative_to(training.resolve())
+        recorder = FrameRecorder(out, record, budget=training_budget(settings.keep, None if inside else Path(out)))
     except RecordError as exc:
         print(f"edge-agent record: {exc}", file=sys.stderr)
         return EXIT_FAILURE

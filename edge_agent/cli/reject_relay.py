@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         setup_logging("INFO", "text")
         log.error("configuration error: %s", exc, extra={"event": "config_error"})
         return EXIT_CONFIG
+    config_problems: list[str] = []
+    reach_problems: list[str] = []
     if args.check:
         description = describe(settings)
         config_problems, reach_problems = check_actuators(settings)
@@ -71,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(description, indent=2))
         for problem in config_problems + reach_problems:
             print(f"edge-agent reject-relay --check: {problem}", file=sys.stderr)
+    if not settings.known_devices:
+        # It would count every message unknown_devices and fire nothing: say so now, not on the line.
+        setup_logging("INFO", "text")
+        log.error(
+            "configuration error: no camera: list the cameras this relay acts for in cameras = [...] (top level) or "
+            "under [devices.<device_id>]",
+            extra={"event": "config_error"},
+        )
+        return EXIT_CONFIG
+    if args.check:
         return EXIT_CONFIG if config_problems else EXIT_FAILURE if reach_problems else EXIT_OK
     setup_logging(settings.log_level, settings.log_format)
     return run_relay(settings)
@@ -79,16 +91,16 @@ def run(args: argparse.Namespace) -> int:
 def describe(settings: RelaySettings) -> dict[str, object]:
     """What the relay will do, for ``--check`` (no connection, no journal)."""
     devices: dict[str, object] = {}
-    for device_id in [*settings.devices, "<any other camera>"]:
-        timing = settings.timing_for(device_id) if device_id in settings.devices else settings.timing_for("")
-        actuator = settings.actuator_for(device_id) if device_id in settings.devices else settings.actuator
+    for device_id in settings.known_devices:
+        timing = settings.timing_for(device_id)
+        actuator = settings.actuator_for(device_id)
         devices[device_id] = {
             "travel_s": timing.travel_s if timing else None,
             "travel": timing.how if timing else "not configured: anomalous messages are counted 'unconfigured'",
             "tolerance_s": timing.tolerance_s if timing else None,
             "clock_offset_s": timing.clock_offset_s if timing else None,
             "actuator": _without_secrets(actuator.model_dump(exclude_none=True)) if actuator else None,
-            "part_mode": _part_travel(settings, device_id if device_id in settings.devices else ""),
+            "part_mode": _part_travel(settings, device_id),
         }
     return {
         "relay_id": settings.relay_id,
@@ -99,6 +111,8 @@ def describe(settings: RelaySettings) -> dict[str, object]:
         "clock": settings.clock.model_dump(),
         "journal": str(settings.journal),
         "devices": devices,
+        "other_cameras": "counted unknown_devices, never fired (not in cameras or [devices])",
+        "limits": settings.limits.model_dump(),
     }
 
 

@@ -27,6 +27,7 @@ from edge_agent.cli.common import (
     train_hint,
 )
 from edge_agent.config import ConfigError, load_settings
+from edge_agent.service.disk_budget import training_budget
 from edge_agent.service.review import ReviewError, ReviewStore, export_split
 
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     keep = settings.keep
     assert keep.dir is not None and keep.training_dir is not None
-    store = ReviewStore(keep.dir, keep.training_dir)
+    store = ReviewStore(keep.dir, keep.training_dir, training_budget(keep))
     try:
         if args.action == "list":
             for frame in store.frames(limit=10_000):

@@ -96,7 +96,13 @@ class Agent:
         self.http: HttpServer | None = None
         self.preview: PreviewPage | None = None
         if settings.http.enabled:
-            self.http = HttpServer(settings.http.host, settings.http.port)
+            self.http = HttpServer(
+                settings.http.host,
+                settings.http.port,
+                idle_timeout_s=settings.http.request_timeout_s,
+                max_per_address=settings.http.max_connections_per_address,
+                allowed_hosts=settings.http.allowed_hosts,
+            )
             self.http.route("/metrics", self._metrics_route)
             self.http.route("/healthz", self._health_route)
             self.part_inputs.attach_http(self.http)

@@ -28,6 +28,7 @@ from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
 from edge_agent.publish.commands import CommandFailed, Done
 from edge_agent.publish.messages import PartMessage, RecordCommand
+from edge_agent.service.disk_budget import training_budget
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
@@ -36,6 +37,9 @@ from edge_agent.service.record_gate import HeldFrame, RecordGate, frame_clock
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
 
 log = logging.getLogger(__name__)
+
+# The review page's view of training_dir's size is walked again this often: recordings add to it meanwhile.
+REVIEW_REMEASURE_S = 60.0
 
 SHADOW_STATE_EVERY_S = 60.0
 RECORD_QUEUE = 16  # released frames waiting for the PNG writer (a decided part releases its frames at once)
@@ -93,7 +97,8 @@ class LineLoop:
             keep = self.settings.keep
             assert keep.dir is not None and keep.training_dir is not None
             keeper = self.parts.keeper
-            ReviewPage(ReviewStore(keep.dir, keep.training_dir), keeper.forget if keeper else None).register(http)
+            store = ReviewStore(keep.dir, keep.training_dir, training_budget(keep, remeasure_s=REVIEW_REMEASURE_S))
+            ReviewPage(store, keeper.forget if keeper else None).register(http)
 
     def start(self) -> None:
         """Start the writer threads and load the shadow model (a shadow that cannot load is logged, not fatal)."""
@@ -183,14 +188,18 @@ class LineLoop:
     # -- shadow -------------------------------------------------------------------------------------
 
     def _start_shadow(self, path: Path) -> None:
+        from edge_agent.fleet.signing import SigningError, verify_installed_bundle
         from edge_agent.inspection.loaded_model import ModelLoadError, load_model
         from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
 
         # One ONNX Runtime thread: the shadow's work stays on its own niced thread.
         config = self.settings.model.model_copy(update={"threads": 1})
         try:
+            # Like the live bundle: with a fleet key configured, the shadow must carry a valid signature too
+            # (it runs on live frames, and its totals open the fleet's shadow gate).
+            verify_installed_bundle(path, self.settings.update.public_key)
             candidate = load_model(path, config, self.settings.nfa)
-        except ModelLoadError as exc:
+        except (ModelLoadError, SigningError) as exc:
             log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
             return
         runner = ShadowRunner(
@@ -246,7 +255,7 @@ class LineLoop:
         out = keep.training_dir / "good" / f"record-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
             settings = RecordSettings(command.count, command.every_s, command.only_good, command.min_difference)
-            recorder = FrameRecorder(out, settings)
+            recorder = FrameRecorder(out, settings, budget=training_budget(keep))
         except (RecordError, ValueError) as exc:
             raise CommandFailed(str(exc)) from exc
         gate = RecordGate(self._release_to_writer, recorder.note, settings.every_s)
