@@ -95,6 +95,7 @@ class Threads:
     label: str
     threads: int
     spinning: str
+    pin: bool = False  # agent rows: the inference thread on the first core, every other thread on the rest
 
     @property
     def model(self) -> dict[str, object]:
@@ -102,7 +103,9 @@ class Threads:
 
 
 def parse_threads(text: str, cores: int) -> Threads:
-    """``auto``, ``ort`` (a thread per core, spinning), ``N``, ``N:on`` or ``N:off``."""
+    """``auto``, ``ort`` (a thread per core, spinning), ``N``, ``N:on``, ``N:off``, or ``1:pin``."""
+    if text == "1:pin":
+        return Threads("1 pinned", 1, "auto", pin=True)
     if text == "auto":
         return Threads("auto", 0, "auto")
     if text == "ort":
@@ -387,7 +390,10 @@ def main() -> int:
                             if source == "folder"
                             else max(5.0, args.frames / min(_rate(source), 1.0) / reference_fps)
                         )
-                        run = run_agent_once(settings, None, raw=raw, duration_s=duration)
+                        hook = _pin_stages if setting.pin else None
+                        all_cores = os.sched_getaffinity(0)
+                        run = run_agent_once(settings, None, raw=raw, duration_s=duration, on_agent=hook)
+                        os.sched_setaffinity(0, all_cores)  # the pinned run narrowed this (main) thread too
                     p50, p99 = np.percentile(run.latencies_ms, [50, 99])
                     cpu = {k: 1000 * v / max(1, run.frames) for k, v in run.cpu_s.items()}
                     rows.append(
@@ -408,6 +414,30 @@ def main() -> int:
             engine.close()
     _print(bundle_dir, bundle, args, rows, cores, reference_fps, uptime_before, _uptime())
     return 0
+
+
+def _pin_stages(agent: Agent) -> None:
+    """Once the stage threads run: inference on the first core, every other thread of the process on the rest.
+
+    Measures whether the engine and the other stages are better off on their own cores (with one intra-op
+    thread, ONNX Runtime computes in the inference thread itself).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    engine_core, rest = {cores[0]}, set(cores[1:]) or {cores[0]}
+
+    def pin() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stages = {t.name: t for t in threading.enumerate() if t.name.startswith("stage-")}
+            if len(stages) == 4 and all(t.native_id for t in stages.values()):
+                break
+            time.sleep(0.01)
+        for thread in threading.enumerate():
+            if thread.native_id is not None and thread is not threading.current_thread():
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    os.sched_setaffinity(thread.native_id, engine_core if thread.name == "stage-infer" else rest)
+
+    threading.Thread(target=pin, name="bench-pin", daemon=True).start()
 
 
 def _rate(source: str) -> float:
