@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from edge_agent.bundle import Bundle
     from edge_agent.config import AgentSettings
     from edge_agent.engines import Engine
+    from edge_agent.engines.threads import Spinning
     from edge_agent.inspection.pipeline import FrameJob
     from edge_agent.inspection.scoring import FrameScorer
     from edge_agent.publish.outbox import Outbox
@@ -94,7 +95,7 @@ class Threads:
 
     label: str
     threads: int
-    spinning: str
+    spinning: Spinning
     pin: bool = False  # agent rows: the inference thread on the first core, every other thread on the rest
 
     @property
@@ -114,7 +115,7 @@ def parse_threads(text: str, cores: int) -> Threads:
     if not count.isdigit() or int(count) < 1 or spin not in ("", "on", "off"):
         raise SystemExit(f"bad thread setting {text!r}: auto, ort, N, N:on or N:off")
     label = count + {"": "", "on": " spin", "off": " no spin"}[spin]
-    return Threads(label, int(count), spin or "auto")
+    return Threads(label, int(count), "on" if spin == "on" else "off" if spin == "off" else "auto")
 
 
 def ensure_bundle(path: Path | None, epochs: int) -> Path:
@@ -336,9 +337,12 @@ def main() -> int:
         frames_dir = Path(tmp) / "frames"
         frames_dir.mkdir()
         paths = make_frames(frames_dir, args.frames, spec.width)
-        bgr = [cv2.imread(str(p)) for p in paths]
+        bgr: list[np.ndarray] = [cv2.imread(str(p)) for p in paths]  # type: ignore[misc]
         images = [model_input(b, spec.height, spec.width) for b in bgr]
-        engines = {t: create_engine(bundle, ModelConfig(backend="onnxruntime", **t.model)) for t in engine_settings}
+        engines = {
+            t: create_engine(bundle, ModelConfig(backend="onnxruntime", threads=t.threads, spinning=t.spinning))
+            for t in engine_settings
+        }
         for engine in engines.values():  # warm-up: ORT allocations, NFA JIT at these shapes
             for image in images[:5]:
                 scorer.score(engine.infer(image), (spec.width, spec.height))

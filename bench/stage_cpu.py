@@ -92,7 +92,7 @@ class StageCpu:
 def write_mjpeg_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
     """BGR frames as an MJPEG AVI (ffmpeg can serve it without re-encoding)."""
     height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
     if not writer.isOpened():
         raise RuntimeError(f"this OpenCV cannot write MJPEG to {path}")
     try:
