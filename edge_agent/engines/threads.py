@@ -12,16 +12,17 @@ run on (``os.sched_getaffinity``) and whether the source is live:
 - 2 or more cores: one intra-op thread per core, **not spinning**: when a frame is inferred the engine
   uses every core, and between frames (or while it waits for the next camera frame) its threads sleep,
   so the NFA, capture and publish threads get the cores back. Measured on 2 cores (docs/agent.md,
-  "Threads"): the same or better engine+NFA throughput than spinning, and on a live camera at twice
-  the engine rate about 1.4x the frames of ORT's default.
+  "Threads"): spinning costs 2.5-3x the frame rate (engine alone and agent alike, on a machine with
+  other runnable threads), and two non-spinning threads beat one by 1.3-1.9x on every source.
 - inter-op threads: 1. The session runs its graph sequentially (``ORT_SEQUENTIAL``), so more inter-op
   threads would only be idle threads.
-- no core pinning: pinning the engine to its own core(s) caps it at that share of the machine while
-  the other stages idle; on 2 cores that is one intra-op thread, below the unpinned figure above.
+- no core pinning (``pin_cores`` is False): the engine on a core of its own caps it at that core while
+  the other stages use little of theirs; see docs/agent.md for the measurement.
 
-The source matters little with spinning off; it is part of the plan (and of ``edge-agent doctor``'s
-row) because a saturated file or folder source keeps the engine busy every frame, where spinning
-costs less. Explicit settings win: ``model.threads > 0`` sets the intra-op threads, ``model.spinning``
+The source is part of the plan and of ``edge-agent doctor``'s row, but on 2 cores the measurements
+give the same choice for a live source and a folder (spinning costs both). More than 2 cores could not be
+measured; a thread per core without spinning there is the same reasoning, not a measurement.
+Explicit settings win: ``model.threads > 0`` sets the intra-op threads, ``model.spinning``
 = on/off sets spinning.
 """
 
