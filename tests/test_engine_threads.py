@@ -54,7 +54,7 @@ def test_the_plan_says_what_and_why() -> None:
 
 @pytest.mark.parametrize(("threads", "cores"), [(-1, 2), (0, 0)])
 def test_impossible_inputs_are_refused(threads: int, cores: int) -> None:
-    with pytest.raises(ValueError, match="threads|cores"):
+    with pytest.raises(ValueError, match=r"threads|cores"):
         plan_threads(threads, "auto", cores=cores, live=False)
 
 
