@@ -47,7 +47,17 @@ class ModelConfig(_Section):
         description="which model of the bundle runs: fp32 is model.onnx, fp16/int8 the variant the bundle lists "
         "(uflow calibrate; docs/precision.md)",
     )
-    threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads; 0 = chosen for this machine's cores and the source "
+        "(edge-agent doctor says what and why; docs/agent.md, Threads)",
+    )
+    spinning: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="ONNX Runtime threads spin while waiting for work (session.intra_op/inter_op.allow_spinning); "
+        "auto: chosen with threads (off where other stages share the cores)",
+    )
     engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
     tensorrt_workspace_mb: int = Field(default=1024, ge=64, description="TensorRT builder workspace (build-engine)")
     shadow: Path | None = Field(

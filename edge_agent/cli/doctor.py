@@ -211,7 +211,7 @@ def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
     checks = [Check("bundle", "ok", f"{path}: {manifest.name} {manifest.version}, {manifest.backbone} at {size}")]
     checks.append(_check_signature(bundle.root, settings))
     checks.append(check_detection_power(manifest))
-    checks.append(_check_engine(bundle, settings))
+    checks.extend(_check_engine(bundle, settings))
     return checks
 
 
@@ -251,25 +251,37 @@ def _check_signature(root: Path, settings: AgentSettings) -> Check:
     return Check("signature", "ok", f"model.json signed by fleet key {fingerprint}")
 
 
-def _check_engine(bundle: Bundle, settings: AgentSettings) -> Check:
+def source_is_live(settings: AgentSettings) -> bool:
+    """Whether the configured source is a camera, stream or GStreamer pipeline (from its kind or URI)."""
+    from edge_agent.inspection.drivers import LIVE_KINDS, detect_kind
+
+    kind = settings.source.kind if settings.source.kind != "auto" else detect_kind(settings.source.uri)
+    return kind in LIVE_KINDS
+
+
+def _check_engine(bundle: Bundle, settings: AgentSettings) -> list[Check]:
+    """The engine row and, for ONNX Runtime, the threads row: what was chosen for this box and source, and why."""
     import numpy as np
 
     from edge_agent.engines import EngineUnavailable, create_engine
 
     try:
-        engine = create_engine(bundle, settings.model)
+        engine = create_engine(bundle, settings.model, live=source_is_live(settings))
     except (EngineUnavailable, ValueError, RuntimeError) as exc:
-        return Check("engine", "fail", str(exc))
+        return [Check("engine", "fail", str(exc))]
+    plan = getattr(engine, "threads", None)  # ONNX Runtime only (TensorRT runs on the GPU)
+    threads = [Check("threads", "ok", plan.describe())] if plan is not None else []
     try:
         _, height, width, _ = engine.io.input.shape
         frame = np.full((height, width, 3), 128, dtype=np.uint8)
         engine.infer(frame)  # first call pays for allocation and graph set-up
         ms = _median_ms(lambda: engine.infer(frame), repeats=5)
     except Exception as exc:  # any backend failure on a real frame is what the engineer must see
-        return Check("engine", "fail", f"{engine.backend} loaded but inference failed: {exc}")
+        return [Check("engine", "fail", f"{engine.backend} loaded but inference failed: {exc}"), *threads]
     finally:
         engine.close()
-    return Check("engine", "ok", f"{engine.backend} {settings.model.precision}: {ms:.1f} ms per frame (median of 5)")
+    ok = Check("engine", "ok", f"{engine.backend} {settings.model.precision}: {ms:.1f} ms per frame (median of 5)")
+    return [ok, *threads]
 
 
 def check_source(settings: AgentSettings) -> Check:

@@ -126,7 +126,7 @@ def run_agent(
         nfa.warm_up()
         # With a fleet key configured the installed bundle must still carry its signature (not only hashes).
         verify_installed_bundle(settings.bundle_dir, settings.update.public_key)
-        model = load_model(settings.bundle_dir, settings.model, settings.nfa)
+        model = load_model(settings.bundle_dir, settings.model, settings.nfa, live=source.live)
     except (ModelLoadError, SigningError) as exc:
         log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)})
         source.close()

@@ -353,7 +353,7 @@ class Agent:
         assert path is not None
         try:
             verify_installed_bundle(path, self.settings.update.public_key)
-            new = load_model(path, self.settings.model, self.nfa_overrides)
+            new = load_model(path, self.settings.model, self.nfa_overrides, live=self.pipeline.source.live)
         except (ModelLoadError, SigningError) as exc:
             raise CommandFailed(f"{exc}; still running {self.model.ref.name} {self.model.ref.version}") from exc
         if command.version is not None and new.ref.version != command.version:
