@@ -49,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "cert":
         assert plc.opcua_cert is not None and plc.opcua_key is not None
         if (plc.opcua_cert.exists() or plc.opcua_key.exists()) and not args.force:
-            print(f"edge-agent plc cert: {plc.opcua_cert} or {plc.opcua_key} exists (--force replaces it)", file=sys.stderr)
+            print(
+                f"edge-agent plc cert: {plc.opcua_cert} or {plc.opcua_key} exists (--force replaces it)",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
         if not 1 <= args.days <= 36500:
             print("edge-agent plc cert: --days must be 1 to 36500", file=sys.stderr)
