@@ -16,7 +16,7 @@ from pydantic_settings import SettingsConfigDict
 
 from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
 from edge_agent.config_files import FileAndEnvSettings, build_settings
-from edge_agent.plc.config import PlcConfig
+from edge_agent.config_plc import PlcConfig
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Programs whose variables share the agent's prefix (the reject relay: edge_agent/relay/config.py).

@@ -17,8 +17,8 @@ import pytest
 from mqtt_broker import free_port
 
 from edge_agent.config import load_settings
+from edge_agent.config_plc import PlcConfig
 from edge_agent.inspection.triggers import TriggerBook
-from edge_agent.plc.config import PlcConfig
 from edge_agent.plc.handshake import PlcHandshake, RefusalCode
 from edge_agent.publish.messages import PartFrames, PartMessage
 
@@ -340,3 +340,9 @@ def test_opcua_without_certificate_or_users_is_a_config_error_naming_the_command
     no_users = opcua_config(credentials, opcua_users_file=tmp_path / "users")
     with pytest.raises(ConfigError, match="edge-agent plc passwd"):
         OpcUaServer(no_users, handshake, "cam1").start()
+
+
+def test_plain_opcua_is_refused_off_loopback() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        PlcConfig(opcua_enabled=True, opcua_security="none", opcua_host="192.168.10.5")
+    assert PlcConfig(opcua_enabled=True, opcua_security="none", opcua_host="127.0.0.1")

@@ -1,6 +1,6 @@
 """A line's controller (PLC) talks to the agent natively (docs/plc.md).
 
-- ``config.py``: the ``[plc]`` keys;
+- the ``[plc]`` keys: edge_agent/config_plc.py (on the config's floor);
 - ``handshake.py``: the smart-camera handshake, protocol-free: trigger/busy/ready, results with
   ResultsValid/ResultsAck and a bounded queue, counters;
 - ``opcua.py``: the OPC UA server (asyncua) over the handshake; ``security.py``: its certificate, users

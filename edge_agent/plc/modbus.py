@@ -28,8 +28,8 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simutils import SimUtils
 
 from edge_agent.config_files import ConfigError
+from edge_agent.config_plc import PlcConfig
 from edge_agent.logs import log_event
-from edge_agent.plc.config import PlcConfig
 from edge_agent.plc.handshake import PlcHandshake, PlcRefused, PlcState, RefusalCode
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.internal_session import InternalSession
 
 from edge_agent.config_files import ConfigError
+from edge_agent.config_plc import PlcConfig
 from edge_agent.logs import log_event
-from edge_agent.plc.config import PlcConfig
 from edge_agent.plc.handshake import PlcHandshake, PlcRefused, PlcState
 from edge_agent.plc.security import SessionUsers, UsersFileError, application_uri, read_users
 

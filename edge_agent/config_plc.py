@@ -1,7 +1,7 @@
 """The ``[plc]`` section: the OPC UA and Modbus TCP servers a line's controller talks to (docs/plc.md).
 
-Both are off by default. Kept out of edge_agent/config.py (which imports this) so the PLC keys live
-beside the code that reads them; this module imports nothing from the project (no import cycle).
+Both are off by default. A module of its own beside edge_agent/config.py (which imports it; that file is
+long enough) on the config's floor (docs/design.md section 8): it imports nothing from the project.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class PlcConfig(BaseModel):
     opcua_security: Literal["sign_encrypt", "none"] = Field(
         default="sign_encrypt",
         description="sign_encrypt: only Basic256Sha256 Sign&Encrypt endpoints (needs opcua_cert/opcua_key, "
-        "`edge-agent plc cert`); none: plain endpoints, for a bench on loopback only",
+        "`edge-agent plc cert`); none: plain endpoints, refused unless opcua_host is loopback (a bench)",
     )
     opcua_cert: Path | None = Field(
         default=None, description="server certificate (DER); default <state_dir>/plc/server-cert.der"
@@ -89,6 +89,15 @@ class PlcConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _plain_opcua_on_loopback_only(self) -> PlcConfig:
+        if self.opcua_enabled and self.opcua_security == "none" and not _is_loopback(self.opcua_host):
+            raise ValueError(
+                f"plc.opcua_security = none sends passwords and results in clear text: only on loopback, not on "
+                f"{self.opcua_host!r} (use sign_encrypt)"
+            )
+        return self
+
     def fill_paths(self, state_dir: Path) -> None:
         """Default file locations under ``<state_dir>/plc``."""
         folder = state_dir / "plc"
@@ -98,6 +107,15 @@ class PlcConfig(BaseModel):
             self.opcua_key = folder / "server-key.pem"
         if self.opcua_users_file is None:
             self.opcua_users_file = folder / "users"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_wildcard(host: str) -> bool:
