@@ -61,7 +61,8 @@ class PlcBridge:
         self.handshake.set_online(True)
 
     def _make_servers(self) -> list[_Server]:
-        config, servers = self.settings.plc, []
+        config = self.settings.plc
+        servers: list[_Server] = []
         if config.opcua_enabled:
             try:
                 from edge_agent.plc.opcua import OpcUaServer

@@ -249,14 +249,14 @@ class OpcUaServer:
 
     async def _build_nodes(self, server: Server) -> None:
         index = await server.register_namespace(NAMESPACE)
-        camera = await server.nodes.objects.add_object(ua.NodeId("Camera", index), ua.QualifiedName("Camera", index))
+        camera = await server.nodes.objects.add_object(_node_id("Camera", index), ua.QualifiedName("Camera", index))
         initial = node_values(self.handshake.state())
         for name, (vtype, writable) in NODES.items():
             value = initial.get(
                 name, 0 if vtype not in (V.Boolean, V.String) else (False if vtype == V.Boolean else "")
             )
             node = await camera.add_variable(
-                ua.NodeId(name, index), ua.QualifiedName(name, index), ua.Variant(value, vtype), datatype=None
+                _node_id(name, index), ua.QualifiedName(name, index), ua.Variant(value, vtype), datatype=None
             )
             if writable:
                 await node.set_writable()
@@ -294,7 +294,7 @@ class OpcUaServer:
             self.handshake.trigger(self._trigger_id, "opcua")
             status = ua.StatusCode()
         except PlcRefused:
-            status = ua.StatusCode(ua.StatusCodes.BadInvalidState)
+            status = _bad(ua.StatusCodes.BadInvalidState)
         await self._set("Trigger", False)  # self-clearing: every write of True is one trigger
         return status
 
@@ -312,7 +312,7 @@ class OpcUaServer:
             return ua.StatusCode()
         except PlcRefused:
             await self._set("RecipeSelect", self.handshake.state().recipe_active)
-            return ua.StatusCode(ua.StatusCodes.BadOutOfRange)
+            return _bad(ua.StatusCodes.BadOutOfRange)
 
     def _on_state(self, state: PlcState) -> None:
         loop, queue = self._loop, self._states
@@ -375,6 +375,15 @@ def _trusted_clients(folder: Path) -> Callable[[Any, Any], Awaitable[None]]:
             raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
 
     return validate
+
+
+def _node_id(name: str, index: int) -> ua.NodeId:
+    """A string node id (asyncua types its arguments as its own NewTypes)."""
+    return ua.NodeId(ua.String(name), ua.Int16(index))
+
+
+def _bad(code: int) -> ua.StatusCode:
+    return ua.StatusCode(ua.UInt32(code))
 
 
 def _url_host(host: str) -> str:
