@@ -121,7 +121,7 @@ class OpcUaPlc:
                 queue.put_nowait(bool(value))
 
         subscription = await client.create_subscription(5, Handler())
-        await subscription.subscribe_data_change(self.node("ResultsValid"), queue_size=10)
+        await subscription.subscribe_data_change(self.node("ResultsValid"), queuesize=10)
         assert (await self.valid.get()) is False
 
     async def _until(self, value: bool) -> None:

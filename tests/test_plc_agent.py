@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.publish as mqtt_publish
 import pytest
 from agent_harness import write_frames
 from mqtt_broker import MosquittoBroker, Subscriber
@@ -160,17 +159,23 @@ def test_a_plc_that_never_acks_does_not_block_inspection(running: tuple[PlcAgent
     overflow_before = read(port, "-t", "3:int", "-B", "-r", "24", "-c", "1")[24]
     parts = Subscriber(broker, "uflow/cam1/part")
     try:
-        for _ in range(12):  # triggers from the line's MQTT gateway; the PLC acks none of the results
-            mqtt_publish.single("uflow/cam1/trigger", "{}", qos=1, hostname=broker.host, port=broker.port)
-            time.sleep(0.15)
+        for trigger_id in range(80001, 80013):  # 12 triggers; the PLC acks none of their results
+            deadline = time.monotonic() + 15
+            while read(port, "-t", "1", "-r", "1", "-c", "1")[1] != 1:  # TriggerReady
+                assert time.monotonic() < deadline, "TriggerReady never came back: inspection is blocked"
+                time.sleep(0.02)
+            write(port, "-t", "4:int", "-B", "-r", "0", "127.0.0.1", str(trigger_id))
+            write(port, "-t", "0", "-r", "0", "127.0.0.1", "1")
         assert parts.wait_for(lambda ms: len(ms) >= 12, 30), plc.agent.tail()
-        assert all(m.json()["status"] == "inspected" for m in parts.messages)
+        assert all(m.json()["status"] == "inspected" for m in parts.messages)  # every part went out on MQTT
         time.sleep(0.5)
         overflow = read(port, "-t", "3:int", "-B", "-r", "24", "-c", "1")[24] - overflow_before
         queued = read(port, "-t", "3:int", "-B", "-r", "12", "-c", "1")[12]
         assert queued == RESULTS_QUEUE and overflow == 12 - 1 - RESULTS_QUEUE  # one shown, the bound, the rest
+        assert read(port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 80001  # the oldest is still shown
         drain(port)
         assert read(port, "-t", "3:int", "-B", "-r", "12", "-c", "1")[12] == 0
+        assert read(port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 80012  # the newest was kept
     finally:
         parts.close()
 

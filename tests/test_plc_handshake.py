@@ -24,6 +24,11 @@ def part(part_id: str, anomalous: bool = False) -> PartMessage:
     )
 
 
+def plc_trigger(index: int) -> Trigger:
+    """A trigger the PLC sent (as the book hands it to the frame that serves it)."""
+    return Trigger(1.0 + index, "opcua", str(index))
+
+
 def online(bound: int = 3) -> tuple[PlcHandshake, TriggerBook, list[PlcState]]:
     book = TriggerBook(0.0, 1.0)
     handshake = PlcHandshake(book, bound)
@@ -66,7 +71,7 @@ def test_offline_and_out_of_range_ids_are_refused() -> None:
 def test_results_wait_for_the_ack_handshake_in_order_and_valid_falls_before_the_next() -> None:
     handshake, _, seen = online(bound=5)
     for index in range(3):
-        handshake.part_decided(None, part(f"p{index}"))
+        handshake.part_decided(plc_trigger(index), part(f"p{index}"))
     assert handshake.state().result.part_id == "p0" and handshake.state().queued == 2  # type: ignore[union-attr]
     presented = []
     for _ in range(3):
@@ -76,7 +81,7 @@ def test_results_wait_for_the_ack_handshake_in_order_and_valid_falls_before_the_
         handshake.ack(True)
         assert not handshake.state().results_valid  # the PLC sees it fall before it clears the ack
         if len(presented) == 1:  # a part decided while the ack is high waits its turn
-            handshake.part_decided(None, part("late1"))
+            handshake.part_decided(plc_trigger(99), part("late1"))
         handshake.ack(False)
     assert presented == ["p0", "p1", "p2"]
     assert handshake.state().result.part_id == "late1"  # type: ignore[union-attr]
@@ -88,13 +93,21 @@ def test_results_wait_for_the_ack_handshake_in_order_and_valid_falls_before_the_
 def test_a_plc_that_never_acks_loses_the_oldest_waiting_results_counted_never_blocks() -> None:
     handshake, _, _ = online(bound=3)
     for index in range(10):
-        handshake.part_decided(None, part(f"p{index}"))
+        handshake.part_decided(plc_trigger(index), part(f"p{index}"))
     state = handshake.state()
     assert state.result.part_id == "p0" and state.queued == 3 and state.counters.overflow == 6  # type: ignore[union-attr]
     assert state.counters.ok == 10  # every part was counted, none waited
     handshake.ack(True)
     handshake.ack(False)
     assert handshake.state().result.part_id == "p7"  # type: ignore[union-attr]
+
+
+def test_parts_of_other_trigger_sources_are_not_the_plcs() -> None:
+    handshake, _, _ = online()
+    handshake.part_decided(Trigger(1.0, "mqtt", "m1"), part("m1"))
+    handshake.part_decided(None, part("tracked"))
+    state = handshake.state()
+    assert not state.results_valid and state.result is None and state.counters.ok == 0
 
 
 def test_a_missed_plc_trigger_frees_busy_and_is_reported_as_no_frame() -> None:

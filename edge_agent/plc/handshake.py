@@ -6,7 +6,8 @@ The pattern of Cognex In-Sight, Landing AI's LandingEdge and Keyence IV I/O maps
   not Busy); otherwise refused with a reason and counted as a trigger error. An accepted trigger goes to
   the agent's trigger book like any other trigger (source ``opcua`` or ``modbus``) and the agent is Busy
   until that trigger's part is decided, or reported missed (no frame in time).
-- **Results**: every decided part (and every missed PLC trigger, status no_frame) becomes a result.
+- **Results**: the part of every PLC trigger (or its miss, status no_frame) becomes a result; parts
+  triggered over MQTT, HTTP or GPIO are not the PLC's business (they go to MQTT only).
   ResultsValid rises when a result is presented. The PLC reads it, then sets ResultsAck; ResultsValid
   falls; the PLC clears ResultsAck; the next queued result (if any) is then presented. Because the PLC
   sees ResultsValid fall before it clears the ack, a subscription never misses a result (no polling).
@@ -69,7 +70,7 @@ class PlcResult:
     """One result as the PLC reads it."""
 
     sequence: int  # 1, 2, ...: results presented or queued so far (ResultSequence)
-    trigger_id: int  # the PLC's TriggerId echoed (0 when the part came from another trigger source)
+    trigger_id: int  # the PLC's TriggerId echoed
     part_id: str
     status: ResultStatus
     passed: bool  # inspected and not anomalous
@@ -183,8 +184,10 @@ class PlcHandshake:
 
     def part_decided(self, trigger: Trigger | None, message: PartMessage) -> None:
         """A part message went out (the pipeline's part observer); its result goes to the PLC."""
+        if trigger is None or trigger.source not in PLC_SOURCES:
+            return  # the PLC is told about its own triggers only (MQTT/HTTP/GPIO parts go to MQTT)
         with self._lock:
-            if trigger is not None and trigger is self._busy:
+            if trigger is self._busy:
                 self._busy = None
             inspected = message.status == "inspected"
             passed = inspected and not message.anomalous
