@@ -24,7 +24,10 @@ OTHER_ENV_PREFIXES = ("EDGE_AGENT_RELAY_",)
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
-ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"  # a device, relay or message id: safe in topics and argv
+# A device, relay or message id: safe in topics, file names and argv. It starts with a letter or digit (no "-" for
+# option injection, no "." or ".." for paths); Python code matches it with fullmatch (``$`` alone would let a
+# trailing newline through: messages.is_valid_id).
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Section(BaseModel):
@@ -390,8 +393,8 @@ class AgentSettings(FileAndEnvSettings):
         default_factory=lambda: os.uname().nodename,
         json_schema_extra={"doc_default": "the host name"},
         pattern=ID_PATTERN,
-        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, not starting "
-        "with -)",
+        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, starting "
+        "with a letter or digit)",
     )
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR, description="models, engine plans, spool, snapshots and the Numba cache live here"

@@ -252,7 +252,7 @@ def test_only_the_operator_commands_a_box_and_every_identity_does_its_job(
 def write_relay_config(path: Path, broker: Broker, state_dir: Path, actuator_url: str, delay_s: float) -> Path:
     """relay1's config against the example broker, an HTTP actuator, frame mode with ``delay_s``."""
     path.write_text(
-        f'relay_id = "relay1"\nstate_dir = "{state_dir}"\n[mqtt]\nhost = "{broker.host}"\n'
+        f'relay_id = "relay1"\nstate_dir = "{state_dir}"\ncameras = ["cam1"]\n[mqtt]\nhost = "{broker.host}"\n'
         f'port = {broker.port}\nusername = "relay1"\npassword = "{USERS["relay1"]}"\n'
         f'topics = ["uflow/+/inspection"]\nreconnect_initial_s = 1\nreconnect_max_s = 1\n'
         f'[mqtt.tls]\nca_file = "{broker.pki.ca_cert}"\n'

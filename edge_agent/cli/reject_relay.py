@@ -60,6 +60,16 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.check:
         print(json.dumps(describe(settings), indent=2))
+    if not settings.known_devices:
+        # It would count every message unknown_devices and fire nothing: say so now, not on the line.
+        setup_logging("INFO", "text")
+        log.error(
+            "configuration error: no camera: list the cameras this relay acts for in cameras = [...] (top level) or "
+            "under [devices.<device_id>]",
+            extra={"event": "config_error"},
+        )
+        return EXIT_CONFIG
+    if args.check:
         return EXIT_OK
     setup_logging(settings.log_level, settings.log_format)
     return run_relay(settings)
@@ -68,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
 def describe(settings: RelaySettings) -> dict[str, object]:
     """What the relay will do, for ``--check`` (no connection, no journal)."""
     devices: dict[str, object] = {}
-    for device_id in [*settings.devices, "<any other camera>"]:
-        timing = settings.timing_for(device_id) if device_id in settings.devices else settings.timing_for("")
-        actuator = settings.actuator_for(device_id) if device_id in settings.devices else settings.actuator
+    for device_id in settings.known_devices:
+        timing = settings.timing_for(device_id)
+        actuator = settings.actuator_for(device_id)
         devices[device_id] = {
             "travel_s": timing.travel_s if timing else None,
             "travel": timing.how if timing else "not configured: anomalous messages are counted 'unconfigured'",
@@ -87,6 +97,8 @@ def describe(settings: RelaySettings) -> dict[str, object]:
         "clock": settings.clock.model_dump(),
         "journal": str(settings.journal),
         "devices": devices,
+        "other_cameras": "counted unknown_devices, never fired (not in cameras or [devices])",
+        "limits": settings.limits.model_dump(),
     }
 
 

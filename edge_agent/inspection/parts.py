@@ -19,7 +19,7 @@ from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.part_verdict import FrameObservation, PartDecision, PartEvidence
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.tracking import DecidedPart, PartTracker, TrackedPart, TrackingSettings
-from edge_agent.publish.messages import ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
+from edge_agent.publish.messages import MAX_PART_REGIONS, ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,14 @@ class TrackedParts:
 
 
 def _regions(decision: PartDecision | None, offset: tuple[int, int]) -> list[PartRegion]:
+    """The part's significant regions, the most significant first, at most MAX_PART_REGIONS (the message must stay
+    under the relay's size limit; the part's own log NFA is the first one's)."""
     if decision is None:
         return []
+    significant = sorted(
+        (r for r in decision.regions if np.isfinite(r.log_nfa) and r.log_nfa < decision.log10_epsilon),
+        key=lambda r: r.log_nfa,
+    )[:MAX_PART_REGIONS]
     return [
         PartRegion(
             bbox=r.bbox,
@@ -200,8 +206,7 @@ def _regions(decision: PartDecision | None, offset: tuple[int, int]) -> list[Par
             best_bbox=(r.best_bbox[0] + offset[0], r.best_bbox[1] + offset[1], r.best_bbox[2], r.best_bbox[3]),
             best_frame_log_nfa=round(r.best_frame_log_nfa, 4),
         )
-        for r in decision.regions
-        if np.isfinite(r.log_nfa) and r.log_nfa < decision.log10_epsilon
+        for r in significant
     ]
 
 

@@ -38,7 +38,7 @@ from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.stage_queue import END, End, StageQueue
 from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
-from edge_agent.publish.messages import InspectionMessage, ModelRef, PartMessage, StageLatency
+from edge_agent.publish.messages import MAX_INSPECTION_REGIONS, InspectionMessage, ModelRef, PartMessage, StageLatency
 from edge_agent.publish.mqtt import MqttPublisher
 
 if TYPE_CHECKING:
@@ -421,7 +421,7 @@ def inspection_message(job: FrameJob, device_id: str) -> InspectionMessage:
         image_score=verdict.image_score,
         anomalous=verdict.anomalous,
         log10_epsilon=verdict.log10_epsilon,
-        regions=list(verdict.regions),
+        regions=list(verdict.regions[:MAX_INSPECTION_REGIONS]),  # most significant first; under the relay's limit
         frame_size=frame.frame_size,
         latency_ms=latency,
     )

@@ -128,12 +128,26 @@ class PartInputs:
             )
         return parts_line, trigger_line
 
-    def _mqtt_trigger(self, leaf: str, payload: bytes) -> None:
+    def _mqtt_trigger(self, leaf: str, payload: bytes, retained: bool = False) -> None:
         assert self.triggers is not None
+        if retained:  # the broker replays it at every reconnect: one trigger would inspect again each time
+            self.triggers.refuse()
+            self._log_refused("retained: clear it with an empty retained message on the trigger topic")
+            return
         try:
             self.triggers.parse_and_add(payload, "mqtt")
         except TriggerRefused as exc:
-            log_event(log, logging.WARNING, "trigger refused: %s", "trigger_refused", exc, source="mqtt")
+            self._log_refused(str(exc))
+
+    def _log_refused(self, reason: str) -> None:
+        """A refused MQTT trigger's WARNING, at the 1st, 10th, 100th and every 1000th (all are counted): a flood of
+        bad triggers must not flood the log."""
+        assert self.triggers is not None
+        refused = self.triggers.counters.refused
+        if refused in (1, 10, 100) or refused % 1000 == 0:
+            log_event(
+                log, logging.WARNING, "trigger refused: %s", "trigger_refused", reason, source="mqtt", refused=refused
+            )
 
     def _http_trigger(self, request: HttpRequest) -> HttpResponse:
         assert self.triggers is not None
