@@ -346,3 +346,33 @@ def test_plain_opcua_is_refused_off_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         PlcConfig(opcua_enabled=True, opcua_security="none", opcua_host="192.168.10.5")
     assert PlcConfig(opcua_enabled=True, opcua_security="none", opcua_host="127.0.0.1")
+
+
+def test_the_plc_command_makes_the_certificate_once_and_hashes_passwords(tmp_path: Path) -> None:
+    import stat
+
+    from plc_helpers import plc_cli
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    assert plc_cli(config, "cert", "--host", "10.0.0.5").returncode == 0
+    cert, key = tmp_path / "state" / "plc" / "server-cert.der", tmp_path / "state" / "plc" / "server-key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and cert.stat().st_size > 0
+    first = cert.read_bytes()
+    again = plc_cli(config, "cert")
+    assert again.returncode != 0 and "--force" in again.stderr and cert.read_bytes() == first
+    assert plc_cli(config, "cert", "--force").returncode == 0 and cert.read_bytes() != first
+    from cryptography import x509
+
+    names = x509.load_der_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert application_uri(load_settings(config).device_id) in names.value.get_values_for_type(
+        x509.UniformResourceIdentifier
+    )
+    assert plc_cli(config, "passwd", "--user", "plc1", stdin="pw-one\n").returncode == 0
+    assert plc_cli(config, "passwd", "--user", "bad/name", stdin="x\n").returncode != 0
+    assert plc_cli(config, "passwd", "--user", "plc2", stdin="\n").returncode != 0  # empty password
+    users = (tmp_path / "state" / "plc" / "users").read_text()
+    assert users.startswith("plc1:scrypt$") and "pw-one" not in users
+    assert stat.S_IMODE((tmp_path / "state" / "plc" / "users").stat().st_mode) == 0o600
