@@ -208,3 +208,19 @@ def test_garbage_on_both_ports_cannot_crash_the_agent_and_it_stops_cleanly(
     assert plc.agent.terminate() == 0, plc.agent.tail()
     assert plc.agent.events("plc_opcua_listening") and not plc.agent.events("plc_opcua_failed")
     assert not plc.agent.events("plc_modbus_failed")
+
+
+def test_an_agent_without_plc_credentials_exits_with_a_config_error_naming_the_command(
+    tmp_path: Path, contract_bundle: Path
+) -> None:
+    from edge_agent.exit_codes import EXIT_CONFIG
+
+    broker = MosquittoBroker(tmp_path / "mosquitto", None).start()
+    try:
+        values = plc_values(tmp_path, contract_bundle, str(write_frames(tmp_path / "frames", 3)), broker.port)
+        plc = start_plc_agent(tmp_path, values, make_credentials=False)
+        assert plc.agent.process.wait(timeout=300) == EXIT_CONFIG, plc.agent.tail()
+        (error,) = plc.agent.events("config_error")
+        assert "edge-agent plc passwd" in error["msg"]  # users are checked first, then the certificate
+    finally:
+        broker.stop()
