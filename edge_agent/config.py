@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 
 from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
 from edge_agent.config_files import FileAndEnvSettings, build_settings
+from edge_agent.config_plc import PlcConfig
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Programs whose variables share the agent's prefix (the reject relay: edge_agent/relay/config.py).
@@ -425,6 +426,7 @@ class AgentSettings(FileAndEnvSettings):
     parts: PartsConfig = Field(default_factory=PartsConfig)
     keep: KeepConfig = Field(default_factory=KeepConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    plc: PlcConfig = Field(default_factory=PlcConfig)
 
     @property
     def bundle_dir(self) -> Path:
@@ -435,6 +437,12 @@ class AgentSettings(FileAndEnvSettings):
     def _http_triggers_need_http(self) -> AgentSettings:
         if self.parts.mode == "triggered" and "http" in self.parts.triggers and not self.http.enabled:
             raise ValueError('parts.triggers has "http" but http.enabled is false: POST /trigger would not exist')
+        return self
+
+    @model_validator(mode="after")
+    def _plc_triggers_need_triggered_parts(self) -> AgentSettings:
+        if (self.plc.opcua_enabled or self.plc.modbus_enabled) and self.parts.mode != "triggered":
+            raise ValueError('plc.opcua_enabled/modbus_enabled need parts.mode = "triggered" (the PLC triggers)')
         return self
 
     @model_validator(mode="after")
@@ -451,6 +459,7 @@ class AgentSettings(FileAndEnvSettings):
             self.keep.dir = self.state_dir / "kept"
         if self.keep.training_dir is None:
             self.keep.training_dir = self.state_dir / "training"
+        self.plc.fill_paths(self.state_dir)
         return self
 
 

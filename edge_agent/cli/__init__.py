@@ -46,6 +46,7 @@ COMMANDS: CommandTable = {
         "edge_agent.cli.review",
         "kept frames: list, mark good / confirmed defect, export a split.json for uflow train and evaluate",
     ),
+    "plc": ("edge_agent.cli.plc", "the OPC UA server's certificate and users (the PLC interface, docs/plc.md)"),
     "reject-relay": (
         "edge_agent.cli.reject_relay",
         "fire a reject actuator for anomalous parts at the right moment (subscribes to the cameras' inspections)",

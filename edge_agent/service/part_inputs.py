@@ -11,12 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.inspection.parts import TrackedParts
-from edge_agent.inspection.triggers import GpioTrigger, TriggerBook, TriggerRefused, missed_message, open_gpio
+from edge_agent.inspection.triggers import (
+    GpioTrigger,
+    Trigger,
+    TriggerBook,
+    TriggerRefused,
+    missed_message,
+    open_gpio,
+)
 from edge_agent.logs import log_event
+from edge_agent.publish.messages import PartMessage
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 
@@ -32,6 +41,8 @@ class PartInputs:
         self.parts: TrackedParts | None = None
         self.triggers: TriggerBook | None = None
         self.gpio: GpioTrigger | None = None
+        # Told of every missed trigger after its part message is out (the PLC handshake: edge_agent/plc/).
+        self.missed_observers: list[Callable[[Trigger, PartMessage], None]] = []
         config = settings.parts
         if config.mode == "tracked":
             self.parts = TrackedParts(config, settings.device_id)
@@ -75,7 +86,15 @@ class PartInputs:
                 trigger_id=trigger.trigger_id,
                 waited_s=round(time.time() - trigger.time, 3),
             )
-            self.publisher.publish_part(missed_message(self.settings.device_id, trigger))
+            message = missed_message(self.settings.device_id, trigger)
+            self.publisher.publish_part(message)
+            for observer in self.missed_observers:
+                try:
+                    observer(trigger, message)
+                except Exception as exc:
+                    log.exception(
+                        "missed-trigger observer failed", extra={"event": "observer_failed", "error": str(exc)}
+                    )
 
     def stop(self) -> None:
         """Close the GPIO line and report what is still waiting past its time."""
