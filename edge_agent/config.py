@@ -273,6 +273,13 @@ class SnapshotConfig(_Section):
     )
 
 
+TriggerSource = Literal["mqtt", "http", "gpio"]
+
+
+def _default_triggers() -> list[TriggerSource]:
+    return ["mqtt", "http"]
+
+
 class PartsConfig(_Section):
     """One verdict per part (docs/parts.md): triggered or tracked inspection and the ``part`` message."""
 
@@ -320,8 +327,8 @@ class PartsConfig(_Section):
         description="regions up to this many decades above log10 epsilon in one frame are candidate places whose "
         "evidence is combined over the part's frames",
     )
-    triggers: list[Literal["mqtt", "http", "gpio"]] = Field(
-        default_factory=lambda: ["mqtt", "http"],
+    triggers: list[TriggerSource] = Field(
+        default_factory=_default_triggers,
         description="triggered: where triggers come from: <prefix>/<device_id>/trigger, POST /trigger, a GPIO line",
     )
     trigger_delay_s: float = Field(

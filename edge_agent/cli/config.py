@@ -115,7 +115,7 @@ def ip_allow_dropin(settings: AgentSettings, where: str) -> str:
     ]
     for key, host in hosts.items():
         try:
-            addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+            addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
         except OSError as exc:
             raise ConfigError(f"{key}: cannot resolve {host!r} ({exc.strerror or exc})") from exc
         lines.append(f"# {key} = {host}")

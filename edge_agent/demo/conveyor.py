@@ -115,7 +115,9 @@ class Conveyor:
 
     def truth(self) -> ConveyorTruth:
         """Which frames show a whole defect, part of one, or none."""
-        full, partial, clean = [], [], []
+        full: list[int] = []
+        partial: list[int] = []
+        clean: list[int] = []
         width, speed = self.spec.width, self.spec.speed_px
         for index in range(self.frames):
             left, right = index * speed, index * speed + width - 1
@@ -157,7 +159,7 @@ def _place(world: np.ndarray, surface: np.ndarray, x: int, y: int) -> None:
 def write_video(path: Path, frames: Iterator[np.ndarray] | list[np.ndarray], fps: float, size: tuple[int, int]) -> str:
     """Write BGR frames losslessly (FFV1) when this OpenCV can, else MJPG; returns the codec used."""
     for codec in ("FFV1", "MJPG"):
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*codec), fps, size)
         if writer.isOpened():
             break
         writer.release()

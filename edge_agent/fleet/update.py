@@ -318,7 +318,7 @@ def _obtain_bundle(
     models: ModelsDir,
     release: Release,
     location: str,
-    public_key: Ed25519PublicKey | None,
+    public_key: Ed25519PublicKey,
     settings: AgentSettings,
     context: ssl.SSLContext | None,
     report: _Reporter,
@@ -359,7 +359,7 @@ def _obtain_bundle(
     return staging / UNPACK_NAME
 
 
-def _verify(root: Path, version: str, public_key: Ed25519PublicKey | None) -> str:
+def _verify(root: Path, version: str, public_key: Ed25519PublicKey) -> str:
     from edge_agent.bundle import load_bundle
     from edge_agent.fleet.index import FleetError, check_only_listed_files
     from edge_agent.fleet.signing import verify_bundle_signature

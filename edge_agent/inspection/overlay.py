@@ -53,7 +53,7 @@ def draw_overlay(
     base = cv2.resize(base, size, interpolation=cv2.INTER_NEAREST) if factor > 1 else base
     heat = heat_map(cv2.resize(anomaly_map.astype(np.float32), size) if factor > 1 else anomaly_map)
     canvas = cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
-    mask = detection_mask(log_nfa, log10_epsilon).astype(np.uint8)
+    mask: np.ndarray = detection_mask(log_nfa, log10_epsilon).astype(np.uint8)
     if factor > 1:
         mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
     thickness = max(1, round(min(size) / 250))

@@ -65,8 +65,9 @@ class FrameJob:
     parts_view: PartsView | None = None  # tracked mode: the parts in view of this frame (the preview)
 
 
-ResultHook = Callable[[FrameJob], None]
-PartHook = Callable[[FrameJob, PartMessage], None]  # a decided part and the frame that decided it
+# Observers may return a value (what they did, for their own tests); the pipeline ignores it.
+ResultHook = Callable[[FrameJob], object]
+PartHook = Callable[[FrameJob, PartMessage], object]  # a decided part and the frame that decided it
 
 
 class PartStage(Protocol):

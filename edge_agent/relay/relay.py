@@ -137,7 +137,7 @@ class RejectRelay:
     def _on_message(self, message: paho.MQTTMessage) -> None:
         arrival, arrival_mono = time.time(), time.monotonic()
         try:
-            self.handle(message.topic, message.payload, arrival, arrival_mono)
+            self.handle(message.topic, bytes(message.payload), arrival, arrival_mono)
         except Exception as exc:  # never let one message stop the relay
             # Acknowledged all the same (connection.py says why). The journal never raises (it falls back to
             # memory, counted in journal_errors).

@@ -141,7 +141,7 @@ class LineLoop:
         model = model or self.pipeline.model
         manifest = model.bundle.manifest
         self._drift_bundle = model.bundle
-        self._drift_reasons: list[str] = []
+        self._drift_reasons = []
         reference = manifest.drift_reference
         if reference is None:
             log_event(

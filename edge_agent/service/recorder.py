@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -164,7 +165,7 @@ class FrameRecorder:
                 self.budget.release(len(data))
             raise RecordError(f"could not write {path} (disk full or not writable?): {exc}") from exc
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         """The counts and settings, as written to ``record.json`` and sent in the cmd/record reply."""
         counts = {k: v for k, v in asdict(self.counts).items() if k != "files"}
         return {"out": str(self.out), "settings": asdict(self.settings), **counts}

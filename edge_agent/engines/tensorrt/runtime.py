@@ -86,7 +86,8 @@ def _io_specs(
         fixed = fixed_input_shape(shape, wanted_input.shape, name) if is_input[name] else None
         if fixed is not None and not context.set_input_shape(name, fixed):
             raise TensorRTBuildError(f"TensorRT refused input shape {list(fixed)} for {name!r}")
-    inputs, outputs = [], []
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
     for name in names:
         spec = TensorSpec(
             name,
