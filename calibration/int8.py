@@ -244,7 +244,7 @@ def quantize_int8(
         quantize_static(
             str(prepared),
             str(target),
-            _Reader(model_batches(images, height, width), input_name),  # type: ignore[arg-type]
+            _Reader(model_batches(images, height, width), input_name),
             op_types_to_quantize=list(settings.op_types),
             per_channel=settings.per_channel,
             nodes_to_exclude=excluded,

@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class NfaCheckReport:
     fraction_with_detection_at_epsilon_1: float
     min_log_nfa_quantiles: dict[str, float]
     images_triggered_by_scale: dict[str, int]
-    scales: list[dict[str, object]]
+    scales: list[dict[str, Any]]  # JSON rows, one per scale
     per_image: list[ImageResult]
     latents: list[dict[str, object]] | None = None  # from the training run, when given
 

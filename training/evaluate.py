@@ -104,7 +104,9 @@ def predict_torch(run_dir: Path, images: np.ndarray, batch_size: int = 16, threa
 
     torch.set_num_threads(threads)
     model, _ = load_model(run_dir)
-    amaps, maps, chunks = [], [[] for _ in model.scales], range(0, len(images), batch_size)
+    amaps: list[np.ndarray] = []
+    maps: list[list[np.ndarray]] = [[] for _ in model.scales]
+    chunks = range(0, len(images), batch_size)
     tick = time.perf_counter()
     for start in tqdm(chunks, desc="torch", unit="batch"):
         a, m = predict(model, images[start : start + batch_size], batch_size)
@@ -123,7 +125,8 @@ def predict_bundle(bundle_dir: Path, images: np.ndarray, threads: int = 2) -> Pr
 
     bundle = load_bundle(bundle_dir)
     engine = OnnxRuntimeEngine(bundle, threads=threads)
-    amaps, maps = [], [[] for _ in bundle.manifest.scales]
+    amaps: list[np.ndarray] = []
+    maps: list[list[np.ndarray]] = [[] for _ in bundle.manifest.scales]
     tick = time.perf_counter()
     try:
         for image in tqdm(images, desc="onnxruntime", unit="img"):
@@ -180,7 +183,7 @@ def latent_statistics(predictions: Predictions, test: TestSet) -> list[dict[str,
                 "defect_cells": _quantiles(m[cells]),
                 "clean_cells_of_defect_images": _quantiles(m[defect_images & ~cells]),
                 "defect_cells_max_per_image": _quantiles(
-                    [m[i][cells[i]].max() for i in range(len(m)) if cells[i].any()]
+                    np.asarray([m[i][cells[i]].max() for i in range(len(m)) if cells[i].any()])
                 ),
             }
         )
@@ -189,7 +192,7 @@ def latent_statistics(predictions: Predictions, test: TestSet) -> list[dict[str,
 
 def _subset_metrics(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     scores = amaps.reshape(len(amaps), -1).max(axis=1)
-    flagged = predicted.reshape(len(predicted), -1).any(axis=1)
+    flagged = np.asarray(predicted.reshape(len(predicted), -1).any(axis=1))
     result: dict[str, Any] = {"images": len(amaps), "defect_images": int(labels.sum())}
     if masks.any() and (~masks).any():
         result["pixel_auroc"] = metrics.pixel_auroc(amaps, masks)
@@ -354,12 +357,14 @@ def _model_size(run_dir: Path | str | None, bundle_dir: Path | str | None) -> tu
         from edge_agent.bundle import load_bundle
 
         manifest = load_bundle(Path(bundle_dir)).manifest
-        info = {"backbone": manifest.backbone, "name": manifest.name, "version": manifest.version}
+        info: dict[str, Any] = {"backbone": manifest.backbone, "name": manifest.name, "version": manifest.version}
         info |= {"model_config": manifest.training_data.get("model_config")}
         return manifest.input.height, manifest.input.width, info
     from training.rundir import read_run
 
-    run = read_run(Path(run_dir))  # type: ignore[arg-type]
+    if run_dir is None:
+        raise ValueError("evaluate needs a run directory or a bundle directory")
+    run = read_run(Path(run_dir))
     info = {"backbone": run.model_config.backbone, "model_config": run.model_config.to_dict()}
     info |= {"train_config": run.train_config, "best_epoch": _best_epoch(run.history)}
     return run.model_config.image_height, run.model_config.image_width, info

@@ -126,7 +126,7 @@ def finish_run(
     planted = planted_check(model, images, nulls, epsilon, batch_size)
     nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
     drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())
-    result = {
+    result: dict[str, Any] = {  # the selftest JSON
         "source": source,
         "images": [str(r.image) for r in records],
         "scores": [float(s) for s in scores],

@@ -95,6 +95,9 @@ class FlowOutput:
 class UFlow(nn.Module):
     """Backbone (frozen, eval) -> per-scale norm (trainable) -> U-shaped flow (trainable)."""
 
+    mean: torch.Tensor  # buffers, registered in __init__ (register_buffer leaves mypy blind to them)
+    std: torch.Tensor
+
     def __init__(self, config: UFlowConfig, weights: Path | str | None = None, *, random_weights: bool = False) -> None:
         super().__init__()
         self.config = config

@@ -27,10 +27,15 @@ _LABEL_HEIGHT = 22
 class TestSet(Protocol):
     """What the report reads of the test set (training.evaluate.TestSet; the report does not import it)."""
 
-    records: Sequence[Record]
-    images: np.ndarray  # uint8 (N, H, W, 3)
-    masks: np.ndarray  # bool (N, H, W)
-    labels: np.ndarray  # bool (N,)
+    # Read-only properties, so that the dataclass's tuple of records matches the Sequence here.
+    @property
+    def records(self) -> Sequence[Record]: ...
+    @property
+    def images(self) -> np.ndarray: ...  # uint8 (N, H, W, 3)
+    @property
+    def masks(self) -> np.ndarray: ...  # bool (N, H, W)
+    @property
+    def labels(self) -> np.ndarray: ...  # bool (N,)
 
     @property
     def types(self) -> list[str]: ...
@@ -40,6 +45,7 @@ class Predictions(Protocol):
     """What the report reads of the predictions (training.evaluate.Predictions)."""
 
     anomaly_maps: np.ndarray  # float32 (N, H, W)
+    log10_epsilon: float  # the threshold the grid's detection outlines are drawn at
 
 
 def sample_indices(indices: np.ndarray, count: int) -> list[int]:
