@@ -83,7 +83,8 @@ def record_frames(
     settings: AgentSettings, out: Path, record: RecordSettings, stop: threading.Event, progress: TextIO
 ) -> int:
     """Record from the configured source into ``out`` until done, the source ends or ``stop`` is set."""
-    from edge_agent.inspection.frame_source import FrameSource, SourceError
+    from edge_agent.inspection.drivers import SourceError
+    from edge_agent.inspection.frame_source import FrameSource
 
     try:
         # The keep's free-space floor always; the training quota over training_dir when recording into it, else

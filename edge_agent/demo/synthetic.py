@@ -73,7 +73,7 @@ def _illumination(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     gradient = slope * (np.cos(angle) * xx + np.sin(angle) * yy)
     cy, cx = rng.uniform(-0.15, 0.15, size=2)
     vignette = -rng.uniform(10.0, 20.0) * ((xx - cx) ** 2 + (yy - cy) ** 2)
-    return (base + gradient + vignette).astype(np.float32)
+    return np.asarray(base + gradient + vignette, np.float32)
 
 
 def _brushed_streaks(rng: np.random.Generator, height: int, width: int, scale: float) -> np.ndarray:

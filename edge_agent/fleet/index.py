@@ -265,7 +265,8 @@ def _open(location: str, timeout_s: float, context: ssl.SSLContext | None = None
             _NoDowngradeRedirects(), urllib.request.HTTPSHandler(context=context or ssl.create_default_context())
         )
         try:
-            return opener.open(request, timeout=timeout_s)
+            response: BinaryIO = opener.open(request, timeout=timeout_s)
+            return response
         except urllib.error.HTTPError as exc:
             raise FleetError(f"{location}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, TimeoutError, OSError) as exc:

@@ -17,7 +17,7 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 def heat_map(anomaly_map: np.ndarray) -> np.ndarray:
     """BGR uint8 colour image of an anomaly map in [0, 1] (values outside are clipped)."""
     scaled = np.clip(np.nan_to_num(anomaly_map, nan=0.0), 0.0, 1.0)
-    return cv2.applyColorMap(np.rint(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return np.asarray(cv2.applyColorMap(np.rint(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET))
 
 
 def detection_mask(log_nfa: np.ndarray, log10_epsilon: float) -> np.ndarray:

@@ -365,8 +365,9 @@ class RelaySettings(FileAndEnvSettings):
         device = self.devices.get(device_id)
 
         def pick(name: str) -> float | None:
-            own = getattr(device, name) if device is not None else None
-            return own if own is not None else getattr(self.timing, name)
+            own: float | None = getattr(device, name) if device is not None else None
+            fallback: float | None = getattr(self.timing, name)
+            return own if own is not None else fallback
 
         distance = pick("decision_distance_m")
         if distance is None:

@@ -163,7 +163,9 @@ class RelayConnection:
         self.journal.set_meta(TOPICS_KEY, topics)
         client.publish(self.topic("status"), "online", qos=1, retain=True)
 
-    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: list, properties: object) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: object, mid: int, reasons: list[Any], properties: object
+    ) -> None:
         refused = [str(r) for r in reasons if int(getattr(r, "value", r)) >= 0x80]
         if refused:
             log.error(

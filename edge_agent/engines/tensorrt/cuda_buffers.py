@@ -258,7 +258,8 @@ class PycudaApi:
             self._cuda.Context.pop()
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        return self._cuda.pagelocked_empty(shape, np.dtype(dtype))
+        array: np.ndarray = self._cuda.pagelocked_empty(shape, np.dtype(dtype))
+        return array
 
     def free_pinned(self, array: np.ndarray) -> None:
         allocation: Any = array.base  # the PagelockedHostAllocation behind the array (pycuda has no stubs)

@@ -170,7 +170,7 @@ def make_trt_logger(trt: ModuleType, verbose: bool = False) -> Any:
 
     base: Any = trt.ILogger  # the base comes from the module passed in (real or fake TensorRT)
 
-    class _Logger(base):
+    class _Logger(base):  # type: ignore[misc]  # the base is the runtime TensorRT module's class: no stubs
         def __init__(self) -> None:
             trt.ILogger.__init__(self)  # the binding requires the explicit base __init__
 
@@ -188,7 +188,7 @@ def make_progress_monitor(trt: ModuleType, progress: BuildProgress) -> Any:
 
     base: Any = trt.IProgressMonitor
 
-    class _Monitor(base):
+    class _Monitor(base):  # type: ignore[misc]  # as _Logger: a class of the TensorRT module passed in
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 

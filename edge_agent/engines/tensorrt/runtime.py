@@ -63,7 +63,8 @@ def import_tensorrt() -> ModuleType:
         require_supported(str(tensorrt.__version__))
     except TensorRTVersionError as exc:
         raise TensorRTTooOld(str(exc)) from exc
-    return tensorrt
+    module: ModuleType = tensorrt
+    return module
 
 
 def engine_cache_for(config: ModelConfig) -> EngineCache:
