@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.publish.messages import PayloadError, _nesting_depth, parse_json_object  # noqa: E402
+from edge_agent.messages import PayloadError, _nesting_depth, parse_json_object  # noqa: E402
 from edge_agent.relay.limits import MESSAGE_LIMITS, too_costly  # noqa: E402
 
 _SPECIAL_RE = re.compile(rb'[\[\]{}"\\]')

@@ -24,7 +24,7 @@ import pytest
 from mqtt_broker import MosquittoBroker
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.publish.messages import InspectionMessage, ModelRef, Region, StageLatency
+from edge_agent.messages import InspectionMessage, ModelRef, Region, StageLatency
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMERAS = ("cam1", "cam2")  # the cameras a test relay acts for (relay config ``cameras``)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edge_agent.inspection.triggers import Trigger, TriggerBook, missed_message
+from edge_agent.messages import PartFrames, PartMessage
 from edge_agent.plc.handshake import PlcHandshake, PlcRefused, PlcState, RefusalCode, ResultStatus
-from edge_agent.publish.messages import PartFrames, PartMessage
 
 
 def part(part_id: str, anomalous: bool = False) -> PartMessage:

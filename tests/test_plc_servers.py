@@ -19,8 +19,8 @@ from mqtt_broker import free_port
 from edge_agent.config import load_settings
 from edge_agent.config_plc import PlcConfig
 from edge_agent.inspection.triggers import TriggerBook
+from edge_agent.messages import PartFrames, PartMessage
 from edge_agent.plc.handshake import PlcHandshake, RefusalCode
-from edge_agent.publish.messages import PartFrames, PartMessage
 
 asyncua = pytest.importorskip("asyncua", reason="the plc extra (asyncua) is not installed")
 pytest.importorskip("pymodbus", reason="the plc extra (pymodbus) is not installed")

@@ -21,7 +21,7 @@ import pytest
 from mqtt_broker import MosquittoBroker, Subscriber
 from relay_helpers import RecordingHttpServer, http_actuator, inspection, logged, raw_publish, wait_until
 
-from edge_agent.publish.messages import InspectionMessage, RelayStats
+from edge_agent.messages import InspectionMessage, RelayStats
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.relay import RejectRelay
 

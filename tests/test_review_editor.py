@@ -22,7 +22,7 @@ import pytest
 from line_helpers import inspected_job, keep_frames
 
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.publish.messages import PartFrames, PartMessage, PartRegion
+from edge_agent.messages import PartFrames, PartMessage, PartRegion
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.part_frames import PartEvidence, PartShot
 from edge_agent.service.part_snapshot import save_part

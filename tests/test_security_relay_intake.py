@@ -98,7 +98,7 @@ def test_one_camera_flooding_does_not_delay_another_cameras_rejects(
 
 def test_the_depth_check_is_bounded_by_size_first_and_cheap() -> None:
     """Finding 4: the size limit of a kind of message is checked before anything is parsed."""
-    from edge_agent.publish.messages import PayloadError, parse_json_object
+    from edge_agent.messages import PayloadError, parse_json_object
     from edge_agent.relay.limits import MESSAGE_LIMITS
 
     assert MESSAGE_LIMITS["part"] <= 16 * 1024 and MESSAGE_LIMITS["speed"] <= 256 >= MESSAGE_LIMITS["encoder"]
@@ -116,7 +116,7 @@ def test_the_depth_check_is_bounded_by_size_first_and_cheap() -> None:
 
 def test_the_largest_part_message_the_agent_sends_fits_the_relays_limit() -> None:
     from edge_agent.inspection.triggers import Trigger, triggered_message
-    from edge_agent.publish.messages import MAX_PART_REGIONS, Region
+    from edge_agent.messages import MAX_PART_REGIONS, Region
     from edge_agent.relay.limits import MESSAGE_LIMITS, too_costly
 
     regions = tuple(
@@ -131,7 +131,7 @@ def test_the_largest_part_message_the_agent_sends_fits_the_relays_limit() -> Non
     assert len(message.to_json().encode()) < MESSAGE_LIMITS["part"] // 2
     assert too_costly("part", message.to_json().encode()) is None
     # The same for the largest inspection message (MAX_INSPECTION_REGIONS regions of one frame).
-    from edge_agent.publish.messages import MAX_INSPECTION_REGIONS
+    from edge_agent.messages import MAX_INSPECTION_REGIONS
 
     frame = inspection("d" * 64, 10**12).model_copy(update={"regions": list(regions[:1]) * MAX_INSPECTION_REGIONS})
     assert too_costly("inspection", frame.to_json().encode()) is None

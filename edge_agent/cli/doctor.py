@@ -287,7 +287,7 @@ def _check_engine(bundle: Bundle, settings: AgentSettings) -> list[Check]:
 def check_source(settings: AgentSettings) -> Check:
     from edge_agent.inspection.drivers import SourceError
     from edge_agent.inspection.frame_source import FrameSource
-    from edge_agent.publish.messages import redact_uri
+    from edge_agent.redact import redact_uri
 
     try:
         source = FrameSource(settings.source)

@@ -118,7 +118,7 @@ def describe(settings: RelaySettings) -> dict[str, object]:
 
 def _part_travel(settings: RelaySettings, device_id: str) -> dict[str, object]:
     """Part messages: the travel of a part decided exactly on the line, computed by the relay's own plan_part."""
-    from edge_agent.publish.messages import PartFrames, PartMessage
+    from edge_agent.messages import PartFrames, PartMessage
     from edge_agent.relay.parts import plan_part
 
     timing = settings.part_timing_for(device_id)

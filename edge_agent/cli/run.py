@@ -32,7 +32,7 @@ from edge_agent.cli.common import (
 )
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Literal
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.fleet.models_dir import ModelsDir, ModelsDirError, PendingSwitch, UpdateLocked
 from edge_agent.fleet.update_mqtt import AgentControl, EventSink, MqttLink
-from edge_agent.publish.messages import UpdateEvent, redact_uri
+from edge_agent.messages import UpdateEvent
+from edge_agent.redact import redact_uri
 
 if TYPE_CHECKING:  # the fleet index and signing load when an update runs
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

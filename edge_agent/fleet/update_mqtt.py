@@ -25,8 +25,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from pydantic import BaseModel, ValidationError
 
 from edge_agent.config import MqttConfig
-from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     CommandResult,
     InspectionMessage,
     PayloadError,
@@ -35,6 +34,7 @@ from edge_agent.publish.messages import (
     parse_json_object,
     topic,
 )
+from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
 
 log = logging.getLogger(__name__)
 

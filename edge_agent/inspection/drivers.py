@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from edge_agent.config import SourceConfig
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 
 log = logging.getLogger(__name__)
 

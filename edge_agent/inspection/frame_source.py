@@ -27,7 +27,7 @@ import numpy as np
 from edge_agent.config import SourceConfig
 from edge_agent.inspection.driver_worker import CallTimedOut, Cancelled, DriverWorker
 from edge_agent.inspection.drivers import LIVE_KINDS, Frame, RawSource, SourceError, SourceTimeout, make_raw_source
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 
 log = logging.getLogger(__name__)
 

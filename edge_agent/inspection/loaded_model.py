@@ -18,7 +18,7 @@ from edge_agent.bundle import Bundle, BundleError, load_bundle
 from edge_agent.config import ModelConfig, NfaConfig
 from edge_agent.engines import Engine, EngineUnavailable, create_engine
 from edge_agent.inspection.scoring import FrameScorer
-from edge_agent.publish.messages import ModelRef
+from edge_agent.messages import ModelRef
 
 log = logging.getLogger(__name__)
 

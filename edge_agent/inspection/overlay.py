@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from edge_agent.publish.messages import Region
+from edge_agent.messages import Region
 
 DETECTION_BGR = (255, 255, 255)
 BOX_BGR = (0, 255, 255)

@@ -19,7 +19,7 @@ from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.part_verdict import FrameObservation, PartDecision, PartEvidence
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.tracking import DecidedPart, PartTracker, TrackedPart, TrackingSettings
-from edge_agent.publish.messages import MAX_PART_REGIONS, ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
+from edge_agent.messages import MAX_PART_REGIONS, ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,7 @@ from edge_agent.inspection.preprocess import model_input
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.stage_queue import END, End, StageQueue
 from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
-from edge_agent.publish.messages import MAX_INSPECTION_REGIONS, InspectionMessage, ModelRef, PartMessage, StageLatency
-from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.messages import MAX_INSPECTION_REGIONS, InspectionMessage, ModelRef, PartMessage, StageLatency
 
 if TYPE_CHECKING:
     from edge_agent.inspection.parts import PartsView
@@ -63,6 +62,19 @@ class FrameJob:
     nfa_done: float = 0.0  # monotonic time the NFA stage finished
     trigger: Trigger | None = None  # triggered mode: the trigger this frame serves
     parts_view: PartsView | None = None  # tracked mode: the parts in view of this frame (the preview)
+
+
+class Publisher(Protocol):
+    """Where the pipeline hands each result (publish/mqtt.py's MqttPublisher): the frame's path never
+    imports its last stage, so inspection/ depends only on this and on the message models."""
+
+    def publish_inspection(self, message: InspectionMessage) -> object:
+        """Queue one inspection message (the return value, e.g. whether it was queued, is not read)."""
+        ...
+
+    def publish_part(self, message: PartMessage) -> object:
+        """Queue one part message."""
+        ...
 
 
 # Observers may return a value (what they did, for their own tests); the pipeline ignores it.
@@ -153,7 +165,7 @@ class Pipeline:
         self,
         source: FrameSource,
         model: LoadedModel,
-        publisher: MqttPublisher,
+        publisher: Publisher,
         device_id: str,
         settings: PipelineSettings | None = None,
         on_result: ResultHook | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 from edge_agent.bundle import Manifest
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
-from edge_agent.publish.messages import Region
+from edge_agent.messages import Region
 
 Resolution = Literal["model", "frame"]
 

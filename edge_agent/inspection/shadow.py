@@ -26,10 +26,8 @@ a week of downtime as a week of shadowing). The gate also needs ``min_compared``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -42,6 +40,7 @@ from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.single import inspect_frame
 from edge_agent.logs import log_event
+from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +89,6 @@ class ShadowReport:
     def agreement(self) -> float | None:
         """Share of compared frames with the same verdict (None before the first)."""
         return self.agreed / self.compared if self.compared else None
-
-
-def lower_thread_priority(nice: int, idle: bool = False) -> int:
-    """Give the calling thread (only) the nice value ``nice``; returns its kernel thread id.
-
-    On Linux a thread is a task with its own nice value, so background work (the shadow model, writing
-    kept frames) yields the CPU to the live stages. With ``idle`` the thread also gets the SCHED_IDLE
-    policy: it runs only on a CPU nothing else wants, and any live thread that wakes up preempts it at once
-    (a niced thread still gets time slices, which stalls ONNX Runtime's parallel operators waiting for the
-    one worker thread it delayed). Elsewhere this does nothing.
-    """
-    native_id = threading.get_native_id()
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, native_id, nice)
-    if idle:
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
-    return native_id
 
 
 class ShadowRunner:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from edge_agent.logs import log_event
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     MAX_PART_REGIONS,
     PartFrames,
     PartMessage,
@@ -193,7 +193,7 @@ def triggered_message(
     **fields: Any,
 ) -> PartMessage:
     """The part message of a triggered inspection (its one frame; regions in frame coordinates)."""
-    from edge_agent.publish.messages import PartRegion
+    from edge_agent.messages import PartRegion
 
     return PartMessage(
         device_id=device_id,

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from edge_agent.config_files import ConfigError
 from edge_agent.inspection.triggers import Trigger, TriggerBook
+from edge_agent.messages import PartMessage
 from edge_agent.plc.handshake import PlcHandshake
-from edge_agent.publish.messages import PartMessage
 
 if TYPE_CHECKING:
     from edge_agent.config import AgentSettings

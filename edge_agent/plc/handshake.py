@@ -31,7 +31,7 @@ from enum import IntEnum
 
 from edge_agent.inspection.triggers import Trigger, TriggerBook
 from edge_agent.logs import log_event
-from edge_agent.publish.messages import PartMessage
+from edge_agent.messages import PartMessage
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from edge_agent.config_files import describe_validation_error
-from edge_agent.publish.messages import COMMANDS, CommandResult, PayloadError, parse_json_object
+from edge_agent.messages import COMMANDS, CommandResult, PayloadError, parse_json_object
 
 log = logging.getLogger(__name__)
 

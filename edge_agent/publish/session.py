@@ -46,8 +46,8 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
 from edge_agent.logs import log_event
+from edge_agent.messages import StatusText, topic
 from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client, reason_code
-from edge_agent.publish.messages import StatusText, topic
 from edge_agent.publish.outbox import MemoryOutbox, Outbox, OutgoingMessage
 
 log = logging.getLogger(__name__)

@@ -311,7 +311,7 @@ class RelaySettings(FileAndEnvSettings):
     def _every_device_can_fire(self) -> RelaySettings:
         if self.journal is None:
             self.journal = self.state_dir / "relay.sqlite"
-        from edge_agent.publish.messages import is_valid_id
+        from edge_agent.messages import is_valid_id
 
         for name in (self.relay_id, *self.devices, *self.cameras):
             if not is_valid_id(name):

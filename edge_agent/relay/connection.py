@@ -20,8 +20,8 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.messages import StatusText, relay_topic
 from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
-from edge_agent.publish.messages import StatusText, relay_topic
 from edge_agent.relay.actuators import ActuatorError
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal

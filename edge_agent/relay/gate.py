@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from edge_agent.publish.messages import PayloadError
+from edge_agent.messages import PayloadError
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.intake import device_of_topic
 from edge_agent.relay.limits import BYTES_PER_TOKEN, LogLimiter, RateLimiter, too_costly

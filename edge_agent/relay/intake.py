@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from edge_agent.publish.messages import SCHEMA, InspectionMessage, PayloadError, is_valid_id, parse_json_object
+from edge_agent.messages import SCHEMA, InspectionMessage, PayloadError, is_valid_id, parse_json_object
 from edge_agent.relay.limits import MESSAGE_LIMITS
 
 MAX_INSPECTION_BYTES = MESSAGE_LIMITS["inspection"]

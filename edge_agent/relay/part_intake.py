@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     PART_SCHEMA,
     PartMessage,
     PayloadError,

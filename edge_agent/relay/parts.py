@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     PartMessage,
     PayloadError,
     parse_json_object,

@@ -39,7 +39,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from edge_agent.publish.messages import InspectionMessage, RelayStats, StatusText
+from edge_agent.messages import InspectionMessage, RelayStats, StatusText
 from edge_agent.relay.actuators import Actuator, FireOrder, create_actuator
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.connection import RelayConnection

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.publish.messages import InspectionMessage, RelayDeviceStats, RelayStats
+from edge_agent.messages import InspectionMessage, RelayDeviceStats, RelayStats
 from edge_agent.relay.actuators import FireOrder
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.schedule import Plan

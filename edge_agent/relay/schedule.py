@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge_agent.publish.messages import InspectionMessage
+from edge_agent.messages import InspectionMessage
 from edge_agent.relay.config import ClockConfig, DeviceTiming
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.scoring import DecisionRule, default_log10_epsilon
 from edge_agent.logs import log_event
+from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.plc.bridge import PlcBridge
 from edge_agent.publish.commands import CommandFailed, CommandProcessor, Done
-from edge_agent.publish.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from edge_agent.config import KeepConfig
 from edge_agent.inspection.pipeline import FrameJob
-from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
-from edge_agent.publish.messages import PartMessage
+from edge_agent.messages import PartMessage
 from edge_agent.service.part_frames import PartEvidence, PartFrameBook
+from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 

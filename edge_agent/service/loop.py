@@ -24,10 +24,9 @@ from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_stati
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.preprocess import model_input
-from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
+from edge_agent.messages import PartMessage, RecordCommand
 from edge_agent.publish.commands import CommandFailed, Done
-from edge_agent.publish.messages import PartMessage, RecordCommand
 from edge_agent.service.disk_budget import training_budget
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
@@ -35,6 +34,7 @@ from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figur
 from edge_agent.service.part_frames import PartFrameBook
 from edge_agent.service.record_gate import HeldFrame, RecordGate, frame_clock
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
+from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 

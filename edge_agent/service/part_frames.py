@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from edge_agent.inspection.pipeline import FrameJob
-from edge_agent.publish.messages import PartMessage
+from edge_agent.messages import PartMessage
 
 KEEP_BEST = 3
 THUMB_HEIGHT = 96

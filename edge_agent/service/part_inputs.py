@@ -25,7 +25,7 @@ from edge_agent.inspection.triggers import (
     open_gpio,
 )
 from edge_agent.logs import log_event
-from edge_agent.publish.messages import PartMessage
+from edge_agent.messages import PartMessage
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 

@@ -27,7 +27,7 @@ import numpy as np
 from edge_agent.inspection.overlay import detection_mask, draw_overlay, heat_map
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.scoring import resize_map
-from edge_agent.publish.messages import PartMessage, Region
+from edge_agent.messages import PartMessage, Region
 from edge_agent.service.part_frames import PartEvidence, best_sequence, view_log_nfa
 
 PART_BGR = (255, 200, 0)

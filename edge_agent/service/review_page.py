@@ -24,7 +24,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from edge_agent.publish.messages import PayloadError, parse_json_object
+from edge_agent.messages import PayloadError, parse_json_object
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.review import MaskEdit, ReviewError, ReviewStore
 from edge_agent.service.review_page_html import PAGE

@@ -414,18 +414,3 @@ def _nesting_depth(payload: bytes) -> int:
         return 0
     depth = np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64)
     return max(0, int(depth.max()))
-
-
-# user[:password]@ after a scheme, and GStreamer/RTSP credential properties (user-id=..., user-pw=...).
-_URI_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@")
-_PROPERTY_CREDENTIALS = re.compile(r"\b(user-id|user-pw|password|passwd|user)=(\"[^\"]*\"|'[^']*'|\S+)", re.I)
-
-
-def redact_uri(text: str) -> str:
-    """``text`` with credentials in URIs and pipeline properties replaced by ``***``.
-
-    For everything that reports a source (messages, spool, stats, /healthz, /preview.json, doctor,
-    logs): ``rtsp://user:pass@cam/stream`` becomes ``rtsp://***@cam/stream``.
-    """
-    text = _URI_CREDENTIALS.sub(r"\1***@", text)
-    return _PROPERTY_CREDENTIALS.sub(r"\1=***", text)
