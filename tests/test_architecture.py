@@ -210,8 +210,10 @@ def test_the_frame_path_never_imports_service_code() -> None:
 # floor or lower ones, so the tree reads bottom-up and no folder reaches up into the one that uses it.
 FLOORS = (
     # the contract (bundle, config, messages) and the plumbing every layer may use
-    ("config", "config_plc", "config_files", "fileio", "logs", "systemd", "exit_codes", "bundle", "messages")
-    + ("redact", "thread_priority", "demo"),
+    (
+        *("config", "config_plc", "config_files", "fileio", "logs", "systemd", "exit_codes"),
+        *("bundle", "messages", "redact", "thread_priority", "demo"),
+    ),
     # then the frame's own order: the model, the stages, what leaves the agent, and what reads its output
     ("engines",),
     ("inspection",),
