@@ -25,6 +25,7 @@ from edge_agent.relay.actuators import Actuator, ActuatorError, FireOrder
 from edge_agent.relay.belt import BeltTravel, due_in
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal
+from edge_agent.relay.report import Decision
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Job:
 
 # (outcome, job, context): "fired" carries fired_time, lateness_ms, attempts; "missed" late_by_ms;
 # "failed" reason, attempts, actuator, retryable.
-Report = Callable[[str, Job, dict[str, Any]], None]
+Report = Callable[[Decision, Job, dict[str, Any]], None]
 
 
 class Firing:
@@ -232,7 +233,7 @@ class Firing:
         if job.held:  # the belt never moved the rest within belt.max_hold_s: missed, never fired
             if self.journal.begin_firing(order.message_id):
                 self.journal.finish(order.message_id, "missed")
-            self._report("missed", job, {"held_s": self.settings.belt.max_hold_s})
+            self._report(Decision.MISSED, job, {"held_s": self.settings.belt.max_hold_s})
             return
         config = self.settings.actuator_for(order.device_id)
         assert config is not None
@@ -255,16 +256,18 @@ class Firing:
                 continue
             self.journal.finish(order.message_id, "fired", fired_wall)
             lateness_ms = (now_mono - job.due) * 1000.0
-            self._report("fired", job, {"fired_time": fired_wall, "lateness_ms": lateness_ms, "attempts": attempts})
+            self._report(
+                Decision.FIRED, job, {"fired_time": fired_wall, "lateness_ms": lateness_ms, "attempts": attempts}
+            )
             return
         if attempts == 0:
             if self.journal.begin_firing(order.message_id):
                 self.journal.finish(order.message_id, "missed")
-            self._report("missed", job, {"late_by_ms": (time.monotonic() - job.due) * 1000.0})
+            self._report(Decision.MISSED, job, {"late_by_ms": (time.monotonic() - job.due) * 1000.0})
             return
         self.journal.finish(order.message_id, "failed")
         self._report(
-            "failed",
+            Decision.FAILED,
             job,
             {
                 "reason": str(error),

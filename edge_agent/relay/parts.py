@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -130,7 +130,7 @@ class RelayCore(Protocol):
 
     def actuator_of(self, device: str) -> Actuator | None: ...
 
-    def count(self, device_id: str, what: Decision | str) -> None: ...
+    def count(self, device_id: str, what: Decision | Literal["anomalous"]) -> None: ...
 
     def count_unconfigured(self) -> None: ...
 
@@ -229,7 +229,7 @@ class PartDecisions:
             seen = not relay.first_good(key)
             relay.count(device, Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD)
             if seen or relay.settings.log_good_decisions:
-                log_part(Decision.DUPLICATE if seen else "skipped-good", message, topic, None, logging.INFO)
+                log_part(Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD, message, topic, None, logging.INFO)
             return Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD
         relay.count(device, "anomalous")
         actuator = relay.actuator_of(device)
@@ -345,7 +345,9 @@ def order_of(message: PartMessage, key: str, plan: Plan, relay_id: str) -> FireO
     )
 
 
-def log_part(decision: str, message: PartMessage, topic: str, plan: Plan | None, level: int, **context: Any) -> None:
+def log_part(
+    decision: Decision, message: PartMessage, topic: str, plan: Plan | None, level: int, **context: Any
+) -> None:
     """One decision line about a part message."""
     extra: dict[str, Any] = {
         "event": "relay_decision",

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from pydantic import ValidationError
@@ -280,7 +280,7 @@ class RejectRelay:
 
     def _decide_duplicate(self, message: InspectionMessage, topic: str) -> Decision:
         self.count(message.device_id, Decision.DUPLICATE)
-        first = self.journal.state_of(message.message_id) if message.anomalous else "skipped-good"
+        first = self.journal.state_of(message.message_id) if message.anomalous else Decision.SKIPPED_GOOD.value
         log_decision(Decision.DUPLICATE, message, topic, None, logging.INFO, first_decision=first)
         return Decision.DUPLICATE
 
@@ -372,10 +372,10 @@ class RejectRelay:
 
     # -- outcomes of firing ---------------------------------------------------------------------------
 
-    def _on_outcome(self, outcome: str, job: Job, context: dict[str, Any]) -> None:
+    def _on_outcome(self, outcome: Decision, job: Job, context: dict[str, Any]) -> None:
         """Count and log what ``firing`` did with a job (its journal entry is already final)."""
         order, plan = job.order, job.plan
-        if outcome == "fired":
+        if outcome is Decision.FIRED:
             with self._lock:
                 self.counters.device(order.device_id).fired += 1
                 self._lateness_ms.append(context["lateness_ms"])
@@ -388,7 +388,7 @@ class RejectRelay:
                 lateness_ms=round(context["lateness_ms"], 3),
                 attempts=context["attempts"],
             )
-        elif outcome == "missed":
+        elif outcome is Decision.MISSED:
             # Came due too late (every actuator worker busy, an overloaded box): never fired after the deadline.
             self.count(order.device_id, Decision.MISSED)
             if "held_s" in context:
@@ -431,7 +431,7 @@ class RejectRelay:
         with self._lock:
             self.counters.unconfigured += 1
 
-    def count(self, device_id: str, what: Decision | str) -> None:
+    def count(self, device_id: str, what: Decision | Literal["anomalous"]) -> None:
         """One more of a decision (its ``counter``) or of a named per-camera figure (``"anomalous"``) for a camera."""
         name = what.counter if isinstance(what, Decision) else what
         assert name is not None, f"{what} is not counted per camera"

@@ -130,7 +130,7 @@ def relay_stats(
 
 
 def log_decision(
-    decision: str,
+    decision: Decision,
     message: InspectionMessage,
     topic: str,
     plan: Plan | None,
@@ -153,7 +153,7 @@ def log_decision(
     log.log(level, "%s: %s #%d", decision, message.device_id, message.sequence, extra=extra)
 
 
-def log_order(decision: str, order: FireOrder, plan: Plan, level: int, **context: Any) -> None:
+def log_order(decision: Decision, order: FireOrder, plan: Plan, level: int, **context: Any) -> None:
     extra: dict[str, Any] = {
         "event": "relay_decision",
         "decision": decision,
