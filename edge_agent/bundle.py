@@ -69,14 +69,24 @@ class Normalisation(_Strict):
     std: tuple[float, float, float]
 
 
+HEADS = ("flow", "gaussian", "memory")
+
+
 class ScaleSpec(_Strict):
-    """One flow output scale: the engine output ``name`` is m_s (1 x height x width)."""
+    """One evidence map of the engine: output ``name`` (1 x height x width) made by ``head``.
+
+    ``flow``: m_s, the mean over the C_s latent channels of z^2 (the paper's map; bundles from before
+    the heads have only these). ``gaussian``: the mean over C_s channels of the whitened features'
+    squares. ``memory``: the squared distance to the nearest memory-bank row, divided by C_s. The paper's
+    polyomino NFA reads the flow maps only; the fitted NFA every map, each with its own null.
+    """
 
     name: str
-    channels: int = Field(gt=0, description="C_s: latent channels at this scale (the NFA's chi^2 dof)")
+    channels: int = Field(gt=0, description="C_s: channels behind the map (for flow maps the NFA's chi^2 dof)")
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     stride: int = Field(gt=0, description="input pixels per map pixel")
+    head: Literal["flow", "gaussian", "memory"] = Field(default="flow", description="the evidence that made it")
 
 
 class ScaleNullSpec(_Strict):
@@ -209,6 +219,12 @@ class Manifest(_Strict):
     def _one_null_per_scale(self) -> Manifest:
         if self.nfa.scale_nulls and len(self.nfa.scale_nulls) != len(self.scales):
             raise ValueError(f"nfa.scale_nulls has {len(self.nfa.scale_nulls)} entries for {len(self.scales)} scales")
+        if not any(s.head == "flow" for s in self.scales):
+            raise ValueError("scales need at least one flow map (the paper's NFA and the drift check read them)")
+        if self.scales[0].head != "flow":
+            raise ValueError("the first scale must be a flow map (m_0: the drift check reads it)")
+        if any(s.head != "flow" for s in self.scales) and self.nfa.null_model != "fitted":
+            raise ValueError("gaussian and memory maps need the fitted NFA (a fitted null per map)")
         return self
 
     @property

@@ -120,6 +120,13 @@ class Recipe:
     # The reference's objective (LayerNorm affine not in log|det J|): its latents, once the fitted null
     # is calibrated, flag more planted and real defects than with the affine counted (ablation A vs B).
     norm_in_jacobian: bool = False
+    # Evidence per scale (training/heads.py): the flow's latents, a Gaussian on the same features and a
+    # memory bank on the coarser strides; chosen on planted defects over all three data sets
+    # (docs/results.md "Heads", bench/heads.py).
+    heads: tuple[str, ...] = ("flow", "gaussian", "memory")
+    gaussian_scales: int = 0  # every scale
+    memory_scales: int = 2  # the two coarsest (16 and 32 with the default strides)
+    bank_size: int = 2048
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

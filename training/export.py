@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,19 +217,28 @@ def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[flo
     return metrics
 
 
-def nfa_spec(info: RunInfo, shapes: list[tuple[int, int]], null_model: str = "fitted") -> NfaSpec:
+def nfa_spec(
+    info: RunInfo, shapes: list[tuple[int, int]], null_model: str = "fitted", *, flow_only: bool = True
+) -> NfaSpec:
     """The bundle's NFA: the fitted null of the run (default) or the paper's exact polyomino NFA.
 
     Runs trained before the fitted null existed have none in val_scores.json and get the paper's NFA.
+    ``shapes``: of every map of the bundle (the fitted null's number of tests counts them all; the run's
+    null has one entry per map). The polyomino NFA is only built for a flow-only bundle (``flow_only``;
+    :func:`export_bundle` drops the heads first).
     """
     fitted = info.val_scores.get("nfa_null")
     if null_model == "fitted" and fitted:
+        if len(fitted) != len(shapes):
+            raise ExportError(f"run {info.root} has {len(fitted)} fitted nulls for {len(shapes)} maps; train it again")
         return NfaSpec(
             log10_number_of_tests=nfa.log10_tree_tests(shapes),
             log10_epsilon=float(info.val_scores.get("log10_epsilon", 0.0)),
             null_model="fitted",
             scale_nulls=tuple(ScaleNullSpec(**item) for item in fitted),
         )
+    if not flow_only:
+        raise ExportError("the polyomino NFA tests flow maps only; export the flow alone (flow_only)")
     if null_model == "fitted":
         log.warning(
             "run has no fitted NFA null: the bundle uses the paper's polyomino NFA",
@@ -277,7 +286,7 @@ def build_manifest(
     """The manifest of a bundle whose files are already in ``bundle_dir``."""
     backbone = backbone_info(model.config.backbone)
     scales = tuple(
-        ScaleSpec(name=s.name, channels=s.channels, height=s.height, width=s.width, stride=s.stride)
+        ScaleSpec(name=s.name, channels=s.channels, height=s.height, width=s.width, stride=s.stride, head=s.head)
         for s in model.scales
     )
     return Manifest(
@@ -290,7 +299,7 @@ def build_manifest(
         input=InputSpec(height=model.config.image_height, width=model.config.image_width),
         normalisation=Normalisation(mean=backbone.mean, std=backbone.std),
         scales=scales,
-        nfa=nfa_spec(info, [(s.height, s.width) for s in scales], null_model),
+        nfa=nfa_spec(info, [(s.height, s.width) for s in scales], null_model, flow_only=not model.heads),
         image_score_threshold=_threshold(info),
         validation_metrics=_validation_metrics(info, parity, selftest_scores),
         training_data=_training_data(info),
@@ -349,6 +358,16 @@ def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
     return bundle
 
 
+def flow_only(model: UFlow) -> UFlow:
+    """The same trained flow without the heads (the flow-only anomaly map and outputs)."""
+    config = replace(model.config, heads=("flow",))
+    bare = UFlow(config, weights=None, random_weights=True)
+    bare.backbone = model.backbone
+    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith(("heads.", "map_means"))}
+    bare.load_trainable_state_dict(state)
+    return bare.eval()
+
+
 def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
@@ -384,6 +403,13 @@ def export_bundle(
     out_dir = Path(out_dir)
     _prepare_destination(out_dir, overwrite)
     model, info = load_model(run_dir)
+    if model.heads and not (null_model == "fitted" and info.val_scores.get("nfa_null")):
+        # The heads' maps have no null under the paper's NFA: a polyomino bundle is the flow alone.
+        model = flow_only(model)
+        log.warning(
+            "the bundle keeps the flow only: the gaussian and memory heads need the fitted NFA null",
+            extra={"event": "export.heads_dropped", "run": str(info.root), "null_model": null_model},
+        )
     if not info.selftest_images:
         raise ExportError(f"run {info.root} has no self-test images in selftest/; train again to finish it")
     name = name or _default_name(info)
