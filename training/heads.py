@@ -184,7 +184,8 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
     Returns what :func:`out_of_sample_maps` needs to give each of those images maps from heads that did
     not see it.
     """
-    count = len(features[0])
+    used = [int(key.split("_")[1]) for key in heads]
+    count = len(features[used[0]]) if used else 0  # every scale holds the same images
     fold = fold_of(count, folds, seed)
     gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     banks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
