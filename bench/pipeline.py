@@ -1,6 +1,7 @@
 """Agent throughput and latency on the CPU: engine only vs the full agent, same bundle and frames.
 
     nice -n 10 .venv/bin/python bench/pipeline.py [--bundle BUNDLE_DIR] [--frames 300] [--threads 0] [--repeat 3]
+        [--engine-only]
 
 Rows (each repeated ``--repeat`` times, with the load average, to show the noise of a shared machine):
 - ``engine only``: ``Engine.infer`` on preloaded model-size RGB frames, back to back (the ceiling).
@@ -54,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=300, help="frames per measurement")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     parser.add_argument("--repeat", type=int, default=3, help="repeat every measurement this many times")
+    parser.add_argument(
+        "--engine-only", action="store_true", help="only the engine and engine + NFA rows (no agent, no broker)"
+    )
     parser.add_argument("--train-epochs", type=int, default=30, help="epochs when a bundle has to be trained")
     return parser.parse_args()
 
@@ -245,6 +249,8 @@ def main() -> int:
                 rows.append(
                     ("engine + NFA, one thread", len(images), len(images) / sequential_s, load, 0, 0, 0, repeat)
                 )
+                if args.engine_only:
+                    continue
 
                 def settings_for(name: str, source: dict[str, object], repeat: int = repeat) -> AgentSettings:
                     return load_settings(
