@@ -238,3 +238,48 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
     assert new.head_strides("memory") == (16, 32) and new.head_strides("gaussian") == (8, 16, 32)
     with pytest.raises(ValueError, match="flow head is required"):
         UFlowConfig(heads=("gaussian",))
+
+
+def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
+    hybrid_bundle: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """The heads' whitening and bank distances stay FP32 (never quantized, never FP16) and agree with FP32."""
+    from calibration.fp16 import Fp16Settings
+    from calibration.fp16 import calibrate_bundle as calibrate_fp16
+    from calibration.int8 import Int8Settings, conv_groups
+    from calibration.int8 import calibrate_bundle as calibrate_int8
+    from training.data import load_image
+
+    root = tmp_path / "bundle"
+    shutil.copytree(hybrid_bundle, root)
+    good = synthetic_data_dir / "train" / "good"
+    calibrate_int8(root, good, Int8Settings(images=8, method="minmax"))
+    calibrate_fp16(root, good, Fp16Settings(images=4))  # runs the TensorRT graph check (head-fp32) on the result
+    bundle = load_bundle(root)
+    int8 = onnx.load(str(root / "model.int8.onnx"))
+    heads = conv_groups(onnx.load(str(root / "model.onnx"))).groups["heads"]
+    assert len(heads) == 4  # two whitening convs, two banks
+    producer = {out: node for node in int8.graph.node for out in node.output}
+    for node in int8.graph.node:
+        if node.name in heads:
+            source = producer.get(node.input[1])
+            assert source is None or source.op_type != "DequantizeLinear", f"{node.name} was quantized"
+    fp16 = bundle.manifest.variant("fp16")
+    assert fp16 is not None and any(n in fp16.settings["fp32_nodes"] for n in heads)
+    image = load_image(root / bundle.manifest.self_test[0], HYBRID_SIZE, HYBRID_SIZE)
+    outputs = {}
+    for precision in ("fp32", "fp16", "int8"):
+        engine = OnnxRuntimeEngine(bundle, precision=precision)
+        try:
+            outputs[precision] = engine.infer(image)
+        finally:
+            engine.close()
+    for precision in ("fp16", "int8"):
+        for name, got, want in zip(
+            [s.name for s in bundle.manifest.scales],
+            outputs[precision].scale_maps,
+            outputs["fp32"].scale_maps,
+            strict=True,
+        ):
+            assert np.isfinite(got).all(), name
+            assert np.abs(got - want).mean() < 0.2 * max(1.0, float(np.abs(want).mean())), (precision, name)

@@ -131,9 +131,9 @@ def nfa_inputs(
 ) -> tuple[list[np.ndarray], list[int]]:
     """The maps and channel counts the NFA tests: every map under a fitted null, the flow maps only
     under the paper's polyomino NFA (its chi^2(C_s) null is the flow's; the heads' maps have none)."""
-    if nulls is not None:
-        return list(maps), list(channels)
-    keep = [i for i, head in enumerate(heads) if head == "flow"] if heads else range(len(maps))
+    if nulls is not None or not heads or not len(maps) == len(channels) == len(heads):
+        return list(maps), list(channels)  # a count mismatch is reported by nfa.log_nfa_map, by name
+    keep = [i for i, head in enumerate(heads) if head == "flow"]
     return [maps[i] for i in keep], [channels[i] for i in keep]
 
 
