@@ -102,6 +102,50 @@ def head_maps(data: np.lib.npyio.NpzFile, kind: str, scale: int, hyper: bool, ba
     return MapSet(name, channels, seconds, good_maps, good_maps[n_train:], planted, test)
 
 
+def cached_head_maps(path: Path, data: np.lib.npyio.NpzFile, kind: str, scale: int, hyper: bool, bank: int) -> MapSet:
+    """:func:`head_maps`, kept next to the features file (``<features>.maps/``) for later runs."""
+    folder = path.with_suffix(".maps")
+    folder.mkdir(exist_ok=True)
+    file = folder / f"{kind}_{scale}_{int(hyper)}_{bank}.npz"
+    if file.is_file():
+        z = np.load(file)
+        return MapSet(str(z["name"]), int(z["channels"]), float(z["fit_seconds"]), *(z[k] for k in _MAP_KEYS))
+    m = head_maps(data, kind, scale, hyper, bank)
+    np.savez(file, name=m.name, channels=m.channels, fit_seconds=m.fit_seconds, **{k: getattr(m, k) for k in _MAP_KEYS})
+    return m
+
+
+_MAP_KEYS = ("good", "val", "planted", "test")
+
+
+def flow_maps(run: Path, data: np.lib.npyio.NpzFile) -> list[MapSet]:
+    """The trained flow's m_s (a flow-only run of the same backbone and strides) on the cached features."""
+    from training.model import scale_maps
+    from training.rundir import load_model
+
+    model, _ = load_model(run)
+    out: dict[str, list[np.ndarray]] = {}
+    for split in ("val", "planted", "test"):
+        feats = [_features(data, split, s, hyper=False) for s in range(3)]
+        chunks = []
+        with torch.no_grad():
+            for i in range(0, len(feats[0]), 32):
+                chunks.append([m.numpy() for m in scale_maps(model.encode([f[i : i + 32] for f in feats]).latents)])
+        out[split] = [np.concatenate([c[s] for c in chunks]) for s in range(3)]
+    return [
+        MapSet(
+            f"F{STRIDES[s]}",
+            int(model.flow_scales[s].channels),
+            0.0,
+            out["val"][s],
+            out["val"][s],
+            out["planted"][s],
+            out["test"][s],
+        )
+        for s in range(3)
+    ]
+
+
 def fused(maps: list[np.ndarray], means: list[float], how: str = "mean") -> np.ndarray:
     """The graph's anomaly map (mean of upsampled m / mean), or the max for comparison."""
     up = [
@@ -161,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--banks", type=int, nargs="+", default=[2048])
+    parser.add_argument("--flow-run", type=Path, help="a flow-only run (uflow train --heads flow) of this data set")
+    parser.add_argument("--flow-only-combos", action="store_true", help="with --flow-run: only rows with the flow")
     parser.add_argument("--memory-fine", action="store_true", help="also a memory bank at stride 8")
     parser.add_argument("--no-test", action="store_true", help="skip the test split")
     args = parser.parse_args(argv)
@@ -175,10 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         # bank sizes are compared on the plain coarse scales; the other memory maps use the largest
         banks = (args.banks if scale > 0 and not hyper else [max(args.banks)]) if kind == "memory" else [0]
         for bank in banks:
-            m = head_maps(data, kind, scale, hyper, bank)
+            m = cached_head_maps(args.features, data, kind, scale, hyper, bank)
             sets[m.name] = m
             print(f"# {m.name}: C={m.channels}, fit {m.fit_seconds:.1f} s", flush=True)
     big = max(args.banks)
+    flow_combos: list[list[str]] = []
+    if args.flow_run:
+        flows = flow_maps(args.flow_run, data)
+        sets |= {m.name: m for m in flows}
+        f = [m.name for m in flows]
+        flow_combos = [
+            f,
+            [*f, "G8", "G16", "G32"],
+            [*f, f"M16/{big}", f"M32/{big}"],
+            [*f, "G8", "G16", "G32", f"M16/{big}", f"M32/{big}"],
+            [*f, "G8", "G16h", "G32h", f"M16h/{big}", f"M32h/{big}"],
+            [*f, "G8", "G16", "G32", f"M32/{big}"],
+        ]
     combos = [
         ["G8", "G16", "G32"],
         ["G8", "G16h", "G32h"],
@@ -189,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         ["G16", "G32", f"M16/{big}", f"M32/{big}"],
     ]
     combos += [["G8", "G16", "G32", f"M16/{b}", f"M32/{b}"] for b in args.banks if b != big]
+    combos = flow_combos if args.flow_run and args.flow_only_combos else flow_combos + combos
     rows = []
     header = (
         "| maps | planted found | planted pixel AUROC (mean / max fusion) | val flagged | evidence scale | "

@@ -241,9 +241,10 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
 
 
 def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
-    hybrid_bundle: Path, synthetic_data_dir: Path, tmp_path: Path
+    hybrid_bundle: Path, synthetic_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The heads' whitening and bank distances stay FP32 (never quantized, never FP16) and agree with FP32."""
+    """The heads' whitening and bank distances stay FP32 (never quantized, never FP16) and agree with FP32;
+    the TensorRT backend (tests/fake_tensorrt: graph rules, builder, I/O binding) builds and runs every map."""
     from calibration.fp16 import Fp16Settings
     from calibration.fp16 import calibrate_bundle as calibrate_fp16
     from calibration.int8 import Int8Settings, conv_groups
@@ -283,3 +284,21 @@ def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
         ):
             assert np.isfinite(got).all(), name
             assert np.abs(got - want).mean() < 0.2 * max(1.0, float(np.abs(want).mean())), (precision, name)
+
+    from fake_tensorrt import install, make_cuda_python, make_pycuda, make_tensorrt, reset_memory
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
+
+    reset_memory()
+    install(monkeypatch, make_tensorrt("10.3"), cuda_python=make_cuda_python(), pycuda=make_pycuda())
+    for precision in ("fp32", "fp16", "int8"):
+        config = ModelConfig(backend="tensorrt", precision=precision, engine_cache_dir=tmp_path / "engines")
+        engine = TensorRTEngine(bundle, config)
+        try:
+            got = engine.infer(image)
+        finally:
+            engine.close()
+        assert len(got.scale_maps) == len(bundle.manifest.scales) == 6
+        for g, w in zip(got.scale_maps, outputs[precision].scale_maps, strict=True):
+            np.testing.assert_array_equal(g, w)
