@@ -302,3 +302,25 @@ def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
         assert len(got.scale_maps) == len(bundle.manifest.scales) == 6
         for g, w in zip(got.scale_maps, outputs[precision].scale_maps, strict=True):
             np.testing.assert_array_equal(g, w)
+
+
+def test_a_hybrid_candidate_runs_in_shadow_beside_a_flow_only_live_model(contract_model, hybrid_bundle: Path) -> None:
+    """The shadow (and the agent's model loader, warm-up included) takes a bundle with head outputs."""
+    from line_helpers import inspected_job
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.inspection.loaded_model import load_model
+    from edge_agent.inspection.shadow import ShadowRunner
+
+    candidate = load_model(hybrid_bundle, ModelConfig(backend="onnxruntime", threads=1))
+    runner = ShadowRunner(candidate, share=1.0, device_id="cam1")
+    runner.start()
+    try:
+        for seq in range(4):
+            runner.offer(inspected_job(contract_model, seq, defect=seq == 2))
+            assert runner.wait_idle()
+        report = runner.snapshot()
+    finally:
+        runner.stop()
+        candidate.close()
+    assert report.compared == 4 and report.candidate == "hybrid 1"
