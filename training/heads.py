@@ -129,13 +129,16 @@ def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, projection_dim: in
         matrix = torch.randn(channels, projection_dim, generator=generator) / math.sqrt(projection_dim)
         x = x.float() @ matrix
     x = x.float().contiguous()
+    norms = x.pow(2).sum(1)
     chosen = torch.empty(size, dtype=torch.long)
     chosen[0] = int(torch.randint(count, (1,), generator=generator))
-    nearest = (x - x[chosen[0]]).pow(2).sum(1)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector pass over x per step, no P x C temporary
+    nearest = (norms - 2.0 * (x @ x[chosen[0]]) + norms[chosen[0]]).clamp_min_(0.0)
     for step in range(1, size):
         index = int(torch.argmax(nearest))
         chosen[step] = index
-        torch.minimum(nearest, (x - x[index]).pow(2).sum(1), out=nearest)
+        distance = torch.addmv(norms, x, x[index], alpha=-2.0).add_(norms[index])
+        torch.minimum(nearest, distance, out=nearest)
     return chosen
 
 
