@@ -293,7 +293,10 @@ def build_manifest(
     """The manifest of a bundle whose files are already in ``bundle_dir``."""
     backbone = backbone_info(model.config.backbone)
     scales = tuple(
-        ScaleSpec(name=s.name, channels=s.channels, height=s.height, width=s.width, stride=s.stride, head=s.head)
+        ScaleSpec.model_validate(
+            {"name": s.name, "channels": s.channels, "height": s.height, "width": s.width, "stride": s.stride}
+            | {"head": s.head}
+        )
         for s in model.scales
     )
     return Manifest(

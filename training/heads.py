@@ -44,15 +44,16 @@ class GaussianHead(nn.Module):
         super().__init__()
         self.whiten = nn.Conv2d(channels, channels, 1)
         self.whiten.requires_grad_(False)
-        nn.init.eye_(self.whiten.weight.view(channels, channels))
-        nn.init.zeros_(self.whiten.bias)
+        with torch.no_grad():
+            self.whiten.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+            self.whiten.bias.zero_()  # type: ignore[union-attr]
 
     def set(self, mean: torch.Tensor, inverse_cholesky: torch.Tensor) -> None:
         """Load mu (C) and L^-1 (C x C)."""
         c = self.whiten.in_channels
         with torch.no_grad():
             self.whiten.weight.copy_(inverse_cholesky.reshape(c, c, 1, 1))
-            self.whiten.bias.copy_(-(inverse_cholesky @ mean))
+            self.whiten.bias.copy_(-(inverse_cholesky @ mean))  # type: ignore[union-attr]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.whiten(features).pow(2).mean(dim=1)
@@ -60,6 +61,9 @@ class GaussianHead(nn.Module):
 
 class MemoryHead(nn.Module):
     """k = min over the bank of ||pool(x) - b||^2 / C, as sum of squares - 2 conv(bank) + ||b||^2, ReduceMin."""
+
+    bank: torch.Tensor
+    bank_sq: torch.Tensor
 
     def __init__(self, channels: int, bank_size: int, pool: int) -> None:
         super().__init__()

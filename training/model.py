@@ -127,6 +127,8 @@ class FlowOutput:
 class UFlow(nn.Module):
     """Backbone (frozen, eval) -> per-scale norm (trainable) -> U-shaped flow (trainable)."""
 
+    map_means: torch.Tensor  # registered only when the model has heads
+
     def __init__(self, config: UFlowConfig, weights: Path | str | None = None, *, random_weights: bool = False) -> None:
         super().__init__()
         self.config = config
