@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--banks", type=int, nargs="+", default=[2048])
     parser.add_argument("--flow-run", type=Path, help="a flow-only run (uflow train --heads flow) of this data set")
     parser.add_argument("--flow-only-combos", action="store_true", help="with --flow-run: only rows with the flow")
+    parser.add_argument("--only", nargs="+", default=[], help="only these rows (maps joined by +)")
     parser.add_argument("--memory-hyper", action="store_true", help="also memory banks on hypercolumn features")
     parser.add_argument("--memory-fine", action="store_true", help="also a memory bank at stride 8")
     parser.add_argument("--no-test", action="store_true", help="skip the test split")
@@ -248,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         ["G16", "G32", f"M16/{big}", f"M32/{big}"],
     ]
     combos += [["G8", "G16", "G32", f"M16/{b}", f"M32/{b}"] for b in args.banks if b != big]
+    combos += [["G8", "G16", "G32", f"M32/{big}"], [f"M32/{big}"]]
+    if args.memory_hyper:
+        combos += [[f"M16h/{big}", f"M32h/{big}"], ["G8", "G16h", "G32h", f"M16h/{big}", f"M32h/{big}"]]
+    if args.memory_fine:
+        combos += [["G8", "G16", "G32", f"M8/{big}", f"M16/{big}", f"M32/{big}"]]
+    if args.only:
+        combos = [c for c in combos if "+".join(c) in args.only]
     combos = flow_combos if args.flow_run and args.flow_only_combos else flow_combos + combos
     rows = []
     header = (
