@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         ["G16", "G32", f"M16/{big}", f"M32/{big}"],
     ]
     combos += [["G8", "G16", "G32", f"M16/{b}", f"M32/{b}"] for b in args.banks if b != big]
-    combos += [["G8", "G16", "G32", f"M32/{big}"], [f"M32/{big}"]]
+    combos += [["G8", "G16", "G32", f"M32/{big}"], [f"M32/{big}"], ["G16", "G32", f"M32/{big}"]]
     if args.memory_hyper:
         combos += [[f"M16h/{big}", f"M32h/{big}"], ["G8", "G16h", "G32h", f"M16h/{big}", f"M32h/{big}"]]
     if args.memory_fine:

@@ -235,7 +235,8 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
     old = UFlowConfig.from_dict({"strides": [8, 16], "image_height": 128, "image_width": 128})
     assert old.heads == ("flow",) and old.head_strides("memory") == ()
     new = UFlowConfig(strides=(8, 16, 32))
-    assert new.head_strides("memory") == (16, 32) and new.head_strides("gaussian") == (8, 16, 32)
+    assert new.head_strides("memory") == (16, 32) and new.head_strides("gaussian") == (16, 32)
+    assert UFlowConfig(strides=(8, 16, 32), gaussian_scales=0).head_strides("gaussian") == (8, 16, 32)
     with pytest.raises(ValueError, match="flow head is required"):
         UFlowConfig(heads=("gaussian",))
 
