@@ -195,9 +195,13 @@ def test_uflow_cli_train_and_export(synthetic_data_dir: Path, tmp_path: Path, ca
         ]
     )
     assert code == 0
-    assert json.loads((run / "config.json").read_text())["model"]["strides"] == [8, 16]
+    model_config = json.loads((run / "config.json").read_text())["model"]
+    assert model_config["strides"] == [8, 16] and model_config["heads"] == ["flow", "gaussian", "memory"]
     assert main(["export", "--run", str(run), "--out", str(out), "--name", "cli", "--version", "0.1"]) == 0
-    assert load_bundle(out).manifest.input.height == 64
+    manifest = load_bundle(out).manifest
+    assert manifest.input.height == 64
+    # Four validation images are too few for the fitted null: the paper's NFA, and so the flow alone.
+    assert manifest.nfa.null_model == "polyomino" and {s.head for s in manifest.scales} == {"flow"}
     assert "bundle written to" in capsys.readouterr().out
 
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"), "--quiet"]) == 1
