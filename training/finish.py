@@ -27,9 +27,10 @@ import numpy as np
 
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drift import build_reference
+from edge_agent.inspection.promise import shortfall
 from training.data import DatasetSplits, Record
 from training.model import UFlow, predict
-from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate_evidence, fit_null, null_to_dict
+from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate, null_to_dict
 from training.planted import planted_set
 from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, write_json
 
@@ -111,9 +112,15 @@ def finish_run(
     scores = amaps.reshape(len(amaps), -1).max(axis=1)
     channels = [s.channels for s in model.scales]
     size = (model.config.image_height, model.config.image_width)
+    calibration = None
     if len(images) >= MIN_CALIBRATION_IMAGES:
-        nulls, evidence_scale = calibrate_evidence(fit_null(maps), maps, channels, size, DEFAULT_LOG10_EPSILON)
+        # Cross-fitted: every validation image is counted by a null fitted without it (training/nfa_null.py).
+        calibration = calibrate(maps, channels, size, DEFAULT_LOG10_EPSILON)
+        nulls, evidence_scale = calibration.nulls, calibration.factor
         epsilon = DEFAULT_LOG10_EPSILON
+        message = shortfall(calibration.check)
+        if message:
+            log.warning(message, extra={"event": "train.promise_unsupported", "images": len(images)})
     else:
         # A null fitted on a handful of images does not know its own tail: the paper's conservative NFA.
         nulls, evidence_scale, epsilon = None, None, 0.0
@@ -132,6 +139,7 @@ def finish_run(
         "scores": [float(s) for s in scores],
         "nfa_null": null_to_dict(nulls) if nulls is not None else None,
         "nfa_evidence_scale": evidence_scale,
+        "nfa_calibration": calibration.to_dict() if calibration is not None else None,
         "log10_epsilon": epsilon,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],
@@ -150,6 +158,9 @@ def finish_run(
             "nfa_null": result["nfa_null"],
             "log10_epsilon": epsilon,
             "flagged_good": int(sum(result["nfa_flagged"])),
+            "evidence_scale": evidence_scale,
+            "calibration_false_regions": None if calibration is None else calibration.check.false_regions,
+            "false_regions_upper95": None if calibration is None else calibration.check.regions_upper,
             "planted_detection_rate": planted.get("detection_rate"),
         },
     )

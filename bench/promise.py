@@ -1,0 +1,126 @@
+"""The false-alarm promise before and after cross-fitting, on a trained run's unseen good images.
+
+For a run (``uflow train`` on a split.json): the validation good images' maps calibrate the fitted
+null twice, the way training did before (evidence factor chosen in-sample: the largest factor whose
+false regions on the same validation images stay within the promise) and the way it does now
+(training/nfa_null.py ``calibrate``: cross-fitted, fixed-sequence rule on the 95 % upper bound). Both
+are then run on ``test_good`` (never used to fit anything) and ``test_defect``: false regions per good
+image at the deployed epsilon and at log10 epsilon = 0 with exact 95 % intervals, the share of good
+images flagged, and the share of defective images flagged (what the honesty costs). Prints one
+markdown table per run. ``--refinish`` also rewrites the run's val_scores.json with the current code
+(training/finish.py), so that ``uflow export`` ships the new calibration for a run trained before it.
+
+    PYTHONPATH=$PWD nice .venv/bin/python bench/promise.py --data /work/shared/data/mvtec_bottle/split.json \\
+        --run runs/mvtec_bottle [--refinish]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_agent.inspection import nfa
+from edge_agent.inspection.promise import binomial_interval, poisson_interval
+from training.data import load_images, open_dataset
+from training.finish import DEFAULT_LOG10_EPSILON
+from training.model import predict
+from training.nfa_null import PROMISE_MARGIN, calibrate, false_regions_per_image, fit_null, scaled
+from training.rundir import load_model
+
+BEFORE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # the old in-sample search
+
+
+def in_sample_factor(maps: list[np.ndarray], channels: list[int], size: tuple[int, int], eps: float) -> float:
+    """The evidence factor as training chose it before: in-sample on the very images it was fitted on."""
+    envelope, best = fit_null(maps), BEFORE_SCALES[0]
+    for factor in BEFORE_SCALES:
+        candidate = scaled(envelope, factor)
+        if (
+            false_regions_per_image(maps, channels, size, candidate, eps) > 10.0**eps
+            or false_regions_per_image(maps, channels, size, candidate, 0.0) > PROMISE_MARGIN
+        ):
+            break
+        best = factor
+    return best
+
+
+def measure(maps: list[np.ndarray], channels: list[int], size: tuple[int, int], nulls, eps: float) -> list[list[int]]:
+    """Per image: regions at ``eps`` and at 0."""
+    rows = []
+    for i in range(len(maps[0])):
+        log_nfa = nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls)
+        rows.append([len(nfa.regions_from_log_nfa(log_nfa, eps)), len(nfa.regions_from_log_nfa(log_nfa, 0.0))])
+    return rows
+
+
+def cell_rate(counts: list[int]) -> str:
+    low, high = poisson_interval(int(sum(counts)), len(counts))
+    return f"{np.mean(counts):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def cell_share(counts: list[int]) -> str:
+    flagged = int(sum(c > 0 for c in counts))
+    low, high = binomial_interval(flagged, len(counts))
+    return f"{flagged}/{len(counts)} = {flagged / len(counts):.1%} [{low:.1%}, {high:.1%}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--data", required=True, type=Path, help="the run's split.json")
+    parser.add_argument("--refinish", action="store_true", help="rewrite val_scores.json with the current code")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    model, info = load_model(args.run)
+    height, width = model.config.image_height, model.config.image_width
+    splits = open_dataset(args.data, float(info.train_config.get("val_fraction", 0.1)))
+    val_images = load_images(splits.val, height, width)
+    if args.refinish:
+        from training.finish import finish_run
+
+        finish_run(Path(args.run), splits, val_images, load_images(splits.train, height, width), 3, args.batch_size)
+    good = [r for r in splits.test if r.label == 0]
+    defect = [r for r in splits.test if r.label == 1]
+    channels = [s.channels for s in model.scales]
+    size = (height, width)
+    eps = DEFAULT_LOG10_EPSILON
+    val_maps = predict(model, val_images, args.batch_size)[1]
+    good_maps = predict(model, load_images(good, height, width), args.batch_size)[1]
+    defect_maps = predict(model, load_images(defect, height, width), args.batch_size)[1] if defect else None
+    before = scaled(fit_null(val_maps), in_sample_factor(val_maps, channels, size, eps))
+    after = calibrate(val_maps, channels, size, eps)
+    print(
+        f"\n{args.run} ({args.data}): {len(val_maps[0])} validation (calibration) images, "
+        f"{len(good)} test_good, {len(defect)} test_defect; promise at log10 eps {eps:g}: {10**eps:g} / image\n"
+    )
+    print(
+        "| calibration | evidence factor | recorded 95 % upper bound, regions / image | test_good regions / image "
+        f"at log10 eps {eps:g} [95 %] | good images flagged [95 %] | regions / image at log10 eps 0 [95 %] "
+        "| defective images flagged |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, nulls, factor, bound in (
+        ("in-sample (before)", before, before[0].dof / fit_null(val_maps)[0].dof, "none"),
+        ("cross-fit (now)", after.nulls, after.factor, f"{after.check.regions_upper:.3f}"),
+    ):
+        rows = measure(good_maps, channels, size, nulls, eps)
+        at_eps, at_0 = [r[0] for r in rows], [r[1] for r in rows]
+        flagged = "n/a"
+        if defect_maps is not None:
+            hits = [r[0] > 0 for r in measure(defect_maps, channels, size, nulls, eps)]
+            flagged = f"{np.mean(hits):.1%}"
+        print(
+            f"| {name} | {factor:g} | {bound} | {cell_rate(at_eps)} | {cell_share(at_eps)} | {cell_rate(at_0)} "
+            f"| {flagged} |"
+        )
+    counts = ", ".join(f"{c.factor:g}: {c.false_regions}/{c.images_flagged}/{c.regions_at_0}" for c in after.counts)
+    print(f"\ncross-fit out-of-fold counts (factor: regions at eps / images flagged / regions at 0): {counts}")
+
+
+if __name__ == "__main__":
+    main()
