@@ -9,10 +9,12 @@ recorded at training.
 
 from __future__ import annotations
 
+from typing import Any
+
 from edge_agent.inspection.promise import binomial_interval, poisson_interval
 
 
-def promise_row(log10_epsilon: float, regions: list[int]) -> dict[str, object]:
+def promise_row(log10_epsilon: float, regions: list[int]) -> dict[str, Any]:
     """False regions per good image and the share of good images flagged at one epsilon, with exact
     two-sided 95 % intervals (Garwood, Clopper-Pearson), against the promise of epsilon per image.
 
@@ -39,7 +41,7 @@ def promise_row(log10_epsilon: float, regions: list[int]) -> dict[str, object]:
     }
 
 
-def format_promise(rows: list[dict[str, object]]) -> str:
+def format_promise(rows: list[dict[str, Any]]) -> str:
     """The promise rows as a markdown table."""
     lines = [
         "| log10 eps | promise (regions / image) | false regions | per image [95 % interval] "
@@ -47,8 +49,8 @@ def format_promise(rows: list[dict[str, object]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        low, high = row["regions_per_image_interval95"]  # type: ignore[misc]
-        flow, fhigh = row["flagged_share_interval95"]  # type: ignore[misc]
+        low, high = row["regions_per_image_interval95"]
+        flow, fhigh = row["flagged_share_interval95"]
         lines.append(
             f"| {row['log10_epsilon']:g} | {row['promised_regions_per_image']:.3g} | {row['false_regions']} "
             f"| {row['regions_per_image']:.3f} [{low:.3f}, {high:.3f}] "
@@ -58,7 +60,7 @@ def format_promise(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def recorded_calibration(calibration: dict[str, object] | None) -> list[str]:
+def recorded_calibration(calibration: dict[str, Any] | None) -> list[str]:
     """Lines on what the bundle recorded at training (its manifest's ``nfa.calibration``), if anything."""
     if not calibration:
         return []
