@@ -203,6 +203,6 @@ def describe(check: PromiseCheck, folds: int | None = None) -> str:
     how = f" (cross-fitted, {folds} folds)" if folds else ""
     return (
         f"promise at most {per_parts(check.promised)}; {check.images} good calibration images{how}: "
-        f"{check.false_regions} false regions on {check.images_flagged} images, 95 % upper bound "
+        f"{check.false_regions} false regions ({check.images_flagged} images flagged), 95 % upper bound "
         f"{per_parts(check.regions_upper)} and {check.flagged_upper:.1%} of good parts flagged"
     )
