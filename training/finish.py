@@ -3,8 +3,9 @@
 Everything here uses good validation images only (never the test split):
 
 1. the best checkpoint scores them (image scores for the bundle's reference threshold);
-2. the ``fitted`` NFA null is fitted on their m_s maps (training/nfa_null.py); with fewer than
-   ``MIN_CALIBRATION_IMAGES`` of them the bundle keeps the paper's polyomino NFA at epsilon 1;
+2. the ``fitted`` NFA null is fitted on their m_s maps and its evidence factor chosen by cross-fitting,
+   with the 95 % bound of the false-alarm rate it gives (training/nfa_null.py ``calibrate``); with fewer
+   than ``MIN_CALIBRATION_IMAGES`` of them the bundle keeps the paper's polyomino NFA at epsilon 1;
 3. defects are planted on them (training/planted.py) and the deployed decision (fitted NFA at the
    default epsilon) says how many it flags: the label-free check of detection power that
    ``uflow export`` warns on and the manifest records;

@@ -16,11 +16,11 @@ measures three numbers per scale on good validation images, which the training n
 
 The envelope is set by the single most extreme good pixel, which makes it very conservative (on
 magnetic tile the decision then fired on no good image at all, and on few defects). A last step,
-:func:`calibrate_evidence`, multiplies every scale's ``dof`` by the largest factor from
-``EVIDENCE_SCALES`` under which the decision keeps its promise on the validation images at the
-deployed epsilon: at most epsilon false regions per image at log10 epsilon (0.01 at the default -2),
-and at most a tenth of the promise at log10 epsilon = 0; with fewer than 20 validation images the
-factor stays 1.
+:func:`calibrate`, multiplies every scale's ``dof`` by a factor from ``EVIDENCE_SCALES`` chosen by
+cross-fitting: each block of validation images is counted by a null fitted on the other blocks, and
+the factor is the last one, smallest first, whose out-of-fold false regions keep the 95 % upper bound
+within the promise (or, where the images are too few for that, raise none). The counts and bounds
+at the chosen factor go into the bundle (``nfa.calibration``); docs/nfa.md explains the method.
 How well that carries to images the fit never saw is measured by ``uflow calibrate nfa``.
 """
 
