@@ -339,3 +339,43 @@ def test_a_bundle_without_the_calibration_field_loads_and_decides_as_before(tiny
     verdicts = [FrameScorer(m, NfaConfig()).score(output, (size, size)) for m in (manifest, recorded)]
     np.testing.assert_array_equal(verdicts[0].log_nfa, verdicts[1].log_nfa)
     assert verdicts[0].regions == verdicts[1].regions
+
+
+def test_training_counts_its_calibration_images_and_the_bundle_carries_the_bound(
+    tiny_run_dir: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from edge_agent.inspection.promise import binomial_upper, poisson_upper
+    from training.data import load_images
+    from training.export import export_bundle
+    from training.finish import finish_run
+    from training.rundir import read_run
+
+    run = Path(shutil.copytree(tiny_run_dir, tmp_path / "run"))
+    config = read_run(run).model_config
+    height, width = config.image_height, config.image_width
+    splits = open_dataset(synthetic_data_dir)
+    # 24 good images as the calibration (validation) set: enough for the fitted null (>= 20).
+    calibration_set = replace(splits, val=splits.train[:24], train=splits.train[24:])
+    result = finish_run(
+        run,
+        calibration_set,
+        load_images(calibration_set.val, height, width),
+        load_images(calibration_set.train, height, width),
+        2,
+        8,
+    )
+    record = result["nfa_calibration"]
+    assert record["images"] == 24 and record["folds"] == 10 and record["log10_epsilon"] == -2.0
+    chosen = next(c for c in record["counts"] if c["factor"] == record["evidence_scale"])
+    assert record["false_regions"] == chosen["false_regions"]
+    bundle = export_bundle(run, tmp_path / "bundle", name="tiny", version="1")
+    manifest = load_bundle(bundle).manifest
+    calibration = manifest.nfa.calibration
+    assert manifest.nfa.null_model == "fitted" and calibration is not None
+    assert calibration.images == 24 and calibration.false_regions == record["false_regions"]
+    assert calibration.false_regions_per_image_upper95 == pytest.approx(poisson_upper(record["false_regions"], 24))
+    assert calibration.flagged_share_upper95 == pytest.approx(binomial_upper(record["images_flagged"], 24))
+    # 24 images cannot back 1 in 100 whatever they show: the record says so.
+    assert calibration.false_regions_per_image_upper95 > 0.1 and not calibration.promise_check().supported
