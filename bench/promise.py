@@ -91,9 +91,20 @@ def main() -> None:
     channels = [s.channels for s in model.scales]
     size = (height, width)
     eps = DEFAULT_LOG10_EPSILON
-    all_val = predict(model, val_images, args.batch_size)[1]
-    good_maps = predict(model, load_images(good, height, width), args.batch_size)[1]
-    defect_maps = predict(model, load_images(defect, height, width), args.batch_size)[1] if defect else None
+    cache = Path(args.run) / "promise_maps.npz"  # the maps of one checkpoint: rerunning the rules is fast
+    if cache.is_file():
+        saved = np.load(cache)
+        count = len(model.scales)
+        all_val, good_maps = [saved[f"val_{k}"] for k in range(count)], [saved[f"good_{k}"] for k in range(count)]
+        defect_maps = [saved[f"defect_{k}"] for k in range(count)] if "defect_0" in saved.files else None
+    else:
+        all_val = predict(model, val_images, args.batch_size)[1]
+        good_maps = predict(model, load_images(good, height, width), args.batch_size)[1]
+        defect_maps = predict(model, load_images(defect, height, width), args.batch_size)[1] if defect else None
+        arrays = {f"val_{k}": m for k, m in enumerate(all_val)} | {f"good_{k}": m for k, m in enumerate(good_maps)}
+        if defect_maps is not None:
+            arrays |= {f"defect_{k}": m for k, m in enumerate(defect_maps)}
+        np.savez_compressed(cache, **arrays)
     subsets: list[np.ndarray] = [np.arange(len(all_val[0]))]
     if args.calibration_images:
         # Several random draws of a small calibration set (the held-out product had 21 images).

@@ -101,6 +101,11 @@ class NfaCalibration(_Strict):
     folds: int = Field(ge=1, description="cross-fitting folds: each image counted by a null fitted without it")
     evidence_scale: float = Field(gt=0, allow_inf_nan=False, description="factor on every scale's dof")
     log10_epsilon: float = Field(allow_inf_nan=False, description="the epsilon the counts were taken at")
+    check_log10_epsilon: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="where the selection counted: the deployed epsilon, or the loosest the images can vouch for",
+    )
     false_regions: int = Field(ge=0, description="out-of-fold false regions on the calibration images")
     images_flagged: int = Field(ge=0, description="calibration images with at least one false region")
     false_regions_per_image_upper95: float = Field(ge=0, allow_inf_nan=False)

@@ -218,3 +218,17 @@ def test_fresh_images_stay_within_the_recorded_bound() -> None:
     result = calibrate(val, CHANNELS, (32, 32), log10_epsilon=-1.0)
     rate = false_regions_per_image(fresh, CHANNELS, (32, 32), result.nulls, -1.0)
     assert rate <= result.check.regions_upper
+
+
+def test_too_few_images_for_the_promise_are_counted_at_the_loosest_rate_they_can_vouch_for() -> None:
+    rng = np.random.default_rng(11)
+    maps = two_scale_field(rng, 21)
+    result = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-2.0)
+    # 21 images vouch at best for 3 / 21 = 0.143 per image: the rule counts at log10 0.143 = -0.85.
+    assert result.check_log10_epsilon == pytest.approx(math.log10(poisson_upper(0, 21)))
+    assert all(c.regions_at_check >= c.false_regions for c in result.counts)
+    chosen = next(c for c in result.counts if c.factor == result.factor)
+    assert chosen.regions_at_check == 0 or result.factor == EVIDENCE_SCALES[0]
+    assert not result.check.supported and result.check.needed == 300
+    # 40 images can vouch for 1 in 10 with none flagged (30 suffice): the rule counts at the deployed epsilon.
+    assert calibrate(two_scale_field(rng, 40), CHANNELS, (32, 32), log10_epsilon=-1.0).check_log10_epsilon == -1.0

@@ -137,6 +137,7 @@ class FactorCount:
     false_regions: int  # regions at the deployed epsilon, summed over the images
     images_flagged: int  # images with at least one region at the deployed epsilon
     regions_at_0: int  # regions at log10 epsilon = 0 (the a-contrario promise of one per image)
+    regions_at_check: int  # regions at the checkable epsilon (the loosest rate the images can vouch for)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Calibration:
     nulls: tuple[ScaleNull, ...]
     factor: float
     log10_epsilon: float
+    check_log10_epsilon: float  # where the rule counted: max(deployed, the rate the images can check)
     folds: int
     counts: tuple[FactorCount, ...]  # every factor tried, smallest first; the last one broke the rule
     check: PromiseCheck  # the out-of-fold counts at ``factor`` and their 95 % upper bounds
@@ -164,6 +166,7 @@ class Calibration:
             "folds": self.folds,
             "evidence_scale": self.factor,
             "log10_epsilon": self.log10_epsilon,
+            "check_log10_epsilon": self.check_log10_epsilon,
             "false_regions": check.false_regions,
             "images_flagged": check.images_flagged,
             "false_regions_per_image_upper95": check.regions_upper,
@@ -184,13 +187,21 @@ def fold_slices(images: int, folds: int) -> list[slice]:
     return [slice(edges[k], edges[k + 1]) for k in range(folds)]
 
 
+def checkable_log10_epsilon(log10_epsilon: float, images: int) -> float:
+    """The epsilon the selection counts at: the deployed one when ``images`` can vouch for its rate with
+    none flagged, else the loosest rate they can vouch for (log10 of the 95 % bound of 0 in ``images``)."""
+    return max(log10_epsilon, math.log10(poisson_upper(0, images)))
+
+
 def _acceptable(count: FactorCount, images: int, promise: float) -> bool:
-    """The selection rule: the 95 % upper bound of out-of-fold false regions per image within the promise,
-    or, where ``images`` are too few for any count to show that, no false region at all; and at log10
-    epsilon = 0 at most ``PROMISE_MARGIN`` regions per image (a tenth of the a-contrario promise)."""
+    """The selection rule: the 95 % upper bound of out-of-fold false regions per image at the checkable
+    epsilon within the promise, or, where ``images`` are too few to show the promise, no false region at
+    all at the loosest epsilon they can check (a stricter deployed epsilon then only removes regions);
+    and at log10 epsilon = 0 at most ``PROMISE_MARGIN`` regions per image (a tenth of the a-contrario
+    promise)."""
     allowed = max(promise, poisson_upper(0, images))
     return (
-        poisson_upper(count.false_regions, images) <= allowed * (1.0 + 1e-9)
+        poisson_upper(count.regions_at_check, images) <= allowed * (1.0 + 1e-9)
         and count.regions_at_0 <= PROMISE_MARGIN * images
     )
 
@@ -208,8 +219,10 @@ def calibrate(
     ``scale_maps``: one N x H_s x W_s array per map (any evidence head), the same N good images, none of
     which fitted the flow. The images are cut into ``folds`` contiguous blocks; for each block the null is
     fitted on the other blocks and the block's images are counted at every factor of ``EVIDENCE_SCALES``
-    (smallest first): every image is counted once, by a null that never saw it. The factor is the largest
-    one before the first that breaks :func:`_acceptable` (counts grow with the factor, so this is a
+    (smallest first): every image is counted once, by a null that never saw it. Where the images are too
+    few to vouch for the promise, the counting is done at the loosest epsilon they can vouch for
+    (:func:`checkable_log10_epsilon`), a margin the deployed, stricter epsilon keeps. The factor is the
+    largest one before the first that breaks :func:`_acceptable` (counts grow with the factor, so this is a
     fixed-sequence test and the bound at the chosen factor stays a 95 % bound despite the choice). The
     shipped null is fitted on all images (``envelope`` when the caller has it) times that factor.
     """
@@ -217,6 +230,7 @@ def calibrate(
     if any(len(m) != images for m in scale_maps):
         raise ValueError("calibrate: every map needs the same number of images")
     promise = 10.0**log10_epsilon
+    check_epsilon = checkable_log10_epsilon(log10_epsilon, images)
     slices = fold_slices(images, folds)
     fold_nulls = []
     for block in slices:
@@ -225,7 +239,7 @@ def calibrate(
         fold_nulls.append(fit_null([m[keep] for m in scale_maps]))
     counts: list[FactorCount] = []
     for factor in EVIDENCE_SCALES:
-        regions = flagged = at_0 = 0
+        regions = flagged = at_0 = at_check = 0
         for block, nulls in zip(slices, fold_nulls, strict=True):
             candidate = scaled(nulls, factor)
             for i in range(block.start, block.stop):
@@ -234,7 +248,8 @@ def calibrate(
                 regions += found
                 flagged += found > 0
                 at_0 += len(regions_from_log_nfa(log_nfa, 0.0))
-        counts.append(FactorCount(factor, regions, flagged, at_0))
+                at_check += len(regions_from_log_nfa(log_nfa, check_epsilon))
+        counts.append(FactorCount(factor, regions, flagged, at_0, at_check))
         if not _acceptable(counts[-1], images, promise):
             break
     passed = [c for c in counts if _acceptable(c, images, promise)]
@@ -245,6 +260,7 @@ def calibrate(
         nulls=scaled(final, chosen.factor),
         factor=chosen.factor,
         log10_epsilon=log10_epsilon,
+        check_log10_epsilon=check_epsilon,
         folds=len(slices),
         counts=tuple(counts),
         check=check_promise(promise, images, chosen.false_regions, chosen.images_flagged),
