@@ -142,9 +142,13 @@ def main() -> None:
                 f"| {draw} | {name} | {factor:g} | {bound} | {cell_rate(at_eps)} | {cell_share(at_eps)} "
                 f"| {cell_rate(at_0)} | {flagged} |"
             )
-        counts = ", ".join(f"{c.factor:g}: {c.false_regions}/{c.images_flagged}/{c.regions_at_0}" for c in after.counts)
+        counts = ", ".join(
+            f"{c.factor:g}: {c.false_regions}/{c.images_flagged}/{c.regions_at_0}/{c.regions_at_check}"
+            for c in after.counts
+        )
         print(
-            f"<!-- draw {draw}: out-of-fold counts (factor: regions at eps / images flagged / regions at 0): {counts} -->"
+            f"<!-- draw {draw}: out-of-fold counts (factor: regions at eps / images flagged / regions at 0 / "
+            f"regions at the checkable log10 eps {after.check_log10_epsilon:.2f}): {counts} -->"
         )
 
 
