@@ -29,7 +29,7 @@ from edge_agent.inspection.promise import binomial_interval, poisson_interval
 from training.data import load_images, open_dataset
 from training.finish import DEFAULT_LOG10_EPSILON
 from training.model import predict
-from training.nfa_null import PROMISE_MARGIN, calibrate, false_regions_per_image, fit_null, scaled
+from training.nfa_null import EVIDENCE_SCALES, PROMISE_MARGIN, calibrate, false_regions_per_image, fit_null, scaled
 from training.rundir import load_model
 
 BEFORE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # the old in-sample search
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--calibration-images", type=int, help="calibrate on this many validation images only")
     parser.add_argument("--subsets", type=int, default=4, help="random draws of --calibration-images")
+    parser.add_argument("--sweep", action="store_true", help="also every factor on test_good, and the maps' shift")
     args = parser.parse_args()
     model, info = load_model(args.run)
     height, width = model.config.image_height, model.config.image_width
@@ -105,6 +106,9 @@ def main() -> None:
         if defect_maps is not None:
             arrays |= {f"defect_{k}": m for k, m in enumerate(defect_maps)}
         np.savez_compressed(cache, **arrays)
+    if args.sweep:
+        sweep(fit_null(all_val), good_maps, defect_maps, channels, size, eps)
+        shift(all_val, good_maps)
     subsets: list[np.ndarray] = [np.arange(len(all_val[0]))]
     if args.calibration_images:
         # Several random draws of a small calibration set (the held-out product had 21 images).
@@ -149,6 +153,27 @@ def main() -> None:
         print(
             f"<!-- draw {draw}: out-of-fold counts (factor: regions at eps / images flagged / regions at 0 / "
             f"regions at the checkable log10 eps {after.check_log10_epsilon:.2f}): {counts} -->"
+        )
+
+
+def sweep(envelope, good_maps, defect_maps, channels, size, eps: float) -> None:
+    """Every factor from the all-image envelope on test_good, and how far test_good's maps sit from val's."""
+    print(f"\n| factor | good images flagged at log10 eps {eps:g} | defective flagged |\n|---|---|---|")
+    for factor in EVIDENCE_SCALES:
+        nulls = scaled(envelope, factor)
+        good = [r[0] > 0 for r in measure(good_maps, channels, size, nulls, eps)]
+        bad = [r[0] > 0 for r in measure(defect_maps, channels, size, nulls, eps)] if defect_maps else [False]
+        print(f"| {factor:g} | {cell_share([int(g) for g in good])} | {np.mean(bad):.1%} |")
+
+
+def shift(val_maps, good_maps) -> None:
+    """Mean m_s and the 99th percentile of the per-image maximum, validation vs test_good."""
+    print("\n| map | mean m, val | mean m, test_good | p99 of image max, val | p99 of image max, test_good |")
+    print("|---|---|---|---|---|")
+    for k, (v, g) in enumerate(zip(val_maps, good_maps, strict=True)):
+        vmax, gmax = v.reshape(len(v), -1).max(axis=1), g.reshape(len(g), -1).max(axis=1)
+        print(
+            f"| {k} | {v.mean():.3f} | {g.mean():.3f} | {np.percentile(vmax, 99):.2f} | {np.percentile(gmax, 99):.2f} |"
         )
 
 
