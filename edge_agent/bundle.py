@@ -301,6 +301,8 @@ sha256_of = sha256_file  # the name the bundle's callers use (hex sha256 of a fi
 
 def read_manifest(root: Path) -> Manifest:
     """Parse and validate model.json without checking the files it lists."""
+    if not Path(root).is_dir():
+        raise BundleError(f"model bundle {root} does not exist or is not a directory")
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{root} is not a model bundle: {MANIFEST_NAME} is missing")
@@ -334,8 +336,6 @@ def verify_files(root: Path, manifest: Manifest) -> None:
 def load_bundle(root: Path | str) -> Bundle:
     """Read and verify a bundle directory (hashes and schema; shapes are checked by the engine)."""
     root = Path(root)
-    if not root.is_dir():
-        raise BundleError(f"model bundle {root} does not exist or is not a directory")
     manifest = read_manifest(root)
     verify_files(root, manifest)
     return Bundle(root=root, manifest=manifest)

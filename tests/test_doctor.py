@@ -69,6 +69,9 @@ def test_healthy_box_passes_every_check(
     assert code == 0, rows
     assert checks["bundle"]["status"] == "ok" and "contract 1.0.0" in checks["bundle"]["detail"]
     assert checks["engine"]["status"] == "ok" and checks["engine"]["detail"].startswith("onnxruntime")
+    # What model.threads = 0 chose here, and for which source (a folder: not live).
+    assert checks["threads"]["status"] == "ok" and "file/folder" in checks["threads"]["detail"]
+    assert "spinning off" in checks["threads"]["detail"]
     assert checks["source"]["status"] == "ok" and "64x64" in checks["source"]["detail"]
     assert checks["mqtt broker"]["status"] == "ok"
     assert checks["nfa"]["status"] in ("ok", "warn")
