@@ -183,7 +183,8 @@ def test_per_camera_state_is_bounded(
     relay_factory: Callable[..., RejectRelay],
     http: RecordingHttpServer,
 ) -> None:
-    relay = relay_factory(http_actuator(http), extra="max_devices = 3\n" + TIMING)
+    cameras = tuple(f"cam{index}" for index in range(5))
+    relay = relay_factory(http_actuator(http), extra="max_devices = 3\n" + TIMING, cameras=cameras)
     for index in range(5):
         device = f"cam{index}"
         message = inspection(device, 1, anomalous=False)

@@ -38,6 +38,7 @@ from edge_agent.bundle import (
     DriftReference,
     InputSpec,
     Manifest,
+    NfaCalibration,
     NfaSpec,
     Normalisation,
     ScaleNullSpec,
@@ -49,6 +50,7 @@ from edge_agent.bundle import (
 )
 from edge_agent.engines.tensorrt.graph_check import check_graph, describe
 from edge_agent.inspection import nfa
+from edge_agent.inspection.promise import shortfall
 from training.backbones import backbone_info
 from training.data import load_image
 from training.model import ExportWrapper, UFlow
@@ -243,6 +245,7 @@ def nfa_spec(
             log10_epsilon=float(info.val_scores.get("log10_epsilon", 0.0)),
             null_model="fitted",
             scale_nulls=tuple(ScaleNullSpec(**item) for item in fitted),
+            calibration=_calibration(info),
         )
     if not flow_only:
         raise ExportError("the polyomino NFA tests flow maps only; export the flow alone (flow_only)")
@@ -252,6 +255,29 @@ def nfa_spec(
             extra={"event": "export.no_fitted_null", "run": str(info.root)},
         )
     return NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests(shapes))
+
+
+def _calibration(info: RunInfo) -> NfaCalibration | None:
+    """The cross-fitted calibration record of the run; runs trained before it existed have none."""
+    raw = info.val_scores.get("nfa_calibration")
+    if not raw:
+        return None
+    fields = set(NfaCalibration.model_fields)
+    return NfaCalibration.model_validate({k: v for k, v in raw.items() if k in fields})
+
+
+def warn_if_unsupported(manifest: Manifest) -> str | None:
+    """The warning text when the calibration images cannot support the promised false-alarm rate."""
+    if manifest.nfa.null_model != "fitted":
+        return None
+    calibration = manifest.nfa.calibration
+    if calibration is None:
+        return (
+            "WARNING: this bundle does not record how many good images calibrated its false-alarm promise "
+            "(trained before it was recorded): nothing backs the promise; train again to get the check"
+        )
+    message = shortfall(calibration.promise_check())
+    return None if message is None else f"WARNING: {message} (docs/nfa.md)."
 
 
 def warn_if_blind(manifest: Manifest) -> str | None:
@@ -469,4 +495,7 @@ def export_bundle(
     warning = warn_if_blind(manifest)
     if warning:
         log.warning(warning, extra={"event": "export.blind_model", "bundle": str(out_dir)})
+    unsupported = warn_if_unsupported(manifest)
+    if unsupported:
+        log.warning(unsupported, extra={"event": "export.promise_unsupported", "bundle": str(out_dir)})
     return out_dir

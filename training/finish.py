@@ -6,10 +6,11 @@ Everything here uses good validation images only (never the test split):
 2. the heads (training/heads.py) are fitted on the training and validation good images, and their
    maps of those images are computed out of sample (k folds for the Gaussian, the image's own bank rows
    left out for the memory bank);
-3. the ``fitted`` NFA null is fitted per map (training/nfa_null.py): the flow's m_s on the validation
-   images, each head's map on all the out-of-sample maps; the evidence scale on the validation
-   images; with fewer than ``MIN_CALIBRATION_IMAGES`` validation images the bundle keeps the paper's
-   polyomino NFA at epsilon 1 (and drops the heads at export);
+3. the ``fitted`` NFA null is fitted per map (the flow's m_s on the validation images, each head's map
+   on the out-of-sample maps of every good image) and its evidence factor chosen by cross-fitting on the
+   validation images, with the 95 % bound of the false-alarm rate it gives (training/nfa_null.py
+   ``calibrate``); with fewer than ``MIN_CALIBRATION_IMAGES`` of them the bundle keeps the paper's
+   polyomino NFA at epsilon 1 (and export drops the heads);
 4. defects are planted on them (training/planted.py) and the deployed decision (fitted NFA at the
    default epsilon) says how many it flags: the label-free check of detection power that
    ``uflow export`` warns on and the manifest records;
@@ -33,11 +34,12 @@ import torch
 
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drift import build_reference
+from edge_agent.inspection.promise import shortfall
 from edge_agent.inspection.scoring import log_nfa_map_of
 from training.data import DatasetSplits, Record
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
 from training.model import UFlow, scale_maps, to_float_nchw
-from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate_evidence, fit_null, fit_scale_null, null_to_dict
+from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate, fit_null, fit_scale_null, null_to_dict
 from training.planted import planted_set
 from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, save_checkpoint, write_json
 
@@ -203,10 +205,17 @@ def finish_run(
         model.map_means.copy_(torch.tensor(means))
         save_checkpoint(run_dir, model, info.checkpoint_meta)  # the fitted heads and the fusion's means
     scores = fused_scores(model, maps)
+    calibration = None
     if len(images) >= MIN_CALIBRATION_IMAGES:
-        fitted_nulls = fit_nulls(model, maps, head_maps) if model.heads else fit_null(maps)
-        nulls, evidence_scale = calibrate_evidence(fitted_nulls, maps, channels, size, DEFAULT_LOG10_EPSILON)
+        # Cross-fitted: every validation image is counted by a null fitted without it (training/nfa_null.py).
+        # The shipped null: the flow's from the validation maps, each head's from its out-of-sample maps.
+        envelope = fit_nulls(model, maps, head_maps) if model.heads else None
+        calibration = calibrate(maps, channels, size, DEFAULT_LOG10_EPSILON, envelope=envelope)
+        nulls, evidence_scale = calibration.nulls, calibration.factor
         epsilon = DEFAULT_LOG10_EPSILON
+        message = shortfall(calibration.check)
+        if message:
+            log.warning(message, extra={"event": "train.promise_unsupported", "images": len(images)})
     else:
         # A null fitted on a handful of images does not know its own tail: the paper's conservative NFA.
         nulls, evidence_scale, epsilon = None, None, 0.0
@@ -225,6 +234,7 @@ def finish_run(
         "scores": [float(s) for s in scores],
         "nfa_null": null_to_dict(nulls) if nulls is not None else None,
         "nfa_evidence_scale": evidence_scale,
+        "nfa_calibration": calibration.to_dict() if calibration is not None else None,
         "log10_epsilon": epsilon,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],
@@ -243,6 +253,9 @@ def finish_run(
             "nfa_null": result["nfa_null"],
             "log10_epsilon": epsilon,
             "flagged_good": int(sum(result["nfa_flagged"])),
+            "evidence_scale": evidence_scale,
+            "calibration_false_regions": None if calibration is None else calibration.check.false_regions,
+            "false_regions_upper95": None if calibration is None else calibration.check.regions_upper,
             "planted_detection_rate": planted.get("detection_rate"),
         },
     )

@@ -35,7 +35,7 @@ def write_relay_config(
     """A relay config for the demo: part messages of one camera, the belt speed, an MQTT actuator."""
     path.write_text(
         f'relay_id = "{RELAY_ID}"\nstate_dir = "{state_dir}"\nlog_format = "json"\nstop_drain_s = 5.0\n'
-        f'log_good_decisions = true\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopics = ["uflow/{device_id}/part"]\n'
+        f'log_good_decisions = true\ncameras = ["{device_id}"]\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopics = ["uflow/{device_id}/part"]\n'
         f'\n[clock]\nmode = "fixed"\n\n[timing]\ndecision_distance_m = {decision_distance_m}\n'
         f"speed_m_s = {speed_m_s}\ntolerance_s = 0.25\n\n"
         f'[actuator]\nkind = "mqtt"\ntopic = "{PLC_TOPIC}"\n'

@@ -253,6 +253,13 @@ def _run_locked(
             return UpdateResult("skipped", version=release.version, previous=current, message=waiting)
         report("fetch_index", True, f"group {group!r} -> {release.version} (current {current or 'none'})")
         root = _obtain_bundle(models, release, location, public_key, settings, context, report)
+        if waiting is None and not force:
+            # The version matched; now the exact model the signed bundle holds must be the one shadowed.
+            waiting = _shadow_gate_problem(index.shadow_gate_for(group), release.version, settings, root)
+            if waiting is not None:
+                report("verify", True, waiting)
+                log.warning(waiting, extra={"event": "update_waiting_for_shadow", "version": release.version})
+                return UpdateResult("skipped", version=release.version, previous=current, message=waiting)
         _prove_on_this_device(root, settings, report)
         if root.parent != models.root:
             with _step("install"):
@@ -270,13 +277,27 @@ def _run_locked(
         models.clean_leftovers()
 
 
-def _shadow_gate_problem(gate: ShadowGate | None, version: str, settings: AgentSettings) -> str | None:
-    """Why the group's shadow requirement holds ``version`` back on this box (None: no requirement, or met)."""
+def _shadow_gate_problem(
+    gate: ShadowGate | None, version: str, settings: AgentSettings, bundle_root: Path | None = None
+) -> str | None:
+    """Why the group's shadow requirement holds ``version`` back on this box (None: no requirement, or met).
+
+    Before the download only the version can be compared (a cheap "not yet" that saves the download);
+    with ``bundle_root`` (downloaded and signature-checked) the shadowed model's sha256 must be its."""
     if gate is None:
         return None
+    from edge_agent.bundle import load_bundle
     from edge_agent.inspection.shadow import STATE_NAME, gate_problem
 
-    problem = gate_problem(settings.state_dir / STATE_NAME, version, gate.hours, gate.min_agreement)
+    sha256 = None
+    if bundle_root is not None:
+        try:
+            sha256 = load_bundle(bundle_root).model_sha256(settings.model.precision)
+        except (KeyError, ValueError, OSError) as exc:
+            return f"waiting for shadow agreement: cannot tell the release's model ({exc})"
+    problem = gate_problem(
+        settings.state_dir / STATE_NAME, version, gate.hours, gate.min_agreement, gate.min_compared, sha256
+    )
     return None if problem is None else f"waiting for shadow agreement: {problem}"
 
 

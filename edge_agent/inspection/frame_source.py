@@ -381,9 +381,17 @@ class FrameSource:
             frame_size=(width, height),
             roi_offset=offset,
             full=full,
+            media_time=self._media_time(),
         )
         self._sequence += 1
         return frame
+
+    def _media_time(self) -> float | None:
+        """Seconds into a file (frames read / its frame rate; loops continue the count), None when live."""
+        if self.live:
+            return None
+        fps = getattr(self.raw, "fps", None) or (self.config.fps_limit if self.config.fps_limit > 0 else None)
+        return None if fps is None else self._sequence / fps
 
 
 _ROTATIONS = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}

@@ -146,9 +146,12 @@ class PartEvidence:
         if regions:
             log_nfa = regions[0].log_nfa
         else:
-            # No candidate anywhere: the best single frame, Bonferroni over the frames.
+            # No candidate anywhere: the best single frame, Bonferroni over the frames. Never below
+            # epsilon: what lies below it there is evidence the decision excluded (a region under the
+            # minimum area, or a neighbour's), so it is not this part's, and the message's contract is
+            # "anomalous when log_nfa < log10_epsilon".
             lows = [min(0.0, _view_min(o)) for o in self.observations] or [0.0]
-            log_nfa = min(lows) + math.log10(max(1, frames))
+            log_nfa = max(min(lows) + math.log10(max(1, frames)), self.log10_epsilon)
         return PartDecision(
             anomalous=bool(regions) and log_nfa < self.log10_epsilon,
             log_nfa=float(log_nfa),

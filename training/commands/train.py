@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from edge_agent.cli.common import EXIT_OK
@@ -95,6 +96,26 @@ def _default_strides(info, recipe) -> tuple[int, ...]:
     return tuple(recipe.strides) if info.name == recipe.backbone else tuple(info.default_strides)
 
 
+def _remove_failed_run(out: Path, existed: set[str] | None) -> None:
+    """A run that failed before its first checkpoint: remove what it wrote (config.json alone is no run).
+
+    ``existed``: the folder's entries before the run (None: it did not exist, and goes too when empty).
+    """
+    from training.rundir import CHECKPOINT_NAME
+
+    if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
+        return
+    for path in out.iterdir():
+        if existed is not None and path.name in existed:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if existed is None and not any(out.iterdir()):
+        out.rmdir()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``uflow train``."""
     from training.catalog import DEFAULT_RECIPE, backbone_info
@@ -132,15 +153,20 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         channels_last=args.channels_last,
     )
-    result = train(
-        args.data,
-        args.out,
-        model_config,
-        train_config,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        progress=not args.quiet,
-    )
+    existed = {p.name for p in args.out.iterdir()} if args.out.is_dir() else None
+    try:
+        result = train(
+            args.data,
+            args.out,
+            model_config,
+            train_config,
+            weights=args.weights,
+            random_weights=args.random_weights,
+            progress=not args.quiet,
+        )
+    except BaseException:
+        _remove_failed_run(args.out, existed)
+        raise
     stop = " (stopped early)" if result.stopped_early else ""
     print(
         f"trained {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run}{stop}, "
