@@ -40,6 +40,7 @@ def train_and_export(
     hypercolumn: bool = DEFAULT_RECIPE.hypercolumn,
     norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian,
     norm: str = "chw",
+    heads: Sequence[str] = DEFAULT_RECIPE.heads,
     val_fraction: float = 0.1,
     seed: int = 0,
     threads: int = 2,
@@ -66,6 +67,7 @@ def train_and_export(
         norm_in_jacobian=norm_in_jacobian,
         norm=norm,
         seed=seed,
+        heads=tuple(heads),
     )
     train_config = TrainConfig(
         epochs=epochs,

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edge_agent.inspection import nfa
+from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
 from training.data import GOOD, DatasetSplits, Record, load_image, load_mask, open_dataset
 
@@ -56,6 +57,7 @@ class Predictions:
     seconds_per_image: float
     nulls: tuple[nfa.ScaleNull, ...] | None = None  # None: the paper's polyomino NFA
     log10_epsilon: float = 0.0
+    heads: tuple[str, ...] = ()  # the head of each map (empty: all flow); the polyomino NFA reads the flow's
 
 
 @dataclass
@@ -115,7 +117,9 @@ def predict_torch(run_dir: Path, images: np.ndarray, batch_size: int = 16, threa
             maps[s].append(values)
     seconds = (time.perf_counter() - tick) / len(images)
     channels = tuple(s.channels for s in model.scales)
-    return Predictions("torch", np.concatenate(amaps), [np.concatenate(m) for m in maps], channels, seconds)
+    heads = tuple(s.head for s in model.scales)
+    maps_out = [np.concatenate(m) for m in maps]
+    return Predictions("torch", np.concatenate(amaps), maps_out, channels, seconds, heads=heads)
 
 
 def predict_bundle(bundle_dir: Path, images: np.ndarray, threads: int = 2) -> Predictions:
@@ -138,7 +142,8 @@ def predict_bundle(bundle_dir: Path, images: np.ndarray, threads: int = 2) -> Pr
         engine.close()
     seconds = (time.perf_counter() - tick) / len(images)
     channels = tuple(s.channels for s in bundle.manifest.scales)
-    return Predictions("onnxruntime", np.stack(amaps), [np.stack(m) for m in maps], channels, seconds)
+    heads = tuple(s.head for s in bundle.manifest.scales)
+    return Predictions("onnxruntime", np.stack(amaps), [np.stack(m) for m in maps], channels, seconds, heads=heads)
 
 
 def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
@@ -146,7 +151,8 @@ def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
     count = len(predictions.anomaly_maps)
     out = np.empty((count, *size), dtype=np.float32)
     for i in tqdm(range(count), desc="NFA", unit="img"):
-        out[i] = nfa.log_nfa_map([m[i] for m in predictions.scale_maps], predictions.channels, size, predictions.nulls)
+        maps = [m[i] for m in predictions.scale_maps]
+        out[i] = log_nfa_map_of(maps, predictions.channels, predictions.heads, size, predictions.nulls)
     return out
 
 
@@ -176,6 +182,7 @@ def latent_statistics(predictions: Predictions, test: TestSet) -> list[dict[str,
         stats.append(
             {
                 "scale": f"m_{s}",
+                "head": predictions.heads[s] if predictions.heads else "flow",
                 "channels": int(predictions.channels[s]),
                 "height": int(m.shape[1]),
                 "width": int(m.shape[2]),

@@ -211,6 +211,7 @@ def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
     checks = [Check("bundle", "ok", f"{path}: {manifest.name} {manifest.version}, {manifest.backbone} at {size}")]
     checks.append(_check_signature(bundle.root, settings))
     checks.append(check_detection_power(manifest))
+    checks.append(check_false_alarm_promise(manifest))
     checks.extend(_check_engine(bundle, settings))
     return checks
 
@@ -237,6 +238,35 @@ def check_detection_power(manifest: object) -> Check:
             "detection power", "warn", f"{detail}; below {MIN_PLANTED_DETECTION:.0%}: it may miss real defects"
         )
     return Check("detection power", "ok", detail)
+
+
+def check_false_alarm_promise(manifest: object) -> Check:
+    """Whether the good images that calibrated the NFA can vouch for its promised false-alarm rate."""
+    from edge_agent.inspection.promise import describe, per_parts, shortfall
+
+    nfa_spec = getattr(manifest, "nfa", None)
+    null = getattr(nfa_spec, "null_model", "polyomino")
+    epsilon = float(getattr(nfa_spec, "log10_epsilon", 0.0))
+    if null != "fitted":
+        return Check(
+            "false alarms",
+            "ok",
+            f"the paper's polyomino NFA (log10 epsilon {epsilon:g}): its bound is conservative by construction",
+        )
+    calibration = getattr(nfa_spec, "calibration", None)
+    if calibration is None:
+        return Check(
+            "false alarms",
+            "warn",
+            f"the bundle promises at most {per_parts(10.0**epsilon)} but records no calibration count: "
+            "nothing backs the promise; retrain and re-export with a current `uflow`",
+        )
+    check = calibration.promise_check()
+    detail = describe(check, calibration.folds)
+    message = shortfall(check)
+    if message:
+        return Check("false alarms", "warn", f"{message}. {detail}")
+    return Check("false alarms", "ok", detail)
 
 
 def _check_signature(root: Path, settings: AgentSettings) -> Check:

@@ -50,6 +50,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--feature-pool", type=int, default=1, help="k x k local averaging of backbone features (1: off)")
     p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        default=list(recipe.heads),
+        choices=["flow", "gaussian", "memory"],
+        help="the evidence per scale, tested together by one NFA (docs/design.md section 2; default: "
+        f"{' '.join(recipe.heads)}); the flow is required",
+    )
+    p.add_argument(
+        "--gaussian-scales", type=int, default=recipe.gaussian_scales, help="coarsest N scales with a Gaussian (0: all)"
+    )
+    p.add_argument(
+        "--memory-scales", type=int, default=recipe.memory_scales, help="coarsest N scales with a memory bank (0: all)"
+    )
+    p.add_argument("--bank-size", type=int, default=recipe.bank_size, help="memory-bank rows per scale (graph cost)")
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
@@ -120,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         flow_steps=args.flow_steps,
         hidden_ratio=args.hidden_ratio,
         seed=args.seed,
+        heads=tuple(args.heads),
+        gaussian_scales=args.gaussian_scales,
+        memory_scales=args.memory_scales,
+        bank_size=args.bank_size,
     )
     train_config = TrainConfig(
         epochs=args.epochs,
