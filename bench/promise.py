@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.inspection import nfa
-from edge_agent.inspection.promise import binomial_interval, poisson_interval
+from edge_agent.promise import binomial_interval, poisson_interval
 from training.data import load_images, open_dataset
 from training.finish import DEFAULT_LOG10_EPSILON
 from training.model import predict

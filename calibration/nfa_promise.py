@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_agent.inspection.promise import binomial_interval, poisson_interval
+from edge_agent.promise import binomial_interval, poisson_interval
 
 
 def promise_row(log10_epsilon: float, regions: list[int]) -> dict[str, Any]:

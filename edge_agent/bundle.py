@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_agent.fileio import sha256_file
-from edge_agent.inspection.promise import PromiseCheck
+from edge_agent.promise import PromiseCheck
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "model.json"
@@ -103,7 +103,7 @@ class NfaCalibration(_Strict):
 
     Written by training (training/nfa_null.py ``calibrate``); bundles exported before it have none.
     The bounds are one-sided 95 % (exact Poisson for regions per image, Clopper-Pearson for the share
-    of images flagged) at the deployed ``log10_epsilon``; edge_agent/inspection/promise.py has the math.
+    of images flagged) at the deployed ``log10_epsilon``; edge_agent/promise.py has the math.
     """
 
     method: Literal["cross-fit"] = "cross-fit"

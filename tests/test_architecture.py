@@ -212,7 +212,7 @@ FLOORS = (
     # the contract (bundle, config, messages) and the plumbing every layer may use
     (
         *("config", "config_plc", "config_files", "fileio", "logs", "systemd", "exit_codes"),
-        *("bundle", "messages", "redact", "thread_priority", "demo"),
+        *("bundle", "promise", "messages", "redact", "thread_priority", "demo"),
     ),
     # then the frame's own order: the model, the stages, what leaves the agent, and what reads its output
     ("engines",),

@@ -142,7 +142,7 @@ def test_detection_power_row_reports_the_planted_check_and_warns_below_half(tmp_
 def test_false_alarm_row_says_what_the_calibration_images_can_vouch_for(tmp_path: Path) -> None:
     from edge_agent.bundle import NfaCalibration, ScaleNullSpec, load_bundle
     from edge_agent.cli.doctor import Check, check_false_alarm_promise
-    from edge_agent.inspection.promise import check_promise
+    from edge_agent.promise import check_promise
 
     manifest = load_bundle(build_contract_bundle(tmp_path / "bundle")).manifest
     assert manifest.nfa.null_model == "polyomino"

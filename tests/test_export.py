@@ -243,7 +243,7 @@ def test_export_warns_loudly_on_a_model_that_misses_the_planted_defects(tiny_bun
 
 def _calibration_record(images: int, false_regions: int, flagged: int) -> dict[str, object]:
     """What training writes to val_scores.json (training/nfa_null.py Calibration.to_dict), counts given."""
-    from edge_agent.inspection.promise import check_promise
+    from edge_agent.promise import check_promise
 
     check = check_promise(0.01, images, false_regions, flagged)
     return {
@@ -350,7 +350,7 @@ def test_training_counts_its_calibration_images_and_the_bundle_carries_the_bound
 ) -> None:
     from dataclasses import replace
 
-    from edge_agent.inspection.promise import binomial_upper, poisson_upper
+    from edge_agent.promise import binomial_upper, poisson_upper
     from training.data import load_images
     from training.export import export_bundle
     from training.finish import finish_run

@@ -20,7 +20,7 @@ from contract_bundle import build_contract_bundle, defect_frame, good_frame
 
 from calibration.data import select_images
 from calibration.nfa_check import check_bundle, format_report, lag1_autocorrelation
-from edge_agent.inspection.promise import poisson_interval
+from edge_agent.promise import poisson_interval
 
 SIZE = 64
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_agent.inspection import nfa
-from edge_agent.inspection.promise import poisson_upper
+from edge_agent.promise import poisson_upper
 from training.nfa_null import (
     EVIDENCE_SCALES,
     calibrate,

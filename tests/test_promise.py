@@ -1,4 +1,4 @@
-"""The exact confidence bounds behind the false-alarm promise (edge_agent/inspection/promise.py) and its words.
+"""The exact confidence bounds behind the false-alarm promise (edge_agent/promise.py) and its words.
 
 The bounds are checked against scipy's distributions (the device has no scipy, so the module has its
 own); the warning text is checked by the facts it must carry: the promise, the images it needs, the
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from edge_agent.inspection.promise import (
+from edge_agent.promise import (
     binomial_interval,
     binomial_upper,
     check_promise,

@@ -50,7 +50,7 @@ from edge_agent.bundle import (
 )
 from edge_agent.engines.tensorrt.graph_check import check_graph, describe
 from edge_agent.inspection import nfa
-from edge_agent.inspection.promise import shortfall
+from edge_agent.promise import shortfall
 from training.backbones import backbone_info
 from training.data import load_image
 from training.model import ExportWrapper, UFlow

@@ -34,8 +34,8 @@ import torch
 
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drift import build_reference
-from edge_agent.inspection.promise import shortfall
 from edge_agent.inspection.scoring import log_nfa_map_of
+from edge_agent.promise import shortfall
 from training.data import DatasetSplits, Record
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
 from training.model import UFlow, scale_maps, to_float_nchw

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.inspection.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
-from edge_agent.inspection.promise import PromiseCheck, check_promise, poisson_upper
+from edge_agent.promise import PromiseCheck, check_promise, poisson_upper
 
 MAX_LAG = 2
 # Factors below 1 shrink the envelope's evidence: where a null fitted on some images already flags

@@ -242,7 +242,7 @@ def check_detection_power(manifest: object) -> Check:
 
 def check_false_alarm_promise(manifest: object) -> Check:
     """Whether the good images that calibrated the NFA can vouch for its promised false-alarm rate."""
-    from edge_agent.inspection.promise import describe, per_parts, shortfall
+    from edge_agent.promise import describe, per_parts, shortfall
 
     nfa_spec = getattr(manifest, "nfa", None)
     null = getattr(nfa_spec, "null_model", "polyomino")

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``uflow export``."""
     from edge_agent.bundle import load_bundle
     from edge_agent.fleet.signing import load_private_key, sign_bundle
-    from edge_agent.inspection.promise import describe
+    from edge_agent.promise import describe
     from training.export import export_bundle
 
     # The key is read first: a wrong path must not cost a whole export.
