@@ -552,7 +552,7 @@ def _ours_timing(run_dir: Path, data: BenchData, threads: int) -> dict[str, floa
     """ms/image of ours' forward + maps (batch 1) and, separately, of the agent's NFA on them."""
     import torch
 
-    from edge_agent.inspection import nfa
+    from edge_agent.inspection.scoring import log_nfa_map_of
     from training.rundir import load_model
     from training.train import predict
 
@@ -569,7 +569,7 @@ def _ours_timing(run_dir: Path, data: BenchData, threads: int) -> dict[str, floa
         forward.append(time.perf_counter() - tick)
         try:
             tick = time.perf_counter()
-            nfa.log_nfa_map([m[0] for m in maps], channels, size)
+            log_nfa_map_of([m[0] for m in maps], channels, [s.head for s in model.scales], size, None)
             decide.append(time.perf_counter() - tick)
         except Exception as exc:  # the NFA's API is being reworked; a timing must not sink the bench
             log.warning("NFA timing skipped", extra={"event": "peers.ours.nfa_timing", "error": repr(exc)})

@@ -1,17 +1,32 @@
-"""Agent throughput and latency on the CPU: engine only vs the full agent, same bundle and frames.
+"""What users get from the agent on the CPU, against the best the engine can do, over ONNX Runtime thread settings.
 
-    nice -n 10 .venv/bin/python bench/pipeline.py [--bundle BUNDLE_DIR] [--frames 300] [--threads 0] [--repeat 3]
+    nice -n 10 .venv/bin/python bench/pipeline.py [--bundle BUNDLE_DIR] [--frames 300] [--repeat 5]
 
-Rows (each repeated ``--repeat`` times, with the load average, to show the noise of a shared machine):
-- ``engine only``: ``Engine.infer`` on preloaded model-size RGB frames, back to back (the ceiling).
-- ``engine + NFA, one thread``: infer then score in one loop: what a naive agent does.
-- ``agent, folder, spool``: the real agent (``Agent.serve``): PNG folder source (decode, every frame),
-  resize, infer, NFA, JSON message, QoS 1 publish to a real mosquitto, SQLite spool; fps from the first
-  to the last published frame; capture-to-publish latency percentiles.
-- ``agent, folder, no spool``: the same with the in-memory outbox (what the spool costs).
-- ``agent, live x0.5`` / ``live x2``: a camera-like source delivering frames at half / twice the engine's
-  rate (latest-frame policy: frames the pipeline cannot take are replaced and counted as dropped).
-  At half rate the latency is the pipeline's own; at twice the rate it shows that latency stays bounded.
+Thread settings (``--engine-threads``, ``--agent-threads``): ``auto`` is the agent's default (``model.threads
+= 0``, ``model.spinning = auto``: edge_agent/engines/threads.py); ``N`` / ``N:on`` / ``N:off`` set the intra-op
+threads and spinning; ``ort`` is ONNX Runtime's own default (a thread per core, spinning), the agent's
+default before issue 25.
+
+Rows, every repeat, in alternating order (reversed on odd repeats: this machine is shared and its speed
+drifts, so the table shows medians over repeats and every row's spread):
+- ``engine only`` for each engine setting: ``Engine.infer`` on preloaded model-size frames (the ceiling).
+- ``engine + NFA, sequential`` for each engine setting: infer then score in one loop.
+  Every agent row is shown against the best of each over the settings ("% best engine", "% best seq").
+- ``agent, <source>`` for each agent setting: the real agent (``Agent.serve``: capture, resize, infer, NFA,
+  JSON message, QoS 1 publish to a real mosquitto, SQLite spool), default features (drift on: the bundle
+  carries a reference):
+  - ``folder``: a PNG folder (decode, every frame);
+  - ``camera x2`` / ``camera x0.5``: a Python camera-like source paced at twice / half the best engine-only
+    rate (latest frame wins, the others are counted as dropped);
+  - ``stream x2``: a real network camera: ffmpeg serving MJPEG over HTTP at twice the best engine rate,
+    read by the agent's stream source (OpenCV/FFmpeg, JPEG decode in the capture thread).
+- ``camera x2, drift off`` / ``, parts tracked`` / ``, drift+keep+parts`` (``auto`` only): what the features
+  cost against the default row (drift on): parts tracked, and keeping flagged frames and 1 % of good ones.
+
+fps runs from the first to the last published frame; latency is capture-to-publish (frame in memory ->
+message handed to the MQTT client); CPU ms per frame per stage is the kernel's per-thread accounting
+(bench/stage_cpu.py; ``pool`` is ONNX Runtime's intra-op threads, ``other`` the MQTT, spool, drift and
+keep threads and the agent's supervisor).
 
 Without ``--bundle`` a 256x256 bundle is looked for in bundles/bench-256; if missing, one is trained on
 synthetic good images with the `uflow` CLI (niced; a few minutes) and exported there.
@@ -20,6 +35,7 @@ synthetic good images with the `uflow` CLI (niced; a few minutes) and exported t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -27,18 +43,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_cpu import GROUPS, MjpegStream, StageCpu, write_mjpeg_video
 
 if TYPE_CHECKING:
     from edge_agent.bundle import Bundle
     from edge_agent.config import AgentSettings
     from edge_agent.engines import Engine
+    from edge_agent.engines.threads import Spinning
     from edge_agent.inspection.pipeline import FrameJob
     from edge_agent.inspection.scoring import FrameScorer
     from edge_agent.publish.outbox import Outbox
@@ -52,10 +72,50 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default {DEFAULT_BUNDLE})")
     parser.add_argument("--frames", type=int, default=300, help="frames per measurement")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
-    parser.add_argument("--repeat", type=int, default=3, help="repeat every measurement this many times")
+    parser.add_argument("--repeat", type=int, default=5, help="repeat every measurement this many times")
+    parser.add_argument(
+        "--engine-threads", nargs="+", default=None, help="settings of the engine-only and sequential rows"
+    )
+    parser.add_argument("--agent-threads", nargs="+", default=["auto", "ort", "1"], help="settings of the agent rows")
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=["folder", "camera2", "camera0.5", "stream2"],
+        choices=["folder", "camera2", "camera0.5", "stream2"],
+    )
+    parser.add_argument("--no-features", action="store_true", help="skip the drift off / drift+keep+parts rows")
+    parser.add_argument("--raw", action="store_true", help="also print every single measurement")
     parser.add_argument("--train-epochs", type=int, default=30, help="epochs when a bundle has to be trained")
     return parser.parse_args()
+
+
+@dataclass(frozen=True)
+class Threads:
+    """One ONNX Runtime thread setting: the ``model.threads`` and ``model.spinning`` it sets."""
+
+    label: str
+    threads: int
+    spinning: Spinning
+    pin: bool = False  # agent rows: the inference thread on the first core, every other thread on the rest
+
+    @property
+    def model(self) -> dict[str, object]:
+        return {"threads": self.threads, "spinning": self.spinning}
+
+
+def parse_threads(text: str, cores: int) -> Threads:
+    """``auto``, ``ort`` (a thread per core, spinning), ``N``, ``N:on``, ``N:off``, or ``1:pin``."""
+    if text == "1:pin":
+        return Threads("1 pinned", 1, "auto", pin=True)
+    if text == "auto":
+        return Threads("auto", 0, "auto")
+    if text == "ort":
+        return Threads(f"ort ({cores} spin)", cores, "on")
+    count, _, spin = text.partition(":")
+    if not count.isdigit() or int(count) < 1 or spin not in ("", "on", "off"):
+        raise SystemExit(f"bad thread setting {text!r}: auto, ort, N, N:on or N:off")
+    label = count + {"": "", "on": " spin", "off": " no spin"}[spin]
+    return Threads(label, int(count), "on" if spin == "on" else "off" if spin == "off" else "auto")
 
 
 def ensure_bundle(path: Path | None, epochs: int) -> Path:
@@ -157,6 +217,7 @@ class AgentRun:
     seconds: float  # first to last publish
     latencies_ms: list[float]
     dropped: int
+    cpu_s: dict[str, float] = field(default_factory=dict)  # by stage (bench/stage_cpu.py)
 
     @property
     def fps(self) -> float:
@@ -183,9 +244,10 @@ def run_agent_once(
         assert job.message is not None
         latencies.append(job.message.latency_ms.total)
 
-    model = load_model(settings.model.bundle, settings.model, settings.nfa)  # type: ignore[arg-type]
     source = FrameSource(settings.source, raw=raw() if raw else None, raw_factory=raw)  # type: ignore[arg-type]
-    source.open()
+    # As `edge-agent run` does: the engine's threads are chosen for this source (live or not).
+    model = load_model(settings.model.bundle, settings.model, settings.nfa, live=source.live)  # type: ignore[arg-type]
+    _open_with_retries(source)
     outbox = outbox_factory(settings) if outbox_factory else None
     agent = Agent(settings, model, source, on_result=record, outbox=outbox)
     if on_agent is not None:
@@ -195,10 +257,27 @@ def run_agent_once(
         timer = threading.Timer(duration_s, stop.set)
         timer.daemon = True
         timer.start()
+    cpu = StageCpu().start()
     code = agent.serve(stop)
+    cpu_s = cpu.stop()
     if code != 0:
         raise SystemExit(f"the agent failed with exit {code}")
-    return AgentRun(len(stamps), stamps[-1] - stamps[0], latencies, agent.pipeline.frames_dropped)
+    return AgentRun(len(stamps), stamps[-1] - stamps[0], latencies, agent.pipeline.frames_dropped, cpu_s)
+
+
+def _open_with_retries(source: Any, within_s: float = 15.0) -> None:
+    """Open the source; a live one that is not up yet (ffmpeg starting its server) is retried."""
+    from edge_agent.inspection.drivers import SourceError
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            source.open()
+            return
+        except SourceError:
+            if not source.live or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def prepared_bundle(bundle: Path | None, train_epochs: int) -> tuple[Path, Bundle]:
@@ -214,107 +293,316 @@ def prepared_bundle(bundle: Path | None, train_epochs: int) -> tuple[Path, Bundl
     return bundle_dir, loaded
 
 
+@dataclass
+class Row:
+    """One measurement."""
+
+    mode: str
+    setting: str
+    repeat: int
+    frames: int
+    fps: float
+    load: float
+    p50: float | None = None
+    p99: float | None = None
+    dropped: int = 0
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per published frame, by stage
+
+
+FEATURES: dict[str, dict[str, Any]] = {
+    "": {},  # the defaults: drift on (the bundle carries a reference)
+    ", drift off": {"drift": {"enabled": False}},
+    ", parts tracked": {"parts": {"mode": "tracked"}},
+    ", drift+keep+parts": {"keep": {"flagged": True, "good_rate": 0.01}, "parts": {"mode": "tracked"}},
+}
+
+
 def main() -> int:
     args = parse_args()
     bundle_dir, bundle = prepared_bundle(args.bundle, args.train_epochs)
     from edge_agent.config import ModelConfig, load_settings
-    from edge_agent.demo.local_broker import LocalMosquitto
+    from edge_agent.demo.local_broker import LocalMosquitto, free_port
     from edge_agent.engines import create_engine
+    from edge_agent.engines.threads import available_cores
     from edge_agent.inspection.preprocess import model_input
     from edge_agent.inspection.scoring import FrameScorer
 
+    cores = available_cores()
+    engine_settings = [parse_threads(t, cores) for t in (args.engine_threads or ["1", f"{cores}:on", f"{cores}:off"])]
+    agent_settings = [parse_threads(t, cores) for t in args.agent_threads]
     spec = bundle.manifest.input
-    engine = create_engine(bundle, ModelConfig(backend="onnxruntime", threads=args.threads))
     scorer = FrameScorer(bundle.manifest)
-    rows: list[tuple[str, int, float, float, float, float, float, int]] = []
+    rows: list[Row] = []
+    uptime_before = _uptime()
     with tempfile.TemporaryDirectory(prefix="bench-frames-") as tmp:
         frames_dir = Path(tmp) / "frames"
         frames_dir.mkdir()
         paths = make_frames(frames_dir, args.frames, spec.width)
-        bgr = [cv2.imread(str(p)) for p in paths]
+        bgr: list[np.ndarray] = [cv2.imread(str(p)) for p in paths]  # type: ignore[misc]
         images = [model_input(b, spec.height, spec.width) for b in bgr]
-        for image in images[:5]:  # warm-up: ORT allocations, NFA JIT at these shapes
-            scorer.score(engine.infer(image), (spec.width, spec.height))
+        engines = {
+            t: create_engine(bundle, ModelConfig(backend="onnxruntime", threads=t.threads, spinning=t.spinning))
+            for t in engine_settings
+        }
+        for engine in engines.values():  # warm-up: ORT allocations, NFA JIT at these shapes
+            for image in images[:5]:
+                scorer.score(engine.infer(image), (spec.width, spec.height))
+        # The live sources' rates are fixed once, from the best engine-only rate: every row sees the same.
+        reference_fps = max(len(images) / bench_engine(e, images) for e in engines.values())
+        print(f"best engine-only rate {reference_fps:.1f} fps: live sources at 2x and 0.5x of it", flush=True)
+        video = (
+            write_mjpeg_video(Path(tmp) / "camera.avi", bgr, 2 * reference_fps) if "stream2" in args.sources else None
+        )
+        cases = _agent_cases(args, agent_settings)
         with LocalMosquitto(Path(tmp) / "broker") as broker:
             for repeat in range(args.repeat):
-                load = os.getloadavg()[0]
-                engine_s = bench_engine(engine, images)
-                engine_fps = len(images) / engine_s
-                rows.append(("engine only", len(images), engine_fps, load, 0, 0, 0, repeat))
-                sequential_s = bench_sequential(engine, scorer, images)
-                rows.append(
-                    ("engine + NFA, one thread", len(images), len(images) / sequential_s, load, 0, 0, 0, repeat)
-                )
-
-                def settings_for(name: str, source: dict[str, object], repeat: int = repeat) -> AgentSettings:
-                    return load_settings(
+                forward = repeat % 2 == 0
+                for setting in engine_settings if forward else engine_settings[::-1]:
+                    engine = engines[setting]
+                    load = os.getloadavg()[0]
+                    rows.append(
+                        Row(
+                            "engine only",
+                            setting.label,
+                            repeat,
+                            len(images),
+                            len(images) / bench_engine(engine, images),
+                            load,
+                        )
+                    )
+                    seconds = bench_sequential(engine, scorer, images)
+                    rows.append(
+                        Row("engine + NFA, sequential", setting.label, repeat, len(images), len(images) / seconds, load)
+                    )
+                for setting, source, suffix in cases if forward else cases[::-1]:
+                    name = f"{source}{suffix}"
+                    settings = load_settings(
                         None,
                         device_id="bench",
-                        state_dir=str(Path(tmp) / f"state-{name}-{repeat}"),
-                        model={"bundle": str(bundle_dir), "backend": "onnxruntime", "threads": args.threads},
-                        source=source,
+                        state_dir=str(Path(tmp) / f"state-{len(rows)}"),
+                        model={"bundle": str(bundle_dir), "backend": "onnxruntime", **setting.model},
                         mqtt={"port": broker.port},
                         http={"enabled": False},
+                        **_source_settings(source, frames_dir),
+                        **FEATURES[suffix],
                     )
-
-                folder = {"uri": str(frames_dir)}
-                for name, factory in (("agent, folder, spool", None), ("agent, folder, no spool", _memory)):
-                    run = run_agent_once(settings_for(name.replace(" ", "").replace(",", "-"), folder), factory)
+                    print(f"repeat {repeat + 1}: agent, {name}, threads {setting.label} ...", flush=True)
+                    with _live_source(source, bgr, reference_fps, video, free_port()) as (raw, uri):
+                        if uri is not None:
+                            settings.source.uri = uri
+                        duration = (
+                            None
+                            if source == "folder"
+                            else max(5.0, args.frames / min(_rate(source), 1.0) / reference_fps)
+                        )
+                        hook = _pin_stages if setting.pin else None
+                        all_cores = os.sched_getaffinity(0)
+                        run = run_agent_once(settings, None, raw=raw, duration_s=duration, on_agent=hook)
+                        os.sched_setaffinity(0, all_cores)  # the pinned run narrowed this (main) thread too
                     p50, p99 = np.percentile(run.latencies_ms, [50, 99])
-                    rows.append((name, run.frames, run.fps, os.getloadavg()[0], p50, p99, run.dropped, repeat))
-                for factor in (0.5, 2.0):
-                    live_fps = factor * engine_fps
-                    duration = max(5.0, args.frames / min(live_fps, engine_fps))
-                    run = run_agent_once(
-                        settings_for(f"live{factor}", {"uri": "0"}),
-                        None,
-                        raw=lambda live_fps=live_fps: PacedCamera(bgr, live_fps),
-                        duration_s=duration,
-                    )
-                    p50, p99 = np.percentile(run.latencies_ms, [50, 99])
+                    cpu = {k: 1000 * v / max(1, run.frames) for k, v in run.cpu_s.items()}
                     rows.append(
-                        (
-                            f"agent, live x{factor:g} ({live_fps:.0f} fps)",
+                        Row(
+                            f"agent, {name}",
+                            setting.label,
+                            repeat,
                             run.frames,
                             run.fps,
                             os.getloadavg()[0],
-                            p50,
-                            p99,
+                            float(p50),
+                            float(p99),
                             run.dropped,
-                            repeat,
+                            cpu,
                         )
                     )
-        engine.close()
-    _print(bundle_dir, bundle, args, rows)
+        for engine in engines.values():
+            engine.close()
+    _print(bundle_dir, bundle, args, rows, cores, reference_fps, uptime_before, _uptime())
     return 0
 
 
-def _memory(settings: AgentSettings) -> Outbox:
-    from edge_agent.publish.outbox import MemoryOutbox
+def _pin_stages(agent: Agent) -> None:
+    """Once the stage threads run: inference on the first core, every other thread of the process on the rest.
 
-    return MemoryOutbox(settings.spool.max_messages)
+    Measures whether the engine and the other stages are better off on their own cores (with one intra-op
+    thread, ONNX Runtime computes in the inference thread itself).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    engine_core, rest = {cores[0]}, set(cores[1:]) or {cores[0]}
+
+    def pin() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stages = {t.name: t for t in threading.enumerate() if t.name.startswith("stage-")}
+            if len(stages) == 4 and all(t.native_id for t in stages.values()):
+                break
+            time.sleep(0.01)
+        for thread in threading.enumerate():
+            if thread.native_id is not None and thread is not threading.current_thread():
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    os.sched_setaffinity(thread.native_id, engine_core if thread.name == "stage-infer" else rest)
+
+    threading.Thread(target=pin, name="bench-pin", daemon=True).start()
 
 
-def _print(bundle_dir: Path, bundle, args: argparse.Namespace, rows: list) -> None:  # type: ignore[no-untyped-def]
+def _rate(source: str) -> float:
+    """A live source's rate as a multiple of the best engine-only rate (1 for the folder)."""
+    for prefix in ("camera", "stream"):
+        if source.startswith(prefix):
+            return float(source.removeprefix(prefix))
+    return 1.0
+
+
+def _agent_cases(args: argparse.Namespace, agent_settings: list[Threads]) -> list[tuple[Threads, str, str]]:
+    """(thread setting, source, features suffix) of every agent row of one repeat."""
+    cases = [(t, s, "") for t in agent_settings for s in args.sources]
+    if not args.no_features:
+        auto = next((t for t in agent_settings if t.label == "auto"), agent_settings[0])
+        cases += [(auto, "camera2", suffix) for suffix in FEATURES if suffix]
+    return cases
+
+
+def _source_settings(source: str, frames_dir: Path) -> dict[str, Any]:
+    if source == "folder":
+        return {"source": {"uri": str(frames_dir)}}
+    if source.startswith("camera"):
+        return {"source": {"uri": "0"}}  # replaced by the paced camera (kind "camera": live)
+    return {"source": {"uri": "http://127.0.0.1:1/cam.mjpg", "kind": "stream"}}  # the URI is set per run
+
+
+@contextlib.contextmanager
+def _live_source(
+    source: str, bgr: list[np.ndarray], reference_fps: float, video: Path | None, port: int
+) -> Iterator[tuple[Callable[[], object] | None, str | None]]:
+    """(raw source factory, stream URI) for one agent run: a paced camera, a fresh ffmpeg server, or neither."""
+    if source.startswith("camera"):
+        fps = _rate(source) * reference_fps
+        yield (lambda: PacedCamera(bgr, fps)), None
+    elif source.startswith("stream"):
+        assert video is not None
+        # No probe: ffmpeg -listen serves one client, and a probe would be it. The agent's open is retried.
+        with MjpegStream(video, port) as stream:
+            yield None, stream.url
+    else:
+        yield None, None
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def _print(  # type: ignore[no-untyped-def]
+    bundle_dir: Path,
+    bundle,
+    args: argparse.Namespace,
+    rows: list[Row],
+    cores: int,
+    reference_fps: float,
+    before: str,
+    after: str,
+) -> None:
     spec = bundle.manifest.input
     print(
         f"\nbundle {bundle_dir} ({bundle.manifest.name} {bundle.manifest.version}, {bundle.manifest.backbone}, "
         f"{spec.width}x{spec.height}, scales {[(s.height, s.width) for s in bundle.manifest.scales]})"
     )
-    print(f"CPU cores {os.cpu_count()}, ONNX Runtime threads {args.threads or 'all'}, {args.frames} frames per row")
-    header = f"| {'run':>3} | {'mode':<30} | {'frames':>6} | {'fps':>7} | {'% of engine':>11} | {'p50 ms':>7} | {'p99 ms':>7} | {'dropped':>7} | {'load':>5} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    engine_fps: dict[int, float] = {}
-    for name, frames, fps, load, p50, p99, dropped, repeat in rows:
-        if name == "engine only":
-            engine_fps[repeat] = fps
-        share = 100 * fps / engine_fps[repeat]
-        lat = f"{p50:7.1f} | {p99:7.1f}" if p50 else f"{'':>7} | {'':>7}"
+    print(
+        f"{cores} cores, {args.frames} frames per row, {args.repeat} repeats (alternating order); live rates from {reference_fps:.1f} fps"
+    )
+    print(f"uptime before: {before}\nuptime after:  {after}")
+    if args.raw:
         print(
-            f"| {repeat + 1:>3} | {name:<30} | {frames:>6} | {fps:>7.1f} | {share:>10.1f}% | {lat} | {dropped:>7} | {load:>5.1f} |"
+            "\n| repeat | mode | threads | fps | p50 ms | p99 ms | dropped | load |\n|---|---|---|---|---|---|---|---|"
         )
+        for r in rows:
+            lat = f"{r.p50:.1f} | {r.p99:.1f}" if r.p50 is not None else " | "
+            print(f"| {r.repeat + 1} | {r.mode} | {r.setting} | {r.fps:.1f} | {lat} | {r.dropped} | {r.load:.1f} |")
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.mode, r.setting), []).append(r)
+    fps = {key: _median([r.fps for r in rs]) for key, rs in groups.items()}
+    best_engine = max(v for (m, _), v in fps.items() if m == "engine only")
+    best_seq = max(v for (m, _), v in fps.items() if m.startswith("engine + NFA"))
+    print(
+        f"\nmedians over repeats; best engine only {best_engine:.1f} fps, best engine + NFA sequential {best_seq:.1f} fps"
+    )
+    cpu_cols = "/".join(GROUPS)
+    print(
+        f"\n| mode | threads | fps | min-max | % best engine | % best seq | p50 ms | p99 ms | dropped | CPU ms/frame {cpu_cols} | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (mode, setting), rs in groups.items():
+        f = fps[(mode, setting)]
+        lat = (
+            " | ".join(f"{_median([getattr(r, k) for r in rs]):.1f}" for k in ("p50", "p99"))
+            if rs[0].p50 is not None
+            else " | "
+        )
+        cpu = " / ".join(f"{_median([r.cpu_ms.get(g, 0.0) for r in rs]):.1f}" for g in GROUPS) if rs[0].cpu_ms else ""
+        loads = [r.load for r in rs]
+        print(
+            f"| {mode} | {setting} | {f:.1f} | {min(r.fps for r in rs):.1f}-{max(r.fps for r in rs):.1f} | "
+            f"{100 * f / best_engine:.0f}% | {100 * f / best_seq:.0f}% | {lat} | {_median([r.dropped for r in rs]):.0f} | {cpu} | "
+            f"{min(loads):.1f}-{max(loads):.1f} |"
+        )
+    _print_goals(rows, fps, best_seq)
     print("\nlatency: capture-to-publish (frame in memory -> message handed to the MQTT client), ms")
+
+
+def _paired(rows: list[Row], a: tuple[str, str], b: tuple[str, str] | None) -> list[float]:
+    """Per repeat, fps of row ``a`` over row ``b`` (or over the best sequential row of that repeat)."""
+    ratios = []
+    for repeat in sorted({r.repeat for r in rows}):
+        here = [r for r in rows if r.repeat == repeat]
+        num = [r.fps for r in here if (r.mode, r.setting) == a]
+        if b is None:
+            den = [max((r.fps for r in here if r.mode.startswith("engine + NFA")), default=0.0)]
+        else:
+            den = [r.fps for r in here if (r.mode, r.setting) == b]
+        if num and den and den[0] > 0:
+            ratios.append(num[0] / den[0])
+    return ratios
+
+
+def _print_goals(rows: list[Row], fps: dict[tuple[str, str], float], best_seq: float) -> None:
+    keys = {key for key in fps}
+    print("\ngoals (auto = the defaults; paired ratios are per repeat, then the median):")
+    for source in ("stream2", "camera2"):
+        key = (f"agent, {source}", "auto")
+        if key in keys:
+            ratios = _paired(rows, key, None)
+            if not ratios:
+                continue
+            print(
+                f"- {source}: {fps[key]:.1f} fps = {100 * fps[key] / best_seq:.0f}% of the best sequential median "
+                f"(paired median {100 * _median(ratios):.0f}%, range {100 * min(ratios):.0f}-{100 * max(ratios):.0f}%); goal >= 95%"
+            )
+    half = [r for r in rows if (r.mode, r.setting) == ("agent, camera0.5", "auto")]
+    engine_auto = fps.get(("engine only", "auto")) or max(v for (m, _), v in fps.items() if m == "engine only")
+    if half:
+        p99 = _median([r.p99 or 0.0 for r in half])
+        print(
+            f"- camera0.5 p99 {p99:.1f} ms vs 2 x engine frame time {2000 / engine_auto:.1f} ms (engine {engine_auto:.1f} fps)"
+        )
+    base = ("agent, camera2, drift off", "auto")
+    for other in ("agent, camera2", "agent, camera2, parts tracked", "agent, camera2, drift+keep+parts"):
+        ratios = _paired(rows, (other, "auto"), base)
+        if ratios:
+            cpu = _cpu_total(rows, (other, "auto")) / _cpu_total(rows, base) - 1
+            print(
+                f"- {other.removeprefix('agent, ')} vs drift off: fps {100 * (_median(ratios) - 1):+.1f}% "
+                f"(paired, range {100 * (min(ratios) - 1):+.1f}..{100 * (max(ratios) - 1):+.1f}%), "
+                f"CPU per frame {100 * cpu:+.1f}%; goal cost <= 5%"
+            )
+
+
+def _cpu_total(rows: list[Row], key: tuple[str, str]) -> float:
+    """Median over repeats of the process's CPU ms per published frame (all stages and threads)."""
+    return _median([sum(r.cpu_ms.values()) for r in rows if (r.mode, r.setting) == key])
 
 
 if __name__ == "__main__":

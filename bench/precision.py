@@ -44,7 +44,7 @@ from calibration.agreement import cpu_session
 from calibration.data import pick_evenly, select_images
 from calibration.int8 import FORMATS, TENSORRT_FORMAT, Int8Settings, conv_groups, preprocess_model, quantize_int8
 from edge_agent.bundle import Bundle, load_bundle
-from edge_agent.inspection import nfa
+from edge_agent.inspection.scoring import log_nfa_map_of, scale_nulls
 from training.data import Record, load_image, load_mask, open_dataset
 from training.metrics import segmentation_report
 
@@ -249,6 +249,7 @@ def evaluate(candidate: Candidate, bundle: Bundle, records: list[Record], thread
     spec = bundle.manifest.input
     session = cpu_session(candidate.path, threads)
     channels = [s.channels for s in bundle.manifest.scales]
+    heads = [s.head for s in bundle.manifest.scales]
     n = len(records)
     maps = np.empty((n, spec.height, spec.width), dtype=np.float32)
     masks = np.empty((n, spec.height, spec.width), dtype=bool)
@@ -259,7 +260,9 @@ def evaluate(candidate: Candidate, bundle: Bundle, records: list[Record], thread
         outputs = session.run(None, {spec.name: image[None]})  # type: ignore[attr-defined]
         maps[i] = outputs[0][0]
         masks[i] = load_mask(record.mask, spec.height, spec.width)
-        log_nfa = nfa.log_nfa_map([o[0] for o in outputs[1:]], channels, (spec.height, spec.width))
+        log_nfa = log_nfa_map_of(
+            [o[0] for o in outputs[1:]], channels, heads, (spec.height, spec.width), scale_nulls(bundle.manifest)
+        )
         nfa_masks[i] = log_nfa < bundle.manifest.nfa.log10_epsilon
         if (i + 1) % 100 == 0:
             log.info("%s: %d/%d test images", candidate.label, i + 1, n)

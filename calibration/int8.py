@@ -108,6 +108,18 @@ def _is_permutation(weight: np.ndarray) -> bool:
     return bool(np.isin(matrix, (0.0, 1.0)).all() and (matrix.sum(0) == 1).all() and (matrix.sum(1) == 1).all())
 
 
+def _head_convs(graph: Any) -> set[str]:
+    """The evidence heads' Convs (a Gaussian's whitening, a memory bank): never quantized, see
+    edge_agent.engines.tensorrt.graph_check's ``head-fp32`` rule (an FP32 graph keeps them FP32 anyway)."""
+    from edge_agent.engines.tensorrt.graph_check import ANOMALY_MAP, head_nodes
+
+    outputs = [o.name for o in graph.output if o.name != ANOMALY_MAP]
+    try:
+        return {node.name for node in head_nodes(graph, outputs) if node.op_type == "Conv"}
+    except ValueError:
+        return set()
+
+
 def conv_groups(model: Any) -> ConvGroups:
     """Classify every Conv of an exported U-Flow graph (see the module docstring)."""
     from onnx import numpy_helper
@@ -148,9 +160,11 @@ def conv_groups(model: Any) -> ConvGroups:
         and _is_permutation(numpy_helper.to_array(initializers[node.input[1]]))
     }
     flow = coupling | subnet | permutation
-    backbone = [node.name for node in convs if node.name not in flow]
+    heads = _head_convs(graph)
+    backbone = [node.name for node in convs if node.name not in flow | heads]
     return ConvGroups(
         {
+            "heads": tuple(sorted(heads)),
             "coupling": tuple(sorted(coupling)),
             "subnet": tuple(sorted(subnet)),
             "permutation": tuple(sorted(permutation)),
@@ -231,7 +245,9 @@ def quantize_int8(
         prepared = Path(tmp) / "prepared.onnx"
         preprocess_model(source, prepared)
         groups = conv_groups(onnx.load(str(prepared)))
-        excluded = sorted(set(groups.nodes(settings.keep_fp32)) | set(settings.exclude_nodes))
+        # The heads' Convs always stay FP32 (a quantized bank or whitening would drown the distances).
+        always = set(groups.groups.get("heads", ()))
+        excluded = sorted(set(groups.nodes(settings.keep_fp32)) | always | set(settings.exclude_nodes))
         log.info(
             f"quantizing {source.name} with {settings.method} calibration on {len(images.paths)} images",
             extra={
@@ -244,7 +260,7 @@ def quantize_int8(
         quantize_static(
             str(prepared),
             str(target),
-            _Reader(model_batches(images, height, width), input_name),  # type: ignore[arg-type]
+            _Reader(model_batches(images, height, width), input_name),
             op_types_to_quantize=list(settings.op_types),
             per_channel=settings.per_channel,
             nodes_to_exclude=excluded,

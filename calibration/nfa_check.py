@@ -24,10 +24,12 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from calibration.data import ImageSet, read_model_input
+from calibration.nfa_promise import format_promise, promise_row, recorded_calibration
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
@@ -123,6 +125,7 @@ class NfaCheckReport:
     bundle: str
     model: str
     data: str
+    calibration: dict[str, object] | None  # what the bundle recorded at training (manifest nfa.calibration)
     precision: str
     log10_epsilon: float
     min_region_area: int
@@ -135,7 +138,8 @@ class NfaCheckReport:
     fraction_with_detection_at_epsilon_1: float
     min_log_nfa_quantiles: dict[str, float]
     images_triggered_by_scale: dict[str, int]
-    scales: list[dict[str, object]]
+    promise: list[dict[str, object]]  # per epsilon (the bundle's, then 0): counts, 95 % intervals, verdict
+    scales: list[dict[str, Any]]  # JSON rows, one per scale
     per_image: list[ImageResult]
     latents: list[dict[str, object]] | None = None  # from the training run, when given
 
@@ -243,6 +247,7 @@ def _report(
         bundle=str(bundle.root),
         model=f"{manifest.name} {manifest.version}",
         data=images.source,
+        calibration=None if manifest.nfa.calibration is None else manifest.nfa.calibration.model_dump(),
         precision=precision,
         log10_epsilon=log10_epsilon,
         min_region_area=min_area,
@@ -255,6 +260,10 @@ def _report(
         fraction_with_detection_at_epsilon_1=float(np.mean([r.regions_at_epsilon_1 > 0 for r in results])),
         min_log_nfa_quantiles=quantiles(r.min_log_nfa for r in results),
         images_triggered_by_scale=triggered,
+        promise=[
+            promise_row(log10_epsilon, [r.regions for r in results]),
+            promise_row(0.0, [r.regions_at_epsilon_1 for r in results]),
+        ],
         scales=[
             stat.summary() | best_node_comparison(stat, [r.scale_min_log_nfa[k] - log10_n for r in results])
             for k, stat in enumerate(stats)
@@ -373,6 +382,9 @@ def format_report(report: NfaCheckReport) -> str:
         f"| {report.images} | {report.mean_regions_per_image:.3f} | {report.fraction_with_detection:.1%} | "
         f"{report.mean_regions_at_epsilon_1:.3f} | {report.fraction_with_detection_at_epsilon_1:.1%} | "
         f"{q['min']:.1f} | {q['p5']:.1f} | {q['median']:.1f} | {q['p95']:.1f} | {q['max']:.1f} |",
+        "",
+        format_promise(report.promise),
+        *recorded_calibration(report.calibration),
         "",
         "| scale | C | shape | mean m (chi2: 1) | var m (chi2: 2/C) | lag-1 autocorr of m | images it triggers |",
         "|---|---|---|---|---|---|---|",

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_agent.fileio import sha256_file
+from edge_agent.promise import PromiseCheck
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "model.json"
@@ -69,14 +70,24 @@ class Normalisation(_Strict):
     std: tuple[float, float, float]
 
 
+HEADS = ("flow", "gaussian", "memory")
+
+
 class ScaleSpec(_Strict):
-    """One flow output scale: the engine output ``name`` is m_s (1 x height x width)."""
+    """One evidence map of the engine: output ``name`` (1 x height x width) made by ``head``.
+
+    ``flow``: m_s, the mean over the C_s latent channels of z^2 (the paper's map; bundles from before
+    the heads have only these). ``gaussian``: the mean over C_s channels of the whitened features'
+    squares. ``memory``: the squared distance to the nearest memory-bank row, divided by C_s. The paper's
+    polyomino NFA reads the flow maps only; the fitted NFA every map, each with its own null.
+    """
 
     name: str
-    channels: int = Field(gt=0, description="C_s: latent channels at this scale (the NFA's chi^2 dof)")
+    channels: int = Field(gt=0, description="C_s: channels behind the map (for flow maps the NFA's chi^2 dof)")
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     stride: int = Field(gt=0, description="input pixels per map pixel")
+    head: Literal["flow", "gaussian", "memory"] = Field(default="flow", description="the evidence that made it")
 
 
 class ScaleNullSpec(_Strict):
@@ -85,6 +96,45 @@ class ScaleNullSpec(_Strict):
     mean: float = Field(gt=0, allow_inf_nan=False, description="mean of m_s on good validation pixels")
     dof: float = Field(gt=0, allow_inf_nan=False, description="Chernoff degrees of freedom that bound the good tail")
     area: float = Field(ge=1, allow_inf_nan=False, description="correlation area: pixels per independent observation")
+
+
+class NfaCalibration(_Strict):
+    """What backs the fitted null's promise: good images that never fitted the flow, counted out of fold.
+
+    Written by training (training/nfa_null.py ``calibrate``); bundles exported before it have none.
+    The bounds are one-sided 95 % (exact Poisson for regions per image, Clopper-Pearson for the share
+    of images flagged) at the deployed ``log10_epsilon``; edge_agent/promise.py has the math.
+    """
+
+    method: Literal["cross-fit"] = "cross-fit"
+    images: int = Field(ge=1, description="good calibration images (the validation split) behind the null")
+    folds: int = Field(ge=1, description="cross-fitting folds: each image counted by a null fitted without it")
+    evidence_scale: float = Field(gt=0, allow_inf_nan=False, description="factor on every scale's dof")
+    log10_epsilon: float = Field(allow_inf_nan=False, description="the epsilon the counts were taken at")
+    check_log10_epsilon: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="where the selection counted: the deployed epsilon, or the loosest the images can vouch for",
+    )
+    false_regions: int = Field(ge=0, description="out-of-fold false regions on the calibration images")
+    images_flagged: int = Field(ge=0, description="calibration images with at least one false region")
+    false_regions_per_image_upper95: float = Field(ge=0, allow_inf_nan=False)
+    flagged_share_upper95: float = Field(ge=0, le=1, allow_inf_nan=False)
+    images_needed: int | None = Field(
+        default=None, description="calibration images that would support the promise (None: more cannot)"
+    )
+
+    def promise_check(self) -> PromiseCheck:
+        """The counts as the promise module's check (bounds as recorded)."""
+        return PromiseCheck(
+            promised=10.0**self.log10_epsilon,
+            images=self.images,
+            false_regions=self.false_regions,
+            images_flagged=self.images_flagged,
+            regions_upper=self.false_regions_per_image_upper95,
+            flagged_upper=self.flagged_share_upper95,
+            needed=self.images_needed,
+        )
 
 
 NULL_MODELS = ("polyomino", "fitted")
@@ -105,6 +155,9 @@ class NfaSpec(_Strict):
     min_region_area: int = Field(default=0, ge=0, description="in model-input pixels")
     null_model: Literal["polyomino", "fitted"] = "polyomino"
     scale_nulls: tuple[ScaleNullSpec, ...] = ()
+    calibration: NfaCalibration | None = Field(
+        default=None, description="how many images calibrated the fitted null and the bound they give; None: unknown"
+    )
 
     @model_validator(mode="after")
     def _nulls_match_model(self) -> NfaSpec:
@@ -209,6 +262,12 @@ class Manifest(_Strict):
     def _one_null_per_scale(self) -> Manifest:
         if self.nfa.scale_nulls and len(self.nfa.scale_nulls) != len(self.scales):
             raise ValueError(f"nfa.scale_nulls has {len(self.nfa.scale_nulls)} entries for {len(self.scales)} scales")
+        if not any(s.head == "flow" for s in self.scales):
+            raise ValueError("scales need at least one flow map (the paper's NFA and the drift check read them)")
+        if self.scales[0].head != "flow":
+            raise ValueError("the first scale must be a flow map (m_0: the drift check reads it)")
+        if any(s.head != "flow" for s in self.scales) and self.nfa.null_model != "fitted":
+            raise ValueError("gaussian and memory maps need the fitted NFA (a fitted null per map)")
         return self
 
     @property
@@ -258,6 +317,8 @@ sha256_of = sha256_file  # the name the bundle's callers use (hex sha256 of a fi
 
 def read_manifest(root: Path) -> Manifest:
     """Parse and validate model.json without checking the files it lists."""
+    if not Path(root).is_dir():
+        raise BundleError(f"model bundle {root} does not exist or is not a directory")
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{root} is not a model bundle: {MANIFEST_NAME} is missing")
@@ -291,8 +352,6 @@ def verify_files(root: Path, manifest: Manifest) -> None:
 def load_bundle(root: Path | str) -> Bundle:
     """Read and verify a bundle directory (hashes and schema; shapes are checked by the engine)."""
     root = Path(root)
-    if not root.is_dir():
-        raise BundleError(f"model bundle {root} does not exist or is not a directory")
     manifest = read_manifest(root)
     verify_files(root, manifest)
     return Bundle(root=root, manifest=manifest)

@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
 from edge_agent.config_files import FileAndEnvSettings, build_settings
+from edge_agent.config_plc import PlcConfig
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Programs whose variables share the agent's prefix (the reject relay: edge_agent/relay/config.py).
@@ -23,7 +24,10 @@ OTHER_ENV_PREFIXES = ("EDGE_AGENT_RELAY_",)
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
-ID_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$"  # a device, relay or message id: safe in topics and argv
+# A device, relay or message id: safe in topics, file names and argv. It starts with a letter or digit (no "-" for
+# option injection, no "." or ".." for paths); Python code matches it with fullmatch (``$`` alone would let a
+# trailing newline through: messages.is_valid_id).
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Section(BaseModel):
@@ -44,7 +48,17 @@ class ModelConfig(_Section):
         description="which model of the bundle runs: fp32 is model.onnx, fp16/int8 the variant the bundle lists "
         "(uflow calibrate; docs/precision.md)",
     )
-    threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads; 0 = chosen for this machine's cores and the source "
+        "(edge-agent doctor says what and why; docs/agent.md, Threads)",
+    )
+    spinning: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="ONNX Runtime threads spin while waiting for work (session.intra_op/inter_op.allow_spinning); "
+        "auto: chosen with threads (off where other stages share the cores)",
+    )
     engine_cache_dir: Path | None = Field(default=None, description="TensorRT plans; default <state_dir>/engines")
     tensorrt_workspace_mb: int = Field(default=1024, ge=64, description="TensorRT builder workspace (build-engine)")
     shadow: Path | None = Field(
@@ -140,6 +154,12 @@ class MqttConfig(_Section):
     )
     username: str | None = Field(default=None, description="broker user name; unset: no authentication")
     password: SecretStr | None = Field(default=None, description="never printed (config --show shows **********)")
+    updater_username: str | None = Field(
+        default=None,
+        description="user name of `edge-agent update`'s own connection (same password); default "
+        "<username>-updater. The shipped broker config binds a client id to its user name, so the agent and its "
+        "updater, connected at once, need two",
+    )
     tls: TlsConfig | None = None
     publish: Literal["all", "anomalous", "none"] = Field(
         default="all",
@@ -192,6 +212,31 @@ class HttpConfig(_Section):
     preview_max_fps: float = Field(
         default=1.0, gt=0, le=30, description="the preview draws and encodes at most this many frames a second"
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names (besides IP literals and localhost) that requests may name in Host, and POSTs "
+        "in Origin; any other is refused, so a page whose name is rebound to this box (DNS rebinding) cannot "
+        "use it. Add the box's DNS name when browsers or Prometheus reach it by name",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a whole request (or the idle wait for the next one) must arrive within this, however slowly "
+        "it drips",
+    )
+    max_connections_per_address: int = Field(
+        default=8, ge=1, le=32, description="connections served at once from one client address (32 in all)"
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            # A bare name: "box.example", not a URL or host:port (the port is not compared).
+            if not name or not all(c.isalnum() or c in ".-" for c in name) or name.startswith(("-", ".")):
+                raise ValueError("allowed_hosts: host names only (letters, digits, '.', '-'), no scheme or port")
+        return names
 
 
 class UpdateConfig(_Section):
@@ -226,6 +271,13 @@ class SnapshotConfig(_Section):
     min_free_mb: float = Field(
         default=1024.0, ge=0, description="refuse new snapshots when the file system has less free space than this"
     )
+
+
+TriggerSource = Literal["mqtt", "http", "gpio"]
+
+
+def _default_triggers() -> list[TriggerSource]:
+    return ["mqtt", "http"]
 
 
 class PartsConfig(_Section):
@@ -275,8 +327,8 @@ class PartsConfig(_Section):
         description="regions up to this many decades above log10 epsilon in one frame are candidate places whose "
         "evidence is combined over the part's frames",
     )
-    triggers: list[Literal["mqtt", "http", "gpio"]] = Field(
-        default_factory=lambda: ["mqtt", "http"],
+    triggers: list[TriggerSource] = Field(
+        default_factory=_default_triggers,
         description="triggered: where triggers come from: <prefix>/<device_id>/trigger, POST /trigger, a GPIO line",
     )
     trigger_delay_s: float = Field(
@@ -308,7 +360,16 @@ class KeepConfig(_Section):
     )
     max_total_mb: float = Field(default=2000.0, gt=0, description="disk quota: the oldest kept frames are removed")
     min_free_mb: float = Field(
-        default=1024.0, ge=0, description="keep nothing while the file system has less free space (the spool first)"
+        default=1024.0,
+        ge=0,
+        description="keep nothing, record nothing (cmd/record, edge-agent record) and move no reviewed frame into "
+        "training_dir while the file system has less free space (the spool first)",
+    )
+    training_max_total_mb: float = Field(
+        default=5000.0,
+        gt=0,
+        description="quota of training_dir (recordings and reviewed frames): a recording stops and a review "
+        "decision is refused beyond it; nothing is removed",
     )
     queue: int = Field(
         default=8, ge=1, le=256, description="frames waiting for the writer; beyond, skipped and counted"
@@ -347,9 +408,10 @@ class AgentSettings(FileAndEnvSettings):
 
     device_id: str = Field(
         default_factory=lambda: os.uname().nodename,
+        json_schema_extra={"doc_default": "the host name"},
         pattern=ID_PATTERN,
-        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, not starting "
-        "with -)",
+        description="this box in MQTT topics (and its broker user name): letters, digits, . _ - (1-64, starting "
+        "with a letter or digit)",
     )
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR, description="models, engine plans, spool, snapshots and the Numba cache live here"
@@ -371,6 +433,7 @@ class AgentSettings(FileAndEnvSettings):
     parts: PartsConfig = Field(default_factory=PartsConfig)
     keep: KeepConfig = Field(default_factory=KeepConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    plc: PlcConfig = Field(default_factory=PlcConfig)
 
     @property
     def bundle_dir(self) -> Path:
@@ -381,6 +444,12 @@ class AgentSettings(FileAndEnvSettings):
     def _http_triggers_need_http(self) -> AgentSettings:
         if self.parts.mode == "triggered" and "http" in self.parts.triggers and not self.http.enabled:
             raise ValueError('parts.triggers has "http" but http.enabled is false: POST /trigger would not exist')
+        return self
+
+    @model_validator(mode="after")
+    def _plc_triggers_need_triggered_parts(self) -> AgentSettings:
+        if (self.plc.opcua_enabled or self.plc.modbus_enabled) and self.parts.mode != "triggered":
+            raise ValueError('plc.opcua_enabled/modbus_enabled need parts.mode = "triggered" (the PLC triggers)')
         return self
 
     @model_validator(mode="after")
@@ -397,6 +466,7 @@ class AgentSettings(FileAndEnvSettings):
             self.keep.dir = self.state_dir / "kept"
         if self.keep.training_dir is None:
             self.keep.training_dir = self.state_dir / "training"
+        self.plc.fill_paths(self.state_dir)
         return self
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_broker import MosquittoBroker
-from relay_helpers import RecordingHttpServer, relay_toml
+from relay_helpers import CAMERAS, RecordingHttpServer, relay_toml
 
 from edge_agent.config import MqttConfig
 from edge_agent.publish.mqtt import MqttPublisher
@@ -28,9 +28,20 @@ def relay_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[
     """Start an in-process relay from a TOML config (actuator body + extra top-level TOML)."""
     made: list[RejectRelay] = []
 
-    def make(actuator: str, extra: str = "", topics: tuple[str, ...] = ("uflow/+/inspection",)) -> RejectRelay:
+    def make(
+        actuator: str,
+        extra: str = "",
+        topics: tuple[str, ...] = ("uflow/+/inspection",),
+        cameras: tuple[str, ...] = CAMERAS,
+    ) -> RejectRelay:
         config = relay_toml(
-            tmp_path / f"relay{len(made)}.toml", broker.port, tmp_path / "state", actuator, topics=topics, extra=extra
+            tmp_path / f"relay{len(made)}.toml",
+            broker.port,
+            tmp_path / "state",
+            actuator,
+            topics=topics,
+            extra=extra,
+            cameras=cameras,
         )
         relay = RejectRelay(load_relay_settings(config))
         made.append(relay)

@@ -24,9 +24,10 @@ import pytest
 from mqtt_broker import MosquittoBroker
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.publish.messages import InspectionMessage, ModelRef, Region, StageLatency
+from edge_agent.messages import InspectionMessage, ModelRef, Region, StageLatency
 
 ROOT = Path(__file__).resolve().parent.parent
+CAMERAS = ("cam1", "cam2")  # the cameras a test relay acts for (relay config ``cameras``)
 MODEL = ModelRef(name="m", version="1", sha256="0" * 64, backend="onnxruntime", precision="fp32")
 
 
@@ -116,11 +117,15 @@ def relay_toml(
     relay_id: str = "r1",
     topics: tuple[str, ...] = ("uflow/+/inspection",),
     extra: str = "",
+    cameras: tuple[str, ...] = CAMERAS,
 ) -> Path:
-    """Write a relay config: one broker, the given [actuator] body (TOML lines), anything else in ``extra``."""
+    """Write a relay config: one broker, the given [actuator] body (TOML lines), anything else in ``extra``; the
+    relay acts for ``cameras``."""
     topic_list = ", ".join(json.dumps(t) for t in topics)
+    camera_list = ", ".join(json.dumps(c) for c in cameras)
     path.write_text(
-        f'relay_id = "{relay_id}"\nstate_dir = "{state_dir}"\nlog_format = "json"\nstop_drain_s = 2.0\n{extra}\n'
+        f'relay_id = "{relay_id}"\nstate_dir = "{state_dir}"\nlog_format = "json"\nstop_drain_s = 2.0\n'
+        f"cameras = [{camera_list}]\n{extra}\n"
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopics = [{topic_list}]\nstats_interval_s = 1.0\n'
         f"reconnect_initial_s = 1\nreconnect_max_s = 2\n\n[actuator]\n{actuator}\n"
     )

@@ -209,11 +209,17 @@ def test_the_frame_path_never_imports_service_code() -> None:
 # The device package's floors (docs/design.md section 1), lowest first: a module imports only from its own
 # floor or lower ones, so the tree reads bottom-up and no folder reaches up into the one that uses it.
 FLOORS = (
-    ("config", "config_files", "fileio", "logs", "systemd", "exit_codes", "bundle", "demo"),
-    ("publish",),
-    ("engines", "relay"),
+    # the contract (bundle, config, messages) and the plumbing every layer may use
+    (
+        *("config", "config_plc", "config_files", "fileio", "logs", "systemd", "exit_codes"),
+        *("bundle", "promise", "messages", "redact", "thread_priority", "demo"),
+    ),
+    # then the frame's own order: the model, the stages, what leaves the agent, and what reads its output
+    ("engines",),
     ("inspection",),
-    ("fleet",),
+    ("publish",),
+    ("relay",),
+    ("fleet", "plc"),
     ("service",),
     ("cli",),
 )
@@ -222,6 +228,17 @@ FLOORS = (
 def floor_of(module: str) -> int:
     part = module.split(".")[1] if module.count(".") else ""
     return next(i for i, names in enumerate(FLOORS) if part in names)
+
+
+def test_the_frame_path_never_imports_its_last_stage_or_the_service() -> None:
+    # inspection/ hands results to a pipeline.Publisher and speaks edge_agent.messages (the contract floor):
+    # the output folder and the service code stay swappable and out of the hot path's imports.
+    offenders = {
+        m: sorted(d for d in project_dependencies(m) if d.startswith(("edge_agent.publish", "edge_agent.service")))
+        for m in project_modules()
+        if m.startswith("edge_agent.inspection")
+    }
+    assert not {m: d for m, d in offenders.items() if d}
 
 
 def test_the_device_packages_folders_import_only_downwards() -> None:

@@ -256,7 +256,7 @@ def test_uflow_calibrate_cli(
     settings = load_bundle(root).manifest.variant("int8").settings  # type: ignore[union-attr]
     assert settings["keep_fp32"] == ["coupling", "permutation"] and settings["method"] == "percentile"
     assert uflow_cli.main(["calibrate", "int8", "--bundle", str(tmp_path / "nope"), "--data", str(good_images)]) == 1
-    assert "model.json is missing" in capsys.readouterr().err
+    assert "nope does not exist or is not a directory" in capsys.readouterr().err
 
 
 def test_trt_calibration_feed_serves_engine_input_batches_and_caches(tmp_path: Path, good_images: Path) -> None:

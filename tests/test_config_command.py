@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from edge_agent.cli.config import reference_markdown
 from edge_agent.config import AgentSettings
+from edge_agent.exit_codes import EXIT_BROKEN_PIPE
 from edge_agent.relay.config import RelaySettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,14 @@ def test_the_reference_has_no_empty_meaning() -> None:
     assert not empty, "\n".join(empty)
 
 
+def test_the_reference_speaks_plainly() -> None:
+    # issue 21: raw typing.Literal[...] types and "(computed)" defaults in the reference
+    text = reference_markdown()
+    assert "typing." not in text and "(computed)" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| `triggers` |"))
+    assert '"mqtt"' in row and '`["mqtt", "http"]`' in row
+
+
 def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('device_id = "line3-cam1"\n[mqtt]\nhost = "broker.plant"\nport = 8883\n')
@@ -82,3 +91,35 @@ def test_check_accepts_a_valid_file_and_names_a_bad_key(tmp_path: Path) -> None:
     bad.write_text("[mqtt]\nport = 'eighty'\n")
     refused = _config("--config", str(bad))
     assert refused.returncode == 2 and "mqtt.port" in refused.stdout
+
+
+def test_check_names_files_the_config_sets_that_do_not_exist(tmp_path: Path) -> None:
+    # issue 21: "valid" for a bundle path that does not exist, or a missing fleet key, that `run` then fails on
+    bundle = tmp_path / "bundle"
+    key = tmp_path / "fleet.pub"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "cam1"\n[model]\nbundle = "{bundle}"\n[update]\npublic_key = "{key}"\n')
+    refused = _config("--config", str(config))
+    assert refused.returncode == 2
+    assert f"model.bundle = {bundle}" in refused.stdout and f"update.public_key = {key}" in refused.stdout
+    bundle.mkdir()
+    key.write_text("key")
+    accepted = _config("--config", str(config))
+    assert accepted.returncode == 0 and "valid" in accepted.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["edge_agent.cli", "config", "--show"], ["edge_agent.cli", "config", "--reference"]]
+)
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(command: list[str]) -> None:
+    # issue 21: `edge-agent config --show | head` printed a BrokenPipeError traceback. The read end is
+    # closed before the command writes anything, so every write meets a broken pipe.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert code == EXIT_BROKEN_PIPE

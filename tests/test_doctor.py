@@ -69,6 +69,9 @@ def test_healthy_box_passes_every_check(
     assert code == 0, rows
     assert checks["bundle"]["status"] == "ok" and "contract 1.0.0" in checks["bundle"]["detail"]
     assert checks["engine"]["status"] == "ok" and checks["engine"]["detail"].startswith("onnxruntime")
+    # What model.threads = 0 chose here, and for which source (a folder: not live).
+    assert checks["threads"]["status"] == "ok" and "file/folder" in checks["threads"]["detail"]
+    assert "spinning off" in checks["threads"]["detail"]
     assert checks["source"]["status"] == "ok" and "64x64" in checks["source"]["detail"]
     assert checks["mqtt broker"]["status"] == "ok"
     assert checks["nfa"]["status"] in ("ok", "warn")
@@ -152,3 +155,42 @@ def test_aspect_row_warns_when_frames_are_not_the_models_shape(
     # Without --open-source the frame size is unknown: the row says how to check it, and does not warn.
     _, rows = _doctor(_write_config(tmp_path, bundle, broker.port, wide))
     assert _by_name(rows)["aspect"]["status"] == "ok" and "--open-source" in _by_name(rows)["aspect"]["detail"]
+
+
+def test_false_alarm_row_says_what_the_calibration_images_can_vouch_for(tmp_path: Path) -> None:
+    from edge_agent.bundle import NfaCalibration, ScaleNullSpec, load_bundle
+    from edge_agent.cli.doctor import Check, check_false_alarm_promise
+    from edge_agent.promise import check_promise
+
+    manifest = load_bundle(build_contract_bundle(tmp_path / "bundle")).manifest
+    assert manifest.nfa.null_model == "polyomino"
+    assert check_false_alarm_promise(manifest).status == "ok"  # the paper's NFA: conservative by construction
+    nulls = tuple(ScaleNullSpec(mean=1.0, dof=4.0, area=1.0) for _ in manifest.scales)
+    fitted = manifest.nfa.model_copy(update={"null_model": "fitted", "scale_nulls": nulls, "log10_epsilon": -2.0})
+    unknown = check_false_alarm_promise(manifest.model_copy(update={"nfa": fitted}))
+    assert unknown.status == "warn" and "1 per 100 parts" in unknown.detail and "no calibration" in unknown.detail
+
+    def row(images: int, false_regions: int) -> Check:
+        check = check_promise(0.01, images, false_regions, false_regions)
+        calibration = NfaCalibration(
+            images=images,
+            folds=10,
+            evidence_scale=1.0,
+            log10_epsilon=-2.0,
+            false_regions=false_regions,
+            images_flagged=false_regions,
+            false_regions_per_image_upper95=check.regions_upper,
+            flagged_share_upper95=check.flagged_upper,
+            images_needed=check.needed,
+        )
+        nfa = fitted.model_copy(update={"calibration": calibration})
+        return check_false_alarm_promise(manifest.model_copy(update={"nfa": nfa}))
+
+    few = row(21, 0)
+    assert few.status == "warn"
+    for fact in ("1 per 100 parts", "300", "had 21", "279 more good images"):
+        assert fact in few.detail
+    enough = row(320, 0)
+    assert enough.status == "ok" and "320 good calibration images" in enough.detail
+    noisy = row(100, 4)
+    assert noisy.status == "warn" and "not met" in noisy.detail and "4 false regions" in noisy.detail

@@ -118,6 +118,32 @@ def test_report_html_and_grids(torch_report: Path) -> None:
     assert green.sum() > 20, "the NFA mask of a detected defect is painted"
 
 
+def test_report_states_the_decisions_epsilon(torch_report: Path) -> None:
+    # issue 21: the report said "log10 NFA < 0" whatever epsilon the evaluation used
+    epsilon = float(_metrics(torch_report)["nfa"]["log10_epsilon"])
+    html = (torch_report / "report.html").read_text()
+    assert f"mask log10 NFA &lt; {epsilon:g}" in html
+    assert f"detected below {epsilon:g})" in html
+
+
+def test_grid_mask_follows_the_epsilon() -> None:
+    from training.report import grid_row
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    mask = np.zeros((32, 32), bool)
+    amap = np.zeros((32, 32), np.float32)
+    log_nfa = np.zeros((32, 32), np.float32)
+    log_nfa[4:12, 4:12] = -1.0  # significant at epsilon 0, not at -2
+
+    def painted(epsilon: float) -> int:
+        row = grid_row(image, mask, amap, log_nfa, (0.0, 1.0), "x", epsilon).astype(int)
+        tile = row[:, 3 * (32 + 4) :]
+        return int(((tile[..., 1] - np.maximum(tile[..., 0], tile[..., 2])) > 60).sum())
+
+    assert painted(0.0) >= 64
+    assert painted(-2.0) == 0
+
+
 def test_bundle_through_onnxruntime_agrees_with_torch(
     torch_report: Path, tiny_bundle: Path, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:

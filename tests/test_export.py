@@ -195,9 +195,13 @@ def test_uflow_cli_train_and_export(synthetic_data_dir: Path, tmp_path: Path, ca
         ]
     )
     assert code == 0
-    assert json.loads((run / "config.json").read_text())["model"]["strides"] == [8, 16]
+    model_config = json.loads((run / "config.json").read_text())["model"]
+    assert model_config["strides"] == [8, 16] and model_config["heads"] == ["flow", "gaussian", "memory"]
     assert main(["export", "--run", str(run), "--out", str(out), "--name", "cli", "--version", "0.1"]) == 0
-    assert load_bundle(out).manifest.input.height == 64
+    manifest = load_bundle(out).manifest
+    assert manifest.input.height == 64
+    # Four validation images are too few for the fitted null: the paper's NFA, and so the flow alone.
+    assert manifest.nfa.null_model == "polyomino" and {s.head for s in manifest.scales} == {"flow"}
     assert "bundle written to" in capsys.readouterr().out
 
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"), "--quiet"]) == 1
@@ -235,3 +239,147 @@ def test_export_warns_loudly_on_a_model_that_misses_the_planted_defects(tiny_bun
     seeing = manifest.model_copy(update={"validation_metrics": {"planted_detection_rate": 0.75}})
     assert warn_if_blind(seeing) is None
     assert warn_if_blind(manifest.model_copy(update={"validation_metrics": {}})) is None
+
+
+def _calibration_record(images: int, false_regions: int, flagged: int) -> dict[str, object]:
+    """What training writes to val_scores.json (training/nfa_null.py Calibration.to_dict), counts given."""
+    from edge_agent.promise import check_promise
+
+    check = check_promise(0.01, images, false_regions, flagged)
+    return {
+        "method": "cross-fit",
+        "images": images,
+        "folds": 10,
+        "evidence_scale": 1.5,
+        "log10_epsilon": -2.0,
+        "false_regions": false_regions,
+        "images_flagged": flagged,
+        "false_regions_per_image_upper95": check.regions_upper,
+        "flagged_share_upper95": check.flagged_upper,
+        "images_needed": check.needed,
+        "supported": check.supported,
+        "counts": [{"factor": 1.5, "false_regions": false_regions, "images_flagged": flagged, "regions_at_0": 0}],
+    }
+
+
+def test_the_manifest_records_the_calibration_count_and_export_warns_what_is_missing(
+    tiny_run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from training.export import export_bundle, warn_if_unsupported
+
+    run = Path(shutil.copytree(tiny_run_dir, tmp_path / "run"))
+    scores = json.loads((run / "val_scores.json").read_text())
+    scores |= {
+        "nfa_null": [{"mean": 0.9, "dof": 12.0, "area": 3.0}, {"mean": 1.1, "dof": 20.0, "area": 2.5}],
+        "log10_epsilon": -2.0,
+        "nfa_calibration": _calibration_record(21, 0, 0),
+    }
+    (run / "val_scores.json").write_text(json.dumps(scores))
+    with caplog.at_level("WARNING"):
+        bundle = export_bundle(run, tmp_path / "bundle", name="tiny", version="1")
+    calibration = load_bundle(bundle).manifest.nfa.calibration
+    assert calibration is not None
+    assert (calibration.images, calibration.folds, calibration.false_regions, calibration.images_needed) == (
+        21,
+        10,
+        0,
+        300,
+    )
+    assert calibration.false_regions_per_image_upper95 == pytest.approx(0.1427, abs=1e-4)
+    assert calibration.flagged_share_upper95 == pytest.approx(0.1329, abs=1e-4)
+    warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "export.promise_unsupported"]
+    assert len(warned) == 1
+    for fact in ("1 per 100 parts", "300", "had 21", "279 more good images"):
+        assert fact in warned[0]
+    # 320 clean calibration images back the promise: no warning.
+    manifest = load_bundle(bundle).manifest
+    enough = manifest.nfa.calibration.model_copy(  # type: ignore[union-attr]
+        update={"images": 320, "false_regions_per_image_upper95": 0.00936, "images_needed": 300}
+    )
+    assert (
+        warn_if_unsupported(
+            manifest.model_copy(update={"nfa": manifest.nfa.model_copy(update={"calibration": enough})})
+        )
+        is None
+    )
+
+
+def test_a_bundle_without_the_calibration_field_loads_and_decides_as_before(tiny_bundle: Path, tmp_path: Path) -> None:
+    from edge_agent.bundle import NfaCalibration
+    from edge_agent.config import NfaConfig
+    from edge_agent.inspection.scoring import FrameScorer
+
+    old = _copy(tiny_bundle, tmp_path)
+    raw = json.loads((old / "model.json").read_text())
+    shapes = [(s["height"], s["width"]) for s in raw["scales"]]
+    # An nfa section as exporters wrote it before the calibration record existed (no "calibration" key).
+    raw["nfa"] = {
+        "log10_number_of_tests": nfa.log10_tree_tests(shapes),
+        "log10_epsilon": -2.0,
+        "min_region_area": 0,
+        "null_model": "fitted",
+        "scale_nulls": [{"mean": 0.9, "dof": 12.0, "area": 3.0} for _ in shapes],
+    }
+    (old / "model.json").write_text(json.dumps(raw, indent=2))
+    manifest = load_bundle(old).manifest
+    assert manifest.nfa.null_model == "fitted" and manifest.nfa.calibration is None
+    recorded = manifest.model_copy(
+        update={
+            "nfa": manifest.nfa.model_copy(
+                update={
+                    "calibration": NfaCalibration.model_validate(
+                        {k: v for k, v in _calibration_record(100, 0, 0).items() if k in NfaCalibration.model_fields}
+                    )
+                }
+            )
+        }
+    )
+    engine = OnnxRuntimeEngine(load_bundle(old))
+    try:
+        size = manifest.input.height
+        output = engine.infer(load_image(sorted((old / "selftest").iterdir())[0], size, size))
+    finally:
+        engine.close()
+    verdicts = [FrameScorer(m, NfaConfig()).score(output, (size, size)) for m in (manifest, recorded)]
+    np.testing.assert_array_equal(verdicts[0].log_nfa, verdicts[1].log_nfa)
+    assert verdicts[0].regions == verdicts[1].regions
+
+
+def test_training_counts_its_calibration_images_and_the_bundle_carries_the_bound(
+    tiny_run_dir: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from edge_agent.promise import binomial_upper, poisson_upper
+    from training.data import load_images
+    from training.export import export_bundle
+    from training.finish import finish_run
+    from training.rundir import read_run
+
+    run = Path(shutil.copytree(tiny_run_dir, tmp_path / "run"))
+    config = read_run(run).model_config
+    height, width = config.image_height, config.image_width
+    splits = open_dataset(synthetic_data_dir)
+    # 24 good images as the calibration (validation) set: enough for the fitted null (>= 20).
+    calibration_set = replace(splits, val=splits.train[:24], train=splits.train[24:])
+    result = finish_run(
+        run,
+        calibration_set,
+        load_images(calibration_set.val, height, width),
+        load_images(calibration_set.train, height, width),
+        2,
+        8,
+    )
+    record = result["nfa_calibration"]
+    assert record["images"] == 24 and record["folds"] == 10 and record["log10_epsilon"] == -2.0
+    chosen = next(c for c in record["counts"] if c["factor"] == record["evidence_scale"])
+    assert record["false_regions"] == chosen["false_regions"]
+    bundle = export_bundle(run, tmp_path / "bundle", name="tiny", version="1")
+    manifest = load_bundle(bundle).manifest
+    calibration = manifest.nfa.calibration
+    assert manifest.nfa.null_model == "fitted" and calibration is not None
+    assert calibration.images == 24 and calibration.false_regions == record["false_regions"]
+    assert calibration.false_regions_per_image_upper95 == pytest.approx(poisson_upper(record["false_regions"], 24))
+    assert calibration.flagged_share_upper95 == pytest.approx(binomial_upper(record["images_flagged"], 24))
+    # 24 images cannot back 1 in 100 whatever they show: the record says so.
+    assert calibration.false_regions_per_image_upper95 > 0.1 and not calibration.promise_check().supported

@@ -74,6 +74,10 @@ def test_fleet_publish_command(tmp_path: Path, signed_bundle: Path, keys) -> Non
             str(keys.public_key),
             "--index-key",
             str(keys.private_key),
+            "--shadow-hours",
+            "24",
+            "--shadow-min-frames",
+            "5000",
         ],
         capture_output=True,
         text=True,
@@ -82,6 +86,8 @@ def test_fleet_publish_command(tmp_path: Path, signed_bundle: Path, keys) -> Non
     assert result.returncode == 0, result.stderr
     index = json.loads((tmp_path / "fleet/latest.json").read_text())
     assert index["schema"] == "uflow.fleet/1" and index["groups"] == {"canary": "1.0.0", "*": "1.0.0"}
+    # Issue 24 finding 13: the gate needs a number of compared frames too.
+    assert index["shadow_gate"]["canary"] == {"hours": 24.0, "min_agreement": 0.99, "min_compared": 5000}
     other = generate_keypair(tmp_path / "other")
     refused = subprocess.run(
         [

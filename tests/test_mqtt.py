@@ -18,7 +18,7 @@ from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from edge_agent.config import MqttConfig
-from edge_agent.publish.messages import InspectionMessage, ModelRef
+from edge_agent.messages import InspectionMessage, ModelRef
 from edge_agent.publish.mqtt import MqttPublisher
 
 MODEL = ModelRef(name="m", version="1", sha256="0" * 64, backend="onnxruntime", precision="fp32")

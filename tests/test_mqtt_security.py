@@ -18,7 +18,7 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from tls_certs import Pki, make_pki
 
 from edge_agent.config import ConfigError, MqttConfig, TlsConfig
-from edge_agent.publish.messages import InspectionMessage, ModelRef
+from edge_agent.messages import InspectionMessage, ModelRef
 from edge_agent.publish.mqtt import MqttPublisher
 
 USER, PASSWORD = "camera-1", "s3cret-line-4"

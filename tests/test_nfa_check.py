@@ -20,6 +20,7 @@ from contract_bundle import build_contract_bundle, defect_frame, good_frame
 
 from calibration.data import select_images
 from calibration.nfa_check import check_bundle, format_report, lag1_autocorrelation
+from edge_agent.promise import poisson_interval
 
 SIZE = 64
 
@@ -95,6 +96,30 @@ def test_calibrated_model_keeps_the_promise(bundle: Path, frames: dict[str, Path
         assert abs(real["median"] - null["median"]) < 0.5 * abs(null["median"]) + 1.0
     text = format_report(report)
     assert "mean regions / image" in text and "P(m >= 2) / bound" in text
+    # The promise rows: at the bundle's epsilon and at 0, each with its exact 95 % interval.
+    at_bundle, at_0 = report.promise
+    assert at_bundle["log10_epsilon"] == report.log10_epsilon and at_0["log10_epsilon"] == 0.0
+    assert at_bundle["false_regions"] == sum(regions) and at_bundle["images"] == 30
+    assert at_0["false_regions"] == sum(r.regions_at_epsilon_1 for r in report.per_image)
+    for row in report.promise:
+        low, high = poisson_interval(row["false_regions"], 30)
+        assert row["regions_per_image_interval95"] == [low, high]
+        assert low <= row["regions_per_image"] <= high
+        flow, fhigh = row["flagged_share_interval95"]
+        assert flow <= row["flagged_share"] <= fhigh
+    # no false region on 30 images is not enough to show one per image is kept at 95 %: high = 3.69 / 30
+    assert at_0["verdict"] == "kept" and at_0["regions_per_image_interval95"][1] < 1.0
+    assert "[95 % interval]" in text and f"{at_0['regions_per_image_interval95'][1]:.3f}]" in text
+
+
+def test_promise_row_verdicts() -> None:
+    from calibration.nfa_promise import promise_row
+
+    assert promise_row(-2.0, [0] * 25)["verdict"] == "not contradicted"  # 25 images cannot show 1 in 100
+    broken = promise_row(-2.0, [1] * 5 + [0] * 20)  # the held-out product: 5 of 25 good images flagged
+    assert broken["verdict"] == "broken" and broken["flagged_share"] == 0.2
+    assert broken["flagged_share_interval95"][0] > 0.01
+    assert promise_row(0.0, [0] * 30)["verdict"] == "kept"
 
 
 def test_defects_are_detected(bundle: Path, frames: dict[str, Path]) -> None:

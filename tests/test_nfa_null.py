@@ -15,12 +15,17 @@ import numpy as np
 import pytest
 
 from edge_agent.inspection import nfa
+from edge_agent.promise import poisson_upper
 from training.nfa_null import (
+    EVIDENCE_SCALES,
+    calibrate,
     calibrate_evidence,
     correlation_area,
     false_regions_per_image,
     fit_null,
     fit_scale_null,
+    fold_slices,
+    scaled,
     tail_dof,
 )
 from training.planted import PLANTED_KINDS, SIZES, plant, planted_set
@@ -153,11 +158,77 @@ def test_evidence_calibration_keeps_the_promise_at_the_deployed_epsilon_on_its_i
     channels = CHANNELS
     envelope = fit_null(val)
     nulls, factor = calibrate_evidence(envelope, val, channels, (32, 32), log10_epsilon=-1.0)
-    assert factor >= 1.0
+    assert factor in EVIDENCE_SCALES
     assert all(n.dof == pytest.approx(e.dof * factor) for n, e in zip(nulls, envelope, strict=True))
     assert false_regions_per_image(val, channels, (32, 32), nulls, -1.0) <= 0.1
-    assert false_regions_per_image(val, channels, (32, 32), nulls, 0.0) <= 0.1
     assert false_regions_per_image(fresh, channels, (32, 32), nulls, 0.0) <= 1.0
     # Too few validation images to count a rate of 1 in 10: the envelope is kept as it is.
     few = [m[:5] for m in val]
     assert calibrate_evidence(envelope, few, channels, (32, 32), log10_epsilon=-1.0)[1] == 1.0
+
+
+def test_cross_fitting_counts_every_image_once_with_a_null_that_never_saw_it() -> None:
+    rng = np.random.default_rng(8)
+    maps = two_scale_field(rng, 23)
+    slices = fold_slices(23, 10)
+    covered = [i for s in slices for i in range(s.start, s.stop)]
+    assert covered == list(range(23)) and all(s.stop - s.start in (2, 3) for s in slices)
+    result = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0, folds=10)
+    # The first factor's counts, recomputed by hand: each block judged by a null fitted on the others.
+    first = EVIDENCE_SCALES[0]
+    regions = 0
+    for block in slices:
+        keep = np.ones(23, dtype=bool)
+        keep[block] = False
+        nulls = scaled(fit_null([m[keep] for m in maps]), first)
+        regions += round(
+            false_regions_per_image([m[block] for m in maps], CHANNELS, (32, 32), nulls, -1.0)
+            * (block.stop - block.start)
+        )
+    assert result.counts[0].factor == first and result.counts[0].false_regions == regions
+    assert result.folds == 10 and result.images == 23
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fold_slices(1, 10)
+
+
+def test_the_factor_is_the_last_that_passes_before_the_first_that_fails_and_its_bound_is_recorded() -> None:
+    rng = np.random.default_rng(9)
+    maps = two_scale_field(rng, 30)
+    result = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0)
+    factors = [c.factor for c in result.counts]
+    assert factors == list(EVIDENCE_SCALES[: len(factors)])  # tried smallest first, stopped at the first failure
+    totals = [c.false_regions for c in result.counts]
+    assert totals == sorted(totals)  # more evidence never removes a region
+    chosen = next(c for c in result.counts if c.factor == result.factor)
+    assert result.check.false_regions == chosen.false_regions and result.check.images == 30
+    # 30 images and the promise 0.1 per image: 0 out-of-fold regions is needed (any count's bound is above it)
+    if result.factor != EVIDENCE_SCALES[0]:
+        assert chosen.false_regions == 0
+    assert result.check.regions_upper == pytest.approx(poisson_upper(chosen.false_regions, 30))
+    assert result.check.supported == (result.check.regions_upper <= 0.1)
+    record = result.to_dict()
+    assert record["images"] == 30 and record["false_regions_per_image_upper95"] == result.check.regions_upper
+    assert all(n.dof == pytest.approx(e.dof * result.factor) for n, e in zip(result.nulls, fit_null(maps), strict=True))
+
+
+def test_fresh_images_stay_within_the_recorded_bound() -> None:
+    # The cross-fitted bound is a statement about images the fit never saw: check it on 200 of them.
+    rng = np.random.default_rng(10)
+    val, fresh = two_scale_field(rng, 40), two_scale_field(rng, 200)
+    result = calibrate(val, CHANNELS, (32, 32), log10_epsilon=-1.0)
+    rate = false_regions_per_image(fresh, CHANNELS, (32, 32), result.nulls, -1.0)
+    assert rate <= result.check.regions_upper
+
+
+def test_too_few_images_for_the_promise_are_counted_at_the_loosest_rate_they_can_vouch_for() -> None:
+    rng = np.random.default_rng(11)
+    maps = two_scale_field(rng, 21)
+    result = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-2.0)
+    # 21 images vouch at best for 3 / 21 = 0.143 per image: the rule counts at log10 0.143 = -0.85.
+    assert result.check_log10_epsilon == pytest.approx(math.log10(poisson_upper(0, 21)))
+    assert all(c.regions_at_check >= c.false_regions for c in result.counts)
+    chosen = next(c for c in result.counts if c.factor == result.factor)
+    assert chosen.regions_at_check == 0 or result.factor == EVIDENCE_SCALES[0]
+    assert not result.check.supported and result.check.needed == 300
+    # 40 images can vouch for 1 in 10 with none flagged (30 suffice): the rule counts at the deployed epsilon.
+    assert calibrate(two_scale_field(rng, 40), CHANNELS, (32, 32), log10_epsilon=-1.0).check_log10_epsilon == -1.0

@@ -101,3 +101,17 @@ def test_best_run_picks_the_most_significant_run() -> None:
     assert best_run(np.array([2.0, 1.0]))[0] == 0.0
     with pytest.raises(ValueError, match="no observations"):
         best_run(np.array([]))
+
+
+def test_a_part_without_a_tested_place_never_reports_log_nfa_below_epsilon() -> None:
+    # A region far below epsilon but under the minimum area: the decision excludes it, so the part's
+    # log_nfa must not contradict its verdict (issue 21: anomalous=false with log_nfa below epsilon).
+    evidence = PartEvidence(log10_epsilon=-2.0, min_area=9)
+    for index in range(3):
+        log_nfa = np.full((32, 32), 0.5, np.float32)
+        log_nfa[10, 10] = -8.0  # one pixel: under min_area
+        evidence.add(_observation(index, log_nfa))
+    decision = evidence.decide()
+    assert not decision.anomalous
+    assert decision.log_nfa >= decision.log10_epsilon
+    assert (decision.log_nfa < decision.log10_epsilon) == decision.anomalous

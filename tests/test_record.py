@@ -117,7 +117,7 @@ def test_the_record_command_writes_only_good_frames(tmp_path: Path, contract_bun
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "5 images in" in result.stderr and f"uflow train {out}" in result.stderr
+    assert "5 images in" in result.stderr and f"uflow train --data {out} --out runs/good" in result.stderr
     assert "[##############################] 5/5 images" in result.stderr  # the progress bar, full
     assert len(list(out.glob("*.png"))) == 5
     summary = json.loads((out / "record.json").read_text())

@@ -21,7 +21,7 @@ import pytest
 from mqtt_broker import MosquittoBroker, Subscriber
 from relay_helpers import RecordingHttpServer, http_actuator, inspection, logged, raw_publish, wait_until
 
-from edge_agent.publish.messages import InspectionMessage, RelayStats
+from edge_agent.messages import InspectionMessage, RelayStats
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.relay import RejectRelay
 
@@ -126,7 +126,10 @@ def test_malformed_messages_are_logged_counted_and_do_not_stop_the_relay(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="edge_agent.relay")
-    relay = relay_factory(http_actuator(http), extra="[timing]\ndelay_s = 0.2\ntolerance_s = 0.2\n")
+    # Every malformed message is logged here (by default at most one line per sender and 10 s: test_security_relay_intake).
+    relay = relay_factory(
+        http_actuator(http), extra="[limits]\nlog_interval_s = 1e-9\n[timing]\ndelay_s = 0.2\ntolerance_s = 0.2\n"
+    )
     valid = inspection("cam1", 1)
     data = json.loads(valid.to_json())
     no_capture_time = {k: v for k, v in data.items() if k != "capture_time"}
@@ -228,6 +231,7 @@ def test_command_actuator_passes_fields_as_arguments_never_as_shell(
         f'command = ["/bin/sh", "-c", "printf \'%s|%s|%s\\\\n\' \\"$0\\" \\"$1\\" \\"$2\\" >> {out}", '
         '"{message_id}", "{device_id}", "{sequence}"]',
         extra="[timing]\ndelay_s = 0.2\ntolerance_s = 0.5\n",
+        cameras=("cam1.line-3",),
     )
     # An id with shell syntax is refused before any actuator sees it (ids match [A-Za-z0-9._-]{1,64}) ...
     hostile = "cam1;touch${IFS}pwned"
@@ -251,7 +255,7 @@ def test_unconfigured_camera_is_counted_and_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="edge_agent.relay")
-    relay = relay_factory(http_actuator(http), extra="[devices.cam1]\ndelay_s = 0.2\n")
+    relay = relay_factory(http_actuator(http), extra="[devices.cam1]\ndelay_s = 0.2\n", cameras=("cam9",))
     camera("cam9").publish_inspection(inspection("cam9", 1))
     camera("cam1").publish_inspection(inspection("cam1", 1))
     assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=10)
@@ -293,6 +297,7 @@ def test_wildcard_and_several_topics(
         http_actuator(http),
         extra="[timing]\ndelay_s = 0.1\ntolerance_s = 0.5\n",
         topics=("line1/+/inspection", "line2/cam5/inspection"),
+        cameras=("a", "cam5", "cam6"),
     )
     wanted: list[InspectionMessage] = []
     for topic, device in (

@@ -95,6 +95,7 @@ def test_device_timing_resolves_over_defaults(tmp_path: Path) -> None:
         ('[timing]\ndelay_s = 1\n[actuator]\nkind = "http"\n', r"kind = 'http' needs 'url'"),
         ('[actuator]\nkind = "http"\nurl = "ftp://x"\n', r"url must start with http"),
         ('[actuator]\nkind = "mqtt"\ntopic = "plc/{line}"\n', r"unknown placeholder\(s\) \['line'\]"),
+        ('[actuator]\nkind = "mqtt"\ntopic = "plc/+/{part_id}"\n', r"wildcard"),
         ('[actuator]\nkind = "command"\ncommand = ["echo", "{}"]\n', r"unknown placeholder\(s\) \['\{\}'\]"),
         ('[actuator]\nkind = "command"\ncommand = ["echo", "{oops"]\n', r"literal braces"),
         ('[actuator]\nkind = "command"\ncommand = ["true"]\nurl = "http://x"\n', r"'url' does not apply"),
@@ -117,15 +118,30 @@ def test_example_config_loads() -> None:
 
 
 def test_check_prints_the_resolved_plan_and_a_bad_config_exits_2(tmp_path: Path) -> None:
-    path = write(tmp_path, "[timing]\ndelay_s = 0.8\n[devices.cam2]\ndistance_m = 1.2\nspeed_m_s = 0.4\n" + ACTUATOR)
+    path = write(
+        tmp_path,
+        'cameras = ["cam1"]\n[timing]\ndelay_s = 0.8\n[devices.cam2]\ndistance_m = 1.2\nspeed_m_s = 0.4\n' + ACTUATOR,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     command = [sys.executable, "-m", "edge_agent.cli", "reject-relay", "--config", str(path)]
     result = subprocess.run([*command, "--check"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["devices"]["cam2"]["travel_s"] == pytest.approx(3.0)
-    assert plan["devices"]["<any other camera>"]["travel_s"] == 0.8
+    assert plan["devices"]["cam1"]["travel_s"] == 0.8
+    assert sorted(plan["devices"]) == ["cam1", "cam2"]  # no "any other camera": those are never fired
     result = subprocess.run(
         [*command, "--set", "timing.delay_s=soon"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
     )
     assert result.returncode == 2 and "timing.delay_s" in result.stderr
+
+
+def test_a_relay_with_no_camera_does_not_start(tmp_path: Path) -> None:
+    """Issue 24, finding 6: the relay acts only for the cameras it knows; with none it would fire for nobody."""
+    path = write(tmp_path, "[timing]\ndelay_s = 0.8\n" + ACTUATOR)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    command = [sys.executable, "-m", "edge_agent.cli", "reject-relay", "--config", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 2 and "cameras" in result.stderr
+    with pytest.raises(ConfigError, match="start with a letter or digit"):
+        load_relay_settings(write(tmp_path, 'cameras = [".."]\n' + ACTUATOR))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.relay.dedupe import DecisionJournal, JournalError
+from edge_agent.relay.dedupe import FINAL_STATES, DecisionJournal, JournalError
+from edge_agent.relay.report import Decision
 
 
 def test_an_id_is_claimed_once_even_after_reopening(tmp_path: Path) -> None:
@@ -65,3 +66,10 @@ def test_unusable_location_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "not-a-dir").write_text("x")
     with pytest.raises(JournalError, match=r"cannot open the relay journal .*not-a-dir/state/relay\.sqlite"):
         DecisionJournal(tmp_path / "not-a-dir" / "state" / "relay.sqlite", retention_s=100)
+
+
+def test_every_final_journal_state_is_a_decision_the_log_and_counters_spell_the_same() -> None:
+    # The journal keeps its states as text (its file format); each final one is a relay Decision, so a
+    # journaled outcome, its log line's ``decision`` and its stats counter share one spelling.
+    assert [Decision(state).value for state in FINAL_STATES] == list(FINAL_STATES)
+    assert all(Decision(state).counter is not None for state in FINAL_STATES)

@@ -27,7 +27,7 @@ from relay_helpers import (
     wait_until,
 )
 
-from edge_agent.publish.messages import PartFrames, PartMessage, PartPosition, PartRegion
+from edge_agent.messages import PartFrames, PartMessage, PartPosition, PartRegion
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.relay import RejectRelay
 

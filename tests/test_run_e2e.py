@@ -259,6 +259,10 @@ def test_missing_bundle_exits_1_with_a_clear_error(tmp_path: Path, e2e_video: Vi
     )
     assert result.returncode == 1
     assert "no-bundle does not exist or is not a directory" in result.stderr
+    # issue 21: it failed only after opening the source and the NFA warm-up (19 s on a small box)
+    events = [json.loads(line)["event"] for line in result.stderr.splitlines() if line.startswith("{")]
+    assert events[-1] == "model_failed"
+    assert not any(e.startswith("source") for e in events), events
 
 
 def test_missing_video_exits_1_with_a_clear_error(tmp_path: Path, tiny_bundle: Path) -> None:

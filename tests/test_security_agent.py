@@ -22,8 +22,8 @@ from edge_agent.fleet.models_dir import ModelsDir
 from edge_agent.fleet.publish import publish
 from edge_agent.fleet.signing import generate_keypair
 from edge_agent.fleet.update import apply_update, version_key
+from edge_agent.messages import CommandResult, parse_json_object
 from edge_agent.publish.commands import CommandProcessor
-from edge_agent.publish.messages import CommandResult, parse_json_object
 from edge_agent.publish.mqtt import MqttPublisher
 
 

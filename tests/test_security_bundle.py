@@ -82,3 +82,41 @@ def test_signature_is_checked_at_start_and_on_reload(
     finally:
         assert agent.stop() == 0
         subscriber.close()
+
+
+def test_the_shadow_bundle_is_signature_checked_like_the_live_one(
+    tmp_path: Path,
+    keys,  # type: ignore[no-untyped-def]
+    frames: Path,
+    broker: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 24 finding 13: with update.public_key set, a shadow bundle the fleet key did not sign is not run."""
+    fleet, other = keys
+    good = make_bundle(tmp_path / "good", "1.0.0", fleet.private_key)
+    foreign = make_bundle(tmp_path / "foreign", "2.0.0", other.private_key)
+    signed = make_bundle(tmp_path / "signed", "2.0.0", fleet.private_key)
+    for shadow, runs in ((foreign, False), (signed, True)):
+        values = agent_config(
+            tmp_path / f"state-{runs}",
+            good,
+            str(frames),
+            broker.port,
+            None,
+            source={"loop": True, "fps_limit": 20.0},
+            update={"public_key": str(fleet.public_key)},
+            model={"bundle": str(good), "backend": "onnxruntime", "threads": 1, "shadow": str(shadow)},
+        )
+        subscriber = Subscriber(broker, "uflow/cam1/#")
+        agent = AgentThread.from_values(values).start()
+        run = Running(agent, subscriber, broker, 0)
+        try:
+            run.wait_inspections(3, timeout=90)  # the live model runs either way
+            assert subscriber.wait_for(lambda ms: any(m.topic.endswith("/stats") for m in ms), 30)
+            stats = [m.json() for m in subscriber.on("/stats")]
+            assert bool(stats[-1].get("shadow")) is runs, stats[-1].get("shadow")
+        finally:
+            assert agent.stop() == 0
+            subscriber.close()
+    failed = [r for r in caplog.records if getattr(r, "event", "") == "shadow_failed"]
+    assert len(failed) == 1 and "signature" in failed[0].getMessage()

@@ -16,7 +16,7 @@ import pytest
 from mqtt_broker import MosquittoBroker
 from relay_helpers import RecordingHttpServer, http_actuator, inspection, logged, raw_publish, wait_until
 
-from edge_agent.publish.messages import MAX_PAYLOAD_DEPTH, StageLatency, parse_json_object
+from edge_agent.messages import MAX_PAYLOAD_DEPTH, StageLatency, parse_json_object
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.config import load_relay_settings
 from edge_agent.relay.relay import RejectRelay
@@ -183,7 +183,8 @@ def test_per_camera_state_is_bounded(
     relay_factory: Callable[..., RejectRelay],
     http: RecordingHttpServer,
 ) -> None:
-    relay = relay_factory(http_actuator(http), extra="max_devices = 3\n" + TIMING)
+    cameras = tuple(f"cam{index}" for index in range(5))
+    relay = relay_factory(http_actuator(http), extra="max_devices = 3\n" + TIMING, cameras=cameras)
     for index in range(5):
         device = f"cam{index}"
         message = inspection(device, 1, anomalous=False)
@@ -203,7 +204,7 @@ def test_relay_id_and_device_ids_in_the_config_are_checked(tmp_path: Path) -> No
 
 
 def test_the_bounded_parser_refuses_without_recursing() -> None:
-    from edge_agent.publish.messages import PayloadError
+    from edge_agent.messages import PayloadError
 
     assert parse_json_object(b"", 10) == {}
     assert parse_json_object(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[["}', 100) == {"a": "[" * 26}  # brackets in strings

@@ -20,7 +20,7 @@ from mqtt_broker import MosquittoBroker, Subscriber, free_port
 from stream_server import MjpegServer, camera_video, needs_ffmpeg
 
 from edge_agent.config import ConfigError, load_settings
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 
 SECRET = "s3cretPW"
 

@@ -88,6 +88,23 @@ def test_the_shadow_thread_runs_at_the_lowest_priority(contract_model: LoadedMod
         runner.stop()
 
 
+def test_active_time_accumulates_between_compared_frames_only(contract_model: LoadedModel, tmp_path: Path) -> None:
+    """Issue 24 finding 13: shadow hours are the gaps between compared frames, each at most ACTIVE_GAP_S."""
+    runner = ShadowRunner(_candidate(tmp_path / "c", version="2.0.0"), share=1.0, device_id="cam1")
+    runner.start()
+    try:
+        started = time.monotonic()
+        for seq in range(3):
+            runner.offer(inspected_job(contract_model, seq, defect=False))
+            assert runner.wait_idle()
+        elapsed = time.monotonic() - started
+        active = runner.state().active_s
+        assert 0 < active <= elapsed
+    finally:
+        runner.stop()
+        runner.candidate.close()
+
+
 def test_totals_survive_a_restart_and_open_the_fleet_gate(contract_model: LoadedModel, tmp_path: Path) -> None:
     state_path = tmp_path / "shadow.json"
     assert "has not run as the shadow" in gate_problem(state_path, "2.0.0", hours=1, min_agreement=0.99)
@@ -101,16 +118,24 @@ def test_totals_survive_a_restart_and_open_the_fleet_gate(contract_model: Loaded
     finally:
         runner.stop()
     save_state(state_path, state)
-    assert "for 0.0 of the 1 hours" in gate_problem(state_path, "2.0.0", hours=1, min_agreement=0.99)
+    assert "for 0.0 of the 1 active hours" in gate_problem(state_path, "2.0.0", hours=1, min_agreement=0.99)
     assert gate_problem(state_path, "2.0.0", hours=0, min_agreement=0.99) is None
     assert "shadow runs 2.0.0" in gate_problem(state_path, "3.0.0", hours=0, min_agreement=0.99)
-    # Two hours later (as the agent would have saved it), after a restart with the same candidate.
+    # Issue 24 finding 13: downtime is not shadow time. Started two hours ago, but the agent was down since.
     save_state(state_path, replace(state, started=state.started - 7200))
+    assert "of the 1 active hours" in gate_problem(state_path, "2.0.0", hours=1, min_agreement=0.99)
+    # Two active hours (as the agent would have saved them), after a restart with the same candidate.
+    save_state(state_path, replace(state, active_s=7200.0))
     again = ShadowRunner(_candidate(tmp_path / "c2", version="2.0.0"), share=1.0, device_id="cam1")
     assert again.resume(load_state(state_path))
     assert again.state().compared == 3 and again.state().hours >= 2
     save_state(state_path, again.state())
     assert gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99) is None
+    # Finding 13: a minimum of compared frames, and the exact model (its sha256), not only the version string.
+    assert "3 of the 10 frames" in gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99, min_compared=10)
+    sha = again.state().sha256
+    assert gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99, sha256=sha) is None
+    assert "another model" in gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99, sha256="0" * 64)
     save_state(state_path, replace(again.state(), agreed=2))
     assert "66.67% of 3 frames" in gate_problem(state_path, "2.0.0", hours=2, min_agreement=0.99)
     other = ShadowRunner(_candidate(tmp_path / "c3", version="2.0.0", pixel_noise=1.0), share=1.0, device_id="cam1")

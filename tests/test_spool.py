@@ -13,7 +13,7 @@ import pytest
 from mqtt_broker import Subscriber, free_port
 
 from edge_agent.config import MqttConfig
-from edge_agent.publish.messages import InspectionMessage, ModelRef
+from edge_agent.messages import InspectionMessage, ModelRef
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.publish.outbox import MemoryOutbox, OutgoingMessage
 from edge_agent.publish.spool import Spool, SpoolError, mark_replayed

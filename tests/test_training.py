@@ -17,6 +17,7 @@ from training.data import (
     hold_out,
     list_images,
     load_image,
+    load_images,
     load_mask,
     open_dataset,
 )
@@ -82,6 +83,19 @@ def test_folder_layout_recursive_with_stable_holdout(tmp_path: Path) -> None:
     again = open_dataset(tmp_path, val_fraction=0.25)
     assert {r.image for r in splits.train} - {r.image for r in again.train} <= {r.image for r in again.val}
     assert len(list_images(tmp_path)) == 13
+
+
+def test_folder_layout_reads_every_format_the_agent_reads(tmp_path: Path) -> None:
+    # issue 21: `segment` and the agent read .webp; training refused it
+    from edge_agent.inspection.drivers import IMAGE_SUFFIXES
+
+    for i, suffix in enumerate(IMAGE_SUFFIXES):
+        _write(tmp_path / f"{i}{suffix}", good_image(i, 40, 50)[..., ::-1])
+    splits = open_dataset(tmp_path, val_fraction=0.25)
+    records = splits.train + splits.val
+    assert sorted(r.image.suffix for r in records) == sorted(IMAGE_SUFFIXES)
+    images = load_images(records, 32, 32)
+    assert images.shape == (len(IMAGE_SUFFIXES), 32, 32, 3) and images.std() > 0
 
 
 def test_folder_layout_errors(tmp_path: Path) -> None:

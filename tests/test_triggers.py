@@ -67,6 +67,39 @@ def test_trigger_payloads_are_bounded_and_checked() -> None:
     assert book.counters.refused == 5 and book.counters.received == 2
 
 
+def test_a_trigger_dated_in_the_future_is_refused_beyond_a_few_ms_of_skew() -> None:
+    """Issue 24, finding 2: one trigger dated now + 4.9 s sat in front of every real one."""
+    book = TriggerBook(delay_s=0.05, timeout_s=0.3)
+    now = time.time()
+    with pytest.raises(TriggerRefused, match="ahead"):
+        book.parse_and_add(json.dumps({"time": now + 4.9}).encode(), "http", now)
+    with pytest.raises(TriggerRefused):
+        book.parse_and_add(json.dumps({"time": now + 0.05}).encode(), "mqtt", now)
+    assert book.parse_and_add(json.dumps({"time": now + 0.002}).encode(), "mqtt", now).time == now + 0.002
+    assert book.counters.refused == 2 and book.waiting == 1
+
+
+def test_triggers_are_ordered_and_expire_one_by_one() -> None:
+    book = TriggerBook(delay_s=0.1, timeout_s=0.2)
+    book.add(Trigger(10.0, "mqtt", "late-sent"))
+    book.add(Trigger(9.5, "gpio", "early"))  # arrives second, happened first
+    assert [t.trigger_id for t in book.expired(now=9.85)] == ["early"]  # not stuck behind the other one
+    assert book.waiting == 1
+    assert [t.trigger_id for t in book.expired(now=10.31)] == ["late-sent"]
+    assert book.counters.missed == 2
+
+
+def test_no_trigger_is_served_by_a_frame_past_its_window() -> None:
+    """A frame later than trigger + delay + timeout shows another part: the trigger is no_frame instead."""
+    book = TriggerBook(delay_s=0.1, timeout_s=0.2)
+    book.add(Trigger(10.0, "http", "a"))
+    book.add(Trigger(10.6, "http", "b"))
+    served = book.take(10.75)  # inside b's window, 0.45 s past a's
+    assert served is not None and served.trigger_id == "b"
+    assert [t.trigger_id for t in book.expired(now=10.75)] == ["a"]
+    assert book.counters.served == 1 and book.counters.missed == 1
+
+
 class FakeLineRequest:
     """A libgpiod v2 line request with edge detection, driven by the test (no GPIO chip needed)."""
 

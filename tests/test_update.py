@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -288,11 +289,21 @@ def test_a_shadow_gate_holds_a_group_until_the_box_shadowed_the_version(tmp_path
     assert waiting.status == "skipped" and "has not run as the shadow model" in waiting.message
     assert models_of(gated).current_version() == "1.0.0"
     assert apply_update(free, reload=False).version == "2.0.0"  # canary has no gate
-    # The box's agent ran 2.0.0 as its shadow (model.shadow) for three hours, agreeing on every frame.
+    # Issue 24 finding 13: another model under the same version string (its sha256 differs) does not count,
+    # nor do three hours of wall time with less active time, nor too few compared frames.
     now = time.time()
     sha = load_bundle(bundle).onnx_sha256
-    state = ShadowState("2.0.0", sha, started=now - 3 * 3600, updated=now, compared=500, agreed=500)
+    active = 3 * 3600.0
+    state = ShadowState("2.0.0", "0" * 64, now - active, now, compared=5000, agreed=5000, active_s=active)
     save_state(gated.state_dir / STATE_NAME, state)
+    waiting = apply_update(gated, reload=False)
+    assert waiting.status == "skipped" and "another model" in waiting.message, waiting.message
+    for change in ({"active_s": 3600.0}, {"compared": 999, "agreed": 999}):
+        save_state(gated.state_dir / STATE_NAME, replace(state, sha256=sha, **change))
+        assert apply_update(gated, reload=False).status == "skipped", change
+    assert models_of(gated).current_version() == "1.0.0"
+    # The box's agent ran 2.0.0 as its shadow (model.shadow) for three active hours, agreeing on every frame.
+    save_state(gated.state_dir / STATE_NAME, replace(state, sha256=sha))
     assert apply_update(gated, reload=False).version == "2.0.0"
     assert models_of(gated).current_version() == "2.0.0"
 

@@ -42,6 +42,7 @@ def train_and_export(
     norm_in_jacobian: bool = DEFAULT_RECIPE.norm_in_jacobian,
     norm_affine: bool = DEFAULT_RECIPE.norm_affine,
     norm: str = "chw",
+    heads: Sequence[str] = DEFAULT_RECIPE.heads,
     val_fraction: float = 0.1,
     seed: int = 0,
     threads: int = 2,
@@ -83,6 +84,7 @@ def train_and_export(
         norm_affine=norm_affine,
         norm=norm,
         seed=seed,
+        heads=tuple(heads),
     )
     train_config = TrainConfig(
         epochs=epochs,

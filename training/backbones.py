@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,8 +121,8 @@ class CaitFeatureExtractor(nn.Module):
         self.models = nn.ModuleList([model for model, _, _ in branches])
         self.depths = tuple(int(depth) for _, depth, _ in branches)
         self.sizes = tuple(int(size) for _, _, size in branches)
-        grids = [size // model.patch_embed.patch_size[0] for model, _, size in branches]
-        self.channels = tuple(int(model.embed_dim) for model, _, _ in branches)
+        grids = [size // _timm_parts(model).patch_embed.patch_size[0] for model, _, size in branches]
+        self.channels = tuple(int(_timm_parts(model).embed_dim) for model, _, _ in branches)
         self.strides = tuple(input_size // grid for grid in grids)
         self.grids = tuple(grids)
         self.taps: tuple[tuple[int, ...], ...] = tuple((i,) for i in range(len(branches)))
@@ -136,7 +137,8 @@ class CaitFeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         _check_input_size(self.input_size, x)
         features = []
-        for model, depth, size, grid in zip(self.models, self.depths, self.sizes, self.grids, strict=True):
+        for branch, depth, size, grid in zip(self.models, self.depths, self.sizes, self.grids, strict=True):
+            model = _timm_parts(branch)
             image = (
                 x if size == x.shape[-1] else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             )
@@ -190,15 +192,25 @@ def _freeze_same_padding(module: nn.Module, height: int, width: int) -> None:
     for name, conv in targets.items():
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        pad = pad_same_arg(sizes[name], conv.kernel_size, conv.stride, conv.dilation)
+        pad = pad_same_arg(list(sizes[name]), list(conv.kernel_size), list(conv.stride), list(conv.dilation))
         setattr(parent, attr, StaticSamePadConv(conv, pad))
 
 
-def _stem_and_stages(model: nn.Module, family: str) -> tuple[nn.Module, list[nn.Module], list[int], list[int]]:
+def _timm_parts(model: nn.Module) -> Any:
+    """``model`` for reaching a timm model's named submodules (``blocks``, ``conv_stem``, ``patch_embed``...).
+
+    nn.Module.__getattr__ is typed ``Tensor | Module``; these attributes differ per architecture, so they are
+    read as Any in one place rather than cast at every use.
+    """
+    return model
+
+
+def _stem_and_stages(module: nn.Module, family: str) -> tuple[nn.Module, list[nn.Module], list[int], list[int]]:
     """(stem, stages, output channels, output stride) of each stage of a timm CNN.
 
     Channels and strides are measured with a forward pass (timm's feature_info lists one stage per stride).
     """
+    model = _timm_parts(module)
     if family == "efficientnet_lite":
         stages = list(model.blocks)
         stem = nn.Sequential(model.conv_stem, model.bn1)
@@ -232,7 +244,7 @@ def scale_taps(stage_strides: Sequence[int], strides: Sequence[int], hypercolumn
     return taps
 
 
-def _seeded_random_model(timm_name: str, **kwargs: object) -> nn.Module:
+def _seeded_random_model(timm_name: str, **kwargs: Any) -> nn.Module:
     """A timm model with a reproducible random init (the same backbone every time a run is reloaded)."""
     import timm
 
@@ -242,12 +254,13 @@ def _seeded_random_model(timm_name: str, **kwargs: object) -> nn.Module:
 
 
 def _load_timm_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    nested: Mapping[str, Any] = state
     for key in ("model", "state_dict"):
-        if key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+        if key in nested and isinstance(nested[key], Mapping):
+            nested = nested[key]
+    plain = {k.removeprefix("module."): v for k, v in nested.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(plain, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
         raise WeightsError(f"{what} do not fit the architecture: {' '.join(first)}") from exc
@@ -350,7 +363,7 @@ def cait_extractor(
     states = [None if random_weights else timm_state_dict(b.timm_name, weights, name) for b in branches]
     built = []
     for branch, state in zip(branches, states, strict=True):
-        model = _seeded_random_model(branch.timm_name, img_size=branch.input_size)
+        model = _timm_parts(_seeded_random_model(branch.timm_name, img_size=branch.input_size))
         if state is not None:
             _load_timm_state(model, state, f"{branch.timm_name} weights")
         model.blocks = model.blocks[: branch.blocks]

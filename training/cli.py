@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, CommandTable, parse_command
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, CommandTable, parse_command, run_quietly_on_broken_pipe
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     args, module = parsed
     try:
-        return int(module.run(args) or 0)
+        return run_quietly_on_broken_pipe(lambda: int(module.run(args) or 0))
     except _user_errors() as exc:
         # Bad data, options, weights or run dirs: one line that names the file or option, not a traceback.
         print(f"uflow {args.command}: error: {exc}", file=sys.stderr)

@@ -33,9 +33,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edge_agent.inspection.drivers import IMAGE_SUFFIXES  # one list: what the agent reads, training reads
 from edge_agent.inspection.preprocess import model_input
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -203,6 +203,22 @@ def split_json_dataset(path: Path) -> DatasetSplits:
         _good(_stem_paths(base, split["val"], "val")),
         tuple(test),
     )
+
+
+def model_made_masks(path: Path | str) -> list[str]:
+    """Defect stems of a split.json whose masks the model drew itself (``mask_source: model``; review.py).
+
+    Empty for other layouts and for split.json files without ``mask_source`` (masks from elsewhere).
+    """
+    path = Path(path)
+    path = path / "split.json" if path.is_dir() else path
+    if path.suffix != ".json" or not path.is_file():
+        return []
+    try:
+        sources = json.loads(path.read_text(encoding="utf-8")).get("mask_source") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return []
+    return sorted(stem for stem, source in sources.items() if source == "model") if isinstance(sources, dict) else []
 
 
 def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:

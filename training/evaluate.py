@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edge_agent.inspection import nfa
+from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
 from training.data import GOOD, DatasetSplits, Record, load_image, load_mask, open_dataset
 
@@ -56,6 +57,7 @@ class Predictions:
     seconds_per_image: float
     nulls: tuple[nfa.ScaleNull, ...] | None = None  # None: the paper's polyomino NFA
     log10_epsilon: float = 0.0
+    heads: tuple[str, ...] = ()  # the head of each map (empty: all flow); the polyomino NFA reads the flow's
 
 
 @dataclass
@@ -104,7 +106,9 @@ def predict_torch(run_dir: Path, images: np.ndarray, batch_size: int = 16, threa
 
     torch.set_num_threads(threads)
     model, _ = load_model(run_dir)
-    amaps, maps, chunks = [], [[] for _ in model.scales], range(0, len(images), batch_size)
+    amaps: list[np.ndarray] = []
+    maps: list[list[np.ndarray]] = [[] for _ in model.scales]
+    chunks = range(0, len(images), batch_size)
     tick = time.perf_counter()
     for start in tqdm(chunks, desc="torch", unit="batch"):
         a, m = predict(model, images[start : start + batch_size], batch_size)
@@ -113,7 +117,9 @@ def predict_torch(run_dir: Path, images: np.ndarray, batch_size: int = 16, threa
             maps[s].append(values)
     seconds = (time.perf_counter() - tick) / len(images)
     channels = tuple(s.channels for s in model.scales)
-    return Predictions("torch", np.concatenate(amaps), [np.concatenate(m) for m in maps], channels, seconds)
+    heads = tuple(s.head for s in model.scales)
+    maps_out = [np.concatenate(m) for m in maps]
+    return Predictions("torch", np.concatenate(amaps), maps_out, channels, seconds, heads=heads)
 
 
 def predict_bundle(bundle_dir: Path, images: np.ndarray, threads: int = 2) -> Predictions:
@@ -123,7 +129,8 @@ def predict_bundle(bundle_dir: Path, images: np.ndarray, threads: int = 2) -> Pr
 
     bundle = load_bundle(bundle_dir)
     engine = OnnxRuntimeEngine(bundle, threads=threads)
-    amaps, maps = [], [[] for _ in bundle.manifest.scales]
+    amaps: list[np.ndarray] = []
+    maps: list[list[np.ndarray]] = [[] for _ in bundle.manifest.scales]
     tick = time.perf_counter()
     try:
         for image in tqdm(images, desc="onnxruntime", unit="img"):
@@ -135,7 +142,8 @@ def predict_bundle(bundle_dir: Path, images: np.ndarray, threads: int = 2) -> Pr
         engine.close()
     seconds = (time.perf_counter() - tick) / len(images)
     channels = tuple(s.channels for s in bundle.manifest.scales)
-    return Predictions("onnxruntime", np.stack(amaps), [np.stack(m) for m in maps], channels, seconds)
+    heads = tuple(s.head for s in bundle.manifest.scales)
+    return Predictions("onnxruntime", np.stack(amaps), [np.stack(m) for m in maps], channels, seconds, heads=heads)
 
 
 def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
@@ -143,7 +151,8 @@ def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
     count = len(predictions.anomaly_maps)
     out = np.empty((count, *size), dtype=np.float32)
     for i in tqdm(range(count), desc="NFA", unit="img"):
-        out[i] = nfa.log_nfa_map([m[i] for m in predictions.scale_maps], predictions.channels, size, predictions.nulls)
+        maps = [m[i] for m in predictions.scale_maps]
+        out[i] = log_nfa_map_of(maps, predictions.channels, predictions.heads, size, predictions.nulls)
     return out
 
 
@@ -173,6 +182,7 @@ def latent_statistics(predictions: Predictions, test: TestSet) -> list[dict[str,
         stats.append(
             {
                 "scale": f"m_{s}",
+                "head": predictions.heads[s] if predictions.heads else "flow",
                 "channels": int(predictions.channels[s]),
                 "height": int(m.shape[1]),
                 "width": int(m.shape[2]),
@@ -180,7 +190,7 @@ def latent_statistics(predictions: Predictions, test: TestSet) -> list[dict[str,
                 "defect_cells": _quantiles(m[cells]),
                 "clean_cells_of_defect_images": _quantiles(m[defect_images & ~cells]),
                 "defect_cells_max_per_image": _quantiles(
-                    [m[i][cells[i]].max() for i in range(len(m)) if cells[i].any()]
+                    np.asarray([m[i][cells[i]].max() for i in range(len(m)) if cells[i].any()])
                 ),
             }
         )
@@ -189,7 +199,7 @@ def latent_statistics(predictions: Predictions, test: TestSet) -> list[dict[str,
 
 def _subset_metrics(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     scores = amaps.reshape(len(amaps), -1).max(axis=1)
-    flagged = predicted.reshape(len(predicted), -1).any(axis=1)
+    flagged = np.asarray(predicted.reshape(len(predicted), -1).any(axis=1))
     result: dict[str, Any] = {"images": len(amaps), "defect_images": int(labels.sum())}
     if masks.any() and (~masks).any():
         result["pixel_auroc"] = metrics.pixel_auroc(amaps, masks)
@@ -354,12 +364,14 @@ def _model_size(run_dir: Path | str | None, bundle_dir: Path | str | None) -> tu
         from edge_agent.bundle import load_bundle
 
         manifest = load_bundle(Path(bundle_dir)).manifest
-        info = {"backbone": manifest.backbone, "name": manifest.name, "version": manifest.version}
+        info: dict[str, Any] = {"backbone": manifest.backbone, "name": manifest.name, "version": manifest.version}
         info |= {"model_config": manifest.training_data.get("model_config")}
         return manifest.input.height, manifest.input.width, info
     from training.rundir import read_run
 
-    run = read_run(Path(run_dir))  # type: ignore[arg-type]
+    if run_dir is None:
+        raise ValueError("evaluate needs a run directory or a bundle directory")
+    run = read_run(Path(run_dir))
     info = {"backbone": run.model_config.backbone, "model_config": run.model_config.to_dict()}
     info |= {"train_config": run.train_config, "best_epoch": _best_epoch(run.history)}
     return run.model_config.image_height, run.model_config.image_width, info

@@ -2,7 +2,8 @@
 
 Steps: rebuild the best model of the run, trace the engine wrapper to ONNX (opset 17, fixed input
 shape, TorchScript exporter), check ONNX Runtime against torch on the run's self-test images and a
-synthetic defect image (anomaly map max abs difference under 1e-4; m_s under 1e-3 relative to
+synthetic defect image (anomaly map max difference under 1e-4, relative to max(1, |map|) since the fused map of a
+bundle with heads is unbounded; m_s under 1e-3 relative to
 max(1, |m_s|): m_s are unbounded chi^2-like values that come out of deeper float32 arithmetic, and
 the 4/8/16 magnetic tile model already reaches 5.6e-5 from ONNX Runtime's fused kernels alone,
 while a real export bug is off by O(1)), write ``model.json``, then load the result with the agent's own
@@ -21,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from edge_agent.bundle import (
     DriftReference,
     InputSpec,
     Manifest,
+    NfaCalibration,
     NfaSpec,
     Normalisation,
     ScaleNullSpec,
@@ -48,6 +50,7 @@ from edge_agent.bundle import (
 )
 from edge_agent.engines.tensorrt.graph_check import check_graph, describe
 from edge_agent.inspection import nfa
+from edge_agent.promise import shortfall
 from training.backbones import backbone_info
 from training.data import load_image
 from training.model import ExportWrapper, UFlow
@@ -69,7 +72,7 @@ class ExportError(RuntimeError):
 class Parity:
     """Largest ONNX Runtime vs torch differences over the checked images."""
 
-    anomaly_map_max_abs: float
+    anomaly_map_max_abs: float  # max |a - b| / max(1, |b|): absolute where the map is in [0, 1]
     scale_maps_max_scaled: float  # max |a - b| / max(1, |b|) over all m_s
     images: int
 
@@ -134,7 +137,7 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
         for name, g, w in zip(names, got, want, strict=True):
             if g.shape != (1, *w.shape) or g.dtype != np.float32:
                 raise ExportError(f"ONNX output {name} is {g.dtype}{list(g.shape)}, torch gives float32{[1, *w.shape]}")
-        diff_map = float(np.abs(got[0][0] - want[0]).max())
+        diff_map = _scaled_diff(got[0][0], want[0])
         diff_scale = max(
             float((np.abs(g[0] - w) / np.maximum(1.0, np.abs(w))).max()) for g, w in zip(got[1:], want[1:], strict=True)
         )
@@ -145,6 +148,12 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
                 f"(limit {MAP_TOLERANCE}), m_s max scaled diff {diff_scale:.3g} (limit {SCALE_MAP_TOLERANCE})"
             )
     return Parity(worst_map, worst_scale, len(images))
+
+
+def _scaled_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max(1, |want|): the absolute difference for the flow-only map (in [0, 1]), a
+    relative one where the fused map of a bundle with heads (m / mean, unbounded) is large."""
+    return float((np.abs(got - want) / np.maximum(1.0, np.abs(want))).max())
 
 
 def _parity_images(info: RunInfo) -> list[np.ndarray]:
@@ -217,25 +226,58 @@ def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[flo
     return metrics
 
 
-def nfa_spec(info: RunInfo, shapes: list[tuple[int, int]], null_model: str = "fitted") -> NfaSpec:
+def nfa_spec(
+    info: RunInfo, shapes: list[tuple[int, int]], null_model: str = "fitted", *, flow_only: bool = True
+) -> NfaSpec:
     """The bundle's NFA: the fitted null of the run (default) or the paper's exact polyomino NFA.
 
     Runs trained before the fitted null existed have none in val_scores.json and get the paper's NFA.
+    ``shapes``: of every map of the bundle (the fitted null's number of tests counts them all; the run's
+    null has one entry per map). The polyomino NFA is only built for a flow-only bundle (``flow_only``;
+    :func:`export_bundle` drops the heads first).
     """
     fitted = info.val_scores.get("nfa_null")
     if null_model == "fitted" and fitted:
+        if len(fitted) != len(shapes):
+            raise ExportError(f"run {info.root} has {len(fitted)} fitted nulls for {len(shapes)} maps; train it again")
         return NfaSpec(
             log10_number_of_tests=nfa.log10_tree_tests(shapes),
             log10_epsilon=float(info.val_scores.get("log10_epsilon", 0.0)),
             null_model="fitted",
             scale_nulls=tuple(ScaleNullSpec(**item) for item in fitted),
+            calibration=_calibration(info),
         )
+    if not flow_only:
+        raise ExportError("the polyomino NFA tests flow maps only; export the flow alone (flow_only)")
     if null_model == "fitted":
         log.warning(
             "run has no fitted NFA null: the bundle uses the paper's polyomino NFA",
             extra={"event": "export.no_fitted_null", "run": str(info.root)},
         )
     return NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests(shapes))
+
+
+def _calibration(info: RunInfo) -> NfaCalibration | None:
+    """The cross-fitted calibration record of the run; runs trained before it existed have none."""
+    raw = info.val_scores.get("nfa_calibration")
+    if not raw:
+        return None
+    fields = set(NfaCalibration.model_fields)
+    return NfaCalibration.model_validate({k: v for k, v in raw.items() if k in fields})
+
+
+def warn_if_unsupported(manifest: Manifest) -> str | None:
+    """The warning text when the calibration images cannot support the promised false-alarm rate."""
+    if manifest.nfa.null_model != "fitted":
+        return None
+    calibration = manifest.nfa.calibration
+    if calibration is None:
+        return (
+            "WARNING: this bundle does not record how many good images calibrated its false-alarm promise "
+            "(trained before it was recorded): nothing backs the promise; train again to get the check"
+        )
+    message = shortfall(calibration.promise_check())
+    return None if message is None else f"WARNING: {message} (docs/nfa.md)."
 
 
 def warn_if_blind(manifest: Manifest) -> str | None:
@@ -277,7 +319,10 @@ def build_manifest(
     """The manifest of a bundle whose files are already in ``bundle_dir``."""
     backbone = backbone_info(model.config.backbone)
     scales = tuple(
-        ScaleSpec(name=s.name, channels=s.channels, height=s.height, width=s.width, stride=s.stride)
+        ScaleSpec.model_validate(
+            {"name": s.name, "channels": s.channels, "height": s.height, "width": s.width, "stride": s.stride}
+            | {"head": s.head}
+        )
         for s in model.scales
     )
     return Manifest(
@@ -290,7 +335,7 @@ def build_manifest(
         input=InputSpec(height=model.config.image_height, width=model.config.image_width),
         normalisation=Normalisation(mean=backbone.mean, std=backbone.std),
         scales=scales,
-        nfa=nfa_spec(info, [(s.height, s.width) for s in scales], null_model),
+        nfa=nfa_spec(info, [(s.height, s.width) for s in scales], null_model, flow_only=not model.heads),
         image_score_threshold=_threshold(info),
         validation_metrics=_validation_metrics(info, parity, selftest_scores),
         training_data=_training_data(info),
@@ -341,12 +386,22 @@ def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
             image = load_image(bundle_dir / rel, height, width)
             output = engine.infer(image)
             want = _torch_outputs(model, image)[0]
-            diff = float(np.abs(output.anomaly_map - want).max())
+            diff = _scaled_diff(output.anomaly_map, want)
             if diff >= MAP_TOLERANCE:
                 raise ExportError(f"the agent's engine differs from torch on self-test image {rel} by {diff:.3g}")
     finally:
         engine.close()
     return bundle
+
+
+def flow_only(model: UFlow) -> UFlow:
+    """The same trained flow without the heads (the flow-only anomaly map and outputs)."""
+    config = replace(model.config, heads=("flow",))
+    bare = UFlow(config, weights=None, random_weights=True)
+    bare.backbone = model.backbone
+    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith(("heads.", "map_means"))}
+    bare.load_trainable_state_dict(state)
+    return bare.eval()
 
 
 def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
@@ -384,6 +439,13 @@ def export_bundle(
     out_dir = Path(out_dir)
     _prepare_destination(out_dir, overwrite)
     model, info = load_model(run_dir)
+    if model.heads and not (null_model == "fitted" and info.val_scores.get("nfa_null")):
+        # The heads' maps have no null under the paper's NFA: a polyomino bundle is the flow alone.
+        model = flow_only(model)
+        log.warning(
+            "the bundle keeps the flow only: the gaussian and memory heads need the fitted NFA null",
+            extra={"event": "export.heads_dropped", "run": str(info.root), "null_model": null_model},
+        )
     if not info.selftest_images:
         raise ExportError(f"run {info.root} has no self-test images in selftest/; train again to finish it")
     name = name or _default_name(info)
@@ -433,4 +495,7 @@ def export_bundle(
     warning = warn_if_blind(manifest)
     if warning:
         log.warning(warning, extra={"event": "export.blind_model", "bundle": str(out_dir)})
+    unsupported = warn_if_unsupported(manifest)
+    if unsupported:
+        log.warning(unsupported, extra={"event": "export.promise_unsupported", "bundle": str(out_dir)})
     return out_dir

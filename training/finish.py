@@ -3,13 +3,19 @@
 Everything here uses good validation images only (never the test split):
 
 1. the best checkpoint scores them (image scores for the bundle's reference threshold);
-2. the ``fitted`` NFA null is fitted on their m_s maps (training/nfa_null.py); with fewer than
-   ``MIN_CALIBRATION_IMAGES`` of them the bundle keeps the paper's polyomino NFA at epsilon 1;
-3. defects are planted on them (training/planted.py) and the deployed decision (fitted NFA at the
+2. the heads (training/heads.py) are fitted on the training and validation good images, and their
+   maps of those images are computed out of sample (k folds for the Gaussian, the image's own bank rows
+   left out for the memory bank);
+3. the ``fitted`` NFA null is fitted per map (the flow's m_s on the validation images, each head's map
+   on the out-of-sample maps of every good image) and its evidence factor chosen by cross-fitting on the
+   validation images, with the 95 % bound of the false-alarm rate it gives (training/nfa_null.py
+   ``calibrate``); with fewer than ``MIN_CALIBRATION_IMAGES`` of them the bundle keeps the paper's
+   polyomino NFA at epsilon 1 (and export drops the heads);
+4. defects are planted on them (training/planted.py) and the deployed decision (fitted NFA at the
    default epsilon) says how many it flags: the label-free check of detection power that
    ``uflow export`` warns on and the manifest records;
-4. a few are kept as the bundle's self-test images;
-5. the drift reference (edge_agent/inspection/drift.py): brightness, contrast and sharpness of the
+5. a few are kept as the bundle's self-test images;
+6. the drift reference (edge_agent/inspection/drift.py): brightness, contrast and sharpness of the
    training and validation images, and the model's scores and mean m_0 on the validation images.
 
 All of it is written to ``val_scores.json`` in the run directory.
@@ -24,14 +30,18 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drift import build_reference
+from edge_agent.inspection.scoring import log_nfa_map_of
+from edge_agent.promise import shortfall
 from training.data import DatasetSplits, Record
-from training.model import UFlow, predict
-from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate_evidence, fit_null, null_to_dict
+from training.heads import CrossFit, fit_heads, out_of_sample_maps
+from training.model import UFlow, scale_maps, to_float_nchw
+from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate, fit_null, fit_scale_null, null_to_dict
 from training.planted import planted_set
-from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, write_json
+from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, save_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +64,53 @@ def _write_selftest(run_dir: Path, records: Sequence[Record], images: np.ndarray
 
 
 def min_log_nfa(
-    maps: list[np.ndarray], channels: Sequence[int], size: tuple[int, int], nulls: Sequence[nfa.ScaleNull] | None
+    maps: list[np.ndarray],
+    channels: Sequence[int],
+    size: tuple[int, int],
+    nulls: Sequence[nfa.ScaleNull] | None,
+    heads: Sequence[str] = (),
 ) -> list[float]:
-    """Per image, the smallest log10 NFA (maps finest first, each N x H_s x W_s)."""
-    return [float(nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls).min()) for i in range(len(maps[0]))]
+    """Per image, the smallest log10 NFA (maps in ``model.scales`` order, each N x H_s x W_s)."""
+    return [
+        float(log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls).min()) for i in range(len(maps[0]))
+    ]
+
+
+def _features(model: UFlow, images: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+    chunks = [model.extract(to_float_nchw(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return [torch.cat([c[s] for c in chunks]) for s in range(len(chunks[0]))]
+
+
+def evidence_maps(
+    model: UFlow,
+    images: np.ndarray,
+    batch_size: int,
+    cross: CrossFit | None = None,
+    owners: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Every map of ``model.scales`` (N x H_s x W_s each); with ``cross``, the heads' maps come from heads
+    that did not see ``owners[i]`` (the fitting image that image i is, or was planted on)."""
+    model.eval()
+    with torch.no_grad():
+        features = _features(model, images, batch_size)
+        flow = [
+            scale_maps(model.encode([f[i : i + batch_size] for f in features]).latents)
+            for i in range(0, len(images), batch_size)
+        ]
+        maps = [torch.cat([chunk[s] for chunk in flow]).numpy() for s in range(len(model.flow_scales))]
+        if cross is not None and owners is not None:
+            heads = out_of_sample_maps(model.heads, cross, features, owners)
+            maps += [heads[key] for key in model.heads]
+        else:
+            maps += [head(features[int(key.split("_")[1])]).numpy() for key, head in model.heads.items()]
+    return maps
+
+
+def fused_scores(model: UFlow, maps: list[np.ndarray]) -> np.ndarray:
+    """Image scores (max of the fused anomaly map, as the graph computes it) of per-map arrays."""
+    with torch.no_grad():
+        amap = model.fused_map([torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps])
+    return amap.reshape(len(amap), -1).max(dim=1).values.numpy()
 
 
 def planted_check(
@@ -67,20 +120,28 @@ def planted_check(
     log10_epsilon: float,
     batch_size: int,
     seed: int = 0,
+    cross: CrossFit | None = None,
+    first_owner: int = 0,
 ) -> dict[str, Any]:
-    """Share of defects planted on ``images`` that the NFA decision finds (a region touching the defect)."""
+    """Share of defects planted on ``images`` that the NFA decision finds (a region touching the defect).
+
+    With ``cross``, the heads' maps of a defect planted on image j come from heads that did not see
+    fitting image ``first_owner + j``.
+    """
     chosen = images[:PLANTED_IMAGES]
     per_image = max(1, -(-PLANTED_MIN // max(len(chosen), 1)))
     samples = planted_set(chosen, seed=seed, per_image=per_image)
     if not samples:
         return {"count": 0}
     stack = np.stack([s.image for s in samples])
-    _, maps = predict(model, stack, batch_size)
+    owners = first_owner + np.array([_source(chosen, s.image, s.mask) for s in samples])
+    maps = evidence_maps(model, stack, batch_size, cross, owners)
     channels = [s.channels for s in model.scales]
+    heads = [s.head for s in model.scales]
     size = (model.config.image_height, model.config.image_width)
     hits: dict[str, list[bool]] = {}
     for i, sample in enumerate(samples):
-        log_nfa = nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls)
+        log_nfa = log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls)
         found = bool(((log_nfa < log10_epsilon) & sample.mask).any())
         hits.setdefault(sample.kind, []).append(found)
         hits.setdefault(f"size_{sample.size}", []).append(found)
@@ -91,6 +152,23 @@ def planted_check(
         "detection_rate": float(np.mean(every)),
         "per_kind": {kind: float(np.mean(values)) for kind, values in sorted(hits.items())},
     }
+
+
+def _source(images: np.ndarray, planted: np.ndarray, mask: np.ndarray) -> int:
+    """The index of the good image a defect was planted on: the one equal to it outside the defect."""
+    outside = ~mask
+    errors = [float(np.abs(img[outside].astype(np.int16) - planted[outside]).mean()) for img in images]
+    return int(np.argmin(errors))
+
+
+def fit_nulls(
+    model: UFlow,
+    val_maps: list[np.ndarray],
+    head_maps: list[np.ndarray],
+) -> tuple[nfa.ScaleNull, ...]:
+    """The flow's nulls from its validation maps, each head's from its out-of-sample maps of every good image."""
+    flow = fit_null(val_maps[: len(model.flow_scales)])
+    return (*flow, *(fit_scale_null(m) for m in head_maps))
 
 
 def finish_run(
@@ -104,16 +182,40 @@ def finish_run(
     """Write ``val_scores.json`` (scores, fitted null, NFA on good images, planted check) and self-tests."""
     from training.rundir import load_model
 
-    model, _ = load_model(run_dir)
+    model, info = load_model(run_dir)
     source, images = ("val", val_images) if len(val_images) else ("train", train_images)
     records = splits.val if len(val_images) else splits.train
-    amaps, maps = predict(model, images, batch_size)
-    scores = amaps.reshape(len(amaps), -1).max(axis=1)
+    cross, first_owner, head_maps = None, 0, []
+    if model.heads:
+        # The heads memorise every good image they may (training + validation); their nulls then need
+        # maps of images they did not see: the cross-fit gives each image such maps.
+        good = np.concatenate([train_images, val_images]) if len(val_images) else train_images
+        with torch.no_grad():
+            cross = fit_heads(model.heads, _features(model, good, batch_size), seed=model.config.seed)
+        first_owner = len(train_images) if len(val_images) else 0
+        every = evidence_maps(model, good, batch_size, cross, np.arange(len(good)))
+        head_maps = every[len(model.flow_scales) :]
+    owners = first_owner + np.arange(len(images))
+    maps = evidence_maps(model, images, batch_size, cross, owners)
     channels = [s.channels for s in model.scales]
+    heads = [s.head for s in model.scales]
     size = (model.config.image_height, model.config.image_width)
+    if model.heads:
+        means = [float(np.mean(m)) for m in (*maps[: len(model.flow_scales)], *head_maps)]
+        model.map_means.copy_(torch.tensor(means))
+        save_checkpoint(run_dir, model, info.checkpoint_meta)  # the fitted heads and the fusion's means
+    scores = fused_scores(model, maps)
+    calibration = None
     if len(images) >= MIN_CALIBRATION_IMAGES:
-        nulls, evidence_scale = calibrate_evidence(fit_null(maps), maps, channels, size, DEFAULT_LOG10_EPSILON)
+        # Cross-fitted: every validation image is counted by a null fitted without it (training/nfa_null.py).
+        # The shipped null: the flow's from the validation maps, each head's from its out-of-sample maps.
+        envelope = fit_nulls(model, maps, head_maps) if model.heads else None
+        calibration = calibrate(maps, channels, size, DEFAULT_LOG10_EPSILON, envelope=envelope)
+        nulls, evidence_scale = calibration.nulls, calibration.factor
         epsilon = DEFAULT_LOG10_EPSILON
+        message = shortfall(calibration.check)
+        if message:
+            log.warning(message, extra={"event": "train.promise_unsupported", "images": len(images)})
     else:
         # A null fitted on a handful of images does not know its own tail: the paper's conservative NFA.
         nulls, evidence_scale, epsilon = None, None, 0.0
@@ -121,17 +223,18 @@ def finish_run(
             "too few validation images to fit the NFA null: the bundle will use the paper's polyomino NFA",
             extra={"event": "train.nfa_null_skipped", "images": len(images), "needed": MIN_CALIBRATION_IMAGES},
         )
-    fitted = min_log_nfa(maps, channels, size, nulls)
-    polyomino = min_log_nfa(maps, channels, size, None)
-    planted = planted_check(model, images, nulls, epsilon, batch_size)
+    fitted = min_log_nfa(maps, channels, size, nulls, heads)
+    polyomino = min_log_nfa(maps, channels, size, None, heads)
+    planted = planted_check(model, images, nulls, epsilon, batch_size, cross=cross, first_owner=first_owner)
     nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
     drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())
-    result = {
+    result: dict[str, Any] = {  # the selftest JSON
         "source": source,
         "images": [str(r.image) for r in records],
         "scores": [float(s) for s in scores],
         "nfa_null": null_to_dict(nulls) if nulls is not None else None,
         "nfa_evidence_scale": evidence_scale,
+        "nfa_calibration": calibration.to_dict() if calibration is not None else None,
         "log10_epsilon": epsilon,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],
@@ -150,6 +253,9 @@ def finish_run(
             "nfa_null": result["nfa_null"],
             "log10_epsilon": epsilon,
             "flagged_good": int(sum(result["nfa_flagged"])),
+            "evidence_scale": evidence_scale,
+            "calibration_false_regions": None if calibration is None else calibration.check.false_regions,
+            "false_regions_upper95": None if calibration is None else calibration.check.regions_upper,
             "planted_detection_rate": planted.get("detection_rate"),
         },
     )

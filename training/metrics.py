@@ -227,7 +227,11 @@ def segmentation_report(
     """
     maps, masks = _check_maps(maps, masks)
     scores = maps.reshape(len(maps), -1).max(axis=1) if image_scores is None else np.asarray(image_scores)
-    labels = masks.reshape(len(masks), -1).any(axis=1) if image_labels is None else np.asarray(image_labels, bool)
+    labels = (
+        np.asarray(masks.reshape(len(masks), -1).any(axis=1))
+        if image_labels is None
+        else np.asarray(image_labels, bool)
+    )
     report = {"pixel_auroc": pixel_auroc(maps, masks), "aupro": aupro(maps, masks, max_fpr)}
     if labels.any() and not labels.all():
         report["image_auroc"] = image_auroc(scores, labels)

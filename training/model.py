@@ -22,6 +22,7 @@ from torch import nn
 from training.backbones import CaitFeatureExtractor, FeatureExtractor, create_backbone
 from training.catalog import DEFAULT_BACKBONE, DEFAULT_RECIPE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
 from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
+from training.heads import HEAD_KINDS, MAP_PREFIX, GaussianHead, MemoryHead
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class UFlowConfig:
     hidden_ratio: float = 1.0
     affine_clamping: float = 2.0
     seed: int = 0
+    # The evidence per scale (training/heads.py, docs/design.md section 2): which kinds, at which strides.
+    heads: tuple[str, ...] = DEFAULT_RECIPE.heads
+    gaussian_scales: int = DEFAULT_RECIPE.gaussian_scales  # the coarsest N scales carry one (0: every scale)
+    memory_scales: int = DEFAULT_RECIPE.memory_scales  # the coarsest N scales carry a bank (0: every scale)
+    bank_size: int = DEFAULT_RECIPE.bank_size  # memory-bank rows per scale (graph cost: H_s W_s x bank x C_s)
+    memory_pool: int = 3  # k x k local averaging of the bank's features (PatchCore's aggregation)
 
     def __post_init__(self) -> None:
         info = backbone_info(self.backbone)
@@ -60,9 +67,30 @@ class UFlowConfig:
             )
         if self.flow_steps < 1:
             raise ValueError(f"flow_steps must be >= 1, got {self.flow_steps}")
+        unknown = sorted(set(self.heads) - set(HEAD_KINDS))
+        if unknown or not self.heads or len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"heads must be distinct names among {', '.join(HEAD_KINDS)}, got {list(self.heads)}")
+        if "flow" not in self.heads:
+            raise ValueError("the flow head is required (it gives the paper's NFA and the drift check's m_0)")
+        if self.gaussian_scales < 0 or self.memory_scales < 0:
+            raise ValueError(f"head scale counts must be >= 0, got {self.gaussian_scales}, {self.memory_scales}")
+        if self.bank_size < 1 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
+            raise ValueError(f"need bank_size >= 1 and an odd memory_pool, got {self.bank_size}, {self.memory_pool}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "strides": list(self.strides)}
+        return {
+            **asdict(self),
+            **{k: list(getattr(self, k)) for k in ("strides", "heads")},
+        }
+
+    def head_strides(self, kind: str) -> tuple[int, ...]:
+        """The strides that carry a ``kind`` head (none when the head is off)."""
+        if kind not in self.heads:
+            return ()
+        if kind == "flow":
+            return self.strides
+        count = self.gaussian_scales if kind == "gaussian" else self.memory_scales
+        return self.strides[-count:] if count else self.strides
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UFlowConfig:
@@ -72,8 +100,11 @@ class UFlowConfig:
             raise ValueError(f"unknown model config key(s) {unknown}; known: {sorted(known)}")
         values = dict(data)
         values.setdefault("norm_affine", True)  # older config.json: the affine existed and was trained
-        if "strides" in values:
-            values["strides"] = tuple(values["strides"])
+        # A run from before the heads existed is a flow-only model, whatever today's default is.
+        values.setdefault("heads", ("flow",))
+        for key in ("strides", "heads"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
 
@@ -86,6 +117,7 @@ class ScaleInfo:
     height: int
     width: int
     stride: int
+    head: str = "flow"
 
 
 @dataclass
@@ -98,6 +130,10 @@ class FlowOutput:
 
 class UFlow(nn.Module):
     """Backbone (frozen, eval) -> per-scale norm (trainable) -> U-shaped flow (trainable)."""
+
+    mean: torch.Tensor  # buffers, registered in __init__ (register_buffer leaves mypy blind to them)
+    std: torch.Tensor
+    map_means: torch.Tensor  # registered only when the model has heads
 
     def __init__(self, config: UFlowConfig, weights: Path | str | None = None, *, random_weights: bool = False) -> None:
         super().__init__()
@@ -129,7 +165,21 @@ class UFlow(nn.Module):
             hidden_ratio=config.hidden_ratio,
             seed=config.seed,
         )
-        self.scales = _scale_infos(latent_shapes, config)
+        self.flow_scales = _scale_infos(latent_shapes, config)
+        self.heads = nn.ModuleDict()
+        head_scales: list[ScaleInfo] = []
+        for kind in ("gaussian", "memory"):
+            for s, stride in enumerate(config.strides):
+                if stride not in config.head_strides(kind):
+                    continue
+                c, h, w = shapes[s]
+                head = GaussianHead(c) if kind == "gaussian" else MemoryHead(c, config.bank_size, config.memory_pool)
+                self.heads[f"{kind}_{s}"] = head
+                head_scales.append(ScaleInfo(f"{MAP_PREFIX[kind]}_{s}", c, h, w, stride, kind))
+        self.scales = (*self.flow_scales, *head_scales)
+        if self.heads:
+            # Per map, its mean on good images (the fitted null's mean); the anomaly map fuses m / mean.
+            self.register_buffer("map_means", torch.ones(len(self.scales)))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Float NCHW RGB in [0, 1] -> the backbone's input normalisation."""
@@ -158,6 +208,20 @@ class UFlow(nn.Module):
     def forward(self, images: torch.Tensor) -> FlowOutput:
         """Float NCHW RGB in [0, 1] -> latents and log|det J|."""
         return self.encode(self.extract(images))
+
+    def maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every evidence map of ``self.scales`` (flow m_s first, then the heads'), each N x H_s x W_s."""
+        out = scale_maps(self.encode(features).latents)
+        for key, head in self.heads.items():
+            out.append(head(features[int(key.split("_")[1])]))
+        return out
+
+    def fused_map(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The anomaly map: the flow-only formula, or with heads the mean of the upsampled m / mean."""
+        height, width = self.config.image_height, self.config.image_width
+        if not self.heads:
+            return anomaly_map(maps, height, width)
+        return fused_anomaly_map(maps, self.map_means, height, width)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Norms and flow only: the backbone is rebuilt from its ImageNet weights file."""
@@ -202,6 +266,15 @@ def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.
     return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0)[:, 0]
 
 
+def fused_anomaly_map(maps: Sequence[torch.Tensor], means: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Mean over maps of bilinear-upsampled m_k / mean_k: N x H x W, about 1 on good parts."""
+    upsampled = [
+        F.interpolate((m / means[k]).unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        for k, m in enumerate(maps)
+    ]
+    return torch.stack(upsampled, dim=0).mean(dim=0)[:, 0]
+
+
 def image_scores(amap: torch.Tensor) -> torch.Tensor:
     """Image score = max of the anomaly map, per image."""
     return amap.flatten(1).max(dim=1).values
@@ -219,8 +292,8 @@ def predict(model: UFlow, images: np.ndarray, batch_size: int = 16) -> tuple[np.
     amaps: list[np.ndarray] = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            maps = scale_maps(model(to_float_nchw(images[start : start + batch_size])).latents)
-            amaps.append(anomaly_map(maps, model.config.image_height, model.config.image_width).numpy())
+            maps = model.maps(model.extract(to_float_nchw(images[start : start + batch_size])))
+            amaps.append(model.fused_map(maps).numpy())
             for s, m in enumerate(maps):
                 maps_out[s].append(m.numpy())
     return np.concatenate(amaps), [np.concatenate(m) for m in maps_out]
@@ -230,7 +303,8 @@ class ExportWrapper(nn.Module):
     """The engine I/O contract around a trained U-Flow.
 
     Input ``image``: uint8 1xHxWx3 RGB at the model size (cast, NHWC->NCHW, /255 and normalise happen
-    in the graph, the cast first: see ``forward``). Outputs: ``anomaly_map`` float32 1xHxW, then ``m_0..m_{S-1}`` float32 1xH_sxW_s.
+    in the graph, the cast first: see ``forward``). Outputs: ``anomaly_map`` float32 1xHxW, then ``m_0..m_{S-1}``
+    float32 1xH_sxW_s, then the heads' maps (``g_s``, ``k_s``) in the order of ``model.scales``.
     """
 
     def __init__(self, model: UFlow) -> None:
@@ -245,7 +319,5 @@ class ExportWrapper(nn.Module):
         # Cast first: TensorRT takes a UINT8 network input only straight into a Cast layer (even a
         # Transpose rejects UINT8), so the exported graph must read image -> Cast -> Transpose.
         x = image.to(torch.float32).permute(0, 3, 1, 2) / 255.0
-        latents = self.model(x).latents
-        maps = scale_maps(latents)
-        amap = anomaly_map(maps, self.model.config.image_height, self.model.config.image_width)
-        return (amap, *maps)
+        maps = self.model.maps(self.model.extract(x))
+        return (self.model.fused_map(maps), *maps)

@@ -16,26 +16,32 @@ measures three numbers per scale on good validation images, which the training n
 
 The envelope is set by the single most extreme good pixel, which makes it very conservative (on
 magnetic tile the decision then fired on no good image at all, and on few defects). A last step,
-:func:`calibrate_evidence`, multiplies every scale's ``dof`` by the largest factor from
-``EVIDENCE_SCALES`` under which the decision keeps its promise on the validation images at the
-deployed epsilon: at most epsilon false regions per image at log10 epsilon (0.01 at the default -2),
-and at most a tenth of the promise at log10 epsilon = 0; with fewer than 20 validation images the
-factor stays 1.
+:func:`calibrate`, multiplies every scale's ``dof`` by a factor from ``EVIDENCE_SCALES`` chosen by
+cross-fitting: each block of validation images is counted by a null fitted on the other blocks, and
+the factor is the last one, smallest first, whose out-of-fold false regions keep the 95 % upper bound
+within the promise (or, where the images are too few for that, raise none). The counts and bounds
+at the chosen factor go into the bundle (``nfa.calibration``); docs/nfa.md explains the method.
 How well that carries to images the fit never saw is measured by ``uflow calibrate nfa``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from edge_agent.inspection.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
+from edge_agent.promise import PromiseCheck, check_promise, poisson_upper
 
 MAX_LAG = 2
-EVIDENCE_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+# Factors below 1 shrink the envelope's evidence: where a null fitted on some images already flags
+# others, the most conservative honest choice is less evidence than the envelope.
+EVIDENCE_SCALES: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 MIN_CALIBRATION_IMAGES = 20
 PROMISE_MARGIN = 0.1
+CALIBRATION_FOLDS = 10
 
 
 def tail_dof(t: np.ndarray) -> float:
@@ -123,6 +129,144 @@ def false_regions_per_image(
     return total / max(count, 1)
 
 
+@dataclass(frozen=True)
+class FactorCount:
+    """Out-of-fold false regions on the calibration images at one evidence factor."""
+
+    factor: float
+    false_regions: int  # regions at the deployed epsilon, summed over the images
+    images_flagged: int  # images with at least one region at the deployed epsilon
+    regions_at_0: int  # regions at log10 epsilon = 0 (the a-contrario promise of one per image)
+    regions_at_check: int  # regions at the checkable epsilon (the loosest rate the images can vouch for)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The shipped null (fitted on every calibration image, times ``factor``) and what backs its promise."""
+
+    nulls: tuple[ScaleNull, ...]
+    factor: float
+    log10_epsilon: float
+    check_log10_epsilon: float  # where the rule counted: max(deployed, the rate the images can check)
+    folds: int
+    counts: tuple[FactorCount, ...]  # every factor tried, smallest first; the last one broke the rule
+    check: PromiseCheck  # the out-of-fold counts at ``factor`` and their 95 % upper bounds
+
+    @property
+    def images(self) -> int:
+        """Good calibration images (none used to fit the flow)."""
+        return self.check.images
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (val_scores.json, then the manifest's ``nfa.calibration``)."""
+        check = self.check
+        return {
+            "method": "cross-fit",
+            "images": check.images,
+            "folds": self.folds,
+            "evidence_scale": self.factor,
+            "log10_epsilon": self.log10_epsilon,
+            "check_log10_epsilon": self.check_log10_epsilon,
+            "false_regions": check.false_regions,
+            "images_flagged": check.images_flagged,
+            "false_regions_per_image_upper95": check.regions_upper,
+            "flagged_share_upper95": check.flagged_upper,
+            "images_needed": check.needed,
+            "supported": check.supported,
+            "counts": [asdict(c) for c in self.counts],
+        }
+
+
+def fold_slices(images: int, folds: int) -> list[slice]:
+    """``folds`` contiguous blocks of the image order (neighbours in a sorted list, often taken together
+    or one after the other, land in the same fold, so a fold's null never saw its near-duplicates)."""
+    if images < 2 or folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 images and 2 folds, got {images} and {folds}")
+    folds = min(folds, images)
+    edges = [round(k * images / folds) for k in range(folds + 1)]
+    return [slice(edges[k], edges[k + 1]) for k in range(folds)]
+
+
+def checkable_log10_epsilon(log10_epsilon: float, images: int) -> float:
+    """The epsilon the selection counts at: the deployed one when ``images`` can vouch for its rate with
+    none flagged, else the loosest rate they can vouch for (log10 of the 95 % bound of 0 in ``images``)."""
+    return max(log10_epsilon, math.log10(poisson_upper(0, images)))
+
+
+def _acceptable(count: FactorCount, images: int, promise: float) -> bool:
+    """The selection rule: the 95 % upper bound of out-of-fold false regions per image at the checkable
+    epsilon within the promise, or, where ``images`` are too few to show the promise, no false region at
+    all at the loosest epsilon they can check (a stricter deployed epsilon then only removes regions);
+    and at log10 epsilon = 0 at most ``PROMISE_MARGIN`` regions per image (a tenth of the a-contrario
+    promise)."""
+    allowed = max(promise, poisson_upper(0, images))
+    return (
+        poisson_upper(count.regions_at_check, images) <= allowed * (1.0 + 1e-9)
+        and count.regions_at_0 <= PROMISE_MARGIN * images
+    )
+
+
+def calibrate(
+    scale_maps: list[np.ndarray],
+    channels: list[int],
+    size: tuple[int, int],
+    log10_epsilon: float,
+    folds: int = CALIBRATION_FOLDS,
+    envelope: tuple[ScaleNull, ...] | None = None,
+) -> Calibration:
+    """Fit the null on good calibration maps and choose the evidence factor by cross-fitting.
+
+    ``scale_maps``: one N x H_s x W_s array per map (any evidence head), the same N good images, none of
+    which fitted the flow. The images are cut into ``folds`` contiguous blocks; for each block the null is
+    fitted on the other blocks and the block's images are counted at every factor of ``EVIDENCE_SCALES``
+    (smallest first): every image is counted once, by a null that never saw it. Where the images are too
+    few to vouch for the promise, the counting is done at the loosest epsilon they can vouch for
+    (:func:`checkable_log10_epsilon`), a margin the deployed, stricter epsilon keeps. The factor is the
+    largest one before the first that breaks :func:`_acceptable` (counts grow with the factor, so this is a
+    fixed-sequence test and the bound at the chosen factor stays a 95 % bound despite the choice). The
+    shipped null is fitted on all images (``envelope`` when the caller has it) times that factor.
+    """
+    images = len(scale_maps[0])
+    if any(len(m) != images for m in scale_maps):
+        raise ValueError("calibrate: every map needs the same number of images")
+    promise = 10.0**log10_epsilon
+    check_epsilon = checkable_log10_epsilon(log10_epsilon, images)
+    slices = fold_slices(images, folds)
+    fold_nulls = []
+    for block in slices:
+        keep = np.ones(images, dtype=bool)
+        keep[block] = False
+        fold_nulls.append(fit_null([m[keep] for m in scale_maps]))
+    counts: list[FactorCount] = []
+    for factor in EVIDENCE_SCALES:
+        regions = flagged = at_0 = at_check = 0
+        for block, nulls in zip(slices, fold_nulls, strict=True):
+            candidate = scaled(nulls, factor)
+            for i in range(block.start, block.stop):
+                log_nfa = log_nfa_map([m[i] for m in scale_maps], channels, size, candidate)
+                found = len(regions_from_log_nfa(log_nfa, log10_epsilon))
+                regions += found
+                flagged += found > 0
+                at_0 += len(regions_from_log_nfa(log_nfa, 0.0))
+                at_check += len(regions_from_log_nfa(log_nfa, check_epsilon))
+        counts.append(FactorCount(factor, regions, flagged, at_0, at_check))
+        if not _acceptable(counts[-1], images, promise):
+            break
+    passed = [c for c in counts if _acceptable(c, images, promise)]
+    # Nothing passes: even the most conservative factor flags held-out images; ship it and say so.
+    chosen = passed[-1] if passed else counts[0]
+    final = envelope if envelope is not None else fit_null(scale_maps)
+    return Calibration(
+        nulls=scaled(final, chosen.factor),
+        factor=chosen.factor,
+        log10_epsilon=log10_epsilon,
+        check_log10_epsilon=check_epsilon,
+        folds=len(slices),
+        counts=tuple(counts),
+        check=check_promise(promise, images, chosen.false_regions, chosen.images_flagged),
+    )
+
+
 def calibrate_evidence(
     nulls: tuple[ScaleNull, ...],
     scale_maps: list[np.ndarray],
@@ -130,26 +274,15 @@ def calibrate_evidence(
     size: tuple[int, int],
     log10_epsilon: float,
 ) -> tuple[tuple[ScaleNull, ...], float]:
-    """(scaled nulls, factor): the largest ``EVIDENCE_SCALES`` factor whose false regions per validation
-    image stay at most epsilon at ``log10_epsilon`` and at most ``PROMISE_MARGIN`` at log10 epsilon = 0
-    (a tenth of the a-contrario promise). More evidence never removes a region, so the counts grow with
-    the factor and the search stops at the first factor past either. With fewer than
-    ``MIN_CALIBRATION_IMAGES`` validation images the factor stays 1 (the conservative envelope).
+    """(scaled nulls, factor) of :func:`calibrate` with ``nulls`` as the all-image envelope.
+
+    With fewer than ``MIN_CALIBRATION_IMAGES`` images the factor stays 1 (the conservative envelope).
     """
-    best = EVIDENCE_SCALES[0]
     if len(scale_maps[0]) < MIN_CALIBRATION_IMAGES:
         # A handful of images says almost nothing about a rate of 1 in 100: keep the envelope alone.
-        return scaled(nulls, best), best
-    target = 10.0**log10_epsilon
-    for factor in EVIDENCE_SCALES:
-        candidate = scaled(nulls, factor)
-        if (
-            false_regions_per_image(scale_maps, channels, size, candidate, log10_epsilon) > target
-            or false_regions_per_image(scale_maps, channels, size, candidate, 0.0) > PROMISE_MARGIN
-        ):
-            break
-        best = factor
-    return scaled(nulls, best), best
+        return scaled(nulls, 1.0), 1.0
+    result = calibrate(scale_maps, channels, size, log10_epsilon, envelope=nulls)
+    return result.nulls, result.factor
 
 
 def null_to_dict(nulls: tuple[ScaleNull, ...]) -> list[dict[str, float]]:

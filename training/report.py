@@ -1,8 +1,8 @@
 """The evaluation report people look at: ``report.html`` with metric tables and one PNG grid per type.
 
 Each grid row is one test image: image | ground truth (red outline) | anomaly map (colour, one
-scale for the whole test set) | NFA mask (log10 NFA < 0 in green over the image, ground truth
-outline in red). The sample is deterministic: evenly spaced images of each type.
+scale for the whole test set) | NFA mask (in green over the image, ground truth
+outline in red; the mask is log10 NFA below the decision's epsilon, the bundle's or the run's). The sample is deterministic: evenly spaced images of each type.
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ _LABEL_HEIGHT = 22
 class TestSet(Protocol):
     """What the report reads of the test set (training.evaluate.TestSet; the report does not import it)."""
 
-    records: Sequence[Record]
-    images: np.ndarray  # uint8 (N, H, W, 3)
-    masks: np.ndarray  # bool (N, H, W)
-    labels: np.ndarray  # bool (N,)
+    # Read-only properties, so that the dataclass's tuple of records matches the Sequence here.
+    @property
+    def records(self) -> Sequence[Record]: ...
+    @property
+    def images(self) -> np.ndarray: ...  # uint8 (N, H, W, 3)
+    @property
+    def masks(self) -> np.ndarray: ...  # bool (N, H, W)
+    @property
+    def labels(self) -> np.ndarray: ...  # bool (N,)
 
     @property
     def types(self) -> list[str]: ...
@@ -40,6 +45,7 @@ class Predictions(Protocol):
     """What the report reads of the predictions (training.evaluate.Predictions)."""
 
     anomaly_maps: np.ndarray  # float32 (N, H, W)
+    log10_epsilon: float  # the threshold the grid's detection outlines are drawn at
 
 
 def sample_indices(indices: np.ndarray, count: int) -> list[int]:
@@ -62,7 +68,13 @@ def _label(tile: np.ndarray, text: str) -> np.ndarray:
 
 
 def grid_row(
-    image_rgb: np.ndarray, mask: np.ndarray, amap: np.ndarray, log_nfa: np.ndarray, span: tuple[float, float], name: str
+    image_rgb: np.ndarray,
+    mask: np.ndarray,
+    amap: np.ndarray,
+    log_nfa: np.ndarray,
+    span: tuple[float, float],
+    name: str,
+    log10_epsilon: float = 0.0,
 ) -> np.ndarray:
     """One BGR row: image | ground truth | anomaly map | NFA mask, each tile captioned."""
     image = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
@@ -70,7 +82,7 @@ def grid_row(
     low, high = span
     scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
     heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    detected = log_nfa < 0.0
+    detected = log_nfa < log10_epsilon
     overlay = image.copy()
     overlay[detected] = (0.45 * overlay[detected] + 0.55 * np.array(_GREEN)).astype(np.uint8)
     overlay = _outline(overlay, mask, _RED)
@@ -99,7 +111,15 @@ def write_grids(
     written = {}
     for kind in test.types:
         rows = [
-            grid_row(test.images[i], test.masks[i], amaps[i], log_nfa[i], span, test.records[i].image.name)
+            grid_row(
+                test.images[i],
+                test.masks[i],
+                amaps[i],
+                log_nfa[i],
+                span,
+                test.records[i].image.name,
+                predictions.log10_epsilon,
+            )
             for i in sample_indices(np.flatnonzero(types == kind), samples_per_type)
         ]
         gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
@@ -156,6 +176,8 @@ def write_report(
     """Write report.html and the grids; returns what was written (for metrics.json)."""
     grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type)
     nfa_stats = result["nfa"]
+    epsilon = float(nfa_stats["log10_epsilon"])
+    null_model = str(nfa_stats["null_model"])
     what = result["bundle"] or result["run"]
     images = "".join(
         f"<h3>{html.escape(kind)}</h3><img src='{html.escape(rel)}' alt='{html.escape(kind)} samples'>"
@@ -169,7 +191,7 @@ td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}} img{{max-width:1
 <p>Model: {html.escape(str(what))} ({html.escape(result["source"])}), input {result["image_size"][0]}x{result["image_size"][1]}.
 Data: {html.escape(str(result["data"]["root"]))} ({html.escape(result["data"]["layout"])}), {result["overall"]["images"]} test images,
 {result["overall"]["defect_images"]} with defects.</p>
-<p>mIoU (NFA): mask log10 NFA &lt; 0, averaged over all test images (an empty mask on a good image scores 1;
+<p>mIoU (NFA): mask log10 NFA &lt; {epsilon:g} (the decision's log10 epsilon, {html.escape(null_model)} null), averaged over all test images (an empty mask on a good image scores 1;
 all-empty masks score {result["overall"]["miou_all_empty"]:.3f}). mIoU (oracle): best threshold of the anomaly map
 ({result["overall"]["oracle_threshold"]:.4f}), chosen on the test set itself. Per type: AUROCs and AUPRO over that
 type and the good images; mIoUs over that type's images.</p>
@@ -177,7 +199,7 @@ type and the good images; mIoUs over that type's images.</p>
 <h2>NFA</h2>
 <p>log10 number of tests {nfa_stats["log10_number_of_tests"]:.1f}. Minimum log10 NFA per image: good median
 {nfa_stats["min_log_nfa_good"].get("p50", float("nan")):.1f}, defect median {nfa_stats["min_log_nfa_defect"].get("p50", float("nan")):.1f}
-(a region is detected below 0).</p>
+(a region is detected below {epsilon:g}).</p>
 {_latent_table(result)}
 <h2>Samples</h2>
 <p>image | ground truth (red) | anomaly map (one colour scale for the whole test set) | NFA mask (green), ground truth (red)</p>

@@ -290,7 +290,7 @@ def train(
     optimiser = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=_lr_gamma(train_config))
     generator = torch.Generator().manual_seed(model_config.seed)
-    dims = sum(s.channels * s.height * s.width for s in model.scales)
+    dims = sum(s.channels * s.height * s.width for s in model.flow_scales)
 
     history: list[dict[str, Any]] = []
     best: tuple[float, int] = (math.inf, -1)

@@ -26,6 +26,8 @@ class WeightsError(RuntimeError):
 
 def default_weights_path(info: BackboneInfo) -> Path:
     """Where the weights package keeps the .pth file; WeightsError naming the package if it is absent."""
+    if info.weights_module is None or info.weights_class is None:
+        raise WeightsError(f"{info.name} has no ImageNet weights package: pass the .pth state dict (--weights PATH)")
     try:
         module = importlib.import_module(info.weights_module)
     except ImportError as exc:
@@ -88,7 +90,8 @@ def _hub_files(cache: Path, timm_name: str) -> list[Path]:
     """Weight files of ``timm_name``'s default pretrained tag in a Hugging Face hub cache directory."""
     import timm
 
-    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    hub_id = cfg.hf_hub_id if cfg is not None else None
     if not hub_id:
         return []
     snapshots = cache / f"models--{hub_id.replace('/', '--')}" / "snapshots"
@@ -121,7 +124,8 @@ def timm_state_dict(timm_name: str, weights: Path | None, backbone: str) -> Mapp
     for path in candidates:
         if path.is_file():
             return _read_weights_file(path, backbone)
-    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id or timm_name
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    hub_id = (cfg.hf_hub_id if cfg is not None else None) or timm_name
     where = str(weights) if weights is not None else ", ".join(str(d) for d in _hub_cache_dirs())
     needed = backbone_info(backbone).timm_names if backbone in BACKBONES else (timm_name,)
     files = " and ".join(f"DIR/{n}.safetensors" for n in needed)

@@ -10,7 +10,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge_agent.cli.common import EXIT_CONFIG, CommandTable, build_command_parser, parse_command
+from edge_agent.cli.common import (
+    EXIT_CONFIG,
+    CommandTable,
+    build_command_parser,
+    parse_command,
+    run_quietly_on_broken_pipe,
+)
 
 # name -> (module, one-line help). Add a command by adding a line.
 COMMANDS: CommandTable = {
@@ -40,6 +46,7 @@ COMMANDS: CommandTable = {
         "edge_agent.cli.review",
         "kept frames: list, mark good / confirmed defect, export a split.json for uflow train and evaluate",
     ),
+    "plc": ("edge_agent.cli.plc", "the OPC UA server's certificate and users (the PLC interface, docs/plc.md)"),
     "reject-relay": (
         "edge_agent.cli.reject_relay",
         "fire a reject actuator for anomalous parts at the right moment (subscribes to the cameras' inspections)",
@@ -61,4 +68,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed is None:
         return EXIT_CONFIG
     args, module = parsed
-    return int(module.run(args) or 0)
+    return run_quietly_on_broken_pipe(lambda: int(module.run(args) or 0))

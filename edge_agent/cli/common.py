@@ -15,7 +15,9 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 from edge_agent.config import ConfigError
 from edge_agent.exit_codes import (
+    EXIT_BROKEN_PIPE,
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_LOCKED,
@@ -34,6 +37,7 @@ from edge_agent.exit_codes import (
 )
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_CONFIG",
     "EXIT_FAILURE",
     "EXIT_LOCKED",
@@ -47,12 +51,27 @@ __all__ = [
     "install_signal_handlers",
     "parse_command",
     "parse_overrides",
+    "train_hint",
 ]
 
 log = logging.getLogger(__name__)
 
 
 CommandTable = dict[str, tuple[str, str]]  # name -> (module, one-line help)
+
+
+def run_quietly_on_broken_pipe(run: Callable[[], int]) -> int:
+    """``run()``, but a reader that closes stdout early (``edge-agent config --show | head``) ends the
+    command with EXIT_BROKEN_PIPE instead of a BrokenPipeError traceback."""
+    try:
+        code = run()
+        sys.stdout.flush()  # inside the try: the last buffered write is where a closed pipe shows
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit and would print the error then: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def build_command_parser(
@@ -97,6 +116,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, what: str, env_prefix:
         help=f"override one setting, e.g. --set mqtt.port=1884 --set {example} (values parse as JSON when they "
         "can: --set source.roi=[0,0,640,480])",
     )
+
+
+def train_hint(data: Path) -> str:
+    """The ``uflow train`` line that trains on ``data`` as written (record and review export print it)."""
+    name = data.parent.name if data.name == "split.json" else data.name
+    return f"uflow train --data {data} --out runs/{name or 'line'}"
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

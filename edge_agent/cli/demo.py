@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import paho.mqtt.client as paho
@@ -71,7 +72,7 @@ class RejectRelay:
     host: str
     port: int
     prefix: str = "uflow"
-    frames: list[dict] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     client: paho.Client | None = None

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, parse_overrides
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 
 if TYPE_CHECKING:  # the checks import what they test lazily, so one broken library fails only its row
@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``edge-agent doctor``."""
     parser.add_argument("--config", type=Path, default=None, help="agent TOML file to check (as `run` reads it)")
     parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting as `run --set` does, e.g. --set model.backend=onnxruntime",
+    )
+    parser.add_argument(
         "--open-source",
         action="store_true",
         help="also open the configured source and grab a frame (not while the agent holds the camera)",
@@ -52,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``edge-agent doctor``."""
-    checks = run_checks(args.config, open_source=args.open_source)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        print(f"edge-agent doctor: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    checks = run_checks(args.config, open_source=args.open_source, overrides=overrides)
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=2))
     else:
@@ -60,11 +73,13 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(c.status == "fail" for c in checks) else EXIT_OK
 
 
-def run_checks(config_path: Path | None, open_source: bool = False) -> list[Check]:
+def run_checks(
+    config_path: Path | None, open_source: bool = False, overrides: dict[str, Any] | None = None
+) -> list[Check]:
     """All checks, in the order a frame needs them; later checks are skipped when the config is unusable."""
     checks = [check_python(), check_torch_absent_is_fine(), check_opencv(), check_onnxruntime(), check_tensorrt()]
     try:
-        settings = load_settings(config_path)
+        settings = load_settings(config_path, **(overrides or {}))
     except ConfigError as exc:
         return [*checks, Check("config", "fail", str(exc))]
     where = str(config_path) if config_path else "defaults + EDGE_AGENT_* environment"
@@ -200,7 +215,8 @@ def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
     checks = [Check("bundle", "ok", f"{path}: {manifest.name} {manifest.version}, {manifest.backbone} at {size}")]
     checks.append(_check_signature(bundle.root, settings))
     checks.append(check_detection_power(manifest))
-    checks.append(_check_engine(bundle, settings))
+    checks.append(check_false_alarm_promise(manifest))
+    checks.extend(_check_engine(bundle, settings))
     return checks
 
 
@@ -228,6 +244,35 @@ def check_detection_power(manifest: object) -> Check:
     return Check("detection power", "ok", detail)
 
 
+def check_false_alarm_promise(manifest: object) -> Check:
+    """Whether the good images that calibrated the NFA can vouch for its promised false-alarm rate."""
+    from edge_agent.promise import describe, per_parts, shortfall
+
+    nfa_spec = getattr(manifest, "nfa", None)
+    null = getattr(nfa_spec, "null_model", "polyomino")
+    epsilon = float(getattr(nfa_spec, "log10_epsilon", 0.0))
+    if null != "fitted":
+        return Check(
+            "false alarms",
+            "ok",
+            f"the paper's polyomino NFA (log10 epsilon {epsilon:g}): its bound is conservative by construction",
+        )
+    calibration = getattr(nfa_spec, "calibration", None)
+    if calibration is None:
+        return Check(
+            "false alarms",
+            "warn",
+            f"the bundle promises at most {per_parts(10.0**epsilon)} but records no calibration count: "
+            "nothing backs the promise; retrain and re-export with a current `uflow`",
+        )
+    check = calibration.promise_check()
+    detail = describe(check, calibration.folds)
+    message = shortfall(check)
+    if message:
+        return Check("false alarms", "warn", f"{message}. {detail}")
+    return Check("false alarms", "ok", detail)
+
+
 def _check_signature(root: Path, settings: AgentSettings) -> Check:
     if settings.update.public_key is None:
         return Check("signature", "warn", "no update.public_key configured: bundle signatures are not checked")
@@ -240,25 +285,37 @@ def _check_signature(root: Path, settings: AgentSettings) -> Check:
     return Check("signature", "ok", f"model.json signed by fleet key {fingerprint}")
 
 
-def _check_engine(bundle: Bundle, settings: AgentSettings) -> Check:
+def source_is_live(settings: AgentSettings) -> bool:
+    """Whether the configured source is a camera, stream or GStreamer pipeline (from its kind or URI)."""
+    from edge_agent.inspection.drivers import LIVE_KINDS, detect_kind
+
+    kind = settings.source.kind if settings.source.kind != "auto" else detect_kind(settings.source.uri)
+    return kind in LIVE_KINDS
+
+
+def _check_engine(bundle: Bundle, settings: AgentSettings) -> list[Check]:
+    """The engine row and, for ONNX Runtime, the threads row: what was chosen for this box and source, and why."""
     import numpy as np
 
     from edge_agent.engines import EngineUnavailable, create_engine
 
     try:
-        engine = create_engine(bundle, settings.model)
+        engine = create_engine(bundle, settings.model, live=source_is_live(settings))
     except (EngineUnavailable, ValueError, RuntimeError) as exc:
-        return Check("engine", "fail", str(exc))
+        return [Check("engine", "fail", str(exc))]
+    plan = getattr(engine, "threads", None)  # ONNX Runtime only (TensorRT runs on the GPU)
+    threads = [Check("threads", "ok", plan.describe())] if plan is not None else []
     try:
         _, height, width, _ = engine.io.input.shape
         frame = np.full((height, width, 3), 128, dtype=np.uint8)
         engine.infer(frame)  # first call pays for allocation and graph set-up
         ms = _median_ms(lambda: engine.infer(frame), repeats=5)
     except Exception as exc:  # any backend failure on a real frame is what the engineer must see
-        return Check("engine", "fail", f"{engine.backend} loaded but inference failed: {exc}")
+        return [Check("engine", "fail", f"{engine.backend} loaded but inference failed: {exc}"), *threads]
     finally:
         engine.close()
-    return Check("engine", "ok", f"{engine.backend} {settings.model.precision}: {ms:.1f} ms per frame (median of 5)")
+    ok = Check("engine", "ok", f"{engine.backend} {settings.model.precision}: {ms:.1f} ms per frame (median of 5)")
+    return [ok, *threads]
 
 
 def check_source(settings: AgentSettings) -> Check:
@@ -270,7 +327,7 @@ def grab_source(settings: AgentSettings) -> tuple[Check, tuple[int, int] | None]
     """The source row, and the (height, width) of the grabbed frame after source.roi (None when none came)."""
     from edge_agent.inspection.drivers import SourceError
     from edge_agent.inspection.frame_source import FrameSource
-    from edge_agent.publish.messages import redact_uri
+    from edge_agent.redact import redact_uri
 
     try:
         source = FrameSource(settings.source)

@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SHARE",
         help="with --shadow-hours: the share of compared frames with the live model's verdict (default 0.99)",
     )
+    parser.add_argument(
+        "--shadow-min-frames",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="with --shadow-hours: the frames the shadow must have compared (default 1000)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,10 +98,19 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     gate = None
     if args.shadow_hours is not None:
-        if args.shadow_hours < 0 or not 0 <= args.shadow_agreement <= 1:
-            print("edge-agent fleet-publish: --shadow-hours >= 0 and --shadow-agreement in [0, 1]", file=sys.stderr)
+        if args.shadow_hours < 0 or not 0 <= args.shadow_agreement <= 1 or args.shadow_min_frames < 1:
+            print(
+                "edge-agent fleet-publish: --shadow-hours >= 0, --shadow-agreement in [0, 1], --shadow-min-frames >= 1",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
-        gate = ShadowGate(hours=args.shadow_hours, min_agreement=args.shadow_agreement) if args.shadow_hours else None
+        gate = (
+            ShadowGate(
+                hours=args.shadow_hours, min_agreement=args.shadow_agreement, min_compared=args.shadow_min_frames
+            )
+            if args.shadow_hours
+            else None
+        )
     try:
         if args.sign is not None:
             sign_bundle(args.bundle, args.sign)

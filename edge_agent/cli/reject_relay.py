@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent.cli.common import (
@@ -46,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="print the resolved configuration (travel time per camera, actuators) and exit",
+        help="print the resolved configuration (travel per camera, frame and part mode, actuators), check that "
+        "the actuators can be used (command on PATH, GPIO chip and line, the MQTT broker of an mqtt actuator) "
+        "and exit: 0 usable, 2 a configuration problem, 1 the broker of an mqtt actuator cannot be reached",
     )
 
 
@@ -58,9 +64,26 @@ def run(args: argparse.Namespace) -> int:
         setup_logging("INFO", "text")
         log.error("configuration error: %s", exc, extra={"event": "config_error"})
         return EXIT_CONFIG
+    config_problems: list[str] = []
+    reach_problems: list[str] = []
     if args.check:
-        print(json.dumps(describe(settings), indent=2))
-        return EXIT_OK
+        description = describe(settings)
+        config_problems, reach_problems = check_actuators(settings)
+        description["problems"] = config_problems + reach_problems
+        print(json.dumps(description, indent=2))
+        for problem in config_problems + reach_problems:
+            print(f"edge-agent reject-relay --check: {problem}", file=sys.stderr)
+    if not settings.known_devices:
+        # It would count every message unknown_devices and fire nothing: say so now, not on the line.
+        setup_logging("INFO", "text")
+        log.error(
+            "configuration error: no camera: list the cameras this relay acts for in cameras = [...] (top level) or "
+            "under [devices.<device_id>]",
+            extra={"event": "config_error"},
+        )
+        return EXIT_CONFIG
+    if args.check:
+        return EXIT_CONFIG if config_problems else EXIT_FAILURE if reach_problems else EXIT_OK
     setup_logging(settings.log_level, settings.log_format)
     return run_relay(settings)
 
@@ -68,15 +91,16 @@ def run(args: argparse.Namespace) -> int:
 def describe(settings: RelaySettings) -> dict[str, object]:
     """What the relay will do, for ``--check`` (no connection, no journal)."""
     devices: dict[str, object] = {}
-    for device_id in [*settings.devices, "<any other camera>"]:
-        timing = settings.timing_for(device_id) if device_id in settings.devices else settings.timing_for("")
-        actuator = settings.actuator_for(device_id) if device_id in settings.devices else settings.actuator
+    for device_id in settings.known_devices:
+        timing = settings.timing_for(device_id)
+        actuator = settings.actuator_for(device_id)
         devices[device_id] = {
             "travel_s": timing.travel_s if timing else None,
             "travel": timing.how if timing else "not configured: anomalous messages are counted 'unconfigured'",
             "tolerance_s": timing.tolerance_s if timing else None,
             "clock_offset_s": timing.clock_offset_s if timing else None,
             "actuator": _without_secrets(actuator.model_dump(exclude_none=True)) if actuator else None,
+            "part_mode": _part_travel(settings, device_id),
         }
     return {
         "relay_id": settings.relay_id,
@@ -87,7 +111,132 @@ def describe(settings: RelaySettings) -> dict[str, object]:
         "clock": settings.clock.model_dump(),
         "journal": str(settings.journal),
         "devices": devices,
+        "other_cameras": "counted unknown_devices, never fired (not in cameras or [devices])",
+        "limits": settings.limits.model_dump(),
     }
+
+
+def _part_travel(settings: RelaySettings, device_id: str) -> dict[str, object]:
+    """Part messages: the travel of a part decided exactly on the line, computed by the relay's own plan_part."""
+    from edge_agent.messages import PartFrames, PartMessage
+    from edge_agent.relay.parts import plan_part
+
+    timing = settings.part_timing_for(device_id)
+    belt = settings.belt
+    if timing is None:
+        return {"travel": "not configured: set decision_distance_m under [timing] or [devices.<id>]"}
+    live = "encoder " + str(belt.encoder_topic) if belt.encoder_topic else belt.speed_topic
+    result: dict[str, object] = {
+        "decision_distance_m": timing.distance_m,
+        "speed_m_s": timing.speed_m_s,
+        "live_speed": live,
+        "tolerance_s": timing.tolerance_s,
+        "clock_offset_s": timing.clock_offset_s,
+    }
+    if timing.speed_m_s is None:
+        result["travel_s"] = None
+        result["travel"] = (
+            f"by the live belt speed from {live}; until the first value, anomalous parts are 'unconfigured'"
+            if live
+            else "no belt speed: set speed_m_s, [belt] speed_topic or encoder_topic"
+        )
+        return result
+    # A part decided now, exactly on the decision line, arriving at once: the relay's own arithmetic.
+    now = time.time()
+    probe = PartMessage(
+        device_id=device_id or "check",
+        part_id="check",
+        mode="tracked",
+        anomalous=True,
+        log_nfa=-1.0,
+        log10_epsilon=0.0,
+        first_capture_time=now,
+        decision_time=now,
+        frames=PartFrames(count=1),
+    )
+    plan, _ = plan_part(probe, now, timing.distance_m, timing.speed_m_s, timing.tolerance_s, 0.0, "check")
+    result["travel_s"] = round(plan.travel_s, 6)
+    result["travel"] = (
+        f"{timing.distance_m:g} m / {timing.speed_m_s:g} m/s from the decision line, less how far the part is past it"
+        + (f"; the live speed from {live} replaces it once received" if live else "")
+    )
+    return result
+
+
+def check_actuators(settings: RelaySettings) -> tuple[list[str], list[str]]:
+    """(configuration problems, unreachable brokers) of the actuators the relay would build at start."""
+    from edge_agent.relay.actuators import ActuatorConfigError, create_actuator
+
+    problems: list[str] = []
+    unreachable: list[str] = []
+    named = [(f"devices.{d}.actuator", settings.devices[d].actuator) for d in settings.devices]
+    for where, config in [("actuator", settings.actuator), *named]:
+        if config is None:
+            continue
+        if config.kind == "mqtt":
+            reason = _broker_unreachable(settings.mqtt.host, settings.mqtt.port, 3.0)
+            if reason and not unreachable:
+                unreachable.append(
+                    f"{where}: kind = mqtt publishes on the relay's broker {settings.mqtt.host}:"
+                    f"{settings.mqtt.port}, which cannot be reached ({reason})"
+                )
+            continue
+        try:
+            create_actuator(config).close()
+        except ActuatorConfigError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if config.kind == "command" and config.command:
+            problems += [f"{where}: {p}" for p in gpio_problems(config.command)]
+    return problems, unreachable
+
+
+def gpio_problems(argv: list[str]) -> list[str]:
+    """A ``gpioset``/``gpioget`` command naming a GPIO chip that does not exist or a line it does not have."""
+    if not argv or Path(argv[0]).name not in ("gpioset", "gpioget"):
+        return []
+    chips = [a for a in argv[1:] if re.fullmatch(r"(/dev/)?gpiochip\d+", a)]
+    lines = [int(m.group(1)) for a in argv[1:] if (m := re.fullmatch(r"(\d+)(=\S*)?", a))]
+    problems = []
+    for chip in chips:
+        device = Path(chip if chip.startswith("/dev/") else f"/dev/{chip}")
+        if not device.exists():
+            problems.append(f"GPIO chip {device} does not exist on this machine (see gpiodetect)")
+            continue
+        count = _gpio_lines(device)
+        for line in lines:
+            if count is not None and line >= count:
+                problems.append(f"GPIO chip {device} has {count} lines: line {line} does not exist (see gpioinfo)")
+    return problems
+
+
+def _gpio_lines(device: Path) -> int | None:
+    """The number of lines of a GPIO character device (GPIO_GET_CHIPINFO_IOCTL), None when it cannot be read."""
+    import fcntl
+    import os
+    import struct
+
+    try:
+        fd = os.open(device, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        info = bytearray(68)  # struct gpiochip_info: char name[32], char label[32], __u32 lines
+        fcntl.ioctl(fd, 0x8044B401, info)
+        return int(struct.unpack_from("I", info, 64)[0])
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _broker_unreachable(host: str, port: int, timeout_s: float) -> str:
+    """Why a TCP connection to the broker fails, or "" when it connects."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def _without_secrets(actuator: dict[str, object]) -> dict[str, object]:

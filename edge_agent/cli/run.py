@@ -32,7 +32,7 @@ from edge_agent.cli.common import (
 )
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 from edge_agent.logs import setup_logging
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 from edge_agent.systemd import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ def run_agent(
     notifier = notifier or SystemdNotifier()
     _use_numba_cache_in(settings.state_dir)
     # Imported here so NUMBA_CACHE_DIR is set before Numba loads (scoring imports the NFA).
+    from edge_agent.bundle import BundleError, read_manifest
     from edge_agent.fleet.signing import SigningError, verify_installed_bundle
     from edge_agent.inspection import nfa
     from edge_agent.inspection.drivers import SourceError, describe_video_io
@@ -88,9 +89,16 @@ def run_agent(
             **describe_video_io(),
         },
     )
+    try:
+        # A missing or unreadable bundle fails at once, before the camera is opened and the NFA warmed up.
+        read_manifest(settings.bundle_dir)
+    except BundleError as exc:
+        log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.bundle_dir)})
+        notifier.stopping(f"failed: {exc}")
+        return EXIT_FAILURE
     source = FrameSource(settings.source)
     try:
-        # The source first: a missing file should fail in a second, not after the warm-up.
+        # The source next: a missing file should fail in a second, not after the warm-up.
         notifier.status(f"starting: opening {source.kind} {redact_uri(settings.source.uri)}")
         source.open()
     except SourceError as exc:
@@ -118,7 +126,7 @@ def run_agent(
         nfa.warm_up()
         # With a fleet key configured the installed bundle must still carry its signature (not only hashes).
         verify_installed_bundle(settings.bundle_dir, settings.update.public_key)
-        model = load_model(settings.bundle_dir, settings.model, settings.nfa)
+        model = load_model(settings.bundle_dir, settings.model, settings.nfa, live=source.live)
     except (ModelLoadError, SigningError) as exc:
         log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)})
         source.close()

@@ -111,11 +111,13 @@ class Conveyor:
         left = index * self.spec.speed_px
         window = self.world[:, left : left + self.spec.width]
         grey = np.clip(np.rint(window), 0, 255).astype(np.uint8)
-        return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+        return np.asarray(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
 
     def truth(self) -> ConveyorTruth:
         """Which frames show a whole defect, part of one, or none."""
-        full, partial, clean = [], [], []
+        full: list[int] = []
+        partial: list[int] = []
+        clean: list[int] = []
         width, speed = self.spec.width, self.spec.speed_px
         for index in range(self.frames):
             left, right = index * speed, index * speed + width - 1
@@ -140,7 +142,7 @@ def _belt(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Dark rubber belt: fine grain plus faint ribs across the direction of travel."""
     grain = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 0.8) * 5.0
     ribs = 3.0 * np.sin(np.arange(width, dtype=np.float32) * (2 * math.pi / 23.0))[None, :]
-    return BELT_GREY + grain + ribs
+    return np.asarray(BELT_GREY + grain + ribs, np.float32)
 
 
 def _place(world: np.ndarray, surface: np.ndarray, x: int, y: int) -> None:
@@ -157,7 +159,7 @@ def _place(world: np.ndarray, surface: np.ndarray, x: int, y: int) -> None:
 def write_video(path: Path, frames: Iterator[np.ndarray] | list[np.ndarray], fps: float, size: tuple[int, int]) -> str:
     """Write BGR frames losslessly (FFV1) when this OpenCV can, else MJPG; returns the codec used."""
     for codec in ("FFV1", "MJPG"):
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*codec), fps, size)
         if writer.isOpened():
             break
         writer.release()

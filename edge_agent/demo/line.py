@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,7 +36,7 @@ def write_relay_config(
     """A relay config for the demo: part messages of one camera, the belt speed, an MQTT actuator."""
     path.write_text(
         f'relay_id = "{RELAY_ID}"\nstate_dir = "{state_dir}"\nlog_format = "json"\nstop_drain_s = 5.0\n'
-        f'log_good_decisions = true\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopics = ["uflow/{device_id}/part"]\n'
+        f'log_good_decisions = true\ncameras = ["{device_id}"]\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopics = ["uflow/{device_id}/part"]\n'
         f'\n[clock]\nmode = "fixed"\n\n[timing]\ndecision_distance_m = {decision_distance_m}\n'
         f"speed_m_s = {speed_m_s}\ntolerance_s = 0.25\n\n"
         f'[actuator]\nkind = "mqtt"\ntopic = "{PLC_TOPIC}"\n'
@@ -71,7 +72,7 @@ class RelayChild:
         self.stop()
         raise BrokerError(f"the reject relay did not start; see {self.log_path}")
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[dict[str, Any]]:
         """The relay's JSON log lines so far."""
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
@@ -81,7 +82,7 @@ class RelayChild:
                 continue
         return out
 
-    def decisions(self, name: str) -> list[dict]:
+    def decisions(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("event") == "relay_decision" and r.get("decision") == name]
 
     def stop(self) -> int | None:
@@ -105,9 +106,9 @@ class LineWatcher:
     device_id: str
     prefix: str = "uflow"
     say: Callable[[str], None] = print
-    parts: list[dict] = field(default_factory=list)
-    frames: list[dict] = field(default_factory=list)
-    pulses: list[tuple[float, dict]] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    pulses: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     client: paho.Client | None = None

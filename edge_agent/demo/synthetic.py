@@ -73,20 +73,20 @@ def _illumination(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     gradient = slope * (np.cos(angle) * xx + np.sin(angle) * yy)
     cy, cx = rng.uniform(-0.15, 0.15, size=2)
     vignette = -rng.uniform(10.0, 20.0) * ((xx - cx) ** 2 + (yy - cy) ** 2)
-    return (base + gradient + vignette).astype(np.float32)
+    return np.asarray(base + gradient + vignette, np.float32)
 
 
 def _brushed_streaks(rng: np.random.Generator, height: int, width: int, scale: float) -> np.ndarray:
     """Directional texture: white noise smeared along a near-horizontal brushing direction."""
     noise = rng.standard_normal((height, width)).astype(np.float32)
     length = max(3, round(24 * scale) | 1)
-    kernel = np.zeros((length, length), np.float32)
+    kernel: np.ndarray = np.zeros((length, length), np.float32)
     kernel[length // 2, :] = 1.0 / length
     angle = rng.uniform(-6.0, 6.0)
     rotation = cv2.getRotationMatrix2D((length / 2 - 0.5, length / 2 - 0.5), angle, 1.0)
-    kernel = cv2.warpAffine(kernel, rotation, (length, length))
+    kernel = np.asarray(cv2.warpAffine(kernel, rotation, (length, length)), np.float32)
     kernel /= max(float(kernel.sum()), 1e-6)
-    streaks = cv2.filter2D(noise, -1, kernel, borderType=cv2.BORDER_REFLECT)
+    streaks: np.ndarray = cv2.filter2D(noise, -1, kernel, borderType=cv2.BORDER_REFLECT)
     streaks /= max(float(streaks.std()), 1e-6)
     return streaks * rng.uniform(5.0, 7.0)
 
@@ -95,7 +95,7 @@ def _grain(rng: np.random.Generator, height: int, width: int, scale: float) -> n
     """Fine isotropic grain, slightly blurred so that it scales with the image."""
     noise = rng.standard_normal((height, width)).astype(np.float32)
     sigma = max(0.5, 0.8 * scale)
-    grain = cv2.GaussianBlur(noise, (0, 0), sigma)
+    grain: np.ndarray = cv2.GaussianBlur(noise, (0, 0), sigma)
     grain /= max(float(grain.std()), 1e-6)
     return grain * rng.uniform(3.0, 4.5)
 

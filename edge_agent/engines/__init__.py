@@ -44,8 +44,12 @@ def tensorrt_missing_reason() -> str | None:
     return None
 
 
-def create_engine(bundle: Bundle, model_config: ModelConfig | None = None) -> Engine:
-    """An engine for a verified bundle, on the backend the config asks for (logged)."""
+def create_engine(bundle: Bundle, model_config: ModelConfig | None = None, live: bool = False) -> Engine:
+    """An engine for a verified bundle, on the backend the config asks for (logged).
+
+    ``live``: the frames come from a camera or stream (it is part of ONNX Runtime's thread plan,
+    edge_agent/engines/threads.py).
+    """
     config = model_config or ModelConfig()
     backend = config.backend
     if backend in ("auto", "tensorrt"):
@@ -66,7 +70,22 @@ def create_engine(bundle: Bundle, model_config: ModelConfig | None = None) -> En
     if engine is None:
         from edge_agent.engines.onnxruntime import OnnxRuntimeEngine
 
-        engine = OnnxRuntimeEngine(bundle, precision=config.precision, threads=config.threads)
+        engine = OnnxRuntimeEngine(
+            bundle, precision=config.precision, threads=config.threads, spinning=config.spinning, live=live
+        )
+        log.info(
+            "ONNX Runtime threads chosen",
+            extra={
+                "event": "engine_threads",
+                "intra_op_threads": engine.threads.intra_op_threads,
+                "inter_op_threads": engine.threads.inter_op_threads,
+                "spinning": engine.threads.spinning,
+                "pin_cores": engine.threads.pin_cores,
+                "cores": engine.threads.cores,
+                "live": live,
+                "reason": engine.threads.reason,
+            },
+        )
     log.info(
         "engine loaded",
         extra={

@@ -15,6 +15,7 @@ from edge_agent.engines.base import (
     check_io_matches,
     split_outputs,
 )
+from edge_agent.engines.threads import Spinning, ThreadPlan, available_cores, plan_threads
 
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
@@ -29,15 +30,26 @@ class OnnxRuntimeEngine:
 
     backend = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int = 0) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        precision: str = "fp32",
+        threads: int = 0,
+        spinning: Spinning = "auto",
+        live: bool = False,
+    ) -> None:
+        """Load the bundle's model; ``threads`` 0 and ``spinning`` "auto" are chosen (engines/threads.py)."""
         import onnxruntime as ort
 
         path = bundle.model_path(precision)
+        self.threads: ThreadPlan = plan_threads(threads, spinning, available_cores(), live)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # the plan's inter-op threads assume it
+        options.intra_op_num_threads = self.threads.intra_op_threads
+        options.inter_op_num_threads = self.threads.inter_op_threads
+        for key, value in self.threads.session_config().items():
+            options.add_session_config_entry(key, value)
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for malformed graphs

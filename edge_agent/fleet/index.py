@@ -91,14 +91,16 @@ class ShadowGate(BaseModel):
     """A group's requirement before a device installs a new version: it ran as the shadow model that long.
 
     The device checks its own ``<state_dir>/shadow.json`` (edge_agent/inspection/shadow.py): the version
-    must have been its ``[model] shadow`` for ``hours`` and agreed with the live model on at least
-    ``min_agreement`` of the compared frames. Older agents ignore this field.
+    must have been its ``[model] shadow`` for ``hours`` of active time, compared at least ``min_compared``
+    frames and agreed with the live model on at least ``min_agreement`` of them; the shadow's model sha256
+    must be the release's. Older agents ignore this field.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    hours: float = Field(gt=0, allow_inf_nan=False)
+    hours: float = Field(gt=0, allow_inf_nan=False, description="active shadow hours (agent downtime not counted)")
     min_agreement: float = Field(default=0.99, ge=0, le=1)
+    min_compared: int = Field(default=1000, ge=1, description="frames the shadow must have compared")
 
 
 class FleetIndex(BaseModel):
@@ -263,7 +265,8 @@ def _open(location: str, timeout_s: float, context: ssl.SSLContext | None = None
             _NoDowngradeRedirects(), urllib.request.HTTPSHandler(context=context or ssl.create_default_context())
         )
         try:
-            return opener.open(request, timeout=timeout_s)
+            response: BinaryIO = opener.open(request, timeout=timeout_s)
+            return response
         except urllib.error.HTTPError as exc:
             raise FleetError(f"{location}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, TimeoutError, OSError) as exc:

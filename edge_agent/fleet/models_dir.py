@@ -146,7 +146,7 @@ class ModelsDir:
 
     def clean_leftovers(self) -> list[str]:
         """Remove staging/trash directories and temporary links of earlier, interrupted runs."""
-        removed = []
+        removed: list[str] = []
         if not self.root.is_dir():
             return removed
         for path in self.root.iterdir():

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Literal
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.fleet.models_dir import ModelsDir, ModelsDirError, PendingSwitch, UpdateLocked
 from edge_agent.fleet.update_mqtt import AgentControl, EventSink, MqttLink
-from edge_agent.publish.messages import UpdateEvent, redact_uri
+from edge_agent.messages import UpdateEvent
+from edge_agent.redact import redact_uri
 
 if TYPE_CHECKING:  # the fleet index and signing load when an update runs
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -253,6 +254,13 @@ def _run_locked(
             return UpdateResult("skipped", version=release.version, previous=current, message=waiting)
         report("fetch_index", True, f"group {group!r} -> {release.version} (current {current or 'none'})")
         root = _obtain_bundle(models, release, location, public_key, settings, context, report)
+        if waiting is None and not force:
+            # The version matched; now the exact model the signed bundle holds must be the one shadowed.
+            waiting = _shadow_gate_problem(index.shadow_gate_for(group), release.version, settings, root)
+            if waiting is not None:
+                report("verify", True, waiting)
+                log.warning(waiting, extra={"event": "update_waiting_for_shadow", "version": release.version})
+                return UpdateResult("skipped", version=release.version, previous=current, message=waiting)
         _prove_on_this_device(root, settings, report)
         if root.parent != models.root:
             with _step("install"):
@@ -270,13 +278,27 @@ def _run_locked(
         models.clean_leftovers()
 
 
-def _shadow_gate_problem(gate: ShadowGate | None, version: str, settings: AgentSettings) -> str | None:
-    """Why the group's shadow requirement holds ``version`` back on this box (None: no requirement, or met)."""
+def _shadow_gate_problem(
+    gate: ShadowGate | None, version: str, settings: AgentSettings, bundle_root: Path | None = None
+) -> str | None:
+    """Why the group's shadow requirement holds ``version`` back on this box (None: no requirement, or met).
+
+    Before the download only the version can be compared (a cheap "not yet" that saves the download);
+    with ``bundle_root`` (downloaded and signature-checked) the shadowed model's sha256 must be its."""
     if gate is None:
         return None
+    from edge_agent.bundle import load_bundle
     from edge_agent.inspection.shadow import STATE_NAME, gate_problem
 
-    problem = gate_problem(settings.state_dir / STATE_NAME, version, gate.hours, gate.min_agreement)
+    sha256 = None
+    if bundle_root is not None:
+        try:
+            sha256 = load_bundle(bundle_root).model_sha256(settings.model.precision)
+        except (KeyError, ValueError, OSError) as exc:
+            return f"waiting for shadow agreement: cannot tell the release's model ({exc})"
+    problem = gate_problem(
+        settings.state_dir / STATE_NAME, version, gate.hours, gate.min_agreement, gate.min_compared, sha256
+    )
     return None if problem is None else f"waiting for shadow agreement: {problem}"
 
 
@@ -297,7 +319,7 @@ def _obtain_bundle(
     models: ModelsDir,
     release: Release,
     location: str,
-    public_key: Ed25519PublicKey | None,
+    public_key: Ed25519PublicKey,
     settings: AgentSettings,
     context: ssl.SSLContext | None,
     report: _Reporter,
@@ -338,7 +360,7 @@ def _obtain_bundle(
     return staging / UNPACK_NAME
 
 
-def _verify(root: Path, version: str, public_key: Ed25519PublicKey | None) -> str:
+def _verify(root: Path, version: str, public_key: Ed25519PublicKey) -> str:
     from edge_agent.bundle import load_bundle
     from edge_agent.fleet.index import FleetError, check_only_listed_files
     from edge_agent.fleet.signing import verify_bundle_signature

@@ -25,8 +25,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from pydantic import BaseModel, ValidationError
 
 from edge_agent.config import MqttConfig
-from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     CommandResult,
     InspectionMessage,
     PayloadError,
@@ -35,6 +34,7 @@ from edge_agent.publish.messages import (
     parse_json_object,
     topic,
 )
+from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,17 @@ class AgentControl(Protocol):
 EventSink = Callable[[UpdateEvent], None]
 
 
+def updater_config(config: MqttConfig) -> MqttConfig:
+    """The box's MQTT settings with the updater's own user name (``mqtt.updater_username``, default
+    ``<username>-updater``): a broker that binds client ids to user names (the shipped
+    ``use_username_as_clientid``) would otherwise disconnect the running agent when the updater connects."""
+    if not config.username:
+        return config
+    return config.model_copy(update={"username": config.updater_username or f"{config.username}-updater"})
+
+
 class MqttLink:
-    """The updater's own MQTT connection (client id ``<device_id>-updater``)."""
+    """The updater's own MQTT connection (client id ``<device_id>-updater``, user ``<username>-updater``)."""
 
     def __init__(self, config: MqttConfig, device_id: str) -> None:
         self.config = config
@@ -90,7 +99,7 @@ class MqttLink:
 
     def _new_client(self) -> paho.Client:
         protocol = PROTOCOLS.get(self.config.protocol, MQTTProtocolVersion.MQTTv5)
-        client = new_client(self.config, f"{self.config.client_id or self.device_id}-updater", protocol)
+        client = new_client(updater_config(self.config), f"{self.config.client_id or self.device_id}-updater", protocol)
         client.on_connect = self._on_connect
         client.on_connect_fail = lambda client, userdata: self._gave_up.set()
         client.on_message = self._on_message

@@ -9,8 +9,9 @@
 6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project.
 7. ``parts`` (``[parts] mode``): ``tracking`` follows parts along the belt and ``part_verdict`` combines
    a part's frames into one decision; ``triggers`` pairs a trigger with its frame in triggered mode.
-8. ``pipeline``: the stage threads (joined by ``stage_queue``) that run 1-7 and hand each result to
-   ``edge_agent.publish``.
+8. ``pipeline``: the stage threads (joined by ``stage_queue``) that run 1-7 and hand each result to a
+   ``pipeline.Publisher`` (``edge_agent.publish``'s MQTT publisher; inspection never imports publish).
+   The payloads are ``edge_agent.messages``, the contract floor beside ``bundle`` and ``config``.
 
 Loaded once, used on every frame: ``loaded_model`` (bundle + engine + scoring) and ``selftest`` (the
 bundle's self-test at load). ``overlay`` draws a result for people (preview, snapshots, segment).

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from edge_agent.config import SourceConfig
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class Frame:
     roi_offset: tuple[int, int] = (0, 0)  # x, y of image[0, 0] in the source frame
     monotonic: float = field(default_factory=time.monotonic)  # for latency, immune to clock steps
     full: np.ndarray | None = None  # the rotated full frame when a ROI is cut from it (``image`` is a view: no copy)
+    # Seconds into a video file (its frame rate) or an image folder (source.fps_limit); None for live sources.
+    media_time: float | None = None
 
 
 class RawSource(Protocol):
@@ -189,6 +191,14 @@ class CaptureSource:
         if self._capture is not None:
             self._capture.release()
             self._capture = None
+
+    @property
+    def fps(self) -> float | None:
+        """A video file's frame rate as the container states it (None for live sources or when unknown)."""
+        if self._capture is None or self.kind != "file":
+            return None
+        fps = float(self._capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        return fps if 0.0 < fps < 10_000.0 else None
 
     @property
     def frame_count(self) -> int | None:

@@ -27,7 +27,7 @@ import numpy as np
 from edge_agent.config import SourceConfig
 from edge_agent.inspection.driver_worker import CallTimedOut, Cancelled, DriverWorker
 from edge_agent.inspection.drivers import LIVE_KINDS, Frame, RawSource, SourceError, SourceTimeout, make_raw_source
-from edge_agent.publish.messages import redact_uri
+from edge_agent.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -381,9 +381,17 @@ class FrameSource:
             frame_size=(width, height),
             roi_offset=offset,
             full=full,
+            media_time=self._media_time(),
         )
         self._sequence += 1
         return frame
+
+    def _media_time(self) -> float | None:
+        """Seconds into a file (frames read / its frame rate; loops continue the count), None when live."""
+        if self.live:
+            return None
+        fps = getattr(self.raw, "fps", None) or (self.config.fps_limit if self.config.fps_limit > 0 else None)
+        return None if fps is None else self._sequence / fps
 
 
 _ROTATIONS = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}

@@ -18,7 +18,7 @@ from edge_agent.bundle import Bundle, BundleError, load_bundle
 from edge_agent.config import ModelConfig, NfaConfig
 from edge_agent.engines import Engine, EngineUnavailable, create_engine
 from edge_agent.inspection.scoring import FrameScorer
-from edge_agent.publish.messages import ModelRef
+from edge_agent.messages import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,18 @@ class LoadedModel:
         self.engine.close()
 
 
-def load_model(bundle_path: Path | str, model_config: ModelConfig, nfa_config: NfaConfig | None = None) -> LoadedModel:
-    """Load and warm up the bundle at ``bundle_path`` (a symlink such as models/current is resolved now)."""
+def load_model(
+    bundle_path: Path | str, model_config: ModelConfig, nfa_config: NfaConfig | None = None, live: bool = False
+) -> LoadedModel:
+    """Load and warm up the bundle at ``bundle_path`` (a symlink such as models/current is resolved now).
+
+    ``live``: frames come from a camera or stream (the engine's thread plan, edge_agent/engines/threads.py).
+    """
     started = time.monotonic()
     root = Path(bundle_path).resolve()
     try:
         bundle = load_bundle(root)
-        engine = create_engine(bundle, model_config)
+        engine = create_engine(bundle, model_config, live=live)
     except (BundleError, EngineUnavailable) as exc:
         raise ModelLoadError(f"cannot load the model at {bundle_path}: {exc}") from exc
     try:

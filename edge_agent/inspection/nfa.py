@@ -71,10 +71,10 @@ def _logsumexp(values: np.ndarray) -> float:
 
 def log10_number_of_tests(shapes: Sequence[tuple[int, int]]) -> float:
     """log10 of N = sum_s N_s * sum_{r=1..N_s} a * b^r / r with N_s = H_s * W_s, computed in log space."""
-    shapes = [tuple(shape) for shape in shapes]
-    if all(len(shape) == 2 and all(_is_positive_int(d) for d in shape) for shape in shapes):
-        return _cached_log10_number_of_tests(tuple((int(h), int(w)) for h, w in shapes))
-    return _log10_number_of_tests(shapes)
+    as_tuples: list[tuple[int, ...]] = [tuple(shape) for shape in shapes]
+    if all(len(shape) == 2 and all(_is_positive_int(d) for d in shape) for shape in as_tuples):
+        return _cached_log10_number_of_tests(tuple((int(h), int(w)) for h, w in as_tuples))
+    return _log10_number_of_tests(as_tuples)
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,7 +83,7 @@ def _cached_log10_number_of_tests(shapes: tuple[tuple[int, int], ...]) -> float:
     return _log10_number_of_tests(list(shapes))
 
 
-def _log10_number_of_tests(shapes: list[tuple[int, ...]]) -> float:
+def _log10_number_of_tests(shapes: Sequence[tuple[int, ...]]) -> float:
     if not shapes:
         raise ValueError("log10_number_of_tests: no scale shapes given")
     log_terms = []

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from edge_agent.publish.messages import Region
+from edge_agent.messages import Region
 
 DETECTION_BGR = (255, 255, 255)
 BOX_BGR = (0, 255, 255)
@@ -17,7 +17,7 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 def heat_map(anomaly_map: np.ndarray) -> np.ndarray:
     """BGR uint8 colour image of an anomaly map in [0, 1] (values outside are clipped)."""
     scaled = np.clip(np.nan_to_num(anomaly_map, nan=0.0), 0.0, 1.0)
-    return cv2.applyColorMap(np.rint(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return np.asarray(cv2.applyColorMap(np.rint(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET))
 
 
 def detection_mask(log_nfa: np.ndarray, log10_epsilon: float) -> np.ndarray:
@@ -53,7 +53,7 @@ def draw_overlay(
     base = cv2.resize(base, size, interpolation=cv2.INTER_NEAREST) if factor > 1 else base
     heat = heat_map(cv2.resize(anomaly_map.astype(np.float32), size) if factor > 1 else anomaly_map)
     canvas = cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
-    mask = detection_mask(log_nfa, log10_epsilon).astype(np.uint8)
+    mask: np.ndarray = detection_mask(log_nfa, log10_epsilon).astype(np.uint8)
     if factor > 1:
         mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
     thickness = max(1, round(min(size) / 250))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,7 @@ def log10_fisher(log10_product: np.ndarray, count: np.ndarray) -> np.ndarray:
     terms = np.where(j < count[..., None], terms, -np.inf)
     top = terms.max(axis=-1)
     log_sum = top + np.log(np.exp(terms - top[..., None]).sum(axis=-1))
-    return np.minimum(log10_product + log_sum / _LN10, 0.0)
+    return np.asarray(np.minimum(log10_product + log_sum / _LN10, 0.0))
 
 
 def best_run(log10_q: np.ndarray) -> tuple[float, int, int]:
@@ -146,9 +147,12 @@ class PartEvidence:
         if regions:
             log_nfa = regions[0].log_nfa
         else:
-            # No candidate anywhere: the best single frame, Bonferroni over the frames.
+            # No candidate anywhere: the best single frame, Bonferroni over the frames. Never below
+            # epsilon: what lies below it there is evidence the decision excluded (a region under the
+            # minimum area, or a neighbour's), so it is not this part's, and the message's contract is
+            # "anomalous when log_nfa < log10_epsilon".
             lows = [min(0.0, _view_min(o)) for o in self.observations] or [0.0]
-            log_nfa = min(lows) + math.log10(max(1, frames))
+            log_nfa = max(min(lows) + math.log10(max(1, frames)), self.log10_epsilon)
         return PartDecision(
             anomalous=bool(regions) and log_nfa < self.log10_epsilon,
             log_nfa=float(log_nfa),
@@ -166,7 +170,7 @@ class PartEvidence:
         candidate (frame index, region in map pixels, frame).
         """
         threshold = self.log10_epsilon + self.candidate_slack
-        places: list[list] = []
+        places: list[list[Any]] = []  # [box, (frame index, region, frame)], the box grows in place
         for index, obs in enumerate(self.observations):
             for raw in nfa.regions_from_log_nfa(obs.log_nfa, threshold, self.min_area):
                 box = self._part_box(obs, raw.bbox)

@@ -19,10 +19,11 @@ from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.part_verdict import FrameObservation, PartDecision, PartEvidence
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.tracking import DecidedPart, PartTracker, TrackedPart, TrackingSettings
-from edge_agent.publish.messages import ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
+from edge_agent.messages import MAX_PART_REGIONS, ModelRef, PartFrames, PartMessage, PartPosition, PartRegion
 
 log = logging.getLogger(__name__)
 
+MAX_VERDICTS = 256  # decided parts whose verdict the view remembers (a decided part may stay in view)
 MIN_TRAVEL_PX = 0.5  # a frame after less belt travel than this adds no observation (the belt stands still)
 
 
@@ -58,6 +59,19 @@ class PartsView:
     parts: tuple[tuple[str, int, int, bool], ...]  # part id, x0, x1 (ROI pixels), already decided
     decision_line_x: float
     direction: str
+    undecided: frozenset[str] = frozenset()  # parts the tracker follows and has not decided yet (in view or not)
+    rejected: frozenset[str] = frozenset()  # parts in view decided anomalous (by this frame or before)
+
+    def verdict_of(self, part_id: str, decided: bool) -> str:
+        """``REJECTED``, ``passed`` or ``pending``: what a caption says of a part in view."""
+        if not decided:
+            return "pending"
+        return "REJECTED" if part_id in self.rejected else "passed"
+
+    def caption(self) -> str:
+        """The parts in view and their verdicts, e.g. ``#2 REJECTED, #3 pending`` (``no part in view``)."""
+        words = [f"#{p[0].rsplit('-', 1)[-1]} {self.verdict_of(p[0], p[3])}" for p in self.parts]
+        return ", ".join(words) or "no part in view"
 
 
 @dataclass
@@ -76,6 +90,7 @@ class TrackedParts:
     _shape: tuple[int, ...] = ()
     _next_number: int = 1
     _noise_before: int = 0
+    _verdicts: dict[str, bool] = field(default_factory=dict)  # recent decided parts: anomalous?
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -113,10 +128,15 @@ class TrackedParts:
             evidence.add(
                 FrameObservation(frame.sequence, verdict.log_nfa, scale, part.origin_x, sign, (part.x0, part.x1))
             )
+        messages = restarted + [self._message(done, frame, model) for done in decided]
+        for message in messages:
+            self._verdicts[message.part_id] = message.anomalous
+        while len(self._verdicts) > MAX_VERDICTS:
+            del self._verdicts[next(iter(self._verdicts))]
         with self._lock:
-            self._view = _view_of(frame.sequence, in_view, tracker)
+            self._view = _view_of(frame.sequence, in_view, tracker, self._verdicts)
         self.counters.noise = self._noise_before + tracker.noise
-        return restarted + [self._message(done, frame, model) for done in decided]
+        return messages
 
     def _restart(self, frame: Frame, model: ModelRef | None, shape: tuple[int, ...]) -> list[PartMessage]:
         """The frame size changed (the camera reopened at another resolution): the parts in view are decided
@@ -189,8 +209,14 @@ class TrackedParts:
 
 
 def _regions(decision: PartDecision | None, offset: tuple[int, int]) -> list[PartRegion]:
+    """The part's significant regions, the most significant first, at most MAX_PART_REGIONS (the message must stay
+    under the relay's size limit; the part's own log NFA is the first one's)."""
     if decision is None:
         return []
+    significant = sorted(
+        (r for r in decision.regions if np.isfinite(r.log_nfa) and r.log_nfa < decision.log10_epsilon),
+        key=lambda r: r.log_nfa,
+    )[:MAX_PART_REGIONS]
     return [
         PartRegion(
             bbox=r.bbox,
@@ -200,15 +226,16 @@ def _regions(decision: PartDecision | None, offset: tuple[int, int]) -> list[Par
             best_bbox=(r.best_bbox[0] + offset[0], r.best_bbox[1] + offset[1], r.best_bbox[2], r.best_bbox[3]),
             best_frame_log_nfa=round(r.best_frame_log_nfa, 4),
         )
-        for r in decision.regions
-        if np.isfinite(r.log_nfa) and r.log_nfa < decision.log10_epsilon
+        for r in significant
     ]
 
 
-def _view_of(sequence: int, in_view: list[TrackedPart], tracker: PartTracker) -> PartsView:
+def _view_of(sequence: int, in_view: list[TrackedPart], tracker: PartTracker, verdicts: dict[str, bool]) -> PartsView:
     return PartsView(
         sequence=sequence,
         parts=tuple((p.track.part_id, p.x0, p.x1, p.track.decided) for p in in_view),
+        rejected=frozenset(p.track.part_id for p in in_view if verdicts.get(p.track.part_id)),
         decision_line_x=tracker.decision_x,
         direction=tracker.settings.direction,
+        undecided=frozenset(t.part_id for t in tracker.tracks),
     )

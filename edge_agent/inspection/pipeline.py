@@ -38,8 +38,7 @@ from edge_agent.inspection.preprocess import AspectCheck, model_input
 from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.stage_queue import END, End, StageQueue
 from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
-from edge_agent.publish.messages import InspectionMessage, ModelRef, PartMessage, StageLatency
-from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.messages import MAX_INSPECTION_REGIONS, InspectionMessage, ModelRef, PartMessage, StageLatency
 
 if TYPE_CHECKING:
     from edge_agent.inspection.parts import PartsView
@@ -65,8 +64,22 @@ class FrameJob:
     parts_view: PartsView | None = None  # tracked mode: the parts in view of this frame (the preview)
 
 
-ResultHook = Callable[[FrameJob], None]
-PartHook = Callable[[FrameJob, PartMessage], None]  # a decided part and the frame that decided it
+class Publisher(Protocol):
+    """Where the pipeline hands each result (publish/mqtt.py's MqttPublisher): the frame's path never
+    imports its last stage, so inspection/ depends only on this and on the message models."""
+
+    def publish_inspection(self, message: InspectionMessage) -> object:
+        """Queue one inspection message (the return value, e.g. whether it was queued, is not read)."""
+        ...
+
+    def publish_part(self, message: PartMessage) -> object:
+        """Queue one part message."""
+        ...
+
+
+# Observers may return a value (what they did, for their own tests); the pipeline ignores it.
+ResultHook = Callable[[FrameJob], object]
+PartHook = Callable[[FrameJob, PartMessage], object]  # a decided part and the frame that decided it
 
 
 class PartStage(Protocol):
@@ -90,7 +103,18 @@ class PipelineStats:
     anomalous_frames: int = 0
     _recent_totals: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     _recent_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    _capture_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def captured(self) -> None:
+        """One frame read from the source (inspected or not: triggered mode skips most)."""
+        with self._lock:
+            self.frames_captured += 1
+            self._capture_times.append(time.monotonic())
+
+    def capture_fps(self, window_s: float = 10.0) -> float:
+        """Frames read from the source per second over the last ``window_s`` seconds."""
+        return self._rate(self._capture_times, window_s)
 
     def record(self, total_ms: float, anomalous: bool) -> None:
         """One published frame."""
@@ -102,9 +126,12 @@ class PipelineStats:
 
     def fps(self, window_s: float = 10.0) -> float:
         """Inspected frames per second over the last ``window_s`` seconds (0 when idle)."""
+        return self._rate(self._recent_times, window_s)
+
+    def _rate(self, stamps: deque[float], window_s: float) -> float:
         now = time.monotonic()
         with self._lock:
-            times = [t for t in self._recent_times if now - t <= window_s]
+            times = [t for t in stamps if now - t <= window_s]
         if len(times) < 2:
             return 0.0
         span = times[-1] - times[0]
@@ -138,7 +165,7 @@ class Pipeline:
         self,
         source: FrameSource,
         model: LoadedModel,
-        publisher: MqttPublisher,
+        publisher: Publisher,
         device_id: str,
         settings: PipelineSettings | None = None,
         on_result: ResultHook | None = None,
@@ -160,6 +187,7 @@ class Pipeline:
         self.error: BaseException | None = None
         self.ended = False  # the source reached its end (files and folders)
         self.last_job: FrameJob | None = None  # the last published frame, with its maps (snapshots)
+        self.last_frame: Frame | None = None  # the last frame read from the source, inspected or not
         self._model = model
         self._model_lock = threading.Lock()
         # One warning when the source's frames (after the ROI) have another aspect than the model's.
@@ -279,7 +307,8 @@ class Pipeline:
                     },
                 )
                 break
-            self.stats.frames_captured += 1
+            self.stats.captured()
+            self.last_frame = frame  # the live camera for the preview (triggered mode inspects few frames)
             job = FrameJob(frame=frame, capture_ms=(time.monotonic() - started) * 1000.0)
             if self.triggers is not None:
                 job.trigger = self.triggers.take(frame.capture_time)
@@ -374,6 +403,7 @@ class Pipeline:
                     "mode": message.mode,
                     "status": message.status,
                     "part_id": message.part_id,
+                    "trigger_id": message.trigger_id,
                     "anomalous": message.anomalous,
                     "log_nfa": round(message.log_nfa, 3),
                     "frames": message.frames.count,
@@ -424,7 +454,7 @@ def inspection_message(job: FrameJob, device_id: str) -> InspectionMessage:
         image_score=verdict.image_score,
         anomalous=verdict.anomalous,
         log10_epsilon=verdict.log10_epsilon,
-        regions=list(verdict.regions),
+        regions=list(verdict.regions[:MAX_INSPECTION_REGIONS]),  # most significant first; under the relay's limit
         frame_size=frame.frame_size,
         latency_ms=latency,
     )

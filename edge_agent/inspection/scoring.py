@@ -23,7 +23,7 @@ import numpy as np
 from edge_agent.bundle import Manifest
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
-from edge_agent.publish.messages import Region
+from edge_agent.messages import Region
 
 Resolution = Literal["model", "frame"]
 
@@ -55,7 +55,8 @@ class ModelMaps(Protocol):
 
     @property
     def scale_maps(self) -> Sequence[np.ndarray]:
-        """Per scale float32 (H_s, W_s): m_s, the mean over channels of z^2."""
+        """Per map of ``manifest.scales`` float32 (H_s, W_s): the flow's m_s (mean over channels of z^2), then
+        the heads' maps."""
         ...
 
 
@@ -125,6 +126,29 @@ def scale_nulls(manifest: Manifest, choice: str = "bundle") -> tuple[nfa.ScaleNu
     return None
 
 
+def nfa_inputs(
+    maps: Sequence[np.ndarray], channels: Sequence[int], heads: Sequence[str], nulls: Sequence[nfa.ScaleNull] | None
+) -> tuple[list[np.ndarray], list[int]]:
+    """The maps and channel counts the NFA tests: every map under a fitted null, the flow maps only
+    under the paper's polyomino NFA (its chi^2(C_s) null is the flow's; the heads' maps have none)."""
+    if nulls is not None or not heads or not len(maps) == len(channels) == len(heads):
+        return list(maps), list(channels)  # a count mismatch is reported by nfa.log_nfa_map, by name
+    keep = [i for i, head in enumerate(heads) if head == "flow"]
+    return [maps[i] for i in keep], [channels[i] for i in keep]
+
+
+def log_nfa_map_of(
+    maps: Sequence[np.ndarray],
+    channels: Sequence[int],
+    heads: Sequence[str],
+    out_shape: tuple[int, int],
+    nulls: Sequence[nfa.ScaleNull] | None,
+) -> np.ndarray:
+    """``nfa.log_nfa_map`` on the maps the chosen null tests (see :func:`nfa_inputs`)."""
+    tested, tested_channels = nfa_inputs(maps, channels, heads, nulls)
+    return nfa.log_nfa_map(tested, tested_channels, out_shape, nulls)
+
+
 def default_log10_epsilon(manifest: Manifest, choice: str = "bundle") -> float:
     """log10 epsilon when the config sets none: the bundle's, or the paper's 0 when the paper's NFA is
     chosen over a bundle whose own epsilon belongs to its fitted null."""
@@ -140,6 +164,7 @@ class FrameScorer:
         self.manifest = manifest
         self.rule = DecisionRule.from_bundle(manifest, config)
         self.channels = tuple(s.channels for s in manifest.scales)
+        self.heads = tuple(s.head for s in manifest.scales)
         self.model_size = (manifest.input.width, manifest.input.height)
         self.nulls = scale_nulls(manifest, (config or NfaConfig()).null_model)
 
@@ -160,7 +185,7 @@ class FrameScorer:
         else:
             out_w, out_h = model_w, model_h
             anomaly_map = output.anomaly_map
-        log_nfa = nfa.log_nfa_map(output.scale_maps, self.channels, (out_h, out_w), self.nulls)
+        log_nfa = log_nfa_map_of(output.scale_maps, self.channels, self.heads, (out_h, out_w), self.nulls)
         scale_x, scale_y = width / out_w, height / out_h
         found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
         min_area = rule.min_area(width / model_w, height / model_h)

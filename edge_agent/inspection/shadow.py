@@ -17,16 +17,17 @@ verdict agreement, the frames where the two differ (either way) and the candidat
 
 The running totals are also saved to ``<state_dir>/shadow.json`` (``save_state``), keyed by the
 candidate's model sha256, so they survive a restart of the agent, and the fleet updater can require
-hours of agreement before it installs that version (``gate_problem``; ``shadow_hours`` per group in
-latest.json).
+hours of agreement before it installs that version (``gate_problem``; ``shadow_gate`` per group in
+latest.json). The hours are active time: the time between compared frames, each gap counted up to
+``ACTIVE_GAP_S``, so a stopped agent or a stopped line adds nothing (wall time since the start would count
+a week of downtime as a week of shadowing). The gate also needs ``min_compared`` frames and the exact model
+(its sha256, checked by the updater on the downloaded, signature-checked bundle), not only its version.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -39,12 +40,16 @@ from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.single import inspect_frame
 from edge_agent.logs import log_event
+from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "shadow.json"
 RECENT_DIFFERENCES = 20
 SHADOW_NICE = 19
+# The longest gap between two compared frames that counts as shadow time: beyond it the agent was stopped,
+# the line idle or the shadow starved, and the rest of the gap does not count.
+ACTIVE_GAP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,30 +82,13 @@ class ShadowReport:
     skipped_backlog: int = 0  # the live pipeline had frames waiting
     failures: int = 0
     cpu_s: float = 0.0  # CPU time the shadow thread spent judging frames (its whole cost to the box)
+    active_s: float = 0.0  # shadow time that counts for the fleet gate (ACTIVE_GAP_S), earlier runs included
     recent_differences: list[Difference] = field(default_factory=list)
 
     @property
     def agreement(self) -> float | None:
         """Share of compared frames with the same verdict (None before the first)."""
         return self.agreed / self.compared if self.compared else None
-
-
-def lower_thread_priority(nice: int, idle: bool = False) -> int:
-    """Give the calling thread (only) the nice value ``nice``; returns its kernel thread id.
-
-    On Linux a thread is a task with its own nice value, so background work (the shadow model, writing
-    kept frames) yields the CPU to the live stages. With ``idle`` the thread also gets the SCHED_IDLE
-    policy: it runs only on a CPU nothing else wants, and any live thread that wakes up preempts it at once
-    (a niced thread still gets time slices, which stalls ONNX Runtime's parallel operators waiting for the
-    one worker thread it delayed). Elsewhere this does nothing.
-    """
-    native_id = threading.get_native_id()
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, native_id, nice)
-    if idle:
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
-    return native_id
 
 
 class ShadowRunner:
@@ -128,6 +116,7 @@ class ShadowRunner:
         self._busy = False
         self._differences: deque[Difference] = deque(maxlen=RECENT_DIFFERENCES)
         self._lock = threading.Lock()
+        self._last_compared: float | None = None  # monotonic time of the last comparison (this run only)
         self._thread: threading.Thread | None = None
         self.native_id: int | None = None  # the shadow thread's kernel id (its nice value is per thread)
 
@@ -178,6 +167,7 @@ class ShadowRunner:
             self.report.compared += state.compared
             self.report.agreed += state.agreed
             self.report.candidate_rejects += state.candidate_rejects
+            self.report.active_s += state.active_s
         return True
 
     def state(self) -> ShadowState:
@@ -191,6 +181,7 @@ class ShadowRunner:
             report.compared,
             report.agreed,
             report.candidate_rejects,
+            report.active_s,
         )
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -233,8 +224,12 @@ class ShadowRunner:
         shadow = inspect_frame(self.candidate, live.frame, self.device_id)
         assert shadow.message is not None
         live_bad, shadow_bad = live.message.anomalous, shadow.message.anomalous
+        now = time.monotonic()
         with self._lock:
             report = self.report
+            if self._last_compared is not None:
+                report.active_s += min(now - self._last_compared, ACTIVE_GAP_S)
+            self._last_compared = now
             report.compared += 1
             report.agreed += int(live_bad == shadow_bad)
             report.live_rejects += int(live_bad)
@@ -264,10 +259,12 @@ class ShadowState:
     compared: int
     agreed: int
     candidate_rejects: int = 0
+    active_s: float = 0.0  # shadow time that counts (not the downtime between started and updated)
 
     @property
     def hours(self) -> float:
-        return max(0.0, self.updated - self.started) / 3600.0
+        """Active shadow hours (``active_s``); a file from before active time was kept has none."""
+        return max(0.0, self.active_s) / 3600.0
 
     @property
     def agreement(self) -> float | None:
@@ -288,15 +285,28 @@ def load_state(path: Path) -> ShadowState | None:
         return None
 
 
-def gate_problem(path: Path, version: str, hours: float, min_agreement: float) -> str | None:
-    """Why ``version`` may not be installed yet under a shadow requirement; None when it may."""
+def gate_problem(
+    path: Path, version: str, hours: float, min_agreement: float, min_compared: int = 1, sha256: str | None = None
+) -> str | None:
+    """Why ``version`` may not be installed yet under a shadow requirement; None when it may.
+
+    ``sha256``: the model the update would install (its ONNX file's sha256 from the signature-checked
+    bundle); the shadow must have run that exact model. Without it (before the download) only the version
+    is compared."""
     state = load_state(path)
     if state is None or state.version != version:
         shadowed = f" (the shadow runs {state.version})" if state is not None else ""
         return f"{version} has not run as the shadow model on this box yet{shadowed}; set model.shadow to it first"
+    if sha256 is not None and state.sha256 != sha256:
+        return (
+            f"the shadow ran another model under version {version} (sha256 {state.sha256[:12]}…, the release's "
+            f"is {sha256[:12]}…); set model.shadow to the published bundle"
+        )
     agreement = state.agreement
     if state.hours < hours:
-        return f"{version} has been the shadow for {state.hours:.1f} of the {hours:g} hours required"
+        return f"{version} has been the shadow for {state.hours:.1f} of the {hours:g} active hours required"
+    if state.compared < min_compared:
+        return f"{version} was compared on {state.compared} of the {min_compared} frames required"
     if agreement is None or agreement < min_agreement:
         shown = "no frames" if agreement is None else f"{agreement:.2%} of {state.compared} frames"
         return f"{version} agreed with the live model on {shown}; {min_agreement:.2%} required"

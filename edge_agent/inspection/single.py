@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from edge_agent.inspection.frame_source import Frame
+from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, inspection_message
 from edge_agent.inspection.preprocess import model_input

@@ -129,7 +129,7 @@ class BeltModel:
         if self._frames % _UPDATE_EVERY:
             return  # lighting drifts over minutes: a look every few frames is plenty and keeps the cost down
         width = grey.shape[1]
-        sums = cv2.reduce(grey, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32F).ravel()
+        sums: np.ndarray = cv2.reduce(grey, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32F).ravel()
         columns = width
         for det in parts:  # row sums minus the part columns (with a margin for shadows)
             x0, x1 = max(0, det.x0 - 4), min(width, det.x1 + 4)

@@ -1,4 +1,5 @@
-"""What leaves the agent, in the order it leaves: ``messages`` (the MQTT contract), ``outbox`` and
+"""What leaves the agent, in the order it leaves (the payloads are ``edge_agent.messages``, the contract
+floor): ``outbox`` and
 ``spool`` (nothing is lost while the broker is down), ``client`` (the one MQTT client factory) and
 ``mqtt`` (the publisher thread); ``commands`` answers the ``cmd/*`` topics.
 """

@@ -28,22 +28,35 @@ PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv
 class TlsSettings(Protocol):
     """What the factory reads of a ``[mqtt.tls]`` section."""
 
-    ca_file: Path | None
-    cert_file: Path | None
-    key_file: Path | None
-    insecure: bool
+    # Read-only properties: a protocol's plain attributes are invariant, and a pydantic section's
+    # nested model (TlsConfig) must match as a subtype.
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def cert_file(self) -> Path | None: ...
+    @property
+    def key_file(self) -> Path | None: ...
+    @property
+    def insecure(self) -> bool: ...
 
 
 class BrokerSettings(Protocol):
     """What the factory reads of an ``[mqtt]`` section (the agent's, the updater's or the relay's)."""
 
-    host: str
-    port: int
-    username: str | None
-    password: SecretStr | None
-    tls: TlsSettings | None
-    reconnect_initial_s: int
-    reconnect_max_s: int
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> SecretStr | None: ...
+    @property
+    def tls(self) -> TlsSettings | None: ...
+    @property
+    def reconnect_initial_s(self) -> int: ...
+    @property
+    def reconnect_max_s(self) -> int: ...
 
 
 def check_tls_files(config: BrokerSettings) -> None:

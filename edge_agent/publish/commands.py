@@ -4,7 +4,8 @@ Every message on ``cmd/<name>`` gets exactly one CommandResult on ``cmd/<name>/r
 request's ``request_id`` when it had a readable one): ok with what was done, or not ok with what was
 wrong. Oversized payloads (over MAX_COMMAND_BYTES), payloads that are not a JSON object, unknown
 commands, unknown or invalid fields, a full queue, and handlers that fail all get an error reply;
-none of them stops the agent or the inspection. An empty payload means ``{}``.
+none of them stops the agent or the inspection. An empty payload means ``{}``. A retained command is
+refused (answered, counted in ``retained_refused``): the broker would replay it at every reconnect.
 
 Every payload goes through the one bounded parser (messages.parse_json_object: size and nesting
 limits); anything it or a handler raises becomes a not-ok reply, never an exception in a thread.
@@ -27,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from edge_agent.config_files import describe_validation_error
-from edge_agent.publish.messages import COMMANDS, CommandResult, PayloadError, parse_json_object
+from edge_agent.messages import COMMANDS, CommandResult, PayloadError, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class CommandProcessor:
         self._lock = threading.Lock()
         self.restarts = 0
         self.last_crash = ""
+        self.retained_refused = 0  # retained commands refused (never run)
 
     def register(self, name: str, handler: Handler) -> None:
         """Handle ``cmd/<name>``; its payload model is messages.COMMANDS[name]."""
@@ -115,10 +117,25 @@ class CommandProcessor:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def submit(self, leaf: str, payload: bytes) -> None:
-        """From the MQTT thread: ``leaf`` is ``cmd/<name>``. Cheap checks here, the rest on the worker."""
+    def submit(self, leaf: str, payload: bytes, retained: bool = False) -> None:
+        """From the MQTT thread: ``leaf`` is ``cmd/<name>``. Cheap checks here, the rest on the worker.
+
+        A retained command is refused, counted (``retained_refused``) and answered: the broker would replay it at
+        every reconnect, so one ``cmd/threshold`` would run again after each network hiccup (issue 24, finding 14).
+        """
         name = leaf.removeprefix("cmd/")
         self.ensure_running()
+        if retained:
+            self.retained_refused += 1
+            request_id = _request_id(payload) if len(payload) <= MAX_COMMAND_BYTES else None
+            self._answer(
+                name,
+                request_id,
+                False,
+                "refused: a retained command (the broker replays it at every reconnect); publish commands "
+                "without the retain flag, and clear this one with an empty retained message on its topic",
+            )
+            return
         if len(payload) > MAX_COMMAND_BYTES:
             self._answer(
                 name, None, False, f"payload is {len(payload)} bytes; commands are limited to {MAX_COMMAND_BYTES}"

@@ -1,7 +1,7 @@
 """What the agent publishes: inspection and part messages (QoS 1, through the outbox), command results and stats.
 
 The transport under it (sessions, reconnects, the outbox window, the final status) is
-``edge_agent.publish.session``; the topics and payloads are ``edge_agent.publish.messages``.
+``edge_agent.publish.session``; the topics and payloads are ``edge_agent.messages``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from edge_agent.publish.messages import CommandResult, InspectionMessage, PartMessage, StatsMessage
+from edge_agent.messages import CommandResult, InspectionMessage, PartMessage, StatsMessage
 from edge_agent.publish.outbox import OutgoingMessage
 from edge_agent.publish.session import MqttSession
 

@@ -46,7 +46,10 @@ class OutboxCounters:
 class Outbox(Protocol):
     """Unacknowledged QoS 1 messages in creation order."""
 
-    counters: OutboxCounters
+    @property
+    def counters(self) -> OutboxCounters:
+        """Running totals (read-only here: an implementation may keep a subclass, e.g. SpoolCounters)."""
+        ...
 
     def add(self, message: OutgoingMessage) -> int:
         """Keep a message until ``ack``; returns its sequence number."""

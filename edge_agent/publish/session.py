@@ -46,8 +46,8 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
 from edge_agent.logs import log_event
+from edge_agent.messages import StatusText, topic
 from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client, reason_code
-from edge_agent.publish.messages import StatusText, topic
 from edge_agent.publish.outbox import MemoryOutbox, Outbox, OutgoingMessage
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 CONNACK reason; paho maps a 3.1.1 broker's "refused: version" to it
 SEND_WINDOW = 100  # outbox messages handed to paho and not yet acknowledged, at most
 STATUS_GRACE_S = 2.0  # on stop, the final status waits at least this long (or the whole timeout if shorter)
-MessageHandler = Callable[[str, bytes], None]  # (topic leaf under <prefix>/<device_id>/, payload)
+# (topic leaf under <prefix>/<device_id>/, payload, retained): a retained message is one the broker replays at
+# every (re)connect; a handler of commands or triggers refuses it (it would run again and again).
+MessageHandler = Callable[[str, bytes, bool], None]
 
 
 @dataclass
@@ -129,7 +131,7 @@ class MqttSession:
     def subscribe(self, leaf_filter: str, handler: MessageHandler) -> None:
         """Subscribe (QoS 1) to ``<prefix>/<device_id>/<leaf_filter>`` on every connect; call before start().
 
-        ``handler(leaf, payload)`` runs on paho's network thread: it must return quickly and not raise.
+        ``handler(leaf, payload, retained)`` runs on paho's network thread: it must return quickly and not raise.
         """
         self._subscriptions[leaf_filter] = handler
 
@@ -500,7 +502,7 @@ class MqttSession:
         for leaf_filter, handler in self._subscriptions.items():
             if paho.topic_matches_sub(leaf_filter, leaf):
                 try:
-                    handler(leaf, bytes(message.payload))
+                    handler(leaf, bytes(message.payload), bool(message.retain))
                 except Exception as exc:  # paho would stop its network loop on an exception
                     log_event(
                         log,

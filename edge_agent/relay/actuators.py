@@ -190,12 +190,32 @@ class MqttActuator:
             # paho would queue it and send it after reconnecting: too late for a reject.
             raise ActuatorError("not connected to the MQTT broker", retryable=True)
         topic = self.topic.format_map(order.text_fields(fired_time))
+        problem = topic_problem(topic)
+        if problem is not None:
+            # A bad topic makes the broker drop the relay's connection, and paho re-sends it after every reconnect:
+            # one such order would cut off every other camera's rejects (issue 24, finding 5).
+            raise ActuatorError(f"refused to publish to topic {topic[:200]!r}: {problem}", retryable=False)
         # The order dies in the broker once its deadline passed (MQTT 5 expiry, whole seconds, at least 1).
         expiry_s = max(1, round(order.deadline - time.time()))
         self.sink.publish_order(topic, order.body(fired_time), expiry_s, self.timeout_s)
 
     def close(self) -> None:
         return None
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be published to (None when it can): empty, a wildcard, a control character, too long."""
+    if not topic:
+        return "it is empty"
+    if "+" in topic or "#" in topic:
+        return "it holds an MQTT wildcard (+ or #)"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in topic):
+        return "it holds a control character"
+    if topic.startswith("$"):
+        return "topics starting with $ are the broker's"
+    if len(topic.encode("utf-8")) > 65535:
+        return "it is longer than 65535 bytes"
+    return None
 
 
 def create_actuator(config: ActuatorConfig, sink: MqttSink | None = None) -> Actuator:

@@ -142,6 +142,10 @@ class ActuatorConfig(_Section):
                 raise ValueError(f"{name!r} does not apply to kind = {self.kind!r}")
         if self.kind == "http" and not str(self.url).startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        if self.kind == "mqtt":
+            for char in "+#":
+                if char in (self.topic or ""):
+                    raise ValueError(f"topic {self.topic!r}: an MQTT wildcard ({char}) cannot be published to")
         for template in self.templates():
             unknown = placeholders(template) - set(FIRE_FIELDS)
             if unknown:
@@ -195,7 +199,26 @@ class BeltConfig(_Section):
         description='MQTT topic with the live belt speed, JSON {"speed_m_s": 0.42}; pending part rejects are '
         "re-planned at every change (a stopped belt holds them)",
     )
-    max_speed_m_s: float = Field(default=20.0, gt=0, description="speed messages above this are refused as malformed")
+    max_speed_m_s: float = Field(
+        default=20.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="the belt never runs faster: speed messages above it are refused as malformed, and so is an "
+        "encoder reading that would mean a faster belt since the last one (set it to the line's real maximum)",
+    )
+    max_hold_s: float = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a part reject held by a stopped belt (speed 0) this long is counted missed, never fired: parts "
+        "on a stopped line are moved by hand, and a wrong 0 must not hold rejects forever",
+    )
+    encoder_reset_readings: int = Field(
+        default=5,
+        ge=2,
+        description="this many encoder readings in a row that agree with each other but not with the last accepted "
+        "count are a counter reset (a PLC restart): followed from there, the position kept continuous",
+    )
     encoder_topic: str | None = Field(
         default=None,
         description='MQTT topic with the belt encoder\'s count, JSON {"count": 123456}: part rejects fire when the belt '
@@ -208,6 +231,26 @@ class BeltConfig(_Section):
         if self.encoder_topic is not None and self.counts_per_m is None:
             raise ValueError("encoder_topic needs counts_per_m")
         return self
+
+
+class LimitsConfig(_Section):
+    """What one sender may cost the relay (edge_agent/relay/limits.py): floods are dropped unparsed and counted."""
+
+    messages_per_s: float = Field(
+        default=200.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="messages a second per camera (inspection and part messages together) and per belt topic; "
+        "beyond it (after a burst) they are dropped before parsing and counted rate_limited",
+    )
+    burst: int = Field(default=400, ge=1, description="messages a camera or belt topic may send at once")
+    log_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a warning about refused input (malformed, unknown camera, rate limited) is logged at most this "
+        "often per sender, with how many were not logged meanwhile (every one is counted)",
+    )
 
 
 @dataclass(frozen=True)
@@ -229,6 +272,7 @@ class RelaySettings(FileAndEnvSettings):
 
     relay_id: str = Field(
         default_factory=lambda: os.uname().nodename,
+        json_schema_extra={"doc_default": "the host name"},
         description="this relay in MQTT topics (<prefix>/relay/<relay_id>/) and its default client id",
     )
     state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="the decisions journal lives here")
@@ -243,29 +287,36 @@ class RelaySettings(FileAndEnvSettings):
         default=True, description="one line per good frame too; off on busy lines (they are still counted)"
     )
 
+    cameras: list[str] = Field(
+        default_factory=list,
+        description="the cameras (device ids) this relay acts for, besides those under [devices]; a message from any "
+        "other device id is counted (unknown_devices) and never fired: a credential that may publish as some device "
+        "must not make this relay fire. The relay does not start without one",
+    )
     mqtt: RelayMqttConfig = Field(default_factory=RelayMqttConfig)
     clock: ClockConfig = Field(default_factory=ClockConfig)
     timing: TravelConfig = Field(default_factory=TravelConfig, description="defaults for every camera")
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     actuator: ActuatorConfig | None = None
     belt: BeltConfig = Field(default_factory=BeltConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     max_devices: int = Field(
         default=256,
         gt=0,
-        description="cameras the relay keeps counters and clock estimates for; messages from further unknown "
-        "cameras are refused as malformed (bounded memory)",
+        description="cameras the relay keeps counters and clock estimates for; messages from further cameras (listed, "
+        "but beyond this many) are refused as malformed (bounded memory)",
     )
 
     @model_validator(mode="after")
     def _every_device_can_fire(self) -> RelaySettings:
         if self.journal is None:
             self.journal = self.state_dir / "relay.sqlite"
-        from edge_agent.publish.messages import is_valid_id
+        from edge_agent.messages import is_valid_id
 
-        for name in (self.relay_id, *self.devices):
+        for name in (self.relay_id, *self.devices, *self.cameras):
             if not is_valid_id(name):
                 raise ValueError(
-                    f"id {name[:64]!r} must match [A-Za-z0-9._-]{{1,64}} without a leading '-' "
+                    f"id {name[:64]!r} must match [A-Za-z0-9._-]{{1,64}} and start with a letter or digit "
                     "(it is used in MQTT topics and actuator arguments)"
                 )
         for device_id, device in self.devices.items():
@@ -279,6 +330,15 @@ class RelaySettings(FileAndEnvSettings):
         if self.actuator is None and not self.devices:
             raise ValueError("no actuator: add an [actuator] section")
         return self
+
+    def knows(self, device_id: str) -> bool:
+        """True for a camera this relay acts for: listed in ``cameras`` or under [devices]."""
+        return device_id in self.devices or device_id in self.cameras
+
+    @property
+    def known_devices(self) -> list[str]:
+        """Every camera this relay acts for."""
+        return sorted({*self.devices, *self.cameras})
 
     @property
     def client_id(self) -> str:
@@ -305,8 +365,9 @@ class RelaySettings(FileAndEnvSettings):
         device = self.devices.get(device_id)
 
         def pick(name: str) -> float | None:
-            own = getattr(device, name) if device is not None else None
-            return own if own is not None else getattr(self.timing, name)
+            own: float | None = getattr(device, name) if device is not None else None
+            fallback: float | None = getattr(self.timing, name)
+            return own if own is not None else fallback
 
         distance = pick("decision_distance_m")
         if distance is None:

@@ -20,8 +20,8 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.messages import StatusText, relay_topic
 from edge_agent.publish.client import PROTOCOLS, new_client, reason_code
-from edge_agent.publish.messages import StatusText, relay_topic
 from edge_agent.relay.actuators import ActuatorError
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal
@@ -163,7 +163,9 @@ class RelayConnection:
         self.journal.set_meta(TOPICS_KEY, topics)
         client.publish(self.topic("status"), "online", qos=1, retain=True)
 
-    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reasons: list, properties: object) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: object, mid: int, reasons: list[Any], properties: object
+    ) -> None:
         refused = [str(r) for r in reasons if int(getattr(r, "value", r)) >= 0x80]
         if refused:
             log.error(

@@ -2,8 +2,9 @@
 that calls the actuators (a slow actuator never delays the next reject).
 
 A job's outcome is final and journaled: ``fired`` (between the planned time and the deadline),
-``missed`` (came due after its deadline: every actuator worker was busy, or the box overloaded; never
-fired late) or ``failed`` (every allowed attempt failed; retries only before the deadline). The relay
+``missed`` (came due after its deadline: every actuator worker was busy, the box overloaded, or the belt
+re-timed it into the past; or a stopped belt held it longer than ``belt.max_hold_s``; never fired late) or
+``failed`` (every allowed attempt failed; retries only before the deadline). The relay
 learns each outcome through ``report`` and counts and logs it.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from edge_agent.relay.actuators import Actuator, ActuatorError, FireOrder
 from edge_agent.relay.belt import BeltTravel, due_in
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.dedupe import DecisionJournal
+from edge_agent.relay.report import Decision
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)
@@ -41,11 +44,12 @@ class Job:
     order: FireOrder = field(compare=False)
     plan: Plan = field(compare=False)
     actuator: Actuator = field(compare=False)
+    held: bool = field(default=False, compare=False)  # a stopped belt holds it: due = when the hold expires
 
 
 # (outcome, job, context): "fired" carries fired_time, lateness_ms, attempts; "missed" late_by_ms;
 # "failed" reason, attempts, actuator, retryable.
-Report = Callable[[str, Job, dict[str, Any]], None]
+Report = Callable[[Decision, Job, dict[str, Any]], None]
 
 
 class Firing:
@@ -96,20 +100,48 @@ class Firing:
         """Schedule a reject planned on the wall clock, due on the monotonic one.
 
         ``travel``: a part reject's distance still to go, so that ``retime`` can follow belt speed changes.
+        A plan with no finite time (the belt is stopped) is held: it fires once the belt moves the rest, or is
+        counted missed after ``belt.max_hold_s``.
         """
         # Wall-clock plan -> monotonic due time, so a step of the relay's own clock cannot move a reject.
         due = arrival_mono + (plan.planned_time - arrival)
         job = Job(due, next(self._numbers), arrival_mono + (plan.deadline - arrival), order, plan, actuator)
+        if not math.isfinite(plan.planned_time):
+            if travel is not None:
+                travel.held_since = arrival_mono
+            self._hold(job, arrival_mono)
         with self._cond:
             if travel is not None:
                 self._belt[job.number] = travel
             heapq.heappush(self._heap, job)
             self._cond.notify()
 
+    def _hold(self, job: Job, since_mono: float) -> None:
+        """A stopped belt holds ``job``: due when the hold expires (then it is missed, never fired)."""
+        job.held = True
+        job.due = since_mono + self.settings.belt.max_hold_s
+        job.deadline_mono = job.due
+
+    def _place(self, job: Job, travel: BeltTravel, planned_wall: float, now_mono: float, now_wall: float) -> None:
+        """Re-time ``job`` to ``planned_wall`` (relay wall clock; inf while the belt is stopped, in the past when the
+        part already passed the actuator: then it is missed when it pops, never fired late)."""
+        if not math.isfinite(planned_wall) and planned_wall > 0:
+            if travel.held_since is None:
+                travel.held_since = now_mono
+            self._hold(job, travel.held_since)
+            return
+        travel.held_since = None
+        job.held = False
+        wait = planned_wall - now_wall
+        job.due = now_mono + wait
+        job.deadline_mono = job.due + travel.tolerance_s
+        job.plan = replace(job.plan, planned_time=planned_wall, deadline=planned_wall + travel.tolerance_s)
+
     def retime(self, old_speed: float | None, new_speed: float) -> int:
         """Re-time every pending part reject after a belt speed change; returns how many moved.
 
-        Each keeps the distance it still had to go at the old speed; a stopped belt (0) makes it wait.
+        Each keeps the distance it still had to go at the old speed; a stopped belt (0) holds it (for at most
+        ``belt.max_hold_s``); one whose distance is already behind it is due in the past, so missed.
         """
         now_mono, now_wall = time.monotonic(), time.time()
         moved = 0
@@ -121,21 +153,21 @@ class Firing:
                 if old_speed is not None:
                     travel.remaining_m -= old_speed * max(0.0, now_mono - travel.as_of)
                 travel.as_of = now_mono
-                wait = due_in(travel.remaining_m, new_speed)
-                job.due = now_mono + wait
-                job.deadline_mono = job.due + travel.tolerance_s
-                planned = now_wall + wait
-                job.plan = replace(job.plan, planned_time=planned, deadline=planned + travel.tolerance_s)
+                if travel.remaining_m < 0 and old_speed:
+                    wait = travel.remaining_m / old_speed  # passed the actuator that long ago, at the old speed
+                else:
+                    wait = due_in(travel.remaining_m, new_speed)
+                self._place(job, travel, now_wall + wait, now_mono, now_wall)
                 moved += 1
             heapq.heapify(self._heap)
             self._cond.notify_all()
         return moved
 
-    def reposition(self, position_at: Callable[[float], float], speed: float) -> int:
-        """Encoder mode: re-time each pending part reject from where the belt is now (``position_at(wall)``,
-        metres) and its target position; the speed only spaces the time until the next reading."""
+    def reposition(self, time_at: Callable[[float], float], position: float) -> int:
+        """Encoder mode: re-time each pending part reject to when the belt is at its target position
+        (``time_at(metres)``: relay wall clock, inf while stopped, in the past once passed); ``position``: the
+        belt's position now."""
         now_mono, now_wall = time.monotonic(), time.time()
-        position = position_at(now_wall)
         moved = 0
         with self._cond:
             for job in self._heap:
@@ -143,10 +175,7 @@ class Firing:
                 if travel is None or travel.target_m is None:
                     continue
                 travel.remaining_m, travel.as_of = travel.target_m - position, now_mono
-                wait = due_in(travel.remaining_m, speed)
-                job.due, job.deadline_mono = now_mono + wait, now_mono + wait + travel.tolerance_s
-                planned = now_wall + wait
-                job.plan = replace(job.plan, planned_time=planned, deadline=planned + travel.tolerance_s)
+                self._place(job, travel, time_at(travel.target_m), now_mono, now_wall)
                 moved += 1
             heapq.heapify(self._heap)
             self._cond.notify_all()
@@ -201,6 +230,11 @@ class Firing:
 
     def _fire_job(self, job: Job) -> None:
         order, plan = job.order, job.plan
+        if job.held:  # the belt never moved the rest within belt.max_hold_s: missed, never fired
+            if self.journal.begin_firing(order.message_id):
+                self.journal.finish(order.message_id, "missed")
+            self._report(Decision.MISSED, job, {"held_s": self.settings.belt.max_hold_s})
+            return
         config = self.settings.actuator_for(order.device_id)
         assert config is not None
         attempts, error = 0, None
@@ -222,16 +256,18 @@ class Firing:
                 continue
             self.journal.finish(order.message_id, "fired", fired_wall)
             lateness_ms = (now_mono - job.due) * 1000.0
-            self._report("fired", job, {"fired_time": fired_wall, "lateness_ms": lateness_ms, "attempts": attempts})
+            self._report(
+                Decision.FIRED, job, {"fired_time": fired_wall, "lateness_ms": lateness_ms, "attempts": attempts}
+            )
             return
         if attempts == 0:
             if self.journal.begin_firing(order.message_id):
                 self.journal.finish(order.message_id, "missed")
-            self._report("missed", job, {"late_by_ms": (time.monotonic() - job.due) * 1000.0})
+            self._report(Decision.MISSED, job, {"late_by_ms": (time.monotonic() - job.due) * 1000.0})
             return
         self.journal.finish(order.message_id, "failed")
         self._report(
-            "failed",
+            Decision.FAILED,
             job,
             {
                 "reason": str(error),

@@ -11,9 +11,10 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from edge_agent.publish.messages import SCHEMA, InspectionMessage, PayloadError, is_valid_id, parse_json_object
+from edge_agent.messages import SCHEMA, InspectionMessage, PayloadError, is_valid_id, parse_json_object
+from edge_agent.relay.limits import MESSAGE_LIMITS
 
-MAX_INSPECTION_BYTES = 1 << 20
+MAX_INSPECTION_BYTES = MESSAGE_LIMITS["inspection"]
 INSPECTION_LEAF = "inspection"
 M = TypeVar("M", bound=BaseModel)
 
@@ -54,7 +55,7 @@ def parse_versioned(
         raise error(problems) from exc
     for name in ids:
         if not is_valid_id(getattr(message, name)):
-            raise error(f"{name} must match [A-Za-z0-9._-]{{1,64}} without a leading '-'")
+            raise error(f"{name} must match [A-Za-z0-9._-]{{1,64}} and start with a letter or digit")
     return message
 
 

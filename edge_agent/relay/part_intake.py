@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     PART_SCHEMA,
     PartMessage,
     PayloadError,
@@ -18,10 +18,11 @@ from edge_agent.publish.messages import (
     parse_json_object,
 )
 from edge_agent.relay.intake import parse_versioned
+from edge_agent.relay.limits import MESSAGE_LIMITS
 
 PART_LEAF = "part"
-MAX_PART_BYTES = 1 << 20
-MAX_SPEED_BYTES = 4096
+MAX_PART_BYTES = MESSAGE_LIMITS["part"]  # a few KiB: the agent sends at most MAX_PART_REGIONS regions
+MAX_SPEED_BYTES = MESSAGE_LIMITS["speed"]  # {"speed_m_s": 0.42} or {"count": 123456}
 
 
 class PartMalformed(ValueError):

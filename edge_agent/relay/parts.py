@@ -19,17 +19,17 @@ import logging
 import math
 import threading
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from edge_agent.publish.messages import (
+from edge_agent.messages import (
     PartMessage,
     PayloadError,
     parse_json_object,
 )
 from edge_agent.relay.actuators import FireOrder
-from edge_agent.relay.belt import BeltTravel, Encoder, due_in
+from edge_agent.relay.belt import BeltTravel, Encoder, Reading
 from edge_agent.relay.part_intake import (
     MAX_SPEED_BYTES,
     ClockView,
@@ -39,7 +39,7 @@ from edge_agent.relay.part_intake import (
     parse_speed,
     part_key,
 )
-from edge_agent.relay.report import plan_fields
+from edge_agent.relay.report import Decision, plan_fields
 from edge_agent.relay.schedule import Plan
 
 if TYPE_CHECKING:
@@ -80,18 +80,29 @@ def plan_part(
     offset_s: float,
     source: str,
 ) -> tuple[Plan, float]:
-    """(the plan, the distance still to go at ``arrival``) for an anomalous part message."""
+    """(the plan, the distance still to go at ``arrival``) for an anomalous part message.
+
+    The reject is due when the belt has moved the distance *since the decision*: ``decided + distance / speed``,
+    never counted from the arrival. A message that arrives after that deadline (a relay restart, a broker
+    hiccup, a flood ahead of it) is therefore late and missed, not fired at whatever part is at the actuator
+    now. A stopped belt (speed 0) gives no finite time: the reject is held (firing.py).
+    """
     decided = message.decision_time + offset_s
     bound = arrival - message.latency_ms / 1000.0
     if decided > bound:  # a camera clock running ahead cannot push the reject later than the arrival allows
         decided, source = bound, f"{source}+arrival-bound"
-    beyond = message.position_at_decision.beyond_line_m if message.position_at_decision else None
-    total = max(0.0, distance_m - (beyond or 0.0))
+    total = max(0.0, distance_m - beyond_line_m(message))
     remaining = total - speed * max(0.0, arrival - decided)
-    planned = arrival + due_in(remaining, speed)
     travel_s = total / speed if speed > 0 else math.inf
+    planned = decided + travel_s
     plan = Plan(decided, planned, planned + tolerance_s, travel_s, offset_s, source)
     return plan, remaining
+
+
+def beyond_line_m(message: PartMessage) -> float:
+    """How far the part already was past the decision line when it was decided (0 when unknown)."""
+    position = message.position_at_decision
+    return (position.beyond_line_m or 0.0) if position is not None else 0.0
 
 
 def plan_record(plan: Plan, remaining_m: float) -> dict[str, Any]:
@@ -119,7 +130,15 @@ class RelayCore(Protocol):
 
     def actuator_of(self, device: str) -> Actuator | None: ...
 
-    def count(self, device_id: str, name: str) -> None: ...
+    def count(self, device_id: str, what: Decision | Literal["anomalous"]) -> None: ...
+
+    def count_unconfigured(self) -> None: ...
+
+    def refuse(self, topic: str, exc: Exception, payload: bytes = b"") -> None: ...
+
+    def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None: ...
+
+    def first_good(self, key: str) -> bool: ...
 
 
 class PartDecisions:
@@ -129,42 +148,53 @@ class PartDecisions:
         self.relay = relay
         self.belt = BeltSpeed()
         belt = relay.settings.belt
-        self.encoder = Encoder(belt.counts_per_m) if belt.encoder_topic and belt.counts_per_m else None
+        self.encoder = (
+            Encoder(belt.counts_per_m, belt.max_speed_m_s, belt.encoder_reset_readings)
+            if belt.encoder_topic and belt.counts_per_m
+            else None
+        )
         self.encoder_refused = 0
         self.devices: set[str] = set()  # cameras that sent part messages (their inspections never fire)
 
-    def handle_encoder(self, topic: str, payload: bytes, arrival: float) -> str:
+    def handle_encoder(self, topic: str, payload: bytes, arrival: float) -> Decision:
         """An encoder reading: re-time the pending part rejects from where the belt is now."""
         assert self.encoder is not None
         try:
             data = parse_json_object(payload, MAX_SPEED_BYTES, max_depth=2)
         except PayloadError as exc:
             self.relay.refuse(topic, exc, payload)
-            return "malformed"
+            return Decision.MALFORMED
         count = data.get("count")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             self.relay.refuse(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
-            return "malformed"
-        if not self.encoder.add(arrival, count):
-            self.encoder_refused += 1  # reordered, or the counter was reset: the next readings continue
+            return Decision.MALFORMED
+        reading = self.encoder.add(arrival, count)
+        if reading is Reading.REFUSED:
+            self.encoder_refused += 1  # reordered, implausible (faster than max_speed_m_s), or a reset not yet sure
             if self.encoder_refused in (1, 10) or self.encoder_refused % 100 == 0:
                 log.warning(
-                    "encoder reading refused: smaller than the last (a reset or a reordered message)",
+                    "encoder reading refused: smaller than the last, or a step faster than belt.max_speed_m_s",
                     extra={"event": "relay_encoder_refused", "count": count, "refused": self.encoder_refused},
                 )
-            return "encoder-refused"
+            return Decision.ENCODER_REFUSED
+        if reading is Reading.RESET:
+            log.warning(
+                "encoder counter reset: %d readings in a row agree; followed from here, the position kept continuous",
+                self.relay.settings.belt.encoder_reset_readings,
+                extra={"event": "relay_encoder_reset", "count": count, "resets": self.encoder.resets},
+            )
         if self.encoder.ready:
-            self.relay.firing.reposition(self.encoder.position_at, self.encoder.speed())
-        return "encoder"
+            self.relay.firing.reposition(self.encoder.time_at, self.encoder.position_at(arrival))
+        return Decision.ENCODER
 
-    def handle_speed(self, topic: str, payload: bytes) -> str:
+    def handle_speed(self, topic: str, payload: bytes) -> Decision:
         """A live belt speed: store it and re-time the pending part rejects."""
         relay = self.relay
         try:
             speed = parse_speed(payload, relay.settings.belt.max_speed_m_s)
         except PartMalformed as exc:
             self.relay.refuse(topic, exc, payload)
-            return "malformed"
+            return Decision.MALFORMED
         old = self.belt.set(speed)
         if old != speed:
             moved = relay.firing.retime(old, speed)
@@ -173,9 +203,9 @@ class PartDecisions:
                 speed,
                 extra={"event": "relay_belt_speed", "speed_m_s": speed, "previous_m_s": old, "replanned": moved},
             )
-        return "speed"
+        return Decision.SPEED
 
-    def handle_part(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> str:
+    def handle_part(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> Decision:
         """Decide one part message (journaled under the part's key before returning)."""
         relay = self.relay
         try:
@@ -186,21 +216,21 @@ class PartDecisions:
             relay.admit_device(device)
         except ValueError as exc:  # PartMalformed, and the relay's MalformedMessage for a camera too many
             self.relay.refuse(topic, exc, payload)
-            return "malformed"
+            return Decision.MALFORMED
         self.devices.add(device)
         timing = relay.settings.part_timing_for(device)
         offset = relay.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
         relay.received(device, offset.offset_s, offset.source)
         key = part_key(message)
         if message.status == "no_frame":
-            log_part("no-frame", message, topic, None, logging.ERROR, reason="a trigger got no frame in time")
-            return "no-frame"
+            log_part(Decision.NO_FRAME, message, topic, None, logging.ERROR, reason="a trigger got no frame in time")
+            return Decision.NO_FRAME
         if not message.anomalous:
             seen = not relay.first_good(key)
-            relay.count(device, "duplicates" if seen else "skipped_good")
+            relay.count(device, Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD)
             if seen or relay.settings.log_good_decisions:
-                log_part("duplicate" if seen else "skipped-good", message, topic, None, logging.INFO)
-            return "duplicate" if seen else "skipped-good"
+                log_part(Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD, message, topic, None, logging.INFO)
+            return Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD
         relay.count(device, "anomalous")
         actuator = relay.actuator_of(device)
         encoder = self.encoder if self.encoder is not None and self.encoder.ready else None
@@ -214,31 +244,39 @@ class PartDecisions:
             relay.count_unconfigured()
             what = "decision_distance_m" if timing is None else "actuator" if actuator is None else "belt speed"
             log_part(
-                "unconfigured",
+                Decision.UNCONFIGURED,
                 message,
                 topic,
                 None,
                 logging.ERROR,
                 reason=f"no {what} for device {device!r}: add it under [devices.{device}] or [timing]",
             )
-            return "unconfigured"
+            return Decision.UNCONFIGURED
         source = offset.source + ("+encoder" if encoder else "+live-speed" if self.belt.value is not None else "")
         plan, remaining = plan_part(
             message, arrival, timing.distance_m, speed, timing.tolerance_s, offset.offset_s, source
         )
         target = None
         if encoder is not None:  # by the belt's position: where it was at the decision, plus the distance
-            beyond = message.position_at_decision.beyond_line_m if message.position_at_decision else None
-            target = encoder.position_at(plan.capture_time) + max(0.0, timing.distance_m - (beyond or 0.0))
+            target = encoder.position_at(plan.capture_time) + max(0.0, timing.distance_m - beyond_line_m(message))
             remaining = target - encoder.position_at(arrival)
-            planned = arrival + due_in(remaining, speed)
+            planned = encoder.time_at(target)  # when the belt got or gets there: in the past once it passed
             plan = replace(plan, planned_time=planned, deadline=planned + timing.tolerance_s)
         if arrival > plan.deadline:
             if not relay.journal.claim(key, device, sequence, "missed", plan.planned_time, plan.deadline):
                 return self._duplicate(message, topic, key)
-            relay.count(device, "missed")
-            log_part("missed", message, topic, plan, logging.ERROR, reason="arrived after its deadline")
-            return "missed"
+            relay.count(device, Decision.MISSED)
+            log_part(
+                Decision.MISSED,
+                message,
+                topic,
+                plan,
+                logging.ERROR,
+                reason="arrived after its deadline",
+                arrival=round(arrival, 6),
+                late_by_ms=round((arrival - plan.planned_time) * 1000.0, 3),
+            )
+            return Decision.MISSED
         record = plan_record(plan, remaining)
         if not relay.journal.claim(
             key, device, sequence, "scheduled", plan.planned_time, plan.deadline, message.to_json(), record
@@ -252,7 +290,7 @@ class PartDecisions:
             arrival_mono,
             BeltTravel(remaining, arrival_mono, timing.tolerance_s, target),
         )
-        return "scheduled"
+        return Decision.SCHEDULED
 
     def resume(self, entry: Any, now: float, now_mono: float) -> None:
         """A part reject a previous run scheduled: fire it at its last planned time if still in time."""
@@ -266,14 +304,14 @@ class PartDecisions:
                 extra={"event": "relay_journal_bad", "message_id": entry.message_id, "error": str(exc)},
             )
             relay.journal.finish(entry.message_id, "missed")
-            relay.count(entry.device_id, "missed")
+            relay.count(entry.device_id, Decision.MISSED)
             return
         actuator = relay.actuator_of(message.device_id)
         if now > plan.deadline or actuator is None:
             relay.journal.finish(entry.message_id, "missed")
-            relay.count(message.device_id, "missed")
+            relay.count(message.device_id, Decision.MISSED)
             reason = "deadline passed while the relay was down" if actuator else "no actuator any more"
-            log_part("missed", message, "journal", plan, logging.ERROR, reason=reason)
+            log_part(Decision.MISSED, message, "journal", plan, logging.ERROR, reason=reason)
             return
         relay.firing.submit(
             order_of(message, entry.message_id, plan, relay.settings.relay_id), plan, actuator, now, now_mono
@@ -283,10 +321,12 @@ class PartDecisions:
             extra={"event": "relay_resumed", "message_id": entry.message_id, "part_id": message.part_id},
         )
 
-    def _duplicate(self, message: PartMessage, topic: str, key: str) -> str:
-        self.relay.count(message.device_id, "duplicates")
-        log_part("duplicate", message, topic, None, logging.INFO, first_decision=self.relay.journal.state_of(key))
-        return "duplicate"
+    def _duplicate(self, message: PartMessage, topic: str, key: str) -> Decision:
+        self.relay.count(message.device_id, Decision.DUPLICATE)
+        log_part(
+            Decision.DUPLICATE, message, topic, None, logging.INFO, first_decision=self.relay.journal.state_of(key)
+        )
+        return Decision.DUPLICATE
 
 
 def order_of(message: PartMessage, key: str, plan: Plan, relay_id: str) -> FireOrder:
@@ -305,7 +345,9 @@ def order_of(message: PartMessage, key: str, plan: Plan, relay_id: str) -> FireO
     )
 
 
-def log_part(decision: str, message: PartMessage, topic: str, plan: Plan | None, level: int, **context: Any) -> None:
+def log_part(
+    decision: Decision, message: PartMessage, topic: str, plan: Plan | None, level: int, **context: Any
+) -> None:
     """One decision line about a part message."""
     extra: dict[str, Any] = {
         "event": "relay_decision",
@@ -313,6 +355,7 @@ def log_part(decision: str, message: PartMessage, topic: str, plan: Plan | None,
         "message_id": message.message_id,
         "device_id": message.device_id,
         "part_id": message.part_id,
+        "trigger_id": message.trigger_id,
         "topic": topic,
         "decision_time": message.decision_time,
         "replayed": message.replayed,

@@ -9,7 +9,8 @@ Each message gets exactly one final decision, logged as one line (``event = rela
 - ``skipped-good``: not anomalous; nothing to do.
 - ``fired``: the actuator succeeded, between the planned time and the deadline.
 - ``missed``: anomalous, but the deadline (planned time + tolerance) had passed when it arrived or
-  when it came due; never fired late.
+  when it came due; never fired late. The planned time counts from the capture or decision, never from the
+  arrival, so a message delayed in the broker is missed, not fired at whatever part is at the actuator now.
 - ``failed``: every allowed attempt of the actuator failed (retries only before the deadline).
 - ``duplicate``: a message id already decided (broker redelivery, publisher retry, across restarts).
 - ``unconfigured``: anomalous, from a camera with no travel time or actuator configured.
@@ -19,6 +20,11 @@ Each message gets exactly one final decision, logged as one line (``event = rela
   topic or argv, a camera beyond ``max_devices``. Also any internal error while deciding: every message is
   acknowledged, so no payload can hold the broker's in-flight window and stall the relay.
 - ``interrupted``: the relay stopped while the actuator ran; not repeated after the restart.
+- ``unknown-device``: from a camera not in ``cameras`` nor under ``[devices]``: counted, never fired.
+- ``rate-limited``: beyond the sender's ``[limits]`` budget: dropped unparsed, counted.
+
+The words are ``report.Decision``; its ``counter`` names the stats field each one counts. What a message may
+cost before it is parsed (size, known camera, budget) is ``gate.py``'s.
 """
 
 from __future__ import annotations
@@ -28,21 +34,21 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from edge_agent.publish.messages import InspectionMessage, RelayStats, StatusText
+from edge_agent.messages import InspectionMessage, RelayStats, StatusText
 from edge_agent.relay.actuators import Actuator, FireOrder, create_actuator
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.connection import RelayConnection
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.firing import Firing, Job
-from edge_agent.relay.intake import MalformedMessage, device_of_topic, parse_inspection
-from edge_agent.relay.part_intake import PART_LEAF
+from edge_agent.relay.gate import IntakeGate
+from edge_agent.relay.intake import MalformedMessage, parse_inspection
 from edge_agent.relay.parts import PartDecisions
-from edge_agent.relay.report import Counters, late_hint, log_decision, log_order, relay_stats
+from edge_agent.relay.report import Counters, Decision, late_hint, log_decision, log_order, relay_stats
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,6 @@ log = logging.getLogger(__name__)
 GOOD_IDS_REMEMBERED = 4096  # good messages are not journaled; this catches their redeliveries for the counts
 LATENESS_SAMPLES = 1000
 CLOCK_KEY = "clock_offsets"
-_PAYLOAD_PREVIEW = 200
 
 
 class RejectRelay:
@@ -70,6 +75,7 @@ class RejectRelay:
         self.firing = Firing(settings, self.journal, self._on_outcome)
         self._actuators = self._build_actuators()
         self.parts = PartDecisions(self)  # part and belt speed messages (relay/parts.py)
+        self.gate = IntakeGate(settings, self.counters, self._lock, lambda: self.parts.encoder is not None)
 
     # -- topics and state ---------------------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class RejectRelay:
     def _on_message(self, message: paho.MQTTMessage) -> None:
         arrival, arrival_mono = time.time(), time.monotonic()
         try:
-            self.handle(message.topic, message.payload, arrival, arrival_mono)
+            self.handle(message.topic, bytes(message.payload), arrival, arrival_mono)
         except Exception as exc:  # never let one message stop the relay
             # Acknowledged all the same (connection.py says why). The journal never raises (it falls back to
             # memory, counted in journal_errors).
@@ -142,7 +148,7 @@ class RejectRelay:
                 "internal error while handling a message; counted malformed and acknowledged",
                 extra={
                     "event": "relay_decision",
-                    "decision": "malformed",
+                    "decision": Decision.MALFORMED,
                     "topic": message.topic[:200],
                     "error": f"internal error: {type(exc).__name__}",
                     "mid": message.mid,
@@ -157,16 +163,24 @@ class RejectRelay:
 
     # -- decisions ----------------------------------------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> str:
-        """Decide one message (journaled before returning); returns the decision name."""
-        if topic == self.settings.belt.speed_topic:
+    def handle(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> Decision:
+        """Decide one message (journaled before returning); returns the decision.
+
+        What one sender may cost comes first (relay/gate.py), before any parse: the size and values for the topic's
+        kind of message, that the camera is one this relay acts for, and the sender's message budget.
+        """
+        kind = self.gate.kind(topic)
+        refusal, device = self.gate.admit(kind, topic, payload)
+        if refusal is not None:
+            return refusal
+        if kind == "speed":
             return self.parts.handle_speed(topic, payload)
-        if topic == self.settings.belt.encoder_topic and self.parts.encoder is not None:
+        if kind == "encoder":
             return self.parts.handle_encoder(topic, payload, arrival)
-        if topic.rsplit("/", 1)[-1] == PART_LEAF:
+        assert device is not None
+        if kind == "part":
             return self.parts.handle_part(topic, payload, arrival, arrival_mono)
         try:
-            device = device_of_topic(topic)
             message = parse_inspection(payload)
             if message.device_id != device:
                 raise MalformedMessage(
@@ -176,7 +190,7 @@ class RejectRelay:
             self.admit_device(device)
         except MalformedMessage as exc:
             self.refuse(topic, exc, payload)
-            return "malformed"
+            return Decision.MALFORMED
         timing = self.settings.timing_for(device)
         offset = self.clock.observe(message, arrival, timing.clock_offset_s if timing else 0.0)
         refused = self.clock.refused(device)
@@ -186,9 +200,9 @@ class RejectRelay:
         self.count(device, "anomalous")
         if device in self.parts.devices:
             # This camera sends part messages: they decide its rejects; its inspections are for dashboards.
-            self.count(device, "skipped_good")
-            log_decision("skipped-parts-mode", message, topic, None, logging.INFO)
-            return "skipped-parts-mode"
+            self.count(device, Decision.SKIPPED_GOOD)
+            log_decision(Decision.SKIPPED_PARTS_MODE, message, topic, None, logging.INFO)
+            return Decision.SKIPPED_PARTS_MODE
         actuator = self._actuators.get(device) or self._actuators.get("")
         if timing is None or actuator is None:
             return self._decide_unconfigured(message, topic, timing is None)
@@ -198,9 +212,9 @@ class RejectRelay:
                 message.message_id, device, message.sequence, "missed", plan.planned_time, plan.deadline
             ):
                 return self._decide_duplicate(message, topic)
-            self.count(device, "missed")
+            self.count(device, Decision.MISSED)
             log_decision(
-                "missed",
+                Decision.MISSED,
                 message,
                 topic,
                 plan,
@@ -210,7 +224,7 @@ class RejectRelay:
                 late_by_ms=round((arrival - plan.planned_time) * 1000.0, 3),
                 **late_hint(message, plan),
             )
-            return "missed"
+            return Decision.MISSED
         if not self.journal.claim(
             message.message_id,
             device,
@@ -223,7 +237,7 @@ class RejectRelay:
         ):
             return self._decide_duplicate(message, topic)
         self._schedule(message, plan, actuator, arrival, arrival_mono, topic)
-        return "scheduled"
+        return Decision.SCHEDULED
 
     def actuator_of(self, device: str) -> Actuator | None:
         """The camera's own actuator, else the default one."""
@@ -241,34 +255,34 @@ class RejectRelay:
                 )
             self.counters.device(device)
 
-    def _decide_good(self, message: InspectionMessage, topic: str) -> str:
+    def _decide_good(self, message: InspectionMessage, topic: str) -> Decision:
         if not self.first_good(message.message_id):
             return self._decide_duplicate(message, topic)
-        self.count(message.device_id, "skipped_good")
+        self.count(message.device_id, Decision.SKIPPED_GOOD)
         if self.settings.log_good_decisions:
-            log_decision("skipped-good", message, topic, None, logging.INFO)
-        return "skipped-good"
+            log_decision(Decision.SKIPPED_GOOD, message, topic, None, logging.INFO)
+        return Decision.SKIPPED_GOOD
 
-    def _decide_unconfigured(self, message: InspectionMessage, topic: str, no_timing: bool) -> str:
+    def _decide_unconfigured(self, message: InspectionMessage, topic: str, no_timing: bool) -> Decision:
         if not self.journal.claim(message.message_id, message.device_id, message.sequence, "unconfigured"):
             return self._decide_duplicate(message, topic)
         self.count_unconfigured()
         what = "travel time" if no_timing else "actuator"
         log_decision(
-            "unconfigured",
+            Decision.UNCONFIGURED,
             message,
             topic,
             None,
             logging.ERROR,
             reason=f"no {what} configured for device {message.device_id!r}: add [devices.{message.device_id}]",
         )
-        return "unconfigured"
+        return Decision.UNCONFIGURED
 
-    def _decide_duplicate(self, message: InspectionMessage, topic: str) -> str:
-        self.count(message.device_id, "duplicates")
-        first = self.journal.state_of(message.message_id) if message.anomalous else "skipped-good"
-        log_decision("duplicate", message, topic, None, logging.INFO, first_decision=first)
-        return "duplicate"
+    def _decide_duplicate(self, message: InspectionMessage, topic: str) -> Decision:
+        self.count(message.device_id, Decision.DUPLICATE)
+        first = self.journal.state_of(message.message_id) if message.anomalous else Decision.SKIPPED_GOOD.value
+        log_decision(Decision.DUPLICATE, message, topic, None, logging.INFO, first_decision=first)
+        return Decision.DUPLICATE
 
     def _schedule(
         self,
@@ -308,12 +322,12 @@ class RejectRelay:
         """Rejects a previous run scheduled: fire them if still in time, else count them missed."""
         for entry in self.journal.entries("firing"):
             self.journal.finish(entry.message_id, "interrupted")
-            self.count(entry.device_id, "actuator_failures")
+            self.count(entry.device_id, Decision.INTERRUPTED)
             log.error(
                 "the relay stopped while firing a reject; outcome unknown, not repeated",
                 extra={
                     "event": "relay_decision",
-                    "decision": "interrupted",
+                    "decision": Decision.INTERRUPTED,
                     "message_id": entry.message_id,
                     "device_id": entry.device_id,
                     "sequence": entry.sequence,
@@ -334,14 +348,14 @@ class RejectRelay:
                     extra={"event": "relay_journal_bad", "message_id": entry.message_id, "error": str(exc)},
                 )
                 self.journal.finish(entry.message_id, "missed")
-                self.count(entry.device_id, "missed")
+                self.count(entry.device_id, Decision.MISSED)
                 continue
             actuator = self._actuators.get(message.device_id) or self._actuators.get("")
             if now > plan.deadline or actuator is None:
                 self.journal.finish(entry.message_id, "missed")
-                self.count(message.device_id, "missed")
+                self.count(message.device_id, Decision.MISSED)
                 log_decision(
-                    "missed",
+                    Decision.MISSED,
                     message,
                     "journal",
                     plan,
@@ -358,15 +372,15 @@ class RejectRelay:
 
     # -- outcomes of firing ---------------------------------------------------------------------------
 
-    def _on_outcome(self, outcome: str, job: Job, context: dict[str, Any]) -> None:
+    def _on_outcome(self, outcome: Decision, job: Job, context: dict[str, Any]) -> None:
         """Count and log what ``firing`` did with a job (its journal entry is already final)."""
         order, plan = job.order, job.plan
-        if outcome == "fired":
+        if outcome is Decision.FIRED:
             with self._lock:
                 self.counters.device(order.device_id).fired += 1
                 self._lateness_ms.append(context["lateness_ms"])
             log_order(
-                "fired",
+                Decision.FIRED,
                 order,
                 plan,
                 logging.INFO,
@@ -374,39 +388,23 @@ class RejectRelay:
                 lateness_ms=round(context["lateness_ms"], 3),
                 attempts=context["attempts"],
             )
-        elif outcome == "missed":
+        elif outcome is Decision.MISSED:
             # Came due too late (every actuator worker busy, an overloaded box): never fired after the deadline.
-            self.count(order.device_id, "missed")
-            log_order(
-                "missed",
-                order,
-                plan,
-                logging.ERROR,
-                reason="came due after its deadline",
-                late_by_ms=round(context["late_by_ms"], 3),
-            )
+            self.count(order.device_id, Decision.MISSED)
+            if "held_s" in context:
+                reason, detail = "held by a stopped belt longer than belt.max_hold_s", {"held_s": context["held_s"]}
+            else:
+                reason, detail = "came due after its deadline", {"late_by_ms": round(context["late_by_ms"], 3)}
+            log_order(Decision.MISSED, order, plan, logging.ERROR, reason=reason, **detail)
         else:
-            self.count(order.device_id, "actuator_failures")
-            log_order("failed", order, plan, logging.ERROR, **context)
+            self.count(order.device_id, Decision.FAILED)
+            log_order(Decision.FAILED, order, plan, logging.ERROR, **context)
 
     # -- counting, logging, stats -------------------------------------------------------------------
 
-    def refuse(self, topic: str, exc: Exception, payload: bytes) -> None:
-        """Count and log a message that is not what its topic says (inspection, part or belt message)."""
-        with self._lock:
-            self.counters.malformed += 1
-        log.warning(
-            "malformed message on %s: %s",
-            topic,
-            exc,
-            extra={
-                "event": "relay_decision",
-                "decision": "malformed",
-                "topic": topic[:200],
-                "error": str(exc),
-                "payload": payload[:_PAYLOAD_PREVIEW].decode("utf-8", "replace"),
-            },
-        )
+    def refuse(self, topic: str, exc: Exception, payload: bytes = b"") -> None:
+        """Count and log (rate limited) a message that is not what its topic says (relay/gate.py)."""
+        self.gate.refuse(topic, exc, payload)
 
     def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None:
         """One more message from a camera, with its clock estimate (and refused clock samples, when known)."""
@@ -433,8 +431,10 @@ class RejectRelay:
         with self._lock:
             self.counters.unconfigured += 1
 
-    def count(self, device_id: str, name: str) -> None:
-        """One more ``name`` for a camera."""
+    def count(self, device_id: str, what: Decision | Literal["anomalous"]) -> None:
+        """One more of a decision (its ``counter``) or of a named per-camera figure (``"anomalous"``) for a camera."""
+        name = what.counter if isinstance(what, Decision) else what
+        assert name is not None, f"{what} is not counted per camera"
         with self._lock:
             stats = self.counters.device(device_id)
             setattr(stats, name, getattr(stats, name) + 1)

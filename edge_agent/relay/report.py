@@ -3,18 +3,66 @@ the counters its ``stats`` message carries, in total and per camera."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.publish.messages import InspectionMessage, RelayDeviceStats, RelayStats
+from edge_agent.messages import InspectionMessage, RelayDeviceStats, RelayStats
 from edge_agent.relay.actuators import FireOrder
 from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)
+
+
+class Decision(str, enum.Enum):
+    """A relay decision: the word in its log line (``decision``) and, through ``counter``, the stats field it counts.
+
+    One name for both, so a log line and a counter can never disagree on spelling.
+    """
+
+    SCHEDULED = "scheduled"
+    FIRED = "fired"
+    MISSED = "missed"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    UNCONFIGURED = "unconfigured"
+    MALFORMED = "malformed"
+    INTERRUPTED = "interrupted"
+    SKIPPED_GOOD = "skipped-good"
+    SKIPPED_PARTS_MODE = "skipped-parts-mode"
+    NO_FRAME = "no-frame"
+    UNKNOWN_DEVICE = "unknown-device"
+    RATE_LIMITED = "rate-limited"
+    SPEED = "speed"  # a belt speed reading taken
+    ENCODER = "encoder"  # an encoder reading taken
+    ENCODER_REFUSED = "encoder-refused"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def counter(self) -> str | None:
+        """The RelayStats / RelayDeviceStats field this decision counts (None: counted elsewhere or not at all)."""
+        return _COUNTERS.get(self)
+
+
+_COUNTERS = {
+    Decision.FIRED: "fired",
+    Decision.MISSED: "missed",
+    Decision.FAILED: "actuator_failures",
+    Decision.INTERRUPTED: "actuator_failures",
+    Decision.DUPLICATE: "duplicates",
+    Decision.SKIPPED_GOOD: "skipped_good",
+    Decision.SKIPPED_PARTS_MODE: "skipped_good",
+    Decision.UNCONFIGURED: "unconfigured",
+    Decision.MALFORMED: "malformed",
+    Decision.UNKNOWN_DEVICE: "unknown_devices",
+    Decision.RATE_LIMITED: "rate_limited",
+}
 
 
 @dataclass
@@ -24,6 +72,8 @@ class Counters:
     malformed: int = 0
     unconfigured: int = 0
     errors: int = 0  # messages the relay failed to handle (logged, acknowledged as malformed)
+    unknown_devices: int = 0  # messages from cameras the relay does not act for (one counter: bounded)
+    rate_limited: int = 0  # dropped unparsed beyond [limits] messages_per_s (cameras and belt topics)
     devices: dict[str, RelayDeviceStats] = field(default_factory=dict)
 
     def device(self, device_id: str) -> RelayDeviceStats:
@@ -37,14 +87,21 @@ class Counters:
         names = ("received", "anomalous", "fired", "missed", "duplicates", "skipped_good", "actuator_failures")
         totals = {name: self.total(name) for name in names}
         totals.update(
-            malformed=self.malformed, unconfigured=self.unconfigured, errors=self.errors, journal_errors=journal_errors
+            malformed=self.malformed,
+            unconfigured=self.unconfigured,
+            errors=self.errors,
+            journal_errors=journal_errors,
+            unknown_devices=self.unknown_devices,
+            rate_limited=self.rate_limited,
         )
         return totals
 
     def copy(self) -> Counters:
         """A snapshot (the per-camera stats copied), to read outside the relay's lock."""
         devices = {name: stats.model_copy() for name, stats in self.devices.items()}
-        return Counters(self.malformed, self.unconfigured, self.errors, devices)
+        return Counters(
+            self.malformed, self.unconfigured, self.errors, self.unknown_devices, self.rate_limited, devices
+        )
 
 
 def relay_stats(
@@ -73,7 +130,7 @@ def relay_stats(
 
 
 def log_decision(
-    decision: str,
+    decision: Decision,
     message: InspectionMessage,
     topic: str,
     plan: Plan | None,
@@ -96,7 +153,7 @@ def log_decision(
     log.log(level, "%s: %s #%d", decision, message.device_id, message.sequence, extra=extra)
 
 
-def log_order(decision: str, order: FireOrder, plan: Plan, level: int, **context: Any) -> None:
+def log_order(decision: Decision, order: FireOrder, plan: Plan, level: int, **context: Any) -> None:
     extra: dict[str, Any] = {
         "event": "relay_decision",
         "decision": decision,
@@ -112,13 +169,18 @@ def log_order(decision: str, order: FireOrder, plan: Plan, level: int, **context
 
 
 def plan_fields(plan: Plan) -> dict[str, Any]:
+    """A plan's fields for a log line (times that are not finite, a belt stopped, as null: valid JSON)."""
     return {
-        "planned_time": round(plan.planned_time, 6),
-        "deadline": round(plan.deadline, 6),
-        "travel_s": plan.travel_s,
+        "planned_time": _finite(plan.planned_time),
+        "deadline": _finite(plan.deadline),
+        "travel_s": plan.travel_s if math.isfinite(plan.travel_s) else None,
         "clock_offset_s": round(plan.offset_s, 6),
         "clock_source": plan.clock_source,
     }
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def late_hint(message: InspectionMessage, plan: Plan) -> dict[str, str]:

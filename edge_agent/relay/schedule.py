@@ -29,8 +29,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
-from edge_agent.publish.messages import InspectionMessage
+from edge_agent.messages import InspectionMessage
 from edge_agent.relay.config import ClockConfig, DeviceTiming
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,33 @@ class OffsetChoice:
     source: str
 
 
-def agent_latency_s(message: InspectionMessage) -> float:
+class _Latency(Protocol):
+    @property
+    def total(self) -> float: ...
+    @property
+    def capture(self) -> float: ...
+
+
+class ClockSample(Protocol):
+    """What the clock estimator reads of a message: an InspectionMessage, or a part's ClockView."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def capture_time(self) -> float: ...
+    @property
+    def latency_ms(self) -> _Latency: ...
+    @property
+    def replayed(self) -> bool: ...
+
+
+def agent_latency_s(message: ClockSample) -> float:
     """Seconds from the capture timestamp to publishing, measured by the agent on its monotonic clock."""
     latency = message.latency_ms
     return max(0.0, latency.total - latency.capture) / 1000.0
 
 
-def offset_sample(message: InspectionMessage, arrival: float) -> float:
+def offset_sample(message: ClockSample, arrival: float) -> float:
     """One sample of (relay clock - camera clock) + transit, from a message that arrived at ``arrival``."""
     return arrival - message.capture_time - agent_latency_s(message)
 
@@ -127,14 +148,14 @@ class ClockOffsets:
         self._warned: dict[str, float] = {}
         self._refused: dict[str, int] = {}
 
-    def observe(self, message: InspectionMessage, arrival: float, configured_s: float) -> OffsetChoice:
+    def observe(self, message: ClockSample, arrival: float, configured_s: float) -> OffsetChoice:
         """Take this message's sample (unless replayed) and return the offset to plan it with."""
         device = message.device_id
         if self.config.mode == "fixed":
             return OffsetChoice(configured_s, "configured")
         return self._estimated(device, message, arrival, configured_s)
 
-    def _estimated(self, device: str, message: InspectionMessage, arrival: float, configured_s: float) -> OffsetChoice:
+    def _estimated(self, device: str, message: ClockSample, arrival: float, configured_s: float) -> OffsetChoice:
         with self._lock:
             estimator = self._estimators.setdefault(device, ClockEstimator(self.config))
             # A replayed message sat in the agent's spool: its sample says nothing about the clocks.

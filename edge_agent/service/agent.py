@@ -8,6 +8,7 @@ stop is asked, and owns everything that lives that long:
 - commands on ``cmd/<name>`` (commands.py): reload, snapshot, threshold, update;
 - ``/metrics`` and ``/healthz`` (http_server.py, metrics.py, health.py) on ``http.host:http.port``;
 - the line-to-model loop (service/loop.py): kept frames, drift, the shadow model, cmd/record, /review;
+- the PLC's OPC UA and Modbus servers when ``[plc]`` enables them (edge_agent/plc/, docs/plc.md);
 - the supervisor loop: systemd watchdog pings while every stage shows progress, the status line, and
   the ``stats`` topic every ``mqtt.stats_interval_s`` and at once when the source changes state.
 """
@@ -29,8 +30,9 @@ from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.scoring import DecisionRule, default_log10_epsilon
 from edge_agent.logs import log_event
+from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
+from edge_agent.plc.bridge import PlcBridge
 from edge_agent.publish.commands import CommandFailed, CommandProcessor, Done
-from edge_agent.publish.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool
@@ -87,6 +89,10 @@ class Agent:
             MetricsView(self.pipeline, self.publisher, self.outbox, settings.spool.max_messages, self.health)
         )
         self.pipeline.observers.append(self.metrics.observe_frame)
+        self.plc = PlcBridge.create(settings, self.part_inputs.triggers)  # None unless [plc] enables a server
+        if self.plc is not None:
+            self.pipeline.part_observers.append(self.plc.part_decided)
+            self.part_inputs.missed_observers.append(self.plc.trigger_missed)
         self.commands = CommandProcessor(self.publisher.publish_result, on_handled=self.metrics.count_command)
         self.commands.register("reload", self.reload)
         self.commands.register("snapshot", self.snapshot)
@@ -96,13 +102,20 @@ class Agent:
         self.http: HttpServer | None = None
         self.preview: PreviewPage | None = None
         if settings.http.enabled:
-            self.http = HttpServer(settings.http.host, settings.http.port)
+            self.http = HttpServer(
+                settings.http.host,
+                settings.http.port,
+                idle_timeout_s=settings.http.request_timeout_s,
+                max_per_address=settings.http.max_connections_per_address,
+                allowed_hosts=settings.http.allowed_hosts,
+            )
             self.http.route("/metrics", self._metrics_route)
             self.http.route("/healthz", self._health_route)
             self.part_inputs.attach_http(self.http)
             if settings.http.preview:
+                live = (lambda: self.pipeline.last_frame) if settings.parts.mode == "triggered" else None
                 self.preview = PreviewPage(
-                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps
+                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps, live_frame=live
                 )
                 self.preview.register(self.http)
         self.loop = LineLoop(settings, self.pipeline)
@@ -144,6 +157,8 @@ class Agent:
         self._start_http()
         self.part_inputs.start()
         try:
+            if self.plc is not None:
+                self.plc.start()  # before the frames: a trigger accepted now is served by the first ones
             self.loop.start()
             self.pipeline.start()
             self.notifier.ready(self.status_line())
@@ -167,6 +182,8 @@ class Agent:
                     "pipeline did not stop in time", extra={"event": "pipeline_stuck", "timeout_s": JOIN_TIMEOUT_S}
                 )
         finally:
+            if self.plc is not None:
+                self.plc.stop()
             self.part_inputs.stop()
             self.commands.stop()
             self.loop.stop()
@@ -316,7 +333,15 @@ class Agent:
         p50, p99 = stats.latency_percentiles()
         parts_line, trigger_line = self.part_inputs.lines()
         return PreviewFacts(
-            stats.fps(), p50, p99, source.state, source.last_error, self.settings.parts.mode, parts_line, trigger_line
+            stats.fps(),
+            p50,
+            p99,
+            source.state,
+            source.last_error,
+            self.settings.parts.mode,
+            parts_line,
+            trigger_line,
+            stats.capture_fps(),
         )
 
     def _metrics_route(self, request: HttpRequest) -> HttpResponse:
@@ -338,7 +363,7 @@ class Agent:
         assert path is not None
         try:
             verify_installed_bundle(path, self.settings.update.public_key)
-            new = load_model(path, self.settings.model, self.nfa_overrides)
+            new = load_model(path, self.settings.model, self.nfa_overrides, live=self.pipeline.source.live)
         except (ModelLoadError, SigningError) as exc:
             raise CommandFailed(f"{exc}; still running {self.model.ref.name} {self.model.ref.version}") from exc
         if command.version is not None and new.ref.version != command.version:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from edge_agent.publish.messages import ModelRef
+from edge_agent.messages import ModelRef
 
 SPOOL_WARN_FRACTION = 0.9
 

@@ -3,8 +3,10 @@
 Every kept frame is a folder under ``keep.dir`` written by ``save_snapshot``: the frame, its anomaly map,
 NFA mask, overlay and the published message (``inspection.json``), named
 ``<YYYYmmdd-HHMMSS>-seq<sequence>-flagged`` or ``...-good``. With ``[parts]`` on, an anomalous part is
-kept instead of anomalous frames (the part's verdict is the one that counts), as the frame that decided
-it with the part message beside it (``part.json``), in ``...-part-<part_id>``. The review page and ``edge-agent review`` read these folders.
+kept instead of anomalous frames (the part's verdict is the one that counts), in ``...-part-<part_id>``:
+the frame that shows the part's evidence (the one its decision names, held by
+edge_agent/service/part_frames.py), the part outlined, a contact sheet of its frames and the part
+message (edge_agent/service/part_snapshot.py). The review page and ``edge-agent review`` read these folders.
 
 Writing never happens on the inspection path: ``offer`` (the publish thread, once per frame) only decides
 and puts the frame on a bounded queue; one writer thread (at nice 10) draws, encodes and writes. A full queue skips the frame
@@ -27,9 +29,10 @@ from pathlib import Path
 
 from edge_agent.config import KeepConfig
 from edge_agent.inspection.pipeline import FrameJob
-from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
-from edge_agent.publish.messages import PartMessage
+from edge_agent.messages import PartMessage
+from edge_agent.service.part_frames import PartEvidence, PartFrameBook
+from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ FLAGGED, GOOD, PART = "flagged", "good", "part"
 PART_MESSAGE_NAME = "part.json"
 WRITER_NICE = 10
 MESSAGE_NAME = "inspection.json"
+
+
+_Item = tuple[FrameJob, str, PartMessage | None, PartEvidence | None]  # job, kind, part, its evidence
 
 
 @dataclass
@@ -68,15 +74,19 @@ def kept_folders(directory: Path) -> list[Path]:
 class FrameKeeper:
     """Decides which frames to keep, writes them on its own thread and holds the disk quota."""
 
-    def __init__(self, config: KeepConfig, parts_mode: bool = False) -> None:
-        """``parts_mode``: the agent decides per part ([parts] mode on): anomalous parts are kept, not frames."""
+    def __init__(self, config: KeepConfig, parts_mode: bool = False, book: PartFrameBook | None = None) -> None:
+        """``parts_mode``: the agent decides per part ([parts] mode on): anomalous parts are kept, not frames.
+
+        ``book`` (tracked mode): the parts' frames, so a kept part shows its evidence frame and contact sheet.
+        """
+        self.book = book
         assert config.dir is not None, "keep.dir is filled in by AgentSettings"
         self.config = config
         self.parts_mode = parts_mode
         self.directory = Path(config.dir)
         self.counters = KeepCounters()
         self.problem = ""  # the last disk problem; cleared by the next successful write
-        self._queue: queue.Queue[tuple[FrameJob, str, PartMessage | None] | None] = queue.Queue(maxsize=config.queue)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=config.queue)
         self._good_credit = 0.0
         self._folders: deque[tuple[Path, int]] = deque()  # oldest first, with their sizes
         self._thread: threading.Thread | None = None
@@ -126,14 +136,17 @@ class FrameKeeper:
         return kind if self._enqueue(job, kind, None) else None
 
     def offer_part(self, job: FrameJob, part: PartMessage) -> bool:
-        """Pipeline part observer: queue an anomalous part with the frame that decided it. Never blocks."""
+        """Pipeline part observer: queue an anomalous part with its evidence frame. Never blocks."""
+        evidence = self.book.take(part) if self.book is not None else None  # every part: the book forgets it
         if not self.config.flagged or not part.anomalous or part.status != "inspected" or self._thread is None:
             return False
-        return job.message is not None and self._enqueue(job, PART, part)
+        return job.message is not None and self._enqueue(job, PART, part, evidence)
 
-    def _enqueue(self, job: FrameJob, kind: str, part: PartMessage | None) -> bool:
+    def _enqueue(
+        self, job: FrameJob, kind: str, part: PartMessage | None, evidence: PartEvidence | None = None
+    ) -> bool:
         try:
-            self._queue.put_nowait((job, kind, part))
+            self._queue.put_nowait((job, kind, part, evidence))
         except queue.Full:
             self.counters.skipped_busy += 1
             return False
@@ -162,8 +175,10 @@ class FrameKeeper:
             finally:
                 self._queue.task_done()
 
-    def _write(self, job: FrameJob, kind: str, part: PartMessage | None) -> None:
-        from edge_agent.service.snapshot import save_snapshot  # imports the drawing code: only once something is kept
+    def _write(self, job: FrameJob, kind: str, part: PartMessage | None, evidence: PartEvidence | None) -> None:
+        # The drawing code is imported only once something is kept.
+        from edge_agent.service.part_snapshot import save_part
+        from edge_agent.service.snapshot import save_snapshot
 
         free = _free_bytes(self.directory)
         if free is not None and free < self.config.min_free_mb * 1e6:
@@ -174,9 +189,10 @@ class FrameKeeper:
             )
             return
         try:
-            paths = save_snapshot(job, self.directory, kind if part is None else f"{PART}-{part.part_id}")
-            if part is not None:
-                (Path(paths["frame"]).parent / PART_MESSAGE_NAME).write_text(part.to_json() + "\n", encoding="utf-8")
+            if part is None:
+                paths = save_snapshot(job, self.directory, kind)
+            else:
+                paths = save_part(job, part, evidence, self.directory)
         except OSError as exc:
             self.counters.skipped_disk += 1
             self._set_problem(f"cannot write kept frames to {self.directory}: {exc}")

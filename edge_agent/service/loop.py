@@ -24,18 +24,25 @@ from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_stati
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.preprocess import model_input
-from edge_agent.inspection.shadow import lower_thread_priority
 from edge_agent.logs import log_event
+from edge_agent.messages import PartMessage, RecordCommand
 from edge_agent.publish.commands import CommandFailed, Done
-from edge_agent.publish.messages import RecordCommand
+from edge_agent.service.disk_budget import training_budget
 from edge_agent.service.http_server import HttpServer
 from edge_agent.service.keep import WRITER_NICE, FrameKeeper
 from edge_agent.service.loop_metrics import LoopCollector, LoopParts, loop_figures, loop_problems
+from edge_agent.service.part_frames import PartFrameBook
+from edge_agent.service.record_gate import HeldFrame, RecordGate, frame_clock
 from edge_agent.service.recorder import FrameRecorder, RecordError, RecordSettings
+from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
+# The review page's view of training_dir's size is walked again this often: recordings add to it meanwhile.
+REVIEW_REMEASURE_S = 60.0
+
 SHADOW_STATE_EVERY_S = 60.0
+RECORD_QUEUE = 16  # released frames waiting for the PNG writer (a decided part releases its frames at once)
 
 
 class LineLoop:
@@ -46,9 +53,13 @@ class LineLoop:
         self.pipeline = pipeline
         self.parts = LoopParts(recorder=lambda: self._recorder or self._last_recording)
         self._last_recording: FrameRecorder | None = None
-        keeper = FrameKeeper(settings.keep, parts_mode=settings.parts.mode != "off")
+        # Tracked parts are decided frames after their evidence was seen: the book holds their frames till then.
+        book = PartFrameBook() if settings.parts.mode == "tracked" and settings.keep.flagged else None
+        keeper = FrameKeeper(settings.keep, parts_mode=settings.parts.mode != "off", book=book)
         if keeper.active:
             self.parts.keeper = keeper
+            if book is not None:
+                pipeline.observers.append(book.observe)
             pipeline.observers.append(keeper.offer)
             pipeline.part_observers.append(keeper.offer_part)
         self._drift_bundle: object | None = None
@@ -57,11 +68,14 @@ class LineLoop:
             self.parts.drift = self._new_drift_monitor()
             pipeline.observers.append(self._observe_drift)
         self._recorder: FrameRecorder | None = None
+        self._gate: RecordGate | None = None  # with only_good: frames wait for their parts' verdicts
+        self._gate_lock = threading.Lock()
         self._record_until = 0.0
-        self._record_queue: queue.Queue[FrameJob | None] = queue.Queue(maxsize=2)
+        self._record_queue: queue.Queue[HeldFrame | None] = queue.Queue(maxsize=RECORD_QUEUE)
         self._record_thread: threading.Thread | None = None
         self._record_lock = threading.Lock()
         pipeline.observers.append(self._observe_record)
+        pipeline.part_observers.append(self._observe_record_part)
         self._next_shadow_save = 0.0
         self._drops_seen = 0
 
@@ -83,7 +97,8 @@ class LineLoop:
             keep = self.settings.keep
             assert keep.dir is not None and keep.training_dir is not None
             keeper = self.parts.keeper
-            ReviewPage(ReviewStore(keep.dir, keep.training_dir), keeper.forget if keeper else None).register(http)
+            store = ReviewStore(keep.dir, keep.training_dir, training_budget(keep, remeasure_s=REVIEW_REMEASURE_S))
+            ReviewPage(store, keeper.forget if keeper else None).register(http)
 
     def start(self) -> None:
         """Start the writer threads and load the shadow model (a shadow that cannot load is logged, not fatal)."""
@@ -126,7 +141,7 @@ class LineLoop:
         model = model or self.pipeline.model
         manifest = model.bundle.manifest
         self._drift_bundle = model.bundle
-        self._drift_reasons: list[str] = []
+        self._drift_reasons = []
         reference = manifest.drift_reference
         if reference is None:
             log_event(
@@ -173,14 +188,18 @@ class LineLoop:
     # -- shadow -------------------------------------------------------------------------------------
 
     def _start_shadow(self, path: Path) -> None:
+        from edge_agent.fleet.signing import SigningError, verify_installed_bundle
         from edge_agent.inspection.loaded_model import ModelLoadError, load_model
         from edge_agent.inspection.shadow import STATE_NAME, ShadowRunner, load_state
 
         # One ONNX Runtime thread: the shadow's work stays on its own niced thread.
         config = self.settings.model.model_copy(update={"threads": 1})
         try:
+            # Like the live bundle: with a fleet key configured, the shadow must carry a valid signature too
+            # (it runs on live frames, and its totals open the fleet's shadow gate).
+            verify_installed_bundle(path, self.settings.update.public_key)
             candidate = load_model(path, config, self.settings.nfa)
-        except ModelLoadError as exc:
+        except (ModelLoadError, SigningError) as exc:
             log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
             return
         runner = ShadowRunner(
@@ -236,9 +255,12 @@ class LineLoop:
         out = keep.training_dir / "good" / f"record-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
             settings = RecordSettings(command.count, command.every_s, command.only_good, command.min_difference)
-            recorder = FrameRecorder(out, settings)
+            recorder = FrameRecorder(out, settings, budget=training_budget(keep))
         except (RecordError, ValueError) as exc:
             raise CommandFailed(str(exc)) from exc
+        gate = RecordGate(self._release_to_writer, recorder.note, settings.every_s)
+        with self._gate_lock:
+            self._gate = gate
         with self._record_lock:
             self._recorder = recorder
             self._record_until = time.monotonic() + command.max_s
@@ -250,20 +272,41 @@ class LineLoop:
         return Done(f"recording up to {command.count} images into {out}", {"out": str(out)})
 
     def _observe_record(self, job: FrameJob) -> None:
-        if self._recorder is None:
+        """Publish thread: the frame goes to the gate (bookkeeping only; the writer thread writes)."""
+        recorder = self._recorder
+        if recorder is None:
             return
+        only_good = recorder.settings.only_good
+        passed = not only_good or (job.message is not None and not job.message.anomalous)
+        view = job.parts_view
+        alive: frozenset[str] | None = None
+        if only_good and self.settings.parts.mode == "tracked":
+            # No view yet (belt still being learned) means no part is tracked: nothing to wait for.
+            alive = view.undecided if view is not None else frozenset()
+        parts = [p[0] for p in view.parts] if view is not None else []
+        with self._gate_lock:
+            if self._gate is not None:
+                self._gate.offer(job.frame.image, job.frame.sequence, frame_clock(job.frame), passed, parts, alive)
+
+    def _observe_record_part(self, job: FrameJob, message: PartMessage) -> None:
+        if message.mode != "tracked":
+            return  # a triggered part is its frame: the frame's own verdict already says it
+        with self._gate_lock:
+            if self._gate is not None:
+                self._gate.part_decided(message.part_id, message.anomalous)
+
+    def _release_to_writer(self, held: HeldFrame) -> None:
         # A full queue: the writer is behind and this frame is not considered (a moving belt brings more).
         with contextlib.suppress(queue.Full):
-            self._record_queue.put_nowait(job)
+            self._record_queue.put_nowait(held)
 
     def _record_loop(self, recorder: FrameRecorder) -> None:
         lower_thread_priority(WRITER_NICE)
-        while (job := self._record_queue.get()) is not None:
+        while (held := self._record_queue.get()) is not None:
             if recorder.done:
                 continue
-            passed = job.message is not None and not job.message.anomalous
             try:
-                recorder.offer(job.frame.image, job.frame.sequence, passed)
+                recorder.offer(held.image, held.sequence, True, now=held.clock)
             except RecordError as exc:
                 log_event(log, logging.ERROR, "recording failed: %s", "record_failed", exc)
                 break
@@ -281,6 +324,10 @@ class LineLoop:
                 return
             self._recorder, self._record_thread = None, None
             self._last_recording = recorder
+        with self._gate_lock:
+            if self._gate is not None:
+                self._gate.abandon()
+            self._gate = None
         while True:
             try:
                 self._record_queue.put(None, timeout=1.0)

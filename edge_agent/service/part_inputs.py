@@ -11,12 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.inspection.parts import TrackedParts
-from edge_agent.inspection.triggers import GpioTrigger, TriggerBook, TriggerRefused, missed_message, open_gpio
+from edge_agent.inspection.triggers import (
+    GpioTrigger,
+    Trigger,
+    TriggerBook,
+    TriggerRefused,
+    missed_message,
+    open_gpio,
+)
 from edge_agent.logs import log_event
+from edge_agent.messages import PartMessage
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 
@@ -32,6 +41,8 @@ class PartInputs:
         self.parts: TrackedParts | None = None
         self.triggers: TriggerBook | None = None
         self.gpio: GpioTrigger | None = None
+        # Told of every missed trigger after its part message is out (the PLC handshake: edge_agent/plc/).
+        self.missed_observers: list[Callable[[Trigger, PartMessage], None]] = []
         config = settings.parts
         if config.mode == "tracked":
             self.parts = TrackedParts(config, settings.device_id)
@@ -75,7 +86,15 @@ class PartInputs:
                 trigger_id=trigger.trigger_id,
                 waited_s=round(time.time() - trigger.time, 3),
             )
-            self.publisher.publish_part(missed_message(self.settings.device_id, trigger))
+            message = missed_message(self.settings.device_id, trigger)
+            self.publisher.publish_part(message)
+            for observer in self.missed_observers:
+                try:
+                    observer(trigger, message)
+                except Exception as exc:
+                    log.exception(
+                        "missed-trigger observer failed", extra={"event": "observer_failed", "error": str(exc)}
+                    )
 
     def stop(self) -> None:
         """Close the GPIO line and report what is still waiting past its time."""
@@ -109,12 +128,26 @@ class PartInputs:
             )
         return parts_line, trigger_line
 
-    def _mqtt_trigger(self, leaf: str, payload: bytes) -> None:
+    def _mqtt_trigger(self, leaf: str, payload: bytes, retained: bool = False) -> None:
         assert self.triggers is not None
+        if retained:  # the broker replays it at every reconnect: one trigger would inspect again each time
+            self.triggers.refuse()
+            self._log_refused("retained: clear it with an empty retained message on the trigger topic")
+            return
         try:
             self.triggers.parse_and_add(payload, "mqtt")
         except TriggerRefused as exc:
-            log_event(log, logging.WARNING, "trigger refused: %s", "trigger_refused", exc, source="mqtt")
+            self._log_refused(str(exc))
+
+    def _log_refused(self, reason: str) -> None:
+        """A refused MQTT trigger's WARNING, at the 1st, 10th, 100th and every 1000th (all are counted): a flood of
+        bad triggers must not flood the log."""
+        assert self.triggers is not None
+        refused = self.triggers.counters.refused
+        if refused in (1, 10, 100) or refused % 1000 == 0:
+            log_event(
+                log, logging.WARNING, "trigger refused: %s", "trigger_refused", reason, source="mqtt", refused=refused
+            )
 
     def _http_trigger(self, request: HttpRequest) -> HttpResponse:
         assert self.triggers is not None
@@ -122,5 +155,5 @@ class PartInputs:
             trigger = self.triggers.parse_and_add(request.body, "http")
         except TriggerRefused as exc:
             return HttpResponse(400, f"{exc}\n".encode())
-        body = json.dumps({"accepted": True, "time": trigger.time}).encode() + b"\n"
+        body = json.dumps({"accepted": True, "time": trigger.time, "trigger_id": trigger.trigger_id}).encode() + b"\n"
         return HttpResponse(202, body, "application/json")

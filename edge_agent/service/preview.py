@@ -7,6 +7,8 @@ Routes on the agent's HTTP server (``[http] preview = true``; off by default, bo
   outlined; in tracked mode the parts with their ids and the decision line) next to the overlay (anomaly
   map, NFA mask outline, region boxes), at a readable size (preview_view.py), with the caption and the
   legend as page text, fps, latency, the source state and, in triggered mode, the trigger state.
+- in triggered mode, between triggers: the live camera (not inspected, said so), at most ``LIVE_FPS`` a
+  second, so a camera can be aimed before the first trigger; an inspected frame stays ``HOLD_S`` first;
 - ``/preview.json``: the last published inspection (id, sequence, verdict, regions, latency), the
   agent's fps and source state, and the overlay as a JPEG data URI. Image and message come from the same
   frame, so what the page shows is exactly what subscribers were told.
@@ -32,14 +34,20 @@ from http import HTTPStatus
 import cv2
 import numpy as np
 
+from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
-from edge_agent.service.preview_view import preview_picture
+from edge_agent.service.preview_view import live_picture, preview_picture
+from edge_agent.service.snapshot import frame_caption
 
 JPEG_QUALITY = 85
 # Responses per second over all clients, as a multiple of preview_max_fps: enough for a few open tabs;
 # a script fetching back to back waits in its own (sleeping) request thread instead of taking CPU.
 RESPONSES_PER_RENDER = 4
+# Triggered mode: an inspected frame stays on the page this long after it was taken (the decision can be
+# read), then the live camera is shown again, at most LIVE_FPS times a second, until the next trigger.
+HOLD_S = 3.0
+LIVE_FPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class PreviewFacts:
     mode: str = "off"  # [parts] mode
     parts_line: str = ""  # tracked: parts decided so far
     trigger_line: str = ""  # triggered: triggers received, waiting, missed, storm
+    camera_fps: float = 0.0  # frames read from the source per second (inspected or not)
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,11 @@ class PreviewPage:
         facts: Callable[[], PreviewFacts],
         max_fps: float = 1.0,
         poll_ms: int | None = None,
+        live_frame: Callable[[], Frame | None] | None = None,
     ) -> None:
+        """``live_frame`` (triggered mode): the newest camera frame, shown between triggers (``LIVE_FPS``)."""
         self._last_job = last_job
+        self._live_frame = live_frame
         self._facts = facts
         self._min_interval_s = 1.0 / max_fps if max_fps > 0 else 0.0
         self._poll_ms = poll_ms if poll_ms is not None else max(50, round(1000 * self._min_interval_s))
@@ -99,6 +111,19 @@ class PreviewPage:
         """The drawing of the newest published frame, redrawn at most max_fps times a second."""
         with self._lock:
             job = self._last_job()
+            live = self._live_frame() if self._live_frame is not None else None
+            if live is not None and _between_triggers(job, live):
+                cached = self._rendered
+                gap = max(self._min_interval_s, 1.0 / LIVE_FPS)
+                if (
+                    cached is not None
+                    and cached.message_id.startswith("live-")
+                    and (time.monotonic() - cached.rendered_at < gap)
+                ):
+                    return cached
+                self._rendered = self._render_live(live)
+                self.renders += 1
+                return self._rendered
             if job is None or job.message is None:
                 return self._rendered
             cached = self._rendered
@@ -115,7 +140,7 @@ class PreviewPage:
         ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise RuntimeError("JPEG encoding of the preview failed")
-        message = job.message
+        message, view = job.message, job.parts_view
         details: dict[str, object] = {
             "message_id": message.message_id,
             "sequence": message.sequence,
@@ -126,19 +151,53 @@ class PreviewPage:
             "latency_ms": message.latency_ms.model_dump(mode="json"),
             "model": f"{message.model.name} {message.model.version} ({message.model.backend})",
             "log10_epsilon": message.log10_epsilon,
-            "caption": (
-                f"frame {message.sequence} · score {message.image_score:.3f} · "
-                f"{'ANOMALOUS' if message.anomalous else 'good'} · model {message.model.name} {message.model.version}"
+            "caption": f"{frame_caption(job)} · model {message.model.name} {message.model.version}".replace(
+                "  ", " · "
             ),
+            "verdict": _verdict_word(job),
             "parts": [
-                {"part_id": part_id, "x0": x0, "x1": x1, "decided": decided}
-                for part_id, x0, x1, decided in (job.parts_view.parts if job.parts_view else ())
-            ],
-            "decision_line_x": job.parts_view.decision_line_x if job.parts_view else None,
+                {
+                    "part_id": part_id,
+                    "x0": x0,
+                    "x1": x1,
+                    "decided": decided,
+                    "verdict": view.verdict_of(part_id, decided),
+                }
+                for part_id, x0, x1, decided in view.parts
+            ]
+            if view is not None
+            else [],
+            "decision_line_x": view.decision_line_x if view is not None else None,
         }
         jpeg = np.asarray(encoded).tobytes()
         data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
         return RenderedFrame(message.message_id, jpeg, data_uri, details, time.monotonic())
+
+    def _render_live(self, frame: Frame) -> RenderedFrame:
+        """The camera between triggers: not inspected, said so on the page (no verdict, no overlay)."""
+        ok, encoded = cv2.imencode(".jpg", live_picture(frame), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise RuntimeError("JPEG encoding of the preview failed")
+        message_id = f"live-{frame.sequence}"
+        details: dict[str, object] = {
+            "message_id": message_id,
+            "live": True,
+            "sequence": frame.sequence,
+            "capture_time": frame.capture_time,
+            "anomalous": False,
+            "image_score": None,
+            "regions": [],
+            "latency_ms": {},
+            "model": "-",
+            "log10_epsilon": None,
+            "caption": f"live camera, frame {frame.sequence}: not inspected (triggered mode, waiting for a trigger)",
+            "verdict": "waiting for a trigger",
+            "parts": [],
+            "decision_line_x": None,
+        }
+        jpeg = np.asarray(encoded).tobytes()
+        data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+        return RenderedFrame(message_id, jpeg, data_uri, details, time.monotonic())
 
     def _wait_for_response_slot(self) -> None:
         """Space responses over all clients (sleeping in the request's own thread)."""
@@ -173,6 +232,7 @@ class PreviewPage:
         facts = self._facts()
         body: dict[str, object] = {
             "fps": round(facts.fps, 2),
+            "camera_fps": round(facts.camera_fps, 2),
             "latency_p50_ms": round(facts.latency_p50_ms, 1),
             "latency_p99_ms": round(facts.latency_p99_ms, 1),
             "source_state": facts.source_state,
@@ -204,6 +264,26 @@ class PreviewPage:
         return HttpResponse(body=html.encode(), content_type="text/html; charset=utf-8")
 
 
+def _between_triggers(job: FrameJob | None, live: Frame) -> bool:
+    """Show the live camera: nothing inspected yet, or the last inspection is ``HOLD_S`` old and newer frames came."""
+    if job is None or job.message is None:
+        return True
+    return live.sequence > job.frame.sequence and time.monotonic() - job.frame.monotonic > HOLD_S
+
+
+def _verdict_word(job: FrameJob) -> str:
+    """The verdict row: the frame's verdict, or in tracked mode the verdict of the parts in view."""
+    assert job.message is not None
+    view = job.parts_view
+    if view is None:
+        return "ANOMALOUS" if job.message.anomalous else "good"
+    verdicts = {view.verdict_of(p[0], p[3]) for p in view.parts}
+    for word in ("REJECTED", "pending", "passed"):
+        if word in verdicts:
+            return word if word != "pending" else "parts pending"
+    return "no part in view"
+
+
 # The page keeps one request in flight at a time: a slow link shows fewer frames, it never queues them.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>U-Flow live preview</title>
@@ -226,8 +306,8 @@ PAGE = """<!doctype html>
 <body>
 <h1>U-Flow live preview</h1>
 <figure>
- <img id="frame" alt="waiting for the first inspected frame">
- <figcaption><div id="caption">waiting for the first inspected frame</div>
+ <img id="frame" alt="camera frame" hidden>
+ <figcaption><div id="caption">waiting for the first frame from the camera</div>
   <div id="legend">
    <span>left: camera, right: what the model sees</span>
    <span><i class="bar"></i> anomaly map 0 &rarr; 1</span>
@@ -256,7 +336,7 @@ async function refresh() {
   try {
     const response = await fetch("/preview.json", {cache: "no-store"});
     const data = await response.json();
-    show("fps", data.fps.toFixed(1));
+    show("fps", data.fps.toFixed(1) + " inspected, " + data.camera_fps.toFixed(1) + " from the camera");
     show("latency", data.latency_p50_ms + " / " + data.latency_p99_ms + " ms");
     show("source", data.source_state + (data.source_error ? " (" + data.source_error + ")" : ""));
     const modeLine = data.mode === "triggered" ? data.trigger_line : data.mode === "tracked" ? data.parts_line : "off";
@@ -264,19 +344,21 @@ async function refresh() {
     if (inspection) {
       const img = document.getElementById("frame");
       img.src = data.image;
+      img.hidden = false;
+      img.dataset.live = inspection.live ? "1" : "";
       img.dataset.messageId = inspection.message_id;
       img.dataset.regions = JSON.stringify(inspection.regions);
       img.dataset.parts = JSON.stringify(inspection.parts);
       const verdict = document.getElementById("verdict");
-      verdict.textContent = inspection.anomalous ? "ANOMALOUS" : "good";
-      verdict.className = inspection.anomalous ? "bad" : "good";
+      verdict.textContent = inspection.verdict;
+      verdict.className = ["ANOMALOUS", "REJECTED"].includes(inspection.verdict) ? "bad" : "good";
       show("caption", inspection.caption);
       show("epsilon", inspection.log10_epsilon);
       show("message-id", inspection.message_id);
       show("sequence", inspection.sequence);
       show("regions", inspection.regions.map(r => "[" + r.bbox.join(", ") + "] log10 NFA " +
                                                     r.log_nfa.toFixed(1)).join("; ") || "none");
-      const inView = inspection.parts.map(p => "#" + p.part_id.split("-").pop() + (p.decided ? " (decided)" : ""));
+      const inView = inspection.parts.map(p => "#" + p.part_id.split("-").pop() + " " + p.verdict);
       show("parts", data.mode + ": " + modeLine + (inView.length ? "; in view " + inView.join(", ") : ""));
       show("model", inspection.model);
     }

@@ -4,8 +4,10 @@ Frames arrive as the agent sees them (rotated, ROI applied); the recorder writes
 as lossless PNG files into one folder, which ``uflow train DIR`` takes as is (the ``folder`` layout of
 training/data.py: every image under it is a good part). A frame is written when
 
-- at least ``every_s`` seconds passed since the last written one;
-- with ``only_good``, the current model passed it;
+- at least ``every_s`` seconds passed since the last written one, by the frames' own clock (capture time,
+  or the time in a video file: a file read faster than real time is spaced as it was filmed);
+- with ``only_good``, the current model passed it, and in tracked mode every part in it was decided good
+  (edge_agent/service/record_gate.py holds the frames until then);
 - it is not a near-duplicate of the last written frame: a still belt delivers the same picture a
   thousand times, and a thousand copies would teach the model nothing but cost disk and training time.
 
@@ -23,9 +25,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+
+from edge_agent.service.disk_budget import BudgetExceeded, DiskBudget
 
 THUMB_SIDE = 64
 SUMMARY_NAME = "record.json"  # not an image: training ignores it
@@ -60,6 +65,7 @@ class RecordCounts:
     duplicates: int = 0
     flagged: int = 0  # skipped with only_good because the model flagged them
     too_soon: int = 0  # within every_s of the last written frame
+    undecided: int = 0  # skipped with only_good: a part in the frame was never decided (record_gate.py)
     files: list[str] = field(default_factory=list)
 
 
@@ -82,10 +88,15 @@ def difference(a: np.ndarray, b: np.ndarray) -> float:
 class FrameRecorder:
     """Writes the frames worth keeping into ``out`` (thread-safe; ``offer`` may run on the publish thread)."""
 
-    def __init__(self, out: Path, settings: RecordSettings, prefix: str = "frame") -> None:
+    def __init__(
+        self, out: Path, settings: RecordSettings, prefix: str = "frame", budget: DiskBudget | None = None
+    ) -> None:
+        """``budget``: the free-space floor and quota every written image is checked against (RecordError
+        when the folder is already past them, and when a write would take it past)."""
         self.out = Path(out)
         self.settings = settings
         self.prefix = prefix
+        self.budget = budget
         self.counts = RecordCounts()
         self.started = time.time()
         self._last_thumb: np.ndarray | None = None
@@ -95,6 +106,9 @@ class FrameRecorder:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RecordError(f"cannot create the output folder {self.out}: {exc}") from exc
+        why = budget.problem() if budget is not None else None
+        if why is not None:
+            raise RecordError(f"not recording: {why}")
 
     @property
     def done(self) -> bool:
@@ -120,14 +134,38 @@ class FrameRecorder:
                 counts.duplicates += 1
                 return "duplicate"
             path = self.out / f"{self.prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{sequence:06d}-{counts.written:05d}.png"
-            if not cv2.imwrite(str(path), image_bgr):
-                raise RecordError(f"could not write {path} (disk full or not writable?)")
+            self._write(path, image_bgr)
             self._last_thumb, self._last_written = thumb, now
             counts.written += 1
             counts.files.append(path.name)
             return "written"
 
-    def summary(self) -> dict[str, object]:
+    def note(self, outcome: str) -> None:
+        """Count a frame the caller skipped itself (record_gate.py): ``flagged``, ``undecided`` or ``too_soon``."""
+        with self._lock:
+            if self.done:
+                return
+            self.counts.seen += 1
+            setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)
+
+    def _write(self, path: Path, image_bgr: np.ndarray) -> None:
+        ok, encoded = cv2.imencode(".png", image_bgr)
+        if not ok:
+            raise RecordError(f"could not encode frame for {path}")
+        data = encoded.tobytes()
+        if self.budget is not None:
+            try:
+                self.budget.claim(len(data))
+            except BudgetExceeded as exc:
+                raise RecordError(f"recording stopped: {exc}") from exc
+        try:
+            path.write_bytes(data)
+        except OSError as exc:
+            if self.budget is not None:
+                self.budget.release(len(data))
+            raise RecordError(f"could not write {path} (disk full or not writable?): {exc}") from exc
+
+    def summary(self) -> dict[str, Any]:
         """The counts and settings, as written to ``record.json`` and sent in the cmd/record reply."""
         counts = {k: v for k, v in asdict(self.counts).items() if k != "files"}
         return {"out": str(self.out), "settings": asdict(self.settings), **counts}

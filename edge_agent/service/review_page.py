@@ -1,11 +1,16 @@
 """The review page on the agent's HTTP server (``[http] review = true``; off by default, 127.0.0.1 like the preview).
 
-- ``/review``: the kept frames, newest first, each with its overlay (frame, anomaly map, NFA outline,
-  boxes), score and verdict, and two buttons: "Mark as good" and "Confirmed defect".
-- ``/review.json``: the same list as JSON; ``/review/image?id=ID&file=overlay.png``: one of the frame's
-  pictures (frame, overlay, mask, anomaly map; nothing else is served from disk).
-- ``POST /review/decide`` with ``{"id": ID, "decision": "good" | "defect"}``: edge_agent/service/review.py
-  moves the files. The page sends the ``X-Edge-Agent`` header, required here: a page of another site
+- ``/review``: the kept frames, newest first, a page at a time, filtered (rejected parts, flagged frames,
+  good samples): each with the raw frame beside its overlay (a kept part: the part outlined and its
+  verdict as the caption, the contact strip of its frames below), and "Mark as good", "Confirmed defect",
+  "Edit mask" (a polygon editor over the frame that adds to or erases from the model's mask, or draws one
+  from scratch) and "Undo" for the last decisions.
+- ``/review.json?kind=part|flagged|good&offset=N&limit=N``: that list as JSON, with the counts per kind;
+  ``/review/image?id=ID&file=overlay.png``: one of the frame's pictures (frame, overlay, mask, anomaly
+  map, strip; nothing else is served from disk).
+- ``POST /review/decide`` with ``{"id": ID, "decision": "good" | "defect", "mask_edit": {...}}``
+  (edge_agent/service/review.py's ``MaskEdit``) and ``POST /review/undo`` with ``{"id": ID}``: review.py
+  copies or takes back the files. The page sends the ``X-Edge-Agent`` header, required here: a page of another site
   cannot add it without a CORS preflight this server never grants, so it cannot press the buttons
   through the operator's browser.
 
@@ -19,11 +24,14 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from edge_agent.publish.messages import PayloadError, parse_json_object
+from edge_agent.messages import PayloadError, parse_json_object
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
-from edge_agent.service.review import ReviewError, ReviewStore
+from edge_agent.service.review import MaskEdit, ReviewError, ReviewStore
+from edge_agent.service.review_page_html import PAGE
 
 DECISIONS = ("good", "defect")
+KINDS = ("part", "flagged", "good")
+MAX_PAGE = 100
 # Sent by the page's script; a cross-site page cannot add it without a CORS preflight this server never grants.
 
 
@@ -40,13 +48,32 @@ class ReviewPage:
         server.route("/review.json", self._list_route)
         server.route("/review/image", self._image_route)
         server.route_post("/review/decide", self._decide_route)
+        server.route_post("/review/undo", self._undo_route)
 
     def _page_route(self, request: HttpRequest) -> HttpResponse:
         return HttpResponse(body=PAGE.encode(), content_type="text/html; charset=utf-8")
 
     def _list_route(self, request: HttpRequest) -> HttpResponse:
-        frames = [frame.to_json() for frame in self.store.frames()]
-        return _json(HTTPStatus.OK, {"frames": frames, "training_dir": str(self.store.training_dir)})
+        kind = (request.query.get("kind") or [""])[0] or None
+        try:
+            offset = max(0, int((request.query.get("offset") or ["0"])[0]))
+            limit = min(MAX_PAGE, max(1, int((request.query.get("limit") or ["200"])[0])))
+        except ValueError:
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "message": "offset and limit are whole numbers"})
+        if kind is not None and kind not in KINDS:
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "message": f"kind is one of {list(KINDS)}"})
+        every = self.store.frames(limit=100_000)
+        counts = {k: sum(f.kind == k for f in every) for k in KINDS}
+        chosen = [f for f in every if kind is None or f.kind == kind]
+        frames = [frame.to_json() for frame in chosen[offset : offset + limit]]
+        document = {
+            "frames": frames,
+            "total": len(chosen),
+            "offset": offset,
+            "counts": counts,
+            "training_dir": str(self.store.training_dir),
+        }
+        return _json(HTTPStatus.OK, document)
 
     def _image_route(self, request: HttpRequest) -> HttpResponse:
         frame_id = (request.query.get("id") or [""])[0]
@@ -68,7 +95,9 @@ class ReviewPage:
             return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "message": message})
         try:
             folder = self.store.folder(frame_id)
-            moved = self.store.mark_good(frame_id) if decision == "good" else self.store.confirm_defect(frame_id)
+            edit = MaskEdit.parse(document["mask_edit"]) if document.get("mask_edit") is not None else None
+            good = decision == "good"
+            moved = self.store.mark_good(frame_id) if good else self.store.confirm_defect(frame_id, edit)
         except ReviewError as exc:
             return _json(HTTPStatus.NOT_FOUND, {"ok": False, "message": str(exc)})
         except OSError as exc:
@@ -76,60 +105,22 @@ class ReviewPage:
         self.on_moved(folder)
         return _json(HTTPStatus.OK, {"ok": True, "message": f"{frame_id}: {decision}", "path": str(moved)})
 
+    def _undo_route(self, request: HttpRequest) -> HttpResponse:
+        try:
+            document = parse_json_object(request.body, 4096)
+        except PayloadError as exc:
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "message": f"malformed request: {exc}"})
+        frame_id = document.get("id")
+        if not isinstance(frame_id, str):
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "message": "expected {'id': <kept frame id>}"})
+        try:
+            self.store.undo(frame_id)
+        except ReviewError as exc:
+            return _json(HTTPStatus.NOT_FOUND, {"ok": False, "message": str(exc)})
+        except OSError as exc:
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"ok": False, "message": f"cannot move the files: {exc}"})
+        return _json(HTTPStatus.OK, {"ok": True, "message": f"{frame_id}: decision undone"})
+
 
 def _json(status: int, document: dict[str, object]) -> HttpResponse:
     return HttpResponse(status, json.dumps(document).encode() + b"\n", "application/json")
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>U-Flow review</title>
-<style>
- body { font: 14px system-ui, sans-serif; margin: 12px; background: #111; color: #eee; }
- .card { display: inline-block; vertical-align: top; margin: 6px; padding: 6px; border: 1px solid #444; }
- .card img { width: 320px; display: block; }
- .bad { color: #ff6b6b; font-weight: bold; } .good { color: #7bd88f; }
- button { margin: 4px 4px 0 0; }
-</style></head>
-<body>
-<h1>U-Flow review</h1>
-<p id="summary">loading...</p>
-<div id="frames"></div>
-<script>
-async function decide(id, decision) {
-  const response = await fetch("/review/decide", {method: "POST", headers: {"Content-Type": "application/json",
-    "X-Edge-Agent": "review"}, body: JSON.stringify({id: id, decision: decision})});
-  const result = await response.json();
-  document.getElementById("summary").textContent = result.message;
-  if (result.ok) document.getElementById("card-" + id).remove();
-}
-function card(frame) {
-  const div = document.createElement("div");
-  div.className = "card"; div.id = "card-" + frame.id;
-  const img = document.createElement("img");
-  img.src = "/review/image?id=" + encodeURIComponent(frame.id) + "&file=overlay.png";
-  img.alt = frame.id;
-  const text = document.createElement("div");
-  const verdict = document.createElement("span");
-  verdict.className = frame.anomalous ? "bad" : "good";
-  verdict.textContent = frame.anomalous ? "ANOMALOUS" : "good";
-  text.append(verdict, " frame " + frame.sequence + ", score " + frame.image_score.toFixed(3) +
-              ", " + frame.regions + " region(s), " + frame.model);
-  const good = document.createElement("button");
-  good.textContent = "Mark as good"; good.className = "mark-good";
-  good.onclick = () => decide(frame.id, "good");
-  const defect = document.createElement("button");
-  defect.textContent = "Confirmed defect"; defect.className = "confirm-defect";
-  defect.onclick = () => decide(frame.id, "defect");
-  div.append(img, text, good, defect);
-  return div;
-}
-async function load() {
-  const data = await (await fetch("/review.json", {cache: "no-store"})).json();
-  document.getElementById("summary").textContent = data.frames.length + " kept frame(s); decisions go to " +
-    data.training_dir;
-  document.getElementById("frames").replaceChildren(...data.frames.map(card));
-}
-load();
-</script>
-</body></html>
-"""

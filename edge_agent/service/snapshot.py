@@ -118,12 +118,22 @@ def overlay_for_job(job: FrameJob, min_width: int = 512) -> tuple[np.ndarray, np
     regions = [
         r.model_copy(update={"bbox": (r.bbox[0] - ox, r.bbox[1] - oy, r.bbox[2], r.bbox[3])}) for r in verdict.regions
     ]
-    title = (
-        f"frame {frame.sequence}  score {verdict.image_score:.3f}  {'ANOMALOUS' if verdict.anomalous else 'good'}"
-        f"  model {job.message.model.name} {job.message.model.version}"
-    )
+    title = f"{frame_caption(job)}  model {job.message.model.name} {job.message.model.version}"
     overlay = draw_overlay(frame.image, anomaly, log_nfa, verdict.log10_epsilon, regions, title, min_width=min_width)
     return anomaly, log_nfa, overlay
+
+
+def frame_caption(job: FrameJob) -> str:
+    """What a frame's picture says it shows: the frame's verdict, or in tracked mode its parts' verdicts.
+
+    In tracked mode a frame is evidence, not a verdict: a part is decided over all its frames, so a frame
+    caption saying "good" next to a rejected part would contradict the part message. It names the parts.
+    """
+    assert job.message is not None
+    message, view = job.message, job.parts_view
+    if view is not None:
+        return f"frame {message.sequence}  parts: {view.caption()}"
+    return f"frame {message.sequence}  score {message.image_score:.3f}  {'ANOMALOUS' if message.anomalous else 'good'}"
 
 
 def _write_image(path: Path, image: np.ndarray) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from edge_agent.cli.common import EXIT_OK
+from edge_agent.cli.common import EXIT_CONFIG, EXIT_OK
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,12 +28,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("bundle", "fitted", "polyomino"),
         help="NFA null: the bundle's/run's own (default), the fitted one, or the paper's exact polyomino NFA",
     )
+    p.add_argument(
+        "--allow-model-masks",
+        action="store_true",
+        help="grade pixels against defect masks the agent's model drew itself (split.json mask_source: model); "
+        "the numbers then measure agreement with that model, not accuracy",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``uflow evaluate``."""
+    from training.data import model_made_masks
     from training.evaluate import evaluate, headline_table
 
+    echoed = model_made_masks(args.data)
+    if echoed and not args.allow_model_masks:
+        print(
+            f"uflow evaluate: {len(echoed)} confirmed defect(s) in {args.data} carry masks the agent's model drew "
+            f"itself (mask_source: model, e.g. {echoed[0]}): pixel AUROC, AUPRO and mIoU on them would grade the "
+            "model against its own output. Draw or correct the masks on the review page (Edit mask), or pass "
+            "--allow-model-masks to measure agreement with that model anyway.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     result = evaluate(
         args.data,
         args.out,

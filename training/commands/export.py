@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``uflow export``."""
     from edge_agent.bundle import load_bundle
     from edge_agent.fleet.signing import load_private_key, sign_bundle
+    from edge_agent.promise import describe
     from training.export import export_bundle
 
     # The key is read first: a wrong path must not cost a whole export.
@@ -59,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if rate is not None:
         count = int(manifest.validation_metrics.get("planted_count", 0))
         print(f"label-free check: the NFA ({manifest.nfa.null_model}) found {rate:.0%} of {count} planted defects")
-    # A blind model's warning was already logged (stderr) by export_bundle.
+    calibration = manifest.nfa.calibration
+    if calibration is not None:
+        print(f"false alarms: {describe(calibration.promise_check(), calibration.folds)}")
+    # A blind model's and an unsupported promise's warnings were already logged (stderr) by export_bundle.
     if key is not None:
         sign_bundle(out, key)
         print(f"signed with {args.sign} (signature over model.json)")

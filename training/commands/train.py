@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from edge_agent.cli.common import EXIT_OK
@@ -62,6 +63,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--feature-pool", type=int, default=1, help="k x k local averaging of backbone features (1: off)")
     p.add_argument("--norm", default="chw", choices=NORM_KINDS, help="per-scale feature LayerNorm")
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        default=list(recipe.heads),
+        choices=["flow", "gaussian", "memory"],
+        help="the evidence per scale, tested together by one NFA (docs/design.md section 2; default: "
+        f"{' '.join(recipe.heads)}); the flow is required",
+    )
+    p.add_argument(
+        "--gaussian-scales", type=int, default=recipe.gaussian_scales, help="coarsest N scales with a Gaussian (0: all)"
+    )
+    p.add_argument(
+        "--memory-scales", type=int, default=recipe.memory_scales, help="coarsest N scales with a memory bank (0: all)"
+    )
+    p.add_argument("--bank-size", type=int, default=recipe.bank_size, help="memory-bank rows per scale (graph cost)")
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
@@ -91,6 +107,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _default_strides(info, recipe) -> tuple[int, ...]:
     """The recipe's strides for the recipe's backbone; another backbone's own default otherwise."""
     return tuple(recipe.strides) if info.name == recipe.backbone else tuple(info.default_strides)
+
+
+def _remove_failed_run(out: Path, existed: set[str] | None) -> None:
+    """A run that failed before its first checkpoint: remove what it wrote (config.json alone is no run).
+
+    ``existed``: the folder's entries before the run (None: it did not exist, and goes too when empty).
+    """
+    from training.rundir import CHECKPOINT_NAME
+
+    if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
+        return
+    for path in out.iterdir():
+        if existed is not None and path.name in existed:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if existed is None and not any(out.iterdir()):
+        out.rmdir()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         flow_steps=args.flow_steps,
         hidden_ratio=args.hidden_ratio,
         seed=args.seed,
+        heads=tuple(args.heads),
+        gaussian_scales=args.gaussian_scales,
+        memory_scales=args.memory_scales,
+        bank_size=args.bank_size,
     )
     train_config = TrainConfig(
         epochs=args.epochs,
@@ -144,15 +184,20 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         channels_last=args.channels_last,
     )
-    result = train(
-        args.data,
-        args.out,
-        model_config,
-        train_config,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        progress=not args.quiet,
-    )
+    existed = {p.name for p in args.out.iterdir()} if args.out.is_dir() else None
+    try:
+        result = train(
+            args.data,
+            args.out,
+            model_config,
+            train_config,
+            weights=args.weights,
+            random_weights=args.random_weights,
+            progress=not args.quiet,
+        )
+    except BaseException:
+        _remove_failed_run(args.out, existed)
+        raise
     stop = " (stopped early)" if result.stopped_early else ""
     print(
         f"trained {result.run_dir}: best epoch {result.best_epoch} of {result.epochs_run}{stop}, "

@@ -78,7 +78,7 @@ class BuiltPlan:
 def numpy_dtype_name(trt: ModuleType, dtype: Any, tensor: str) -> str:
     """The numpy name of a TensorRT data type; a clear error for types numpy lacks (BF16, FP8, INT4)."""
     try:
-        return np.dtype(trt.nptype(dtype)).name
+        return str(np.dtype(trt.nptype(dtype)).name)
     except TypeError as exc:
         raise TensorRTBuildError(
             f"tensor {tensor!r} is {dtype}, which has no numpy type; engine I/O must be uint8 in, float32 out"

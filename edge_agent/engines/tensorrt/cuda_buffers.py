@@ -176,7 +176,9 @@ class CudaPythonApi:
         pointer = int(self._call("cuMemAllocHost", nbytes))
         buffer = (ctypes.c_byte * nbytes).from_address(pointer)
         used = int(np.prod(shape)) * dtype.itemsize
-        array = np.frombuffer(buffer, dtype=np.uint8, count=nbytes)[:used].view(dtype).reshape(shape)
+        array = (
+            np.frombuffer(memoryview(buffer).cast("B"), dtype=np.uint8, count=nbytes)[:used].view(dtype).reshape(shape)
+        )
         self._pinned[id(array)] = pointer
         return array
 
@@ -256,10 +258,12 @@ class PycudaApi:
             self._cuda.Context.pop()
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        return self._cuda.pagelocked_empty(shape, np.dtype(dtype))
+        array: np.ndarray = self._cuda.pagelocked_empty(shape, np.dtype(dtype))
+        return array
 
     def free_pinned(self, array: np.ndarray) -> None:
-        array.base.free()  # the PagelockedHostAllocation behind the array
+        allocation: Any = array.base  # the PagelockedHostAllocation behind the array (pycuda has no stubs)
+        allocation.free()
 
     def device_alloc(self, nbytes: int) -> int:
         allocation = self._cuda.mem_alloc(max(int(nbytes), 1))

@@ -48,6 +48,11 @@ ANOMALY_MAP = "anomaly_map"
 _DATA_MOVEMENT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 # Between an m_s output and its channel mean (a Cast is what keep_io_types adds at an FP16 output).
 _PASSTHROUGH = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "Flatten"}
+# Between a memory-bank map and its ReduceMin: the clamp at 0 and the division by C.
+_MEMORY_TAIL = _PASSTHROUGH | {"Clip", "Max", "Div", "Mul"}
+# Inside the bank distance ||x||² - 2 x.b + ||b||², between the ReduceMin and the Conv / sum of squares.
+_MEMORY_ARITHMETIC = {"Add", "Sub", "Mul", "Neg", "Cast"}
+GAUSSIAN_PREFIX = "g_"  # the manifest's name of a Gaussian head's map (edge_agent.bundle.ScaleSpec)
 # onnx.TensorProto data type numbers -> the names the support table uses (FP64 and strings: none).
 _TABLE_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 16: "BF16"}
 _TABLE_TYPES |= {17: "FP8", 22: "INT4"}  # FLOAT8E4M3FN, INT4
@@ -211,18 +216,23 @@ def _type_problems(graph: Any, types: dict[str, int]) -> list[OpProblem]:
 
 
 def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
-    """The U-Flow head: the squares z² behind each m_s output and every node downstream of them.
+    """The U-Flow head: where each map output starts, and every node downstream of those starts.
 
-    From each m_s output, walk back through reshaping ops and Casts to the channel ReduceMean; the
-    node feeding it squares z (Pow or Mul). Raises ValueError when an output is not built that way.
+    From each output, walk back through reshaping ops and Casts to the channel ReduceMean (a flow m_s,
+    or a Gaussian map ``g_*``, whose whitening Conv also starts the head) whose input squares z (Pow or
+    Mul), or through the clamp and division to the ReduceMin of a memory-bank map (whose bank Conv and
+    sum of squares start it). Raises ValueError when an output is not built that way.
     """
     producer = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
     squares = []
     for output in scale_outputs:
         node = producer.get(output)
-        while node is not None and node.op_type in _PASSTHROUGH:
-            node = producer.get(node.input[0])
+        while node is not None and node.op_type in (_MEMORY_TAIL if _reaches_min(node, producer) else _PASSTHROUGH):
+            node = producer.get(node.input[0] if node.input[0] in producer else node.input[-1])
+        if node is not None and node.op_type == "ReduceMin":
+            squares.extend(_bank_distance_starts(node, producer))
+            continue
         if node is None or node.op_type != "ReduceMean":
             raise ValueError(f"output {output!r} is not a mean over channels (found {getattr(node, 'op_type', None)})")
         square = producer.get(node.input[0])
@@ -231,6 +241,9 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
         if square is None or square.op_type not in ("Pow", "Mul"):
             raise ValueError(f"output {output!r} is not the mean of a square")
         squares.append(square)
+        whiten = producer.get(square.input[0])
+        if output.startswith(GAUSSIAN_PREFIX) and whiten is not None and whiten.op_type == "Conv":
+            squares.append(whiten)
     found: dict[int, Any] = {}
     stack = list(squares)
     while stack:
@@ -241,6 +254,41 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
         for out in node.output:
             stack.extend(consumers.get(out, []))
     return list(found.values())
+
+
+def _reaches_min(node: Any, producer: dict[str, Any]) -> bool:
+    """Whether walking back from ``node`` through the memory tail's ops meets a ReduceMin."""
+    for _ in range(8):
+        if node is None:
+            return False
+        if node.op_type == "ReduceMin":
+            return True
+        if node.op_type not in _MEMORY_TAIL:
+            return False
+        node = next((producer[i] for i in node.input if i in producer), None)
+    return False
+
+
+def _bank_distance_starts(reduce_min: Any, producer: dict[str, Any]) -> list[Any]:
+    """The bank Conv(s) and the sums of squares (with their squares) that feed a memory map's ReduceMin."""
+    starts, seen, stack = [], set(), list(reduce_min.input[:1])
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Conv":
+            starts.append(node)
+        elif node.op_type in ("ReduceSum", "ReduceSumSquare"):
+            starts.append(node)
+            square = producer.get(node.input[0])
+            if square is not None and square.op_type in ("Pow", "Mul"):
+                starts.append(square)
+        elif node.op_type in _MEMORY_ARITHMETIC:
+            stack.extend(node.input)
+    if not any(n.op_type == "Conv" for n in starts):
+        raise ValueError(f"ReduceMin {reduce_min.name!r} is not over a memory-bank distance (no bank Conv)")
+    return starts
 
 
 def _head_problems(

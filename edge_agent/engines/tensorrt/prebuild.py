@@ -42,7 +42,8 @@ def prebuild_plan(bundle: Bundle, config: ModelConfig) -> Prebuilt | None:
         return None
     reason = tensorrt_missing_reason()
     if reason is not None:
-        return _not_here(config, reason)
+        _not_here(config, reason)
+        return None
     from edge_agent.engines.tensorrt.build import ensure_plan
     from edge_agent.engines.tensorrt.cuda_buffers import open_cuda
     from edge_agent.engines.tensorrt.recipe import TensorRTBuildError
@@ -52,7 +53,8 @@ def prebuild_plan(bundle: Bundle, config: ModelConfig) -> Prebuilt | None:
         trt = import_tensorrt()
         cuda = open_cuda(str(trt.__version__))
     except EngineUnavailable as exc:  # too old, no CUDA binding, or no GPU reachable
-        return _not_here(config, str(exc))
+        _not_here(config, str(exc))
+        return None
     log.info(
         f"building the TensorRT {config.precision} plan for {bundle.manifest.name} {bundle.manifest.version} "
         "before switching to it",

@@ -168,7 +168,9 @@ def make_trt_logger(trt: ModuleType, verbose: bool = False) -> Any:
     trt_log = logging.getLogger("tensorrt")
     minimum = trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING
 
-    class _Logger(trt.ILogger):  # the base comes from the module passed in (real or fake TensorRT)
+    base: Any = trt.ILogger  # the base comes from the module passed in (real or fake TensorRT)
+
+    class _Logger(base):  # type: ignore[misc]  # the base is the runtime TensorRT module's class: no stubs
         def __init__(self) -> None:
             trt.ILogger.__init__(self)  # the binding requires the explicit base __init__
 
@@ -184,7 +186,9 @@ def make_trt_logger(trt: ModuleType, verbose: bool = False) -> Any:
 def make_progress_monitor(trt: ModuleType, progress: BuildProgress) -> Any:
     """A ``trt.IProgressMonitor`` (TensorRT >= 10.0) that feeds ``progress``."""
 
-    class _Monitor(trt.IProgressMonitor):
+    base: Any = trt.IProgressMonitor
+
+    class _Monitor(base):  # type: ignore[misc]  # as _Logger: a class of the TensorRT module passed in
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 

@@ -63,7 +63,8 @@ def import_tensorrt() -> ModuleType:
         require_supported(str(tensorrt.__version__))
     except TensorRTVersionError as exc:
         raise TensorRTTooOld(str(exc)) from exc
-    return tensorrt
+    module: ModuleType = tensorrt
+    return module
 
 
 def engine_cache_for(config: ModelConfig) -> EngineCache:
@@ -86,7 +87,8 @@ def _io_specs(
         fixed = fixed_input_shape(shape, wanted_input.shape, name) if is_input[name] else None
         if fixed is not None and not context.set_input_shape(name, fixed):
             raise TensorRTBuildError(f"TensorRT refused input shape {list(fixed)} for {name!r}")
-    inputs, outputs = [], []
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
     for name in names:
         spec = TensorSpec(
             name,

@@ -1,0 +1,327 @@
+"""The evidence heads (training/heads.py): their maps, the fast coreset, the cross-fit, and a hybrid
+bundle end to end (graph, TensorRT graph check, manifest, the agent's decision, the paper's NFA on the
+flow maps only, old bundles unchanged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from edge_agent.bundle import BundleError, load_bundle  # noqa: E402
+from edge_agent.config import NfaConfig  # noqa: E402
+from edge_agent.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from edge_agent.engines.tensorrt.graph_check import check_graph, head_nodes  # noqa: E402
+from edge_agent.inspection import nfa  # noqa: E402
+from edge_agent.inspection.scoring import FrameScorer  # noqa: E402
+from training.heads import (  # noqa: E402
+    GaussianHead,
+    MemoryHead,
+    fit_heads,
+    gaussian_parameters,
+    greedy_coreset,
+    out_of_sample_maps,
+    shrunk_covariance,
+)
+
+HYBRID_SIZE = 128
+
+
+def test_gaussian_head_is_the_whitened_square_mean() -> None:
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(6, 6))
+    x = torch.from_numpy(rng.normal(size=(4000, 6)) @ mixing + 3.0).float()
+    mean, inverse = gaussian_parameters(x)
+    head = GaussianHead(6)
+    head.set(mean, inverse)
+    features = x[:20].T.reshape(1, 6, 4, 5)
+    got = head(features)[0].numpy().ravel()
+    _, covariance, shrink = shrunk_covariance(x)
+    centred = (x[:20] - x.mean(0)).double().numpy()
+    want = np.einsum("pc,cd,pd->p", centred, np.linalg.inv(covariance.numpy()), centred) / 6
+    assert 1e-3 <= shrink < 0.05  # many samples: little shrinkage, but the ridge floor holds
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    # On the good data the map is chi^2(C)/C-like: mean about 1.
+    assert head(x.T.reshape(1, 6, 40, 100)).mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_memory_head_is_the_nearest_bank_row_distance() -> None:
+    rng = np.random.default_rng(1)
+    bank = torch.from_numpy(rng.normal(size=(50, 8))).float()
+    head = MemoryHead(8, 50, pool=1)
+    head.set(bank)
+    features = torch.from_numpy(rng.normal(size=(2, 8, 3, 4))).float()
+    got = head(features).numpy()
+    queries = features.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    want = ((queries[:, None, :] - bank.numpy()[None]) ** 2).sum(-1).min(1) / 8
+    np.testing.assert_allclose(got.ravel(), want, rtol=1e-4, atol=1e-5)
+    head.set(bank)
+    assert head(bank[:4].T.reshape(1, 8, 2, 2)).abs().max().item() < 1e-4  # a bank row is at distance 0
+
+
+def test_greedy_coreset_covers_the_data_better_than_a_random_subset() -> None:
+    rng = np.random.default_rng(2)
+    # Two dense clusters and a few far outliers: k-center must pick the outliers, random rarely does.
+    x = np.concatenate([rng.normal(0, 0.1, (3000, 200)), rng.normal(5, 0.1, (3000, 200)), rng.normal(20, 1, (5, 200))])
+    x_t = torch.from_numpy(x).float()
+    chosen = greedy_coreset(x_t, 32, seed=0)
+    assert len(set(chosen.tolist())) == 32
+    assert {6000, 6001, 6002, 6003, 6004} <= set(chosen.tolist())
+
+    def radius(index: np.ndarray) -> float:
+        d = ((x[:, None, :] - x[index][None]) ** 2).sum(-1).min(1)
+        return float(d.max())
+
+    random_index = rng.choice(len(x), 32, replace=False)
+    assert radius(chosen.numpy()) < radius(random_index)
+    assert len(greedy_coreset(x_t[:10], 32)) == 10  # fewer rows than asked: all of them
+
+
+def test_cross_fit_gives_each_image_maps_from_heads_that_did_not_see_it() -> None:
+    rng = np.random.default_rng(3)
+    features = torch.from_numpy(rng.normal(size=(10, 4, 3, 3))).float()
+    heads = torch.nn.ModuleDict({"gaussian_0": GaussianHead(4), "memory_0": MemoryHead(4, 90, pool=1)})
+    cross = fit_heads(heads, [features], folds=5)
+    # The bank holds every patch: in sample each image's map is 0, out of sample it is not.
+    assert heads["memory_0"](features).abs().max().item() < 1e-4
+    out = out_of_sample_maps(heads, cross, [features], np.arange(10))
+    assert out["memory_0"].shape == (10, 3, 3) and (out["memory_0"] > 1e-3).all()
+    # Out of sample, the Gaussian's map is larger than in sample (it did not fit these images).
+    inside = heads["gaussian_0"](features).numpy()
+    assert out["gaussian_0"].mean() > inside.mean()
+    assert sorted(np.bincount(cross.folds).tolist()) == [2, 2, 2, 2, 2]
+
+
+def test_memory_head_exports_as_conv_and_reduce_min_that_tensorrt_takes(tmp_path: Path) -> None:
+    head = MemoryHead(8, 16, pool=3)
+    head.set(torch.randn(16, 8))
+    path = tmp_path / "memory.onnx"
+    torch.onnx.export(head, (torch.randn(1, 8, 4, 4),), str(path), output_names=["k_0"], opset_version=17, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "ReduceMin" in ops and "Conv" in ops and "ArgMin" not in ops
+    assert check_graph(path, "fp32") == []
+    kept = {n.op_type for n in head_nodes(graph, ["k_0"])}
+    assert {"Conv", "ReduceMin"} <= kept  # the bank distance stays FP32 in an FP16 model
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
+    """A run with all three heads and enough validation images (20) for the fitted null."""
+    from training.model import UFlowConfig
+    from training.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("hybrid_run")
+    config = UFlowConfig(image_height=HYBRID_SIZE, image_width=HYBRID_SIZE, strides=(8, 16), bank_size=64)
+    train(synthetic_data_dir, run, config, TrainConfig(epochs=2, batch_size=8, val_fraction=0.5), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def hybrid_bundle(hybrid_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.export import export_bundle
+
+    return export_bundle(hybrid_run, tmp_path_factory.mktemp("hybrid") / "bundle", name="hybrid", version="1")
+
+
+def test_hybrid_bundle_ships_every_map_with_its_own_null(hybrid_bundle: Path, hybrid_run: Path) -> None:
+    manifest = load_bundle(hybrid_bundle).manifest
+    assert [(s.name, s.head) for s in manifest.scales] == [
+        ("m_0", "flow"),
+        ("m_1", "flow"),
+        ("g_0", "gaussian"),
+        ("g_1", "gaussian"),
+        ("k_0", "memory"),
+        ("k_1", "memory"),
+    ]
+    assert manifest.nfa.null_model == "fitted" and len(manifest.nfa.scale_nulls) == 6
+    shapes = [(s.height, s.width) for s in manifest.scales]
+    assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_tree_tests(shapes))
+    graph = onnx.load(str(hybrid_bundle / "model.onnx")).graph
+    assert [o.name for o in graph.output] == ["anomaly_map", *(s.name for s in manifest.scales)]
+    assert check_graph(hybrid_bundle / "model.onnx", "fp32") == []
+    # The heads' nulls were fitted on out-of-sample maps: their means are those of the run's fusion.
+    from training.rundir import load_model
+
+    model, _ = load_model(hybrid_run)
+    np.testing.assert_allclose(model.map_means.numpy(), [n.mean for n in manifest.nfa.scale_nulls], rtol=1e-5)
+
+
+def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybrid_bundle: Path) -> None:
+    from training.synthetic import defect_image
+
+    bundle = load_bundle(hybrid_bundle)
+    engine = OnnxRuntimeEngine(bundle)
+    try:
+        sample = defect_image(seed=5, height=HYBRID_SIZE, width=HYBRID_SIZE, kind="dark_blob")
+        output = engine.infer(sample.image)
+    finally:
+        engine.close()
+    manifest = bundle.manifest
+    assert [m.shape for m in output.scale_maps] == [(s.height, s.width) for s in manifest.scales]
+    size = (HYBRID_SIZE, HYBRID_SIZE)
+    fitted = FrameScorer(manifest).score(output, size)
+    nulls = [nfa.ScaleNull(n.mean, n.dof, n.area) for n in manifest.nfa.scale_nulls]
+    want = nfa.log_nfa_map(list(output.scale_maps), [s.channels for s in manifest.scales], size, nulls)
+    np.testing.assert_array_equal(fitted.log_nfa, want)
+    paper = FrameScorer(manifest, NfaConfig(null_model="polyomino")).score(output, size)
+    flow = [i for i, s in enumerate(manifest.scales) if s.head == "flow"]
+    want_paper = nfa.log_nfa_map(
+        [output.scale_maps[i] for i in flow], [manifest.scales[i].channels for i in flow], size
+    )
+    np.testing.assert_array_equal(paper.log_nfa, want_paper)
+    # The fused anomaly map is the mean of the upsampled m / mean: about 1 on good parts, higher on the blob.
+    assert float(output.anomaly_map[sample.mask].mean()) > float(output.anomaly_map[~sample.mask].mean())
+
+
+def test_hybrid_bundle_passes_the_agents_self_test(hybrid_bundle: Path) -> None:
+    from edge_agent.inspection.selftest import run_self_test
+
+    bundle = load_bundle(hybrid_bundle)
+    engine = OnnxRuntimeEngine(bundle)
+    try:
+        results = run_self_test(bundle, engine)
+    finally:
+        engine.close()
+    assert len(results) == 3 and not any(r.anomalous for r in results)
+
+
+def test_a_manifest_whose_maps_are_not_led_by_the_flow_is_refused(hybrid_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(hybrid_bundle, copy)
+    raw = json.loads((copy / "model.json").read_text())
+    raw["scales"] = raw["scales"][2:] + raw["scales"][:2]
+    (copy / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="first scale must be a flow map"):
+        load_bundle(copy)
+    raw = json.loads((hybrid_bundle / "model.json").read_text())
+    raw["nfa"] = {"log10_number_of_tests": 100.0}
+    (copy / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="need the fitted NFA"):
+        load_bundle(copy)
+
+
+def test_an_old_bundle_without_head_fields_loads_and_decides_as_before(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Bundles exported before the heads have no ``head`` in their scales: flow maps, decided as before."""
+    from training.data import load_image
+
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_bundle, copy)
+    raw = json.loads((copy / "model.json").read_text())
+    for scale in raw["scales"]:
+        scale.pop("head", None)
+    (copy / "model.json").write_text(json.dumps(raw))
+    manifest = load_bundle(copy).manifest
+    assert all(s.head == "flow" for s in manifest.scales)
+    engine = OnnxRuntimeEngine(load_bundle(copy))
+    try:
+        output = engine.infer(load_image(copy / manifest.self_test[0], 128, 128))
+    finally:
+        engine.close()
+    verdict = FrameScorer(manifest).score(output, (128, 128))
+    want = nfa.log_nfa_map(list(output.scale_maps), [s.channels for s in manifest.scales], (128, 128))
+    np.testing.assert_array_equal(verdict.log_nfa, want)
+
+
+def test_an_old_run_config_is_a_flow_only_model() -> None:
+    from training.model import UFlowConfig
+
+    old = UFlowConfig.from_dict({"strides": [8, 16], "image_height": 128, "image_width": 128})
+    assert old.heads == ("flow",) and old.head_strides("memory") == ()
+    new = UFlowConfig(strides=(8, 16, 32))
+    assert new.head_strides("memory") == (16, 32) and new.head_strides("gaussian") == (16, 32)
+    assert UFlowConfig(strides=(8, 16, 32), gaussian_scales=0).head_strides("gaussian") == (8, 16, 32)
+    with pytest.raises(ValueError, match="flow head is required"):
+        UFlowConfig(heads=("gaussian",))
+
+
+def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
+    hybrid_bundle: Path, synthetic_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heads' whitening and bank distances stay FP32 (never quantized, never FP16) and agree with FP32;
+    the TensorRT backend (tests/fake_tensorrt: graph rules, builder, I/O binding) builds and runs every map."""
+    from calibration.fp16 import Fp16Settings
+    from calibration.fp16 import calibrate_bundle as calibrate_fp16
+    from calibration.int8 import Int8Settings, conv_groups
+    from calibration.int8 import calibrate_bundle as calibrate_int8
+    from training.data import load_image
+
+    root = tmp_path / "bundle"
+    shutil.copytree(hybrid_bundle, root)
+    good = synthetic_data_dir / "train" / "good"
+    calibrate_int8(root, good, Int8Settings(images=8, method="minmax"))
+    calibrate_fp16(root, good, Fp16Settings(images=4))  # runs the TensorRT graph check (head-fp32) on the result
+    bundle = load_bundle(root)
+    int8 = onnx.load(str(root / "model.int8.onnx"))
+    heads = conv_groups(onnx.load(str(root / "model.onnx"))).groups["heads"]
+    assert len(heads) == 4  # two whitening convs, two banks
+    producer = {out: node for node in int8.graph.node for out in node.output}
+    for node in int8.graph.node:
+        if node.name in heads:
+            source = producer.get(node.input[1])
+            assert source is None or source.op_type != "DequantizeLinear", f"{node.name} was quantized"
+    fp16 = bundle.manifest.variant("fp16")
+    assert fp16 is not None and any(n in fp16.settings["fp32_nodes"] for n in heads)
+    image = load_image(root / bundle.manifest.self_test[0], HYBRID_SIZE, HYBRID_SIZE)
+    outputs = {}
+    for precision in ("fp32", "fp16", "int8"):
+        engine = OnnxRuntimeEngine(bundle, precision=precision)
+        try:
+            outputs[precision] = engine.infer(image)
+        finally:
+            engine.close()
+    for precision in ("fp16", "int8"):
+        for name, got, want in zip(
+            [s.name for s in bundle.manifest.scales],
+            outputs[precision].scale_maps,
+            outputs["fp32"].scale_maps,
+            strict=True,
+        ):
+            assert np.isfinite(got).all(), name
+            assert np.abs(got - want).mean() < 0.2 * max(1.0, float(np.abs(want).mean())), (precision, name)
+
+    from fake_tensorrt import install, make_cuda_python, make_pycuda, make_tensorrt, reset_memory
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.engines.tensorrt.runtime import TensorRTEngine
+
+    reset_memory()
+    install(monkeypatch, make_tensorrt("10.3"), cuda_python=make_cuda_python(), pycuda=make_pycuda())
+    for precision in ("fp32", "fp16", "int8"):
+        config = ModelConfig(backend="tensorrt", precision=precision, engine_cache_dir=tmp_path / "engines")
+        engine = TensorRTEngine(bundle, config)
+        try:
+            got = engine.infer(image)
+        finally:
+            engine.close()
+        assert len(got.scale_maps) == len(bundle.manifest.scales) == 6
+        for g, w in zip(got.scale_maps, outputs[precision].scale_maps, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_a_hybrid_candidate_runs_in_shadow_beside_a_flow_only_live_model(contract_model, hybrid_bundle: Path) -> None:
+    """The shadow (and the agent's model loader, warm-up included) takes a bundle with head outputs."""
+    from line_helpers import inspected_job
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.inspection.loaded_model import load_model
+    from edge_agent.inspection.shadow import ShadowRunner
+
+    candidate = load_model(hybrid_bundle, ModelConfig(backend="onnxruntime", threads=1))
+    runner = ShadowRunner(candidate, share=1.0, device_id="cam1")
+    runner.start()
+    try:
+        for seq in range(4):
+            runner.offer(inspected_job(contract_model, seq, defect=seq == 2))
+            assert runner.wait_idle()
+        report = runner.snapshot()
+    finally:
+        runner.stop()
+        candidate.close()
+    assert report.compared == 4 and report.candidate == "hybrid 1"

@@ -1,0 +1,246 @@
+"""The non-flow evidence of a U-Flow bundle: a Gaussian head and a memory-bank head per scale (issue 20).
+
+Both read the backbone features the flow reads (the same tensors, one backbone pass) and give one map
+per scale, like the flow's m_s, that the one NFA tests with its own fitted null (docs/nfa.md):
+
+- ``gaussian``: mu and a shrunk covariance S = (1 - a) S_hat + a tr(S_hat)/C I (Ledoit-Wolf's ``a``, at
+  least ``MIN_SHRINK``) of all good training feature vectors of the scale; the graph computes
+  z = L^-1 (x - mu) as one 1x1 convolution (weight L^-1, bias -L^-1 mu) and the map g_s = mean over
+  channels of z^2 (chi^2(C)/C-like on good parts);
+- ``memory``: PatchCore-style. Features locally averaged (``pool`` x ``pool``), a coreset of the good
+  training patches chosen by greedy k-center on a random projection (:func:`greedy_coreset`), and the
+  map k_s = min over the bank of ||x - b||^2 / C, computed in the graph as ||x||^2 - 2 x.b + ||b||^2
+  (a 1x1 convolution with the bank as kernels) and a ReduceMin over the bank axis: TensorRT-legal.
+
+Out-of-sample maps for fitting the nulls (:class:`CrossFit`): a head that memorised an image gives it
+maps that are too clean, so the nulls of these heads are fitted on maps of images the head did not
+see: k folds for the Gaussian (the image's fold is left out), leave-one-image-out for the bank (the
+bank entries that came from the image itself are ignored). docs/nfa.md, "Heads".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory")
+MAP_PREFIX = {"flow": "m", "gaussian": "g", "memory": "k"}
+MIN_SHRINK = 1e-3  # relative ridge: keeps L^-1 bounded when the features have (near) null directions
+FOLDS = 5
+PROJECTION_DIM = 128
+CHUNK = 8192  # rows of the distance matrix computed at once (memory: CHUNK x bank floats)
+
+
+class GaussianHead(nn.Module):
+    """g = mean over channels of (L^-1 (x - mu))^2, with L^-1 and -L^-1 mu as one 1x1 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.whiten = nn.Conv2d(channels, channels, 1)
+        self.whiten.requires_grad_(False)
+        with torch.no_grad():
+            self.whiten.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+            self.whiten.bias.zero_()  # type: ignore[union-attr]
+
+    def set(self, mean: torch.Tensor, inverse_cholesky: torch.Tensor) -> None:
+        """Load mu (C) and L^-1 (C x C)."""
+        c = self.whiten.in_channels
+        with torch.no_grad():
+            self.whiten.weight.copy_(inverse_cholesky.reshape(c, c, 1, 1))
+            self.whiten.bias.copy_(-(inverse_cholesky @ mean))  # type: ignore[union-attr]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.whiten(features).pow(2).mean(dim=1)
+
+
+class MemoryHead(nn.Module):
+    """k = min over the bank of ||pool(x) - b||^2 / C, as sum of squares - 2 conv(bank) + ||b||^2, ReduceMin."""
+
+    bank: torch.Tensor
+    bank_sq: torch.Tensor
+
+    def __init__(self, channels: int, bank_size: int, pool: int) -> None:
+        super().__init__()
+        self.channels, self.pool = channels, pool
+        self.register_buffer("bank", torch.zeros(bank_size, channels, 1, 1))
+        self.register_buffer("bank_sq", torch.zeros(bank_size))
+
+    def set(self, bank: torch.Tensor) -> None:
+        """Load the coreset (K x C); K must be the size the head was built with."""
+        with torch.no_grad():
+            self.bank.copy_(bank.reshape(self.bank.shape))
+            self.bank_sq.copy_(bank.pow(2).sum(dim=1))
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        if self.pool <= 1:
+            return features
+        return F.avg_pool2d(features, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.pooled(features)
+        dot = F.conv2d(x, self.bank)  # N x K x H x W
+        squared = x.pow(2).sum(dim=1, keepdim=True) - 2.0 * dot + self.bank_sq.view(1, -1, 1, 1)
+        # amin, not min(dim): exports as one ReduceMin (no ArgMin); clamp: rounding can go below 0
+        return squared.amin(dim=1).clamp_min(0.0) / float(self.channels)
+
+
+def shrunk_covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, covariance, shrinkage) of the rows of ``x`` (P x C), Ledoit-Wolf towards tr/C * I."""
+    x = x.double()
+    mean = x.mean(dim=0)
+    centred = x - mean
+    n, c = centred.shape
+    sample = centred.T @ centred / n
+    target = torch.trace(sample) / c
+    # Ledoit & Wolf (2004): shrinkage = min(1, beta / delta), beta from the squared deviations of x x^T.
+    delta = float(((sample - target * torch.eye(c, dtype=x.dtype)) ** 2).sum())
+    beta = 0.0
+    for start in range(0, n, CHUNK):
+        block = centred[start : start + CHUNK]
+        beta += float(((block.pow(2).sum(1)) ** 2).sum()) - 2.0 * float(((block @ sample) * block).sum())
+    beta = (beta + n * float((sample**2).sum())) / (n * n)
+    shrink = max(MIN_SHRINK, min(1.0, beta / delta if delta > 0 else 1.0))
+    covariance = (1.0 - shrink) * sample + shrink * target * torch.eye(c, dtype=x.dtype)
+    return mean, covariance, shrink
+
+
+def gaussian_parameters(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, L^-1) in float32 for feature rows ``x`` (P x C)."""
+    mean, covariance, _ = shrunk_covariance(x)
+    cholesky = torch.linalg.cholesky(covariance)
+    inverse = torch.linalg.solve_triangular(cholesky, torch.eye(len(mean), dtype=cholesky.dtype), upper=False)
+    return mean.float(), inverse.float()
+
+
+def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, projection_dim: int = PROJECTION_DIM) -> torch.Tensor:
+    """Indices of ``size`` rows of ``x`` (P x C) chosen by greedy k-center on a random projection.
+
+    Each step adds the row farthest from the rows chosen so far (PatchCore's approximate coreset);
+    the distances are computed on a Johnson-Lindenstrauss projection to ``projection_dim`` dimensions,
+    so a step costs P x projection_dim, whatever C is.
+    """
+    count, channels = x.shape
+    if size >= count:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(seed)
+    if channels > projection_dim:
+        matrix = torch.randn(channels, projection_dim, generator=generator) / math.sqrt(projection_dim)
+        x = x.float() @ matrix
+    x = x.float().contiguous()
+    norms = x.pow(2).sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(count, (1,), generator=generator))
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector pass over x per step, no P x C temporary
+    nearest = (norms - 2.0 * (x @ x[chosen[0]]) + norms[chosen[0]]).clamp_min_(0.0)
+    for step in range(1, size):
+        index = int(torch.argmax(nearest))
+        chosen[step] = index
+        distance = torch.addmv(norms, x, x[index], alpha=-2.0).add_(norms[index])
+        torch.minimum(nearest, distance, out=nearest)
+    return chosen
+
+
+def rows(features: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W -> (N H W) x C feature vectors."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def nearest_squared(
+    queries: torch.Tensor, bank: torch.Tensor, query_owner: torch.Tensor | None, bank_owner: torch.Tensor | None
+) -> torch.Tensor:
+    """min over bank rows of ||q - b||^2 per query row, ignoring bank rows of the query's own image."""
+    bank = bank.float()
+    bank_sq = bank.pow(2).sum(1)
+    out = torch.empty(len(queries))
+    for start in range(0, len(queries), CHUNK):
+        q = queries[start : start + CHUNK].float()
+        d = q.pow(2).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq
+        if query_owner is not None and bank_owner is not None:
+            d = d.masked_fill(query_owner[start : start + CHUNK, None] == bank_owner[None, :], math.inf)
+        out[start : start + CHUNK] = d.amin(1).clamp_min(0.0)
+    return out
+
+
+@dataclass
+class CrossFit:
+    """What out-of-sample head maps need: the Gaussian of every fold and the bank's owners."""
+
+    folds: np.ndarray  # fold of each fitting image
+    gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]  # scale -> per fold (mu, L^-1)
+    banks: dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (bank K x C, owner image of each row)
+
+
+def fold_of(count: int, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """A balanced random fold index per image."""
+    order = np.random.default_rng(seed).permutation(count)
+    out = np.empty(count, dtype=np.int64)
+    out[order] = np.arange(count) % max(1, min(folds, count))
+    return out
+
+
+def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int = 0, folds: int = FOLDS) -> CrossFit:
+    """Fit every head in ``heads`` (keys ``gaussian_<s>`` / ``memory_<s>``) on good images' features.
+
+    ``features``: per scale N x C x H x W of the good images the heads may memorise (all of them).
+    Returns what :func:`out_of_sample_maps` needs to give each of those images maps from heads that did
+    not see it.
+    """
+    used = [int(key.split("_")[1]) for key in heads]
+    count = len(features[used[0]]) if used else 0  # every scale holds the same images
+    fold = fold_of(count, folds, seed)
+    gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    banks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, head in heads.items():
+        kind, scale = key.split("_")
+        s = int(scale)
+        f = features[s].float()
+        if kind == "gaussian":
+            assert isinstance(head, GaussianHead)
+            head.set(*gaussian_parameters(rows(f)))
+            gaussian[s] = [gaussian_parameters(rows(f[torch.from_numpy(fold != k)])) for k in range(fold.max() + 1)]
+        else:
+            assert isinstance(head, MemoryHead)
+            x = rows(head.pooled(f))
+            owner = torch.arange(count).repeat_interleave(f.shape[2] * f.shape[3])
+            index = greedy_coreset(x, head.bank.shape[0], seed=seed + s)
+            if len(index) < head.bank.shape[0]:  # fewer patches than the bank: repeat rows (same minimum)
+                index = index[torch.arange(head.bank.shape[0]) % len(index)]
+            head.set(x[index])
+            banks[s] = (x[index], owner[index])
+    return CrossFit(fold, gaussian, banks)
+
+
+def out_of_sample_maps(
+    heads: nn.ModuleDict, cross: CrossFit, features: Sequence[torch.Tensor], owners: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Head maps (key -> N x H x W) of images whose features are given, each from heads that did not
+    see ``owners[i]`` (the index, among the fitting images, of the good image it is or was planted on)."""
+    out: dict[str, np.ndarray] = {}
+    owner_t = torch.from_numpy(np.asarray(owners, dtype=np.int64))
+    for key, head in heads.items():
+        kind, scale = key.split("_")
+        s = int(scale)
+        f = features[s].float()
+        n, c, h, w = f.shape
+        if kind == "gaussian":
+            maps = torch.empty(n, h, w)
+            image_folds = cross.folds[owners]
+            for k, (mean, inverse) in enumerate(cross.gaussian[s]):
+                pick = torch.from_numpy(np.flatnonzero(image_folds == k))
+                if len(pick):
+                    z = torch.einsum("dc,nchw->ndhw", inverse, f[pick] - mean.view(1, -1, 1, 1))
+                    maps[pick] = z.pow(2).mean(1)
+            out[key] = maps.numpy()
+        else:
+            assert isinstance(head, MemoryHead)
+            bank, bank_owner = cross.banks[s]
+            queries = rows(head.pooled(f))
+            query_owner = owner_t.repeat_interleave(h * w)
+            out[key] = (nearest_squared(queries, bank, query_owner, bank_owner) / c).reshape(n, h, w).numpy()
+    return out
