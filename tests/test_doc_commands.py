@@ -5,7 +5,11 @@ Real processes of ``edge-agent`` and ``uflow``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +69,64 @@ def test_a_failed_training_leaves_no_run_folder(tmp_path: Path) -> None:
     result = _run("training.cli", "train", "--data", str(data), "--out", str(out), "--image-size", "64",
                   "--epochs", "1", "--random-weights", "--quiet", timeout=600)  # fmt: skip
     assert result.returncode != 0 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- every documented command parses
+
+_PROGRAM = re.compile(r"^(?:sudo\s+(?:-u\s+\S+\s+)?)?(?:[A-Z_]+=\S+\s+)*(?:\S*/)?(edge-agent|uflow)\s+(.*)$")
+
+
+def documented_commands() -> list[tuple[str, str, str]]:
+    """(file, program, arguments) of every ``edge-agent``/``uflow`` line in the README's and docs' code blocks.
+
+    Backslash continuations are joined, comments and shell chaining split off, and the docs' optional
+    notation ``[--flag a|b]`` read as ``--flag a`` (the first choice), so each line is one real command.
+    """
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", path.read_text(), flags=re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                if re.search("[─│◄►┘]", line):  # a diagram, not a command
+                    continue
+                line = re.sub(r"^\$ ", "", re.sub(r"\s+#.*$", "", line).strip())
+                line = re.sub(r"\[([^\[\]]*)\]", lambda m: re.sub(r"\|\S+", "", m.group(1)), line)
+                for part in re.split(r"&&|\|\||;|\s\|\s", line):
+                    match = _PROGRAM.match(part.strip())
+                    if match:
+                        found.append((path.name, match.group(1), match.group(2)))
+    return found
+
+
+def test_every_documented_command_parses_with_the_real_parser() -> None:
+    # issue 21: `review export DIR --config ...` as operations.md wrote it was refused by the parser
+    from edge_agent.cli import COMMANDS as AGENT_COMMANDS
+    from edge_agent.cli import DESCRIPTION as AGENT_DESCRIPTION
+    from edge_agent.cli.common import parse_command
+    from training.cli import COMMANDS as UFLOW_COMMANDS
+    from training.cli import DESCRIPTION as UFLOW_DESCRIPTION
+
+    commands = documented_commands()
+    assert len(commands) >= 20, "the extraction found the docs' commands"
+    tables = {"edge-agent": (AGENT_DESCRIPTION, AGENT_COMMANDS), "uflow": (UFLOW_DESCRIPTION, UFLOW_COMMANDS)}
+    refused = []
+    for name, program, rest in commands:
+        description, table = tables[program]
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+                parse_command(program, description, table, shlex.split(rest))
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                refused.append(f"{name}: {program} {rest}: {errors.getvalue().strip().splitlines()[-1]}")
+    assert not refused, "documented commands the parser refuses:\n" + "\n".join(refused)
+
+
+def test_the_runnable_documented_commands_run() -> None:
+    # The ones that need no box, model or data: the config reference and every command's help.
+    reference = _run("edge_agent.cli", "config", "--reference")
+    assert reference.returncode == 0 and (REPO / "docs" / "configuration.md").read_text() == reference.stdout
+    for program, module in (("edge-agent", "edge_agent.cli"), ("uflow", "training.cli")):
+        used = {rest.split()[0] for _, prog, rest in documented_commands() if prog == program and rest.split()}
+        for command in sorted(used):
+            shown = _run(module, command, "--help")
+            assert shown.returncode == 0 and "usage:" in shown.stdout, f"{program} {command} --help"
