@@ -22,6 +22,9 @@ class Agreement:
     anomaly_map_mean_abs: float
     image_score_max_abs: float
     scale_map_max_rel: float  # max over scales of max |m - m_ref| / (mean m_ref), per image, worst image
+    # max |a - a_ref| / max(1, |a_ref|): the absolute difference for a flow-only map (in [0, 1]), a relative
+    # one where the fused map of the evidence heads (mean of m / null mean, unbounded) is above 1
+    anomaly_map_max_scaled: float = 0.0
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -30,6 +33,7 @@ class Agreement:
             "anomaly_map_mean_abs_diff": self.anomaly_map_mean_abs,
             "image_score_max_abs_diff": self.image_score_max_abs,
             "scale_map_max_rel_diff": self.scale_map_max_rel,
+            "anomaly_map_max_scaled_diff": self.anomaly_map_max_scaled,
         }
 
 
@@ -52,12 +56,13 @@ def compare_models(
     ref_session = cpu_session(reference)
     cand_session = cpu_session(candidate)
     names = [o.name for o in ref_session.get_outputs()]  # type: ignore[attr-defined]
-    amap_max, amap_sum, score_max, rel_max, pixels, count = 0.0, 0.0, 0.0, 0.0, 0, 0
+    amap_max, amap_scaled, amap_sum, score_max, rel_max, pixels, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
     for batch in batches:
         ref = ref_session.run(names, {input_name: batch})  # type: ignore[attr-defined]
         cand = cand_session.run(names, {input_name: batch})  # type: ignore[attr-defined]
         diff = np.abs(cand[0].astype(np.float64) - ref[0])
         amap_max = max(amap_max, float(diff.max()))
+        amap_scaled = max(amap_scaled, float((diff / np.maximum(1.0, np.abs(ref[0]))).max()))
         amap_sum += float(diff.sum())
         pixels += diff.size
         score_max = max(score_max, abs(float(cand[0].max()) - float(ref[0].max())))
@@ -67,4 +72,4 @@ def compare_models(
         count += 1
     if count == 0:
         raise ValueError("no images to compare the models on")
-    return Agreement(count, amap_max, amap_sum / pixels, score_max, rel_max)
+    return Agreement(count, amap_max, amap_sum / pixels, score_max, rel_max, amap_scaled)

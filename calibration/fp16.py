@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 FP16_GROUPS = ("head",)
 DEFAULT_KEEP_FP32: tuple[str, ...] = ("head",)
-# Agreement beyond these on good images means the conversion changed the model's answers.
+# Agreement beyond these on good images means the conversion changed the model's answers: the anomaly
+# map's difference in absolute terms where it lies in [0, 1] (flow only), relative to it above 1 (the
+# fused map of the evidence heads is unbounded; Agreement.anomaly_map_max_scaled).
 MAX_ANOMALY_MAP_DIFF = 0.02
 
 
@@ -136,9 +138,9 @@ def calibrate_bundle(
         if problems:
             raise Fp16Error(describe(problems, staged))
         agreement = compare_models(bundle.onnx_path, staged, model_batches(check, spec.height, spec.width), spec.name)
-        if agreement.anomaly_map_max_abs > MAX_ANOMALY_MAP_DIFF:
+        if agreement.anomaly_map_max_scaled > MAX_ANOMALY_MAP_DIFF:
             raise Fp16Error(
-                f"FP16 changes the anomaly map by up to {agreement.anomaly_map_max_abs:.4f} on good images "
+                f"FP16 changes the anomaly map by up to {agreement.anomaly_map_max_scaled:.4f} on good images "
                 f"(limit {MAX_ANOMALY_MAP_DIFF}); keep more of the model in FP32 (--block-op) or stay with FP32"
             )
         staged.replace(target)

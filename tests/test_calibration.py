@@ -285,3 +285,34 @@ def test_real_exported_bundle_calibrates(request: pytest.FixtureRequest, tmp_pat
     variant = calibrate_int8(root, good_images, Int8Settings(images=4, method="minmax"))
     assert unsupported_ops(root / "model.int8.onnx") == []
     assert np.isfinite(variant.metrics["anomaly_map_max_abs_diff"])
+
+
+def test_agreement_of_an_unbounded_fused_map_is_relative(tmp_path: Path) -> None:
+    # The heads' fused anomaly map is mean(m / null mean), about 1 on good parts and unbounded above: an
+    # FP16 model 1 % off everywhere must not read as a 0.02 absolute change where the map is 5.
+    import onnx
+    from onnx import TensorProto, helper
+
+    from calibration.agreement import compare_models
+
+    def model(path: Path, factor: float) -> Path:
+        image = helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 2, 2, 3])
+        outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 2, 3]) for n in ("anomaly_map", "m_0")]
+        nodes = [
+            helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "f"], ["anomaly_map"]),
+            helper.make_node("Identity", ["x"], ["m_0"]),
+        ]
+        factor_init = helper.make_tensor("f", TensorProto.FLOAT, [], [factor])
+        graph = helper.make_graph(nodes, "g", [image], outputs, initializer=[factor_init])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    reference = model(tmp_path / "ref.onnx", 1.0)
+    candidate = model(tmp_path / "cand.onnx", 1.01)
+    batch = np.full((1, 2, 2, 3), 5, np.uint8)
+    agreement = compare_models(reference, candidate, [batch])
+    assert agreement.anomaly_map_max_abs == pytest.approx(0.05, rel=1e-3)
+    assert agreement.anomaly_map_max_scaled == pytest.approx(0.01, rel=1e-3)
+    small = compare_models(reference, candidate, [np.full((1, 2, 2, 3), 0, np.uint8)])
+    assert small.anomaly_map_max_scaled == small.anomaly_map_max_abs == 0.0
