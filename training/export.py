@@ -2,8 +2,8 @@
 
 Steps: rebuild the best model of the run, trace the engine wrapper to ONNX (opset 17, fixed input
 shape, TorchScript exporter), check ONNX Runtime against torch on the run's self-test images and a
-synthetic defect image (anomaly map max difference under 1e-4, relative to max(1, |map|) since the fused map of a
-bundle with heads is unbounded; m_s under 1e-3 relative to
+synthetic defect image (anomaly map max difference under 1e-4 for a flow-only bundle; with heads the fused map
+is unbounded and as exact as its maps, so under 1e-3 relative to max(1, |map|), like them; m_s under 1e-3 relative to
 max(1, |m_s|): m_s are unbounded chi^2-like values that come out of deeper float32 arithmetic, and
 the 4/8/16 magnetic tile model already reaches 5.6e-5 from ONNX Runtime's fused kernels alone,
 while a real export bug is off by O(1)), write ``model.json``, then load the result with the agent's own
@@ -131,6 +131,10 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = ExportWrapper(model).output_names
     worst_map, worst_scale = 0.0, 0.0
+    # The fused map of a bundle with heads is the mean of its maps over their null means, so it can only be
+    # as exact as they are: the memory bank's ||x||^2 - 2 x.b + ||b||^2 cancels in float32, and ONNX Runtime
+    # sums in another order than torch (measured 1.2e-4 relative on a planted defect, default bundle).
+    map_tolerance = MAP_TOLERANCE if len(model.heads) == 0 else SCALE_MAP_TOLERANCE
     for index, image in enumerate(images):
         got = session.run(names, {"image": image[None]})
         want = _torch_outputs(model, image)
@@ -142,10 +146,10 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
             float((np.abs(g[0] - w) / np.maximum(1.0, np.abs(w))).max()) for g, w in zip(got[1:], want[1:], strict=True)
         )
         worst_map, worst_scale = max(worst_map, diff_map), max(worst_scale, diff_scale)
-        if diff_map >= MAP_TOLERANCE or diff_scale >= SCALE_MAP_TOLERANCE:
+        if diff_map >= map_tolerance or diff_scale >= SCALE_MAP_TOLERANCE:
             raise ExportError(
-                f"ONNX Runtime and torch disagree on parity image {index}: anomaly_map max abs diff {diff_map:.3g} "
-                f"(limit {MAP_TOLERANCE}), m_s max scaled diff {diff_scale:.3g} (limit {SCALE_MAP_TOLERANCE})"
+                f"ONNX Runtime and torch disagree on parity image {index}: anomaly_map max scaled diff {diff_map:.3g} "
+                f"(limit {map_tolerance}), m_s max scaled diff {diff_scale:.3g} (limit {SCALE_MAP_TOLERANCE})"
             )
     return Parity(worst_map, worst_scale, len(images))
 
