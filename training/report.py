@@ -106,7 +106,9 @@ def write_grids(
     folder = out_dir / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     amaps = predictions.anomaly_maps
-    span = (float(np.quantile(amaps[~test.labels], 0.01)), float(amaps.max()))
+    # One colour scale for the whole test set, robust to a few extreme pixels: the fused map of a bundle
+    # with heads is unbounded (one image at 1000 would paint every other map blue).
+    span = (float(np.quantile(amaps[~test.labels], 0.01)), float(np.quantile(amaps, 0.999)))
     types = np.array([r.defect_type for r in test.records])
     written = {}
     for kind in test.types:
