@@ -8,6 +8,7 @@ outline in red; the mask is log10 NFA below the decision's epsilon, the bundle's
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,7 +81,12 @@ def grid_row(
     image = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     truth = _outline(image.copy(), mask, _RED)
     low, high = span
-    scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
+    if low > 0.0 and high > 1.0:
+        # The heads' fused map (mean of m / null mean: about 1 on good parts, up to hundreds on defects) is
+        # shown on a log scale, or a single large defect would leave every other map one colour.
+        scaled = np.clip(np.log(np.maximum(amap, low) / low) / max(math.log(high / low), 1e-12), 0.0, 1.0)
+    else:
+        scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
     heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
     detected = log_nfa < log10_epsilon
     overlay = image.copy()
@@ -108,7 +114,7 @@ def write_grids(
     amaps = predictions.anomaly_maps
     # One colour scale for the whole test set, robust to a few extreme pixels: the fused map of a bundle
     # with heads is unbounded (one image at 1000 would paint every other map blue).
-    span = (float(np.quantile(amaps[~test.labels], 0.01)), float(np.quantile(amaps, 0.999)))
+    span = (float(np.quantile(amaps[~test.labels], 0.01)), float(np.quantile(amaps, 0.999)))  # log scale above 1
     types = np.array([r.defect_type for r in test.records])
     written = {}
     for kind in test.types:
