@@ -98,7 +98,8 @@ def test_multiscale_cait_small_models_feed_a_uflow() -> None:
 def test_uflow_on_random_resnet18_trains() -> None:
     torch.manual_seed(0)
     model = UFlow(
-        UFlowConfig(backbone="resnet18", image_height=64, image_width=64, strides=(8, 16)), random_weights=True
+        UFlowConfig(backbone="resnet18", image_height=64, image_width=64, strides=(8, 16), heads=("flow",)),
+        random_weights=True,
     )
     assert [s.channels for s in model.scales] == [128 + 32, 128]
     features = model.extract(torch.rand(4, 3, 64, 64))
