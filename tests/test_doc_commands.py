@@ -58,16 +58,17 @@ def test_a_failed_training_leaves_no_run_folder(tmp_path: Path) -> None:
     for i in range(4):
         cv2.imwrite(str(data / f"g{i}.png"), np.full((64, 64, 3), 100 + i, np.uint8))
     (data / "broken.png").write_bytes(b"not a png at all")  # read after config.json is written
+    # (--square: the input size is not taken from the images, so nothing reads them before the run folder)
     out = tmp_path / "runs" / "line1"
     result = _run("training.cli", "train", "--data", str(data), "--out", str(out), "--image-size", "64",
-                  "--epochs", "1", "--random-weights", "--quiet", timeout=600)  # fmt: skip
+                  "--square", "--epochs", "1", "--random-weights", "--quiet", timeout=600)  # fmt: skip
     assert result.returncode != 0 and "broken.png" in result.stderr, result.stderr[-2000:]
     assert not out.exists(), sorted(p.name for p in out.iterdir())
     # A run folder that already held something keeps it; only the failed run's files go.
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     result = _run("training.cli", "train", "--data", str(data), "--out", str(out), "--image-size", "64",
-                  "--epochs", "1", "--random-weights", "--quiet", timeout=600)  # fmt: skip
+                  "--square", "--epochs", "1", "--random-weights", "--quiet", timeout=600)  # fmt: skip
     assert result.returncode != 0 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
