@@ -3,6 +3,7 @@ and bench/plc.py: certificate and user made by the real ``edge-agent plc`` comma
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -80,3 +81,29 @@ def start_plc_agent(tmp: Path, values: dict[str, Any], make_credentials: bool = 
         cert=Path(values["state_dir"]) / "plc" / "server-cert.der",
         state=Path(values["state_dir"]),
     )
+
+
+MBPOLL = shutil.which("mbpoll")  # Debian's libmodbus client: the independent Modbus peer of the tests
+
+
+def mbpoll(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """One ``mbpoll`` call against a Modbus TCP server on loopback ``port`` (unit 1, 0-based, once, quiet)."""
+    assert MBPOLL is not None
+    return subprocess.run(
+        [MBPOLL, "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-1", "-q", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+def mbpoll_values(port: int, *args: str) -> dict[int, float]:
+    """``mbpoll`` reads from 127.0.0.1 as {address: value}."""
+    done = mbpoll(port, *args, "127.0.0.1")
+    assert done.returncode == 0, done.stderr
+    values = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("["):
+            address, _, value = line.partition("]:")
+            values[int(address[1:])] = float(value.split()[0])
+    return values

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from agent_harness import write_frames
 from mqtt_broker import MosquittoBroker, Subscriber
-from plc_helpers import PLC_PASSWORD, PLC_USER, PlcAgent, plc_values, start_plc_agent
+from plc_helpers import MBPOLL, PLC_PASSWORD, PLC_USER, PlcAgent, mbpoll, mbpoll_values, plc_values, start_plc_agent
 
 pytest.importorskip("asyncua", reason="the plc extra (asyncua) is not installed")
 pytest.importorskip("pymodbus", reason="the plc extra (pymodbus) is not installed")
@@ -27,7 +27,6 @@ pytest.importorskip("pymodbus", reason="the plc extra (pymodbus) is not installe
 pytestmark = pytest.mark.slow
 CLIENTS = Path(__file__).resolve().parent / "plc_clients"
 NODE = shutil.which("node")
-MBPOLL = shutil.which("mbpoll")
 RESULTS_QUEUE = 4
 need_node_opcua = pytest.mark.skipif(
     NODE is None or not (CLIENTS / "node_modules" / "node-opcua-client").is_dir(),
@@ -55,26 +54,6 @@ def running(
         broker.stop()
 
 
-def mbpoll(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    assert MBPOLL is not None
-    return subprocess.run(
-        [MBPOLL, "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-1", "-q", *args],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-
-
-def read(port: int, *args: str) -> dict[int, float]:
-    done = mbpoll(port, *args, "127.0.0.1")
-    assert done.returncode == 0, done.stderr
-    return {
-        int(line[1 : line.index("]")]): float(line.partition("]:")[2].split()[0])
-        for line in done.stdout.splitlines()
-        if line.startswith("[")
-    }
-
-
 def write(port: int, *args: str) -> None:
     done = mbpoll(port, *args)
     assert done.returncode == 0, done.stderr
@@ -83,7 +62,7 @@ def write(port: int, *args: str) -> None:
 def wait_results_valid(port: int, value: int, timeout: float = 15.0) -> None:
     """Modbus has no subscriptions: a PLC reads ResultsValid every cycle; so does this."""
     deadline = time.monotonic() + timeout
-    while read(port, "-t", "1", "-r", "3", "-c", "1")[3] != value:
+    while mbpoll_values(port, "-t", "1", "-r", "3", "-c", "1")[3] != value:
         assert time.monotonic() < deadline, f"ResultsValid never became {value}"
         time.sleep(0.02)
 
@@ -91,7 +70,7 @@ def wait_results_valid(port: int, value: int, timeout: float = 15.0) -> None:
 def drain(port: int) -> None:
     """Ack every waiting result (the PLC catching up)."""
     for _ in range(RESULTS_QUEUE + 2):
-        if read(port, "-t", "1", "-r", "3", "-c", "1")[3] == 0:
+        if mbpoll_values(port, "-t", "1", "-r", "3", "-c", "1")[3] == 0:
             return
         write(port, "-t", "0", "-r", "1", "127.0.0.1", "1")
         wait_results_valid(port, 0)
@@ -137,18 +116,18 @@ def test_mbpoll_runs_the_modbus_cycle_against_the_agent(running: tuple[PlcAgent,
     plc, _ = running
     port = plc.modbus_port
     drain(port)
-    before = read(port, "-t", "3:int", "-B", "-r", "14", "-c", "1")[14]  # TriggerCount
+    before = mbpoll_values(port, "-t", "3:int", "-B", "-r", "14", "-c", "1")[14]  # TriggerCount
     for trigger_id in (70001, 70002, 70003):
         write(port, "-t", "4:int", "-B", "-r", "0", "127.0.0.1", str(trigger_id))
         write(port, "-t", "0", "-r", "0", "127.0.0.1", "1")
         wait_results_valid(port, 1)
-        result = read(port, "-t", "3:int", "-B", "-r", "0", "-c", "2")
+        result = mbpoll_values(port, "-t", "3:int", "-B", "-r", "0", "-c", "2")
         assert result[2] == trigger_id  # ResultTriggerId
-        assert read(port, "-t", "3", "-r", "4", "-c", "1")[4] == 1  # Status: inspected
+        assert mbpoll_values(port, "-t", "3", "-r", "4", "-c", "1")[4] == 1  # Status: inspected
         write(port, "-t", "0", "-r", "1", "127.0.0.1", "1")  # ResultsAck
         wait_results_valid(port, 0)
         write(port, "-t", "0", "-r", "1", "127.0.0.1", "0")
-    assert read(port, "-t", "3:int", "-B", "-r", "14", "-c", "1")[14] == before + 3
+    assert mbpoll_values(port, "-t", "3:int", "-B", "-r", "14", "-c", "1")[14] == before + 3
 
 
 @need_mbpoll
@@ -156,12 +135,12 @@ def test_a_plc_that_never_acks_does_not_block_inspection(running: tuple[PlcAgent
     plc, broker = running
     port = plc.modbus_port
     drain(port)
-    overflow_before = read(port, "-t", "3:int", "-B", "-r", "24", "-c", "1")[24]
+    overflow_before = mbpoll_values(port, "-t", "3:int", "-B", "-r", "24", "-c", "1")[24]
     parts = Subscriber(broker, "uflow/cam1/part")
     try:
         for trigger_id in range(80001, 80013):  # 12 triggers; the PLC acks none of their results
             deadline = time.monotonic() + 15
-            while read(port, "-t", "1", "-r", "1", "-c", "1")[1] != 1:  # TriggerReady
+            while mbpoll_values(port, "-t", "1", "-r", "1", "-c", "1")[1] != 1:  # TriggerReady
                 assert time.monotonic() < deadline, "TriggerReady never came back: inspection is blocked"
                 time.sleep(0.02)
             write(port, "-t", "4:int", "-B", "-r", "0", "127.0.0.1", str(trigger_id))
@@ -169,13 +148,13 @@ def test_a_plc_that_never_acks_does_not_block_inspection(running: tuple[PlcAgent
         assert parts.wait_for(lambda ms: len(ms) >= 12, 30), plc.agent.tail()
         assert all(m.json()["status"] == "inspected" for m in parts.messages)  # every part went out on MQTT
         time.sleep(0.5)
-        overflow = read(port, "-t", "3:int", "-B", "-r", "24", "-c", "1")[24] - overflow_before
-        queued = read(port, "-t", "3:int", "-B", "-r", "12", "-c", "1")[12]
+        overflow = mbpoll_values(port, "-t", "3:int", "-B", "-r", "24", "-c", "1")[24] - overflow_before
+        queued = mbpoll_values(port, "-t", "3:int", "-B", "-r", "12", "-c", "1")[12]
         assert queued == RESULTS_QUEUE and overflow == 12 - 1 - RESULTS_QUEUE  # one shown, the bound, the rest
-        assert read(port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 80001  # the oldest is still shown
+        assert mbpoll_values(port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 80001  # the oldest is still shown
         drain(port)
-        assert read(port, "-t", "3:int", "-B", "-r", "12", "-c", "1")[12] == 0
-        assert read(port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 80012  # the newest was kept
+        assert mbpoll_values(port, "-t", "3:int", "-B", "-r", "12", "-c", "1")[12] == 0
+        assert mbpoll_values(port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 80012  # the newest was kept
     finally:
         parts.close()
 
@@ -203,7 +182,7 @@ def test_garbage_on_both_ports_cannot_crash_the_agent_and_it_stops_cleanly(
     write(plc.modbus_port, "-t", "4:int", "-B", "-r", "0", "127.0.0.1", "55")
     write(plc.modbus_port, "-t", "0", "-r", "0", "127.0.0.1", "1")
     wait_results_valid(plc.modbus_port, 1)
-    assert read(plc.modbus_port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 55
+    assert mbpoll_values(plc.modbus_port, "-t", "3:int", "-B", "-r", "2", "-c", "1")[2] == 55
     drain(plc.modbus_port)
     assert plc.agent.terminate() == 0, plc.agent.tail()
     assert plc.agent.events("plc_opcua_listening") and not plc.agent.events("plc_opcua_failed")

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mqtt_broker import free_port
+from plc_helpers import MBPOLL, mbpoll, mbpoll_values
 
 from edge_agent.config import load_settings
 from edge_agent.config_plc import PlcConfig
@@ -32,7 +32,6 @@ from edge_agent.plc.modbus import ModbusServer  # noqa: E402
 from edge_agent.plc.opcua import NAMESPACE, OpcUaServer  # noqa: E402
 from edge_agent.plc.security import application_uri, make_certificate, set_user  # noqa: E402
 
-MBPOLL = shutil.which("mbpoll")
 USER, PASSWORD = "plc1", "line-4-secret"
 
 
@@ -49,28 +48,6 @@ def decided(part_id: str, anomalous: bool, log_nfa: float) -> PartMessage:
         frames=PartFrames(count=1, first_sequence=1, last_sequence=1),
         latency_ms=33.25,
     )
-
-
-def mbpoll(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    assert MBPOLL is not None
-    return subprocess.run(
-        [MBPOLL, "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-1", "-q", *args],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-
-
-def mbpoll_values(port: int, *args: str) -> dict[int, float]:
-    """``mbpoll`` reads as {address: value}."""
-    done = mbpoll(port, *args, "127.0.0.1")
-    assert done.returncode == 0, done.stderr
-    values = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("["):
-            address, _, value = line.partition("]:")
-            values[int(address[1:])] = float(value.split()[0])
-    return values
 
 
 # -- Modbus ---------------------------------------------------------------------------------------------
