@@ -39,7 +39,7 @@ from edge_agent.relay.part_intake import (
     parse_speed,
     part_key,
 )
-from edge_agent.relay.report import Decision, plan_fields
+from edge_agent.relay.report import Decision, arrived_late, plan_fields
 from edge_agent.relay.schedule import Plan
 
 if TYPE_CHECKING:
@@ -273,8 +273,7 @@ class PartDecisions:
                 plan,
                 logging.ERROR,
                 reason="arrived after its deadline",
-                arrival=round(arrival, 6),
-                late_by_ms=round((arrival - plan.planned_time) * 1000.0, 3),
+                **arrived_late(plan, arrival),
             )
             return Decision.MISSED
         record = plan_record(plan, remaining)

@@ -48,7 +48,16 @@ from edge_agent.relay.firing import Firing, Job
 from edge_agent.relay.gate import IntakeGate
 from edge_agent.relay.intake import MalformedMessage, parse_inspection
 from edge_agent.relay.parts import PartDecisions
-from edge_agent.relay.report import Counters, Decision, late_hint, log_decision, log_order, relay_stats
+from edge_agent.relay.report import (
+    Counters,
+    Decision,
+    arrived_late,
+    late_by_ms,
+    late_hint,
+    log_decision,
+    log_order,
+    relay_stats,
+)
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
 
 log = logging.getLogger(__name__)
@@ -220,8 +229,7 @@ class RejectRelay:
                 plan,
                 logging.ERROR,
                 reason="arrived after its deadline",
-                arrival=round(arrival, 6),
-                late_by_ms=round((arrival - plan.planned_time) * 1000.0, 3),
+                **arrived_late(plan, arrival),
                 **late_hint(message, plan),
             )
             return Decision.MISSED
@@ -361,7 +369,7 @@ class RejectRelay:
                     plan,
                     logging.ERROR,
                     reason="deadline passed while the relay was down" if actuator else "no actuator any more",
-                    late_by_ms=round((now - plan.planned_time) * 1000.0, 3),
+                    late_by_ms=late_by_ms(plan, now),
                 )
                 continue
             self._schedule(message, plan, actuator, now, now_mono, "journal")

@@ -183,6 +183,16 @@ def _finite(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def arrived_late(plan: Plan, arrival: float) -> dict[str, float]:
+    """The log fields of an order that arrived after its deadline: when, and how far past its planned time."""
+    return {"arrival": round(arrival, 6), "late_by_ms": late_by_ms(plan, arrival)}
+
+
+def late_by_ms(plan: Plan, when: float) -> float:
+    """Milliseconds from the plan's firing time to ``when`` (positive: late), rounded for the log."""
+    return round((when - plan.planned_time) * 1000.0, 3)
+
+
 def late_hint(message: InspectionMessage, plan: Plan) -> dict[str, str]:
     """Why a live message can be late: the camera's own latency may exceed the travel time."""
     latency_s = message.latency_ms.total / 1000.0
