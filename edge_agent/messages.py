@@ -244,6 +244,8 @@ class RelayDeviceStats(_Payload):
     clock_samples_refused: int = Field(
         default=0, description="clock samples beyond clock.max_sample_offset_s, not used for the estimate"
     )
+    recipe: str | None = Field(default=None, description="the camera's active recipe: its latest live message's")
+    model_version: str | None = Field(default=None, description="the model version of that message")
 
 
 class RelayStats(_Payload):

@@ -8,7 +8,8 @@ geometry and judged by the other's model would carry a mixed triple.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ import pytest
 from agent_harness import AgentThread, Running, agent_config
 from contract_bundle import good_frame
 from mqtt_broker import MosquittoBroker, Subscriber
+from relay_helpers import MODEL, RecordingHttpServer, http_actuator, inspection, wait_until
 
 from edge_agent.config import ConfigError, load_settings
+from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.relay.relay import RejectRelay
 
 # name -> (bundle fixture key, version, frame_size of a 96x64 frame, log10 epsilon)
 EXPECTED = {"a": ("v1", "1.0.0", [96, 64], -1.0), "b": ("v2", "2.0.0", [64, 96], -2.5)}
@@ -176,3 +180,22 @@ def test_a_box_without_recipes_refuses_cmd_recipe(
     finally:
         assert agent.stop() == 0
         subscriber.close()
+
+
+# -- the reject relay ---------------------------------------------------------------------------------
+
+
+def test_the_relay_shows_each_cameras_active_recipe(
+    relay_factory: Callable[..., RejectRelay], camera: Callable[[str], MqttPublisher], http: RecordingHttpServer
+) -> None:
+    relay = relay_factory(http_actuator(http), extra="[timing]\ndelay_s = 0.3\n")
+    cam1, cam2 = camera("cam1"), camera("cam2")
+    for sequence, (recipe, version) in enumerate([("a", "1.0.0"), ("a", "1.0.0"), ("b", "2.0.0")]):
+        model = MODEL.model_copy(update={"recipe": recipe, "version": version})
+        cam1.publish_inspection(inspection("cam1", sequence, anomalous=False).model_copy(update={"model": model}))
+        time.sleep(0.05)  # in order: the stats show the latest
+    cam2.publish_inspection(inspection("cam2", 0, anomalous=False))  # a box without recipes
+    assert wait_until(lambda: sum(d.received for d in relay.stats().devices.values()) == 4)
+    devices = relay.stats().devices
+    assert (devices["cam1"].recipe, devices["cam1"].model_version) == ("b", "2.0.0")
+    assert (devices["cam2"].recipe, devices["cam2"].model_version) == (None, MODEL.version)
