@@ -47,7 +47,8 @@ class RecipePartsConfig(BaseModel):
 
 
 class RecipeConfig(BaseModel):
-    """One product: a bundle and how its frames are cut and judged; unset keys keep the box-wide value."""
+    """One product: a bundle and how its frames are cut and judged; unset keys keep the box-wide value. Every
+    recipe is preloaded at start; the list's order gives the PLC's RecipeSelect index (from 0); docs/recipes.md."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -22,6 +22,7 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from relay_helpers import MODEL, RecordingHttpServer, http_actuator, inspection, wait_until
 
 from edge_agent.config import ConfigError, load_settings
+from edge_agent.demo.conveyor import ConveyorSpec, write_conveyor_video
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.relay.relay import RejectRelay
 
@@ -199,3 +200,42 @@ def test_the_relay_shows_each_cameras_active_recipe(
     devices = relay.stats().devices
     assert (devices["cam1"].recipe, devices["cam1"].model_version) == ("b", "2.0.0")
     assert (devices["cam2"].recipe, devices["cam2"].model_version) == (None, MODEL.version)
+
+
+# -- tracked parts --------------------------------------------------------------------------------------
+
+
+def test_tracked_parts_switch_to_the_recipes_own_settings_and_part_ids_continue(
+    tmp_path: Path, bundles: dict[str, Path], broker: MosquittoBroker
+) -> None:
+    spec = ConveyorSpec(width=192, height=128, parts=6, speed_px=12, defect_parts=(), seed=4)
+    write_conveyor_video(tmp_path / "conveyor.avi", spec)
+    recipes = [
+        {"name": "a", "bundle": str(bundles["v1"]), "parts": {"px_per_m": 1000.0}},
+        {"name": "b", "bundle": str(bundles["v2"]), "parts": {"px_per_m": 4000.0}},
+    ]
+    values = agent_config(
+        tmp_path / "state", tmp_path / "unused", str(tmp_path / "conveyor.avi"), broker.port,
+        source={"loop": True, "fps_limit": 60.0}, mqtt={"publish": "none"},
+        parts={"mode": "tracked", "px_per_m": 100.0}, recipes=recipes,
+    )  # fmt: skip
+    subscriber = Subscriber(broker, "uflow/cam1/#")
+    agent = AgentThread.from_values(values).start()
+    run = Running(agent, subscriber, broker, 0)
+    try:
+        parts = lambda: [m.json() for m in subscriber.on("/part")]  # noqa: E731
+        assert subscriber.wait_for(lambda _: len(parts()) >= 2, 120), "no parts of recipe a"
+        assert run.command("recipe", {"name": "b"})["ok"] is True
+        assert subscriber.wait_for(lambda _: sum(p["model"]["recipe"] == "b" for p in parts()) >= 3, 120)
+    finally:
+        assert agent.stop() == 0
+        subscriber.close()
+    decided = parts()
+    assert recipe_runs(decided) == ["a", "b"]  # a part in view at the switch was decided by a, with a's frame
+    numbers = [int(p["part_id"].split("-")[1]) for p in decided]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)  # ids continue across the switch
+    for part in decided:
+        version, px_per_m = {"a": ("1.0.0", 1000.0), "b": ("2.0.0", 4000.0)}[part["model"]["recipe"]]
+        assert part["model"]["version"] == version
+        position = part["position_at_decision"]
+        assert position["beyond_line_m"] == pytest.approx(position["beyond_line_px"] / px_per_m, abs=1e-4)

@@ -1,11 +1,13 @@
-"""Recipe switches from outside a running ``edge-agent run`` (triggered parts, two recipes, Modbus on loopback):
-Debian's mbpoll writes RecipeSelect and reads RecipeActive, ``edge-agent recipe`` sends cmd/recipe over a real
-mosquitto, and every part message after a switch carries the new recipe and its model version.
+"""Recipe switches from outside a running ``edge-agent run`` (triggered parts, two recipes, OPC UA and Modbus on
+loopback): node-opcua's client and Debian's mbpoll write RecipeSelect and see RecipeActive, ``edge-agent recipe``
+sends cmd/recipe over a real mosquitto, and every part message after a switch carries the new recipe and its
+model version.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -15,13 +17,16 @@ from pathlib import Path
 import pytest
 from agent_harness import REPO, write_frames
 from mqtt_broker import MosquittoBroker, Subscriber
-from plc_helpers import MBPOLL, PlcAgent, mbpoll, mbpoll_values, plc_values, start_plc_agent
+from plc_helpers import MBPOLL, PLC_PASSWORD, PLC_USER, PlcAgent, mbpoll, mbpoll_values, plc_values, start_plc_agent
 
+pytest.importorskip("asyncua", reason="the plc extra (asyncua) is not installed")
 pytest.importorskip("pymodbus", reason="the plc extra (pymodbus) is not installed")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MBPOLL is None, reason="mbpoll is not installed (CI installs it)")]
 
 VERSIONS = {"a": "1.0.0", "b": "2.0.0"}
 IR_RECIPE_ACTIVE, IR_LAST_ERROR = 27, 26
+CLIENTS = Path(__file__).resolve().parent / "plc_clients"
+NODE = shutil.which("node")
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +35,12 @@ def running(
 ) -> Iterator[tuple[PlcAgent, MosquittoBroker]]:
     tmp = tmp_path_factory.mktemp("recipes-plc")
     broker = MosquittoBroker(tmp / "mosquitto", None).start()
-    values = plc_values(tmp, tmp / "unused", str(write_frames(tmp / "frames", 20)), broker.port, opcua_enabled=False)
+    values = plc_values(tmp, tmp / "unused", str(write_frames(tmp / "frames", 20)), broker.port)
     values["recipes"] = [
         {"name": "a", "bundle": str(bundles["v1"])},
         {"name": "b", "bundle": str(bundles["v2"]), "rotate": 180},
     ]
-    plc = start_plc_agent(tmp, values, make_credentials=False)
+    plc = start_plc_agent(tmp, values)
     try:
         assert plc.agent.wait_for_event("agent_ready", 300), plc.agent.tail()
         yield plc, broker
@@ -129,3 +134,39 @@ def test_the_cli_switches_the_running_agent_and_the_plc_sees_it(running: tuple[P
     refused = recipe_cli(plc, "--index", "9")
     assert refused.returncode == 1 and json.loads(refused.stdout)["ok"] is False
     assert recipe_active(port) == 0
+
+
+@pytest.mark.skipif(
+    NODE is None or not (CLIENTS / "node_modules" / "node-opcua-client").is_dir(),
+    reason="node-opcua is not installed here (npm ci --prefix tests/plc_clients; CI installs it)",
+)
+def test_node_opcua_switches_the_recipe_by_subscription_and_an_unknown_index_is_refused(
+    running: tuple[PlcAgent, MosquittoBroker], tmp_path: Path
+) -> None:
+    plc, broker = running
+    port = plc.modbus_port
+    assert select(port, 0).returncode == 0 and recipe_active(port) == 0
+    assert NODE is not None
+    done = subprocess.run(
+        [NODE, str(CLIENTS / "opcua_recipe.js"), plc.opcua_url, PLC_USER, PLC_PASSWORD, str(tmp_path / "pki"),
+         str(plc.cert), "1", "9"],
+        capture_output=True, text=True, timeout=120, cwd=CLIENTS,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + plc.agent.tail()
+    lines = {
+        key: value
+        for line in done.stdout.splitlines()
+        if line.startswith("{")
+        for key, value in json.loads(line).items()
+    }
+    assert lines["initial"] == 0
+    assert lines["switch"]["status"] == "Good" and lines["switch"]["active"] == 1
+    refused = lines["refused"]
+    assert refused["status"] == "BadOutOfRange" and refused["active"] == 1 and refused["notified"] == 1
+    assert refused["code"] == 4 and "recipe index 9" in refused["lastError"]
+    parts = Subscriber(broker, "uflow/cam1/part")
+    try:  # the next part is judged by recipe b
+        part = trigger_part(port, parts, 83001)
+        assert (part["model"]["recipe"], part["model"]["version"]) == ("b", VERSIONS["b"])
+    finally:
+        parts.close()
