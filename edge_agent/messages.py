@@ -290,6 +290,11 @@ class ReloadCommand(_Command):
     """Load model.bundle (e.g. models/current) again, fully (engine + warm-up) before swapping it in."""
 
     version: str | None = Field(default=None, description="fail unless the bundle found has this version")
+    recipe: str | None = Field(
+        default=None,
+        pattern=ID_PATTERN,
+        description="with [[recipes]]: reload this recipe's bundle (default the active)",
+    )
 
 
 class SnapshotCommand(_Command):

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_agent.config import AgentSettings, NfaConfig, PartsConfig
+from edge_agent.config import AgentSettings, ConfigError, NfaConfig, PartsConfig
 from edge_agent.config_recipes import RecipeConfig
 from edge_agent.inspection.drivers import Frame, FrameGeometry
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
 from edge_agent.logs import log_event
-from edge_agent.messages import ModelRef, PartMessage, RecipeCommand, ReloadCommand
+from edge_agent.messages import ModelRef, PartMessage, RecipeCommand, ReloadCommand, UpdateCommand
 from edge_agent.publish.commands import CommandFailed, Done
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class RecipeBook:
         self._lock = threading.Lock()
         self._pipeline: Pipeline | None = None
         self.switches = 0
+        self._update_thread: threading.Thread | None = None
         # Told of every switch with the new recipe (the PLC's RecipeActive); called outside the lock.
         self.listeners: list[Callable[[Recipe], None]] = []
 
@@ -211,11 +212,15 @@ class RecipeBook:
         )
 
     def reload(self, command: ReloadCommand) -> Done:
-        """``cmd/reload`` with recipes: load the active recipe's bundle again fully, then swap it in."""
+        """``cmd/reload`` with recipes: load a recipe's bundle (``recipe``, default the active one's) again fully,
+        then swap it in; the old model serves until then, and keeps serving when the new one fails."""
         from edge_agent.fleet.signing import SigningError, verify_installed_bundle
 
         with self._lock:
-            recipe = self._active
+            try:
+                recipe = self._active if command.recipe is None else self.find(command.recipe)
+            except RecipeRefused as exc:
+                raise CommandFailed(str(exc)) from exc
         try:
             verify_installed_bundle(recipe.bundle, self.settings.update.public_key)
             live = self._pipeline.source.live if self._pipeline is not None else False
@@ -230,15 +235,44 @@ class RecipeBook:
             )
         new.ref = new.ref.model_copy(update={"recipe": recipe.name})
         old = self._replace(recipe, new)
+        active = self._active.name == recipe.name
         log_event(
-            log, logging.INFO, "model reloaded", "model_reloaded", recipe=recipe.name,
+            log, logging.INFO, "model reloaded", "model_reloaded", recipe=recipe.name, active=active,
             old_version=old.ref.version, version=new.ref.version, seconds=new.load_s,
         )  # fmt: skip
         return Done(
             f"recipe {recipe.name} now runs {new.ref.name} {new.ref.version} (was {old.ref.version}); "
-            f"loaded in {new.load_s:.2f} s",
-            {"recipe": recipe.name, "model": new.ref.model_dump(), "previous": old.ref.model_dump()},
+            f"loaded in {new.load_s:.2f} s" + ("" if active else "; it is not the active recipe"),
+            {
+                "recipe": recipe.name,
+                "active": active,
+                "model": new.ref.model_dump(),
+                "previous": old.ref.model_dump(),
+                "load_s": new.load_s,
+            },
         )
+
+    def start_update(self, command: UpdateCommand) -> Done:
+        """``cmd/update`` with recipes: every recipe updated one by one in a worker thread (edge-agent update)."""
+        from edge_agent.fleet.update import apply_recipe_updates, models_dir_for
+
+        if self._update_thread is not None and self._update_thread.is_alive():
+            raise CommandFailed("an update is already running")
+        try:
+            for config in self.settings.recipes:
+                models_dir_for(self.settings, config.name)
+        except ConfigError as exc:
+            raise CommandFailed(str(exc)) from exc
+
+        def work() -> None:
+            try:
+                apply_recipe_updates(self.settings)  # source, group, force only from the box's config
+            except Exception as exc:  # the update thread must report, never take the agent down
+                log.exception("update failed", extra={"event": "update_crashed", "error": str(exc)})
+
+        self._update_thread = threading.Thread(target=work, name="update", daemon=True)
+        self._update_thread.start()
+        return Done(f"update of {len(self.recipes)} recipes started, one by one; progress on the update topic", {})
 
     def _replace(self, recipe: Recipe, model: LoadedModel) -> LoadedModel:
         """Put ``model`` in ``recipe``'s place; the old one is closed once no inference runs on it."""
@@ -304,15 +338,23 @@ def install_recipes(agent: Agent, book: RecipeBook | None) -> None:
     """Hang the recipes on a built agent (before ``serve``): the pipeline, ``cmd/recipe``, ``cmd/reload`` and
     the PLC's RecipeSelect/RecipeActive. Without recipes ``cmd/recipe`` is refused with the reason."""
     if book is None:
+        no_recipes = "this box has no [[recipes]] in its config: it runs its one bundle (docs/recipes.md)"
 
         def refuse(command: RecipeCommand) -> Done:
-            raise CommandFailed("this box has no [[recipes]] in its config: it runs its one bundle (docs/recipes.md)")
+            raise CommandFailed(no_recipes)
+
+        def reload(command: ReloadCommand) -> Done:
+            if command.recipe is not None:
+                raise CommandFailed(f"cannot reload recipe {command.recipe!r}: {no_recipes}")
+            return agent.reload(command)
 
         agent.commands.register("recipe", refuse)
+        agent.commands.register("reload", reload)
         return
     book.attach(agent.pipeline)
     agent.commands.register("recipe", book.command)
-    agent.commands.register("reload", book.reload)  # reloads the active recipe's bundle
+    agent.commands.register("reload", book.reload)  # a recipe's bundle (default the active one's)
+    agent.commands.register("update", book.start_update)  # every recipe, one by one
     if agent.plc is not None:
         handshake = agent.plc.handshake
         handshake.selector = book.select_index
