@@ -34,6 +34,8 @@ def recipe_values(bundles: dict[str, Path]) -> list[dict[str, Any]]:
     return [
         {"name": "a", "bundle": str(bundles["v1"]), "log10_epsilon": -1.0},
         {"name": "b", "bundle": str(bundles["v2"]), "rotate": 90, "roi": [0, 16, 64, 64], "log10_epsilon": -2.5},
+        # Fits the 96x64 frames unrotated, not turned 90: switching to it is refused, the source keeps working.
+        {"name": "tall", "bundle": str(bundles["v1"]), "rotate": 90, "roi": [0, 0, 96, 64]},
     ]
 
 
@@ -140,7 +142,11 @@ def test_switching_under_load_judges_every_frame_by_the_recipe_that_cut_it(runni
     assert reply["request_id"] == "r3"
 
     # Unknown name or index: refused with what exists, and the active recipe stays.
-    for payload, expected in (({"name": "nope"}, "no recipe named 'nope'"), ({"index": 7}, "recipe index 7")):
+    for payload, expected in (
+        ({"name": "nope"}, "no recipe named 'nope'"),
+        ({"index": 7}, "recipe index 7"),
+        ({"name": "tall"}, "roi [0, 0, 96, 64] does not fit the camera's 64x96 frames"),
+    ):
         reply = running.command("recipe", payload)
         assert reply["ok"] is False and expected in reply["message"] and "still inspecting b" in reply["message"]
     # The command's own validation: neither or both keys, a bad name (retained commands are refused for every
@@ -239,3 +245,15 @@ def test_tracked_parts_switch_to_the_recipes_own_settings_and_part_ids_continue(
         assert part["model"]["version"] == version
         position = part["position_at_decision"]
         assert position["beyond_line_m"] == pytest.approx(position["beyond_line_px"] / px_per_m, abs=1e-4)
+
+
+def test_config_check_names_a_missing_recipe_bundle_but_not_an_empty_fleet_location(tmp_path: Path) -> None:
+    from edge_agent.cli.config import missing_files
+
+    fleet_location = tmp_path / "recipes" / "b" / "current"
+    settings = load_settings(
+        None,
+        state_dir=str(tmp_path),
+        recipes=[{"name": "a", "bundle": str(tmp_path / "gone")}, {"name": "b", "bundle": str(fleet_location)}],
+    )
+    assert missing_files(settings) == [("recipes[a].bundle", tmp_path / "gone")]

@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
             for key, path in missing:
                 print(f"error: {key} = {path} does not exist (`edge-agent run` would stop on it)")
             return EXIT_CONFIG
+        if settings.recipes:
+            names = ", ".join(r.name for r in settings.recipes)
+            print(f"{where}: valid (device_id={settings.device_id}, recipes {names})")
+            return EXIT_OK
         print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.bundle_dir})")
         if not settings.bundle_dir.exists():
             print(
@@ -88,6 +92,9 @@ def missing_files(settings: AgentSettings) -> list[tuple[str, Path]]:
             ("mqtt.tls.cert_file", tls.cert_file),
             ("mqtt.tls.key_file", tls.key_file),
         ]
+    for recipe in settings.recipes:  # its fleet location may be empty before the first update, as models/current
+        if Path(recipe.bundle) != settings.state_dir / "recipes" / recipe.name / "current":
+            named.append((f"recipes[{recipe.name}].bundle", recipe.bundle))
     source = settings.update.source
     if source and "://" not in source:
         named.append(("update.source", Path(source)))  # a directory holding latest.json

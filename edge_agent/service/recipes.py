@@ -171,6 +171,7 @@ class RecipeBook:
             previous = self._active
             if recipe is previous:
                 return recipe, previous
+            self._check_fits(recipe)
             started = time.monotonic()
             self._active = recipe
             if self._pipeline is not None:
@@ -190,6 +191,25 @@ class RecipeBook:
             except Exception as exc:  # a PLC server's trouble must not undo or fail the switch
                 log.exception("recipe listener failed", extra={"event": "recipe_listener_failed", "error": str(exc)})
         return recipe, previous
+
+    def _check_fits(self, recipe: Recipe) -> None:
+        """RecipeRefused when the recipe's ROI cannot be cut from the camera's frames (the last one seen): a
+        switch must not turn a working source into a failing one."""
+        last = self._pipeline.last_frame if self._pipeline is not None else None
+        roi = recipe.geometry.roi
+        if last is None or roi is None:
+            return
+        width, height = last.frame_size  # rotated the way the recipe that cut it says
+        cut_by = self._by_name.get(last.recipe) if last.recipe is not None else None
+        turned = cut_by.geometry.rotate if cut_by is not None else 0
+        if (turned - recipe.geometry.rotate) % 180:
+            width, height = height, width
+        x, y, w, h = roi
+        if x + w > width or y + h > height:
+            raise RecipeRefused(
+                f"recipe {recipe.name}: roi {list(roi)} does not fit the camera's {width}x{height} frames "
+                f"(rotated {recipe.geometry.rotate})"
+            )
 
     def select_index(self, index: int) -> None:
         """The PLC's RecipeSelect (handshake.RecipeSelector): ValueError when there is no recipe ``index``."""
