@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import ValidationError
 
 from edge_agent.messages import (
+    ModelRef,
     PartMessage,
     PayloadError,
     parse_json_object,
@@ -136,7 +137,14 @@ class RelayCore(Protocol):
 
     def refuse(self, topic: str, exc: Exception, payload: bytes = b"") -> None: ...
 
-    def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None: ...
+    def received(
+        self,
+        device: str,
+        offset_s: float,
+        clock_source: str,
+        refused: int | None = None,
+        model: ModelRef | None = None,
+    ) -> None: ...
 
     def first_good(self, key: str) -> bool: ...
 
@@ -220,7 +228,7 @@ class PartDecisions:
         self.devices.add(device)
         timing = relay.settings.part_timing_for(device)
         offset = relay.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
-        relay.received(device, offset.offset_s, offset.source)
+        relay.received(device, offset.offset_s, offset.source, model=None if message.replayed else message.model)
         key = part_key(message)
         if message.status == "no_frame":
             log_part(Decision.NO_FRAME, message, topic, None, logging.ERROR, reason="a trigger got no frame in time")

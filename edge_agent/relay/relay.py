@@ -39,7 +39,7 @@ from typing import Any, Literal
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from edge_agent.messages import InspectionMessage, RelayStats, StatusText
+from edge_agent.messages import InspectionMessage, ModelRef, RelayStats, StatusText
 from edge_agent.relay.actuators import Actuator, FireOrder, create_actuator
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.connection import RelayConnection
@@ -203,7 +203,7 @@ class RejectRelay:
         timing = self.settings.timing_for(device)
         offset = self.clock.observe(message, arrival, timing.clock_offset_s if timing else 0.0)
         refused = self.clock.refused(device)
-        self.received(device, offset.offset_s, offset.source, refused)
+        self.received(device, offset.offset_s, offset.source, refused, None if message.replayed else message.model)
         if not message.anomalous:
             return self._decide_good(message, topic)
         self.count(device, "anomalous")
@@ -414,11 +414,21 @@ class RejectRelay:
         """Count and log (rate limited) a message that is not what its topic says (relay/gate.py)."""
         self.gate.refuse(topic, exc, payload)
 
-    def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None:
-        """One more message from a camera, with its clock estimate (and refused clock samples, when known)."""
+    def received(
+        self,
+        device: str,
+        offset_s: float,
+        clock_source: str,
+        refused: int | None = None,
+        model: ModelRef | None = None,
+    ) -> None:
+        """One more message from a camera, with its clock estimate (and refused clock samples, when known) and,
+        for a live message, the model that judged it (the stats show the camera's active recipe)."""
         with self._lock:
             stats = self.counters.device(device)
             stats.received += 1
+            if model is not None:
+                stats.recipe, stats.model_version = model.recipe, model.version
             stats.clock_offset_s, stats.clock_source = round(offset_s, 6), clock_source
             if refused is not None:
                 stats.clock_samples_refused = refused
