@@ -41,7 +41,9 @@ def test_the_deployed_column_is_the_agents_own_decision(
         counts: dict[str, list[bool]] = {}
         for record in open_dataset(synthetic_data_dir).test:
             bgr = cv2.imread(str(record.image), cv2.IMREAD_COLOR)
-            verdict = model.scorer.score(model.engine.infer(model_input(bgr, *model.input_size)), (bgr.shape[1], bgr.shape[0]))
+            verdict = model.scorer.score(
+                model.engine.infer(model_input(bgr, *model.input_size)), (bgr.shape[1], bgr.shape[0])
+            )
             kind = "good" if record.label == 0 else "all defective"
             counts.setdefault(kind, []).append(verdict.anomalous)
     finally:
