@@ -97,6 +97,14 @@ def test_a_recipe_bundle_outside_its_models_dir_is_a_config_error(tmp_path: Path
         models_dir_for(settings, "bottle")
 
 
+def judged(inspections: Subscriber, recipe: str, version: str) -> bool:
+    """Some inspection message judged by ``recipe`` at ``version``."""
+    return any(
+        (m.json()["model"]["recipe"], m.json()["model"]["version"]) == (recipe, version)
+        for m in inspections.on("/inspection")
+    )
+
+
 @pytest.mark.slow
 def test_the_running_agent_reloads_each_recipe_and_the_switch_shows_the_new_version(
     tmp_path: Path, keys: Any, broker: MosquittoBroker, pytestconfig: pytest.Config
@@ -140,10 +148,28 @@ def test_the_running_agent_reloads_each_recipe_and_the_switch_shows_the_new_vers
             last = inspections.on("/inspection")[-1].json()["model"]
             assert (last["recipe"], last["version"]) == ("bottle", "2.0.0")
             send_command(broker, "recipe", {"name": "cap"}, prefix="plant")
+            assert inspections.wait_for(lambda _: judged(inspections, "cap", "2.5.0"), 30)
+
+            # cmd/update over MQTT: the agent's own update thread goes through the recipes one by one, from
+            # the fleet index (the source and group are the box's config), and each one is reloaded live.
+            release(tmp_path, fleet, keys.private_key, "3.0.0", "bottle")  # not the active recipe now
+            release(tmp_path, fleet, keys.private_key, "3.5.0", "cap")  # the active one
+            send_command(broker, "update", {"request_id": "u1"}, prefix="plant")
+            assert inspections.wait_for(lambda _: bool(inspections.on("/cmd/update/result")), 30)
+            reply = inspections.on("/cmd/update/result")[-1].json()
+            assert reply["ok"] is True and reply["request_id"] == "u1" and "2 recipes" in reply["message"], reply
             assert inspections.wait_for(
-                lambda _: any(m.json()["model"] == {**m.json()["model"], "recipe": "cap", "version": "2.5.0"}
-                              for m in inspections.on("/inspection")), 30,
-            )  # fmt: skip
+                lambda _: (
+                    {m.json()["version"] for m in inspections.on("/update") if m.json()["step"] == "done"}
+                    >= {"3.0.0", "3.5.0"}
+                ),
+                240,
+            ), [(m.json()["step"], m.json()["version"], m.json()["ok"]) for m in inspections.on("/update")]
+            assert agent.poll() is None
+            assert (current(settings, "bottle"), current(settings, "cap")) == ("3.0.0", "3.5.0")
+            assert inspections.wait_for(lambda _: judged(inspections, "cap", "3.5.0"), 30)  # reloaded live
+            send_command(broker, "recipe", {"name": "bottle"}, prefix="plant")
+            assert inspections.wait_for(lambda _: judged(inspections, "bottle", "3.0.0"), 30)
         finally:
             agent.terminate()
             agent.wait(timeout=30)
