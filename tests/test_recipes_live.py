@@ -58,7 +58,12 @@ def test_a_retained_cmd_recipe_is_refused_and_the_active_recipe_stays(running: R
     assert {m["model"]["recipe"] for m in running.inspections()} == {"a"}  # b never judged a frame
 
     # Cleared (an empty retained message), the same switch sent live is carried out: the refusal was the retain flag.
+    # The agent, subscribed, gets the empty clearing message as a plain command ({}: neither name nor index) and
+    # refuses it; wait for that answer before the live switch.
+    answered = len(running.results("recipe"))
     mqtt_publish.single(RETAINED, b"", qos=1, retain=True, hostname=running.broker.host, port=running.broker.port)
+    assert running.subscriber.wait_for(lambda _: len(running.results("recipe")) > answered, 30)
+    assert running.results("recipe")[answered]["ok"] is False
     answer = running.command("recipe", {"name": "b", "request_id": "live"})
     assert answer["ok"] is True and answer["data"]["recipe"] == "b"
     answer = running.command("recipe", {"name": "a"})
@@ -72,13 +77,15 @@ def preview(running: Running) -> dict[str, Any]:
 
 
 def wait_preview(running: Running, recipe: str) -> dict[str, Any]:
-    """The preview's frame once one judged by ``recipe`` is on it (new frames replace it several times a second)."""
+    """The inspection on the preview once one judged by ``recipe`` is there (new frames replace it several times a
+    second)."""
+    shown: dict[str, Any] = {}
     for _ in range(200):
-        shown = preview(running)
+        shown = preview(running).get("inspection") or {}
         if f"recipe {recipe}" in str(shown.get("model", "")):
             return shown
         time.sleep(0.1)
-    raise AssertionError(f"the preview never showed recipe {recipe}: {shown}")
+    raise AssertionError(f"the preview never showed recipe {recipe}: {shown.get('model')}, {shown.get('caption')}")
 
 
 def test_the_preview_shows_the_recipe_of_the_frame_on_it(running: Running) -> None:
