@@ -97,6 +97,15 @@ def test_a_recipe_bundle_outside_its_models_dir_is_a_config_error(tmp_path: Path
         models_dir_for(settings, "bottle")
 
 
+def update_events(subscriber: Subscriber) -> list[dict[str, Any]]:
+    """The update topic's events (not cmd/update, which also ends in /update)."""
+    return [m.json() for m in subscriber.messages if m.topic == "plant/cam1/update"]
+
+
+def done(subscriber: Subscriber) -> list[dict[str, Any]]:
+    return [e for e in update_events(subscriber) if e["step"] == "done" and e["ok"]]
+
+
 def judged(inspections: Subscriber, recipe: str, version: str) -> bool:
     """Some inspection message judged by ``recipe`` at ``version``."""
     return any(
@@ -159,12 +168,8 @@ def test_the_running_agent_reloads_each_recipe_and_the_switch_shows_the_new_vers
             reply = inspections.on("/cmd/update/result")[-1].json()
             assert reply["ok"] is True and reply["request_id"] == "u1" and "2 recipes" in reply["message"], reply
             assert inspections.wait_for(
-                lambda _: (
-                    {m.json()["version"] for m in inspections.on("/update") if m.json()["step"] == "done"}
-                    >= {"3.0.0", "3.5.0"}
-                ),
-                240,
-            ), [(m.json()["step"], m.json()["version"], m.json()["ok"]) for m in inspections.on("/update")]
+                lambda _: {e["version"] for e in done(inspections)} >= {"3.0.0", "3.5.0"}, 240
+            ), [(e["step"], e["version"], e["ok"]) for e in update_events(inspections)]
             assert agent.poll() is None
             assert (current(settings, "bottle"), current(settings, "cap")) == ("3.0.0", "3.5.0")
             assert inspections.wait_for(lambda _: judged(inspections, "cap", "3.5.0"), 30)  # reloaded live
