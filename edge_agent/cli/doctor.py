@@ -95,7 +95,7 @@ def run_checks(
         source_check, frame_hw = grab_source(raw_source_settings(settings) if settings.recipes else settings)
         checks.append(source_check)
     if settings.recipes:
-        checks.extend(check_recipes(settings, frame_hw))
+        checks.extend(Check(*row) for row in check_recipes(settings, frame_hw))
     elif any(c.name == "bundle" and c.status == "ok" for c in checks):
         checks.append(check_aspect(settings, frame_hw))
     checks.append(check_broker(settings))

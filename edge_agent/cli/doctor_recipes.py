@@ -4,17 +4,20 @@ Each row says whether the recipe's bundle loads (hashes and schema, the fleet si
 its version and input size, the epsilon that will judge its frames, and whether its ROI fits the camera's
 frames turned its way. The camera's frame size is known only with ``--open-source`` (the raw frame, before
 any rotation or ROI); without it the row says so. A module of its own beside edge_agent/cli/doctor.py,
-which is long enough; it imports what it checks lazily, as the other checks do.
+which is long enough (and imports this one: the rows come back as plain (name, status, detail) tuples, so
+there is no import back); it imports what it checks lazily, as the other checks do.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from edge_agent.cli.doctor import Check
     from edge_agent.config import AgentSettings
     from edge_agent.config_recipes import RecipeConfig
+
+# One row of doctor's report: (name, ok / warn / fail, detail), doctor.Check's fields.
+Row = tuple[str, Literal["ok", "warn", "fail"], str]
 
 
 def active_recipe_settings(settings: AgentSettings) -> AgentSettings:
@@ -31,16 +34,15 @@ def raw_source_settings(settings: AgentSettings) -> AgentSettings:
     return settings.model_copy(update={"source": source})
 
 
-def check_recipes(settings: AgentSettings, raw_hw: tuple[int, int] | None) -> list[Check]:
+def check_recipes(settings: AgentSettings, raw_hw: tuple[int, int] | None) -> list[Row]:
     """One row per recipe, in the config's order (the PLC's RecipeSelect index); ``raw_hw`` is the camera's raw
     frame (height, width) when one was grabbed."""
     return [check_recipe(settings, index, config, raw_hw) for index, config in enumerate(settings.recipes)]
 
 
-def check_recipe(settings: AgentSettings, index: int, config: RecipeConfig, raw_hw: tuple[int, int] | None) -> Check:
+def check_recipe(settings: AgentSettings, index: int, config: RecipeConfig, raw_hw: tuple[int, int] | None) -> Row:
     """The row of one recipe: fail when its bundle cannot be served or its ROI cannot be cut from the frames."""
     from edge_agent.bundle import BundleError, load_bundle
-    from edge_agent.cli.doctor import Check
     from edge_agent.fleet.signing import SigningError, verify_installed_bundle
     from edge_agent.inspection.preprocess import aspect_mismatch
     from edge_agent.inspection.scoring import DecisionRule
@@ -51,7 +53,7 @@ def check_recipe(settings: AgentSettings, index: int, config: RecipeConfig, raw_
         bundle = load_bundle(config.bundle)
         verify_installed_bundle(config.bundle, settings.update.public_key)
     except (BundleError, SigningError, OSError) as exc:
-        return Check(row, "fail", f"index {index}: {exc}; the agent will not start with this recipe")
+        return (row, "fail", f"index {index}: {exc}; the agent will not start with this recipe")
     geometry, nfa, _ = recipe_settings(settings, config)
     spec = bundle.manifest.input
     epsilon = DecisionRule.from_bundle(bundle.manifest, nfa).log10_epsilon  # what will judge its frames
@@ -69,7 +71,7 @@ def check_recipe(settings: AgentSettings, index: int, config: RecipeConfig, raw_
     if raw_hw is None:
         where = f"roi {list(roi)}" if roi is not None else "the whole frame"
         facts.append(f"{where} (run with --open-source to check it against the camera's frames)")
-        return Check(row, "ok", ", ".join(facts))
+        return (row, "ok", ", ".join(facts))
     height, width = raw_hw
     if geometry.rotate in (90, 270):
         width, height = height, width
@@ -79,7 +81,7 @@ def check_recipe(settings: AgentSettings, index: int, config: RecipeConfig, raw_
             facts.append(
                 f"roi {list(roi)} does not fit the camera's {width}x{height} frames (rotated {geometry.rotate})"
             )
-            return Check(row, "fail", ", ".join(facts) + ": a switch to it is refused")
+            return (row, "fail", ", ".join(facts) + ": a switch to it is refused")
         cut_hw = (h, w)
         facts.append(f"roi {list(roi)} fits the camera's {width}x{height} frames")
     else:
@@ -91,5 +93,5 @@ def check_recipe(settings: AgentSettings, index: int, config: RecipeConfig, raw_
             f"but the model takes {spec.width}x{spec.height}: every frame is stretched {ratio:.2f}x horizontally; "
             "give this recipe a roi with the model's aspect"
         )
-        return Check(row, "warn", ", ".join(facts))
-    return Check(row, "ok", ", ".join(facts))
+        return (row, "warn", ", ".join(facts))
+    return (row, "ok", ", ".join(facts))
