@@ -97,6 +97,23 @@ def test_a_recipe_bundle_outside_its_models_dir_is_a_config_error(tmp_path: Path
         models_dir_for(settings, "bottle")
 
 
+def update_events(subscriber: Subscriber) -> list[dict[str, Any]]:
+    """The update topic's events (not cmd/update, which also ends in /update)."""
+    return [m.json() for m in subscriber.messages if m.topic == "plant/cam1/update"]
+
+
+def done(subscriber: Subscriber) -> list[dict[str, Any]]:
+    return [e for e in update_events(subscriber) if e["step"] == "done" and e["ok"]]
+
+
+def judged(inspections: Subscriber, recipe: str, version: str) -> bool:
+    """Some inspection message judged by ``recipe`` at ``version``."""
+    return any(
+        (m.json()["model"]["recipe"], m.json()["model"]["version"]) == (recipe, version)
+        for m in inspections.on("/inspection")
+    )
+
+
 @pytest.mark.slow
 def test_the_running_agent_reloads_each_recipe_and_the_switch_shows_the_new_version(
     tmp_path: Path, keys: Any, broker: MosquittoBroker, pytestconfig: pytest.Config
@@ -140,10 +157,24 @@ def test_the_running_agent_reloads_each_recipe_and_the_switch_shows_the_new_vers
             last = inspections.on("/inspection")[-1].json()["model"]
             assert (last["recipe"], last["version"]) == ("bottle", "2.0.0")
             send_command(broker, "recipe", {"name": "cap"}, prefix="plant")
+            assert inspections.wait_for(lambda _: judged(inspections, "cap", "2.5.0"), 30)
+
+            # cmd/update over MQTT: the agent's own update thread goes through the recipes one by one, from
+            # the fleet index (the source and group are the box's config), and each one is reloaded live.
+            release(tmp_path, fleet, keys.private_key, "3.0.0", "bottle")  # not the active recipe now
+            release(tmp_path, fleet, keys.private_key, "3.5.0", "cap")  # the active one
+            send_command(broker, "update", {"request_id": "u1"}, prefix="plant")
+            assert inspections.wait_for(lambda _: bool(inspections.on("/cmd/update/result")), 30)
+            reply = inspections.on("/cmd/update/result")[-1].json()
+            assert reply["ok"] is True and reply["request_id"] == "u1" and "2 recipes" in reply["message"], reply
             assert inspections.wait_for(
-                lambda _: any(m.json()["model"] == {**m.json()["model"], "recipe": "cap", "version": "2.5.0"}
-                              for m in inspections.on("/inspection")), 30,
-            )  # fmt: skip
+                lambda _: {e["version"] for e in done(inspections)} >= {"3.0.0", "3.5.0"}, 240
+            ), [(e["step"], e["version"], e["ok"]) for e in update_events(inspections)]
+            assert agent.poll() is None
+            assert (current(settings, "bottle"), current(settings, "cap")) == ("3.0.0", "3.5.0")
+            assert inspections.wait_for(lambda _: judged(inspections, "cap", "3.5.0"), 30)  # reloaded live
+            send_command(broker, "recipe", {"name": "bottle"}, prefix="plant")
+            assert inspections.wait_for(lambda _: judged(inspections, "bottle", "3.0.0"), 30)
         finally:
             agent.terminate()
             agent.wait(timeout=30)

@@ -170,3 +170,55 @@ def test_node_opcua_switches_the_recipe_by_subscription_and_an_unknown_index_is_
         assert (part["model"]["recipe"], part["model"]["version"]) == ("b", VERSIONS["b"])
     finally:
         parts.close()
+
+
+def test_a_plc_recipe_select_returns_while_an_inference_holds_the_model(
+    tmp_path: Path, bundles: dict[str, Path]
+) -> None:
+    """RecipeSelect over Modbus (mbpoll) answers without waiting for the inference in progress: frames cut from then
+    on are the new recipe's at once, RecipeActive follows when the switch is done. In this process: the real recipe
+    book (two bundles on ONNX Runtime), pipeline (not started), handshake and Modbus server, as the agent wires them.
+    """
+    from edge_agent.config import load_settings
+    from edge_agent.config_plc import PlcConfig
+    from edge_agent.demo.local_broker import free_port
+    from edge_agent.inspection.frame_source import FrameSource
+    from edge_agent.inspection.pipeline import Pipeline
+    from edge_agent.inspection.triggers import TriggerBook
+    from edge_agent.plc.handshake import PlcHandshake
+    from edge_agent.plc.modbus import ModbusServer
+    from edge_agent.publish.mqtt import MqttPublisher
+    from edge_agent.service.recipes import RecipeBook, connect_plc
+
+    settings = load_settings(
+        None, state_dir=str(tmp_path / "state"), source={"uri": str(write_frames(tmp_path / "frames", 2))},
+        model={"backend": "onnxruntime", "threads": 1}, mqtt={"port": free_port()},
+        recipes=[{"name": "a", "bundle": str(bundles["v1"])}, {"name": "b", "bundle": str(bundles["v2"]), "rotate": 180}],
+    )  # fmt: skip
+    book = RecipeBook.load(settings)
+    pipeline = Pipeline(
+        FrameSource(settings.source), book.active.model, MqttPublisher(settings.mqtt, device_id="cam1"), "cam1"
+    )
+    book.attach(pipeline)
+    handshake = PlcHandshake(TriggerBook(0.0, 5.0), 4)
+    handshake.set_online(True)
+    connect_plc(book, handshake)
+    server = ModbusServer(PlcConfig(modbus_enabled=True, modbus_port=free_port()), handshake)
+    server.start()
+    port = server.address[1]
+    try:
+        with pipeline._model_lock:  # what the inference stage holds while a frame is inferred
+            done = mbpoll(port, "-o", "10", "-t", "4", "-r", "2", "127.0.0.1", "1")  # RecipeSelect = 1
+            assert done.returncode == 0, done.stderr  # answered (before: held until the inference ended)
+            assert pipeline.source.geometry.recipe == "b" and pipeline.source.geometry.rotate == 180
+            assert recipe_active(port) == 0 and pipeline.model is book.find("a").model  # not done yet
+        deadline = time.monotonic() + 30
+        while recipe_active(port) != 1:  # the switch thread finishes once the inference lets go
+            assert time.monotonic() < deadline, "RecipeActive never followed the switch"
+            time.sleep(0.05)
+        assert pipeline.model is book.find("b").model
+        refused = select(port, 7)  # still refused at once, and nothing changes
+        assert refused.returncode != 0 and pipeline.source.geometry.recipe == "b"
+    finally:
+        server.stop()
+        book.close()

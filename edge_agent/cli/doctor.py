@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, parse_overrides
+from edge_agent.cli.doctor_recipes import active_recipe_settings, check_recipes, raw_source_settings
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 
 if TYPE_CHECKING:  # the checks import what they test lazily, so one broken library fails only its row
@@ -87,12 +88,15 @@ def run_checks(
     checks.append(check_writable_dir("state dir", settings.state_dir))
     checks.append(check_numba_cache())
     checks.append(check_nfa_warm_up())
-    checks.extend(check_bundle_and_engine(settings))
+    # With recipes, the engine rows run the active recipe's bundle; every recipe gets its own row below.
+    checks.extend(check_bundle_and_engine(active_recipe_settings(settings) if settings.recipes else settings))
     frame_hw = None
-    if open_source:
-        source_check, frame_hw = grab_source(settings)
+    if open_source:  # with recipes, the camera's raw frame: each recipe turns and cuts it its own way
+        source_check, frame_hw = grab_source(raw_source_settings(settings) if settings.recipes else settings)
         checks.append(source_check)
-    if any(c.name == "bundle" and c.status == "ok" for c in checks):
+    if settings.recipes:
+        checks.extend(Check(*row) for row in check_recipes(settings, frame_hw))
+    elif any(c.name == "bundle" and c.status == "ok" for c in checks):
         checks.append(check_aspect(settings, frame_hw))
     checks.append(check_broker(settings))
     return checks

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from edge_agent.inspection.parts import PartsView, TrackedParts
     from edge_agent.inspection.pipeline import Pipeline
     from edge_agent.inspection.scoring import Verdict
+    from edge_agent.plc.handshake import PlcHandshake
     from edge_agent.service.agent import Agent
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,10 @@ class RecipeBook:
         self._pipeline: Pipeline | None = None
         self.switches = 0
         self._update_thread: threading.Thread | None = None
-        # Told of every switch with the new recipe (the PLC's RecipeActive); called outside the lock.
+        # Told of every switch with the new recipe (the PLC's RecipeActive); called on the switch thread.
         self.listeners: list[Callable[[Recipe], None]] = []
+        # Finishes the switches one at a time, in order (select): one thread, started at the first switch.
+        self._switcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipe-switch")
 
     @classmethod
     def load(cls, settings: AgentSettings, live: bool = False) -> RecipeBook:
@@ -161,10 +165,14 @@ class RecipeBook:
         if isinstance(pipeline.parts, TrackedParts):
             pipeline.parts = RecipeParts(pipeline.parts, self)
 
-    def select(self, key: str | int, by: str) -> tuple[Recipe, Recipe]:
+    def select(self, key: str | int, by: str, wait: bool = True) -> tuple[Recipe, Recipe]:
         """Switch to the recipe named (or at index) ``key`` from the next frame cut; (new, previous).
 
-        RecipeRefused when there is no such recipe: nothing changes.
+        RecipeRefused when there is no such recipe: nothing changes. The geometry is in place when this
+        returns, so every frame cut from then on is cut and judged by the new recipe. The rest of the switch
+        (the pipeline's current model, which waits for an inference in progress, the log line and the
+        listeners: the PLC's RecipeActive) runs on the switch thread, in switch order; ``wait=False`` returns
+        without waiting for it (the PLC servers: their thread must not wait for an inference).
         """
         with self._lock:
             recipe = self.find(key)
@@ -175,11 +183,21 @@ class RecipeBook:
             started = time.monotonic()
             self._active = recipe
             if self._pipeline is not None:
-                # The geometry first: a frame cut the new way picks its model by name, so the order only
-                # matters for the pipeline's "current model" (status line, stats, cmd/threshold).
+                # A frame cut the new way picks its model by name (model_for): the geometry is the switch.
                 self._pipeline.source.geometry = recipe.geometry
-                self._pipeline.swap_model(recipe.model)
             self.switches += 1
+            done = self._switcher.submit(self._finish_switch, recipe, previous, by, started)
+        if wait:
+            done.result()
+        return recipe, previous
+
+    def _finish_switch(self, recipe: Recipe, previous: Recipe, by: str, started: float) -> None:
+        """The switch thread: the pipeline's current model (status line, stats, cmd/threshold), then the log line
+        and the listeners. Switches finish in the order they were made, so RecipeActive ends on the last one."""
+        if self._pipeline is not None:
+            with self._lock:
+                current = self._active.model  # the latest switch's (and a reloaded recipe's new) model
+            self._pipeline.swap_model(current)  # waits for an inference in progress (the model lock)
         log_event(
             log, logging.INFO, "recipe %s -> %s (%s)", "recipe_switched", previous.name, recipe.name, by,
             recipe=recipe.name, index=recipe.index, previous=previous.name, by=by,
@@ -190,7 +208,6 @@ class RecipeBook:
                 listener(recipe)
             except Exception as exc:  # a PLC server's trouble must not undo or fail the switch
                 log.exception("recipe listener failed", extra={"event": "recipe_listener_failed", "error": str(exc)})
-        return recipe, previous
 
     def _check_fits(self, recipe: Recipe) -> None:
         """RecipeRefused when the recipe's ROI cannot be cut from the camera's frames (the last one seen): a
@@ -212,8 +229,11 @@ class RecipeBook:
             )
 
     def select_index(self, index: int) -> None:
-        """The PLC's RecipeSelect (handshake.RecipeSelector): ValueError when there is no recipe ``index``."""
-        self.select(index, "plc")
+        """The PLC's RecipeSelect (handshake.RecipeSelector): ValueError when there is no recipe ``index``.
+
+        Returns once the switch is made (frames cut from now on are the new recipe's) without waiting for an
+        inference in progress: RecipeActive shows the new index when the switch is done."""
+        self.select(index, "plc", wait=False)
 
     # -- commands -----------------------------------------------------------------------------------
 
@@ -311,7 +331,8 @@ class RecipeBook:
         return recipe.model
 
     def close(self, closed: LoadedModel | None = None) -> None:
-        """Close every recipe's model (``closed``: one the agent closed already)."""
+        """Close every recipe's model (``closed``: one the agent closed already), after the switches in flight."""
+        self._switcher.shutdown(wait=True)
         for recipe in self.recipes:
             if recipe.model is not closed:
                 recipe.model.close()
@@ -376,7 +397,12 @@ def install_recipes(agent: Agent, book: RecipeBook | None) -> None:
     agent.commands.register("reload", book.reload)  # a recipe's bundle (default the active one's)
     agent.commands.register("update", book.start_update)  # every recipe, one by one
     if agent.plc is not None:
-        handshake = agent.plc.handshake
-        handshake.selector = book.select_index
-        handshake.recipe_changed(book.active.index)
-        book.listeners.append(lambda recipe: handshake.recipe_changed(recipe.index))
+        connect_plc(book, agent.plc.handshake)
+
+
+def connect_plc(book: RecipeBook, handshake: PlcHandshake) -> None:
+    """The PLC's RecipeSelect switches ``book`` (without waiting for an inference); RecipeActive follows every
+    switch, whichever interface made it."""
+    handshake.selector = book.select_index
+    handshake.recipe_changed(book.active.index)
+    book.listeners.append(lambda recipe: handshake.recipe_changed(recipe.index))
