@@ -25,6 +25,12 @@ Locks: paho calls ``on_publish`` holding its own out-message lock, so nothing he
 ``_client_lock`` (taken around every call into paho) may be taken from ``on_publish``; acknowledgements
 only take ``_lock`` and wake the connection thread, which sends the next window.
 
+Public API for what rides on the session (``edge_agent.publish.mqtt.MqttPublisher`` uses only this):
+``enqueue(message)`` puts a message into the outbox and sends it when the window has room;
+``send_control(message)`` queues a control message (kept in memory until acknowledged);
+``publish_if_connected(leaf, payload)`` sends one QoS 0 message now, or nothing while the gate is shut.
+Each takes the locks itself, so no other module touches them.
+
 Why one module of about 500 lines: the session, the outbox window, the control queue and the final status
 share those two locks and one ordering promise (nothing after ``stopped``); split over modules, the lock
 rule above could no longer be checked by reading one file.
@@ -179,7 +185,7 @@ class MqttSession:
         with self._client_lock:
             # Messages already with paho go out before the status (one connection, in order); no more after it.
             self._outbox_closed = True
-        self._enqueue_control(self._status_message(status))
+        self.send_control(self._status_message(status))
         status_wait = max(deadline - time.monotonic(), min(timeout, STATUS_GRACE_S))
         delivered = self._wait_until(lambda: not self._control, status_wait) and drained and not len(self.outbox)
         left = len(self.outbox)
@@ -303,8 +309,31 @@ class MqttSession:
             retain=True,
         )
 
-    def _enqueue_control(self, message: OutgoingMessage) -> None:
-        """Into the control queue; straight on to the broker when the gate is open (else at the next connect)."""
+    def enqueue(self, message: OutgoingMessage) -> None:
+        """Into the outbox (the spool on the device); handed to paho now when the window has room.
+
+        Thread-safe; never blocks on the broker. The message leaves the outbox only on its PUBACK.
+        """
+        self.outbox.add(message)
+        self._pump()
+
+    def publish_if_connected(self, leaf: str, payload: str | bytes, qos: int = 0) -> bool:
+        """Send ``payload`` on ``<prefix>/<device_id>/<leaf>`` now if the session is open; True if handed to paho.
+
+        Not queued and not retried: for samples the next one replaces (stats at QoS 0).
+        """
+        with self._client_lock:
+            if self._gate_open and self._client is not None:
+                self._client.publish(self.topic(leaf), payload, qos=qos)
+                return True
+        return False
+
+    def send_control(self, message: OutgoingMessage) -> None:
+        """Into the control queue; straight on to the broker when the gate is open (else at the next connect).
+
+        Control messages (status, command results) are kept in memory until acknowledged, never spooled;
+        a newer status replaces an older one still waiting.
+        """
         with self._client_lock:
             with self._lock:
                 if message.topic == self.topic("status"):
