@@ -212,7 +212,7 @@ FLOORS = (
     # the contract (bundle, config, messages) and the plumbing every layer may use
     (
         *("config", "config_plc", "config_files", "fileio", "logs", "systemd", "exit_codes"),
-        *("bundle", "promise", "messages", "redact", "thread_priority", "demo"),
+        *("bundle", "promise", "messages", "redact", "thread_priority"),
     ),
     # then the frame's own order: the model, the stages, what leaves the agent, and what reads its output
     ("engines",),
@@ -221,6 +221,7 @@ FLOORS = (
     ("relay",),
     ("fleet", "plc"),
     ("service",),
+    ("demo",),  # the whole product on one machine: its agent and relay run as they do in service/ and relay/
     ("cli",),
 )
 
@@ -297,6 +298,37 @@ def test_every_file_a_docstring_or_doc_names_exists() -> None:
             if "://" not in target and not target.startswith("mailto:") and not (path.parent / target).exists():
                 missing.append(f"{path.relative_to(ROOT)} links to {target}")
     assert not missing, "files named but not in the repository:\n" + "\n".join(missing)
+
+
+# A bare module name (``pipeline.py``, not part of a path): written for a reader who knows the folder, so it
+# must at least be the name of one of the project's files (a renamed module leaves such names behind).
+BARE_MODULE = re.compile(r"(?<![\w./-])([A-Za-z_]\w*\.py)\b")
+
+
+def bare_module_names(text: str) -> Iterator[str]:
+    """File names ending in .py named in ``text`` without a folder."""
+    for match in BARE_MODULE.finditer(text):
+        yield match.group(1)
+
+
+def test_bare_module_names_are_found() -> None:
+    text = "the source (sources.py), its worker (driver_worker.py) and edge_agent/inspection/nfa.py"
+    assert list(bare_module_names(text)) == ["sources.py", "driver_worker.py"]
+
+
+def test_every_bare_module_name_in_a_docstring_or_doc_is_a_project_file() -> None:
+    # tests/ are left out: they write files with made-up names (probe.py, sitecustomize.py) on purpose.
+    project = [p for folder in (*PACKAGES, "tests", "bench") for p in (ROOT / folder).rglob("*.py")]
+    names = {p.name for p in project} | {p.name for p in ROOT.glob("*.py")}
+    sources = [p for folder in (*PACKAGES, "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = [
+        f"{path.relative_to(ROOT)} names {name}"
+        for path in sources + docs
+        for name in bare_module_names(path.read_text(encoding="utf-8"))
+        if name not in names
+    ]
+    assert not missing, "modules named but not in the project (renamed? give the new name):\n" + "\n".join(missing)
 
 
 # -- private attributes stay in their file ------------------------------------------------------------

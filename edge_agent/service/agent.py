@@ -3,7 +3,7 @@
 ``run.py`` loads the model and opens the source; ``Agent.serve()`` then runs until the source ends or a
 stop is asked, and owns everything that lives that long:
 
-- the four-stage pipeline (pipeline.py) and the source's reconnects (sources.py);
+- the four-stage pipeline (pipeline.py) and the source's reconnects (frame_source.py);
 - the publisher (mqtt.py) with the SQLite spool (spool.py) as its outbox;
 - commands on ``cmd/<name>`` (commands.py): reload, snapshot, threshold, update;
 - ``/metrics`` and ``/healthz`` (http_server.py, metrics.py, health.py) on ``http.host:http.port``;
