@@ -51,7 +51,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
-from edge_agent.logs import log_event
 from edge_agent.messages import StatusText, topic
 from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client, reason_code
 from edge_agent.publish.outbox import MemoryOutbox, Outbox, OutgoingMessage
@@ -263,16 +262,16 @@ class MqttSession:
         try:
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
-            log_event(
-                log,
-                logging.WARNING,
+            log.warning(
                 "cannot reach MQTT broker; will retry with backoff",
-                "mqtt_unreachable",
-                host=self.config.host,
-                port=self.config.port,
-                error=describe_connect_error(exc, self.config),
-                retry_in_s=delay,
-                pending=len(self.outbox),
+                extra={
+                    "event": "mqtt_unreachable",
+                    "host": self.config.host,
+                    "port": self.config.port,
+                    "error": describe_connect_error(exc, self.config),
+                    "retry_in_s": delay,
+                    "pending": len(self.outbox),
+                },
             )
             return False
         client.loop_start()
@@ -284,17 +283,17 @@ class MqttSession:
             self._pump()
         client.loop_stop()
         if not self._session_was_connected and not self._session_refused:
-            log_event(
-                log,
-                logging.WARNING,
+            log.warning(
                 "MQTT broker closed the connection before accepting it; will retry with backoff",
-                "mqtt_unreachable",
-                host=self.config.host,
-                port=self.config.port,
-                error=f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the broker require "
-                "a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT listener?)",
-                retry_in_s=delay,
-                pending=len(self.outbox),
+                extra={
+                    "event": "mqtt_unreachable",
+                    "host": self.config.host,
+                    "port": self.config.port,
+                    "error": f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the broker require "
+                    "a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT listener?)",
+                    "retry_in_s": delay,
+                    "pending": len(self.outbox),
+                },
             )
         return False
 
@@ -433,15 +432,15 @@ class MqttSession:
             self.protocol = MQTTProtocolVersion.MQTTv311
             self._retry_now = True
         else:
-            log_event(
-                log,
-                logging.ERROR,
+            log.error(
                 "MQTT broker refused the connection; retrying",
-                "mqtt_refused",
-                reason=str(reason),
-                code=code,
-                host=self.config.host,
-                username=self.config.username,
+                extra={
+                    "event": "mqtt_refused",
+                    "reason": str(reason),
+                    "code": code,
+                    "host": self.config.host,
+                    "username": self.config.username,
+                },
             )
         self._session_ended.set()
         self._wake.set()
@@ -455,15 +454,15 @@ class MqttSession:
             self._session_was_connected = True
             self._cursor = 0
             self.counters.connects += 1
-            log_event(
-                log,
-                logging.INFO,
+            log.info(
                 "connected to MQTT broker",
-                "mqtt_connected",
-                host=self.config.host,
-                port=self.config.port,
-                protocol=self.protocol_name,
-                pending=len(self.outbox),
+                extra={
+                    "event": "mqtt_connected",
+                    "host": self.config.host,
+                    "port": self.config.port,
+                    "protocol": self.protocol_name,
+                    "pending": len(self.outbox),
+                },
             )
             if self.protocol != MQTTProtocolVersion.MQTTv5 and self.config.message_expiry_s:
                 log.warning(
@@ -533,13 +532,9 @@ class MqttSession:
                 try:
                     handler(leaf, bytes(message.payload), bool(message.retain))
                 except Exception as exc:  # paho would stop its network loop on an exception
-                    log_event(
-                        log,
-                        logging.ERROR,
+                    log.error(
                         "message handler failed",
-                        "mqtt_handler_failed",
                         exc_info=True,
-                        topic=message.topic,
-                        error=str(exc),
+                        extra={"event": "mqtt_handler_failed", "topic": message.topic, "error": str(exc)},
                     )
                 return
