@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from edge_agent.config_files import ConfigError as ConfigError  # re-exported: every caller's error type
 from edge_agent.config_files import FileAndEnvSettings, build_settings
 from edge_agent.config_plc import PlcConfig
+from edge_agent.config_recipes import MAX_RECIPES, RecipeConfig
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Programs whose variables share the agent's prefix (the reject relay: edge_agent/relay/config.py).
@@ -434,6 +435,17 @@ class AgentSettings(FileAndEnvSettings):
     keep: KeepConfig = Field(default_factory=KeepConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     plc: PlcConfig = Field(default_factory=PlcConfig)
+    recipe: str | None = Field(
+        default=None,
+        description="the recipe inspected at start (a name in [[recipes]]); default the first. Unset without "
+        "[[recipes]]: the box runs [model] bundle as its one recipe (docs/recipes.md)",
+    )
+    recipes: list[RecipeConfig] = Field(
+        default_factory=list,
+        max_length=MAX_RECIPES,
+        description="the products this box inspects, each a preloaded bundle switched at a frame boundary by "
+        "cmd/recipe, edge-agent recipe or the PLC's RecipeSelect (its index in this list)",
+    )
 
     @property
     def bundle_dir(self) -> Path:
@@ -450,6 +462,17 @@ class AgentSettings(FileAndEnvSettings):
     def _plc_triggers_need_triggered_parts(self) -> AgentSettings:
         if (self.plc.opcua_enabled or self.plc.modbus_enabled) and self.parts.mode != "triggered":
             raise ValueError('plc.opcua_enabled/modbus_enabled need parts.mode = "triggered" (the PLC triggers)')
+        return self
+
+    @model_validator(mode="after")
+    def _recipes_named_once(self) -> AgentSettings:
+        names = [r.name for r in self.recipes]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"recipes: each name once; {', '.join(doubled)} appear(s) more than once")
+        if self.recipe is not None and self.recipe not in names:
+            known = ", ".join(names) if names else "none: there is no [[recipes]] list"
+            raise ValueError(f"recipe = {self.recipe!r} is not one of the [[recipes]] names ({known})")
         return self
 
     @model_validator(mode="after")

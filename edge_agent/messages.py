@@ -4,7 +4,7 @@ Topics live under ``<prefix>/<device_id>/``:
 ``status`` (retained text: online | offline | stopped), ``inspection`` (QoS 1, InspectionMessage),
 ``part`` (QoS 1, PartMessage: one per part with ``[parts] mode`` on), ``trigger`` in (TriggerMessage),
 ``stats`` (StatsMessage), ``cmd/<name>`` in (COMMANDS: ReloadCommand, SnapshotCommand, RecordCommand,
-ThresholdCommand, UpdateCommand), ``cmd/<name>/result`` out (CommandResult),
+ThresholdCommand, UpdateCommand, RecipeCommand), ``cmd/<name>/result`` out (CommandResult),
 ``update`` (UpdateEvent, fleet update progress).
 
 A reject relay (``edge-agent reject-relay``) publishes under ``<prefix>/relay/<relay_id>/``:
@@ -64,11 +64,17 @@ class Region(_Payload):
 
 
 class ModelRef(_Payload):
+    """The model that judged: the bundle's name and version, its file's hash, the backend and precision, and
+    the recipe it serves (every inspection and part message carries it)."""
+
     name: str
     version: str
     sha256: str
     backend: str
     precision: str
+    recipe: str | None = Field(
+        default=None, description="the [[recipes]] entry this model serves; None: the box's one bundle (no recipes)"
+    )
 
 
 class StageLatency(_Payload):
@@ -241,6 +247,8 @@ class RelayDeviceStats(_Payload):
     clock_samples_refused: int = Field(
         default=0, description="clock samples beyond clock.max_sample_offset_s, not used for the estimate"
     )
+    recipe: str | None = Field(default=None, description="the camera's active recipe: its latest live message's")
+    model_version: str | None = Field(default=None, description="the model version of that message")
 
 
 class RelayStats(_Payload):
@@ -288,6 +296,11 @@ class ReloadCommand(_Command):
     """Load model.bundle (e.g. models/current) again, fully (engine + warm-up) before swapping it in."""
 
     version: str | None = Field(default=None, description="fail unless the bundle found has this version")
+    recipe: str | None = Field(
+        default=None,
+        pattern=ID_PATTERN,
+        description="with [[recipes]]: reload this recipe's bundle (default the active)",
+    )
 
 
 class SnapshotCommand(_Command):
@@ -331,12 +344,26 @@ class UpdateCommand(_Command):
     """
 
 
+class RecipeCommand(_Command):
+    """Switch to another preloaded recipe ([[recipes]], docs/recipes.md) from the next frame on: by name or index."""
+
+    name: str | None = Field(default=None, pattern=ID_PATTERN, description="the recipe's name")
+    index: int | None = Field(default=None, ge=0, le=65_535, description="its position in [[recipes]] (from 0)")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> RecipeCommand:
+        if (self.name is None) == (self.index is None):
+            raise ValueError("give the recipe's name or its index, one of the two")
+        return self
+
+
 COMMANDS: dict[str, type[_Command]] = {
     "reload": ReloadCommand,
     "snapshot": SnapshotCommand,
     "record": RecordCommand,
     "threshold": ThresholdCommand,
     "update": UpdateCommand,
+    "recipe": RecipeCommand,
 }
 
 

@@ -80,12 +80,24 @@ def agent_config(
 
 
 def write_toml(path: Path, values: dict[str, Any]) -> Path:
-    """A TOML file for ``edge-agent run --config`` (values are str, int, float, bool or one level of tables)."""
-    lines = [f"{k} = {_toml(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    """A TOML file for ``edge-agent run --config`` (values are str, int, float, bool, one level of tables, or
+    arrays of tables with one level of sub-tables)."""
+    tables = [v for v in values.values() if isinstance(v, list) and v and all(isinstance(t, dict) for t in v)]
+    lines = [
+        f"{k} = {_toml(v)}" for k, v in values.items() if not isinstance(v, dict) and not any(v is t for t in tables)
+    ]
     for name, table in values.items():
         if isinstance(table, dict):
             lines.append(f"[{name}]")
             lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
+        elif any(table is t for t in tables):  # an array of tables ([[recipes]]), each with its own sub-tables
+            for entry in table:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {_toml(v)}" for k, v in entry.items() if not isinstance(v, dict)]
+                for sub, inner in entry.items():
+                    if isinstance(inner, dict):
+                        lines.append(f"[{name}.{sub}]")
+                        lines += [f"{k} = {_toml(v)}" for k, v in inner.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

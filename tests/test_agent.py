@@ -63,7 +63,7 @@ def test_bad_commands_get_error_replies_and_inspection_goeson_topic(running: Run
         ("threshold", {"request_id": "r2"}, "r2", "give log10_epsilon and/or min_region_area"),
         ("threshold", {"request_id": "r3", "log10_epsilon": 1, "colour": "red"}, "r3", "unknown key 'colour'"),
         ("snapshot", {"request_id": "r4", "label": "../../etc"}, "r4", "label: String should match pattern"),
-        ("selfdestruct", {"request_id": "r5"}, "r5", "unknown command 'selfdestruct'; known: record, reload, snapshot"),
+        ("selfdestruct", {"request_id": "r5"}, "r5", "unknown command 'selfdestruct'; known: recipe, record, reload"),
         ("reload", b"\xff\xfe\x00garbage", None, "malformed payload: not JSON"),
         ("reload", b"x" * (MAX_COMMAND_BYTES + 1), None, f"commands are limited to {MAX_COMMAND_BYTES}"),
     ]

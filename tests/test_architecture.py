@@ -211,7 +211,7 @@ def test_the_frame_path_never_imports_service_code() -> None:
 FLOORS = (
     # the contract (bundle, config, messages) and the plumbing every layer may use
     (
-        *("config", "config_plc", "config_files", "fileio", "logs", "systemd", "exit_codes"),
+        *("config", "config_plc", "config_recipes", "config_files", "fileio", "logs", "systemd", "exit_codes"),
         *("bundle", "promise", "messages", "redact", "thread_priority"),
     ),
     # then the frame's own order: the model, the stages, what leaves the agent, and what reads its output

@@ -41,8 +41,14 @@ def test_reference_lists_every_key_of_every_section() -> None:
             for key, sub in annotation.model_fields.items():
                 nested = f"## [{name}.{key}]" in text and sub.annotation is not None
                 assert f"| `{key}` |" in text or nested, f"{name}.{key} missing from the reference"
+        elif typing.get_origin(annotation) is list and _is_model(typing.get_args(annotation)[0]):
+            assert f"## [[{name}]]" in text  # an array of tables ([[recipes]])
         else:
             assert f"| `{name}` |" in text
+
+
+def _is_model(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -46,6 +46,10 @@ COMMANDS: CommandTable = {
         "edge_agent.cli.review",
         "kept frames: list, mark good / confirmed defect, export a split.json for uflow train and evaluate",
     ),
+    "recipe": (
+        "edge_agent.cli.recipe",
+        "list this box's recipes, or switch the running agent to one (cmd/recipe; docs/recipes.md)",
+    ),
     "plc": ("edge_agent.cli.plc", "the OPC UA server's certificate and users (the PLC interface, docs/plc.md)"),
     "reject-relay": (
         "edge_agent.cli.reject_relay",

@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
             for key, path in missing:
                 print(f"error: {key} = {path} does not exist (`edge-agent run` would stop on it)")
             return EXIT_CONFIG
+        if settings.recipes:
+            names = ", ".join(r.name for r in settings.recipes)
+            print(f"{where}: valid (device_id={settings.device_id}, recipes {names})")
+            return EXIT_OK
         print(f"{where}: valid (device_id={settings.device_id}, bundle={settings.bundle_dir})")
         if not settings.bundle_dir.exists():
             print(
@@ -88,6 +92,9 @@ def missing_files(settings: AgentSettings) -> list[tuple[str, Path]]:
             ("mqtt.tls.cert_file", tls.cert_file),
             ("mqtt.tls.key_file", tls.key_file),
         ]
+    for recipe in settings.recipes:  # its fleet location may be empty before the first update, as models/current
+        if Path(recipe.bundle) != settings.state_dir / "recipes" / recipe.name / "current":
+            named.append((f"recipes[{recipe.name}].bundle", recipe.bundle))
     source = settings.update.source
     if source and "://" not in source:
         named.append(("update.source", Path(source)))  # a directory holding latest.json
@@ -168,13 +175,19 @@ def _settings_tables(settings: type[BaseModel], label: str) -> list[str]:
 
 
 def _keyed(name: str, field: FieldInfo) -> str:
-    """A section's name; a table of tables (``devices: dict[str, DeviceConfig]``) is ``devices.<key>``."""
-    return f"{name}.<device_id>" if typing.get_origin(field.annotation) is dict else name
+    """A section's name; a table of tables (``devices: dict[str, DeviceConfig]``) is ``devices.<key>``, an array
+    of tables (``recipes: list[RecipeConfig]``) ``[recipes]`` (its title: ``[[recipes]]``)."""
+    origin = typing.get_origin(field.annotation)
+    if origin is list:
+        return f"[{name}]"
+    return f"{name}.<device_id>" if origin is dict else name
 
 
 def _section(prefix: str, model: type[BaseModel], label: str = "") -> list[str]:
     plain = {n: f for n, f in model.model_fields.items() if _section_model(f) is None}
-    lines = _table(f"{label}[{prefix}]", model.__doc__ or "", plain)
+    # A table under an array of tables is written [recipes.parts] (it belongs to the [[recipes]] entry above it).
+    title = f"[{prefix[1:].replace(']', '', 1)}]" if prefix.startswith("[") and "]." in prefix else f"[{prefix}]"
+    lines = _table(f"{label}{title}", model.__doc__ or "", plain)
     for name, field in model.model_fields.items():
         nested = _section_model(field)
         if nested is not None:

@@ -2,17 +2,20 @@
 
 The fleet directory is what devices read (``update.source``): serve it over HTTPS or share it as a
 directory. Publishing to ``canary`` first and later to ``default`` is a staged rollout; ``*`` is every
-group without an entry of its own.
+group without an entry of its own. ``--recipe NAME`` rolls a version out to one recipe of the groups' boxes
+with ``[[recipes]]`` (docs/recipes.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from edge_agent.bundle import BundleError
 from edge_agent.cli.common import EXIT_FAILURE, EXIT_OK
+from edge_agent.config_recipes import RECIPE_NAME_PATTERN
 from edge_agent.fleet.index import DEFAULT_VALID_DAYS, LATEST_NAME, FleetError, ShadowGate
 from edge_agent.fleet.models_dir import ModelsDirError
 from edge_agent.fleet.publish import publish
@@ -31,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GROUP",
         help="rollout group to point at this version (repeatable; '*' = every group without its own entry); "
         "without --group the bundle is only added, not rolled out",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME",
+        help="roll the version out to this recipe of the --group devices only (boxes with [[recipes]]; "
+        "docs/recipes.md), not as the groups' bundle",
     )
     parser.add_argument(
         "--base-url", default="", help="absolute URL prefix for the tar (default: relative to latest.json)"
@@ -96,6 +106,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.valid_days > 0:
         print("edge-agent fleet-publish: --valid-days must be positive", file=sys.stderr)
         return EXIT_FAILURE
+    if args.recipe is not None and (
+        not re.fullmatch(RECIPE_NAME_PATTERN, args.recipe) or args.shadow_hours is not None
+    ):
+        print(
+            "edge-agent fleet-publish: --recipe takes a recipe name (letters, digits, . _ -), without --shadow-hours "
+            "(the shadow gate is the groups' bundle's)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     gate = None
     if args.shadow_hours is not None:
         if args.shadow_hours < 0 or not 0 <= args.shadow_agreement <= 1 or args.shadow_min_frames < 1:
@@ -124,11 +143,13 @@ def run(args: argparse.Namespace) -> int:
             args.valid_days,
             gate,
             clear_shadow_gate=args.shadow_hours == 0,
+            recipe=args.recipe,
         )
     except (FleetError, BundleError, SigningError, ModelsDirError, OSError) as exc:
         print(f"edge-agent fleet-publish: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"published {release.name} {release.version}: {tar_path} ({release.size} bytes, sha256 {release.sha256})")
     groups = ", ".join(args.groups) if args.groups else "no group (use --group to roll it out)"
-    print(f"{args.fleet / LATEST_NAME}: {groups} -> {release.version}")
+    what = f" (recipe {args.recipe})" if args.recipe else ""
+    print(f"{args.fleet / LATEST_NAME}: {groups}{what} -> {release.version}")
     return EXIT_OK

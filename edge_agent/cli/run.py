@@ -77,6 +77,7 @@ def run_agent(
     from edge_agent.inspection.loaded_model import ModelLoadError, load_model
     from edge_agent.publish.spool import SpoolError
     from edge_agent.service.agent import Agent
+    from edge_agent.service.recipes import RecipeBook, install_recipes
 
     log.info(
         "edge agent starting",
@@ -91,9 +92,10 @@ def run_agent(
     )
     try:
         # A missing or unreadable bundle fails at once, before the camera is opened and the NFA warmed up.
-        read_manifest(settings.bundle_dir)
+        for bundle in [r.bundle for r in settings.recipes] or [settings.bundle_dir]:
+            read_manifest(bundle)
     except BundleError as exc:
-        log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.bundle_dir)})
+        log.error("%s", exc, extra={"event": "model_failed", "bundle": str(bundle)})
         notifier.stopping(f"failed: {exc}")
         return EXIT_FAILURE
     source = FrameSource(settings.source)
@@ -120,13 +122,19 @@ def run_agent(
                 "error": redact_uri(str(exc)),
             },
         )
+    book: RecipeBook | None = None
     try:
         # The first start compiles the NFA (seconds on a small CPU): ask systemd for time, don't get killed.
         notifier.extend_timeout(120, "starting: loading the model, compiling the NFA, warming up")
         nfa.warm_up()
-        # With a fleet key configured the installed bundle must still carry its signature (not only hashes).
-        verify_installed_bundle(settings.bundle_dir, settings.update.public_key)
-        model = load_model(settings.bundle_dir, settings.model, settings.nfa, live=source.live)
+        if settings.recipes:
+            # Every recipe preloaded and warmed up now: a product changeover then loads nothing.
+            book = RecipeBook.load(settings, live=source.live)
+            model = book.active.model
+        else:
+            # With a fleet key configured the installed bundle must still carry its signature (not only hashes).
+            verify_installed_bundle(settings.bundle_dir, settings.update.public_key)
+            model = load_model(settings.bundle_dir, settings.model, settings.nfa, live=source.live)
     except (ModelLoadError, SigningError) as exc:
         log.error("%s", exc, extra={"event": "model_failed", "bundle": str(settings.model.bundle)})
         source.close()
@@ -136,21 +144,27 @@ def run_agent(
         agent = Agent(settings, model, source, notifier, on_result=on_result)
     except SpoolError as exc:
         log.error("%s", exc, extra={"event": "spool_failed", "path": str(settings.spool.path)})
-        model.close()
+        if book is not None:
+            book.close()
+        else:
+            model.close()
         source.close()
         notifier.stopping(f"failed: {exc}")
         return EXIT_FAILURE
+    install_recipes(agent, book)
     restore = install_signal_handlers(stop)
     try:
         return agent.serve(stop)
     except ConfigError as exc:
         log.error("configuration error: %s", exc, extra={"event": "config_error"})
         notifier.stopping(f"failed: {exc}")
-        model.close()
+        agent.pipeline.model.close()
         source.close()
         return EXIT_CONFIG
     finally:
         restore()
+        if book is not None:
+            book.close(closed=agent.pipeline.model)  # serve() closed the active one
 
 
 def _use_numba_cache_in(state_dir: Path) -> None:

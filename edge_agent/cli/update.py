@@ -1,5 +1,6 @@
 """``edge-agent update``: install the fleet's signed model for this device (``edge_agent.fleet.update``
-does the work: fetch, verify, self-test, switch, health check, rollback)."""
+does the work: fetch, verify, self-test, switch, health check, rollback); with ``[[recipes]]`` every recipe's,
+one by one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_LOCKED, EXIT_OK
 from edge_agent.config import ConfigError, load_settings
-from edge_agent.fleet.update import apply_update
+from edge_agent.fleet.update import UpdateResult, apply_recipe_updates, apply_update
 
 log = logging.getLogger("edge_agent.fleet.update")  # the updater's events, one logger
 
@@ -48,15 +49,12 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc, extra={"event": "config_error"})
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
+    options = {"source": args.source, "group": args.group, "force": args.force, "reload": args.reload}
     try:
-        result = apply_update(
-            settings,
-            source=args.source,
-            group=args.group,
-            force=args.force,
-            reload=args.reload,
-            allow_downgrade=args.allow_downgrade,
-        )
+        if settings.recipes:  # each recipe on its own, one by one (docs/recipes.md)
+            results = apply_recipe_updates(settings, allow_downgrade=args.allow_downgrade, **options)
+            return max(_exit_status(result) for _, result in results)
+        result = apply_update(settings, allow_downgrade=args.allow_downgrade, **options)
     except ConfigError as exc:
         log.error("%s", exc, extra={"event": "config_error"})
         return EXIT_CONFIG
@@ -72,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             "detail": result.message,
         },
     )
+    return _exit_status(result)
+
+
+def _exit_status(result: UpdateResult) -> int:
     if result.status == "locked":
         return EXIT_LOCKED
     return EXIT_OK if result.ok else EXIT_FAILURE

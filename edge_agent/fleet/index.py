@@ -6,6 +6,7 @@
       "schema": "uflow.fleet/1",
       "updated": "2025-01-31T12:00:00+00:00",
       "groups": {"canary": "1.3.0", "default": "1.2.0"},
+      "recipes": {"canary": {"bottle-500": "1.3.0", "cap-38": "2.0.1"}},
       "releases": [
         {"version": "1.3.0", "name": "magnetic-tile", "url": "bundles/magnetic-tile-1.3.0.tar",
          "sha256": "…", "size": 1234567, "created": "…"},
@@ -14,7 +15,8 @@
     }
 
 A device in rollout group ``g`` takes ``groups[g]``, else ``groups["*"]``; a group with no entry gets no
-update. ``url`` is relative to latest.json (or absolute). The ed25519 signature over model.json (which
+update. A box with ``[[recipes]]`` (docs/recipes.md) updates each recipe on its own, one by one: recipe ``r``
+takes ``recipes[g][r]``, else ``recipes["*"][r]``; older agents ignore ``recipes``. ``url`` is relative to latest.json (or absolute). The ed25519 signature over model.json (which
 lists the sha256 of every file) is what makes a bundle acceptable, and its version must equal the release's.
 
 latest.json itself is signed too (``latest.json.sig``: the base64 ed25519 signature of its exact bytes
@@ -117,6 +119,9 @@ class FleetIndex(BaseModel):
     shadow_gate: dict[str, ShadowGate] = Field(
         default_factory=dict, description="per group (or '*'): shadow agreement required before installing"
     )
+    recipes: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per group (or '*'): recipe name -> version, for boxes with [[recipes]]"
+    )
 
     @field_validator("schema_")
     @classmethod
@@ -133,6 +138,22 @@ class FleetIndex(BaseModel):
         release = self.release(version)
         if release is None:
             raise FleetError(f"{LATEST_NAME} maps group {group!r} to version {version!r}, which has no release entry")
+        return release
+
+    def release_for_recipe(self, group: str, recipe: str) -> Release | None:
+        """The release recipe ``recipe`` of this rollout group should run (the group's table, else '*'), or None."""
+        table = self.recipes.get(group)
+        version = table.get(recipe) if table is not None else None
+        if version is None:
+            version = self.recipes.get(ANY_GROUP, {}).get(recipe)
+        if version is None:
+            return None
+        release = self.release(version)
+        if release is None:
+            raise FleetError(
+                f"{LATEST_NAME} maps recipe {recipe!r} of group {group!r} to version {version!r}, which has no "
+                "release entry"
+            )
         return release
 
     def shadow_gate_for(self, group: str) -> ShadowGate | None:

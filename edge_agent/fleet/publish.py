@@ -64,6 +64,7 @@ def publish(
     valid_days: float = DEFAULT_VALID_DAYS,
     shadow_gate: ShadowGate | None = None,
     clear_shadow_gate: bool = False,
+    recipe: str | None = None,
 ) -> tuple[Release, Path]:
     """Add a signed bundle to a fleet directory and point ``groups`` at it in latest.json (atomically).
 
@@ -71,6 +72,7 @@ def publish(
     ``valid_days`` from now; without it latest.json is written unsigned and devices refuse it.
     ``shadow_gate`` sets the shadow requirement of ``groups`` (devices install only after the version ran as
     their shadow model long enough, with enough agreement); ``clear_shadow_gate`` removes theirs.
+    ``recipe``: point only that recipe of ``groups`` at it (``recipes`` in latest.json), not the groups' bundle.
     """
     from edge_agent.fleet.signing import verify_bundle_signature
 
@@ -109,6 +111,9 @@ def publish(
     )
     index.releases = [release, *(r for r in index.releases if r.version != release.version)]
     for group in groups:
+        if recipe is not None:
+            index.recipes.setdefault(group, {})[recipe] = release.version
+            continue  # the shadow gate is the groups' bundle's (the shadow model is not per recipe)
         index.groups[group] = release.version
         if shadow_gate is not None:
             index.shadow_gate[group] = shadow_gate
@@ -117,7 +122,13 @@ def publish(
     write_index(fleet_dir, index, index_key, valid_days)
     log.info(
         "bundle published",
-        extra={"event": "bundle_published", "version": release.version, "groups": sorted(groups), "tar": str(tar_path)},
+        extra={
+            "event": "bundle_published",
+            "version": release.version,
+            "groups": sorted(groups),
+            "recipe": recipe,
+            "tar": str(tar_path),
+        },
     )
     return release, tar_path
 

@@ -22,6 +22,12 @@ Steps (each one logged and published as an UpdateEvent on ``<prefix>/<device_id>
 
 A failure in steps 2-8 leaves ``current`` untouched. ``apply_update`` is the function the agent calls
 (in a worker thread) for a ``cmd/update`` push; the command line wraps it.
+
+A box with ``[[recipes]]`` (docs/recipes.md) updates its recipes one by one (``apply_recipe_updates``):
+recipe ``r`` has its own models directory ``<state_dir>/recipes/r`` (its ``bundle`` must be that
+directory's ``current``), takes the version latest.json's ``recipes`` table names for it, and goes through
+the same steps; the agent reloads that recipe only (``cmd/reload`` with ``recipe``), and a recipe that is
+not the active one is healthy once loaded and warmed up (no frame is judged by it until it is selected).
 """
 
 from __future__ import annotations
@@ -138,8 +144,20 @@ def _step(name: str) -> Iterator[None]:
         raise UpdateFailed(name, f"{exc.strerror or exc} ({exc.filename or 'no file'})") from exc
 
 
-def models_dir_for(settings: AgentSettings) -> ModelsDir:
-    """The models directory the agent runs from; refuses a config whose model.bundle bypasses it."""
+def models_dir_for(settings: AgentSettings, recipe: str | None = None) -> ModelsDir:
+    """The models directory the agent runs from (``recipe``: that recipe's); refuses a config whose bundle
+    bypasses it."""
+    if recipe is not None:
+        config = next((r for r in settings.recipes if r.name == recipe), None)
+        if config is None:
+            raise ConfigError(f"no recipe named {recipe!r} in [[recipes]]")
+        models = ModelsDir(settings.state_dir / "recipes" / recipe)
+        if Path(config.bundle) != models.current_link:
+            raise ConfigError(
+                f"recipe {recipe!r} has bundle = {config.bundle}, so the agent would not run updated models; fleet "
+                f"updates switch {models.current_link} (set bundle to that path)"
+            )
+        return models
     models = ModelsDir(settings.state_dir / "models")
     if settings.model.bundle is not None and Path(settings.model.bundle) != models.current_link:
         raise ConfigError(
@@ -159,8 +177,11 @@ def apply_update(
     control: AgentControl | None = None,
     events: EventSink | None = None,
     allow_downgrade: bool = False,
+    recipe: str | None = None,
 ) -> UpdateResult:
     """Run one fleet update for this device and say how it ended (never raises for update failures).
+
+    ``recipe``: update that recipe of ``[[recipes]]`` (its models directory, its release in latest.json).
 
     ``control`` reaches the running agent (default: MQTT, cmd/reload); ``events`` receives every step
     (default: the ``update`` topic over the same MQTT connection). ``reload=False`` switches without
@@ -168,17 +189,17 @@ def apply_update(
     --allow-downgrade`` on the box, never from a broker command) permits a release older than the current
     model. Raises ConfigError for an unusable configuration.
     """
-    models = models_dir_for(settings)
+    models = models_dir_for(settings, recipe)
     link: MqttLink | None = None
     if control is None or events is None:
-        link = MqttLink(settings.mqtt, settings.device_id)
+        link = MqttLink(settings.mqtt, settings.device_id, recipe)
         link.connect(timeout_s=min(10.0, settings.update.timeout_s))
         control = control or link
         events = events or link.publish_event
     report = _Reporter(settings.device_id, events)
     try:
         with models.lock():
-            return _run_locked(settings, models, report, control, source, group, force, reload, allow_downgrade)
+            return _run_locked(settings, models, report, control, source, group, force, reload, allow_downgrade, recipe)
     except UpdateLocked as exc:
         report("start", False, str(exc))
         return UpdateResult("locked", step="start", message=str(exc))
@@ -197,6 +218,7 @@ def _run_locked(
     force: bool,
     reload: bool,
     allow_downgrade: bool = False,
+    recipe: str | None = None,
 ) -> UpdateResult:
     from edge_agent.fleet.index import is_url, read_signed_index, tls_context
     from edge_agent.fleet.signing import load_public_key
@@ -215,15 +237,16 @@ def _run_locked(
                     "start", "update.public_key is not set; bundles cannot be verified without the fleet key"
                 )
             public_key = load_public_key(config.public_key)
-        report("start", True, f"checking {source} for group {group!r}")
+        report("start", True, f"checking {source} for group {group!r}" + (f", recipe {recipe!r}" if recipe else ""))
         context = tls_context(config.ca_file) if is_url(source) else None
         with _step("fetch_index"):
             index, location = read_signed_index(source, config.timeout_s, public_key, models.index_serial(), context)
             models.record_index_serial(index.serial)
-            release = index.release_for_group(group)
+            release = index.release_for_recipe(group, recipe) if recipe else index.release_for_group(group)
         if release is None:
-            report("fetch_index", True, f"latest.json rolls out nothing to group {group!r}")
-            return UpdateResult("no_release", message=f"no release for group {group!r}")
+            what = f"group {group!r}" + (f", recipe {recipe!r}" if recipe else "")
+            report("fetch_index", True, f"latest.json rolls out nothing to {what}")
+            return UpdateResult("no_release", message=f"no release for {what}")
         report.version = release.version
         current = models.current_version()
         if release.version == current:
@@ -247,7 +270,8 @@ def _run_locked(
             report("fetch_index", True, message)
             log.warning(message, extra={"event": "update_skipped", "version": release.version})
             return UpdateResult("skipped", version=release.version, previous=current, message=message)
-        waiting = _shadow_gate_problem(index.shadow_gate_for(group), release.version, settings)
+        gate = None if recipe else index.shadow_gate_for(group)  # the shadow model is the groups' bundle's
+        waiting = _shadow_gate_problem(gate, release.version, settings)
         if waiting is not None and not force:
             report("fetch_index", True, waiting)
             log.info(waiting, extra={"event": "update_waiting_for_shadow", "version": release.version})
@@ -256,7 +280,7 @@ def _run_locked(
         root = _obtain_bundle(models, release, location, public_key, settings, context, report)
         if waiting is None and not force:
             # The version matched; now the exact model the signed bundle holds must be the one shadowed.
-            waiting = _shadow_gate_problem(index.shadow_gate_for(group), release.version, settings, root)
+            waiting = _shadow_gate_problem(gate, release.version, settings, root)
             if waiting is not None:
                 report("verify", True, waiting)
                 log.warning(waiting, extra={"event": "update_waiting_for_shadow", "version": release.version})
@@ -483,3 +507,36 @@ def _prune(models: ModelsDir, keep: int, protect: tuple[str | None, ...], report
         removed = models.prune(keep, protect)
     if removed:
         report("prune", True, f"removed {', '.join(removed)}; keeping {keep} version(s)")
+
+
+def apply_recipe_updates(
+    settings: AgentSettings,
+    *,
+    source: str | None = None,
+    group: str | None = None,
+    force: bool = False,
+    reload: bool = True,
+    allow_downgrade: bool = False,
+) -> list[tuple[str, UpdateResult]]:
+    """Update every recipe of ``[[recipes]]`` one by one, in the config's order (options as apply_update's);
+    (recipe, result) each. One recipe's failure (rolled back, or refused) does not stop the next."""
+    results: list[tuple[str, UpdateResult]] = []
+    for config in settings.recipes:
+        result = apply_update(
+            settings,
+            source=source,
+            group=group,
+            force=force,
+            reload=reload,
+            allow_downgrade=allow_downgrade,
+            recipe=config.name,
+        )
+        log.info(
+            "recipe update finished: %s %s",
+            config.name,
+            result.status,
+            extra={"event": "recipe_update_finished", "recipe": config.name, "status": result.status,
+                   "version": result.version, "detail": result.message},
+        )  # fmt: skip
+        results.append((config.name, result))
+    return results

@@ -28,6 +28,7 @@ from edge_agent.config import MqttConfig
 from edge_agent.messages import (
     CommandResult,
     InspectionMessage,
+    ModelRef,
     PayloadError,
     StatsMessage,
     UpdateEvent,
@@ -80,9 +81,10 @@ def updater_config(config: MqttConfig) -> MqttConfig:
 class MqttLink:
     """The updater's own MQTT connection (client id ``<device_id>-updater``, user ``<username>-updater``)."""
 
-    def __init__(self, config: MqttConfig, device_id: str) -> None:
+    def __init__(self, config: MqttConfig, device_id: str, recipe: str | None = None) -> None:
         self.config = config
         self.device_id = device_id
+        self.recipe = recipe  # reload (and watch) this recipe of [[recipes]] only
         self._connected = threading.Event()
         self._gave_up = threading.Event()
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -180,7 +182,10 @@ class MqttLink:
         self._drain()
         self._listening.set()
         request_id = uuid.uuid4().hex
-        payload = json.dumps({"request_id": request_id, "version": version})
+        request: dict[str, str] = {"request_id": request_id, "version": version}
+        if self.recipe is not None:
+            request["recipe"] = self.recipe
+        payload = json.dumps(request)
         self._client.publish(self.topic("cmd/reload"), payload, qos=1)
         log.info(
             "asked the agent to reload",
@@ -221,13 +226,21 @@ class MqttLink:
                 if not result.ok:
                     return HealthResult(False, f"the agent could not load the new model: {result.message}", seen)
                 acknowledged = True
+                if self.recipe is not None and result.data.get("active") is False:
+                    # Loaded and warmed up, but no frame is judged by it until the recipe is selected.
+                    return HealthResult(
+                        True, f"recipe {self.recipe} is not the active one: {version} loaded and warmed up", seen
+                    )
             elif leaf == "inspection":
                 message = _parse(InspectionMessage, payload)
-                if message is not None and message.model.version == version:
+                if message is not None and message.model.version == version and self._ours(message.model):
                     seen += 1
             elif leaf == "stats":
                 stats = _parse(StatsMessage, payload)
-                if acknowledged and stats and stats.model and stats.model.version == version and stats.fps > 0:
+                if (
+                    acknowledged and stats and stats.model and stats.model.version == version
+                    and self._ours(stats.model) and stats.fps > 0
+                ):  # fmt: skip
                     seen = max(seen, needed)
             if acknowledged and seen >= needed:
                 return HealthResult(True, f"the agent runs {version}: {seen} healthy inspections", seen)
@@ -236,6 +249,10 @@ class MqttLink:
                 False, "the agent did not answer cmd/reload in time (is it running this version of edge-agent?)", seen
             )
         return HealthResult(False, f"only {seen} of {needed} inspections with {version} arrived in time", seen)
+
+    def _ours(self, model: ModelRef) -> bool:
+        """A message judged by the recipe being updated (any, without one)."""
+        return self.recipe is None or model.recipe == self.recipe
 
 
 def _parse(model: type[M], payload: bytes) -> M | None:

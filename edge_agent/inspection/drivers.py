@@ -55,6 +55,21 @@ class Frame:
     full: np.ndarray | None = None  # the rotated full frame when a ROI is cut from it (``image`` is a view: no copy)
     # Seconds into a video file (its frame rate) or an image folder (source.fps_limit); None for live sources.
     media_time: float | None = None
+    # The recipe whose rotation and ROI cut this frame (FrameGeometry.recipe); None without [[recipes]].
+    recipe: str | None = None
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """How a frame is cut from the camera's image: rotation, then ROI; ``recipe`` tags the frames cut so.
+
+    One immutable object, read once per frame, so that a recipe switch (edge_agent/service/recipes.py)
+    changes rotation, ROI and tag together at a frame boundary, never between them.
+    """
+
+    roi: tuple[int, int, int, int] | None = None
+    rotate: int = 0
+    recipe: str | None = None
 
 
 class RawSource(Protocol):

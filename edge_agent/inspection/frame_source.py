@@ -26,7 +26,15 @@ import numpy as np
 
 from edge_agent.config import SourceConfig
 from edge_agent.inspection.driver_worker import CallTimedOut, Cancelled, DriverWorker
-from edge_agent.inspection.drivers import LIVE_KINDS, Frame, RawSource, SourceError, SourceTimeout, make_raw_source
+from edge_agent.inspection.drivers import (
+    LIVE_KINDS,
+    Frame,
+    FrameGeometry,
+    RawSource,
+    SourceError,
+    SourceTimeout,
+    make_raw_source,
+)
 from edge_agent.redact import redact_uri
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,8 @@ class FrameSource:
         raw_factory: Callable[[], RawSource] | None = None,
     ) -> None:
         self.config = config
+        # Rotation and ROI of the next frame: replaced whole by a recipe switch (any thread; read once per frame).
+        self.geometry = FrameGeometry(config.roi, config.rotate)
         self._factory = raw_factory if raw_factory is not None else (lambda: make_raw_source(config))
         self.raw = raw if raw is not None else self._factory()
         self.live = self.raw.kind in LIVE_KINDS
@@ -366,13 +376,14 @@ class FrameSource:
 
     def _make_frame(self, image: np.ndarray) -> Frame:
         capture_time = time.time()
-        image = rotate(image, self.config.rotate)
+        geometry = self.geometry  # once: a switch between the rotation and the crop must not mix two recipes
+        image = rotate(image, geometry.rotate)
         height, width = image.shape[:2]
         offset = (0, 0)
         full = None
-        if self.config.roi is not None:
+        if geometry.roi is not None:
             full = image
-            image, offset = crop(image, self.config.roi, self.raw.description)
+            image, offset = crop(image, geometry.roi, self.raw.description)
         frame = Frame(
             sequence=self._sequence,
             capture_time=capture_time,
@@ -382,6 +393,7 @@ class FrameSource:
             roi_offset=offset,
             full=full,
             media_time=self._media_time(),
+            recipe=geometry.recipe,
         )
         self._sequence += 1
         return frame

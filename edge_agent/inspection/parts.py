@@ -163,6 +163,19 @@ class TrackedParts:
         self.counters.noise = self._noise_before + self._tracker.noise
         return [self._message(done, frame, model) for done in decided]
 
+    def switch(self, config: PartsConfig, frame: Frame | None, model: ModelRef | None) -> list[PartMessage]:
+        """A recipe switch (service/recipes.py): the parts in view are decided now with the old recipe's last
+        frame and model, then the belt is learned again with ``config``; part ids and counters continue."""
+        messages = self.finish(frame, model)
+        if self._tracker is not None:
+            self._next_number = self._tracker.next_number
+            self._noise_before += self._tracker.noise
+        self._tracker = None
+        self._evidence.clear()
+        self.config = config
+        self._speed_px_s = self._last_time = None  # another ROI may have another scale: measured again
+        return messages
+
     def _new_evidence(self, verdict: Verdict) -> PartEvidence:
         return PartEvidence(verdict.log10_epsilon, candidate_slack=self.config.candidate_slack)
 

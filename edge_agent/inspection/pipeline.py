@@ -190,6 +190,9 @@ class Pipeline:
         self.last_frame: Frame | None = None  # the last frame read from the source, inspected or not
         self._model = model
         self._model_lock = threading.Lock()
+        # With [[recipes]] (service/recipes.py): the model of the recipe that cut the frame, called under the
+        # model lock; None: every frame gets the current model.
+        self.model_for: Callable[[Frame], LoadedModel] | None = None
         # One warning when the source's frames (after the ROI) have another aspect than the model's.
         self._aspect = AspectCheck(source.source_id)
         self._stop = threading.Event()
@@ -321,7 +324,7 @@ class Pipeline:
     def _infer_loop(self) -> None:
         while (job := self._next(self._to_infer, "infer")) is not None:
             with self._model_lock:
-                model = job.model = self._model
+                model = job.model = self._model if self.model_for is None else self.model_for(job.frame)
                 started = time.monotonic()
                 self._aspect.check(job.frame.image.shape[:2], model.input_size)
                 tensor = model_input(job.frame.image, *model.input_size)

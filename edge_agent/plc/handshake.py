@@ -103,7 +103,7 @@ class PlcState:
     counters: PlcCounters
     last_error: str
     last_error_code: RefusalCode
-    recipe_active: int = 0  # placeholder until recipes exist: the one bundle is recipe 0
+    recipe_active: int = 0  # the active recipe's index in [[recipes]] (0: the one bundle without recipes)
 
     @property
     def trigger_ready(self) -> bool:
@@ -112,6 +112,9 @@ class PlcState:
 
 
 Listener = Callable[[PlcState], None]
+# RecipeSelect: switch to the recipe at this index (edge_agent/service/recipes.py); ValueError with the reason
+# when there is none. Without [[recipes]] the handshake keeps recipe 0, the box's one bundle.
+RecipeSelector = Callable[[int], None]
 
 
 @dataclass
@@ -133,6 +136,8 @@ class PlcHandshake:
     _sequence: int = 0
     _last_error: str = ""
     _last_code: RefusalCode = RefusalCode.NONE
+    _recipe_active: int = 0
+    selector: RecipeSelector | None = None
 
     def listen(self, listener: Listener) -> None:
         """Call ``listener`` with the state now and after every change."""
@@ -236,13 +241,28 @@ class PlcHandshake:
             self._changed()
 
     def select_recipe(self, index: int) -> None:
-        """RecipeSelect: a placeholder until recipes exist; only recipe 0 (the one bundle) is accepted."""
-        if index != 0:
+        """RecipeSelect: switch recipes; PlcRefused (LastErrorCode 4) when there is no recipe ``index``.
+
+        The switch itself (the selector) runs outside this lock: it tells ``recipe_changed`` when done.
+        """
+        try:
+            if self.selector is None:
+                if index != 0:
+                    raise ValueError(f"recipe {index} does not exist: this box has no [[recipes]], only recipe 0")
+            else:
+                self.selector(index)
+        except ValueError as exc:
             with self._lock:
-                self._last_error = f"recipe {index} does not exist (recipes are not implemented: only 0)"
-                self._last_code = RefusalCode.BAD_RECIPE
+                self._last_error, self._last_code = str(exc), RefusalCode.BAD_RECIPE
                 self._changed()
-            raise PlcRefused(RefusalCode.BAD_RECIPE, self._last_error)
+            raise PlcRefused(RefusalCode.BAD_RECIPE, str(exc)) from exc
+
+    def recipe_changed(self, index: int) -> None:
+        """The active recipe is now ``index`` (from any interface): RecipeActive shows it."""
+        with self._lock:
+            if index != self._recipe_active:
+                self._recipe_active = index
+                self._changed()
 
     # -- inside the lock ------------------------------------------------------------------------------
 
@@ -272,6 +292,7 @@ class PlcHandshake:
             counters=self._counters,
             last_error=self._last_error,
             last_error_code=self._last_code,
+            recipe_active=self._recipe_active,
         )
 
     def _changed(self) -> None:

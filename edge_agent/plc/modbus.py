@@ -7,7 +7,7 @@ Every read is answered from the handshake's state at that instant (pymodbus call
 reads the block, and we fill the block then), so there is nothing to keep in sync. Writes: coil 0
 (Trigger, self-clearing) triggers, refused with exception 06 Server Device Busy (busy) or 04 Server
 Device Failure (offline) and counted; coil 1 is ResultsAck; holding registers 0-1 are the TriggerId,
-register 2 RecipeSelect (only 0 until recipes exist: exception 03 Illegal Data Value otherwise).
+register 2 RecipeSelect (an index into [[recipes]]; no such recipe: exception 03 Illegal Data Value).
 
 32-bit values are two registers, **high word first** (big-endian words, "ABCD"; mbpoll's ``-B``);
 floats are IEEE 754 single precision.

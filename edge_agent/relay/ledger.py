@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from edge_agent.messages import RelayDeviceStats, RelayStats
+from edge_agent.messages import ModelRef, RelayDeviceStats, RelayStats
 from edge_agent.relay.intake import MalformedMessage
 from edge_agent.relay.report import Decision, quantile
 
@@ -40,6 +40,8 @@ class CameraTally:
     clock_offset_s: float | None = None
     clock_source: str = ""
     clock_samples_refused: int = 0
+    recipe: str | None = None  # of the camera's latest live message
+    model_version: str | None = None
     decisions: Counter[Decision] = field(default_factory=Counter)
 
     def stats(self) -> RelayDeviceStats:
@@ -51,6 +53,8 @@ class CameraTally:
                 "clock_offset_s": self.clock_offset_s,
                 "clock_source": self.clock_source,
                 "clock_samples_refused": self.clock_samples_refused,
+                "recipe": self.recipe,
+                "model_version": self.model_version,
                 **rendered(self.decisions, PER_CAMERA),
             }
         )
@@ -121,11 +125,21 @@ class Ledger:
                 )
             self._cameras[device] = CameraTally()
 
-    def received(self, device: str, offset_s: float, clock_source: str, refused: int | None = None) -> None:
-        """One more message from a camera, with its clock estimate (and refused clock samples, when known)."""
+    def received(
+        self,
+        device: str,
+        offset_s: float,
+        clock_source: str,
+        refused: int | None = None,
+        model: ModelRef | None = None,
+    ) -> None:
+        """One more message from a camera, with its clock estimate (and refused clock samples, when known) and,
+        for a live message, the model that judged it (the stats show the camera's active recipe)."""
         with self._lock:
             tally = self._camera(device)
             tally.received += 1
+            if model is not None:
+                tally.recipe, tally.model_version = model.recipe, model.version
             tally.clock_offset_s, tally.clock_source = round(offset_s, 6), clock_source
             if refused is not None:
                 tally.clock_samples_refused = refused

@@ -214,7 +214,7 @@ class PartDecisions:
         ledger.note_part_camera(device)
         timing = self.settings.part_timing_for(device)
         offset = self.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
-        ledger.received(device, offset.offset_s, offset.source)
+        ledger.received(device, offset.offset_s, offset.source, model=None if message.replayed else message.model)
         key = part_key(message)
         if message.status == "no_frame":
             log_part(Decision.NO_FRAME, message, topic, None, logging.ERROR, reason="a trigger got no frame in time")

@@ -198,7 +198,9 @@ class RejectRelay:
         timing = self.settings.timing_for(device)
         offset = self.clock.observe(message, arrival, timing.clock_offset_s if timing else 0.0)
         refused = self.clock.refused(device)
-        self.ledger.received(device, offset.offset_s, offset.source, refused)
+        self.ledger.received(
+            device, offset.offset_s, offset.source, refused, None if message.replayed else message.model
+        )
         if not message.anomalous:
             return self._decide_good(message, topic)
         self.ledger.anomalous(device)

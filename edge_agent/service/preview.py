@@ -149,9 +149,10 @@ class PreviewPage:
             "image_score": message.image_score,
             "regions": [region.model_dump(mode="json") for region in message.regions],
             "latency_ms": message.latency_ms.model_dump(mode="json"),
-            "model": f"{message.model.name} {message.model.version} ({message.model.backend})",
+            "model": f"{message.model.name} {message.model.version} ({message.model.backend})"
+            + (f", recipe {message.model.recipe}" if message.model.recipe else ""),
             "log10_epsilon": message.log10_epsilon,
-            "caption": f"{frame_caption(job)} · model {message.model.name} {message.model.version}".replace(
+            "caption": f"{frame_caption(job)} · model {message.model.name} {message.model.version}{_recipe(job)}".replace(
                 "  ", " · "
             ),
             "verdict": _verdict_word(job),
@@ -371,3 +372,9 @@ refresh();
 </script>
 </body></html>
 """
+
+
+def _recipe(job: FrameJob) -> str:
+    """`` · recipe <name>`` for a frame judged by a recipe ([[recipes]]), else nothing."""
+    recipe = job.message.model.recipe if job.message is not None else None
+    return f" · recipe {recipe}" if recipe else ""
