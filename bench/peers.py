@@ -230,7 +230,7 @@ def prepare_data(
         split_path = write_split_json(splits, results / "data" / key / "split.json")
     log.info(
         "data ready",
-        extra={"event": "peers.data", "key": key, "split": str(split_path), **_counts(splits)},
+        extra={"event": "peers_data", "key": key, "split": str(split_path), **_counts(splits)},
     )
     return BenchData(splits, split_path, key, image_size, image_width)
 
@@ -453,7 +453,7 @@ def load_arrays(data: BenchData) -> Arrays:
         masks=np.stack([load_mask(r.mask, height, width) for r in splits.test]),
         labels=np.array([r.label == 1 for r in splits.test]),
     )
-    log.info("images loaded", extra={"event": "peers.images", "seconds": round(time.perf_counter() - tick, 1)})
+    log.info("images loaded", extra={"event": "peers_images", "seconds": round(time.perf_counter() - tick, 1)})
     return arrays
 
 
@@ -493,7 +493,7 @@ def run_ours(data: BenchData, args: argparse.Namespace, key: str) -> dict[str, A
             command += ["--image-size", str(args.ours_image_size)]
         log.info(
             "ours: training",
-            extra={"event": "peers.ours.train", "command": " ".join(command), "log": str(work / "train.log")},
+            extra={"event": "peers_ours_train", "command": " ".join(command), "log": str(work / "train.log")},
         )
         tick = time.perf_counter()
         with (work / "train.log").open("w", encoding="utf-8") as out:
@@ -501,7 +501,7 @@ def run_ours(data: BenchData, args: argparse.Namespace, key: str) -> dict[str, A
         train_seconds = time.perf_counter() - tick
         if done.returncode != 0:
             raise RuntimeError(f"uflow train failed ({done.returncode}); see {work / 'train.log'}")
-    log.info("ours: evaluating", extra={"event": "peers.ours.evaluate", "run": str(run_dir)})
+    log.info("ours: evaluating", extra={"event": "peers_ours_evaluate", "run": str(run_dir)})
     result = evaluate(data.splits, work / "evaluate", run_dir=run_dir, threads=args.threads)
     overall = result["overall"]
     timing = _ours_timing(run_dir, data, args.threads)
@@ -572,7 +572,7 @@ def _ours_timing(run_dir: Path, data: BenchData, threads: int) -> dict[str, floa
             log_nfa_map_of([m[0] for m in maps], channels, [s.head for s in model.scales], size, None)
             decide.append(time.perf_counter() - tick)
         except Exception as exc:  # the NFA's API is being reworked; a timing must not sink the bench
-            log.warning("NFA timing skipped", extra={"event": "peers.ours.nfa_timing", "error": repr(exc)})
+            log.warning("NFA timing skipped", extra={"event": "peers_ours_nfa_timing", "error": repr(exc)})
             break
     nfa_ms = 1000 * float(np.median(decide[1:] or decide)) if decide else None
     return {"ms_per_image": 1000 * float(np.median(forward)), "nfa_ms_per_image": nfa_ms}
@@ -681,7 +681,7 @@ def _progress(label: str, done: int, total: int, started: float, batch: int) -> 
     if done == total or done // step != max(0, done - batch) // step:
         log.info(
             f"{label} {done}/{total}",
-            extra={"event": "peers.progress", "step": label, "seconds": round(time.perf_counter() - started, 1)},
+            extra={"event": "peers_progress", "step": label, "seconds": round(time.perf_counter() - started, 1)},
         )
 
 
@@ -764,14 +764,14 @@ def run_patchcore(arrays: Arrays, args: argparse.Namespace, config: dict[str, An
     tick = time.perf_counter()
     _fit_memory_model(model, arrays.train, 8, "patchcore embed")
     log.info(
-        "patchcore: coreset", extra={"event": "peers.patchcore.coreset", "ratio": config["coreset_sampling_ratio"]}
+        "patchcore: coreset", extra={"event": "peers_patchcore_coreset", "ratio": config["coreset_sampling_ratio"]}
     )
     model.subsample_embedding(config["coreset_sampling_ratio"])
     train_seconds = time.perf_counter() - tick
     log.info(
         "patchcore: fitted",
         extra={
-            "event": "peers.patchcore.fit",
+            "event": "peers_patchcore_fit",
             "bank": int(model.memory_bank.shape[0]),
             "seconds": round(train_seconds),
         },
@@ -795,7 +795,7 @@ def run_padim(arrays: Arrays, args: argparse.Namespace, config: dict[str, Any]) 
     _fit_memory_model(model, arrays.train, 8, "padim embed")
     model.fit()
     train_seconds = time.perf_counter() - tick
-    log.info("padim: fitted", extra={"event": "peers.padim.fit", "seconds": round(train_seconds)})
+    log.info("padim: fitted", extra={"event": "peers_padim_fit", "seconds": round(train_seconds)})
     return _peer_result(model, arrays, train_seconds, "padim", {})
 
 
@@ -899,7 +899,7 @@ def run_uflow(arrays: Arrays, args: argparse.Namespace, config: dict[str, Any]) 
     del cached
     log.info(
         "uflow: features cached",
-        extra={"event": "peers.uflow.features", "seconds": round(time.perf_counter() - tick, 1)},
+        extra={"event": "peers_uflow_features", "seconds": round(time.perf_counter() - tick, 1)},
     )
     generator = torch.Generator().manual_seed(args.seed)
     budget = 60.0 * config["budget_min"] if config["budget_min"] else None
@@ -908,7 +908,7 @@ def run_uflow(arrays: Arrays, args: argparse.Namespace, config: dict[str, Any]) 
     module.train()
     for epoch in range(1, config["max_epochs"] + 1):
         if budget is not None and epochs_run and time.perf_counter() - tick + epoch_seconds > budget:
-            log.info("uflow: time budget reached", extra={"event": "peers.uflow.budget", "epochs": epochs_run})
+            log.info("uflow: time budget reached", extra={"event": "peers_uflow_budget", "epochs": epochs_run})
             break
         started = time.perf_counter()
         order = torch.randperm(count, generator=generator)
@@ -927,7 +927,7 @@ def run_uflow(arrays: Arrays, args: argparse.Namespace, config: dict[str, Any]) 
         log.info(
             f"uflow epoch {epoch}/{config['max_epochs']}",
             extra={
-                "event": "peers.uflow.epoch",
+                "event": "peers_uflow_epoch",
                 "loss": round(float(np.mean(losses)), 4),
                 "seconds": round(epoch_seconds, 1),
             },
@@ -983,7 +983,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         key = cache_key(method, config, data.key)
         cached = None if (method in forced or args.force) else load_cached(results_dir, method, key)
         if cached is not None:
-            log.info("cached", extra={"event": "peers.cached", "method": method, "key": key})
+            log.info("cached", extra={"event": "peers_cached", "method": method, "key": key})
             results.append(cached)
             continue
         if forced and method not in forced:
@@ -992,9 +992,9 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         if method != "ours" and not anomalib_available():
             # The main venv has no anomalib by design; say where to run the peers instead of a traceback.
             missing[method] = "anomalib is not installed here (use .venv-peers, see docs/peers.md)"
-            log.warning("peer skipped", extra={"event": "peers.no_anomalib", "method": method})
+            log.warning("peer skipped", extra={"event": "peers_no_anomalib", "method": method})
             continue
-        log.info("computing", extra={"event": "peers.start", "method": method, "key": key})
+        log.info("computing", extra={"event": "peers_start", "method": method, "key": key})
         started = time.perf_counter()
         if method == "ours":
             import torch
@@ -1020,7 +1020,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             **outcome,
         }
         path = save_result(results_dir, result)
-        log.info("done", extra={"event": "peers.done", "method": method, "result": str(path), **_headline(result)})
+        log.info("done", extra={"event": "peers_done", "method": method, "result": str(path), **_headline(result)})
         results.append(result)
     table = table_markdown(results, missing, data)
     (results_dir / "table.md").write_text(table, encoding="utf-8")

@@ -176,7 +176,7 @@ def run_dataset(args: argparse.Namespace, split: Path) -> DatasetRun:
     height, width, aspect = suite_geometry(split, args.max_train, args.image_size)
     log.info(
         "data set",
-        extra={"event": "suite.dataset", "dataset": split.parent.name, "height": height, "width": width},
+        extra={"event": "suite_dataset", "dataset": split.parent.name, "height": height, "width": width},
     )
     bench_args = peers_args(peers, args, split, height, width)
     results = peers.run_bench(bench_args)

@@ -1,12 +1,11 @@
 """Structured logging: one line per event, JSON for journald or plain text for a terminal.
 
-Log with an event name and context in ``extra``::
+Every log call names its event and context in ``extra``, one style everywhere::
 
     log.info("source opened", extra={"event": "source_opened", "uri": uri, "fps": 30.0})
 
-or, where the context is long, with ``log_event`` (same record, and no hand-wrapped ``extra`` dict)::
-
-    log_event(log, logging.WARNING, "cannot reach MQTT broker", "mqtt_unreachable", host=host, port=port)
+Event names are snake_case (``source_opened``, ``train_epoch``): a grep or a log query matches one
+spelling. tests/test_logs.py holds every package to both rules.
 """
 
 from __future__ import annotations
@@ -54,16 +53,6 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
         return line
-
-
-def log_event(
-    logger: logging.Logger, level: int, message: str, event: str, *args: object, exc_info: bool = False, **context: Any
-) -> None:
-    """One structured line: ``logger.log(level, message, *args, extra={"event": event, **context})``.
-
-    The record names the caller's file and line, not this helper's.
-    """
-    logger.log(level, message, *args, exc_info=exc_info, extra={"event": event, **context}, stacklevel=2)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:

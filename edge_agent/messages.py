@@ -237,6 +237,9 @@ class RelayDeviceStats(_Payload):
     missed: int = 0
     duplicates: int = 0
     skipped_good: int = 0
+    skipped_parts_mode: int = Field(
+        default=0, description="anomalous inspections of a camera whose part messages decide its rejects"
+    )
     actuator_failures: int = 0
     rate_limited: int = Field(default=0, description="messages dropped unparsed beyond [limits] messages_per_s")
     clock_offset_s: float | None = Field(default=None, description="relay clock - agent clock, as used now")
@@ -261,6 +264,9 @@ class RelayStats(_Payload):
     missed: int = Field(description="anomalous parts not rejected because their deadline had passed")
     duplicates: int
     skipped_good: int
+    skipped_parts_mode: int = Field(
+        default=0, description="anomalous inspections of a camera whose part messages decide its rejects"
+    )
     malformed: int
     unconfigured: int = Field(description="anomalous messages from a device with no travel time configured")
     unknown_devices: int = Field(

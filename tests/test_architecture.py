@@ -212,7 +212,7 @@ FLOORS = (
     # the contract (bundle, config, messages) and the plumbing every layer may use
     (
         *("config", "config_plc", "config_recipes", "config_files", "fileio", "logs", "systemd", "exit_codes"),
-        *("bundle", "promise", "messages", "redact", "thread_priority", "demo"),
+        *("bundle", "promise", "messages", "redact", "thread_priority"),
     ),
     # then the frame's own order: the model, the stages, what leaves the agent, and what reads its output
     ("engines",),
@@ -221,6 +221,7 @@ FLOORS = (
     ("relay",),
     ("fleet", "plc"),
     ("service",),
+    ("demo",),  # the whole product on one machine: its agent and relay run as they do in service/ and relay/
     ("cli",),
 )
 
@@ -297,3 +298,93 @@ def test_every_file_a_docstring_or_doc_names_exists() -> None:
             if "://" not in target and not target.startswith("mailto:") and not (path.parent / target).exists():
                 missing.append(f"{path.relative_to(ROOT)} links to {target}")
     assert not missing, "files named but not in the repository:\n" + "\n".join(missing)
+
+
+# A bare module name (``pipeline.py``, not part of a path): written for a reader who knows the folder, so it
+# must at least be the name of one of the project's files (a renamed module leaves such names behind).
+BARE_MODULE = re.compile(r"(?<![\w./-])([A-Za-z_]\w*\.py)\b")
+
+
+def bare_module_names(text: str) -> Iterator[str]:
+    """File names ending in .py named in ``text`` without a folder."""
+    for match in BARE_MODULE.finditer(text):
+        yield match.group(1)
+
+
+def test_bare_module_names_are_found() -> None:
+    text = "the source (sources.py), its worker (driver_worker.py) and edge_agent/inspection/nfa.py"
+    assert list(bare_module_names(text)) == ["sources.py", "driver_worker.py"]
+
+
+def test_every_bare_module_name_in_a_docstring_or_doc_is_a_project_file() -> None:
+    # tests/ are left out: they write files with made-up names (probe.py, sitecustomize.py) on purpose.
+    project = [p for folder in (*PACKAGES, "tests", "bench") for p in (ROOT / folder).rglob("*.py")]
+    names = {p.name for p in project} | {p.name for p in ROOT.glob("*.py")}
+    sources = [p for folder in (*PACKAGES, "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = [
+        f"{path.relative_to(ROOT)} names {name}"
+        for path in sources + docs
+        for name in bare_module_names(path.read_text(encoding="utf-8"))
+        if name not in names
+    ]
+    assert not missing, "modules named but not in the project (renamed? give the new name):\n" + "\n".join(missing)
+
+
+# -- private attributes stay in their file ------------------------------------------------------------
+
+
+def _self_attributes(node: ast.AST) -> Iterator[tuple[str, int, bool]]:
+    """``(name, line, assigned)`` for every ``self.<name>`` in ``node``."""
+    for child in ast.walk(node):
+        if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "self":
+            yield child.attr, child.lineno, isinstance(child.ctx, ast.Store)
+
+
+def _private_members(cls: ast.ClassDef) -> set[str]:
+    """The ``_name`` methods and ``self._name`` attributes a class defines (dunders are not private)."""
+    methods = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assigned = {name for name, _, stored in _self_attributes(cls) if stored}
+    return {n for n in methods | assigned if n.startswith("_") and not n.endswith("__")}
+
+
+def private_reaches(module: str, path: Path) -> Iterator[str]:
+    """Uses of a base class's private members by a subclass written in another module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    imported = {
+        alias.asname or alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+    known = project_modules()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        own = _private_members(cls)
+        for base in cls.bases:
+            source = imported.get(base.id) if isinstance(base, ast.Name) else None
+            if source not in known or source == module:
+                continue
+            assert isinstance(base, ast.Name)
+            base_tree = ast.parse(known[source].read_text(encoding="utf-8"))
+            base_cls = next(n for n in ast.walk(base_tree) if isinstance(n, ast.ClassDef) and n.name == base.id)
+            theirs = _private_members(base_cls) - own
+            for name, line, _ in _self_attributes(cls):
+                if name in theirs:
+                    yield f"{path.name}:{line} {cls.name} uses {source}.{base.id}.{name}"
+
+
+def test_private_reaches_are_found(tmp_path: Path) -> None:
+    sub = tmp_path / "sub.py"
+    sub.write_text(
+        "from edge_agent.publish.session import MqttSession\n"
+        "class P(MqttSession):\n    def f(self):\n        self._own = 1\n        return self._client_lock, self._own\n"
+    )
+    found = list(private_reaches("sub", sub))
+    assert len(found) == 1 and "MqttSession._client_lock" in found[0]
+
+
+def test_a_subclass_in_another_file_uses_only_its_bases_public_api() -> None:
+    # A lock rule such as publish/session.py's can only be checked by reading one file if no other file
+    # touches that class's private state (docs/design.md, "the MQTT session").
+    found = [r for m, p in project_modules().items() for r in private_reaches(m, p)]
+    assert not found, "use or add a public method instead:\n" + "\n".join(found)

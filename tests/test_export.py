@@ -287,7 +287,7 @@ def test_the_manifest_records_the_calibration_count_and_export_warns_what_is_mis
     )
     assert calibration.false_regions_per_image_upper95 == pytest.approx(0.1427, abs=1e-4)
     assert calibration.flagged_share_upper95 == pytest.approx(0.1329, abs=1e-4)
-    warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "export.promise_unsupported"]
+    warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "export_promise_unsupported"]
     assert len(warned) == 1
     for fact in ("1 per 100 parts", "300", "had 21", "279 more good images"):
         assert fact in warned[0]

@@ -273,4 +273,8 @@ def test_a_camera_that_sends_part_messages_is_never_fired_by_its_inspections(
     assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=5)
     time.sleep(0.6)
     assert [a.body["part_id"] for a in http.arrivals] == ["3-1"]
-    assert relay.stats().fired == 1
+    stats = relay.stats()
+    assert stats.fired == 1
+    # Logged and counted under one name (skipped-parts-mode / skipped_parts_mode), not with the good ones.
+    assert (stats.skipped_parts_mode, stats.skipped_good, stats.anomalous) == (1, 0, 2)
+    assert stats.devices["cam1"].skipped_parts_mode == 1

@@ -309,7 +309,7 @@ def evaluate(
     result["seconds"] = time.perf_counter() - started
     result["report"] = write_report(out_dir, result, test, predictions, log_nfa, samples_per_type)
     write_json(out_dir / METRICS_NAME, result)
-    log.info("evaluation done", extra={"event": "evaluate.done", "out": str(out_dir), **_headline(result)})
+    log.info("evaluation done", extra={"event": "evaluate_done", "out": str(out_dir), **_headline(result)})
     return result
 
 

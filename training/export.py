@@ -256,7 +256,7 @@ def nfa_spec(
     if null_model == "fitted":
         log.warning(
             "run has no fitted NFA null: the bundle uses the paper's polyomino NFA",
-            extra={"event": "export.no_fitted_null", "run": str(info.root)},
+            extra={"event": "export_no_fitted_null", "run": str(info.root)},
         )
     return NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests(shapes))
 
@@ -448,7 +448,7 @@ def export_bundle(
         model = flow_only(model)
         log.warning(
             "the bundle keeps the flow only: the gaussian and memory heads need the fitted NFA null",
-            extra={"event": "export.heads_dropped", "run": str(info.root), "null_model": null_model},
+            extra={"event": "export_heads_dropped", "run": str(info.root), "null_model": null_model},
         )
     if not info.selftest_images:
         raise ExportError(f"run {info.root} has no self-test images in selftest/; train again to finish it")
@@ -487,7 +487,7 @@ def export_bundle(
     log.info(
         "bundle exported",
         extra={
-            "event": "export.done",
+            "event": "export_done",
             "bundle": str(out_dir),
             "bundle_name": name,
             "version": version,
@@ -498,8 +498,8 @@ def export_bundle(
     )
     warning = warn_if_blind(manifest)
     if warning:
-        log.warning(warning, extra={"event": "export.blind_model", "bundle": str(out_dir)})
+        log.warning(warning, extra={"event": "export_blind_model", "bundle": str(out_dir)})
     unsupported = warn_if_unsupported(manifest)
     if unsupported:
-        log.warning(unsupported, extra={"event": "export.promise_unsupported", "bundle": str(out_dir)})
+        log.warning(unsupported, extra={"event": "export_promise_unsupported", "bundle": str(out_dir)})
     return out_dir

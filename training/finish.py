@@ -215,13 +215,13 @@ def finish_run(
         epsilon = DEFAULT_LOG10_EPSILON
         message = shortfall(calibration.check)
         if message:
-            log.warning(message, extra={"event": "train.promise_unsupported", "images": len(images)})
+            log.warning(message, extra={"event": "train_promise_unsupported", "images": len(images)})
     else:
         # A null fitted on a handful of images does not know its own tail: the paper's conservative NFA.
         nulls, evidence_scale, epsilon = None, None, 0.0
         log.warning(
             "too few validation images to fit the NFA null: the bundle will use the paper's polyomino NFA",
-            extra={"event": "train.nfa_null_skipped", "images": len(images), "needed": MIN_CALIBRATION_IMAGES},
+            extra={"event": "train_nfa_null_skipped", "images": len(images), "needed": MIN_CALIBRATION_IMAGES},
         )
     fitted = min_log_nfa(maps, channels, size, nulls, heads)
     polyomino = min_log_nfa(maps, channels, size, None, heads)
@@ -247,7 +247,7 @@ def finish_run(
     log.info(
         "validation scored",
         extra={
-            "event": "train.finish",
+            "event": "train_finish",
             "source": source,
             "images": len(images),
             "nfa_null": result["nfa_null"],

@@ -97,7 +97,7 @@ def choose_geometry(paths: Sequence[Path], short_side: int, multiple: int, max_p
     log.info(
         "input geometry from the data",
         extra={
-            "event": "train.geometry",
+            "event": "train_geometry",
             "data_aspect": round(aspect, 3),
             "images_sampled": count,
             "height": height,

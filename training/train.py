@@ -109,7 +109,7 @@ def placement(config: TrainConfig) -> Placement:
             raise TrainingError(f"--device {config.device} asked for, but torch sees no CUDA GPU")
     amp = config.amp if config.amp is not None else device.type == "cuda"
     if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("no bfloat16 on this GPU: training in float32", extra={"event": "train.no_bf16"})
+        log.warning("no bfloat16 on this GPU: training in float32", extra={"event": "train_no_bf16"})
         amp = False
     return Placement(device, torch.bfloat16 if amp else None, config.channels_last)
 
@@ -270,7 +270,7 @@ def train(
             "versions": _versions(),
         },
     )
-    log.info("loading images", extra={"event": "train.load", "train": len(splits.train), "val": len(splits.val)})
+    log.info("loading images", extra={"event": "train_load", "train": len(splits.train), "val": len(splits.val)})
     train_images = load_images(splits.train, height, width)
     val_images = load_images(splits.val, height, width)
     cache, ebs = train_config.cache_features, train_config.extract_batch_size
@@ -279,7 +279,7 @@ def train(
     log.info(
         "training on",
         extra={
-            "event": "train.placement",
+            "event": "train_placement",
             "device": str(where.device),
             "amp": str(where.amp_dtype),
             "channels_last": where.channels_last,
@@ -324,14 +324,14 @@ def train(
         history.append(row)
         write_json(run_dir / HISTORY_NAME, history)
         bar.set_postfix(loss=f"{train_loss / dims:.4f}", val=f"{(val_nll or math.nan) / dims:.4f}", best=best[1])
-        log.info("epoch done", extra={"event": "train.epoch", **row})
+        log.info("epoch done", extra={"event": "train_epoch", **row})
         if on_epoch is not None:
             on_epoch(row)
         if train_config.patience and epoch - best[1] >= train_config.patience:
             log.info(
                 "early stop",
                 extra={
-                    "event": "train.early_stop",
+                    "event": "train_early_stop",
                     "epoch": epoch,
                     "best_epoch": best[1],
                     "patience": train_config.patience,

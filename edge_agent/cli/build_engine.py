@@ -1,7 +1,7 @@
 """``edge-agent build-engine``: compile a bundle to a TensorRT plan for this GPU, once, with progress.
 
 Run by the ``edge-agent-build-engine`` oneshot unit before the agent starts, so the agent never
-blocks for minutes compiling. The plan is cached (engine_cache.py): on every later start this finds
+blocks for minutes compiling. The plan is cached (edge_agent/engines/tensorrt/cache.py): on every later start this finds
 it and exits in about a second. A plan built for another GPU or TensorRT version is never loaded;
 this builds the right one beside it. After a build the plan is loaded once and run on a frame next
 to ONNX Runtime, and the difference is logged.

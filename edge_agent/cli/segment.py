@@ -86,7 +86,13 @@ def run(args: argparse.Namespace) -> int:
             extra={"event": "image_segmented", "json": str(result.json_path)},
         )
     engine.close()
-    log.info("segmented %d of %d image(s) into %s", len(images) - failures, len(images), args.out)
+    log.info(
+        "segmented %d of %d image(s) into %s",
+        len(images) - failures,
+        len(images),
+        args.out,
+        extra={"event": "segment_done", "images": len(images), "failed": failures, "out": str(args.out)},
+    )
     return EXIT_FAILURE if failures else EXIT_OK
 
 

@@ -1,8 +1,9 @@
 """The demo's line in tracked mode: the real ``edge-agent reject-relay`` with an MQTT actuator, and a watcher.
 
-The watcher is a plain MQTT client standing where a PLC and a dashboard would: it receives the agent's
-part messages and the relay's reject orders (the actuator's topic), so the demo's summary counts parts
-and pulses from what the agent and the relay actually published.
+The watcher is an MQTT client (made by the one client factory, edge_agent/publish/client.py) standing where a
+PLC and a dashboard would: it receives the agent's part messages and the relay's reject orders (the
+actuator's topic), so the demo's summary counts parts and pulses from what the agent and the relay actually
+published. In frames mode (frames.py) the same watcher stands where a reject relay would.
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 
-from edge_agent.config import AgentSettings
+from edge_agent.config import AgentSettings, MqttConfig
 from edge_agent.demo.conveyor import ConveyorSpec, ConveyorTruth
 from edge_agent.demo.local_broker import BrokerError
+from edge_agent.publish.client import new_client
 
 PLC_TOPIC = "plc/demo/reject"
 RELAY_ID = "demo-relay"
+DEVICE_ID = "demo"
+
+
+class RunAgent(Protocol):
+    """``edge_agent.cli.run.run_agent``, passed in: the demo's floor does not import the CLI's."""
+
+    def __call__(self, settings: AgentSettings, on_result: Callable[[Any], None] | None = None) -> int: ...
+
+
+def say(text: str) -> None:
+    """One line for the person watching."""
+    print(text, flush=True)
 
 
 def write_relay_config(
@@ -99,13 +113,19 @@ class RelayChild:
 
 @dataclass
 class LineWatcher:
-    """Subscribes to the agent's topics and the actuator's, collecting part messages and reject pulses."""
+    """Subscribes to the agent's topics and the actuator's, collecting part messages and reject pulses.
+
+    ``label`` names it in the lines it prints; ``print_rejects`` prints every anomalous inspection message
+    (frames mode, where no part messages come).
+    """
 
     host: str
     port: int
     device_id: str
     prefix: str = "uflow"
     say: Callable[[str], None] = print
+    label: str = "line"
+    print_rejects: bool = False
     parts: list[dict[str, Any]] = field(default_factory=list)
     frames: list[dict[str, Any]] = field(default_factory=list)
     pulses: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
@@ -115,7 +135,8 @@ class LineWatcher:
 
     def start(self) -> None:
         subscribed = threading.Event()
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="demo-line-watcher")
+        config = MqttConfig(host=self.host, port=self.port)
+        self.client = new_client(config, f"demo-{self.label}-watcher", MQTTProtocolVersion.MQTTv311)
         topics = [(f"{self.prefix}/{self.device_id}/#", 1), (PLC_TOPIC, 1)]
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
@@ -123,7 +144,7 @@ class LineWatcher:
         self.client.connect(self.host, self.port)
         self.client.loop_start()
         if not subscribed.wait(10):
-            raise BrokerError(f"the line watcher could not subscribe on {self.host}:{self.port}")
+            raise BrokerError(f"the {self.label} watcher could not subscribe on {self.host}:{self.port}")
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         topic, payload = message.topic, message.payload
@@ -137,7 +158,7 @@ class LineWatcher:
                 )
             elif topic.endswith("/status"):
                 self.statuses.append(payload.decode())
-                self.say(f"   [line] agent status: {payload.decode()}")
+                self.say(f"   [{self.label}] agent status: {payload.decode()}")
             elif topic.endswith("/part"):
                 data = json.loads(payload)
                 self.parts.append(data)
@@ -148,8 +169,21 @@ class LineWatcher:
                     f"{frames['count']} frames ({frames['first_sequence']}-{frames['last_sequence']})"
                 )
             elif topic.endswith("/inspection"):
-                self.frames.append(json.loads(payload))
+                data = json.loads(payload)
+                self.frames.append(data)
+                if self.print_rejects and data["anomalous"]:
+                    regions = "; ".join(
+                        f"bbox {r['bbox']} area {r['area']} px log10 NFA {r['log_nfa']:.1f}" for r in data["regions"]
+                    )
+                    self.say(
+                        f"   [{self.label}] frame {data['sequence']:4d}  REJECT  score {data['image_score']:.3f}  "
+                        f"{regions}"
+                    )
             self._cond.notify_all()
+
+    def wait_for_status(self, status: str, timeout: float) -> bool:
+        """True once the agent published ``status`` (e.g. ``stopped``), False after ``timeout`` seconds."""
+        return self.wait_for(lambda w: status in w.statuses, timeout)
 
     def wait_for(self, predicate: Callable[[LineWatcher], bool], timeout: float) -> bool:
         with self._cond:
@@ -175,16 +209,13 @@ def run_tracked(
     workdir: Path,
     threads: int,
     say: Callable[[str], None],
-    run_agent: Callable[[AgentSettings], int],
+    run_agent: RunAgent,
 ) -> tuple[int, TrackedNumbers]:
-    """Step 5 in tracked mode: relay process, watcher, the agent on the video; (exit code, summary numbers).
-
-    ``run_agent`` is ``edge_agent.cli.run.run_agent`` (passed in: the demo's floor does not import the CLI's).
-    """
+    """Step 5 in tracked mode: relay process, watcher, the agent on the video; (exit code, summary numbers)."""
     from edge_agent.config import load_settings
     from edge_agent.logs import setup_logging
 
-    device_id = "demo"
+    device_id = DEVICE_ID
     speed_m_s = spec.speed_px * spec.fps / PX_PER_M
     config = workdir / "agent.toml"
     config.write_text(

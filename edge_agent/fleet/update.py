@@ -3,7 +3,7 @@
 Steps (each one logged and published as an UpdateEvent on ``<prefix>/<device_id>/update``):
 
 1. ``start``: take the lock, remove leftovers of interrupted runs, undo an unconfirmed switch.
-2. ``fetch_index``: read latest.json, check its signature, expiry and serial (fleet.py), and pick the
+2. ``fetch_index``: read latest.json, check its signature, expiry and serial (index.py), and pick the
    release for this device's rollout group; an older version than the current one is refused unless
    ``--allow-downgrade`` was given on the box; when latest.json sets a ``shadow_gate`` for the group, the
    version must first have run as this box's shadow model long enough, with enough agreement

@@ -4,8 +4,9 @@
 2. ``frame_source``: the resilient source around them (driver calls on a ``driver_worker`` thread with
    timeouts, reconnect with backoff), rotation and the region of interest.
 3. ``preprocess``: the frame as the model's input tensor.
-4. ``edge_agent.engines``: the model (ONNX Runtime on the CPU, TensorRT on a GPU) -> latents.
-5. ``scoring``: latents -> anomaly map and log10 NFA map (the bundle's contract).
+4. ``edge_agent.engines``: the model (ONNX Runtime on the CPU, TensorRT on a GPU) -> the anomaly map at
+   the model size and the per-scale maps m_s (the bundle's contract, docs/design.md section 4).
+5. ``scoring``: the maps -> image score, log10 NFA map, regions and the anomalous decision.
 6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project.
 7. ``parts`` (``[parts] mode``): ``tracking`` follows parts along the belt and ``part_verdict`` combines
    a part's frames into one decision; ``triggers`` pairs a trigger with its frame in triggered mode.

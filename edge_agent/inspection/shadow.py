@@ -39,7 +39,6 @@ from edge_agent.fileio import atomic_write
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.single import inspect_frame
-from edge_agent.logs import log_event
 from edge_agent.thread_priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ class ShadowRunner:
             except Exception as exc:  # a failing candidate must never touch the live inspection
                 self.report.failures += 1
                 if self.report.failures in (1, 10, 100):
-                    log_event(log, logging.WARNING, "shadow model failed: %s", "shadow_failed", exc, error=str(exc))
+                    log.warning("shadow model failed: %s", exc, extra={"event": "shadow_failed", "error": str(exc)})
             finally:
                 self.report.cpu_s += time.thread_time() - started
                 self._busy = False

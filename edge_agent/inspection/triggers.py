@@ -33,7 +33,6 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from edge_agent.logs import log_event
 from edge_agent.messages import (
     MAX_PART_REGIONS,
     PartFrames,
@@ -99,14 +98,14 @@ class TriggerBook:
             if gap is not None and interval is not None and gap < interval:
                 self.counters.storm += 1
                 if self.counters.storm in (1, 10, 100) or self.counters.storm % 1000 == 0:
-                    log_event(
-                        log,
-                        logging.WARNING,
+                    log.warning(
                         "trigger storm: triggers come faster than frames",
-                        "trigger_storm",
-                        storm=self.counters.storm,
-                        frame_interval_s=round(interval, 4),
-                        gap_s=round(gap, 4),
+                        extra={
+                            "event": "trigger_storm",
+                            "storm": self.counters.storm,
+                            "frame_interval_s": round(interval, 4),
+                            "gap_s": round(gap, 4),
+                        },
                     )
             self._last_trigger = trigger.time
             bisect.insort(self._pending, trigger, key=lambda t: t.time)  # sources race: keep them in time order

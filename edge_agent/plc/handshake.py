@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from edge_agent.inspection.triggers import Trigger, TriggerBook
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage
 
 log = logging.getLogger(__name__)
@@ -173,10 +172,7 @@ class PlcHandshake:
             except PlcRefused as exc:
                 self._counters = replace(self._counters, trigger_errors=_wrap(self._counters.trigger_errors + 1))
                 self._last_error, self._last_code = str(exc), exc.code
-                log_event(
-                    log, logging.WARNING, "PLC trigger refused: %s", "plc_trigger_refused", exc,
-                    source=source, trigger_id=trigger_id, code=exc.code.name,
-                )  # fmt: skip
+                log.warning("PLC trigger refused: %s", exc, extra={"event": "plc_trigger_refused", "source": source, "trigger_id": trigger_id, "code": exc.code.name})  # fmt: skip
                 self._changed()
                 raise
             trigger = Trigger(self.clock(), source, str(trigger_id))
@@ -279,10 +275,7 @@ class PlcHandshake:
                 dropped = self._queue.popleft()
                 self._counters = replace(self._counters, overflow=_wrap(self._counters.overflow + 1))
                 if self._counters.overflow in (1, 10, 100) or self._counters.overflow % 1000 == 0:
-                    log_event(
-                        log, logging.WARNING, "PLC results overflow: the PLC does not ack", "plc_results_overflow",
-                        overflow=self._counters.overflow, dropped_part=dropped.part_id, queue=self.queue_bound,
-                    )  # fmt: skip
+                    log.warning("PLC results overflow: the PLC does not ack", extra={"event": "plc_results_overflow", "overflow": self._counters.overflow, "dropped_part": dropped.part_id, "queue": self.queue_bound})  # fmt: skip
         else:
             self._result = result
             self._valid = True

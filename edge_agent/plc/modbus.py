@@ -29,7 +29,6 @@ from pymodbus.simulator.simutils import SimUtils
 
 from edge_agent.config_files import ConfigError
 from edge_agent.config_plc import PlcConfig
-from edge_agent.logs import log_event
 from edge_agent.plc.handshake import PlcHandshake, PlcRefused, PlcState, RefusalCode
 
 log = logging.getLogger(__name__)
@@ -129,8 +128,7 @@ class ModbusServer:
         if self._error is not None:
             host, port = self.address
             raise ConfigError(f"the Modbus server cannot listen on {host}:{port}: {self._error}") from self._error
-        log_event(log, logging.INFO, "Modbus TCP server listening on %s:%s (no security)", "plc_modbus_listening",
-                  *self.address, unit_id=self.config.modbus_unit_id)  # fmt: skip
+        log.info("Modbus TCP server listening on %s:%s (no security)", *self.address, extra={"event": "plc_modbus_listening", "unit_id": self.config.modbus_unit_id})  # fmt: skip
 
     def stop(self) -> None:
         """Close the port and the connections."""

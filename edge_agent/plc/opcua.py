@@ -28,7 +28,6 @@ from asyncua.server.internal_session import InternalSession
 
 from edge_agent.config_files import ConfigError
 from edge_agent.config_plc import PlcConfig
-from edge_agent.logs import log_event
 from edge_agent.plc.handshake import PlcHandshake, PlcRefused, PlcState
 from edge_agent.plc.security import SessionUsers, UsersFileError, application_uri, read_users
 
@@ -147,8 +146,7 @@ class OpcUaServer:
             if isinstance(self._error, ConfigError):
                 raise self._error
             raise ConfigError(f"the OPC UA server cannot serve {self.endpoint}: {self._error}") from self._error
-        log_event(log, logging.INFO, "OPC UA server listening on %s", "plc_opcua_listening", self.endpoint,
-                  security=self.config.opcua_security, anonymous=self.config.opcua_anonymous)  # fmt: skip
+        log.info("OPC UA server listening on %s", self.endpoint, extra={"event": "plc_opcua_listening", "security": self.config.opcua_security, "anonymous": self.config.opcua_anonymous})  # fmt: skip
 
     def stop(self) -> None:
         """Close the sessions and the port."""
@@ -354,8 +352,7 @@ class OpcUaServer:
             ]
             sessions.sort(key=lambda s: getattr(s, "_last_activity", 0.0))
             for old in sessions[:-1]:  # the newest (the one just activated) stays
-                log_event(log, logging.WARNING, "OPC UA session of %s replaced by a newer one", "plc_session_replaced",
-                          username, user=username)  # fmt: skip
+                log.warning("OPC UA session of %s replaced by a newer one", username, extra={"event": "plc_session_replaced", "user": username})  # fmt: skip
                 await old.close_session(True)
 
         loop.call_soon(lambda: asyncio.ensure_future(close_older()))
@@ -370,8 +367,7 @@ def _trusted_clients(folder: Path) -> Callable[[Any, Any], Awaitable[None]]:
     async def validate(certificate: Any, app_description: Any) -> None:
         fingerprint = hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
         if fingerprint not in trusted:
-            log_event(log, logging.WARNING, "OPC UA client certificate not trusted", "plc_client_untrusted",
-                      fingerprint=fingerprint, application=str(getattr(app_description, "ApplicationUri", "")))  # fmt: skip
+            log.warning("OPC UA client certificate not trusted", extra={"event": "plc_client_untrusted", "fingerprint": fingerprint, "application": str(getattr(app_description, "ApplicationUri", ""))})  # fmt: skip
             raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
 
     return validate

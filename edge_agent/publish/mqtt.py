@@ -15,7 +15,11 @@ from edge_agent.publish.session import MqttSession
 
 
 class MqttPublisher(MqttSession):
-    """The agent's publisher: one per device, ``start()`` then ``publish_*`` then ``stop()``."""
+    """The agent's publisher: one per device, ``start()`` then ``publish_*`` then ``stop()``.
+
+    It turns messages into ``OutgoingMessage`` records and uses only the session's public API
+    (``enqueue``, ``send_control``, ``publish_if_connected``); the session's locks stay in session.py.
+    """
 
     def publish_inspection(self, message: InspectionMessage) -> bool:
         """Queue one inspection message at QoS 1 (unless policy skips good frames); True when queued."""
@@ -40,12 +44,11 @@ class MqttPublisher(MqttSession):
             qos=1,
             expires_at=time.time() + expiry if expiry > 0 else None,
         )
-        self.outbox.add(outgoing)
-        self._pump()
+        self.enqueue(outgoing)
 
     def publish_result(self, result: CommandResult) -> None:
         """A command's reply on ``cmd/<name>/result`` (QoS 1, kept in memory until acknowledged)."""
-        self._enqueue_control(
+        self.send_control(
             OutgoingMessage(
                 key=f"result-{uuid.uuid4().hex}",
                 topic=self.topic(f"cmd/{result.command}/result"),
@@ -56,8 +59,4 @@ class MqttPublisher(MqttSession):
 
     def publish_stats(self, stats: StatsMessage) -> bool:
         """Periodic numbers at QoS 0 while connected (a lost sample is replaced by the next); True if sent."""
-        with self._client_lock:
-            if self._gate_open and self._client is not None:
-                self._client.publish(self.topic("stats"), stats.model_dump_json(), qos=0)
-                return True
-        return False
+        return self.publish_if_connected("stats", stats.model_dump_json(), qos=0)

@@ -25,6 +25,12 @@ Locks: paho calls ``on_publish`` holding its own out-message lock, so nothing he
 ``_client_lock`` (taken around every call into paho) may be taken from ``on_publish``; acknowledgements
 only take ``_lock`` and wake the connection thread, which sends the next window.
 
+Public API for what rides on the session (``edge_agent.publish.mqtt.MqttPublisher`` uses only this):
+``enqueue(message)`` puts a message into the outbox and sends it when the window has room;
+``send_control(message)`` queues a control message (kept in memory until acknowledged);
+``publish_if_connected(leaf, payload)`` sends one QoS 0 message now, or nothing while the gate is shut.
+Each takes the locks itself, so no other module touches them.
+
 Why one module of about 500 lines: the session, the outbox window, the control queue and the final status
 share those two locks and one ordering promise (nothing after ``stopped``); split over modules, the lock
 rule above could no longer be checked by reading one file.
@@ -45,7 +51,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import MqttConfig
-from edge_agent.logs import log_event
 from edge_agent.messages import StatusText, topic
 from edge_agent.publish.client import PROTOCOLS, check_tls_files, describe_connect_error, new_client, reason_code
 from edge_agent.publish.outbox import MemoryOutbox, Outbox, OutgoingMessage
@@ -179,7 +184,7 @@ class MqttSession:
         with self._client_lock:
             # Messages already with paho go out before the status (one connection, in order); no more after it.
             self._outbox_closed = True
-        self._enqueue_control(self._status_message(status))
+        self.send_control(self._status_message(status))
         status_wait = max(deadline - time.monotonic(), min(timeout, STATUS_GRACE_S))
         delivered = self._wait_until(lambda: not self._control, status_wait) and drained and not len(self.outbox)
         left = len(self.outbox)
@@ -257,16 +262,16 @@ class MqttSession:
         try:
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
-            log_event(
-                log,
-                logging.WARNING,
+            log.warning(
                 "cannot reach MQTT broker; will retry with backoff",
-                "mqtt_unreachable",
-                host=self.config.host,
-                port=self.config.port,
-                error=describe_connect_error(exc, self.config),
-                retry_in_s=delay,
-                pending=len(self.outbox),
+                extra={
+                    "event": "mqtt_unreachable",
+                    "host": self.config.host,
+                    "port": self.config.port,
+                    "error": describe_connect_error(exc, self.config),
+                    "retry_in_s": delay,
+                    "pending": len(self.outbox),
+                },
             )
             return False
         client.loop_start()
@@ -278,17 +283,17 @@ class MqttSession:
             self._pump()
         client.loop_stop()
         if not self._session_was_connected and not self._session_refused:
-            log_event(
-                log,
-                logging.WARNING,
+            log.warning(
                 "MQTT broker closed the connection before accepting it; will retry with backoff",
-                "mqtt_unreachable",
-                host=self.config.host,
-                port=self.config.port,
-                error=f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the broker require "
-                "a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT listener?)",
-                retry_in_s=delay,
-                pending=len(self.outbox),
+                extra={
+                    "event": "mqtt_unreachable",
+                    "host": self.config.host,
+                    "port": self.config.port,
+                    "error": f"closed during CONNECT: {self._transport_error or 'no reason given'} (does the broker require "
+                    "a client certificate (mqtt.tls.cert_file/key_file)? is it an MQTT listener?)",
+                    "retry_in_s": delay,
+                    "pending": len(self.outbox),
+                },
             )
         return False
 
@@ -303,8 +308,31 @@ class MqttSession:
             retain=True,
         )
 
-    def _enqueue_control(self, message: OutgoingMessage) -> None:
-        """Into the control queue; straight on to the broker when the gate is open (else at the next connect)."""
+    def enqueue(self, message: OutgoingMessage) -> None:
+        """Into the outbox (the spool on the device); handed to paho now when the window has room.
+
+        Thread-safe; never blocks on the broker. The message leaves the outbox only on its PUBACK.
+        """
+        self.outbox.add(message)
+        self._pump()
+
+    def publish_if_connected(self, leaf: str, payload: str | bytes, qos: int = 0) -> bool:
+        """Send ``payload`` on ``<prefix>/<device_id>/<leaf>`` now if the session is open; True if handed to paho.
+
+        Not queued and not retried: for samples the next one replaces (stats at QoS 0).
+        """
+        with self._client_lock:
+            if self._gate_open and self._client is not None:
+                self._client.publish(self.topic(leaf), payload, qos=qos)
+                return True
+        return False
+
+    def send_control(self, message: OutgoingMessage) -> None:
+        """Into the control queue; straight on to the broker when the gate is open (else at the next connect).
+
+        Control messages (status, command results) are kept in memory until acknowledged, never spooled;
+        a newer status replaces an older one still waiting.
+        """
         with self._client_lock:
             with self._lock:
                 if message.topic == self.topic("status"):
@@ -404,15 +432,15 @@ class MqttSession:
             self.protocol = MQTTProtocolVersion.MQTTv311
             self._retry_now = True
         else:
-            log_event(
-                log,
-                logging.ERROR,
+            log.error(
                 "MQTT broker refused the connection; retrying",
-                "mqtt_refused",
-                reason=str(reason),
-                code=code,
-                host=self.config.host,
-                username=self.config.username,
+                extra={
+                    "event": "mqtt_refused",
+                    "reason": str(reason),
+                    "code": code,
+                    "host": self.config.host,
+                    "username": self.config.username,
+                },
             )
         self._session_ended.set()
         self._wake.set()
@@ -426,15 +454,15 @@ class MqttSession:
             self._session_was_connected = True
             self._cursor = 0
             self.counters.connects += 1
-            log_event(
-                log,
-                logging.INFO,
+            log.info(
                 "connected to MQTT broker",
-                "mqtt_connected",
-                host=self.config.host,
-                port=self.config.port,
-                protocol=self.protocol_name,
-                pending=len(self.outbox),
+                extra={
+                    "event": "mqtt_connected",
+                    "host": self.config.host,
+                    "port": self.config.port,
+                    "protocol": self.protocol_name,
+                    "pending": len(self.outbox),
+                },
             )
             if self.protocol != MQTTProtocolVersion.MQTTv5 and self.config.message_expiry_s:
                 log.warning(
@@ -504,13 +532,9 @@ class MqttSession:
                 try:
                     handler(leaf, bytes(message.payload), bool(message.retain))
                 except Exception as exc:  # paho would stop its network loop on an exception
-                    log_event(
-                        log,
-                        logging.ERROR,
+                    log.error(
                         "message handler failed",
-                        "mqtt_handler_failed",
                         exc_info=True,
-                        topic=message.topic,
-                        error=str(exc),
+                        extra={"event": "mqtt_handler_failed", "topic": message.topic, "error": str(exc)},
                     )
                 return

@@ -5,7 +5,7 @@ A job's outcome is final and journaled: ``fired`` (between the planned time and 
 ``missed`` (came due after its deadline: every actuator worker was busy, the box overloaded, or the belt
 re-timed it into the past; or a stopped belt held it longer than ``belt.max_hold_s``; never fired late) or
 ``failed`` (every allowed attempt failed; retries only before the deadline). The relay
-learns each outcome through ``report`` and counts and logs it.
+learns each outcome as a ``FireOutcome`` record through ``report`` and counts and logs it.
 """
 
 from __future__ import annotations
@@ -47,9 +47,43 @@ class Job:
     held: bool = field(default=False, compare=False)  # a stopped belt holds it: due = when the hold expires
 
 
-# (outcome, job, context): "fired" carries fired_time, lateness_ms, attempts; "missed" late_by_ms;
-# "failed" reason, attempts, actuator, retryable.
-Report = Callable[[Decision, Job, dict[str, Any]], None]
+@dataclass(frozen=True)
+class FireOutcome:
+    """What firing did with one job (its journal entry already final): the decision and the facts of its log line."""
+
+    decision: Decision  # FIRED, MISSED or FAILED
+    job: Job
+    attempts: int = 0
+    fired_time: float | None = None  # FIRED: when the actuator was called (relay wall clock)
+    lateness_ms: float | None = None  # FIRED: after the planned time
+    late_by_ms: float | None = None  # MISSED: came due that long after its planned time
+    held_s: float | None = None  # MISSED: a stopped belt held it longer than this (belt.max_hold_s)
+    error: str = ""  # FAILED: the last attempt's error
+    retryable: bool = False  # FAILED: whether that error allowed a retry
+
+    def log_fields(self) -> dict[str, Any]:
+        """The fields of the outcome's ``relay_decision`` line."""
+        if self.decision is Decision.FIRED:
+            assert self.fired_time is not None and self.lateness_ms is not None
+            return {
+                "fired_time": round(self.fired_time, 6),
+                "lateness_ms": round(self.lateness_ms, 3),
+                "attempts": self.attempts,
+            }
+        if self.decision is Decision.MISSED:
+            if self.held_s is not None:
+                return {"reason": "held by a stopped belt longer than belt.max_hold_s", "held_s": self.held_s}
+            assert self.late_by_ms is not None
+            return {"reason": "came due after its deadline", "late_by_ms": round(self.late_by_ms, 3)}
+        return {
+            "reason": self.error,
+            "attempts": self.attempts,
+            "actuator": self.job.actuator.description,
+            "retryable": self.retryable,
+        }
+
+
+Report = Callable[[FireOutcome], None]
 
 
 class Firing:
@@ -232,8 +266,8 @@ class Firing:
         order, plan = job.order, job.plan
         if job.held:  # the belt never moved the rest within belt.max_hold_s: missed, never fired
             if self.journal.begin_firing(order.message_id):
-                self.journal.finish(order.message_id, "missed")
-            self._report(Decision.MISSED, job, {"held_s": self.settings.belt.max_hold_s})
+                self.journal.finish(order.message_id, Decision.MISSED)
+            self._report(FireOutcome(Decision.MISSED, job, held_s=self.settings.belt.max_hold_s))
             return
         config = self.settings.actuator_for(order.device_id)
         assert config is not None
@@ -254,25 +288,16 @@ class Firing:
                     break
                 time.sleep(config.retry_delay_s)
                 continue
-            self.journal.finish(order.message_id, "fired", fired_wall)
+            self.journal.finish(order.message_id, Decision.FIRED, fired_wall)
             lateness_ms = (now_mono - job.due) * 1000.0
-            self._report(
-                Decision.FIRED, job, {"fired_time": fired_wall, "lateness_ms": lateness_ms, "attempts": attempts}
-            )
+            self._report(FireOutcome(Decision.FIRED, job, attempts, fired_time=fired_wall, lateness_ms=lateness_ms))
             return
         if attempts == 0:
             if self.journal.begin_firing(order.message_id):
-                self.journal.finish(order.message_id, "missed")
-            self._report(Decision.MISSED, job, {"late_by_ms": (time.monotonic() - job.due) * 1000.0})
+                self.journal.finish(order.message_id, Decision.MISSED)
+            self._report(FireOutcome(Decision.MISSED, job, late_by_ms=(time.monotonic() - job.due) * 1000.0))
             return
-        self.journal.finish(order.message_id, "failed")
+        self.journal.finish(order.message_id, Decision.FAILED)
         self._report(
-            Decision.FAILED,
-            job,
-            {
-                "reason": str(error),
-                "attempts": attempts,
-                "actuator": job.actuator.description,
-                "retryable": bool(error and error.retryable),
-            },
+            FireOutcome(Decision.FAILED, job, attempts, error=str(error), retryable=bool(error and error.retryable))
         )

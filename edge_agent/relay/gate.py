@@ -14,15 +14,15 @@ Every refusal is counted; the WARNING lines about them are limited per sender (`
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from edge_agent.messages import PayloadError
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.intake import device_of_topic
+from edge_agent.relay.ledger import Ledger
 from edge_agent.relay.limits import BYTES_PER_TOKEN, LogLimiter, RateLimiter, too_costly
 from edge_agent.relay.part_intake import PART_LEAF, device_of_part_topic
-from edge_agent.relay.report import Counters, Decision
+from edge_agent.relay.report import Decision
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,11 @@ _PAYLOAD_PREVIEW = 200
 
 
 class IntakeGate:
-    """Sizes, known cameras and budgets; shares the relay's counters and their lock."""
+    """Sizes, known cameras and budgets; counts its refusals in the relay's ledger."""
 
-    def __init__(
-        self, settings: RelaySettings, counters: Counters, lock: threading.Lock, encoder_on: Callable[[], bool]
-    ) -> None:
+    def __init__(self, settings: RelaySettings, ledger: Ledger, encoder_on: Callable[[], bool]) -> None:
         self.settings = settings
-        self.counters = counters
-        self._lock = lock
+        self.ledger = ledger
         self._encoder_on = encoder_on
         self._rate = RateLimiter(settings.limits.messages_per_s, settings.limits.burst)
         self._log_limit = LogLimiter(settings.limits.log_interval_s)
@@ -77,8 +74,7 @@ class IntakeGate:
         Every one is counted; the WARNING lines are limited per sender ([limits] log_interval_s), so a flood of
         malformed input cannot flood the log too.
         """
-        with self._lock:
-            self.counters.malformed += 1
+        self.ledger.count(Decision.MALFORMED)
         held = self._log_limit.allow(f"malformed:{self._sender(topic)}")
         if held is None:
             return
@@ -107,11 +103,7 @@ class IntakeGate:
         """Take one message (``cost`` tokens) of ``key``'s budget; count and (rarely) log when over it."""
         if self._rate.allow(key, cost):
             return True
-        with self._lock:
-            self.counters.rate_limited += 1
-            if device is not None:
-                self.counters.device(device).rate_limited += 1
-            total = self.counters.rate_limited
+        total = self.ledger.count(Decision.RATE_LIMITED, device)
         held = self._log_limit.allow(f"rate:{key}")
         if held is not None:
             log.warning(
@@ -130,9 +122,7 @@ class IntakeGate:
 
     def _unknown(self, topic: str, device: str) -> None:
         """Count (and rarely log) a message from a camera this relay does not act for."""
-        with self._lock:
-            self.counters.unknown_devices += 1
-            total = self.counters.unknown_devices
+        total = self.ledger.count(Decision.UNKNOWN_DEVICE)
         held = self._log_limit.allow("unknown")
         if held is not None:
             log.warning(

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from edge_agent.messages import (
-    ModelRef,
     PartMessage,
     PayloadError,
     parse_json_object,
@@ -44,13 +44,11 @@ from edge_agent.relay.report import Decision, arrived_late, plan_fields
 from edge_agent.relay.schedule import Plan
 
 if TYPE_CHECKING:
-    from collections import OrderedDict
-
     from edge_agent.relay.actuators import Actuator
     from edge_agent.relay.config import RelaySettings
     from edge_agent.relay.dedupe import DecisionJournal
     from edge_agent.relay.firing import Firing
-    from edge_agent.relay.report import Counters
+    from edge_agent.relay.ledger import Ledger
     from edge_agent.relay.schedule import ClockOffsets
 
 log = logging.getLogger(__name__)
@@ -116,53 +114,42 @@ def plan_from_record(record: dict[str, Any]) -> Plan:
     return Plan(**{k: record[k] for k in Plan.__dataclass_fields__})
 
 
-class RelayCore(Protocol):
-    """What the part decisions share with the relay (edge_agent.relay.relay.RejectRelay)."""
-
-    settings: RelaySettings
-    journal: DecisionJournal
-    counters: Counters
-    clock: ClockOffsets
-    firing: Firing
-    _lock: threading.Lock
-    _good_ids: OrderedDict[str, None]
-
-    def admit_device(self, device: str) -> None: ...
-
-    def actuator_of(self, device: str) -> Actuator | None: ...
-
-    def count(self, device_id: str, what: Decision | Literal["anomalous"]) -> None: ...
-
-    def count_unconfigured(self) -> None: ...
-
-    def refuse(self, topic: str, exc: Exception, payload: bytes = b"") -> None: ...
-
-    def received(
-        self,
-        device: str,
-        offset_s: float,
-        clock_source: str,
-        refused: int | None = None,
-        model: ModelRef | None = None,
-    ) -> None: ...
-
-    def first_good(self, key: str) -> bool: ...
+# Count and log a message that is not what its topic says (the relay's IntakeGate.refuse).
+Refuse = Callable[[str, Exception, bytes], None]
 
 
 class PartDecisions:
-    """The relay's decisions on part and speed messages (it shares the relay's journal, counters and firing)."""
+    """The relay's decisions on part, belt speed and encoder messages.
 
-    def __init__(self, relay: RelayCore) -> None:
-        self.relay = relay
+    It shares the relay's ledger (counts, good keys, which cameras send parts), journal, clock offsets and
+    firing; ``actuator_of`` and ``refuse`` are the relay's actuator lookup and its intake gate's refusal.
+    """
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        ledger: Ledger,
+        journal: DecisionJournal,
+        clock: ClockOffsets,
+        firing: Firing,
+        actuator_of: Callable[[str], Actuator | None],
+        refuse: Refuse,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.journal = journal
+        self.clock = clock
+        self.firing = firing
+        self.actuator_of = actuator_of
+        self.refuse = refuse
         self.belt = BeltSpeed()
-        belt = relay.settings.belt
+        belt = settings.belt
         self.encoder = (
             Encoder(belt.counts_per_m, belt.max_speed_m_s, belt.encoder_reset_readings)
             if belt.encoder_topic and belt.counts_per_m
             else None
         )
         self.encoder_refused = 0
-        self.devices: set[str] = set()  # cameras that sent part messages (their inspections never fire)
 
     def handle_encoder(self, topic: str, payload: bytes, arrival: float) -> Decision:
         """An encoder reading: re-time the pending part rejects from where the belt is now."""
@@ -170,11 +157,11 @@ class PartDecisions:
         try:
             data = parse_json_object(payload, MAX_SPEED_BYTES, max_depth=2)
         except PayloadError as exc:
-            self.relay.refuse(topic, exc, payload)
+            self.refuse(topic, exc, payload)
             return Decision.MALFORMED
         count = data.get("count")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            self.relay.refuse(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
+            self.refuse(topic, PartMalformed('an encoder message is {"count": <non-negative integer>}'), payload)
             return Decision.MALFORMED
         reading = self.encoder.add(arrival, count)
         if reading is Reading.REFUSED:
@@ -188,24 +175,23 @@ class PartDecisions:
         if reading is Reading.RESET:
             log.warning(
                 "encoder counter reset: %d readings in a row agree; followed from here, the position kept continuous",
-                self.relay.settings.belt.encoder_reset_readings,
+                self.settings.belt.encoder_reset_readings,
                 extra={"event": "relay_encoder_reset", "count": count, "resets": self.encoder.resets},
             )
         if self.encoder.ready:
-            self.relay.firing.reposition(self.encoder.time_at, self.encoder.position_at(arrival))
+            self.firing.reposition(self.encoder.time_at, self.encoder.position_at(arrival))
         return Decision.ENCODER
 
     def handle_speed(self, topic: str, payload: bytes) -> Decision:
         """A live belt speed: store it and re-time the pending part rejects."""
-        relay = self.relay
         try:
-            speed = parse_speed(payload, relay.settings.belt.max_speed_m_s)
+            speed = parse_speed(payload, self.settings.belt.max_speed_m_s)
         except PartMalformed as exc:
-            self.relay.refuse(topic, exc, payload)
+            self.refuse(topic, exc, payload)
             return Decision.MALFORMED
         old = self.belt.set(speed)
         if old != speed:
-            moved = relay.firing.retime(old, speed)
+            moved = self.firing.retime(old, speed)
             log.info(
                 "belt speed %.3f m/s",
                 speed,
@@ -215,41 +201,41 @@ class PartDecisions:
 
     def handle_part(self, topic: str, payload: bytes, arrival: float, arrival_mono: float) -> Decision:
         """Decide one part message (journaled under the part's key before returning)."""
-        relay = self.relay
+        ledger = self.ledger
         try:
             device = device_of_part_topic(topic)
             message = parse_part(payload)
             if message.device_id != device:
                 raise PartMalformed(f"device_id {message.device_id!r} is not the topic's {device!r}")
-            relay.admit_device(device)
-        except ValueError as exc:  # PartMalformed, and the relay's MalformedMessage for a camera too many
-            self.relay.refuse(topic, exc, payload)
+            ledger.admit(device)
+        except ValueError as exc:  # PartMalformed, and the ledger's MalformedMessage for a camera too many
+            self.refuse(topic, exc, payload)
             return Decision.MALFORMED
-        self.devices.add(device)
-        timing = relay.settings.part_timing_for(device)
-        offset = relay.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
-        relay.received(device, offset.offset_s, offset.source, model=None if message.replayed else message.model)
+        ledger.note_part_camera(device)
+        timing = self.settings.part_timing_for(device)
+        offset = self.clock.observe(ClockView.of(message), arrival, timing.clock_offset_s if timing else 0.0)
+        ledger.received(device, offset.offset_s, offset.source, model=None if message.replayed else message.model)
         key = part_key(message)
         if message.status == "no_frame":
             log_part(Decision.NO_FRAME, message, topic, None, logging.ERROR, reason="a trigger got no frame in time")
             return Decision.NO_FRAME
         if not message.anomalous:
-            seen = not relay.first_good(key)
-            relay.count(device, Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD)
-            if seen or relay.settings.log_good_decisions:
-                log_part(Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD, message, topic, None, logging.INFO)
-            return Decision.DUPLICATE if seen else Decision.SKIPPED_GOOD
-        relay.count(device, "anomalous")
-        actuator = relay.actuator_of(device)
+            decision = Decision.SKIPPED_GOOD if ledger.first_good(key) else Decision.DUPLICATE
+            ledger.count(decision, device)
+            if decision is Decision.DUPLICATE or self.settings.log_good_decisions:
+                log_part(decision, message, topic, None, logging.INFO)
+            return decision
+        ledger.anomalous(device)
+        actuator = self.actuator_of(device)
         encoder = self.encoder if self.encoder is not None and self.encoder.ready else None
         speed = self.belt.value if self.belt.value is not None else (timing.speed_m_s if timing else None)
         if encoder is not None:
             speed = encoder.speed()
         sequence = message.frames.last_sequence or 0
         if timing is None or actuator is None or speed is None:
-            if not relay.journal.claim(key, device, sequence, "unconfigured"):
+            if not self.journal.claim(key, device, sequence, Decision.UNCONFIGURED):
                 return self._duplicate(message, topic, key)
-            relay.count_unconfigured()
+            ledger.count(Decision.UNCONFIGURED, device)
             what = "decision_distance_m" if timing is None else "actuator" if actuator is None else "belt speed"
             log_part(
                 Decision.UNCONFIGURED,
@@ -271,9 +257,9 @@ class PartDecisions:
             planned = encoder.time_at(target)  # when the belt got or gets there: in the past once it passed
             plan = replace(plan, planned_time=planned, deadline=planned + timing.tolerance_s)
         if arrival > plan.deadline:
-            if not relay.journal.claim(key, device, sequence, "missed", plan.planned_time, plan.deadline):
+            if not self.journal.claim(key, device, sequence, Decision.MISSED, plan.planned_time, plan.deadline):
                 return self._duplicate(message, topic, key)
-            relay.count(device, Decision.MISSED)
+            ledger.count(Decision.MISSED, device)
             log_part(
                 Decision.MISSED,
                 message,
@@ -285,12 +271,12 @@ class PartDecisions:
             )
             return Decision.MISSED
         record = plan_record(plan, remaining)
-        if not relay.journal.claim(
-            key, device, sequence, "scheduled", plan.planned_time, plan.deadline, message.to_json(), record
+        if not self.journal.claim(
+            key, device, sequence, Decision.SCHEDULED, plan.planned_time, plan.deadline, message.to_json(), record
         ):
             return self._duplicate(message, topic, key)
-        relay.firing.submit(
-            order_of(message, key, plan, relay.settings.relay_id),
+        self.firing.submit(
+            order_of(message, key, plan, self.settings.relay_id),
             plan,
             actuator,
             arrival,
@@ -301,7 +287,6 @@ class PartDecisions:
 
     def resume(self, entry: Any, now: float, now_mono: float) -> None:
         """A part reject a previous run scheduled: fire it at its last planned time if still in time."""
-        relay = self.relay
         try:
             message = PartMessage.model_validate_json(entry.message or "")
             plan = plan_from_record(entry.plan or {})
@@ -310,18 +295,18 @@ class PartDecisions:
                 "unreadable journal entry; counted missed",
                 extra={"event": "relay_journal_bad", "message_id": entry.message_id, "error": str(exc)},
             )
-            relay.journal.finish(entry.message_id, "missed")
-            relay.count(entry.device_id, Decision.MISSED)
+            self.journal.finish(entry.message_id, Decision.MISSED)
+            self.ledger.count(Decision.MISSED, entry.device_id)
             return
-        actuator = relay.actuator_of(message.device_id)
+        actuator = self.actuator_of(message.device_id)
         if now > plan.deadline or actuator is None:
-            relay.journal.finish(entry.message_id, "missed")
-            relay.count(message.device_id, Decision.MISSED)
+            self.journal.finish(entry.message_id, Decision.MISSED)
+            self.ledger.count(Decision.MISSED, message.device_id)
             reason = "deadline passed while the relay was down" if actuator else "no actuator any more"
             log_part(Decision.MISSED, message, "journal", plan, logging.ERROR, reason=reason)
             return
-        relay.firing.submit(
-            order_of(message, entry.message_id, plan, relay.settings.relay_id), plan, actuator, now, now_mono
+        self.firing.submit(
+            order_of(message, entry.message_id, plan, self.settings.relay_id), plan, actuator, now, now_mono
         )
         log.info(
             "resumed a scheduled part reject",
@@ -329,10 +314,8 @@ class PartDecisions:
         )
 
     def _duplicate(self, message: PartMessage, topic: str, key: str) -> Decision:
-        self.relay.count(message.device_id, Decision.DUPLICATE)
-        log_part(
-            Decision.DUPLICATE, message, topic, None, logging.INFO, first_decision=self.relay.journal.state_of(key)
-        )
+        self.ledger.count(Decision.DUPLICATE, message.device_id)
+        log_part(Decision.DUPLICATE, message, topic, None, logging.INFO, first_decision=self.journal.state_of(key))
         return Decision.DUPLICATE
 
 

@@ -22,48 +22,44 @@ Each message gets exactly one final decision, logged as one line (``event = rela
 - ``interrupted``: the relay stopped while the actuator ran; not repeated after the restart.
 - ``unknown-device``: from a camera not in ``cameras`` nor under ``[devices]``: counted, never fired.
 - ``rate-limited``: beyond the sender's ``[limits]`` budget: dropped unparsed, counted.
+- ``skipped-parts-mode``: anomalous, from a camera that sends part messages (they decide its rejects).
 
-The words are ``report.Decision``; its ``counter`` names the stats field each one counts. What a message may
-cost before it is parsed (size, known camera, budget) is ``gate.py``'s.
+The words are ``report.Decision``; its ``counter`` names the stats field each one counts, and ``ledger.py``
+counts them (one ledger for the gate, the inspection path here, the part path and firing's ``FireOutcome``).
+What a message may cost before it is parsed (size, known camera, budget) is ``gate.py``'s.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import asdict
-from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from edge_agent.messages import InspectionMessage, ModelRef, RelayStats, StatusText
+from edge_agent.messages import InspectionMessage, RelayStats, StatusText
 from edge_agent.relay.actuators import Actuator, FireOrder, create_actuator
 from edge_agent.relay.config import RelaySettings
 from edge_agent.relay.connection import RelayConnection
 from edge_agent.relay.dedupe import DecisionJournal
-from edge_agent.relay.firing import Firing, Job
+from edge_agent.relay.firing import FireOutcome, Firing
 from edge_agent.relay.gate import IntakeGate
 from edge_agent.relay.intake import MalformedMessage, parse_inspection
+from edge_agent.relay.ledger import Ledger
 from edge_agent.relay.parts import PartDecisions
 from edge_agent.relay.report import (
-    Counters,
     Decision,
     arrived_late,
     late_by_ms,
     late_hint,
     log_decision,
     log_order,
-    relay_stats,
 )
 from edge_agent.relay.schedule import ClockOffsets, Plan, plan_fire
 
 log = logging.getLogger(__name__)
 
-GOOD_IDS_REMEMBERED = 4096  # good messages are not journaled; this catches their redeliveries for the counts
-LATENESS_SAMPLES = 1000
 CLOCK_KEY = "clock_offsets"
 
 
@@ -74,17 +70,18 @@ class RejectRelay:
         self.settings = settings
         assert settings.journal is not None
         self.journal = journal or DecisionJournal(settings.journal, settings.retention_h * 3600.0)
-        self.counters = Counters()
+        # What was decided, shared by the gate, the inspection path (here), the part path and firing's outcomes.
+        self.ledger = Ledger(settings.max_devices, settings.devices)
         self.started_wall = time.time()
         self.clock = ClockOffsets(settings.clock, self._kept_offsets())
-        self._lock = threading.Lock()  # counters, good ids, lateness
-        self._good_ids: OrderedDict[str, None] = OrderedDict()
-        self._lateness_ms: deque[float] = deque(maxlen=LATENESS_SAMPLES)
         self.connection = RelayConnection(settings, self.journal, self._on_message)
         self.firing = Firing(settings, self.journal, self._on_outcome)
         self._actuators = self._build_actuators()
-        self.parts = PartDecisions(self)  # part and belt speed messages (relay/parts.py)
-        self.gate = IntakeGate(settings, self.counters, self._lock, lambda: self.parts.encoder is not None)
+        self.gate = IntakeGate(settings, self.ledger, lambda: self.parts.encoder is not None)
+        # Part and belt messages (relay/parts.py): the same ledger, journal, clock and firing.
+        self.parts = PartDecisions(
+            settings, self.ledger, self.journal, self.clock, self.firing, self.actuator_of, self.gate.refuse
+        )
 
     # -- topics and state ---------------------------------------------------------------------------
 
@@ -150,9 +147,7 @@ class RejectRelay:
         except Exception as exc:  # never let one message stop the relay
             # Acknowledged all the same (connection.py says why). The journal never raises (it falls back to
             # memory, counted in journal_errors).
-            with self._lock:
-                self.counters.errors += 1
-                self.counters.malformed += 1
+            self.ledger.internal_error()
             log.exception(
                 "internal error while handling a message; counted malformed and acknowledged",
                 extra={
@@ -196,32 +191,34 @@ class RejectRelay:
                     f"device_id {message.device_id!r} is not the topic's {device!r}; a camera publishes only "
                     "under its own id"
                 )
-            self.admit_device(device)
+            self.ledger.admit(device)
         except MalformedMessage as exc:
-            self.refuse(topic, exc, payload)
+            self.gate.refuse(topic, exc, payload)
             return Decision.MALFORMED
         timing = self.settings.timing_for(device)
         offset = self.clock.observe(message, arrival, timing.clock_offset_s if timing else 0.0)
         refused = self.clock.refused(device)
-        self.received(device, offset.offset_s, offset.source, refused, None if message.replayed else message.model)
+        self.ledger.received(
+            device, offset.offset_s, offset.source, refused, None if message.replayed else message.model
+        )
         if not message.anomalous:
             return self._decide_good(message, topic)
-        self.count(device, "anomalous")
-        if device in self.parts.devices:
+        self.ledger.anomalous(device)
+        if self.ledger.sends_parts(device):
             # This camera sends part messages: they decide its rejects; its inspections are for dashboards.
-            self.count(device, Decision.SKIPPED_GOOD)
+            self.ledger.count(Decision.SKIPPED_PARTS_MODE, device)
             log_decision(Decision.SKIPPED_PARTS_MODE, message, topic, None, logging.INFO)
             return Decision.SKIPPED_PARTS_MODE
-        actuator = self._actuators.get(device) or self._actuators.get("")
+        actuator = self.actuator_of(device)
         if timing is None or actuator is None:
             return self._decide_unconfigured(message, topic, timing is None)
         plan = plan_fire(message, arrival, timing, offset)
         if arrival > plan.deadline:
             if not self.journal.claim(
-                message.message_id, device, message.sequence, "missed", plan.planned_time, plan.deadline
+                message.message_id, device, message.sequence, Decision.MISSED, plan.planned_time, plan.deadline
             ):
                 return self._decide_duplicate(message, topic)
-            self.count(device, Decision.MISSED)
+            self.ledger.count(Decision.MISSED, device)
             log_decision(
                 Decision.MISSED,
                 message,
@@ -237,7 +234,7 @@ class RejectRelay:
             message.message_id,
             device,
             message.sequence,
-            "scheduled",
+            Decision.SCHEDULED,
             plan.planned_time,
             plan.deadline,
             message.to_json(),
@@ -251,30 +248,18 @@ class RejectRelay:
         """The camera's own actuator, else the default one."""
         return self._actuators.get(device) or self._actuators.get("")
 
-    def admit_device(self, device: str) -> None:
-        """Refuse a camera beyond ``max_devices`` (per-camera counters and clock state stay bounded)."""
-        with self._lock:
-            if device in self.counters.devices or device in self.settings.devices:
-                return
-            if len(self.counters.devices) >= self.settings.max_devices:
-                raise MalformedMessage(
-                    f"already {len(self.counters.devices)} cameras (max_devices); list {device!r} under [devices] "
-                    "or raise max_devices"
-                )
-            self.counters.device(device)
-
     def _decide_good(self, message: InspectionMessage, topic: str) -> Decision:
-        if not self.first_good(message.message_id):
+        if not self.ledger.first_good(message.message_id):
             return self._decide_duplicate(message, topic)
-        self.count(message.device_id, Decision.SKIPPED_GOOD)
+        self.ledger.count(Decision.SKIPPED_GOOD, message.device_id)
         if self.settings.log_good_decisions:
             log_decision(Decision.SKIPPED_GOOD, message, topic, None, logging.INFO)
         return Decision.SKIPPED_GOOD
 
     def _decide_unconfigured(self, message: InspectionMessage, topic: str, no_timing: bool) -> Decision:
-        if not self.journal.claim(message.message_id, message.device_id, message.sequence, "unconfigured"):
+        if not self.journal.claim(message.message_id, message.device_id, message.sequence, Decision.UNCONFIGURED):
             return self._decide_duplicate(message, topic)
-        self.count_unconfigured()
+        self.ledger.count(Decision.UNCONFIGURED, message.device_id)
         what = "travel time" if no_timing else "actuator"
         log_decision(
             Decision.UNCONFIGURED,
@@ -287,7 +272,7 @@ class RejectRelay:
         return Decision.UNCONFIGURED
 
     def _decide_duplicate(self, message: InspectionMessage, topic: str) -> Decision:
-        self.count(message.device_id, Decision.DUPLICATE)
+        self.ledger.count(Decision.DUPLICATE, message.device_id)
         first = self.journal.state_of(message.message_id) if message.anomalous else Decision.SKIPPED_GOOD.value
         log_decision(Decision.DUPLICATE, message, topic, None, logging.INFO, first_decision=first)
         return Decision.DUPLICATE
@@ -329,8 +314,8 @@ class RejectRelay:
     def _resume_journal(self) -> None:
         """Rejects a previous run scheduled: fire them if still in time, else count them missed."""
         for entry in self.journal.entries("firing"):
-            self.journal.finish(entry.message_id, "interrupted")
-            self.count(entry.device_id, Decision.INTERRUPTED)
+            self.journal.finish(entry.message_id, Decision.INTERRUPTED)
+            self.ledger.count(Decision.INTERRUPTED, entry.device_id)
             log.error(
                 "the relay stopped while firing a reject; outcome unknown, not repeated",
                 extra={
@@ -355,13 +340,13 @@ class RejectRelay:
                     "unreadable journal entry; counted missed",
                     extra={"event": "relay_journal_bad", "message_id": entry.message_id, "error": str(exc)},
                 )
-                self.journal.finish(entry.message_id, "missed")
-                self.count(entry.device_id, Decision.MISSED)
+                self.journal.finish(entry.message_id, Decision.MISSED)
+                self.ledger.count(Decision.MISSED, entry.device_id)
                 continue
-            actuator = self._actuators.get(message.device_id) or self._actuators.get("")
+            actuator = self.actuator_of(message.device_id)
             if now > plan.deadline or actuator is None:
-                self.journal.finish(entry.message_id, "missed")
-                self.count(message.device_id, Decision.MISSED)
+                self.journal.finish(entry.message_id, Decision.MISSED)
+                self.ledger.count(Decision.MISSED, message.device_id)
                 log_decision(
                     Decision.MISSED,
                     message,
@@ -380,96 +365,29 @@ class RejectRelay:
 
     # -- outcomes of firing ---------------------------------------------------------------------------
 
-    def _on_outcome(self, outcome: Decision, job: Job, context: dict[str, Any]) -> None:
+    def _on_outcome(self, outcome: FireOutcome) -> None:
         """Count and log what ``firing`` did with a job (its journal entry is already final)."""
-        order, plan = job.order, job.plan
-        if outcome is Decision.FIRED:
-            with self._lock:
-                self.counters.device(order.device_id).fired += 1
-                self._lateness_ms.append(context["lateness_ms"])
-            log_order(
-                Decision.FIRED,
-                order,
-                plan,
-                logging.INFO,
-                fired_time=round(context["fired_time"], 6),
-                lateness_ms=round(context["lateness_ms"], 3),
-                attempts=context["attempts"],
-            )
-        elif outcome is Decision.MISSED:
-            # Came due too late (every actuator worker busy, an overloaded box): never fired after the deadline.
-            self.count(order.device_id, Decision.MISSED)
-            if "held_s" in context:
-                reason, detail = "held by a stopped belt longer than belt.max_hold_s", {"held_s": context["held_s"]}
-            else:
-                reason, detail = "came due after its deadline", {"late_by_ms": round(context["late_by_ms"], 3)}
-            log_order(Decision.MISSED, order, plan, logging.ERROR, reason=reason, **detail)
+        order, plan = outcome.job.order, outcome.job.plan
+        if outcome.decision is Decision.FIRED:
+            assert outcome.lateness_ms is not None
+            self.ledger.fired(order.device_id, outcome.lateness_ms)
         else:
-            self.count(order.device_id, Decision.FAILED)
-            log_order(Decision.FAILED, order, plan, logging.ERROR, **context)
+            # MISSED: came due too late (every actuator worker busy, an overloaded box, a belt stopped too long):
+            # never fired after the deadline. FAILED: every allowed attempt failed.
+            self.ledger.count(outcome.decision, order.device_id)
+        level = logging.INFO if outcome.decision is Decision.FIRED else logging.ERROR
+        log_order(outcome.decision, order, plan, level, **outcome.log_fields())
 
     # -- counting, logging, stats -------------------------------------------------------------------
 
-    def refuse(self, topic: str, exc: Exception, payload: bytes = b"") -> None:
-        """Count and log (rate limited) a message that is not what its topic says (relay/gate.py)."""
-        self.gate.refuse(topic, exc, payload)
-
-    def received(
-        self,
-        device: str,
-        offset_s: float,
-        clock_source: str,
-        refused: int | None = None,
-        model: ModelRef | None = None,
-    ) -> None:
-        """One more message from a camera, with its clock estimate (and refused clock samples, when known) and,
-        for a live message, the model that judged it (the stats show the camera's active recipe)."""
-        with self._lock:
-            stats = self.counters.device(device)
-            stats.received += 1
-            if model is not None:
-                stats.recipe, stats.model_version = model.recipe, model.version
-            stats.clock_offset_s, stats.clock_source = round(offset_s, 6), clock_source
-            if refused is not None:
-                stats.clock_samples_refused = refused
-
-    def first_good(self, key: str) -> bool:
-        """True the first time a good message id (or part key) is seen: good ones are not journaled, this catches
-        their redeliveries for the counts."""
-        with self._lock:
-            if key in self._good_ids:
-                return False
-            self._good_ids[key] = None
-            if len(self._good_ids) > GOOD_IDS_REMEMBERED:
-                self._good_ids.popitem(last=False)
-            return True
-
-    def count_unconfigured(self) -> None:
-        """One more anomalous message from a camera with no timing or actuator configured."""
-        with self._lock:
-            self.counters.unconfigured += 1
-
-    def count(self, device_id: str, what: Decision | Literal["anomalous"]) -> None:
-        """One more of a decision (its ``counter``) or of a named per-camera figure (``"anomalous"``) for a camera."""
-        name = what.counter if isinstance(what, Decision) else what
-        assert name is not None, f"{what} is not counted per camera"
-        with self._lock:
-            stats = self.counters.device(device_id)
-            setattr(stats, name, getattr(stats, name) + 1)
-
     def _totals(self) -> dict[str, int]:
-        with self._lock:
-            return self.counters.totals(self.journal.errors)
+        return self.ledger.totals(self.journal.errors)
 
     def stats(self) -> RelayStats:
         """The current numbers (what ``stats`` publishes)."""
-        with self._lock:
-            lateness = sorted(self._lateness_ms)
-            counters = self.counters.copy()
+        snapshot = self.ledger.snapshot(self.journal.errors)
         uptime_s = time.time() - self.started_wall
-        return relay_stats(
-            self.settings.relay_id, uptime_s, self.connected, self.pending, lateness, counters, self.journal
-        )
+        return snapshot.stats(self.settings.relay_id, uptime_s, self.connected, self.pending, not self.journal.failing)
 
     def housekeeping(self) -> None:
         """Prune old journal rows and keep the clock estimates (called now and then by the supervisor)."""

@@ -1,18 +1,15 @@
-"""How the relay accounts for its decisions: one log line per decision (``event = relay_decision``) and
-the counters its ``stats`` message carries, in total and per camera."""
+"""How the relay accounts for its decisions: the ``Decision`` words and one log line per decision
+(``event = relay_decision``); ledger.py counts them and renders the ``stats`` message."""
 
 from __future__ import annotations
 
 import enum
 import logging
 import math
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.messages import InspectionMessage, RelayDeviceStats, RelayStats
+from edge_agent.messages import InspectionMessage
 from edge_agent.relay.actuators import FireOrder
-from edge_agent.relay.dedupe import DecisionJournal
 from edge_agent.relay.schedule import Plan
 
 log = logging.getLogger(__name__)
@@ -46,7 +43,8 @@ class Decision(str, enum.Enum):
 
     @property
     def counter(self) -> str | None:
-        """The RelayStats / RelayDeviceStats field this decision counts (None: counted elsewhere or not at all)."""
+        """The RelayStats / RelayDeviceStats field this decision counts (None: not counted; ``scheduled`` is
+        counted once it is fired, missed or failed)."""
         return _COUNTERS.get(self)
 
 
@@ -57,76 +55,12 @@ _COUNTERS = {
     Decision.INTERRUPTED: "actuator_failures",
     Decision.DUPLICATE: "duplicates",
     Decision.SKIPPED_GOOD: "skipped_good",
-    Decision.SKIPPED_PARTS_MODE: "skipped_good",
+    Decision.SKIPPED_PARTS_MODE: "skipped_parts_mode",
     Decision.UNCONFIGURED: "unconfigured",
     Decision.MALFORMED: "malformed",
     Decision.UNKNOWN_DEVICE: "unknown_devices",
     Decision.RATE_LIMITED: "rate_limited",
 }
-
-
-@dataclass
-class Counters:
-    """What the relay decided since it started, in total and per camera."""
-
-    malformed: int = 0
-    unconfigured: int = 0
-    errors: int = 0  # messages the relay failed to handle (logged, acknowledged as malformed)
-    unknown_devices: int = 0  # messages from cameras the relay does not act for (one counter: bounded)
-    rate_limited: int = 0  # dropped unparsed beyond [limits] messages_per_s (cameras and belt topics)
-    devices: dict[str, RelayDeviceStats] = field(default_factory=dict)
-
-    def device(self, device_id: str) -> RelayDeviceStats:
-        return self.devices.setdefault(device_id, RelayDeviceStats())
-
-    def total(self, name: str) -> int:
-        return sum(int(getattr(stats, name)) for stats in self.devices.values())
-
-    def totals(self, journal_errors: int) -> dict[str, int]:
-        """The relay-wide counts of the stats message."""
-        names = ("received", "anomalous", "fired", "missed", "duplicates", "skipped_good", "actuator_failures")
-        totals = {name: self.total(name) for name in names}
-        totals.update(
-            malformed=self.malformed,
-            unconfigured=self.unconfigured,
-            errors=self.errors,
-            journal_errors=journal_errors,
-            unknown_devices=self.unknown_devices,
-            rate_limited=self.rate_limited,
-        )
-        return totals
-
-    def copy(self) -> Counters:
-        """A snapshot (the per-camera stats copied), to read outside the relay's lock."""
-        devices = {name: stats.model_copy() for name, stats in self.devices.items()}
-        return Counters(
-            self.malformed, self.unconfigured, self.errors, self.unknown_devices, self.rate_limited, devices
-        )
-
-
-def relay_stats(
-    relay_id: str,
-    uptime_s: float,
-    connected: bool,
-    pending: int,
-    lateness_ms: list[float],
-    counters: Counters,
-    journal: DecisionJournal,
-) -> RelayStats:
-    """The stats message from a snapshot of the counters and the sorted firing lateness samples."""
-    return RelayStats(
-        relay_id=relay_id,
-        time=time.time(),
-        uptime_s=round(uptime_s, 1),
-        connected=connected,
-        pending=pending,
-        lateness_ms_p50=round(quantile(lateness_ms, 0.5), 3),
-        lateness_ms_p99=round(quantile(lateness_ms, 0.99), 3),
-        lateness_ms_max=round(lateness_ms[-1], 3) if lateness_ms else 0.0,
-        devices=counters.devices,
-        journal_ok=not journal.failing,
-        **counters.totals(journal.errors),
-    )
 
 
 def log_decision(

@@ -3,7 +3,7 @@
 ``run.py`` loads the model and opens the source; ``Agent.serve()`` then runs until the source ends or a
 stop is asked, and owns everything that lives that long:
 
-- the four-stage pipeline (pipeline.py) and the source's reconnects (sources.py);
+- the four-stage pipeline (pipeline.py) and the source's reconnects (frame_source.py);
 - the publisher (mqtt.py) with the SQLite spool (spool.py) as its outbox;
 - commands on ``cmd/<name>`` (commands.py): reload, snapshot, threshold, update;
 - ``/metrics`` and ``/healthz`` (http_server.py, metrics.py, health.py) on ``http.host:http.port``;
@@ -29,7 +29,6 @@ from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.scoring import DecisionRule, default_log10_epsilon
-from edge_agent.logs import log_event
 from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.plc.bridge import PlcBridge
 from edge_agent.publish.commands import CommandFailed, CommandProcessor, Done
@@ -162,14 +161,14 @@ class Agent:
             self.loop.start()
             self.pipeline.start()
             self.notifier.ready(self.status_line())
-            log_event(
-                log,
-                logging.INFO,
+            log.info(
                 "agent ready",
-                "agent_ready",
-                backend=self.model.ref.backend,
-                model=self.model.ref.name,
-                http_port=self.http.port if self.http else None,
+                extra={
+                    "event": "agent_ready",
+                    "backend": self.model.ref.backend,
+                    "model": self.model.ref.name,
+                    "http_port": self.http.port if self.http else None,
+                },
             )
             self._supervise(stop)
             self.pipeline.request_stop()
@@ -376,14 +375,14 @@ class Agent:
         old = self.pipeline.swap_model(new)
         old.close()
         self.notifier.ready(self.status_line())
-        log_event(
-            log,
-            logging.INFO,
+        log.info(
             "model reloaded",
-            "model_reloaded",
-            old_version=old.ref.version,
-            version=new.ref.version,
-            seconds=new.load_s,
+            extra={
+                "event": "model_reloaded",
+                "old_version": old.ref.version,
+                "version": new.ref.version,
+                "seconds": new.load_s,
+            },
         )
         return Done(
             f"now running {new.ref.name} {new.ref.version} (was {old.ref.version}); loaded in {new.load_s:.2f} s",
@@ -463,15 +462,15 @@ class Agent:
                 log.exception("update failed", extra={"event": "update_crashed", "error": str(exc)})
                 return
             result = self._update_result
-            log_event(
-                log,
-                logging.INFO,
+            log.info(
                 "update finished: %s",
-                "update_finished",
                 result.status,
-                status=result.status,
-                version=result.version,
-                detail=result.message,
+                extra={
+                    "event": "update_finished",
+                    "status": result.status,
+                    "version": result.version,
+                    "detail": result.message,
+                },
             )
 
         self._update_thread = threading.Thread(target=work, name="update", daemon=True)

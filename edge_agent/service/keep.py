@@ -29,7 +29,6 @@ from pathlib import Path
 
 from edge_agent.config import KeepConfig
 from edge_agent.inspection.pipeline import FrameJob
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage
 from edge_agent.service.part_frames import PartEvidence, PartFrameBook
 from edge_agent.thread_priority import lower_thread_priority
@@ -209,7 +208,7 @@ class FrameKeeper:
             else:
                 self.counters.kept_good += 1
         if self.problem:
-            log_event(log, logging.INFO, "kept frames are written again", "keep_recovered", directory=str(folder))
+            log.info("kept frames are written again", extra={"event": "keep_recovered", "directory": str(folder)})
         self.problem = ""
         self._hold_quota()
 
@@ -233,7 +232,7 @@ class FrameKeeper:
 
     def _set_problem(self, problem: str) -> None:
         if problem != self.problem:
-            log_event(log, logging.WARNING, "cannot keep frames: %s", "keep_disk_problem", problem, problem=problem)
+            log.warning("cannot keep frames: %s", problem, extra={"event": "keep_disk_problem", "problem": problem})
         self.problem = problem
 
 

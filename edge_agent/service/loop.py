@@ -24,7 +24,6 @@ from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_stati
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.preprocess import model_input
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage, RecordCommand
 from edge_agent.publish.commands import CommandFailed, Done
 from edge_agent.service.disk_budget import training_budget
@@ -144,13 +143,9 @@ class LineLoop:
         self._drift_reasons = []
         reference = manifest.drift_reference
         if reference is None:
-            log_event(
-                log,
-                logging.WARNING,
+            log.warning(
                 "the bundle has no drift reference (exported before drift checks): the drift check is off",
-                "drift_off",
-                model=manifest.name,
-                version=manifest.version,
+                extra={"event": "drift_off", "model": manifest.name, "version": manifest.version},
             )
         settings = DriftSettings(
             config.window, config.min_frames, config.max_distance, config.min_relative_shift, config.sample_every_s
@@ -172,16 +167,17 @@ class LineLoop:
         reasons = monitor.report().reasons
         if reasons != self._drift_reasons:
             level, event = (logging.WARNING, "drift_detected") if reasons else (logging.INFO, "drift_cleared")
-            log_event(
-                log,
+            log.log(
                 level,
                 "drift: %s",
-                event,
                 ", ".join(reasons) or "none",
-                reasons=reasons,
-                previous=self._drift_reasons,
-                frames_sampled=monitor.frames_sampled,
-                sequence=job.frame.sequence,
+                extra={
+                    "event": event,
+                    "reasons": reasons,
+                    "previous": self._drift_reasons,
+                    "frames_sampled": monitor.frames_sampled,
+                    "sequence": job.frame.sequence,
+                },
             )
             self._drift_reasons = reasons
 
@@ -200,7 +196,7 @@ class LineLoop:
             verify_installed_bundle(path, self.settings.update.public_key)
             candidate = load_model(path, config, self.settings.nfa)
         except (ModelLoadError, SigningError) as exc:
-            log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
+            log.error("cannot load the shadow model: %s", exc, extra={"event": "shadow_failed", "error": str(exc)})
             return
         runner = ShadowRunner(
             candidate,
@@ -212,14 +208,14 @@ class LineLoop:
         runner.start()
         self.parts.shadow = runner
         self.pipeline.observers.append(runner.offer)
-        log_event(
-            log,
-            logging.INFO,
+        log.info(
             "shadow model running",
-            "shadow_started",
-            candidate=runner.report.candidate,
-            share=runner.share,
-            resumed=resumed,
+            extra={
+                "event": "shadow_started",
+                "candidate": runner.report.candidate,
+                "share": runner.share,
+                "resumed": resumed,
+            },
         )
 
     def _live_pressure(self) -> int:
@@ -236,7 +232,7 @@ class LineLoop:
         try:
             save_state(self.settings.state_dir / STATE_NAME, self.parts.shadow.state())
         except OSError as exc:
-            log_event(log, logging.WARNING, "cannot save the shadow totals: %s", "shadow_state_failed", exc)
+            log.warning("cannot save the shadow totals: %s", exc, extra={"event": "shadow_state_failed"})
 
     # -- recording (cmd/record) ---------------------------------------------------------------------
 
@@ -268,7 +264,7 @@ class LineLoop:
                 target=self._record_loop, args=(recorder,), name="record", daemon=True
             )
             self._record_thread.start()
-        log_event(log, logging.INFO, "recording started", "record_started", out=str(out), count=command.count)
+        log.info("recording started", extra={"event": "record_started", "out": str(out), "count": command.count})
         return Done(f"recording up to {command.count} images into {out}", {"out": str(out)})
 
     def _observe_record(self, job: FrameJob) -> None:
@@ -308,14 +304,14 @@ class LineLoop:
             try:
                 recorder.offer(held.image, held.sequence, True, now=held.clock)
             except RecordError as exc:
-                log_event(log, logging.ERROR, "recording failed: %s", "record_failed", exc)
+                log.error("recording failed: %s", exc, extra={"event": "record_failed"})
                 break
             if recorder.done:
                 threading.Thread(target=self._end_recording, args=("count reached",), daemon=True).start()
         try:
             recorder.write_summary()
         except OSError as exc:
-            log_event(log, logging.WARNING, "cannot write record.json: %s", "record_summary_failed", exc)
+            log.warning("cannot write record.json: %s", exc, extra={"event": "record_summary_failed"})
 
     def _end_recording(self, why: str) -> None:
         with self._record_lock:
@@ -338,4 +334,4 @@ class LineLoop:
         thread.join(10.0)
         while not self._record_queue.empty():  # frames queued after the end
             self._record_queue.get_nowait()
-        log_event(log, logging.INFO, "recording ended (%s)", "record_ended", why, **recorder.summary())
+        log.info("recording ended (%s)", why, extra={"event": "record_ended", **recorder.summary()})

@@ -24,7 +24,6 @@ from edge_agent.inspection.triggers import (
     missed_message,
     open_gpio,
 )
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
@@ -76,15 +75,15 @@ class PartInputs:
         if self.triggers is None:
             return
         for trigger in self.triggers.expired():
-            log_event(
-                log,
-                logging.ERROR,
+            log.error(
                 "trigger got no frame in time",
-                "trigger_missed",
-                source=trigger.source,
-                trigger_time=trigger.time,
-                trigger_id=trigger.trigger_id,
-                waited_s=round(time.time() - trigger.time, 3),
+                extra={
+                    "event": "trigger_missed",
+                    "source": trigger.source,
+                    "trigger_time": trigger.time,
+                    "trigger_id": trigger.trigger_id,
+                    "waited_s": round(time.time() - trigger.time, 3),
+                },
             )
             message = missed_message(self.settings.device_id, trigger)
             self.publisher.publish_part(message)
@@ -145,8 +144,8 @@ class PartInputs:
         assert self.triggers is not None
         refused = self.triggers.counters.refused
         if refused in (1, 10, 100) or refused % 1000 == 0:
-            log_event(
-                log, logging.WARNING, "trigger refused: %s", "trigger_refused", reason, source="mqtt", refused=refused
+            log.warning(
+                "trigger refused: %s", reason, extra={"event": "trigger_refused", "source": "mqtt", "refused": refused}
             )
 
     def _http_trigger(self, request: HttpRequest) -> HttpResponse:

@@ -31,7 +31,6 @@ from edge_agent.config import AgentSettings, ConfigError, NfaConfig, PartsConfig
 from edge_agent.config_recipes import RecipeConfig
 from edge_agent.inspection.drivers import Frame, FrameGeometry
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
-from edge_agent.logs import log_event
 from edge_agent.messages import ModelRef, PartMessage, RecipeCommand, ReloadCommand, UpdateCommand
 from edge_agent.publish.commands import CommandFailed, Done
 
@@ -114,11 +113,7 @@ class RecipeBook:
                 recipe.model.close()
             raise
         active = settings.recipe or settings.recipes[0].name
-        log_event(
-            log, logging.INFO, "recipes loaded", "recipes_loaded",
-            recipes=[r.name for r in recipes], active=active,
-            versions={r.name: r.model.ref.version for r in recipes},
-        )  # fmt: skip
+        log.info("recipes loaded", extra={"event": "recipes_loaded", "recipes": [r.name for r in recipes], "active": active, "versions": {r.name: r.model.ref.version for r in recipes}})  # fmt: skip
         return cls(settings, recipes, active)
 
     # -- views --------------------------------------------------------------------------------------
@@ -198,10 +193,11 @@ class RecipeBook:
             with self._lock:
                 current = self._active.model  # the latest switch's (and a reloaded recipe's new) model
             self._pipeline.swap_model(current)  # waits for an inference in progress (the model lock)
-        log_event(
-            log, logging.INFO, "recipe %s -> %s (%s)", "recipe_switched", previous.name, recipe.name, by,
-            recipe=recipe.name, index=recipe.index, previous=previous.name, by=by,
-            version=recipe.model.ref.version, seconds=round(time.monotonic() - started, 6),
+        log.info(
+            "recipe %s -> %s (%s)", previous.name, recipe.name, by,
+            extra={"event": "recipe_switched", "recipe": recipe.name, "index": recipe.index,
+                   "previous": previous.name, "by": by, "version": recipe.model.ref.version,
+                   "seconds": round(time.monotonic() - started, 6)},
         )  # fmt: skip
         for listener in self.listeners:
             try:
@@ -276,10 +272,7 @@ class RecipeBook:
         new.ref = new.ref.model_copy(update={"recipe": recipe.name})
         old = self._replace(recipe, new)
         active = self._active.name == recipe.name
-        log_event(
-            log, logging.INFO, "model reloaded", "model_reloaded", recipe=recipe.name, active=active,
-            old_version=old.ref.version, version=new.ref.version, seconds=new.load_s,
-        )  # fmt: skip
+        log.info("model reloaded", extra={"event": "model_reloaded", "recipe": recipe.name, "active": active, "old_version": old.ref.version, "version": new.ref.version, "seconds": new.load_s})  # fmt: skip
         return Done(
             f"recipe {recipe.name} now runs {new.ref.name} {new.ref.version} (was {old.ref.version}); "
             f"loaded in {new.load_s:.2f} s" + ("" if active else "; it is not the active recipe"),

@@ -21,7 +21,7 @@ from the module at run time (``hasattr``), never assumed from the platform.
 
 Everything here that is not a TensorRT call (recipes, error text, progress bookkeeping) is pure and
 tested without a GPU, against fakes of the 10.3, 10.x-latest and 11.x Python APIs (tests/fake_tensorrt).
-The TensorRT calls follow NVIDIA's samples (samples/python/common.py, common_runtime.py,
+The TensorRT calls follow NVIDIA's samples (samples/python/common.py, samples/python/common_runtime.py,
 simple_progress_monitor) for the 10.x and 11.x Python API.
 """
 

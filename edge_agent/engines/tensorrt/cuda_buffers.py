@@ -2,7 +2,7 @@
 
 Both sit behind one small protocol, :class:`CudaApi`: the device's identity, its primary context
 made current around a block, pinned host arrays, device allocations, one stream, async copies,
-synchronize and free. The engine (tensorrt.py) and build-engine only talk to the protocol.
+synchronize and free. The engine (runtime.py) and build-engine only talk to the protocol.
 
 Why cuda-python first: NVIDIA's TensorRT samples moved to it (samples/python/common_runtime.py),
 and it installs as a wheel on x86_64 and aarch64 (Jetson included), where pycuda compiles against

@@ -2,7 +2,7 @@
 
 Thin on purpose: the I/O contract checks, frame validation and output splitting are the same
 functions the ONNX Runtime backend uses (engines/base.py); the plan cache and build recipes live in
-engine_cache.py and trt_build.py; CUDA memory and streams go through cuda_buffers.CudaApi
+cache.py and build.py; CUDA memory and streams go through cuda_buffers.CudaApi
 (cuda-python, else pycuda). What is here is only TensorRT calls and their order:
 
 - one pinned host buffer and one device buffer per I/O tensor name, bound once with
