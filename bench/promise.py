@@ -87,6 +87,13 @@ def main() -> None:
         from training.finish import finish_run
 
         finish_run(Path(args.run), splits, val_images, load_images(splits.train, height, width), 3, args.batch_size)
+    if tuple(model.config.heads) != ("flow",):
+        # The heads are fitted on the validation images too, so this bench's validation maps would be
+        # in-sample for them (training/finish.py gives them out-of-sample maps). --refinish above is valid.
+        raise SystemExit(
+            f"{args.run}: a run with evidence heads {model.config.heads}: measure its bundle instead "
+            "(uflow export, then uflow calibrate nfa --split test_good and bench/decision_limit.py)"
+        )
     good = [r for r in splits.test if r.label == 0]
     defect = [r for r in splits.test if r.label == 1]
     channels = [s.channels for s in model.scales]

@@ -51,8 +51,10 @@ def test_the_deployed_column_is_the_agents_own_decision(
     for kind, flags in counts.items():
         assert int(rows[kind][0]) == len(flags)
         assert rows[kind][1] == f"{sum(flags) / len(flags):.1%}"
-    # The oracle threshold is a quantile of the good images' evidence: it flags at most 2 % of them.
-    assert float(rows["good"][4].rstrip("%")) <= 2.0
+    # The oracle threshold is the 98 % quantile of the good images' evidence: above it lie at most 2 % of
+    # them, rounded up to one image (8 good images here).
+    good = len(counts["good"])
+    assert float(rows["good"][4].rstrip("%")) <= 100.0 * (0.02 + 1.0 / good) + 1e-9
 
 
 def test_the_drift_check_sees_darker_good_parts_and_not_the_same_ones(
