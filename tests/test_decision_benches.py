@@ -68,5 +68,7 @@ def test_the_drift_check_sees_darker_good_parts_and_not_the_same_ones(
     args = ["--bundle", str(tiny_bundle), "--data", str(darker), "--before", "train", "--window", "8", "--threads", "1"]
     assert drift_real.main(args) == 0
     rows = _rows(capsys.readouterr().out)
-    assert rows["train"][2] == "none"  # good parts like the training parts: no drift
+    # The training images are the image statistics' reference: no brightness drift on them (the model's
+    # score may move: they are in-sample for the flow), and a clear one on the darkened good parts.
+    assert "brightness" not in rows["train"][2]
     assert "brightness" in rows["test_good"][2]

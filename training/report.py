@@ -144,6 +144,7 @@ def _table(result: dict[str, Any]) -> str:
         ("pixel_auroc", "pixel AUROC"),
         ("aupro", "AUPRO@0.3"),
         ("image_auroc", "image AUROC"),
+        ("image_auroc_nfa", "image AUROC (NFA evidence)"),
         ("miou_nfa", "mIoU (NFA)"),
         ("miou_oracle", "mIoU (oracle)"),
         ("nfa_flagged_defect", "NFA flagged defect"),
