@@ -36,10 +36,11 @@ from edge_agent.publish.commands import CommandFailed, CommandProcessor, Done
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool
-from edge_agent.service.health import HealthInputs, HealthReport, assess
+from edge_agent.service.agent_snapshot import SnapshotSources, snapshot_taker, stats_message, status_line
+from edge_agent.service.health import HealthReport, assess
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.loop import LineLoop
-from edge_agent.service.metrics import AgentMetrics, MetricsView
+from edge_agent.service.metrics import AgentMetrics
 from edge_agent.service.part_inputs import PartInputs
 from edge_agent.service.preview import PreviewFacts, PreviewPage
 from edge_agent.systemd import SystemdNotifier
@@ -85,9 +86,8 @@ class Agent:
             parts=self.part_inputs.parts,
             triggers=self.part_inputs.triggers,
         )
-        self.metrics = AgentMetrics(
-            MetricsView(self.pipeline, self.publisher, self.outbox, settings.spool.max_messages, self.health)
-        )
+        # Components first, then the views that read them (the snapshot, /metrics, /healthz, the preview).
+        self.metrics = AgentMetrics()
         self.pipeline.observers.append(self.metrics.observe_frame)
         self.plc = PlcBridge.create(settings, self.part_inputs.triggers)  # None unless [plc] enables a server
         if self.plc is not None:
@@ -99,6 +99,22 @@ class Agent:
         self.commands.register("threshold", self.set_threshold)
         self.commands.register("update", self.start_update)
         self.publisher.subscribe("cmd/+", self.commands.submit)
+        self.loop = LineLoop(settings, self.pipeline)
+        self.take_snapshot = snapshot_taker(
+            SnapshotSources(
+                device_id=settings.device_id,
+                started=self._started_monotonic,
+                stall_timeout_s=settings.source.stall_timeout_s,
+                spool_max=settings.spool.max_messages,
+                pipeline=self.pipeline,
+                publisher=self.publisher,
+                outbox=self.outbox,
+                commands=self.commands,
+                parts=self.part_inputs,
+                loop=self.loop,
+            )
+        )
+        self.metrics.watch(self.take_snapshot)
         self.http: HttpServer | None = None
         self.preview: PreviewPage | None = None
         if settings.http.enabled:
@@ -115,10 +131,12 @@ class Agent:
             if settings.http.preview:
                 live = (lambda: self.pipeline.last_frame) if settings.parts.mode == "triggered" else None
                 self.preview = PreviewPage(
-                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps, live_frame=live
+                    lambda: self.pipeline.last_job,
+                    lambda: PreviewFacts.of(self.take_snapshot()),
+                    settings.http.preview_max_fps,
+                    live_frame=live,
                 )
                 self.preview.register(self.http)
-        self.loop = LineLoop(settings, self.pipeline)
         self.loop.attach(self.http, self.metrics.registry.register, self.commands.register)
         # Source states in the order they happened (appended by the capture thread, published by the supervisor).
         self._source_states: deque[str] = deque(maxlen=64)
@@ -194,17 +212,17 @@ class Agent:
             self.outbox.close()
             self.pipeline.model.close()
             self.pipeline.source.close()
-        parts = self.part_inputs.figures()
+        last = self.take_snapshot()
         summary = {
-            "frames": self.pipeline.stats.frames_inspected,
-            "anomalous": self.pipeline.stats.anomalous_frames,
-            "dropped": self.pipeline.frames_dropped,
-            "ended": self.pipeline.ended,
-            "published": self.publisher.counters.inspections_published,
-            "parts": parts["parts_decided"],
-            "parts_anomalous": parts["parts_anomalous"],
-            "acked": self.publisher.counters.acked,
-            "left_in_spool": len(self.outbox),
+            "frames": last.frames_inspected,
+            "anomalous": last.anomalous_frames,
+            "dropped": last.frames_dropped,
+            "ended": last.pipeline_ended,
+            "published": last.inspections_published,
+            "parts": last.parts.decided,
+            "parts_anomalous": last.parts.anomalous,
+            "acked": last.mqtt_acked,
+            "left_in_spool": last.spool_depth,
         }
         log.info("edge agent stopped", extra={"event": "agent_stopped", "failed": failed, **summary})
         return EXIT_FAILURE if failed else EXIT_OK
@@ -235,17 +253,19 @@ class Agent:
             if self.pipeline.responsive(stall_s):
                 self.notifier.watchdog()
             now = time.monotonic()
-            if now >= next_status:
-                next_status = now + STATUS_INTERVAL_S
-                self.notifier.status(self.status_line())
-            if self._source_states:
-                # One stats message per state change, so a dashboard sees reconnecting -> opening -> open.
-                while self._source_states:
-                    self.publisher.publish_stats(self.stats_message(self._source_states.popleft()))
-                next_stats = now + self.settings.mqtt.stats_interval_s
-            elif now >= next_stats:
-                next_stats = now + self.settings.mqtt.stats_interval_s
-                self.publisher.publish_stats(self.stats_message())
+            states: list[str | None] = [self._source_states.popleft() for _ in range(len(self._source_states))]
+            due_status, due_stats = now >= next_status, bool(states) or now >= next_stats
+            if due_status or due_stats:
+                snapshot = self.take_snapshot()  # one per round: the status line and the stats agree
+                if due_status:
+                    next_status = now + STATUS_INTERVAL_S
+                    self.notifier.status(status_line(snapshot))
+                if due_stats:
+                    next_stats = now + self.settings.mqtt.stats_interval_s
+                    health = assess(snapshot)
+                    # One stats message per state change, so a dashboard sees reconnecting -> opening -> open.
+                    for state in states or [None]:
+                        self.publisher.publish_stats(stats_message(snapshot, health, state))
             stop.wait(SUPERVISE_TICK_S)
         if stop.is_set():
             log.info("stop requested", extra={"event": "stop_requested"})
@@ -257,92 +277,17 @@ class Agent:
         return self.pipeline.model
 
     def health(self) -> HealthReport:
-        source = self.pipeline.source
-        spool_counters = self.outbox.counters
-        commands = getattr(self, "commands", None)  # health() runs once while __init__ registers the metrics
-        loop = getattr(self, "loop", None)
-        return assess(
-            HealthInputs(
-                device_id=self.settings.device_id,
-                uptime_s=time.monotonic() - self._started_monotonic,
-                fps=self.pipeline.stats.fps(),
-                source_kind=source.kind,
-                source_state=source.state,
-                source_error=source.last_error,
-                source_reconnects=source.counters.reconnects,
-                last_frame_age_s=source.last_frame_age(),
-                stall_timeout_s=self.settings.source.stall_timeout_s,
-                broker_connected=self.publisher.connected,
-                spool_depth=len(self.outbox),
-                spool_max=self.settings.spool.max_messages,
-                spool_writing_ok=not getattr(spool_counters, "last_error", ""),
-                spool_error=getattr(spool_counters, "last_error", ""),
-                pipeline_error=None if self.pipeline.error is None else str(self.pipeline.error),
-                model=self.model.ref,
-                commands_alive=commands.alive if commands else True,
-                commands_restarts=commands.restarts if commands else 0,
-                commands_last_crash=commands.last_crash if commands else "",
-                loop_problems=tuple(loop.problems()) if loop else (),
-            )
-        )
+        """/healthz's verdict now."""
+        return assess(self.take_snapshot())
 
     def stats_message(self, source_state: str | None = None) -> StatsMessage:
         """The ``stats`` payload now (``source_state`` overrides the current one: a change being reported)."""
-        stats, source = self.pipeline.stats, self.pipeline.source
-        p50, p99 = stats.latency_percentiles()
-        health = self.health()
-        age = source.last_frame_age()
-        return StatsMessage(
-            device_id=self.settings.device_id,
-            time=time.time(),
-            uptime_s=round(time.time() - self.started, 1),
-            fps=round(stats.fps(), 2),
-            frames_inspected=stats.frames_inspected,
-            frames_dropped=self.pipeline.frames_dropped,
-            anomalous_frames=stats.anomalous_frames,
-            latency_ms_p50=round(p50, 2),
-            latency_ms_p99=round(p99, 2),
-            spool_depth=len(self.outbox),
-            spool_expired=self.outbox.counters.expired,
-            spool_dropped=self.outbox.counters.dropped,
-            source_state=source_state or source.state,
-            source_state_since=round(source.state_since, 3),
-            source_reconnects=source.counters.reconnects,
-            source_error=source.last_error,
-            last_frame_age_s=None if age is None else round(age, 2),
-            frames_captured=stats.frames_captured,
-            status=health.status,
-            problems=health.problems,
-            model=self.model.ref,
-            **self.part_inputs.figures(),
-            **self.loop.figures(),
-        )
+        snapshot = self.take_snapshot()
+        return stats_message(snapshot, assess(snapshot), source_state)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: fps, model, source and broker state."""
-        stats, source, ref = self.pipeline.stats, self.pipeline.source, self.model.ref
-        broker = "mqtt connected" if self.publisher.connected else "mqtt DISCONNECTED"
-        return (
-            f"{stats.fps():.1f} fps | model {ref.name} {ref.version} ({ref.backend}) | "
-            f"source {source.kind} {source.state} | {broker}, spool {len(self.outbox)} | "
-            f"{stats.frames_inspected} frames, {stats.anomalous_frames} anomalous, {self.pipeline.frames_dropped} dropped"
-        )
-
-    def _preview_facts(self) -> PreviewFacts:
-        stats, source = self.pipeline.stats, self.pipeline.source
-        p50, p99 = stats.latency_percentiles()
-        parts_line, trigger_line = self.part_inputs.lines()
-        return PreviewFacts(
-            stats.fps(),
-            p50,
-            p99,
-            source.state,
-            source.last_error,
-            self.settings.parts.mode,
-            parts_line,
-            trigger_line,
-            stats.capture_fps(),
-        )
+        return status_line(self.take_snapshot())
 
     def _metrics_route(self, request: HttpRequest) -> HttpResponse:
         body, content_type = self.metrics.exposition()

@@ -36,6 +36,7 @@ import numpy as np
 
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.pipeline import FrameJob
+from edge_agent.service.agent_snapshot import AgentSnapshot, part_lines
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.preview_view import live_picture, preview_picture
 from edge_agent.service.snapshot import frame_caption
@@ -63,6 +64,22 @@ class PreviewFacts:
     parts_line: str = ""  # tracked: parts decided so far
     trigger_line: str = ""  # triggered: triggers received, waiting, missed, storm
     camera_fps: float = 0.0  # frames read from the source per second (inspected or not)
+
+    @classmethod
+    def of(cls, snapshot: AgentSnapshot) -> PreviewFacts:
+        """The facts of one agent snapshot."""
+        parts_line, trigger_line = part_lines(snapshot.parts)
+        return cls(
+            snapshot.fps,
+            snapshot.latency_p50_ms,
+            snapshot.latency_p99_ms,
+            snapshot.source.state,
+            snapshot.source.error,
+            snapshot.parts.mode,
+            parts_line,
+            trigger_line,
+            snapshot.camera_fps,
+        )
 
 
 @dataclass(frozen=True)
