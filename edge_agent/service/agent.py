@@ -27,7 +27,7 @@ from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.exit_codes import EXIT_FAILURE, EXIT_OK
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
-from edge_agent.inspection.pipeline import FrameJob, Pipeline
+from edge_agent.inspection.pipeline import FrameJob, Hooks, Pipeline
 from edge_agent.inspection.scoring import DecisionRule, default_log10_epsilon
 from edge_agent.logs import log_event
 from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
@@ -82,16 +82,15 @@ class Agent:
             model,
             self.publisher,
             settings.device_id,
-            on_result=on_result,
             parts=self.part_inputs.parts,
             triggers=self.part_inputs.triggers,
         )
         # Components first, then the views that read them (the snapshot, /metrics, /healthz, the preview).
         self.metrics = AgentMetrics()
-        self.pipeline.observers.append(self.metrics.observe_frame)
+        self.pipeline.add_observer(Hooks("metrics", frame=self.metrics.observe_frame))
         self.plc = PlcBridge.create(settings, self.part_inputs.triggers)  # None unless [plc] enables a server
         if self.plc is not None:
-            self.pipeline.part_observers.append(self.plc.part_decided)
+            self.pipeline.add_observer(Hooks("plc", part=self.plc.part_decided))
             self.part_inputs.missed_observers.append(self.plc.trigger_missed)
         self.commands = CommandProcessor(self.publisher.publish_result, on_handled=self.metrics.count_command)
         self.commands.register("reload", self.reload)
@@ -144,6 +143,8 @@ class Agent:
         self._update_thread: threading.Thread | None = None
         self._update_result: UpdateResult | None = None
         self._snapshots: SnapshotBudget | None = None
+        if on_result is not None:  # the caller's observer runs last, after the agent's own
+            self.pipeline.add_observer(Hooks("on_result", frame=on_result))
 
     @property
     def snapshots(self) -> SnapshotBudget:

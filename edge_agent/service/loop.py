@@ -22,7 +22,7 @@ import numpy as np
 from edge_agent.config import AgentSettings
 from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.inspection.pipeline import FrameJob, Pipeline
+from edge_agent.inspection.pipeline import FrameJob, Hooks, Pipeline
 from edge_agent.inspection.preprocess import model_input
 from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage, RecordCommand
@@ -59,14 +59,13 @@ class LineLoop:
         if keeper.active:
             self.parts.keeper = keeper
             if book is not None:
-                pipeline.observers.append(book.observe)
-            pipeline.observers.append(keeper.offer)
-            pipeline.part_observers.append(keeper.offer_part)
+                pipeline.add_observer(Hooks("part_frames", frame=book.observe))
+            pipeline.add_observer(Hooks("keep", frame=keeper.offer, part=keeper.offer_part))
         self._drift_bundle: object | None = None
         self._drift_reasons: list[str] = []
         if settings.drift.enabled:
             self.parts.drift = self._new_drift_monitor()
-            pipeline.observers.append(self._observe_drift)
+            pipeline.add_observer(Hooks("drift", frame=self._observe_drift))
         self._recorder: FrameRecorder | None = None
         self._gate: RecordGate | None = None  # with only_good: frames wait for their parts' verdicts
         self._gate_lock = threading.Lock()
@@ -74,8 +73,7 @@ class LineLoop:
         self._record_queue: queue.Queue[HeldFrame | None] = queue.Queue(maxsize=RECORD_QUEUE)
         self._record_thread: threading.Thread | None = None
         self._record_lock = threading.Lock()
-        pipeline.observers.append(self._observe_record)
-        pipeline.part_observers.append(self._observe_record_part)
+        pipeline.add_observer(Hooks("record", frame=self._observe_record, part=self._observe_record_part))
         self._next_shadow_save = 0.0
         self._drops_seen = 0
 
@@ -159,10 +157,10 @@ class LineLoop:
 
     def _observe_drift(self, job: FrameJob) -> None:
         monitor = self.parts.drift
-        if job.model is not None and job.model.bundle is not self._drift_bundle:
+        if job.model.bundle is not self._drift_bundle:
             # A reloaded model was trained on other images: compare with its own reference, from scratch.
             monitor = self.parts.drift = self._new_drift_monitor(job.model)
-        if monitor is None or not monitor.due() or job.model is None or job.output is None or job.message is None:
+        if monitor is None or not monitor.due():
             return
         rgb = model_input(job.frame.image, *job.model.input_size)
         passed = not job.message.anomalous
@@ -211,7 +209,7 @@ class LineLoop:
         resumed = runner.resume(load_state(self.settings.state_dir / STATE_NAME))
         runner.start()
         self.parts.shadow = runner
-        self.pipeline.observers.append(runner.offer)
+        self.pipeline.add_observer(Hooks("shadow", frame=runner.offer))
         log_event(
             log,
             logging.INFO,
@@ -277,7 +275,7 @@ class LineLoop:
         if recorder is None:
             return
         only_good = recorder.settings.only_good
-        passed = not only_good or (job.message is not None and not job.message.anomalous)
+        passed = not only_good or not job.message.anomalous
         view = job.parts_view
         alive: frozenset[str] | None = None
         if only_good and self.settings.parts.mode == "tracked":

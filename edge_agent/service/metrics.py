@@ -55,8 +55,6 @@ class AgentMetrics:
 
     def observe_frame(self, job: FrameJob) -> None:
         """Pipeline observer: one published frame's stage latencies."""
-        if job.message is None:
-            return
         latency = job.message.latency_ms
         for stage, histogram in self._stage_histograms.items():
             histogram.observe(getattr(latency, stage) / 1000.0)

@@ -141,7 +141,7 @@ class PreviewPage:
                 self._rendered = self._render_live(live)
                 self.renders += 1
                 return self._rendered
-            if job is None or job.message is None:
+            if job is None:
                 return self._rendered
             cached = self._rendered
             fresh_enough = cached is not None and time.monotonic() - cached.rendered_at < self._min_interval_s
@@ -152,7 +152,6 @@ class PreviewPage:
             return self._rendered
 
     def _render(self, job: FrameJob) -> RenderedFrame:
-        assert job.message is not None
         picture = preview_picture(job)
         ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
@@ -283,14 +282,13 @@ class PreviewPage:
 
 def _between_triggers(job: FrameJob | None, live: Frame) -> bool:
     """Show the live camera: nothing inspected yet, or the last inspection is ``HOLD_S`` old and newer frames came."""
-    if job is None or job.message is None:
+    if job is None:
         return True
     return live.sequence > job.frame.sequence and time.monotonic() - job.frame.monotonic > HOLD_S
 
 
 def _verdict_word(job: FrameJob) -> str:
     """The verdict row: the frame's verdict, or in tracked mode the verdict of the parts in view."""
-    assert job.message is not None
     view = job.parts_view
     if view is None:
         return "ANOMALOUS" if job.message.anomalous else "good"
