@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import AgentSettings
-from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics
+from edge_agent.inspection.drift import DriftMonitor, model_statistics
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob, Hooks, Pipeline
 from edge_agent.inspection.preprocess import model_input
@@ -150,10 +150,7 @@ class LineLoop:
                 model=manifest.name,
                 version=manifest.version,
             )
-        settings = DriftSettings(
-            config.window, config.min_frames, config.max_distance, config.min_relative_shift, config.sample_every_s
-        )
-        return DriftMonitor(reference, settings)
+        return DriftMonitor(reference, config)
 
     def _observe_drift(self, job: FrameJob) -> None:
         monitor = self.parts.drift
