@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from edge_agent.messages import ModelRef, StatsMessage
+from edge_agent.service.agent_part import AgentPart
 
 if TYPE_CHECKING:
     from edge_agent.inspection.pipeline import Pipeline
@@ -103,20 +104,6 @@ class AgentSnapshot:
     loop_figures: Mapping[str, Any]  # the stats message's kept, drift, shadow and recording figures
 
 
-class PartsFigures(Protocol):
-    """What a snapshot reads of the ``[parts]`` inputs (service/part_inputs.py's ``PartInputs``)."""
-
-    def figures(self) -> PartFigures: ...
-
-
-class LoopView(Protocol):
-    """What a snapshot reads of the line-to-model loop (service/loop.py's ``LineLoop``)."""
-
-    def problems(self) -> list[str]: ...
-
-    def figures(self) -> dict[str, Any]: ...
-
-
 @dataclass(frozen=True)
 class SnapshotSources:
     """The components a snapshot is read from; built after all of them exist, never before."""
@@ -129,8 +116,8 @@ class SnapshotSources:
     publisher: MqttPublisher
     outbox: Outbox
     commands: CommandProcessor
-    parts: PartsFigures
-    loop: LoopView
+    parts: AgentPart[PartFigures]  # service/part_inputs.py's PartInputs
+    loop: AgentPart[Mapping[str, Any]]  # service/loop.py's LineLoop
 
 
 def take_snapshot(sources: SnapshotSources) -> AgentSnapshot:
