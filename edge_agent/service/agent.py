@@ -114,28 +114,8 @@ class Agent:
             )
         )
         self.metrics.watch(self.take_snapshot)
-        self.http: HttpServer | None = None
         self.preview: PreviewPage | None = None
-        if settings.http.enabled:
-            self.http = HttpServer(
-                settings.http.host,
-                settings.http.port,
-                idle_timeout_s=settings.http.request_timeout_s,
-                max_per_address=settings.http.max_connections_per_address,
-                allowed_hosts=settings.http.allowed_hosts,
-            )
-            self.http.route("/metrics", self._metrics_route)
-            self.http.route("/healthz", self._health_route)
-            self.part_inputs.attach_http(self.http)
-            if settings.http.preview:
-                live = (lambda: self.pipeline.last_frame) if settings.parts.mode == "triggered" else None
-                self.preview = PreviewPage(
-                    lambda: self.pipeline.last_job,
-                    lambda: PreviewFacts.of(self.take_snapshot()),
-                    settings.http.preview_max_fps,
-                    live_frame=live,
-                )
-                self.preview.register(self.http)
+        self.http = self._http_views() if settings.http.enabled else None
         self.loop.attach(self.http, self.metrics.registry.register, self.commands.register)
         # Source states in the order they happened (appended by the capture thread, published by the supervisor).
         self._source_states: deque[str] = deque(maxlen=64)
@@ -145,6 +125,30 @@ class Agent:
         self._snapshots: SnapshotBudget | None = None
         if on_result is not None:  # the caller's observer runs last, after the agent's own
             self.pipeline.add_observer(Hooks("on_result", frame=on_result))
+
+    def _http_views(self) -> HttpServer:
+        """The HTTP server with /metrics, /healthz, the preview and POST /trigger (not started yet)."""
+        config = self.settings.http
+        http = HttpServer(
+            config.host,
+            config.port,
+            idle_timeout_s=config.request_timeout_s,
+            max_per_address=config.max_connections_per_address,
+            allowed_hosts=config.allowed_hosts,
+        )
+        http.route("/metrics", self._metrics_route)
+        http.route("/healthz", self._health_route)
+        self.part_inputs.attach_http(http)
+        if config.preview:
+            live = (lambda: self.pipeline.last_frame) if self.settings.parts.mode == "triggered" else None
+            self.preview = PreviewPage(
+                lambda: self.pipeline.last_job,
+                lambda: PreviewFacts.of(self.take_snapshot()),
+                config.preview_max_fps,
+                live_frame=live,
+            )
+            self.preview.register(http)
+        return http
 
     @property
     def snapshots(self) -> SnapshotBudget:
