@@ -18,6 +18,8 @@ from edge_agent.inspection import nfa
 from edge_agent.promise import poisson_upper
 from training.nfa_null import (
     EVIDENCE_SCALES,
+    REFINE_STEPS,
+    acceptable,
     calibrate,
     calibrate_evidence,
     correlation_area,
@@ -158,7 +160,7 @@ def test_evidence_calibration_keeps_the_promise_at_the_deployed_epsilon_on_its_i
     channels = CHANNELS
     envelope = fit_null(val)
     nulls, factor = calibrate_evidence(envelope, val, channels, (32, 32), log10_epsilon=-1.0)
-    assert factor in EVIDENCE_SCALES
+    assert EVIDENCE_SCALES[0] <= factor <= EVIDENCE_SCALES[-1]
     assert all(n.dof == pytest.approx(e.dof * factor) for n, e in zip(nulls, envelope, strict=True))
     assert false_regions_per_image(val, channels, (32, 32), nulls, -1.0) <= 0.1
     assert false_regions_per_image(fresh, channels, (32, 32), nulls, 0.0) <= 1.0
@@ -196,7 +198,13 @@ def test_the_factor_is_the_last_that_passes_before_the_first_that_fails_and_its_
     maps = two_scale_field(rng, 30)
     result = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0)
     factors = [c.factor for c in result.counts]
-    assert factors == list(EVIDENCE_SCALES[: len(factors)])  # tried smallest first, stopped at the first failure
+    assert factors == sorted(factors)  # recorded smallest first
+    grid = [f for f in factors if f in EVIDENCE_SCALES]
+    assert grid == list(EVIDENCE_SCALES[: len(grid)])  # the grid tried smallest first, stopped at the first failure
+    refined = [f for f in factors if f not in EVIDENCE_SCALES]
+    if refined:
+        # Bisection only between the last grid factor that passed and the first that failed.
+        assert len(refined) == REFINE_STEPS and grid[-2] < min(refined) and max(refined) < grid[-1]
     totals = [c.false_regions for c in result.counts]
     assert totals == sorted(totals)  # more evidence never removes a region
     chosen = next(c for c in result.counts if c.factor == result.factor)
@@ -232,3 +240,17 @@ def test_too_few_images_for_the_promise_are_counted_at_the_loosest_rate_they_can
     assert not result.check.supported and result.check.needed == 300
     # 40 images can vouch for 1 in 10 with none flagged (30 suffice): the rule counts at the deployed epsilon.
     assert calibrate(two_scale_field(rng, 40), CHANNELS, (32, 32), log10_epsilon=-1.0).check_log10_epsilon == -1.0
+
+
+def test_bisection_takes_the_factor_past_the_grid_step_but_never_past_a_failing_one() -> None:
+    rng = np.random.default_rng(12)
+    maps = two_scale_field(rng, 40)
+    result = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0)
+    grid_passed = [c for c in result.counts if c.factor in EVIDENCE_SCALES and acceptable(c, 40, 0.1)]
+    failed = [c for c in result.counts if not acceptable(c, 40, 0.1)]
+    assert grid_passed and failed  # this field passes the first factors and fails a later one
+    # The chosen factor is at least the grid's, below every failing factor, and it passes the rule.
+    assert result.factor >= grid_passed[-1].factor
+    assert result.factor < min(c.factor for c in failed)
+    chosen = next(c for c in result.counts if c.factor == result.factor)
+    assert acceptable(chosen, 40, 0.1)

@@ -42,6 +42,8 @@ EVIDENCE_SCALES: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 
 MIN_CALIBRATION_IMAGES = 20
 PROMISE_MARGIN = 0.1
 CALIBRATION_FOLDS = 10
+# Bisection steps between the grid's last passing and first failing factor: 1.5x -> within 1.03x.
+REFINE_STEPS = 4
 
 
 def tail_dof(t: np.ndarray) -> float:
@@ -149,7 +151,7 @@ class Calibration:
     log10_epsilon: float
     check_log10_epsilon: float  # where the rule counted: max(deployed, the rate the images can check)
     folds: int
-    counts: tuple[FactorCount, ...]  # every factor tried, smallest first; the last one broke the rule
+    counts: tuple[FactorCount, ...]  # every factor tried (grid, then bisection), smallest first
     check: PromiseCheck  # the out-of-fold counts at ``factor`` and their 95 % upper bounds
 
     @property
@@ -193,7 +195,7 @@ def checkable_log10_epsilon(log10_epsilon: float, images: int) -> float:
     return max(log10_epsilon, math.log10(poisson_upper(0, images)))
 
 
-def _acceptable(count: FactorCount, images: int, promise: float) -> bool:
+def acceptable(count: FactorCount, images: int, promise: float) -> bool:
     """The selection rule: the 95 % upper bound of out-of-fold false regions per image at the checkable
     epsilon within the promise, or, where ``images`` are too few to show the promise, no false region at
     all at the loosest epsilon they can check (a stricter deployed epsilon then only removes regions);
@@ -222,9 +224,10 @@ def calibrate(
     (smallest first): every image is counted once, by a null that never saw it. Where the images are too
     few to vouch for the promise, the counting is done at the loosest epsilon they can vouch for
     (:func:`checkable_log10_epsilon`), a margin the deployed, stricter epsilon keeps. The factor is the
-    largest one before the first that breaks :func:`_acceptable` (counts grow with the factor, so this is a
-    fixed-sequence test and the bound at the chosen factor stays a 95 % bound despite the choice). The
-    shipped null is fitted on all images (``envelope`` when the caller has it) times that factor.
+    largest one before the first that breaks :func:`acceptable`, refined by bisection between the two
+    (counts grow with the factor, so this is a fixed-sequence test and the bound at the chosen factor stays
+    a 95 % bound despite the choice: it is the out-of-fold maximum of the images' evidence, a conformal
+    threshold, see docs/nfa.md). The shipped null is fitted on all images (``envelope`` when the caller has it) times that factor.
     """
     images = len(scale_maps[0])
     if any(len(m) != images for m in scale_maps):
@@ -237,8 +240,8 @@ def calibrate(
         keep = np.ones(images, dtype=bool)
         keep[block] = False
         fold_nulls.append(fit_null([m[keep] for m in scale_maps]))
-    counts: list[FactorCount] = []
-    for factor in EVIDENCE_SCALES:
+
+    def count(factor: float) -> FactorCount:
         regions = flagged = at_0 = at_check = 0
         for block, nulls in zip(slices, fold_nulls, strict=True):
             candidate = scaled(nulls, factor)
@@ -249,10 +252,28 @@ def calibrate(
                 flagged += found > 0
                 at_0 += len(regions_from_log_nfa(log_nfa, 0.0))
                 at_check += len(regions_from_log_nfa(log_nfa, check_epsilon))
-        counts.append(FactorCount(factor, regions, flagged, at_0, at_check))
-        if not _acceptable(counts[-1], images, promise):
+        return FactorCount(factor, regions, flagged, at_0, at_check)
+
+    counts: list[FactorCount] = []
+    for factor in EVIDENCE_SCALES:
+        counts.append(count(factor))
+        if not acceptable(counts[-1], images, promise):
             break
-    passed = [c for c in counts if _acceptable(c, images, promise)]
+    passed = [c for c in counts if acceptable(c, images, promise)]
+    if passed and not acceptable(counts[-1], images, promise):
+        # The grid's steps are up to 1.5x apart: bisect (in log space) between the last factor that kept
+        # the rule and the first that broke it, so that the evidence is not thrown away by the grid.
+        low, high = passed[-1].factor, counts[-1].factor
+        for _ in range(REFINE_STEPS):
+            middle = math.sqrt(low * high)
+            tried = count(middle)
+            counts.append(tried)
+            if acceptable(tried, images, promise):
+                low = middle
+                passed.append(tried)
+            else:
+                high = middle
+        counts.sort(key=lambda c: c.factor)
     # Nothing passes: even the most conservative factor flags held-out images; ship it and say so.
     chosen = passed[-1] if passed else counts[0]
     final = envelope if envelope is not None else fit_null(scale_maps)
