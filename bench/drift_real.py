@@ -32,8 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.config import ModelConfig  # noqa: E402
-from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics  # noqa: E402
+from edge_agent.config import DriftConfig, ModelConfig  # noqa: E402
+from edge_agent.inspection.drift import DriftMonitor, model_statistics  # noqa: E402
 from edge_agent.inspection.loaded_model import load_model  # noqa: E402
 from edge_agent.inspection.preprocess import model_input  # noqa: E402
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=Path, help="a split.json")
     parser.add_argument("--before", default="val")
     parser.add_argument("--after", default="test_good")
-    parser.add_argument("--window", type=int, default=DriftSettings().window)
+    parser.add_argument("--window", type=int, default=DriftConfig().window)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = model.bundle.manifest.drift_reference
     if reference is None:
         raise SystemExit(f"{args.bundle}: the bundle has no drift reference")
-    monitor = DriftMonitor(reference, DriftSettings(window=args.window, sample_every_s=0.0))
+    monitor = DriftMonitor(reference, DriftConfig(window=args.window, sample_every_s=0.0))
     before = stems(args.data, args.before)
     after = stems(args.data, args.after)
     cycled = (before * (1 + args.window // max(len(before), 1)))[: max(args.window, len(before))]
