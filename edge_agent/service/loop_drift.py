@@ -18,7 +18,6 @@ from edge_agent.inspection.drift import DriftMonitor, model_statistics
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.pipeline import FrameJob
 from edge_agent.inspection.preprocess import model_input
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage
 from edge_agent.service.loop_metrics import drift_figures
 
@@ -40,13 +39,9 @@ class DriftCheck:
         self._reasons = []
         reference = manifest.drift_reference
         if reference is None:
-            log_event(
-                log,
-                logging.WARNING,
+            log.warning(
                 "the bundle has no drift reference (exported before drift checks): the drift check is off",
-                "drift_off",
-                model=manifest.name,
-                version=manifest.version,
+                extra={"event": "drift_off", "model": manifest.name, "version": manifest.version},
             )
         return DriftMonitor(reference, self.config)
 
@@ -66,16 +61,17 @@ class DriftCheck:
         reasons = monitor.report().reasons
         if reasons != self._reasons:
             level, event = (logging.WARNING, "drift_detected") if reasons else (logging.INFO, "drift_cleared")
-            log_event(
-                log,
+            log.log(
                 level,
                 "drift: %s",
-                event,
                 ", ".join(reasons) or "none",
-                reasons=reasons,
-                previous=self._reasons,
-                frames_sampled=monitor.frames_sampled,
-                sequence=job.frame.sequence,
+                extra={
+                    "event": event,
+                    "reasons": reasons,
+                    "previous": self._reasons,
+                    "frames_sampled": monitor.frames_sampled,
+                    "sequence": job.frame.sequence,
+                },
             )
             self._reasons = reasons
 

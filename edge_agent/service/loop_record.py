@@ -17,7 +17,6 @@ from typing import Any
 
 from edge_agent.config import AgentSettings
 from edge_agent.inspection.pipeline import FrameJob
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage, RecordCommand
 from edge_agent.publish.commands import CommandFailed, Done
 from edge_agent.service.disk_budget import training_budget
@@ -99,7 +98,7 @@ class Recording:
                 target=self._record_loop, args=(recorder,), name="record", daemon=True
             )
             self._record_thread.start()
-        log_event(log, logging.INFO, "recording started", "record_started", out=str(out), count=command.count)
+        log.info("recording started", extra={"event": "record_started", "out": str(out), "count": command.count})
         return Done(f"recording up to {command.count} images into {out}", {"out": str(out)})
 
     # -- FrameObserver --------------------------------------------------------------------------------
@@ -144,14 +143,14 @@ class Recording:
             try:
                 recorder.offer(held.image, held.sequence, True, now=held.clock)
             except RecordError as exc:
-                log_event(log, logging.ERROR, "recording failed: %s", "record_failed", exc)
+                log.error("recording failed: %s", exc, extra={"event": "record_failed"})
                 break
             if recorder.done:
                 threading.Thread(target=self._end_recording, args=("count reached",), daemon=True).start()
         try:
             recorder.write_summary()
         except OSError as exc:
-            log_event(log, logging.WARNING, "cannot write record.json: %s", "record_summary_failed", exc)
+            log.warning("cannot write record.json: %s", exc, extra={"event": "record_summary_failed"})
 
     def _end_recording(self, why: str) -> None:
         with self._record_lock:
@@ -174,4 +173,4 @@ class Recording:
         thread.join(10.0)
         while not self._record_queue.empty():  # frames queued after the end
             self._record_queue.get_nowait()
-        log_event(log, logging.INFO, "recording ended (%s)", "record_ended", why, **recorder.summary())
+        log.info("recording ended (%s)", why, extra={"event": "record_ended", **recorder.summary()})

@@ -16,7 +16,6 @@ from typing import Any
 from edge_agent.config import AgentSettings
 from edge_agent.inspection.pipeline import FrameJob, Pipeline
 from edge_agent.inspection.shadow import ShadowRunner
-from edge_agent.logs import log_event
 from edge_agent.messages import PartMessage
 from edge_agent.service.loop_metrics import shadow_figures
 
@@ -50,7 +49,7 @@ class ShadowCheck:
             verify_installed_bundle(self.path, self.settings.update.public_key)
             candidate = load_model(self.path, config, self.settings.nfa)
         except (ModelLoadError, SigningError) as exc:
-            log_event(log, logging.ERROR, "cannot load the shadow model: %s", "shadow_failed", exc, error=str(exc))
+            log.error("cannot load the shadow model: %s", exc, extra={"event": "shadow_failed", "error": str(exc)})
             return
         runner = ShadowRunner(
             candidate,
@@ -61,14 +60,14 @@ class ShadowCheck:
         resumed = runner.resume(load_state(self.settings.state_dir / STATE_NAME))
         runner.start()
         self.runner = runner
-        log_event(
-            log,
-            logging.INFO,
+        log.info(
             "shadow model running",
-            "shadow_started",
-            candidate=runner.report.candidate,
-            share=runner.share,
-            resumed=resumed,
+            extra={
+                "event": "shadow_started",
+                "candidate": runner.report.candidate,
+                "share": runner.share,
+                "resumed": resumed,
+            },
         )
 
     def on_frame(self, job: FrameJob) -> None:
@@ -113,4 +112,4 @@ class ShadowCheck:
         try:
             save_state(self.settings.state_dir / STATE_NAME, self.runner.state())
         except OSError as exc:
-            log_event(log, logging.WARNING, "cannot save the shadow totals: %s", "shadow_state_failed", exc)
+            log.warning("cannot save the shadow totals: %s", exc, extra={"event": "shadow_state_failed"})
