@@ -11,8 +11,8 @@ import time
 
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.inspection.pipeline import Captured, FrameJob, Inferred, Scored, inspection_message
 from edge_agent.inspection.preprocess import model_input
+from edge_agent.inspection.stage_records import Captured, FrameJob, Inferred, Scored, inspection_message
 
 
 def inspect_frame(model: LoadedModel, frame: Frame, device_id: str) -> FrameJob:
