@@ -19,7 +19,6 @@ distance of each statistic. A reason during ``before`` is a false drift alarm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,29 +35,23 @@ from edge_agent.config import DriftConfig, ModelConfig  # noqa: E402
 from edge_agent.inspection.drift import DriftMonitor, model_statistics  # noqa: E402
 from edge_agent.inspection.loaded_model import load_model  # noqa: E402
 from edge_agent.inspection.preprocess import model_input  # noqa: E402
+from training.data import open_dataset  # noqa: E402
 
 
-def stems(split_file: Path, name: str) -> list[Path]:
-    """Image paths of one list of a split.json (``test_defect`` is a dict of lists by defect type)."""
-    split = json.loads(split_file.read_text())
-    entries = split[name]
-    if isinstance(entries, dict):
-        entries = [stem for group in entries.values() for stem in group]
-    folder = split_file.parent
-    paths = []
-    for stem in entries:
-        matches = [folder / f"{stem}{suffix}" for suffix in (".jpg", ".png", ".bmp", ".jpeg")]
-        found = next((p for p in matches if p.is_file()), None)
-        if found is None:
-            raise SystemExit(f"{split_file}: no image file for {stem!r}")
-        paths.append(found)
-    return paths
+def phase_images(data: Path, name: str) -> list[Path]:
+    """Image paths of one phase: ``train`` or ``val`` (good), ``test_good`` or ``test_defect``."""
+    splits = open_dataset(data)
+    if name in ("train", "val"):
+        return [r.image for r in getattr(splits, name)]
+    if name in ("test_good", "test_defect"):
+        return [r.image for r in splits.test if r.label == (name == "test_defect")]
+    raise SystemExit(f"unknown phase {name!r}: train, val, test_good or test_defect")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, type=Path)
-    parser.add_argument("--data", required=True, type=Path, help="a split.json")
+    parser.add_argument("--data", required=True, type=Path, help="a data set (a split.json or a folder)")
     parser.add_argument("--before", default="val")
     parser.add_argument("--after", default="test_good")
     parser.add_argument("--window", type=int, default=DriftConfig().window)
@@ -69,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     reference = model.bundle.manifest.drift_reference
     if reference is None:
         raise SystemExit(f"{args.bundle}: the bundle has no drift reference")
-    monitor = DriftMonitor(reference, DriftConfig(window=args.window, sample_every_s=0.0))
-    before = stems(args.data, args.before)
-    after = stems(args.data, args.after)
+    defaults = DriftConfig()
+    settings = DriftConfig(window=args.window, min_frames=min(defaults.min_frames, args.window), sample_every_s=0.0)
+    monitor = DriftMonitor(reference, settings)
+    before = phase_images(args.data, args.before)
+    after = phase_images(args.data, args.after)
     cycled = (before * (1 + args.window // max(len(before), 1)))[: max(args.window, len(before))]
     rows = []
     clock = 0.0
