@@ -32,8 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edge_agent.config import DriftConfig  # noqa: E402
 from edge_agent.demo.synthetic import good_image  # noqa: E402
-from edge_agent.inspection.drift import DriftMonitor, DriftSettings, build_reference  # noqa: E402
+from edge_agent.inspection.drift import DriftMonitor, build_reference  # noqa: E402
 
 Change = Callable[[np.ndarray], np.ndarray]
 
@@ -68,8 +69,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="model input side (pixels)")
     parser.add_argument("--reference", type=int, default=64, help="training images in the reference")
     parser.add_argument("--repeat", type=int, default=5, help="runs with different surfaces")
-    parser.add_argument("--max-distance", type=float, default=DriftSettings.max_distance)
-    parser.add_argument("--min-shift", type=float, default=DriftSettings.min_relative_shift)
+    parser.add_argument("--max-distance", type=float, default=DriftConfig.model_fields["max_distance"].default)
+    parser.add_argument("--min-shift", type=float, default=DriftConfig.model_fields["min_relative_shift"].default)
     return parser.parse_args()
 
 
@@ -83,7 +84,7 @@ def one_run(
     args: argparse.Namespace,
 ) -> tuple[int | None, set[str], int]:
     """(changed frames until ``reason``, other reasons seen by then, false alarms before the step)."""
-    settings = DriftSettings(window=window, min_frames=min(30, window), max_distance=args.max_distance,
+    settings = DriftConfig(window=window, min_frames=min(30, window), max_distance=args.max_distance,
                              min_relative_shift=args.min_shift, sample_every_s=0.0)  # fmt: skip
     monitor = DriftMonitor(build_reference(reference_images), settings)
     base = 10_000 * (seed + 1)

@@ -31,8 +31,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.config import ModelConfig  # noqa: E402
-from edge_agent.inspection.drift import DriftMonitor, DriftSettings, model_statistics  # noqa: E402
+from edge_agent.config import DriftConfig, ModelConfig  # noqa: E402
+from edge_agent.inspection.drift import DriftMonitor, model_statistics  # noqa: E402
 from edge_agent.inspection.loaded_model import load_model  # noqa: E402
 from edge_agent.inspection.preprocess import model_input  # noqa: E402
 from training.data import open_dataset  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=Path, help="a data set (a split.json or a folder)")
     parser.add_argument("--before", default="val")
     parser.add_argument("--after", default="test_good")
-    parser.add_argument("--window", type=int, default=DriftSettings().window)
+    parser.add_argument("--window", type=int, default=DriftConfig().window)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = model.bundle.manifest.drift_reference
     if reference is None:
         raise SystemExit(f"{args.bundle}: the bundle has no drift reference")
-    defaults = DriftSettings()
-    settings = DriftSettings(window=args.window, min_frames=min(defaults.min_frames, args.window), sample_every_s=0.0)
+    defaults = DriftConfig()
+    settings = DriftConfig(window=args.window, min_frames=min(defaults.min_frames, args.window), sample_every_s=0.0)
     monitor = DriftMonitor(reference, settings)
     before = phase_images(args.data, args.before)
     after = phase_images(args.data, args.after)

@@ -18,6 +18,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,9 @@ def _jobs(width: int, height: int, count: int) -> list[FrameJob]:
         )
         frame = Frame(sequence, time.time(), image, "bench", (width, height))
         verdict = Verdict(0.1, False, (), 0.0, log_nfa, log_nfa)
-        jobs.append(FrameJob(frame=frame, capture_ms=0.0, verdict=verdict, parts_view=view))
+        # The book and the gate read the frame, its verdict and its parts view only: no model, maps or message.
+        unread: Any = None
+        jobs.append(FrameJob(frame, unread, unread, verdict, unread, parts_view=view))
     return jobs
 
 

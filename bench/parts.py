@@ -38,8 +38,8 @@ from edge_agent.config import ModelConfig, PartsConfig  # noqa: E402
 from edge_agent.demo.conveyor import Conveyor, ConveyorSpec  # noqa: E402
 from edge_agent.demo.synthetic import DEFECT_KINDS  # noqa: E402
 from edge_agent.inspection.frame_source import Frame  # noqa: E402
-from edge_agent.inspection.parts import TrackedParts, tracking_settings  # noqa: E402
-from edge_agent.inspection.tracking import PartTracker  # noqa: E402
+from edge_agent.inspection.parts import TrackedParts  # noqa: E402
+from edge_agent.inspection.tracking import PartTracker, TrackingSettings  # noqa: E402
 
 
 def speeds(frames: int, mean_px: float, seed: int) -> np.ndarray:
@@ -99,7 +99,7 @@ def main() -> int:
         return np.repeat(grey[:, :, None], 3, axis=2)
 
     # Tracking cost alone (no model): the tracker the agent runs, on every frame.
-    tracker = PartTracker(tracking_settings(PartsConfig(mode="tracked")), size)
+    tracker = PartTracker(TrackingSettings.from_config(PartsConfig(mode="tracked")), size)
     images = (frame_at(i) for i in range(frames))
     cost, cpu = [], []
     for index, image in enumerate(images):

@@ -241,7 +241,6 @@ def run_agent_once(
 
     def record(job: FrameJob) -> None:
         stamps.append(time.perf_counter())
-        assert job.message is not None
         latencies.append(job.message.latency_ms.total)
 
     source = FrameSource(settings.source, raw=raw() if raw else None, raw_factory=raw)  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ def inspected_job(model: LoadedModel, sequence: int, defect: bool, size: int = S
     rgb = defect_frame(rng, size, size, (20, 20, 16, 16)) if defect else good_frame(rng, size, size)
     frame = Frame(sequence, time.time(), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), "test", (size, size))
     job = inspect_frame(model, frame, "cam1")
-    assert job.message is not None and job.message.anomalous is defect
+    assert job.message.anomalous is defect
     return job
 
 

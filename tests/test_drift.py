@@ -8,10 +8,10 @@ import pytest
 from pydantic import ValidationError
 
 from edge_agent.bundle import DriftStat
+from edge_agent.config import DriftConfig
 from edge_agent.demo.synthetic import good_image
 from edge_agent.inspection.drift import (
     DriftMonitor,
-    DriftSettings,
     build_reference,
     image_statistics,
     ks_distance,
@@ -64,7 +64,7 @@ def test_reference_stat_validates() -> None:
 
 def _monitor(window: int = 40) -> DriftMonitor:
     reference = build_reference(_surfaces(40), scores=np.linspace(0.2, 0.3, 40), nll=np.linspace(1.0, 1.1, 40))
-    return DriftMonitor(reference, DriftSettings(window=window, min_frames=10, sample_every_s=0.0))
+    return DriftMonitor(reference, DriftConfig(window=window, min_frames=10, sample_every_s=0.0))
 
 
 def _feed(monitor: DriftMonitor, images: np.ndarray) -> list[list[str]]:
@@ -121,7 +121,7 @@ def test_without_reference_the_check_is_off_and_says_so() -> None:
 
 
 def test_sampling_interval() -> None:
-    monitor = DriftMonitor(build_reference(_surfaces(4)), DriftSettings(window=10, min_frames=2, sample_every_s=1.0))
+    monitor = DriftMonitor(build_reference(_surfaces(4)), DriftConfig(window=10, min_frames=2, sample_every_s=1.0))
     assert monitor.due(now=100.0)
     monitor.add(good_image(0, SIZE, SIZE), passed=True, now=100.0)
     assert not monitor.due(now=100.5)

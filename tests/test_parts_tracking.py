@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 
+from edge_agent.config import PartsConfig
 from edge_agent.demo.conveyor import Conveyor, ConveyorSpec
 from edge_agent.inspection.tracking import PartTracker, TrackingSettings, profile_shift
 
@@ -141,3 +144,19 @@ def test_a_new_frame_size_decides_the_parts_in_view_and_ids_continue() -> None:
     ids = [m.part_id for m in messages]
     assert ids == [f"7-{n}" for n in range(1, len(ids) + 1)]  # unique, continuing
     assert len(ids) == 4  # the second part of the first view decided at the switch, then the two new ones
+
+
+def test_tracking_settings_mirror_the_parts_section_by_name_with_its_defaults() -> None:
+    config = PartsConfig(
+        mode="tracked", direction="left_to_right", background_frames=7, threshold_sigma=3.5, min_contrast=9.0,
+        column_fill=0.4, min_part_px=20, decision_line=0.3, speed_px_s=120.0, min_frames=3,
+    )  # fmt: skip
+    shared = {f.name for f in fields(TrackingSettings)} & set(PartsConfig.model_fields)
+    assert shared == {
+        "direction", "background_frames", "threshold_sigma", "min_contrast", "column_fill", "min_part_px",
+        "decision_line", "speed_px_s", "min_frames",
+    }  # fmt: skip
+    mirrored = TrackingSettings.from_config(config)
+    assert {name: getattr(mirrored, name) for name in shared} == {name: getattr(config, name) for name in shared}
+    defaults, section = TrackingSettings(), PartsConfig()
+    assert {name: getattr(defaults, name) for name in shared} == {name: getattr(section, name) for name in shared}

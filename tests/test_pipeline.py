@@ -15,8 +15,9 @@ from mqtt_broker import MosquittoBroker, Subscriber
 from edge_agent.config import ModelConfig, MqttConfig, SourceConfig
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import load_model
-from edge_agent.inspection.pipeline import FrameJob, Pipeline
+from edge_agent.inspection.pipeline import FrameJob, Hooks, Pipeline
 from edge_agent.inspection.stage_queue import END, StageQueue
+from edge_agent.messages import InspectionMessage
 from edge_agent.publish.mqtt import MqttPublisher
 
 DEFECTS = {3, 8}
@@ -33,13 +34,27 @@ def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def make_pipeline(bundle_dir: Path, source_config: SourceConfig, port: int, on_result=None) -> Pipeline:
+class RelayUnreachable(MqttPublisher):
+    """A publisher whose hand-over fails at frame 2: the publish stage itself fails."""
+
+    def publish_inspection(self, message: InspectionMessage) -> bool:
+        if message.sequence == 2:
+            raise RuntimeError("actuator relay unreachable")
+        return super().publish_inspection(message)
+
+
+def make_pipeline(
+    bundle_dir: Path, source_config: SourceConfig, port: int, on_result=None, publisher_type=MqttPublisher
+) -> Pipeline:
     model = load_model(bundle_dir, ModelConfig(backend="onnxruntime", threads=1))
     source = FrameSource(source_config)
     source.open()
-    publisher = MqttPublisher(MqttConfig(port=port, drain_timeout_s=10), device_id="cam1")
+    publisher = publisher_type(MqttConfig(port=port, drain_timeout_s=10), device_id="cam1")
     publisher.start()
-    return Pipeline(source, model, publisher, "cam1", on_result=on_result)
+    pipeline = Pipeline(source, model, publisher, "cam1")
+    if on_result is not None:
+        pipeline.add_observer(Hooks("test", frame=on_result))
+    return pipeline
 
 
 def test_every_frame_of_a_folder_is_published_in_order(
@@ -146,17 +161,43 @@ def test_a_failing_stage_stops_every_stage_and_is_reported(
     frames_dir: Path,
     broker: MosquittoBroker,
 ) -> None:
-    def explode(job: FrameJob) -> None:
-        if job.frame.sequence == 2:
-            raise RuntimeError("actuator relay unreachable")
-
     config = SourceConfig(uri=str(frames_dir), loop=True)
-    pipeline = make_pipeline(contract_bundle, config, broker.port, on_result=explode)
+    pipeline = make_pipeline(contract_bundle, config, broker.port, publisher_type=RelayUnreachable)
     pipeline.start()
     assert pipeline.join(30), "threads must end after a stage failure"
     pipeline.publisher.stop(timeout=2)
     assert isinstance(pipeline.error, RuntimeError)
     assert not pipeline.responsive(60.0)
+    assert pipeline.stats.frames_inspected == 2  # frames 0 and 1
+
+
+def test_an_observer_that_raises_is_logged_and_counted_and_inspection_goes_on(
+    contract_bundle: Path,
+    frames_dir: Path,
+    broker: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one error policy of FrameObserver: a failing observer never stops the frames or the other observers."""
+    after: list[int] = []
+
+    def explode(job: FrameJob) -> None:
+        if job.frame.sequence in DEFECTS:
+            raise RuntimeError("dashboard unreachable")
+
+    pipeline = make_pipeline(contract_bundle, SourceConfig(uri=str(frames_dir)), broker.port, on_result=explode)
+    pipeline.add_observer(Hooks("after", frame=lambda job: after.append(job.frame.sequence)))
+    with caplog.at_level("ERROR"):
+        pipeline.start()
+        assert pipeline.join(60)
+    assert pipeline.publisher.stop()
+    assert pipeline.error is None and pipeline.ended
+    assert pipeline.stats.frames_inspected == 12 and after == list(range(12))
+    assert pipeline.observer_failures == len(DEFECTS)
+    failed = [r for r in caplog.records if getattr(r, "event", "") == "observer_failed"]
+    assert [(r.sequence, r.hook, r.observer) for r in failed] == [  # type: ignore[attr-defined]
+        (s, "on_frame", "Hooks(name='test')") for s in sorted(DEFECTS)
+    ]
+    assert all(r.exc_info is not None for r in failed)  # with the traceback
 
 
 def test_stage_queue_drop_oldest_counts_and_keeps_end() -> None:

@@ -64,7 +64,11 @@ def run_agent(
     stop: threading.Event | None = None,
     notifier: SystemdNotifier | None = None,
 ) -> int:
-    """Run the agent until the source ends, ``stop`` is set, or SIGTERM/SIGINT; return the exit status."""
+    """Run the agent until the source ends, ``stop`` is set, or SIGTERM/SIGINT; return the exit status.
+
+    ``on_result`` sees every published frame after the agent's own observers (a pipeline ``FrameObserver``:
+    an exception it raises is logged and counted, it does not stop the agent).
+    """
     stop = stop or threading.Event()
     notifier = notifier or SystemdNotifier()
     _use_numba_cache_in(settings.state_dir)

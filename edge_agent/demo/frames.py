@@ -55,7 +55,7 @@ def run_frames(
         timing.setdefault("first", time.monotonic())
         timing["last"] = time.monotonic()
         verdict, frame = job.verdict, job.frame
-        if verdict is None or not (verdict.anomalous or frame.sequence in truth.defect_frames[:1]):
+        if not (verdict.anomalous or frame.sequence in truth.defect_frames[:1]):
             return
         height, width = frame.image.shape[:2]
         picture = draw_overlay(

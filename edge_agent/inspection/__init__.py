@@ -10,8 +10,10 @@
 6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project.
 7. ``parts`` (``[parts] mode``): ``tracking`` follows parts along the belt and ``part_verdict`` combines
    a part's frames into one decision; ``triggers`` pairs a trigger with its frame in triggered mode.
-8. ``pipeline``: the stage threads (joined by ``stage_queue``) that run 1-7 and hand each result to a
-   ``pipeline.Publisher`` (``edge_agent.publish``'s MQTT publisher; inspection never imports publish).
+8. ``pipeline``: the stage threads (joined by ``stage_queue``) that run 1-7, each handing the next an
+   immutable record (``stage_records``: ``Captured``, ``Inferred``, ``Scored``, the published ``FrameJob``),
+   and hand each result to a ``Publisher`` (``edge_agent.publish``'s MQTT publisher; inspection never imports
+   publish) and to the ``FrameObserver`` s (one error policy: a failing observer is logged, never fatal).
    The payloads are ``edge_agent.messages``, the contract floor beside ``bundle`` and ``config``.
 
 Loaded once, used on every frame: ``loaded_model`` (bundle + engine + scoring) and ``selftest`` (the

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 
 from edge_agent.bundle import DriftReference, DriftStat
+from edge_agent.config import DriftConfig
 
 IMAGE_STATS = ("brightness", "contrast", "sharpness")
 MODEL_STATS = ("score", "nll")
@@ -119,23 +120,6 @@ def ks_distance(sample: np.ndarray, reference: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
-class DriftSettings:
-    """The test's knobs (``[drift]`` in the config)."""
-
-    window: int = 100
-    min_frames: int = 30
-    max_distance: float = 0.5
-    min_relative_shift: float = 0.05
-    sample_every_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.window < 2 or not 1 <= self.min_frames <= self.window:
-            raise ValueError("drift window must be >= 2 and min_frames within 1..window")
-        if not 0.0 < self.max_distance <= 1.0:
-            raise ValueError("drift max_distance must be in (0, 1]")
-
-
-@dataclass(frozen=True)
 class StatDrift:
     """One statistic's comparison over the current window."""
 
@@ -188,8 +172,9 @@ class DriftMonitor:
     model size.
     """
 
-    def __init__(self, reference: DriftReference | None, settings: DriftSettings | None = None) -> None:
-        self.settings = settings or DriftSettings()
+    def __init__(self, reference: DriftReference | None, settings: DriftConfig | None = None) -> None:
+        """``settings``: the ``[drift]`` section as it is (its defaults and validators are the only ones)."""
+        self.settings = settings or DriftConfig()
         self.reference = reference
         self._windows: dict[str, deque[float]] = {
             name: deque(maxlen=self.settings.window) for name in STATS if self._ref(name) is not None

@@ -27,21 +27,6 @@ MAX_VERDICTS = 256  # decided parts whose verdict the view remembers (a decided 
 MIN_TRAVEL_PX = 0.5  # a frame after less belt travel than this adds no observation (the belt stands still)
 
 
-def tracking_settings(config: PartsConfig) -> TrackingSettings:
-    """The tracker's settings from the ``[parts]`` section."""
-    return TrackingSettings(
-        direction=config.direction,
-        background_frames=config.background_frames,
-        threshold_sigma=config.threshold_sigma,
-        min_contrast=config.min_contrast,
-        column_fill=config.column_fill,
-        min_part_px=config.min_part_px,
-        decision_line=config.decision_line,
-        speed_px_s=config.speed_px_s,
-        min_frames=config.min_frames,
-    )
-
-
 @dataclass
 class PartCounters:
     """Parts since start (stats, /metrics, the demo's summary)."""
@@ -108,7 +93,10 @@ class TrackedParts:
         if self._tracker is None:
             prefix = f"{int(self.started)}-"
             self._tracker = PartTracker(
-                tracking_settings(self.config), image.shape[1], id_prefix=prefix, first_number=self._next_number
+                TrackingSettings.from_config(self.config),
+                image.shape[1],
+                id_prefix=prefix,
+                first_number=self._next_number,
             )
             self._shape = image.shape[:2]
         tracker = self._tracker

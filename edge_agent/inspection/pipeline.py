@@ -12,6 +12,12 @@ The model is swappable at run time (``swap_model``): the inference stage takes t
 a lock for each frame and the frame carries it on, so a frame is scored and labelled by the model that
 inferred it, and the old engine is closed only once no inference runs on it.
 
+Each stage hands the next one an immutable record of what it made (``Captured`` -> ``Inferred`` ->
+``Scored``, stage_records.py), and the publish stage makes the complete ``FrameJob`` that observers see.
+The stages are the pipeline: a stage that fails (the tracker and the trigger book included) stops it.
+Everything else that wants the frames is a ``FrameObserver`` (``on_frame``, ``on_part``) with one error
+policy: its failure is logged and counted, never fatal (see ``FrameObserver``).
+
 Latency (``StageLatency`` in every message, milliseconds): ``capture`` is the source read (decode; for a
 live source also the wait for the camera's next frame); ``total`` runs from the moment the frame was in
 memory to the moment its message was handed to the MQTT client, so it includes the queue waits but not
@@ -26,71 +32,29 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TypeVar
 
 import numpy as np
 
-from edge_agent.engines.base import EngineOutput
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel
 from edge_agent.inspection.preprocess import AspectCheck, model_input
-from edge_agent.inspection.scoring import Verdict
 from edge_agent.inspection.stage_queue import END, End, StageQueue
-from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
-from edge_agent.messages import MAX_INSPECTION_REGIONS, InspectionMessage, ModelRef, PartMessage, StageLatency
 
-if TYPE_CHECKING:
-    from edge_agent.inspection.parts import PartsView
+# The records and seams live in stage_records.py; the names readers know the pipeline by are re-exported here.
+from edge_agent.inspection.stage_records import Captured, Inferred, Scored, inspection_message
+from edge_agent.inspection.stage_records import FrameJob as FrameJob
+from edge_agent.inspection.stage_records import FrameObserver as FrameObserver
+from edge_agent.inspection.stage_records import Hooks as Hooks
+from edge_agent.inspection.stage_records import PartStage as PartStage
+from edge_agent.inspection.stage_records import Publisher as Publisher
+from edge_agent.inspection.triggers import Trigger, TriggerBook, triggered_message
+from edge_agent.messages import PartMessage
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class FrameJob:
-    """One frame on its way through the stages, with what each stage produced and how long it took."""
-
-    frame: Frame
-    capture_ms: float
-    model: LoadedModel | None = None  # the model that inferred this frame (it also scores and labels it)
-    preprocess_ms: float = 0.0
-    infer_ms: float = 0.0
-    nfa_ms: float = 0.0
-    output: EngineOutput | None = None
-    verdict: Verdict | None = None
-    message: InspectionMessage | None = None
-    nfa_done: float = 0.0  # monotonic time the NFA stage finished
-    trigger: Trigger | None = None  # triggered mode: the trigger this frame serves
-    parts_view: PartsView | None = None  # tracked mode: the parts in view of this frame (the preview)
-
-
-class Publisher(Protocol):
-    """Where the pipeline hands each result (publish/mqtt.py's MqttPublisher): the frame's path never
-    imports its last stage, so inspection/ depends only on this and on the message models."""
-
-    def publish_inspection(self, message: InspectionMessage) -> object:
-        """Queue one inspection message (the return value, e.g. whether it was queued, is not read)."""
-        ...
-
-    def publish_part(self, message: PartMessage) -> object:
-        """Queue one part message."""
-        ...
-
-
-# Observers may return a value (what they did, for their own tests); the pipeline ignores it.
-ResultHook = Callable[[FrameJob], object]
-PartHook = Callable[[FrameJob, PartMessage], object]  # a decided part and the frame that decided it
-
-
-class PartStage(Protocol):
-    """Frames in, part messages out (edge_agent.inspection.parts.TrackedParts)."""
-
-    @property
-    def view(self) -> PartsView | None: ...
-
-    def observe(self, frame: Frame, verdict: Verdict, model: ModelRef | None) -> list[PartMessage]: ...
-
-    def finish(self, frame: Frame | None, model: ModelRef | None) -> list[PartMessage]: ...
+T = TypeVar("T")  # a stage record
 
 
 @dataclass
@@ -168,7 +132,6 @@ class Pipeline:
         publisher: Publisher,
         device_id: str,
         settings: PipelineSettings | None = None,
-        on_result: ResultHook | None = None,
         parts: PartStage | None = None,
         triggers: TriggerBook | None = None,
     ) -> None:
@@ -179,10 +142,8 @@ class Pipeline:
         self.source = source
         self.publisher = publisher
         self.device_id = device_id
-        self.on_result = on_result
-        # Called for every published frame (metrics); unlike on_result, a failure here is logged, not fatal.
-        self.observers: list[ResultHook] = []
-        self.part_observers: list[PartHook] = []  # likewise for every decided part (kept parts)
+        self.observers: list[FrameObserver] = []  # add_observer(); one error policy (FrameObserver)
+        self.observer_failures = 0
         self.stats = PipelineStats()
         self.error: BaseException | None = None
         self.ended = False  # the source reached its end (files and folders)
@@ -199,13 +160,17 @@ class Pipeline:
         capture_size = 1 if source.drop_frames else settings.capture_queue
         # A triggered frame is never replaced by a newer one: its trigger would be lost without a report.
         drop = source.drop_frames and triggers is None
-        self._to_infer: StageQueue[FrameJob] = StageQueue(capture_size, drop_oldest=drop)
-        self._to_nfa: StageQueue[FrameJob] = StageQueue(settings.infer_queue)
-        self._to_publish: StageQueue[FrameJob] = StageQueue(settings.publish_queue)
+        self._to_infer: StageQueue[Captured] = StageQueue(capture_size, drop_oldest=drop)
+        self._to_nfa: StageQueue[Inferred] = StageQueue(settings.infer_queue)
+        self._to_publish: StageQueue[Scored] = StageQueue(settings.publish_queue)
         self._threads: list[threading.Thread] = []
         self.heartbeats: dict[str, float] = dict.fromkeys(self.STAGES, time.monotonic())
         # A source waiting for a camera or reconnecting is alive, not hung.
         source.on_wait = lambda: self._beat("capture")
+
+    def add_observer(self, observer: FrameObserver) -> None:
+        """Tell ``observer`` of every frame published and part decided from now on (add before ``start``)."""
+        self.observers.append(observer)
 
     # -- the model ----------------------------------------------------------------------------------
 
@@ -285,7 +250,11 @@ class Pipeline:
             self._abort_downstream(name)
 
     def _abort_downstream(self, failed: str) -> None:
-        queues = {"capture": self._to_infer, "infer": self._to_nfa, "nfa": self._to_publish}
+        queues: dict[str, StageQueue[Captured] | StageQueue[Inferred] | StageQueue[Scored]] = {
+            "capture": self._to_infer,
+            "infer": self._to_nfa,
+            "nfa": self._to_publish,
+        }
         if failed in queues:
             queues[failed].put(END, timeout=1.0)
 
@@ -312,69 +281,85 @@ class Pipeline:
                 break
             self.stats.captured()
             self.last_frame = frame  # the live camera for the preview (triggered mode inspects few frames)
-            job = FrameJob(frame=frame, capture_ms=(time.monotonic() - started) * 1000.0)
+            trigger = None
             if self.triggers is not None:
-                job.trigger = self.triggers.take(frame.capture_time)
-                if job.trigger is None:
+                trigger = self.triggers.take(frame.capture_time)
+                if trigger is None:
                     self.frames_untriggered += 1
                     continue
-            self._forward(self._to_infer, job, "capture")
-        self._put_end(self._to_infer, "capture")
+            self._forward(self._to_infer, Captured(frame, (time.monotonic() - started) * 1000.0, trigger), "capture")
+        self._forward(self._to_infer, END, "capture")
 
     def _infer_loop(self) -> None:
-        while (job := self._next(self._to_infer, "infer")) is not None:
+        while (captured := self._next(self._to_infer, "infer")) is not None:
+            frame = captured.frame
             with self._model_lock:
-                model = job.model = self._model if self.model_for is None else self.model_for(job.frame)
+                model = self._model if self.model_for is None else self.model_for(frame)
                 started = time.monotonic()
-                self._aspect.check(job.frame.image.shape[:2], model.input_size)
-                tensor = model_input(job.frame.image, *model.input_size)
+                self._aspect.check(frame.image.shape[:2], model.input_size)
+                tensor = model_input(frame.image, *model.input_size)
                 inferred = time.monotonic()
-                job.output = model.engine.infer(tensor)
+                output = model.engine.infer(tensor)
             done = time.monotonic()
-            job.preprocess_ms = (inferred - started) * 1000.0
-            job.infer_ms = (done - inferred) * 1000.0
+            job = Inferred(captured, model, output, (inferred - started) * 1000.0, (done - inferred) * 1000.0)
             self._forward(self._to_nfa, job, "infer")
-        self._put_end(self._to_nfa, "infer")
+        self._forward(self._to_nfa, END, "infer")
 
     def _nfa_loop(self) -> None:
-        while (job := self._next(self._to_nfa, "nfa")) is not None:
+        while (inferred := self._next(self._to_nfa, "nfa")) is not None:
             started = time.monotonic()
-            frame = job.frame
+            frame = inferred.captured.frame
             height, width = frame.image.shape[:2]
-            assert job.output is not None and job.model is not None
-            job.verdict = job.model.scorer.score(job.output, (width, height), frame.roi_offset)
-            job.nfa_done = time.monotonic()
-            job.nfa_ms = (job.nfa_done - started) * 1000.0
-            self._forward(self._to_publish, job, "nfa")
-        self._put_end(self._to_publish, "nfa")
+            verdict = inferred.model.scorer.score(inferred.output, (width, height), frame.roi_offset)
+            done = time.monotonic()
+            self._forward(self._to_publish, Scored(inferred, verdict, (done - started) * 1000.0, done), "nfa")
+        self._forward(self._to_publish, END, "nfa")
 
     def _publish_loop(self) -> None:
-        while (job := self._next(self._to_publish, "publish")) is not None:
-            job.message = inspection_message(job, self.device_id)
-            self.publisher.publish_inspection(job.message)
-            self.stats.record(job.message.latency_ms.total, job.message.anomalous)
+        while (scored := self._next(self._to_publish, "publish")) is not None:
+            message = inspection_message(scored, self.device_id)
+            self.publisher.publish_inspection(message)
+            self.stats.record(message.latency_ms.total, message.anomalous)
             parts: list[PartMessage] = []
+            view = None
+            inferred, captured = scored.inferred, scored.inferred.captured
             if self.parts is not None:
-                assert job.verdict is not None and job.model is not None
-                parts = self.parts.observe(job.frame, job.verdict, job.model.ref)
-                job.parts_view = self.parts.view  # the preview draws the parts of this very frame
+                parts = self.parts.observe(captured.frame, scored.verdict, inferred.model.ref)
+                view = self.parts.view  # the preview draws the parts of this very frame
+            job = FrameJob(
+                captured.frame, inferred.model, inferred.output, scored.verdict, message, captured.trigger, view
+            )
             self.last_job = job
             for observer in self.observers:
-                try:
-                    observer(job)
-                except Exception as exc:
-                    log.exception("frame observer failed", extra={"event": "observer_failed", "error": str(exc)})
-            if self.on_result is not None:
-                self.on_result(job)
+                self._tell(observer, "on_frame", job)
             self._publish_parts(parts, job)
             if job.trigger is not None:
                 self._publish_parts([self._triggered(job, job.trigger)], job)
         if self.parts is not None and self.last_job is not None and self.error is None:
             last = self.last_job
-            self._publish_parts(self.parts.finish(last.frame, last.model.ref if last.model else None), last)
+            self._publish_parts(self.parts.finish(last.frame, last.model.ref), last)
+
+    def _tell(self, observer: FrameObserver, hook: str, job: FrameJob, part: PartMessage | None = None) -> None:
+        """Call one observer under the one error policy (FrameObserver): a failure is logged and counted."""
+        try:
+            if part is None:
+                observer.on_frame(job)
+            else:
+                observer.on_part(job, part)
+        except Exception as exc:
+            self.observer_failures += 1
+            log.exception(
+                "pipeline observer failed",
+                extra={
+                    "event": "observer_failed",
+                    "observer": repr(observer),
+                    "hook": hook,
+                    "sequence": job.frame.sequence,
+                    "error": str(exc),
+                },
+            )
 
     def _triggered(self, job: FrameJob, trigger: Trigger) -> PartMessage:
-        assert job.verdict is not None and job.model is not None
         verdict, frame = job.verdict, job.frame
         regions = verdict.regions
         log_nfa = min(r.log_nfa for r in regions) if regions else min(0.0, float(verdict.log_nfa.min()))
@@ -394,11 +379,8 @@ class Pipeline:
     def _publish_parts(self, messages: list[PartMessage], job: FrameJob) -> None:
         for message in messages:
             self.publisher.publish_part(message)
-            for observer in self.part_observers:
-                try:
-                    observer(job, message)
-                except Exception as exc:
-                    log.exception("part observer failed", extra={"event": "observer_failed", "error": str(exc)})
+            for observer in self.observers:
+                self._tell(observer, "on_part", job, message)
             log.info(
                 "part decided",
                 extra={
@@ -413,8 +395,8 @@ class Pipeline:
                 },
             )
 
-    def _next(self, queue: StageQueue[FrameJob], stage: str) -> FrameJob | None:
-        """The next job for a stage, or None at the end of the stream."""
+    def _next(self, queue: StageQueue[T], stage: str) -> T | None:
+        """The next record for a stage, or None at the end of the stream."""
         while True:
             self._beat(stage)
             item = queue.get()
@@ -424,40 +406,9 @@ class Pipeline:
                 return None
             return item
 
-    def _forward(self, queue: StageQueue[FrameJob], item: FrameJob | End, stage: str) -> None:
+    def _forward(self, queue: StageQueue[T], item: T | End, stage: str) -> None:
         """Put with backpressure; gives up only when another stage failed (nobody would take it)."""
         while not queue.put(item):
             self._beat(stage)
             if self.error is not None:
                 return
-
-    def _put_end(self, queue: StageQueue[FrameJob], stage: str) -> None:
-        self._forward(queue, END, stage)
-
-
-def inspection_message(job: FrameJob, device_id: str) -> InspectionMessage:
-    """The MQTT message for an inspected frame; ``publish`` and ``total`` latency end now."""
-    assert job.verdict is not None and job.model is not None
-    frame, verdict = job.frame, job.verdict
-    now = time.monotonic()
-    latency = StageLatency(
-        capture=round(job.capture_ms, 3),
-        preprocess=round(job.preprocess_ms, 3),
-        infer=round(job.infer_ms, 3),
-        nfa=round(job.nfa_ms, 3),
-        publish=round((now - job.nfa_done) * 1000.0, 3),
-        total=round((now - frame.monotonic) * 1000.0, 3),
-    )
-    return InspectionMessage(
-        device_id=device_id,
-        sequence=frame.sequence,
-        capture_time=frame.capture_time,
-        source=frame.source_id,
-        model=job.model.ref,
-        image_score=verdict.image_score,
-        anomalous=verdict.anomalous,
-        log10_epsilon=verdict.log10_epsilon,
-        regions=list(verdict.regions[:MAX_INSPECTION_REGIONS]),  # most significant first; under the relay's limit
-        frame_size=frame.frame_size,
-        latency_ms=latency,
-    )

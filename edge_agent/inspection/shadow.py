@@ -219,9 +219,7 @@ class ShadowRunner:
                 self._busy = False
 
     def _compare(self, live: FrameJob) -> None:
-        assert live.message is not None and live.frame is not None
         shadow = inspect_frame(self.candidate, live.frame, self.device_id)
-        assert shadow.message is not None
         live_bad, shadow_bad = live.message.anomalous, shadow.message.anomalous
         now = time.monotonic()
         with self._lock:

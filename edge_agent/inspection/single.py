@@ -11,23 +11,20 @@ import time
 
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.loaded_model import LoadedModel
-from edge_agent.inspection.pipeline import FrameJob, inspection_message
 from edge_agent.inspection.preprocess import model_input
+from edge_agent.inspection.stage_records import Captured, FrameJob, Inferred, Scored, inspection_message
 
 
 def inspect_frame(model: LoadedModel, frame: Frame, device_id: str) -> FrameJob:
     """Preprocess, infer, score and build the message of one frame with ``model``."""
-    job = FrameJob(frame=frame, capture_ms=0.0, model=model)
     started = time.monotonic()
     tensor = model_input(frame.image, *model.input_size)
     inferred = time.monotonic()
-    job.output = model.engine.infer(tensor)
+    output = model.engine.infer(tensor)
     scored = time.monotonic()
     height, width = frame.image.shape[:2]
-    job.verdict = model.scorer.score(job.output, (width, height), frame.roi_offset)
-    job.nfa_done = time.monotonic()
-    job.preprocess_ms = (inferred - started) * 1000.0
-    job.infer_ms = (scored - inferred) * 1000.0
-    job.nfa_ms = (job.nfa_done - scored) * 1000.0
-    job.message = inspection_message(job, device_id)
-    return job
+    verdict = model.scorer.score(output, (width, height), frame.roi_offset)
+    done = time.monotonic()
+    record = Inferred(Captured(frame, 0.0), model, output, (inferred - started) * 1000.0, (scored - inferred) * 1000.0)
+    message = inspection_message(Scored(record, verdict, (done - scored) * 1000.0, done), device_id)
+    return FrameJob(frame, model, output, verdict, message)

@@ -21,32 +21,47 @@ Three pieces, each O(pixels) numpy/OpenCV per frame (``bench/parts.py`` measures
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import cv2
 import numpy as np
+
+from edge_agent.config import PartsConfig
 
 Direction = Literal["right_to_left", "left_to_right"]
 _MAD_TO_SIGMA = 1.4826
 _UPDATE_EVERY = 8  # frames between updates of the belt model
 
 
+# The ``[parts]`` section's defaults: the config holds them, the mirror below repeats none of them.
+_PARTS_DEFAULTS = PartsConfig()
+
+
 @dataclass(frozen=True)
 class TrackingSettings:
-    """How parts are found and followed (the ``[parts]`` config section maps onto this)."""
+    """How parts are found and followed: a mirror of the ``[parts]`` section, built by field name
+    (``from_config``), with the section's defaults; ``merge_gap_px`` and ``background_rate`` are not config keys.
+    """
 
-    direction: Direction = "right_to_left"
-    background_frames: int = 5  # frames of empty belt learned at start
-    threshold_sigma: float = 4.0  # foreground: |grey - belt level of the row| > this many spreads ...
-    min_contrast: float = 12.0  # ... and more than this many grey levels
-    column_fill: float = 0.25  # a column is part when this fraction of its rows is foreground
-    min_part_px: int = 12  # shorter runs of part columns (along the belt) are noise
+    direction: Direction = _PARTS_DEFAULTS.direction
+    background_frames: int = _PARTS_DEFAULTS.background_frames  # frames of empty belt learned at start
+    # foreground: |grey - belt level of the row| > threshold_sigma spreads and > min_contrast grey levels
+    threshold_sigma: float = _PARTS_DEFAULTS.threshold_sigma
+    min_contrast: float = _PARTS_DEFAULTS.min_contrast
+    column_fill: float = _PARTS_DEFAULTS.column_fill  # a column is part when this share of its rows is foreground
+    min_part_px: int = _PARTS_DEFAULTS.min_part_px  # shorter runs of part columns (along the belt) are noise
     merge_gap_px: int = 6  # part columns closer than this belong to one part
-    decision_line: float = 0.0  # from the exit edge, as a fraction of the width (0: decided when it left)
-    speed_px_s: float | None = None  # None: measured by phase correlation
-    min_frames: int = 2  # a part seen in fewer frames is counted as noise, not decided
+    decision_line: float = _PARTS_DEFAULTS.decision_line  # from the exit edge, fraction of the width
+    speed_px_s: float | None = _PARTS_DEFAULTS.speed_px_s  # None: measured by phase correlation
+    min_frames: int = _PARTS_DEFAULTS.min_frames  # a part seen in fewer frames is noise, not decided
     background_rate: float = 0.02  # per-frame weight of new belt columns in the belt model
+
+    @classmethod
+    def from_config(cls, config: PartsConfig) -> TrackingSettings:
+        """Every field the section has, by name (a field added to both is carried without another line here)."""
+        keys = type(config).model_fields
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if f.name in keys})
 
     def __post_init__(self) -> None:
         if self.background_frames < 1:

@@ -1,7 +1,7 @@
 """What the agent calls (edge_agent/service/agent.py): the handshake and the enabled PLC servers.
 
 Inputs: the agent's trigger book (PLC triggers join the MQTT, HTTP and GPIO ones), every decided part
-(the pipeline's part observers: the trigger that asked for it rides on the FrameJob, so the PLC's
+(a pipeline observer's ``on_part``: the trigger that asked for it rides on the FrameJob, so the PLC's
 TriggerId is echoed without changing the part message) and every missed trigger (PartInputs).
 """
 

@@ -27,7 +27,7 @@ from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.exit_codes import EXIT_FAILURE, EXIT_OK
 from edge_agent.inspection.frame_source import FrameSource
 from edge_agent.inspection.loaded_model import LoadedModel, ModelLoadError, load_model
-from edge_agent.inspection.pipeline import FrameJob, Pipeline
+from edge_agent.inspection.pipeline import FrameJob, Hooks, Pipeline
 from edge_agent.inspection.scoring import DecisionRule, default_log10_epsilon
 from edge_agent.messages import ReloadCommand, SnapshotCommand, StatsMessage, ThresholdCommand, UpdateCommand
 from edge_agent.plc.bridge import PlcBridge
@@ -35,10 +35,11 @@ from edge_agent.publish.commands import CommandFailed, CommandProcessor, Done
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.publish.outbox import Outbox
 from edge_agent.publish.spool import Spool
-from edge_agent.service.health import HealthInputs, HealthReport, assess
+from edge_agent.service.agent_snapshot import SnapshotSources, snapshot_taker, stats_message, status_line
+from edge_agent.service.health import HealthReport, assess
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.loop import LineLoop
-from edge_agent.service.metrics import AgentMetrics, MetricsView
+from edge_agent.service.metrics import AgentMetrics
 from edge_agent.service.part_inputs import PartInputs
 from edge_agent.service.preview import PreviewFacts, PreviewPage
 from edge_agent.systemd import SystemdNotifier
@@ -80,17 +81,15 @@ class Agent:
             model,
             self.publisher,
             settings.device_id,
-            on_result=on_result,
             parts=self.part_inputs.parts,
             triggers=self.part_inputs.triggers,
         )
-        self.metrics = AgentMetrics(
-            MetricsView(self.pipeline, self.publisher, self.outbox, settings.spool.max_messages, self.health)
-        )
-        self.pipeline.observers.append(self.metrics.observe_frame)
+        # Components first, then the views that read them (the snapshot, /metrics, /healthz, the preview).
+        self.metrics = AgentMetrics()
+        self.pipeline.add_observer(Hooks("metrics", frame=self.metrics.observe_frame))
         self.plc = PlcBridge.create(settings, self.part_inputs.triggers)  # None unless [plc] enables a server
         if self.plc is not None:
-            self.pipeline.part_observers.append(self.plc.part_decided)
+            self.pipeline.add_observer(Hooks("plc", part=self.plc.part_decided))
             self.part_inputs.missed_observers.append(self.plc.trigger_missed)
         self.commands = CommandProcessor(self.publisher.publish_result, on_handled=self.metrics.count_command)
         self.commands.register("reload", self.reload)
@@ -98,26 +97,24 @@ class Agent:
         self.commands.register("threshold", self.set_threshold)
         self.commands.register("update", self.start_update)
         self.publisher.subscribe("cmd/+", self.commands.submit)
-        self.http: HttpServer | None = None
-        self.preview: PreviewPage | None = None
-        if settings.http.enabled:
-            self.http = HttpServer(
-                settings.http.host,
-                settings.http.port,
-                idle_timeout_s=settings.http.request_timeout_s,
-                max_per_address=settings.http.max_connections_per_address,
-                allowed_hosts=settings.http.allowed_hosts,
-            )
-            self.http.route("/metrics", self._metrics_route)
-            self.http.route("/healthz", self._health_route)
-            self.part_inputs.attach_http(self.http)
-            if settings.http.preview:
-                live = (lambda: self.pipeline.last_frame) if settings.parts.mode == "triggered" else None
-                self.preview = PreviewPage(
-                    lambda: self.pipeline.last_job, self._preview_facts, settings.http.preview_max_fps, live_frame=live
-                )
-                self.preview.register(self.http)
         self.loop = LineLoop(settings, self.pipeline)
+        self.take_snapshot = snapshot_taker(
+            SnapshotSources(
+                device_id=settings.device_id,
+                started=self._started_monotonic,
+                stall_timeout_s=settings.source.stall_timeout_s,
+                spool_max=settings.spool.max_messages,
+                pipeline=self.pipeline,
+                publisher=self.publisher,
+                outbox=self.outbox,
+                commands=self.commands,
+                parts=self.part_inputs,
+                loop=self.loop,
+            )
+        )
+        self.metrics.watch(self.take_snapshot)
+        self.preview: PreviewPage | None = None
+        self.http = self._http_views() if settings.http.enabled else None
         self.loop.attach(self.http, self.metrics.registry.register, self.commands.register)
         # Source states in the order they happened (appended by the capture thread, published by the supervisor).
         self._source_states: deque[str] = deque(maxlen=64)
@@ -125,6 +122,32 @@ class Agent:
         self._update_thread: threading.Thread | None = None
         self._update_result: UpdateResult | None = None
         self._snapshots: SnapshotBudget | None = None
+        if on_result is not None:  # the caller's observer runs last, after the agent's own
+            self.pipeline.add_observer(Hooks("on_result", frame=on_result))
+
+    def _http_views(self) -> HttpServer:
+        """The HTTP server with /metrics, /healthz, the preview and POST /trigger (not started yet)."""
+        config = self.settings.http
+        http = HttpServer(
+            config.host,
+            config.port,
+            idle_timeout_s=config.request_timeout_s,
+            max_per_address=config.max_connections_per_address,
+            allowed_hosts=config.allowed_hosts,
+        )
+        http.route("/metrics", self._metrics_route)
+        http.route("/healthz", self._health_route)
+        self.part_inputs.attach_http(http)
+        if config.preview:
+            live = (lambda: self.pipeline.last_frame) if self.settings.parts.mode == "triggered" else None
+            self.preview = PreviewPage(
+                lambda: self.pipeline.last_job,
+                lambda: PreviewFacts.of(self.take_snapshot()),
+                config.preview_max_fps,
+                live_frame=live,
+            )
+            self.preview.register(http)
+        return http
 
     @property
     def snapshots(self) -> SnapshotBudget:
@@ -193,17 +216,17 @@ class Agent:
             self.outbox.close()
             self.pipeline.model.close()
             self.pipeline.source.close()
-        parts = self.part_inputs.figures()
+        last = self.take_snapshot()
         summary = {
-            "frames": self.pipeline.stats.frames_inspected,
-            "anomalous": self.pipeline.stats.anomalous_frames,
-            "dropped": self.pipeline.frames_dropped,
-            "ended": self.pipeline.ended,
-            "published": self.publisher.counters.inspections_published,
-            "parts": parts["parts_decided"],
-            "parts_anomalous": parts["parts_anomalous"],
-            "acked": self.publisher.counters.acked,
-            "left_in_spool": len(self.outbox),
+            "frames": last.frames_inspected,
+            "anomalous": last.anomalous_frames,
+            "dropped": last.frames_dropped,
+            "ended": last.pipeline_ended,
+            "published": last.inspections_published,
+            "parts": last.parts.decided,
+            "parts_anomalous": last.parts.anomalous,
+            "acked": last.mqtt_acked,
+            "left_in_spool": last.spool_depth,
         }
         log.info("edge agent stopped", extra={"event": "agent_stopped", "failed": failed, **summary})
         return EXIT_FAILURE if failed else EXIT_OK
@@ -234,17 +257,19 @@ class Agent:
             if self.pipeline.responsive(stall_s):
                 self.notifier.watchdog()
             now = time.monotonic()
-            if now >= next_status:
-                next_status = now + STATUS_INTERVAL_S
-                self.notifier.status(self.status_line())
-            if self._source_states:
-                # One stats message per state change, so a dashboard sees reconnecting -> opening -> open.
-                while self._source_states:
-                    self.publisher.publish_stats(self.stats_message(self._source_states.popleft()))
-                next_stats = now + self.settings.mqtt.stats_interval_s
-            elif now >= next_stats:
-                next_stats = now + self.settings.mqtt.stats_interval_s
-                self.publisher.publish_stats(self.stats_message())
+            states: list[str | None] = [self._source_states.popleft() for _ in range(len(self._source_states))]
+            due_status, due_stats = now >= next_status, bool(states) or now >= next_stats
+            if due_status or due_stats:
+                snapshot = self.take_snapshot()  # one per round: the status line and the stats agree
+                if due_status:
+                    next_status = now + STATUS_INTERVAL_S
+                    self.notifier.status(status_line(snapshot))
+                if due_stats:
+                    next_stats = now + self.settings.mqtt.stats_interval_s
+                    health = assess(snapshot)
+                    # One stats message per state change, so a dashboard sees reconnecting -> opening -> open.
+                    for state in states or [None]:
+                        self.publisher.publish_stats(stats_message(snapshot, health, state))
             stop.wait(SUPERVISE_TICK_S)
         if stop.is_set():
             log.info("stop requested", extra={"event": "stop_requested"})
@@ -256,92 +281,17 @@ class Agent:
         return self.pipeline.model
 
     def health(self) -> HealthReport:
-        source = self.pipeline.source
-        spool_counters = self.outbox.counters
-        commands = getattr(self, "commands", None)  # health() runs once while __init__ registers the metrics
-        loop = getattr(self, "loop", None)
-        return assess(
-            HealthInputs(
-                device_id=self.settings.device_id,
-                uptime_s=time.monotonic() - self._started_monotonic,
-                fps=self.pipeline.stats.fps(),
-                source_kind=source.kind,
-                source_state=source.state,
-                source_error=source.last_error,
-                source_reconnects=source.counters.reconnects,
-                last_frame_age_s=source.last_frame_age(),
-                stall_timeout_s=self.settings.source.stall_timeout_s,
-                broker_connected=self.publisher.connected,
-                spool_depth=len(self.outbox),
-                spool_max=self.settings.spool.max_messages,
-                spool_writing_ok=not getattr(spool_counters, "last_error", ""),
-                spool_error=getattr(spool_counters, "last_error", ""),
-                pipeline_error=None if self.pipeline.error is None else str(self.pipeline.error),
-                model=self.model.ref,
-                commands_alive=commands.alive if commands else True,
-                commands_restarts=commands.restarts if commands else 0,
-                commands_last_crash=commands.last_crash if commands else "",
-                loop_problems=tuple(loop.problems()) if loop else (),
-            )
-        )
+        """/healthz's verdict now."""
+        return assess(self.take_snapshot())
 
     def stats_message(self, source_state: str | None = None) -> StatsMessage:
         """The ``stats`` payload now (``source_state`` overrides the current one: a change being reported)."""
-        stats, source = self.pipeline.stats, self.pipeline.source
-        p50, p99 = stats.latency_percentiles()
-        health = self.health()
-        age = source.last_frame_age()
-        return StatsMessage(
-            device_id=self.settings.device_id,
-            time=time.time(),
-            uptime_s=round(time.time() - self.started, 1),
-            fps=round(stats.fps(), 2),
-            frames_inspected=stats.frames_inspected,
-            frames_dropped=self.pipeline.frames_dropped,
-            anomalous_frames=stats.anomalous_frames,
-            latency_ms_p50=round(p50, 2),
-            latency_ms_p99=round(p99, 2),
-            spool_depth=len(self.outbox),
-            spool_expired=self.outbox.counters.expired,
-            spool_dropped=self.outbox.counters.dropped,
-            source_state=source_state or source.state,
-            source_state_since=round(source.state_since, 3),
-            source_reconnects=source.counters.reconnects,
-            source_error=source.last_error,
-            last_frame_age_s=None if age is None else round(age, 2),
-            frames_captured=stats.frames_captured,
-            status=health.status,
-            problems=health.problems,
-            model=self.model.ref,
-            **self.part_inputs.figures(),
-            **self.loop.figures(),
-        )
+        snapshot = self.take_snapshot()
+        return stats_message(snapshot, assess(snapshot), source_state)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: fps, model, source and broker state."""
-        stats, source, ref = self.pipeline.stats, self.pipeline.source, self.model.ref
-        broker = "mqtt connected" if self.publisher.connected else "mqtt DISCONNECTED"
-        return (
-            f"{stats.fps():.1f} fps | model {ref.name} {ref.version} ({ref.backend}) | "
-            f"source {source.kind} {source.state} | {broker}, spool {len(self.outbox)} | "
-            f"{stats.frames_inspected} frames, {stats.anomalous_frames} anomalous, {self.pipeline.frames_dropped} dropped"
-        )
-
-    def _preview_facts(self) -> PreviewFacts:
-        stats, source = self.pipeline.stats, self.pipeline.source
-        p50, p99 = stats.latency_percentiles()
-        parts_line, trigger_line = self.part_inputs.lines()
-        return PreviewFacts(
-            stats.fps(),
-            p50,
-            p99,
-            source.state,
-            source.last_error,
-            self.settings.parts.mode,
-            parts_line,
-            trigger_line,
-            stats.capture_fps(),
-        )
+        return status_line(self.take_snapshot())
 
     def _metrics_route(self, request: HttpRequest) -> HttpResponse:
         body, content_type = self.metrics.exposition()

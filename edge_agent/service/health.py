@@ -8,41 +8,14 @@ monitors watching it.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from edge_agent.messages import ModelRef
+from edge_agent.service.agent_snapshot import AgentSnapshot
 
 SPOOL_WARN_FRACTION = 0.9
-
-
-@dataclass(frozen=True)
-class HealthInputs:
-    """The facts the verdict is made from (gathered by the agent)."""
-
-    device_id: str
-    uptime_s: float
-    fps: float
-    source_kind: str
-    source_state: str
-    source_error: str
-    source_reconnects: int
-    last_frame_age_s: float | None
-    stall_timeout_s: float
-    broker_connected: bool
-    spool_depth: int
-    spool_max: int
-    spool_writing_ok: bool
-    spool_error: str
-    pipeline_error: str | None
-    model: ModelRef
-    commands_alive: bool = True
-    commands_restarts: int = 0
-    commands_last_crash: str = ""
-    loop_problems: tuple[str, ...] = ()  # kept frames that cannot be written, drift (edge_agent/service/loop.py)
 
 
 class SourceHealth(BaseModel):
@@ -82,25 +55,26 @@ class HealthReport(BaseModel):
     commands: CommandsHealth | None = None
 
 
-def assess(facts: HealthInputs) -> HealthReport:
-    """The verdict, with one sentence per problem."""
+def assess(facts: AgentSnapshot) -> HealthReport:
+    """The verdict on one snapshot, with one sentence per problem."""
     problems = _pipeline_problems(facts) + _source_problems(facts) + _broker_problems(facts)
     if not facts.commands_alive:
         problems.append("command worker is not running (commands are not answered)")
     problems.extend(facts.loop_problems)
+    source = facts.source
     return HealthReport(
         status="degraded" if problems else "ok",
         problems=problems,
         device_id=facts.device_id,
-        time=round(time.time(), 3),
+        time=round(facts.time, 3),
         uptime_s=round(facts.uptime_s, 1),
         fps=round(facts.fps, 2),
         source=SourceHealth(
-            kind=facts.source_kind,
-            state=facts.source_state,
-            last_frame_age_s=None if facts.last_frame_age_s is None else round(facts.last_frame_age_s, 2),
-            reconnects=facts.source_reconnects,
-            error=facts.source_error if facts.source_state != "open" else "",
+            kind=source.kind,
+            state=source.state,
+            last_frame_age_s=None if source.last_frame_age_s is None else round(source.last_frame_age_s, 2),
+            reconnects=source.reconnects,
+            error=source.error if source.state != "open" else "",
         ),
         broker=BrokerHealth(connected=facts.broker_connected, spool_depth=facts.spool_depth, spool_max=facts.spool_max),
         model=facts.model,
@@ -110,25 +84,26 @@ def assess(facts: HealthInputs) -> HealthReport:
     )
 
 
-def _pipeline_problems(facts: HealthInputs) -> list[str]:
+def _pipeline_problems(facts: AgentSnapshot) -> list[str]:
     if facts.pipeline_error:
         return [f"pipeline stopped: {facts.pipeline_error}"]
     return []
 
 
-def _source_problems(facts: HealthInputs) -> list[str]:
-    if facts.source_state not in ("open", "ended"):
-        detail = f": {facts.source_error}" if facts.source_error else ""
-        return [f"source is {facts.source_state}{detail}"]
-    age = facts.last_frame_age_s
-    if age is None and facts.uptime_s > facts.stall_timeout_s and facts.source_state == "open":
+def _source_problems(facts: AgentSnapshot) -> list[str]:
+    source = facts.source
+    if source.state not in ("open", "ended"):
+        detail = f": {source.error}" if source.error else ""
+        return [f"source is {source.state}{detail}"]
+    age = source.last_frame_age_s
+    if age is None and facts.uptime_s > facts.stall_timeout_s and source.state == "open":
         return [f"no frame since the start {facts.uptime_s:.0f} s ago"]
-    if age is not None and age > facts.stall_timeout_s and facts.source_state == "open":
+    if age is not None and age > facts.stall_timeout_s and source.state == "open":
         return [f"no frame for {age:.0f} s"]
     return []
 
 
-def _broker_problems(facts: HealthInputs) -> list[str]:
+def _broker_problems(facts: AgentSnapshot) -> list[str]:
     problems = []
     if not facts.broker_connected:
         problems.append(f"MQTT broker not connected ({facts.spool_depth} messages waiting in the spool)")
@@ -137,6 +112,6 @@ def _broker_problems(facts: HealthInputs) -> list[str]:
             f"spool {100 * facts.spool_depth / facts.spool_max:.0f}% full ({facts.spool_depth} of "
             f"{facts.spool_max}); when full, the oldest messages are dropped"
         )
-    if not facts.spool_writing_ok:
+    if facts.spool_error:
         problems.append(f"spool cannot write to disk ({facts.spool_error}); messages are held in memory")
     return problems

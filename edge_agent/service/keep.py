@@ -119,7 +119,7 @@ class FrameKeeper:
 
     def offer(self, job: FrameJob) -> str | None:
         """Pipeline observer: queue the frame when it is to be kept; returns its kind, or None. Never blocks."""
-        if job.message is None or not self.active or self._thread is None:
+        if not self.active or self._thread is None:
             return None
         if job.message.anomalous:
             if not self.config.flagged or self.parts_mode:  # with parts on, the part is the verdict (offer_part)
@@ -139,7 +139,7 @@ class FrameKeeper:
         evidence = self.book.take(part) if self.book is not None else None  # every part: the book forgets it
         if not self.config.flagged or not part.anomalous or part.status != "inspected" or self._thread is None:
             return False
-        return job.message is not None and self._enqueue(job, PART, part, evidence)
+        return self._enqueue(job, PART, part, evidence)
 
     def _enqueue(
         self, job: FrameJob, kind: str, part: PartMessage | None, evidence: PartEvidence | None = None

@@ -1,8 +1,8 @@
 """The line-to-model loop in stats and /metrics: kept frames, drift, the shadow model, a running recording.
 
-``LoopParts`` holds whichever of them the agent runs (each may be None). ``loop_figures`` is the
-``stats`` message's part, ``LoopCollector`` the /metrics part (read at scrape time, nothing per frame),
-``loop_problems`` the /healthz sentences.
+``kept_figures``, ``drift_figures``, ``shadow_figures`` and ``recording_figures`` are the ``stats``
+message's parts (each loop component's ``figures()``, edge_agent/service/loop.py); ``LoopCollector`` is the
+/metrics part, read at scrape time (nothing per frame) from the ``LoopParts`` the agent runs then.
 """
 
 from __future__ import annotations
@@ -21,75 +21,71 @@ from edge_agent.service.keep import FrameKeeper
 from edge_agent.service.recorder import FrameRecorder
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopParts:
-    """The agent's loop parts; ``recorder`` is a function because a recording comes and goes."""
+    """The loop parts the agent runs now (each may be None; the drift monitor is replaced on a reload)."""
 
     keeper: FrameKeeper | None = None
     drift: DriftMonitor | None = None
     shadow: ShadowRunner | None = None
-    recorder: Callable[[], FrameRecorder | None] = lambda: None
-
-
-def loop_problems(parts: LoopParts) -> list[str]:
-    """What /healthz says about them: a disk the kept frames cannot be written to, drift."""
-    problems = []
-    if parts.keeper is not None and parts.keeper.problem:
-        problems.append(parts.keeper.problem)
-    if parts.drift is not None:
-        problems.extend(parts.drift.report().problems)
-    return problems
 
 
 def _finite(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def loop_figures(parts: LoopParts) -> dict[str, Any]:
-    """The ``stats`` message's ``kept``, ``drift``, ``shadow`` and ``recording`` figures (None when off)."""
-    figures: dict[str, Any] = {"kept": None, "drift": None, "shadow": None, "recording": None}
-    if parts.keeper is not None and parts.keeper.active:
-        counters = parts.keeper.counters
-        figures["kept"] = {**counters.__dict__, "problem": parts.keeper.problem}
-    if parts.drift is not None:
-        report = parts.drift.report()
-        figures["drift"] = {
-            "enabled": report.enabled,
-            "note": report.note,
-            "reasons": report.reasons,
-            "statistics": {
-                s.name: {
-                    "distance": round(s.distance, 4),
-                    "relative_shift": _finite(s.relative_shift),
-                    "window_median": _finite(s.window_median),
-                    "reference_median": _finite(s.reference_median),
-                    "frames": s.frames,
-                    "drifting": s.drifting,
-                }
-                for s in report.stats
-            },
-        }
-    if parts.shadow is not None:
-        shadow = parts.shadow.snapshot()
-        figures["shadow"] = {
-            **{k: v for k, v in shadow.__dict__.items() if k != "recent_differences"},
-            "agreement": shadow.agreement,
-            "recent_differences": [d.__dict__ for d in shadow.recent_differences],
-        }
-    recorder = parts.recorder()
-    if recorder is not None:
-        figures["recording"] = {**recorder.summary(), "done": recorder.done}
-    return figures
+def kept_figures(keeper: FrameKeeper) -> dict[str, Any] | None:
+    """The ``stats`` message's ``kept`` figures (None when keeping is off)."""
+    if not keeper.active:
+        return None
+    return {**keeper.counters.__dict__, "problem": keeper.problem}
+
+
+def drift_figures(drift: DriftMonitor) -> dict[str, Any]:
+    """The ``stats`` message's ``drift`` figures."""
+    report = drift.report()
+    return {
+        "enabled": report.enabled,
+        "note": report.note,
+        "reasons": report.reasons,
+        "statistics": {
+            s.name: {
+                "distance": round(s.distance, 4),
+                "relative_shift": _finite(s.relative_shift),
+                "window_median": _finite(s.window_median),
+                "reference_median": _finite(s.reference_median),
+                "frames": s.frames,
+                "drifting": s.drifting,
+            }
+            for s in report.stats
+        },
+    }
+
+
+def shadow_figures(runner: ShadowRunner) -> dict[str, Any]:
+    """The ``stats`` message's ``shadow`` figures."""
+    shadow = runner.snapshot()
+    return {
+        **{k: v for k, v in shadow.__dict__.items() if k != "recent_differences"},
+        "agreement": shadow.agreement,
+        "recent_differences": [d.__dict__ for d in shadow.recent_differences],
+    }
+
+
+def recording_figures(recorder: FrameRecorder) -> dict[str, Any]:
+    """The ``stats`` message's ``recording`` figures (the running recording, or the last one)."""
+    return {**recorder.summary(), "done": recorder.done}
 
 
 class LoopCollector(Collector):
     """/metrics families of the loop parts, read at scrape time."""
 
-    def __init__(self, parts: LoopParts) -> None:
+    def __init__(self, parts: Callable[[], LoopParts]) -> None:
         self.parts = parts
 
     def collect(self) -> Iterator[Metric]:
-        keeper, drift, shadow = self.parts.keeper, self.parts.drift, self.parts.shadow
+        parts = self.parts()
+        keeper, drift, shadow = parts.keeper, parts.drift, parts.shadow
         if keeper is not None and keeper.active:
             c = keeper.counters
             kept = CounterMetricFamily("edge_agent_kept_frames", "Frames kept for review, by kind.", labels=["kind"])

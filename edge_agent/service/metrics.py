@@ -1,15 +1,16 @@
 """Prometheus metrics of a running agent (prometheus-client, its own registry, no global state).
 
-Counters and gauges are read from the agent's parts when Prometheus scrapes (nothing extra per frame);
-the per-stage latency histograms are observed once per published frame. The metrics see the agent only
-through ``MetricsView`` (its pipeline, publisher, outbox and health), never the ``Agent`` itself, so this
-module does not depend on edge_agent/service/agent.py.
+Counters and gauges are rendered from one ``AgentSnapshot`` (edge_agent/service/agent_snapshot.py) taken
+when Prometheus scrapes (nothing extra per frame); the per-stage latency histograms are observed once per
+published frame, and the command counter once per command. ``AgentMetrics`` is built before the command
+worker that counts into it; the snapshot collector is added by ``watch`` once every component it reads
+exists. The metrics never see the ``Agent`` itself, so this module does not depend on
+edge_agent/service/agent.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,33 +18,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from edge_agent.inspection.frame_source import SOURCE_STATES
+from edge_agent.service.agent_snapshot import AgentSnapshot, PartFigures
+from edge_agent.service.health import assess
 
 if TYPE_CHECKING:
-    from edge_agent.inspection.pipeline import FrameJob, Pipeline
-    from edge_agent.publish.mqtt import MqttPublisher
-    from edge_agent.publish.outbox import Outbox
-    from edge_agent.service.health import HealthReport
+    from edge_agent.inspection.pipeline import FrameJob
 
 STAGES = ("capture", "preprocess", "infer", "nfa", "publish", "total")
 # Seconds: from sub-millisecond NFA on a small map to seconds for a heavy model on a small CPU.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass(frozen=True)
-class MetricsView:
-    """What ``/metrics`` reads at scrape time: the running agent's parts, and nothing else of it."""
-
-    pipeline: Pipeline
-    publisher: MqttPublisher
-    outbox: Outbox
-    spool_max: int  # spool.max_messages
-    health: Callable[[], HealthReport]
-
-
 class AgentMetrics:
     """The registry behind ``/metrics``."""
 
-    def __init__(self, agent: MetricsView) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.latency = Histogram(
             "edge_agent_stage_latency_seconds",
@@ -59,12 +48,13 @@ class AgentMetrics:
             ["command", "ok"],
             registry=self.registry,
         )
-        self.registry.register(_AgentCollector(agent))
+
+    def watch(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        """Render ``snapshot()`` at every scrape (call once, when every component it reads exists)."""
+        self.registry.register(_SnapshotCollector(snapshot))
 
     def observe_frame(self, job: FrameJob) -> None:
         """Pipeline observer: one published frame's stage latencies."""
-        if job.message is None:
-            return
         latency = job.message.latency_ms
         for stage, histogram in self._stage_histograms.items():
             histogram.observe(getattr(latency, stage) / 1000.0)
@@ -77,63 +67,57 @@ class AgentMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _AgentCollector(Collector):
-    """Reads the agent's counters at scrape time."""
+class _SnapshotCollector(Collector):
+    """Renders one snapshot per scrape."""
 
-    def __init__(self, agent: MetricsView) -> None:
-        self.agent = agent
+    def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        agent = self.agent
-        pipeline, source, publisher, outbox = agent.pipeline, agent.pipeline.source, agent.publisher, agent.outbox
-        stats = pipeline.stats
-        yield _counter("edge_agent_frames_captured", "Frames taken from the source.", stats.frames_captured)
-        yield _counter("edge_agent_frames_inspected", "Frames inspected and published.", stats.frames_inspected)
-        yield _counter("edge_agent_frames_anomalous", "Inspected frames judged anomalous.", stats.anomalous_frames)
+        snap = self.snapshot()
+        source = snap.source
+        yield _counter("edge_agent_frames_captured", "Frames taken from the source.", snap.frames_captured)
+        yield _counter("edge_agent_frames_inspected", "Frames inspected and published.", snap.frames_inspected)
+        yield _counter("edge_agent_frames_anomalous", "Inspected frames judged anomalous.", snap.anomalous_frames)
         dropped = CounterMetricFamily(
             "edge_agent_frames_dropped", "Frames not inspected, by reason.", labels=["reason"]
         )
-        dropped.add_metric(["latest_frame"], pipeline.frames_dropped)
-        dropped.add_metric(["fps_limit"], source.counters.rate_limited)
-        if pipeline.triggers is not None:
-            dropped.add_metric(["untriggered"], pipeline.frames_untriggered)
+        dropped.add_metric(["latest_frame"], snap.frames_dropped)
+        dropped.add_metric(["fps_limit"], source.rate_limited)
+        if snap.frames_untriggered is not None:
+            dropped.add_metric(["untriggered"], snap.frames_untriggered)
         yield dropped
-        yield from _parts_metrics(pipeline)
-        yield _gauge("edge_agent_fps", "Inspected frames per second over the last 10 s.", stats.fps())
+        yield from _parts_metrics(snap.parts)
+        yield _gauge("edge_agent_fps", "Inspected frames per second over the last 10 s.", snap.fps)
         state = GaugeMetricFamily("edge_agent_source_state", "1 for the source's current state.", labels=["state"])
         for name in SOURCE_STATES:
             state.add_metric([name], 1.0 if source.state == name else 0.0)
         yield state
-        age = source.last_frame_age()
+        age = source.last_frame_age_s
         yield _gauge(
             "edge_agent_source_last_frame_age_seconds",
             "Seconds since the source delivered a frame (-1 before the first).",
             -1.0 if age is None else age,
         )
-        yield _counter(
-            "edge_agent_source_reconnects", "Successful reopenings of a lost source.", source.counters.reconnects
-        )
+        yield _counter("edge_agent_source_reconnects", "Successful reopenings of a lost source.", source.reconnects)
         problems = CounterMetricFamily(
             "edge_agent_source_problems", "Why a live source was reopened, by reason.", labels=["reason"]
         )
-        problems.add_metric(["read_failed"], source.counters.read_failures)
-        problems.add_metric(["read_timeout"], source.counters.read_timeouts)
-        problems.add_metric(["stalled"], source.counters.stalls)
+        problems.add_metric(["read_failed"], source.read_failures)
+        problems.add_metric(["read_timeout"], source.read_timeouts)
+        problems.add_metric(["stalled"], source.stalls)
         yield problems
-        yield _gauge("edge_agent_mqtt_connected", "1 while connected to the broker.", float(publisher.connected))
-        yield _counter("edge_agent_mqtt_acked", "Messages acknowledged by the broker.", publisher.counters.acked)
-        yield _counter("edge_agent_mqtt_connects", "Successful broker connections.", publisher.counters.connects)
-        yield _gauge("edge_agent_spool_depth", "Messages waiting for the broker's acknowledgement.", len(outbox))
-        yield _gauge("edge_agent_spool_max", "spool.max_messages.", agent.spool_max)
+        yield _gauge("edge_agent_mqtt_connected", "1 while connected to the broker.", float(snap.broker_connected))
+        yield _counter("edge_agent_mqtt_acked", "Messages acknowledged by the broker.", snap.mqtt_acked)
+        yield _counter("edge_agent_mqtt_connects", "Successful broker connections.", snap.mqtt_connects)
+        yield _gauge("edge_agent_spool_depth", "Messages waiting for the broker's acknowledgement.", snap.spool_depth)
+        yield _gauge("edge_agent_spool_max", "spool.max_messages.", snap.spool_max)
+        yield _counter("edge_agent_spool_dropped", "Messages dropped because the spool was full.", snap.spool_dropped)
+        yield _counter("edge_agent_spool_expired", "Messages dropped because they expired unsent.", snap.spool_expired)
         yield _counter(
-            "edge_agent_spool_dropped", "Messages dropped because the spool was full.", outbox.counters.dropped
+            "edge_agent_spool_write_errors", "Failed spool commits (disk full, I/O).", snap.spool_write_errors
         )
-        yield _counter(
-            "edge_agent_spool_expired", "Messages dropped because they expired unsent.", outbox.counters.expired
-        )
-        write_errors = getattr(outbox.counters, "write_errors", 0)
-        yield _counter("edge_agent_spool_write_errors", "Failed spool commits (disk full, I/O).", write_errors)
-        ref = pipeline.model.ref
+        ref = snap.model
         info = InfoMetricFamily("edge_agent_model", "The model being served.")
         info.add_metric(
             [],
@@ -146,25 +130,30 @@ class _AgentCollector(Collector):
             },
         )
         yield info
-        health = agent.health()
+        health = assess(snap)
         yield _gauge("edge_agent_healthy", "1 when /healthz says ok, 0 when degraded.", float(health.status == "ok"))
         yield _gauge("edge_agent_uptime_seconds", "Seconds since the agent started.", health.uptime_s)
 
 
-def _parts_metrics(pipeline: Pipeline) -> Iterator[Metric]:
+def _parts_metrics(parts: PartFigures) -> Iterator[Metric]:
     """Parts decided (tracked mode) and triggers by outcome (triggered mode), when that mode is on."""
-    counters = getattr(pipeline.parts, "counters", None)
-    if counters is not None:
-        parts = CounterMetricFamily("edge_agent_parts", "Parts decided, by verdict.", labels=["verdict"])
-        parts.add_metric(["anomalous"], counters.anomalous)
-        parts.add_metric(["good"], counters.decided - counters.anomalous)
-        yield parts
-        yield _counter("edge_agent_parts_noise", "Blobs seen in too few frames to be parts.", counters.noise)
-    if pipeline.triggers is not None:
-        book = pipeline.triggers.counters
+    if parts.decided is not None and parts.anomalous is not None:
+        family = CounterMetricFamily("edge_agent_parts", "Parts decided, by verdict.", labels=["verdict"])
+        family.add_metric(["anomalous"], parts.anomalous)
+        family.add_metric(["good"], parts.decided - parts.anomalous)
+        yield family
+        yield _counter("edge_agent_parts_noise", "Blobs seen in too few frames to be parts.", parts.noise or 0)
+    if parts.triggers_received is not None:
         triggers = CounterMetricFamily("edge_agent_triggers", "Triggers, by outcome.", labels=["outcome"])
-        for outcome in ("received", "served", "missed", "storm", "refused"):
-            triggers.add_metric([outcome], getattr(book, outcome))
+        outcomes = {
+            "received": parts.triggers_received,
+            "served": parts.triggers_served,
+            "missed": parts.triggers_missed,
+            "storm": parts.triggers_storm,
+            "refused": parts.triggers_refused,
+        }
+        for outcome, count in outcomes.items():
+            triggers.add_metric([outcome], count or 0)
         yield triggers
 
 

@@ -80,7 +80,6 @@ def thumbnail(crop: np.ndarray) -> np.ndarray:
 
 def view_log_nfa(job: FrameJob, x0: int, x1: int) -> float:
     """The lowest log10 NFA of a frame over the image columns [x0, x1) (map resolution)."""
-    assert job.verdict is not None
     log_nfa = job.verdict.log_nfa
     width = job.frame.image.shape[1]
     sx = width / log_nfa.shape[1]
@@ -99,7 +98,7 @@ class PartFrameBook:
     def observe(self, job: FrameJob) -> None:
         """Pipeline observer: note the undecided parts in view of this frame."""
         view = job.parts_view
-        if view is None or job.verdict is None:
+        if view is None:
             return
         image = job.frame.image
         for part_id, x0, x1, decided in view.parts:

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.inspection.parts import TrackedParts
@@ -26,13 +25,15 @@ from edge_agent.inspection.triggers import (
 )
 from edge_agent.messages import PartMessage
 from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.service.agent_snapshot import PartFigures
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 
 log = logging.getLogger(__name__)
 
 
 class PartInputs:
-    """The ``[parts]`` side of one agent: ``attach_http()``, ``start()``, ``tick()`` now and then, ``stop()``."""
+    """The ``[parts]`` side of one agent: ``attach_http()``, ``start()``, ``tick()`` now and then, ``stop()``,
+    ``figures()`` and ``problems()`` (see ``AgentPart`` in loop.py)."""
 
     def __init__(self, settings: AgentSettings, publisher: MqttPublisher) -> None:
         self.settings = settings
@@ -101,31 +102,22 @@ class PartInputs:
             self.gpio.stop()
         self.tick()
 
-    def figures(self) -> dict[str, Any]:
-        """The stats message's parts and trigger fields (None when that mode is off)."""
-        parts, book = self.parts, self.triggers
-        return {
-            "parts_decided": parts.counters.decided if parts else None,
-            "parts_anomalous": parts.counters.anomalous if parts else None,
-            "parts_noise": parts.counters.noise if parts else None,
-            "triggers_received": book.counters.received if book else None,
-            "triggers_missed": book.counters.missed if book else None,
-            "triggers_storm": book.counters.storm if book else None,
-        }
+    def problems(self) -> list[str]:
+        """/healthz sentences: none (a missed trigger is a part message and a counter, not a degraded agent)."""
+        return []
 
-    def lines(self) -> tuple[str, str]:
-        """One line about parts and one about triggers, for people (the preview)."""
-        parts_line = trigger_line = ""
-        if self.parts is not None:
-            counters = self.parts.counters
-            parts_line = f"{counters.decided} parts decided, {counters.anomalous} anomalous, {counters.noise} noise"
-        if self.triggers is not None:
-            t = self.triggers.counters
-            trigger_line = (
-                f"{t.received} triggers, {self.triggers.waiting} waiting, {t.served} inspected, {t.missed} missed, "
-                f"{t.storm} in storms"
-            )
-        return parts_line, trigger_line
+    def figures(self) -> PartFigures:
+        """The parts and trigger counters (None where that mode is off), for the agent's snapshot."""
+        mode, parts, book = self.settings.parts.mode, self.parts, self.triggers
+        decided = anomalous = noise = None
+        if parts is not None:
+            decided, anomalous, noise = parts.counters.decided, parts.counters.anomalous, parts.counters.noise
+        if book is None:
+            return PartFigures(mode, decided, anomalous, noise)
+        t = book.counters
+        return PartFigures(
+            mode, decided, anomalous, noise, t.received, t.served, t.missed, t.storm, t.refused, book.waiting
+        )
 
     def _mqtt_trigger(self, leaf: str, payload: bytes, retained: bool = False) -> None:
         assert self.triggers is not None

@@ -52,8 +52,6 @@ def part_caption(part: PartMessage, shown: int | None = None) -> str:
 def save_part(job: FrameJob, part: PartMessage, evidence: PartEvidence | None, directory: Path) -> dict[str, str]:
     """Write the part's folder under ``directory`` (see the module docstring); returns name -> path."""
     shot_job = evidence.shot.job if evidence is not None else job
-    if shot_job.verdict is None or shot_job.message is None:
-        raise ValueError("the frame has not been inspected and published yet")
     frame, verdict = shot_job.frame, shot_job.verdict
     height, width = frame.image.shape[:2]
     columns = (evidence.shot.x0, evidence.shot.x1) if evidence is not None else (0, width)

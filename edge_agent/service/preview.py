@@ -36,6 +36,7 @@ import numpy as np
 
 from edge_agent.inspection.drivers import Frame
 from edge_agent.inspection.pipeline import FrameJob
+from edge_agent.service.agent_snapshot import AgentSnapshot, part_lines
 from edge_agent.service.http_server import HttpRequest, HttpResponse, HttpServer
 from edge_agent.service.preview_view import live_picture, preview_picture
 from edge_agent.service.snapshot import frame_caption
@@ -63,6 +64,22 @@ class PreviewFacts:
     parts_line: str = ""  # tracked: parts decided so far
     trigger_line: str = ""  # triggered: triggers received, waiting, missed, storm
     camera_fps: float = 0.0  # frames read from the source per second (inspected or not)
+
+    @classmethod
+    def of(cls, snapshot: AgentSnapshot) -> PreviewFacts:
+        """The facts of one agent snapshot."""
+        parts_line, trigger_line = part_lines(snapshot.parts)
+        return cls(
+            snapshot.fps,
+            snapshot.latency_p50_ms,
+            snapshot.latency_p99_ms,
+            snapshot.source.state,
+            snapshot.source.error,
+            snapshot.parts.mode,
+            parts_line,
+            trigger_line,
+            snapshot.camera_fps,
+        )
 
 
 @dataclass(frozen=True)
@@ -124,7 +141,7 @@ class PreviewPage:
                 self._rendered = self._render_live(live)
                 self.renders += 1
                 return self._rendered
-            if job is None or job.message is None:
+            if job is None:
                 return self._rendered
             cached = self._rendered
             fresh_enough = cached is not None and time.monotonic() - cached.rendered_at < self._min_interval_s
@@ -135,7 +152,6 @@ class PreviewPage:
             return self._rendered
 
     def _render(self, job: FrameJob) -> RenderedFrame:
-        assert job.message is not None
         picture = preview_picture(job)
         ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
@@ -267,14 +283,13 @@ class PreviewPage:
 
 def _between_triggers(job: FrameJob | None, live: Frame) -> bool:
     """Show the live camera: nothing inspected yet, or the last inspection is ``HOLD_S`` old and newer frames came."""
-    if job is None or job.message is None:
+    if job is None:
         return True
     return live.sequence > job.frame.sequence and time.monotonic() - job.frame.monotonic > HOLD_S
 
 
 def _verdict_word(job: FrameJob) -> str:
     """The verdict row: the frame's verdict, or in tracked mode the verdict of the parts in view."""
-    assert job.message is not None
     view = job.parts_view
     if view is None:
         return "ANOMALOUS" if job.message.anomalous else "good"

@@ -32,8 +32,6 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 def preview_picture(job: FrameJob) -> np.ndarray:
     """The two panels side by side (BGR uint8)."""
-    if job.verdict is None:
-        raise ValueError("the frame has not been inspected yet")
     frame, verdict = job.frame, job.verdict
     height, width = frame.image.shape[:2]
     factor = max(1, math.ceil(PANEL_MIN_PX / width))

@@ -76,8 +76,6 @@ class SnapshotBudget:
 
 def save_snapshot(job: FrameJob, directory: Path, label: str | None = None) -> dict[str, str]:
     """Write one frame's files into a new folder under ``directory``; returns name -> path."""
-    if job.verdict is None or job.message is None:
-        raise ValueError("the frame has not been inspected and published yet")
     frame, verdict = job.frame, job.verdict
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(frame.capture_time))
     folder = Path(directory) / f"{stamp}-seq{frame.sequence:06d}{'-' + label if label else ''}"
@@ -107,8 +105,6 @@ def overlay_for_job(job: FrameJob, min_width: int = 512) -> tuple[np.ndarray, np
 
     Frames narrower than ``min_width`` are drawn enlarged (whole factor) so the labels stay legible.
     """
-    if job.verdict is None or job.message is None:
-        raise ValueError("the frame has not been inspected and published yet")
     frame, verdict = job.frame, job.verdict
     height, width = frame.image.shape[:2]
     anomaly = resize_map(verdict.anomaly_map, width, height)
@@ -129,7 +125,6 @@ def frame_caption(job: FrameJob) -> str:
     In tracked mode a frame is evidence, not a verdict: a part is decided over all its frames, so a frame
     caption saying "good" next to a rejected part would contradict the part message. It names the parts.
     """
-    assert job.message is not None
     message, view = job.message, job.parts_view
     if view is not None:
         return f"frame {message.sequence}  parts: {view.caption()}"
