@@ -52,6 +52,10 @@ DEFAULT_RESULTS = REPO / "reports" / "suite"
 DEFAULT_DOCS = REPO / "docs" / "results.md"
 ENGINE_FRAMES = 30
 METHODS: tuple[str, ...] = ("ours", "patchcore", "padim", "uflow")  # bench/peers.py's, in its order
+# bench/peers.py's defaults for the peers (docs/peers.md "Deviations"): a run that lowers them says so.
+CORESET_RATIO = 0.004
+UFLOW_EPOCHS = 100
+UFLOW_BUDGET_MIN = 110.0
 
 
 def load_peers() -> Any:
@@ -181,6 +185,14 @@ def caps_of(args: argparse.Namespace) -> list[str]:
         caps.append(f"ours {args.ours_epochs} epochs (the default recipe's 40 capped)")
     if args.image_size is not None:
         caps.append(f"short side {args.image_size} px (not the recipe's 256)")
+    methods = suite_methods(args)
+    if "patchcore" in methods and args.coreset_ratio != CORESET_RATIO:
+        caps.append(f"PatchCore coreset {args.coreset_ratio:.2%} of the patches (the bench's {CORESET_RATIO:.1%})")
+    if "uflow" in methods and (args.epochs != UFLOW_EPOCHS or args.uflow_budget_min != UFLOW_BUDGET_MIN):
+        caps.append(
+            f"anomalib U-Flow at most {args.epochs} epochs and {args.uflow_budget_min:g} minutes "
+            f"(the bench's {UFLOW_EPOCHS} and {UFLOW_BUDGET_MIN:g}; its epochs column says how many ran)"
+        )
     return caps
 
 
@@ -311,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, help="cap: N test images, taken by type in turn")
     p.add_argument("--ours-epochs", type=int, help="cap ours' epochs (default: the recipe's)")
     p.add_argument("--image-size", type=int, help="TESTS: a smaller short side than the recipe's 256")
-    p.add_argument("--epochs", type=int, default=100, help="anomalib U-Flow's maximum epochs")
-    p.add_argument("--uflow-budget-min", type=float, default=110.0)
-    p.add_argument("--coreset-ratio", type=float, default=0.004)
+    p.add_argument("--epochs", type=int, default=UFLOW_EPOCHS, help="anomalib U-Flow's maximum epochs")
+    p.add_argument("--uflow-budget-min", type=float, default=UFLOW_BUDGET_MIN, help="anomalib U-Flow's minutes")
+    p.add_argument("--coreset-ratio", type=float, default=CORESET_RATIO, help="PatchCore's coreset share")
     p.add_argument("--threads", type=int, default=1, help="torch threads (peers, ours' evaluation)")
     p.add_argument("--engine-threads", type=int, default=2, help="ONNX Runtime threads for ours' engine fps")
     p.add_argument("--force", action="store_true", help="recompute every method even when cached")

@@ -170,3 +170,15 @@ def test_only_recomputes_one_method_and_shows_the_others_from_the_cache(
     assert not list((tmp_path / "suite" / "square").glob("ours-*"))
     assert "| ours | not run: no cached result for this data and config |" in block()
     assert "| padim | fake |" in block()
+
+
+def test_capped_peers_are_said_under_the_table() -> None:
+    """A lower PatchCore coreset or a shorter U-Flow budget than the bench's is a cap, named as such."""
+    args = suite.build_parser().parse_args([])
+    assert suite.caps_of(args) == []
+    args = suite.build_parser().parse_args(["--coreset-ratio", "0.001", "--uflow-budget-min", "15"])
+    caps = "; ".join(suite.caps_of(args))
+    assert "PatchCore coreset 0.10% of the patches" in caps
+    assert "U-Flow at most 100 epochs and 15 minutes" in caps
+    only_ours = suite.build_parser().parse_args(["--methods", "ours", "--coreset-ratio", "0.001"])
+    assert suite.caps_of(only_ours) == []  # no PatchCore row: nothing to say
