@@ -288,7 +288,9 @@ def format_dataset(run: DatasetRun) -> str:
     ]
     if run.caps:
         lines.append("")
-        lines.append(f"**Capped run**: {'; '.join(run.caps)}. Not the full bench: read it as a smoke test.")
+        lines.append(
+            f"**Capped run**: {'; '.join(run.caps)}. Not the full bench: compare it with runs under the same caps."
+        )
     return "\n".join(lines)
 
 
