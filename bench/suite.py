@@ -2,6 +2,7 @@
 
     nice -n 10 .venv-peers/bin/python bench/suite.py                 # everything, every data set
     nice -n 10 .venv/bin/python bench/suite.py --methods ours        # ours only (no anomalib needed)
+    nice -n 10 .venv/bin/python bench/suite.py --only ours           # ours again, the peers' rows from the cache
     nice -n 10 .venv/bin/python bench/suite.py --max-train 60 --max-test 40 --ours-epochs 10   # capped
 
 For every folder of ``--data-root`` (default ../shared/data) that holds a ``split.json``:
@@ -50,6 +51,11 @@ DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 DEFAULT_RESULTS = REPO / "reports" / "suite"
 DEFAULT_DOCS = REPO / "docs" / "results.md"
 ENGINE_FRAMES = 30
+METHODS: tuple[str, ...] = ("ours", "patchcore", "padim", "uflow")  # bench/peers.py's, in its order
+# bench/peers.py's defaults for the peers (docs/peers.md "Deviations"): a run that lowers them says so.
+CORESET_RATIO = 0.004
+UFLOW_EPOCHS = 100
+UFLOW_BUDGET_MIN = 110.0
 
 
 def load_peers() -> Any:
@@ -140,7 +146,7 @@ class DatasetRun:
 def peers_args(peers: Any, args: argparse.Namespace, split: Path, height: int, width: int) -> argparse.Namespace:
     """bench/peers.py's arguments for one data set at ours' geometry."""
     argv = ["--data", str(split), "--results", str(args.results / split.parent.name)]
-    argv += ["--methods", *args.methods, "--image-size", str(height), "--image-width", str(width)]
+    argv += ["--methods", *suite_methods(args), "--image-size", str(height), "--image-width", str(width)]
     argv += ["--threads", str(args.threads), "--epochs", str(args.epochs)]
     argv += ["--coreset-ratio", str(args.coreset_ratio), "--uflow-budget-min", str(args.uflow_budget_min)]
     for flag, value in (
@@ -153,7 +159,19 @@ def peers_args(peers: Any, args: argparse.Namespace, split: Path, height: int, w
             argv += [flag, str(value)]
     if args.force:
         argv.append("--force")
+    if args.only:
+        argv += ["--only", *args.only]
     return peers.build_parser().parse_args(argv)
+
+
+def suite_methods(args: argparse.Namespace) -> list[str]:
+    """The table's methods: ``--methods`` plus ``--only``, in bench/peers.py's order.
+
+    With ``--only M`` the suite recomputes M and shows every other method from the cache, so that ours
+    can be rerun with new defaults in the main venv while the peers' rows (anomalib, .venv-peers) stay.
+    """
+    chosen = set(args.methods) | set(args.only or ())
+    return [m for m in METHODS if m in chosen]
 
 
 def caps_of(args: argparse.Namespace) -> list[str]:
@@ -167,6 +185,14 @@ def caps_of(args: argparse.Namespace) -> list[str]:
         caps.append(f"ours {args.ours_epochs} epochs (the default recipe's 40 capped)")
     if args.image_size is not None:
         caps.append(f"short side {args.image_size} px (not the recipe's 256)")
+    methods = suite_methods(args)
+    if "patchcore" in methods and args.coreset_ratio != CORESET_RATIO:
+        caps.append(f"PatchCore coreset {args.coreset_ratio:.2%} of the patches (the bench's {CORESET_RATIO:.1%})")
+    if "uflow" in methods and (args.epochs != UFLOW_EPOCHS or args.uflow_budget_min != UFLOW_BUDGET_MIN):
+        caps.append(
+            f"anomalib U-Flow at most {args.epochs} epochs and {args.uflow_budget_min:g} minutes "
+            f"(the bench's {UFLOW_EPOCHS} and {UFLOW_BUDGET_MIN:g}; its epochs column says how many ran)"
+        )
     return caps
 
 
@@ -184,7 +210,7 @@ def run_dataset(args: argparse.Namespace, split: Path) -> DatasetRun:
         split, Path(bench_args.results), height, args.max_train, args.max_test, width if width != height else None
     )
     got = {r["method"] for r in results}
-    missing = {m: _why_missing(peers, m) for m in args.methods if m not in got}
+    missing = {m: _why_missing(peers, m, args.only) for m in suite_methods(args) if m not in got}
     fps = None
     ours = next((r for r in results if r["method"] == "ours"), None)
     if ours is not None and ours.get("details", {}).get("run"):
@@ -209,7 +235,9 @@ def run_dataset(args: argparse.Namespace, split: Path) -> DatasetRun:
     )
 
 
-def _why_missing(peers: Any, method: str) -> str:
+def _why_missing(peers: Any, method: str, only: Sequence[str] | None = None) -> str:
+    if only and method not in only:  # --only computes nothing else
+        return "no cached result for this data and config"
     if method != "ours" and not peers.anomalib_available():
         return "anomalib is not installed here (run the suite from .venv-peers, docs/peers.md)"
     return "no result"
@@ -260,7 +288,9 @@ def format_dataset(run: DatasetRun) -> str:
     ]
     if run.caps:
         lines.append("")
-        lines.append(f"**Capped run**: {'; '.join(run.caps)}. Not the full bench: read it as a smoke test.")
+        lines.append(
+            f"**Capped run**: {'; '.join(run.caps)}. Not the full bench: compare it with runs under the same caps."
+        )
     return "\n".join(lines)
 
 
@@ -281,7 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="folders with a split.json each")
     p.add_argument("--datasets", nargs="+", help="folder names under --data-root (default: every one)")
-    p.add_argument("--methods", nargs="+", default=["ours", "patchcore", "padim", "uflow"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=METHODS,
+        help="recompute these even when cached; show the other --methods from the cache (or as not run)",
+    )
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="per data set: bench/peers.py's cache")
     p.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="the Markdown file the tables go into")
     p.add_argument("--no-docs", action="store_true", help="print the tables only")
@@ -289,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, help="cap: N test images, taken by type in turn")
     p.add_argument("--ours-epochs", type=int, help="cap ours' epochs (default: the recipe's)")
     p.add_argument("--image-size", type=int, help="TESTS: a smaller short side than the recipe's 256")
-    p.add_argument("--epochs", type=int, default=100, help="anomalib U-Flow's maximum epochs")
-    p.add_argument("--uflow-budget-min", type=float, default=110.0)
-    p.add_argument("--coreset-ratio", type=float, default=0.004)
+    p.add_argument("--epochs", type=int, default=UFLOW_EPOCHS, help="anomalib U-Flow's maximum epochs")
+    p.add_argument("--uflow-budget-min", type=float, default=UFLOW_BUDGET_MIN, help="anomalib U-Flow's minutes")
+    p.add_argument("--coreset-ratio", type=float, default=CORESET_RATIO, help="PatchCore's coreset share")
     p.add_argument("--threads", type=int, default=1, help="torch threads (peers, ours' evaluation)")
     p.add_argument("--engine-threads", type=int, default=2, help="ONNX Runtime threads for ours' engine fps")
     p.add_argument("--force", action="store_true", help="recompute every method even when cached")

@@ -128,3 +128,57 @@ def test_missing_data_sets_and_peers_are_named(tmp_path: Path, monkeypatch: pyte
     )
     table = suite.format_dataset(run)
     assert "| patchcore | not run: anomalib is not installed here" in table and "Capped" not in table
+
+
+def test_only_recomputes_one_method_and_shows_the_others_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--only M`: M is computed again, every other method comes from the cache or says it has none."""
+    pytest.importorskip("torch")
+    data = tmp_path / "data"
+    _write_split(data / "square", 48, 48)
+    peers = suite.load_peers()
+    calls: list[str] = []
+
+    def fake(method: str) -> Any:
+        def run(arrays: Any, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+            calls.append(method)
+            maps = arrays.masks.astype(np.float32)
+            values = peers.score(maps, maps.max(axis=(1, 2)), arrays.masks, arrays.labels, arrays.masks, arrays.labels)
+            return {"threshold": "fake", "epochs": None, "metrics": {**values, "ms_per_image": 10.0}}
+
+        return run
+
+    monkeypatch.setattr(peers, "PEER_RUNNERS", {"padim": fake("padim"), "patchcore": fake("patchcore")})
+    monkeypatch.setattr(peers, "anomalib_available", lambda: True)
+    docs = tmp_path / "results.md"
+    base = ["--data-root", str(data), "--results", str(tmp_path / "suite"), "--docs", str(docs), "--image-size", "64"]
+
+    def block() -> str:
+        text = docs.read_text(encoding="utf-8")
+        return text[text.index("<!-- suite:square -->") : text.index("<!-- /suite:square -->")]
+
+    assert suite.main([*base, "--methods", "padim"]) == 0
+    assert calls == ["padim"]
+    # --only patchcore: patchcore is computed, padim (in --methods) comes from the cache; both are shown.
+    assert suite.main([*base, "--methods", "padim", "--only", "patchcore"]) == 0
+    assert calls == ["padim", "patchcore"]
+    assert "| patchcore | fake |" in block() and "| padim | fake |" in block()
+    # --only padim recomputes it although cached; ours has no cached result and is not trained.
+    assert suite.main([*base, "--methods", "ours", "padim", "--only", "padim"]) == 0
+    assert calls == ["padim", "patchcore", "padim"]
+    assert not list((tmp_path / "suite" / "square").glob("ours-*"))
+    assert "| ours | not run: no cached result for this data and config |" in block()
+    assert "| padim | fake |" in block()
+
+
+def test_capped_peers_are_said_under_the_table() -> None:
+    """A lower PatchCore coreset or a shorter U-Flow budget than the bench's is a cap, named as such."""
+    args = suite.build_parser().parse_args([])
+    assert suite.caps_of(args) == []
+    args = suite.build_parser().parse_args(["--coreset-ratio", "0.001", "--uflow-budget-min", "15"])
+    caps = "; ".join(suite.caps_of(args))
+    assert "PatchCore coreset 0.10% of the patches" in caps
+    assert "U-Flow at most 100 epochs and 15 minutes" in caps
+    only_ours = suite.build_parser().parse_args(["--methods", "ours", "--coreset-ratio", "0.001"])
+    assert suite.caps_of(only_ours) == []  # no PatchCore row: nothing to say
