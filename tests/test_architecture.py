@@ -348,6 +348,27 @@ def _private_members(cls: ast.ClassDef) -> set[str]:
     return {n for n in methods | assigned if n.startswith("_") and not n.endswith("__")}
 
 
+def _defining_class(module: str, name: str, known: dict[str, Path]) -> tuple[str, ast.ClassDef] | None:
+    """The module that defines class ``name`` and its AST, following re-exports (``from x import name``)."""
+    for _ in range(5):
+        tree = ast.parse(known[module].read_text(encoding="utf-8"))
+        cls = next((n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name), None)
+        if cls is not None:
+            return module, cls
+        origin = next(
+            (
+                node.module
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and any(a.name == name for a in node.names)
+            ),
+            None,
+        )
+        if origin not in known:
+            return None
+        module = origin
+    return None
+
+
 def private_reaches(module: str, path: Path) -> Iterator[str]:
     """Uses of a base class's private members by a subclass written in another module."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
@@ -365,8 +386,10 @@ def private_reaches(module: str, path: Path) -> Iterator[str]:
             if source not in known or source == module:
                 continue
             assert isinstance(base, ast.Name)
-            base_tree = ast.parse(known[source].read_text(encoding="utf-8"))
-            base_cls = next(n for n in ast.walk(base_tree) if isinstance(n, ast.ClassDef) and n.name == base.id)
+            found = _defining_class(source, base.id, known)
+            if found is None:
+                continue  # not a class of the project (or an alias that cannot be followed)
+            source, base_cls = found
             theirs = _private_members(base_cls) - own
             for name, line, _ in _self_attributes(cls):
                 if name in theirs:

@@ -92,7 +92,9 @@ def test_the_shadow_model_agrees_and_is_counted(line: Line) -> None:
         shadow["compared"] + shadow["skipped_share"] + shadow["skipped_busy"] + shadow["skipped_backlog"]
         <= (shadow["offered"])
     )
-    assert shadow["skipped_share"] >= shadow["offered"] // 2 - 1  # half the frames are not due
+    # The share (0.5) bounds what the shadow takes whatever the machine's speed: a frame that finds it busy
+    # is skipped as busy and keeps its credit, so how the rest splits into share and busy skips is timing.
+    assert shadow["compared"] <= shadow["offered"] * 0.5 + 1 and shadow["skipped_share"] >= 1
     _, _, metrics = http_get(line.http_port, "/metrics")
     assert 'edge_agent_shadow_frames_total{outcome="compared"}' in metrics
 
