@@ -44,14 +44,20 @@ def inspected_job(model: LoadedModel, sequence: int, defect: bool, size: int = S
 
 def keep_frames(model: LoadedModel, directory: Path, defects: int, goods: int = 0) -> list[str]:
     """Kept frame folders written by a real FrameKeeper; returns their names, oldest first."""
-    keeper = FrameKeeper(KeepConfig(flagged=True, good_rate=1.0 if goods else 0.0, dir=directory, min_free_mb=0))
+    # The queue holds every offer: the writer thread runs niced, and on a loaded machine it may not have taken
+    # one frame off before the last is offered (a queue of 8 dropped one of 9 in CI).
+    config = KeepConfig(
+        flagged=True, good_rate=1.0 if goods else 0.0, dir=directory, min_free_mb=0, queue=max(1, defects + goods)
+    )
+    keeper = FrameKeeper(config)
     keeper.start()
     try:
         for i in range(defects):
             keeper.offer(inspected_job(model, 1000 + i, defect=True))
         for i in range(goods):
             keeper.offer(inspected_job(model, 2000 + i, defect=False))
-        assert keeper.drain()
+        assert keeper.drain(timeout=60.0)
+        assert keeper.counters.skipped_busy == 0
     finally:
         keeper.stop()
 
