@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=[], help="only these rows (maps joined by +)")
     parser.add_argument("--memory-hyper", action="store_true", help="also memory banks on hypercolumn features")
     parser.add_argument("--memory-fine", action="store_true", help="also a memory bank at stride 8")
+    parser.add_argument(
+        "--fine-banks", type=int, nargs="+", default=[], help="with --memory-fine: these stride-8 bank sizes too"
+    )
     parser.add_argument("--no-test", action="store_true", help="skip the test split")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             continue  # a bank at stride 8: 4x the graph cost of stride 16 (--memory-fine to measure it)
         # bank sizes are compared on the plain coarse scales; the other memory maps use the largest
         banks = (args.banks if scale > 0 and not hyper else [max(args.banks)]) if kind == "memory" else [0]
+        if kind == "memory" and scale == 0:
+            banks = sorted({*banks, *args.fine_banks})  # the stride-8 bank's price is its rows (graph cost)
         for bank in banks:
             m = cached_head_maps(args.features, data, kind, scale, hyper, bank)
             sets[m.name] = m

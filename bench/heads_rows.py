@@ -6,6 +6,8 @@ at log10 epsilon = -2 after the cross-fitted calibration, planted defects found,
 
     nice .venv/bin/python bench/heads.py --features F.npz --memory-fine --only NONE   # caches M8 too
     nice .venv/bin/python bench/heads_rows.py --features F.npz --rows G16+G32+M16+M32 G16+G32+M8+M16+M32
+    nice .venv/bin/python bench/heads.py --features F.npz --memory-fine --fine-banks 256 512 --only NONE
+    nice .venv/bin/python bench/heads_rows.py --features F.npz --rows G16+G32+M8/512+M16+M32   # a smaller bank
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ MAPS = {
 }
 
 
+def map_key(name: str) -> tuple[str, int, bool, int] | None:
+    """A map name (``G16``, ``M8``, or a bank with its rows, ``M8/512``) -> its cached_head_maps key."""
+    base, _, rows = name.partition("/")
+    if base not in MAPS or (rows and (not rows.isdigit() or MAPS[base][0] != "memory")):
+        return None
+    kind, scale, hyper, bank = MAPS[base]
+    return kind, scale, hyper, int(rows) if rows else bank
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", required=True, type=Path, help="bench/heads_features.py's file")
@@ -43,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * 10 + "|")
     for row in args.rows:
         names = row.split("+")
-        unknown = [n for n in names if n not in MAPS]
+        unknown = [n for n in names if map_key(n) is None]
         if unknown:
-            raise SystemExit(f"unknown map(s) {unknown}: use {sorted(MAPS)}")
-        sets = [heads.cached_head_maps(args.features, data, *MAPS[n]) for n in names]
+            raise SystemExit(f"unknown map(s) {unknown}: use {sorted(MAPS)}, a bank as M8/512")
+        sets = [heads.cached_head_maps(args.features, data, *map_key(n)) for n in names]  # type: ignore[misc]
         r = heads.evaluate(sets, data, test=True)
         print(
             f"| {row} | {r['planted_found']:.1%} | {r['planted_pixel_auroc']:.3f} | {r['val_flagged']:.1%} | "

@@ -108,7 +108,32 @@ def test_memory_head_exports_as_conv_and_reduce_min_that_tensorrt_takes(tmp_path
     assert "ReduceMin" in ops and "Conv" in ops and "ArgMin" not in ops
     assert check_graph(path, "fp32") == []
     kept = {n.op_type for n in head_nodes(graph, ["k_0"])}
-    assert {"Conv", "ReduceMin"} <= kept  # the bank distance stays FP32 in an FP16 model
+    # The bank distance stays FP32 in an FP16 model: the bank Conv, the min, and ||x||² added after the min.
+    assert {"Conv", "ReduceMin", "ReduceSum", "Pow", "Add"} <= kept
+
+
+class _LegacyMemoryHead(MemoryHead):
+    """The memory head as bundles before the fused distance exported it: ||x||² - 2 x.b + ||b||², then the min."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.pooled(features)
+        dot = torch.nn.functional.conv2d(x, self.bank)
+        squared = x.pow(2).sum(dim=1, keepdim=True) - 2.0 * dot + self.bank_sq.view(1, -1, 1, 1)
+        return squared.amin(dim=1).clamp_min(0.0) / float(self.channels)
+
+
+def test_the_fused_bank_distance_equals_the_legacy_graph_which_still_passes_the_check(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    bank, x = torch.randn(32, 8), torch.randn(2, 8, 6, 6)
+    fused, legacy = MemoryHead(8, 32, pool=3), _LegacyMemoryHead(8, 32, pool=3)
+    fused.set(bank)
+    legacy.set(bank)
+    assert torch.allclose(fused(x), legacy(x), atol=1e-5)
+    path = tmp_path / "legacy.onnx"
+    torch.onnx.export(legacy, (x[:1],), str(path), output_names=["k_0"], opset_version=17, dynamo=False)
+    assert check_graph(path, "fp32") == []
+    kept = {n.op_type for n in head_nodes(onnx.load(str(path)).graph, ["k_0"])}
+    assert {"Conv", "ReduceMin", "ReduceSum", "Pow"} <= kept
 
 
 @pytest.fixture(scope="module")

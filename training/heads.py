@@ -9,8 +9,8 @@ per scale, like the flow's m_s, that the one NFA tests with its own fitted null 
   channels of z^2 (chi^2(C)/C-like on good parts);
 - ``memory``: PatchCore-style. Features locally averaged (``pool`` x ``pool``), a coreset of the good
   training patches chosen by greedy k-center on a random projection (:func:`greedy_coreset`), and the
-  map k_s = min over the bank of ||x - b||^2 / C, computed in the graph as ||x||^2 - 2 x.b + ||b||^2
-  (a 1x1 convolution with the bank as kernels) and a ReduceMin over the bank axis: TensorRT-legal.
+  map k_s = min over the bank of ||x - b||^2 / C, computed in the graph as ||x||^2 + min_b (||b||^2 - 2 x.b)
+  (one 1x1 convolution, kernels -2b and bias ||b||^2, then a ReduceMin over the bank axis): TensorRT-legal.
 
 Out-of-sample maps for fitting the nulls (:class:`CrossFit`): a head that memorised an image gives it
 maps that are too clean, so the nulls of these heads are fitted on maps of images the head did not
@@ -84,10 +84,13 @@ class MemoryHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.pooled(features)
-        dot = F.conv2d(x, self.bank)  # N x K x H x W
-        squared = x.pow(2).sum(dim=1, keepdim=True) - 2.0 * dot + self.bank_sq.view(1, -1, 1, 1)
+        # min_b ||x - b||^2 = ||x||^2 + min_b (||b||^2 - 2 x.b): the bracket is ONE convolution with a bias
+        # (kernels -2b, bias ||b||^2; the export folds -2b into a constant), so the N x K x H x W tensor is
+        # written once and read once by the ReduceMin; ||x||^2 is added after, on N x H x W only.
+        partial = F.conv2d(x, -2.0 * self.bank, self.bank_sq)  # N x K x H x W
         # amin, not min(dim): exports as one ReduceMin (no ArgMin); clamp: rounding can go below 0
-        return squared.amin(dim=1).clamp_min(0.0) / float(self.channels)
+        squared = partial.amin(dim=1) + x.pow(2).sum(dim=1)
+        return squared.clamp_min(0.0) / float(self.channels)
 
 
 def shrunk_covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

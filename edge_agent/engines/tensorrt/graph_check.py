@@ -48,8 +48,9 @@ ANOMALY_MAP = "anomaly_map"
 _DATA_MOVEMENT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 # Between an m_s output and its channel mean (a Cast is what keep_io_types adds at an FP16 output).
 _PASSTHROUGH = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "Flatten"}
-# Between a memory-bank map and its ReduceMin: the clamp at 0 and the division by C.
-_MEMORY_TAIL = _PASSTHROUGH | {"Clip", "Max", "Div", "Mul"}
+# Between a memory-bank map and its ReduceMin: the clamp at 0, the division by C, and the Add of ||x||²
+# (a bank distance computed as ||x||² + min_b (||b||² - 2 x.b), training/heads.py).
+_MEMORY_TAIL = _PASSTHROUGH | {"Clip", "Max", "Div", "Mul", "Add"}
 # Inside the bank distance ||x||² - 2 x.b + ||b||², between the ReduceMin and the Conv / sum of squares.
 _MEMORY_ARITHMETIC = {"Add", "Sub", "Mul", "Neg", "Cast"}
 GAUSSIAN_PREFIX = "g_"  # the manifest's name of a Gaussian head's map (edge_agent.bundle.ScaleSpec)
@@ -225,10 +226,18 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
     """
     producer = {out: node for node in graph.node for out in node.output}
     consumers = _consumers(graph)
-    squares = []
+    squares: list[Any] = []
     for output in scale_outputs:
         node = producer.get(output)
         while node is not None and node.op_type in (_MEMORY_TAIL if _reaches_min(node, producer) else _PASSTHROUGH):
+            if node.op_type == "Add":
+                # ||x||² joins after the ReduceMin: its sum of squares starts the head too; walk on to the min.
+                branches = [producer.get(i) for i in node.input]
+                squares.extend(
+                    s for b in branches if not _reaches_min(b, producer) for s in _sum_of_squares(b, producer)
+                )
+                node = next((b for b in branches if _reaches_min(b, producer)), None)
+                continue
             node = producer.get(node.input[0] if node.input[0] in producer else node.input[-1])
         if node is not None and node.op_type == "ReduceMin":
             squares.extend(_bank_distance_starts(node, producer))
@@ -256,17 +265,25 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
     return list(found.values())
 
 
-def _reaches_min(node: Any, producer: dict[str, Any]) -> bool:
+def _reaches_min(node: Any, producer: dict[str, Any], depth: int = 8) -> bool:
     """Whether walking back from ``node`` through the memory tail's ops meets a ReduceMin."""
-    for _ in range(8):
-        if node is None:
-            return False
-        if node.op_type == "ReduceMin":
-            return True
-        if node.op_type not in _MEMORY_TAIL:
-            return False
-        node = next((producer[i] for i in node.input if i in producer), None)
-    return False
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "ReduceMin":
+        return True
+    if node.op_type not in _MEMORY_TAIL:
+        return False
+    return any(_reaches_min(producer.get(i), producer, depth - 1) for i in node.input)
+
+
+def _sum_of_squares(node: Any, producer: dict[str, Any]) -> list[Any]:
+    """A ReduceSum / ReduceSumSquare of a square (through Casts), with that square; [] when it is not one."""
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("ReduceSum", "ReduceSumSquare"):
+        return []
+    square = producer.get(node.input[0])
+    return [node, square] if square is not None and square.op_type in ("Pow", "Mul") else [node]
 
 
 def _bank_distance_starts(reduce_min: Any, producer: dict[str, Any]) -> list[Any]:
@@ -280,10 +297,7 @@ def _bank_distance_starts(reduce_min: Any, producer: dict[str, Any]) -> list[Any
         if node.op_type == "Conv":
             starts.append(node)
         elif node.op_type in ("ReduceSum", "ReduceSumSquare"):
-            starts.append(node)
-            square = producer.get(node.input[0])
-            if square is not None and square.op_type in ("Pow", "Mul"):
-                starts.append(square)
+            starts.extend(_sum_of_squares(node, producer))
         elif node.op_type in _MEMORY_ARITHMETIC:
             stack.extend(node.input)
     if not any(n.op_type == "Conv" for n in starts):
