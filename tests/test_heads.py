@@ -143,7 +143,7 @@ def hybrid_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Pat
     from training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("hybrid_run")
-    config = UFlowConfig(image_height=HYBRID_SIZE, image_width=HYBRID_SIZE, strides=(8, 16), bank_size=64)
+    config = UFlowConfig(image_height=HYBRID_SIZE, image_width=HYBRID_SIZE, strides=(8, 16), bank_size=64, fine_bank_size=32)
     train(synthetic_data_dir, run, config, TrainConfig(epochs=2, batch_size=8, val_fraction=0.5), progress=False)
     return run
 
@@ -175,6 +175,8 @@ def test_hybrid_bundle_ships_every_map_with_its_own_null(hybrid_bundle: Path, hy
     from training.rundir import load_model
 
     model, _ = load_model(hybrid_run)
+    # The finest scale's bank has its own rows (fine_bank_size), the next the bank_size.
+    assert [model.heads[f"memory_{s}"].bank.shape[0] for s in (0, 1)] == [32, 64]
     np.testing.assert_allclose(model.map_means.numpy(), [n.mean for n in manifest.nfa.scale_nulls], rtol=1e-5)
 
 
@@ -259,8 +261,14 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
 
     old = UFlowConfig.from_dict({"strides": [8, 16], "image_height": 128, "image_width": 128})
     assert old.heads == ("flow",) and old.head_strides("memory") == ()
+    # A config from before fine_bank_size: every bank had bank_size rows, whatever today's default is.
+    assert old.fine_bank_size == 0 and old.bank_rows(0) == old.bank_size
+    assert UFlowConfig(bank_size=64, fine_bank_size=16).bank_rows(0) == 16
+    assert UFlowConfig(bank_size=64, fine_bank_size=16).bank_rows(1) == 64
     new = UFlowConfig(strides=(8, 16, 32))
-    assert new.head_strides("memory") == (16, 32) and new.head_strides("gaussian") == (16, 32)
+    assert new.head_strides("memory") == (8, 16, 32) and new.head_strides("gaussian") == (16, 32)
+    assert new.bank_rows(0) == 512 and new.bank_rows(1) == new.bank_size == 2048
+    assert UFlowConfig(strides=(8, 16, 32), memory_scales=2).head_strides("memory") == (16, 32)
     assert UFlowConfig(strides=(8, 16, 32), gaussian_scales=0).head_strides("gaussian") == (8, 16, 32)
     with pytest.raises(ValueError, match="flow head is required"):
         UFlowConfig(heads=("gaussian",))

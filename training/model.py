@@ -49,6 +49,8 @@ class UFlowConfig:
     gaussian_scales: int = DEFAULT_RECIPE.gaussian_scales  # the coarsest N scales carry one (0: every scale)
     memory_scales: int = DEFAULT_RECIPE.memory_scales  # the coarsest N scales carry a bank (0: every scale)
     bank_size: int = DEFAULT_RECIPE.bank_size  # memory-bank rows per scale (graph cost: H_s W_s x bank x C_s)
+    # Rows of a bank at the finest stride (0: bank_size): that scale has 4x the queries of the next.
+    fine_bank_size: int = DEFAULT_RECIPE.fine_bank_size
     memory_pool: int = 3  # k x k local averaging of the bank's features (PatchCore's aggregation)
 
     def __post_init__(self) -> None:
@@ -74,8 +76,11 @@ class UFlowConfig:
             raise ValueError("the flow head is required (it gives the paper's NFA and the drift check's m_0)")
         if self.gaussian_scales < 0 or self.memory_scales < 0:
             raise ValueError(f"head scale counts must be >= 0, got {self.gaussian_scales}, {self.memory_scales}")
-        if self.bank_size < 1 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
-            raise ValueError(f"need bank_size >= 1 and an odd memory_pool, got {self.bank_size}, {self.memory_pool}")
+        if self.bank_size < 1 or self.fine_bank_size < 0 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
+            raise ValueError(
+                "need bank_size >= 1, fine_bank_size >= 0 and an odd memory_pool, got "
+                f"{self.bank_size}, {self.fine_bank_size}, {self.memory_pool}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +97,10 @@ class UFlowConfig:
         count = self.gaussian_scales if kind == "gaussian" else self.memory_scales
         return self.strides[-count:] if count else self.strides
 
+    def bank_rows(self, scale: int) -> int:
+        """The memory bank's rows at scale index ``scale`` (0: the finest stride)."""
+        return self.fine_bank_size if scale == 0 and self.fine_bank_size else self.bank_size
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UFlowConfig:
         known = {f for f in cls.__dataclass_fields__}
@@ -102,6 +111,7 @@ class UFlowConfig:
         values.setdefault("norm_affine", True)  # older config.json: the affine existed and was trained
         # A run from before the heads existed is a flow-only model, whatever today's default is.
         values.setdefault("heads", ("flow",))
+        values.setdefault("fine_bank_size", 0)  # before the key: every bank had bank_size rows
         for key in ("strides", "heads"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -173,7 +183,7 @@ class UFlow(nn.Module):
                 if stride not in config.head_strides(kind):
                     continue
                 c, h, w = shapes[s]
-                head = GaussianHead(c) if kind == "gaussian" else MemoryHead(c, config.bank_size, config.memory_pool)
+                head = GaussianHead(c) if kind == "gaussian" else MemoryHead(c, config.bank_rows(s), config.memory_pool)
                 self.heads[f"{kind}_{s}"] = head
                 head_scales.append(ScaleInfo(f"{MAP_PREFIX[kind]}_{s}", c, h, w, stride, kind))
         self.scales = (*self.flow_scales, *head_scales)

@@ -78,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--memory-scales", type=int, default=recipe.memory_scales, help="coarsest N scales with a memory bank (0: all)"
     )
     p.add_argument("--bank-size", type=int, default=recipe.bank_size, help="memory-bank rows per scale (graph cost)")
+    p.add_argument(
+        "--fine-bank-size",
+        type=int,
+        default=recipe.fine_bank_size,
+        help="rows of a bank at the finest stride (0: --bank-size); its queries are 4x the next scale's",
+    )
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         gaussian_scales=args.gaussian_scales,
         memory_scales=args.memory_scales,
         bank_size=args.bank_size,
+        fine_bank_size=args.fine_bank_size,
     )
     train_config = TrainConfig(
         epochs=args.epochs,
