@@ -143,7 +143,9 @@ def hybrid_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Pat
     from training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("hybrid_run")
-    config = UFlowConfig(image_height=HYBRID_SIZE, image_width=HYBRID_SIZE, strides=(8, 16), bank_size=64, fine_bank_size=32)
+    config = UFlowConfig(
+        image_height=HYBRID_SIZE, image_width=HYBRID_SIZE, strides=(8, 16), bank_size=64, fine_bank_size=32
+    )
     train(synthetic_data_dir, run, config, TrainConfig(epochs=2, batch_size=8, val_fraction=0.5), progress=False)
     return run
 
