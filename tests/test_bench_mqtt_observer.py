@@ -15,6 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.demo.local_broker import LocalMosquitto, find_mosquitto
 
@@ -30,7 +31,7 @@ def _load_observer() -> Any:
     return module
 
 
-MqttObserver = _load_observer().MqttObserver
+MqttObserver: Any = _load_observer().MqttObserver
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 
@@ -46,7 +47,7 @@ class Recorder(MqttObserver):
 def test_a_message_published_right_after_the_constructor_is_seen(tmp_path: Path) -> None:
     with LocalMosquitto(tmp_path / "broker") as broker:
         observer = Recorder(broker.host, broker.port, [("bench/a", 1), ("bench/b", 1)])
-        sender = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-sender")
+        sender = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-sender")
         sender.connect(broker.host, broker.port)
         sender.loop_start()
         try:
