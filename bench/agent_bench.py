@@ -13,7 +13,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_agent.demo.local_broker import LocalMosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +49,13 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], stdout=out, stderr=out, cwd=ROOT
         )
+
+
+def stop_agent(agent: subprocess.Popen[bytes], broker: LocalMosquitto) -> None:
+    """Stop the agent (SIGTERM, its clean stop: up to 60 s), then the broker it published to."""
+    agent.terminate()
+    agent.wait(60)
+    broker.stop()
 
 
 def wait_log(log: Path, event: str, timeout: float) -> None:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agent_bench import print_latency_table, start_agent, wait_log, write_config  # noqa: E402
+from agent_bench import print_latency_table, start_agent, stop_agent, wait_log, write_config  # noqa: E402
 from mqtt_observer import MqttObserver  # noqa: E402
 
 from edge_agent.demo.conveyor import Conveyor, ConveyorSpec, write_video  # noqa: E402
@@ -239,9 +239,7 @@ def main() -> int:
                 time.sleep(0.013)  # land the next trigger at another phase of the frame clock
         clients["OPC UA (subscription)"].close()
     finally:
-        agent.terminate()
-        agent.wait(60)
-        broker.stop()
+        stop_agent(agent, broker)
     print(f"trigger -> result valid, {args.cycles} cycles each, camera at {args.fps:g} fps "
           f"(frame wait up to {1000 / args.fps:.0f} ms included), bundle {args.bundle}")  # fmt: skip
     print_latency_table("interface", times)

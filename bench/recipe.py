@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agent_bench import percentile, print_latency_table, start_agent, wait_log, write_config  # noqa: E402
+from agent_bench import percentile, print_latency_table, start_agent, stop_agent, wait_log, write_config  # noqa: E402
 from mqtt_observer import MqttObserver  # noqa: E402
 
 from edge_agent.demo.conveyor import Conveyor, ConveyorSpec, write_video  # noqa: E402
@@ -294,9 +294,7 @@ def plc_main(args: argparse.Namespace, work: Path, video: Path, bundle_b: Path) 
         if runs != asked[1:]:
             raise SystemExit(f"inspections in frame order: recipes {runs}, switches asked {asked[1:]}")
     finally:
-        agent.terminate()
-        agent.wait(60)
-        broker.stop()
+        stop_agent(agent, broker)
     check_agent_log(log)
     print(
         f"recipe switch by interface, {args.switches} switches each (taking turns, at random gaps), triggered parts, "
@@ -354,9 +352,7 @@ def main() -> int:
             time.sleep(rng.uniform(0.3, 0.8))  # another phase of the camera's frame clock each time
         checked = operator.check_order(asked)
     finally:
-        agent.terminate()
-        agent.wait(60)
-        broker.stop()
+        stop_agent(agent, broker)
     check_agent_log(log)
     print(
         f"recipe switch, {len(rows)} switches at random gaps, camera at {args.fps:g} fps "
