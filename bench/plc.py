@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,29 +37,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from agent_bench import print_latency_table, start_agent, stop_agent, wait_log, write_config  # noqa: E402
+from mqtt_observer import MqttObserver  # noqa: E402
 
 from edge_agent.demo.conveyor import Conveyor, ConveyorSpec, write_video  # noqa: E402
 from edge_agent.demo.local_broker import LocalMosquitto, free_port  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password-1"
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def write_config(path: Path, sections: dict[str, Any]) -> None:
-    lines = [f"{k} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
-    for name, section in sections.items():
-        if isinstance(section, dict):
-            lines += ["", f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in section.items())]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def cli(config: Path, *args: str, stdin: str = "") -> None:
@@ -70,15 +55,6 @@ def cli(config: Path, *args: str, stdin: str = "") -> None:
     )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"edge-agent {' '.join(args)}: {done.stderr}")
-
-
-def wait_log(log: Path, event: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and f'"event": "{event}"' in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"the agent did not log {event} in {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 class OpcUaPlc:
@@ -187,26 +163,15 @@ class ModbusPlc:
         return elapsed
 
 
-class MqttPlc:
+class MqttPlc(MqttObserver):
     """A trigger on MQTT and its part message (the gateway path)."""
 
     def __init__(self, broker: LocalMosquitto) -> None:
-        import paho.mqtt.client as mqtt
-
         self.parts: list[float] = []
-        self.cond = threading.Condition()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-plc")
-        client.on_message = self._on_message
-        client.connect(broker.host, broker.port)
-        client.subscribe("uflow/bench/part", qos=1)
-        client.loop_start()
-        self.client = client
-        time.sleep(0.5)
+        super().__init__(broker.host, broker.port, "bench-plc", [("uflow/bench/part", 1)], clock=time.perf_counter)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        with self.cond:
-            self.parts.append(time.perf_counter())
-            self.cond.notify_all()
+    def handle(self, topic: str, body: Any, arrived: float) -> None:
+        self.parts.append(arrived)
 
     def cycle(self, trigger_id: int) -> float:
         with self.cond:
@@ -216,11 +181,6 @@ class MqttPlc:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.parts) > seen, 20), "no part message"
             return self.parts[seen] - started
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def main() -> int:
@@ -257,10 +217,7 @@ def main() -> int:
     cli(config, "plc", "cert")
     cli(config, "plc", "passwd", "--user", USER, stdin=PASSWORD + "\n")
     log = work / "agent.log"
-    with log.open("w") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], stdout=out, stderr=out, cwd=ROOT
-        )
+    agent = start_agent(config, log)
     try:
         wait_log(log, "agent_ready", 600)
         clients: dict[str, Any] = {
@@ -282,17 +239,10 @@ def main() -> int:
                 time.sleep(0.013)  # land the next trigger at another phase of the frame clock
         clients["OPC UA (subscription)"].close()
     finally:
-        agent.terminate()
-        agent.wait(60)
-        broker.stop()
+        stop_agent(agent, broker)
     print(f"trigger -> result valid, {args.cycles} cycles each, camera at {args.fps:g} fps "
           f"(frame wait up to {1000 / args.fps:.0f} ms included), bundle {args.bundle}")  # fmt: skip
-    print(f"{'interface':34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8}")
-    for name, values in times.items():
-        print(
-            f"{name:34} {percentile(values, 50):8.1f} {percentile(values, 99):8.1f} {max(values):8.1f} "
-            f"{statistics.fmean(values):8.1f}"
-        )
+    print_latency_table("interface", times)
     return 0
 
 

@@ -42,17 +42,18 @@ import argparse
 import importlib.util
 import json
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from agent_bench import percentile, print_latency_table, start_agent, stop_agent, wait_log, write_config  # noqa: E402
+from mqtt_observer import MqttObserver  # noqa: E402
 
 from edge_agent.demo.conveyor import Conveyor, ConveyorSpec, write_video  # noqa: E402
 from edge_agent.demo.local_broker import LocalMosquitto  # noqa: E402
@@ -60,61 +61,20 @@ from edge_agent.demo.local_broker import LocalMosquitto  # noqa: E402
 RECIPES = ("upright", "turned")
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def write_config(path: Path, sections: dict[str, Any], recipes: list[dict[str, Any]]) -> None:
-    lines = [f"{k} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
-    for name, section in sections.items():
-        if isinstance(section, dict):
-            lines += ["", f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in section.items())]
-    for recipe in recipes:
-        lines += ["", "[[recipes]]", *(f"{k} = {toml_value(v)}" for k, v in recipe.items())]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def wait_log(log: Path, event: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and f'"event": "{event}"' in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"the agent did not log {event} in {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-class Operator:
+class Operator(MqttObserver):
     """The operator's MQTT client: sends cmd/recipe, sees every inspection and answer."""
 
     def __init__(self, broker: LocalMosquitto) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.cond = threading.Condition()
         self.inspections: list[tuple[float, dict[str, Any]]] = []  # (arrival, message)
         self.replies: dict[str, tuple[float, dict[str, Any]]] = {}
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-operator")
-        client.on_message = self._on_message
-        client.connect(broker.host, broker.port)
-        client.subscribe([("uflow/bench/inspection", 1), ("uflow/bench/cmd/recipe/result", 1)])
-        client.loop_start()
-        self.client = client
-        time.sleep(0.5)
+        topics = [("uflow/bench/inspection", 1), ("uflow/bench/cmd/recipe/result", 1)]
+        super().__init__(broker.host, broker.port, "bench-operator", topics)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        arrived = time.time()
-        body = json.loads(message.payload)
-        with self.cond:
-            if message.topic.endswith("/inspection"):
-                self.inspections.append((arrived, body))
-            else:
-                self.replies[body.get("request_id") or ""] = (arrived, body)
-            self.cond.notify_all()
+    def handle(self, topic: str, body: Any, arrived: float) -> None:
+        if topic.endswith("/inspection"):
+            self.inspections.append((arrived, body))
+        else:
+            self.replies[body.get("request_id") or ""] = (arrived, body)
 
     def switch(self, name: str, request_id: str) -> tuple[float, float, float]:
         """(reply, first frame cut, first frame judged) in ms after the command, on this client's clock."""
@@ -151,11 +111,6 @@ class Operator:
         return len(ordered)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
 def load_plc_bench() -> Any:
     """bench/plc.py as a module (its OPC UA and Modbus trigger cycles; bench/ is no package)."""
     spec = importlib.util.spec_from_file_location("bench_plc", ROOT / "bench" / "plc.py")
@@ -165,32 +120,20 @@ def load_plc_bench() -> Any:
     return module
 
 
-class PartObserver:
+class PartObserver(MqttObserver):
     """Every part and inspection message, with its arrival on the bench's clock (perf_counter)."""
 
     def __init__(self, broker: LocalMosquitto) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.cond = threading.Condition()
         self.parts: dict[str, tuple[float, dict[str, Any]]] = {}  # trigger id -> (arrival, message)
         self.inspections: list[dict[str, Any]] = []
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-observer")
-        client.on_message = self._on_message
-        client.connect(broker.host, broker.port)
-        client.subscribe([("uflow/bench/part", 1), ("uflow/bench/inspection", 1)])
-        client.loop_start()
-        self.client = client
-        time.sleep(0.5)
+        topics = [("uflow/bench/part", 1), ("uflow/bench/inspection", 1)]
+        super().__init__(broker.host, broker.port, "bench-observer", topics, clock=time.perf_counter)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        arrived = time.perf_counter()
-        body = json.loads(message.payload)
-        with self.cond:
-            if message.topic.endswith("/part"):
-                self.parts[str(body.get("trigger_id"))] = (arrived, body)
-            else:
-                self.inspections.append(body)
-            self.cond.notify_all()
+    def handle(self, topic: str, body: Any, arrived: float) -> None:
+        if topic.endswith("/part"):
+            self.parts[str(body.get("trigger_id"))] = (arrived, body)
+        else:
+            self.inspections.append(body)
 
     def part(self, trigger_id: int) -> tuple[float, dict[str, Any]]:
         with self.cond:
@@ -222,11 +165,18 @@ class MqttSwitch:
         self.trigger.cycle(trigger_id)
 
 
-class OpcUaSwitch:
-    """RecipeSelect written over OPC UA (the write's response), then bench/plc.py's subscription cycle."""
+class PlcSwitch:
+    """A bench/plc.py PLC client (its trigger cycle) that also switches the recipe and reads RecipeActive."""
 
     def __init__(self, client: Any) -> None:
         self.plc = client
+
+    def cycle(self, trigger_id: int) -> None:
+        self.plc.cycle(trigger_id)
+
+
+class OpcUaSwitch(PlcSwitch):
+    """RecipeSelect written over OPC UA (the write's response), then bench/plc.py's subscription cycle."""
 
     def switch(self, index: int) -> None:
         ua = self.plc.ua
@@ -235,15 +185,9 @@ class OpcUaSwitch:
     def active(self) -> int:
         return int(self.plc.call(self.plc.node("RecipeActive").read_value()))
 
-    def cycle(self, trigger_id: int) -> None:
-        self.plc.cycle(trigger_id)
 
-
-class ModbusSwitch:
+class ModbusSwitch(PlcSwitch):
     """Holding register 2 (RecipeSelect) written over Modbus, then bench/plc.py's polled cycle."""
-
-    def __init__(self, client: Any) -> None:
-        self.plc = client
 
     def switch(self, index: int) -> None:
         if self.plc.client.write_register(2, index).isError():
@@ -252,8 +196,34 @@ class ModbusSwitch:
     def active(self) -> int:
         return int(self.plc.client.read_input_registers(27, count=1).registers[0])  # RecipeActive
 
-    def cycle(self, trigger_id: int) -> None:
-        self.plc.cycle(trigger_id)
+
+def write_agent_config(
+    path: Path, args: argparse.Namespace, work: Path, video: Path, bundle_b: Path, port: int, **more: Any
+) -> None:
+    """The agent's config in both modes: the two recipes (``--bundle`` upright, ``bundle_b`` turned 180 degrees),
+    the camera paced at ``--fps`` (newest frame wins), mosquitto on ``port``, no HTTP; ``more`` adds sections."""
+    write_config(
+        path,
+        {
+            "device_id": "bench", "state_dir": str(work / "state"), "log_format": "json",
+            "model": {"backend": "onnxruntime", "threads": args.threads},
+            "source": {"uri": str(video), "loop": True, "fps_limit": args.fps, "drop_policy": "latest"},
+            "mqtt": {"port": port, "stats_interval_s": 60.0},
+            "http": {"enabled": False},
+            **more,
+        },
+        [
+            {"name": RECIPES[0], "bundle": str(args.bundle.resolve())},
+            {"name": RECIPES[1], "bundle": str(bundle_b.resolve()), "rotate": 180},
+        ],
+    )  # fmt: skip
+
+
+def check_agent_log(log: Path) -> None:
+    """SystemExit with the first ``stage_failed`` line of the agent's log, if any."""
+    failed = [line for line in log.read_text(errors="replace").splitlines() if '"stage_failed"' in line]
+    if failed:
+        raise SystemExit(f"the agent failed: {failed[0]}")
 
 
 def plc_main(args: argparse.Namespace, work: Path, video: Path, bundle_b: Path) -> int:
@@ -265,30 +235,15 @@ def plc_main(args: argparse.Namespace, work: Path, video: Path, bundle_b: Path) 
     broker.start()
     opcua_port, modbus_port = free_port(), free_port()
     config = work / "agent.toml"
-    write_config(
-        config,
-        {
-            "device_id": "bench", "state_dir": str(work / "state"), "log_format": "json",
-            "model": {"backend": "onnxruntime", "threads": args.threads},
-            "source": {"uri": str(video), "loop": True, "fps_limit": args.fps, "drop_policy": "latest"},
-            "mqtt": {"port": broker.port, "stats_interval_s": 60.0},
-            "http": {"enabled": False},
-            "parts": {"mode": "triggered", "triggers": ["mqtt"], "trigger_delay_s": 0.0, "trigger_timeout_s": 2.0},
-            "plc": {"opcua_enabled": True, "opcua_port": opcua_port, "modbus_enabled": True,
-                    "modbus_port": modbus_port},
-        },
-        [
-            {"name": RECIPES[0], "bundle": str(args.bundle.resolve())},
-            {"name": RECIPES[1], "bundle": str(bundle_b.resolve()), "rotate": 180},
-        ],
+    write_agent_config(
+        config, args, work, video, bundle_b, broker.port,
+        parts={"mode": "triggered", "triggers": ["mqtt"], "trigger_delay_s": 0.0, "trigger_timeout_s": 2.0},
+        plc={"opcua_enabled": True, "opcua_port": opcua_port, "modbus_enabled": True, "modbus_port": modbus_port},
     )  # fmt: skip
     plc.cli(config, "plc", "cert")
     plc.cli(config, "plc", "passwd", "--user", plc.USER, stdin=plc.PASSWORD + "\n")
     log = work / "agent.log"
-    with log.open("w") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], stdout=out, stderr=out, cwd=ROOT
-        )
+    agent = start_agent(config, log)
     names = ("MQTT cmd/recipe", "OPC UA RecipeSelect", "Modbus RecipeSelect (HR 2)")
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     expected: dict[str, str] = {}  # trigger id -> the recipe its part must carry
@@ -339,12 +294,8 @@ def plc_main(args: argparse.Namespace, work: Path, video: Path, bundle_b: Path) 
         if runs != asked[1:]:
             raise SystemExit(f"inspections in frame order: recipes {runs}, switches asked {asked[1:]}")
     finally:
-        agent.terminate()
-        agent.wait(60)
-        broker.stop()
-    failed = [line for line in log.read_text(errors="replace").splitlines() if '"stage_failed"' in line]
-    if failed:
-        raise SystemExit(f"the agent failed: {failed[0]}")
+        stop_agent(agent, broker)
+    check_agent_log(log)
     print(
         f"recipe switch by interface, {args.switches} switches each (taking turns, at random gaps), triggered parts, "
         f"camera at {args.fps:g} fps (frame wait up to {1000 / args.fps:.0f} ms included), {len(expected)} parts "
@@ -384,25 +335,9 @@ def main() -> int:
     broker = LocalMosquitto(work / "broker")
     broker.start()
     config = work / "agent.toml"
-    write_config(
-        config,
-        {
-            "device_id": "bench", "state_dir": str(work / "state"), "log_format": "json",
-            "model": {"backend": "onnxruntime", "threads": args.threads},
-            "source": {"uri": str(video), "loop": True, "fps_limit": args.fps, "drop_policy": "latest"},
-            "mqtt": {"port": broker.port, "stats_interval_s": 60.0},
-            "http": {"enabled": False},
-        },
-        [
-            {"name": RECIPES[0], "bundle": str(args.bundle.resolve())},
-            {"name": RECIPES[1], "bundle": str(bundle_b.resolve()), "rotate": 180},
-        ],
-    )  # fmt: skip
+    write_agent_config(config, args, work, video, bundle_b, broker.port)
     log = work / "agent.log"
-    with log.open("w") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], stdout=out, stderr=out, cwd=ROOT
-        )
+    agent = start_agent(config, log)
     rows: list[tuple[float, float, float]] = []
     try:
         wait_log(log, "agent_ready", 600)
@@ -417,23 +352,14 @@ def main() -> int:
             time.sleep(rng.uniform(0.3, 0.8))  # another phase of the camera's frame clock each time
         checked = operator.check_order(asked)
     finally:
-        agent.terminate()
-        agent.wait(60)
-        broker.stop()
-    mixed = [line for line in log.read_text(errors="replace").splitlines() if '"stage_failed"' in line]
-    if mixed:
-        raise SystemExit(f"the agent failed: {mixed[0]}")
+        stop_agent(agent, broker)
+    check_agent_log(log)
     print(
         f"recipe switch, {len(rows)} switches at random gaps, camera at {args.fps:g} fps "
         f"(frame wait up to {1000 / args.fps:.0f} ms included), {checked} messages, bundles {args.bundle}, {bundle_b}"
     )
-    print(f"{'from cmd/recipe sent to':34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8}")
-    for column, name in enumerate(("the agent's reply", "first frame cut (capture)", "first frame judged (received)")):
-        values = [row[column] for row in rows]
-        print(
-            f"{name:34} {percentile(values, 50):8.1f} {percentile(values, 99):8.1f} {max(values):8.1f} "
-            f"{statistics.fmean(values):8.1f}"
-        )
+    columns = ("the agent's reply", "first frame cut (capture)", "first frame judged (received)")
+    print_latency_table("from cmd/recipe sent to", {name: [row[k] for row in rows] for k, name in enumerate(columns)})
     return 0
 
 

@@ -7,64 +7,16 @@
 // usage: node opcua_cycle.js ENDPOINT USER PASSWORD PKI_DIR SERVER_CERT_DER FIRST_TRIGGER_ID COUNT
 // Prints one JSON object per line: {"cycle": ...} per trigger, {"busy": ...}, {"counters": ...}; exit 0 on success.
 "use strict";
-const fs = require("fs");
-const path = require("path");
-const {
-    OPCUAClient, MessageSecurityMode, SecurityPolicy, UserTokenType, AttributeIds, DataType,
-    TimestampsToReturn, ClientMonitoredItem,
-} = require("node-opcua-client");
-const { OPCUACertificateManager } = require("node-opcua-certificate-manager");
+const { DataType, AttributeIds } = require("node-opcua-client");
+const { out, withSession, watch, run } = require("./opcua_session");
 
 const [endpoint, userName, password, pkiDir, serverCert, firstId, count] = process.argv.slice(2);
-const NAMESPACE = "urn:uflow-edge:plc";
 const RESULT_NODES = ["ResultTriggerId", "ResultSequence", "PartId", "Status", "Pass", "Fail", "LogNfa",
     "RegionCount", "ProcessingTimeMs"];
 
-function out(obj) { process.stdout.write(JSON.stringify(obj) + "\n"); }
-
 async function main() {
-    // The PLC trusts the box's certificate explicitly (what TIA Portal's certificate manager does).
-    const trusted = path.join(pkiDir, "trusted", "certs");
-    fs.mkdirSync(trusted, { recursive: true });
-    fs.copyFileSync(serverCert, path.join(trusted, "uflow-edge-server.der"));
-    const certificateManager = new OPCUACertificateManager({
-        rootFolder: pkiDir, automaticallyAcceptUnknownCertificate: false,
-    });
-    await certificateManager.initialize();
-    const client = OPCUAClient.create({
-        applicationName: "plc-test-client",
-        applicationUri: "urn:plc-test-client",
-        securityMode: MessageSecurityMode.SignAndEncrypt,
-        securityPolicy: SecurityPolicy.Basic256Sha256,
-        endpointMustExist: false,
-        clientCertificateManager: certificateManager,
-        connectionStrategy: { maxRetry: 2, initialDelay: 200, maxDelay: 1000 },
-    });
-    await client.connect(endpoint);
-    const session = await client.createSession({ type: UserTokenType.UserName, userName, password });
-    try {
-        const namespaces = await session.readNamespaceArray();
-        const ns = namespaces.indexOf(NAMESPACE);
-        if (ns < 0) throw new Error(`namespace ${NAMESPACE} not found in ${namespaces}`);
-        const id = (name) => `ns=${ns};s=${name}`;
-
-        const subscription = await session.createSubscription2({
-            requestedPublishingInterval: 10, requestedLifetimeCount: 600, requestedMaxKeepAliveCount: 20,
-            maxNotificationsPerPublish: 100, publishingEnabled: true, priority: 10,
-        });
-        const changes = [];
-        let waiter = null;
-        const item = ClientMonitoredItem.create(
-            subscription,
-            { nodeId: id("ResultsValid"), attributeId: AttributeIds.Value },
-            { samplingInterval: 0, discardOldest: false, queueSize: 100 },
-            TimestampsToReturn.Neither,
-        );
-        item.on("changed", (dataValue) => {
-            changes.push(dataValue.value.value);
-            if (waiter) waiter();
-        });
-        await new Promise((resolve) => item.once("initialized", resolve));
+    await withSession({ endpoint, userName, password, pkiDir, serverCert }, async (session, id) => {
+        const { subscription, values: changes, changed } = await watch(session, id("ResultsValid"));
         async function until(value, ms) {
             const deadline = Date.now() + ms;
             for (;;) {
@@ -72,8 +24,7 @@ async function main() {
                 if (at >= 0) { changes.splice(0, at + 1); return; }
                 const left = deadline - Date.now();
                 if (left <= 0) throw new Error(`ResultsValid never became ${value}`);
-                await new Promise((resolve) => { waiter = resolve; setTimeout(resolve, left); });
-                waiter = null;
+                await changed(left);
             }
         }
         async function write(values) {
@@ -116,10 +67,7 @@ async function main() {
         const counters = await session.read(counterNames.map((name) => ({ nodeId: id(name), attributeId: AttributeIds.Value })));
         out({ counters: Object.fromEntries(counterNames.map((name, k) => [name, counters[k].value.value])) });
         await subscription.terminate();
-    } finally {
-        await session.close();
-        await client.disconnect();
-    }
+    });
 }
 
-main().then(() => process.exit(0), (err) => { process.stderr.write(`opcua_cycle: ${err.stack || err}\n`); process.exit(1); });
+run("opcua_cycle", main);
