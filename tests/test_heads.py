@@ -268,9 +268,9 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
     assert UFlowConfig(bank_size=64, fine_bank_size=16).bank_rows(0) == 16
     assert UFlowConfig(bank_size=64, fine_bank_size=16).bank_rows(1) == 64
     new = UFlowConfig(strides=(8, 16, 32))
-    assert new.head_strides("memory") == (8, 16, 32) and new.head_strides("gaussian") == (16, 32)
+    assert new.head_strides("memory") == (16, 32) and new.head_strides("gaussian") == (16, 32)
     assert new.bank_rows(0) == 512 and new.bank_rows(1) == new.bank_size == 2048
-    assert UFlowConfig(strides=(8, 16, 32), memory_scales=2).head_strides("memory") == (16, 32)
+    assert UFlowConfig(strides=(8, 16, 32), memory_scales=0).head_strides("memory") == (8, 16, 32)
     assert UFlowConfig(strides=(8, 16, 32), gaussian_scales=0).head_strides("gaussian") == (8, 16, 32)
     with pytest.raises(ValueError, match="flow head is required"):
         UFlowConfig(heads=("gaussian",))
