@@ -32,6 +32,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 TINY_IMAGE_SIZE = 128
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nfa_compiled() -> None:
+    """Compile the NFA's Numba kernels once, before any test waits on an agent.
+
+    In a fresh clone nothing is cached: the first agent of the session would compile them inside its
+    start-up, which took over a minute on a loaded 2-core machine and ran out a test's wait for its
+    first inspections. Compiled here, every agent in this process starts warm (and the on-disk cache
+    serves agent subprocesses).
+    """
+    from edge_agent.inspection import nfa
+
+    nfa.warm_up()
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No EDGE_AGENT_* variable of the caller's shell leaks into a settings test."""

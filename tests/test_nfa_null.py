@@ -232,3 +232,19 @@ def test_too_few_images_for_the_promise_are_counted_at_the_loosest_rate_they_can
     assert not result.check.supported and result.check.needed == 300
     # 40 images can vouch for 1 in 10 with none flagged (30 suffice): the rule counts at the deployed epsilon.
     assert calibrate(two_scale_field(rng, 40), CHANNELS, (32, 32), log10_epsilon=-1.0).check_log10_epsilon == -1.0
+
+
+def test_per_map_weights_scale_each_maps_null_before_the_one_factor() -> None:
+    """``calibrate(weights=...)`` (bench/evidence_per_map.py): unit weights change nothing; a weight
+    multiplies its map's dof in the shipped null, and a map that speaks louder never lets the factor grow."""
+    maps = two_scale_field(np.random.default_rng(9), 30)
+    plain = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0)
+    unit = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0, weights=[1.0, 1.0])
+    assert unit.factor == plain.factor and unit.nulls == plain.nulls
+    louder = calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0, weights=[4.0, 1.0])
+    envelope = fit_null(maps)
+    assert louder.nulls[0].dof == pytest.approx(envelope[0].dof * 4.0 * louder.factor)
+    assert louder.nulls[1].dof == pytest.approx(envelope[1].dof * louder.factor)
+    assert louder.factor <= plain.factor
+    with pytest.raises(ValueError, match="weights"):
+        calibrate(maps, CHANNELS, (32, 32), log10_epsilon=-1.0, weights=[1.0])

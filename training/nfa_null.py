@@ -27,6 +27,7 @@ How well that carries to images the fit never saw is measured by ``uflow calibra
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -111,6 +112,15 @@ def fit_null(scale_maps: list[np.ndarray], max_lag: int = MAX_LAG) -> tuple[Scal
 def scaled(nulls: tuple[ScaleNull, ...], factor: float) -> tuple[ScaleNull, ...]:
     """The nulls with every scale's dof multiplied by ``factor`` (evidence per region times ``factor``)."""
     return tuple(ScaleNull(n.mean, n.dof * factor, n.area) for n in nulls)
+
+
+def weighted(nulls: tuple[ScaleNull, ...], weights: Sequence[float] | None) -> tuple[ScaleNull, ...]:
+    """The nulls with scale k's dof multiplied by ``weights[k]`` (None: unchanged)."""
+    if weights is None:
+        return nulls
+    if len(weights) != len(nulls):
+        raise ValueError(f"weighted: {len(weights)} weights for {len(nulls)} maps")
+    return tuple(ScaleNull(n.mean, n.dof * w, n.area) for n, w in zip(nulls, weights, strict=True))
 
 
 def false_regions_per_image(
@@ -213,6 +223,7 @@ def calibrate(
     log10_epsilon: float,
     folds: int = CALIBRATION_FOLDS,
     envelope: tuple[ScaleNull, ...] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Calibration:
     """Fit the null on good calibration maps and choose the evidence factor by cross-fitting.
 
@@ -225,7 +236,9 @@ def calibrate(
     largest one before the first that breaks :func:`_acceptable` (counts grow with the factor, so this is a
     fixed-sequence test and the bound at the chosen factor stays a 95 % bound despite the choice; a finer
     search between grid steps was measured and not kept, docs/nfa.md). The shipped null is fitted on all
-    images (``envelope`` when the caller has it) times that factor.
+    images (``envelope`` when the caller has it) times that factor. ``weights`` (one per map) multiply
+    each map's dof before the factor, in the folds and in the shipped null alike (a per-map study,
+    bench/evidence_per_map.py; None everywhere in training).
     """
     images = len(scale_maps[0])
     if any(len(m) != images for m in scale_maps):
@@ -237,7 +250,7 @@ def calibrate(
     for block in slices:
         keep = np.ones(images, dtype=bool)
         keep[block] = False
-        fold_nulls.append(fit_null([m[keep] for m in scale_maps]))
+        fold_nulls.append(weighted(fit_null([m[keep] for m in scale_maps]), weights))
 
     def count(factor: float) -> FactorCount:
         regions = flagged = at_0 = at_check = 0
@@ -260,7 +273,7 @@ def calibrate(
     passed = [c for c in counts if _acceptable(c, images, promise)]
     # Nothing passes: even the most conservative factor flags held-out images; ship it and say so.
     chosen = passed[-1] if passed else counts[0]
-    final = envelope if envelope is not None else fit_null(scale_maps)
+    final = weighted(envelope if envelope is not None else fit_null(scale_maps), weights)
     return Calibration(
         nulls=scaled(final, chosen.factor),
         factor=chosen.factor,
