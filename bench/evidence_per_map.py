@@ -37,10 +37,10 @@ from training.finish import (
     DEFAULT_LOG10_EPSILON,
     PLANTED_IMAGES,
     PLANTED_MIN,
-    _features,
-    _source,
+    backbone_features,
     evidence_maps,
     fit_nulls,
+    planted_source,
 )
 from training.heads import fit_heads
 from training.nfa_null import calibrate
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
     good = np.concatenate([train, val])
     with torch.no_grad():
-        cross = fit_heads(model.heads, _features(model, good, args.batch_size), seed=model.config.seed)
+        cross = fit_heads(model.heads, backbone_features(model, good, args.batch_size), seed=model.config.seed)
     every = evidence_maps(model, good, args.batch_size, cross, np.arange(len(good)))
     head_maps = every[len(model.flow_scales) :]
     owners = len(train) + np.arange(len(val))
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = val[:PLANTED_IMAGES]
     samples = planted_set(chosen, seed=0, per_image=max(1, -(-PLANTED_MIN // max(len(chosen), 1))))
     stack = np.stack([s.image for s in samples])
-    planted_owners = len(train) + np.array([_source(chosen, s.image, s.mask) for s in samples])
+    planted_owners = len(train) + np.array([planted_source(chosen, s.image, s.mask) for s in samples])
     planted = evidence_maps(model, stack, args.batch_size, cross, planted_owners)
 
     test_images = load_images(splits.test, height, width)

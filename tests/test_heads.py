@@ -31,6 +31,7 @@ from training.heads import (  # noqa: E402
 )
 
 HYBRID_SIZE = 128
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gaussian_head_is_the_whitened_square_mean() -> None:
@@ -360,3 +361,32 @@ def test_a_hybrid_candidate_runs_in_shadow_beside_a_flow_only_live_model(contrac
         runner.stop()
         candidate.close()
     assert report.compared == 4 and report.candidate == "hybrid 1"
+
+
+def test_refit_heads_reproduces_finish_and_swaps_the_heads_beside_the_same_flow(
+    hybrid_run: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """bench/refit_heads.py: unchanged heads give back training's finish exactly; changed heads keep the flow."""
+    import importlib.util
+
+    from training.rundir import load_model
+
+    spec = importlib.util.spec_from_file_location("refit_heads_under_test", REPO / "bench" / "refit_heads.py")
+    assert spec is not None and spec.loader is not None
+    refit_heads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refit_heads)
+    same, fewer = tmp_path / "same", tmp_path / "fewer"
+    refit_heads.refit(hybrid_run, same, str(synthetic_data_dir), {})
+    before = json.loads((hybrid_run / "val_scores.json").read_text())
+    after = json.loads((same / "val_scores.json").read_text())
+    for key in ("scores", "nfa_null", "nfa_evidence_scale", "min_log_nfa", "planted"):
+        assert after[key] == before[key], key
+    refit_heads.refit(hybrid_run, fewer, str(synthetic_data_dir), {"memory_scales": 1, "fine_bank_size": 16})
+    model, _ = load_model(fewer)
+    original, _ = load_model(hybrid_run)
+    assert sorted(model.heads) == ["gaussian_0", "gaussian_1", "memory_1"]
+    flow = {k: v for k, v in original.trainable_state_dict().items() if not k.startswith(("heads.", "map_means"))}
+    for key, value in flow.items():
+        assert torch.equal(model.trainable_state_dict()[key], value), key
+    with pytest.raises(SystemExit, match="exists"):
+        refit_heads.refit(hybrid_run, fewer, str(synthetic_data_dir), {})

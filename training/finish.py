@@ -76,7 +76,8 @@ def min_log_nfa(
     ]
 
 
-def _features(model: UFlow, images: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+def backbone_features(model: UFlow, images: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+    """The frozen backbone's features (finest first, N x C x H x W each) of uint8 RGB ``images``."""
     chunks = [model.extract(to_float_nchw(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return [torch.cat([c[s] for c in chunks]) for s in range(len(chunks[0]))]
 
@@ -92,7 +93,7 @@ def evidence_maps(
     that did not see ``owners[i]`` (the fitting image that image i is, or was planted on)."""
     model.eval()
     with torch.no_grad():
-        features = _features(model, images, batch_size)
+        features = backbone_features(model, images, batch_size)
         flow = [
             scale_maps(model.encode([f[i : i + batch_size] for f in features]).latents)
             for i in range(0, len(images), batch_size)
@@ -134,7 +135,7 @@ def planted_check(
     if not samples:
         return {"count": 0}
     stack = np.stack([s.image for s in samples])
-    owners = first_owner + np.array([_source(chosen, s.image, s.mask) for s in samples])
+    owners = first_owner + np.array([planted_source(chosen, s.image, s.mask) for s in samples])
     maps = evidence_maps(model, stack, batch_size, cross, owners)
     channels = [s.channels for s in model.scales]
     heads = [s.head for s in model.scales]
@@ -154,7 +155,7 @@ def planted_check(
     }
 
 
-def _source(images: np.ndarray, planted: np.ndarray, mask: np.ndarray) -> int:
+def planted_source(images: np.ndarray, planted: np.ndarray, mask: np.ndarray) -> int:
     """The index of the good image a defect was planted on: the one equal to it outside the defect."""
     outside = ~mask
     errors = [float(np.abs(img[outside].astype(np.int16) - planted[outside]).mean()) for img in images]
@@ -191,7 +192,7 @@ def finish_run(
         # maps of images they did not see: the cross-fit gives each image such maps.
         good = np.concatenate([train_images, val_images]) if len(val_images) else train_images
         with torch.no_grad():
-            cross = fit_heads(model.heads, _features(model, good, batch_size), seed=model.config.seed)
+            cross = fit_heads(model.heads, backbone_features(model, good, batch_size), seed=model.config.seed)
         first_owner = len(train_images) if len(val_images) else 0
         every = evidence_maps(model, good, batch_size, cross, np.arange(len(good)))
         head_maps = every[len(model.flow_scales) :]
