@@ -80,7 +80,7 @@ def test_status_inspection_expiry_and_clean_stop(broker: MosquittoBroker) -> Non
     assert publisher.counters.acked == 7 and len(publisher.outbox) == 0
     # The final status is retained: a reject relay that connects later still learns the agent stopped.
     late = Subscriber(broker, "uflow/cam1/status")
-    assert late.wait_for(lambda ms: len(ms) == 1, timeout=5)
+    assert late.wait_for(lambda ms: len(ms) == 1, timeout=30)
     assert late.messages[0].payload == b"stopped" and late.messages[0].retain
     late.close()
 
@@ -92,7 +92,7 @@ def test_publish_only_anomalous(broker: MosquittoBroker) -> None:
     results = [publisher.publish_inspection(message(i, anomalous=i in (1, 4))) for i in range(6)]
     assert publisher.stop()
     assert results == [False, True, False, False, True, False]
-    assert subscriber.wait_for(lambda ms: len(ms) == 2, timeout=5)
+    assert subscriber.wait_for(lambda ms: len(ms) == 2, timeout=30)
     assert [m.json()["sequence"] for m in subscriber.messages] == [1, 4]
     assert publisher.counters.inspections_skipped == 4
     subscriber.close()
@@ -180,12 +180,12 @@ def test_will_marks_a_killed_agent_offline(broker: MosquittoBroker, tmp_path: Pa
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "connected"
         subscriber = Subscriber(broker, "uflow/cam1/status")
-        assert subscriber.wait_for(lambda ms: [m.payload for m in ms] == [b"online"], timeout=5)
+        assert subscriber.wait_for(lambda ms: [m.payload for m in ms] == [b"online"], timeout=30)
         os.kill(process.pid, signal.SIGKILL)
         assert subscriber.wait_for(lambda ms: ms[-1].payload == b"offline", timeout=10)
         subscriber.close()
         late = Subscriber(broker, "uflow/cam1/status")  # the Will is retained
-        assert late.wait_for(lambda ms: len(ms) == 1, timeout=5)
+        assert late.wait_for(lambda ms: len(ms) == 1, timeout=30)
         assert late.messages[0].payload == b"offline" and late.messages[0].retain
         late.close()
     finally:
@@ -199,7 +199,7 @@ def test_mqtt_311_has_no_expiry_but_delivers(broker: MosquittoBroker) -> None:
     publisher.start()
     publisher.publish_inspection(message(0))
     assert publisher.stop()
-    assert subscriber.wait_for(lambda ms: len(ms) == 1, timeout=5)
+    assert subscriber.wait_for(lambda ms: len(ms) == 1, timeout=30)
     assert publisher.protocol_name == "3.1.1"
     assert "MessageExpiryInterval" not in subscriber.messages[0].properties
     subscriber.close()

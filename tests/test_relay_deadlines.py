@@ -133,7 +133,7 @@ def test_a_forged_encoder_jump_is_refused_and_a_genuine_counter_reset_is_followe
         while time.time() < message.decision_time + 1.3:
             reading(round((time.time() - started) * speed * 1000))
             time.sleep(0.05)
-        assert http.wait_for(lambda arrivals: len(arrivals) == 1, timeout=3)
+        assert http.wait_for(lambda arrivals: len(arrivals) == 1, timeout=30)
         assert abs(http.arrivals[0].wall - (message.decision_time + 1.0)) < 0.2
         assert relay.parts.encoder_refused == 1
         # A PLC restart: the counter starts again from 0; after a few agreeing readings the relay follows it.
@@ -147,7 +147,7 @@ def test_a_forged_encoder_jump_is_refused_and_a_genuine_counter_reset_is_followe
         while time.time() < second.decision_time + 1.3:
             reading(round((time.time() - restarted) * speed * 1000))
             time.sleep(0.05)
-        assert http.wait_for(lambda arrivals: len(arrivals) == 2, timeout=3)
+        assert http.wait_for(lambda arrivals: len(arrivals) == 2, timeout=30)
         assert abs(http.arrivals[1].wall - (second.decision_time + 1.0)) < 0.2
     finally:
         client.disconnect()
@@ -192,7 +192,7 @@ def test_a_stopped_belt_holds_a_reject_only_for_max_hold_s_then_it_is_missed(
     cam.publish_part(held)
     assert wait_until(lambda: relay.pending == 1)
     raw_publish(broker, "plc/speed", b'{"speed_m_s": 0}')
-    assert wait_until(lambda: relay.stats().missed == 1, timeout=5)
+    assert wait_until(lambda: relay.stats().missed == 1, timeout=30)
     raw_publish(broker, "plc/speed", b'{"speed_m_s": 5.0}')
     time.sleep(0.5)
     assert http.arrivals == [] and relay.pending == 0
@@ -204,6 +204,6 @@ def test_a_stopped_belt_holds_a_reject_only_for_max_hold_s_then_it_is_missed(
     assert wait_until(lambda: relay.pending == 1)
     time.sleep(0.3)
     raw_publish(broker, "plc/speed", b'{"speed_m_s": 1.0}')
-    assert http.wait_for(lambda arrivals: len(arrivals) == 1, timeout=3)
+    assert http.wait_for(lambda arrivals: len(arrivals) == 1, timeout=30)
     assert http.arrivals[0].body["part_id"] == "4-2"
     assert wait_until(lambda: relay.stats().fired == 1) and relay.stats().missed == 1

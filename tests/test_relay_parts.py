@@ -128,7 +128,7 @@ def test_a_belt_speed_change_mid_travel_still_fires_when_the_part_arrives(
     changed = time.time()
     raw_publish(broker, "plc/line1/speed", b'{"speed_m_s": 1.0}')  # ... then 0.35 m at 1 m/s
     expected = changed + 0.35
-    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=5)
+    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=30)
     first = http.arrivals[0]
     assert first.body["part_id"] in ("7-1", "7-2")
     assert -EARLY_MS - 30 <= (first.wall - expected) * 1000.0 <= FIRE_TOLERANCE_MS, first.wall - expected
@@ -142,7 +142,7 @@ def test_a_belt_speed_change_mid_travel_still_fires_when_the_part_arrives(
     assert len(http.arrivals) == 2
     resumed = time.time()
     raw_publish(broker, "plc/line1/speed", b'{"speed_m_s": 2.0}')
-    assert http.wait_for(lambda arrivals: len(arrivals) >= 3, timeout=5)
+    assert http.wait_for(lambda arrivals: len(arrivals) >= 3, timeout=30)
     # Decided 30 ms before it was published at 1 m/s and stopped soon after: at most 0.5 m left, 0.25 s at 2 m/s.
     assert 0.1 <= http.arrivals[2].wall - resumed <= 0.25 + FIRE_TOLERANCE_MS / 1000.0
     assert wait_until(lambda: relay.stats().fired == 3)
@@ -246,7 +246,7 @@ def test_with_an_encoder_the_reject_fires_when_the_belt_has_moved_the_distance(
         target = position(message.decision_time) + 0.6
         # The belt reaches the target 0.6 m later at 0.4 then 1.0 m/s: solve position(t) = target.
         expected = started + (target / 0.4 if target < 0.28 else 0.7 + (target - 0.28))
-        assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=5)
+        assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=30)
         error_ms = (http.arrivals[0].wall - expected) * 1000.0
         # Readings every 40 ms: between two, the relay extrapolates at the last speed.
         assert -45.0 <= error_ms <= FIRE_TOLERANCE_MS, error_ms
@@ -270,7 +270,7 @@ def test_a_camera_that_sends_part_messages_is_never_fired_by_its_inspections(
     cam.publish_part(part("cam1", "3-1"))
     assert wait_until(lambda: relay.stats().received == 1)
     cam.publish_inspection(inspection("cam1", 5))  # anomalous, for dashboards: the part message decides
-    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=5)
+    assert http.wait_for(lambda arrivals: len(arrivals) >= 1, timeout=30)
     time.sleep(0.6)
     assert [a.body["part_id"] for a in http.arrivals] == ["3-1"]
     stats = relay.stats()

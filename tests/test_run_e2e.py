@@ -210,7 +210,7 @@ def test_sigterm_stops_cleanly_with_stopped_status(
     stopped = next(e for e in log_events(tmp_path) if e.get("event") == "agent_stopped")
     assert stopped["frames"] == len(received) and stopped["failed"] is False
     late = Subscriber(broker, "uflow/line1/status")
-    assert late.wait_for(lambda ms: len(ms) == 1, timeout=5) and late.messages[0].payload == b"stopped"
+    assert late.wait_for(lambda ms: len(ms) == 1, timeout=30) and late.messages[0].payload == b"stopped"
     late.close()
 
 

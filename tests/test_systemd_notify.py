@@ -313,7 +313,7 @@ def test_agent_ready_only_after_engine_nfa_and_source(
         assert run.wait_for(lambda: len([t for t in run.times_of("WATCHDOG=1") if t > ready_at]) >= 3, timeout=10)
         run.process.send_signal(signal.SIGTERM)
         assert run.process.wait(timeout=30) == 0
-        assert run.wait_for(lambda: bool(run.times_of("STOPPING=1")), timeout=5)
+        assert run.wait_for(lambda: bool(run.times_of("STOPPING=1")), timeout=30)
     finally:
         _stop(run)
 
