@@ -33,18 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
 from training.data import load_images, open_dataset
-from training.finish import (
-    DEFAULT_LOG10_EPSILON,
-    PLANTED_IMAGES,
-    PLANTED_MIN,
-    backbone_features,
-    evidence_maps,
-    fit_nulls,
-    planted_source,
-)
+from training.finish import DEFAULT_LOG10_EPSILON, backbone_features, evidence_maps, fit_nulls, planted_maps
 from training.heads import fit_heads
 from training.nfa_null import calibrate
-from training.planted import planted_set
 from training.rundir import load_model
 
 
@@ -90,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.run}: {len(val)} calibration images, maps {' '.join(names)}")
     print(f"one factor: {one.factor:g}; alone: {dict(zip(names, alone, strict=True))}; joint factor {joint.factor:g}")
 
-    chosen = val[:PLANTED_IMAGES]
-    samples = planted_set(chosen, seed=0, per_image=max(1, -(-PLANTED_MIN // max(len(chosen), 1))))
-    stack = np.stack([s.image for s in samples])
-    planted_owners = len(train) + np.array([planted_source(chosen, s.image, s.mask) for s in samples])
-    planted = evidence_maps(model, stack, args.batch_size, cross, planted_owners)
+    # The very defects and maps of training's planted check (heads that did not see the source image).
+    samples, planted = planted_maps(model, val, args.batch_size, cross=cross, first_owner=len(train))
 
     test_images = load_images(splits.test, height, width)
     labels = np.array([r.label for r in splits.test], dtype=bool)

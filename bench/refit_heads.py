@@ -45,7 +45,7 @@ def refit(run: Path, out: Path, data: str | None, changes: dict[str, int]) -> fl
     flow_state = {k: v for k, v in checkpoint["state"].items() if not k.startswith(("heads.", "map_means"))}
     model.load_state_dict(flow_state, strict=False)
     save_checkpoint(out, model, dict(checkpoint.get("meta", {})))
-    root = data or str(info.data_summary.get("split") or info.data_summary["root"])
+    root = data or str(info.data_summary["root"])
     splits = open_dataset(root, float(info.train_config.get("val_fraction", 0.1)))
     height, width = config.image_height, config.image_width
     started = time.perf_counter()

@@ -40,7 +40,7 @@ from training.data import DatasetSplits, Record
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
 from training.model import UFlow, scale_maps, to_float_nchw
 from training.nfa_null import MIN_CALIBRATION_IMAGES, calibrate, fit_null, fit_scale_null, null_to_dict
-from training.planted import planted_set
+from training.planted import Planted, planted_set
 from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, save_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,29 @@ def fused_scores(model: UFlow, maps: list[np.ndarray]) -> np.ndarray:
     return amap.reshape(len(amap), -1).max(dim=1).values.numpy()
 
 
+def planted_maps(
+    model: UFlow,
+    images: np.ndarray,
+    batch_size: int,
+    seed: int = 0,
+    cross: CrossFit | None = None,
+    first_owner: int = 0,
+) -> tuple[list[Planted], list[np.ndarray]]:
+    """The defects training plants on (the first ``PLANTED_IMAGES`` of) ``images``, with every map of them.
+
+    With ``cross``, the heads' maps of a defect planted on image j come from heads that did not see
+    fitting image ``first_owner + j``. No defect (nothing changed a pixel): ``([], [])``.
+    """
+    chosen = images[:PLANTED_IMAGES]
+    per_image = max(1, -(-PLANTED_MIN // max(len(chosen), 1)))
+    samples = planted_set(chosen, seed=seed, per_image=per_image)
+    if not samples:
+        return [], []
+    stack = np.stack([s.image for s in samples])
+    owners = first_owner + np.array([planted_source(chosen, s.image, s.mask) for s in samples])
+    return samples, evidence_maps(model, stack, batch_size, cross, owners)
+
+
 def planted_check(
     model: UFlow,
     images: np.ndarray,
@@ -126,17 +149,11 @@ def planted_check(
 ) -> dict[str, Any]:
     """Share of defects planted on ``images`` that the NFA decision finds (a region touching the defect).
 
-    With ``cross``, the heads' maps of a defect planted on image j come from heads that did not see
-    fitting image ``first_owner + j``.
+    ``cross`` and ``first_owner``: as :func:`planted_maps`.
     """
-    chosen = images[:PLANTED_IMAGES]
-    per_image = max(1, -(-PLANTED_MIN // max(len(chosen), 1)))
-    samples = planted_set(chosen, seed=seed, per_image=per_image)
+    samples, maps = planted_maps(model, images, batch_size, seed, cross, first_owner)
     if not samples:
         return {"count": 0}
-    stack = np.stack([s.image for s in samples])
-    owners = first_owner + np.array([planted_source(chosen, s.image, s.mask) for s in samples])
-    maps = evidence_maps(model, stack, batch_size, cross, owners)
     channels = [s.channels for s in model.scales]
     heads = [s.head for s in model.scales]
     size = (model.config.image_height, model.config.image_width)

@@ -111,7 +111,7 @@ def fit_null(scale_maps: list[np.ndarray], max_lag: int = MAX_LAG) -> tuple[Scal
 
 def scaled(nulls: tuple[ScaleNull, ...], factor: float) -> tuple[ScaleNull, ...]:
     """The nulls with every scale's dof multiplied by ``factor`` (evidence per region times ``factor``)."""
-    return tuple(ScaleNull(n.mean, n.dof * factor, n.area) for n in nulls)
+    return weighted(nulls, [factor] * len(nulls))
 
 
 def weighted(nulls: tuple[ScaleNull, ...], weights: Sequence[float] | None) -> tuple[ScaleNull, ...]:

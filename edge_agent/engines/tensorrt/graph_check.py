@@ -51,7 +51,8 @@ _PASSTHROUGH = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "Flatten"
 # Between a memory-bank map and its ReduceMin: the clamp at 0, the division by C, and the Add of ||x||²
 # (a bank distance computed as ||x||² + min_b (||b||² - 2 x.b), training/heads.py).
 _MEMORY_TAIL = _PASSTHROUGH | {"Clip", "Max", "Div", "Mul", "Add"}
-# Inside the bank distance ||x||² - 2 x.b + ||b||², between the ReduceMin and the Conv / sum of squares.
+# Inside the bank distance, between the ReduceMin and the Conv / sum of squares: ||x||² - 2 x.b + ||b||² in
+# bundles exported before the fused form (today's graph has the biased Conv right under the ReduceMin).
 _MEMORY_ARITHMETIC = {"Add", "Sub", "Mul", "Neg", "Cast"}
 GAUSSIAN_PREFIX = "g_"  # the manifest's name of a Gaussian head's map (edge_agent.bundle.ScaleSpec)
 # onnx.TensorProto data type numbers -> the names the support table uses (FP64 and strings: none).
@@ -232,11 +233,9 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
         while node is not None and node.op_type in (_MEMORY_TAIL if _reaches_min(node, producer) else _PASSTHROUGH):
             if node.op_type == "Add":
                 # ||x||² joins after the ReduceMin: its sum of squares starts the head too; walk on to the min.
-                branches = [producer.get(i) for i in node.input]
-                squares.extend(
-                    s for b in branches if not _reaches_min(b, producer) for s in _sum_of_squares(b, producer)
-                )
-                node = next((b for b in branches if _reaches_min(b, producer)), None)
+                branches = [(producer.get(i), _reaches_min(producer.get(i), producer)) for i in node.input]
+                squares.extend(s for b, to_min in branches if not to_min for s in _sum_of_squares(b, producer))
+                node = next((b for b, to_min in branches if to_min), None)
                 continue
             node = producer.get(node.input[0] if node.input[0] in producer else node.input[-1])
         if node is not None and node.op_type == "ReduceMin":
