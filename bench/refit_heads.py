@@ -2,7 +2,7 @@
 
 The heads (training/heads.py) are fitted, not trained: a run's flow weights stay valid whatever heads sit
 beside it. This copies RUN to OUT with another head config (``--memory-scales``, ``--gaussian-scales``,
-``--bank-size``, ``--fine-bank-size``), carries the flow's weights over and re-runs training/finish.py, so
+``--bank-size``, ``--fine-bank-size``, ``--map-fusion``), carries the flow's weights over and re-runs training/finish.py, so
 the new run is what ``uflow train`` with those flags would have written from the same flow. Then
 ``uflow export``, ``uflow evaluate`` and ``uflow calibrate nfa`` as for any run.
 
@@ -29,7 +29,7 @@ from training.model import UFlow
 from training.rundir import CHECKPOINT_NAME, CONFIG_NAME, read_run, save_checkpoint
 
 
-def refit(run: Path, out: Path, data: str | None, changes: dict[str, int]) -> float:
+def refit(run: Path, out: Path, data: str | None, changes: dict[str, int | str]) -> float:
     """Write OUT: RUN's flow with the heads that ``changes`` give; returns the seconds finish took."""
     info = read_run(run)
     config = dataclasses.replace(info.model_config, **changes)
@@ -67,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="the run's data (default: what its config.json records)")
     for name in ("gaussian-scales", "memory-scales", "bank-size", "fine-bank-size"):
         parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--map-fusion", choices=("geometric", "mean"), help="how the anomaly map fuses the maps")
     args = parser.parse_args(argv)
-    changes = {
+    changes: dict[str, int | str] = {
         key: value
         for key, value in (
             ("gaussian_scales", args.gaussian_scales),
             ("memory_scales", args.memory_scales),
             ("bank_size", args.bank_size),
             ("fine_bank_size", args.fine_bank_size),
+            ("map_fusion", args.map_fusion),
         )
         if value is not None
     }

@@ -206,8 +206,19 @@ def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybri
         [output.scale_maps[i] for i in flow], [manifest.scales[i].channels for i in flow], size
     )
     np.testing.assert_array_equal(paper.log_nfa, want_paper)
-    # The fused anomaly map is the mean of the upsampled m / mean: about 1 on good parts, higher on the blob.
+    # The fused anomaly map is about 1 on good parts, higher on the blob.
     assert float(output.anomaly_map[sample.mask].mean()) > float(output.anomaly_map[~sample.mask].mean())
+    # It is the geometric mean of the upsampled m / mean (the default fusion of new runs), computed here by
+    # hand from the graph's own map outputs, and it is not their arithmetic mean.
+    ratios = [
+        torch.nn.functional.interpolate(
+            torch.from_numpy(np.asarray(m, dtype=np.float32) / n.mean)[None, None], size=size, mode="bilinear"
+        )[0, 0].numpy()
+        for m, n in zip(output.scale_maps, manifest.nfa.scale_nulls, strict=True)
+    ]
+    geometric = np.exp(np.mean([np.log(np.maximum(r, 1e-3)) for r in ratios], axis=0))
+    np.testing.assert_allclose(output.anomaly_map, geometric, rtol=1e-4, atol=1e-5)
+    assert np.abs(output.anomaly_map - np.mean(ratios, axis=0)).max() > 1e-2
 
 
 def test_hybrid_bundle_passes_the_agents_self_test(hybrid_bundle: Path) -> None:
@@ -266,6 +277,10 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
     assert old.heads == ("flow",) and old.head_strides("memory") == ()
     # A config from before fine_bank_size: every bank had bank_size rows, whatever today's default is.
     assert old.fine_bank_size == 0 and old.bank_rows(0) == old.bank_size
+    # ... and its anomaly map was the arithmetic mean; new runs fuse by the geometric mean.
+    assert old.map_fusion == "mean" and UFlowConfig().map_fusion == "geometric"
+    with pytest.raises(ValueError, match="map fusion"):
+        UFlowConfig(map_fusion="median")
     assert UFlowConfig(bank_size=64, fine_bank_size=16).bank_rows(0) == 16
     assert UFlowConfig(bank_size=64, fine_bank_size=16).bank_rows(1) == 64
     new = UFlowConfig(strides=(8, 16, 32))
@@ -390,3 +405,42 @@ def test_refit_heads_reproduces_finish_and_swaps_the_heads_beside_the_same_flow(
         assert torch.equal(model.trainable_state_dict()[key], value), key
     with pytest.raises(SystemExit, match="exists"):
         refit_heads.refit(hybrid_run, fewer, str(synthetic_data_dir), {})
+
+
+def test_the_fusion_bench_scores_the_bundles_own_anomaly_map(
+    hybrid_run: Path, hybrid_bundle: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/fusion.py: its row for the run's own fusion (geometric, every map) is what the exported bundle's
+    anomaly map scores on the test split through ONNX Runtime, computed here independently."""
+    import importlib.util
+
+    from training import metrics
+    from training.data import load_image, load_mask, open_dataset
+
+    spec = importlib.util.spec_from_file_location("fusion_under_test", REPO / "bench" / "fusion.py")
+    assert spec is not None and spec.loader is not None
+    fusion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fusion)
+    assert fusion.main(["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]) == 0
+    rows = {
+        cells[0]: cells[1:]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and not line.startswith("| fusion")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert {"mean, every map (today)", "geometric mean, every map", "F8 alone", "M16 alone"} <= set(rows)
+    test = open_dataset(synthetic_data_dir).test
+    engine = OnnxRuntimeEngine(load_bundle(hybrid_bundle))
+    try:
+        amaps = np.stack([engine.infer(load_image(r.image, HYBRID_SIZE, HYBRID_SIZE)).anomaly_map for r in test])
+    finally:
+        engine.close()
+    masks = np.stack([load_mask(r.mask, HYBRID_SIZE, HYBRID_SIZE) for r in test]).astype(bool)
+    labels = np.array([r.label for r in test], dtype=bool)
+    want = (
+        metrics.pixel_auroc(amaps, masks),
+        metrics.aupro(amaps, masks),
+        metrics.image_auroc(amaps.reshape(len(amaps), -1).max(axis=1), labels),
+    )
+    got = [float(v) for v in rows["geometric mean, every map"][1].split(" / ")]
+    np.testing.assert_allclose(got, want, atol=2e-3)

@@ -145,6 +145,9 @@ class Recipe:
     memory_scales: int = 2
     bank_size: int = 2048
     fine_bank_size: int = 512  # the finest stride's bank rows, when memory_scales reaches it (0: bank_size)
+    # The anomaly map of a model with heads: the geometric mean of the maps over their null means. Chosen on
+    # the planted defects of all three data sets (docs/results.md "How the anomaly map fuses the maps").
+    map_fusion: str = "geometric"
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

@@ -24,6 +24,11 @@ from training.catalog import DEFAULT_BACKBONE, DEFAULT_RECIPE, DEFAULT_STRIDES, 
 from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
 from training.heads import HEAD_KINDS, MAP_PREFIX, GaussianHead, MemoryHead
 
+MAP_FUSIONS = ("geometric", "mean")
+# The floor of m / mean under the geometric fusion's log: far below any good pixel's level (about 1), so it
+# only keeps log finite where a bank distance is 0, and FP16 represents it (its smallest normal is 6e-5).
+GEOMETRIC_FLOOR = 1e-3
+
 
 @dataclass(frozen=True)
 class UFlowConfig:
@@ -52,6 +57,9 @@ class UFlowConfig:
     # Rows of a bank at the finest stride (0: bank_size): that scale has 4x the queries of the next.
     fine_bank_size: int = DEFAULT_RECIPE.fine_bank_size
     memory_pool: int = 3  # k x k local averaging of the bank's features (PatchCore's aggregation)
+    # How the anomaly map fuses the maps of a model with heads (the NFA does not read it): "geometric"
+    # (exp of the mean log of m / mean) or "mean". Run configs written before this key fused by "mean".
+    map_fusion: str = DEFAULT_RECIPE.map_fusion
 
     def __post_init__(self) -> None:
         info = backbone_info(self.backbone)
@@ -76,6 +84,8 @@ class UFlowConfig:
             raise ValueError("the flow head is required (it gives the paper's NFA and the drift check's m_0)")
         if self.gaussian_scales < 0 or self.memory_scales < 0:
             raise ValueError(f"head scale counts must be >= 0, got {self.gaussian_scales}, {self.memory_scales}")
+        if self.map_fusion not in MAP_FUSIONS:
+            raise ValueError(f"unknown map fusion {self.map_fusion!r}; choose one of {', '.join(MAP_FUSIONS)}")
         if self.bank_size < 1 or self.fine_bank_size < 0 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
             raise ValueError(
                 "need bank_size >= 1, fine_bank_size >= 0 and an odd memory_pool, got "
@@ -112,6 +122,7 @@ class UFlowConfig:
         # A run from before the heads existed is a flow-only model, whatever today's default is.
         values.setdefault("heads", ("flow",))
         values.setdefault("fine_bank_size", 0)  # before the key: every bank had bank_size rows
+        values.setdefault("map_fusion", "mean")  # before the key: the arithmetic mean
         for key in ("strides", "heads"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -227,11 +238,12 @@ class UFlow(nn.Module):
         return out
 
     def fused_map(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The anomaly map: the flow-only formula, or with heads the mean of the upsampled m / mean."""
+        """The anomaly map: the flow-only formula, or with heads the fusion of the upsampled m / mean."""
         height, width = self.config.image_height, self.config.image_width
         if not self.heads:
             return anomaly_map(maps, height, width)
-        return fused_anomaly_map(maps, self.map_means, height, width)
+        geometric = self.config.map_fusion == "geometric"
+        return fused_anomaly_map(maps, self.map_means, height, width, geometric=geometric)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Norms and flow only: the backbone is rebuilt from its ImageNet weights file."""
@@ -276,12 +288,23 @@ def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.
     return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0)[:, 0]
 
 
-def fused_anomaly_map(maps: Sequence[torch.Tensor], means: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Mean over maps of bilinear-upsampled m_k / mean_k: N x H x W, about 1 on good parts."""
+def fused_anomaly_map(
+    maps: Sequence[torch.Tensor], means: torch.Tensor, height: int, width: int, geometric: bool = False
+) -> torch.Tensor:
+    """Fusion over maps of bilinear-upsampled m_k / mean_k: N x H x W, about 1 on good parts.
+
+    ``geometric``: exp of the mean of log(max(m_k / mean_k, GEOMETRIC_FLOOR)); otherwise the arithmetic mean.
+    The geometric mean lets a pixel stand out only where the maps agree: one map's spike (a heavy-tailed
+    head's noise, a coarse map's blob around a small defect) is damped by the others (docs/results.md,
+    "How the anomaly map fuses the maps").
+    """
     upsampled = [
         F.interpolate((m / means[k]).unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
         for k, m in enumerate(maps)
     ]
+    if geometric:
+        logs = [torch.log(torch.clamp(u, min=GEOMETRIC_FLOOR)) for u in upsampled]
+        return torch.exp(torch.stack(logs, dim=0).mean(dim=0))[:, 0]
     return torch.stack(upsampled, dim=0).mean(dim=0)[:, 0]
 
 

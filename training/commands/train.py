@@ -84,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=recipe.fine_bank_size,
         help="rows of a bank at the finest stride (0: --bank-size); its queries are 4x the next scale's",
     )
+    p.add_argument(
+        "--map-fusion",
+        choices=("geometric", "mean"),
+        default=recipe.map_fusion,
+        help="how the anomaly map fuses the flow's and the heads' maps (the NFA decision does not read it)",
+    )
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
@@ -177,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         memory_scales=args.memory_scales,
         bank_size=args.bank_size,
         fine_bank_size=args.fine_bank_size,
+        map_fusion=args.map_fusion,
     )
     train_config = TrainConfig(
         epochs=args.epochs,

@@ -1,0 +1,133 @@
+"""How the anomaly map fuses the maps of a run: a study on planted defects (choice) and the test split (report).
+
+The anomaly map (pixel AUROC, AUPRO, image score, the overlay a person sees) is a fusion of every map of the
+bundle, each divided by its null's mean. The NFA decision does not read it: it tests every map under its own
+null. So the fusion can be chosen for localisation alone. This compares fusions on a finished run:
+
+- on the **planted defects** of training's check (defects planted on the validation images, heads that did not
+  see the source image): pixel AUROC and AUPRO over the planted images, and the image AUROC of the map's
+  maximum, planted against the clean validation images (out-of-sample maps). This is what may choose;
+- on the **test split** (the deployed heads), the same three columns, for reporting only.
+
+    nice .venv/bin/python bench/fusion.py --run runs/magnetic_tile [--data SPLIT] [--max-test 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import metrics
+from training.data import load_images, load_mask, open_dataset
+from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
+from training.heads import fit_heads
+from training.rundir import load_model
+
+Fusion = Callable[[list[np.ndarray]], np.ndarray]
+
+
+def upsampled(maps: list[np.ndarray], means: list[float], size: tuple[int, int]) -> list[np.ndarray]:
+    """Every map divided by its null's mean, bilinearly upsampled to ``size`` (as the graph does)."""
+    return [
+        F.interpolate(
+            torch.from_numpy(np.asarray(m / mean, dtype=np.float32)).unsqueeze(1), size=size, mode="bilinear"
+        )[:, 0].numpy()
+        for m, mean in zip(maps, means, strict=True)
+    ]
+
+
+def fusions(names: list[str]) -> dict[str, Fusion]:
+    """The candidates, by the maps they read (names like m_0, g_1, k_1 and their strides)."""
+
+    def mean_of(pick: list[int]) -> Fusion:
+        return lambda ups: np.mean([ups[k] for k in pick], axis=0)
+
+    def geo_of(pick: list[int]) -> Fusion:
+        return lambda ups: np.exp(np.mean([np.log(np.maximum(ups[k], 1e-3)) for k in pick], axis=0))
+
+    every = list(range(len(names)))
+    heads = [k for k, n in enumerate(names) if not n.startswith("F")]
+    fine_heads = [k for k in heads if names[k].endswith("16") or names[k].endswith("8")]
+    not_32 = [k for k, n in enumerate(names) if not n.endswith("32")]
+    out: dict[str, Fusion] = {"mean, every map (today)": mean_of(every), "geometric mean, every map": geo_of(every)}
+    if heads:
+        out["mean, heads"] = mean_of(heads)
+    if fine_heads:
+        out["mean, heads at stride <= 16"] = mean_of(fine_heads)
+        out["geometric mean, heads at stride <= 16"] = geo_of(fine_heads)
+    if not_32 and not_32 != every:
+        out["mean, maps at stride <= 16"] = mean_of(not_32)
+        out["geometric mean, maps at stride <= 16"] = geo_of(not_32)
+    for k in every:
+        out[f"{names[k]} alone"] = mean_of([k])
+    return out
+
+
+def columns(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> str:
+    """pixel AUROC / AUPRO / image AUROC of the map maximum, over every image (as ``uflow evaluate``)."""
+    peaks = amaps.reshape(len(amaps), -1).max(axis=1)
+    return (
+        f"{metrics.pixel_auroc(amaps, masks):.3f} / {metrics.aupro(amaps, masks):.3f} / "
+        f"{metrics.image_auroc(peaks, labels.astype(bool)):.3f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-test", action="store_true", help="planted columns only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, info = load_model(args.run)
+    splits = open_dataset(
+        args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
+    )
+    height, width = model.config.image_height, model.config.image_width
+    size = (height, width)
+    val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
+    good = np.concatenate([train, val])
+    with torch.no_grad():
+        cross = fit_heads(model.heads, backbone_features(model, good, args.batch_size), seed=model.config.seed)
+    every = evidence_maps(model, good, args.batch_size, cross, np.arange(len(good)))
+    owners = len(train) + np.arange(len(val))
+    val_maps = evidence_maps(model, val, args.batch_size, cross, owners)
+    means = [n.mean for n in fit_nulls(model, val_maps, every[len(model.flow_scales) :])]
+    names = [f"{s.head[0].upper()}{s.stride}" for s in model.scales]
+    samples, planted = planted_maps(model, val, args.batch_size, cross=cross, first_owner=len(train))
+    planted_ups = upsampled([np.concatenate([p, v]) for p, v in zip(planted, val_maps, strict=True)], means, size)
+    planted_masks = np.concatenate([np.stack([s.mask for s in samples]), np.zeros((len(val), *size), bool)])
+    planted_labels = np.r_[np.ones(len(samples)), np.zeros(len(val))]
+    test_cols: dict[str, str] = {}
+    if not args.no_test:
+        test_images = load_images(splits.test, height, width)
+        test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
+        test_labels = np.array([r.label for r in splits.test])
+        test_ups = upsampled(evidence_maps(model, test_images, args.batch_size), means, size)
+        test_cols = {n: columns(f(test_ups), test_masks, test_labels) for n, f in fusions(names).items()}
+    print(f"\n{args.run}: maps {' '.join(names)}; {len(samples)} planted defects on {len(val)} validation images")
+    print("\n| fusion | planted: pixel AUROC / AUPRO / image AUROC | test (report only): pixel / AUPRO / image |")
+    print("|---|---|---|")
+    for label, fuse in fusions(names).items():
+        print(
+            f"| {label} | {columns(fuse(planted_ups), planted_masks, planted_labels)} | {test_cols.get(label, '-')} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
