@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_maps import load_run_maps
 
 from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
-from training.data import load_images, open_dataset
-from training.finish import DEFAULT_LOG10_EPSILON, backbone_features, evidence_maps, fit_nulls, planted_maps
-from training.heads import fit_heads
+from training.finish import DEFAULT_LOG10_EPSILON
 from training.nfa_null import calibrate
-from training.rundir import load_model
 
 
 def decide(maps: list[np.ndarray], channels: list[int], heads: list[str], size: tuple[int, int], nulls) -> np.ndarray:
@@ -54,40 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, info = load_model(args.run)
-    splits = open_dataset(
-        args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
-    )
-    height, width = model.config.image_height, model.config.image_width
-    size = (height, width)
-    val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
-    good = np.concatenate([train, val])
-    with torch.no_grad():
-        cross = fit_heads(model.heads, backbone_features(model, good, args.batch_size), seed=model.config.seed)
-    every = evidence_maps(model, good, args.batch_size, cross, np.arange(len(good)))
-    head_maps = every[len(model.flow_scales) :]
-    owners = len(train) + np.arange(len(val))
-    maps = evidence_maps(model, val, args.batch_size, cross, owners)
-    channels = [s.channels for s in model.scales]
-    heads = [s.head for s in model.scales]
-    names = [s.name for s in model.scales]
-    envelope = fit_nulls(model, maps, head_maps)
+    run = load_run_maps(args.run, args.data, args.batch_size)
+    assert run.test is not None and run.test_labels is not None
+    maps, channels, heads, size, envelope = run.val, run.channels, run.heads, run.size, run.envelope
+    names = [s.name for s in run.model.scales]
     eps = DEFAULT_LOG10_EPSILON
-
     one = calibrate(maps, channels, size, eps, envelope=envelope)
     alone = [calibrate([maps[k]], [channels[k]], size, eps, envelope=(envelope[k],)).factor for k in range(len(maps))]
     joint = calibrate(maps, channels, size, eps, envelope=envelope, weights=alone)
     variants = {"one factor": one.nulls, "per map": joint.nulls}
-    print(f"\n{args.run}: {len(val)} calibration images, maps {' '.join(names)}")
+    print(f"\n{args.run}: {len(maps[0])} calibration images, maps {' '.join(names)}")
     print(f"one factor: {one.factor:g}; alone: {dict(zip(names, alone, strict=True))}; joint factor {joint.factor:g}")
-
     # The very defects and maps of training's planted check (heads that did not see the source image).
-    samples, planted = planted_maps(model, val, args.batch_size, cross=cross, first_owner=len(train))
-
-    test_images = load_images(splits.test, height, width)
-    labels = np.array([r.label for r in splits.test], dtype=bool)
-    test = evidence_maps(model, test_images, args.batch_size)  # the deployed heads (fitted on every good image)
-
+    samples, planted = run.planted, run.planted_maps
+    labels, test = run.test_labels, run.test  # the deployed heads (fitted on every good image)
     print(
         "\n| variant | factors (map: dof multiplier) | planted found | val good flagged | test defective flagged | "
         "test good flagged | image AUROC (NFA evidence) |\n|---|---|---|---|---|---|---|"

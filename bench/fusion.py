@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_maps import load_run_maps
 
 from training import metrics
-from training.data import load_images, load_mask, open_dataset
-from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
-from training.heads import fit_heads
-from training.rundir import load_model
+from training.model import GEOMETRIC_FLOOR
 
 Fusion = Callable[[list[np.ndarray]], np.ndarray]
 
@@ -54,7 +54,7 @@ def fusions(names: list[str]) -> dict[str, Fusion]:
         return lambda ups: np.mean([ups[k] for k in pick], axis=0)
 
     def geo_of(pick: list[int]) -> Fusion:
-        return lambda ups: np.exp(np.mean([np.log(np.maximum(ups[k], 1e-3)) for k in pick], axis=0))
+        return lambda ups: np.exp(np.mean([np.log(np.maximum(ups[k], GEOMETRIC_FLOOR)) for k in pick], axis=0))
 
     every = list(range(len(names)))
     heads = [k for k, n in enumerate(names) if not n.startswith("F")]
@@ -92,40 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-test", action="store_true", help="planted columns only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, info = load_model(args.run)
-    splits = open_dataset(
-        args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
+    run = load_run_maps(args.run, args.data, args.batch_size, test=not args.no_test)
+    means = [n.mean for n in run.envelope]
+    val_count, planted_count = len(run.val[0]), len(run.planted)
+    planted_ups = upsampled(
+        [np.concatenate([p, v]) for p, v in zip(run.planted_maps, run.val, strict=True)], means, run.size
     )
-    height, width = model.config.image_height, model.config.image_width
-    size = (height, width)
-    val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
-    good = np.concatenate([train, val])
-    with torch.no_grad():
-        cross = fit_heads(model.heads, backbone_features(model, good, args.batch_size), seed=model.config.seed)
-    every = evidence_maps(model, good, args.batch_size, cross, np.arange(len(good)))
-    owners = len(train) + np.arange(len(val))
-    val_maps = evidence_maps(model, val, args.batch_size, cross, owners)
-    means = [n.mean for n in fit_nulls(model, val_maps, every[len(model.flow_scales) :])]
-    names = [f"{s.head[0].upper()}{s.stride}" for s in model.scales]
-    samples, planted = planted_maps(model, val, args.batch_size, cross=cross, first_owner=len(train))
-    planted_ups = upsampled([np.concatenate([p, v]) for p, v in zip(planted, val_maps, strict=True)], means, size)
-    planted_masks = np.concatenate([np.stack([s.mask for s in samples]), np.zeros((len(val), *size), bool)])
-    planted_labels = np.r_[np.ones(len(samples)), np.zeros(len(val))]
+    planted_masks = np.concatenate([np.stack([s.mask for s in run.planted]), np.zeros((val_count, *run.size), bool)])
+    planted_labels = np.r_[np.ones(planted_count), np.zeros(val_count)]
     test_cols: dict[str, str] = {}
-    if not args.no_test:
-        test_images = load_images(splits.test, height, width)
-        test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
-        test_labels = np.array([r.label for r in splits.test])
-        test_ups = upsampled(evidence_maps(model, test_images, args.batch_size), means, size)
-        test_cols = {n: columns(f(test_ups), test_masks, test_labels) for n, f in fusions(names).items()}
-    print(f"\n{args.run}: maps {' '.join(names)}; {len(samples)} planted defects on {len(val)} validation images")
+    if run.test is not None and run.test_masks is not None and run.test_labels is not None:
+        test_ups = upsampled(run.test, means, run.size)
+        test_cols = {n: columns(f(test_ups), run.test_masks, run.test_labels) for n, f in fusions(run.names).items()}
+    print(f"\n{args.run}: maps {' '.join(run.names)}; {planted_count} planted defects on {val_count} validation images")
     print("\n| fusion | planted: pixel AUROC / AUPRO / image AUROC | test (report only): pixel / AUPRO / image |")
     print("|---|---|---|")
-    for label, fuse in fusions(names).items():
-        print(
-            f"| {label} | {columns(fuse(planted_ups), planted_masks, planted_labels)} | {test_cols.get(label, '-')} |",
-            flush=True,
-        )
+    for label, fuse in fusions(run.names).items():
+        planted = columns(fuse(planted_ups), planted_masks, planted_labels)
+        print(f"| {label} | {planted} | {test_cols.get(label, '-')} |", flush=True)
     return 0
 
 

@@ -216,7 +216,7 @@ def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybri
         )[0, 0].numpy()
         for m, n in zip(output.scale_maps, manifest.nfa.scale_nulls, strict=True)
     ]
-    geometric = np.exp(np.mean([np.log(np.maximum(r, 1e-3)) for r in ratios], axis=0))
+    geometric = np.exp(np.mean([np.log(np.maximum(r, 0.05)) for r in ratios], axis=0))
     np.testing.assert_allclose(output.anomaly_map, geometric, rtol=1e-4, atol=1e-5)
     assert np.abs(output.anomaly_map - np.mean(ratios, axis=0)).max() > 1e-2
 

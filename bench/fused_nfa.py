@@ -1,0 +1,139 @@
+"""The fused map as one more map of the NFA: does agreement between the maps rank images better? (issue 20)
+
+The NFA takes, per pixel, the strongest of its maps (min over maps of log10 P): a defect that raises every
+map a little can lose against a good part on which one map spikes. The geometric mean of the maps over
+their null means (the anomaly map's fusion, bench/fusion.py) is high only where the maps agree. This bench
+puts that fusion, at the finest map's grid, into the one NFA as a map of its own, with its own fitted null
+(the same ``fit_scale_null`` as every map), and re-runs training's calibration (the cross-fitted evidence
+factor, ``calibrate``) on the run's own calibration maps. Variants:
+
+- ``today``: the run's maps;
+- ``today + fused``: the run's maps and the fused map;
+- ``fused alone``: the fused map only.
+
+Columns: the factor, the planted check (training's label-free criterion), and on the test split (reporting
+only) the defective and good images flagged at the deployed epsilon, and the ranking of the NFA's evidence:
+image AUROC and the defective share at the evidence that flags 1 % / 2 % of the good test images (the
+"oracle" of bench/decision_limit.py, a ceiling no deployable rule can choose).
+
+    nice .venv/bin/python bench/fused_nfa.py --run runs/magnetic_tile [--data SPLIT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_maps import load_run_maps
+
+from edge_agent.inspection import nfa
+from training import metrics
+from training.finish import DEFAULT_LOG10_EPSILON
+from training.model import GEOMETRIC_FLOOR
+from training.nfa_null import calibrate, fit_scale_null
+
+FUSED_CHANNELS = 1  # unused under a fitted null (dof / area replace C_s); log_nfa_map wants a count
+
+
+def fused(maps: list[np.ndarray], means: list[float], grid: tuple[int, int]) -> np.ndarray:
+    """N x H x W geometric mean of every map over its mean, bilinearly resampled to ``grid``."""
+    logs = [
+        np.log(
+            np.maximum(
+                F.interpolate(
+                    torch.from_numpy(np.asarray(m / mean, np.float32)).unsqueeze(1), size=grid, mode="bilinear"
+                )[:, 0].numpy(),
+                GEOMETRIC_FLOOR,
+            )
+        )
+        for m, mean in zip(maps, means, strict=True)
+    ]
+    return np.exp(np.mean(logs, axis=0))
+
+
+def lowest(maps: list[np.ndarray], size: tuple[int, int], nulls: tuple[nfa.ScaleNull, ...]) -> np.ndarray:
+    """Per image: the lowest log10 NFA over every map."""
+    channels = [FUSED_CHANNELS] * len(maps)
+    return np.array(
+        [float(nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls).min()) for i in range(len(maps[0]))]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = load_run_maps(args.run, args.data, args.batch_size)
+    assert run.test is not None and run.test_labels is not None
+    means = [n.mean for n in run.envelope]
+    grid = run.val[0].shape[1:]
+    eps = DEFAULT_LOG10_EPSILON
+
+    def with_fused(maps: list[np.ndarray]) -> list[np.ndarray]:
+        return [*maps, fused(maps, means, grid)]
+
+    sets = {"val": with_fused(run.val), "planted": with_fused(run.planted_maps), "test": with_fused(run.test)}
+    fused_envelope = fit_scale_null(sets["val"][-1])
+    everything = (*run.envelope, fused_envelope)
+    variants = {
+        "today": list(range(len(run.val))),
+        "today + fused": list(range(len(run.val) + 1)),
+        "fused alone": [len(run.val)],
+    }
+    labels = run.test_labels
+    print(f"\n{args.run}: maps {' '.join(run.names)} + fused ({fused_envelope}); {len(run.val[0])} calibration images")
+    print(
+        "\n| maps in the NFA | factor | planted found | test defective flagged | test good flagged | "
+        "image AUROC (NFA evidence) | defective at 1 % / 2 % good (oracle) |\n|---|---|---|---|---|---|---|"
+    )
+    for label, pick in variants.items():
+        chosen = calibrate(
+            [sets["val"][k] for k in pick],
+            [FUSED_CHANNELS] * len(pick),
+            run.size,
+            eps,
+            envelope=tuple(everything[k] for k in pick),
+        )
+        planted = [sets["planted"][k] for k in pick]
+        found = np.mean(
+            [
+                bool(
+                    (
+                        (
+                            nfa.log_nfa_map(
+                                [m[i] for m in planted], [FUSED_CHANNELS] * len(pick), run.size, chosen.nulls
+                            )
+                            < eps
+                        )
+                        & s.mask
+                    ).any()
+                )
+                for i, s in enumerate(run.planted)
+            ]
+        )
+        evidence = -lowest([sets["test"][k] for k in pick], run.size, chosen.nulls)
+        flagged = evidence > -eps
+        good = evidence[~labels]
+        oracle = " / ".join(f"{np.mean(evidence[labels] > np.quantile(good, 1 - rate)):.1%}" for rate in (0.01, 0.02))
+        print(
+            f"| {label} | {chosen.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} | {flagged[~labels].mean():.1%} | "
+            f"{metrics.image_auroc(evidence, labels):.3f} | {oracle} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Every map of a finished run, as training's finish computes them: the studies' common ground.
+
+bench/fusion.py, bench/evidence_per_map.py and bench/fused_nfa.py compare choices on the same maps: the flow's
+maps of the validation images (none fitted the flow), the heads' out-of-sample maps (cross-fitted over every
+good image, training/heads.py), the per-map null envelope, the defects training plants on the validation
+images (heads that did not see the source image), and the test split through the deployed heads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+from training.data import DatasetSplits, load_images, load_mask, open_dataset
+from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
+from training.heads import fit_heads
+from training.planted import Planted
+from training.rundir import load_model
+
+
+@dataclass
+class RunMaps:
+    """One run's maps (one N x H_s x W_s array per map each), in the run's map order."""
+
+    model: Any  # training.model.UFlow
+    splits: DatasetSplits
+    size: tuple[int, int]  # (height, width)
+    names: list[str]  # F8, G16, M32, ...: head kind and stride
+    channels: list[int]
+    heads: list[str]
+    val: list[np.ndarray]  # the calibration images: flow maps and out-of-sample head maps
+    envelope: tuple[Any, ...]  # training's per-map null (nfa.ScaleNull), before the evidence factor
+    planted: list[Planted]
+    planted_maps: list[np.ndarray]
+    test: list[np.ndarray] | None = None  # the deployed heads
+    test_labels: np.ndarray | None = None
+    test_masks: np.ndarray | None = None
+
+
+def load_run_maps(run: Path, data: str | None, batch_size: int = 16, test: bool = True) -> RunMaps:
+    """``run``'s maps on its data (``data``: default what its config.json records); ``test``: the test split too."""
+    model, info = load_model(run)
+    splits = open_dataset(data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1)))
+    height, width = model.config.image_height, model.config.image_width
+    val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
+    good = np.concatenate([train, val])
+    with torch.no_grad():
+        cross = fit_heads(model.heads, backbone_features(model, good, batch_size), seed=model.config.seed)
+    every = evidence_maps(model, good, batch_size, cross, np.arange(len(good)))
+    val_maps = evidence_maps(model, val, batch_size, cross, len(train) + np.arange(len(val)))
+    samples, planted = planted_maps(model, val, batch_size, cross=cross, first_owner=len(train))
+    maps = RunMaps(
+        model=model,
+        splits=splits,
+        size=(height, width),
+        names=[f"{s.head[0].upper()}{s.stride}" for s in model.scales],
+        channels=[s.channels for s in model.scales],
+        heads=[s.head for s in model.scales],
+        val=val_maps,
+        envelope=tuple(fit_nulls(model, val_maps, every[len(model.flow_scales) :])),
+        planted=samples,
+        planted_maps=planted,
+    )
+    if test:
+        maps.test = evidence_maps(model, load_images(splits.test, height, width), batch_size)
+        maps.test_labels = np.array([r.label for r in splits.test], dtype=bool)
+        maps.test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
+    return maps
