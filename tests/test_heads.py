@@ -444,3 +444,26 @@ def test_the_fusion_bench_scores_the_bundles_own_anomaly_map(
     )
     got = [float(v) for v in rows["geometric mean, every map"][1].split(" / ")]
     np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_the_fused_nfa_bench_reproduces_trainings_calibration_in_its_today_row(
+    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/fused_nfa.py: its "today" row is training's own calibration (factor, planted share) of the run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_nfa_under_test", REPO / "bench" / "fused_nfa.py")
+    assert spec is not None and spec.loader is not None
+    fused_nfa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fused_nfa)
+    assert fused_nfa.main(["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]) == 0
+    rows = {
+        cells[0]: cells[1:]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and not line.startswith("| maps")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == {"today", "today + fused", "fused alone"}
+    scores = json.loads((hybrid_run / "val_scores.json").read_text())
+    assert float(rows["today"][0]) == pytest.approx(scores["nfa_evidence_scale"])
+    assert float(rows["today"][1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
