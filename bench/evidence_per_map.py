@@ -26,12 +26,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import load_run_maps
+from run_maps import add_run_arguments, planted_found, run_maps_of
 
 from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
@@ -48,13 +47,9 @@ def decide(maps: list[np.ndarray], channels: list[int], heads: list[str], size: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run = load_run_maps(args.run, args.data, args.batch_size)
+    run = run_maps_of(args)
     assert run.test is not None and run.test_labels is not None
     maps, channels, heads, size, envelope = run.val, run.channels, run.heads, run.size, run.envelope
     names = [s.name for s in run.model.scales]
@@ -73,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "test good flagged | image AUROC (NFA evidence) |\n|---|---|---|---|---|---|---|"
     )
     for label, nulls in variants.items():
-        found = np.mean(
-            [
-                bool(((log_nfa_map_of([m[i] for m in planted], channels, heads, size, nulls) < eps) & s.mask).any())
-                for i, s in enumerate(samples)
-            ]
-        )
+        found = planted_found(planted, samples, size, nulls, eps)
         val_flag = (decide(maps, channels, heads, size, nulls) < eps).mean()
         scores = decide(test, channels, heads, size, nulls)
         flagged = scores < eps

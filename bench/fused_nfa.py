@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import load_run_maps
+from run_maps import add_run_arguments, planted_found, run_maps_of
 
 from edge_agent.inspection import nfa
 from training import metrics
@@ -69,13 +69,9 @@ def lowest(maps: list[np.ndarray], size: tuple[int, int], nulls: tuple[nfa.Scale
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run = load_run_maps(args.run, args.data, args.batch_size)
+    run = run_maps_of(args)
     assert run.test is not None and run.test_labels is not None
     means = [n.mean for n in run.envelope]
     grid = run.val[0].shape[1:]
@@ -106,23 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             eps,
             envelope=tuple(everything[k] for k in pick),
         )
-        planted = [sets["planted"][k] for k in pick]
-        found = np.mean(
-            [
-                bool(
-                    (
-                        (
-                            nfa.log_nfa_map(
-                                [m[i] for m in planted], [FUSED_CHANNELS] * len(pick), run.size, chosen.nulls
-                            )
-                            < eps
-                        )
-                        & s.mask
-                    ).any()
-                )
-                for i, s in enumerate(run.planted)
-            ]
-        )
+        found = planted_found([sets["planted"][k] for k in pick], run.planted, run.size, chosen.nulls, eps)
         evidence = -lowest([sets["test"][k] for k in pick], run.size, chosen.nulls)
         flagged = evidence > -eps
         good = evidence[~labels]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import load_run_maps
+from run_maps import add_run_arguments, run_maps_of
 
 from training import metrics
 from training.model import GEOMETRIC_FLOOR
@@ -85,14 +85,10 @@ def columns(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser)
     parser.add_argument("--no-test", action="store_true", help="planted columns only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run = load_run_maps(args.run, args.data, args.batch_size, test=not args.no_test)
+    run = run_maps_of(args, test=not args.no_test)
     means = [n.mean for n in run.envelope]
     val_count, planted_count = len(run.val[0]), len(run.planted)
     planted_ups = upsampled(

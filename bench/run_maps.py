@@ -8,6 +8,7 @@ images (heads that did not see the source image), and the test split through the
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
+from edge_agent.inspection import nfa
 from training.data import DatasetSplits, load_images, load_mask, open_dataset
 from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
 from training.heads import fit_heads
@@ -73,3 +75,33 @@ def load_run_maps(run: Path, data: str | None, batch_size: int = 16, test: bool 
         maps.test_labels = np.array([r.label for r in splits.test], dtype=bool)
         maps.test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
     return maps
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every run study takes: --run, --data, --batch-size, --threads."""
+    parser.add_argument("--run", required=True, type=Path, help="a finished run directory")
+    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def run_maps_of(args: argparse.Namespace, test: bool = True) -> RunMaps:
+    """:func:`load_run_maps` for the options of :func:`add_run_arguments`, on ``args.threads`` torch threads."""
+    torch.set_num_threads(args.threads)
+    return load_run_maps(args.run, args.data, args.batch_size, test)
+
+
+def planted_found(
+    maps: list[np.ndarray], planted: list[Planted], size: tuple[int, int], nulls: Any, eps: float
+) -> float:
+    """Share of ``planted`` defects the fitted NFA finds (a region below ``eps`` touching the defect), as
+    training's planted check counts them; ``maps``: the planted images' maps, one per null."""
+    channels = [1] * len(maps)  # unused under a fitted null (dof / area replace C_s)
+    return float(
+        np.mean(
+            [
+                bool(((nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls) < eps) & sample.mask).any())
+                for i, sample in enumerate(planted)
+            ]
+        )
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +33,23 @@ from training.heads import (  # noqa: E402
 
 HYBRID_SIZE = 128
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(name: str) -> Any:
+    """bench/<name>.py as a module (the bench folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """A printed markdown table's body rows by their first cell (header and rule left out)."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for line in lines[1:] for cells in [[c.strip() for c in line.strip("|").split("|")]]}
 
 
 def test_gaussian_head_is_the_whitened_square_mean() -> None:
@@ -382,14 +400,9 @@ def test_refit_heads_reproduces_finish_and_swaps_the_heads_beside_the_same_flow(
     hybrid_run: Path, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
     """bench/refit_heads.py: unchanged heads give back training's finish exactly; changed heads keep the flow."""
-    import importlib.util
-
     from training.rundir import load_model
 
-    spec = importlib.util.spec_from_file_location("refit_heads_under_test", REPO / "bench" / "refit_heads.py")
-    assert spec is not None and spec.loader is not None
-    refit_heads = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(refit_heads)
+    refit_heads = _bench("refit_heads")
     same, fewer = tmp_path / "same", tmp_path / "fewer"
     refit_heads.refit(hybrid_run, same, str(synthetic_data_dir), {})
     before = json.loads((hybrid_run / "val_scores.json").read_text())
@@ -412,22 +425,12 @@ def test_the_fusion_bench_scores_the_bundles_own_anomaly_map(
 ) -> None:
     """bench/fusion.py: its row for the run's own fusion (geometric, every map) is what the exported bundle's
     anomaly map scores on the test split through ONNX Runtime, computed here independently."""
-    import importlib.util
-
     from training import metrics
     from training.data import load_image, load_mask, open_dataset
 
-    spec = importlib.util.spec_from_file_location("fusion_under_test", REPO / "bench" / "fusion.py")
-    assert spec is not None and spec.loader is not None
-    fusion = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fusion)
+    fusion = _bench("fusion")
     assert fusion.main(["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]) == 0
-    rows = {
-        cells[0]: cells[1:]
-        for line in capsys.readouterr().out.splitlines()
-        if line.startswith("| ") and not line.startswith("| fusion")
-        for cells in [[c.strip() for c in line.strip("|").split("|")]]
-    }
+    rows = _table_rows(capsys.readouterr().out)
     assert {"mean, every map (today)", "geometric mean, every map", "F8 alone", "M16 alone"} <= set(rows)
     test = open_dataset(synthetic_data_dir).test
     engine = OnnxRuntimeEngine(load_bundle(hybrid_bundle))
@@ -450,19 +453,9 @@ def test_the_fused_nfa_bench_reproduces_trainings_calibration_in_its_today_row(
     hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """bench/fused_nfa.py: its "today" row is training's own calibration (factor, planted share) of the run."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fused_nfa_under_test", REPO / "bench" / "fused_nfa.py")
-    assert spec is not None and spec.loader is not None
-    fused_nfa = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fused_nfa)
+    fused_nfa = _bench("fused_nfa")
     assert fused_nfa.main(["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]) == 0
-    rows = {
-        cells[0]: cells[1:]
-        for line in capsys.readouterr().out.splitlines()
-        if line.startswith("| ") and not line.startswith("| maps")
-        for cells in [[c.strip() for c in line.strip("|").split("|")]]
-    }
+    rows = _table_rows(capsys.readouterr().out)
     assert set(rows) == {"today", "today + fused", "fused alone"}
     scores = json.loads((hybrid_run / "val_scores.json").read_text())
     assert float(rows["today"][0]) == pytest.approx(scores["nfa_evidence_scale"])
