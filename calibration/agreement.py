@@ -23,7 +23,7 @@ class Agreement:
     image_score_max_abs: float
     scale_map_max_rel: float  # max over scales of max |m - m_ref| / (mean m_ref), per image, worst image
     # max |a - a_ref| / max(1, |a_ref|): the absolute difference for a flow-only map (in [0, 1]), a relative
-    # one where the fused map of the evidence heads (mean of m / null mean, unbounded) is above 1
+    # one where the fused map of the evidence heads (a mean of m / null mean, unbounded) is above 1
     anomaly_map_max_scaled: float = 0.0
 
     def as_metrics(self) -> dict[str, float]:

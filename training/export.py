@@ -131,7 +131,7 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = ExportWrapper(model).output_names
     worst_map, worst_scale = 0.0, 0.0
-    # The fused map of a bundle with heads is the mean of its maps over their null means, so it can only be
+    # The fused map of a bundle with heads is a mean of its maps over their null means, so it can only be
     # as exact as they are: the memory bank's ||x||^2 - 2 x.b + ||b||^2 cancels in float32, and ONNX Runtime
     # sums in another order than torch (measured 1.2e-4 relative on a planted defect, default bundle).
     map_tolerance = MAP_TOLERANCE if len(model.heads) == 0 else SCALE_MAP_TOLERANCE
