@@ -70,11 +70,12 @@ def lowest(maps: list[np.ndarray], size: tuple[int, int], nulls: tuple[nfa.Scale
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
+    parser.add_argument("--grid", type=int, default=0, help="the fused map's grid: that of map N (0: the finest)")
     args = parser.parse_args(argv)
     run = run_maps_of(args)
     assert run.test is not None and run.test_labels is not None
     means = [n.mean for n in run.envelope]
-    grid = run.val[0].shape[1:]
+    grid = run.val[args.grid].shape[1:]
     eps = DEFAULT_LOG10_EPSILON
 
     def with_fused(maps: list[np.ndarray]) -> list[np.ndarray]:
