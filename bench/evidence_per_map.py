@@ -32,17 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_maps import add_run_arguments, planted_found, run_maps_of
 
-from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
-from training.finish import DEFAULT_LOG10_EPSILON
+from training.finish import DEFAULT_LOG10_EPSILON, min_log_nfa
 from training.nfa_null import calibrate
-
-
-def decide(maps: list[np.ndarray], channels: list[int], heads: list[str], size: tuple[int, int], nulls) -> np.ndarray:
-    """Per image: the lowest log10 NFA (as the agent computes it)."""
-    return np.array(
-        [float(log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls).min()) for i in range(len(maps[0]))]
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for label, nulls in variants.items():
         found = planted_found(planted, samples, size, nulls, eps)
-        val_flag = (decide(maps, channels, heads, size, nulls) < eps).mean()
-        scores = decide(test, channels, heads, size, nulls)
+        val_flag = (np.array(min_log_nfa(maps, channels, size, nulls, heads)) < eps).mean()
+        scores = np.array(min_log_nfa(test, channels, size, nulls, heads))
         flagged = scores < eps
         factors = " ".join(f"{n}:{b.dof / e.dof:.2f}" for n, b, e in zip(names, nulls, envelope, strict=True))
         print(

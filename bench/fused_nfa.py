@@ -26,45 +26,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import add_run_arguments, planted_found, run_maps_of
+from run_maps import add_run_arguments, fused_map, planted_found, run_maps_of
 
-from edge_agent.inspection import nfa
 from training import metrics
-from training.finish import DEFAULT_LOG10_EPSILON
-from training.model import GEOMETRIC_FLOOR
+from training.finish import DEFAULT_LOG10_EPSILON, min_log_nfa
 from training.nfa_null import calibrate, fit_scale_null
 
 FUSED_CHANNELS = 1  # unused under a fitted null (dof / area replace C_s); log_nfa_map wants a count
-
-
-def fused(maps: list[np.ndarray], means: list[float], grid: tuple[int, int]) -> np.ndarray:
-    """N x H x W geometric mean of every map over its mean, bilinearly resampled to ``grid``."""
-    logs = [
-        np.log(
-            np.maximum(
-                F.interpolate(
-                    torch.from_numpy(np.asarray(m / mean, np.float32)).unsqueeze(1), size=grid, mode="bilinear"
-                )[:, 0].numpy(),
-                GEOMETRIC_FLOOR,
-            )
-        )
-        for m, mean in zip(maps, means, strict=True)
-    ]
-    return np.exp(np.mean(logs, axis=0))
-
-
-def lowest(maps: list[np.ndarray], size: tuple[int, int], nulls: tuple[nfa.ScaleNull, ...]) -> np.ndarray:
-    """Per image: the lowest log10 NFA over every map."""
-    channels = [FUSED_CHANNELS] * len(maps)
-    return np.array(
-        [float(nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls).min()) for i in range(len(maps[0]))]
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     eps = DEFAULT_LOG10_EPSILON
 
     def with_fused(maps: list[np.ndarray]) -> list[np.ndarray]:
-        return [*maps, fused(maps, means, grid)]
+        return [*maps, fused_map(maps, means, grid, geometric=True)]
 
     sets = {"val": with_fused(run.val), "planted": with_fused(run.planted_maps), "test": with_fused(run.test)}
     fused_envelope = fit_scale_null(sets["val"][-1])
@@ -104,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             envelope=tuple(everything[k] for k in pick),
         )
         found = planted_found([sets["planted"][k] for k in pick], run.planted, run.size, chosen.nulls, eps)
-        evidence = -lowest([sets["test"][k] for k in pick], run.size, chosen.nulls)
+        tested = [sets["test"][k] for k in pick]
+        evidence = -np.array(min_log_nfa(tested, [FUSED_CHANNELS] * len(pick), run.size, chosen.nulls))
         flagged = evidence > -eps
         good = evidence[~labels]
         oracle = " / ".join(f"{np.mean(evidence[labels] > np.quantile(good, 1 - rate)):.1%}" for rate in (0.01, 0.02))

@@ -17,61 +17,46 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import add_run_arguments, run_maps_of
+from run_maps import add_run_arguments, fused_map, run_maps_of
 
 from training import metrics
-from training.model import GEOMETRIC_FLOOR
 
-Fusion = Callable[[list[np.ndarray]], np.ndarray]
-
-
-def upsampled(maps: list[np.ndarray], means: list[float], size: tuple[int, int]) -> list[np.ndarray]:
-    """Every map divided by its null's mean, bilinearly upsampled to ``size`` (as the graph does)."""
-    return [
-        F.interpolate(
-            torch.from_numpy(np.asarray(m / mean, dtype=np.float32)).unsqueeze(1), size=size, mode="bilinear"
-        )[:, 0].numpy()
-        for m, mean in zip(maps, means, strict=True)
-    ]
+Fusion = tuple[list[int], bool]  # the maps it reads (indices), and whether it is the geometric mean
 
 
 def fusions(names: list[str]) -> dict[str, Fusion]:
-    """The candidates, by the maps they read (names like m_0, g_1, k_1 and their strides)."""
-
-    def mean_of(pick: list[int]) -> Fusion:
-        return lambda ups: np.mean([ups[k] for k in pick], axis=0)
-
-    def geo_of(pick: list[int]) -> Fusion:
-        return lambda ups: np.exp(np.mean([np.log(np.maximum(ups[k], GEOMETRIC_FLOOR)) for k in pick], axis=0))
-
+    """The candidates, by the maps they read (names like F8, G16, M32: head kind and stride)."""
     every = list(range(len(names)))
     heads = [k for k, n in enumerate(names) if not n.startswith("F")]
     fine_heads = [k for k in heads if names[k].endswith("16") or names[k].endswith("8")]
     not_32 = [k for k, n in enumerate(names) if not n.endswith("32")]
-    out: dict[str, Fusion] = {"mean, every map (today)": mean_of(every), "geometric mean, every map": geo_of(every)}
+    out: dict[str, Fusion] = {"mean, every map (today)": (every, False), "geometric mean, every map": (every, True)}
     if heads:
-        out["mean, heads"] = mean_of(heads)
+        out["mean, heads"] = (heads, False)
     if fine_heads:
-        out["mean, heads at stride <= 16"] = mean_of(fine_heads)
-        out["geometric mean, heads at stride <= 16"] = geo_of(fine_heads)
+        out["mean, heads at stride <= 16"] = (fine_heads, False)
+        out["geometric mean, heads at stride <= 16"] = (fine_heads, True)
     if not_32 and not_32 != every:
-        out["mean, maps at stride <= 16"] = mean_of(not_32)
-        out["geometric mean, maps at stride <= 16"] = geo_of(not_32)
+        out["mean, maps at stride <= 16"] = (not_32, False)
+        out["geometric mean, maps at stride <= 16"] = (not_32, True)
     for k in every:
-        out[f"{names[k]} alone"] = mean_of([k])
+        out[f"{names[k]} alone"] = ([k], False)
     return out
+
+
+def fuse(fusion: Fusion, maps: list[np.ndarray], means: list[float], size: tuple[int, int]) -> np.ndarray:
+    """One candidate's anomaly maps, computed by the graph's own fusion over the maps it reads."""
+    pick, geometric = fusion
+    return fused_map([maps[k] for k in pick], [means[k] for k in pick], size, geometric)
 
 
 def columns(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> str:
@@ -91,21 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     run = run_maps_of(args, test=not args.no_test)
     means = [n.mean for n in run.envelope]
     val_count, planted_count = len(run.val[0]), len(run.planted)
-    planted_ups = upsampled(
-        [np.concatenate([p, v]) for p, v in zip(run.planted_maps, run.val, strict=True)], means, run.size
-    )
+    planted = [np.concatenate([p, v]) for p, v in zip(run.planted_maps, run.val, strict=True)]
     planted_masks = np.concatenate([np.stack([s.mask for s in run.planted]), np.zeros((val_count, *run.size), bool)])
     planted_labels = np.r_[np.ones(planted_count), np.zeros(val_count)]
+    candidates = fusions(run.names)
     test_cols: dict[str, str] = {}
     if run.test is not None and run.test_masks is not None and run.test_labels is not None:
-        test_ups = upsampled(run.test, means, run.size)
-        test_cols = {n: columns(f(test_ups), run.test_masks, run.test_labels) for n, f in fusions(run.names).items()}
+        test_cols = {
+            n: columns(fuse(f, run.test, means, run.size), run.test_masks, run.test_labels)
+            for n, f in candidates.items()
+        }
     print(f"\n{args.run}: maps {' '.join(run.names)}; {planted_count} planted defects on {val_count} validation images")
     print("\n| fusion | planted: pixel AUROC / AUPRO / image AUROC | test (report only): pixel / AUPRO / image |")
     print("|---|---|---|")
-    for label, fuse in fusions(run.names).items():
-        planted = columns(fuse(planted_ups), planted_masks, planted_labels)
-        print(f"| {label} | {planted} | {test_cols.get(label, '-')} |", flush=True)
+    for label, fusion in candidates.items():
+        row = columns(fuse(fusion, planted, means, run.size), planted_masks, planted_labels)
+        print(f"| {label} | {row} | {test_cols.get(label, '-')} |", flush=True)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.catalog import MAP_FUSIONS
 from training.data import load_images, open_dataset
 from training.finish import finish_run
 from training.model import UFlow
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="the run's data (default: what its config.json records)")
     for name in ("gaussian-scales", "memory-scales", "bank-size", "fine-bank-size"):
         parser.add_argument(f"--{name}", type=int)
-    parser.add_argument("--map-fusion", choices=("geometric", "mean"), help="how the anomaly map fuses the maps")
+    parser.add_argument("--map-fusion", choices=MAP_FUSIONS, help="how the anomaly map fuses the maps")
     args = parser.parse_args(argv)
     changes: dict[str, int | str] = {
         key: value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from edge_agent.inspection import nfa
 from training.data import DatasetSplits, load_images, load_mask, open_dataset
 from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
 from training.heads import fit_heads
+from training.model import fused_anomaly_map
 from training.planted import Planted
 from training.rundir import load_model
 
@@ -105,3 +107,10 @@ def planted_found(
             ]
         )
     )
+
+
+def fused_map(maps: list[np.ndarray], means: Sequence[float], size: tuple[int, int], geometric: bool) -> np.ndarray:
+    """The graph's own fusion (``training.model.fused_anomaly_map``) of N x H_k x W_k maps at ``size``."""
+    with torch.no_grad():
+        tensors = [torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps]
+        return fused_anomaly_map(tensors, torch.tensor(list(means)), *size, geometric=geometric).numpy()

@@ -101,6 +101,10 @@ BACKBONES: dict[str, BackboneInfo] = {
 }
 
 
+# How the anomaly map of a model with heads fuses its maps (training/model.py ``fused_anomaly_map``).
+MAP_FUSIONS = ("geometric", "mean")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What ``uflow train --data D --out R`` does with no other flags (docs/results.md "Defaults").
@@ -145,7 +149,7 @@ class Recipe:
     memory_scales: int = 2
     bank_size: int = 2048
     fine_bank_size: int = 512  # the finest stride's bank rows, when memory_scales reaches it (0: bank_size)
-    # The anomaly map of a model with heads: the geometric mean of the maps over their null means. Chosen on
+    # The anomaly map of a model with heads (one of MAP_FUSIONS): the geometric mean of the maps over their null means. Chosen on
     # the planted defects of all three data sets (docs/results.md "How the anomaly map fuses the maps").
     map_fusion: str = "geometric"
     epochs: int = 40

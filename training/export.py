@@ -131,10 +131,7 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = ExportWrapper(model).output_names
     worst_map, worst_scale = 0.0, 0.0
-    # The fused map of a bundle with heads is a mean of its maps over their null means, so it can only be
-    # as exact as they are: the memory bank's ||x||^2 - 2 x.b + ||b||^2 cancels in float32, and ONNX Runtime
-    # sums in another order than torch (measured 1.2e-4 relative on a planted defect, default bundle).
-    map_tolerance = MAP_TOLERANCE if len(model.heads) == 0 else SCALE_MAP_TOLERANCE
+    map_tolerance = _map_tolerance(model)
     for index, image in enumerate(images):
         got = session.run(names, {"image": image[None]})
         want = _torch_outputs(model, image)
@@ -152,6 +149,16 @@ def check_parity(model: UFlow, onnx_path: Path, images: list[np.ndarray]) -> Par
                 f"(limit {map_tolerance}), m_s max scaled diff {diff_scale:.3g} (limit {SCALE_MAP_TOLERANCE})"
             )
     return Parity(worst_map, worst_scale, len(images))
+
+
+def _map_tolerance(model: UFlow) -> float:
+    """How far ONNX Runtime's anomaly map may be from torch's (scaled as :func:`_scaled_diff`).
+
+    The fused map of a bundle with heads is a mean of its maps over their null means, so it can only be as
+    exact as they are: the memory bank's ||x||^2 - 2 x.b + ||b||^2 cancels in float32, and ONNX Runtime sums
+    in another order than torch (measured 1.2e-4 relative on a planted defect, default bundle).
+    """
+    return MAP_TOLERANCE if len(model.heads) == 0 else SCALE_MAP_TOLERANCE
 
 
 def _scaled_diff(got: np.ndarray, want: np.ndarray) -> float:
@@ -391,8 +398,7 @@ def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
             output = engine.infer(image)
             want = _torch_outputs(model, image)[0]
             diff = _scaled_diff(output.anomaly_map, want)
-            # As check_parity: a fused map is only as exact as the bank distances it reads.
-            if diff >= (MAP_TOLERANCE if len(model.heads) == 0 else SCALE_MAP_TOLERANCE):
+            if diff >= _map_tolerance(model):
                 raise ExportError(f"the agent's engine differs from torch on self-test image {rel} by {diff:.3g}")
     finally:
         engine.close()

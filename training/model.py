@@ -20,11 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import CaitFeatureExtractor, FeatureExtractor, create_backbone
-from training.catalog import DEFAULT_BACKBONE, DEFAULT_RECIPE, DEFAULT_STRIDES, NORM_KINDS, backbone_info
+from training.catalog import (
+    DEFAULT_BACKBONE,
+    DEFAULT_RECIPE,
+    DEFAULT_STRIDES,
+    MAP_FUSIONS,
+    NORM_KINDS,
+    backbone_info,
+)
 from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
 from training.heads import HEAD_KINDS, MAP_PREFIX, GaussianHead, MemoryHead
 
-MAP_FUSIONS = ("geometric", "mean")
 # The floor of m / mean under the geometric fusion's log. No pixel of an unseen image goes below it on the
 # three data sets (0 of every test map pixel), so it changes no score; it matters only on images the bank
 # holds (distance ~0, where ONNX Runtime's and torch's rounding differ and a log would magnify it).

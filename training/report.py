@@ -82,7 +82,7 @@ def grid_row(
     truth = _outline(image.copy(), mask, _RED)
     low, high = span
     if low > 0.0 and high > 1.0:
-        # The heads' fused map (mean or geometric mean of m / null mean: about 1 on good parts, up to hundreds on defects) is
+        # The heads' fused map (a mean of m / null mean: about 1 on good parts, up to hundreds on defects) is
         # shown on a log scale, or a single large defect would leave every other map one colour.
         scaled = np.clip(np.log(np.maximum(amap, low) / low) / max(math.log(high / low), 1e-12), 0.0, 1.0)
     else:

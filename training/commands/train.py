@@ -11,7 +11,7 @@ from edge_agent.cli.common import EXIT_OK
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``uflow train``."""
-    from training.catalog import BACKBONES, DEFAULT_RECIPE, NORM_KINDS
+    from training.catalog import BACKBONES, DEFAULT_RECIPE, MAP_FUSIONS, NORM_KINDS
 
     recipe = DEFAULT_RECIPE
 
@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--map-fusion",
-        choices=("geometric", "mean"),
+        choices=MAP_FUSIONS,
         default=recipe.map_fusion,
         help="how the anomaly map fuses the flow's and the heads' maps (the NFA decision does not read it)",
     )
