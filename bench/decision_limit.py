@@ -10,7 +10,8 @@ shows, per defect type and overall:
   the defective share it would flag. No deployable rule can choose it (it reads the test labels): it is
   the ceiling that the ranking allows at that false-alarm rate. When the deployed row is far below the
   oracle, the threshold is the limit (calibration); when the oracle itself is low, the evidence is;
-- the image AUROC of the evidence and of the anomaly map's maximum.
+- the image AUROC of the evidence and of the anomaly map's maximum;
+- by name, the good images the deployed decision flags, strongest evidence first.
 
 Reporting only: nothing here chooses a default (defaults are chosen on training and validation images and
 planted defects, docs/results.md).
@@ -102,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| {kind} | {len(values)} | {share(values, deployed)} | {share(values, contrario)} | "
             f"{share(values, oracle[0.01])} | {share(values, oracle[0.02])} | {auroc} |"
         )
+    flagged_good = sorted(
+        ((e, path.name) for e, path in zip(evidence["good"], groups["good"], strict=True) if e > deployed), reverse=True
+    )
+    # Which good parts the deployed decision rejects: a handful of parts imaged again and again (a wear
+    # sequence) reads differently from false alarms spread over the line.
+    print(f"\ngood images flagged at the deployed epsilon: {len(flagged_good)} of {len(good)}")
+    for value, name in flagged_good:
+        print(f"  {name}  evidence {value:.1f} (threshold {deployed:.1f})")
     if args.out:
         args.out.write_text(json.dumps({"log10_n": log10_n, "epsilon": epsilon, "evidence": evidence, "peak": peak}))
     return 0

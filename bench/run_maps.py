@@ -41,6 +41,7 @@ class RunMaps:
     heads: list[str]
     val: list[np.ndarray]  # the calibration images: flow maps and out-of-sample head maps
     envelope: tuple[Any, ...]  # training's per-map null (nfa.ScaleNull), before the evidence factor
+    head_every: list[np.ndarray]  # the heads' out-of-sample maps of every good image (their nulls' data)
     planted: list[Planted]
     planted_maps: list[np.ndarray]
     test: list[np.ndarray] | None = None  # the deployed heads
@@ -48,8 +49,14 @@ class RunMaps:
     test_masks: np.ndarray | None = None
 
 
-def load_run_maps(run: Path, data: str | None, batch_size: int = 16, test: bool = True) -> RunMaps:
-    """``run``'s maps on its data (``data``: default what its config.json records); ``test``: the test split too."""
+def load_run_maps(
+    run: Path, data: str | None, batch_size: int = 16, test: bool = True, planted_seeds: Sequence[int] = (0,)
+) -> RunMaps:
+    """``run``'s maps on its data (``data``: default what its config.json records); ``test``: the test split too.
+
+    ``planted_seeds``: training's planted defects are seed 0; more seeds plant more defects on the same
+    validation images (a larger, less noisy label-free criterion for a study).
+    """
     model, info = load_model(run)
     splits = open_dataset(data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1)))
     height, width = model.config.image_height, model.config.image_width
@@ -59,7 +66,14 @@ def load_run_maps(run: Path, data: str | None, batch_size: int = 16, test: bool 
         cross = fit_heads(model.heads, backbone_features(model, good, batch_size), seed=model.config.seed)
     every = evidence_maps(model, good, batch_size, cross, np.arange(len(good)))
     val_maps = evidence_maps(model, val, batch_size, cross, len(train) + np.arange(len(val)))
-    samples, planted = planted_maps(model, val, batch_size, cross=cross, first_owner=len(train))
+    samples: list[Planted] = []
+    planted: list[np.ndarray] = []
+    for seed in planted_seeds:
+        more, more_maps = planted_maps(model, val, batch_size, seed=seed, cross=cross, first_owner=len(train))
+        samples += more
+        planted = (
+            more_maps if not planted else [np.concatenate([a, b]) for a, b in zip(planted, more_maps, strict=True)]
+        )
     maps = RunMaps(
         model=model,
         splits=splits,
@@ -69,6 +83,7 @@ def load_run_maps(run: Path, data: str | None, batch_size: int = 16, test: bool 
         heads=[s.head for s in model.scales],
         val=val_maps,
         envelope=tuple(fit_nulls(model, val_maps, every[len(model.flow_scales) :])),
+        head_every=every[len(model.flow_scales) :],
         planted=samples,
         planted_maps=planted,
     )

@@ -460,3 +460,26 @@ def test_the_fused_nfa_bench_reproduces_trainings_calibration_in_its_today_row(
     scores = json.loads((hybrid_run / "val_scores.json").read_text())
     assert float(rows["today"][0]) == pytest.approx(scores["nfa_evidence_scale"])
     assert float(rows["today"][1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
+
+
+def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
+    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/correlation_lag.py: at today's reach its areas, factor and planted share are training's own;
+    a longer reach gives every map at least today's area (more lags, each correlation clipped at 0)."""
+    from training.nfa_null import MAX_LAG
+
+    bench = _bench("correlation_lag")
+    argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]
+    assert bench.main([*argv, "--lags", str(MAX_LAG), "6"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert set(rows) == {str(MAX_LAG), "6"}
+    scores = json.loads((hybrid_run / "val_scores.json").read_text())
+    today = rows[str(MAX_LAG)]
+    want_areas = [round(n["area"], 1) for n in scores["nfa_null"]]
+    areas = [float(cell.split(":")[1]) for cell in today[0].split()]
+    np.testing.assert_allclose(areas, want_areas, atol=0.051)
+    assert float(today[1]) == pytest.approx(scores["nfa_evidence_scale"])
+    assert float(today[2].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
+    longer = [float(cell.split(":")[1]) for cell in rows["6"][0].split()]
+    assert all(b >= a - 1e-9 for a, b in zip(areas, longer, strict=True))

@@ -224,6 +224,7 @@ def calibrate(
     folds: int = CALIBRATION_FOLDS,
     envelope: tuple[ScaleNull, ...] | None = None,
     weights: Sequence[float] | None = None,
+    max_lag: int = MAX_LAG,
 ) -> Calibration:
     """Fit the null on good calibration maps and choose the evidence factor by cross-fitting.
 
@@ -238,7 +239,8 @@ def calibrate(
     search between grid steps was measured and not kept, docs/nfa.md). The shipped null is fitted on all
     images (``envelope`` when the caller has it) times that factor. ``weights`` (one per map) multiply
     each map's dof before the factor, in the folds and in the shipped null alike (a per-map study,
-    bench/evidence_per_map.py; None everywhere in training).
+    bench/evidence_per_map.py; None everywhere in training). ``max_lag``: the correlation area's reach
+    (:func:`correlation_area`), in the folds' nulls as in the envelope's (bench/correlation_lag.py).
     """
     images = len(scale_maps[0])
     if any(len(m) != images for m in scale_maps):
@@ -250,7 +252,7 @@ def calibrate(
     for block in slices:
         keep = np.ones(images, dtype=bool)
         keep[block] = False
-        fold_nulls.append(weighted(fit_null([m[keep] for m in scale_maps]), weights))
+        fold_nulls.append(weighted(fit_null([m[keep] for m in scale_maps], max_lag), weights))
 
     def count(factor: float) -> FactorCount:
         regions = flagged = at_0 = at_check = 0
@@ -273,7 +275,7 @@ def calibrate(
     passed = [c for c in counts if _acceptable(c, images, promise)]
     # Nothing passes: even the most conservative factor flags held-out images; ship it and say so.
     chosen = passed[-1] if passed else counts[0]
-    final = weighted(envelope if envelope is not None else fit_null(scale_maps), weights)
+    final = weighted(envelope if envelope is not None else fit_null(scale_maps, max_lag), weights)
     return Calibration(
         nulls=scaled(final, chosen.factor),
         factor=chosen.factor,

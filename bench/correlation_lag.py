@@ -1,0 +1,87 @@
+"""How far the fitted null's correlation area reaches: a study on a finished run (issue 20).
+
+Each map's null counts a region of |R| pixels as |R| / area independent observations, ``area`` being the
+sum of the map's spatial autocorrelation over lags up to ``max_lag`` (training/nfa_null.py). Where a map's
+correlation reaches further than ``max_lag`` (the stride-8 flow map: 16 image pixels at lag 2), its
+large regions are counted as many more independent observations than they are, and one such map's
+good-image blobs (glare, texture patches) set the evidence factor that every map shares.
+
+For each ``--lags`` value this refits every null exactly as training's finish does (the flow's on the
+validation maps, the heads' on their out-of-sample maps of every good image), re-runs training's
+cross-fitted calibration with the same reach in its folds, and reports:
+
+- the areas and the evidence factor;
+- the planted check (training's label-free criterion) on ``--planted-seeds`` (seed 0 is training's own
+  defects; more seeds plant more on the same validation images, so the criterion is less noisy);
+- on the test split (reporting only): defective / good images flagged at the deployed epsilon, the
+  share of defective images above the evidence of the 1 % / 2 % most suspicious good ones (the "oracle"
+  of bench/decision_limit.py) and the NFA evidence's image AUROC.
+
+    nice .venv/bin/python bench/correlation_lag.py --run runs/magnetic_tile --lags 2 8 16 --planted-seeds 0 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_maps import add_run_arguments, load_run_maps, planted_found
+
+from training import metrics
+from training.finish import DEFAULT_LOG10_EPSILON, fit_nulls, min_log_nfa
+from training.nfa_null import MAX_LAG, calibrate
+
+
+def oracle_share(evidence: np.ndarray, labels: np.ndarray, good_share: float) -> float:
+    """Share of defective images whose evidence is above the ``good_share`` most suspicious good ones'."""
+    threshold = np.quantile(evidence[~labels], 1.0 - good_share)
+    return float((evidence[labels] > threshold).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    parser.add_argument("--lags", type=int, nargs="+", default=[MAX_LAG, 16])
+    parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = load_run_maps(args.run, args.data, args.batch_size, planted_seeds=args.planted_seeds)
+    assert run.test is not None and run.test_labels is not None
+    maps, channels, heads, size = run.val, run.channels, run.heads, run.size
+    labels, eps = run.test_labels, DEFAULT_LOG10_EPSILON
+    print(
+        f"\n{args.run}: {len(maps[0])} calibration images, {len(run.planted)} planted defects "
+        f"(seeds {args.planted_seeds}), maps {' '.join(run.names)}, today's reach {MAX_LAG}"
+    )
+    print(
+        "\n| reach (lags) | areas | factor | planted found | test: defective / good flagged | "
+        "oracle at 1 % / 2 % good | image AUROC (NFA) |\n|---|---|---|---|---|---|---|"
+    )
+    for lag in args.lags:
+        envelope = fit_nulls(run.model, maps, run.head_every, max_lag=lag)
+        cal = calibrate(maps, channels, size, eps, envelope=envelope, max_lag=lag)
+        found = planted_found(run.planted_maps, run.planted, size, cal.nulls, eps)
+        scores = np.array(min_log_nfa(run.test, channels, size, cal.nulls, heads))
+        flagged, evidence = scores < eps, -scores
+        print(
+            f"| {lag} | {' '.join(f'{n}:{e.area:.1f}' for n, e in zip(run.names, envelope, strict=True))} | "
+            f"{cal.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
+            f"{oracle_share(evidence, labels, 0.01):.1%} / {oracle_share(evidence, labels, 0.02):.1%} | "
+            f"{metrics.image_auroc(evidence, labels):.3f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
