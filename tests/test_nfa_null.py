@@ -79,6 +79,17 @@ def test_correlation_area_is_one_for_independent_pixels_and_grows_with_smoothing
     assert correlation_area(correlated) > 2.0
 
 
+def test_correlation_area_reaches_far_correlations_but_not_far_noise() -> None:
+    """A long reach finds correlation that lag 2 misses, and adds nothing for independent pixels (the
+    positive parts of hundreds of noisy far lags used to read 4.7 instead of 1 at a reach of 16)."""
+    rng = np.random.default_rng(3)
+    independent = rng.chisquare(8, size=(20, 32, 32)) / 8
+    assert correlation_area(independent, max_lag=16) == pytest.approx(1.0, abs=0.2)
+    blobs = np.stack([cv2.GaussianBlur(rng.standard_normal((32, 32)), (0, 0), 3.0) ** 2 for _ in range(20)])
+    near, far = correlation_area(blobs, max_lag=2), correlation_area(blobs, max_lag=16)
+    assert far > 1.5 * near > 1.5
+
+
 def test_fit_rejects_bad_maps() -> None:
     with pytest.raises(ValueError, match="N x H x W"):
         fit_scale_null(np.ones((4, 4)))

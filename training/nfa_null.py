@@ -37,6 +37,8 @@ from edge_agent.inspection.nfa import ScaleNull, log_nfa_map, regions_from_log_n
 from edge_agent.promise import PromiseCheck, check_promise, poisson_upper
 
 MAX_LAG = 2
+# A lag's correlation counts towards the area only above this many standard errors of noise.
+NOISE_Z = 3.0
 # Factors below 1 shrink the envelope's evidence: where a null fitted on some images already flags
 # others, the most conservative honest choice is less evidence than the envelope.
 EVIDENCE_SCALES: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
@@ -65,9 +67,13 @@ def tail_dof(t: np.ndarray) -> float:
 
 
 def correlation_area(maps: np.ndarray, max_lag: int = MAX_LAG) -> float:
-    """Sum of the (positive) spatial autocorrelations of the maps over lags |dy|, |dx| <= max_lag.
+    """Sum of the spatial autocorrelations of the maps over lags |dy|, |dx| <= max_lag that stand out of noise.
 
-    Each map is centred on its own mean; the correlation is pooled over images. At least 1.
+    Each map is centred on its own mean; the correlation is pooled over images, over lags at which at
+    least half of a map's rows and columns pair up (the reach is capped at half the map). A lag counts when its
+    correlation is above ``NOISE_Z`` standard errors of a correlation of independent pixels
+    (1 / sqrt(pairs)): summing every lag's positive part would add the noise of hundreds of far lags
+    (independent 32x32 maps would read 4.7 instead of 1 at a reach of 16). At least 1.
     """
     m = np.asarray(maps, dtype=np.float64)
     if m.ndim != 3:
@@ -76,15 +82,21 @@ def correlation_area(maps: np.ndarray, max_lag: int = MAX_LAG) -> float:
     var = float((m * m).mean())
     if var <= 0.0:
         return 1.0
-    _, height, width = m.shape
+    count, height, width = m.shape
+    reach_y, reach_x = min(max_lag, max(height // 2, 1)), min(max_lag, max(width // 2, 1))
+    # Every lag's sum of products at once: the zero-padded FFT's power spectrum, summed over images, is
+    # the autocorrelation (the direct loop over lags is too slow at a long reach on hundreds of images).
+    shape = (2 * height, 2 * width)
+    sums = np.fft.irfft2((np.abs(np.fft.rfft2(m, s=shape)) ** 2).sum(axis=0), s=shape)
     total = 0.0
-    for dy in range(-max_lag, max_lag + 1):
-        for dx in range(-max_lag, max_lag + 1):
+    for dy in range(-reach_y, reach_y + 1):
+        for dx in range(-reach_x, reach_x + 1):
             if abs(dy) >= height or abs(dx) >= width:
                 continue
-            a = m[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)]
-            b = m[:, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
-            total += max(float((a * b).mean()) / var, 0.0)
+            pairs = count * (height - abs(dy)) * (width - abs(dx))
+            rho = float(sums[dy % shape[0], dx % shape[1]]) / pairs / var
+            if (dy == 0 and dx == 0) or rho > NOISE_Z / math.sqrt(pairs):
+                total += rho
     return max(1.0, total)
 
 
