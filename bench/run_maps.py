@@ -108,20 +108,26 @@ def run_maps_of(args: argparse.Namespace, test: bool = True) -> RunMaps:
     return load_run_maps(args.run, args.data, args.batch_size, test)
 
 
+def planted_hits(
+    maps: list[np.ndarray], planted: list[Planted], size: tuple[int, int], nulls: Any, eps: float
+) -> np.ndarray:
+    """Per ``planted`` defect, whether the fitted NFA finds it (a region below ``eps`` touching the defect),
+    as training's planted check counts them; ``maps``: the planted images' maps, one per null."""
+    channels = [1] * len(maps)  # unused under a fitted null (dof / area replace C_s)
+    return np.array(
+        [
+            bool(((nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls) < eps) & sample.mask).any())
+            for i, sample in enumerate(planted)
+        ],
+        dtype=bool,
+    )
+
+
 def planted_found(
     maps: list[np.ndarray], planted: list[Planted], size: tuple[int, int], nulls: Any, eps: float
 ) -> float:
-    """Share of ``planted`` defects the fitted NFA finds (a region below ``eps`` touching the defect), as
-    training's planted check counts them; ``maps``: the planted images' maps, one per null."""
-    channels = [1] * len(maps)  # unused under a fitted null (dof / area replace C_s)
-    return float(
-        np.mean(
-            [
-                bool(((nfa.log_nfa_map([m[i] for m in maps], channels, size, nulls) < eps) & sample.mask).any())
-                for i, sample in enumerate(planted)
-            ]
-        )
-    )
+    """Share of ``planted`` defects the fitted NFA finds (:func:`planted_hits`)."""
+    return float(planted_hits(maps, planted, size, nulls, eps).mean())
 
 
 def fused_map(maps: list[np.ndarray], means: Sequence[float], size: tuple[int, int], geometric: bool) -> np.ndarray:

@@ -472,8 +472,13 @@ def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
     bench = _bench("correlation_lag")
     argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]
     assert bench.main([*argv, "--lags", str(MAX_LAG), "6"]) == 0
-    rows = _table_rows(capsys.readouterr().out)
+    main_table, kinds_table = capsys.readouterr().out.split("\n| reach |")
+    rows = _table_rows(main_table)
     assert set(rows) == {str(MAX_LAG), "6"}
+    # The planted share per kind and size: one row per reach, a share (or "-") per column.
+    kind_rows = _table_rows("| reach |" + kinds_table)
+    assert set(kind_rows) == {str(MAX_LAG), "6"}
+    assert all(cell == "-" or 0.0 <= float(cell.rstrip("%")) <= 100.0 for cell in kind_rows["6"])
     scores = json.loads((hybrid_run / "val_scores.json").read_text())
     today = rows[str(MAX_LAG)]
     want_areas = [round(n["area"], 1) for n in scores["nfa_null"]]
