@@ -1,12 +1,13 @@
 """How far the fitted null's correlation area reaches: a study on a finished run (issue 20).
 
 Each map's null counts a region of |R| pixels as |R| / area independent observations, ``area`` being the
-sum of the map's spatial autocorrelation over lags up to ``max_lag`` (training/nfa_null.py). Where a map's
-correlation reaches further than ``max_lag`` (the stride-8 flow map: 16 image pixels at lag 2), its
+sum of the map's spatial autocorrelation over lags up to 2 (training/nfa_null.py ``Reach``). Where a map's
+correlation reaches further than that (the stride-8 flow map: 16 image pixels at lag 2), its
 large regions are counted as many more independent observations than they are, and one such map's
 good-image blobs (glare, texture patches) set the evidence factor that every map shares.
 
-For each ``--lags`` value this refits every null exactly as training's finish does (the flow's on the
+For today's reach (row "today") and each ``--lags`` value (with the noise floor ``--noise-z`` that a long
+reach needs, ``Reach``) this refits every null exactly as training's finish does (the flow's on the
 validation maps, the heads' on their out-of-sample maps of every good image), re-runs training's
 cross-fitted calibration with the same reach in its folds, and reports:
 
@@ -17,7 +18,7 @@ cross-fitted calibration with the same reach in its folds, and reports:
   share of defective images above the evidence of the 1 % / 2 % most suspicious good ones (the "oracle"
   of bench/decision_limit.py) and the NFA evidence's image AUROC.
 
-    nice .venv/bin/python bench/correlation_lag.py --run runs/magnetic_tile --lags 2 8 16 --planted-seeds 0 1 2 3
+    nice .venv/bin/python bench/correlation_lag.py --run runs/magnetic_tile --lags 2 8 16 --planted-seeds 0 1 2 3 4 5
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from run_maps import add_run_arguments, load_run_maps, planted_hits
 
 from training import metrics
 from training.finish import DEFAULT_LOG10_EPSILON, fit_nulls, min_log_nfa
-from training.nfa_null import MAX_LAG, calibrate
+from training.nfa_null import DEFAULT_REACH, Reach, calibrate
 
 
 def oracle_share(evidence: np.ndarray, labels: np.ndarray, good_share: float) -> float:
@@ -51,7 +52,8 @@ def oracle_share(evidence: np.ndarray, labels: np.ndarray, good_share: float) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
-    parser.add_argument("--lags", type=int, nargs="+", default=[MAX_LAG, 16])
+    parser.add_argument("--lags", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--noise-z", type=float, default=3.0, help="the noise floor of the --lags rows")
     parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,20 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     labels, eps = run.test_labels, DEFAULT_LOG10_EPSILON
     print(
         f"\n{args.run}: {len(maps[0])} calibration images, {len(run.planted)} planted defects "
-        f"(seeds {args.planted_seeds}), maps {' '.join(run.names)}, today's reach {MAX_LAG}"
+        f"(seeds {args.planted_seeds}), maps {' '.join(run.names)}, today's reach {DEFAULT_REACH}"
     )
     print(
         "\n| reach (lags) | areas | factor | planted found | test: defective / good flagged | "
         "oracle at 1 % / 2 % good | image AUROC (NFA) |\n|---|---|---|---|---|---|---|"
     )
     kinds = [*sorted({p.kind for p in run.planted}), "small", "medium", "large"]
-    by_kind: dict[int, list[str]] = {}
-    for lag in args.lags:
-        envelope = fit_nulls(run.model, maps, run.head_every, max_lag=lag)
-        cal = calibrate(maps, channels, size, eps, envelope=envelope, max_lag=lag)
+    by_kind: dict[str, list[str]] = {}
+    reaches = {"today": DEFAULT_REACH, **{str(lag): Reach(lag, args.noise_z) for lag in args.lags}}
+    for label, reach in reaches.items():
+        envelope = fit_nulls(run.model, maps, run.head_every, reach)
+        cal = calibrate(maps, channels, size, eps, envelope=envelope, reach=reach)
         hits = planted_hits(run.planted_maps, run.planted, size, cal.nulls, eps)
         found = float(hits.mean())
-        by_kind[lag] = [
+        by_kind[label] = [
             f"{hits[[k in (p.kind, p.size) for p in run.planted]].mean():.1%}"
             if any(k in (p.kind, p.size) for p in run.planted)
             else "-"
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = np.array(min_log_nfa(run.test, channels, size, cal.nulls, heads))
         flagged, evidence = scores < eps, -scores
         print(
-            f"| {lag} | {' '.join(f'{n}:{e.area:.1f}' for n, e in zip(run.names, envelope, strict=True))} | "
+            f"| {label} | {' '.join(f'{n}:{e.area:.1f}' for n, e in zip(run.names, envelope, strict=True))} | "
             f"{cal.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
             f"{oracle_share(evidence, labels, 0.01):.1%} / {oracle_share(evidence, labels, 0.02):.1%} | "
             f"{metrics.image_auroc(evidence, labels):.3f} |",
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     # Which planted defects a reach gains or loses: thin scratches live in the fine maps, large soft
     # blobs and textures in the coarse ones.
     print(f"\n| reach | {' | '.join(kinds)} |\n|---|{'---|' * len(kinds)}")
-    for lag, cells in by_kind.items():
-        print(f"| {lag} | {' | '.join(cells)} |")
+    for label, cells in by_kind.items():
+        print(f"| {label} | {' | '.join(cells)} |")
     return 0
 
 

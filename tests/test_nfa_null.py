@@ -18,6 +18,7 @@ from edge_agent.inspection import nfa
 from edge_agent.promise import poisson_upper
 from training.nfa_null import (
     EVIDENCE_SCALES,
+    Reach,
     calibrate,
     calibrate_evidence,
     correlation_area,
@@ -80,14 +81,30 @@ def test_correlation_area_is_one_for_independent_pixels_and_grows_with_smoothing
 
 
 def test_correlation_area_reaches_far_correlations_but_not_far_noise() -> None:
-    """A long reach finds correlation that lag 2 misses, and adds nothing for independent pixels (the
-    positive parts of hundreds of noisy far lags used to read 4.7 instead of 1 at a reach of 16)."""
+    """A long reach with the noise floor finds correlation that lag 2 misses and adds nothing for independent
+    pixels; without the floor, the positive parts of hundreds of noisy far lags would read several times 1."""
     rng = np.random.default_rng(3)
     independent = rng.chisquare(8, size=(20, 32, 32)) / 8
-    assert correlation_area(independent, max_lag=16) == pytest.approx(1.0, abs=0.2)
+    assert correlation_area(independent, Reach(16, 3.0)) == pytest.approx(1.0, abs=0.2)
+    assert correlation_area(independent, Reach(16, 0.0)) > 3.0
     blobs = np.stack([cv2.GaussianBlur(rng.standard_normal((32, 32)), (0, 0), 3.0) ** 2 for _ in range(20)])
-    near, far = correlation_area(blobs, max_lag=2), correlation_area(blobs, max_lag=16)
+    near, far = correlation_area(blobs), correlation_area(blobs, Reach(16, 3.0))
     assert far > 1.5 * near > 1.5
+
+
+def test_the_default_correlation_area_sums_every_positive_lag_up_to_two() -> None:
+    """The default reach is the estimator every bundle so far was fitted with: lags |dy|, |dx| <= 2, each
+    correlation's positive part, written here as a plain loop."""
+    rng = np.random.default_rng(4)
+    maps = np.stack([cv2.GaussianBlur(rng.standard_normal((9, 13)), (0, 0), 1.0) ** 2 for _ in range(6)])
+    centred = maps - maps.mean(axis=(1, 2), keepdims=True)
+    var, want = float((centred**2).mean()), 0.0
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            a = centred[:, max(dy, 0) : 9 + min(dy, 0), max(dx, 0) : 13 + min(dx, 0)]
+            b = centred[:, max(-dy, 0) : 9 + min(-dy, 0), max(-dx, 0) : 13 + min(-dx, 0)]
+            want += max(float((a * b).mean()) / var, 0.0)
+    assert correlation_area(maps) == pytest.approx(max(want, 1.0), rel=1e-9)
 
 
 def test_fit_rejects_bad_maps() -> None:

@@ -39,7 +39,15 @@ from edge_agent.promise import shortfall
 from training.data import DatasetSplits, Record
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
 from training.model import UFlow, scale_maps, to_float_nchw
-from training.nfa_null import MAX_LAG, MIN_CALIBRATION_IMAGES, calibrate, fit_null, fit_scale_null, null_to_dict
+from training.nfa_null import (
+    DEFAULT_REACH,
+    MIN_CALIBRATION_IMAGES,
+    Reach,
+    calibrate,
+    fit_null,
+    fit_scale_null,
+    null_to_dict,
+)
 from training.planted import Planted, planted_set
 from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, save_checkpoint, write_json
 
@@ -183,11 +191,11 @@ def fit_nulls(
     model: UFlow,
     val_maps: list[np.ndarray],
     head_maps: list[np.ndarray],
-    max_lag: int = MAX_LAG,
+    reach: Reach = DEFAULT_REACH,
 ) -> tuple[nfa.ScaleNull, ...]:
     """The flow's nulls from its validation maps, each head's from its out-of-sample maps of every good image."""
-    flow = fit_null(val_maps[: len(model.flow_scales)], max_lag)
-    return (*flow, *(fit_scale_null(m, max_lag) for m in head_maps))
+    flow = fit_null(val_maps[: len(model.flow_scales)], reach)
+    return (*flow, *(fit_scale_null(m, reach) for m in head_maps))
 
 
 def finish_run(

@@ -11,7 +11,7 @@ measures three numbers per scale on good validation images, which the training n
   stays above the empirical survival function of t at every observed level above the mean, i.e. the
   per-pixel bound holds on the good data, tail included;
 - ``area``: the correlation area, the sum of the spatial autocorrelation of m_s over lags up to
-  ``max_lag`` (the variance inflation of a mean over a region): |R| pixels carry about
+  2 (:class:`Reach`; the variance inflation of a mean over a region): |R| pixels carry about
   |R| / area independent observations.
 
 The envelope is set by the single most extreme good pixel, which makes it very conservative (on
@@ -36,9 +36,24 @@ import numpy as np
 from edge_agent.inspection.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
 from edge_agent.promise import PromiseCheck, check_promise, poisson_upper
 
-MAX_LAG = 2
-# A lag's correlation counts towards the area only above this many standard errors of noise.
-NOISE_Z = 3.0
+
+@dataclass(frozen=True)
+class Reach:
+    """How far the correlation area looks (:func:`correlation_area`).
+
+    Lags up to ``max_lag`` in each direction. ``noise_z`` = 0 sums the positive part of every lag's
+    correlation (the default, at lag 2). ``noise_z`` > 0 counts a lag only when its correlation stands
+    more than ``noise_z`` standard errors above the noise of independent pixels, and caps the reach at
+    half the map: a long reach needs both, or it sums the noise of hundreds of far lags (independent
+    32x32 maps read 4.7 instead of 1 at lag 16 without them). bench/correlation_lag.py measures reaches.
+    """
+
+    max_lag: int = 2
+    noise_z: float = 0.0
+
+
+DEFAULT_REACH = Reach()
+
 # Factors below 1 shrink the envelope's evidence: where a null fitted on some images already flags
 # others, the most conservative honest choice is less evidence than the envelope.
 EVIDENCE_SCALES: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
@@ -66,14 +81,10 @@ def tail_dof(t: np.ndarray) -> float:
     return float(bound.min())
 
 
-def correlation_area(maps: np.ndarray, max_lag: int = MAX_LAG) -> float:
-    """Sum of the spatial autocorrelations of the maps over lags |dy|, |dx| <= max_lag that stand out of noise.
+def correlation_area(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> float:
+    """Sum of the spatial autocorrelations of the maps over the lags of ``reach`` (see :class:`Reach`).
 
-    Each map is centred on its own mean; the correlation is pooled over images, over lags at which at
-    least half of a map's rows and columns pair up (the reach is capped at half the map). A lag counts when its
-    correlation is above ``NOISE_Z`` standard errors of a correlation of independent pixels
-    (1 / sqrt(pairs)): summing every lag's positive part would add the noise of hundreds of far lags
-    (independent 32x32 maps would read 4.7 instead of 1 at a reach of 16). At least 1.
+    Each map is centred on its own mean; the correlation is pooled over images. At least 1.
     """
     m = np.asarray(maps, dtype=np.float64)
     if m.ndim != 3:
@@ -83,9 +94,11 @@ def correlation_area(maps: np.ndarray, max_lag: int = MAX_LAG) -> float:
     if var <= 0.0:
         return 1.0
     count, height, width = m.shape
-    reach_y, reach_x = min(max_lag, max(height // 2, 1)), min(max_lag, max(width // 2, 1))
+    reach_y, reach_x = reach.max_lag, reach.max_lag
+    if reach.noise_z > 0.0:  # at least half of a map's rows and columns pair up at every lag counted
+        reach_y, reach_x = min(reach_y, max(height // 2, 1)), min(reach_x, max(width // 2, 1))
     # Every lag's sum of products at once: the zero-padded FFT's power spectrum, summed over images, is
-    # the autocorrelation (the direct loop over lags is too slow at a long reach on hundreds of images).
+    # the autocorrelation (a loop over lags is too slow at a long reach on hundreds of images).
     shape = (2 * height, 2 * width)
     sums = np.fft.irfft2((np.abs(np.fft.rfft2(m, s=shape)) ** 2).sum(axis=0), s=shape)
     total = 0.0
@@ -95,12 +108,12 @@ def correlation_area(maps: np.ndarray, max_lag: int = MAX_LAG) -> float:
                 continue
             pairs = count * (height - abs(dy)) * (width - abs(dx))
             rho = float(sums[dy % shape[0], dx % shape[1]]) / pairs / var
-            if (dy == 0 and dx == 0) or rho > NOISE_Z / math.sqrt(pairs):
+            if (dy == 0 and dx == 0) or rho > reach.noise_z / math.sqrt(pairs):
                 total += rho
     return max(1.0, total)
 
 
-def fit_scale_null(maps: np.ndarray, max_lag: int = MAX_LAG) -> ScaleNull:
+def fit_scale_null(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> ScaleNull:
     """The null model of one scale from its m_s maps on good validation images (N x H x W)."""
     m = np.asarray(maps, dtype=np.float64)
     if m.ndim != 3 or m.size == 0:
@@ -111,14 +124,14 @@ def fit_scale_null(maps: np.ndarray, max_lag: int = MAX_LAG) -> ScaleNull:
     if not mean > 0.0:
         raise ValueError("fit_scale_null: the maps are all zero")
     dof = tail_dof(m / mean)
-    return ScaleNull(mean=mean, dof=max(dof, 1e-3), area=correlation_area(m, max_lag))
+    return ScaleNull(mean=mean, dof=max(dof, 1e-3), area=correlation_area(m, reach))
 
 
-def fit_null(scale_maps: list[np.ndarray], max_lag: int = MAX_LAG) -> tuple[ScaleNull, ...]:
+def fit_null(scale_maps: list[np.ndarray], reach: Reach = DEFAULT_REACH) -> tuple[ScaleNull, ...]:
     """One fitted null per scale (maps finest first, each N x H_s x W_s)."""
     if not scale_maps:
         raise ValueError("fit_null: no scale maps")
-    return tuple(fit_scale_null(m, max_lag) for m in scale_maps)
+    return tuple(fit_scale_null(m, reach) for m in scale_maps)
 
 
 def scaled(nulls: tuple[ScaleNull, ...], factor: float) -> tuple[ScaleNull, ...]:
@@ -236,7 +249,7 @@ def calibrate(
     folds: int = CALIBRATION_FOLDS,
     envelope: tuple[ScaleNull, ...] | None = None,
     weights: Sequence[float] | None = None,
-    max_lag: int = MAX_LAG,
+    reach: Reach = DEFAULT_REACH,
 ) -> Calibration:
     """Fit the null on good calibration maps and choose the evidence factor by cross-fitting.
 
@@ -251,8 +264,8 @@ def calibrate(
     search between grid steps was measured and not kept, docs/nfa.md). The shipped null is fitted on all
     images (``envelope`` when the caller has it) times that factor. ``weights`` (one per map) multiply
     each map's dof before the factor, in the folds and in the shipped null alike (a per-map study,
-    bench/evidence_per_map.py; None everywhere in training). ``max_lag``: the correlation area's reach
-    (:func:`correlation_area`), in the folds' nulls as in the envelope's (bench/correlation_lag.py).
+    bench/evidence_per_map.py; None everywhere in training). ``reach``: the correlation area's
+    (:class:`Reach`), in the folds' nulls as in the envelope's (bench/correlation_lag.py).
     """
     images = len(scale_maps[0])
     if any(len(m) != images for m in scale_maps):
@@ -264,7 +277,7 @@ def calibrate(
     for block in slices:
         keep = np.ones(images, dtype=bool)
         keep[block] = False
-        fold_nulls.append(weighted(fit_null([m[keep] for m in scale_maps], max_lag), weights))
+        fold_nulls.append(weighted(fit_null([m[keep] for m in scale_maps], reach), weights))
 
     def count(factor: float) -> FactorCount:
         regions = flagged = at_0 = at_check = 0
@@ -287,7 +300,7 @@ def calibrate(
     passed = [c for c in counts if _acceptable(c, images, promise)]
     # Nothing passes: even the most conservative factor flags held-out images; ship it and say so.
     chosen = passed[-1] if passed else counts[0]
-    final = weighted(envelope if envelope is not None else fit_null(scale_maps, max_lag), weights)
+    final = weighted(envelope if envelope is not None else fit_null(scale_maps, reach), weights)
     return Calibration(
         nulls=scaled(final, chosen.factor),
         factor=chosen.factor,
