@@ -27,9 +27,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import cv2
 import numpy as np
 import torch
 
@@ -38,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_maps import add_run_arguments, load_run_maps, planted_hits
 
+from edge_agent.inspection import nfa
+from edge_agent.inspection.overlay import draw_overlay, heat_map
+from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
 from training.finish import DEFAULT_LOG10_EPSILON, fit_nulls, min_log_nfa
 from training.nfa_null import DEFAULT_REACH, Reach, calibrate
@@ -55,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lags", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--noise-z", type=float, default=3.0, help="the noise floor of the --lags rows")
     parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--picture",
+        nargs=2,
+        metavar=("NAME", "OUT"),
+        help="write OUT: the test image whose file name contains NAME, its strongest map, and the NFA mask "
+        "at each reach",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = load_run_maps(args.run, args.data, args.batch_size, planted_seeds=args.planted_seeds)
@@ -72,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [*sorted({p.kind for p in run.planted}), "small", "medium", "large"]
     by_kind: dict[str, list[str]] = {}
     reaches = {"today": DEFAULT_REACH, **{str(lag): Reach(lag, args.noise_z) for lag in args.lags}}
+    shipped: dict[str, tuple[nfa.ScaleNull, ...]] = {}
     for label, reach in reaches.items():
         envelope = fit_nulls(run.model, maps, run.head_every, reach)
         cal = calibrate(maps, channels, size, eps, envelope=envelope, reach=reach)
+        shipped[label] = cal.nulls
         hits = planted_hits(run.planted_maps, run.planted, size, cal.nulls, eps)
         found = float(hits.mean())
         by_kind[label] = [
@@ -97,7 +111,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| reach | {' | '.join(kinds)} |\n|---|{'---|' * len(kinds)}")
     for label, cells in by_kind.items():
         print(f"| {label} | {' | '.join(cells)} |")
+    if args.picture:
+        write_picture(run, shipped, args.picture[0], Path(args.picture[1]))
     return 0
+
+
+def write_picture(run: Any, shipped: dict[str, tuple[nfa.ScaleNull, ...]], name: str, out: Path) -> None:
+    """The test image whose file name contains ``name``; the map with its strongest evidence under today's
+    nulls (over that null's mean, log colour scale); the NFA mask (white) of every reach over it."""
+    index = next(i for i, r in enumerate(run.splits.test) if name in r.image.name)
+    height, width = run.size
+    bgr = cv2.imread(str(run.splits.test[index].image), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SystemExit(f"cannot read {run.splits.test[index].image}")
+    image = cv2.resize(bgr, (width, height))
+    today = shipped["today"]
+    strongest = int(np.argmin([nfa.log_prob_map(m[index], 1, n).min() for m, n in zip(run.test, today, strict=True)]))
+    level = np.log1p(cv2.resize(run.test[strongest][index] / today[strongest].mean, (width, height)))
+    heat = level / max(float(level.max()), 1e-6)
+    panels = [image, heat_map(heat)]
+    for label, nulls in shipped.items():
+        log_nfa = log_nfa_map_of([m[index] for m in run.test], run.channels, run.heads, run.size, nulls)
+        title = f"reach {label}: {run.names[strongest]}"
+        panels.append(draw_overlay(image, heat, log_nfa, DEFAULT_LOG10_EPSILON, title=title, legend=False))
+    panels = [cv2.resize(p, (width, height)) for p in panels]
+    cv2.imwrite(str(out), np.hstack(panels))
+    print(f"\nwrote {out}: {run.splits.test[index].image.name}, strongest map {run.names[strongest]}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -463,13 +464,19 @@ def test_the_fused_nfa_bench_reproduces_trainings_calibration_in_its_today_row(
 
 
 def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
-    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """bench/correlation_lag.py: its "today" row's areas, factor and planted share are training's own;
-    every reach gets its row in both tables."""
+    every reach gets its row in both tables, and its panel in the picture."""
+    from training.data import open_dataset
+
     bench = _bench("correlation_lag")
     argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]
-    assert bench.main([*argv, "--lags", "2", "6"]) == 0
+    name = open_dataset(str(synthetic_data_dir)).test[-1].image.name
+    picture = tmp_path / "reach.png"
+    assert bench.main([*argv, "--lags", "2", "6", "--picture", name, str(picture)]) == 0
+    image = cv2.imread(str(picture), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape == (HYBRID_SIZE, HYBRID_SIZE * 5, 3)  # image, map, 3 reaches
     main_table, kinds_table = capsys.readouterr().out.split("\n| reach |")
     rows = _table_rows(main_table)
     assert set(rows) == {"today", "2", "6"}
