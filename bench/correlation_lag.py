@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.run}: {len(maps[0])} calibration images, {len(run.planted)} planted defects "
         f"(seeds {args.planted_seeds}), maps {' '.join(run.names)}, today's reach {DEFAULT_REACH}"
     )
+    # A diagnostic, nothing is chosen on it: how the planted defects' sizes compare with the real ones.
+    quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
+    planted_area = np.quantile([p.mask.mean() for p in run.planted], quantiles)
+    assert run.test_masks is not None
+    real_area = np.quantile(run.test_masks[labels].mean(axis=(1, 2)), quantiles)
+    print(
+        "defect area, % of the image at the 10/25/50/75/90th percentiles: planted "
+        f"{' '.join(f'{100 * v:.2f}' for v in planted_area)}; test {' '.join(f'{100 * v:.2f}' for v in real_area)}"
+    )
     print(
         "\n| reach (lags) | areas | factor | planted found | test: defective / good flagged | "
         "oracle at 1 % / 2 % good | image AUROC (NFA) |\n|---|---|---|---|---|---|---|"
