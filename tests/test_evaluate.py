@@ -118,6 +118,72 @@ def test_report_html_and_grids(torch_report: Path) -> None:
     assert green.sum() > 20, "the NFA mask of a detected defect is painted"
 
 
+def test_report_lists_the_decisions_errors_worst_first(torch_report: Path) -> None:
+    """The report names every false reject and escape, as many as the metrics count, with their grids."""
+    metrics = _metrics(torch_report)
+    errors = metrics["report"]["errors"]
+    overall = metrics["overall"]
+    assert len(errors["false rejects"]) == overall["nfa_flagged_good"]
+    assert len(errors["escapes"]) == overall["defect_images"] - overall["nfa_flagged_defect"]
+    html = (torch_report / "report.html").read_text()
+    assert "The decision's errors" in html
+    for kind, names in errors.items():
+        assert f"{kind}: {len(names)} of" in html
+        for name in names:
+            assert name in html
+        if names:
+            grid = cv2.imread(str(torch_report / metrics["report"]["grids"][kind]))
+            assert grid is not None and grid.shape[0] == min(len(names), 2) * (128 + 22) + (min(len(names), 2) - 1) * 6
+
+
+def test_decision_errors_order_false_rejects_by_evidence_and_escapes_by_defect_size(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    from training.data import Record
+    from training.report import decision_errors
+
+    @dataclass
+    class Tiny:
+        records: tuple[Record, ...]
+        images: np.ndarray
+        masks: np.ndarray
+        labels: np.ndarray
+        types: list[str]
+
+    labels = np.array([False, False, False, True, True, True])
+    masks = np.zeros((6, 8, 8), bool)
+    masks[3, :2, :2] = True  # 4 pixels
+    masks[4, :4, :4] = True  # 16 pixels
+    masks[5, :3, :3] = True  # 9 pixels
+    log_nfa = np.zeros((6, 8, 8), np.float32)
+    log_nfa[0, 1, 1] = -3.0  # flagged at -2
+    log_nfa[1, 2, 2] = -9.0  # flagged, stronger
+    log_nfa[2, 3, 3] = -1.0  # below 0 but not below -2: not flagged
+    log_nfa[5, 0, 0] = -5.0  # the one defect found
+    records = tuple(Record(Path(f"{i}.png"), None, int(labels[i]), "x" if labels[i] else "good") for i in range(6))
+    test = Tiny(records, np.zeros((6, 8, 8, 3), np.uint8), masks, labels, ["good", "x"])
+    errors = decision_errors(test, log_nfa, -2.0)
+    assert errors == {"false rejects": [1, 0], "escapes": [4, 3]}
+    assert decision_errors(test, log_nfa, 0.0)["false rejects"] == [1, 0, 2]
+
+    # The grids of the errors: the worst first, at most samples_per_type rows; the page names them in order.
+    from training.report import _errors_html, write_grids
+
+    @dataclass
+    class Maps:
+        anomaly_maps: np.ndarray
+        log10_epsilon: float
+
+    out = tmp_path / "report"
+    grids = write_grids(out, test, Maps(np.ones((6, 8, 8), np.float32), -2.0), log_nfa, 1, errors)
+    assert set(grids) == {"good", "x", "false rejects", "escapes"}
+    one_row = cv2.imread(str(out / grids["false rejects"]))
+    assert one_row is not None and one_row.shape[0] == 8 + 22  # one captioned row
+    page = _errors_html(test, errors, log_nfa, grids)
+    assert page.index("1.png") < page.index("0.png") < page.index("4.png") < page.index("3.png")
+    assert "false rejects: 2 of 3 good images" in page and "escapes: 2 of 3 defective images" in page
+
+
 def test_report_states_the_decisions_epsilon(torch_report: Path) -> None:
     # issue 21: the report said "log10 NFA < 0" whatever epsilon the evaluation used
     epsilon = float(_metrics(torch_report)["nfa"]["log10_epsilon"])

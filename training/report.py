@@ -105,38 +105,88 @@ def grid_row(
     return np.hstack(parts[:-1])
 
 
+def decision_errors(test: TestSet, log_nfa: np.ndarray, log10_epsilon: float) -> dict[str, list[int]]:
+    """The decision's two kinds of error, worst first, as test indices.
+
+    ``false rejects``: good images with a region below ``log10_epsilon``, strongest evidence (lowest
+    log10 NFA) first. ``escapes``: defective images without one, largest defect first (a large defect
+    that passes is the worst escape a line can have).
+    """
+    lowest = np.asarray(log_nfa).reshape(len(log_nfa), -1).min(axis=1)
+    flagged = lowest < log10_epsilon
+    labels = np.asarray(test.labels, dtype=bool)
+    false_rejects = np.flatnonzero(~labels & flagged)
+    escapes = np.flatnonzero(labels & ~flagged)
+    defect_area = np.asarray(test.masks).reshape(len(labels), -1).sum(axis=1)
+    return {
+        "false rejects": [int(i) for i in false_rejects[np.argsort(lowest[false_rejects], kind="stable")]],
+        "escapes": [int(i) for i in escapes[np.argsort(-defect_area[escapes], kind="stable")]],
+    }
+
+
+def _write_grid(out_dir: Path, rel: str, rows: list[np.ndarray]) -> None:
+    gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+    grid = np.vstack([part for row in rows for part in (row, gap)][:-1])
+    if not cv2.imwrite(str(out_dir / rel), grid):
+        raise OSError(f"could not write {out_dir / rel}")
+
+
 def write_grids(
-    out_dir: Path, test: TestSet, predictions: Predictions, log_nfa: np.ndarray, samples_per_type: int
+    out_dir: Path,
+    test: TestSet,
+    predictions: Predictions,
+    log_nfa: np.ndarray,
+    samples_per_type: int,
+    errors: dict[str, list[int]] | None = None,
 ) -> dict[str, str]:
-    """One PNG per type under ``out_dir/images``; returns type -> relative path."""
+    """One PNG per type under ``out_dir/images``, and one per kind of decision error (its worst
+    ``samples_per_type``) when ``errors`` has any; returns name -> relative path."""
     folder = out_dir / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     amaps = predictions.anomaly_maps
     # One colour scale for the whole test set, robust to a few extreme pixels: the fused map of a bundle
     # with heads is unbounded (one image at 1000 would paint every other map blue).
     span = (float(np.quantile(amaps[~test.labels], 0.01)), float(np.quantile(amaps, 0.999)))  # log scale above 1
+
+    def row(i: int) -> np.ndarray:
+        record = test.records[i]
+        return grid_row(
+            test.images[i], test.masks[i], amaps[i], log_nfa[i], span, record.image.name, predictions.log10_epsilon
+        )
+
     types = np.array([r.defect_type for r in test.records])
     written = {}
     for kind in test.types:
-        rows = [
-            grid_row(
-                test.images[i],
-                test.masks[i],
-                amaps[i],
-                log_nfa[i],
-                span,
-                test.records[i].image.name,
-                predictions.log10_epsilon,
-            )
-            for i in sample_indices(np.flatnonzero(types == kind), samples_per_type)
-        ]
-        gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
-        grid = np.vstack([part for row in rows for part in (row, gap)][:-1])
         rel = f"{IMAGES_DIR}/{kind}.png"
-        if not cv2.imwrite(str(out_dir / rel), grid):
-            raise OSError(f"could not write {out_dir / rel}")
+        _write_grid(out_dir, rel, [row(i) for i in sample_indices(np.flatnonzero(types == kind), samples_per_type)])
         written[kind] = rel
+    for kind, indices in (errors or {}).items():
+        if indices:
+            rel = f"{IMAGES_DIR}/{kind.replace(' ', '_')}.png"
+            _write_grid(out_dir, rel, [row(i) for i in indices[:samples_per_type]])
+            written[kind] = rel
     return written
+
+
+def _errors_html(test: TestSet, errors: dict[str, list[int]], log_nfa: np.ndarray, grids: dict[str, str]) -> str:
+    """The decision's errors by name (all of them, up to 100 each), with their grids."""
+    labels = np.asarray(test.labels, dtype=bool)
+    totals = {"false rejects": int((~labels).sum()), "escapes": int(labels.sum())}
+    what = {"false rejects": "good images the decision flags", "escapes": "defective images it lets pass"}
+    parts = []
+    for kind, indices in errors.items():
+        parts.append(f"<h3>{html.escape(kind)}: {len(indices)} of {totals[kind]} {what[kind]}</h3>")
+        if not indices:
+            continue
+        items = "".join(
+            f"<li>{html.escape(test.records[i].image.name)} ({html.escape(test.records[i].defect_type)}, "
+            f"min log10 NFA {float(np.min(log_nfa[i])):.1f})</li>"
+            for i in indices[:100]
+        )
+        parts.append(f"<ol>{items}</ol>")
+        if kind in grids:
+            parts.append(f"<img src='{html.escape(grids[kind])}' alt='{html.escape(kind)}'>")
+    return "".join(parts)
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -183,14 +233,16 @@ def write_report(
     samples_per_type: int,
 ) -> dict[str, Any]:
     """Write report.html and the grids; returns what was written (for metrics.json)."""
-    grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type)
     nfa_stats = result["nfa"]
     epsilon = float(nfa_stats["log10_epsilon"])
+    errors = decision_errors(test, log_nfa, epsilon)
+    grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type, errors)
     null_model = str(nfa_stats["null_model"])
     what = result["bundle"] or result["run"]
     images = "".join(
         f"<h3>{html.escape(kind)}</h3><img src='{html.escape(rel)}' alt='{html.escape(kind)} samples'>"
         for kind, rel in grids.items()
+        if kind not in errors
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>U-Flow evaluation: {html.escape(str(what))}</title>
@@ -210,10 +262,15 @@ type and the good images; mIoUs over that type's images.</p>
 {nfa_stats["min_log_nfa_good"].get("p50", float("nan")):.1f}, defect median {nfa_stats["min_log_nfa_defect"].get("p50", float("nan")):.1f}
 (a region is detected below {epsilon:g}).</p>
 {_latent_table(result)}
+<h2>The decision's errors</h2>
+<p>Worst first: false rejects by their strongest evidence, escapes by the size of their defect. The grids show
+the first {samples_per_type} of each (image | ground truth | anomaly map | NFA mask).</p>
+{_errors_html(test, errors, log_nfa, grids)}
 <h2>Samples</h2>
 <p>image | ground truth (red) | anomaly map (one colour scale for the whole test set) | NFA mask (green), ground truth (red)</p>
 {images}
 </body></html>
 """
     (out_dir / REPORT_NAME).write_text(page, encoding="utf-8")
-    return {"html": REPORT_NAME, "grids": grids}
+    names = {kind: [test.records[i].image.name for i in indices] for kind, indices in errors.items()}
+    return {"html": REPORT_NAME, "grids": grids, "errors": names}
