@@ -182,6 +182,7 @@ def test_decision_errors_order_false_rejects_by_evidence_and_escapes_by_defect_s
     page = _errors_html(test, errors, log_nfa, grids)
     assert page.index("1.png") < page.index("0.png") < page.index("4.png") < page.index("3.png")
     assert "false rejects: 2 of 3 good images" in page and "escapes: 2 of 3 defective images" in page
+    assert "4.png (x, defect 16 px, min log10 NFA 0.0)" in page and "1.png (good, min log10 NFA -9.0)" in page
 
 
 def test_report_states_the_decisions_epsilon(torch_report: Path) -> None:

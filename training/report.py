@@ -180,7 +180,8 @@ def _errors_html(test: TestSet, errors: dict[str, list[int]], log_nfa: np.ndarra
             continue
         items = "".join(
             f"<li>{html.escape(test.records[i].image.name)} ({html.escape(test.records[i].defect_type)}, "
-            f"min log10 NFA {float(np.min(log_nfa[i])):.1f})</li>"
+            + (f"defect {int(np.asarray(test.masks[i]).sum())} px, " if labels[i] else "")
+            + f"min log10 NFA {float(np.min(log_nfa[i])):.1f})</li>"
             for i in indices[:100]
         )
         parts.append(f"<ol>{items}</ol>")
