@@ -491,3 +491,29 @@ def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
     np.testing.assert_allclose(areas, want_areas, atol=0.051)
     assert float(today[1]) == pytest.approx(scores["nfa_evidence_scale"])
     assert float(today[2].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
+
+
+def test_the_global_head_bench_scores_planted_defects_and_every_test_type(
+    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/global_head.py: one row per defect type plus all, AUROCs and shares in range, and the label-free
+    line (validation images against planted defects) first; its Mahalanobis distance is the textbook one."""
+    from training.data import open_dataset
+
+    bench = _bench("global_head")
+    argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1", "--planted-seeds", "0"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.index("label-free:") < out.index("test (reporting only)")
+    rows = _table_rows(out)
+    types = {r.defect_type for r in open_dataset(str(synthetic_data_dir)).test if r.label}
+    assert set(rows) == {"all defective", *types}
+    for cells in rows.values():
+        assert 0.0 <= float(cells[1]) <= 1.0
+    rng = np.random.default_rng(0)
+    mixing = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.2], [0.1, 0.0, 1.0]])
+    good, query = rng.normal(size=(4000, 3)) @ mixing + 2.0, 3.0 * rng.normal(size=(5, 3))
+    centred = query - good.mean(axis=0)
+    covariance = np.cov(good.T, bias=True)
+    want = np.einsum("nc,cd,nd->n", centred, np.linalg.inv(covariance), centred)
+    np.testing.assert_allclose(bench.mahalanobis(good, query), want, rtol=0.02)  # many samples: little shrinkage
