@@ -7,6 +7,11 @@ channel means and standard deviations of the features over the image (its textur
 vector per image, scored by its Mahalanobis distance to the good images (Ledoit-Wolf covariance,
 ``training.heads.shrunk_covariance``; fitted on the run's training and validation images).
 
+``--with-nfa`` puts the score into the run's own NFA as one more map of 1x1 pixel (the machinery needs
+nothing else: its null is fitted like a map's, it adds one test, and a detection on it is the whole frame)
+and re-runs training's cross-fitted calibration: the evidence factor, the planted check and the test
+split's decision, beside today's maps alone.
+
 Label-free first, as defaults are chosen: fitted on the training images only, the validation images
 against training's planted defects on them (``--planted-seeds``; their image AUROC, and the share of
 planted defects above the 1 % / 2 % most suspicious validation images). Then, reporting only, on the test
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,11 +36,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run_maps import load_run_maps, planted_found
+
+from edge_agent.inspection import nfa
 from training import metrics
 from training.data import load_images, open_dataset
-from training.finish import PLANTED_IMAGES, backbone_features
+from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features
 from training.heads import shrunk_covariance
+from training.nfa_null import calibrate, fit_scale_null
 from training.planted import planted_set
 from training.rundir import load_model
 
@@ -63,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument("--with-nfa", action="store_true", help="also the decision with the score in the NFA")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, info = load_model(args.run)
@@ -107,7 +119,56 @@ def main(argv: list[str] | None = None) -> int:
             f"| {kind} | {int(chosen.sum())} | {auroc:.3f} | "
             f"{np.mean(score[chosen] > oracle[0.01]):.1%} / {np.mean(score[chosen] > oracle[0.02]):.1%} |"
         )
+    if args.with_nfa:
+        in_the_nfa(args, statistics, train, val, score)
     return 0
+
+
+def in_the_nfa(
+    args: argparse.Namespace,
+    statistics: Callable[[np.ndarray], np.ndarray],
+    train: np.ndarray,
+    val: np.ndarray,
+    test_score: np.ndarray,
+) -> None:
+    """Today's maps, and today's maps plus the score as a 1x1 map, through training's calibration and check.
+
+    The validation and planted images are scored by the statistics of the training images only (out of
+    sample, as the heads' cross-fit); the test images by those of every good image (as the deployed heads).
+    """
+    run = load_run_maps(args.run, args.data, args.batch_size, planted_seeds=args.planted_seeds)
+    assert run.test is not None and run.test_labels is not None
+    one_pixel = [
+        mahalanobis(train, val)[:, None, None],
+        mahalanobis(train, statistics(np.stack([p.image for p in run.planted])))[:, None, None],
+        test_score[:, None, None],
+    ]
+    eps, labels = DEFAULT_LOG10_EPSILON, run.test_labels
+    print(
+        f"\nin the NFA ({len(run.planted)} planted defects):\n\n| maps | evidence factor | planted found | "
+        "test: defective / good flagged | oracle at 1 % / 2 % good | image AUROC (NFA) |\n|---|---|---|---|---|---|"
+    )
+    for label, extra in (("today", []), ("today + global", [one_pixel])):
+        val_maps = run.val + [e[0] for e in extra]
+        envelope = (*run.envelope, *(fit_scale_null(e[0]) for e in extra))
+        channels = [1] * len(val_maps)  # unused under a fitted null
+        cal = calibrate(val_maps, channels, run.size, eps, envelope=envelope)
+        found = planted_found(run.planted_maps + [e[1] for e in extra], run.planted, run.size, cal.nulls, eps)
+        test_maps = run.test + [e[2] for e in extra]
+        lowest = np.array(
+            [
+                nfa.log_nfa_map([m[i] for m in test_maps], channels, run.size, cal.nulls).min()
+                for i in range(len(labels))
+            ]
+        )
+        flagged, evidence = lowest < eps, -lowest
+        good = evidence[~labels]
+        shares = [float(np.mean(evidence[labels] > np.quantile(good, 1.0 - r))) for r in (0.01, 0.02)]
+        print(
+            f"| {label} | {cal.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
+            f"{shares[0]:.1%} / {shares[1]:.1%} | {metrics.image_auroc(evidence, labels):.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

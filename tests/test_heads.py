@@ -502,9 +502,15 @@ def test_the_global_head_bench_scores_planted_defects_and_every_test_type(
 
     bench = _bench("global_head")
     argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1", "--planted-seeds", "0"]
-    assert bench.main(argv) == 0
-    out = capsys.readouterr().out
+    assert bench.main([*argv, "--with-nfa"]) == 0
+    out, nfa_table = capsys.readouterr().out.split("\nin the NFA")
     assert out.index("label-free:") < out.index("test (reporting only)")
+    # In the NFA: today's row is training's own calibration; the score adds one 1x1 map beside it.
+    decision = _table_rows(nfa_table)
+    assert set(decision) == {"today", "today + global"}
+    scores = json.loads((hybrid_run / "val_scores.json").read_text())
+    assert float(decision["today"][0]) == pytest.approx(scores["nfa_evidence_scale"])
+    assert float(decision["today"][1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
     rows = _table_rows(out)
     types = {r.defect_type for r in open_dataset(str(synthetic_data_dir)).test if r.label}
     assert set(rows) == {"all defective", *types}
