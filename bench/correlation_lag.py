@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import add_run_arguments, load_run_maps, planted_hits
+from run_maps import above_good, add_run_arguments, load_run_maps, planted_hits
 
 from edge_agent.inspection import nfa
 from edge_agent.inspection.overlay import draw_overlay, heat_map
@@ -46,12 +46,6 @@ from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
 from training.finish import DEFAULT_LOG10_EPSILON, fit_nulls, min_log_nfa
 from training.nfa_null import DEFAULT_REACH, Reach, calibrate
-
-
-def oracle_share(evidence: np.ndarray, labels: np.ndarray, good_share: float) -> float:
-    """Share of defective images whose evidence is above the ``good_share`` most suspicious good ones'."""
-    threshold = np.quantile(evidence[~labels], 1.0 - good_share)
-    return float((evidence[labels] > threshold).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "oracle at 1 % / 2 % good | image AUROC (NFA) |\n|---|---|---|---|---|---|---|"
     )
     kinds = [*sorted({p.kind for p in run.planted}), "small", "medium", "large"]
+    of_kind = {k: np.array([k in (p.kind, p.size) for p in run.planted]) for k in kinds}
     by_kind: dict[str, list[str]] = {}
     reaches = {"today": DEFAULT_REACH, **{str(lag): Reach(lag, args.noise_z) for lag in args.lags}}
     shipped: dict[str, tuple[nfa.ScaleNull, ...]] = {}
@@ -100,18 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         shipped[label] = cal.nulls
         hits = planted_hits(run.planted_maps, run.planted, size, cal.nulls, eps)
         found = float(hits.mean())
-        by_kind[label] = [
-            f"{hits[[k in (p.kind, p.size) for p in run.planted]].mean():.1%}"
-            if any(k in (p.kind, p.size) for p in run.planted)
-            else "-"
-            for k in kinds
-        ]
+        by_kind[label] = [f"{hits[chosen].mean():.1%}" if chosen.any() else "-" for chosen in of_kind.values()]
         scores = np.array(min_log_nfa(run.test, channels, size, cal.nulls, heads))
         flagged, evidence = scores < eps, -scores
+        good, defective = evidence[~labels], evidence[labels]
         print(
             f"| {label} | {' '.join(f'{n}:{e.area:.1f}' for n, e in zip(run.names, envelope, strict=True))} | "
             f"{cal.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
-            f"{oracle_share(evidence, labels, 0.01):.1%} / {oracle_share(evidence, labels, 0.02):.1%} | "
+            f"{above_good(good, defective, 0.01):.1%} / {above_good(good, defective, 0.02):.1%} | "
             f"{metrics.image_auroc(evidence, labels):.3f} |",
             flush=True,
         )

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import add_run_arguments, fused_map, planted_found, run_maps_of
+from run_maps import above_good, add_run_arguments, fused_map, planted_found, run_maps_of
 
 from training import metrics
 from training.finish import DEFAULT_LOG10_EPSILON, min_log_nfa
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         tested = [sets["test"][k] for k in pick]
         evidence = -np.array(min_log_nfa(tested, [FUSED_CHANNELS] * len(pick), run.size, chosen.nulls))
         flagged = evidence > -eps
-        good = evidence[~labels]
-        oracle = " / ".join(f"{np.mean(evidence[labels] > np.quantile(good, 1 - rate)):.1%}" for rate in (0.01, 0.02))
+        oracle = " / ".join(f"{above_good(evidence[~labels], evidence[labels], rate):.1%}" for rate in (0.01, 0.02))
         print(
             f"| {label} | {chosen.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} | {flagged[~labels].mean():.1%} | "
             f"{metrics.image_auroc(evidence, labels):.3f} | {oracle} |",

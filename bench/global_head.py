@@ -38,12 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import load_run_maps, planted_found
+from run_maps import above_good, add_run_arguments, load_run_maps, planted_found, separation
 
-from edge_agent.inspection import nfa
-from training import metrics
 from training.data import load_images, open_dataset
-from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features
+from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features, min_log_nfa
 from training.heads import shrunk_covariance
 from training.nfa_null import calibrate, fit_scale_null
 from training.planted import planted_set
@@ -69,10 +67,7 @@ def mahalanobis(good: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, type=Path, help="a finished run directory")
-    parser.add_argument("--data", help="the run's data (default: what its config.json records)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser)
     parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--with-nfa", action="store_true", help="also the decision with the score in the NFA")
     args = parser.parse_args(argv)
@@ -92,35 +87,28 @@ def main(argv: list[str] | None = None) -> int:
     train, val = statistics(load_images(splits.train, height, width)), statistics(val_images)
     planted = [p.image for seed in args.planted_seeds for p in planted_set(val_images[:PLANTED_IMAGES], seed=seed)]
     val_scores, planted_scores = mahalanobis(train, val), mahalanobis(train, statistics(np.stack(planted)))
-    val_oracle = {rate: float(np.quantile(val_scores, 1.0 - rate)) for rate in (0.01, 0.02)}
-    planted_auroc = metrics.image_auroc(
-        np.r_[val_scores, planted_scores], np.r_[np.zeros(len(val_scores)), np.ones(len(planted_scores))].astype(bool)
-    )
     print(
         f"\nlabel-free: {len(train)} training images fit; {len(val_scores)} validation images against "
-        f"{len(planted_scores)} planted defects: image AUROC {planted_auroc:.3f}, planted above the 1 % / 2 % "
-        f"most suspicious validation images {np.mean(planted_scores > val_oracle[0.01]):.1%} / "
-        f"{np.mean(planted_scores > val_oracle[0.02]):.1%}"
+        f"{len(planted_scores)} planted defects: image AUROC {separation(val_scores, planted_scores):.3f}, "
+        f"planted above the 1 % / 2 % most suspicious validation images "
+        f"{above_good(val_scores, planted_scores, 0.01):.1%} / {above_good(val_scores, planted_scores, 0.02):.1%}"
     )
     good, test = np.concatenate([train, val]), statistics(load_images(splits.test, height, width))
     score = mahalanobis(good, test)
     labels = np.array([r.label == 1 for r in splits.test])
     types = np.array([r.defect_type for r in splits.test])
     good_scores = score[~labels]
-    oracle = {rate: float(np.quantile(good_scores, 1.0 - rate)) for rate in (0.01, 0.02)}
     print(f"\ntest (reporting only): {len(good)} good images fit, {good.shape[1]} statistics per image\n")
     print("| test images | n | image AUROC | above the 1 % / 2 % most suspicious good |\n|---|---|---|---|")
     for kind in ["all defective", *sorted(set(types[labels]))]:
         chosen = labels if kind == "all defective" else types == kind
-        auroc = metrics.image_auroc(
-            np.r_[good_scores, score[chosen]], np.r_[np.zeros(len(good_scores)), np.ones(chosen.sum())].astype(bool)
-        )
+        defective = score[chosen]
         print(
-            f"| {kind} | {int(chosen.sum())} | {auroc:.3f} | "
-            f"{np.mean(score[chosen] > oracle[0.01]):.1%} / {np.mean(score[chosen] > oracle[0.02]):.1%} |"
+            f"| {kind} | {int(chosen.sum())} | {separation(good_scores, defective):.3f} | "
+            f"{above_good(good_scores, defective, 0.01):.1%} / {above_good(good_scores, defective, 0.02):.1%} |"
         )
     if args.with_nfa:
-        in_the_nfa(args, statistics, train, val, score)
+        in_the_nfa(args, statistics, train, val_scores, score)
     return 0
 
 
@@ -128,7 +116,7 @@ def in_the_nfa(
     args: argparse.Namespace,
     statistics: Callable[[np.ndarray], np.ndarray],
     train: np.ndarray,
-    val: np.ndarray,
+    val_scores: np.ndarray,
     test_score: np.ndarray,
 ) -> None:
     """Today's maps, and today's maps plus the score as a 1x1 map, through training's calibration and check.
@@ -139,7 +127,7 @@ def in_the_nfa(
     run = load_run_maps(args.run, args.data, args.batch_size, planted_seeds=args.planted_seeds)
     assert run.test is not None and run.test_labels is not None
     one_pixel = [
-        mahalanobis(train, val)[:, None, None],
+        val_scores[:, None, None],
         mahalanobis(train, statistics(np.stack([p.image for p in run.planted])))[:, None, None],
         test_score[:, None, None],
     ]
@@ -155,18 +143,13 @@ def in_the_nfa(
         cal = calibrate(val_maps, channels, run.size, eps, envelope=envelope)
         found = planted_found(run.planted_maps + [e[1] for e in extra], run.planted, run.size, cal.nulls, eps)
         test_maps = run.test + [e[2] for e in extra]
-        lowest = np.array(
-            [
-                nfa.log_nfa_map([m[i] for m in test_maps], channels, run.size, cal.nulls).min()
-                for i in range(len(labels))
-            ]
-        )
+        lowest = np.array(min_log_nfa(test_maps, channels, run.size, cal.nulls))
         flagged, evidence = lowest < eps, -lowest
-        good = evidence[~labels]
-        shares = [float(np.mean(evidence[labels] > np.quantile(good, 1.0 - r))) for r in (0.01, 0.02)]
+        good, defective = evidence[~labels], evidence[labels]
         print(
             f"| {label} | {cal.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
-            f"{shares[0]:.1%} / {shares[1]:.1%} | {metrics.image_auroc(evidence, labels):.3f} |",
+            f"{above_good(good, defective, 0.01):.1%} / {above_good(good, defective, 0.02):.1%} | "
+            f"{separation(good, defective):.3f} |",
             flush=True,
         )
 

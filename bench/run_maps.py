@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edge_agent.inspection import nfa
+from training import metrics
 from training.data import DatasetSplits, load_images, load_mask, open_dataset
 from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
 from training.heads import fit_heads
@@ -128,6 +129,17 @@ def planted_found(
 ) -> float:
     """Share of ``planted`` defects the fitted NFA finds (:func:`planted_hits`)."""
     return float(planted_hits(maps, planted, size, nulls, eps).mean())
+
+
+def above_good(good: np.ndarray, defective: np.ndarray, good_share: float) -> float:
+    """Share of ``defective`` scores above the ``good_share`` most suspicious ``good`` ones: the ceiling a
+    threshold that reads the labels would reach at that false-alarm rate (bench/decision_limit.py's oracle)."""
+    return float(np.mean(np.asarray(defective) > np.quantile(good, 1.0 - good_share)))
+
+
+def separation(good: np.ndarray, defective: np.ndarray) -> float:
+    """Image AUROC of ``defective`` scores against ``good`` ones."""
+    return metrics.image_auroc(np.r_[good, defective], np.r_[np.zeros(len(good)), np.ones(len(defective))].astype(bool))
 
 
 def fused_map(maps: list[np.ndarray], means: Sequence[float], size: tuple[int, int], geometric: bool) -> np.ndarray:
