@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 def write_picture(run: Any, shipped: dict[str, tuple[nfa.ScaleNull, ...]], name: str, out: Path) -> None:
     """The test image whose file name contains ``name``; the map with its strongest evidence under today's
     nulls (over that null's mean, log colour scale); the NFA mask (white) of every reach over it."""
-    index = next(i for i, r in enumerate(run.splits.test) if name in r.image.name)
+    index = next((i for i, r in enumerate(run.splits.test) if name in r.image.name), None)
+    if index is None:
+        raise SystemExit(f"--picture: no test image's file name contains {name!r}")
     height, width = run.size
     bgr = cv2.imread(str(run.splits.test[index].image), cv2.IMREAD_COLOR)
     if bgr is None:

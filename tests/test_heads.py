@@ -491,6 +491,9 @@ def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
     np.testing.assert_allclose(areas, want_areas, atol=0.051)
     assert float(today[1]) == pytest.approx(scores["nfa_evidence_scale"])
     assert float(today[2].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
+    with pytest.raises(SystemExit, match="no test image's file name contains 'no-such-part'"):
+        bench.main([*argv, "--lags", "2", "--picture", "no-such-part", str(tmp_path / "none.png")])
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_the_global_head_bench_scores_planted_defects_and_every_test_type(
