@@ -2,7 +2,7 @@
 
 The heads (training/heads.py) are fitted, not trained: a run's flow weights stay valid whatever heads sit
 beside it. This copies RUN to OUT with another head config (``--memory-scales``, ``--gaussian-scales``,
-``--bank-size``, ``--fine-bank-size``, ``--map-fusion``), carries the flow's weights over and re-runs training/finish.py, so
+``--bank-size``, ``--fine-bank-size``, ``--map-fusion``, ``--heads``), carries the flow's weights over and re-runs training/finish.py, so
 the new run is what ``uflow train`` with those flags would have written from the same flow. Then
 ``uflow export``, ``uflow evaluate`` and ``uflow calibrate nfa`` as for any run.
 
@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.catalog import MAP_FUSIONS
 from training.data import load_images, open_dataset
 from training.finish import finish_run
+from training.heads import HEAD_KINDS
 from training.model import UFlow
 from training.rundir import CHECKPOINT_NAME, CONFIG_NAME, read_run, save_checkpoint
 
 
-def refit(run: Path, out: Path, data: str | None, changes: dict[str, int | str]) -> float:
+def refit(run: Path, out: Path, data: str | None, changes: dict[str, Any]) -> float:
     """Write OUT: RUN's flow with the heads that ``changes`` give; returns the seconds finish took."""
     info = read_run(run)
     config = dataclasses.replace(info.model_config, **changes)
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("gaussian-scales", "memory-scales", "bank-size", "fine-bank-size"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--map-fusion", choices=MAP_FUSIONS, help="how the anomaly map fuses the maps")
+    parser.add_argument("--heads", nargs="+", choices=HEAD_KINDS, help="the evidence kinds (flow first)")
     args = parser.parse_args(argv)
-    changes: dict[str, int | str] = {
+    changes: dict[str, Any] = {
         key: value
         for key, value in (
             ("gaussian_scales", args.gaussian_scales),
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             ("bank_size", args.bank_size),
             ("fine_bank_size", args.fine_bank_size),
             ("map_fusion", args.map_fusion),
+            ("heads", None if args.heads is None else tuple(args.heads)),
         )
         if value is not None
     }

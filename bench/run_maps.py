@@ -75,21 +75,24 @@ def load_run_maps(
         planted = (
             more_maps if not planted else [np.concatenate([a, b]) for a, b in zip(planted, more_maps, strict=True)]
         )
+    # The studies weigh the region maps; the texture head's 1 x 1 score is the image test's (bench/image_family.py).
+    keep = [i for i, s in enumerate(model.scales) if s.head != "texture"]
     maps = RunMaps(
         model=model,
         splits=splits,
         size=(height, width),
-        names=[f"{s.head[0].upper()}{s.stride}" for s in model.scales],
-        channels=[s.channels for s in model.scales],
-        heads=[s.head for s in model.scales],
-        val=val_maps,
+        names=[f"{model.scales[i].head[0].upper()}{model.scales[i].stride}" for i in keep],
+        channels=[model.scales[i].channels for i in keep],
+        heads=[model.scales[i].head for i in keep],
+        val=[val_maps[i] for i in keep],
         envelope=tuple(fit_nulls(model, val_maps, every[len(model.flow_scales) :])),
-        head_every=every[len(model.flow_scales) :],
+        head_every=[every[i] for i in keep if i >= len(model.flow_scales)],
         planted=samples,
-        planted_maps=planted,
+        planted_maps=[planted[i] for i in keep] if planted else planted,
     )
     if test:
-        maps.test = evidence_maps(model, load_images(splits.test, height, width), batch_size)
+        every_test = evidence_maps(model, load_images(splits.test, height, width), batch_size)
+        maps.test = [every_test[i] for i in keep]
         maps.test_labels = np.array([r.label for r in splits.test], dtype=bool)
         maps.test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
     return maps

@@ -109,13 +109,14 @@ def _is_permutation(weight: np.ndarray) -> bool:
 
 
 def _head_convs(graph: Any) -> set[str]:
-    """The evidence heads' Convs (a Gaussian's whitening, a memory bank): never quantized, see
-    edge_agent.engines.tensorrt.graph_check's ``head-fp32`` rule (an FP32 graph keeps them FP32 anyway)."""
+    """The evidence heads' weighted layers (a Gaussian's whitening Conv, a memory bank's Conv, the texture
+    head's whitening Gemm): never quantized, see edge_agent.engines.tensorrt.graph_check's ``head-fp32`` rule
+    (an FP32 graph keeps them FP32 anyway)."""
     from edge_agent.engines.tensorrt.graph_check import ANOMALY_MAP, head_nodes
 
     outputs = [o.name for o in graph.output if o.name != ANOMALY_MAP]
     try:
-        return {node.name for node in head_nodes(graph, outputs) if node.op_type == "Conv"}
+        return {node.name for node in head_nodes(graph, outputs) if node.op_type in ("Conv", "Gemm", "MatMul")}
     except ValueError:
         return set()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,10 @@ import numpy as np
 
 from calibration.data import ImageSet, read_model_input
 from calibration.nfa_promise import format_promise, promise_row, recorded_calibration
-from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.bundle import Bundle, Manifest, load_bundle
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
+from edge_agent.inspection.image_test import ImageTest
 from edge_agent.inspection.scoring import FrameScorer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def check_images(
         NfaConfig(log10_epsilon=log10_epsilon, min_region_area=min_region_area, null_model=null_model),  # type: ignore[arg-type]
     )
     min_area = manifest.nfa.min_region_area if min_region_area is None else min_region_area
-    shapes = [(s.height, s.width) for s in manifest.scales]
+    shapes = [(s.height, s.width) for s in manifest.scales if s.head != "texture"]
     nulls = scorer.nulls
     log10_n = nfa.log10_number_of_tests(shapes) if nulls is None else nfa.log10_tree_tests(shapes)
     stats = [ScaleStats(s.name, s.channels, s.height, s.width) for s in manifest.scales]
@@ -183,10 +184,7 @@ def check_images(
         for index, path in enumerate(images.paths, start=1):
             output = engine.infer(read_model_input(path, height, width))
             verdict = scorer.score(output, (width, height))
-            per_scale = tuple(
-                log10_n + float(nfa.log_prob_map(m, s.channels, None if nulls is None else nulls[k]).min())
-                for k, (m, s) in enumerate(zip(output.scale_maps, manifest.scales, strict=True))
-            )
+            per_scale = _per_scale_log_nfa(output.scale_maps, manifest, nulls, scorer.image_test, log10_n)
             at_1 = nfa.regions_from_log_nfa(verdict.log_nfa, 0.0, min_area)
             for stat, m in zip(stats, output.scale_maps, strict=True):
                 stat.add(m)
@@ -205,6 +203,31 @@ def check_images(
         engine.close()
     report = _report(bundle, images, scorer.rule.log10_epsilon, min_area, precision, log10_n, stats, results)
     return replace(report, null_model="polyomino" if nulls is None else "fitted")
+
+
+def _per_scale_log_nfa(
+    maps: Sequence[np.ndarray],
+    manifest: Manifest,
+    nulls: Sequence[nfa.ScaleNull] | None,
+    image_test: ImageTest | None,
+    log10_n: float,
+) -> tuple[float, ...]:
+    """Each map's test alone: log10 N + its smallest log10 P for a region map; for the texture map the image
+    test's log10 NFA (+inf when no image test reads it)."""
+    out, region = [], 0
+    for m, s in zip(maps, manifest.scales, strict=True):
+        if s.head == "texture":
+            out.append(math.inf if image_test is None else image_test.log10_nfa(float(np.max(m))))
+            continue
+        out.append(log10_n + float(nfa.log_prob_map(m, s.channels, None if nulls is None else nulls[region]).min()))
+        region += 1
+    return tuple(out)
+
+
+def _image_test_quantiles(values: list[float]) -> dict[str, object]:
+    """The image test's log10 NFA over the images (nothing when no image test read the texture map)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return {"image_test_log_nfa": quantiles(finite)} if finite else {}
 
 
 def _log_progress(done: int, total: int, results: list[ImageResult]) -> None:
@@ -265,8 +288,13 @@ def _report(
             promise_row(0.0, [r.regions_at_epsilon_1 for r in results]),
         ],
         scales=[
-            stat.summary() | best_node_comparison(stat, [r.scale_min_log_nfa[k] - log10_n for r in results])
-            for k, stat in enumerate(stats)
+            stat.summary()
+            | (
+                _image_test_quantiles([r.scale_min_log_nfa[k] for r in results])
+                if head == "texture"
+                else best_node_comparison(stat, [r.scale_min_log_nfa[k] - log10_n for r in results])
+            )
+            for k, (stat, head) in enumerate(zip(stats, (s.head for s in manifest.scales), strict=True))
         ],
         per_image=results,
     )

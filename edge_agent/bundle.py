@@ -79,7 +79,9 @@ class ScaleSpec(_Strict):
     ``flow``: m_s, the mean over the C_s latent channels of z^2 (the paper's map; bundles from before
     the heads have only these). ``gaussian``: the mean over C_s channels of the whitened features'
     squares. ``memory``: the squared distance to the nearest memory-bank row, divided by C_s. The paper's
-    polyomino NFA reads the flow maps only; the fitted NFA every map, each with its own null.
+    polyomino NFA reads the flow maps only; the fitted NFA every map, each with its own null. ``texture``:
+    a 1 x 1 map, the frame's texture statistics' distance to the good images', read by the image test
+    (``nfa.image_test``), not by the region tests.
     """
 
     name: str
@@ -87,7 +89,9 @@ class ScaleSpec(_Strict):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     stride: int = Field(gt=0, description="input pixels per map pixel")
-    head: Literal["flow", "gaussian", "memory"] = Field(default="flow", description="the evidence that made it")
+    head: Literal["flow", "gaussian", "memory", "texture"] = Field(
+        default="flow", description="the evidence that made it"
+    )
 
 
 class ScaleNullSpec(_Strict):
@@ -137,6 +141,27 @@ class NfaCalibration(_Strict):
         )
 
 
+MIN_GOOD_SCORES = 20  # an image test on fewer out-of-sample good scores cannot place even a 5 % tail
+
+
+class ImageTestSpec(_Strict):
+    """The image test of the fitted NFA (edge_agent/inspection/image_test.py): the ``texture`` map's null and
+    its share of epsilon. Bundles exported before it have none."""
+
+    share: float = Field(gt=0, lt=1, allow_inf_nan=False, description="the image test's share of epsilon")
+    tail: float = Field(gt=0, le=0.5, allow_inf_nan=False, description="top share of good scores the tail law fits")
+    scores: tuple[float, ...] = Field(
+        min_length=MIN_GOOD_SCORES, description="out-of-sample texture scores of the good images: the null"
+    )
+
+    @field_validator("scores")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(math.isfinite(v) and v > 0 for v in value):
+            raise ValueError("nfa.image_test.scores must be finite and positive")
+        return value
+
+
 NULL_MODELS = ("polyomino", "fitted")
 # validation_metrics["planted_detection_rate"] below this: the model may be blind (export warns, doctor too).
 MIN_PLANTED_DETECTION = 0.5
@@ -158,6 +183,7 @@ class NfaSpec(_Strict):
     calibration: NfaCalibration | None = Field(
         default=None, description="how many images calibrated the fitted null and the bound they give; None: unknown"
     )
+    image_test: ImageTestSpec | None = Field(default=None, description="the texture map's test; None: regions only")
 
     @model_validator(mode="after")
     def _nulls_match_model(self) -> NfaSpec:
@@ -260,14 +286,20 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _one_null_per_scale(self) -> Manifest:
-        if self.nfa.scale_nulls and len(self.nfa.scale_nulls) != len(self.scales):
-            raise ValueError(f"nfa.scale_nulls has {len(self.nfa.scale_nulls)} entries for {len(self.scales)} scales")
+        regions = [s for s in self.scales if s.head != "texture"]
+        if self.nfa.scale_nulls and len(self.nfa.scale_nulls) != len(regions):
+            raise ValueError(f"nfa.scale_nulls has {len(self.nfa.scale_nulls)} entries for {len(regions)} region maps")
         if not any(s.head == "flow" for s in self.scales):
             raise ValueError("scales need at least one flow map (the paper's NFA and the drift check read them)")
         if self.scales[0].head != "flow":
             raise ValueError("the first scale must be a flow map (m_0: the drift check reads it)")
         if any(s.head != "flow" for s in self.scales) and self.nfa.null_model != "fitted":
-            raise ValueError("gaussian and memory maps need the fitted NFA (a fitted null per map)")
+            raise ValueError("gaussian, memory and texture maps need the fitted NFA (a fitted null per map)")
+        textures = [s for s in self.scales if s.head == "texture"]
+        if len(textures) > 1 or any((s.height, s.width) != (1, 1) for s in textures):
+            raise ValueError("at most one texture map, of 1 x 1")
+        if bool(textures) != (self.nfa.image_test is not None):
+            raise ValueError("a texture map and nfa.image_test come together (the image test reads that map)")
         return self
 
     @property

@@ -5,6 +5,7 @@ flow maps only, old bundles unchanged)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from edge_agent.config import NfaConfig  # noqa: E402
 from edge_agent.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
 from edge_agent.engines.tensorrt.graph_check import check_graph, head_nodes  # noqa: E402
 from edge_agent.inspection import nfa  # noqa: E402
+from edge_agent.inspection.image_test import ImageTest  # noqa: E402
 from edge_agent.inspection.scoring import FrameScorer  # noqa: E402
 from training.heads import (  # noqa: E402
     GaussianHead,
@@ -171,6 +173,15 @@ def hybrid_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Pat
 
 
 @pytest.fixture(scope="module")
+def regions_run(hybrid_run: Path, synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hybrid run's flow with the region heads only (no texture head, so no image test): what the benches
+    that weigh the region maps reproduce training's calibration on (bench/refit_heads.py)."""
+    out = tmp_path_factory.mktemp("regions") / "run"
+    _bench("refit_heads").refit(hybrid_run, out, str(synthetic_data_dir), {"heads": ("flow", "gaussian", "memory")})
+    return out
+
+
+@pytest.fixture(scope="module")
 def hybrid_bundle(hybrid_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.export import export_bundle
 
@@ -186,10 +197,18 @@ def test_hybrid_bundle_ships_every_map_with_its_own_null(hybrid_bundle: Path, hy
         ("g_1", "gaussian"),
         ("k_0", "memory"),
         ("k_1", "memory"),
+        ("t_0", "texture"),
     ]
+    # One null per region map; the texture map's is the image test's: the out-of-fold score of every good image.
     assert manifest.nfa.null_model == "fitted" and len(manifest.nfa.scale_nulls) == 6
-    shapes = [(s.height, s.width) for s in manifest.scales]
+    shapes = [(s.height, s.width) for s in manifest.scales if s.head != "texture"]
     assert manifest.nfa.log10_number_of_tests == pytest.approx(nfa.log10_tree_tests(shapes))
+    image_test = manifest.nfa.image_test
+    assert image_test is not None and image_test.share == pytest.approx(0.1)
+    good = json.loads((hybrid_run / "config.json").read_text())["data"]
+    assert len(image_test.scores) == good["train"] + good["val"]
+    calibration = manifest.nfa.calibration
+    assert calibration is not None and calibration.log10_epsilon == pytest.approx(-2.0 + math.log10(0.9))
     graph = onnx.load(str(hybrid_bundle / "model.onnx")).graph
     assert [o.name for o in graph.output] == ["anomaly_map", *(s.name for s in manifest.scales)]
     assert check_graph(hybrid_bundle / "model.onnx", "fp32") == []
@@ -199,7 +218,7 @@ def test_hybrid_bundle_ships_every_map_with_its_own_null(hybrid_bundle: Path, hy
     model, _ = load_model(hybrid_run)
     # The finest scale's bank has its own rows (fine_bank_size), the next the bank_size.
     assert [model.heads[f"memory_{s}"].bank.shape[0] for s in (0, 1)] == [32, 64]
-    np.testing.assert_allclose(model.map_means.numpy(), [n.mean for n in manifest.nfa.scale_nulls], rtol=1e-5)
+    np.testing.assert_allclose(model.map_means.numpy()[:-1], [n.mean for n in manifest.nfa.scale_nulls], rtol=1e-5)
 
 
 def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybrid_bundle: Path) -> None:
@@ -217,8 +236,13 @@ def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybri
     size = (HYBRID_SIZE, HYBRID_SIZE)
     fitted = FrameScorer(manifest).score(output, size)
     nulls = [nfa.ScaleNull(n.mean, n.dof, n.area) for n in manifest.nfa.scale_nulls]
-    want = nfa.log_nfa_map(list(output.scale_maps), [s.channels for s in manifest.scales], size, nulls)
-    np.testing.assert_array_equal(fitted.log_nfa, want)
+    regions = list(output.scale_maps[:-1])  # the last map is the texture head's: the image test reads it
+    want = nfa.log_nfa_map(regions, [s.channels for s in manifest.scales[:-1]], size, nulls)
+    spec = manifest.nfa.image_test
+    assert spec is not None
+    image = ImageTest(spec.scores, spec.share, spec.tail)
+    whole = image.log10_nfa(float(output.scale_maps[-1][0, 0]))
+    np.testing.assert_allclose(fitted.log_nfa, np.minimum(want + image.region_shift, whole), rtol=1e-6)
     paper = FrameScorer(manifest, NfaConfig(null_model="polyomino")).score(output, size)
     flow = [i for i, s in enumerate(manifest.scales) if s.head == "flow"]
     want_paper = nfa.log_nfa_map(
@@ -233,7 +257,7 @@ def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybri
         torch.nn.functional.interpolate(
             torch.from_numpy(np.asarray(m, dtype=np.float32) / n.mean)[None, None], size=size, mode="bilinear"
         )[0, 0].numpy()
-        for m, n in zip(output.scale_maps, manifest.nfa.scale_nulls, strict=True)
+        for m, n in zip(regions, manifest.nfa.scale_nulls, strict=True)
     ]
     geometric = np.exp(np.mean([np.log(np.maximum(r, 0.05)) for r in ratios], axis=0))
     np.testing.assert_allclose(output.anomaly_map, geometric, rtol=1e-4, atol=1e-5)
@@ -265,6 +289,18 @@ def test_a_manifest_whose_maps_are_not_led_by_the_flow_is_refused(hybrid_bundle:
     (copy / "model.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="need the fitted NFA"):
         load_bundle(copy)
+    # The texture map is read by the image test only: neither comes without the other, and it is one pixel.
+    for change, refusal in (
+        (lambda r: r["nfa"].pop("image_test"), "come together"),
+        (lambda r: r["scales"][-1].update(height=2), "one texture map, of 1 x 1"),
+        (lambda r: r["nfa"]["image_test"].update(scores=r["nfa"]["image_test"]["scores"][:5]), "image_test"),
+        (lambda r: r["nfa"]["image_test"].update(share=1.5), "share"),
+    ):
+        raw = json.loads((hybrid_bundle / "model.json").read_text())
+        change(raw)
+        (copy / "model.json").write_text(json.dumps(raw))
+        with pytest.raises(BundleError, match=refusal):
+            load_bundle(copy)
 
 
 def test_an_old_bundle_without_head_fields_loads_and_decides_as_before(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -330,7 +366,7 @@ def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
     bundle = load_bundle(root)
     int8 = onnx.load(str(root / "model.int8.onnx"))
     heads = conv_groups(onnx.load(str(root / "model.onnx"))).groups["heads"]
-    assert len(heads) == 4  # two whitening convs, two banks
+    assert len(heads) == 5  # two whitening convs, two banks, the texture head's whitening Gemm
     producer = {out: node for node in int8.graph.node for out in node.output}
     for node in int8.graph.node:
         if node.name in heads:
@@ -370,7 +406,7 @@ def test_fp16_and_int8_variants_keep_the_heads_in_fp32(
             got = engine.infer(image)
         finally:
             engine.close()
-        assert len(got.scale_maps) == len(bundle.manifest.scales) == 6
+        assert len(got.scale_maps) == len(bundle.manifest.scales) == 7
         for g, w in zip(got.scale_maps, outputs[precision].scale_maps, strict=True):
             np.testing.assert_array_equal(g, w)
 
@@ -413,7 +449,7 @@ def test_refit_heads_reproduces_finish_and_swaps_the_heads_beside_the_same_flow(
     refit_heads.refit(hybrid_run, fewer, str(synthetic_data_dir), {"memory_scales": 1, "fine_bank_size": 16})
     model, _ = load_model(fewer)
     original, _ = load_model(hybrid_run)
-    assert sorted(model.heads) == ["gaussian_0", "gaussian_1", "memory_1"]
+    assert sorted(model.heads) == ["gaussian_0", "gaussian_1", "memory_1", "texture_0"]
     flow = {k: v for k, v in original.trainable_state_dict().items() if not k.startswith(("heads.", "map_means"))}
     for key, value in flow.items():
         assert torch.equal(model.trainable_state_dict()[key], value), key
@@ -451,27 +487,27 @@ def test_the_fusion_bench_scores_the_bundles_own_anomaly_map(
 
 
 def test_the_fused_nfa_bench_reproduces_trainings_calibration_in_its_today_row(
-    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+    regions_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """bench/fused_nfa.py: its "today" row is training's own calibration (factor, planted share) of the run."""
     fused_nfa = _bench("fused_nfa")
-    assert fused_nfa.main(["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]) == 0
+    assert fused_nfa.main(["--run", str(regions_run), "--data", str(synthetic_data_dir), "--threads", "1"]) == 0
     rows = _table_rows(capsys.readouterr().out)
     assert set(rows) == {"today", "today + fused", "fused alone"}
-    scores = json.loads((hybrid_run / "val_scores.json").read_text())
+    scores = json.loads((regions_run / "val_scores.json").read_text())
     assert float(rows["today"][0]) == pytest.approx(scores["nfa_evidence_scale"])
     assert float(rows["today"][1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
 
 
 def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
-    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    regions_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """bench/correlation_lag.py: its "today" row's areas, factor and planted share are training's own;
     every reach gets its row in both tables, and its panel in the picture."""
     from training.data import open_dataset
 
     bench = _bench("correlation_lag")
-    argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1"]
+    argv = ["--run", str(regions_run), "--data", str(synthetic_data_dir), "--threads", "1"]
     name = open_dataset(str(synthetic_data_dir)).test[-1].image.name
     picture = tmp_path / "reach.png"
     assert bench.main([*argv, "--lags", "2", "6", "--picture", name, str(picture)]) == 0
@@ -484,7 +520,7 @@ def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
     kind_rows = _table_rows("| reach |" + kinds_table)
     assert set(kind_rows) == {"today", "2", "6"}
     assert all(cell == "-" or 0.0 <= float(cell.rstrip("%")) <= 100.0 for cell in kind_rows["6"])
-    scores = json.loads((hybrid_run / "val_scores.json").read_text())
+    scores = json.loads((regions_run / "val_scores.json").read_text())
     today = rows["today"]
     want_areas = [round(n["area"], 1) for n in scores["nfa_null"]]
     areas = [float(cell.split(":")[1]) for cell in today[0].split()]
@@ -497,21 +533,21 @@ def test_the_correlation_lag_bench_reproduces_trainings_null_at_todays_reach(
 
 
 def test_the_global_head_bench_scores_planted_defects_and_every_test_type(
-    hybrid_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+    regions_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """bench/global_head.py: one row per defect type plus all, AUROCs and shares in range, and the label-free
     line (validation images against planted defects) first; its Mahalanobis distance is the textbook one."""
     from training.data import open_dataset
 
     bench = _bench("global_head")
-    argv = ["--run", str(hybrid_run), "--data", str(synthetic_data_dir), "--threads", "1", "--planted-seeds", "0"]
+    argv = ["--run", str(regions_run), "--data", str(synthetic_data_dir), "--threads", "1", "--planted-seeds", "0"]
     assert bench.main([*argv, "--with-nfa"]) == 0
     out, nfa_table = capsys.readouterr().out.split("\nin the NFA")
     assert out.index("label-free:") < out.index("test (reporting only)")
     # In the NFA: today's row is training's own calibration; the score adds one 1x1 map beside it.
     decision = _table_rows(nfa_table)
     assert set(decision) == {"today", "today + global"}
-    scores = json.loads((hybrid_run / "val_scores.json").read_text())
+    scores = json.loads((regions_run / "val_scores.json").read_text())
     assert float(decision["today"][0]) == pytest.approx(scores["nfa_evidence_scale"])
     assert float(decision["today"][1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
     rows = _table_rows(out)

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edge_agent.inspection import nfa
+from edge_agent.inspection.image_test import ImageTest
 from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
 from training.data import GOOD, DatasetSplits, Record, load_image, load_mask, open_dataset
@@ -58,6 +59,7 @@ class Predictions:
     nulls: tuple[nfa.ScaleNull, ...] | None = None  # None: the paper's polyomino NFA
     log10_epsilon: float = 0.0
     heads: tuple[str, ...] = ()  # the head of each map (empty: all flow); the polyomino NFA reads the flow's
+    image_test: ImageTest | None = None  # the fitted NFA's image test (the texture map's), when shipped
 
 
 @dataclass
@@ -152,7 +154,9 @@ def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
     out = np.empty((count, *size), dtype=np.float32)
     for i in tqdm(range(count), desc="NFA", unit="img"):
         maps = [m[i] for m in predictions.scale_maps]
-        out[i] = log_nfa_map_of(maps, predictions.channels, predictions.heads, size, predictions.nulls)
+        out[i] = log_nfa_map_of(
+            maps, predictions.channels, predictions.heads, size, predictions.nulls, predictions.image_test
+        )
     return out
 
 
@@ -300,7 +304,7 @@ def evaluate(
         predictions = predict_bundle(Path(bundle_dir), test.images, threads)
     else:
         predictions = predict_torch(Path(run_dir), test.images, threads=threads)  # type: ignore[arg-type]
-    predictions.nulls, predictions.log10_epsilon = _decision(run_dir, bundle_dir, null_model)
+    predictions.nulls, predictions.log10_epsilon, predictions.image_test = _decision(run_dir, bundle_dir, null_model)
     log_nfa = log_nfa_maps(predictions, (height, width))
     result = {
         "source": predictions.source,
@@ -322,29 +326,31 @@ def evaluate(
 
 def _decision(
     run_dir: Path | str | None, bundle_dir: Path | str | None, null_model: str
-) -> tuple[tuple[nfa.ScaleNull, ...] | None, float]:
-    """The NFA null and log10 epsilon to evaluate with: the bundle's, else the run's fitted one.
+) -> tuple[tuple[nfa.ScaleNull, ...] | None, float, ImageTest | None]:
+    """The NFA null, log10 epsilon and image test to evaluate with: the bundle's, else the run's fitted one.
 
     ``null_model``: ``bundle`` (what the bundle or run ships), ``polyomino`` (the paper's exact NFA at
     log10 epsilon 0) or ``fitted``.
     """
     if null_model == "polyomino":
-        return None, 0.0
+        return None, 0.0, None
     if bundle_dir is not None:
         from edge_agent.bundle import load_bundle
-        from edge_agent.inspection.scoring import scale_nulls
+        from edge_agent.inspection.scoring import image_test_of, scale_nulls
 
         manifest = load_bundle(Path(bundle_dir)).manifest
-        return scale_nulls(manifest, null_model), manifest.nfa.log10_epsilon
+        return scale_nulls(manifest, null_model), manifest.nfa.log10_epsilon, image_test_of(manifest, null_model)
     from training.nfa_null import null_from_dict
     from training.rundir import read_run
 
     val = read_run(Path(run_dir)).val_scores  # type: ignore[arg-type]
     if val.get("nfa_null"):
-        return null_from_dict(val["nfa_null"]), float(val.get("log10_epsilon", 0.0))
+        raw = val.get("image_test")
+        image_test = None if not raw else ImageTest(tuple(raw["scores"]), float(raw["share"]), float(raw["tail"]))
+        return null_from_dict(val["nfa_null"]), float(val.get("log10_epsilon", 0.0)), image_test
     if null_model == "fitted":
         raise EvaluationError(f"run {run_dir} has no fitted NFA null (val_scores.json); train it again")
-    return None, 0.0
+    return None, 0.0, None
 
 
 def _planted(run_dir: Path | str | None, bundle_dir: Path | str | None) -> dict[str, Any]:

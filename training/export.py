@@ -36,6 +36,7 @@ from edge_agent.bundle import (
     SCHEMA_VERSION,
     Bundle,
     DriftReference,
+    ImageTestSpec,
     InputSpec,
     Manifest,
     NfaCalibration,
@@ -243,8 +244,8 @@ def nfa_spec(
     """The bundle's NFA: the fitted null of the run (default) or the paper's exact polyomino NFA.
 
     Runs trained before the fitted null existed have none in val_scores.json and get the paper's NFA.
-    ``shapes``: of every map of the bundle (the fitted null's number of tests counts them all; the run's
-    null has one entry per map). The polyomino NFA is only built for a flow-only bundle (``flow_only``;
+    ``shapes``: of every region map of the bundle (the fitted null's number of tests counts them all; the
+    run's null has one entry per region map; the texture map's image test has its own null). The polyomino NFA is only built for a flow-only bundle (``flow_only``;
     :func:`export_bundle` drops the heads first).
     """
     fitted = info.val_scores.get("nfa_null")
@@ -257,6 +258,7 @@ def nfa_spec(
             null_model="fitted",
             scale_nulls=tuple(ScaleNullSpec(**item) for item in fitted),
             calibration=_calibration(info),
+            image_test=_image_test(info),
         )
     if not flow_only:
         raise ExportError("the polyomino NFA tests flow maps only; export the flow alone (flow_only)")
@@ -266,6 +268,12 @@ def nfa_spec(
             extra={"event": "export_no_fitted_null", "run": str(info.root)},
         )
     return NfaSpec(log10_number_of_tests=nfa.log10_number_of_tests(shapes))
+
+
+def _image_test(info: RunInfo) -> ImageTestSpec | None:
+    """The run's image test (the texture head's null and share); runs without a texture head have none."""
+    raw = info.val_scores.get("image_test")
+    return None if not raw else ImageTestSpec.model_validate(raw)
 
 
 def _calibration(info: RunInfo) -> NfaCalibration | None:
@@ -346,7 +354,9 @@ def build_manifest(
         input=InputSpec(height=model.config.image_height, width=model.config.image_width),
         normalisation=Normalisation(mean=backbone.mean, std=backbone.std),
         scales=scales,
-        nfa=nfa_spec(info, [(s.height, s.width) for s in scales], null_model, flow_only=not model.heads),
+        nfa=nfa_spec(
+            info, [(s.height, s.width) for s in scales if s.head != "texture"], null_model, flow_only=not model.heads
+        ),
         image_score_threshold=_threshold(info),
         validation_metrics=_validation_metrics(info, parity, selftest_scores),
         training_data=_training_data(info),
@@ -407,10 +417,18 @@ def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
 
 def flow_only(model: UFlow) -> UFlow:
     """The same trained flow without the heads (the flow-only anomaly map and outputs)."""
-    config = replace(model.config, heads=("flow",))
-    bare = UFlow(config, weights=None, random_weights=True)
+    return without_heads(model, {k for k in model.config.heads if k != "flow"})
+
+
+def without_heads(model: UFlow, drop: set[str]) -> UFlow:
+    """The same trained model without the heads of the kinds in ``drop`` (their maps and fusion means)."""
+    heads = tuple(h for h in model.config.heads if h not in drop)
+    bare = UFlow(replace(model.config, heads=heads), weights=None, random_weights=True)
     bare.backbone = model.backbone
-    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith(("heads.", "map_means"))}
+    prefixes = tuple(f"heads.{kind}_" for kind in drop)
+    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith(prefixes) and k != "map_means"}
+    if bare.heads:
+        state["map_means"] = model.map_means[[i for i, s in enumerate(model.scales) if s.head not in drop]]
     bare.load_trainable_state_dict(state)
     return bare.eval()
 
@@ -456,6 +474,13 @@ def export_bundle(
         log.warning(
             "the bundle keeps the flow only: the gaussian and memory heads need the fitted NFA null",
             extra={"event": "export_heads_dropped", "run": str(info.root), "null_model": null_model},
+        )
+    if "texture" in model.config.heads and not info.val_scores.get("image_test"):
+        # No image test could be fitted (too few good images, or the paper's NFA): its map has no null.
+        model = without_heads(model, {"texture"})
+        log.warning(
+            "the bundle drops the texture head: the run has no image test for it",
+            extra={"event": "export_texture_dropped", "run": str(info.root), "null_model": null_model},
         )
     if not info.selftest_images:
         raise ExportError(f"run {info.root} has no self-test images in selftest/; train again to finish it")

@@ -32,8 +32,10 @@ import cv2
 import numpy as np
 import torch
 
+from edge_agent.bundle import MIN_GOOD_SCORES
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drift import build_reference
+from edge_agent.inspection.image_test import ImageTest
 from edge_agent.inspection.scoring import log_nfa_map_of
 from edge_agent.promise import shortfall
 from training.data import DatasetSplits, Record
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LOG10_EPSILON = -2.0
 PLANTED_IMAGES = 48  # at most this many validation images get a defect each
 PLANTED_MIN = 24  # small validation sets get several defects per image to reach this many
+# The image test's share of epsilon (edge_agent/inspection/image_test.py): chosen on the planted defects of
+# every data set (docs/results.md, "The image test"); the regions keep the rest.
+DEFAULT_IMAGE_SHARE = 0.1
 
 
 def _write_selftest(run_dir: Path, records: Sequence[Record], images: np.ndarray, count: int) -> list[str]:
@@ -77,11 +82,30 @@ def min_log_nfa(
     size: tuple[int, int],
     nulls: Sequence[nfa.ScaleNull] | None,
     heads: Sequence[str] = (),
+    image_test: ImageTest | None = None,
 ) -> list[float]:
     """Per image, the smallest log10 NFA (maps in ``model.scales`` order, each N x H_s x W_s)."""
     return [
-        float(log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls).min()) for i in range(len(maps[0]))
+        float(log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test).min())
+        for i in range(len(maps[0]))
     ]
+
+
+def fit_image_test(model: UFlow, head_maps: list[np.ndarray], share: float = DEFAULT_IMAGE_SHARE) -> ImageTest | None:
+    """The image test from the texture head's out-of-sample scores of every good image (None: no texture
+    head, or too few images to place its tail)."""
+    heads = [s.head for s in model.scales[len(model.flow_scales) :]]
+    if "texture" not in heads:
+        return None
+    scores = head_maps[heads.index("texture")].reshape(-1).astype(np.float64)
+    if len(scores) < MIN_GOOD_SCORES or not (np.isfinite(scores).all() and (scores > 0).all()):
+        return None
+    return ImageTest(tuple(float(v) for v in scores), share)
+
+
+def region_maps(model: UFlow, maps: list[np.ndarray]) -> list[np.ndarray]:
+    """The maps the region tests read: all but the texture head's 1 x 1 score."""
+    return [m for m, s in zip(maps, model.scales, strict=True) if s.head != "texture"]
 
 
 def backbone_features(model: UFlow, images: np.ndarray, batch_size: int) -> list[torch.Tensor]:
@@ -111,7 +135,7 @@ def evidence_maps(
             heads = out_of_sample_maps(model.heads, cross, features, owners)
             maps += [heads[key] for key in model.heads]
         else:
-            maps += [head(features[int(key.split("_")[1])]).numpy() for key, head in model.heads.items()]
+            maps += [m.numpy() for m in model.head_maps(features)]
     return maps
 
 
@@ -154,10 +178,12 @@ def planted_check(
     seed: int = 0,
     cross: CrossFit | None = None,
     first_owner: int = 0,
+    image_test: ImageTest | None = None,
 ) -> dict[str, Any]:
     """Share of defects planted on ``images`` that the NFA decision finds (a region touching the defect).
 
-    ``cross`` and ``first_owner``: as :func:`planted_maps`.
+    ``cross`` and ``first_owner``: as :func:`planted_maps`. With ``image_test``, a detection of the image test
+    (the whole frame) finds the defect too.
     """
     samples, maps = planted_maps(model, images, batch_size, seed, cross, first_owner)
     if not samples:
@@ -167,7 +193,7 @@ def planted_check(
     size = (model.config.image_height, model.config.image_width)
     hits: dict[str, list[bool]] = {}
     for i, sample in enumerate(samples):
-        log_nfa = log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls)
+        log_nfa = log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test)
         found = bool(((log_nfa < log10_epsilon) & sample.mask).any())
         hits.setdefault(sample.kind, []).append(found)
         hits.setdefault(f"size_{sample.size}", []).append(found)
@@ -195,7 +221,8 @@ def fit_nulls(
 ) -> tuple[nfa.ScaleNull, ...]:
     """The flow's nulls from its validation maps, each head's from its out-of-sample maps of every good image."""
     flow = fit_null(val_maps[: len(model.flow_scales)], reach)
-    return (*flow, *(fit_scale_null(m, reach) for m in head_maps))
+    heads = model.scales[len(model.flow_scales) :]
+    return (*flow, *(fit_scale_null(m, reach) for m, s in zip(head_maps, heads, strict=True) if s.head != "texture"))
 
 
 def finish_run(
@@ -232,12 +259,16 @@ def finish_run(
         model.map_means.copy_(torch.tensor(means))
         save_checkpoint(run_dir, model, info.checkpoint_meta)  # the fitted heads and the fusion's means
     scores = fused_scores(model, maps)
-    calibration = None
+    calibration, image_test = None, None
     if len(images) >= MIN_CALIBRATION_IMAGES:
         # Cross-fitted: every validation image is counted by a null fitted without it (training/nfa_null.py).
         # The shipped null: the flow's from the validation maps, each head's from its out-of-sample maps.
         envelope = fit_nulls(model, maps, head_maps) if model.heads else None
-        calibration = calibrate(maps, channels, size, DEFAULT_LOG10_EPSILON, envelope=envelope)
+        image_test = fit_image_test(model, head_maps)
+        # The regions keep 1 - share of epsilon; the image test's share rests on its own null (image_test.py).
+        regions_epsilon = DEFAULT_LOG10_EPSILON - (image_test.region_shift if image_test else 0.0)
+        region_channels = [c for c, h in zip(channels, heads, strict=True) if h != "texture"]
+        calibration = calibrate(region_maps(model, maps), region_channels, size, regions_epsilon, envelope=envelope)
         nulls, evidence_scale = calibration.nulls, calibration.factor
         epsilon = DEFAULT_LOG10_EPSILON
         message = shortfall(calibration.check)
@@ -250,9 +281,11 @@ def finish_run(
             "too few validation images to fit the NFA null: the bundle will use the paper's polyomino NFA",
             extra={"event": "train_nfa_null_skipped", "images": len(images), "needed": MIN_CALIBRATION_IMAGES},
         )
-    fitted = min_log_nfa(maps, channels, size, nulls, heads)
+    fitted = min_log_nfa(maps, channels, size, nulls, heads, image_test)
     polyomino = min_log_nfa(maps, channels, size, None, heads)
-    planted = planted_check(model, images, nulls, epsilon, batch_size, cross=cross, first_owner=first_owner)
+    planted = planted_check(
+        model, images, nulls, epsilon, batch_size, cross=cross, first_owner=first_owner, image_test=image_test
+    )
     nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
     drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())
     result: dict[str, Any] = {  # the selftest JSON
@@ -262,6 +295,9 @@ def finish_run(
         "nfa_null": null_to_dict(nulls) if nulls is not None else None,
         "nfa_evidence_scale": evidence_scale,
         "nfa_calibration": calibration.to_dict() if calibration is not None else None,
+        "image_test": None
+        if image_test is None
+        else {"share": image_test.share, "tail": image_test.tail, "scores": list(image_test.scores)},
         "log10_epsilon": epsilon,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],
@@ -284,6 +320,7 @@ def finish_run(
             "calibration_false_regions": None if calibration is None else calibration.check.false_regions,
             "false_regions_upper95": None if calibration is None else calibration.check.regions_upper,
             "planted_detection_rate": planted.get("detection_rate"),
+            "image_test_images": None if image_test is None else image_test.images,
         },
     )
     return result

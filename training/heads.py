@@ -16,6 +16,10 @@ Out-of-sample maps for fitting the nulls (:class:`CrossFit`): a head that memori
 maps that are too clean, so the nulls of these heads are fitted on maps of images the head did not
 see: k folds for the Gaussian (the image's fold is left out), leave-one-image-out for the bank (the
 bank entries that came from the image itself are ignored). docs/nfa.md, "Heads".
+
+- ``texture``: one per model, over every scale: the Mahalanobis distance of the frame's texture statistics
+  (channel means and standard deviations) to the good frames', a 1 x 1 map that the image test reads
+  (edge_agent/inspection/image_test.py), cross-fitted by k folds like the Gaussian.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory")
-MAP_PREFIX = {"flow": "m", "gaussian": "g", "memory": "k"}
+HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture")
+MAP_PREFIX = {"flow": "m", "gaussian": "g", "memory": "k", "texture": "t"}
+TEXTURE_KEY = "texture_0"  # one texture head per model, over every scale
 MIN_SHRINK = 1e-3  # relative ridge: keeps L^-1 bounded when the features have (near) null directions
 FOLDS = 5
 PROJECTION_DIM = 128
@@ -149,6 +154,45 @@ def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, projection_dim: in
     return chosen
 
 
+class TextureHead(nn.Module):
+    """t = mean over D of (L^-1 (v - mu))^2: v, the frame's texture statistics, is every scale's channel
+    means and standard deviations (D = 2 sum C_s), whitened by one linear layer; a 1 x 1 map per frame.
+
+    The image test reads it (edge_agent/inspection/image_test.py): it sees a change that covers much of the
+    frame, which no region test can.
+    """
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.whiten = nn.Linear(dims, dims)
+        self.whiten.requires_grad_(False)
+        with torch.no_grad():
+            self.whiten.weight.copy_(torch.eye(dims))
+            self.whiten.bias.zero_()
+
+    def set(self, mean: torch.Tensor, inverse_cholesky: torch.Tensor) -> None:
+        """Load mu (D) and L^-1 (D x D)."""
+        with torch.no_grad():
+            self.whiten.weight.copy_(inverse_cholesky)
+            self.whiten.bias.copy_(-(inverse_cholesky @ mean))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        z = self.whiten(texture_statistics(features))
+        return z.pow(2).mean(dim=1).view(-1, 1, 1)
+
+
+def texture_statistics(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """N x D: per scale the channel means, then the channel standard deviations (centred first: no
+    cancellation in float32), of N x C_s x H_s x W_s features."""
+    means, stds = [], []
+    for f in features:
+        mean = f.mean(dim=(2, 3), keepdim=True)
+        centred = f - mean
+        means.append(mean.flatten(1))
+        stds.append(centred.mul(centred).mean(dim=(2, 3)).sqrt())
+    return torch.cat(means + stds, dim=1)
+
+
 def rows(features: torch.Tensor) -> torch.Tensor:
     """N x C x H x W -> (N H W) x C feature vectors."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -177,6 +221,7 @@ class CrossFit:
     folds: np.ndarray  # fold of each fitting image
     gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]  # scale -> per fold (mu, L^-1)
     banks: dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (bank K x C, owner image of each row)
+    texture: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per fold (mu, L^-1) of the texture head
 
 
 def fold_of(count: int, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
@@ -188,19 +233,25 @@ def fold_of(count: int, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
 
 
 def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int = 0, folds: int = FOLDS) -> CrossFit:
-    """Fit every head in ``heads`` (keys ``gaussian_<s>`` / ``memory_<s>``) on good images' features.
+    """Fit every head in ``heads`` (keys ``gaussian_<s>`` / ``memory_<s>`` / ``texture_0``) on good images' features.
 
     ``features``: per scale N x C x H x W of the good images the heads may memorise (all of them).
     Returns what :func:`out_of_sample_maps` needs to give each of those images maps from heads that did
     not see it.
     """
-    used = [int(key.split("_")[1]) for key in heads]
-    count = len(features[used[0]]) if used else 0  # every scale holds the same images
+    count = len(features[0]) if len(heads) else 0  # every scale holds the same images
     fold = fold_of(count, folds, seed)
     gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     banks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    texture = None
     for key, head in heads.items():
         kind, scale = key.split("_")
+        if kind == "texture":
+            assert isinstance(head, TextureHead)
+            v = texture_statistics([f.float() for f in features])
+            head.set(*gaussian_parameters(v))
+            texture = [gaussian_parameters(v[torch.from_numpy(fold != k)]) for k in range(fold.max() + 1)]
+            continue
         s = int(scale)
         f = features[s].float()
         if kind == "gaussian":
@@ -216,7 +267,7 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
                 index = index[torch.arange(head.bank.shape[0]) % len(index)]
             head.set(x[index])
             banks[s] = (x[index], owner[index])
-    return CrossFit(fold, gaussian, banks)
+    return CrossFit(fold, gaussian, banks, texture)
 
 
 def out_of_sample_maps(
@@ -228,6 +279,17 @@ def out_of_sample_maps(
     owner_t = torch.from_numpy(np.asarray(owners, dtype=np.int64))
     for key, head in heads.items():
         kind, scale = key.split("_")
+        if kind == "texture":
+            assert cross.texture is not None
+            v = texture_statistics([f.float() for f in features])
+            scores = torch.empty(len(v), 1, 1)
+            image_folds = cross.folds[owners]
+            for k, (mean, inverse) in enumerate(cross.texture):
+                pick = torch.from_numpy(np.flatnonzero(image_folds == k))
+                if len(pick):
+                    scores[pick, 0, 0] = ((v[pick] - mean) @ inverse.T).pow(2).mean(1)
+            out[key] = scores.numpy()
+            continue
         s = int(scale)
         f = features[s].float()
         n, c, h, w = f.shape

@@ -29,7 +29,7 @@ from training.catalog import (
     backbone_info,
 )
 from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
-from training.heads import HEAD_KINDS, MAP_PREFIX, GaussianHead, MemoryHead
+from training.heads import HEAD_KINDS, MAP_PREFIX, TEXTURE_KEY, GaussianHead, MemoryHead, TextureHead
 
 # The floor of m / mean under the geometric fusion's log. No pixel of an unseen image goes below it on the
 # three data sets (0 of every test map pixel), so it changes no score; it matters only on images the bank
@@ -204,6 +204,11 @@ class UFlow(nn.Module):
                 head = GaussianHead(c) if kind == "gaussian" else MemoryHead(c, config.bank_rows(s), config.memory_pool)
                 self.heads[f"{kind}_{s}"] = head
                 head_scales.append(ScaleInfo(f"{MAP_PREFIX[kind]}_{s}", c, h, w, stride, kind))
+        if "texture" in config.heads:
+            dims = 2 * sum(c for c, _, _ in shapes)
+            self.heads[TEXTURE_KEY] = TextureHead(dims)
+            side = max(config.image_height, config.image_width)  # one map pixel covers the frame
+            head_scales.append(ScaleInfo(f"{MAP_PREFIX['texture']}_0", dims, 1, 1, side, "texture"))
         self.scales = (*self.flow_scales, *head_scales)
         if self.heads:
             # Per map, its mean on good images (the fitted null's mean); the anomaly map fuses m / mean.
@@ -239,10 +244,14 @@ class UFlow(nn.Module):
 
     def maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every evidence map of ``self.scales`` (flow m_s first, then the heads'), each N x H_s x W_s."""
-        out = scale_maps(self.encode(features).latents)
-        for key, head in self.heads.items():
-            out.append(head(features[int(key.split("_")[1])]))
-        return out
+        return scale_maps(self.encode(features).latents) + self.head_maps(features)
+
+    def head_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The heads' maps in ``self.scales`` order: each reads its scale's features, the texture head all."""
+        return [
+            head(features) if key == TEXTURE_KEY else head(features[int(key.split("_")[1])])
+            for key, head in self.heads.items()
+        ]
 
     def fused_map(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """The anomaly map: the flow-only formula, or with heads the fusion of the upsampled m / mean."""
@@ -250,7 +259,13 @@ class UFlow(nn.Module):
         if not self.heads:
             return anomaly_map(maps, height, width)
         geometric = self.config.map_fusion == "geometric"
-        return fused_anomaly_map(maps, self.map_means, height, width, geometric=geometric)
+        # The texture head's 1 x 1 score is the image test's, not a place in the frame: not in the map.
+        keep = [i for i, s in enumerate(self.scales) if s.head != "texture"]
+        if len(keep) < len(maps):
+            maps, means = [maps[i] for i in keep], self.map_means[keep]
+        else:
+            means = self.map_means
+        return fused_anomaly_map(maps, means, height, width, geometric=geometric)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Norms and flow only: the backbone is rebuilt from its ImageNet weights file."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import socket
@@ -270,11 +271,27 @@ def check_false_alarm_promise(manifest: object) -> Check:
             "nothing backs the promise; retrain and re-export with a current `uflow`",
         )
     check = calibration.promise_check()
-    detail = describe(check, calibration.folds)
+    detail = describe(check, calibration.folds) + _image_test_detail(nfa_spec, epsilon)
     message = shortfall(check)
     if message:
         return Check("false alarms", "warn", f"{message}. {detail}")
     return Check("false alarms", "ok", detail)
+
+
+def _image_test_detail(nfa_spec: object, log10_epsilon: float) -> str:
+    """The image test's part of the promise in words ('' when the bundle has none)."""
+    spec = getattr(nfa_spec, "image_test", None)
+    if spec is None:
+        return ""
+    images, rate = len(spec.scores), spec.share * 10.0**log10_epsilon
+    text = (
+        f"; the image test (the frame's texture) takes {spec.share:.0%} of the promise, {rate:.2g} per part, "
+        f"on the out-of-fold scores of {images} good images"
+    )
+    needed = math.ceil(1.0 / rate) - 1 - images
+    if needed > 0:
+        text += f" (below 1 in {images + 1} it rests on its tail law; {needed} more good images would rank it)"
+    return text
 
 
 def _check_signature(root: Path, settings: AgentSettings) -> Check:

@@ -7,7 +7,8 @@
 4. ``edge_agent.engines``: the model (ONNX Runtime on the CPU, TensorRT on a GPU) -> the anomaly map at
    the model size and the per-scale maps m_s (the bundle's contract, docs/design.md section 4).
 5. ``scoring``: the maps -> image score, log10 NFA map, regions and the anomalous decision.
-6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project.
+6. ``nfa``: the a-contrario NFA itself (Numba); it imports nothing from the project. ``image_test``: the
+   NFA's second family, the frame as a whole (the ``texture`` map's test).
 7. ``parts`` (``[parts] mode``): ``tracking`` follows parts along the belt and ``part_verdict`` combines
    a part's frames into one decision; ``triggers`` pairs a trigger with its frame in triggered mode.
 8. ``pipeline``: the stage threads (joined by ``stage_queue``) that run 1-7, each handing the next an

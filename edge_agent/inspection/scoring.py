@@ -23,6 +23,7 @@ import numpy as np
 from edge_agent.bundle import Manifest
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
+from edge_agent.inspection.image_test import ImageTest
 from edge_agent.messages import Region
 
 Resolution = Literal["model", "frame"]
@@ -129,12 +130,21 @@ def scale_nulls(manifest: Manifest, choice: str = "bundle") -> tuple[nfa.ScaleNu
 def nfa_inputs(
     maps: Sequence[np.ndarray], channels: Sequence[int], heads: Sequence[str], nulls: Sequence[nfa.ScaleNull] | None
 ) -> tuple[list[np.ndarray], list[int]]:
-    """The maps and channel counts the NFA tests: every map under a fitted null, the flow maps only
-    under the paper's polyomino NFA (its chi^2(C_s) null is the flow's; the heads' maps have none)."""
-    if nulls is not None or not heads or not len(maps) == len(channels) == len(heads):
+    """The maps the region tests read: under a fitted null every region map (not the ``texture`` head's 1 x 1
+    score, which the image test reads), under the paper's polyomino NFA the flow maps only (its chi^2(C_s)
+    null is the flow's; the heads' maps have none)."""
+    if not heads or not len(maps) == len(channels) == len(heads):
         return list(maps), list(channels)  # a count mismatch is reported by nfa.log_nfa_map, by name
-    keep = [i for i, head in enumerate(heads) if head == "flow"]
+    keep = [i for i, head in enumerate(heads) if (head == "flow" if nulls is None else head != "texture")]
     return [maps[i] for i in keep], [channels[i] for i in keep]
+
+
+def texture_score(maps: Sequence[np.ndarray], heads: Sequence[str]) -> float | None:
+    """The ``texture`` head's image score (its 1 x 1 map), or None when the model has none."""
+    for m, head in zip(maps, heads, strict=False):
+        if head == "texture":
+            return float(np.max(m))
+    return None
 
 
 def log_nfa_map_of(
@@ -143,10 +153,26 @@ def log_nfa_map_of(
     heads: Sequence[str],
     out_shape: tuple[int, int],
     nulls: Sequence[nfa.ScaleNull] | None,
+    image_test: ImageTest | None = None,
 ) -> np.ndarray:
-    """``nfa.log_nfa_map`` on the maps the chosen null tests (see :func:`nfa_inputs`)."""
+    """``nfa.log_nfa_map`` on the maps the chosen null tests (see :func:`nfa_inputs`), joined under a fitted
+    null with the image test when there is one: the regions' log NFA gains ``image_test.region_shift`` and
+    every pixel is at most the image test's log NFA (edge_agent/inspection/image_test.py)."""
     tested, tested_channels = nfa_inputs(maps, channels, heads, nulls)
-    return nfa.log_nfa_map(tested, tested_channels, out_shape, nulls)
+    log_nfa = nfa.log_nfa_map(tested, tested_channels, out_shape, nulls)
+    score = texture_score(maps, heads)
+    if nulls is None or image_test is None or score is None:
+        return log_nfa
+    whole = np.float32(image_test.log10_nfa(score))
+    return np.minimum(log_nfa + np.float32(image_test.region_shift), whole)
+
+
+def image_test_of(manifest: Manifest, choice: str = "bundle") -> ImageTest | None:
+    """The bundle's image test (None: it ships none, or the paper's NFA is chosen)."""
+    spec = manifest.nfa.image_test
+    if spec is None or choice == "polyomino" or manifest.nfa.null_model != "fitted":
+        return None
+    return ImageTest(spec.scores, spec.share, spec.tail)
 
 
 def default_log10_epsilon(manifest: Manifest, choice: str = "bundle") -> float:
@@ -167,6 +193,7 @@ class FrameScorer:
         self.heads = tuple(s.head for s in manifest.scales)
         self.model_size = (manifest.input.width, manifest.input.height)
         self.nulls = scale_nulls(manifest, (config or NfaConfig()).null_model)
+        self.image_test = image_test_of(manifest, (config or NfaConfig()).null_model)
 
     def score(
         self,
@@ -185,7 +212,9 @@ class FrameScorer:
         else:
             out_w, out_h = model_w, model_h
             anomaly_map = output.anomaly_map
-        log_nfa = log_nfa_map_of(output.scale_maps, self.channels, self.heads, (out_h, out_w), self.nulls)
+        log_nfa = log_nfa_map_of(
+            output.scale_maps, self.channels, self.heads, (out_h, out_w), self.nulls, self.image_test
+        )
         scale_x, scale_y = width / out_w, height / out_h
         found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
         min_area = rule.min_area(width / model_w, height / model_h)

@@ -55,6 +55,7 @@ _MEMORY_TAIL = _PASSTHROUGH | {"Clip", "Max", "Div", "Mul", "Add"}
 # bundles exported before the fused form (today's graph has the biased Conv right under the ReduceMin).
 _MEMORY_ARITHMETIC = {"Add", "Sub", "Mul", "Neg", "Cast"}
 GAUSSIAN_PREFIX = "g_"  # the manifest's name of a Gaussian head's map (edge_agent.bundle.ScaleSpec)
+TEXTURE_PREFIX = "t_"  # the texture head's 1 x 1 map: whitened texture statistics (training/heads.py)
 # onnx.TensorProto data type numbers -> the names the support table uses (FP64 and strings: none).
 _TABLE_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 16: "BF16"}
 _TABLE_TYPES |= {17: "FP8", 22: "INT4"}  # FLOAT8E4M3FN, INT4
@@ -252,6 +253,8 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
         whiten = producer.get(square.input[0])
         if output.startswith(GAUSSIAN_PREFIX) and whiten is not None and whiten.op_type == "Conv":
             squares.append(whiten)
+        if output.startswith(TEXTURE_PREFIX) and whiten is not None and whiten.op_type in ("Gemm", "MatMul"):
+            squares.extend(_texture_starts(whiten, producer))
     found: dict[int, Any] = {}
     stack = list(squares)
     while stack:
@@ -262,6 +265,32 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
         for out in node.output:
             stack.extend(consumers.get(out, []))
     return list(found.values())
+
+
+def _texture_starts(whiten: Any, producer: dict[str, Any]) -> list[Any]:
+    """Where the texture statistics start: each scale's channel mean (ReduceMean of the features) and its
+    centring (Sub), found from the whitening through the Concat, the reshapes, and the standard deviation's
+    Sqrt, ReduceMean and square; the walk stops there, so no backbone node joins the head."""
+    starts = [whiten]
+    concat = producer.get(whiten.input[0])
+    while concat is not None and concat.op_type in _PASSTHROUGH:
+        concat = producer.get(concat.input[0])
+    if concat is None or concat.op_type != "Concat":
+        raise ValueError(f"texture whitening {whiten.name!r} does not read a Concat of statistics")
+    for name in concat.input:
+        node = producer.get(name)
+        while node is not None and node.op_type in _PASSTHROUGH:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Sqrt":  # a standard deviation: sqrt(mean((f - mean)^2))
+            node = producer.get(node.input[0])
+            square = producer.get(node.input[0]) if node is not None and node.op_type == "ReduceMean" else None
+            node = producer.get(square.input[0]) if square is not None and square.op_type in ("Mul", "Pow") else None
+            if node is None or node.op_type != "Sub":
+                raise ValueError(f"texture statistic {name!r} is not a centred standard deviation")
+        elif node is None or node.op_type != "ReduceMean":
+            raise ValueError(f"texture statistic {name!r} is not a channel mean")
+        starts.append(node)
+    return starts
 
 
 def _reaches_min(node: Any, producer: dict[str, Any], depth: int = 8) -> bool:
