@@ -120,3 +120,19 @@ def test_the_texture_head_exports_to_a_graph_tensorrt_takes_with_its_statistics_
     kept = head_nodes(graph, ["t_0"])
     assert {n.op_type for n in kept} >= {"ReduceMean", "Sub", "Sqrt", "Concat", "Gemm", "Pow"}
     assert all(n.name.startswith("/texture_0/") for n in kept)  # the statistics, and no backbone node
+
+
+def test_in_a_decision_the_regions_say_where_and_the_whole_frame_only_when_the_image_test_alone_fires() -> None:
+    good = tuple(float(v) for v in np.exp(np.random.default_rng(2).normal(size=200)))
+    test = ImageTest(good, share=0.1)
+    maps, channels, heads, nulls = _maps(texture=1e4)
+    maps[0][3:7, 3:7] = 12.0  # a defect the region tests see
+    regions = nfa.log_nfa_map([maps[0]], [16], (24, 24), nulls) + test.region_shift
+    assert regions.min() < -2.0 and (regions >= -2.0).any()
+    decided = log_nfa_map_of(maps, channels, heads, (24, 24), nulls, test, log10_epsilon=-2.0)
+    np.testing.assert_allclose(decided, regions, rtol=1e-6)  # the defect's region, not the whole frame
+    ranked = log_nfa_map_of(maps, channels, heads, (24, 24), nulls, test)
+    assert float(ranked.min()) == pytest.approx(min(float(regions.min()), test.log10_nfa(1e4)), rel=1e-6)
+    quiet, *_ = _maps(texture=1e4)
+    alone = log_nfa_map_of([quiet[0], quiet[1]], channels, heads, (24, 24), nulls, test, log10_epsilon=-2.0)
+    assert (alone < -2.0).all()  # the image test alone: the whole frame

@@ -155,7 +155,13 @@ def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
     for i in tqdm(range(count), desc="NFA", unit="img"):
         maps = [m[i] for m in predictions.scale_maps]
         out[i] = log_nfa_map_of(
-            maps, predictions.channels, predictions.heads, size, predictions.nulls, predictions.image_test
+            maps,
+            predictions.channels,
+            predictions.heads,
+            size,
+            predictions.nulls,
+            predictions.image_test,
+            predictions.log10_epsilon,  # the decision's segmentation: regions where there are any
         )
     return out
 

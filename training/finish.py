@@ -193,7 +193,7 @@ def planted_check(
     size = (model.config.image_height, model.config.image_width)
     hits: dict[str, list[bool]] = {}
     for i, sample in enumerate(samples):
-        log_nfa = log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test)
+        log_nfa = log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test, log10_epsilon)
         found = bool(((log_nfa < log10_epsilon) & sample.mask).any())
         hits.setdefault(sample.kind, []).append(found)
         hits.setdefault(f"size_{sample.size}", []).append(found)

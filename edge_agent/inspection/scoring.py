@@ -154,17 +154,23 @@ def log_nfa_map_of(
     out_shape: tuple[int, int],
     nulls: Sequence[nfa.ScaleNull] | None,
     image_test: ImageTest | None = None,
+    log10_epsilon: float | None = None,
 ) -> np.ndarray:
     """``nfa.log_nfa_map`` on the maps the chosen null tests (see :func:`nfa_inputs`), joined under a fitted
-    null with the image test when there is one: the regions' log NFA gains ``image_test.region_shift`` and
-    every pixel is at most the image test's log NFA (edge_agent/inspection/image_test.py)."""
+    null with the image test when there is one (edge_agent/inspection/image_test.py): the regions' log NFA
+    gains ``image_test.region_shift``, and the image test's log NFA, the same at every pixel, is the frame's
+    wherever it is lower. With ``log10_epsilon`` (a decision), a frame where a region is detected keeps its
+    regions alone: they say where; the whole frame is the detection only when the image test alone fires.
+    """
     tested, tested_channels = nfa_inputs(maps, channels, heads, nulls)
     log_nfa = nfa.log_nfa_map(tested, tested_channels, out_shape, nulls)
     score = texture_score(maps, heads)
     if nulls is None or image_test is None or score is None:
         return log_nfa
-    whole = np.float32(image_test.log10_nfa(score))
-    return np.minimum(log_nfa + np.float32(image_test.region_shift), whole)
+    regions = log_nfa + np.float32(image_test.region_shift)
+    if log10_epsilon is not None and float(regions.min()) < log10_epsilon:
+        return regions
+    return np.minimum(regions, np.float32(image_test.log10_nfa(score)))
 
 
 def image_test_of(manifest: Manifest, choice: str = "bundle") -> ImageTest | None:
@@ -213,7 +219,13 @@ class FrameScorer:
             out_w, out_h = model_w, model_h
             anomaly_map = output.anomaly_map
         log_nfa = log_nfa_map_of(
-            output.scale_maps, self.channels, self.heads, (out_h, out_w), self.nulls, self.image_test
+            output.scale_maps,
+            self.channels,
+            self.heads,
+            (out_h, out_w),
+            self.nulls,
+            self.image_test,
+            rule.log10_epsilon,
         )
         scale_x, scale_y = width / out_w, height / out_h
         found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
