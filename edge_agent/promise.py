@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 CONFIDENCE = 0.95
 _BISECTIONS = 200
@@ -198,11 +199,39 @@ def shortfall(check: PromiseCheck) -> str | None:
     )
 
 
-def describe(check: PromiseCheck, folds: int | None = None) -> str:
-    """One line: the promise, the calibration count and the 95 % upper bounds it gives."""
+def describe(check: PromiseCheck, folds: int | None = None, regions_only: bool = False) -> str:
+    """One line: the promise, the calibration count and the 95 % upper bounds it gives; ``regions_only``:
+    the promise is the regions' share (the image test takes the rest, :func:`image_test_words`)."""
     how = f" (cross-fitted, {folds} folds)" if folds else ""
+    whose = "the regions' share of the promise: " if regions_only else ""
     return (
-        f"promise at most {per_parts(check.promised)}; {check.images} good calibration images{how}: "
+        f"{whose}promise at most {per_parts(check.promised)}; {check.images} good calibration images{how}: "
         f"{check.false_regions} false regions ({check.images_flagged} images flagged), 95 % upper bound "
         f"{per_parts(check.regions_upper)} and {check.flagged_upper:.1%} of good parts flagged"
     )
+
+
+class ImageTestSummary(Protocol):
+    """What :func:`image_test_words` reads of a bundle's image test (edge_agent.bundle.ImageTestSpec)."""
+
+    @property
+    def share(self) -> float: ...
+
+    @property
+    def scores(self) -> tuple[float, ...]: ...
+
+
+def image_test_words(spec: ImageTestSummary | None, log10_epsilon: float) -> str:
+    """The image test's part of the promise in plant words ('' without one): its share, the good images its
+    null rests on, and how many more would let their rank alone place it (docs/nfa.md, "The image test")."""
+    if spec is None:
+        return ""
+    images, rate = len(spec.scores), spec.share * 10.0**log10_epsilon
+    text = (
+        f"; the image test (the frame's texture) takes {spec.share:.0%} of the promise, {per_parts(rate)}, "
+        f"on the out-of-fold scores of {images} good images"
+    )
+    needed = math.ceil(1.0 / rate) - 1 - images
+    if needed > 0:
+        text += f" (below 1 in {images + 1} it rests on its tail law; {needed} more good images would rank it)"
+    return text

@@ -562,3 +562,16 @@ def test_the_global_head_bench_scores_planted_defects_and_every_test_type(
     covariance = np.cov(good.T, bias=True)
     want = np.einsum("nc,cd,nd->n", centred, np.linalg.inv(covariance), centred)
     np.testing.assert_allclose(bench.mahalanobis(good, query), want, rtol=0.02)  # many samples: little shrinkage
+
+
+def test_doctor_tells_the_regions_share_and_what_the_image_test_rests_on(hybrid_bundle: Path) -> None:
+    from edge_agent.cli.doctor import check_false_alarm_promise
+
+    manifest = load_bundle(hybrid_bundle).manifest
+    assert manifest.nfa.image_test is not None
+    images = len(manifest.nfa.image_test.scores)
+    detail = check_false_alarm_promise(manifest).detail
+    assert "the regions' share of the promise: promise at most 9 per 1,000 parts" in detail
+    # A tenth of 1 per 100 parts is 1 per 1,000: the rank of n good images reaches it from 999 of them.
+    assert f"takes 10% of the promise, 1 per 1,000 parts, on the out-of-fold scores of {images} good images" in detail
+    assert f"{999 - images} more good images would rank it" in detail

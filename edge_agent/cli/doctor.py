@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import socket
@@ -251,7 +250,7 @@ def check_detection_power(manifest: object) -> Check:
 
 def check_false_alarm_promise(manifest: object) -> Check:
     """Whether the good images that calibrated the NFA can vouch for its promised false-alarm rate."""
-    from edge_agent.promise import describe, per_parts, shortfall
+    from edge_agent.promise import describe, image_test_words, per_parts, shortfall
 
     nfa_spec = getattr(manifest, "nfa", None)
     null = getattr(nfa_spec, "null_model", "polyomino")
@@ -271,27 +270,13 @@ def check_false_alarm_promise(manifest: object) -> Check:
             "nothing backs the promise; retrain and re-export with a current `uflow`",
         )
     check = calibration.promise_check()
-    detail = describe(check, calibration.folds) + _image_test_detail(nfa_spec, epsilon)
+    image_test = getattr(nfa_spec, "image_test", None)
+    detail = describe(check, calibration.folds, regions_only=image_test is not None)
+    detail += image_test_words(image_test, epsilon)
     message = shortfall(check)
     if message:
         return Check("false alarms", "warn", f"{message}. {detail}")
     return Check("false alarms", "ok", detail)
-
-
-def _image_test_detail(nfa_spec: object, log10_epsilon: float) -> str:
-    """The image test's part of the promise in words ('' when the bundle has none)."""
-    spec = getattr(nfa_spec, "image_test", None)
-    if spec is None:
-        return ""
-    images, rate = len(spec.scores), spec.share * 10.0**log10_epsilon
-    text = (
-        f"; the image test (the frame's texture) takes {spec.share:.0%} of the promise, {rate:.2g} per part, "
-        f"on the out-of-fold scores of {images} good images"
-    )
-    needed = math.ceil(1.0 / rate) - 1 - images
-    if needed > 0:
-        text += f" (below 1 in {images + 1} it rests on its tail law; {needed} more good images would rank it)"
-    return text
 
 
 def _check_signature(root: Path, settings: AgentSettings) -> Check:

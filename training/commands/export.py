@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``uflow export``."""
     from edge_agent.bundle import load_bundle
     from edge_agent.fleet.signing import load_private_key, sign_bundle
-    from edge_agent.promise import describe
+    from edge_agent.promise import describe, image_test_words
     from training.export import export_bundle
 
     # The key is read first: a wrong path must not cost a whole export.
@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"label-free check: the NFA ({manifest.nfa.null_model}) found {rate:.0%} of {count} planted defects")
     calibration = manifest.nfa.calibration
     if calibration is not None:
-        print(f"false alarms: {describe(calibration.promise_check(), calibration.folds)}")
+        image_test = manifest.nfa.image_test
+        regions = describe(calibration.promise_check(), calibration.folds, regions_only=image_test is not None)
+        print(f"false alarms: {regions}{image_test_words(image_test, manifest.nfa.log10_epsilon)}")
     # A blind model's and an unsupported promise's warnings were already logged (stderr) by export_bundle.
     if key is not None:
         sign_bundle(out, key)
