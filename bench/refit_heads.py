@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.catalog import MAP_FUSIONS
+from training.catalog import HEAD_KINDS, MAP_FUSIONS
 from training.data import load_images, open_dataset
 from training.finish import finish_run
-from training.heads import HEAD_KINDS
 from training.model import UFlow
 from training.rundir import CHECKPOINT_NAME, CONFIG_NAME, read_run, save_checkpoint
 

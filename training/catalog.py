@@ -103,6 +103,8 @@ BACKBONES: dict[str, BackboneInfo] = {
 
 # How the anomaly map of a model with heads fuses its maps (training/model.py ``fused_anomaly_map``).
 MAP_FUSIONS = ("geometric", "mean")
+# The evidence kinds (training/heads.py): the flow, a Gaussian and a memory bank per scale, the texture head.
+HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture")
 MAP_PREFIX = {"flow": "m", "gaussian": "g", "memory": "k", "texture": "t"}
 TEXTURE_KEY = "texture_0"  # one texture head per model, over every scale
 MIN_SHRINK = 1e-3  # relative ridge: keeps L^-1 bounded when the features have (near) null directions

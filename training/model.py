@@ -24,12 +24,13 @@ from training.catalog import (
     DEFAULT_BACKBONE,
     DEFAULT_RECIPE,
     DEFAULT_STRIDES,
+    HEAD_KINDS,
     MAP_FUSIONS,
     NORM_KINDS,
     backbone_info,
 )
 from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
-from training.heads import HEAD_KINDS, MAP_PREFIX, TEXTURE_KEY, GaussianHead, MemoryHead, TextureHead
+from training.heads import MAP_PREFIX, TEXTURE_KEY, GaussianHead, MemoryHead, TextureHead
 
 # The floor of m / mean under the geometric fusion's log. No pixel of an unseen image goes below it on the
 # three data sets (0 of every test map pixel), so it changes no score; it matters only on images the bank

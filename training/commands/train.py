@@ -11,7 +11,7 @@ from edge_agent.cli.common import EXIT_OK
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``uflow train``."""
-    from training.catalog import BACKBONES, DEFAULT_RECIPE, MAP_FUSIONS, NORM_KINDS
+    from training.catalog import BACKBONES, DEFAULT_RECIPE, HEAD_KINDS, MAP_FUSIONS, NORM_KINDS
 
     recipe = DEFAULT_RECIPE
 
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--heads",
         nargs="+",
         default=list(recipe.heads),
-        choices=["flow", "gaussian", "memory"],
+        choices=list(HEAD_KINDS),
         help="the evidence per scale, tested together by one NFA (docs/design.md section 2; default: "
         f"{' '.join(recipe.heads)}); the flow is required",
     )
