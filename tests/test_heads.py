@@ -578,3 +578,27 @@ def test_doctor_tells_the_regions_share_and_what_the_image_test_rests_on(hybrid_
     # A tenth of 1 per 100 parts is 1 per 1,000: the rank of n good images reaches it from 999 of them.
     assert f"takes 10% of the promise, 1 per 1,000 parts, on the out-of-fold scores of {images} good images" in detail
     assert f"{999 - images} more good images would rank it" in detail
+
+
+def test_the_image_family_bench_reproduces_trainings_planted_share_before_the_image_test(
+    regions_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """bench/image_family.py: its "none (today)" row finds training's planted share (no image test), every
+    reading gets its promise row and its share rows, and the cached scores print the same tables."""
+    bench = _bench("image_family")
+    cache = tmp_path / "scores.npz"
+    argv = ["--run", str(regions_run), "--data", str(synthetic_data_dir), "--threads", "1", "--planted-seeds", "0"]
+    assert bench.main([*argv, "--folds", "5", "--cache", str(cache)]) == 0
+    first = capsys.readouterr().out
+    assert cache.exists()
+    assert bench.main([*argv, "--folds", "5", "--cache", str(cache)]) == 0
+    assert capsys.readouterr().out == first
+    promise_table, decision_table = first.split("\n| image test |")
+    promise = _table_rows(promise_table[promise_table.index("| reading |") :])
+    assert set(promise) == {"conformal", "lognormal", "pareto"}
+    rows = _table_rows("| image test |" + decision_table)
+    assert set(rows) == {"none (today)", "conformal", "lognormal", "pareto"}  # first cell: the reading
+    scores = json.loads((regions_run / "val_scores.json").read_text())
+    today = rows["none (today)"]
+    assert float(today[1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
+    assert float(today[2].rstrip("%")) == 0.0  # no image test: nothing found by it alone
