@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import above_good, add_run_arguments, load_run_maps, planted_found, separation
+from run_maps import above_good, add_run_arguments, decision_cells, load_run_maps, planted_found, separation
 
 from training.data import load_images, open_dataset
 from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features, min_log_nfa
@@ -143,15 +143,8 @@ def in_the_nfa(
         cal = calibrate(val_maps, channels, run.size, eps, envelope=envelope)
         found = planted_found(run.planted_maps + [e[1] for e in extra], run.planted, run.size, cal.nulls, eps)
         test_maps = run.test + [e[2] for e in extra]
-        lowest = np.array(min_log_nfa(test_maps, channels, run.size, cal.nulls))
-        flagged, evidence = lowest < eps, -lowest
-        good, defective = evidence[~labels], evidence[labels]
-        print(
-            f"| {label} | {cal.factor:g} | {found:.1%} | {flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
-            f"{above_good(good, defective, 0.01):.1%} / {above_good(good, defective, 0.02):.1%} | "
-            f"{separation(good, defective):.3f} |",
-            flush=True,
-        )
+        evidence = -np.array(min_log_nfa(test_maps, channels, run.size, cal.nulls))
+        print(f"| {label} | {cal.factor:g} | {found:.1%} | {decision_cells(evidence, labels, eps)} |", flush=True)
 
 
 if __name__ == "__main__":

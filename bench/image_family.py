@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from global_head import mahalanobis, texture_statistics
-from run_maps import above_good, add_run_arguments, load_run_maps, separation
+from run_maps import add_run_arguments, decision_cells, load_run_maps, separation
 
 from edge_agent.inspection import nfa
 from training.data import load_images
@@ -199,14 +199,10 @@ def report(scores: dict[str, np.ndarray], folds: int) -> None:
             by_region = region_planted + regions < eps
             by_image = p_planted + image < eps
             evidence = -np.minimum(region_test + regions, p_test + image)
-            flagged = evidence > -eps
-            good_ev, bad_ev = evidence[~labels], evidence[labels]
             print(
                 f"| {reading if share else 'none (today)'} | {share:g} | {(by_region | by_image).mean():.1%} | "
                 f"{(by_image & ~by_region).mean():.1%} | {np.mean(p_good + image < eps):.1%} | "
-                f"{flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
-                f"{above_good(good_ev, bad_ev, 0.01):.1%} / {above_good(good_ev, bad_ev, 0.02):.1%} | "
-                f"{separation(good_ev, bad_ev):.3f} |",
+                f"{decision_cells(evidence, labels, eps)} |",
                 flush=True,
             )
 

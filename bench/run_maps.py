@@ -140,6 +140,17 @@ def above_good(good: np.ndarray, defective: np.ndarray, good_share: float) -> fl
     return float(np.mean(np.asarray(defective) > np.quantile(good, 1.0 - good_share)))
 
 
+def decision_cells(evidence: np.ndarray, labels: np.ndarray, log10_epsilon: float) -> str:
+    """The test columns the decision studies print from each image's evidence (-min log10 NFA): defective /
+    good flagged at epsilon | the oracle at 1 % / 2 % good | the image AUROC of the evidence."""
+    flagged, good, defective = evidence > -log10_epsilon, evidence[~labels], evidence[labels]
+    return (
+        f"{flagged[labels].mean():.1%} / {flagged[~labels].mean():.1%} | "
+        f"{above_good(good, defective, 0.01):.1%} / {above_good(good, defective, 0.02):.1%} | "
+        f"{separation(good, defective):.3f}"
+    )
+
+
 def separation(good: np.ndarray, defective: np.ndarray) -> float:
     """Image AUROC of ``defective`` scores against ``good`` ones."""
     return metrics.image_auroc(np.r_[good, defective], np.r_[np.zeros(len(good)), np.ones(len(defective))].astype(bool))
