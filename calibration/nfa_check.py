@@ -430,6 +430,14 @@ def format_report(report: NfaCheckReport) -> str:
         "|---|---|---|",
     ]
     for s in report.scales:
+        if "best_log_p_real" not in s:  # the texture map: no region null; its image test's log10 NFA instead
+            image = s.get("image_test_log_nfa")
+            if image:
+                lines.append(
+                    f"| {s['name']} (image test, log10 NFA) | {image['min']:.1f} / {image['median']:.1f} / "
+                    f"{image['max']:.1f} | - |"
+                )
+            continue
         real, null = s["best_log_p_real"], s["best_log_p_null"]
         lines.append(
             f"| {s['name']} | {real['min']:.1f} / {real['median']:.1f} / {real['max']:.1f} | "

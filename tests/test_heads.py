@@ -602,3 +602,23 @@ def test_the_image_family_bench_reproduces_trainings_planted_share_before_the_im
     today = rows["none (today)"]
     assert float(today[1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
     assert float(today[2].rstrip("%")) == 0.0  # no image test: nothing found by it alone
+
+
+def test_the_false_alarm_check_counts_the_image_test_and_reports_its_evidence(
+    hybrid_bundle: Path, synthetic_data_dir: Path
+) -> None:
+    """`uflow calibrate nfa` on a bundle with an image test: every map gets its row, the texture map its
+    image test's log10 NFA (the region null's comparison does not apply to it)."""
+    from calibration.data import select_images
+    from calibration.nfa_check import check_bundle, format_report
+
+    report = check_bundle(hybrid_bundle, select_images(synthetic_data_dir / "train" / "good", 6))
+    texture = next(s for s in report.scales if s["name"] == "t_0")
+    assert (
+        "best_log_p_real" not in texture
+        and texture["image_test_log_nfa"]["min"] <= texture["image_test_log_nfa"]["max"]
+    )
+    # Good training images: the texture head saw them, so the image test finds nothing on them.
+    assert texture["image_test_log_nfa"]["min"] > -2.0
+    table = format_report(report)
+    assert "| t_0 (image test, log10 NFA) |" in table and "| k_1 |" in table
