@@ -29,11 +29,13 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,9 +44,11 @@ from global_head import mahalanobis, texture_statistics
 from run_maps import add_run_arguments, decision_cells, load_run_maps, separation
 
 from edge_agent.inspection import nfa
-from training.data import load_images
-from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features, min_log_nfa
+from training.data import DatasetSplits, load_images, open_dataset
+from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features, min_log_nfa, planted_samples
 from training.nfa_null import calibrate
+from training.planted import Planted
+from training.rundir import load_model
 
 SHARES = (0.0, 0.1, 0.25, 0.5)
 READINGS = ("conformal", "lognormal", "pareto")
@@ -109,9 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--cache", type=Path, help="an .npz of the scores: written when absent, read when present")
+    parser.add_argument("--grid", type=int, default=1, help="texture statistics per cell of a G x G grid (1: today)")
+    parser.add_argument(
+        "--regions-from", type=Path, help="a --cache of the same run: its region scores, new image scores only"
+    )
     args = parser.parse_args(argv)
     if args.cache is not None and args.cache.exists():
         cached = dict(np.load(args.cache))
+    elif args.regions_from is not None:
+        regions = dict(np.load(args.regions_from))
+        model, info = load_model(args.run)
+        splits = open_dataset(
+            args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
+        )
+        size = (model.config.image_height, model.config.image_width)
+        val_images = load_images(splits.val, *size)
+        planted = [p for seed in args.planted_seeds for p in planted_samples(val_images, seed)]
+        cached = {**regions, **image_scores(args, model, splits, planted, size)}
     else:
         cached = scores_of(args)
         if args.cache is not None:
@@ -125,45 +143,62 @@ def scores_of(args: argparse.Namespace) -> dict[str, np.ndarray]:
     torch.set_num_threads(args.threads)
     run = load_run_maps(args.run, args.data, args.batch_size, planted_seeds=args.planted_seeds)
     assert run.test is not None and run.test_labels is not None
-    model, splits = run.model, run.splits
-    height, width = run.size
+    eps = DEFAULT_LOG10_EPSILON
+    cal = calibrate(run.val, [1] * len(run.val), run.size, eps, envelope=run.envelope)
+    return {
+        **image_scores(args, run.model, run.splits, run.planted, run.size),
+        "labels": run.test_labels,
+        "region_planted": min_in_masks(run.planted_maps, run.planted, run.size, cal.nulls),
+        "region_test": np.array(min_log_nfa(run.test, [1] * len(run.test), run.size, cal.nulls)),
+        "factor": np.array(cal.factor),
+    }
+
+
+def image_scores(
+    args: argparse.Namespace, model: Any, splits: DatasetSplits, planted: list[Planted], size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """The texture score of every good image out of fold, of each planted defect by the fold that left out
+    the validation image it was planted on, and of the test images by a fit on every good image."""
+    torch.set_num_threads(args.threads)
+    height, width = size
 
     def statistics(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return texture_statistics(backbone_features(model, images, args.batch_size))
+            features = backbone_features(model, images, args.batch_size)
+        return texture_statistics(features) if args.grid == 1 else grid_statistics(features, args.grid)
 
     val_images = load_images(splits.val, height, width)
     good = np.concatenate([statistics(load_images(splits.train, height, width)), statistics(val_images)])
     n_train = len(splits.train)
     fold, good_scores = out_of_fold(good, args.folds)
-    # Each planted defect is scored by the fold that left out the validation image it was planted on.
     sources = val_images[:PLANTED_IMAGES].astype(np.int16)
     owner = np.array(
-        [n_train + int(np.argmin([np.abs(s - p.image)[~p.mask].mean() for s in sources])) for p in run.planted]
+        [n_train + int(np.argmin([np.abs(s - p.image)[~p.mask].mean() for s in sources])) for p in planted]
     )
-    planted_stats = statistics(np.stack([p.image for p in run.planted]))
-    planted_scores = np.empty(len(run.planted))
+    planted_stats = statistics(np.stack([p.image for p in planted]))
+    planted_scores = np.empty(len(planted))
     for k in range(args.folds):
         mine = fold[owner] == k
         if mine.any():
             planted_scores[mine] = mahalanobis(good[fold != k], planted_stats[mine])
-    test_scores = mahalanobis(good, statistics(load_images(splits.test, height, width)))
-
-    eps = DEFAULT_LOG10_EPSILON
-    cal = calibrate(run.val, [1] * len(run.val), run.size, eps, envelope=run.envelope)
-    region_planted = min_in_masks(run.planted_maps, run.planted, run.size, cal.nulls)
-    region_test = np.array(min_log_nfa(run.test, [1] * len(run.test), run.size, cal.nulls))
     return {
         "good": good_scores,
         "fold": fold,
         "n_train": np.array(n_train),
         "planted": planted_scores,
-        "test": test_scores,
-        "labels": run.test_labels,
-        "region_planted": region_planted,
-        "region_test": region_test,
-        "factor": np.array(cal.factor),
+        "test": mahalanobis(good, statistics(load_images(splits.test, height, width))),
     }
+
+
+def grid_statistics(features: list[torch.Tensor], grid: int) -> np.ndarray:
+    """Per image, every scale's channel means and standard deviations in each cell of a grid x grid split."""
+    parts = []
+    for f in features:
+        f = f.double()
+        mean = F.adaptive_avg_pool2d(f, grid)
+        square = F.adaptive_avg_pool2d(f * f, grid)
+        parts += [mean.flatten(1), (square - mean * mean).clamp_min(0.0).sqrt().flatten(1)]
+    return torch.cat(parts, dim=1).numpy()
 
 
 def report(scores: dict[str, np.ndarray], folds: int) -> None:

@@ -602,6 +602,10 @@ def test_the_image_family_bench_reproduces_trainings_planted_share_before_the_im
     today = rows["none (today)"]
     assert float(today[1].rstrip("%")) == pytest.approx(100 * scores["planted"]["detection_rate"], abs=0.05)
     assert float(today[2].rstrip("%")) == 0.0  # no image test: nothing found by it alone
+    # --regions-from: the same region scores, the image scores computed anew (here per cell of a 2 x 2 grid).
+    assert bench.main([*argv, "--folds", "5", "--regions-from", str(cache), "--grid", "2"]) == 0
+    grid = _table_rows("| image test |" + capsys.readouterr().out.split("\n| image test |")[1])
+    assert grid["none (today)"] == today  # the regions alone: the very row of the full run
 
 
 def test_the_false_alarm_check_counts_the_image_test_and_reports_its_evidence(

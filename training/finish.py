@@ -160,13 +160,19 @@ def planted_maps(
     fitting image ``first_owner + j``. No defect (nothing changed a pixel): ``([], [])``.
     """
     chosen = images[:PLANTED_IMAGES]
-    per_image = max(1, -(-PLANTED_MIN // max(len(chosen), 1)))
-    samples = planted_set(chosen, seed=seed, per_image=per_image)
+    samples = planted_samples(images, seed)
     if not samples:
         return [], []
     stack = np.stack([s.image for s in samples])
     owners = first_owner + np.array([planted_source(chosen, s.image, s.mask) for s in samples])
     return samples, evidence_maps(model, stack, batch_size, cross, owners)
+
+
+def planted_samples(images: np.ndarray, seed: int = 0) -> list[Planted]:
+    """The defects training plants on the first ``PLANTED_IMAGES`` of ``images`` (several per image when
+    they are few, to reach ``PLANTED_MIN``)."""
+    chosen = images[:PLANTED_IMAGES]
+    return planted_set(chosen, seed=seed, per_image=max(1, -(-PLANTED_MIN // max(len(chosen), 1))))
 
 
 def planted_check(
