@@ -45,7 +45,14 @@ from run_maps import add_run_arguments, decision_cells, load_run_maps, separatio
 
 from edge_agent.inspection import nfa
 from training.data import DatasetSplits, load_images, open_dataset
-from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features, min_log_nfa, planted_samples
+from training.finish import (
+    DEFAULT_LOG10_EPSILON,
+    PLANTED_IMAGES,
+    backbone_features,
+    min_log_nfa,
+    planted_samples,
+    planted_source,
+)
 from training.nfa_null import calibrate
 from training.planted import Planted
 from training.rundir import load_model
@@ -171,10 +178,8 @@ def image_scores(
     good = np.concatenate([statistics(load_images(splits.train, height, width)), statistics(val_images)])
     n_train = len(splits.train)
     fold, good_scores = out_of_fold(good, args.folds)
-    sources = val_images[:PLANTED_IMAGES].astype(np.int16)
-    owner = np.array(
-        [n_train + int(np.argmin([np.abs(s - p.image)[~p.mask].mean() for s in sources])) for p in planted]
-    )
+    # Each planted defect is scored by the fold that left out the validation image it was planted on.
+    owner = np.array([n_train + planted_source(val_images[:PLANTED_IMAGES], p.image, p.mask) for p in planted])
     planted_stats = statistics(np.stack([p.image for p in planted]))
     planted_scores = np.empty(len(planted))
     for k in range(args.folds):
