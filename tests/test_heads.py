@@ -626,3 +626,16 @@ def test_the_false_alarm_check_counts_the_image_test_and_reports_its_evidence(
     assert texture["image_test_log_nfa"]["min"] > -2.0
     table = format_report(report)
     assert "| t_0 (image test, log10 NFA) |" in table and "| k_1 |" in table
+
+
+def test_the_run_and_its_bundle_carry_the_same_image_test(hybrid_run: Path, hybrid_bundle: Path) -> None:
+    """Training writes the image test once (val_scores.json); evaluating the run and the agent's scorer on
+    the exported bundle read the same test from it."""
+    from edge_agent.inspection.scoring import image_test_of
+    from training.evaluate import _decision
+
+    _, _, from_run = _decision(hybrid_run, None, "bundle")
+    from_bundle = image_test_of(load_bundle(hybrid_bundle).manifest)
+    assert from_run is not None and from_bundle is not None
+    assert (from_run.scores, from_run.share, from_run.tail) == (from_bundle.scores, from_bundle.share, from_bundle.tail)
+    assert _decision(hybrid_run, None, "polyomino")[2] is None

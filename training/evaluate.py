@@ -351,8 +351,11 @@ def _decision(
 
     val = read_run(Path(run_dir)).val_scores  # type: ignore[arg-type]
     if val.get("nfa_null"):
+        from edge_agent.bundle import ImageTestSpec
+        from edge_agent.inspection.scoring import image_test_from
+
         raw = val.get("image_test")
-        image_test = None if not raw else ImageTest(tuple(raw["scores"]), float(raw["share"]), float(raw["tail"]))
+        image_test = None if not raw else image_test_from(ImageTestSpec.model_validate(raw))
         return null_from_dict(val["nfa_null"]), float(val.get("log10_epsilon", 0.0)), image_test
     if null_model == "fitted":
         raise EvaluationError(f"run {run_dir} has no fitted NFA null (val_scores.json); train it again")

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from edge_agent.bundle import MIN_GOOD_SCORES
+from edge_agent.bundle import MIN_GOOD_SCORES, ImageTestSpec
 from edge_agent.inspection import nfa
 from edge_agent.inspection.drift import build_reference
 from edge_agent.inspection.image_test import ImageTest
@@ -303,7 +303,7 @@ def finish_run(
         "nfa_calibration": calibration.to_dict() if calibration is not None else None,
         "image_test": None
         if image_test is None
-        else {"share": image_test.share, "tail": image_test.tail, "scores": list(image_test.scores)},
+        else ImageTestSpec(share=image_test.share, tail=image_test.tail, scores=image_test.scores).model_dump(),
         "log10_epsilon": epsilon,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],

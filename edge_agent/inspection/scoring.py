@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
-from edge_agent.bundle import Manifest
+from edge_agent.bundle import ImageTestSpec, Manifest
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
 from edge_agent.inspection.image_test import ImageTest
@@ -178,6 +178,11 @@ def image_test_of(manifest: Manifest, choice: str = "bundle") -> ImageTest | Non
     spec = manifest.nfa.image_test
     if spec is None or choice == "polyomino" or manifest.nfa.null_model != "fitted":
         return None
+    return image_test_from(spec)
+
+
+def image_test_from(spec: ImageTestSpec) -> ImageTest:
+    """The image test a recorded spec describes (a bundle's ``nfa.image_test``, a run's val_scores.json)."""
     return ImageTest(spec.scores, spec.share, spec.tail)
 
 
