@@ -76,7 +76,7 @@ def load_run_maps(
             more_maps if not planted else [np.concatenate([a, b]) for a, b in zip(planted, more_maps, strict=True)]
         )
     # The studies weigh the region maps; the texture head's 1 x 1 score is the image test's (bench/image_family.py).
-    keep = [i for i, s in enumerate(model.scales) if s.head != "texture"]
+    keep = model.region_indices
     maps = RunMaps(
         model=model,
         splits=splits,

@@ -30,7 +30,7 @@ import numpy as np
 
 from calibration.data import ImageSet, read_model_input
 from calibration.nfa_promise import format_promise, promise_row, recorded_calibration
-from edge_agent.bundle import Bundle, Manifest, load_bundle
+from edge_agent.bundle import Bundle, Manifest, load_bundle, region_scales
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
 from edge_agent.inspection.image_test import ImageTest
@@ -174,7 +174,7 @@ def check_images(
         NfaConfig(log10_epsilon=log10_epsilon, min_region_area=min_region_area, null_model=null_model),  # type: ignore[arg-type]
     )
     min_area = manifest.nfa.min_region_area if min_region_area is None else min_region_area
-    shapes = [(s.height, s.width) for s in manifest.scales if s.head != "texture"]
+    shapes = [(s.height, s.width) for s in region_scales(manifest.scales)]
     nulls = scorer.nulls
     log10_n = nfa.log10_number_of_tests(shapes) if nulls is None else nfa.log10_tree_tests(shapes)
     stats = [ScaleStats(s.name, s.channels, s.height, s.width) for s in manifest.scales]

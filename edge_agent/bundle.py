@@ -94,6 +94,11 @@ class ScaleSpec(_Strict):
     )
 
 
+def region_scales(scales: Iterable[ScaleSpec]) -> tuple[ScaleSpec, ...]:
+    """The maps the region tests read, in order: every map but the texture map (the image test's)."""
+    return tuple(s for s in scales if s.head != "texture")
+
+
 class ScaleNullSpec(_Strict):
     """The fitted null model of one scale (edge_agent.inspection.nfa.ScaleNull; fitted by training/nfa_null.py)."""
 
@@ -286,7 +291,7 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _one_null_per_scale(self) -> Manifest:
-        regions = [s for s in self.scales if s.head != "texture"]
+        regions = region_scales(self.scales)
         if self.nfa.scale_nulls and len(self.nfa.scale_nulls) != len(regions):
             raise ValueError(f"nfa.scale_nulls has {len(self.nfa.scale_nulls)} entries for {len(regions)} region maps")
         if not any(s.head == "flow" for s in self.scales):

@@ -46,6 +46,7 @@ from edge_agent.bundle import (
     ScaleSpec,
     file_hashes,
     load_bundle,
+    region_scales,
     utc_now,
     write_manifest,
 )
@@ -354,9 +355,7 @@ def build_manifest(
         input=InputSpec(height=model.config.image_height, width=model.config.image_width),
         normalisation=Normalisation(mean=backbone.mean, std=backbone.std),
         scales=scales,
-        nfa=nfa_spec(
-            info, [(s.height, s.width) for s in scales if s.head != "texture"], null_model, flow_only=not model.heads
-        ),
+        nfa=nfa_spec(info, [(s.height, s.width) for s in region_scales(scales)], null_model, flow_only=not model.heads),
         image_score_threshold=_threshold(info),
         validation_metrics=_validation_metrics(info, parity, selftest_scores),
         training_data=_training_data(info),

@@ -105,7 +105,7 @@ def fit_image_test(model: UFlow, head_maps: list[np.ndarray], share: float = DEF
 
 def region_maps(model: UFlow, maps: list[np.ndarray]) -> list[np.ndarray]:
     """The maps the region tests read: all but the texture head's 1 x 1 score."""
-    return [m for m, s in zip(maps, model.scales, strict=True) if s.head != "texture"]
+    return [maps[i] for i in model.region_indices]
 
 
 def backbone_features(model: UFlow, images: np.ndarray, batch_size: int) -> list[torch.Tensor]:
@@ -227,8 +227,8 @@ def fit_nulls(
 ) -> tuple[nfa.ScaleNull, ...]:
     """The flow's nulls from its validation maps, each head's from its out-of-sample maps of every good image."""
     flow = fit_null(val_maps[: len(model.flow_scales)], reach)
-    heads = model.scales[len(model.flow_scales) :]
-    return (*flow, *(fit_scale_null(m, reach) for m, s in zip(head_maps, heads, strict=True) if s.head != "texture"))
+    first = len(model.flow_scales)
+    return (*flow, *(fit_scale_null(head_maps[i - first], reach) for i in model.region_indices if i >= first))
 
 
 def finish_run(
@@ -273,7 +273,7 @@ def finish_run(
         image_test = fit_image_test(model, head_maps)
         # The regions keep 1 - share of epsilon; the image test's share rests on its own null (image_test.py).
         regions_epsilon = DEFAULT_LOG10_EPSILON - (image_test.region_shift if image_test else 0.0)
-        region_channels = [c for c, h in zip(channels, heads, strict=True) if h != "texture"]
+        region_channels = [channels[i] for i in model.region_indices]
         calibration = calibrate(region_maps(model, maps), region_channels, size, regions_epsilon, envelope=envelope)
         nulls, evidence_scale = calibration.nulls, calibration.factor
         epsilon = DEFAULT_LOG10_EPSILON

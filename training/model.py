@@ -211,6 +211,8 @@ class UFlow(nn.Module):
             side = max(config.image_height, config.image_width)  # one map pixel covers the frame
             head_scales.append(ScaleInfo(f"{MAP_PREFIX['texture']}_0", dims, 1, 1, side, "texture"))
         self.scales = (*self.flow_scales, *head_scales)
+        # The maps the region tests and the anomaly map read: all but the texture head's (the image test's).
+        self.region_indices = tuple(i for i, s in enumerate(self.scales) if s.head != "texture")
         if self.heads:
             # Per map, its mean on good images (the fitted null's mean); the anomaly map fuses m / mean.
             self.register_buffer("map_means", torch.ones(len(self.scales)))
@@ -261,7 +263,7 @@ class UFlow(nn.Module):
             return anomaly_map(maps, height, width)
         geometric = self.config.map_fusion == "geometric"
         # The texture head's 1 x 1 score is the image test's, not a place in the frame: not in the map.
-        keep = [i for i, s in enumerate(self.scales) if s.head != "texture"]
+        keep = list(self.region_indices)
         if len(keep) < len(maps):
             maps, means = [maps[i] for i in keep], self.map_means[keep]
         else:
