@@ -639,3 +639,33 @@ def test_the_run_and_its_bundle_carry_the_same_image_test(hybrid_run: Path, hybr
     assert from_run is not None and from_bundle is not None
     assert (from_run.scores, from_run.share, from_run.tail) == (from_bundle.scores, from_bundle.share, from_bundle.tail)
     assert _decision(hybrid_run, None, "polyomino")[2] is None
+
+
+def test_without_enough_good_scores_there_is_no_image_test_and_export_drops_the_texture_map(
+    hybrid_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Too few good images for the image test's null: training says so and records none; a run without one
+    exports without the texture map (no map in a bundle without its test), and says so."""
+    import logging
+
+    from training.export import export_bundle
+    from training.finish import fit_image_test
+    from training.rundir import load_model
+
+    model, _ = load_model(hybrid_run)
+    heads = model.scales[len(model.flow_scales) :]
+    head_maps = [np.ones((19, 1, 1)) if s.head == "texture" else np.ones((19, 2, 2)) for s in heads]
+    with caplog.at_level(logging.WARNING, logger="training.finish"):
+        assert fit_image_test(model, head_maps) is None
+    assert any(getattr(r, "event", None) == "train_image_test_skipped" and r.images == 19 for r in caplog.records)
+    run = tmp_path / "run"
+    shutil.copytree(hybrid_run, run)
+    scores = json.loads((run / "val_scores.json").read_text())
+    scores["image_test"] = None
+    (run / "val_scores.json").write_text(json.dumps(scores))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.export"):
+        manifest = load_bundle(export_bundle(run, tmp_path / "bundle", name="no-test", version="1")).manifest
+    assert "texture" not in {s.head for s in manifest.scales} and manifest.nfa.image_test is None
+    assert len(manifest.nfa.scale_nulls) == len(manifest.scales) == 6
+    assert any(getattr(r, "event", None) == "export_texture_dropped" for r in caplog.records)

@@ -99,6 +99,11 @@ def fit_image_test(model: UFlow, head_maps: list[np.ndarray], share: float = DEF
         return None
     scores = head_maps[heads.index("texture")].reshape(-1).astype(np.float64)
     if len(scores) < MIN_GOOD_SCORES or not (np.isfinite(scores).all() and (scores > 0).all()):
+        log.warning(
+            "no image test: the texture head needs at least %d good images with finite, positive scores",
+            MIN_GOOD_SCORES,
+            extra={"event": "train_image_test_skipped", "images": len(scores), "needed": MIN_GOOD_SCORES},
+        )
         return None
     return ImageTest(tuple(float(v) for v in scores), share)
 
