@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("gaussian-scales", "memory-scales", "bank-size", "fine-bank-size"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--map-fusion", choices=MAP_FUSIONS, help="how the anomaly map fuses the maps")
+    parser.add_argument(
+        "--gaussian-positional", action=argparse.BooleanOptionalAction, help="a Gaussian mean per position"
+    )
     parser.add_argument("--heads", nargs="+", choices=HEAD_KINDS, help="the evidence kinds (flow first)")
     args = parser.parse_args(argv)
     changes: dict[str, Any] = {
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             ("bank_size", args.bank_size),
             ("fine_bank_size", args.fine_bank_size),
             ("map_fusion", args.map_fusion),
+            ("gaussian_positional", args.gaussian_positional),
             ("heads", None if args.heads is None else tuple(args.heads)),
         )
         if value is not None

@@ -31,6 +31,7 @@ from training.heads import (  # noqa: E402
     gaussian_parameters,
     greedy_coreset,
     out_of_sample_maps,
+    positional_parameters,
     shrunk_covariance,
 )
 
@@ -71,6 +72,49 @@ def test_gaussian_head_is_the_whitened_square_mean() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-3)
     # On the good data the map is chi^2(C)/C-like: mean about 1.
     assert head(x.T.reshape(1, 6, 40, 100)).mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_a_positional_gaussian_knows_what_is_normal_where() -> None:
+    """An object's rim and centre differ: one mean per scale flags the rim on every good part, a mean per
+    position does not, and still flags a part whose centre looks like a rim."""
+    rng = np.random.default_rng(4)
+    layout = torch.zeros(1, 5, 6, 6)
+    layout[:, :, :, :2] = 4.0  # the left columns are always bright (the rim)
+    good = layout + torch.from_numpy(rng.normal(size=(300, 5, 6, 6))).float()
+    mean, inverse = positional_parameters(good)
+    assert mean.shape == (5, 6, 6) and inverse.shape == (5, 5)
+    positional = GaussianHead(5, (6, 6))
+    positional.set(mean, inverse)
+    plain = GaussianHead(5)
+    plain.set(*gaussian_parameters(good.permute(0, 2, 3, 1).reshape(-1, 5)))
+    part = layout + torch.from_numpy(rng.normal(size=(1, 5, 6, 6))).float()
+    # On a good part the positional map is chi^2(5)/5-like everywhere; the plain one is lopsided.
+    assert positional(part).mean().item() == pytest.approx(1.0, abs=0.5)
+    assert positional(good).mean().item() == pytest.approx(1.0, abs=0.05)
+    defect = part.clone()
+    defect[:, :, 3, 4] += 4.0  # a rim-like spot in the centre
+    assert positional(defect)[0, 3, 4].item() > 5 * positional(part)[0, 3, 4].item()
+    # The formula: mean over channels of (L^-1 (x - mu_hw))^2.
+    want = torch.einsum("dc,nchw->ndhw", inverse, part - mean).pow(2).mean(1)
+    torch.testing.assert_close(positional(part), want, rtol=1e-4, atol=1e-5)
+    # Cross-fitted like the plain head: out of sample its maps are larger than in sample.
+    heads = torch.nn.ModuleDict({"gaussian_0": GaussianHead(5, (6, 6))})
+    cross = fit_heads(heads, [good[:40]], folds=5)
+    out = out_of_sample_maps(heads, cross, [good[:40]], np.arange(40))
+    assert out["gaussian_0"].shape == (40, 6, 6)
+    assert out["gaussian_0"].mean() > heads["gaussian_0"](good[:40]).mean().item()
+
+
+def test_a_positional_gaussian_exports_as_sub_then_the_whitening_conv(tmp_path: Path) -> None:
+    head = GaussianHead(4, (3, 5))
+    head.set(torch.randn(4, 3, 5), torch.eye(4))
+    path = tmp_path / "positional.onnx"
+    torch.onnx.export(head, (torch.randn(1, 4, 3, 5),), str(path), output_names=["g_0"], opset_version=17, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.index("Sub") < ops.index("Conv") < ops.index("ReduceMean")
+    # The graph check finds the whitening Conv as the head's start (it must stay FP32).
+    assert "Conv" in {n.op_type for n in head_nodes(graph, ["g_0"])}
 
 
 def test_memory_head_is_the_nearest_bank_row_distance() -> None:
@@ -346,6 +390,8 @@ def test_an_old_run_config_is_a_flow_only_model() -> None:
     assert new.bank_rows(0) == 512 and new.bank_rows(1) == new.bank_size == 2048
     assert UFlowConfig(strides=(8, 16, 32), memory_scales=0).head_strides("memory") == (8, 16, 32)
     assert UFlowConfig(strides=(8, 16, 32), gaussian_scales=0).head_strides("gaussian") == (8, 16, 32)
+    # ... and its Gaussians had one mean per scale, whatever today's default is.
+    assert old.gaussian_positional is False
     with pytest.raises(ValueError, match="flow head is required"):
         UFlowConfig(heads=("gaussian",))
 

@@ -151,6 +151,7 @@ class Recipe:
     # on every data set; the regions keep 90 % of the budget).
     heads: tuple[str, ...] = ("flow", "gaussian", "memory", "texture")
     gaussian_scales: int = 2
+    gaussian_positional: bool = False
     memory_scales: int = 2
     bank_size: int = 2048
     fine_bank_size: int = 512  # the finest stride's bank rows, when memory_scales reaches it (0: bank_size)

@@ -6,7 +6,8 @@ per scale, like the flow's m_s, that the one NFA tests with its own fitted null 
 - ``gaussian``: mu and a shrunk covariance S = (1 - a) S_hat + a tr(S_hat)/C I (Ledoit-Wolf's ``a``, at
   least ``MIN_SHRINK``) of all good training feature vectors of the scale; the graph computes
   z = L^-1 (x - mu) as one 1x1 convolution (weight L^-1, bias -L^-1 mu) and the map g_s = mean over
-  channels of z^2 (chi^2(C)/C-like on good parts);
+  channels of z^2 (chi^2(C)/C-like on good parts). A positional head has a mean per position
+  (C x H x W, subtracted before the convolution) and the residuals' covariance;
 - ``memory``: PatchCore-style. Features locally averaged (``pool`` x ``pool``), a coreset of the good
   training patches chosen by greedy k-center on a random projection (:func:`greedy_coreset`), and the
   map k_s = min over the bank of ||x - b||^2 / C, computed in the graph as ||x||^2 + min_b (||b||^2 - 2 x.b)
@@ -42,24 +43,40 @@ CHUNK = 8192  # rows of the distance matrix computed at once (memory: CHUNK x ba
 
 
 class GaussianHead(nn.Module):
-    """g = mean over channels of (L^-1 (x - mu))^2, with L^-1 and -L^-1 mu as one 1x1 convolution."""
+    """g = mean over channels of (L^-1 (x - mu))^2, with L^-1 and -L^-1 mu as one 1x1 convolution.
 
-    def __init__(self, channels: int) -> None:
+    With ``shape`` (H, W) the mean is one per position (PaDiM's idea, one shared covariance of the
+    residuals): an object's rim and centre have their own normal features. The graph then subtracts the
+    C x H x W mean before the whitening convolution (bias 0), so the square still reads the Conv.
+    """
+
+    position_mean: torch.Tensor
+
+    def __init__(self, channels: int, shape: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.whiten = nn.Conv2d(channels, channels, 1)
         self.whiten.requires_grad_(False)
+        self.positional = shape is not None
+        if shape is not None:
+            self.register_buffer("position_mean", torch.zeros(1, channels, *shape))
         with torch.no_grad():
             self.whiten.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
             self.whiten.bias.zero_()  # type: ignore[union-attr]
 
     def set(self, mean: torch.Tensor, inverse_cholesky: torch.Tensor) -> None:
-        """Load mu (C) and L^-1 (C x C)."""
+        """Load mu (C, or C x H x W for a positional head) and L^-1 (C x C)."""
         c = self.whiten.in_channels
         with torch.no_grad():
             self.whiten.weight.copy_(inverse_cholesky.reshape(c, c, 1, 1))
-            self.whiten.bias.copy_(-(inverse_cholesky @ mean))  # type: ignore[union-attr]
+            if self.positional:
+                self.position_mean.copy_(mean.reshape(self.position_mean.shape))
+                self.whiten.bias.zero_()  # type: ignore[union-attr]
+            else:
+                self.whiten.bias.copy_(-(inverse_cholesky @ mean))  # type: ignore[union-attr]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.positional:
+            features = features - self.position_mean
         return self.whiten(features).pow(2).mean(dim=1)
 
 
@@ -123,6 +140,18 @@ def gaussian_parameters(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cholesky = torch.linalg.cholesky(covariance)
     inverse = torch.linalg.solve_triangular(cholesky, torch.eye(len(mean), dtype=cholesky.dtype), upper=False)
     return mean.float(), inverse.float()
+
+
+def positional_parameters(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu: C x H x W, L^-1: C x C) of good features ``f`` (N x C x H x W): a mean per position, and one
+    shrunk covariance of the residuals around it (float32)."""
+    mean = f.double().mean(dim=0)
+    _, inverse = gaussian_parameters(rows(f.double() - mean))
+    return mean.float(), inverse
+
+
+def _gaussian_fit(head: GaussianHead, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return positional_parameters(f) if head.positional else gaussian_parameters(rows(f))
 
 
 def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, projection_dim: int = PROJECTION_DIM) -> torch.Tensor:
@@ -255,8 +284,8 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
         f = features[s].float()
         if kind == "gaussian":
             assert isinstance(head, GaussianHead)
-            head.set(*gaussian_parameters(rows(f)))
-            gaussian[s] = [gaussian_parameters(rows(f[torch.from_numpy(fold != k)])) for k in range(fold.max() + 1)]
+            head.set(*_gaussian_fit(head, f))
+            gaussian[s] = [_gaussian_fit(head, f[torch.from_numpy(fold != k)]) for k in range(fold.max() + 1)]
         else:
             assert isinstance(head, MemoryHead)
             x = rows(head.pooled(f))
@@ -298,7 +327,8 @@ def out_of_sample_maps(
             for k, (mean, inverse) in enumerate(cross.gaussian[s]):
                 pick = torch.from_numpy(np.flatnonzero(image_folds == k))
                 if len(pick):
-                    z = torch.einsum("dc,nchw->ndhw", inverse, f[pick] - mean.view(1, -1, 1, 1))
+                    centre = mean.unsqueeze(0) if mean.dim() == 3 else mean.view(1, -1, 1, 1)  # positional or not
+                    z = torch.einsum("dc,nchw->ndhw", inverse, f[pick] - centre)
                     maps[pick] = z.pow(2).mean(1)
             out[key] = maps.numpy()
         else:

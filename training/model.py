@@ -60,6 +60,9 @@ class UFlowConfig:
     # The evidence per scale (training/heads.py, docs/design.md section 2): which kinds, at which strides.
     heads: tuple[str, ...] = DEFAULT_RECIPE.heads
     gaussian_scales: int = DEFAULT_RECIPE.gaussian_scales  # the coarsest N scales carry one (0: every scale)
+    # A mean per position in the Gaussian heads (one covariance of the residuals). Run configs written
+    # before this key had one mean per scale, so from_dict reads a missing key as False.
+    gaussian_positional: bool = DEFAULT_RECIPE.gaussian_positional
     memory_scales: int = DEFAULT_RECIPE.memory_scales  # the coarsest N scales carry a bank (0: every scale)
     bank_size: int = DEFAULT_RECIPE.bank_size  # memory-bank rows per scale (graph cost: H_s W_s x bank x C_s)
     # Rows of a bank at the finest stride (0: bank_size): that scale has 4x the queries of the next.
@@ -127,6 +130,7 @@ class UFlowConfig:
             raise ValueError(f"unknown model config key(s) {unknown}; known: {sorted(known)}")
         values = dict(data)
         values.setdefault("norm_affine", True)  # older config.json: the affine existed and was trained
+        values.setdefault("gaussian_positional", False)  # older config.json: one mean per scale
         # A run from before the heads existed is a flow-only model, whatever today's default is.
         values.setdefault("heads", ("flow",))
         values.setdefault("fine_bank_size", 0)  # before the key: every bank had bank_size rows
@@ -202,7 +206,11 @@ class UFlow(nn.Module):
                 if stride not in config.head_strides(kind):
                     continue
                 c, h, w = shapes[s]
-                head = GaussianHead(c) if kind == "gaussian" else MemoryHead(c, config.bank_rows(s), config.memory_pool)
+                head = (
+                    GaussianHead(c, (h, w) if config.gaussian_positional else None)
+                    if kind == "gaussian"
+                    else MemoryHead(c, config.bank_rows(s), config.memory_pool)
+                )
                 self.heads[f"{kind}_{s}"] = head
                 head_scales.append(ScaleInfo(f"{MAP_PREFIX[kind]}_{s}", c, h, w, stride, kind))
         if "texture" in config.heads:

@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--gaussian-scales", type=int, default=recipe.gaussian_scales, help="coarsest N scales with a Gaussian (0: all)"
     )
     p.add_argument(
+        "--gaussian-positional",
+        action=argparse.BooleanOptionalAction,
+        default=recipe.gaussian_positional,
+        help="a Gaussian mean per position (objects in a fixture), not one per scale (textures)",
+    )
+    p.add_argument(
         "--memory-scales", type=int, default=recipe.memory_scales, help="coarsest N scales with a memory bank (0: all)"
     )
     p.add_argument("--bank-size", type=int, default=recipe.bank_size, help="memory-bank rows per scale (graph cost)")
@@ -180,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         heads=tuple(args.heads),
         gaussian_scales=args.gaussian_scales,
+        gaussian_positional=args.gaussian_positional,
         memory_scales=args.memory_scales,
         bank_size=args.bank_size,
         fine_bank_size=args.fine_bank_size,
