@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     run = run_maps_of(args)
     assert run.test is not None and run.test_labels is not None
     maps, channels, heads, size, envelope = run.val, run.channels, run.heads, run.size, run.envelope
-    names = [s.name for s in run.model.scales]
+    names = [run.model.scales[i].name for i in run.model.region_indices]  # the maps run_maps keeps (no texture)
     eps = DEFAULT_LOG10_EPSILON
     one = calibrate(maps, channels, size, eps, envelope=envelope)
     alone = [calibrate([maps[k]], [channels[k]], size, eps, envelope=(envelope[k],)).factor for k in range(len(maps))]

@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +38,7 @@ import heads_rows
 from training.heads import fold_of, positional_parameters
 
 SCALE_OF = {"P8": 0, "P16": 1, "P32": 2}
+POOL = 3  # the ``Q`` maps: features averaged over 3 x 3 first (the memory bank's aggregation)
 
 
 def positional_map(f: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -44,9 +46,17 @@ def positional_map(f: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor) -
     return torch.einsum("dc,nchw->ndhw", inverse, f - mean).pow(2).mean(1)
 
 
-def positional_maps(data: np.lib.npyio.NpzFile, scale: int) -> heads.MapSet:
-    """One P map, fitted and cross-fitted as training fits the Gaussian head."""
-    good = torch.cat([heads._features(data, "train", scale, False), heads._features(data, "val", scale, False)])
+def _pooled(f: torch.Tensor, pool: int) -> torch.Tensor:
+    return f if pool <= 1 else F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
+def positional_maps(data: np.lib.npyio.NpzFile, scale: int, pool: int = 1) -> heads.MapSet:
+    """One P map (Q with ``pool`` > 1), fitted and cross-fitted as training fits the Gaussian head."""
+
+    def features(split: str) -> torch.Tensor:
+        return _pooled(heads._features(data, split, scale, False), pool)
+
+    good = torch.cat([features("train"), features("val")])
     n_train = len(data[f"train_{scale}"])
     tick = time.perf_counter()
     full = positional_parameters(good)
@@ -63,27 +73,27 @@ def positional_maps(data: np.lib.npyio.NpzFile, scale: int) -> heads.MapSet:
         return out.numpy()
 
     good_maps = oos(good, np.arange(len(good)))
-    planted = oos(heads._features(data, "planted", scale, False), n_train + data["planted_source"])
-    test = positional_map(heads._features(data, "test", scale, False), *full).numpy()
-    name = f"P{heads.STRIDES[scale]}"
+    planted = oos(features("planted"), n_train + data["planted_source"])
+    test = positional_map(features("test"), *full).numpy()
+    name = f"{'Q' if pool > 1 else 'P'}{heads.STRIDES[scale]}"
     return heads.MapSet(name, good.shape[1], seconds, good_maps, good_maps[n_train:], planted, test)
 
 
 def cached(path: Path, data: np.lib.npyio.NpzFile, name: str) -> heads.MapSet:
     """A P map from ``<features>.maps/positional_<scale>.npz``, computed once."""
-    if name in SCALE_OF:
-        scale = SCALE_OF[name]
-        file = path.with_suffix(".maps") / f"positional_{scale}.npz"
+    if name.replace("Q", "P", 1) in SCALE_OF:
+        scale, pool = SCALE_OF[name.replace("Q", "P", 1)], POOL if name.startswith("Q") else 1
+        file = path.with_suffix(".maps") / f"positional_{scale}{f'_pool{pool}' if pool > 1 else ''}.npz"
         if file.is_file():
             z = np.load(file)
             return heads.MapSet(name, int(z["channels"]), float(z["fit_seconds"]), *(z[k] for k in heads._MAP_KEYS))
-        m = positional_maps(data, scale)
+        m = positional_maps(data, scale, pool)
         file.parent.mkdir(exist_ok=True)
         np.savez(file, channels=m.channels, fit_seconds=m.fit_seconds, **{k: getattr(m, k) for k in heads._MAP_KEYS})
         return m
     key = heads_rows.map_key(name)
     if key is None:
-        raise SystemExit(f"unknown map {name}: use {sorted(SCALE_OF)} or {sorted(heads_rows.MAPS)}")
+        raise SystemExit(f"unknown map {name}: use {sorted(SCALE_OF)} (Q: pooled) or {sorted(heads_rows.MAPS)}")
     return heads.cached_head_maps(path, data, *key)
 
 
