@@ -189,6 +189,13 @@ class NfaSpec(_Strict):
         default=None, description="how many images calibrated the fitted null and the bound they give; None: unknown"
     )
     image_test: ImageTestSpec | None = Field(default=None, description="the texture map's test; None: regions only")
+    mask_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="each detected region keeps the pixels where the anomaly map reaches this fraction of the "
+        "region's peak (edge_agent/inspection/delineation.py); 0: the NFA's regions as they are",
+    )
 
     @model_validator(mode="after")
     def _nulls_match_model(self) -> NfaSpec:

@@ -115,6 +115,13 @@ class NfaConfig(_Section):
         description="the NFA's null model: the bundle's choice, the paper's exact polyomino NFA, or the null "
         "fitted on good validation latents (needs a bundle that ships one; docs/nfa.md)",
     )
+    mask_fraction: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="tighten each detected region to where the anomaly map reaches this fraction of its peak "
+        "(0: the NFA's regions as they are; unset: the bundle's, 0 under the paper's polyomino NFA)",
+    )
     command_band: float = Field(
         default=2.0,
         ge=0,

@@ -311,6 +311,51 @@ def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybri
     assert np.abs(output.anomaly_map - np.mean(ratios, axis=0)).max() > 1e-2
 
 
+def test_the_agents_boxes_and_evaluates_masks_are_the_same_tightened_regions(hybrid_bundle: Path) -> None:
+    """New bundles tighten each detected region to where the anomaly map nears its peak: the agent's region
+    boxes are the boxes of evaluate's decision masks inside each NFA region, and the images flagged stay the
+    NFA's."""
+    from training.evaluate import Predictions, decision_masks
+    from training.finish import DEFAULT_MASK_FRACTION
+    from training.synthetic import defect_image
+
+    bundle = load_bundle(hybrid_bundle)
+    assert bundle.manifest.nfa.mask_fraction == DEFAULT_MASK_FRACTION > 0
+    engine = OnnxRuntimeEngine(bundle)
+    try:
+        outputs = [
+            engine.infer(defect_image(seed=seed, height=HYBRID_SIZE, width=HYBRID_SIZE, kind=kind).image)
+            for seed, kind in ((5, "dark_blob"), (6, "scratch"), (7, "bright_blob"))
+        ]
+    finally:
+        engine.close()
+    size = (HYBRID_SIZE, HYBRID_SIZE)
+    scorer = FrameScorer(bundle.manifest)
+    verdicts = [scorer.score(o, size) for o in outputs]
+    assert any(v.anomalous for v in verdicts)
+    predictions = Predictions(
+        "onnxruntime",
+        np.stack([o.anomaly_map for o in outputs]),
+        [],
+        (),
+        0.0,
+        log10_epsilon=scorer.rule.log10_epsilon,
+        mask_fraction=scorer.rule.mask_fraction,
+    )
+    log_nfa = np.stack([v.log_nfa for v in verdicts])
+    masks = decision_masks(predictions, log_nfa)
+    for verdict, mask, lognfa in zip(verdicts, masks, log_nfa, strict=True):
+        detected = lognfa < verdict.log10_epsilon
+        assert (mask <= detected).all() and mask.any() == detected.any() == verdict.anomalous
+        assert mask.sum() <= detected.sum()
+        for region in verdict.regions:
+            x, y, w, h = region.bbox
+            inside = mask[y : y + h, x : x + w]
+            # The box is tight around the decision mask's pixels of that region: every edge touches one.
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert region.area <= inside.sum()
+
+
 def test_hybrid_bundle_passes_the_agents_self_test(hybrid_bundle: Path) -> None:
     from edge_agent.inspection.selftest import run_self_test
 

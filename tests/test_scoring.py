@@ -135,3 +135,55 @@ def test_null_model_choice_from_the_config(engine_and_manifest) -> None:
     assert FrameScorer(fitted, NfaConfig(null_model="polyomino", log10_epsilon=-1.0)).rule.log10_epsilon == -1.0
     with pytest.raises(NullModelError, match="ships no fitted null"):
         FrameScorer(manifest, NfaConfig(null_model="fitted"))
+
+
+def test_tighten_keeps_each_regions_own_peak_and_drops_its_tails() -> None:
+    from edge_agent.inspection.delineation import tighten
+
+    detected = np.zeros((8, 12), dtype=bool)
+    detected[1:7, 1:5] = True  # a strong region
+    detected[2:5, 8:11] = True  # a weak one, far from the strong one's level
+    score = np.ones((8, 12), dtype=np.float32)
+    score[3, 2] = 10.0  # the strong peak
+    score[3, 3] = 6.0
+    score[3, 9] = 2.0  # the weak peak: kept, although far below the strong one
+    tight = tighten(detected, score, 0.6)
+    # Each region against its own peak: 10 -> 6 keeps two pixels, 2 -> 1.2 keeps the weak peak alone.
+    assert {(int(r), int(c)) for r, c in zip(*np.nonzero(tight), strict=True)} == {(3, 2), (3, 3), (3, 9)}
+    assert (tight <= detected).all()
+    assert (tighten(detected, score, 0.0) == detected).all()
+    assert not tighten(np.zeros_like(detected), score, 0.5).any()
+    with pytest.raises(ValueError, match="fraction"):
+        tighten(detected, score, 1.0)
+    with pytest.raises(ValueError, match="differ"):
+        tighten(detected, score[:4], 0.5)
+
+
+def test_a_mask_fraction_tightens_the_boxes_but_not_the_decision(engine_and_manifest) -> None:
+    """The regions' boxes shrink to where the anomaly map nears each region's peak; the decision, the evidence
+    and the regions a minimum area drops stay the NFA's."""
+    engine, manifest = engine_and_manifest
+    output = engine.infer(defect_frame(np.random.default_rng(5), 64, 64, (20, 20, 10, 10), delta=40.0))
+    plain = FrameScorer(manifest).score(output, (64, 64))
+    tight = FrameScorer(manifest, NfaConfig(mask_fraction=0.9)).score(output, (64, 64))
+    assert plain.anomalous and tight.anomalous and len(tight.regions) == len(plain.regions)
+    for a, b in zip(plain.regions, tight.regions, strict=True):
+        assert a.log_nfa == b.log_nfa and a.max_score == b.max_score
+        ax, ay, aw, ah = a.bbox
+        bx, by, bw, bh = b.bbox
+        assert ax <= bx and ay <= by and bx + bw <= ax + aw and by + bh <= ay + ah  # inside the NFA's region
+        assert b.area < a.area
+    # The minimum area is counted on the NFA's region, so a tighter box does not drop a detection ...
+    area = plain.regions[0].area
+    rule = NfaConfig(mask_fraction=0.9, min_region_area=area)
+    assert FrameScorer(manifest, rule).score(output, (64, 64)).anomalous
+    # ... nor keep one that the area would drop.
+    assert not FrameScorer(manifest, rule.model_copy(update={"min_region_area": area + 1})).score(
+        output, (64, 64)
+    ).anomalous
+    # The bundle's own fraction applies unless the config sets one; the paper's NFA keeps its regions.
+    bundled = manifest.model_copy(update={"nfa": manifest.nfa.model_copy(update={"mask_fraction": 0.9})})
+    assert FrameScorer(bundled).rule.mask_fraction == 0.9
+    assert FrameScorer(bundled, NfaConfig(mask_fraction=0.0)).rule.mask_fraction == 0.0
+    assert FrameScorer(bundled, NfaConfig(null_model="polyomino")).rule.mask_fraction == 0.0
+    assert FrameScorer(manifest).rule.mask_fraction == 0.0  # a bundle without the field: the NFA's regions

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edge_agent.inspection import nfa
+from edge_agent.inspection.delineation import tighten
 from edge_agent.inspection.image_test import ImageTest
 from edge_agent.inspection.scoring import log_nfa_map_of
 from training import metrics
@@ -60,6 +61,7 @@ class Predictions:
     log10_epsilon: float = 0.0
     heads: tuple[str, ...] = ()  # the head of each map (empty: all flow); the polyomino NFA reads the flow's
     image_test: ImageTest | None = None  # the fitted NFA's image test (the texture map's), when shipped
+    mask_fraction: float = 0.0  # each detected region tightened to this fraction of its peak (0: as the NFA gives it)
 
 
 @dataclass
@@ -166,6 +168,17 @@ def log_nfa_maps(predictions: Predictions, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def decision_masks(predictions: Predictions, log_nfa: np.ndarray) -> np.ndarray:
+    """bool (N, H, W): where the decision says the defect is, as the agent reports it (the NFA's regions,
+    each tightened to ``predictions.mask_fraction`` of its peak on the anomaly map; the same images flagged)."""
+    detected = log_nfa < predictions.log10_epsilon
+    if predictions.mask_fraction == 0.0:
+        return detected
+    return np.stack(
+        [tighten(d, a, predictions.mask_fraction) for d, a in zip(detected, predictions.anomaly_maps, strict=True)]
+    )
+
+
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
@@ -229,7 +242,7 @@ def _subset_metrics(
 def compute_metrics(predictions: Predictions, test: TestSet, log_nfa: np.ndarray) -> dict[str, Any]:
     """Overall and per-type metrics, the NFA statistics and the latent statistics."""
     amaps, masks, labels = predictions.anomaly_maps, test.masks, test.labels
-    predicted = log_nfa < predictions.log10_epsilon
+    predicted = decision_masks(predictions, log_nfa)
     best = metrics.best_mean_iou(amaps, masks)
     iou_nfa = metrics.iou_per_image(predicted, masks)
     iou_oracle = metrics.iou_per_image(amaps >= best.threshold, masks)
@@ -311,6 +324,7 @@ def evaluate(
     else:
         predictions = predict_torch(Path(run_dir), test.images, threads=threads)  # type: ignore[arg-type]
     predictions.nulls, predictions.log10_epsilon, predictions.image_test = _decision(run_dir, bundle_dir, null_model)
+    predictions.mask_fraction = _mask_fraction(run_dir, bundle_dir, null_model)
     log_nfa = log_nfa_maps(predictions, (height, width))
     result = {
         "source": predictions.source,
@@ -324,7 +338,9 @@ def evaluate(
     }
     result["planted"] = _planted(run_dir, bundle_dir)
     result["seconds"] = time.perf_counter() - started
-    result["report"] = write_report(out_dir, result, test, predictions, log_nfa, samples_per_type)
+    result["report"] = write_report(
+        out_dir, result, test, predictions, log_nfa, samples_per_type, decision_masks(predictions, log_nfa)
+    )
     write_json(out_dir / METRICS_NAME, result)
     log.info("evaluation done", extra={"event": "evaluate_done", "out": str(out_dir), **_headline(result)})
     return result
@@ -360,6 +376,19 @@ def _decision(
     if null_model == "fitted":
         raise EvaluationError(f"run {run_dir} has no fitted NFA null (val_scores.json); train it again")
     return None, 0.0, None
+
+
+def _mask_fraction(run_dir: Path | str | None, bundle_dir: Path | str | None, null_model: str) -> float:
+    """The decision's mask fraction: the bundle's (or the run's); the paper's polyomino NFA keeps its regions."""
+    if null_model == "polyomino":
+        return 0.0
+    if bundle_dir is not None:
+        from edge_agent.bundle import load_bundle
+
+        return load_bundle(Path(bundle_dir)).manifest.nfa.mask_fraction
+    from training.rundir import read_run
+
+    return float(read_run(Path(run_dir)).val_scores.get("mask_fraction", 0.0))  # type: ignore[arg-type]
 
 
 def _planted(run_dir: Path | str | None, bundle_dir: Path | str | None) -> dict[str, Any]:

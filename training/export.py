@@ -260,6 +260,7 @@ def nfa_spec(
             scale_nulls=tuple(ScaleNullSpec(**item) for item in fitted),
             calibration=_calibration(info),
             image_test=_image_test(info),
+            mask_fraction=float(info.val_scores.get("mask_fraction", 0.0)),  # runs before it: the NFA's regions
         )
     if not flow_only:
         raise ExportError("the polyomino NFA tests flow maps only; export the flow alone (flow_only)")

@@ -63,6 +63,10 @@ PLANTED_MIN = 24  # small validation sets get several defects per image to reach
 # The image test's share of epsilon (edge_agent/inspection/image_test.py): chosen on the planted defects of
 # every data set (docs/results.md, "The image test"); the regions keep the rest.
 DEFAULT_IMAGE_SHARE = 0.1
+# Where a detected defect is: each region keeps the pixels where the anomaly map reaches this fraction of
+# the region's peak (edge_agent/inspection/delineation.py). Chosen on the planted defects of every data set
+# (docs/results.md, "Where the defect is": bench/mask_fraction.py); the decision does not change.
+DEFAULT_MASK_FRACTION = 0.5
 
 
 def _write_selftest(run_dir: Path, records: Sequence[Record], images: np.ndarray, count: int) -> list[str]:
@@ -310,6 +314,7 @@ def finish_run(
         if image_test is None
         else ImageTestSpec(share=image_test.share, tail=image_test.tail, scores=image_test.scores).model_dump(),
         "log10_epsilon": epsilon,
+        "mask_fraction": DEFAULT_MASK_FRACTION if nulls is not None else 0.0,
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],
         "min_log_nfa_polyomino": polyomino,

@@ -76,8 +76,12 @@ def grid_row(
     span: tuple[float, float],
     name: str,
     log10_epsilon: float = 0.0,
+    detected: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One BGR row: image | ground truth | anomaly map | NFA mask, each tile captioned."""
+    """One BGR row: image | ground truth | anomaly map | NFA mask, each tile captioned.
+
+    ``detected``: the decision's mask (the NFA's regions tightened to their peaks); default the NFA's own.
+    """
     image = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     truth = _outline(image.copy(), mask, _RED)
     low, high = span
@@ -88,7 +92,8 @@ def grid_row(
     else:
         scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
     heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    detected = log_nfa < log10_epsilon
+    if detected is None:
+        detected = log_nfa < log10_epsilon
     overlay = image.copy()
     overlay[detected] = (0.45 * overlay[detected] + 0.55 * np.array(_GREEN)).astype(np.uint8)
     overlay = _outline(overlay, mask, _RED)
@@ -138,6 +143,7 @@ def write_grids(
     log_nfa: np.ndarray,
     samples_per_type: int,
     errors: dict[str, list[int]] | None = None,
+    detected: np.ndarray | None = None,
 ) -> dict[str, str]:
     """One PNG per type under ``out_dir/images``, and one per kind of decision error (its worst
     ``samples_per_type``) when ``errors`` has any; returns name -> relative path."""
@@ -151,7 +157,14 @@ def write_grids(
     def row(i: int) -> np.ndarray:
         record = test.records[i]
         return grid_row(
-            test.images[i], test.masks[i], amaps[i], log_nfa[i], span, record.image.name, predictions.log10_epsilon
+            test.images[i],
+            test.masks[i],
+            amaps[i],
+            log_nfa[i],
+            span,
+            record.image.name,
+            predictions.log10_epsilon,
+            None if detected is None else detected[i],
         )
 
     types = np.array([r.defect_type for r in test.records])
@@ -232,12 +245,14 @@ def write_report(
     predictions: Predictions,
     log_nfa: np.ndarray,
     samples_per_type: int,
+    detected: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write report.html and the grids; returns what was written (for metrics.json)."""
+    """Write report.html and the grids; returns what was written (for metrics.json). ``detected``: the
+    decision's masks (training.evaluate.decision_masks), default the NFA's regions."""
     nfa_stats = result["nfa"]
     epsilon = float(nfa_stats["log10_epsilon"])
     errors = decision_errors(test, log_nfa, epsilon)
-    grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type, errors)
+    grids = write_grids(out_dir, test, predictions, log_nfa, samples_per_type, errors, detected)
     null_model = str(nfa_stats["null_model"])
     what = result["bundle"] or result["run"]
     images = "".join(

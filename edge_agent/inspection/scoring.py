@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_agent.bundle import ImageTestSpec, Manifest
 from edge_agent.config import NfaConfig
-from edge_agent.inspection import nfa
+from edge_agent.inspection import delineation, nfa
 from edge_agent.inspection.image_test import ImageTest
 from edge_agent.messages import Region
 
@@ -72,6 +72,7 @@ class DecisionRule:
     log10_epsilon: float
     min_area_source_px: int | None
     min_area_model_px: int
+    mask_fraction: float = 0.0  # where a region's defect is (delineation.tighten); 0: the NFA's region
 
     @classmethod
     def from_bundle(cls, manifest: Manifest, config: NfaConfig | None = None) -> DecisionRule:
@@ -83,6 +84,7 @@ class DecisionRule:
             log10_epsilon=float(epsilon),
             min_area_source_px=config.min_region_area,
             min_area_model_px=manifest.nfa.min_region_area,
+            mask_fraction=default_mask_fraction(manifest, config),
         )
 
     def min_area(self, scale_x: float, scale_y: float) -> float:
@@ -186,6 +188,13 @@ def image_test_from(spec: ImageTestSpec) -> ImageTest:
     return ImageTest(spec.scores, spec.share, spec.tail)
 
 
+def default_mask_fraction(manifest: Manifest, config: NfaConfig) -> float:
+    """The config's mask fraction, else the bundle's; the paper's polyomino NFA keeps its own regions."""
+    if config.mask_fraction is not None:
+        return config.mask_fraction
+    return 0.0 if config.null_model == "polyomino" else manifest.nfa.mask_fraction
+
+
 def default_log10_epsilon(manifest: Manifest, choice: str = "bundle") -> float:
     """log10 epsilon when the config sets none: the bundle's, or the paper's 0 when the paper's NFA is
     chosen over a bundle whose own epsilon belongs to its fitted null."""
@@ -233,13 +242,15 @@ class FrameScorer:
             rule.log10_epsilon,
         )
         scale_x, scale_y = width / out_w, height / out_h
-        found = nfa.regions_from_log_nfa(log_nfa, log10_epsilon=rule.log10_epsilon, min_area=0, score_map=anomaly_map)
         min_area = rule.min_area(width / model_w, height / model_h)
-        regions = []
-        for raw in found:
-            region = map_region(raw, scale_x, scale_y, (width, height), roi_offset)
-            if region.area >= min_area:
-                regions.append(region)
+        found = [
+            raw
+            for raw in nfa.regions_from_log_nfa(log_nfa, rule.log10_epsilon, min_area=0, score_map=anomaly_map)
+            if map_region(raw, scale_x, scale_y, (width, height), roi_offset).area >= min_area
+        ]
+        if found and rule.mask_fraction > 0.0:
+            found = tightened_regions(log_nfa, anomaly_map, rule.log10_epsilon, rule.mask_fraction, found)
+        regions = [map_region(raw, scale_x, scale_y, (width, height), roi_offset) for raw in found]
         return Verdict(
             image_score=image_score(output.anomaly_map),
             anomalous=bool(regions),
@@ -248,6 +259,32 @@ class FrameScorer:
             anomaly_map=anomaly_map,
             log_nfa=log_nfa,
         )
+
+
+def tightened_regions(
+    log_nfa: np.ndarray, anomaly_map: np.ndarray, log10_epsilon: float, fraction: float, kept: Sequence[nfa.NfaRegion]
+) -> list[nfa.NfaRegion]:
+    """The ``kept`` regions (those the decision counts), each with the box and area of its pixels where the
+    anomaly map reaches ``fraction`` of the region's peak (delineation.tighten), and its own log10 NFA.
+
+    The decision was taken on the NFA's regions: each keeps its place in the list, its evidence and its peak
+    pixel, so tightening never removes one, and a region the minimum area dropped stays dropped.
+    """
+    detected = log_nfa < log10_epsilon
+    tight = delineation.tighten(detected, anomaly_map, fraction)
+    # The same 4-connected partition as the NFA's labelling: a region is the component of its box and area.
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(detected.astype(np.uint8), connectivity=4)
+    index = {tuple(int(v) for v in row): k for k, row in enumerate(stats) if k > 0}
+    out = []
+    for raw in kept:
+        label = index.get((*raw.bbox, raw.area), -1)  # -1: not matched (cannot happen)
+        ys, xs = np.nonzero(tight & (labels == label))
+        if len(ys) == 0:  # the NFA's region rather than none
+            out.append(raw)
+            continue
+        box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+        out.append(nfa.NfaRegion(bbox=box, area=len(ys), log_nfa=raw.log_nfa, max_score=raw.max_score))
+    return out
 
 
 def map_region(
