@@ -92,6 +92,7 @@ def grid_row(
     else:
         scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
     heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    caption = "NFA mask" if detected is None else "decision mask"  # the NFA's regions, or tightened to their peaks
     if detected is None:
         detected = log_nfa < log10_epsilon
     overlay = image.copy()
@@ -101,7 +102,7 @@ def grid_row(
         _label(image, name[:40]),
         _label(truth, "ground truth"),
         _label(heat, f"anomaly map, max {amap.max():.3f}"),
-        _label(overlay, f"NFA mask, min log10 NFA {log_nfa.min():.0f}"),
+        _label(overlay, f"{caption}, min log10 NFA {log_nfa.min():.0f}"),
     ]
     spacer = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     parts = []
