@@ -669,6 +669,10 @@ def test_doctor_tells_the_regions_share_and_what_the_image_test_rests_on(hybrid_
     # A tenth of 1 per 100 parts is 1 per 1,000: the rank of n good images reaches it from 999 of them.
     assert f"takes 10% of the promise, 1 per 1,000 parts, on the out-of-fold scores of {images} good images" in detail
     assert f"{999 - images} more good images would rank it" in detail
+    from edge_agent.cli.doctor import check_detection_power
+
+    # ... and where a region is reported: the decision's mask fraction.
+    assert "reported where the anomaly map reaches 50% of its peak" in check_detection_power(manifest).detail
 
 
 def test_the_image_family_bench_reproduces_trainings_planted_share_before_the_image_test(

@@ -241,6 +241,9 @@ def check_detection_power(manifest: object) -> Check:
         )
     count = int(metrics.get("planted_count", 0))
     detail = f"the NFA ({null}, log10 epsilon {epsilon:g}) found {rate:.0%} of {count} defects planted on good images"
+    fraction = float(getattr(nfa_spec, "mask_fraction", 0.0))
+    if fraction > 0.0:
+        detail += f"; each region is reported where the anomaly map reaches {fraction:.0%} of its peak"
     if rate < MIN_PLANTED_DETECTION:
         return Check(
             "detection power", "warn", f"{detail}; below {MIN_PLANTED_DETECTION:.0%}: it may miss real defects"
