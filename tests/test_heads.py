@@ -672,7 +672,7 @@ def test_doctor_tells_the_regions_share_and_what_the_image_test_rests_on(hybrid_
     from edge_agent.cli.doctor import check_detection_power
 
     # ... and where a region is reported: the decision's mask fraction.
-    assert "reported where the anomaly map reaches 50% of its peak" in check_detection_power(manifest).detail
+    assert "reported where the anomaly map reaches 80% of its peak" in check_detection_power(manifest).detail
 
 
 def test_the_image_family_bench_reproduces_trainings_planted_share_before_the_image_test(

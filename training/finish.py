@@ -66,7 +66,7 @@ DEFAULT_IMAGE_SHARE = 0.1
 # Where a detected defect is: each region keeps the pixels where the anomaly map reaches this fraction of
 # the region's peak (edge_agent/inspection/delineation.py). Chosen on the planted defects of every data set
 # (docs/results.md, "Where the defect is": bench/mask_fraction.py); the decision does not change.
-DEFAULT_MASK_FRACTION = 0.5
+DEFAULT_MASK_FRACTION = 0.8
 
 
 def _write_selftest(run_dir: Path, records: Sequence[Record], images: np.ndarray, count: int) -> list[str]:
