@@ -178,9 +178,8 @@ def test_a_mask_fraction_tightens_the_boxes_but_not_the_decision(engine_and_mani
     rule = NfaConfig(mask_fraction=0.9, min_region_area=area)
     assert FrameScorer(manifest, rule).score(output, (64, 64)).anomalous
     # ... nor keep one that the area would drop.
-    assert not FrameScorer(manifest, rule.model_copy(update={"min_region_area": area + 1})).score(
-        output, (64, 64)
-    ).anomalous
+    stricter = FrameScorer(manifest, rule.model_copy(update={"min_region_area": area + 1}))
+    assert not stricter.score(output, (64, 64)).anomalous
     # The bundle's own fraction applies unless the config sets one; the paper's NFA keeps its regions.
     bundled = manifest.model_copy(update={"nfa": manifest.nfa.model_copy(update={"mask_fraction": 0.9})})
     assert FrameScorer(bundled).rule.mask_fraction == 0.9
