@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,29 +43,32 @@ def map_key(name: str) -> tuple[str, int, bool, int] | None:
     return kind, scale, hyper, int(rows) if rows else bank
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--features", required=True, type=Path, help="bench/heads_features.py's file")
-    parser.add_argument("--rows", nargs="+", required=True, help="maps joined by +, from " + " ".join(MAPS))
-    args = parser.parse_args(argv)
-    data = np.load(args.features)
+def print_rows(rows: list[str], data: np.lib.npyio.NpzFile, resolve: Callable[[str], heads.MapSet]) -> None:
+    """One table row per combination of maps (names joined by +), each map from ``resolve``."""
     print(
         "| maps | planted found | planted pixel AUROC | val flagged | evidence scale | pixel AUROC | AUPRO | image AUROC | defective flagged | good flagged |"
     )
     print("|---" * 10 + "|")
-    for row in args.rows:
-        names = row.split("+")
-        unknown = [n for n in names if map_key(n) is None]
-        if unknown:
-            raise SystemExit(f"unknown map(s) {unknown}: use {sorted(MAPS)}, a bank as M8/512")
-        sets = [heads.cached_head_maps(args.features, data, *map_key(n)) for n in names]  # type: ignore[misc]
-        r = heads.evaluate(sets, data, test=True)
+    for row in rows:
+        r = heads.evaluate([resolve(n) for n in row.split("+")], data, test=True)
         print(
             f"| {row} | {r['planted_found']:.1%} | {r['planted_pixel_auroc']:.3f} | {r['val_flagged']:.1%} | "
             f"{r['evidence_scale']:g} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['image_auroc']:.3f} | "
             f"{r['defective_flagged']:.1%} | {r['good_flagged']:.1%} |",
             flush=True,
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", required=True, type=Path, help="bench/heads_features.py's file")
+    parser.add_argument("--rows", nargs="+", required=True, help="maps joined by +, from " + " ".join(MAPS))
+    args = parser.parse_args(argv)
+    data = np.load(args.features)
+    unknown = [n for row in args.rows for n in row.split("+") if map_key(n) is None]
+    if unknown:
+        raise SystemExit(f"unknown map(s) {unknown}: use {sorted(MAPS)}, a bank as M8/512")
+    print_rows(args.rows, data, lambda n: heads.cached_head_maps(args.features, data, *map_key(n)))  # type: ignore[misc]
     return 0
 
 

@@ -105,19 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = np.load(args.features)
-    print(
-        "| maps | planted found | planted pixel AUROC | val flagged | evidence scale | pixel AUROC | AUPRO | "
-        "image AUROC | defective flagged | good flagged |"
-    )
-    print("|---" * 10 + "|")
-    for row in args.rows:
-        r = heads.evaluate([cached(args.features, data, n) for n in row.split("+")], data, test=True)
-        print(
-            f"| {row} | {r['planted_found']:.1%} | {r['planted_pixel_auroc']:.3f} | {r['val_flagged']:.1%} | "
-            f"{r['evidence_scale']:g} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['image_auroc']:.3f} | "
-            f"{r['defective_flagged']:.1%} | {r['good_flagged']:.1%} |",
-            flush=True,
-        )
+    heads_rows.print_rows(args.rows, data, lambda name: cached(args.features, data, name))
     return 0
 
 
