@@ -764,3 +764,24 @@ def test_without_enough_good_scores_there_is_no_image_test_and_export_drops_the_
     assert "texture" not in {s.head for s in manifest.scales} and manifest.nfa.image_test is None
     assert len(manifest.nfa.scale_nulls) == len(manifest.scales) == 6
     assert any(getattr(r, "event", None) == "export_texture_dropped" for r in caplog.records)
+
+
+def test_the_mask_fraction_bench_reproduces_evaluates_miou_at_the_runs_fraction(
+    regions_run: Path, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """bench/mask_fraction.py computes the decision masks as the agent and ``uflow evaluate`` do: its row at
+    the run's own fraction is evaluate's mIoU (NFA), and every fraction gets a row with IoUs in [0, 1]."""
+    from training.evaluate import evaluate
+    from training.finish import DEFAULT_MASK_FRACTION
+
+    scores = json.loads((regions_run / "val_scores.json").read_text())
+    assert scores["mask_fraction"] == DEFAULT_MASK_FRACTION
+    bench = _bench("mask_fraction")
+    argv = ["--run", str(regions_run), "--data", str(synthetic_data_dir), "--threads", "1", "--seeds", "1"]
+    assert bench.main(argv) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert set(rows) == {f"{f:g}" for f in bench.FRACTIONS}
+    assert all(0.0 <= float(cell) <= 1.0 for row in rows.values() for cell in row)
+    assert rows["0"] != rows[f"{DEFAULT_MASK_FRACTION:g}"]  # tightening moves the masks on these defects
+    result = evaluate(synthetic_data_dir, tmp_path / "report", run_dir=regions_run, threads=1)
+    assert float(rows[f"{DEFAULT_MASK_FRACTION:g}"][1]) == pytest.approx(result["overall"]["miou_nfa"], abs=5e-4)
