@@ -48,6 +48,8 @@ def fusions(names: list[str]) -> dict[str, Fusion]:
     if not_32 and not_32 != every:
         out["mean, maps at stride <= 16"] = (not_32, False)
         out["geometric mean, maps at stride <= 16"] = (not_32, True)
+    if "G8" in names:  # a stride-8 Gaussian (e.g. a positional one): what it adds to the map a person sees
+        out["geometric mean, every map but G8"] = ([k for k in every if names[k] != "G8"], True)
     for k in every:
         out[f"{names[k]} alone"] = ([k], False)
     return out

@@ -108,7 +108,7 @@ def _is_permutation(weight: np.ndarray) -> bool:
     return bool(np.isin(matrix, (0.0, 1.0)).all() and (matrix.sum(0) == 1).all() and (matrix.sum(1) == 1).all())
 
 
-def _head_convs(graph: Any) -> set[str]:
+def _head_layers(graph: Any) -> set[str]:
     """The evidence heads' weighted layers (a Gaussian's whitening Conv, a memory bank's Conv, the texture
     head's whitening Gemm): never quantized, see edge_agent.engines.tensorrt.graph_check's ``head-fp32`` rule
     (an FP32 graph keeps them FP32 anyway)."""
@@ -161,7 +161,7 @@ def conv_groups(model: Any) -> ConvGroups:
         and _is_permutation(numpy_helper.to_array(initializers[node.input[1]]))
     }
     flow = coupling | subnet | permutation
-    heads = _head_convs(graph)
+    heads = _head_layers(graph)
     backbone = [node.name for node in convs if node.name not in flow | heads]
     return ConvGroups(
         {
