@@ -35,15 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import heads
 import heads_rows
 
-from training.heads import fold_of, positional_parameters
+from training.heads import fold_of, positional_parameters, whitened_square_mean
 
 SCALE_OF = {"P8": 0, "P16": 1, "P32": 2}
 POOL = 3  # the ``Q`` maps: features averaged over 3 x 3 first (the memory bank's aggregation)
-
-
-def positional_map(f: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """N x H x W: mean over channels of (L^-1 (x - mu_hw))^2."""
-    return torch.einsum("dc,nchw->ndhw", inverse, f - mean).pow(2).mean(1)
 
 
 def _pooled(f: torch.Tensor, pool: int) -> torch.Tensor:
@@ -69,12 +64,12 @@ def positional_maps(data: np.lib.npyio.NpzFile, scale: int, pool: int = 1) -> he
         for k, (mean, inverse) in enumerate(per_fold):
             pick = torch.from_numpy(np.flatnonzero(fold[owners] == k))
             if len(pick):
-                out[pick] = positional_map(f[pick], mean, inverse)
+                out[pick] = whitened_square_mean(f[pick], mean, inverse)
         return out.numpy()
 
     good_maps = oos(good, np.arange(len(good)))
     planted = oos(features("planted"), n_train + data["planted_source"])
-    test = positional_map(features("test"), *full).numpy()
+    test = whitened_square_mean(features("test"), *full).numpy()
     name = f"{'Q' if pool > 1 else 'P'}{heads.STRIDES[scale]}"
     return heads.MapSet(name, good.shape[1], seconds, good_maps, good_maps[n_train:], planted, test)
 

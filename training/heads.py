@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -298,6 +299,28 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
     return CrossFit(fold, gaussian, banks, texture)
 
 
+def _by_fold(
+    values: torch.Tensor, image_folds: np.ndarray, fits: Sequence[tuple[torch.Tensor, torch.Tensor]], score: Any
+) -> torch.Tensor:
+    """``score(values[pick], mean, inverse)`` for each fold's images ``pick``, with that fold's (mean, L^-1)."""
+    out: torch.Tensor | None = None
+    for k, (mean, inverse) in enumerate(fits):
+        pick = torch.from_numpy(np.flatnonzero(image_folds == k))
+        if len(pick):
+            scored = score(values[pick], mean, inverse)
+            if out is None:
+                out = torch.empty(len(values), *scored.shape[1:])
+            out[pick] = scored
+    assert out is not None, "no image in any fold"
+    return out
+
+
+def whitened_square_mean(x: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """mean over channels of (L^-1 (x - mu))^2 of N x C x H x W features; mu is C, or C x H x W (positional)."""
+    centre = mean.unsqueeze(0) if mean.dim() == 3 else mean.view(1, -1, 1, 1)
+    return torch.einsum("dc,nchw->ndhw", inverse, x - centre).pow(2).mean(1)
+
+
 def out_of_sample_maps(
     heads: nn.ModuleDict, cross: CrossFit, features: Sequence[torch.Tensor], owners: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -305,32 +328,20 @@ def out_of_sample_maps(
     see ``owners[i]`` (the index, among the fitting images, of the good image it is or was planted on)."""
     out: dict[str, np.ndarray] = {}
     owner_t = torch.from_numpy(np.asarray(owners, dtype=np.int64))
+    image_folds = cross.folds[owners]
     for key, head in heads.items():
         kind, scale = key.split("_")
         if kind == "texture":
             assert cross.texture is not None
             v = texture_statistics([f.float() for f in features])
-            scores = torch.empty(len(v), 1, 1)
-            image_folds = cross.folds[owners]
-            for k, (mean, inverse) in enumerate(cross.texture):
-                pick = torch.from_numpy(np.flatnonzero(image_folds == k))
-                if len(pick):
-                    scores[pick, 0, 0] = ((v[pick] - mean) @ inverse.T).pow(2).mean(1)
-            out[key] = scores.numpy()
+            scores = _by_fold(v, image_folds, cross.texture, lambda x, m, inv: ((x - m) @ inv.T).pow(2).mean(1))
+            out[key] = scores.view(-1, 1, 1).numpy()
             continue
         s = int(scale)
         f = features[s].float()
         n, c, h, w = f.shape
         if kind == "gaussian":
-            maps = torch.empty(n, h, w)
-            image_folds = cross.folds[owners]
-            for k, (mean, inverse) in enumerate(cross.gaussian[s]):
-                pick = torch.from_numpy(np.flatnonzero(image_folds == k))
-                if len(pick):
-                    centre = mean.unsqueeze(0) if mean.dim() == 3 else mean.view(1, -1, 1, 1)  # positional or not
-                    z = torch.einsum("dc,nchw->ndhw", inverse, f[pick] - centre)
-                    maps[pick] = z.pow(2).mean(1)
-            out[key] = maps.numpy()
+            out[key] = _by_fold(f, image_folds, cross.gaussian[s], whitened_square_mean).numpy()
         else:
             assert isinstance(head, MemoryHead)
             bank, bank_owner = cross.banks[s]
