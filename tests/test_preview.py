@@ -147,6 +147,15 @@ def test_preview_draws_at_most_max_fps_however_often_it_is_asked(preview_agent: 
     assert 2 <= renders <= 5.0 * elapsed + 2, f"{renders} renders in {elapsed:.1f} s"
 
 
+SHOWN_IF_ANOMALOUS = """() => {
+  const frame = document.getElementById('frame');
+  const verdict = document.getElementById('verdict').textContent;
+  if (verdict !== 'ANOMALOUS') return null;
+  return {id: frame.dataset.messageId, regions: frame.dataset.regions || null, verdict: verdict,
+          shown: document.getElementById('message-id').textContent, width: frame.naturalWidth};
+}"""
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
 def test_preview_page_in_a_real_browser(preview_agent: PreviewAgent, tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (dev extra)")
@@ -162,16 +171,13 @@ def test_preview_page_in_a_real_browser(preview_agent: PreviewAgent, tmp_path: P
                 f"document.getElementById('frame').dataset.messageId !== {json.dumps(first_id)}", timeout=20000
             )
             assert page.get_attribute("#frame", "src") != first_src, "the image did not change"
-            # Wait for an anomalous frame so the overlay check covers regions, not just an empty list.
-            page.wait_for_function(
-                "document.getElementById('verdict').textContent === 'ANOMALOUS'", timeout=30000, polling=50
-            )
-            shown_id = page.get_attribute("#frame", "data-message-id")
-            shown_regions = json.loads(page.get_attribute("#frame", "data-regions") or "null")
-            verdict = page.text_content("#verdict")
-            shown_on_page = page.text_content("#message-id")
+            # Wait for an anomalous frame so the overlay check covers regions, not just an empty list. The page
+            # moves on at 15 frames/s: what it shows is read in the same script run that sees the verdict.
+            shown = page.wait_for_function(SHOWN_IF_ANOMALOUS, timeout=30000, polling=50).json_value()
+            shown_id, verdict, shown_on_page = shown["id"], shown["verdict"], shown["shown"]
+            shown_regions = json.loads(shown["regions"] or "null")
+            natural_width = shown["width"]
             screenshot = page.screenshot(full_page=True)
-            natural_width = page.evaluate("document.getElementById('frame').naturalWidth")
         finally:
             browser.close()
     (tmp_path / "preview.png").write_bytes(screenshot)
