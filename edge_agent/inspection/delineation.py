@@ -18,19 +18,28 @@ import cv2
 import numpy as np
 
 
-def tighten(detected: np.ndarray, score: np.ndarray, fraction: float) -> np.ndarray:
+def components(detected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-connected components of ``detected`` (the NFA's own connectivity): per-pixel labels (0: not
+    detected) and OpenCV's stats per label (x, y, width, height, area; row 0 is the background)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(detected.astype(np.uint8), connectivity=4)
+    return labels, stats
+
+
+def tighten(detected: np.ndarray, score: np.ndarray, fraction: float, labels: np.ndarray | None = None) -> np.ndarray:
     """``detected`` (H x W bool) where ``score`` reaches ``fraction`` of its maximum over each 4-connected
-    region of ``detected``; ``detected`` itself when ``fraction`` is 0 or nothing is detected."""
+    region of ``detected``; ``detected`` itself when ``fraction`` is 0 or nothing is detected. ``labels``:
+    :func:`components`' labels of ``detected`` when the caller has them."""
     if detected.shape != score.shape:
         raise ValueError(f"tighten: mask {detected.shape} and score map {score.shape} differ")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"tighten: fraction must be in [0, 1), got {fraction!r}")
     if fraction == 0.0 or not detected.any():
         return detected
-    count, labels = cv2.connectedComponents(detected.astype(np.uint8), connectivity=4)
+    if labels is None:
+        labels, _ = components(detected)
     inside = labels[detected]
     values = np.asarray(score, dtype=np.float64)[detected]
-    peaks = np.full(count, -np.inf)
+    peaks = np.full(int(labels.max()) + 1, -np.inf)
     np.maximum.at(peaks, inside, values)
     keep = np.zeros_like(detected)
     # A region whose peak is not positive (a flat or negative map) keeps every pixel: nothing to tighten to.

@@ -243,14 +243,18 @@ class FrameScorer:
         )
         scale_x, scale_y = width / out_w, height / out_h
         min_area = rule.min_area(width / model_w, height / model_h)
-        found = [
-            raw
-            for raw in nfa.regions_from_log_nfa(log_nfa, rule.log10_epsilon, min_area=0, score_map=anomaly_map)
-            if map_region(raw, scale_x, scale_y, (width, height), roi_offset).area >= min_area
+        found = nfa.regions_from_log_nfa(log_nfa, rule.log10_epsilon, min_area=0, score_map=anomaly_map)
+        kept = [
+            (raw, region)
+            for raw in found
+            if (region := map_region(raw, scale_x, scale_y, (width, height), roi_offset)).area >= min_area
         ]
-        if found and rule.mask_fraction > 0.0:
-            found = tightened_regions(log_nfa, anomaly_map, rule.log10_epsilon, rule.mask_fraction, found)
-        regions = [map_region(raw, scale_x, scale_y, (width, height), roi_offset) for raw in found]
+        regions = [region for _, region in kept]
+        if kept and rule.mask_fraction > 0.0:
+            tight = tightened_regions(
+                log_nfa, anomaly_map, rule.log10_epsilon, rule.mask_fraction, [raw for raw, _ in kept]
+            )
+            regions = [map_region(raw, scale_x, scale_y, (width, height), roi_offset) for raw in tight]
         return Verdict(
             image_score=image_score(output.anomaly_map),
             anomalous=bool(regions),
@@ -271,9 +275,9 @@ def tightened_regions(
     pixel, so tightening never removes one, and a region the minimum area dropped stays dropped.
     """
     detected = log_nfa < log10_epsilon
-    tight = delineation.tighten(detected, anomaly_map, fraction)
     # The same 4-connected partition as the NFA's labelling: a region is the component of its box and area.
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(detected.astype(np.uint8), connectivity=4)
+    labels, stats = delineation.components(detected)
+    tight = delineation.tighten(detected, anomaly_map, fraction, labels)
     index = {tuple(int(v) for v in row): k for k, row in enumerate(stats) if k > 0}
     out = []
     for raw in kept:
