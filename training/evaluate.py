@@ -239,10 +239,12 @@ def _subset_metrics(
     return result
 
 
-def compute_metrics(predictions: Predictions, test: TestSet, log_nfa: np.ndarray) -> dict[str, Any]:
-    """Overall and per-type metrics, the NFA statistics and the latent statistics."""
+def compute_metrics(
+    predictions: Predictions, test: TestSet, log_nfa: np.ndarray, predicted: np.ndarray
+) -> dict[str, Any]:
+    """Overall and per-type metrics, the NFA statistics and the latent statistics; ``predicted``: the
+    decision's masks (:func:`decision_masks`)."""
     amaps, masks, labels = predictions.anomaly_maps, test.masks, test.labels
-    predicted = decision_masks(predictions, log_nfa)
     best = metrics.best_mean_iou(amaps, masks)
     iou_nfa = metrics.iou_per_image(predicted, masks)
     iou_oracle = metrics.iou_per_image(amaps >= best.threshold, masks)
@@ -326,6 +328,7 @@ def evaluate(
     predictions.nulls, predictions.log10_epsilon, predictions.image_test = _decision(run_dir, bundle_dir, null_model)
     predictions.mask_fraction = _mask_fraction(run_dir, bundle_dir, null_model)
     log_nfa = log_nfa_maps(predictions, (height, width))
+    decided = decision_masks(predictions, log_nfa)
     result = {
         "source": predictions.source,
         "run": None if run_dir is None else str(run_dir),
@@ -333,14 +336,12 @@ def evaluate(
         "data": splits.summary(),
         "model": model_info,
         "image_size": [height, width],
-        **compute_metrics(predictions, test, log_nfa),
+        **compute_metrics(predictions, test, log_nfa, decided),
         "seconds_per_image_inference": predictions.seconds_per_image,
     }
     result["planted"] = _planted(run_dir, bundle_dir)
     result["seconds"] = time.perf_counter() - started
-    result["report"] = write_report(
-        out_dir, result, test, predictions, log_nfa, samples_per_type, decision_masks(predictions, log_nfa)
-    )
+    result["report"] = write_report(out_dir, result, test, predictions, log_nfa, samples_per_type, decided)
     write_json(out_dir / METRICS_NAME, result)
     log.info("evaluation done", extra={"event": "evaluate_done", "out": str(out_dir), **_headline(result)})
     return result
@@ -379,13 +380,17 @@ def _decision(
 
 
 def _mask_fraction(run_dir: Path | str | None, bundle_dir: Path | str | None, null_model: str) -> float:
-    """The decision's mask fraction: the bundle's (or the run's); the paper's polyomino NFA keeps its regions."""
-    if null_model == "polyomino":
-        return 0.0
+    """The decision's mask fraction: the bundle's by the agent's own rule (scoring.default_mask_fraction),
+    or the run's; the paper's polyomino NFA keeps its regions."""
     if bundle_dir is not None:
         from edge_agent.bundle import load_bundle
+        from edge_agent.config import NfaConfig
+        from edge_agent.inspection.scoring import default_mask_fraction
 
-        return load_bundle(Path(bundle_dir)).manifest.nfa.mask_fraction
+        manifest = load_bundle(Path(bundle_dir)).manifest
+        return default_mask_fraction(manifest, NfaConfig(null_model=null_model))  # type: ignore[arg-type]
+    if null_model == "polyomino":
+        return 0.0
     from training.rundir import read_run
 
     return float(read_run(Path(run_dir)).val_scores.get("mask_fraction", 0.0))  # type: ignore[arg-type]
