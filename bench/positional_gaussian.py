@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import heads
 import heads_rows
 
-from training.heads import fold_of, positional_parameters, whitened_square_mean
+from training.heads import by_fold, fold_of, positional_parameters, whitened_square_mean
 
 SCALE_OF = {"P8": 0, "P16": 1, "P32": 2}
 POOL = 3  # the ``Q`` maps: features averaged over 3 x 3 first (the memory bank's aggregation)
@@ -60,12 +60,7 @@ def positional_maps(data: np.lib.npyio.NpzFile, scale: int, pool: int = 1) -> he
     seconds = time.perf_counter() - tick
 
     def oos(f: torch.Tensor, owners: np.ndarray) -> np.ndarray:
-        out = torch.empty(len(f), f.shape[2], f.shape[3])
-        for k, (mean, inverse) in enumerate(per_fold):
-            pick = torch.from_numpy(np.flatnonzero(fold[owners] == k))
-            if len(pick):
-                out[pick] = whitened_square_mean(f[pick], mean, inverse)
-        return out.numpy()
+        return by_fold(f, fold[owners], per_fold, whitened_square_mean).numpy()
 
     good_maps = oos(good, np.arange(len(good)))
     planted = oos(features("planted"), n_train + data["planted_source"])

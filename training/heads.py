@@ -26,9 +26,8 @@ bank entries that came from the image itself are ignored). docs/nfa.md, "Heads".
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -299,8 +298,11 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
     return CrossFit(fold, gaussian, banks, texture)
 
 
-def _by_fold(
-    values: torch.Tensor, image_folds: np.ndarray, fits: Sequence[tuple[torch.Tensor, torch.Tensor]], score: Any
+def by_fold(
+    values: torch.Tensor,
+    image_folds: np.ndarray,
+    fits: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``score(values[pick], mean, inverse)`` for each fold's images ``pick``, with that fold's (mean, L^-1)."""
     out: torch.Tensor | None = None
@@ -334,14 +336,14 @@ def out_of_sample_maps(
         if kind == "texture":
             assert cross.texture is not None
             v = texture_statistics([f.float() for f in features])
-            scores = _by_fold(v, image_folds, cross.texture, lambda x, m, inv: ((x - m) @ inv.T).pow(2).mean(1))
+            scores = by_fold(v, image_folds, cross.texture, lambda x, m, inv: ((x - m) @ inv.T).pow(2).mean(1))
             out[key] = scores.view(-1, 1, 1).numpy()
             continue
         s = int(scale)
         f = features[s].float()
         n, c, h, w = f.shape
         if kind == "gaussian":
-            out[key] = _by_fold(f, image_folds, cross.gaussian[s], whitened_square_mean).numpy()
+            out[key] = by_fold(f, image_folds, cross.gaussian[s], whitened_square_mean).numpy()
         else:
             assert isinstance(head, MemoryHead)
             bank, bank_owner = cross.banks[s]
