@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from edge_agent.inspection import nfa  # noqa: E402
+from edge_agent.inspection.scoring import tightened_regions  # noqa: E402
 
 SIZES = (14, 28, 64, 128, 256)
 CHANNELS = 64
@@ -100,6 +101,8 @@ def pipeline_rows(seconds: float) -> list[str]:
     planted[40:90, 100:180] = -5.0
     planted[200:210, 10:30] = -2.0
     reg2_cpu, _, _ = median_times_ms(lambda: nfa.regions_from_log_nfa(planted, 0.0, 0, score), 300, seconds)
+    regions = nfa.regions_from_log_nfa(planted, 0.0, 0, score)
+    tight_cpu, _, _ = median_times_ms(lambda: tightened_regions(planted, score, 0.0, 0.8, regions), 300, seconds)
     n_tests_cpu, _, _ = median_times_ms(lambda: nfa.log10_number_of_tests([(64, 64), (32, 32), (16, 16)]), 50, 0.2)
     return [
         "| step (scales 64x64, 32x32, 16x16 -> 256x256) | cpu ms | wall ms |",
@@ -109,6 +112,7 @@ def pipeline_rows(seconds: float) -> list[str]:
         f"| log10_number_of_tests (cached per list of shapes after the first call) | {n_tests_cpu:.4f} | |",
         f"| regions_from_log_nfa, noise map (no region) | {reg_cpu:.4f} | {reg_wall:.4f} |",
         f"| regions_from_log_nfa, two planted regions | {reg2_cpu:.4f} | |",
+        f"| tightened_regions, the same two, fraction 0.8 (anomalous frames only) | {tight_cpu:.4f} | |",
         f"(median over >= {n} calls)",
     ]
 
