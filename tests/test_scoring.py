@@ -186,3 +186,18 @@ def test_a_mask_fraction_tightens_the_boxes_but_not_the_decision(engine_and_mani
     assert FrameScorer(bundled, NfaConfig(mask_fraction=0.0)).rule.mask_fraction == 0.0
     assert FrameScorer(bundled, NfaConfig(null_model="polyomino")).rule.mask_fraction == 0.0
     assert FrameScorer(manifest).rule.mask_fraction == 0.0  # a bundle without the field: the NFA's regions
+
+
+def test_a_mask_fraction_outside_zero_to_one_is_refused_in_the_config_and_the_bundle(engine_and_manifest) -> None:
+    from pydantic import ValidationError
+
+    _, manifest = engine_and_manifest
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValidationError) as config_error:
+            NfaConfig(mask_fraction=bad)
+        assert config_error.value.errors()[0]["loc"] == ("mask_fraction",)
+        document = manifest.model_dump(mode="json")
+        document["nfa"]["mask_fraction"] = bad
+        with pytest.raises(ValidationError) as bundle_error:
+            type(manifest).model_validate(document)
+        assert bundle_error.value.errors()[0]["loc"] == ("nfa", "mask_fraction")
