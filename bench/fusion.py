@@ -50,6 +50,8 @@ def fusions(names: list[str]) -> dict[str, Fusion]:
         out["geometric mean, maps at stride <= 16"] = (not_32, True)
     if "G8" in names:  # a stride-8 Gaussian (e.g. a positional one): what it adds to the map a person sees
         out["geometric mean, every map but G8"] = ([k for k in every if names[k] != "G8"], True)
+    if "D8" in names:  # the detail map (read by the anomaly map only): the run's fusion without it
+        out["geometric mean, every map but D8"] = ([k for k in every if names[k] != "D8"], True)
     for k in every:
         out[f"{names[k]} alone"] = ([k], False)
     return out
@@ -79,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     means = [n.mean for n in run.envelope]
     val_count, planted_count = len(run.val[0]), len(run.planted)
     planted = [np.concatenate([p, v]) for p, v in zip(run.planted_maps, run.val, strict=True)]
+    if run.detail:  # the detail map has no null: its fusion mean is the graph's
+        run.names.append(f"D{run.model.config.strides[0]}")
+        model = run.model
+        means += [float(model.map_means[i]) for i in model.fusion_indices if i not in model.region_indices]
+        planted.append(np.concatenate([run.detail["planted"], run.detail["val"]]))
+        if run.test is not None:
+            run.test.append(run.detail["test"])
     planted_masks = np.concatenate([np.stack([s.mask for s in run.planted]), np.zeros((val_count, *run.size), bool)])
     planted_labels = np.r_[np.ones(planted_count), np.zeros(val_count)]
     candidates = fusions(run.names)

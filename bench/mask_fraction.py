@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_maps import add_run_arguments, fused_map, load_run_maps
+from run_maps import add_run_arguments, load_run_maps
 
 from edge_agent.inspection import nfa
 from edge_agent.inspection.delineation import tighten
@@ -65,14 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_maps(args.run, args.data, args.batch_size, test=True, planted_seeds=range(args.seeds))
     val = read_run(args.run).val_scores
     nulls, eps = null_from_dict(val["nfa_null"]), float(val.get("log10_epsilon", DEFAULT_LOG10_EPSILON))
-    model = run.model
-    means = [float(model.map_means[i]) for i in model.region_indices]
-    geometric = model.config.map_fusion == "geometric"
-    planted_amaps = fused_map(run.planted_maps, means, run.size, geometric)
+    planted_amaps = run.anomaly_maps("planted")
     planted_truth = np.stack([s.mask for s in run.planted])
     planted = masks_at(run.planted_maps, planted_amaps, nulls, eps, FRACTIONS)
     assert run.test is not None and run.test_masks is not None and run.test_labels is not None
-    test_amaps = fused_map(run.test, means, run.size, geometric)
+    test_amaps = run.anomaly_maps("test")
     test = masks_at(run.test, test_amaps, nulls, eps, FRACTIONS)
     labels = run.test_labels
     print(f"\n{args.run}: {len(run.planted)} planted defects, {len(labels)} test images ({labels.sum()} defective)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,18 @@ class RunMaps:
     test: list[np.ndarray] | None = None  # the deployed heads
     test_labels: np.ndarray | None = None
     test_masks: np.ndarray | None = None
+    # The detail map (the anomaly map reads it, no test does) of "val", "planted" and "test", when the run has one.
+    detail: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def anomaly_maps(self, which: str) -> np.ndarray:
+        """The graph's anomaly map of the "val", "planted" or "test" images: its fusion of the region maps and
+        the detail map, over the run's own map means."""
+        maps = {"val": self.val, "planted": self.planted_maps, "test": self.test}[which]
+        assert maps is not None, f"no {which} maps loaded"
+        model = self.model
+        picked = [*maps, self.detail[which]] if self.detail else list(maps)
+        means = [float(model.map_means[i]) for i in model.fusion_indices]
+        return fused_map(picked, means, self.size, model.config.map_fusion == "geometric")
 
 
 def load_run_maps(
@@ -75,8 +87,10 @@ def load_run_maps(
         planted = (
             more_maps if not planted else [np.concatenate([a, b]) for a, b in zip(planted, more_maps, strict=True)]
         )
-    # The studies weigh the region maps; the texture head's 1 x 1 score is the image test's (bench/image_family.py).
+    # The studies weigh the region maps; the texture head's 1 x 1 score is the image test's (bench/image_family.py),
+    # the detail map the anomaly map's alone (RunMaps.detail).
     keep = model.region_indices
+    detail = [i for i in model.fusion_indices if i not in keep]
     maps = RunMaps(
         model=model,
         splits=splits,
@@ -90,9 +104,13 @@ def load_run_maps(
         planted=samples,
         planted_maps=[planted[i] for i in keep] if planted else planted,
     )
+    for i in detail:  # at most one: the model's detail head
+        maps.detail = {"val": val_maps[i], "planted": planted[i]} if planted else {"val": val_maps[i]}
     if test:
         every_test = evidence_maps(model, load_images(splits.test, height, width), batch_size)
         maps.test = [every_test[i] for i in keep]
+        for i in detail:
+            maps.detail["test"] = every_test[i]
         maps.test_labels = np.array([r.label for r in splits.test], dtype=bool)
         maps.test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
     return maps

@@ -30,7 +30,7 @@ import numpy as np
 
 from calibration.data import ImageSet, read_model_input
 from calibration.nfa_promise import format_promise, promise_row, recorded_calibration
-from edge_agent.bundle import Bundle, Manifest, load_bundle, region_scales
+from edge_agent.bundle import REGION_HEADS, Bundle, Manifest, load_bundle, region_scales
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import nfa
 from edge_agent.inspection.image_test import ImageTest
@@ -213,15 +213,28 @@ def _per_scale_log_nfa(
     log10_n: float,
 ) -> tuple[float, ...]:
     """Each map's test alone: log10 N + its smallest log10 P for a region map; for the texture map the image
-    test's log10 NFA (+inf when no image test reads it)."""
+    test's log10 NFA (+inf when no image test reads it); +inf for the detail map (no test reads it)."""
     out, region = [], 0
     for m, s in zip(maps, manifest.scales, strict=True):
         if s.head == "texture":
             out.append(math.inf if image_test is None else image_test.log10_nfa(float(np.max(m))))
             continue
+        if s.head not in REGION_HEADS:
+            out.append(math.inf)
+            continue
         out.append(log10_n + float(nfa.log_prob_map(m, s.channels, None if nulls is None else nulls[region]).min()))
         region += 1
     return tuple(out)
+
+
+def _map_test_summary(stat: ScaleStats, head: str, log_nfa: list[float], log10_n: float) -> dict[str, object]:
+    """What each map's test gave: a region map's best node against the i.i.d. null, the texture map's image
+    test quantiles, nothing for the detail map (no test reads it)."""
+    if head == "texture":
+        return _image_test_quantiles(log_nfa)
+    if head not in REGION_HEADS:
+        return {}
+    return best_node_comparison(stat, [v - log10_n for v in log_nfa])
 
 
 def _image_test_quantiles(values: list[float]) -> dict[str, object]:
@@ -288,12 +301,7 @@ def _report(
             promise_row(0.0, [r.regions_at_epsilon_1 for r in results]),
         ],
         scales=[
-            stat.summary()
-            | (
-                _image_test_quantiles([r.scale_min_log_nfa[k] for r in results])
-                if head == "texture"
-                else best_node_comparison(stat, [r.scale_min_log_nfa[k] - log10_n for r in results])
-            )
+            stat.summary() | _map_test_summary(stat, head, [r.scale_min_log_nfa[k] for r in results], log10_n)
             for k, (stat, head) in enumerate(zip(stats, (s.head for s in manifest.scales), strict=True))
         ],
         per_image=results,

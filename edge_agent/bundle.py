@@ -70,7 +70,8 @@ class Normalisation(_Strict):
     std: tuple[float, float, float]
 
 
-HEADS = ("flow", "gaussian", "memory")
+# The kinds of map the region tests read (under the fitted null; the paper's polyomino NFA reads ``flow`` only).
+REGION_HEADS = ("flow", "gaussian", "memory")
 
 
 class ScaleSpec(_Strict):
@@ -81,7 +82,8 @@ class ScaleSpec(_Strict):
     squares. ``memory``: the squared distance to the nearest memory-bank row, divided by C_s. The paper's
     polyomino NFA reads the flow maps only; the fitted NFA every map, each with its own null. ``texture``:
     a 1 x 1 map, the frame's texture statistics' distance to the good images', read by the image test
-    (``nfa.image_test``), not by the region tests.
+    (``nfa.image_test``), not by the region tests. ``detail``: a Gaussian with a mean per position at the
+    finest stride, read by the anomaly map only (where a defect is, not whether): no null, no test.
     """
 
     name: str
@@ -89,14 +91,15 @@ class ScaleSpec(_Strict):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     stride: int = Field(gt=0, description="input pixels per map pixel")
-    head: Literal["flow", "gaussian", "memory", "texture"] = Field(
+    head: Literal["flow", "gaussian", "memory", "texture", "detail"] = Field(
         default="flow", description="the evidence that made it"
     )
 
 
 def region_scales(scales: Iterable[ScaleSpec]) -> tuple[ScaleSpec, ...]:
-    """The maps the region tests read, in order: every map but the texture map (the image test's)."""
-    return tuple(s for s in scales if s.head != "texture")
+    """The maps the region tests read, in order: every map but the texture map (the image test's) and the
+    detail map (the anomaly map's alone)."""
+    return tuple(s for s in scales if s.head in REGION_HEADS)
 
 
 class ScaleNullSpec(_Strict):
@@ -306,7 +309,7 @@ class Manifest(_Strict):
         if self.scales[0].head != "flow":
             raise ValueError("the first scale must be a flow map (m_0: the drift check reads it)")
         if any(s.head != "flow" for s in self.scales) and self.nfa.null_model != "fitted":
-            raise ValueError("gaussian, memory and texture maps need the fitted NFA (a fitted null per map)")
+            raise ValueError("gaussian, memory, texture and detail maps need the fitted NFA (a fitted null per map)")
         textures = [s for s in self.scales if s.head == "texture"]
         if len(textures) > 1 or any((s.height, s.width) != (1, 1) for s in textures):
             raise ValueError("at most one texture map, of 1 x 1")

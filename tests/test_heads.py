@@ -785,3 +785,96 @@ def test_the_mask_fraction_bench_reproduces_evaluates_miou_at_the_runs_fraction(
     assert rows["0"] != rows[f"{DEFAULT_MASK_FRACTION:g}"]  # tightening moves the masks on these defects
     result = evaluate(synthetic_data_dir, tmp_path / "report", run_dir=regions_run, threads=1)
     assert float(rows[f"{DEFAULT_MASK_FRACTION:g}"][1]) == pytest.approx(result["overall"]["miou_nfa"], abs=5e-4)
+
+
+REGION_AND_IMAGE_HEADS = ("flow", "gaussian", "memory", "texture")
+
+
+@pytest.fixture(scope="module")
+def detail_pair(
+    hybrid_run: Path, synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, Path]:
+    """The hybrid run's flow without and with the detail head (bench/refit_heads.py), and the latter's bundle."""
+    from training.export import export_bundle
+
+    root = tmp_path_factory.mktemp("detail")
+    refit = _bench("refit_heads").refit
+    refit(hybrid_run, root / "without", str(synthetic_data_dir), {"heads": REGION_AND_IMAGE_HEADS})
+    refit(hybrid_run, root / "with", str(synthetic_data_dir), {"heads": (*REGION_AND_IMAGE_HEADS, "detail")})
+    bundle = export_bundle(root / "with", root / "bundle", name="detail", version="1")
+    return root / "without", root / "with", bundle
+
+
+def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
+    detail_pair: tuple[Path, Path, Path], synthetic_data_dir: Path
+) -> None:
+    """The detail head (a positional Gaussian at the finest stride) is an output of the graph that the anomaly
+    map fuses and no NFA test reads: training's decision, the manifest's NFA and the agent's log NFA are those
+    of the same flow without it, and the anomaly map is the geometric mean with it."""
+    from calibration.data import select_images
+    from calibration.int8 import conv_groups
+    from calibration.nfa_check import check_bundle, format_report
+    from training.export import export_bundle
+    from training.rundir import load_model
+    from training.synthetic import defect_image
+
+    without_run, with_run, bundle_dir = detail_pair
+    before = json.loads((without_run / "val_scores.json").read_text())
+    after = json.loads((with_run / "val_scores.json").read_text())
+    for key in ("nfa_null", "nfa_evidence_scale", "nfa_calibration", "image_test", "min_log_nfa", "planted"):
+        assert after[key] == before[key], key
+    assert after["scores"] != before["scores"]  # the anomaly map reads it
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    model, _ = load_model(with_run)
+    detail = [(s.name, s.head, s.stride, s.channels) for s in manifest.scales if s.head == "detail"]
+    assert detail == [("p_0", "detail", 8, model.feature_shapes[0][0])]  # the finest backbone features
+    plain = load_bundle(export_bundle(without_run, bundle_dir.parent / "plain", name="plain", version="1")).manifest
+    assert manifest.nfa == plain.nfa  # no null, no test, the same number of tests
+    assert check_graph(bundle_dir / "model.onnx", "fp32") == []
+    # Its whitening Conv is a head layer: INT8 and FP16 keep it in FP32 (five head layers without it).
+    assert len(conv_groups(onnx.load(str(bundle_dir / "model.onnx"))).groups["heads"]) == 6
+
+    sample = defect_image(seed=5, height=HYBRID_SIZE, width=HYBRID_SIZE, kind="dark_blob")
+    outputs = {}
+    for name, path in (("with", bundle_dir), ("without", bundle_dir.parent / "plain")):
+        engine = OnnxRuntimeEngine(load_bundle(path))
+        try:
+            outputs[name] = engine.infer(sample.image)
+        finally:
+            engine.close()
+    size = (HYBRID_SIZE, HYBRID_SIZE)
+    names = [s.name for s in manifest.scales]
+    kept = [names.index(s.name) for s in plain.scales]
+    for k, want in zip(kept, outputs["without"].scale_maps, strict=True):
+        np.testing.assert_allclose(outputs["with"].scale_maps[k], want, rtol=1e-5, atol=1e-6)
+    verdicts = [FrameScorer(m).score(outputs[n], size) for n, m in (("with", manifest), ("without", plain))]
+    np.testing.assert_allclose(verdicts[0].log_nfa, verdicts[1].log_nfa, rtol=1e-5, atol=1e-5)
+    assert verdicts[0].anomalous == verdicts[1].anomalous
+    # The anomaly map: the geometric mean of every map but the texture score over the run's own means.
+    ratios = [
+        torch.nn.functional.interpolate(
+            torch.from_numpy(np.asarray(outputs["with"].scale_maps[i], dtype=np.float32) / float(model.map_means[i]))[
+                None, None
+            ],
+            size=size,
+            mode="bilinear",
+        )[0, 0].numpy()
+        for i in model.fusion_indices
+    ]
+    assert names[model.fusion_indices[-1]] == "p_0"
+    geometric = np.exp(np.mean([np.log(np.maximum(r, 0.05)) for r in ratios], axis=0))
+    np.testing.assert_allclose(outputs["with"].anomaly_map, geometric, rtol=1e-4, atol=1e-5)
+    assert np.abs(outputs["with"].anomaly_map - outputs["without"].anomaly_map).max() > 1e-3
+    assert float(outputs["with"].anomaly_map[sample.mask].mean()) > float(
+        outputs["with"].anomaly_map[~sample.mask].mean()
+    )
+    # `uflow calibrate nfa`: the detail map gets its statistics row and no test's.
+    report = check_bundle(bundle_dir, select_images(synthetic_data_dir / "train" / "good", 4))
+    row = next(s for s in report.scales if s["name"] == "p_0")
+    assert (
+        "best_log_p_real" not in row
+        and "image_test_log_nfa" not in row
+        and report.images_triggered_by_scale["p_0"] == 0
+    )
+    assert "| p_0 |" in format_report(report)

@@ -103,8 +103,9 @@ BACKBONES: dict[str, BackboneInfo] = {
 
 # How the anomaly map of a model with heads fuses its maps (training/model.py ``fused_anomaly_map``).
 MAP_FUSIONS = ("geometric", "mean")
-# The evidence kinds (training/heads.py): the flow, a Gaussian and a memory bank per scale, the texture head.
-HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture")
+# The evidence kinds (training/heads.py): the flow, a Gaussian and a memory bank per scale, the texture head,
+# and the detail head (a positional Gaussian at the finest stride that only the anomaly map reads).
+HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture", "detail")
 
 
 @dataclass(frozen=True)

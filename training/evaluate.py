@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from edge_agent.inspection import nfa
 from edge_agent.inspection.delineation import tighten
 from edge_agent.inspection.image_test import ImageTest
-from edge_agent.inspection.scoring import log_nfa_map_of
+from edge_agent.inspection.scoring import log_nfa_map_of, nfa_inputs
 from training import metrics
 from training.data import GOOD, DatasetSplits, Record, load_image, load_mask, open_dataset
 
@@ -274,7 +274,10 @@ def compute_metrics(
         per_type[kind]["miou_nfa"] = float(iou_nfa[inside].mean())
         per_type[kind]["miou_oracle"] = float(iou_oracle[inside].mean())
     min_log_nfa = log_nfa.reshape(len(log_nfa), -1).min(axis=1)
-    shapes = [m.shape[1:] for m in predictions.scale_maps]
+    # The maps the region tests read (scoring.nfa_inputs: not the texture score, not the detail map): what N counts.
+    heads = predictions.heads or ("flow",) * len(predictions.scale_maps)
+    tested, _ = nfa_inputs(predictions.scale_maps, list(predictions.channels), heads, predictions.nulls)
+    shapes = [m.shape[1:] for m in tested]
     nfa_stats = {
         "null_model": "polyomino" if predictions.nulls is None else "fitted",
         "log10_epsilon": predictions.log10_epsilon,

@@ -21,6 +21,10 @@ bank entries that came from the image itself are ignored). docs/nfa.md, "Heads".
 - ``texture``: one per model, over every scale: the Mahalanobis distance of the frame's texture statistics
   (channel means and standard deviations) to the good frames', a 1 x 1 map that the image test reads
   (edge_agent/inspection/image_test.py), cross-fitted by k folds like the Gaussian.
+- ``detail``: one per model, a positional Gaussian (as above) at the finest stride. Only the anomaly map
+  reads it (where a defect is); no NFA test does, so its heavy tail cannot lower the decision's evidence
+  factor (docs/results.md, "The detail map"). Cross-fitted like the Gaussian: the fusion's mean of its map
+  comes from images it did not see.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAP_PREFIX = {"flow": "m", "gaussian": "g", "memory": "k", "texture": "t"}
+MAP_PREFIX = {"flow": "m", "gaussian": "g", "memory": "k", "texture": "t", "detail": "p"}
 TEXTURE_KEY = "texture_0"  # one texture head per model, over every scale
+DETAIL_KEY = "detail_0"  # one detail head per model, at the finest stride
 MIN_SHRINK = 1e-3  # relative ridge: keeps L^-1 bounded when the features have (near) null directions
 FOLDS = 5
 PROJECTION_DIM = 128
@@ -247,7 +252,7 @@ class CrossFit:
     """What out-of-sample head maps need: the Gaussian of every fold and the bank's owners."""
 
     folds: np.ndarray  # fold of each fitting image
-    gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]  # scale -> per fold (mu, L^-1)
+    gaussian: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]  # head key -> per fold (mu, L^-1)
     banks: dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (bank K x C, owner image of each row)
     texture: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per fold (mu, L^-1) of the texture head
 
@@ -261,7 +266,8 @@ def fold_of(count: int, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
 
 
 def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int = 0, folds: int = FOLDS) -> CrossFit:
-    """Fit every head in ``heads`` (keys ``gaussian_<s>`` / ``memory_<s>`` / ``texture_0``) on good images' features.
+    """Fit every head in ``heads`` (keys ``gaussian_<s>`` / ``memory_<s>`` / ``texture_0`` / ``detail_0``) on good
+    images' features.
 
     ``features``: per scale N x C x H x W of the good images the heads may memorise (all of them).
     Returns what :func:`out_of_sample_maps` needs to give each of those images maps from heads that did
@@ -269,7 +275,7 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
     """
     count = len(features[0]) if len(heads) else 0  # every scale holds the same images
     fold = fold_of(count, folds, seed)
-    gaussian: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    gaussian: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     banks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     texture = None
     for key, head in heads.items():
@@ -282,10 +288,10 @@ def fit_heads(heads: nn.ModuleDict, features: Sequence[torch.Tensor], seed: int 
             continue
         s = int(scale)
         f = features[s].float()
-        if kind == "gaussian":
+        if kind in ("gaussian", "detail"):
             assert isinstance(head, GaussianHead)
             head.set(*_gaussian_fit(head, f))
-            gaussian[s] = [_gaussian_fit(head, f[torch.from_numpy(fold != k)]) for k in range(fold.max() + 1)]
+            gaussian[key] = [_gaussian_fit(head, f[torch.from_numpy(fold != k)]) for k in range(fold.max() + 1)]
         else:
             assert isinstance(head, MemoryHead)
             x = rows(head.pooled(f))
@@ -342,8 +348,8 @@ def out_of_sample_maps(
         s = int(scale)
         f = features[s].float()
         n, c, h, w = f.shape
-        if kind == "gaussian":
-            out[key] = by_fold(f, image_folds, cross.gaussian[s], whitened_square_mean).numpy()
+        if kind in ("gaussian", "detail"):
+            out[key] = by_fold(f, image_folds, cross.gaussian[key], whitened_square_mean).numpy()
         else:
             assert isinstance(head, MemoryHead)
             bank, bank_owner = cross.banks[s]

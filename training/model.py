@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_agent.bundle import REGION_HEADS
 from training.backbones import CaitFeatureExtractor, FeatureExtractor, create_backbone
 from training.catalog import (
     DEFAULT_BACKBONE,
@@ -30,7 +31,7 @@ from training.catalog import (
     backbone_info,
 )
 from training.flow import LatentShape, build_uflow_graph, create_scale_norm, norm_log_jac_det
-from training.heads import MAP_PREFIX, TEXTURE_KEY, GaussianHead, MemoryHead, TextureHead
+from training.heads import DETAIL_KEY, MAP_PREFIX, TEXTURE_KEY, GaussianHead, MemoryHead, TextureHead
 
 # The floor of m / mean under the geometric fusion's log. No pixel of an unseen image goes below it on the
 # three data sets (0 of every test map pixel), so it changes no score; it matters only on images the bank
@@ -213,14 +214,20 @@ class UFlow(nn.Module):
                 )
                 self.heads[f"{kind}_{s}"] = head
                 head_scales.append(ScaleInfo(f"{MAP_PREFIX[kind]}_{s}", c, h, w, stride, kind))
+        if "detail" in config.heads:
+            c, h, w = shapes[0]
+            self.heads[DETAIL_KEY] = GaussianHead(c, (h, w))
+            head_scales.append(ScaleInfo(f"{MAP_PREFIX['detail']}_0", c, h, w, config.strides[0], "detail"))
         if "texture" in config.heads:
             dims = 2 * sum(c for c, _, _ in shapes)
             self.heads[TEXTURE_KEY] = TextureHead(dims)
             side = max(config.image_height, config.image_width)  # one map pixel covers the frame
             head_scales.append(ScaleInfo(f"{MAP_PREFIX['texture']}_0", dims, 1, 1, side, "texture"))
         self.scales = (*self.flow_scales, *head_scales)
-        # The maps the region tests and the anomaly map read: all but the texture head's (the image test's).
-        self.region_indices = tuple(i for i, s in enumerate(self.scales) if s.head != "texture")
+        # The maps the region tests read: all but the texture head's (the image test's) and the detail head's.
+        self.region_indices = tuple(i for i, s in enumerate(self.scales) if s.head in REGION_HEADS)
+        # The maps the anomaly map fuses: all but the texture head's 1 x 1 score (not a place in the frame).
+        self.fusion_indices = tuple(i for i, s in enumerate(self.scales) if s.head != "texture")
         if self.heads:
             # Per map, its mean on good images (the fitted null's mean); the anomaly map fuses m / mean.
             self.register_buffer("map_means", torch.ones(len(self.scales)))
@@ -271,7 +278,7 @@ class UFlow(nn.Module):
             return anomaly_map(maps, height, width)
         geometric = self.config.map_fusion == "geometric"
         # The texture head's 1 x 1 score is the image test's, not a place in the frame: not in the map.
-        keep = list(self.region_indices)
+        keep = list(self.fusion_indices)
         if len(keep) < len(maps):
             maps, means = [maps[i] for i in keep], self.map_means[keep]
         else:

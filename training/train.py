@@ -168,7 +168,7 @@ def objective_terms(model: UFlow, batches: FeatureBatches, batch_size: int) -> d
     falls while ``norm_log_det`` falls and the latents stay unit-sized is the flow modelling shrunk
     inputs, not a better density.
     """
-    dims = sum(s.channels * s.height * s.width for s in model.scales)
+    dims = sum(s.channels * s.height * s.width for s in model.flow_scales)  # the latents only, not the heads' maps
     nll = half_sq = flow_ld = 0.0
     norm_ld = float(model.norms_log_jac_det().detach())
     with torch.no_grad():

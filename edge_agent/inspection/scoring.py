@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
-from edge_agent.bundle import ImageTestSpec, Manifest
+from edge_agent.bundle import REGION_HEADS, ImageTestSpec, Manifest
 from edge_agent.config import NfaConfig
 from edge_agent.inspection import delineation, nfa
 from edge_agent.inspection.image_test import ImageTest
@@ -133,11 +133,11 @@ def nfa_inputs(
     maps: Sequence[np.ndarray], channels: Sequence[int], heads: Sequence[str], nulls: Sequence[nfa.ScaleNull] | None
 ) -> tuple[list[np.ndarray], list[int]]:
     """The maps the region tests read: under a fitted null every region map (not the ``texture`` head's 1 x 1
-    score, which the image test reads), under the paper's polyomino NFA the flow maps only (its chi^2(C_s)
-    null is the flow's; the heads' maps have none)."""
+    score, which the image test reads, nor the ``detail`` map, which the anomaly map alone reads), under the
+    paper's polyomino NFA the flow maps only (its chi^2(C_s) null is the flow's; the heads' maps have none)."""
     if not heads or not len(maps) == len(channels) == len(heads):
         return list(maps), list(channels)  # a count mismatch is reported by nfa.log_nfa_map, by name
-    keep = [i for i, head in enumerate(heads) if (head == "flow" if nulls is None else head != "texture")]
+    keep = [i for i, head in enumerate(heads) if (head == "flow" if nulls is None else head in REGION_HEADS)]
     return [maps[i] for i in keep], [channels[i] for i in keep]
 
 

@@ -55,6 +55,7 @@ _MEMORY_TAIL = _PASSTHROUGH | {"Clip", "Max", "Div", "Mul", "Add"}
 # bundles exported before the fused form (today's graph has the biased Conv right under the ReduceMin).
 _MEMORY_ARITHMETIC = {"Add", "Sub", "Mul", "Neg", "Cast"}
 GAUSSIAN_PREFIX = "g_"  # the manifest's name of a Gaussian head's map (edge_agent.bundle.ScaleSpec)
+DETAIL_PREFIX = "p_"  # the detail head's map: a positional Gaussian at the finest stride (training/heads.py)
 TEXTURE_PREFIX = "t_"  # the texture head's 1 x 1 map: whitened texture statistics (training/heads.py)
 # onnx.TensorProto data type numbers -> the names the support table uses (FP64 and strings: none).
 _TABLE_TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 16: "BF16"}
@@ -251,7 +252,7 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
             raise ValueError(f"output {output!r} is not the mean of a square")
         squares.append(square)
         whiten = producer.get(square.input[0])
-        if output.startswith(GAUSSIAN_PREFIX) and whiten is not None and whiten.op_type == "Conv":
+        if output.startswith((GAUSSIAN_PREFIX, DETAIL_PREFIX)) and whiten is not None and whiten.op_type == "Conv":
             squares.append(whiten)
         if output.startswith(TEXTURE_PREFIX) and whiten is not None and whiten.op_type in ("Gemm", "MatMul"):
             squares.extend(_texture_starts(whiten, producer))
