@@ -9,6 +9,9 @@ null. So the fusion can be chosen for localisation alone. This compares fusions 
   maximum, planted against the clean validation images (out-of-sample maps). This is what may choose;
 - on the **test split** (the deployed heads), the same three columns, for reporting only.
 
+A run with a detail head (training/heads.py: fused, never tested) adds its map ``D8`` to the candidates, and
+the candidate "every map but D8" is the same run's fusion without it.
+
     nice .venv/bin/python bench/fusion.py --run runs/magnetic_tile [--data SPLIT] [--max-test 200]
 """
 

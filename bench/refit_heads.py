@@ -7,6 +7,7 @@ the new run is what ``uflow train`` with those flags would have written from the
 ``uflow export``, ``uflow evaluate`` and ``uflow calibrate nfa`` as for any run.
 
     nice .venv/bin/python bench/refit_heads.py --run runs/mvtec_bottle --out runs/bottle_m8 --memory-scales 0
+    nice .venv/bin/python bench/refit_heads.py --run runs/mvtec_bottle --out runs/bottle_d --heads flow gaussian memory texture detail
 """
 
 from __future__ import annotations
