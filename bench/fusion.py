@@ -9,8 +9,9 @@ null. So the fusion can be chosen for localisation alone. This compares fusions 
   maximum, planted against the clean validation images (out-of-sample maps). This is what may choose;
 - on the **test split** (the deployed heads), the same three columns, for reporting only.
 
-A run with a detail head (training/heads.py: fused, never tested) adds its map ``D8`` to the candidates, and
-the candidate "every map but D8" is the same run's fusion without it.
+A run with a detail head (training/heads.py: fused, never tested) adds its map ``D8`` to the candidates: the
+candidate "every map but D8" is the same run's fusion without it, and "D8 weighs w" the geometric mean in
+which the detail map carries a share w of the log (counted several times).
 
     nice .venv/bin/python bench/fusion.py --run runs/magnetic_tile [--data SPLIT] [--max-test 200]
 """
@@ -54,7 +55,11 @@ def fusions(names: list[str]) -> dict[str, Fusion]:
     if "G8" in names:  # a stride-8 Gaussian (e.g. a positional one): what it adds to the map a person sees
         out["geometric mean, every map but G8"] = ([k for k in every if names[k] != "G8"], True)
     if "D8" in names:  # the detail map (read by the anomaly map only): the run's fusion without it
-        out["geometric mean, every map but D8"] = ([k for k in every if names[k] != "D8"], True)
+        others = [k for k in every if names[k] != "D8"]
+        out["geometric mean, every map but D8"] = (others, True)
+        # A weighted geometric mean: D8 counted n times among the K others weighs n / (K + n) of the log.
+        for n in (max(1, round(len(others) / 3)), len(others), 3 * len(others)):
+            out[f"geometric mean, D8 weighs {n / (len(others) + n):.2f}"] = (others + [names.index("D8")] * n, True)
     for k in every:
         out[f"{names[k]} alone"] = ([k], False)
     return out

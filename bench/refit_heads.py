@@ -2,7 +2,7 @@
 
 The heads (training/heads.py) are fitted, not trained: a run's flow weights stay valid whatever heads sit
 beside it. This copies RUN to OUT with another head config (``--memory-scales``, ``--gaussian-scales``,
-``--bank-size``, ``--fine-bank-size``, ``--map-fusion``, ``--heads``), carries the flow's weights over and re-runs training/finish.py, so
+``--bank-size``, ``--fine-bank-size``, ``--map-fusion``, ``--heads``, ``--detail-share``), carries the flow's weights over and re-runs training/finish.py, so
 the new run is what ``uflow train`` with those flags would have written from the same flow. Then
 ``uflow export``, ``uflow evaluate`` and ``uflow calibrate nfa`` as for any run.
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "--gaussian-positional", action=argparse.BooleanOptionalAction, help="a Gaussian mean per position"
     )
     parser.add_argument("--heads", nargs="+", choices=HEAD_KINDS, help="the evidence kinds (flow first)")
+    parser.add_argument("--detail-share", type=float, help="the detail map's share of the anomaly map's weight")
     args = parser.parse_args(argv)
     changes: dict[str, Any] = {
         key: value
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             ("map_fusion", args.map_fusion),
             ("gaussian_positional", args.gaussian_positional),
             ("heads", None if args.heads is None else tuple(args.heads)),
+            ("detail_share", args.detail_share),
         )
         if value is not None
     }

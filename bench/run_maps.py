@@ -59,7 +59,8 @@ class RunMaps:
         model = self.model
         picked = [*maps, self.detail[which]] if self.detail else list(maps)
         means = [float(model.map_means[i]) for i in model.fusion_indices]
-        return fused_map(picked, means, self.size, model.config.map_fusion == "geometric")
+        geometric = model.config.map_fusion == "geometric"
+        return fused_map(picked, means, self.size, geometric, model.fusion_weights())
 
 
 def load_run_maps(
@@ -174,8 +175,16 @@ def separation(good: np.ndarray, defective: np.ndarray) -> float:
     return metrics.image_auroc(np.r_[good, defective], np.r_[np.zeros(len(good)), np.ones(len(defective))].astype(bool))
 
 
-def fused_map(maps: list[np.ndarray], means: Sequence[float], size: tuple[int, int], geometric: bool) -> np.ndarray:
+def fused_map(
+    maps: list[np.ndarray],
+    means: Sequence[float],
+    size: tuple[int, int],
+    geometric: bool,
+    weights: torch.Tensor | None = None,
+) -> np.ndarray:
     """The graph's own fusion (``training.model.fused_anomaly_map``) of N x H_k x W_k maps at ``size``."""
     with torch.no_grad():
         tensors = [torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps]
-        return fused_anomaly_map(tensors, torch.tensor(list(means)), *size, geometric=geometric).numpy()
+        return fused_anomaly_map(
+            tensors, torch.tensor(list(means)), *size, geometric=geometric, weights=weights
+        ).numpy()

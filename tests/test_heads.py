@@ -800,7 +800,8 @@ def detail_pair(
     root = tmp_path_factory.mktemp("detail")
     refit = _bench("refit_heads").refit
     refit(hybrid_run, root / "without", str(synthetic_data_dir), {"heads": REGION_AND_IMAGE_HEADS})
-    refit(hybrid_run, root / "with", str(synthetic_data_dir), {"heads": (*REGION_AND_IMAGE_HEADS, "detail")})
+    with_detail = {"heads": (*REGION_AND_IMAGE_HEADS, "detail"), "detail_share": 0.5}
+    refit(hybrid_run, root / "with", str(synthetic_data_dir), with_detail)
     bundle = export_bundle(root / "with", root / "bundle", name="detail", version="1")
     return root / "without", root / "with", bundle
 
@@ -810,7 +811,7 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
 ) -> None:
     """The detail head (a positional Gaussian at the finest stride) is an output of the graph that the anomaly
     map fuses and no NFA test reads: training's decision, the manifest's NFA and the agent's log NFA are those
-    of the same flow without it, and the anomaly map is the geometric mean with it."""
+    of the same flow without it, and the anomaly map is the geometric mean with it, at its share of the weight."""
     from calibration.data import select_images
     from calibration.int8 import conv_groups
     from calibration.nfa_check import check_bundle, format_report
@@ -851,7 +852,8 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
     verdicts = [FrameScorer(m).score(outputs[n], size) for n, m in (("with", manifest), ("without", plain))]
     np.testing.assert_allclose(verdicts[0].log_nfa, verdicts[1].log_nfa, rtol=1e-5, atol=1e-5)
     assert verdicts[0].anomalous == verdicts[1].anomalous
-    # The anomaly map: the geometric mean of every map but the texture score over the run's own means.
+    # The anomaly map: the geometric mean of every map but the texture score over the run's own means, in
+    # which the detail map weighs half and the six others (two flow maps, two Gaussians, two banks) a twelfth each.
     ratios = [
         torch.nn.functional.interpolate(
             torch.from_numpy(np.asarray(outputs["with"].scale_maps[i], dtype=np.float32) / float(model.map_means[i]))[
@@ -862,8 +864,10 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
         )[0, 0].numpy()
         for i in model.fusion_indices
     ]
-    assert names[model.fusion_indices[-1]] == "p_0"
-    geometric = np.exp(np.mean([np.log(np.maximum(r, 0.05)) for r in ratios], axis=0))
+    assert names[model.fusion_indices[-1]] == "p_0" and len(ratios) == 7
+    weights = np.array([0.5 / 6] * 6 + [0.5])
+    logs = np.stack([np.log(np.maximum(r, 0.05)) for r in ratios])
+    geometric = np.exp(np.tensordot(weights, logs, axes=1))
     np.testing.assert_allclose(outputs["with"].anomaly_map, geometric, rtol=1e-4, atol=1e-5)
     assert np.abs(outputs["with"].anomaly_map - outputs["without"].anomaly_map).max() > 1e-3
     assert float(outputs["with"].anomaly_map[sample.mask].mean()) > float(
@@ -878,3 +882,23 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
         and report.images_triggered_by_scale["p_0"] == 0
     )
     assert "| p_0 |" in format_report(report)
+
+
+def test_a_detail_share_is_a_weight_in_the_fusion_and_nothing_else() -> None:
+    """``detail_share`` weighs the detail map in the fused map (the rest shared equally); it is refused outside
+    (0, 1); without the detail head, or as None, every map weighs the same; old run configs read as None."""
+    from training.model import UFlow, UFlowConfig
+
+    heads = (*REGION_AND_IMAGE_HEADS, "detail")
+    small = {"image_height": 64, "image_width": 64, "strides": (8, 16), "bank_size": 8, "fine_bank_size": 4}
+    model = UFlow(UFlowConfig(**small, heads=heads, detail_share=0.4), weights=None, random_weights=True)
+    weights = model.fusion_weights()
+    assert weights is not None and len(weights) == len(model.fusion_indices) == 7
+    assert float(weights[-1]) == pytest.approx(0.4) and float(weights.sum()) == pytest.approx(1.0)
+    assert UFlow(UFlowConfig(**small, heads=heads), weights=None, random_weights=True).fusion_weights() is None
+    assert UFlow(UFlowConfig(**small, detail_share=0.4), weights=None, random_weights=True).fusion_weights() is None
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="detail_share"):
+            UFlowConfig(**small, heads=heads, detail_share=bad)
+    old = {k: v for k, v in UFlowConfig().to_dict().items() if k != "detail_share"}
+    assert UFlowConfig.from_dict(old).detail_share is None

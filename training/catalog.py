@@ -159,6 +159,7 @@ class Recipe:
     # The anomaly map of a model with heads (one of MAP_FUSIONS): the geometric mean of the maps over their null means. Chosen on
     # the planted defects of all three data sets (docs/results.md "How the anomaly map fuses the maps").
     map_fusion: str = "geometric"
+    detail_share: float | None = None  # the detail map's weight in the fusion (None: the same as every map's)
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

@@ -72,6 +72,9 @@ class UFlowConfig:
     # How the anomaly map fuses the maps of a model with heads (the NFA does not read it): "geometric"
     # (exp of the mean log of m / mean) or "mean". Run configs written before this key fused by "mean".
     map_fusion: str = DEFAULT_RECIPE.map_fusion
+    # The detail map's share of the fused anomaly map's weight (the geometric mean's log, or the arithmetic
+    # mean); the other maps share the rest equally. None: every map weighs the same. Only with the detail head.
+    detail_share: float | None = DEFAULT_RECIPE.detail_share
 
     def __post_init__(self) -> None:
         info = backbone_info(self.backbone)
@@ -98,6 +101,8 @@ class UFlowConfig:
             raise ValueError(f"head scale counts must be >= 0, got {self.gaussian_scales}, {self.memory_scales}")
         if self.map_fusion not in MAP_FUSIONS:
             raise ValueError(f"unknown map fusion {self.map_fusion!r}; choose one of {', '.join(MAP_FUSIONS)}")
+        if self.detail_share is not None and not 0.0 < self.detail_share < 1.0:
+            raise ValueError(f"detail_share must be in (0, 1) or None, got {self.detail_share}")
         if self.bank_size < 1 or self.fine_bank_size < 0 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
             raise ValueError(
                 "need bank_size >= 1, fine_bank_size >= 0 and an odd memory_pool, got "
@@ -136,6 +141,7 @@ class UFlowConfig:
         values.setdefault("heads", ("flow",))
         values.setdefault("fine_bank_size", 0)  # before the key: every bank had bank_size rows
         values.setdefault("map_fusion", "mean")  # before the key: the arithmetic mean
+        values.setdefault("detail_share", None)  # before the key: no detail head, every map weighed the same
         for key in ("strides", "heads"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -283,7 +289,17 @@ class UFlow(nn.Module):
             maps, means = [maps[i] for i in keep], self.map_means[keep]
         else:
             means = self.map_means
-        return fused_anomaly_map(maps, means, height, width, geometric=geometric)
+        return fused_anomaly_map(maps, means, height, width, geometric=geometric, weights=self.fusion_weights())
+
+    def fusion_weights(self) -> torch.Tensor | None:
+        """Each fused map's weight (``fusion_indices`` order, summing to 1), or None: every map the same."""
+        share = self.config.detail_share
+        detail = [k for k, i in enumerate(self.fusion_indices) if self.scales[i].head == "detail"]
+        if share is None or not detail:
+            return None
+        weights = torch.full((len(self.fusion_indices),), (1.0 - share) / max(1, len(self.fusion_indices) - 1))
+        weights[detail[0]] = share
+        return weights
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Norms and flow only: the backbone is rebuilt from its ImageNet weights file."""
@@ -329,11 +345,17 @@ def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.
 
 
 def fused_anomaly_map(
-    maps: Sequence[torch.Tensor], means: torch.Tensor, height: int, width: int, geometric: bool = False
+    maps: Sequence[torch.Tensor],
+    means: torch.Tensor,
+    height: int,
+    width: int,
+    geometric: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fusion over maps of bilinear-upsampled m_k / mean_k: N x H x W, about 1 on good parts.
 
     ``geometric``: exp of the mean of log(max(m_k / mean_k, GEOMETRIC_FLOOR)); otherwise the arithmetic mean.
+    ``weights`` (one per map, summing to 1): a weighted mean instead (None: every map the same).
     The geometric mean lets a pixel stand out only where the maps agree: one map's spike (a heavy-tailed
     head's noise, a coarse map's blob around a small defect) is damped by the others (docs/results.md,
     "How the anomaly map fuses the maps").
@@ -342,10 +364,10 @@ def fused_anomaly_map(
         F.interpolate((m / means[k]).unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
         for k, m in enumerate(maps)
     ]
-    if geometric:
-        logs = [torch.log(torch.clamp(u, min=GEOMETRIC_FLOOR)) for u in upsampled]
-        return torch.exp(torch.stack(logs, dim=0).mean(dim=0))[:, 0]
-    return torch.stack(upsampled, dim=0).mean(dim=0)[:, 0]
+    terms = [torch.log(torch.clamp(u, min=GEOMETRIC_FLOOR)) for u in upsampled] if geometric else upsampled
+    stacked = torch.stack(terms, dim=0)
+    mean = stacked.mean(dim=0) if weights is None else (stacked * weights.view(-1, 1, 1, 1, 1)).sum(dim=0)
+    return (torch.exp(mean) if geometric else mean)[:, 0]
 
 
 def image_scores(amap: torch.Tensor) -> torch.Tensor:

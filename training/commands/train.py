@@ -96,6 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=recipe.map_fusion,
         help="how the anomaly map fuses the flow's and the heads' maps (the NFA decision does not read it)",
     )
+    p.add_argument(
+        "--detail-share",
+        type=float,
+        default=recipe.detail_share,
+        help="the detail map's share of the anomaly map's weight, in (0, 1) (default: the same as every map's)",
+    )
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
@@ -191,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         bank_size=args.bank_size,
         fine_bank_size=args.fine_bank_size,
         map_fusion=args.map_fusion,
+        detail_share=args.detail_share,
     )
     train_config = TrainConfig(
         epochs=args.epochs,
