@@ -309,7 +309,11 @@ class Manifest(_Strict):
         if self.scales[0].head != "flow":
             raise ValueError("the first scale must be a flow map (m_0: the drift check reads it)")
         if any(s.head != "flow" for s in self.scales) and self.nfa.null_model != "fitted":
-            raise ValueError("gaussian, memory, texture and detail maps need the fitted NFA (a fitted null per map)")
+            raise ValueError(
+                "gaussian, memory, texture and detail maps need the fitted NFA (the paper's is the flow's)"
+            )
+        if sum(s.head == "detail" for s in self.scales) > 1:
+            raise ValueError("at most one detail map (the finest stride's)")
         textures = [s for s in self.scales if s.head == "texture"]
         if len(textures) > 1 or any((s.height, s.width) != (1, 1) for s in textures):
             raise ValueError("at most one texture map, of 1 x 1")

@@ -832,6 +832,13 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
     assert detail == [("p_0", "detail", 8, model.feature_shapes[0][0])]  # the finest backbone features
     plain = load_bundle(export_bundle(without_run, bundle_dir.parent / "plain", name="plain", version="1")).manifest
     assert manifest.nfa == plain.nfa  # no null, no test, the same number of tests
+    raw = json.loads((bundle_dir / "model.json").read_text())
+    raw["scales"].insert(-1, {**raw["scales"][-2], "name": "p_1"})  # a second detail map
+    copy = bundle_dir.parent / "two_details"
+    shutil.copytree(bundle_dir, copy)
+    (copy / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="at most one detail map"):
+        load_bundle(copy)
     assert check_graph(bundle_dir / "model.onnx", "fp32") == []
     # Its whitening Conv is a head layer: INT8 and FP16 keep it in FP32 (five head layers without it).
     assert len(conv_groups(onnx.load(str(bundle_dir / "model.onnx"))).groups["heads"]) == 6
