@@ -893,7 +893,7 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
 
 def test_a_detail_share_is_a_weight_in_the_fusion_and_nothing_else() -> None:
     """``detail_share`` weighs the detail map in the fused map (the rest shared equally); it is refused outside
-    (0, 1); without the detail head, or as None, every map weighs the same; old run configs read as None."""
+    (0, 1) and without the detail head; as None every map weighs the same; old run configs read as None."""
     from training.model import UFlow, UFlowConfig
 
     heads = (*REGION_AND_IMAGE_HEADS, "detail")
@@ -903,7 +903,8 @@ def test_a_detail_share_is_a_weight_in_the_fusion_and_nothing_else() -> None:
     assert weights is not None and len(weights) == len(model.fusion_indices) == 7
     assert float(weights[-1]) == pytest.approx(0.4) and float(weights.sum()) == pytest.approx(1.0)
     assert UFlow(UFlowConfig(**small, heads=heads), weights=None, random_weights=True).fusion_weights() is None
-    assert UFlow(UFlowConfig(**small, detail_share=0.4), weights=None, random_weights=True).fusion_weights() is None
+    with pytest.raises(ValueError, match="add the detail head"):
+        UFlowConfig(**small, detail_share=0.4)  # a weight for a map the model does not have
     for bad in (0.0, 1.0, -0.2):
         with pytest.raises(ValueError, match="detail_share"):
             UFlowConfig(**small, heads=heads, detail_share=bad)

@@ -103,6 +103,8 @@ class UFlowConfig:
             raise ValueError(f"unknown map fusion {self.map_fusion!r}; choose one of {', '.join(MAP_FUSIONS)}")
         if self.detail_share is not None and not 0.0 < self.detail_share < 1.0:
             raise ValueError(f"detail_share must be in (0, 1) or None, got {self.detail_share}")
+        if self.detail_share is not None and "detail" not in self.heads:
+            raise ValueError("detail_share weighs the detail map: add the detail head (--heads ... detail)")
         if self.bank_size < 1 or self.fine_bank_size < 0 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
             raise ValueError(
                 "need bank_size >= 1, fine_bank_size >= 0 and an odd memory_pool, got "

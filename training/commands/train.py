@@ -68,8 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(recipe.heads),
         choices=list(HEAD_KINDS),
-        help="the evidence per scale, tested together by one NFA (docs/design.md section 2; default: "
-        f"{' '.join(recipe.heads)}); the flow is required",
+        help="the evidence kinds (docs/design.md section 2; default: "
+        f"{' '.join(recipe.heads)}): the NFA tests the flow, gaussian and memory maps, its image test the "
+        "texture score; the detail map is read by the anomaly map only. The flow is required",
     )
     p.add_argument(
         "--gaussian-scales", type=int, default=recipe.gaussian_scales, help="coarsest N scales with a Gaussian (0: all)"
