@@ -86,26 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-test", action="store_true", help="planted columns only")
     args = parser.parse_args(argv)
     run = run_maps_of(args, test=not args.no_test)
-    means = [n.mean for n in run.envelope]
+    # The region maps' null means; the detail map has no null: its mean is the graph's.
+    means = [n.mean for n in run.envelope] + run.fusion_means()[len(run.envelope) :]
+    names = run.fusion_names
     val_count, planted_count = len(run.val[0]), len(run.planted)
-    planted = [np.concatenate([p, v]) for p, v in zip(run.planted_maps, run.val, strict=True)]
-    if run.detail:  # the detail map has no null: its fusion mean is the graph's
-        run.names.append(f"D{run.model.config.strides[0]}")
-        model = run.model
-        means += [float(model.map_means[i]) for i in model.fusion_indices if i not in model.region_indices]
-        planted.append(np.concatenate([run.detail["planted"], run.detail["val"]]))
-        if run.test is not None:
-            run.test.append(run.detail["test"])
+    planted = [np.concatenate([p, v]) for p, v in zip(run.fusion_maps("planted"), run.fusion_maps("val"), strict=True)]
     planted_masks = np.concatenate([np.stack([s.mask for s in run.planted]), np.zeros((val_count, *run.size), bool)])
     planted_labels = np.r_[np.ones(planted_count), np.zeros(val_count)]
-    candidates = fusions(run.names)
+    candidates = fusions(names)
     test_cols: dict[str, str] = {}
     if run.test is not None and run.test_masks is not None and run.test_labels is not None:
+        test = run.fusion_maps("test")
         test_cols = {
-            n: columns(fuse(f, run.test, means, run.size), run.test_masks, run.test_labels)
-            for n, f in candidates.items()
+            n: columns(fuse(f, test, means, run.size), run.test_masks, run.test_labels) for n, f in candidates.items()
         }
-    print(f"\n{args.run}: maps {' '.join(run.names)}; {planted_count} planted defects on {val_count} validation images")
+    print(f"\n{args.run}: maps {' '.join(names)}; {planted_count} planted defects on {val_count} validation images")
     print("\n| fusion | planted: pixel AUROC / AUPRO / image AUROC | test (report only): pixel / AUPRO / image |")
     print("|---|---|---|")
     for label, fusion in candidates.items():

@@ -51,16 +51,27 @@ class RunMaps:
     # The detail map (the anomaly map reads it, no test does) of "val", "planted" and "test", when the run has one.
     detail: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def anomaly_maps(self, which: str) -> np.ndarray:
-        """The graph's anomaly map of the "val", "planted" or "test" images: its fusion of the region maps and
-        the detail map, over the run's own map means."""
+    @property
+    def fusion_names(self) -> list[str]:
+        """The names of the maps the anomaly map fuses: the region maps', then the detail map's (D8)."""
+        return [*self.names, f"D{self.model.config.strides[0]}"] if self.detail else list(self.names)
+
+    def fusion_maps(self, which: str) -> list[np.ndarray]:
+        """The maps the anomaly map fuses, of the "val", "planted" or "test" images (``fusion_names`` order)."""
         maps = {"val": self.val, "planted": self.planted_maps, "test": self.test}[which]
         assert maps is not None, f"no {which} maps loaded"
+        return [*maps, self.detail[which]] if self.detail else list(maps)
+
+    def fusion_means(self) -> list[float]:
+        """The graph's mean of each fused map on good images (``fusion_names`` order)."""
+        return [float(self.model.map_means[i]) for i in self.model.fusion_indices]
+
+    def anomaly_maps(self, which: str) -> np.ndarray:
+        """The graph's anomaly map of the "val", "planted" or "test" images: its fusion of the region maps and
+        the detail map, over the run's own map means and weights."""
         model = self.model
-        picked = [*maps, self.detail[which]] if self.detail else list(maps)
-        means = [float(model.map_means[i]) for i in model.fusion_indices]
         geometric = model.config.map_fusion == "geometric"
-        return fused_map(picked, means, self.size, geometric, model.fusion_weights())
+        return fused_map(self.fusion_maps(which), self.fusion_means(), self.size, geometric, model.fusion_weights())
 
 
 def load_run_maps(
@@ -91,7 +102,7 @@ def load_run_maps(
     # The studies weigh the region maps; the texture head's 1 x 1 score is the image test's (bench/image_family.py),
     # the detail map the anomaly map's alone (RunMaps.detail).
     keep = model.region_indices
-    detail = [i for i in model.fusion_indices if i not in keep]
+    detail = next((i for i in model.fusion_indices if i not in keep), None)  # the detail head's map, if any
     maps = RunMaps(
         model=model,
         splits=splits,
@@ -105,13 +116,13 @@ def load_run_maps(
         planted=samples,
         planted_maps=[planted[i] for i in keep] if planted else planted,
     )
-    for i in detail:  # at most one: the model's detail head
-        maps.detail = {"val": val_maps[i], "planted": planted[i]} if planted else {"val": val_maps[i]}
+    if detail is not None:
+        maps.detail = {"val": val_maps[detail], "planted": planted[detail]} if planted else {"val": val_maps[detail]}
     if test:
         every_test = evidence_maps(model, load_images(splits.test, height, width), batch_size)
         maps.test = [every_test[i] for i in keep]
-        for i in detail:
-            maps.detail["test"] = every_test[i]
+        if detail is not None:
+            maps.detail["test"] = every_test[detail]
         maps.test_labels = np.array([r.label for r in splits.test], dtype=bool)
         maps.test_masks = np.stack([load_mask(r.mask, height, width) for r in splits.test]).astype(bool)
     return maps
