@@ -50,6 +50,16 @@ def _bench(name: str) -> Any:
     return module
 
 
+def _upsampled_ratios(maps: list[np.ndarray], means: list[float], size: tuple[int, int]) -> list[np.ndarray]:
+    """Each map over its mean, upsampled bilinearly to ``size``: the fusion's terms, computed by hand."""
+    return [
+        torch.nn.functional.interpolate(
+            torch.from_numpy(np.asarray(m, dtype=np.float32) / mean)[None, None], size=size, mode="bilinear"
+        )[0, 0].numpy()
+        for m, mean in zip(maps, means, strict=True)
+    ]
+
+
 def _table_rows(text: str) -> dict[str, list[str]]:
     """A printed markdown table's body rows by their first cell (header and rule left out)."""
     lines = [line for line in text.splitlines() if line.startswith("| ")]
@@ -300,12 +310,7 @@ def test_the_agent_decides_on_all_maps_and_the_papers_nfa_on_the_flow_maps(hybri
     assert float(output.anomaly_map[sample.mask].mean()) > float(output.anomaly_map[~sample.mask].mean())
     # It is the geometric mean of the upsampled m / mean (the default fusion of new runs), computed here by
     # hand from the graph's own map outputs, and it is not their arithmetic mean.
-    ratios = [
-        torch.nn.functional.interpolate(
-            torch.from_numpy(np.asarray(m, dtype=np.float32) / n.mean)[None, None], size=size, mode="bilinear"
-        )[0, 0].numpy()
-        for m, n in zip(regions, manifest.nfa.scale_nulls, strict=True)
-    ]
+    ratios = _upsampled_ratios(regions, [n.mean for n in manifest.nfa.scale_nulls], size)
     geometric = np.exp(np.mean([np.log(np.maximum(r, 0.05)) for r in ratios], axis=0))
     np.testing.assert_allclose(output.anomaly_map, geometric, rtol=1e-4, atol=1e-5)
     assert np.abs(output.anomaly_map - np.mean(ratios, axis=0)).max() > 1e-2
@@ -861,16 +866,10 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
     assert verdicts[0].anomalous == verdicts[1].anomalous
     # The anomaly map: the geometric mean of every map but the texture score over the run's own means, in
     # which the detail map weighs half and the six others (two flow maps, two Gaussians, two banks) a twelfth each.
-    ratios = [
-        torch.nn.functional.interpolate(
-            torch.from_numpy(np.asarray(outputs["with"].scale_maps[i], dtype=np.float32) / float(model.map_means[i]))[
-                None, None
-            ],
-            size=size,
-            mode="bilinear",
-        )[0, 0].numpy()
-        for i in model.fusion_indices
-    ]
+    fused = model.fusion_indices
+    ratios = _upsampled_ratios(
+        [outputs["with"].scale_maps[i] for i in fused], [float(model.map_means[i]) for i in fused], size
+    )
     assert names[model.fusion_indices[-1]] == "p_0" and len(ratios) == 7
     weights = np.array([0.5 / 6] * 6 + [0.5])
     logs = np.stack([np.log(np.maximum(r, 0.05)) for r in ratios])
