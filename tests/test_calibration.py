@@ -14,9 +14,10 @@ import onnxruntime
 import pytest
 from precision_bundle import NODE_NAMES, SIZE, build_precision_bundle, write_good_images
 
+from calibration.agreement import compare_models
 from calibration.bundle_variants import record_variant
-from calibration.data import CalibrationDataError, find_images, pick_evenly, select_images
-from calibration.fp16 import Fp16Settings, head_nodes
+from calibration.data import CalibrationDataError, find_images, model_batches, pick_evenly, select_images
+from calibration.fp16 import Fp16Error, Fp16Settings, convert_fp16, head_nodes
 from calibration.fp16 import calibrate_bundle as calibrate_fp16
 from calibration.int8 import Int8Settings, QuantizationError, conv_groups, quantize_int8
 from calibration.int8 import calibrate_bundle as calibrate_int8
@@ -110,6 +111,49 @@ def test_fp16_variant_keeps_io_types_and_the_head_in_fp32(calibrated: Path) -> N
     assert out.anomaly_map.dtype == np.float32
 
 
+def test_fp16_keeps_the_fewest_first_backbone_convs_in_fp32_that_meet_the_limit(
+    tmp_path: Path, good_images: Path
+) -> None:
+    """FP16 rounding in the backbone's first layers is carried forward: when the anomaly map moves past the
+    limit, the conversion keeps the backbone's first convs (and the layers before them) in FP32, as few as
+    pass, and records how many; a limit no count meets is refused."""
+    root = build_precision_bundle(tmp_path / "b")
+    bundle = load_bundle(root)
+    spec = bundle.manifest.input
+    settings = Fp16Settings(images=4)
+    batches = list(model_batches(select_images(good_images, 4, "train"), spec.height, spec.width))
+    moved = []
+    for count in (0, 1, 2):
+        kept = convert_fp16(
+            root / "model.onnx", tmp_path / f"{count}.onnx", bundle.manifest.output_names, settings, count
+        )
+        assert (NODE_NAMES["stem"] in kept) == (count >= 1) and (NODE_NAMES["down"] in kept) == (count >= 2)
+        moved.append(compare_models(root / "model.onnx", tmp_path / f"{count}.onnx", batches).anomaly_map_max_scaled)
+    assert moved[2] < moved[0], moved  # the tiny model's backbone is what FP16 moves most
+
+    limit = (moved[0] + min(moved[1:])) / 2
+    variant = calibrate_fp16(root, good_images, Fp16Settings(images=4, max_anomaly_map_diff=limit))
+    count = variant.settings["backbone_fp32_convs"]
+    assert variant.settings["backbone_convs"] == 2 and count in (1, 2)
+    assert variant.metrics["anomaly_map_max_scaled_diff"] <= limit < moved[count - 1]
+    assert NODE_NAMES["stem"] in variant.settings["fp32_nodes"]
+    fp16 = onnx.load(str(root / "model.fp16.onnx"))
+    stem = next(node for node in fp16.graph.node if node.name == NODE_NAMES["stem"])
+    weights = {init.name: init.data_type for init in fp16.graph.initializer}
+    assert weights[stem.input[1]] == onnx.TensorProto.FLOAT  # kept: its weights are still FP32
+    recorded = load_bundle(root).manifest.variant("fp16")
+    assert recorded is not None and recorded.metrics == variant.metrics
+    assert recorded.settings["backbone_fp32_convs"] == count
+
+    with pytest.raises(Fp16Error, match="whole backbone in FP32"):
+        calibrate_fp16(root, good_images, Fp16Settings(images=4, max_anomaly_map_diff=min(moved) / 1000))
+    with pytest.raises(Fp16Error, match="0 of the backbone's 2 convolutions"):
+        calibrate_fp16(root, good_images, Fp16Settings(images=4, backbone_fp32_convs=0, max_anomaly_map_diff=limit))
+    assert load_bundle(root).manifest.variant("fp16") == recorded  # a refusal leaves the recorded variant
+    whole = calibrate_fp16(root, good_images, Fp16Settings(images=4, keep_fp32=("head", "backbone")))
+    assert whole.settings["backbone_fp32_convs"] == 2 and NODE_NAMES["down"] in whole.settings["fp32_nodes"]
+
+
 def test_head_nodes_are_everything_after_the_squares(tmp_path: Path) -> None:
     root = build_precision_bundle(tmp_path / "b")
     head = head_nodes(onnx.load(str(root / "model.onnx")), ["m_0", "m_1"])
@@ -175,6 +219,12 @@ def test_settings_are_validated() -> None:
         Int8Settings(images=0)
     with pytest.raises(ValueError, match="INT8 format must be one of s8s8-qdq"):
         Int8Settings(format="s8s8-qoperator")
+    with pytest.raises(ValueError, match="0 or more"):
+        Fp16Settings(backbone_fp32_convs=-1)
+    with pytest.raises(ValueError, match="not both"):
+        Fp16Settings(keep_fp32=("head", "backbone"), backbone_fp32_convs=3)
+    with pytest.raises(ValueError, match="above 0"):
+        Fp16Settings(max_anomaly_map_diff=0.0)
 
 
 def test_cpu_formats_are_quantized_and_run_but_never_go_into_a_bundle(tmp_path: Path, good_images: Path) -> None:
@@ -255,6 +305,11 @@ def test_uflow_calibrate_cli(
     assert "model.int8.onnx" in capsys.readouterr().out
     settings = load_bundle(root).manifest.variant("int8").settings  # type: ignore[union-attr]
     assert settings["keep_fp32"] == ["coupling", "permutation"] and settings["method"] == "percentile"
+    fp16 = ["calibrate", "fp16", "--bundle", str(root), "--data", str(good_images), "--images", "4"]
+    assert uflow_cli.main([*fp16, "--backbone-fp32-convs", "1"]) == 0
+    assert "(1 of the backbone's 2 convolutions in FP32)" in capsys.readouterr().out
+    assert uflow_cli.main([*fp16, "--backbone-fp32-convs", "1", "--keep-fp32", "head", "backbone"]) == 1
+    assert "not both" in capsys.readouterr().err
     assert uflow_cli.main(["calibrate", "int8", "--bundle", str(tmp_path / "nope"), "--data", str(good_images)]) == 1
     assert "nope does not exist or is not a directory" in capsys.readouterr().err
 
