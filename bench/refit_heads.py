@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.catalog import HEAD_KINDS, MAP_FUSIONS
 from training.data import load_images, open_dataset
+from training.detail_choice import parse_detail_share
 from training.finish import finish_run
 from training.model import UFlow
 from training.rundir import CHECKPOINT_NAME, CONFIG_NAME, read_run, save_checkpoint
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         "--gaussian-positional", action=argparse.BooleanOptionalAction, help="a Gaussian mean per position"
     )
     parser.add_argument("--heads", nargs="+", choices=HEAD_KINDS, help="the evidence kinds (flow first)")
-    parser.add_argument("--detail-share", type=float, help="the detail map's share of the anomaly map's weight")
+    parser.add_argument(
+        "--detail-share", type=parse_detail_share, help="the detail map's weight: auto, equal or a share in (0, 1)"
+    )
     args = parser.parse_args(argv)
     changes: dict[str, Any] = {
         key: value

@@ -909,3 +909,115 @@ def test_a_detail_share_is_a_weight_in_the_fusion_and_nothing_else() -> None:
             UFlowConfig(**small, heads=heads, detail_share=bad)
     old = {k: v for k, v in UFlowConfig().to_dict().items() if k != "detail_share"}
     assert UFlowConfig.from_dict(old).detail_share is None
+    # "auto" is the one word it takes: chosen at training's finish, equal weights until then.
+    auto = UFlow(UFlowConfig(**small, heads=heads, detail_share="auto"), weights=None, random_weights=True)
+    assert auto.fusion_weights() is None
+    assert UFlowConfig(**small, detail_share="auto").detail_share == "auto"  # nothing to choose: harmless
+    with pytest.raises(ValueError, match="detail_share"):
+        UFlowConfig(**small, heads=heads, detail_share="heavy")
+
+
+def _planted_study(model: Any, detail_map: str, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Maps of 12 planted and 12 clean images for ``model``'s scales: every map noise around 1, the planted
+    defect (a square) raised a little in the region maps; the detail map is the defect itself ("sharp") or
+    heavy-tailed noise ("noise")."""
+    rng = np.random.default_rng(seed)
+    height, width = model.config.image_height, model.config.image_width
+    masks = np.zeros((12, height, width), bool)
+    for i in range(12):
+        y, x = rng.integers(4, height - 20, 2)
+        masks[i, y : y + 14, x : x + 14] = True
+
+    def maps_of(count: int, planted: bool) -> list[np.ndarray]:
+        out = []
+        for scale in model.scales:
+            h, w = scale.height, scale.width
+            m = 1.0 + 0.3 * rng.random((count, h, w))
+            if scale.head == "detail" and detail_map == "noise":
+                m = np.exp(rng.normal(0.0, 1.0, (count, h, w)))  # heavy-tailed: spikes on clean images too
+            if planted:
+                small = np.stack(
+                    [cv2.resize(k.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) for k in masks]
+                )
+                sharp = scale.head == "detail" and detail_map == "sharp"
+                m = m + (8.0 if sharp else 0.4) * small
+            out.append(m.astype(np.float32))
+        return out
+
+    return maps_of(12, True), masks, maps_of(12, False)
+
+
+def test_the_detail_share_is_chosen_on_planted_defects_by_the_mean_of_three_columns() -> None:
+    """``choose_detail_share`` scores each candidate weight by the graph's own fusion on planted defects against
+    clean images: a detail map that is the defect wins a heavy weight, a detail map of noise is left out."""
+    from training.detail_choice import CANDIDATES, choose_detail_share, parse_detail_share
+    from training.model import UFlow, UFlowConfig
+
+    heads = (*REGION_AND_IMAGE_HEADS, "detail")
+    config = UFlowConfig(
+        image_height=64,
+        image_width=64,
+        strides=(8, 16),
+        bank_size=8,
+        fine_bank_size=4,
+        heads=heads,
+        detail_share="auto",
+    )
+    model = UFlow(config, weights=None, random_weights=True)
+    sharp = choose_detail_share(model, *_planted_study(model, "sharp"))
+    noise = choose_detail_share(model, *_planted_study(model, "noise"))
+    assert sharp.label == "0.75" and sharp.share == 0.75 and not sharp.drops_the_head
+    assert noise.label == "without" and noise.drops_the_head
+    for choice in (sharp, noise):
+        assert list(choice.scores) == [label for label, _ in CANDIDATES]
+        means = [values[3] for values in choice.scores.values()]
+        assert choice.scores[choice.label][3] == max(means)
+        assert means.index(max(means)) == list(choice.scores).index(choice.label)  # the first best on a tie
+        assert all(0.0 <= v <= 1.0 for values in choice.scores.values() for v in values)
+        assert choice.planted == choice.clean == 12
+    assert sharp.scores["0.75"][1] > sharp.scores["without"][1]  # AUPRO: the sharp map localises
+    assert model.config.detail_share == "auto"  # scoring changed nothing in the model
+    assert (parse_detail_share("auto"), parse_detail_share("equal"), parse_detail_share("0.3")) == ("auto", None, 0.3)
+    with pytest.raises(ValueError, match="--detail-share takes"):
+        parse_detail_share("heavy")
+    flow_only = UFlow(UFlowConfig(image_height=64, image_width=64, strides=(8, 16)), weights=None, random_weights=True)
+    with pytest.raises(ValueError, match="no detail head"):
+        choose_detail_share(flow_only, [], np.zeros((0, 64, 64), bool), [])
+
+
+@pytest.mark.parametrize("forced", ["without", "0.5"])
+def test_training_finish_writes_the_chosen_detail_share_into_the_run(
+    forced: str,
+    hybrid_run: Path,
+    detail_pair: tuple[Path, Path, Path],
+    synthetic_data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``detail_share="auto"`` training's finish writes its choice into the run: config.json and the
+    checkpoint agree on it, val_scores.json records every candidate's columns, the decision is the one the same
+    flow makes without the detail head, and "without" leaves a run (and a bundle) that has no detail map."""
+    from training import detail_choice
+    from training.export import export_bundle
+    from training.rundir import load_model
+
+    # Only the forced candidate: both of finish's branches run whatever the synthetic data would choose.
+    monkeypatch.setattr(detail_choice, "CANDIDATES", tuple(c for c in detail_choice.CANDIDATES if c[0] == forced))
+    run = tmp_path / "auto"
+    with_auto = {"heads": (*REGION_AND_IMAGE_HEADS, "detail"), "detail_share": "auto"}
+    _bench("refit_heads").refit(hybrid_run, run, str(synthetic_data_dir), with_auto)
+    scores = json.loads((run / "val_scores.json").read_text())
+    assert scores["detail_share"]["chosen"] == forced and list(scores["detail_share"]["scores"]) == [forced]
+    model, info = load_model(run)  # refuses a checkpoint whose config differs from config.json's
+    without = json.loads((detail_pair[0] / "val_scores.json").read_text())
+    for key in ("nfa_null", "nfa_evidence_scale", "nfa_calibration", "image_test", "min_log_nfa", "planted"):
+        assert scores[key] == without[key], key
+    manifest = load_bundle(export_bundle(run, tmp_path / "bundle", name="auto", version="1")).manifest
+    if forced == "without":
+        assert "detail" not in info.model_config.heads and model.config.detail_share is None
+        assert [s.head for s in manifest.scales] == [s.head for s in load_model(detail_pair[0])[0].scales]
+        assert scores["scores"] == without["scores"]  # the same anomaly map as the run without it
+    else:
+        assert "detail" in info.model_config.heads and model.config.detail_share == 0.5
+        assert "p_0" in [s.name for s in manifest.scales]
+        assert scores["scores"] != without["scores"]

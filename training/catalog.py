@@ -106,6 +106,8 @@ MAP_FUSIONS = ("geometric", "mean")
 # The evidence kinds (training/heads.py): the flow, a Gaussian and a memory bank per scale, the texture head,
 # and the detail head (a positional Gaussian at the finest stride that only the anomaly map reads).
 HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture", "detail")
+# The detail map's weight in the anomaly map, chosen per run at training's finish (training/detail_choice.py).
+DETAIL_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class Recipe:
     # The anomaly map of a model with heads (one of MAP_FUSIONS): the geometric mean of the maps over their null means. Chosen on
     # the planted defects of all three data sets (docs/results.md "How the anomaly map fuses the maps").
     map_fusion: str = "geometric"
-    detail_share: float | None = None  # the detail map's weight in the fusion (None: the same as every map's)
+    detail_share: float | str | None = None  # the detail map's weight in the fusion (None: the same as every map's)
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

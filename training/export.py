@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from edge_agent.inspection import nfa
 from edge_agent.promise import shortfall
 from training.backbones import backbone_info
 from training.data import load_image
-from training.model import ExportWrapper, UFlow
+from training.model import ExportWrapper, UFlow, without_heads
 from training.rundir import RunInfo, load_model
 from training.synthetic import defect_image
 
@@ -418,19 +418,6 @@ def _verify_with_agent(bundle_dir: Path, model: UFlow) -> Bundle:
 def flow_only(model: UFlow) -> UFlow:
     """The same trained flow without the heads (the flow-only anomaly map and outputs)."""
     return without_heads(model, {k for k in model.config.heads if k != "flow"})
-
-
-def without_heads(model: UFlow, drop: set[str]) -> UFlow:
-    """The same trained model without the heads of the kinds in ``drop`` (their maps and fusion means)."""
-    heads = tuple(h for h in model.config.heads if h not in drop)
-    bare = UFlow(replace(model.config, heads=heads), weights=None, random_weights=True)
-    bare.backbone = model.backbone
-    prefixes = tuple(f"heads.{kind}_" for kind in drop)
-    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith(prefixes) and k != "map_means"}
-    if bare.heads:
-        state["map_means"] = model.map_means[[i for i, s in enumerate(model.scales) if s.head not in drop]]
-    bare.load_trainable_state_dict(state)
-    return bare.eval()
 
 
 def _prepare_destination(out_dir: Path, overwrite: bool) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ from edge_agent.inspection.drift import build_reference
 from edge_agent.inspection.image_test import ImageTest
 from edge_agent.inspection.scoring import log_nfa_map_of
 from edge_agent.promise import shortfall
+from training.catalog import DETAIL_AUTO
 from training.data import DatasetSplits, Record
+from training.detail_choice import DetailChoice, choose_detail_share
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
-from training.model import UFlow, scale_maps, to_float_nchw
+from training.model import UFlow, scale_maps, to_float_nchw, without_heads
 from training.nfa_null import (
     DEFAULT_REACH,
     MIN_CALIBRATION_IMAGES,
@@ -51,7 +54,7 @@ from training.nfa_null import (
     null_to_dict,
 )
 from training.planted import Planted, planted_set
-from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, save_checkpoint, write_json
+from training.rundir import SELFTEST_DIR, VAL_SCORES_NAME, save_checkpoint, save_model, write_json
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +197,14 @@ def planted_check(
     cross: CrossFit | None = None,
     first_owner: int = 0,
     image_test: ImageTest | None = None,
+    planted: tuple[list[Planted], list[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Share of defects planted on ``images`` that the NFA decision finds (a region touching the defect).
 
     ``cross`` and ``first_owner``: as :func:`planted_maps`. With ``image_test``, a detection of the image test
-    (the whole frame) finds the defect too.
+    (the whole frame) finds the defect too. ``planted``: the defects and their maps when already computed.
     """
-    samples, maps = planted_maps(model, images, batch_size, seed, cross, first_owner)
+    samples, maps = planted or planted_maps(model, images, batch_size, seed, cross, first_owner)
     if not samples:
         return {"count": 0}
     channels = [s.channels for s in model.scales]
@@ -240,6 +244,33 @@ def fit_nulls(
     return (*flow, *(fit_scale_null(head_maps[i - first], reach) for i in model.region_indices if i >= first))
 
 
+def _choose_detail(
+    run_dir: Path,
+    model: UFlow,
+    meta: dict[str, Any],
+    maps: list[np.ndarray],
+    head_maps: list[np.ndarray],
+    planted: tuple[list[Planted], list[np.ndarray]],
+) -> tuple[UFlow, DetailChoice | None, list[np.ndarray], list[np.ndarray], tuple[list[Planted], list[np.ndarray]]]:
+    """Resolve ``detail_share="auto"`` on the planted defects (training/detail_choice.py) and write the run's new
+    model: the chosen share, or the model without the detail head (its map dropped from every list)."""
+    samples, planted_list = planted
+    if not samples:
+        return model, None, maps, head_maps, planted
+    choice = choose_detail_share(model, planted_list, np.stack([s.mask for s in samples]), maps)
+    if choice.drops_the_head:
+        detail = next(i for i, s in enumerate(model.scales) if s.head == "detail")
+        first = len(model.flow_scales)
+        model = without_heads(model, {"detail"})
+        maps = [m for i, m in enumerate(maps) if i != detail]
+        head_maps = [m for i, m in enumerate(head_maps) if i != detail - first]
+        planted = (samples, [m for i, m in enumerate(planted_list) if i != detail])
+    else:
+        model.config = replace(model.config, detail_share=choice.share)
+    save_model(run_dir, model, meta)
+    return model, choice, maps, head_maps, planted
+
+
 def finish_run(
     run_dir: Path,
     splits: DatasetSplits,
@@ -266,13 +297,19 @@ def finish_run(
         head_maps = every[len(model.flow_scales) :]
     owners = first_owner + np.arange(len(images))
     maps = evidence_maps(model, images, batch_size, cross, owners)
-    channels = [s.channels for s in model.scales]
-    heads = [s.head for s in model.scales]
-    size = (model.config.image_height, model.config.image_width)
     if model.heads:
         means = [float(np.mean(m)) for m in (*maps[: len(model.flow_scales)], *head_maps)]
         model.map_means.copy_(torch.tensor(means))
         save_checkpoint(run_dir, model, info.checkpoint_meta)  # the fitted heads and the fusion's means
+    planted_pair = planted_maps(model, images, batch_size, cross=cross, first_owner=first_owner)
+    detail_choice = None
+    if model.config.detail_share == DETAIL_AUTO and any(s.head == "detail" for s in model.scales):
+        model, detail_choice, maps, head_maps, planted_pair = _choose_detail(
+            run_dir, model, info.checkpoint_meta, maps, head_maps, planted_pair
+        )
+    channels = [s.channels for s in model.scales]  # the scales of the model as chosen
+    heads = [s.head for s in model.scales]
+    size = (model.config.image_height, model.config.image_width)
     scores = fused_scores(model, maps)
     calibration, image_test = None, None
     if len(images) >= MIN_CALIBRATION_IMAGES:
@@ -299,7 +336,15 @@ def finish_run(
     fitted = min_log_nfa(maps, channels, size, nulls, heads, image_test)
     polyomino = min_log_nfa(maps, channels, size, None, heads)
     planted = planted_check(
-        model, images, nulls, epsilon, batch_size, cross=cross, first_owner=first_owner, image_test=image_test
+        model,
+        images,
+        nulls,
+        epsilon,
+        batch_size,
+        cross=cross,
+        first_owner=first_owner,
+        image_test=image_test,
+        planted=planted_pair,
     )
     nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
     drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())
@@ -319,6 +364,7 @@ def finish_run(
         "nfa_flagged": [v < epsilon for v in fitted],
         "min_log_nfa_polyomino": polyomino,
         "planted": planted,
+        "detail_share": None if detail_choice is None else detail_choice.to_dict(),
         "drift_reference": drift.model_dump(mode="json"),
     }
     write_json(run_dir / VAL_SCORES_NAME, result)

@@ -10,7 +10,7 @@ Scales are always ordered finest first (``m_0`` is the finest).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from training.catalog import (
     DEFAULT_BACKBONE,
     DEFAULT_RECIPE,
     DEFAULT_STRIDES,
+    DETAIL_AUTO,
     HEAD_KINDS,
     MAP_FUSIONS,
     NORM_KINDS,
@@ -74,7 +75,9 @@ class UFlowConfig:
     map_fusion: str = DEFAULT_RECIPE.map_fusion
     # The detail map's share of the fused anomaly map's weight (the geometric mean's log, or the arithmetic
     # mean); the other maps share the rest equally. None: every map weighs the same. Only with the detail head.
-    detail_share: float | None = DEFAULT_RECIPE.detail_share
+    # "auto": training's finish chooses it on the planted defects (training/detail_choice.py) and writes the
+    # choice into the run (a share, None, or the run without the detail head).
+    detail_share: float | str | None = DEFAULT_RECIPE.detail_share
 
     def __post_init__(self) -> None:
         info = backbone_info(self.backbone)
@@ -101,9 +104,11 @@ class UFlowConfig:
             raise ValueError(f"head scale counts must be >= 0, got {self.gaussian_scales}, {self.memory_scales}")
         if self.map_fusion not in MAP_FUSIONS:
             raise ValueError(f"unknown map fusion {self.map_fusion!r}; choose one of {', '.join(MAP_FUSIONS)}")
-        if self.detail_share is not None and not 0.0 < self.detail_share < 1.0:
-            raise ValueError(f"detail_share must be in (0, 1) or None, got {self.detail_share}")
-        if self.detail_share is not None and "detail" not in self.heads:
+        if isinstance(self.detail_share, str) and self.detail_share != DETAIL_AUTO:
+            raise ValueError(f"detail_share must be in (0, 1), {DETAIL_AUTO!r} or None, got {self.detail_share!r}")
+        if isinstance(self.detail_share, float | int) and not 0.0 < self.detail_share < 1.0:
+            raise ValueError(f"detail_share must be in (0, 1), {DETAIL_AUTO!r} or None, got {self.detail_share}")
+        if self.detail_share not in (None, DETAIL_AUTO) and "detail" not in self.heads:
             raise ValueError("detail_share weighs the detail map: add the detail head (--heads ... detail)")
         if self.bank_size < 1 or self.fine_bank_size < 0 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
             raise ValueError(
@@ -296,6 +301,11 @@ class UFlow(nn.Module):
     def fusion_weights(self) -> torch.Tensor | None:
         """Each fused map's weight (``fusion_indices`` order, summing to 1), or None: every map the same."""
         share = self.config.detail_share
+        return self.detail_weights(None if isinstance(share, str) else share)  # DETAIL_AUTO: until finish chooses
+
+    def detail_weights(self, share: float | None) -> torch.Tensor | None:
+        """The fusion's weights with the detail map at ``share`` (0: not fused at all), the others sharing the
+        rest equally; None (every map the same) for ``share`` None or a model without the detail head."""
         detail = [k for k, i in enumerate(self.fusion_indices) if self.scales[i].head == "detail"]
         if share is None or not detail:
             return None
@@ -344,6 +354,20 @@ def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.
     ]
     # [:, 0] rather than squeeze(1): the ONNX exporter turns squeeze into a shape-dependent If node
     return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0)[:, 0]
+
+
+def without_heads(model: UFlow, drop: set[str]) -> UFlow:
+    """The same trained model without the heads of the kinds in ``drop`` (their maps and fusion means)."""
+    heads = tuple(h for h in model.config.heads if h not in drop)
+    share = None if "detail" in drop else model.config.detail_share  # nothing left to weigh
+    bare = UFlow(replace(model.config, heads=heads, detail_share=share), weights=None, random_weights=True)
+    bare.backbone = model.backbone
+    prefixes = tuple(f"heads.{kind}_" for kind in drop)
+    state = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith(prefixes) and k != "map_means"}
+    if bare.heads:
+        state["map_means"] = model.map_means[[i for i, s in enumerate(model.scales) if s.head not in drop]]
+    bare.load_trainable_state_dict(state)
+    return bare.eval()
 
 
 def fused_anomaly_map(

@@ -74,6 +74,16 @@ def save_checkpoint(run_dir: Path, model: UFlow, meta: dict[str, Any]) -> Path:
     return path
 
 
+def save_model(run_dir: Path, model: UFlow, meta: dict[str, Any]) -> None:
+    """Write a model whose config changed after training (training's finish chose something): config.json's
+    model config and checkpoint.pt together, so that ``load_model`` finds them in agreement."""
+    path = run_dir / CONFIG_NAME
+    document = _read_json(path)
+    document["model"] = model.config.to_dict()
+    write_json(path, document)
+    save_checkpoint(run_dir, model, meta)
+
+
 def read_run(run_dir: Path | str) -> RunInfo:
     """Parse a run directory's JSON files (no torch weights loaded)."""
     root = Path(run_dir)

@@ -99,11 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--detail-share",
-        type=float,
+        type=_detail_share,
         default=recipe.detail_share,
-        help="the detail map's share of the anomaly map's weight, in (0, 1) (default: the same as every map's)",
+        metavar="{auto,equal,W}",
+        help="the detail map's weight in the anomaly map: auto (chosen on the planted defects at the end of "
+        "training, or the detail head dropped), equal (the same as every map's) or a share W in (0, 1) "
+        f"(default: {recipe.detail_share or 'equal'})",
     )
-    p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
     p.add_argument(
@@ -127,6 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (see bench/train_epoch.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _detail_share(text: str) -> float | str | None:
+    from training.detail_choice import parse_detail_share
+
+    try:
+        return parse_detail_share(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _default_strides(info, recipe) -> tuple[int, ...]:
