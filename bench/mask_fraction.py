@@ -35,10 +35,9 @@ from edge_agent.inspection import nfa
 from edge_agent.inspection.delineation import tighten
 from training import metrics
 from training.finish import DEFAULT_LOG10_EPSILON
+from training.mask_choice import FRACTIONS
 from training.nfa_null import null_from_dict
 from training.rundir import read_run
-
-FRACTIONS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def masks_at(

@@ -196,7 +196,9 @@ def test_uflow_cli_train_and_export(synthetic_data_dir: Path, tmp_path: Path, ca
     )
     assert code == 0
     model_config = json.loads((run / "config.json").read_text())["model"]
-    assert model_config["strides"] == [8, 16] and model_config["heads"] == ["flow", "gaussian", "memory", "texture"]
+    assert model_config["strides"] == [8, 16] and model_config["heads"][:4] == ["flow", "gaussian", "memory", "texture"]
+    # The detail head's weight was chosen at the end of training (or the head dropped): never left "auto".
+    assert model_config["heads"][4:] in ([], ["detail"]) and model_config["detail_share"] != "auto"
     assert main(["export", "--run", str(run), "--out", str(out), "--name", "cli", "--version", "0.1"]) == 0
     manifest = load_bundle(out).manifest
     assert manifest.input.height == 64

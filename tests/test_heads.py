@@ -321,11 +321,11 @@ def test_the_agents_boxes_and_evaluates_masks_are_the_same_tightened_regions(hyb
     boxes are the boxes of evaluate's decision masks inside each NFA region, and the images flagged stay the
     NFA's."""
     from training.evaluate import Predictions, decision_masks
-    from training.finish import DEFAULT_MASK_FRACTION
+    from training.mask_choice import FRACTIONS
     from training.synthetic import defect_image
 
     bundle = load_bundle(hybrid_bundle)
-    assert bundle.manifest.nfa.mask_fraction == DEFAULT_MASK_FRACTION > 0
+    assert bundle.manifest.nfa.mask_fraction in FRACTIONS  # the run's own choice (training/mask_choice.py)
     engine = OnnxRuntimeEngine(bundle)
     try:
         outputs = [
@@ -677,7 +677,8 @@ def test_doctor_tells_the_regions_share_and_what_the_image_test_rests_on(hybrid_
     from edge_agent.cli.doctor import check_detection_power
 
     # ... and where a region is reported: the decision's mask fraction.
-    assert "reported where the anomaly map reaches 80% of its peak" in check_detection_power(manifest).detail
+    percent = round(100 * manifest.nfa.mask_fraction)  # the run's own choice
+    assert f"reported where the anomaly map reaches {percent}% of its peak" in check_detection_power(manifest).detail
 
 
 def test_the_image_family_bench_reproduces_trainings_planted_share_before_the_image_test(
@@ -777,19 +778,19 @@ def test_the_mask_fraction_bench_reproduces_evaluates_miou_at_the_runs_fraction(
     """bench/mask_fraction.py computes the decision masks as the agent and ``uflow evaluate`` do: its row at
     the run's own fraction is evaluate's mIoU (NFA), and every fraction gets a row with IoUs in [0, 1]."""
     from training.evaluate import evaluate
-    from training.finish import DEFAULT_MASK_FRACTION
 
     scores = json.loads((regions_run / "val_scores.json").read_text())
-    assert scores["mask_fraction"] == DEFAULT_MASK_FRACTION
+    fraction = scores["mask_fraction"]
+    assert fraction == scores["mask_fraction_choice"]["chosen"]  # training's finish chose it on its planted defects
     bench = _bench("mask_fraction")
     argv = ["--run", str(regions_run), "--data", str(synthetic_data_dir), "--threads", "1", "--seeds", "1"]
     assert bench.main(argv) == 0
     rows = _table_rows(capsys.readouterr().out)
     assert set(rows) == {f"{f:g}" for f in bench.FRACTIONS}
     assert all(0.0 <= float(cell) <= 1.0 for row in rows.values() for cell in row)
-    assert rows["0"] != rows[f"{DEFAULT_MASK_FRACTION:g}"]  # tightening moves the masks on these defects
+    assert rows["0"] != rows["0.8"]  # tightening moves the masks on these defects
     result = evaluate(synthetic_data_dir, tmp_path / "report", run_dir=regions_run, threads=1)
-    assert float(rows[f"{DEFAULT_MASK_FRACTION:g}"][1]) == pytest.approx(result["overall"]["miou_nfa"], abs=5e-4)
+    assert float(rows[f"{fraction:g}"][1]) == pytest.approx(result["overall"]["miou_nfa"], abs=5e-4)
 
 
 REGION_AND_IMAGE_HEADS = ("flow", "gaussian", "memory", "texture")
@@ -836,7 +837,9 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
     detail = [(s.name, s.head, s.stride, s.channels) for s in manifest.scales if s.head == "detail"]
     assert detail == [("p_0", "detail", 8, model.feature_shapes[0][0])]  # the finest backbone features
     plain = load_bundle(export_bundle(without_run, bundle_dir.parent / "plain", name="plain", version="1")).manifest
-    assert manifest.nfa == plain.nfa  # no null, no test, the same number of tests
+    # No null, no test, the same number of tests; only where a region is drawn follows each run's own map.
+    same = {"mask_fraction": 0.0}
+    assert manifest.nfa.model_copy(update=same) == plain.nfa.model_copy(update=same)
     raw = json.loads((bundle_dir / "model.json").read_text())
     raw["scales"].insert(-1, {**raw["scales"][-2], "name": "p_1"})  # a second detail map
     copy = bundle_dir.parent / "two_details"
@@ -1021,3 +1024,30 @@ def test_training_finish_writes_the_chosen_detail_share_into_the_run(
         assert "detail" in info.model_config.heads and model.config.detail_share == 0.5
         assert "p_0" in [s.name for s in manifest.scales]
         assert scores["scores"] != without["scores"]
+
+
+def test_the_mask_fraction_is_the_one_whose_masks_fit_the_planted_defects_best() -> None:
+    """``choose_mask_fraction`` tightens the decision's regions as the agent does and keeps the fraction with the
+    best planted mean IoU: a region four times the defect, around a map that peaks on the defect, wants a high
+    fraction; when every fraction fits the same, the default wins."""
+    from training.mask_choice import FRACTIONS, choose_mask_fraction
+
+    size, count = 48, 6
+    truth = np.zeros((count, size, size), bool)
+    detected = np.zeros_like(truth)
+    yy, xx = np.mgrid[:size, :size]
+    amaps = np.zeros((count, size, size), np.float32)
+    for i in range(count):
+        y, x = 10 + 3 * i, 12 + 2 * i
+        truth[i, y : y + 8, x : x + 8] = True
+        detected[i, y - 4 : y + 12, x - 4 : x + 12] = True  # the NFA's region: the defect and a wide margin
+        amaps[i] = 1.0 + np.exp(-(((yy - y - 3.5) ** 2 + (xx - x - 3.5) ** 2) / 40.0)) * 4.0  # peaks on it
+    choice = choose_mask_fraction(list(detected), amaps, truth, default=0.8)
+    assert set(choice.miou) == set(FRACTIONS) and choice.planted == count
+    assert choice.fraction > 0.0 and choice.miou[choice.fraction] == max(choice.miou.values())
+    assert choice.miou[choice.fraction] > choice.miou[0.0] + 0.2  # the untightened region is 4x the defect
+    exact = choose_mask_fraction(list(truth), np.ones_like(amaps), truth, default=0.6)  # a flat map: no change
+    assert exact.fraction == 0.6 and all(v == 1.0 for v in exact.miou.values())
+    assert exact.to_dict()["chosen"] == 0.6
+    with pytest.raises(ValueError, match="as many masks"):
+        choose_mask_fraction(list(detected[:2]), amaps, truth, default=0.8)

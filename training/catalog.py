@@ -152,7 +152,10 @@ class Recipe:
     # The texture head (one 1 x 1 map over every scale) feeds the NFA's image test, which takes a tenth of
     # epsilon: chosen on the same planted defects (docs/results.md "The image test": as many found or more
     # on every data set; the regions keep 90 % of the budget).
-    heads: tuple[str, ...] = ("flow", "gaussian", "memory", "texture")
+    # The detail head (a stride-8 positional Gaussian that the anomaly map fuses and no test reads) with its
+    # weight chosen per run on its planted defects (training/detail_choice.py): the bottle and bsdata take
+    # half and three quarters of the map's weight, magnetic tile drops it (docs/results.md "The detail map").
+    heads: tuple[str, ...] = ("flow", "gaussian", "memory", "texture", "detail")
     gaussian_scales: int = 2
     gaussian_positional: bool = False
     memory_scales: int = 2
@@ -161,7 +164,7 @@ class Recipe:
     # The anomaly map of a model with heads (one of MAP_FUSIONS): the geometric mean of the maps over their null means. Chosen on
     # the planted defects of all three data sets (docs/results.md "How the anomaly map fuses the maps").
     map_fusion: str = "geometric"
-    detail_share: float | str | None = None  # the detail map's weight in the fusion (None: the same as every map's)
+    detail_share: float | str | None = DETAIL_AUTO  # the detail map's weight in the fusion (None: every map's the same)
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

@@ -43,6 +43,7 @@ from training.catalog import DETAIL_AUTO
 from training.data import DatasetSplits, Record
 from training.detail_choice import DetailChoice, choose_detail_share
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
+from training.mask_choice import MaskChoice, choose_mask_fraction
 from training.model import UFlow, scale_maps, to_float_nchw, without_heads
 from training.nfa_null import (
     DEFAULT_REACH,
@@ -68,7 +69,8 @@ PLANTED_MIN = 24  # small validation sets get several defects per image to reach
 DEFAULT_IMAGE_SHARE = 0.1
 # Where a detected defect is: each region keeps the pixels where the anomaly map reaches this fraction of
 # the region's peak (edge_agent/inspection/delineation.py). Chosen on the planted defects of every data set
-# (docs/results.md, "Where the defect is": bench/mask_fraction.py); the decision does not change.
+# (docs/results.md, "Where the defect is": bench/mask_fraction.py); the decision does not change. Each run
+# now chooses its own on its planted defects (training/mask_choice.py); this one wins a tie.
 DEFAULT_MASK_FRACTION = 0.8
 
 
@@ -225,6 +227,28 @@ def planted_check(
     }
 
 
+def planted_mask_choice(
+    model: UFlow,
+    planted: tuple[list[Planted], list[np.ndarray]],
+    nulls: Sequence[nfa.ScaleNull],
+    image_test: ImageTest | None,
+    log10_epsilon: float,
+) -> MaskChoice:
+    """The mask fraction for this run (training/mask_choice.py): the decision's regions of the planted defects,
+    tightened on the run's own anomaly map, against the defects' pixels."""
+    samples, maps = planted
+    channels = [s.channels for s in model.scales]
+    heads = [s.head for s in model.scales]
+    size = (model.config.image_height, model.config.image_width)
+    detected = [
+        log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test, log10_epsilon) < log10_epsilon
+        for i in range(len(samples))
+    ]
+    with torch.no_grad():
+        amaps = model.fused_map([torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps]).numpy()
+    return choose_mask_fraction(detected, amaps, np.stack([s.mask for s in samples]), DEFAULT_MASK_FRACTION)
+
+
 def planted_source(images: np.ndarray, planted: np.ndarray, mask: np.ndarray) -> int:
     """The index of the good image a defect was planted on: the one equal to it outside the defect."""
     outside = ~mask
@@ -346,6 +370,10 @@ def finish_run(
         image_test=image_test,
         planted=planted_pair,
     )
+    mask_fraction, mask_choice = (DEFAULT_MASK_FRACTION if nulls is not None else 0.0), None
+    if nulls is not None and planted_pair[0]:
+        mask_choice = planted_mask_choice(model, planted_pair, nulls, image_test, epsilon)
+        mask_fraction = mask_choice.fraction
     nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
     drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())
     result: dict[str, Any] = {  # the selftest JSON
@@ -359,7 +387,8 @@ def finish_run(
         if image_test is None
         else ImageTestSpec(share=image_test.share, tail=image_test.tail, scores=image_test.scores).model_dump(),
         "log10_epsilon": epsilon,
-        "mask_fraction": DEFAULT_MASK_FRACTION if nulls is not None else 0.0,
+        "mask_fraction": mask_fraction,
+        "mask_fraction_choice": None if mask_choice is None else mask_choice.to_dict(),
         "min_log_nfa": fitted,
         "nfa_flagged": [v < epsilon for v in fitted],
         "min_log_nfa_polyomino": polyomino,

@@ -106,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "training, or the detail head dropped), equal (the same as every map's) or a share W in (0, 1) "
         f"(default: {recipe.detail_share or 'equal'})",
     )
+    p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
     p.add_argument("--epochs", type=int, default=recipe.epochs)
     p.add_argument(
