@@ -36,6 +36,8 @@ from training.rundir import CHECKPOINT_NAME, CONFIG_NAME, read_run, save_checkpo
 def refit(run: Path, out: Path, data: str | None, changes: dict[str, Any]) -> float:
     """Write OUT: RUN's flow with the heads that ``changes`` give; returns the seconds finish took."""
     info = read_run(run)
+    if "detail" not in changes.get("heads", info.model_config.heads):
+        changes = {"detail_share": None, **changes}  # no detail map left to weigh
     config = dataclasses.replace(info.model_config, **changes)
     if out.exists():
         raise SystemExit(f"{out} exists: choose a new --out")

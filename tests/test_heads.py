@@ -36,6 +36,8 @@ from training.heads import (  # noqa: E402
 )
 
 HYBRID_SIZE = 128
+# The hybrid run's heads: the maps the NFA tests and the image test's score (the detail head has its own tests).
+REGION_AND_IMAGE_HEADS = ("flow", "gaussian", "memory", "texture")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -214,13 +216,19 @@ def test_the_fused_bank_distance_equals_the_legacy_graph_which_still_passes_the_
 
 @pytest.fixture(scope="module")
 def hybrid_run(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
-    """A run with all three heads and enough validation images (20) for the fitted null."""
+    """A run with all three heads and the texture head, and enough validation images (20) for the fitted null."""
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("hybrid_run")
     config = UFlowConfig(
-        image_height=HYBRID_SIZE, image_width=HYBRID_SIZE, strides=(8, 16), bank_size=64, fine_bank_size=32
+        image_height=HYBRID_SIZE,
+        image_width=HYBRID_SIZE,
+        strides=(8, 16),
+        bank_size=64,
+        fine_bank_size=32,
+        heads=REGION_AND_IMAGE_HEADS,
+        detail_share=None,
     )
     train(synthetic_data_dir, run, config, TrainConfig(epochs=2, batch_size=8, val_fraction=0.5), progress=False)
     return run
@@ -793,9 +801,6 @@ def test_the_mask_fraction_bench_reproduces_evaluates_miou_at_the_runs_fraction(
     assert float(rows[f"{fraction:g}"][1]) == pytest.approx(result["overall"]["miou_nfa"], abs=5e-4)
 
 
-REGION_AND_IMAGE_HEADS = ("flow", "gaussian", "memory", "texture")
-
-
 @pytest.fixture(scope="module")
 def detail_pair(
     hybrid_run: Path, synthetic_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -906,7 +911,7 @@ def test_a_detail_share_is_a_weight_in_the_fusion_and_nothing_else() -> None:
     assert float(weights[-1]) == pytest.approx(0.4) and float(weights.sum()) == pytest.approx(1.0)
     assert UFlow(UFlowConfig(**small, heads=heads), weights=None, random_weights=True).fusion_weights() is None
     with pytest.raises(ValueError, match="add the detail head"):
-        UFlowConfig(**small, detail_share=0.4)  # a weight for a map the model does not have
+        UFlowConfig(**small, heads=REGION_AND_IMAGE_HEADS, detail_share=0.4)  # a weight for a map it does not have
     for bad in (0.0, 1.0, -0.2):
         with pytest.raises(ValueError, match="detail_share"):
             UFlowConfig(**small, heads=heads, detail_share=bad)
@@ -983,7 +988,11 @@ def test_the_detail_share_is_chosen_on_planted_defects_by_the_mean_of_three_colu
     assert (parse_detail_share("auto"), parse_detail_share("equal"), parse_detail_share("0.3")) == ("auto", None, 0.3)
     with pytest.raises(ValueError, match="--detail-share takes"):
         parse_detail_share("heavy")
-    flow_only = UFlow(UFlowConfig(image_height=64, image_width=64, strides=(8, 16)), weights=None, random_weights=True)
+    flow_only = UFlow(
+        UFlowConfig(image_height=64, image_width=64, strides=(8, 16), heads=("flow",), detail_share=None),
+        weights=None,
+        random_weights=True,
+    )
     with pytest.raises(ValueError, match="no detail head"):
         choose_detail_share(flow_only, [], np.zeros((0, 64, 64), bool), [])
 
