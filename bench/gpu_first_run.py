@@ -93,11 +93,12 @@ def gpu_or_exit() -> tuple[object, object]:
     return trt, cuda
 
 
-def with_variants(source: Path, work: Path, data: Path | None) -> Path:
-    """A scratch copy of the bundle with model.fp16.onnx and model.int8.onnx (made here when missing)."""
-    from calibration.fp16 import Fp16Settings
+def with_variants(source: Path, work: Path, data: Path | None) -> tuple[Path, dict[str, str]]:
+    """A scratch copy of the bundle with model.fp16.onnx and model.int8.onnx (made here when missing), and why
+    a variant was refused (``uflow calibrate`` refuses one that does not decide as FP32 on good images)."""
+    from calibration.fp16 import Fp16Error, Fp16Settings
     from calibration.fp16 import calibrate_bundle as calibrate_fp16
-    from calibration.int8 import Int8Settings
+    from calibration.int8 import Int8Settings, QuantizationError
     from calibration.int8 import calibrate_bundle as calibrate_int8
     from edge_agent.bundle import load_bundle
     from training.synthetic import good_image
@@ -111,13 +112,20 @@ def with_variants(source: Path, work: Path, data: Path | None) -> Path:
         for seed in range(24):
             image = good_image(1000 + seed, manifest.input.height, manifest.input.width)
             cv2.imwrite(str(good / f"good_{seed:03d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    refused: dict[str, str] = {}
     if manifest.variant("int8") is None:
         print("making model.int8.onnx (uflow calibrate int8) ...", flush=True)
-        calibrate_int8(root, good, Int8Settings(images=16))
+        try:
+            calibrate_int8(root, good, Int8Settings(images=16))
+        except QuantizationError as exc:  # a result of this run: the table says why
+            refused["int8"] = str(exc)
     if manifest.variant("fp16") is None:
         print("making model.fp16.onnx (uflow calibrate fp16) ...", flush=True)
-        calibrate_fp16(root, good, Fp16Settings(images=4))
-    return root
+        try:
+            calibrate_fp16(root, good, Fp16Settings(images=4))
+        except Fp16Error as exc:
+            refused["fp16"] = str(exc)
+    return root, refused
 
 
 def test_frames(height: int, width: int) -> tuple[list[np.ndarray], list[str]]:
@@ -217,20 +225,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"TensorRT {trt.__version__}, {cuda.name}, {cuda.identity.describe()}", flush=True)  # type: ignore[attr-defined]
     source, _ = prepared_bundle(args.bundle, args.train_epochs)
     work = Path(tempfile.mkdtemp(prefix="gpu-first-run-"))
-    root = with_variants(source, work, args.data)
+    root, refused = with_variants(source, work, args.data)
+    made = [p for p in PRECISIONS if p not in refused]
     bundle = load_bundle(root)
     spec = bundle.manifest.input
     size = (spec.width, spec.height)
     frames, labels = test_frames(spec.height, spec.width)
     scorer = FrameScorer(bundle.manifest)
-    reference = {p: OnnxRuntimeEngine(bundle, precision=p) for p in PRECISIONS}
-    ort = {p: [reference[p].infer(f) for f in frames] for p in PRECISIONS}
+    reference = {p: OnnxRuntimeEngine(bundle, precision=p) for p in made}
+    ort = {p: [reference[p].infer(f) for f in frames] for p in made}
     largest_m = max(float(m.max()) for out in ort["fp32"] for m in out.scale_maps)
     engines = work / "engines"
     rows = []
     for precision in PRECISIONS:
         row = Row(precision)
         rows.append(row)
+        if precision in refused:
+            row.note = f"refused by uflow calibrate: {refused[precision][:160]}"
+            continue
         if time.monotonic() - started > args.budget_s:
             row.note = "skipped: time budget"
             continue

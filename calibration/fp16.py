@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from calibration.agreement import Agreement, compare_models
+from calibration.agreement import Agreement, bundle_scorer, compare_models
 from calibration.bundle_variants import load_for_variant, record_variant, variant_path
 from calibration.data import model_batches, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
@@ -218,6 +218,7 @@ def calibrate_bundle(
     target = variant_path(bundle, "fp16")
     check = select_images(data, settings.images, split)
     batches = list(model_batches(check, spec.height, spec.width))
+    scorer = bundle_scorer(bundle)
     with tempfile.TemporaryDirectory(prefix="uflow-fp16-", dir=bundle.root) as tmp:
         prepared = prepare_model(bundle.onnx_path)
         total = backbone_conv_count(prepared)
@@ -228,7 +229,7 @@ def calibrate_bundle(
             problems = check_graph(staged, "fp16")
             if problems:
                 raise Fp16Error(describe(problems, staged))
-            agreement = compare_models(bundle.onnx_path, staged, batches, spec.name)
+            agreement = compare_models(bundle.onnx_path, staged, batches, spec.name, scorer)
             log.info(
                 "FP16 conversion measured",
                 extra={
@@ -236,6 +237,7 @@ def calibrate_bundle(
                     "backbone_fp32_convs": count,
                     "backbone_convs": total,
                     "anomaly_map_max_scaled_diff": round(agreement.anomaly_map_max_scaled, 5),
+                    "decision": agreement.decision_problem() or "as FP32",
                 },
             )
             return Fp16Attempt(count, staged, kept, agreement)
@@ -269,7 +271,12 @@ def _choose(attempt: Callable[[int], Fp16Attempt], settings: Fp16Settings, total
     limit = settings.max_anomaly_map_diff
 
     def passes(a: Fp16Attempt) -> bool:
-        return a.agreement.anomaly_map_max_scaled <= limit
+        return a.agreement.anomaly_map_max_scaled <= limit and a.agreement.decision_problem() is None
+
+    def why(a: Fp16Attempt) -> str:
+        problem = a.agreement.decision_problem()
+        moved = f"FP16 changes the anomaly map by up to {a.agreement.anomaly_map_max_scaled:.4f} on good images (limit {limit})"
+        return moved if problem is None else f"{moved}, and {problem}"
 
     fixed = "backbone" in settings.keep_fp32 or settings.backbone_fp32_convs is not None
     first = attempt(total if "backbone" in settings.keep_fp32 else settings.backbone_fp32_convs or 0)
@@ -277,15 +284,13 @@ def _choose(attempt: Callable[[int], Fp16Attempt], settings: Fp16Settings, total
         return first
     if fixed:
         raise Fp16Error(
-            f"FP16 changes the anomaly map by up to {first.agreement.anomaly_map_max_scaled:.4f} on good images "
-            f"(limit {limit}) with {first.backbone_convs} of the backbone's {total} convolutions in FP32; "
+            f"{why(first)}, with {first.backbone_convs} of the backbone's {total} convolutions in FP32; "
             "keep more of the model in FP32 (--backbone-fp32-convs, --block-op) or stay with FP32"
         )
     best = attempt(total)
     if not passes(best):
         raise Fp16Error(
-            f"FP16 changes the anomaly map by up to {best.agreement.anomaly_map_max_scaled:.4f} on good images "
-            f"(limit {limit}) even with the whole backbone in FP32; keep more of the model in FP32 (--block-op) "
+            f"{why(best)}, even with the whole backbone in FP32; keep more of the model in FP32 (--block-op) "
             "or stay with FP32"
         )
     low = 0  # fails

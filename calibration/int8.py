@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.agreement import compare_models
+from calibration.agreement import bundle_scorer, compare_models
 from calibration.bundle_variants import load_for_variant, record_variant, variant_path
 from calibration.data import ImageSet, model_batches, pick_evenly, select_images
 from edge_agent.bundle import Bundle, QuantizedModel
@@ -341,7 +341,15 @@ def calibrate_bundle(
         result = quantize_int8(bundle.onnx_path, staged, images, spec.height, spec.width, settings, spec.name)
         check_for_tensorrt(staged)
         check = held_out(images, data, split)
-        agreement = compare_models(bundle.onnx_path, staged, model_batches(check, spec.height, spec.width), spec.name)
+        batches = model_batches(check, spec.height, spec.width)
+        agreement = compare_models(bundle.onnx_path, staged, batches, spec.name, bundle_scorer(bundle))
+        problem = agreement.decision_problem()
+        if problem is not None:
+            raise QuantizationError(
+                f"the INT8 model does not decide as FP32 on {agreement.images} held-out good images: {problem}. "
+                "INT8 rounding in the flow inflates z^2, which the bundle's NFA null (fitted on FP32 maps) reads "
+                "as evidence (docs/precision.md); deploy FP32 or FP16 (uflow calibrate fp16)"
+            )
         staged.replace(target)
     variant = QuantizedModel(
         file=target.name,

@@ -1060,3 +1060,39 @@ def test_the_mask_fraction_is_the_one_whose_masks_fit_the_planted_defects_best()
     assert exact.to_dict()["chosen"] == 0.6
     with pytest.raises(ValueError, match="as many masks"):
         choose_mask_fraction(list(detected[:2]), amaps, truth, default=0.8)
+
+
+def test_a_variant_whose_maps_drift_is_told_by_the_bundles_own_decision(
+    hybrid_bundle: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """The precision check decides each good image with the bundle's own NFA on both models' outputs: the same
+    model agrees with itself; a model whose finest flow map is 5x larger (what INT8 rounding in the flow did to
+    the bottle's m_0, docs/precision.md) flags good images FP32 does not, and the check says so."""
+    from onnx import helper
+
+    from calibration.agreement import bundle_scorer, compare_models
+    from calibration.data import model_batches, select_images
+
+    bundle = load_bundle(hybrid_bundle)
+    model = onnx.load(str(bundle.onnx_path))
+    producer = next(node for node in model.graph.node if "m_0" in node.output)
+    producer.output[list(producer.output).index("m_0")] = "m_0_fp32"
+    factor = helper.make_tensor("drift_factor", onnx.TensorProto.FLOAT, [], [5.0])
+    model.graph.initializer.append(factor)
+    model.graph.node.append(helper.make_node("Mul", ["m_0_fp32", "drift_factor"], ["m_0"], name="drift"))
+    drifted = tmp_path / "drifted.onnx"
+    onnx.save(model, str(drifted))
+
+    spec = bundle.manifest.input
+    images = select_images(synthetic_data_dir / "train" / "good", 6)
+    batches = list(model_batches(images, spec.height, spec.width))
+    scorer = bundle_scorer(bundle)
+    same = compare_models(bundle.onnx_path, bundle.onnx_path, batches, spec.name, scorer)
+    assert same.decision_problem() is None
+    assert same.evidence_shift_max == 0.0 and same.good_flagged_candidate == same.good_flagged_reference
+    drift = compare_models(bundle.onnx_path, drifted, batches, spec.name, scorer)
+    assert drift.good_flagged_candidate is not None and drift.good_flagged_reference is not None
+    assert drift.good_flagged_candidate > drift.good_flagged_reference
+    problem = drift.decision_problem()
+    assert problem is not None and f"flags {drift.good_flagged_candidate} of 6 good images" in problem
+    assert {"good_flagged_fp32", "good_flagged", "log10_nfa_max_drop"} <= set(drift.as_metrics())
