@@ -371,3 +371,30 @@ def test_agreement_of_an_unbounded_fused_map_is_relative(tmp_path: Path) -> None
     assert agreement.anomaly_map_max_scaled == pytest.approx(0.01, rel=1e-3)
     small = compare_models(reference, candidate, [np.full((1, 2, 2, 3), 0, np.uint8)])
     assert small.anomaly_map_max_scaled == small.anomaly_map_max_abs == 0.0
+
+
+def test_doctor_tells_whether_the_configured_variant_decides_as_fp32(calibrated: Path) -> None:
+    """`edge-agent doctor` reads the variant's recorded decision check: ok when it flags no more good images than
+    FP32, warn for a variant recorded before the check existed, fail for one that flags more or is missing."""
+    from edge_agent.cli.doctor import check_precision_variant
+
+    manifest = load_bundle(calibrated).manifest
+    for precision in ("fp16", "int8"):
+        variant = manifest.variant(precision)
+        assert variant is not None and {"good_flagged", "good_flagged_fp32"} <= set(variant.metrics)
+        check = check_precision_variant(manifest, precision)
+        assert check.status == "ok" and f"{precision} flags" in check.detail
+
+    def with_metrics(metrics: dict[str, float]):  # type: ignore[no-untyped-def]
+        variants = [
+            v.model_copy(update={"metrics": metrics}) if v.precision == "int8" else v for v in manifest.variants
+        ]
+        return manifest.model_copy(update={"variants": variants})
+
+    old = {k: v for k, v in manifest.variant("int8").metrics.items() if not k.startswith(("good_", "log10_"))}  # type: ignore[union-attr]
+    assert check_precision_variant(with_metrics(old), "int8").status == "warn"
+    worse = {**manifest.variant("int8").metrics, "good_flagged": 3.0, "good_flagged_fp32": 0.0}  # type: ignore[union-attr]
+    failed = check_precision_variant(with_metrics(worse), "int8")
+    assert failed.status == "fail" and "flags 3 of" in failed.detail
+    bare = manifest.model_copy(update={"variants": []})
+    assert check_precision_variant(bare, "fp16").status == "fail"

@@ -26,7 +26,7 @@ from edge_agent.cli.doctor_recipes import active_recipe_settings, check_recipes,
 from edge_agent.config import AgentSettings, ConfigError, load_settings
 
 if TYPE_CHECKING:  # the checks import what they test lazily, so one broken library fails only its row
-    from edge_agent.bundle import Bundle
+    from edge_agent.bundle import Bundle, Manifest
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -220,8 +220,33 @@ def check_bundle_and_engine(settings: AgentSettings) -> list[Check]:
     checks.append(_check_signature(bundle.root, settings))
     checks.append(check_detection_power(manifest))
     checks.append(check_false_alarm_promise(manifest))
+    if settings.model.precision != "fp32":
+        checks.append(check_precision_variant(manifest, settings.model.precision))
     checks.extend(_check_engine(bundle, settings))
     return checks
+
+
+def check_precision_variant(manifest: Manifest, precision: str) -> Check:
+    """Whether the configured reduced-precision variant was shown to decide as FP32 on good images."""
+    variant = manifest.variant(precision)
+    if variant is None:
+        return Check("precision", "fail", f"the bundle has no {precision} variant: run `uflow calibrate {precision}`")
+    metrics = variant.metrics
+    if "good_flagged" not in metrics:
+        return Check(
+            "precision",
+            "warn",
+            f"the {precision} variant was recorded before `uflow calibrate` checked its decisions on good images "
+            f"(an INT8 flow flagged every good part: docs/precision.md); run `uflow calibrate {precision}` again",
+        )
+    images, flagged, before = (
+        int(metrics.get(k, 0)) for k in ("agreement_images", "good_flagged", "good_flagged_fp32")
+    )
+    detail = (
+        f"{precision} flags {flagged} of {images} good images (FP32 {before}); its smallest log10 NFA is at most "
+        f"{metrics.get('log10_nfa_max_drop', 0.0):.2f} lower"
+    )
+    return Check("precision", "fail" if flagged > before else "ok", detail)
 
 
 def check_detection_power(manifest: object) -> Check:
