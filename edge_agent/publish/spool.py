@@ -103,6 +103,7 @@ class Spool:
         self._unflushed: dict[int, OutgoingMessage] = {}  # not yet committed, in sequence order
         self._writing: set[int] = set()  # in the transaction being written now
         self._to_delete: list[int] = []  # acknowledged or dropped, still on disk
+        self._deleting = 0  # deletes in the transaction being written now (flush waits for them too)
         self._replayed: set[int] = set()  # loaded from a previous run
         self._max_on_disk = 0  # highest sequence number committed (reads above it skip the disk)
         self._next_seq = 1
@@ -294,7 +295,7 @@ class Spool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._unflushed and not self._to_delete:
+                if not self._unflushed and not self._to_delete and not self._deleting:
                     return True
             self._wake.set()
             time.sleep(0.01)
@@ -391,6 +392,7 @@ class Spool:
             batch = list(self._unflushed.values())
             self._writing = {m.seq for m in batch}
             deletes, self._to_delete = self._to_delete, []
+            self._deleting = len(deletes)
         if not batch and not deletes:
             return
         rows = [(m.seq, m.key, m.topic, m.payload, m.qos, int(m.retain), m.expires_at, time.time()) for m in batch]
@@ -409,6 +411,7 @@ class Spool:
             with self._lock:
                 self._writing = set()
                 self._to_delete = deletes + self._to_delete
+                self._deleting = 0
                 self.counters.write_errors += 1
                 self.counters.last_error = str(exc)
             self._warn(
@@ -432,6 +435,7 @@ class Spool:
             if batch:
                 self._max_on_disk = max(self._max_on_disk, batch[-1].seq)
             self._writing = set()
+            self._deleting = 0
             self.counters.commits += 1
             self.counters.rows_written += len(rows)
             if self.counters.last_error:
