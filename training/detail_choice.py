@@ -32,10 +32,11 @@ from training.model import UFlow, fused_anomaly_map
 log = logging.getLogger(__name__)
 
 __all__ = ["CANDIDATES", "DETAIL_AUTO", "DetailChoice", "choose_detail_share", "parse_detail_share"]
+
 WITHOUT = "without"
 EQUAL = "equal"
-# In order of preference on a tie: the fewest changes to the anomaly map first.
-# The weights tried, by label (0.0: the detail map not fused; None: the same weight as every map).
+# The weights tried, by label (0.0: the detail map not fused; None: the same weight as every map), in order
+# of preference on a tie: the fewest changes to the anomaly map first.
 CANDIDATES: tuple[tuple[str, float | None], ...] = (
     (WITHOUT, 0.0),
     (EQUAL, None),
