@@ -1025,14 +1025,25 @@ def test_training_finish_writes_the_chosen_detail_share_into_the_run(
     for key in ("nfa_null", "nfa_evidence_scale", "nfa_calibration", "image_test", "min_log_nfa", "planted"):
         assert scores[key] == without[key], key
     manifest = load_bundle(export_bundle(run, tmp_path / "bundle", name="auto", version="1")).manifest
+    from edge_agent.cli.doctor import check_detection_power
+
+    power = check_detection_power(manifest).detail
     if forced == "without":
         assert "detail" not in info.model_config.heads and model.config.detail_share is None
         assert [s.head for s in manifest.scales] == [s.head for s in load_model(detail_pair[0])[0].scales]
         assert scores["scores"] == without["scores"]  # the same anomaly map as the run without it
+        assert "anomaly_map_detail_weight" not in manifest.validation_metrics and "detail map" not in power
     else:
         assert "detail" in info.model_config.heads and model.config.detail_share == 0.5
         assert "p_0" in [s.name for s in manifest.scales]
         assert scores["scores"] != without["scores"]
+        assert manifest.validation_metrics["anomaly_map_detail_weight"] == 0.5
+        assert "weighs the stride-8 detail map at 50%" in power
+    # The mask fraction chosen on the planted defects, and its planted mIoU, travel with the bundle.
+    chosen = scores["mask_fraction_choice"]
+    assert manifest.nfa.mask_fraction == chosen["chosen"] == scores["mask_fraction"]
+    miou = chosen["planted_miou"][f"{chosen['chosen']:g}"]
+    assert manifest.validation_metrics["planted_mask_miou"] == pytest.approx(miou)
 
 
 def test_the_mask_fraction_is_the_one_whose_masks_fit_the_planted_defects_best() -> None:

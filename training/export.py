@@ -208,7 +208,7 @@ def test_metrics_from_report(path: Path, info: RunInfo) -> dict[str, float]:
     return metrics
 
 
-def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[float]) -> dict[str, float]:
+def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[float], model: UFlow) -> dict[str, float]:
     metrics: dict[str, float] = {}
     meta = info.checkpoint_meta
     for key in ("epoch", "val_nll", "train_loss"):
@@ -232,10 +232,29 @@ def _validation_metrics(info: RunInfo, parity: Parity, selftest_scores: list[flo
         metrics["planted_count"] = float(planted["count"])
         for kind, rate in planted.get("per_kind", {}).items():
             metrics[f"planted_detection_{kind}"] = float(rate)
+    metrics |= _map_choices(info, model)
     if selftest_scores:
         metrics["selftest_max_score"] = float(max(selftest_scores))
     metrics["onnx_parity_anomaly_map_max_abs"] = parity.anomaly_map_max_abs
     metrics["onnx_parity_scale_maps_max_scaled"] = parity.scale_maps_max_scaled
+    return metrics
+
+
+def _map_choices(info: RunInfo, model: UFlow) -> dict[str, float]:
+    """What training's finish chose for the map a person sees: the detail map's weight in the fusion (when the
+    bundle has it) and the planted mean IoU at the chosen mask fraction (training/detail_choice.py,
+    training/mask_choice.py)."""
+    metrics: dict[str, float] = {}
+    detail = [k for k, i in enumerate(model.fusion_indices) if model.scales[i].head == "detail"]
+    if detail:
+        weights = model.fusion_weights()
+        share = 1.0 / len(model.fusion_indices) if weights is None else float(weights[detail[0]])
+        metrics["anomaly_map_detail_weight"] = share
+    choice = info.val_scores.get("mask_fraction_choice") or {}
+    fraction = info.val_scores.get("mask_fraction")
+    miou = (choice.get("planted_miou") or {}).get(f"{fraction:g}") if fraction is not None else None
+    if miou is not None:
+        metrics["planted_mask_miou"] = float(miou)
     return metrics
 
 
@@ -358,7 +377,7 @@ def build_manifest(
         scales=scales,
         nfa=nfa_spec(info, [(s.height, s.width) for s in region_scales(scales)], null_model, flow_only=not model.heads),
         image_score_threshold=_threshold(info),
-        validation_metrics=_validation_metrics(info, parity, selftest_scores),
+        validation_metrics=_validation_metrics(info, parity, selftest_scores, model),
         training_data=_training_data(info),
         self_test=tuple(selftest),
         drift_reference=_drift_reference(info),

@@ -269,6 +269,9 @@ def check_detection_power(manifest: object) -> Check:
     fraction = float(getattr(nfa_spec, "mask_fraction", 0.0))
     if fraction > 0.0:
         detail += f"; each region is reported where the anomaly map reaches {fraction:.0%} of its peak"
+    weight = metrics.get("anomaly_map_detail_weight")
+    if weight is not None:
+        detail += f"; the anomaly map weighs the stride-8 detail map at {weight:.0%}"
     if rate < MIN_PLANTED_DETECTION:
         return Check(
             "detection power", "warn", f"{detail}; below {MIN_PLANTED_DETECTION:.0%}: it may miss real defects"
