@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from training import metrics
 from training.catalog import DETAIL_AUTO
-from training.model import UFlow, fused_anomaly_map
+from training.model import UFlow, fused_arrays
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +90,6 @@ def _columns(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> tuple[
     return (*values, float(np.mean(values)))
 
 
-def _fused(model: UFlow, maps: Sequence[np.ndarray], share: float | None) -> np.ndarray:
-    """One candidate's anomaly maps, by the graph's own fusion (a share of 0: the detail map not fused)."""
-    keep = list(model.fusion_indices)
-    with torch.no_grad():
-        return fused_anomaly_map(
-            [torch.from_numpy(np.asarray(maps[i], np.float32)) for i in keep],
-            model.map_means[keep],
-            model.config.image_height,
-            model.config.image_width,
-            geometric=model.config.map_fusion == "geometric",
-            weights=model.detail_weights(share),
-        ).numpy()
-
-
 def choose_detail_share(
     model: UFlow, planted_maps: Sequence[np.ndarray], planted_masks: np.ndarray, clean_maps: Sequence[np.ndarray]
 ) -> DetailChoice:
@@ -119,7 +104,10 @@ def choose_detail_share(
     clean = len(clean_maps[0])
     masks = np.concatenate([planted_masks.astype(bool), np.zeros((clean, *planted_masks.shape[1:]), bool)])
     labels = np.r_[np.ones(len(planted_masks), bool), np.zeros(clean, bool)]
-    scores = {label: _columns(_fused(model, maps, share), masks, labels) for label, share in CANDIDATES}
+    scores = {
+        label: _columns(fused_arrays(model, maps, model.detail_weights(share)), masks, labels)
+        for label, share in CANDIDATES
+    }
     best = CANDIDATES[0]
     for candidate in CANDIDATES[1:]:
         if scores[candidate[0]][3] > scores[best[0]][3]:

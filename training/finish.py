@@ -44,7 +44,7 @@ from training.data import DatasetSplits, Record
 from training.detail_choice import DetailChoice, choose_detail_share
 from training.heads import CrossFit, fit_heads, out_of_sample_maps
 from training.mask_choice import MaskChoice, choose_mask_fraction
-from training.model import UFlow, scale_maps, to_float_nchw, without_heads
+from training.model import UFlow, fused_arrays, scale_maps, to_float_nchw, without_heads
 from training.nfa_null import (
     DEFAULT_REACH,
     MIN_CALIBRATION_IMAGES,
@@ -155,9 +155,8 @@ def evidence_maps(
 
 def fused_scores(model: UFlow, maps: list[np.ndarray]) -> np.ndarray:
     """Image scores (max of the fused anomaly map, as the graph computes it) of per-map arrays."""
-    with torch.no_grad():
-        amap = model.fused_map([torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps])
-    return amap.reshape(len(amap), -1).max(dim=1).values.numpy()
+    amap = fused_arrays(model, maps, model.fusion_weights())
+    return amap.reshape(len(amap), -1).max(axis=1)
 
 
 def planted_maps(
@@ -200,22 +199,22 @@ def planted_check(
     first_owner: int = 0,
     image_test: ImageTest | None = None,
     planted: tuple[list[Planted], list[np.ndarray]] | None = None,
+    log_nfa: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Share of defects planted on ``images`` that the NFA decision finds (a region touching the defect).
 
     ``cross`` and ``first_owner``: as :func:`planted_maps`. With ``image_test``, a detection of the image test
-    (the whole frame) finds the defect too. ``planted``: the defects and their maps when already computed.
+    (the whole frame) finds the defect too. ``planted``: the defects and their maps, and ``log_nfa``: the
+    decision's maps of them (:func:`decision_maps`), when already computed.
     """
     samples, maps = planted or planted_maps(model, images, batch_size, seed, cross, first_owner)
     if not samples:
         return {"count": 0}
-    channels = [s.channels for s in model.scales]
-    heads = [s.head for s in model.scales]
-    size = (model.config.image_height, model.config.image_width)
+    if log_nfa is None:
+        log_nfa = decision_maps(model, maps, nulls, image_test, log10_epsilon)
     hits: dict[str, list[bool]] = {}
-    for i, sample in enumerate(samples):
-        log_nfa = log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test, log10_epsilon)
-        found = bool(((log_nfa < log10_epsilon) & sample.mask).any())
+    for sample, decided in zip(samples, log_nfa, strict=True):
+        found = bool(((decided < log10_epsilon) & sample.mask).any())
         hits.setdefault(sample.kind, []).append(found)
         hits.setdefault(f"size_{sample.size}", []).append(found)
     every = [h for kind, values in hits.items() if not kind.startswith("size_") for h in values]
@@ -227,25 +226,34 @@ def planted_check(
     }
 
 
-def planted_mask_choice(
+def decision_maps(
     model: UFlow,
-    planted: tuple[list[Planted], list[np.ndarray]],
-    nulls: Sequence[nfa.ScaleNull],
+    maps: list[np.ndarray],
+    nulls: Sequence[nfa.ScaleNull] | None,
     image_test: ImageTest | None,
     log10_epsilon: float,
-) -> MaskChoice:
-    """The mask fraction for this run (training/mask_choice.py): the decision's regions of the planted defects,
-    tightened on the run's own anomaly map, against the defects' pixels."""
-    samples, maps = planted
+) -> list[np.ndarray]:
+    """Per image, the deployed decision's log10 NFA map at the model size (maps in ``model.scales`` order)."""
     channels = [s.channels for s in model.scales]
     heads = [s.head for s in model.scales]
     size = (model.config.image_height, model.config.image_width)
-    detected = [
-        log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test, log10_epsilon) < log10_epsilon
-        for i in range(len(samples))
+    return [
+        log_nfa_map_of([m[i] for m in maps], channels, heads, size, nulls, image_test, log10_epsilon)
+        for i in range(len(maps[0]))
     ]
-    with torch.no_grad():
-        amaps = model.fused_map([torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps]).numpy()
+
+
+def planted_mask_choice(
+    model: UFlow,
+    planted: tuple[list[Planted], list[np.ndarray]],
+    log_nfa: Sequence[np.ndarray],
+    log10_epsilon: float,
+) -> MaskChoice:
+    """The mask fraction for this run (training/mask_choice.py): the decision's regions of the planted defects
+    (``log_nfa``: :func:`decision_maps`), tightened on the run's own anomaly map, against the defects' pixels."""
+    samples, maps = planted
+    amaps = fused_arrays(model, maps, model.fusion_weights())
+    detected = [decided < log10_epsilon for decided in log_nfa]
     return choose_mask_fraction(detected, amaps, np.stack([s.mask for s in samples]), DEFAULT_MASK_FRACTION)
 
 
@@ -359,6 +367,8 @@ def finish_run(
         )
     fitted = min_log_nfa(maps, channels, size, nulls, heads, image_test)
     polyomino = min_log_nfa(maps, channels, size, None, heads)
+    # The decision's maps of the planted defects: read by the planted check and the mask fraction's choice.
+    planted_log_nfa = decision_maps(model, planted_pair[1], nulls, image_test, epsilon) if planted_pair[0] else []
     planted = planted_check(
         model,
         images,
@@ -369,10 +379,11 @@ def finish_run(
         first_owner=first_owner,
         image_test=image_test,
         planted=planted_pair,
+        log_nfa=planted_log_nfa,
     )
     mask_fraction, mask_choice = (DEFAULT_MASK_FRACTION if nulls is not None else 0.0), None
     if nulls is not None and planted_pair[0]:
-        mask_choice = planted_mask_choice(model, planted_pair, nulls, image_test, epsilon)
+        mask_choice = planted_mask_choice(model, planted_pair, planted_log_nfa, epsilon)
         mask_fraction = mask_choice.fraction
     nll = maps[0].reshape(len(maps[0]), -1).mean(axis=1)
     drift = build_reference(np.concatenate([train_images, val_images]), scores.tolist(), nll.tolist())

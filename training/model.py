@@ -286,6 +286,11 @@ class UFlow(nn.Module):
 
     def fused_map(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """The anomaly map: the flow-only formula, or with heads the fusion of the upsampled m / mean."""
+        return self.fuse(maps, self.fusion_weights())
+
+    def fuse(self, maps: Sequence[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`fused_map` with these weights of the fused maps (``fusion_indices`` order; None: every map the
+        same) instead of the model's own: a candidate weight of the detail map (training/detail_choice.py)."""
         height, width = self.config.image_height, self.config.image_width
         if not self.heads:
             return anomaly_map(maps, height, width)
@@ -296,7 +301,7 @@ class UFlow(nn.Module):
             maps, means = [maps[i] for i in keep], self.map_means[keep]
         else:
             means = self.map_means
-        return fused_anomaly_map(maps, means, height, width, geometric=geometric, weights=self.fusion_weights())
+        return fused_anomaly_map(maps, means, height, width, geometric=geometric, weights=weights)
 
     def fusion_weights(self) -> torch.Tensor | None:
         """Each fused map's weight (``fusion_indices`` order, summing to 1), or None: every map the same."""
@@ -354,6 +359,12 @@ def anomaly_map(maps: Sequence[torch.Tensor], height: int, width: int) -> torch.
     ]
     # [:, 0] rather than squeeze(1): the ONNX exporter turns squeeze into a shape-dependent If node
     return 1.0 - torch.stack(likelihoods, dim=0).mean(dim=0)[:, 0]
+
+
+def fused_arrays(model: UFlow, maps: Sequence[np.ndarray], weights: torch.Tensor | None) -> np.ndarray:
+    """:meth:`UFlow.fuse` of per-map arrays (each N x H_s x W_s, ``model.scales`` order): N x H x W."""
+    with torch.no_grad():
+        return model.fuse([torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in maps], weights).numpy()
 
 
 def without_heads(model: UFlow, drop: set[str]) -> UFlow:
