@@ -245,11 +245,9 @@ def _map_choices(info: RunInfo, model: UFlow) -> dict[str, float]:
     bundle has it) and the planted mean IoU at the chosen mask fraction (training/detail_choice.py,
     training/mask_choice.py)."""
     metrics: dict[str, float] = {}
-    detail = [k for k, i in enumerate(model.fusion_indices) if model.scales[i].head == "detail"]
-    if detail:
-        weights = model.fusion_weights()
-        share = 1.0 / len(model.fusion_indices) if weights is None else float(weights[detail[0]])
-        metrics["anomaly_map_detail_weight"] = share
+    weight = model.detail_weight()
+    if weight is not None:
+        metrics["anomaly_map_detail_weight"] = weight
     choice = info.val_scores.get("mask_fraction_choice") or {}
     fraction = info.val_scores.get("mask_fraction")
     miou = (choice.get("planted_miou") or {}).get(f"{fraction:g}") if fraction is not None else None

@@ -311,12 +311,24 @@ class UFlow(nn.Module):
     def detail_weights(self, share: float | None) -> torch.Tensor | None:
         """The fusion's weights with the detail map at ``share`` (0: not fused at all), the others sharing the
         rest equally; None (every map the same) for ``share`` None or a model without the detail head."""
-        detail = [k for k, i in enumerate(self.fusion_indices) if self.scales[i].head == "detail"]
-        if share is None or not detail:
+        detail = self._detail_position()
+        if share is None or detail is None:
             return None
         weights = torch.full((len(self.fusion_indices),), (1.0 - share) / max(1, len(self.fusion_indices) - 1))
-        weights[detail[0]] = share
+        weights[detail] = share
         return weights
+
+    def detail_weight(self) -> float | None:
+        """The detail map's weight in the anomaly map as the graph fuses it (None: the model has no detail head)."""
+        detail = self._detail_position()
+        if detail is None:
+            return None
+        weights = self.fusion_weights()
+        return 1.0 / len(self.fusion_indices) if weights is None else float(weights[detail])
+
+    def _detail_position(self) -> int | None:
+        """The detail map's place among the fused maps (``fusion_indices`` order), if the model has one."""
+        return next((k for k, i in enumerate(self.fusion_indices) if self.scales[i].head == "detail"), None)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Norms and flow only: the backbone is rebuilt from its ImageNet weights file."""
