@@ -1107,3 +1107,20 @@ def test_a_variant_whose_maps_drift_is_told_by_the_bundles_own_decision(
     problem = drift.decision_problem()
     assert problem is not None and f"flags {drift.good_flagged_candidate} of 6 good images" in problem
     assert {"good_flagged_fp32", "good_flagged", "log10_nfa_max_drop"} <= set(drift.as_metrics())
+
+
+def test_calibrate_int8_refuses_a_model_that_flags_good_images_fp32_does_not(
+    hybrid_bundle: Path, synthetic_data_dir: Path, tmp_path: Path
+) -> None:
+    """INT8 with nothing kept in FP32 (the backbone quantized too) moves every map the NFA tests: the bundle's
+    own decision flags good images FP32 does not, so `uflow calibrate int8` refuses it and records nothing."""
+    from calibration.int8 import Int8Settings, QuantizationError
+    from calibration.int8 import calibrate_bundle as calibrate_int8
+
+    root = tmp_path / "bundle"
+    shutil.copytree(hybrid_bundle, root)
+    good = synthetic_data_dir / "train" / "good"
+    with pytest.raises(QuantizationError, match="does not decide as FP32 on 8 held-out good images") as refused:
+        calibrate_int8(root, good, Int8Settings(images=8, method="minmax", keep_fp32=()))
+    assert "good images where FP32 flags" in str(refused.value)  # the reason: its decisions, not its pixels
+    assert load_bundle(root).manifest.variant("int8") is None and not (root / "model.int8.onnx").exists()
