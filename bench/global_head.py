@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_maps import above_good, add_run_arguments, decision_cells, load_run_maps, planted_found, separation
 
-from training.data import load_images, open_dataset
+from training.data import load_images
 from training.finish import DEFAULT_LOG10_EPSILON, PLANTED_IMAGES, backbone_features, min_log_nfa
 from training.heads import shrunk_covariance
 from training.nfa_null import calibrate, fit_scale_null
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, info = load_model(args.run)
     model.eval()
-    splits = open_dataset(
-        args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
-    )
+    splits = info.splits(args.data)
     height, width = model.config.image_height, model.config.image_width
 
     def statistics(images: np.ndarray) -> np.ndarray:

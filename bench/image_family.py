@@ -44,7 +44,7 @@ from global_head import mahalanobis, texture_statistics
 from run_maps import add_run_arguments, decision_cells, load_run_maps, separation
 
 from edge_agent.inspection import nfa
-from training.data import DatasetSplits, load_images, open_dataset
+from training.data import DatasetSplits, load_images
 from training.finish import (
     DEFAULT_LOG10_EPSILON,
     PLANTED_IMAGES,
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.regions_from is not None:
         regions = dict(np.load(args.regions_from))
         model, info = load_model(args.run)
-        splits = open_dataset(
-            args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
-        )
+        splits = info.splits(args.data)
         size = (model.config.image_height, model.config.image_width)
         val_images = load_images(splits.val, *size)
         planted = [p for seed in args.planted_seeds for p in planted_samples(val_images, seed)]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_maps import add_run_arguments
 
-from training.data import load_images, open_dataset
+from training.data import load_images
 from training.finish import backbone_features, evidence_maps
 from training.heads import fit_heads
 from training.rundir import load_model
@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, info = load_model(args.run)
-    splits = open_dataset(
-        args.data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1))
-    )
+    splits = info.splits(args.data)
     height, width = model.config.image_height, model.config.image_width
     val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
     with torch.no_grad():

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.inspection import nfa
 from edge_agent.promise import binomial_interval, poisson_interval
-from training.data import load_images, open_dataset
+from training.data import load_images
 from training.finish import DEFAULT_LOG10_EPSILON
 from training.model import predict
 from training.nfa_null import EVIDENCE_SCALES, PROMISE_MARGIN, calibrate, false_regions_per_image, fit_null, scaled
@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     model, info = load_model(args.run)
     height, width = model.config.image_height, model.config.image_width
-    splits = open_dataset(args.data, float(info.train_config.get("val_fraction", 0.1)))
+    splits = info.splits(args.data)
     val_images = load_images(splits.val, height, width)
     if args.refinish:
         from training.finish import finish_run

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.catalog import HEAD_KINDS, MAP_FUSIONS
-from training.data import load_images, open_dataset
+from training.data import load_images
 from training.detail_choice import parse_detail_share
 from training.finish import finish_run
 from training.model import UFlow
@@ -51,8 +51,7 @@ def refit(run: Path, out: Path, data: str | None, changes: dict[str, Any]) -> fl
     flow_state = {k: v for k, v in checkpoint["state"].items() if not k.startswith(("heads.", "map_means"))}
     model.load_state_dict(flow_state, strict=False)
     save_checkpoint(out, model, dict(checkpoint.get("meta", {})))
-    root = data or str(info.data_summary["root"])
-    splits = open_dataset(root, float(info.train_config.get("val_fraction", 0.1)))
+    splits = info.splits(data)
     height, width = config.image_height, config.image_width
     started = time.perf_counter()
     finish_run(

@@ -22,7 +22,7 @@ import torch
 
 from edge_agent.inspection import nfa
 from training import metrics
-from training.data import DatasetSplits, load_images, load_mask, open_dataset
+from training.data import DatasetSplits, load_images, load_mask
 from training.finish import backbone_features, evidence_maps, fit_nulls, planted_maps
 from training.heads import fit_heads
 from training.model import fused_anomaly_map
@@ -83,7 +83,7 @@ def load_run_maps(
     validation images (a larger, less noisy label-free criterion for a study).
     """
     model, info = load_model(run)
-    splits = open_dataset(data or str(info.data_summary["root"]), float(info.train_config.get("val_fraction", 0.1)))
+    splits = info.splits(data)
     height, width = model.config.image_height, model.config.image_width
     val, train = load_images(splits.val, height, width), load_images(splits.train, height, width)
     good = np.concatenate([train, val])

@@ -85,6 +85,37 @@ def test_folder_layout_recursive_with_stable_holdout(tmp_path: Path) -> None:
     assert len(list_images(tmp_path)) == 13
 
 
+def test_folder_holdout_default_share_and_limit(tmp_path: Path) -> None:
+    """The held-out share calibrates the NFA: 30 % by default, at most ``val_max``; a run reopens its own."""
+    from edge_agent.promise import images_needed
+    from edge_agent.service.review import EXPORT_VAL_FRACTION
+    from training.data import DEFAULT_VAL_FRACTION, DEFAULT_VAL_MAX
+    from training.finish import DEFAULT_IMAGE_SHARE, DEFAULT_LOG10_EPSILON
+    from training.model import UFlowConfig
+    from training.rundir import RunInfo
+
+    for i in range(20):
+        _write(tmp_path / f"{i}.png", good_image(i, 24, 24)[..., ::-1])
+    default = open_dataset(tmp_path)
+    assert len(default.val) == round(20 * DEFAULT_VAL_FRACTION) == 6 and len(default.train) == 14
+    limited = open_dataset(tmp_path, val_fraction=0.5, val_max=4)
+    assert len(limited.val) == 4 and len(limited.train) == 16
+    assert {r.image for r in limited.val} <= {r.image for r in open_dataset(tmp_path, 0.5, None).val}
+    with pytest.raises(ValueError):
+        open_dataset(tmp_path, val_fraction=0.3, val_max=0)
+    # the limit is what vouches for the regions' share of the default promise with none flagged, and the
+    # data loop's exported split holds out the same share as a folder
+    assert images_needed(10**DEFAULT_LOG10_EPSILON * (1 - DEFAULT_IMAGE_SHARE)) == DEFAULT_VAL_MAX
+    assert EXPORT_VAL_FRACTION == DEFAULT_VAL_FRACTION
+
+    def info(train_config: dict[str, object]) -> RunInfo:
+        return RunInfo(tmp_path, UFlowConfig(), train_config, {"root": str(tmp_path)}, None, False, {}, {}, [])
+
+    # a run reopens the split it was trained on; one from before the fields held out 10 %, unlimited
+    assert info({"val_fraction": 0.5, "val_max": 4}).splits().val == limited.val
+    assert len(info({}).splits().val) == 2
+
+
 def test_folder_layout_reads_every_format_the_agent_reads(tmp_path: Path) -> None:
     # issue 21: `segment` and the agent read .webp; training refused it
     from edge_agent.inspection.drivers import IMAGE_SUFFIXES

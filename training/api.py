@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from training.catalog import DEFAULT_RECIPE
+from training.data import DEFAULT_VAL_FRACTION, DEFAULT_VAL_MAX
 
 # Settings for the small, fast model of the tests and the demo. Strides 8/16 keep the NFA's number
 # of tests low (log10 N grows by ~0.61 per pixel of the finest map: 623 at 32x32, 156 at 16x16) and
@@ -43,7 +44,8 @@ def train_and_export(
     norm_affine: bool = DEFAULT_RECIPE.norm_affine,
     norm: str = "chw",
     heads: Sequence[str] = DEFAULT_RECIPE.heads,
-    val_fraction: float = 0.1,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    val_max: int | None = DEFAULT_VAL_MAX,
     seed: int = 0,
     threads: int = 2,
     name: str | None = None,
@@ -65,7 +67,7 @@ def train_and_export(
     from training.model import UFlowConfig
     from training.train import TrainConfig, train
 
-    splits = open_dataset(data, val_fraction)
+    splits = open_dataset(data, val_fraction, val_max)
     geometry = resolve_geometry(
         [r.image for r in splits.train],
         image_size,
@@ -93,6 +95,7 @@ def train_and_export(
         lr_final_factor=lr_final_factor,
         threads=threads,
         val_fraction=val_fraction,
+        val_max=val_max,
     )
     train(splits, run_dir, model_config, train_config, progress=progress, on_epoch=on_epoch)
     return export_bundle(run_dir, bundle_dir, name=name, version=version, overwrite=overwrite)

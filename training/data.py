@@ -3,9 +3,10 @@
 Torch-free (numpy + OpenCV), so that evaluation helpers and the demo can use it anywhere.
 
 Layouts (detected by :func:`open_dataset`):
-- ``folder``: every image under a directory (recursively) is a good part. A deterministic ~10 % of
-  them (chosen by a hash of the relative path, so adding images does not reshuffle the rest) is
-  held out for validation. No test split.
+- ``folder``: every image under a directory (recursively) is a good part. A deterministic 30 % of
+  them, at most 333 (chosen by a hash of the relative path, so adding images does not reshuffle the
+  rest), is held out for validation: those images calibrate the NFA's false-alarm promise
+  (docs/nfa.md, "How many good images calibrate"). No test split.
 - ``mvtec``: an MVTec AD category directory: ``train/good`` (train; the same hash rule holds out a
   validation part), ``test/<type>/`` (``good`` or a defect type) and
   ``ground_truth/<type>/<stem>_mask.png``.
@@ -37,7 +38,14 @@ from edge_agent.inspection.drivers import IMAGE_SUFFIXES  # one list: what the a
 from edge_agent.inspection.preprocess import model_input
 
 GOOD = "good"
-DEFAULT_VAL_FRACTION = 0.1
+# The validation images never train the flow: they calibrate the NFA's null and its evidence factor, and
+# their count bounds what the false-alarm promise can vouch for (about 3 / n). 30 % of a folder, measured
+# against 10 % on 210-image folders drawn from magnetic tile (bench/val_fraction.py, docs/nfa.md): unseen
+# good tiles flagged 2.0 % [1.3, 2.9] -> 0.8 % [0.4, 1.5] against a promise of 1 %. At most
+# DEFAULT_VAL_MAX: 333 images with none flagged vouch for the regions' share of the default promise
+# (9 in 1,000, edge_agent.promise.images_needed); more would only take images from the flow.
+DEFAULT_VAL_FRACTION = 0.3
+DEFAULT_VAL_MAX = 333
 
 
 class DatasetError(ValueError):
@@ -83,15 +91,19 @@ def _hash_order(root: Path, paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest())
 
 
-def hold_out(root: Path, paths: list[Path], fraction: float) -> tuple[list[Path], list[Path]]:
+def hold_out(root: Path, paths: list[Path], fraction: float, most: int | None = None) -> tuple[list[Path], list[Path]]:
     """Split good images into (train, val) deterministically by a hash of their path relative to root.
 
-    At least one image goes to validation when there are two or more and ``fraction`` > 0.
+    ``fraction`` of the images, at most ``most`` (None: no limit), go to validation; at least one when
+    there are two or more and ``fraction`` > 0.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    if most is not None and most < 1:
+        raise ValueError(f"the most validation images must be >= 1 (None: no limit), got {most}")
     ordered = _hash_order(root, paths)
     count = 0 if fraction == 0 or len(paths) < 2 else max(1, round(len(paths) * fraction))
+    count = count if most is None else min(count, most)
     val = set(ordered[:count])
     return [p for p in sorted(paths) if p not in val], sorted(val)
 
@@ -105,22 +117,26 @@ def _good(paths: list[Path]) -> tuple[Record, ...]:
     return tuple(Record(image=p, mask=None, label=0, defect_type=GOOD) for p in paths)
 
 
-def folder_dataset(root: Path, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
+def folder_dataset(
+    root: Path, val_fraction: float = DEFAULT_VAL_FRACTION, val_max: int | None = DEFAULT_VAL_MAX
+) -> DatasetSplits:
     """All images under ``root`` are good parts; a hashed part of them is the validation split."""
     images = list_images(root)
     if not images:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
-    train, val = hold_out(root, images, val_fraction)
+    train, val = hold_out(root, images, val_fraction, val_max)
     return DatasetSplits("folder", root, _good(train), _good(val), ())
 
 
-def mvtec_dataset(category: Path, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
+def mvtec_dataset(
+    category: Path, val_fraction: float = DEFAULT_VAL_FRACTION, val_max: int | None = DEFAULT_VAL_MAX
+) -> DatasetSplits:
     """One MVTec AD category directory (train/good, test/<type>, ground_truth/<type>/<stem>_mask.png)."""
     good_dir = category / "train" / GOOD
     images = list_images(good_dir)
     if not images:
         raise DatasetError(f"MVTec layout: no training images in {good_dir}")
-    train, val = hold_out(good_dir, images, val_fraction)
+    train, val = hold_out(good_dir, images, val_fraction, val_max)
     test: list[Record] = []
     test_dir = category / "test"
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []:
@@ -135,7 +151,9 @@ def mvtec_dataset(category: Path, val_fraction: float = DEFAULT_VAL_FRACTION) ->
     return DatasetSplits("mvtec", category, _good(train), _good(val), tuple(test))
 
 
-def mvtec3d_dataset(category: Path, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
+def mvtec3d_dataset(
+    category: Path, val_fraction: float = DEFAULT_VAL_FRACTION, val_max: int | None = DEFAULT_VAL_MAX
+) -> DatasetSplits:
     """One MVTec 3D-AD category directory, RGB images only (train/good/rgb, validation/good/rgb, test/<type>/rgb+gt)."""
     train_dir = category / "train" / GOOD / "rgb"
     images = list_images(train_dir)
@@ -147,7 +165,7 @@ def mvtec3d_dataset(category: Path, val_fraction: float = DEFAULT_VAL_FRACTION) 
         if not val:
             raise DatasetError(f"MVTec 3D-AD layout: {val_dir} exists but holds no images")
     else:
-        train, val = hold_out(train_dir, images, val_fraction)
+        train, val = hold_out(train_dir, images, val_fraction, val_max)
     test: list[Record] = []
     test_dir = category / "test"
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []:
@@ -221,8 +239,14 @@ def model_made_masks(path: Path | str) -> list[str]:
     return sorted(stem for stem, source in sources.items() if source == "model") if isinstance(sources, dict) else []
 
 
-def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -> DatasetSplits:
-    """Detect the layout of ``path`` (split.json file or dir with one, MVTec 3D-AD or MVTec AD category, image folder)."""
+def open_dataset(
+    path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION, val_max: int | None = DEFAULT_VAL_MAX
+) -> DatasetSplits:
+    """Detect the layout of ``path`` (split.json file or dir with one, MVTec 3D-AD or MVTec AD category, image folder).
+
+    ``val_fraction`` of the good images, at most ``val_max``, are held out for validation in the folder
+    and MVTec layouts; a split.json lists its own.
+    """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset path {path} does not exist")
@@ -233,15 +257,15 @@ def open_dataset(path: Path | str, val_fraction: float = DEFAULT_VAL_FRACTION) -
     if (path / "split.json").is_file():
         return split_json_dataset(path / "split.json")
     if (path / "train" / GOOD / "rgb").is_dir():
-        return mvtec3d_dataset(path, val_fraction)
+        return mvtec3d_dataset(path, val_fraction, val_max)
     if (path / "train" / GOOD).is_dir():
-        return mvtec_dataset(path, val_fraction)
+        return mvtec_dataset(path, val_fraction, val_max)
     categories = sorted(p.name for p in path.iterdir() if (p / "train" / GOOD).is_dir())
     if categories:
         raise DatasetError(
             f"{path} looks like an MVTec AD / 3D-AD root with categories {categories}; pass one category directory"
         )
-    return folder_dataset(path, val_fraction)
+    return folder_dataset(path, val_fraction, val_max)
 
 
 def _read_bgr(path: Path) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from training.data import DatasetSplits, open_dataset
 from training.model import UFlow, UFlowConfig
 
 CONFIG_NAME = "config.json"
@@ -47,6 +48,19 @@ class RunInfo:
     def selftest_images(self) -> list[Path]:
         folder = self.root / SELFTEST_DIR
         return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+    def splits(self, data: Path | str | None = None) -> DatasetSplits:
+        """The run's data split as training made it (``data``: the same data at another path).
+
+        The held-out share is the run's own: runs from before ``val_max`` held out their fraction alone,
+        runs from before the recorded fraction 10 %.
+        """
+        most = self.train_config.get("val_max")
+        return open_dataset(
+            data or str(self.data_summary["root"]),
+            float(self.train_config.get("val_fraction", 0.1)),
+            None if most is None else int(most),
+        )
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.catalog import DEFAULT_RECIPE
-from training.data import DatasetSplits, load_images, open_dataset
+from training.data import DEFAULT_VAL_FRACTION, DEFAULT_VAL_MAX, DatasetSplits, load_images, open_dataset
 from training.finish import finish_run
 from training.model import FlowOutput, UFlow, UFlowConfig, nll_loss, predict, to_float_nchw
 
@@ -50,7 +50,10 @@ class TrainConfig:
     lr: float = DEFAULT_RECIPE.lr
     lr_final_factor: float = DEFAULT_RECIPE.lr_final_factor  # exponential decay from lr to lr * this
     weight_decay: float = 1e-5
-    val_fraction: float = 0.1  # folder / MVTec layouts only; split.json defines its own val
+    # folder / MVTec layouts only (split.json defines its own val): the share held out, at most val_max images
+    # (None: no limit); they calibrate the NFA (training.data.DEFAULT_VAL_FRACTION says why these defaults)
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    val_max: int | None = DEFAULT_VAL_MAX
     threads: int = 2
     cache_features: bool = True
     selftest_images: int = 3
@@ -65,6 +68,10 @@ class TrainConfig:
             raise ValueError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 epochs, got {self.patience}")
+        if not 0.0 <= self.val_fraction < 1.0 or (self.val_max is not None and self.val_max < 1):
+            raise ValueError(
+                f"need 0 <= val_fraction < 1 and val_max >= 1 or None, got {self.val_fraction}, {self.val_max}"
+            )
         if not (self.lr > 0 and 0 < self.lr_final_factor <= 1):
             raise ValueError(f"need lr > 0 and 0 < lr_final_factor <= 1, got {self.lr} and {self.lr_final_factor}")
 
@@ -248,7 +255,9 @@ def train(
     started = time.perf_counter()
     torch.set_num_threads(train_config.threads)
     torch.manual_seed(model_config.seed)
-    splits = data if isinstance(data, DatasetSplits) else open_dataset(data, train_config.val_fraction)
+    splits = (
+        data if isinstance(data, DatasetSplits) else open_dataset(data, train_config.val_fraction, train_config.val_max)
+    )
     if not splits.train:
         raise TrainingError(f"dataset {splits.root} has no training images")
     run_dir = Path(run_dir)

@@ -28,7 +28,7 @@ from edge_agent.cli.common import (
 )
 from edge_agent.config import ConfigError, load_settings
 from edge_agent.service.disk_budget import training_budget
-from edge_agent.service.review import ReviewError, ReviewStore, export_split
+from edge_agent.service.review import EXPORT_VAL_FRACTION, ReviewError, ReviewStore, export_split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = actions.add_parser("export", help="write DIR/split.json for uflow train / uflow evaluate")
     _config_after(export)
     export.add_argument("out", type=Path, metavar="DIR", help="output folder (created)")
-    export.add_argument("--val-fraction", type=float, default=0.1, help="good images held out for validation")
+    export.add_argument(
+        "--val-fraction",
+        type=float,
+        default=EXPORT_VAL_FRACTION,
+        help="good images held out for validation (they calibrate the NFA)",
+    )
     export.add_argument("--test-fraction", type=float, default=0.1, help="good images held out as test_good")
 
 

@@ -61,6 +61,9 @@ REVIEW_SUFFIX = "_review.json"
 MAX_POLYGONS, MAX_POINTS = 50, 500
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 JPEG_QUALITY = 95
+# The good images the exported split.json holds out as val calibrate the NFA's false-alarm promise: the same
+# share as ``uflow train`` holds out of a folder (training.data.DEFAULT_VAL_FRACTION, which says why).
+EXPORT_VAL_FRACTION = 0.3
 _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -451,7 +454,7 @@ def _write_jpeg(source: Path, target: Path) -> None:
 
 
 def export_split(
-    training_dir: Path, out: Path, val_fraction: float = 0.1, test_fraction: float = 0.1
+    training_dir: Path, out: Path, val_fraction: float = EXPORT_VAL_FRACTION, test_fraction: float = 0.1
 ) -> dict[str, Any]:
     """Write ``out/split.json`` with the images of ``training_dir`` copied beside it; returns the split.
 
@@ -480,6 +483,8 @@ def export_split(
         split[key].append(stem)
     if not split["train"]:  # a handful of images: training needs at least one
         split["train"].append(split["val"].pop() if split["val"] else split["test_good"].pop())
+    if test_share and not split["test_good"] and len(split["train"]) > 1:
+        split["test_good"].append(split["train"].pop())  # evaluation needs a good image beside the defects
     if defects:
         (out / DEFECT_DIR).mkdir(parents=True, exist_ok=True)
     for path in defects:

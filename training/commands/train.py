@@ -12,6 +12,7 @@ from edge_agent.cli.common import EXIT_OK
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``uflow train``."""
     from training.catalog import BACKBONES, DEFAULT_RECIPE, HEAD_KINDS, MAP_FUSIONS, NORM_KINDS
+    from training.data import DEFAULT_VAL_FRACTION, DEFAULT_VAL_MAX
 
     recipe = DEFAULT_RECIPE
 
@@ -117,7 +118,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lr-final-factor", type=float, default=recipe.lr_final_factor, help="learning rate at the end / at the start"
     )
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out good images (folder/MVTec layouts)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="good images held out to calibrate the NFA (folder/MVTec layouts; split.json lists its own)",
+    )
+    p.add_argument(
+        "--val-max",
+        type=int,
+        default=DEFAULT_VAL_MAX,
+        help=f"at most this many held out (default {DEFAULT_VAL_MAX}: enough to vouch for the default promise); 0: no limit",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="run the backbone every step instead of caching features")
@@ -176,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
 
     info = backbone_info(args.backbone)
     strides = tuple(args.strides) if args.strides else _default_strides(info, DEFAULT_RECIPE)
-    splits = open_dataset(args.data, args.val_fraction)
+    val_max = None if args.val_max == 0 else args.val_max  # a negative one is refused by the split
+    splits = open_dataset(args.data, args.val_fraction, val_max)
     geometry = resolve_geometry(
         [r.image for r in splits.train],
         args.image_size,
@@ -218,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         lr_final_factor=args.lr_final_factor,
         val_fraction=args.val_fraction,
+        val_max=val_max,
         threads=args.threads,
         cache_features=not args.no_cache,
         patience=args.patience,
