@@ -100,7 +100,7 @@ def hold_out(root: Path, paths: list[Path], fraction: float, most: int | None = 
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
     if most is not None and most < 1:
-        raise ValueError(f"the most validation images must be >= 1 (None: no limit), got {most}")
+        raise ValueError(f"the limit on held-out validation images must be at least 1, got {most}")
     ordered = _hash_order(root, paths)
     count = 0 if fraction == 0 or len(paths) < 2 else max(1, round(len(paths) * fraction))
     count = count if most is None else min(count, most)
