@@ -21,6 +21,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 CONFIDENCE = 0.95
+# How many of a folder's good images calibrate the promise: training holds them out of a folder
+# (training.data.DEFAULT_VAL_FRACTION says why), the data loop's export puts them in val, and the shortfall
+# below tells a user how many to add. 333: enough to vouch for the regions' share of the default promise.
+FOLDER_CALIBRATION_SHARE = 0.3
+FOLDER_CALIBRATION_MAX = 333
 _BISECTIONS = 200
 
 
@@ -195,7 +200,9 @@ def shortfall(check: PromiseCheck) -> str | None:
     return (
         f"the promise of at most {promise} needs about {check.needed} good calibration images {condition}; "
         f"this bundle had {check.images} ({'none flagged' if check.false_regions == 0 else seen}, so {vouch}): "
-        f"record about {more} more good images for calibration (the validation split)"
+        f"record about {more} more good images for calibration (the validation split: a folder holds out "
+        f"{round(100 * FOLDER_CALIBRATION_SHARE)} % of its images, at most {FOLDER_CALIBRATION_MAX}, so add about "
+        f"{math.ceil(more / FOLDER_CALIBRATION_SHARE)} to a folder)"
     )
 
 

@@ -12,6 +12,7 @@ import math
 import pytest
 
 from edge_agent.promise import (
+    FOLDER_CALIBRATION_SHARE,
     binomial_interval,
     binomial_upper,
     check_promise,
@@ -66,6 +67,8 @@ def test_a_handful_of_images_cannot_support_one_in_a_hundred_and_the_text_says_w
     assert message is not None
     for fact in ("1 per 100 parts", "300", "21", "279 more good images", "14 per 100 parts"):
         assert fact in message
+    # a folder holds out only its calibration share, so it needs more than the missing images themselves
+    assert f"add about {math.ceil(279 / FOLDER_CALIBRATION_SHARE)} to a folder" in message
 
 
 def test_enough_clean_images_support_the_promise() -> None:

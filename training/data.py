@@ -36,6 +36,7 @@ import numpy as np
 
 from edge_agent.inspection.drivers import IMAGE_SUFFIXES  # one list: what the agent reads, training reads
 from edge_agent.inspection.preprocess import model_input
+from edge_agent.promise import FOLDER_CALIBRATION_MAX, FOLDER_CALIBRATION_SHARE
 
 GOOD = "good"
 # The validation images never train the flow: they calibrate the NFA's null and its evidence factor, and
@@ -44,8 +45,8 @@ GOOD = "good"
 # good tiles flagged 2.0 % [1.3, 2.9] -> 0.8 % [0.4, 1.5] against a promise of 1 %. At most
 # DEFAULT_VAL_MAX: 333 images with none flagged vouch for the regions' share of the default promise
 # (9 in 1,000, edge_agent.promise.images_needed); more would only take images from the flow.
-DEFAULT_VAL_FRACTION = 0.3
-DEFAULT_VAL_MAX = 333
+DEFAULT_VAL_FRACTION = FOLDER_CALIBRATION_SHARE
+DEFAULT_VAL_MAX = FOLDER_CALIBRATION_MAX
 
 
 class DatasetError(ValueError):

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 
 from edge_agent.inspection.drivers import IMAGE_SUFFIXES
+from edge_agent.promise import FOLDER_CALIBRATION_SHARE
 from edge_agent.service.disk_budget import BudgetExceeded, DiskBudget
 from edge_agent.service.keep import FLAGGED, MESSAGE_NAME, PART, PART_MESSAGE_NAME, kept_folders
 
@@ -62,8 +63,8 @@ MAX_POLYGONS, MAX_POINTS = 50, 500
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 JPEG_QUALITY = 95
 # The good images the exported split.json holds out as val calibrate the NFA's false-alarm promise: the same
-# share as ``uflow train`` holds out of a folder (training.data.DEFAULT_VAL_FRACTION, which says why).
-EXPORT_VAL_FRACTION = 0.3
+# share as ``uflow train`` holds out of a folder (training.data.DEFAULT_VAL_FRACTION says why).
+EXPORT_VAL_FRACTION = FOLDER_CALIBRATION_SHARE
 _DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
