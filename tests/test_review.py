@@ -136,6 +136,7 @@ def test_exported_split_trains(store: ReviewStore, tmp_path: Path) -> None:
 
     split = export_split(store.training_dir, tmp_path / "dataset")
     assert len(split["test_defect"][DEFECT_TYPE]) == 2 and len(split["train"]) + len(split["val"]) >= 10
+    assert split["test_good"]  # kept even where the hash gives none: evaluation needs a good image beside the defects
     splits = open_dataset(tmp_path / "dataset" / "split.json")
     assert splits.layout == "split_json" and len(splits.test) == len(split["test_good"]) + 2
     test_set = load_test_set(splits, 64, 64)  # what uflow evaluate reads: images and masks
