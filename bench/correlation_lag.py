@@ -51,8 +51,22 @@ from training.nfa_null import DEFAULT_REACH, Reach, calibrate
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
-    parser.add_argument("--lags", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--lags", type=int, nargs="*", default=[2, 16])
     parser.add_argument("--noise-z", type=float, default=3.0, help="the noise floor of the --lags rows")
+    parser.add_argument(
+        "--by-size",
+        type=int,
+        nargs="*",
+        default=[],
+        help="rows whose nulls count a region's correlation by its size (nfa.ScaleNull.profile), up to these lags",
+    )
+    parser.add_argument(
+        "--by-size-floored",
+        type=int,
+        nargs="*",
+        default=[],
+        help="the same, never below today's (lag 2) area: small regions count as today",
+    )
     parser.add_argument("--planted-seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
         "--picture",
@@ -87,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [*sorted({p.kind for p in run.planted}), "small", "medium", "large"]
     of_kind = {k: np.array([k in (p.kind, p.size) for p in run.planted]) for k in kinds}
     by_kind: dict[str, list[str]] = {}
-    reaches = {"today": DEFAULT_REACH, **{str(lag): Reach(lag, args.noise_z) for lag in args.lags}}
+    reaches = {
+        "today": DEFAULT_REACH,
+        **{str(lag): Reach(lag, args.noise_z) for lag in args.lags},
+        **{f"by size, {lag}": Reach(lag, args.noise_z, by_size=True) for lag in args.by_size},
+        **{f"by size >= today, {lag}": Reach(lag, args.noise_z, True, True) for lag in args.by_size_floored},
+    }
     shipped: dict[str, tuple[nfa.ScaleNull, ...]] = {}
     for label, reach in reaches.items():
         envelope = fit_nulls(run.model, maps, run.head_every, reach)

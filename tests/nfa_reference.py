@@ -8,6 +8,7 @@ explicit tree with loops until nothing changes. It shares no code with edge_agen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,13 +56,35 @@ def build_tree(m: np.ndarray) -> tuple[list[Node], int]:
     return nodes, roots[0]
 
 
-def node_log_prob(node: Node, channels: int) -> float:
-    """log10 P(R) = |R| * -(C/2) * (x/C - 1 - ln(x/C)) / ln 10 with x = C * L; 0 when x <= C."""
+Observations = Callable[[int], float]
+
+
+def node_log_prob(node: Node, channels: float, observations: Observations | None = None) -> float:
+    """log10 P(R) = n(R) * -(C/2) * (x/C - 1 - ln(x/C)) / ln 10 with x = C * L; 0 when x <= C.
+
+    n(R) = |R| (independent pixels), or ``observations(|R|)`` for a size-dependent correlation."""
     x = channels * node.level
     if x <= channels:
         return 0.0
     t = x / channels
-    return len(node.pixels) * -(channels / 2) * (t - 1 - math.log(t)) / math.log(10)
+    count = len(node.pixels) if observations is None else observations(len(node.pixels))
+    return count * -(channels / 2) * (t - 1 - math.log(t)) / math.log(10)
+
+
+def profile_observations(profile: list[float]) -> Observations:
+    """n(a) = a / inflation(sqrt(a)), the inflation of a square of side s read off ``profile`` (entry k for
+    side k + 1) by straight lines between sides, the last entry beyond, 1 at most below side 1."""
+
+    def count(pixels: int) -> float:
+        side = math.sqrt(max(pixels, 1))
+        if side >= len(profile):
+            inflation = profile[-1]
+        else:
+            k = math.floor(side)  # between side k (entry k - 1) and side k + 1 (entry k)
+            inflation = profile[k - 1] + (side - k) * (profile[k] - profile[k - 1])
+        return pixels / max(inflation, 1.0)
+
+    return count
 
 
 class _Tree:
@@ -102,9 +125,9 @@ class _Tree:
         return chain
 
 
-def select(nodes: list[Node], root: int, channels: int) -> list[int]:
+def select(nodes: list[Node], root: int, channels: float, observations: Observations | None = None) -> list[int]:
     """The kept nodes: chain reduction and merge repeated until stable; returns the final leaves."""
-    log_p = [node_log_prob(n, channels) for n in nodes]
+    log_p = [node_log_prob(n, channels, observations) for n in nodes]
     tree = _Tree(nodes, root)
     changed = True
     while changed:
@@ -132,17 +155,17 @@ def select(nodes: list[Node], root: int, channels: int) -> list[int]:
     return tree.leaves()
 
 
-def log_prob_map(m: np.ndarray, channels: int) -> np.ndarray:
+def log_prob_map(m: np.ndarray, channels: float, observations: Observations | None = None) -> np.ndarray:
     """Per-pixel log10 P: a kept node's value on its pixels, 0 elsewhere."""
     m = np.asarray(m, dtype=np.float64)
     nodes, root = build_tree(m)
     out = np.zeros(m.size)
     painted = np.zeros(m.size, dtype=bool)
-    for v in select(nodes, root, channels):
+    for v in select(nodes, root, channels, observations):
         pixels = np.fromiter(nodes[v].pixels, dtype=np.int64)
         assert not painted[pixels].any(), "kept nodes must be disjoint"
         painted[pixels] = True
-        out[pixels] = node_log_prob(nodes[v], channels)
+        out[pixels] = node_log_prob(nodes[v], channels, observations)
     return out.reshape(m.shape)
 
 

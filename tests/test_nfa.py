@@ -280,6 +280,44 @@ def test_non_square_and_large_quantised_map() -> None:
     assert_same_log_prob(m, 4)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_size_dependent_correlation_matches_reference(seed: int) -> None:
+    """A null with a profile counts a region of a pixels as a / inflation(sqrt(a)) observations."""
+    rng = np.random.default_rng(40 + seed)
+    m, _ = with_blob(chi2_map(rng, (18, 23), 4), rng, 4, (9, 11), 3.5, 2.5)
+    profile = (1.0, 2.2, 4.1, 6.5, 8.0)
+    null = nfa.ScaleNull(mean=1.1, dof=3.0, area=2.0, profile=profile)
+    fast = nfa.log_prob_map(m, 4, null)
+    slow = ref.log_prob_map(m / 1.1, 3.0, ref.profile_observations(list(profile)))
+    np.testing.assert_array_equal(fast == 0, slow == 0)
+    np.testing.assert_allclose(fast, slow, rtol=RTOL, atol=0)
+    assert fast.min() < 0
+
+
+def test_size_dependent_correlation_weighs_small_regions_up_and_large_ones_down() -> None:
+    """Against a constant area equal to the profile's value at side 3: one pixel counts as one observation
+    (more evidence), a region larger than the profile as a / profile[-1] (less)."""
+    profile = (1.0, 2.0, 4.0, 6.0, 9.0)
+    constant, by_size = nfa.ScaleNull(1.0, 4.0, 4.0), nfa.ScaleNull(1.0, 4.0, 4.0, profile)
+    spike = np.ones((9, 9))
+    spike[4, 4] = 6.0
+    assert nfa.log_prob_map(spike, 4, by_size).min() == pytest.approx(4.0 * nfa.log_prob_map(spike, 4, constant).min())
+    plateau = np.ones((20, 20))
+    plateau[2:18, 2:18] = 3.0  # 256 pixels: side 16, past the profile
+    assert nfa.log_prob_map(plateau, 4, by_size).min() == pytest.approx(
+        4.0 / 9.0 * nfa.log_prob_map(plateau, 4, constant).min()
+    )
+    # A flat profile is the constant area, to the last bit.
+    flat = nfa.ScaleNull(1.0, 4.0, 4.0, (4.0,))
+    np.testing.assert_array_equal(nfa.log_prob_map(plateau, 4, flat), nfa.log_prob_map(plateau, 4, constant))
+
+
+@pytest.mark.parametrize("profile", [(0.5,), (1.0, float("nan")), tuple([1.0] * 65)])
+def test_bad_profiles_are_refused(profile) -> None:
+    with pytest.raises(ValueError, match="profile"):
+        nfa.ScaleNull(1.0, 4.0, 1.0, profile)
+
+
 def test_large_continuous_map_properties() -> None:
     rng = np.random.default_rng(6)
     m = chi2_map(rng, (256, 256), 8)
@@ -448,6 +486,8 @@ def test_warm_up_compiles_every_runtime_specialisation() -> None:
     nfa.regions_from_log_nfa(log_nfa.astype(np.float64) - 1e4)
     nfa.log_prob_map(maps[0].astype(np.float64), 30)
     nfa.log_prob_map((maps[0] * 100).astype(np.uint16), 30)
+    for nulls in ([nfa.ScaleNull(1.1, 20.0, 3.0)] * 2, [nfa.ScaleNull(1.1, 20.0, 3.0, (1.0, 2.5, 3.0))] * 2):
+        nfa.log_nfa_map(maps, [30, 56], (160, 192), nulls)
     nfa.resize_bilinear(maps[0], (7, 300))
     nfa.component_tree(maps[1])
     assert {name: len(f.signatures) for name, f in jitted.items()} == before

@@ -8,6 +8,7 @@ per image at log10 epsilon = 0 under one on fresh maps of the same field.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import cv2
@@ -22,10 +23,13 @@ from training.nfa_null import (
     calibrate,
     calibrate_evidence,
     correlation_area,
+    correlation_profile,
     false_regions_per_image,
     fit_null,
     fit_scale_null,
     fold_slices,
+    null_from_dict,
+    null_to_dict,
     scaled,
     tail_dof,
 )
@@ -90,6 +94,23 @@ def test_correlation_area_reaches_far_correlations_but_not_far_noise() -> None:
     blobs = np.stack([cv2.GaussianBlur(rng.standard_normal((32, 32)), (0, 0), 3.0) ** 2 for _ in range(20)])
     near, far = correlation_area(blobs), correlation_area(blobs, Reach(16, 3.0))
     assert far > 1.5 * near > 1.5
+
+
+def test_correlation_profile_grows_with_the_region_from_one_pixel_to_the_whole_reach() -> None:
+    """One pixel is one observation; the inflation grows with the square's side, past lag 2's area for large
+    regions of a far-correlated map, and stays near 1 for independent pixels (the noise floor)."""
+    rng = np.random.default_rng(5)
+    independent = rng.chisquare(8, size=(20, 32, 32)) / 8
+    assert max(correlation_profile(independent, Reach(16, 3.0, by_size=True))) < 1.3
+    blobs = np.stack([cv2.GaussianBlur(rng.standard_normal((32, 32)), (0, 0), 3.0) ** 2 for _ in range(20)])
+    profile = correlation_profile(blobs, Reach(16, 3.0, by_size=True))
+    assert profile[0] == 1.0 and len(profile) == 17
+    assert all(b >= a for a, b in itertools.pairwise(profile))
+    assert correlation_area(blobs) < profile[-1] <= correlation_area(blobs, Reach(16, 3.0))
+    null = fit_scale_null(blobs, Reach(16, 3.0, by_size=True))
+    assert null.profile == profile and fit_scale_null(blobs).profile == ()
+    assert null_from_dict(null_to_dict((null,))) == (null,)
+    assert "profile" not in null_to_dict((fit_scale_null(blobs),))[0]  # old runs' and bundles' form
 
 
 def test_the_default_correlation_area_sums_every_positive_lag_up_to_two() -> None:

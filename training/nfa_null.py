@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.inspection.nfa import ScaleNull, log_nfa_map, regions_from_log_nfa
+from edge_agent.inspection.nfa import MAX_PROFILE, ScaleNull, log_nfa_map, regions_from_log_nfa
 from edge_agent.promise import PromiseCheck, check_promise, poisson_upper
 
 
@@ -50,6 +50,9 @@ class Reach:
 
     max_lag: int = 2
     noise_z: float = 0.0
+    by_size: bool = False  # also fit the size-dependent profile (:func:`correlation_profile`)
+    # The profile never below the lag-2 area: small regions count as today, large ones by their reach.
+    floored: bool = False
 
 
 DEFAULT_REACH = Reach()
@@ -81,18 +84,16 @@ def tail_dof(t: np.ndarray) -> float:
     return float(bound.min())
 
 
-def correlation_area(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> float:
-    """Sum of the spatial autocorrelations of the maps over the lags of ``reach`` (see :class:`Reach`).
-
-    Each map is centred on its own mean; the correlation is pooled over images. At least 1.
-    """
+def _counted_correlation(maps: np.ndarray, reach: Reach, name: str) -> np.ndarray | None:
+    """(2 reach_y + 1) x (2 reach_x + 1) autocorrelations of the lags ``reach`` counts (0 elsewhere), lag 0
+    at the centre; None for constant maps. Each map is centred on its own mean; pooled over images."""
     m = np.asarray(maps, dtype=np.float64)
     if m.ndim != 3:
-        raise ValueError(f"correlation_area: expected N x H x W maps, got shape {m.shape}")
+        raise ValueError(f"{name}: expected N x H x W maps, got shape {m.shape}")
     m = m - m.mean(axis=(1, 2), keepdims=True)
     var = float((m * m).mean())
     if var <= 0.0:
-        return 1.0
+        return None
     count, height, width = m.shape
     reach_y, reach_x = reach.max_lag, reach.max_lag
     if reach.noise_z > 0.0:  # at least half of a map's rows and columns pair up at every lag counted
@@ -101,7 +102,7 @@ def correlation_area(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> float:
     # the autocorrelation (a loop over lags is too slow at a long reach on hundreds of images).
     shape = (2 * height, 2 * width)
     sums = np.fft.irfft2((np.abs(np.fft.rfft2(m, s=shape)) ** 2).sum(axis=0), s=shape)
-    total = 0.0
+    counted = np.zeros((2 * reach_y + 1, 2 * reach_x + 1))
     for dy in range(-reach_y, reach_y + 1):
         for dx in range(-reach_x, reach_x + 1):
             if abs(dy) >= height or abs(dx) >= width:
@@ -109,8 +110,42 @@ def correlation_area(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> float:
             pairs = count * (height - abs(dy)) * (width - abs(dx))
             rho = float(sums[dy % shape[0], dx % shape[1]]) / pairs / var
             if (dy == 0 and dx == 0) or rho > reach.noise_z / math.sqrt(pairs):
-                total += rho
-    return max(1.0, total)
+                counted[dy + reach_y, dx + reach_x] = rho
+    return counted
+
+
+def correlation_area(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> float:
+    """Sum of the spatial autocorrelations of the maps over the lags of ``reach`` (see :class:`Reach`).
+
+    Each map is centred on its own mean; the correlation is pooled over images. At least 1.
+    """
+    counted = _counted_correlation(maps, reach, "correlation_area")
+    return 1.0 if counted is None else max(1.0, float(counted.sum()))
+
+
+def correlation_profile(maps: np.ndarray, reach: Reach) -> tuple[float, ...]:
+    """The variance inflation of a region's mean, by the region's size: entry k is that of a square of
+    side k + 1, the sum over its lags of the autocorrelation times the share of the square's pixel pairs
+    at that lag, (1 - |dx| / side) (1 - |dy| / side).
+
+    A region of a pixels then carries a / inflation(sqrt(a)) independent observations: one for a single
+    pixel, and for a large region as many as the map's whole correlation (to ``reach``) allows. A constant
+    area (:func:`correlation_area`) must pick one reach for all sizes: at lag 2 it undercounts small
+    regions and overcounts large ones, whose pixels are correlated further. Sides up to the reach's lag
+    plus one (and half the map with a noise floor); non-decreasing.
+    """
+    counted = _counted_correlation(maps, reach, "correlation_profile")
+    if counted is None:
+        return (1.0,)
+    reach_y, reach_x = (counted.shape[0] - 1) // 2, (counted.shape[1] - 1) // 2
+    dy = np.abs(np.arange(-reach_y, reach_y + 1, dtype=np.float64))[:, None]
+    dx = np.abs(np.arange(-reach_x, reach_x + 1, dtype=np.float64))[None, :]
+    floor = correlation_area(maps) if reach.floored else 1.0
+    profile: list[float] = []
+    for side in range(1, min(max(reach_y, reach_x) + 1, MAX_PROFILE) + 1):
+        weight = np.clip(1.0 - dy / side, 0.0, None) * np.clip(1.0 - dx / side, 0.0, None)
+        profile.append(max(floor, float((counted * weight).sum()), profile[-1] if profile else 1.0))
+    return tuple(profile)
 
 
 def fit_scale_null(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> ScaleNull:
@@ -124,7 +159,8 @@ def fit_scale_null(maps: np.ndarray, reach: Reach = DEFAULT_REACH) -> ScaleNull:
     if not mean > 0.0:
         raise ValueError("fit_scale_null: the maps are all zero")
     dof = tail_dof(m / mean)
-    return ScaleNull(mean=mean, dof=max(dof, 1e-3), area=correlation_area(m, reach))
+    profile = correlation_profile(m, reach) if reach.by_size else ()
+    return ScaleNull(mean=mean, dof=max(dof, 1e-3), area=correlation_area(m, reach), profile=profile)
 
 
 def fit_null(scale_maps: list[np.ndarray], reach: Reach = DEFAULT_REACH) -> tuple[ScaleNull, ...]:
@@ -145,7 +181,7 @@ def weighted(nulls: tuple[ScaleNull, ...], weights: Sequence[float] | None) -> t
         return nulls
     if len(weights) != len(nulls):
         raise ValueError(f"weighted: {len(weights)} weights for {len(nulls)} maps")
-    return tuple(ScaleNull(n.mean, n.dof * w, n.area) for n, w in zip(nulls, weights, strict=True))
+    return tuple(ScaleNull(n.mean, n.dof * w, n.area, n.profile) for n, w in zip(nulls, weights, strict=True))
 
 
 def false_regions_per_image(
@@ -330,14 +366,20 @@ def calibrate_evidence(
     return result.nulls, result.factor
 
 
-def null_to_dict(nulls: tuple[ScaleNull, ...]) -> list[dict[str, float]]:
-    """JSON-ready list (run dirs and manifests store it)."""
-    return [{"mean": n.mean, "dof": n.dof, "area": n.area} for n in nulls]
+def null_to_dict(nulls: tuple[ScaleNull, ...]) -> list[dict[str, Any]]:
+    """JSON-ready list (run dirs and manifests store it); ``profile`` only where a null has one."""
+    return [
+        {"mean": n.mean, "dof": n.dof, "area": n.area, **({"profile": list(n.profile)} if n.profile else {})}
+        for n in nulls
+    ]
 
 
-def null_from_dict(items: list[dict[str, float]]) -> tuple[ScaleNull, ...]:
+def null_from_dict(items: list[dict[str, Any]]) -> tuple[ScaleNull, ...]:
     """Inverse of :func:`null_to_dict`."""
-    return tuple(ScaleNull(float(i["mean"]), float(i["dof"]), float(i["area"])) for i in items)
+    return tuple(
+        ScaleNull(float(i["mean"]), float(i["dof"]), float(i["area"]), tuple(float(v) for v in i.get("profile", ())))
+        for i in items
+    )
 
 
 def is_usable(nulls: tuple[ScaleNull, ...]) -> bool:

@@ -57,6 +57,9 @@ from numba import njit
 POLYOMINO_A = 0.316915
 POLYOMINO_B = 4.062570
 _LN10 = math.log(10.0)
+_NO_UNITS = np.zeros(0, dtype=np.float64)  # a constant correlation area: no per-size table
+_NO_UNITS.flags.writeable = False
+MAX_PROFILE = 64  # sides of the size-dependent correlation profile a null may carry
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def _max_tree(order: np.ndarray, rank: np.ndarray, level: np.ndarray, width: int
 
 @njit(nogil=True, cache=True)
 def _select(
-    parent: np.ndarray, is_node: np.ndarray, level: np.ndarray, channels: float
+    parent: np.ndarray, is_node: np.ndarray, level: np.ndarray, channels: float, units: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log_prob, rep, collapses) per node (by rank), bottom-up in one pass.
 
@@ -313,6 +316,10 @@ def _select(
     has the smaller log P, ties to the child's leaf (chain reduction). A node with several
     children collapses to itself when all of them collapse and its log P is <= the smallest of
     their leaves' (the merge); otherwise it never does. Areas are accumulated on the way up.
+
+    ``units`` empty: a node of ``area`` pixels counts ``area`` observations of ``channels`` degrees of
+    freedom. Otherwise ``units[area]`` is the number of independent observations a region of that many
+    pixels carries (the size-dependent correlation of :class:`ScaleNull`).
     """
     n = level.size
     root = n - 1
@@ -337,7 +344,8 @@ def _select(
         n_children = pushed[i, 1]
         children_best = pushed[i, 2]
         lv = level[i]
-        lp = area * per_unit * (lv - 1.0 - math.log(lv)) if lv > 1.0 else 0.0
+        observations = area if units.size == 0 else units[int(area)]
+        lp = observations * per_unit * (lv - 1.0 - math.log(lv)) if lv > 1.0 else 0.0
         if n_children == 0.0:
             c = True
             r = i
@@ -414,11 +422,20 @@ def _paint(
 
 
 @njit(nogil=True, cache=True)
-def _log_prob_flat(values: np.ndarray, width: int, channels: float) -> np.ndarray:
+def _log_prob_flat(values: np.ndarray, width: int, channels: float, units: np.ndarray = _NO_UNITS) -> np.ndarray:
     order, rank, level = _ranked_pixels(values, width)
     parent, is_node = _max_tree(order, rank, level, width)
-    log_prob, rep, collapses = _select(parent, is_node, level, channels)
+    log_prob, rep, collapses = _select(parent, is_node, level, channels, units)
     return _paint(parent, is_node, log_prob, rep, collapses, order, width)
+
+
+def _null_log_prob(values: np.ndarray, width: int, null: ScaleNull) -> np.ndarray:
+    """Flat log10 P of one map under a fitted null (a constant area, or the size-dependent profile)."""
+    if not null.profile:
+        # Dividing by the mean is monotone, so the tree is the same; dof/area as a float
+        # "channel count" scales every node's evidence by 1/area.
+        return _log_prob_flat(values / null.mean, width, float(null.dof / null.area))
+    return _log_prob_flat(values / null.mean, width, float(null.dof), null.observations(values.size))
 
 
 @njit(nogil=True, cache=True)
@@ -449,7 +466,7 @@ def log_prob_map(m: np.ndarray, channels: int, null: ScaleNull | None = None) ->
     height, width = values.shape
     if null is None:
         return _log_prob_flat(values.ravel(), width, c).reshape(height, width)
-    return _log_prob_flat(values.ravel() / null.mean, width, float(null.dof / null.area)).reshape(height, width)
+    return _null_log_prob(values.ravel(), width, null).reshape(height, width)
 
 
 @dataclass(frozen=True)
@@ -598,6 +615,10 @@ class ScaleNull:
     mean: float
     dof: float
     area: float = 1.0
+    # Size-dependent correlation (empty: the constant ``area``): profile[k] is the variance inflation of
+    # the mean over a square of side k + 1 (1 for one pixel), so a region of a pixels counts
+    # a / profile(sqrt(a)) observations, the correlation reaching as far as the region does.
+    profile: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("mean", "dof", "area"):
@@ -606,6 +627,29 @@ class ScaleNull:
                 raise ValueError(f"ScaleNull.{name} must be a finite positive number, got {value!r}")
         if self.area < 1.0:
             raise ValueError(f"ScaleNull.area must be >= 1 (pixels per independent observation), got {self.area!r}")
+        if isinstance(self.profile, list):  # from JSON
+            object.__setattr__(self, "profile", tuple(self.profile))
+        if not isinstance(self.profile, tuple) or len(self.profile) > MAX_PROFILE:
+            raise ValueError(f"ScaleNull.profile must be a tuple of at most {MAX_PROFILE} numbers")
+        for value in self.profile:
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1.0):
+                raise ValueError(f"ScaleNull.profile values must be finite and >= 1, got {value!r}")
+
+    def observations(self, pixels: int) -> np.ndarray:
+        """Independent observations of a region of a pixels, for a = 0 .. ``pixels`` (read-only)."""
+        return _observation_table(self.profile, int(pixels)) if self.profile else _NO_UNITS
+
+
+@functools.lru_cache(maxsize=64)
+def _observation_table(profile: tuple[float, ...], pixels: int) -> np.ndarray:
+    """a / inflation(sqrt(a)) for a = 0 .. pixels, the inflation read off ``profile`` by side length
+    (linear between sides, the last side's beyond; at most one observation per pixel)."""
+    area = np.arange(pixels + 1, dtype=np.float64)
+    sides = np.arange(1, len(profile) + 1, dtype=np.float64)
+    inflation = np.maximum(np.interp(np.sqrt(np.maximum(area, 1.0)), sides, np.asarray(profile)), 1.0)
+    table: np.ndarray = area / inflation
+    table.flags.writeable = False
+    return table
 
 
 def log10_tree_tests(shapes: Sequence[tuple[int, int]]) -> float:
@@ -658,10 +702,7 @@ def log_nfa_map(
         if nulls is None:
             log_prob = _log_prob_flat(values.ravel(), width, cs)
         else:
-            null = nulls[s]
-            # Dividing by the mean is monotone, so the tree is the same; dof/area as a float
-            # "channel count" scales every node's evidence by 1/area.
-            log_prob = _log_prob_flat(values.ravel() / null.mean, width, float(null.dof / null.area))
+            log_prob = _null_log_prob(values.ravel(), width, nulls[s])
         log_probs.append(log_prob.reshape(height, width))
     shapes = [lp.shape for lp in log_probs]
     log10_n = log10_number_of_tests(shapes) if nulls is None else log10_tree_tests(shapes)
@@ -811,7 +852,7 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     maps = [rng.chisquare(4, size=(6, 5)) / 4.0, rng.chisquare(8, size=(3, 3)) / 8.0]
     log_nfa = log_nfa_map(maps, [4, 8], (7, 9))
-    log_nfa_map(maps, [4, 8], (7, 9), [ScaleNull(1.0, 4.0, 1.5), ScaleNull(1.0, 8.0, 2.0)])
+    log_nfa_map(maps, [4, 8], (7, 9), [ScaleNull(1.0, 4.0, 1.5), ScaleNull(1.0, 8.0, 2.0, (1.0, 2.0))])
     for dtype in (np.float32, np.float64):
         regions_from_log_nfa(log_nfa.astype(dtype), 1e9, 0, np.zeros((7, 9), dtype=dtype))
     component_tree(maps[0])
