@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.catalog import HEAD_KINDS, MAP_FUSIONS
+from training.catalog import DETAIL_COVARIANCES, HEAD_KINDS, MAP_FUSIONS
 from training.data import load_images
 from training.detail_choice import parse_detail_share
 from training.finish import finish_run
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--detail-share", type=parse_detail_share, help="the detail map's weight: auto, equal or a share in (0, 1)"
     )
+    parser.add_argument("--detail-covariance", choices=DETAIL_COVARIANCES, help="the detail head's covariance")
     args = parser.parse_args(argv)
     changes: dict[str, Any] = {
         key: value
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             ("gaussian_positional", args.gaussian_positional),
             ("heads", None if args.heads is None else tuple(args.heads)),
             ("detail_share", args.detail_share),
+            ("detail_covariance", args.detail_covariance),
         )
         if value is not None
     }

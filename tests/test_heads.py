@@ -853,8 +853,10 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
     with pytest.raises(BundleError, match="at most one detail map"):
         load_bundle(copy)
     assert check_graph(bundle_dir / "model.onnx", "fp32") == []
-    # Its whitening Conv is a head layer: INT8 and FP16 keep it in FP32 (five head layers without it).
-    assert len(conv_groups(onnx.load(str(bundle_dir / "model.onnx"))).groups["heads"]) == 6
+    # Its whitening (a covariance per position, the default) is one batched MatMul, a head layer: INT8 and FP16
+    # keep it in FP32 (five head layers without it).
+    heads = conv_groups(onnx.load(str(bundle_dir / "model.onnx"))).groups["heads"]
+    assert len(heads) == 6 and "/detail_0/MatMul" in heads
 
     sample = defect_image(seed=5, height=HYBRID_SIZE, width=HYBRID_SIZE, kind="dark_blob")
     outputs = {}
@@ -896,6 +898,48 @@ def test_the_detail_map_feeds_the_anomaly_map_and_no_test(
         and report.images_triggered_by_scale["p_0"] == 0
     )
     assert "| p_0 |" in format_report(report)
+
+
+def test_a_covariance_per_position_is_padim_fit_exported_as_one_batched_matmul(tmp_path: Path) -> None:
+    """The detail head with a covariance per position gives, per position, the mean over channels of the square
+    of L_p^-1 (x - mu_p) with L_p the Cholesky factor of that position's covariance plus 0.01 I; the exported
+    graph computes the same through ONNX Runtime and passes the TensorRT check, its MatMul inside the head."""
+    import onnxruntime as ort
+
+    from training.heads import POSITION_RIDGE, per_position_parameters, whitened_square_mean
+    from training.model import UFlowConfig
+
+    torch.manual_seed(3)
+    good = torch.randn(40, 5, 3, 4) * torch.linspace(0.2, 3.0, 5).view(1, 5, 1, 1) + 4.0 * torch.randn(1, 5, 3, 4)
+    mean, inverse = per_position_parameters(good)
+    head = GaussianHead(5, (3, 4), per_position=True)
+    head.set(mean, inverse)
+    x = torch.randn(2, 5, 3, 4)
+    got = head(x)
+    for y in range(3):
+        for col in range(4):
+            rows = good[:, :, y, col].double()
+            covariance = torch.cov(rows.T) + POSITION_RIDGE * torch.eye(5, dtype=torch.float64)
+            z = torch.linalg.solve_triangular(
+                torch.linalg.cholesky(covariance), (x[:, :, y, col].double() - rows.mean(0)).T, upper=False
+            )
+            torch.testing.assert_close(got[:, y, col].double(), z.pow(2).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(whitened_square_mean(x, mean, inverse), got, rtol=1e-5, atol=1e-6)
+    path = tmp_path / "detail.onnx"
+    torch.onnx.export(head, (x[:1],), str(path), output_names=["p_0"], opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_map,) = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+    np.testing.assert_allclose(onnx_map, got[:1].numpy(), rtol=1e-5, atol=1e-6)
+    assert check_graph(path, "fp32") == []
+    assert {"MatMul", "Pow", "ReduceMean"} <= {n.op_type for n in head_nodes(onnx.load(str(path)).graph, ["p_0"])}
+    with pytest.raises(ValueError, match="shape"):
+        GaussianHead(5, None, per_position=True)
+    # New runs fit one covariance per position; a run config from before the key shared one.
+    assert UFlowConfig().detail_covariance == "position"
+    old = {k: v for k, v in UFlowConfig().to_dict().items() if k != "detail_covariance"}
+    assert UFlowConfig.from_dict(old).detail_covariance == "shared"
+    with pytest.raises(ValueError, match="detail covariance"):
+        UFlowConfig(detail_covariance="diagonal")
 
 
 def test_a_detail_share_is_a_weight_in_the_fusion_and_nothing_else() -> None:

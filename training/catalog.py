@@ -108,6 +108,8 @@ MAP_FUSIONS = ("geometric", "mean")
 HEAD_KINDS: tuple[str, ...] = ("flow", "gaussian", "memory", "texture", "detail")
 # The detail map's weight in the anomaly map, chosen per run at training's finish (training/detail_choice.py).
 DETAIL_AUTO = "auto"
+# The detail head's covariance: one per position (PaDiM's fit) or one shared by the residuals of every position.
+DETAIL_COVARIANCES = ("position", "shared")
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,10 @@ class Recipe:
     # the planted defects of all three data sets (docs/results.md "How the anomaly map fuses the maps").
     map_fusion: str = "geometric"
     detail_share: float | str | None = DETAIL_AUTO  # the detail map's weight in the fusion (None: every map's the same)
+    # The detail head's covariance (one of DETAIL_COVARIANCES): one per position, PaDiM's fit, on its own
+    # stride-8 features; bsdata's and the bottle's planted and test columns gain (docs/results.md, "The detail
+    # map with a covariance per position"); "shared" is the one covariance of the residuals of earlier runs.
+    detail_covariance: str = "position"
     epochs: int = 40
     patience: int = 0
     batch_size: int = 16

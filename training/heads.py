@@ -21,7 +21,8 @@ bank entries that came from the image itself are ignored). docs/nfa.md, "Heads".
 - ``texture``: one per model, over every scale: the Mahalanobis distance of the frame's texture statistics
   (channel means and standard deviations) to the good frames', a 1 x 1 map that the image test reads
   (edge_agent/inspection/image_test.py), cross-fitted by k folds like the Gaussian.
-- ``detail``: one per model, a positional Gaussian (as above) at the finest stride. Only the anomaly map
+- ``detail``: one per model, a positional Gaussian (as above, by default with a covariance per position too)
+  at the finest stride. Only the anomaly map
   reads it (where a defect is); no NFA test does, so its heavy tail cannot lower the decision's evidence
   factor (docs/results.md, "The detail map"). Cross-fitted like the Gaussian: the fusion's mean of its map
   comes from images it did not see.
@@ -45,6 +46,9 @@ MIN_SHRINK = 1e-3  # relative ridge: keeps L^-1 bounded when the features have (
 FOLDS = 5
 PROJECTION_DIM = 128
 CHUNK = 8192  # rows of the distance matrix computed at once (memory: CHUNK x bank floats)
+# Each position's covariance plus this times I: PaDiM's regulariser (Defard et al. 2021), kept as measured
+# (docs/results.md, "The detail map with a covariance per position").
+POSITION_RIDGE = 0.01
 
 
 class GaussianHead(nn.Module):
@@ -53,25 +57,38 @@ class GaussianHead(nn.Module):
     With ``shape`` (H, W) the mean is one per position (PaDiM's idea, one shared covariance of the
     residuals): an object's rim and centre have their own normal features. The graph then subtracts the
     C x H x W mean before the whitening convolution (bias 0), so the square still reads the Conv.
+    ``per_position`` (with ``shape``) gives each position its own covariance too, PaDiM's whole fit: the
+    graph whitens each position's C-vector by its own L^-1 in one batched MatMul (positions x C x C).
     """
 
     position_mean: torch.Tensor
+    position_whiten: torch.Tensor
 
-    def __init__(self, channels: int, shape: tuple[int, int] | None = None) -> None:
+    def __init__(self, channels: int, shape: tuple[int, int] | None = None, per_position: bool = False) -> None:
         super().__init__()
+        if per_position and shape is None:
+            raise ValueError("a covariance per position needs the map's shape")
         self.whiten = nn.Conv2d(channels, channels, 1)
         self.whiten.requires_grad_(False)
         self.positional = shape is not None
+        self.per_position = per_position
         if shape is not None:
             self.register_buffer("position_mean", torch.zeros(1, channels, *shape))
+        if per_position and shape is not None:
+            eye = torch.eye(channels).expand(shape[0] * shape[1], channels, channels)
+            self.register_buffer("position_whiten", eye.clone())  # (L^-1)^T per position, row-major
         with torch.no_grad():
             self.whiten.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
             self.whiten.bias.zero_()  # type: ignore[union-attr]
 
     def set(self, mean: torch.Tensor, inverse_cholesky: torch.Tensor) -> None:
-        """Load mu (C, or C x H x W for a positional head) and L^-1 (C x C)."""
+        """Load mu (C, or C x H x W for a positional head) and L^-1 (C x C, or positions x C x C)."""
         c = self.whiten.in_channels
         with torch.no_grad():
+            if self.per_position:
+                self.position_mean.copy_(mean.reshape(self.position_mean.shape))
+                self.position_whiten.copy_(inverse_cholesky.reshape(-1, c, c).transpose(1, 2))
+                return
             self.whiten.weight.copy_(inverse_cholesky.reshape(c, c, 1, 1))
             if self.positional:
                 self.position_mean.copy_(mean.reshape(self.position_mean.shape))
@@ -82,6 +99,12 @@ class GaussianHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.positional:
             features = features - self.position_mean
+        if self.per_position:
+            n, c, h, w = features.shape
+            # positions x N x C times positions x C x C: one batched MatMul, then back to N x C x H x W so the
+            # square and the channel mean are the same nodes as every other map's (the graph check reads them).
+            z = torch.matmul(features.flatten(2).permute(2, 0, 1), self.position_whiten)
+            return z.permute(1, 2, 0).reshape(n, c, h, w).pow(2).mean(dim=1)
         return self.whiten(features).pow(2).mean(dim=1)
 
 
@@ -155,7 +178,23 @@ def positional_parameters(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), inverse
 
 
+def per_position_parameters(f: torch.Tensor, ridge: float = POSITION_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu: C x H x W, L^-1: H W x C x C) of good features ``f`` (N x C x H x W): PaDiM's fit, a mean and a
+    covariance per position, each covariance plus ``ridge`` x I (float32)."""
+    x = f.double()
+    mean = x.mean(dim=0)
+    centred = (x - mean).flatten(2).permute(2, 0, 1)  # positions x N x C
+    covariance = centred.transpose(1, 2) @ centred / max(len(f) - 1, 1)
+    covariance += ridge * torch.eye(covariance.shape[-1], dtype=covariance.dtype)
+    cholesky = torch.linalg.cholesky(covariance)
+    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype).expand_as(covariance)
+    inverse = torch.linalg.solve_triangular(cholesky, eye, upper=False)
+    return mean.float(), inverse.float()
+
+
 def _gaussian_fit(head: GaussianHead, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if head.per_position:
+        return per_position_parameters(f)
     return positional_parameters(f) if head.positional else gaussian_parameters(rows(f))
 
 
@@ -324,8 +363,12 @@ def by_fold(
 
 
 def whitened_square_mean(x: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """mean over channels of (L^-1 (x - mu))^2 of N x C x H x W features; mu is C, or C x H x W (positional)."""
+    """mean over channels of (L^-1 (x - mu))^2 of N x C x H x W features; mu is C, or C x H x W (positional);
+    L^-1 is C x C, or H W x C x C (a covariance per position)."""
     centre = mean.unsqueeze(0) if mean.dim() == 3 else mean.view(1, -1, 1, 1)
+    if inverse.dim() == 3:
+        n, _, h, w = x.shape
+        return torch.einsum("pdc,ncp->ndp", inverse, (x - centre).flatten(2)).pow(2).mean(1).reshape(n, h, w)
     return torch.einsum("dc,nchw->ndhw", inverse, x - centre).pow(2).mean(1)
 
 

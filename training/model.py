@@ -26,6 +26,7 @@ from training.catalog import (
     DEFAULT_RECIPE,
     DEFAULT_STRIDES,
     DETAIL_AUTO,
+    DETAIL_COVARIANCES,
     HEAD_KINDS,
     MAP_FUSIONS,
     NORM_KINDS,
@@ -78,6 +79,9 @@ class UFlowConfig:
     # "auto": training's finish chooses it on the planted defects (training/detail_choice.py) and writes the
     # choice into the run (a share, None, or the run without the detail head).
     detail_share: float | str | None = DEFAULT_RECIPE.detail_share
+    # The detail head's covariance: "position" (one per position, PaDiM's fit) or "shared" (one for the
+    # residuals around the positional mean). Run configs written before this key shared one.
+    detail_covariance: str = DEFAULT_RECIPE.detail_covariance
 
     def __post_init__(self) -> None:
         info = backbone_info(self.backbone)
@@ -108,6 +112,10 @@ class UFlowConfig:
             raise ValueError(f"detail_share must be in (0, 1), {DETAIL_AUTO!r} or None, got {self.detail_share!r}")
         if isinstance(self.detail_share, float | int) and not 0.0 < self.detail_share < 1.0:
             raise ValueError(f"detail_share must be in (0, 1), {DETAIL_AUTO!r} or None, got {self.detail_share}")
+        if self.detail_covariance not in DETAIL_COVARIANCES:
+            raise ValueError(
+                f"unknown detail covariance {self.detail_covariance!r}; choose one of {', '.join(DETAIL_COVARIANCES)}"
+            )
         if self.detail_share not in (None, DETAIL_AUTO) and "detail" not in self.heads:
             raise ValueError("detail_share weighs the detail map: add the detail head (--heads ... detail)")
         if self.bank_size < 1 or self.fine_bank_size < 0 or self.memory_pool < 1 or self.memory_pool % 2 == 0:
@@ -149,6 +157,7 @@ class UFlowConfig:
         values.setdefault("fine_bank_size", 0)  # before the key: every bank had bank_size rows
         values.setdefault("map_fusion", "mean")  # before the key: the arithmetic mean
         values.setdefault("detail_share", None)  # before the key: no detail head, every map weighed the same
+        values.setdefault("detail_covariance", "shared")  # before the key: one covariance of the residuals
         for key in ("strides", "heads"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -229,7 +238,7 @@ class UFlow(nn.Module):
                 head_scales.append(ScaleInfo(f"{MAP_PREFIX[kind]}_{s}", c, h, w, stride, kind))
         if "detail" in config.heads:
             c, h, w = shapes[0]
-            self.heads[DETAIL_KEY] = GaussianHead(c, (h, w))
+            self.heads[DETAIL_KEY] = GaussianHead(c, (h, w), per_position=config.detail_covariance == "position")
             head_scales.append(ScaleInfo(f"{MAP_PREFIX['detail']}_0", c, h, w, config.strides[0], "detail"))
         if "texture" in config.heads:
             dims = 2 * sum(c for c, _, _ in shapes)

@@ -11,7 +11,7 @@ from edge_agent.cli.common import EXIT_OK
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``uflow train``."""
-    from training.catalog import BACKBONES, DEFAULT_RECIPE, HEAD_KINDS, MAP_FUSIONS, NORM_KINDS
+    from training.catalog import BACKBONES, DEFAULT_RECIPE, DETAIL_COVARIANCES, HEAD_KINDS, MAP_FUSIONS, NORM_KINDS
     from training.data import DEFAULT_VAL_FRACTION, DEFAULT_VAL_MAX
 
     recipe = DEFAULT_RECIPE
@@ -106,6 +106,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the detail map's weight in the anomaly map: auto (chosen on the planted defects at the end of "
         "training, or the detail head dropped), equal (the same as every map's) or a share W in (0, 1) "
         f"(default: {recipe.detail_share or 'equal'})",
+    )
+    p.add_argument(
+        "--detail-covariance",
+        choices=DETAIL_COVARIANCES,
+        default=recipe.detail_covariance,
+        help="the detail head's covariance: one per position (PaDiM's fit) or one shared by every position "
+        f"(default: {recipe.detail_covariance})",
     )
     p.add_argument("--flow-steps", type=int, default=4)
     p.add_argument("--hidden-ratio", type=float, default=1.0, help="flow subnet width / its input channels")
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         fine_bank_size=args.fine_bank_size,
         map_fusion=args.map_fusion,
         detail_share=args.detail_share,
+        detail_covariance=args.detail_covariance,
     )
     train_config = TrainConfig(
         epochs=args.epochs,

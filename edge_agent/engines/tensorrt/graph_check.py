@@ -223,7 +223,8 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
     """The U-Flow head: where each map output starts, and every node downstream of those starts.
 
     From each output, walk back through reshaping ops and Casts to the channel ReduceMean (a flow m_s,
-    or a Gaussian map ``g_*``, whose whitening Conv also starts the head) whose input squares z (Pow or
+    or a Gaussian map ``g_*``, whose whitening Conv also starts the head; a detail map ``p_*`` with a
+    covariance per position starts at its whitening MatMul) whose input squares z (Pow or
     Mul), or through the clamp and division to the ReduceMin of a memory-bank map (whose bank Conv and
     sum of squares start it). Raises ValueError when an output is not built that way.
     """
@@ -252,7 +253,13 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
             raise ValueError(f"output {output!r} is not the mean of a square")
         squares.append(square)
         whiten = producer.get(square.input[0])
+        if output.startswith(DETAIL_PREFIX):
+            # A covariance per position: the square reads the whitening MatMul back through its reshapes.
+            while whiten is not None and whiten.op_type in _DATA_MOVEMENT:
+                whiten = producer.get(whiten.input[0])
         if output.startswith((GAUSSIAN_PREFIX, DETAIL_PREFIX)) and whiten is not None and whiten.op_type == "Conv":
+            squares.append(whiten)
+        if output.startswith(DETAIL_PREFIX) and whiten is not None and whiten.op_type == "MatMul":
             squares.append(whiten)
         if output.startswith(TEXTURE_PREFIX) and whiten is not None and whiten.op_type in ("Gemm", "MatMul"):
             squares.extend(_texture_starts(whiten, producer))
