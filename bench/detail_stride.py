@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -38,34 +39,11 @@ from run_maps import add_run_arguments, fused_map, load_run_maps
 
 from training.backbones import create_backbone
 from training.data import load_images
-from training.heads import positional_parameters, whitened_square_mean
+from training.heads import per_position_parameters, positional_parameters, whitened_square_mean
 from training.model import to_float_nchw
 
 
-def per_position_parameters(f: torch.Tensor, ridge: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """PaDiM's fit: (mu: C x H x W, L^-1: H x W x C x C), one covariance per position plus ``ridge`` x I."""
-    x = f.double()
-    mean = x.mean(dim=0)
-    centred = (x - mean).flatten(2).permute(2, 0, 1)  # P x N x C
-    cov = torch.einsum("pnc,pnd->pcd", centred, centred) / max(len(f) - 1, 1)
-    cov += ridge * torch.eye(cov.shape[-1], dtype=cov.dtype)
-    inverse = torch.linalg.inv(torch.linalg.cholesky(cov))
-    return mean.float(), inverse.float().reshape(*f.shape[2:], *inverse.shape[1:])
-
-
-def per_position_maps(features: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor) -> np.ndarray:
-    """Mean over channels of the per-position whitened square of N x C x H x W features."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(features), 16):
-            centred = features[i : i + 16] - mean.unsqueeze(0)
-            out.append(torch.einsum("hwdc,nchw->ndhw", inverse, centred).pow(2).mean(1))
-    return torch.cat(out).numpy()
-
-
-def hypercolumn(
-    model: torch.nn.Module, extractor: torch.nn.Module, images: np.ndarray, pick: np.ndarray
-) -> torch.Tensor:
+def hypercolumn(model: Any, extractor: torch.nn.Module, images: np.ndarray, pick: np.ndarray) -> torch.Tensor:
     """N x len(pick) x H/4 x W/4: the stride-8 and 16 stages upsampled to stride 4, concatenated, channels picked."""
     out = []
     with torch.no_grad():
@@ -105,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     assert run.test is not None and run.test_masks is not None and run.test_labels is not None
     model, size = run.model, run.size
     extractor = create_backbone(model.config.backbone, args.strides, input_size=size).eval()
-    fit, score = (
-        (per_position_parameters, per_position_maps) if args.per_position else (positional_parameters, detail_maps)
-    )
+    fit = per_position_parameters if args.per_position else positional_parameters
     tick = time.perf_counter()
     train = load_images(run.splits.train, *size)
     width = sum(f.shape[1] for f in extractor(torch.zeros(1, 3, *size)))
@@ -121,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "planted": np.stack([s.image for s in run.planted]),
         "test": load_images(run.splits.test, *size),
     }
-    d4 = {k: score(hypercolumn(model, extractor, v, pick), mean, inverse) for k, v in images.items()}
+    d4 = {k: detail_maps(hypercolumn(model, extractor, v, pick), mean, inverse) for k, v in images.items()}
     print(
         f"\n{args.run}: {len(train)} training images fit D{args.strides[0]} ({len(pick)} of {width} hypercolumn channels, "
         f"{'a covariance per position' if args.per_position else 'one shared covariance'}, "
