@@ -155,8 +155,9 @@ class Recipe:
     # epsilon: chosen on the same planted defects (docs/results.md "The image test": as many found or more
     # on every data set; the regions keep 90 % of the budget).
     # The detail head (a stride-8 positional Gaussian that the anomaly map fuses and no test reads) with its
-    # weight chosen per run on its planted defects (training/detail_choice.py): the bottle and bsdata take
-    # half and three quarters of the map's weight, magnetic tile drops it (docs/results.md "The detail map").
+    # weight chosen per run on its planted defects (training/detail_choice.py): with a covariance per position
+    # the bottle, bsdata and magnetic tile take 0.5, 0.75 and 0.5 of the map's weight (docs/results.md "The
+    # detail map with a covariance per position"; with the shared covariance magnetic tile dropped it).
     heads: tuple[str, ...] = ("flow", "gaussian", "memory", "texture", "detail")
     gaussian_scales: int = 2
     gaussian_positional: bool = False
