@@ -165,9 +165,14 @@ def shrunk_covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, floa
 def gaussian_parameters(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, L^-1) in float32 for feature rows ``x`` (P x C)."""
     mean, covariance, _ = shrunk_covariance(x)
+    return mean.float(), inverse_cholesky(covariance).float()
+
+
+def inverse_cholesky(covariance: torch.Tensor) -> torch.Tensor:
+    """L^-1 of covariance = L L^T (C x C, or a batch ... x C x C), by a triangular solve."""
     cholesky = torch.linalg.cholesky(covariance)
-    inverse = torch.linalg.solve_triangular(cholesky, torch.eye(len(mean), dtype=cholesky.dtype), upper=False)
-    return mean.float(), inverse.float()
+    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype).expand_as(covariance)
+    return torch.linalg.solve_triangular(cholesky, eye, upper=False)
 
 
 def positional_parameters(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +191,7 @@ def per_position_parameters(f: torch.Tensor, ridge: float = POSITION_RIDGE) -> t
     centred = (x - mean).flatten(2).permute(2, 0, 1)  # positions x N x C
     covariance = centred.transpose(1, 2) @ centred / max(len(f) - 1, 1)
     covariance += ridge * torch.eye(covariance.shape[-1], dtype=covariance.dtype)
-    cholesky = torch.linalg.cholesky(covariance)
-    eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype).expand_as(covariance)
-    inverse = torch.linalg.solve_triangular(cholesky, eye, upper=False)
-    return mean.float(), inverse.float()
+    return mean.float(), inverse_cholesky(covariance).float()
 
 
 def _gaussian_fit(head: GaussianHead, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

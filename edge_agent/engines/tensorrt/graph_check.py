@@ -253,14 +253,13 @@ def head_nodes(graph: Any, scale_outputs: Iterable[str]) -> list[Any]:
             raise ValueError(f"output {output!r} is not the mean of a square")
         squares.append(square)
         whiten = producer.get(square.input[0])
-        if output.startswith(DETAIL_PREFIX):
-            # A covariance per position: the square reads the whitening MatMul back through its reshapes.
+        if output.startswith((GAUSSIAN_PREFIX, DETAIL_PREFIX)):
+            # The whitening: a Conv under the square, or (a covariance per position) a batched MatMul that the
+            # square reads back through its reshapes.
             while whiten is not None and whiten.op_type in _DATA_MOVEMENT:
                 whiten = producer.get(whiten.input[0])
-        if output.startswith((GAUSSIAN_PREFIX, DETAIL_PREFIX)) and whiten is not None and whiten.op_type == "Conv":
-            squares.append(whiten)
-        if output.startswith(DETAIL_PREFIX) and whiten is not None and whiten.op_type == "MatMul":
-            squares.append(whiten)
+            if whiten is not None and whiten.op_type in ("Conv", "MatMul"):
+                squares.append(whiten)
         if output.startswith(TEXTURE_PREFIX) and whiten is not None and whiten.op_type in ("Gemm", "MatMul"):
             squares.extend(_texture_starts(whiten, producer))
     found: dict[int, Any] = {}
